@@ -1,0 +1,102 @@
+"""Every config key and its default. Other configs start from `get_config()` here and override a few.
+
+Not runnable on its own (it names no data). See configs/demo.py for the runnable default:
+
+    python -m sft_jax.train --config configs/demo.py --workdir /tmp/demo
+
+Library code never invents defaults: `sft_jax.config.parse` turns this tree into frozen dataclasses
+and fails on any key that is missing here or unknown.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # --- model: a Hugging Face directory, or (path == "") a random init of the `arch` below.
+    c.model = m = ml_collections.ConfigDict()
+    m.path = ""  # local HF directory with config.json + model.safetensors (sharded with index too)
+    m.dtype = "float32"  # compute dtype of activations and matmuls: float32 | bfloat16
+    m.param_dtype = "float32"  # storage dtype of trainable weights (master weights)
+    m.remat = "none"  # activation checkpointing per layer: none | dots | full
+    m.arch = a = ml_collections.ConfigDict()  # used only when path == "" (random init)
+    a.vocab_size = 512
+    a.hidden_size = 64
+    a.intermediate_size = 172
+    a.num_layers = 2
+    a.num_heads = 4
+    a.num_kv_heads = 2
+    a.head_dim = 16
+    a.rope_theta = 10000.0
+    a.rms_norm_eps = 1e-5
+    a.tie_embeddings = True
+    a.qk_norm = False
+    a.attention_bias = False
+    a.max_position_embeddings = 2048
+
+    # --- data: prompt/completion JSONL files (more formats in the data issue).
+    c.data = d = ml_collections.ConfigDict()
+    d.train_files = ""  # comma-separated paths or globs
+    d.eval_files = ""  # held-out split; "" means carve `eval_fraction` out of the train files
+    d.eval_fraction = 0.0
+    d.tokenizer = ""  # HF tokenizer directory; "" means model.path
+    d.seq_len = 512  # packed row length (tokens)
+    d.pack_window = 512  # examples considered together by best-fit-decreasing packing
+    d.max_eval_examples = 512
+    d.on_bad_row = "error"  # error | skip (skipped rows are counted and logged)
+
+    # --- optimizer: clip -> AdamW (no decay on norms/biases) with warmup + cosine to a floor.
+    c.optim = o = ml_collections.ConfigDict()
+    o.learning_rate = 2e-5  # peak
+    o.warmup_ratio = 0.03  # fraction of total steps; ignored when warmup_steps >= 0
+    o.warmup_steps = -1
+    o.end_lr_ratio = 0.1  # cosine floor as a fraction of the peak
+    o.weight_decay = 0.0
+    o.b1 = 0.9
+    o.b2 = 0.999
+    o.eps = 1e-8
+    o.clip_norm = 1.0  # global gradient norm; 0 disables clipping
+
+    # --- train loop
+    c.train = t = ml_collections.ConfigDict()
+    t.global_batch_size = 8  # packed rows per optimizer step, over all devices and micro-batches
+    t.micro_batches = 1  # gradient accumulation: the global batch is split into this many pieces
+    t.epochs = 1.0  # used when max_steps < 0
+    t.max_steps = -1
+    t.log_every = 10
+    t.progress_bar = True
+
+    # --- evaluation
+    c.eval = e = ml_collections.ConfigDict()
+    e.every_steps = 0  # 0: only at the end
+    e.batch_size = 8  # packed rows per eval step
+    e.generate_examples = 0  # held-out prompts scored by greedy generation before and after training
+    e.max_new_tokens = 32
+    e.match = "exact"  # exact | contains: how a generation is compared with the reference
+
+    # --- checkpoints (Orbax)
+    c.checkpoint = k = ml_collections.ConfigDict()
+    k.every_steps = 0  # 0: only at the end
+    k.keep = 2  # most recent checkpoints kept
+    k.async_save = True
+
+    # --- device mesh: sizes of (data, fsdp, tensor); one of them may be -1 (all remaining devices).
+    c.mesh = ms = ml_collections.ConfigDict()
+    ms.data = -1
+    ms.fsdp = 1
+    ms.tensor = 1
+    # logical axis -> mesh axes. A dimension is sharded only when its size divides evenly.
+    ms.rules = (
+        ("batch", ("data", "fsdp")),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("mlp", "tensor"),
+        ("head_dim", None),
+        ("layers", None),
+        ("seq", None),
+    )
+    return c

@@ -1,0 +1,223 @@
+"""Typed, frozen view of an ml_collections config.
+
+Config files stay plain Python (`configs/*.py`, overridable with `--config.a.b=v`); at the edge of
+the program `parse` turns the tree into frozen dataclasses, checking that every key exists, that no
+key is unknown (naming the closest valid one), and that values are in range. Library code reads
+attributes only, so a default can never hide in library code: they all live in configs/base.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config is malformed: unknown or missing key, wrong type, or out-of-range value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_embeddings: bool
+    qk_norm: bool
+    attention_bias: bool
+    max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    path: str
+    dtype: str
+    param_dtype: str
+    remat: str
+    arch: ArchConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    train_files: str
+    eval_files: str
+    eval_fraction: float
+    tokenizer: str
+    seq_len: int
+    pack_window: int
+    max_eval_examples: int
+    on_bad_row: str
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    learning_rate: float
+    warmup_ratio: float
+    warmup_steps: int
+    end_lr_ratio: float
+    weight_decay: float
+    b1: float
+    b2: float
+    eps: float
+    clip_norm: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    global_batch_size: int
+    micro_batches: int
+    epochs: float
+    max_steps: int
+    log_every: int
+    progress_bar: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    every_steps: int
+    batch_size: int
+    generate_examples: int
+    max_new_tokens: int
+    match: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every_steps: int
+    keep: int
+    async_save: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    data: int
+    fsdp: int
+    tensor: int
+    rules: tuple[tuple[str, Any], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    seed: int
+    model: ModelSection
+    data: DataSection
+    optim: OptimSection
+    train: TrainSection
+    eval: EvalSection
+    checkpoint: CheckpointSection
+    mesh: MeshSection
+
+
+def parse(config: ml_collections.ConfigDict | dict) -> Config:
+    """Builds the frozen `Config` from a config tree; raises ConfigError naming the bad key."""
+    raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    parsed = _build(Config, raw, prefix="")
+    _validate(parsed)
+    return parsed
+
+
+def to_dict(config: Config) -> dict:
+    """Plain nested dict (JSON-serialisable) of a parsed config, for saving next to checkpoints."""
+    return dataclasses.asdict(config)
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {names}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    values = {}
+    for name in names:
+        if name not in raw:
+            raise ConfigError(f"missing config key '{prefix}{name}' (every key lives in configs/base.py)")
+        values[name] = _coerce(hints[name], raw[name], f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a section, got {value!r}")
+        return _build(hint, value, prefix=f"{key}.")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    if typing.get_origin(hint) is tuple or isinstance(hint, types.GenericAlias):
+        return tuple(tuple(_freeze(v) for v in item) for item in value)
+    return value
+
+
+def _freeze(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "dots", "full"),
+    "data.on_bad_row": ("error", "skip"),
+    "eval.match": ("exact", "contains"),
+}
+
+
+def _validate(c: Config) -> None:
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(c, section), name)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' is {value!r}; choose one of {allowed}")
+    checks = [
+        ("data.seq_len", c.data.seq_len >= 8, "must be >= 8"),
+        ("data.pack_window", c.data.pack_window >= 1, "must be >= 1"),
+        ("data.eval_fraction", 0.0 <= c.data.eval_fraction < 1.0, "must be in [0, 1)"),
+        ("optim.learning_rate", c.optim.learning_rate > 0, "must be > 0"),
+        ("optim.warmup_ratio", 0.0 <= c.optim.warmup_ratio < 1.0, "must be in [0, 1)"),
+        ("optim.end_lr_ratio", 0.0 <= c.optim.end_lr_ratio <= 1.0, "must be in [0, 1]"),
+        ("optim.b1", 0.0 <= c.optim.b1 < 1.0, "must be in [0, 1)"),
+        ("optim.b2", 0.0 <= c.optim.b2 < 1.0, "must be in [0, 1)"),
+        ("optim.clip_norm", c.optim.clip_norm >= 0, "must be >= 0 (0 disables clipping)"),
+        ("train.global_batch_size", c.train.global_batch_size >= 1, "must be >= 1"),
+        ("train.micro_batches", c.train.micro_batches >= 1, "must be >= 1"),
+        (
+            "train.micro_batches",
+            c.train.global_batch_size % max(c.train.micro_batches, 1) == 0,
+            f"must divide train.global_batch_size ({c.train.global_batch_size})",
+        ),
+        ("train.epochs", c.train.epochs > 0 or c.train.max_steps > 0, "or train.max_steps must be > 0"),
+        ("train.log_every", c.train.log_every >= 1, "must be >= 1"),
+        ("eval.batch_size", c.eval.batch_size >= 1, "must be >= 1"),
+        ("checkpoint.keep", c.checkpoint.keep >= 1, "must be >= 1"),
+        ("data.train_files", bool(c.data.train_files), "must name at least one file"),
+    ]
+    for key, ok, message in checks:
+        if not ok:
+            raise ConfigError(f"config key '{key}' {message}")
+    sizes = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"mesh sizes (data, fsdp, tensor) = {sizes}: each >= 1, at most one -1")

@@ -72,7 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval = e = ml_collections.ConfigDict()
     e.every_steps = 0  # 0: only at the end
     e.batch_size = 8  # packed rows per eval step
-    e.generate_examples = 0  # held-out prompts scored by greedy generation before and after training
+    e.generate_examples = (
+        0  # held-out prompts scored by greedy generation before and after training
+    )
     e.max_new_tokens = 32
     e.match = "exact"  # exact | contains: how a generation is compared with the reference
 

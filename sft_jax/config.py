@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import os
+import sys
 import types
 import typing
 from typing import Any
@@ -118,6 +121,27 @@ class Config:
     mesh: MeshSection
 
 
+def make_configs_importable(config_path: str) -> None:
+    """Lets a config file `from configs import base` wherever the command is run from."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(config_path.split(":")[0])))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """`get_config()` (or `get_config(arg)` for `path:arg`) of a config file, unparsed."""
+    file_path, _, arg = path.partition(":")
+    if not os.path.isfile(file_path):
+        raise ConfigError(f"config file not found: {file_path}")
+    make_configs_importable(file_path)
+    spec = importlib.util.spec_from_file_location(
+        f"sft_jax_config_{abs(hash(file_path))}", file_path
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
 def parse(config: ml_collections.ConfigDict | dict) -> Config:
     """Builds the frozen `Config` from a config tree; raises ConfigError naming the bad key."""
     raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
@@ -142,7 +166,9 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     values = {}
     for name in names:
         if name not in raw:
-            raise ConfigError(f"missing config key '{prefix}{name}' (every key lives in configs/base.py)")
+            raise ConfigError(
+                f"missing config key '{prefix}{name}' (every key lives in configs/base.py)"
+            )
         values[name] = _coerce(hints[name], raw[name], f"{prefix}{name}")
     return cls(**values)
 
@@ -209,7 +235,11 @@ def _validate(c: Config) -> None:
             c.train.global_batch_size % max(c.train.micro_batches, 1) == 0,
             f"must divide train.global_batch_size ({c.train.global_batch_size})",
         ),
-        ("train.epochs", c.train.epochs > 0 or c.train.max_steps > 0, "or train.max_steps must be > 0"),
+        (
+            "train.epochs",
+            c.train.epochs > 0 or c.train.max_steps > 0,
+            "or train.max_steps must be > 0",
+        ),
         ("train.log_every", c.train.log_every >= 1, "must be >= 1"),
         ("eval.batch_size", c.eval.batch_size >= 1, "must be >= 1"),
         ("checkpoint.keep", c.checkpoint.keep >= 1, "must be >= 1"),

@@ -1,0 +1,31 @@
+"""Demo: fine-tune the real pretrained stories260K model to answer questions about short stories.
+
+    python -m sft_jax.train --config configs/demo.py --workdir /tmp/demo
+
+Runs in about 2 minutes on 2 CPU cores from bundled data only. Prints held-out exact-match of the
+greedy answer before training (near 0: the pretrained model just continues the story) and after
+(high), plus the held-out loss. See README.md for the measured numbers.
+"""
+
+from configs import base
+from sft_jax.assets import asset_path
+
+
+def get_config():
+    c = base.get_config()
+    c.model.path = asset_path("stories260K")
+    c.data.train_files = asset_path("demo/train.jsonl")
+    c.data.eval_files = asset_path("demo/eval.jsonl")
+    c.data.seq_len = 256
+    c.optim.learning_rate = 3e-3
+    c.optim.warmup_ratio = 0.05
+    c.optim.weight_decay = 0.0
+    c.train.global_batch_size = 16
+    c.train.epochs = 1.0
+    c.train.log_every = 10
+    c.eval.every_steps = 40
+    c.eval.batch_size = 16
+    c.eval.generate_examples = 200
+    c.eval.max_new_tokens = 8
+    c.checkpoint.every_steps = 40
+    return c

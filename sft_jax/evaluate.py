@@ -1,0 +1,91 @@
+"""Held-out evaluation: masked loss over the eval split, and answers scored by greedy generation.
+
+The loss is summed and counted over the whole split, then divided once (per loss token), exactly
+as in training. Generation scores a held-out prompt by comparing the greedy continuation (cut at
+EOS) with the reference completion: "exact" after stripping surrounding whitespace, or "contains".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from sft_jax.data import Row, encode_prompt
+from sft_jax.generate import greedy_generate
+from sft_jax.loss import masked_cross_entropy
+from sft_jax.model import Transformer
+from sft_jax.step import BATCH_KEYS
+
+
+def make_eval_step(apply_fn: Callable, param_shardings: Any, batch_sharding: NamedSharding):
+    """Jitted (params, batch) -> (loss sum, loss tokens)."""
+
+    def eval_step(params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+        logits = apply_fn(
+            {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
+        )
+        return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+
+    return jax.jit(
+        eval_step, in_shardings=(param_shardings, {k: batch_sharding for k in BATCH_KEYS})
+    )
+
+
+def evaluate_loss(
+    eval_step: Callable, params: Any, batches: Sequence[dict], place: Callable[[dict], dict]
+) -> dict[str, float]:
+    """eval_loss (per loss token over the whole split), eval_perplexity and eval_tokens."""
+    total, count = 0.0, 0.0
+    for batch in batches:
+        loss_sum, tokens = eval_step(params, place(batch))
+        total += float(loss_sum)
+        count += float(tokens)
+    loss = total / max(count, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+def answer_matches(generated: str, reference: str, match: str) -> bool:
+    """Whether a generation counts as correct under the configured match rule."""
+    if match == "exact":
+        return generated.strip() == reference.strip()
+    if match == "contains":
+        return reference.strip() in generated
+    raise ValueError(f"unknown match rule {match!r}")
+
+
+def generation_accuracy(
+    model: Transformer,
+    params: Any,
+    tokenizer: Any,
+    rows: Sequence[Row],
+    *,
+    max_new_tokens: int,
+    match: str,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Greedy-generates an answer per held-out prompt and scores it against the reference."""
+    prompts = [encode_prompt(tokenizer, row.prompt) for row in rows]
+    outputs = greedy_generate(
+        model,
+        params,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        stop_ids=[tokenizer.eos_token_id],
+        batch_size=batch_size,
+    )
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
+    correct = [answer_matches(t, row.completion, match) for t, row in zip(texts, rows, strict=True)]
+    samples = [
+        {"prompt": row.prompt, "reference": row.completion, "output": text}
+        for row, text in zip(rows[:5], texts[:5], strict=False)
+    ]
+    return {
+        "accuracy": float(np.mean(correct)) if correct else 0.0,
+        "n": len(rows),
+        "samples": samples,
+    }

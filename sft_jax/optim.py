@@ -1,0 +1,65 @@
+"""Optimizer: global-norm clipping -> AdamW (no decay on norms, biases) with warmup + cosine.
+
+The learning rate ramps linearly to its peak over the warmup steps (the first update already
+uses a non-zero rate: step s < warmup gets peak * (s + 1) / warmup), then follows a cosine from
+the peak down to `end_lr_ratio * peak` at the last step, the floor practitioners use for SFT.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sft_jax.config import OptimSection
+
+
+def warmup_steps(cfg: OptimSection, total_steps: int) -> int:
+    """Explicit warmup_steps when >= 0, else warmup_ratio of the total (rounded up)."""
+    if cfg.warmup_steps >= 0:
+        return min(cfg.warmup_steps, total_steps)
+    return min(math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+
+
+def make_schedule(cfg: OptimSection, total_steps: int) -> optax.Schedule:
+    """Learning rate as a function of the (0-based) optimizer step."""
+    peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.end_lr_ratio
+    warmup = warmup_steps(cfg, total_steps)
+    decay = max(total_steps - warmup - 1, 1)
+
+    def schedule(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        ramp = peak * (step + 1.0) / max(warmup, 1)
+        progress = jnp.clip((step - warmup) / decay, 0.0, 1.0)
+        cosine = floor + 0.5 * (peak - floor) * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(step < warmup, ramp, cosine)
+
+    return schedule
+
+
+def decay_mask(params: dict) -> dict:
+    """True for leaves that get weight decay: matrices (embeddings, kernels), not norms/biases."""
+
+    def wants_decay(path: tuple, leaf: jax.Array) -> bool:
+        name = str(getattr(path[-1], "key", path[-1]))
+        return name in ("kernel", "embedding")
+
+    return jax.tree_util.tree_map_with_path(wants_decay, params)
+
+
+def make_optimizer(cfg: OptimSection, total_steps: int) -> optax.GradientTransformation:
+    """The chain clip -> AdamW; the schedule is evaluated on optax's own step count."""
+    parts = []
+    if cfg.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts.append(
+        optax.adamw(
+            learning_rate=make_schedule(cfg, total_steps),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
+    )
+    return optax.chain(*parts)

@@ -1,0 +1,119 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes.
+
+Weights carry logical names (vocab, embed, heads, kv_heads, head_dim, mlp, layers) from the
+model; activations and batches use batch and seq. `config.mesh.rules` maps each name to mesh axes
+of the (data, fsdp, tensor) mesh. A dimension is sharded only when its size divides evenly by the
+mesh axes it maps to; otherwise it stays replicated (tiny test models on 8 devices rely on this).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sft_jax.config import ConfigError, MeshSection
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def make_mesh(cfg: MeshSection, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices; one size may be -1 for "the rest"."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ConfigError(
+                f"mesh (data, fsdp, tensor) = {tuple(sizes)} does not fit {len(devices)} devices: "
+                f"{len(devices)} is not divisible by {known}"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ConfigError(
+            f"mesh (data, fsdp, tensor) = {tuple(sizes)} needs {int(np.prod(sizes))} devices, "
+            f"but {len(devices)} are present; set one size to -1 to use all of them"
+        )
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def _mesh_axes_for(name: str | None, rules: dict[str, Any]) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    if name not in rules:
+        raise ConfigError(f"logical axis '{name}' has no entry in config.mesh.rules")
+    axes = rules[name]
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_spec(
+    logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Sequence
+) -> PartitionSpec:
+    """PartitionSpec for one array: each dimension gets its rule's mesh axes if they divide it."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(logical, shape, strict=True):
+        axes = tuple(a for a in _mesh_axes_for(name, table) if a not in used)
+        product = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if axes and product > 1 and size % product == 0:
+            used.update(axes)
+            spec.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(logical_specs: Any, abstract_params: Any, mesh: Mesh, rules: Sequence) -> Any:
+    """NamedSharding tree for parameters from their logical PartitionSpecs and shapes."""
+
+    def one(spec: PartitionSpec, leaf: jax.ShapeDtypeStruct) -> NamedSharding:
+        names = tuple(spec) + (None,) * (len(leaf.shape) - len(tuple(spec)))
+        return NamedSharding(mesh, logical_to_spec(names, leaf.shape, mesh, rules))
+
+    return jax.tree.map(one, logical_specs, abstract_params)
+
+
+def batch_sharding(mesh: Mesh, rules: Sequence) -> NamedSharding:
+    """Sharding of [B, T] batch arrays: batch over its rule's axes, sequence replicated."""
+    table = dict(rules)
+    return NamedSharding(mesh, PartitionSpec(_mesh_axes_for("batch", table) or None, None))
+
+
+def batch_shards(mesh: Mesh, rules: Sequence) -> int:
+    """How many ways the batch dimension is split (global batch must be a multiple of this)."""
+    axes = _mesh_axes_for("batch", dict(rules))
+    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+
+def follow_param_shardings(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree (such as optimizer state) whose leaves mirror parameters.
+
+    A leaf whose key path ends with a parameter's key path and has its shape gets that parameter's
+    sharding (Adam's mu and nu); anything else (step counts) is replicated.
+    """
+    by_path = {}
+    for (path, leaf), sharding in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(shardings), strict=True
+    ):
+        by_path[_path_key(path)] = (tuple(leaf.shape), sharding)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path: tuple, leaf: Any) -> NamedSharding:
+        key = _path_key(path)
+        for start in range(len(key)):
+            match = by_path.get(key[start:])
+            if match and match[0] == tuple(leaf.shape):
+                return match[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _path_key(path: tuple) -> tuple[str, ...]:
+    return tuple(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)

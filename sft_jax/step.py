@@ -1,0 +1,162 @@
+"""The train step: one pure function `train_step(state, batch) -> (state, metrics)`.
+
+It is composed of named pieces, each tested alone:
+
+    loss_fn        params, batch            -> (loss sum, (loss tokens,))    one forward
+    compute_grads  params, batch, M         -> summed grads over M micro-batches, loss sum, tokens
+    apply_updates  state, grads             -> new state (optax), grad norm
+
+Normalisation happens once: the summed gradient is divided by the number of loss tokens in the
+whole global batch, so M micro-batches of B/M rows give the same update as one batch of B rows,
+and data parallelism gives the same update as one device. `make_train_step` jits the step once
+with explicit in/out shardings and donates the old state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+
+from sft_jax.loss import masked_cross_entropy
+
+Batch = dict[str, jax.Array]
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    params: Any  # trainable parameters
+    opt_state: Any
+    rng: jax.Array  # base key; each step uses fold_in(rng, step)
+    apply_fn: Callable = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+
+def loss_fn(params: Any, apply_fn: Callable, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Any]:
+    """Summed masked cross-entropy of one (micro-)batch and its loss-token count."""
+    logits = apply_fn(
+        {"params": params},
+        batch["inputs"],
+        batch["positions"],
+        batch["segment_ids"],
+        rngs={"dropout": rng},
+    )
+    loss_sum, count = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    return loss_sum, (count,)
+
+
+def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
+    """[B, T] -> [M, B/M, T], micro-batch m taking rows m, m+M, m+2M, ...
+
+    Strided rather than contiguous so that every device's local rows contribute to every
+    micro-batch: with the batch sharded over devices, each micro-batch stays evenly sharded.
+    """
+
+    def split(x: jax.Array) -> jax.Array:
+        rows = x.shape[0]
+        return jnp.swapaxes(x.reshape(rows // micro_batches, micro_batches, *x.shape[1:]), 0, 1)
+
+    return {k: split(batch[k]) for k in BATCH_KEYS}
+
+
+def compute_grads(
+    params: Any,
+    apply_fn: Callable,
+    batch: Batch,
+    rng: jax.Array,
+    micro_batches: int,
+    micro_batch_sharding: NamedSharding | None = None,
+) -> tuple[Any, jax.Array, jax.Array]:
+    """Gradient of the summed loss, accumulated over micro-batches with a scan (constant memory)."""
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    if micro_batches == 1:
+        (loss_sum, (count,)), grads = value_and_grad(params, apply_fn, batch, rng)
+        return grads, loss_sum, count
+
+    stacked = split_micro_batches(batch, micro_batches)
+
+    def body(carry: tuple, micro: Batch) -> tuple[tuple, None]:
+        grads_acc, loss_acc, count_acc, index = carry
+        if micro_batch_sharding is not None:
+            micro = jax.lax.with_sharding_constraint(micro, micro_batch_sharding)
+        (loss_sum, (count,)), grads = value_and_grad(
+            params, apply_fn, micro, jax.random.fold_in(rng, index)
+        )
+        grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+        return (grads_acc, loss_acc + loss_sum, count_acc + count, index + 1), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    init = (zeros, jnp.float32(0.0), jnp.float32(0.0), jnp.int32(0))
+    (grads, loss_sum, count, _), _ = jax.lax.scan(body, init, stacked)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return grads, loss_sum, count
+
+
+def apply_updates(state: TrainState, grads: Any) -> tuple[TrainState, jax.Array]:
+    """One optax update; returns the new state and the global norm of the (unclipped) gradient."""
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), grad_norm
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    micro_batches: int,
+    schedule: optax.Schedule,
+    micro_batch_sharding: NamedSharding | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Pure step: grads of the summed loss / global loss tokens, then one optimizer update."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    grads, loss_sum, count = compute_grads(
+        state.params, state.apply_fn, batch, rng, micro_batches, micro_batch_sharding
+    )
+    denominator = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denominator.astype(g.dtype), grads)
+    learning_rate = schedule(state.step)
+    new_state, grad_norm = apply_updates(state, grads)
+    metrics = {
+        "loss": loss_sum / denominator,
+        "loss_tokens": count,
+        "real_tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+        "learning_rate": jnp.asarray(learning_rate, jnp.float32),
+        "grad_norm": grad_norm,
+    }
+    return new_state, metrics
+
+
+def make_train_step(
+    state_shardings: Any,
+    batch_sharding: NamedSharding,
+    *,
+    micro_batches: int,
+    schedule: optax.Schedule,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """`train_step` jitted once, with explicit shardings, donating the incoming state."""
+    replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        return train_step(
+            state,
+            batch,
+            micro_batches=micro_batches,
+            schedule=schedule,
+            micro_batch_sharding=batch_shardings if micro_batches > 1 else None,
+        )
+
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )

@@ -1,0 +1,145 @@
+"""Tokenisation of prompt/completion rows with an explicit loss mask.
+
+Every example is `prefix + prompt + completion + [EOS]`, where `prefix` is what the tokenizer puts
+in front of a text on its own (BOS for Llama-style tokenizers, nothing for Qwen). The loss mask is
+True on the completion tokens and the final EOS: the tokens the model must learn to predict. It is
+carried as data next to the tokens, never re-derived from token values, so a completion that
+contains the EOS or pad id mid-text is still trained and padding is never confused with EOS.
+
+Why prompt and completion are tokenised separately and concatenated (rather than tokenising the
+joined text and locating the boundary by character offsets): the mask boundary is then exact by
+construction, and no token can straddle it (BPE would otherwise merge the prompt's last characters
+with the completion's first). The price is that tokens at the boundary can differ from those of the
+joined text; generation sees the same `encode_prompt` prefix, so training and inference agree. For
+SentencePiece-style tokenizers such as stories260K this means the completion starts a new word:
+"Hello" and " Hello" tokenise alike. Byte-level BPE tokenizers (Llama 3, Qwen) keep whitespace as
+written, so the separator belongs in the data (a completion " Paris", or a prompt ending in "\n").
+
+Special tokens written in the text (e.g. a pre-rendered "<|im_start|>" chat prompt) are parsed as
+special tokens, as the user wrote them. Two guards keep that from doubling structure tokens: the
+tokenizer's prefix is not added when the prompt already starts with it (a pre-rendered BOS), and
+EOS is not appended when the completion already ends with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sft_jax.data.source import DataError, Row
+
+if TYPE_CHECKING:
+    import transformers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedExample:
+    """One example: tokens int32 [n] and loss_mask bool [n] (True = a token to be predicted)."""
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    source: str
+
+
+def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
+    """Loads a Hugging Face tokenizer from a local directory (never the network); needs an EOS id,
+    because every example ends with EOS so the model learns to stop."""
+    if not path:
+        raise DataError("no tokenizer directory given (set data.tokenizer or model.path)")
+    if not os.path.isdir(path):
+        raise DataError(f"tokenizer directory {path!r} does not exist")
+    import transformers  # Deferred: importing transformers costs seconds.
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load a tokenizer from {path!r}: {e}") from e
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer in {path!r} has no eos_token; examples must end with EOS")
+    return tokenizer
+
+
+def tokenize_rows(
+    rows: list[Row], tokenizer: transformers.PreTrainedTokenizerBase, *, seq_len: int
+) -> tuple[list[TokenizedExample], int]:
+    """Rows -> examples of at most seq_len + 1 tokens (seq_len input/target slots once shifted).
+
+    Longer examples are cut from the right, keeping the start of the prompt; an example with no
+    trainable target left after the cut is dropped. Returns (examples, truncated), where `truncated`
+    counts every over-long example, dropped ones included (those are also logged).
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if not rows:
+        return [], 0
+    prefix = _special_prefix(tokenizer)
+    eos = int(tokenizer.eos_token_id)
+    prompts = _encode(tokenizer, [r.prompt for r in rows])
+    completions = _encode(tokenizer, [r.completion for r in rows])
+    examples: list[TokenizedExample] = []
+    truncated = 0
+    dropped: list[str] = []
+    for row, prompt_ids, completion_ids in zip(rows, prompts, completions, strict=True):
+        if not completion_ids:
+            raise DataError(f"{row.source}: field 'completion': tokenizes to no tokens")
+        head = _with_prefix(prefix, prompt_ids)
+        tail = completion_ids if completion_ids[-1] == eos else [*completion_ids, eos]
+        tokens = np.asarray(head + tail, dtype=np.int32)
+        mask = np.zeros(len(tokens), dtype=bool)
+        mask[len(head) :] = True
+        if len(tokens) > seq_len + 1:
+            truncated += 1
+            tokens, mask = tokens[: seq_len + 1], mask[: seq_len + 1]
+        if not mask[1:].any():  # Slot 0 is never a target, so mask[0] alone trains nothing.
+            dropped.append(row.source)
+            continue
+        examples.append(TokenizedExample(tokens=tokens, loss_mask=mask, source=row.source))
+    if dropped:
+        logger.warning(
+            "dropped %d examples whose prompt alone fills seq_len=%d (first: %s)",
+            len(dropped),
+            seq_len,
+            dropped[0],
+        )
+    return examples, truncated
+
+
+def encode_prompt(tokenizer: transformers.PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Exactly the prompt prefix `tokenize_rows` builds (prefix/BOS + prompt), for generation."""
+    return _with_prefix(_special_prefix(tokenizer), _encode(tokenizer, [prompt])[0])
+
+
+def _encode(tokenizer: transformers.PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Batch call (parallel in the Rust fast tokenizer), without special tokens: we add them."""
+    if not texts:
+        return []
+    out = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    return [list(ids) for ids in out["input_ids"]]
+
+
+def _with_prefix(prefix: list[int], prompt_ids: list[int]) -> list[int]:
+    """prefix + prompt, unless the prompt text already begins with the prefix (no double BOS)."""
+    if prefix and prompt_ids[: len(prefix)] == prefix:
+        return list(prompt_ids)
+    return prefix + list(prompt_ids)
+
+
+def _special_prefix(tokenizer: transformers.PreTrainedTokenizerBase) -> list[int]:
+    """The tokens the tokenizer adds before a text (e.g. [BOS]), found by comparing one probe text
+    with and without special tokens. Using only the prefix, not the whole special-token template,
+    keeps a tokenizer that also appends EOS (add_eos_token) from ending the prompt with EOS."""
+    probe = "a"
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    raise DataError(
+        f"cannot tell which special tokens the tokenizer adds: {plain} is not inside {full}"
+    )

@@ -1,0 +1,305 @@
+"""The decoder's pieces against transformers' own, packing invariance, remat, and stories260K."""
+
+import dataclasses
+import functools
+import json
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama import modeling_llama
+
+from sft_jax import hf
+from sft_jax.config import ArchConfig, ModelSection
+from sft_jax.model import (
+    ModelConfig,
+    RMSNorm,
+    RopeScaling,
+    Transformer,
+    apply_rope,
+    attention_mask,
+    count_params,
+    model_config_from_arch,
+    rope_inv_freq,
+    rope_tables,
+)
+
+SMALL_TOL = 1e-5
+MODEL_TOL = 1e-4
+
+
+def _config(**overrides) -> ModelConfig:
+    base = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_embeddings=False,
+        qk_norm=True,
+        attention_bias=True,
+        max_position_embeddings=256,
+        rope_scaling=None,
+        dtype="float32",
+        param_dtype="float32",
+        remat="none",
+    )
+    return ModelConfig(**{**base, **overrides})
+
+
+def _random_params(config: ModelConfig, seed: int = 0):
+    """Random host-numpy parameters for the model's tree: norms near 1, everything else ~N(0, 0.1).
+
+    Built with numpy from the abstract tree (no jitted init, no per-leaf random programs) to
+    keep the CPU test suite fast.
+    """
+    tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+    abstract = jax.eval_shape(
+        Transformer(config).init, jax.random.PRNGKey(0), tokens, tokens, tokens
+    )
+    flat = flax.traverse_util.flatten_dict(nn.unbox(abstract["params"]))
+    rng = np.random.default_rng(seed)
+    params = {}
+    for path, leaf in flat.items():
+        noise = rng.normal(size=leaf.shape).astype(np.float32) * 0.1
+        params[path] = jnp.asarray(noise + 1.0 if path[-1] == "scale" else noise)
+    return flax.traverse_util.unflatten_dict(params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(config, params, tokens, positions, segment_ids):
+    return Transformer(config).apply({"params": params}, tokens, positions, segment_ids)
+
+
+def _forward(config, params, tokens, positions=None, segment_ids=None):
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(tokens)
+    return np.asarray(_apply(config, params, tokens, positions, segment_ids))
+
+
+def test_rope_inv_freq_matches_transformers_default_and_llama3():
+    scaled = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    for rope_parameters, scaling in [
+        ({"rope_type": "default", "rope_theta": 10000.0}, None),
+        (scaled, RopeScaling(8.0, 1.0, 4.0, 64)),
+    ]:
+        hf_config = LlamaConfig(
+            hidden_size=256, num_attention_heads=4, head_dim=64, rope_parameters=rope_parameters
+        )
+        if scaling is None:
+            expected = 1.0 / (10000.0 ** (torch.arange(0, 64, 2).float() / 64))
+        else:
+            expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, None)
+        ours = rope_inv_freq(
+            _config(head_dim=64, rope_theta=rope_parameters["rope_theta"], rope_scaling=scaling)
+        )
+        np.testing.assert_allclose(ours, expected.numpy(), rtol=SMALL_TOL, atol=0)
+    assert scaling is not None and not np.allclose(ours, rope_inv_freq(_config(head_dim=64)))
+
+
+def test_apply_rope_matches_transformers_rotate_half():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 5, 3, 16)).astype(np.float32)  # [B, T, heads, H]
+    positions = np.array([[0, 1, 2, 3, 4], [7, 8, 0, 1, 2]])
+    cos, sin = rope_tables(jnp.asarray(positions), rope_inv_freq(_config()))
+    ours = apply_rope(jnp.asarray(q), cos, sin)
+    cos_full = torch.from_numpy(np.concatenate([np.asarray(cos)] * 2, axis=-1))
+    sin_full = torch.from_numpy(np.concatenate([np.asarray(sin)] * 2, axis=-1))
+    q_t = torch.from_numpy(q).transpose(1, 2)  # HF layout [B, heads, T, H]
+    expected, _ = modeling_llama.apply_rotary_pos_emb(q_t, q_t, cos_full, sin_full)
+    np.testing.assert_allclose(ours, expected.transpose(1, 2).numpy(), atol=SMALL_TOL)
+
+
+def test_rms_norm_matches_transformers():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 64)).astype(np.float32) * 3
+    weight = rng.normal(size=(64,)).astype(np.float32)
+    norm = RMSNorm(1e-5, ("embed",))
+    ours = norm.apply({"params": {"scale": jnp.asarray(weight)}}, jnp.asarray(x))
+    ref = modeling_llama.LlamaRMSNorm(64, eps=1e-5)
+    ref.weight.data = torch.from_numpy(weight)
+    np.testing.assert_allclose(ours, ref(torch.from_numpy(x)).detach().numpy(), atol=SMALL_TOL)
+
+
+def test_attention_mask_is_causal_within_segments():
+    mask = np.asarray(attention_mask(jnp.array([[1, 1, 2, 2, 0]])))[0]
+    expected = np.array(
+        [
+            [1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [0, 0, 1, 0, 0],
+            [0, 0, 1, 1, 0],
+            [0, 0, 0, 0, 1],
+        ],
+        dtype=bool,
+    )
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_packed_row_equals_examples_run_alone():
+    """Row 0 packs two examples and padding; rows 1 and 2 hold each example alone (trailing
+    padding cannot reach earlier tokens causally, and one shape means one compile)."""
+    config = _config()
+    params = _random_params(config)
+    rng = np.random.default_rng(1)
+    first, second = rng.integers(0, 128, size=5), rng.integers(0, 128, size=4)
+    tokens = np.zeros((3, 12), np.int32)
+    positions = np.zeros((3, 12), np.int32)
+    segments = np.zeros((3, 12), np.int32)
+    tokens[0, :9], segments[0, :9] = np.concatenate([first, second]), [1] * 5 + [2] * 4
+    positions[0, :9] = [0, 1, 2, 3, 4, 0, 1, 2, 3]
+    for row, example in ((1, first), (2, second)):
+        tokens[row, : len(example)], segments[row, : len(example)] = example, 1
+        positions[row, : len(example)] = np.arange(len(example))
+    logits = _forward(config, params, tokens, jnp.asarray(positions), jnp.asarray(segments))
+    np.testing.assert_allclose(logits[0, :5], logits[1, :5], atol=SMALL_TOL)
+    np.testing.assert_allclose(logits[0, 5:9], logits[2, :4], atol=SMALL_TOL)
+    assert np.all(np.isfinite(logits))
+    # Leakage would show: the second example's logits differ when the first is visible.
+    leaky = _forward(config, params, tokens, jnp.asarray(positions), jnp.ones_like(tokens))
+    assert np.abs(leaky[0, 5:9] - logits[2, :4]).max() > 1e-2
+
+
+def _remat_policies(config, params, tokens, positions) -> list:
+    """The policies of every jax.checkpoint ("remat2") in the model's forward jaxpr."""
+    segments = jnp.ones_like(tokens)
+    closed = jax.make_jaxpr(
+        lambda p: Transformer(config).apply({"params": p}, tokens, positions, segments)
+    )(params)
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "remat2":
+                found.append(eqn.params["policy"])
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns"):
+                    walk(inner)
+
+    walk(closed.jaxpr)
+    return found
+
+
+def test_remat_policy_wraps_each_scanned_layer_and_keeps_the_tree():
+    config = _config()
+    params = _random_params(config)
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    assert _remat_policies(config, params, tokens, positions) == []
+    for remat, policy in (
+        ("dots", jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims),
+        ("full", jax.checkpoint_policies.nothing_saveable),
+    ):
+        other = dataclasses.replace(config, remat=remat)
+        assert _remat_policies(other, params, tokens, positions) == [policy]  # once, in the scan
+        other_params = _random_params(other)
+        assert jax.tree.structure(other_params) == jax.tree.structure(params)
+
+
+def test_full_remat_changes_neither_loss_nor_gradients():
+    """Numeric twin of the wiring test above; one layer and one policy keep the compiles cheap."""
+    config = _config(num_layers=1)
+    params = _random_params(config)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 128, size=(2, 8)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+
+    @functools.partial(jax.jit, static_argnums=1)
+    @jax.value_and_grad
+    def loss(p, cfg):
+        logits = Transformer(cfg).apply({"params": p}, tokens, positions, jnp.ones_like(tokens))
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    base_loss, base_grads = loss(params, config)
+    remat_loss, remat_grads = loss(params, dataclasses.replace(config, remat="full"))
+    np.testing.assert_allclose(remat_loss, base_loss, atol=SMALL_TOL)
+    for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(base_grads), strict=True):
+        np.testing.assert_allclose(a, b, atol=SMALL_TOL)
+
+
+def test_parameter_tree_shapes_and_logical_names():
+    c = _config()
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    boxed = jax.eval_shape(Transformer(c).init, jax.random.PRNGKey(0), tokens, tokens, tokens)
+    specs = nn.get_partition_spec(boxed)["params"]
+    shapes = jax.tree.map(lambda x: x.shape, nn.unbox(boxed)["params"])
+    L, D, N, K, H, F, V = 2, 64, 4, 2, 16, 96, 128
+    attn, attn_specs = shapes["layers"]["attn"], specs["layers"]["attn"]
+    assert shapes["embed"]["embedding"] == (V, D)
+    assert tuple(specs["embed"]["embedding"]) == ("vocab", "embed")
+    assert shapes["lm_head"]["kernel"] == (D, V)
+    assert tuple(specs["lm_head"]["kernel"]) == ("embed", "vocab")
+    assert attn["q_proj"]["kernel"] == (L, D, N, H)
+    assert tuple(attn_specs["q_proj"]["kernel"]) == ("layers", "embed", "heads", "head_dim")
+    assert attn["k_proj"]["bias"] == (L, K, H)
+    assert tuple(attn_specs["k_proj"]["bias"]) == ("layers", "kv_heads", "head_dim")
+    assert attn["o_proj"] == {"kernel": (L, N, H, D)}
+    assert tuple(attn_specs["o_proj"]["kernel"]) == ("layers", "heads", "head_dim", "embed")
+    assert attn["q_norm"]["scale"] == (L, H)
+    assert shapes["layers"]["mlp"]["down_proj"]["kernel"] == (L, F, D)
+    assert tuple(specs["layers"]["mlp"]["down_proj"]["kernel"]) == ("layers", "mlp", "embed")
+    assert tuple(specs["layers"]["attn_norm"]["scale"]) == ("layers", "embed")
+    assert tuple(specs["final_norm"]["scale"]) == ("embed",)
+    tied = dataclasses.replace(c, tie_embeddings=True, qk_norm=False, attention_bias=False)
+    tied_shapes = jax.eval_shape(
+        Transformer(tied).init, jax.random.PRNGKey(0), tokens, tokens, tokens
+    )
+    tied_tree = nn.unbox(tied_shapes)["params"]
+    assert "lm_head" not in tied_tree
+    assert set(tied_tree["layers"]["attn"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert set(tied_tree["layers"]["attn"]["q_proj"]) == {"kernel"}
+    assert count_params(boxed) == count_params(tied_shapes) + D * V + L * (2 * H + (N + 2 * K) * H)
+
+
+def test_model_config_from_arch():
+    arch = ArchConfig(512, 64, 172, 2, 4, 2, 16, 10000.0, 1e-5, True, False, False, 2048)
+    section = ModelSection(
+        path="", dtype="bfloat16", param_dtype="float32", remat="dots", arch=arch
+    )
+    config = model_config_from_arch(arch, section)
+    assert config.num_layers == 2 and config.head_dim == 16 and config.tie_embeddings
+    assert (config.dtype, config.param_dtype, config.remat) == ("bfloat16", "float32", "dots")
+    assert config.rope_scaling is None
+    assert hf.build_model_config(section) == config
+
+
+def test_bfloat16_compute_gives_float32_logits_close_to_float32():
+    config = _config()
+    params = _random_params(config)
+    tokens = np.random.default_rng(3).integers(0, 128, size=(3, 12))  # shape of the packing test
+    full = _forward(config, params, tokens)
+    low = _forward(dataclasses.replace(config, dtype="bfloat16"), params, tokens)
+    assert low.dtype == np.float32
+    # A bf16 smoke check, not a parity test: bf16 carries ~3 significant digits.
+    assert np.abs(low - full).max() < 0.1 * np.abs(full).max()
+
+
+def test_stories260k_logits_match_golden(stories_dir, golden_dir):
+    config = hf.load_model_config(
+        str(stories_dir), dtype="float32", param_dtype="float32", remat="none"
+    )
+    params = hf.load_params(str(stories_dir), config)
+    golden = json.loads((golden_dir / "golden.json").read_text())
+    expected = np.load(golden_dir / "golden_logits.npz")["logits"]
+    logits = _forward(config, params, [golden["input_ids"]])[0]
+    np.testing.assert_allclose(logits, expected, atol=MODEL_TOL)
+    assert int(np.argmax(logits[-1])) == golden["argmax_next_after_prompt"]

@@ -9,7 +9,6 @@ Exit codes: 0 finished; 2 bad config or data (nothing trained).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -40,17 +39,6 @@ def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-@dataclasses.dataclass
-class DataBundle:
-    """Everything the loop needs from the data section, prepared before any compute."""
-
-    train_iter: data.TrainIterator
-    eval_batches: list[dict[str, np.ndarray]]
-    eval_rows: list[data.Row]
-    tokenizer: Any
-    stats: dict[str, Any]
-
-
 # ----------------------------------------------------------------------------- setup
 
 
@@ -64,57 +52,6 @@ def check_workdir(workdir: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise ConfigError(f"workdir '{workdir}' is not writable: {e}") from e
-
-
-def split_rows(rows: list[data.Row], fraction: float, seed: int) -> tuple[list, list]:
-    """Deterministic held-out split of `fraction` of the rows (at least one when fraction > 0)."""
-    order = np.random.default_rng(seed).permutation(len(rows))
-    n_eval = max(1, round(fraction * len(rows))) if fraction > 0 else 0
-    held = {int(i) for i in order[:n_eval]}
-    train = [r for i, r in enumerate(rows) if i not in held]
-    return train, [r for i, r in enumerate(rows) if i in held]
-
-
-def prepare_data(config: Config) -> DataBundle:
-    """Reads, tokenises and packs train and eval data; returns iterators and statistics."""
-    dc = config.data
-    tokenizer_path = dc.tokenizer or config.model.path
-    if not tokenizer_path:
-        raise ConfigError("set data.tokenizer (or model.path, whose tokenizer is then used)")
-    tokenizer = data.load_tokenizer(tokenizer_path)
-    rows, skipped = data.read_rows(dc.train_files, on_bad_row=dc.on_bad_row)
-    if dc.eval_files:
-        eval_rows, eval_skipped = data.read_rows(dc.eval_files, on_bad_row=dc.on_bad_row)
-        skipped += eval_skipped
-    else:
-        rows, eval_rows = split_rows(rows, dc.eval_fraction, config.seed)
-    eval_rows = eval_rows[: dc.max_eval_examples]
-    train_examples, truncated = data.tokenize_rows(rows, tokenizer, seq_len=dc.seq_len)
-    eval_examples, _ = data.tokenize_rows(eval_rows, tokenizer, seq_len=dc.seq_len)
-    if not train_examples:
-        raise data.DataError(f"no trainable examples in {dc.train_files}")
-    packed = data.pack_examples(
-        train_examples, seq_len=dc.seq_len, window=dc.pack_window, seed=config.seed
-    )
-    stats = data.packing_stats(packed)
-    stats.update(examples=len(train_examples), skipped=skipped, truncated=truncated)
-    stats["eval_examples"] = len(eval_examples)
-    if stats["loss_tokens"] == 0:
-        raise data.DataError(f"no token of {dc.train_files} is trained on: the loss mask is empty")
-    train_iter = data.TrainIterator(
-        packed,
-        global_batch_size=config.train.global_batch_size,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    eval_batches = []
-    if eval_examples:
-        eval_packed = data.pack_examples(
-            eval_examples, seq_len=dc.seq_len, window=dc.pack_window, seed=config.seed
-        )
-        eval_batches = data.eval_batches(eval_packed, batch_size=config.eval.batch_size)
-    return DataBundle(train_iter, eval_batches, eval_rows, tokenizer, stats)
 
 
 def total_steps(config: Config, steps_per_epoch: int) -> int:
@@ -164,7 +101,7 @@ def print_data_stats(stats: dict[str, Any], steps: int, per_epoch: int) -> None:
 
 
 def run_generation_eval(
-    config: Config, model: Transformer, params: Any, bundle: DataBundle
+    config: Config, model: Transformer, params: Any, bundle: data.DataBundle
 ) -> dict[str, Any] | None:
     n = min(config.eval.generate_examples, len(bundle.eval_rows))
     if n == 0:
@@ -202,7 +139,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     check_workdir(workdir)
     mesh = sharding.make_mesh(config.mesh)
     check_batch_layout(config, mesh)
-    bundle = prepare_data(config)
+    bundle = data.prepare_data(config)
     steps = total_steps(config, bundle.train_iter.steps_per_epoch)
     print_data_stats(bundle.stats, steps, bundle.train_iter.steps_per_epoch)
     model_config = hf.build_model_config(config.model)

@@ -8,6 +8,7 @@ target shardings, so a run can resume on the mesh it is started with.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -73,6 +74,30 @@ class Checkpointer:
             rng=arrays["rng"],
         )
         return state, restored["data"]
+
+    def restore_params(self, step: int | None, abstract_params: Any) -> Any:
+        """Only the parameters of `step` (latest when None), into `abstract_params`' shardings.
+
+        `abstract_params` is a tree of jax.ShapeDtypeStruct with `sharding` set. Used by export
+        and generation, which need no optimizer state.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": abstract_params},
+                    restore_args=jax.tree.map(
+                        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
+                        {"params": abstract_params},
+                    ),
+                    partial_restore=True,
+                )
+            ),
+        )
+        return restored["state"]["params"]
 
     def wait(self) -> None:
         """Blocks until any asynchronous save has been committed."""

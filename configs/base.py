@@ -36,9 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
     a.attention_bias = False
     a.max_position_embeddings = 2048
 
-    # --- data: prompt/completion JSONL files (more formats in the data issue).
+    # --- data: JSONL/JSON/Parquet/CSV files or saved HF dataset dirs; see docs/data.md.
     c.data = d = ml_collections.ConfigDict()
-    d.train_files = ""  # comma-separated paths or globs
+    d.train_files = ""  # comma-separated paths/globs, each optionally ":weight" (a mixture)
     d.eval_files = ""  # held-out split; "" means carve `eval_fraction` out of the train files
     d.eval_fraction = 0.0
     d.tokenizer = ""  # HF tokenizer directory; "" means model.path
@@ -46,6 +46,13 @@ def get_config() -> ml_collections.ConfigDict:
     d.pack_window = 512  # examples considered together by best-fit-decreasing packing
     d.max_eval_examples = 512
     d.on_bad_row = "error"  # error | skip (skipped rows are counted and logged)
+    d.format = "auto"  # auto | text | prompt_completion | alpaca | sharegpt | messages
+    d.field_map = ""  # rename fields first, e.g. "prompt=question,completion=answer"
+    d.ignore_fields = ""  # extra metadata fields to ignore (comma-separated), besides id/source/...
+    d.chat_template = "tokenizer"  # tokenizer | chatml | alpaca | plain | path/to/template.jinja
+    d.train_on = "all_assistant"  # all_assistant | last_assistant | completion | all
+    d.overlong = "truncate"  # truncate | split (at turn ends) | drop; all are counted
+    d.num_workers = 0  # tokenisation processes; 0 = all cores for large datasets
 
     # --- optimizer: clip -> AdamW (no decay on norms/biases) with warmup + cosine to a floor.
     c.optim = o = ml_collections.ConfigDict()
@@ -67,6 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
     t.max_steps = -1
     t.log_every = 10
     t.progress_bar = True
+    # A step whose loss or gradient norm is NaN/Inf is skipped (params and optimizer untouched,
+    # its batch consumed); this many in a row stop the run with exit code 43.
+    t.max_nonfinite_steps = 5
+    t.loss_spike_factor = 3.0  # log a spike when loss > factor x running mean; 0: off
 
     # --- evaluation
     c.eval = e = ml_collections.ConfigDict()
@@ -77,13 +88,35 @@ def get_config() -> ml_collections.ConfigDict:
     )
     e.max_new_tokens = 32
     e.match = "exact"  # exact | contains: how a generation is compared with the reference
+    e.early_stopping_patience = 0  # stop after this many evals without a new best eval loss; 0: off
 
     # --- checkpoints (Orbax)
     c.checkpoint = k = ml_collections.ConfigDict()
     k.every_steps = 0  # 0: only at the end
+    k.every_minutes = 0.0  # also save when this much time has passed since the last save; 0: off
     k.keep = 2  # most recent checkpoints kept
+    k.keep_best = 0  # also keep this many checkpoints with the lowest eval loss (eval at each save)
     k.async_save = True
+    k.rewind_to_best = False  # at the end, evaluate kept checkpoints; summary names the best step
 
+    # --- LoRA: adapters are a separate, trainable tree; the base weights are frozen constants.
+    c.lora = lo = ml_collections.ConfigDict()
+    lo.enabled = False
+    lo.rank = 16
+    lo.alpha = 32.0
+    lo.targets = ("*_proj",)  # module-name globs: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
+    lo.rslora = False  # scale alpha / sqrt(rank) instead of alpha / rank
+    lo.lr_ratio_b = 1.0  # LoRA+: learning rate of B = this x optim.learning_rate
+    lo.base_dtype = "bfloat16"  # storage dtype of the frozen base weights
+    lo.init_from = ""  # a PEFT adapter directory to continue training from
+
+    # --- multi-process runs: detected on TPU VMs, SLURM, GKE JobSet; explicit flags otherwise.
+    c.distributed = ds = ml_collections.ConfigDict()
+    ds.coordinator_address = ""  # "host:port" of process 0; "" = auto-detect or single process
+    ds.num_processes = 0  # 0 = auto; 1 = never initialise jax.distributed
+    ds.process_id = -1  # -1 = auto
+    ds.initialization_timeout_s = 300  # a dead host fails the job instead of hanging it
+    ds.expected_platform = ""  # "tpu" | "gpu" | "cpu": fail instead of silently falling back
     # --- device mesh: sizes of (data, fsdp, tensor); one of them may be -1 (all remaining devices).
     c.mesh = ms = ml_collections.ConfigDict()
     ms.data = -1
@@ -101,4 +134,12 @@ def get_config() -> ml_collections.ConfigDict:
         ("layers", None),
         ("seq", None),
     )
+
+    # --- fault injection, for tests of resume and preemption. All off (0 / False) by default.
+    c.faults = fl = ml_collections.ConfigDict()
+    fl.kill_at_step = 0  # SIGKILL this process after step k completes
+    fl.kill_during_save = False  # ... right after starting an asynchronous save at step k
+    fl.sigterm_at_step = 0  # send SIGTERM (preemption) to this process after step k
+    fl.nan_at_step = 0  # make the loss (and so the gradients) NaN at step k ...
+    fl.nan_steps = 1  # ... and the following nan_steps - 1 steps
     return c

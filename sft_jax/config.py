@@ -60,6 +60,13 @@ class DataSection:
     pack_window: int
     max_eval_examples: int
     on_bad_row: str
+    format: str
+    field_map: str
+    ignore_fields: str
+    chat_template: str
+    train_on: str
+    overlong: str
+    num_workers: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +90,8 @@ class TrainSection:
     max_steps: int
     log_every: int
     progress_bar: bool
+    max_nonfinite_steps: int
+    loss_spike_factor: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,13 +101,49 @@ class EvalSection:
     generate_examples: int
     max_new_tokens: int
     match: str
+    early_stopping_patience: int
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
     every_steps: int
+    every_minutes: float
     keep: int
+    keep_best: int
     async_save: bool
+    rewind_to_best: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultsSection:
+    """Fault injection for tests (all off by default); steps count completed updates (1-based)."""
+
+    kill_at_step: int
+    kill_during_save: bool
+    sigterm_at_step: int
+    nan_at_step: int
+    nan_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    enabled: bool
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    rslora: bool
+    lr_ratio_b: float
+    base_dtype: str
+    init_from: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSection:
+    coordinator_address: str
+    num_processes: int
+    process_id: int
+    initialization_timeout_s: int
+    expected_platform: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +163,10 @@ class Config:
     train: TrainSection
     eval: EvalSection
     checkpoint: CheckpointSection
+    lora: LoraSection
+    distributed: DistributedSection
     mesh: MeshSection
+    faults: FaultsSection
 
 
 def make_configs_importable(config_path: str) -> None:
@@ -140,6 +188,36 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
+
+
+def config_from_argv(argv: list[str], flag_values: Any) -> Config:
+    """Parses `--config FILE[:arg] [--config.a.b=v ...]` (plus flags already defined on
+    `flag_values`, an absl FlagValues) into a Config; bad flags or keys -> ConfigError."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    holder = config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Config file (configs/*.py).",
+        flag_values=flag_values,
+        lock_config=True,
+        sys_argv=argv,  # overrides are read from here, not from the global sys.argv
+    )
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            make_configs_importable(arg.split("=", 1)[1])
+        elif arg == "--config" and i + 1 < len(argv):
+            make_configs_importable(argv[i + 1])
+    try:
+        flag_values(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError) as e:
+        # ml_collections reports an unknown override key as AttributeError("... Did you mean ...").
+        message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+        raise ConfigError(f"bad command-line flag: {message}") from e
+    if holder.value is None:
+        raise ConfigError("--config FILE is required")
+    return parse(holder.value)
 
 
 def parse(config: ml_collections.ConfigDict | dict) -> Config:
@@ -195,6 +273,12 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
         return value
     if typing.get_origin(hint) is tuple or isinstance(hint, types.GenericAlias):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a tuple, got {value!r}")
+        if typing.get_args(hint)[0] is str:
+            if not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"config key '{key}' must be a tuple of strings, got {value!r}")
+            return tuple(value)
         return tuple(tuple(_freeze(v) for v in item) for item in value)
     return value
 
@@ -208,7 +292,12 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "dots", "full"),
     "data.on_bad_row": ("error", "skip"),
+    "data.format": ("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"),
+    "data.train_on": ("all_assistant", "last_assistant", "completion", "all"),
+    "data.overlong": ("truncate", "split", "drop"),
     "eval.match": ("exact", "contains"),
+    "distributed.expected_platform": ("", "cpu", "gpu", "tpu"),
+    "lora.base_dtype": ("float32", "bfloat16"),
 }
 
 
@@ -222,6 +311,7 @@ def _validate(c: Config) -> None:
         ("data.seq_len", c.data.seq_len >= 8, "must be >= 8"),
         ("data.pack_window", c.data.pack_window >= 1, "must be >= 1"),
         ("data.eval_fraction", 0.0 <= c.data.eval_fraction < 1.0, "must be in [0, 1)"),
+        ("data.num_workers", c.data.num_workers >= 0, "must be >= 0 (0 = automatic)"),
         ("optim.learning_rate", c.optim.learning_rate > 0, "must be > 0"),
         ("optim.warmup_ratio", 0.0 <= c.optim.warmup_ratio < 1.0, "must be in [0, 1)"),
         ("optim.end_lr_ratio", 0.0 <= c.optim.end_lr_ratio <= 1.0, "must be in [0, 1]"),
@@ -242,7 +332,28 @@ def _validate(c: Config) -> None:
         ),
         ("train.log_every", c.train.log_every >= 1, "must be >= 1"),
         ("eval.batch_size", c.eval.batch_size >= 1, "must be >= 1"),
+        ("train.max_nonfinite_steps", c.train.max_nonfinite_steps >= 1, "must be >= 1"),
+        ("train.loss_spike_factor", c.train.loss_spike_factor >= 0, "must be >= 0 (0: off)"),
+        ("eval.every_steps", c.eval.every_steps >= 0, "must be >= 0 (0: only at the end)"),
+        ("eval.early_stopping_patience", c.eval.early_stopping_patience >= 0, "must be >= 0"),
+        (
+            "eval.early_stopping_patience",
+            c.eval.early_stopping_patience == 0 or c.eval.every_steps > 0,
+            "needs eval.every_steps > 0 (early stopping compares periodic evaluations)",
+        ),
+        ("checkpoint.every_steps", c.checkpoint.every_steps >= 0, "must be >= 0"),
+        ("checkpoint.every_minutes", c.checkpoint.every_minutes >= 0, "must be >= 0 (0: off)"),
         ("checkpoint.keep", c.checkpoint.keep >= 1, "must be >= 1"),
+        ("checkpoint.keep_best", c.checkpoint.keep_best >= 0, "must be >= 0 (0: off)"),
+        ("faults.kill_at_step", c.faults.kill_at_step >= 0, "must be >= 0 (0: off)"),
+        ("faults.sigterm_at_step", c.faults.sigterm_at_step >= 0, "must be >= 0 (0: off)"),
+        ("faults.nan_at_step", c.faults.nan_at_step >= 0, "must be >= 0 (0: off)"),
+        ("faults.nan_steps", c.faults.nan_steps >= 1, "must be >= 1"),
+        (
+            "faults.kill_during_save",
+            not c.faults.kill_during_save or c.faults.kill_at_step > 0,
+            "needs faults.kill_at_step > 0",
+        ),
         ("data.train_files", bool(c.data.train_files), "must name at least one file"),
     ]
     for key, ok, message in checks:

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from sft_jax.data import Row, encode_prompt
+from sft_jax.data import EvalPrompt
 from sft_jax.generate import greedy_generate
 from sft_jax.loss import masked_cross_entropy
 from sft_jax.model import Transformer
@@ -62,30 +62,39 @@ def generation_accuracy(
     model: Transformer,
     params: Any,
     tokenizer: Any,
-    rows: Sequence[Row],
+    prompts: Sequence[EvalPrompt],
     *,
     max_new_tokens: int,
     match: str,
     batch_size: int = 32,
 ) -> dict[str, Any]:
-    """Greedy-generates an answer per held-out prompt and scores it against the reference."""
-    prompts = [encode_prompt(tokenizer, row.prompt) for row in rows]
+    """Greedy-generates an answer per held-out prompt and scores it against the reference.
+
+    The prompts come ready-tokenised from the data package (`DataBundle.eval_prompts`): for chat
+    data the conversation up to the last answer with the template's generation prompt, for
+    prompt/completion exactly the training prefix, so evaluation sees what training saw.
+    """
     outputs = greedy_generate(
         model,
         params,
-        prompts,
+        [p.prompt_ids for p in prompts],
         max_new_tokens=max_new_tokens,
         stop_ids=[tokenizer.eos_token_id],
         batch_size=batch_size,
     )
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
-    correct = [answer_matches(t, row.completion, match) for t, row in zip(texts, rows, strict=True)]
+    correct = [answer_matches(t, p.reference, match) for t, p in zip(texts, prompts, strict=True)]
     samples = [
-        {"prompt": row.prompt, "reference": row.completion, "output": text}
-        for row, text in zip(rows[:5], texts[:5], strict=False)
+        {
+            "prompt": tokenizer.decode(p.prompt_ids, skip_special_tokens=True),
+            "reference": p.reference,
+            "output": text,
+            "source": p.source,
+        }
+        for p, text in zip(prompts[:5], texts[:5], strict=False)
     ]
     return {
         "accuracy": float(np.mean(correct)) if correct else 0.0,
-        "n": len(rows),
+        "n": len(prompts),
         "samples": samples,
     }

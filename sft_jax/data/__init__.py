@@ -1,18 +1,37 @@
-"""The data path: files -> rows -> tokens with loss masks -> packed rows -> batches.
+"""The data path: files -> examples -> tokens with loss masks -> packed rows -> batches.
 
 Each stage is its own module so that new file formats, record formats and chat templates slot in:
 
-    source.py    read_rows: JSONL files -> prompt/completion `Row`s (errors name file:line:field)
-    tokenize.py  tokenize_rows: rows -> `TokenizedExample`s (tokens + loss_mask carried as data)
-    pack.py      pack_examples: best-fit-decreasing packing with segment ids and positions
-    loader.py    TrainIterator (grain, checkpointable) and eval_batches
-    pipeline.py  prepare_data: config -> DataBundle (iterators + statistics) for the train loop
+    source.py     files (JSONL, JSON, Parquet, CSV, HF dataset dirs) -> raw records; exact errors
+    formats.py    records (text, prompt/completion, Alpaca, ShareGPT, messages+tools) -> examples
+    templates.py  chat templates: the tokenizer's, built-ins (chatml, alpaca, plain) or a file
+    render.py     conversations -> tokens + loss mask by turn-by-turn prefix rendering
+    tokenize.py   prompt/completion rows -> tokens with an exact completion mask (fast path)
+    encode.py     any examples -> TokenizedExamples on worker processes; eval prompts
+    mixture.py    weighted mixtures of files
+    pack.py       best-fit-decreasing packing with segment ids and per-segment positions
+    loader.py     TrainIterator (grain, checkpointable) and eval_batches
+    pipeline.py   prepare_data: config -> DataBundle (iterators + statistics) for the train loop
+    audit.py      duplicate / empty / contradictory / over-long / overlap report
+    __main__.py   `python -m sft_jax.data inspect|audit --config ...`
 """
 
+from sft_jax.data.encode import EncodeSettings, EvalPrompt, encode_examples, eval_prompt
+from sft_jax.data.formats import (
+    Conversation,
+    FormatSpec,
+    Text,
+    parse_record,
+    read_examples,
+    read_rows,
+)
 from sft_jax.data.loader import TrainIterator, eval_batches
+from sft_jax.data.mixture import mix, parse_mixture
 from sft_jax.data.pack import best_fit_decreasing, pack_examples, packing_stats
-from sft_jax.data.pipeline import DataBundle, prepare_data, split_rows
-from sft_jax.data.source import DataError, Row, expand_files, read_rows
+from sft_jax.data.pipeline import DataBundle, check_trainable, prepare_data, split_rows
+from sft_jax.data.render import render_conversation
+from sft_jax.data.source import DataError, Row, expand_files, iter_records
+from sft_jax.data.templates import BUILTIN_TEMPLATES, ChatTemplate, load_chat_template
 from sft_jax.data.tokenize import (
     TokenizedExample,
     encode_prompt,
@@ -21,20 +40,37 @@ from sft_jax.data.tokenize import (
 )
 
 __all__ = [
+    "BUILTIN_TEMPLATES",
+    "ChatTemplate",
+    "Conversation",
     "DataBundle",
     "DataError",
+    "EncodeSettings",
+    "EvalPrompt",
+    "FormatSpec",
     "Row",
+    "Text",
     "TokenizedExample",
     "TrainIterator",
     "best_fit_decreasing",
+    "check_trainable",
+    "encode_examples",
     "encode_prompt",
     "eval_batches",
+    "eval_prompt",
     "expand_files",
+    "iter_records",
+    "load_chat_template",
     "load_tokenizer",
+    "mix",
     "pack_examples",
     "packing_stats",
+    "parse_mixture",
+    "parse_record",
     "prepare_data",
+    "read_examples",
     "read_rows",
+    "render_conversation",
     "split_rows",
     "tokenize_rows",
 ]

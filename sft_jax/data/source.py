@@ -1,12 +1,15 @@
-"""Reading training records from disk: file patterns -> JSON records -> `Row`s.
+"""Reading training records from disk: file patterns -> raw records (dicts) tagged with a source.
 
-Three separate steps, so that later formats slot in without touching the others:
+This module knows *file* formats only; what a record means (prompt/completion, Alpaca, ShareGPT,
+messages, text) is `formats.py`'s job:
 
-* `expand_files` turns the comma-separated `data.*_files` string into a sorted list of paths;
-* `_jsonl_records` knows the *file* format (JSONL now; JSON, Parquet and CSV later) and yields one
-  raw record per non-blank line, tagged with its "path:line" source;
-* `_prompt_completion_row` knows the *record* format (prompt/completion now; text, Alpaca, ShareGPT
-  and messages later) and turns a record into a `Row`.
+* `expand_files` turns the comma-separated `data.*_files` string into a sorted list of paths
+  (a directory is accepted only when it is a saved Hugging Face dataset);
+* `iter_records(path)` yields `(source, record_or_error)` for JSONL, JSON (a list of objects, or
+  JSONL under a .json name), Parquet, CSV and `datasets.save_to_disk` directories. `source` is
+  "path:line" for text files and "path:row N" (1-based) for Parquet/Arrow, so every later error
+  can point at the record. Per-record problems are *yielded* as DataError values, so the caller
+  decides between failing and counting a skip; problems with a whole file are raised.
 
 Bad input never passes silently: every problem is a `DataError` whose message starts with
 "path:line:" and names the field, so a user can open the file at the right place. With
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import difflib
 import glob
 import json
 import logging
@@ -27,7 +29,6 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-PROMPT_COMPLETION_FIELDS = ("prompt", "completion")
 _MAX_LOGGED_SKIPS = 10
 
 
@@ -44,29 +45,50 @@ class Row:
     source: str
 
 
-def read_rows(files: str, *, on_bad_row: str) -> tuple[list[Row], int]:
-    """Reads every record of `files` (comma-separated paths or globs) as prompt/completion rows.
+Record = dict[str, Any] | DataError
 
-    Returns (rows, skipped): with on_bad_row == "error" the first bad row raises DataError; with
-    "skip" bad rows are dropped, counted in `skipped` and the first few reasons are logged.
-    """
-    if on_bad_row not in ("error", "skip"):
-        raise DataError(f"on_bad_row is {on_bad_row!r}; choose 'error' or 'skip'")
-    rows: list[Row] = []
-    skipped = 0
-    for path in expand_files(files):
+
+class SkipCounter:
+    """Decides, per bad record, between raising and counting (on_bad_row = "error" | "skip")."""
+
+    def __init__(self, on_bad_row: str):
+        if on_bad_row not in ("error", "skip"):
+            raise DataError(f"on_bad_row is {on_bad_row!r}; choose 'error' or 'skip'")
+        self.on_bad_row = on_bad_row
+        self.skipped = 0
+
+    def bad(self, error: DataError) -> None:
+        if self.on_bad_row == "error":
+            raise error
+        self.skipped += 1
+        if self.skipped <= _MAX_LOGGED_SKIPS:
+            logger.warning("skipping bad row: %s", error)
+
+    def finish(self) -> int:
+        if self.skipped > _MAX_LOGGED_SKIPS:
+            logger.warning(
+                "skipped %d bad rows in total (first %d shown)", self.skipped, _MAX_LOGGED_SKIPS
+            )
+        return self.skipped
+
+
+def iter_records(path: str) -> Iterator[tuple[str, Record]]:
+    """(source, record dict or DataError) for every record of one file, in file order."""
+    lower = path.lower()
+    if os.path.isdir(path):
+        yield from _arrow_records(path, _load_hf_dataset(path))
+    elif lower.endswith(".parquet"):
+        yield from _arrow_records(path, _load_parquet(path))
+    elif lower.endswith(".csv"):
+        yield from _csv_records(path)
+    elif lower.endswith(".json") and not _looks_like_jsonl(path):
+        yield from _json_list_records(path)
+    else:  # .jsonl, .jsonl-named-json, and anything else is read as JSON Lines
         for source, raw in _jsonl_records(path):
             try:
-                rows.append(_prompt_completion_row(_parse_json_object(raw, source), source))
+                yield source, _parse_json_object(raw, source)
             except DataError as error:
-                if on_bad_row == "error":
-                    raise
-                skipped += 1
-                if skipped <= _MAX_LOGGED_SKIPS:
-                    logger.warning("skipping bad row: %s", error)
-    if skipped > _MAX_LOGGED_SKIPS:
-        logger.warning("skipped %d bad rows in total (first %d shown)", skipped, _MAX_LOGGED_SKIPS)
-    return rows, skipped
+                yield source, error
 
 
 def expand_files(files: str) -> list[str]:
@@ -87,7 +109,12 @@ def expand_files(files: str) -> list[str]:
             if not matches:
                 raise DataError(f"data file pattern {pattern!r} matches no file")
         elif os.path.isdir(pattern):
-            raise DataError(f"data file {pattern!r} is a directory; name files or a glob")
+            if not is_hf_dataset_dir(pattern):
+                raise DataError(
+                    f"data file {pattern!r} is a directory but not a saved Hugging Face dataset "
+                    "(no dataset_info.json / state.json / dataset_dict.json); name files or a glob"
+                )
+            matches = [pattern]
         else:
             raise DataError(f"data file {pattern!r} does not exist")
         paths.extend(p for p in matches if p not in paths)
@@ -148,12 +175,7 @@ def _parse_json_object(raw: bytes, source: str) -> dict[str, Any]:
     if field is not None:
         raise _error(source, field, "contains a lone surrogate escape (not valid Unicode)")
     if not isinstance(record, dict):
-        raise _error(
-            source,
-            None,
-            f"expected a JSON object with fields {list(PROMPT_COMPLETION_FIELDS)}, "
-            f"got {type(record).__name__}",
-        )
+        raise _error(source, None, f"expected a JSON object, got {type(record).__name__}")
     return record
 
 
@@ -181,26 +203,127 @@ def _field_with_invalid_unicode(record: Any) -> str | None:
     return "(value)" if bad(record) else None
 
 
-def _prompt_completion_row(record: dict[str, Any], source: str) -> Row:
-    """{"prompt": str, "completion": str} -> Row. Extra fields are refused, not ignored, so that a
-    typo such as "completon" cannot silently drop the text it was meant to carry."""
-    unknown = [k for k in record if k not in PROMPT_COMPLETION_FIELDS]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(key, PROMPT_COMPLETION_FIELDS, n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        others = f" (unknown fields: {unknown})" if len(unknown) > 1 else ""
-        raise _error(
-            source,
-            key,
-            f"unknown field{others}; prompt/completion records have exactly the fields "
-            f"{list(PROMPT_COMPLETION_FIELDS)}{hint}",
-        )
-    for field in PROMPT_COMPLETION_FIELDS:
-        if field not in record:
-            raise _error(source, field, "missing")
-        if not isinstance(record[field], str):
-            raise _error(source, field, f"must be a string, got {type(record[field]).__name__}")
-    if not record["completion"].strip():
-        raise _error(source, "completion", "is empty (nothing to train on)")
-    return Row(prompt=record["prompt"], completion=record["completion"], source=source)
+def is_hf_dataset_dir(path: str) -> bool:
+    """A `datasets.Dataset.save_to_disk` (or DatasetDict) directory."""
+    names = ("dataset_info.json", "state.json", "dataset_dict.json")
+    return any(os.path.isfile(os.path.join(path, n)) for n in names)
+
+
+def _load_hf_dataset(path: str) -> Any:
+    import datasets  # Deferred: heavy import, only needed for dataset directories.
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:  # datasets raises many types; all mean "cannot read"
+        raise DataError(f"{path}: cannot load the saved Hugging Face dataset: {e}") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: DatasetDict without a 'train' split (has {list(ds)})")
+        ds = ds["train"]
+    return ds.data.table if hasattr(ds.data, "table") else ds.data
+
+
+def _load_parquet(path: str) -> Any:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
+        raise DataError(f"{path}: cannot read as Parquet: {e}") from e
+
+
+def _arrow_records(path: str, table: Any) -> Iterator[tuple[str, Record]]:
+    """Rows of an Arrow table as dicts; "path:row N" sources (1-based, like line numbers)."""
+    number = 0
+    for batch in table.to_batches(max_chunksize=4096):
+        for record in batch.to_pylist():
+            number += 1
+            yield f"{path}:row {number}", record
+
+
+def _csv_records(path: str) -> Iterator[tuple[str, Record]]:
+    """CSV with a header row. Broken UTF-8 is decoded with surrogateescape so that the bad bytes
+    can be reported in their own field and line instead of failing the whole file."""
+    import csv
+
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None:
+            return
+        line = reader.line_num
+        for row in reader:
+            source = f"{path}:{line + 1}"
+            line = reader.line_num
+            if None in row:
+                yield source, _error(source, None, "more values than header columns")
+                continue
+            bad = _field_with_invalid_unicode(row)
+            if bad is not None:
+                yield source, _error(source, bad, "contains invalid UTF-8 bytes")
+                continue
+            yield source, dict(row)
+
+
+def _looks_like_jsonl(path: str) -> bool:
+    """A .json file whose first non-blank character is "{" holds JSON Lines, not a list."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(codecs.BOM_UTF8).lstrip()
+    return head.startswith(b"{")
+
+
+def _json_list_records(path: str) -> Iterator[tuple[str, Record]]:
+    """A JSON array of objects, decoded element by element so each record gets its line number."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: invalid UTF-8 byte(s) {data[e.start : e.end]!r}; "
+            "a JSON list file cannot be read around them (use JSONL to skip single bad lines)"
+        ) from None
+    decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+    pos = _skip_ws(text, 0)
+    if not text.startswith("[", pos):
+        raise DataError(f"{path}:{_line(text, pos)}: a .json data file must hold a list of objects")
+    pos = _skip_ws(text, pos + 1)
+    while not text.startswith("]", pos):
+        source = f"{path}:{_line(text, pos)}"
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}:{e.lineno}: malformed JSON: {e.msg} at column {e.colno}"
+            ) from None
+        except _DuplicateKeyError as e:
+            raise _error(source, e.key, "appears twice in one object") from None
+        yield source, _check_record(record, source)
+        pos = _skip_ws(text, pos)
+        if text.startswith(",", pos):
+            pos = _skip_ws(text, pos + 1)
+        elif not text.startswith("]", pos):
+            raise DataError(f"{path}:{_line(text, pos)}: malformed JSON: expected ',' or ']'")
+    if text[pos + 1 :].strip():
+        raise DataError(f"{path}:{_line(text, pos + 1)}: malformed JSON: extra data after the list")
+
+
+def _check_record(record: Any, source: str) -> Record:
+    if not isinstance(record, dict):
+        return _error(source, None, f"expected a JSON object, got {type(record).__name__}")
+    field = _field_with_invalid_unicode(record)
+    if field is not None:
+        return _error(source, field, "contains a lone surrogate escape (not valid Unicode)")
+    return record
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _line(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1

@@ -74,17 +74,35 @@ def tokenize_rows(
     trainable target left after the cut is dropped. Returns (examples, truncated), where `truncated`
     counts every over-long example, dropped ones included (those are also logged).
     """
+    results = tokenize_each_row(rows, tokenizer, seq_len=seq_len)
+    dropped = [row.source for row, (ex, _) in zip(rows, results, strict=True) if ex is None]
+    if dropped:
+        logger.warning(
+            "dropped %d examples whose prompt alone fills seq_len=%d (first: %s)",
+            len(dropped),
+            seq_len,
+            dropped[0],
+        )
+    truncated = sum(t for _, t in results)
+    return [ex for ex, _ in results if ex is not None], truncated
+
+
+def tokenize_each_row(
+    rows: list[Row], tokenizer: transformers.PreTrainedTokenizerBase, *, seq_len: int
+) -> list[tuple[TokenizedExample | None, bool]]:
+    """Per row, in order: (example or None when nothing trainable is left, was it truncated).
+
+    One batch call for all prompts and one for all completions (the Rust tokenizer parallelises).
+    """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if not rows:
-        return [], 0
+        return []
     prefix = _special_prefix(tokenizer)
     eos = int(tokenizer.eos_token_id)
     prompts = _encode(tokenizer, [r.prompt for r in rows])
     completions = _encode(tokenizer, [r.completion for r in rows])
-    examples: list[TokenizedExample] = []
-    truncated = 0
-    dropped: list[str] = []
+    out: list[tuple[TokenizedExample | None, bool]] = []
     for row, prompt_ids, completion_ids in zip(rows, prompts, completions, strict=True):
         if not completion_ids:
             raise DataError(f"{row.source}: field 'completion': tokenizes to no tokens")
@@ -93,21 +111,16 @@ def tokenize_rows(
         tokens = np.asarray(head + tail, dtype=np.int32)
         mask = np.zeros(len(tokens), dtype=bool)
         mask[len(head) :] = True
-        if len(tokens) > seq_len + 1:
-            truncated += 1
+        truncated = len(tokens) > seq_len + 1
+        if truncated:
             tokens, mask = tokens[: seq_len + 1], mask[: seq_len + 1]
         if not mask[1:].any():  # Slot 0 is never a target, so mask[0] alone trains nothing.
-            dropped.append(row.source)
-            continue
-        examples.append(TokenizedExample(tokens=tokens, loss_mask=mask, source=row.source))
-    if dropped:
-        logger.warning(
-            "dropped %d examples whose prompt alone fills seq_len=%d (first: %s)",
-            len(dropped),
-            seq_len,
-            dropped[0],
-        )
-    return examples, truncated
+            out.append((None, truncated))
+        else:
+            out.append(
+                (TokenizedExample(tokens=tokens, loss_mask=mask, source=row.source), truncated)
+            )
+    return out
 
 
 def encode_prompt(tokenizer: transformers.PreTrainedTokenizerBase, prompt: str) -> list[int]:

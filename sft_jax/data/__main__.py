@@ -1,0 +1,116 @@
+"""`python -m sft_jax.data inspect|audit --config configs/x.py [--config.data.key=value ...]`.
+
+inspect: renders the first --n training examples with trained tokens highlighted ([[...]] or ANSI
+  colour on a terminal); with --json one JSON line per example: input_ids, loss_mask, source; with
+  --packed, packed rows instead: input_ids, loss_mask, segment_ids, positions, so any tool can check
+  masks and packing.
+audit: duplicates, empty/placeholder responses, contradictory answers, over-long examples and
+  train/eval overlap, as one JSON object.
+Exit code 2 on bad config or data, as the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import numpy as np
+
+from sft_jax.config import ConfigError, load_config_file, parse
+from sft_jax.data.audit import audit
+from sft_jax.data.encode import encode_examples
+from sft_jax.data.pack import pack_examples
+from sft_jax.data.pipeline import encode_settings, read_splits
+from sft_jax.data.source import DataError
+from sft_jax.data.tokenize import load_tokenizer
+
+
+def _config(path: str, overrides: list[str]) -> Any:
+    raw = load_config_file(path)
+    for item in overrides:
+        key, _, value = item.removeprefix("--config.").partition("=")
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = (
+            type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "true"
+        )
+    return parse(raw)
+
+
+def _highlight(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray, color: bool) -> str:
+    out, start = [], 0
+    for k in range(1, len(tokens) + 1):
+        if k == len(tokens) or mask[k] != mask[start]:
+            text = tokenizer.decode(tokens[start:k])
+            if mask[start]:
+                text = f"\033[1;32m{text}\033[0m" if color else f"[[{text}]]"
+            out.append(text)
+            start = k
+    return "".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sft_jax.data")
+    parser.add_argument("command", choices=("inspect", "audit"))
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--n", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--packed", action="store_true")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        config = _config(args.config, overrides)
+        tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
+        splits = read_splits(config)
+        train = [e for g in splits.train_groups for e in g]
+        if args.command == "inspect":
+            train = train[: args.n if not args.packed else max(args.n * 8, 64)]
+        settings = encode_settings(config, tokenizer, train + splits.eval)
+        encoded, _, _ = encode_examples(train, tokenizer, settings, num_workers=1)
+        if args.command == "audit":
+            full = settings.__class__(**{**settings.__dict__, "seq_len": 1 << 30})
+            lengths = {
+                e.source: len(e.tokens)
+                for e in encode_examples(train, tokenizer, full, num_workers=1)[0]
+            }
+            print(json.dumps(audit(train, splits.eval, lengths, config.data.seq_len), indent=1))
+            return 0
+        _print_inspect(args, config, tokenizer, encoded)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _print_inspect(args: Any, config: Any, tokenizer: Any, encoded: list) -> None:
+    if args.packed:
+        dc = config.data
+        packed = pack_examples(encoded, seq_len=dc.seq_len, window=dc.pack_window, seed=config.seed)
+        for r in range(min(args.n, len(packed["inputs"]))):
+            row = {
+                "input_ids": packed["inputs"][r].tolist(),
+                "targets": packed["targets"][r].tolist(),
+                "loss_mask": packed["loss_mask"][r].astype(int).tolist(),
+                "segment_ids": packed["segment_ids"][r].tolist(),
+                "positions": packed["positions"][r].tolist(),
+            }
+            print(json.dumps(row) if args.json else row)
+        return
+    for ex in encoded[: args.n]:
+        if args.json:
+            row = {
+                "source": ex.source,
+                "input_ids": ex.tokens.tolist(),
+                "loss_mask": ex.loss_mask.astype(int).tolist(),
+            }
+            print(json.dumps(row))
+        else:
+            print(f"--- {ex.source} ({len(ex.tokens)} tokens, {int(ex.loss_mask.sum())} trained)")
+            print(_highlight(tokenizer, ex.tokens, ex.loss_mask, sys.stdout.isatty()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Examples of any format -> TokenizedExamples, in chunks, optionally on several worker processes.
+
+Rendering chat templates is Python (Jinja) work, about 2 renders per assistant turn, so a few
+hundred thousand conversations would take minutes on one core. `encode_examples` cuts the list
+into chunks and maps them over a `spawn` process pool (fork is unsafe once JAX has started
+threads); each worker receives the tokenizer and settings once. Output order equals input order
+whatever the worker count, so packing and the data order do not depend on `num_workers`.
+
+Per kind:
+* Row (prompt/completion): tokenize.py's exact path (prompt and completion tokenised apart);
+  train_on="all" trains the prompt too.
+* Text: [BOS] + text + [EOS], every token trained; overlong "split" cuts it into chunks.
+* Conversation: render.py (turn-by-turn prefix rendering).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import multiprocessing
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sft_jax.data.formats import Conversation, Example, Text
+from sft_jax.data.render import (
+    TokenCounts,
+    fit_length,
+    render_conversation,
+    tokenize_rendered,
+)
+from sft_jax.data.source import DataError, Row
+from sft_jax.data.templates import ChatTemplate
+from sft_jax.data.tokenize import (
+    TokenizedExample,
+    _encode,
+    _special_prefix,
+    encode_prompt,
+    tokenize_each_row,
+)
+
+_CHUNK = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeSettings:
+    """Everything a worker needs besides the tokenizer."""
+
+    template: ChatTemplate | None  # None when no example needs one
+    train_on: str
+    seq_len: int
+    overlong: str
+    on_bad_row: str
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPrompt:
+    """A held-out generation prompt: token ids up to the answer, and the reference answer."""
+
+    prompt_ids: list[int]
+    reference: str
+    source: str
+
+
+def encode_examples(
+    examples: Sequence[Example], tokenizer: Any, settings: EncodeSettings, *, num_workers: int
+) -> tuple[list[TokenizedExample], TokenCounts, int]:
+    """Returns (tokenized examples in input order, over-length counts, skipped bad examples)."""
+    chunks = [list(examples[i : i + _CHUNK]) for i in range(0, len(examples), _CHUNK)]
+    if num_workers <= 1 or len(chunks) <= 1:
+        results = [_encode_chunk(c, tokenizer, settings) for c in chunks]
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(
+            num_workers,
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(tokenizer, settings),
+        ) as pool:
+            results = list(pool.map(_worker_chunk, chunks))
+    out: list[TokenizedExample] = []
+    counts, skipped = TokenCounts(), 0
+    for examples_part, counts_part, skipped_part in results:
+        out.extend(examples_part)
+        counts, skipped = counts + counts_part, skipped + skipped_part
+    return out, counts, skipped
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer: Any, settings: EncodeSettings) -> None:
+    _WORKER["tokenizer"], _WORKER["settings"] = tokenizer, settings
+
+
+def _worker_chunk(chunk: list[Example]) -> tuple[list[TokenizedExample], TokenCounts, int]:
+    return _encode_chunk(chunk, _WORKER["tokenizer"], _WORKER["settings"])
+
+
+def _encode_chunk(
+    chunk: list[Example], tokenizer: Any, settings: EncodeSettings
+) -> tuple[list[TokenizedExample], TokenCounts, int]:
+    """One chunk, all three kinds; results are put back in chunk order."""
+    slots: list[list[TokenizedExample]] = [[] for _ in chunk]
+    counts, skipped = TokenCounts(), 0
+    rows = [(k, e) for k, e in enumerate(chunk) if isinstance(e, Row)]
+    texts = [(k, e) for k, e in enumerate(chunk) if isinstance(e, Text)]
+    convs = [(k, e) for k, e in enumerate(chunk) if isinstance(e, Conversation)]
+    for part in (
+        _encode_rows(rows, tokenizer, settings),
+        _encode_texts(texts, tokenizer, settings),
+    ):
+        for k, pieces, c in part:
+            slots[k], counts = pieces, counts + c
+    conv_results, skipped = _encode_conversations(convs, tokenizer, settings)
+    for k, pieces, c in conv_results:
+        slots[k], counts = pieces, counts + c
+    return [ex for slot in slots for ex in slot], counts, skipped
+
+
+def _encode_rows(rows, tokenizer, settings):
+    """prompt/completion rows on the exact fast path; "split" acts like "truncate" (a row has one
+    turn boundary only), "drop" drops over-long rows. Everything is counted."""
+    results = tokenize_each_row([r for _, r in rows], tokenizer, seq_len=settings.seq_len)
+    out = []
+    for (k, _), (example, truncated) in zip(rows, results, strict=True):
+        if truncated and settings.overlong == "drop":
+            out.append((k, [], TokenCounts(dropped=1)))
+            continue
+        if example is not None and settings.train_on == "all":
+            example = dataclasses.replace(example, loss_mask=np.ones_like(example.loss_mask))
+        counts = TokenCounts(truncated=int(truncated), dropped=int(example is None))
+        out.append((k, [example] if example is not None else [], counts))
+    return out
+
+
+def _encode_texts(texts, tokenizer, settings):
+    """[prefix] + text + [EOS], all trained (continued pre-training)."""
+    prefix = _special_prefix(tokenizer)
+    eos = int(tokenizer.eos_token_id)
+    encoded = _encode(tokenizer, [t.text for _, t in texts])
+    out = []
+    for (k, text), ids in zip(texts, encoded, strict=True):
+        tokens = np.asarray([*prefix, *ids, eos], np.int32)
+        ends = np.arange(settings.seq_len + 1, len(tokens), settings.seq_len + 1)
+        pieces, counts = fit_length(
+            tokens,
+            np.ones(len(tokens), bool),
+            ends,
+            text.source,
+            seq_len=settings.seq_len,
+            overlong=settings.overlong,
+        )
+        out.append((k, pieces, counts))
+    return out
+
+
+def _encode_conversations(convs, tokenizer, settings):
+    """Render (bad ones skipped or raised per on_bad_row), tokenise the batch, fit lengths."""
+    kept, rendered, skipped = [], [], 0
+    for k, conv in convs:
+        try:
+            if settings.template is None:
+                raise DataError(f"{conv.source}: a chat example needs data.chat_template")
+            rendered.append(render_conversation(conv, settings.template, settings.train_on))
+            kept.append((k, conv))
+        except DataError:
+            if settings.on_bad_row == "error":
+                raise
+            skipped += 1
+    tokenized = tokenize_rendered(
+        rendered, [c.source for _, c in kept], tokenizer, train_on=settings.train_on
+    )
+    out = []
+    for (k, conv), (tokens, mask, ends) in zip(kept, tokenized, strict=True):
+        pieces, counts = fit_length(
+            tokens, mask, ends, conv.source, seq_len=settings.seq_len, overlong=settings.overlong
+        )
+        out.append((k, pieces, counts))
+    return out, skipped
+
+
+def eval_prompt(
+    example: Example, tokenizer: Any, template: ChatTemplate | None
+) -> EvalPrompt | None:
+    """The generation prompt of a held-out example (None for plain text, which has no answer).
+
+    prompt/completion: exactly `encode_prompt` (the training prefix). Conversations: the messages
+    before the last assistant turn rendered with the generation prompt; reference = that turn.
+    """
+    if isinstance(example, Row):
+        return EvalPrompt(
+            encode_prompt(tokenizer, example.prompt), example.completion, example.source
+        )
+    if not isinstance(example, Conversation) or template is None:
+        return None
+    last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
+    text = template.render(
+        example.messages[:last], example.tools, add_generation_prompt=True, where=example.source
+    )
+    ids = _encode(tokenizer, [text])[0]
+    return EvalPrompt(ids, example.messages[last]["content"], example.source)

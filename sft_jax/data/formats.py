@@ -1,0 +1,346 @@
+"""Record formats: a raw record (dict) -> one normalised example, or a DataError naming the field.
+
+Every supported format converts into one of three internal records:
+
+* `Row`          prompt/completion text (kept on its exact fast path, see tokenize.py);
+* `Text`         plain text for continued pre-training (every token trained);
+* `Conversation` a list of messages {role, content, tool_calls?, name?, tool_call_id?,
+                 reasoning_content?} plus an optional tools schema, rendered later by a chat
+                 template (render.py).
+
+| format            | fields                                                      |
+|-------------------|-------------------------------------------------------------|
+| text              | text                                                        |
+| prompt_completion | prompt, completion                                          |
+| alpaca            | instruction, input?, output, system?, history?              |
+| sharegpt          | conversations [{from, value}], system?, tools?              |
+| messages          | messages [{role, content, ...}], tools?                      |
+
+`format="auto"` picks the format from the fields of each record. `field_map` ("prompt=question,
+completion=answer") renames the user's fields to the canonical ones first. Fields that are neither
+known nor in `IGNORED_FIELDS`/`ignore_fields` are refused, not ignored, so that a typo such as
+"completon" cannot silently drop the text it was meant to carry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from typing import Any
+
+from sft_jax.data.source import DataError, Row, SkipCounter, _error, expand_files, iter_records
+
+FORMATS = ("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages")
+PROMPT_COMPLETION_FIELDS = ("prompt", "completion")
+_FIELDS = {
+    "text": (("text",), ()),
+    "prompt_completion": (PROMPT_COMPLETION_FIELDS, ()),
+    "alpaca": (("instruction", "output"), ("input", "system", "history")),
+    "sharegpt": (("conversations",), ("system", "tools")),
+    "messages": (("messages",), ("tools",)),
+}
+# A record id (ShareGPT dumps carry one); other metadata fields must be listed in ignore_fields.
+IGNORED_FIELDS = ("id",)
+ROLES = ("system", "user", "assistant", "tool")
+_SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
+}
+_MESSAGE_KEYS = ("role", "content", "tool_calls", "name", "tool_call_id", "reasoning_content")
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+    """Plain text for continued pre-training: every token (and the final EOS) is trained."""
+
+    text: str
+    source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+    """Messages as the chat template sees them; `train[i]` False excludes assistant turn i from the
+    loss (messages-format `loss_weight: 0`)."""
+
+    messages: tuple[dict[str, Any], ...]
+    source: str
+    tools: tuple[dict[str, Any], ...] | None = None
+    train: tuple[bool, ...] | None = None
+
+
+Example = Row | Text | Conversation
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatSpec:
+    """How records are read: the format, field renames and extra fields to ignore."""
+
+    format: str = "auto"
+    field_map: tuple[tuple[str, str], ...] = ()
+    ignore_fields: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, fmt: str, field_map: str, ignore_fields: str) -> FormatSpec:
+        if fmt not in FORMATS:
+            raise DataError(f"data.format is {fmt!r}; choose one of {FORMATS}")
+        pairs = []
+        for item in filter(None, (p.strip() for p in field_map.split(","))):
+            canonical, sep, theirs = item.partition("=")
+            if not sep or not canonical.strip() or not theirs.strip():
+                raise DataError(f"data.field_map item {item!r} is not 'canonical=field'")
+            pairs.append((canonical.strip(), theirs.strip()))
+        ignored = tuple(f.strip() for f in ignore_fields.split(",") if f.strip())
+        return cls(fmt, tuple(pairs), ignored)
+
+
+def parse_record(record: dict[str, Any], source: str, spec: FormatSpec) -> Example:
+    """One raw record -> Row | Text | Conversation; DataError names source and field."""
+    record = _apply_field_map(record, source, spec)
+    fmt = spec.format if spec.format != "auto" else detect_format(record, source)
+    required, optional = _FIELDS[fmt]
+    _check_fields(record, source, fmt, required, optional, spec.ignore_fields)
+    if fmt == "text":
+        return Text(_string(record, "text", source, nonempty=True), source)
+    if fmt == "prompt_completion":
+        prompt = _string(record, "prompt", source)
+        return Row(prompt, _string(record, "completion", source, nonempty=True), source)
+    if fmt == "alpaca":
+        return _alpaca(record, source)
+    if fmt == "sharegpt":
+        return _sharegpt(record, source)
+    return _messages(record, source)
+
+
+def detect_format(record: dict[str, Any], source: str) -> str:
+    """The format whose required fields the record has (messages > sharegpt > alpaca > ...)."""
+    for fmt in ("messages", "sharegpt", "alpaca", "prompt_completion", "text"):
+        if all(k in record for k in _FIELDS[fmt][0]):
+            return fmt
+    expected = "; ".join(f"{f}: {list(req)}" for f, (req, _) in _FIELDS.items())
+    raise _error(
+        source,
+        None,
+        f"cannot tell the format from the fields {sorted(record)}; expected {expected}"
+        " (or set data.format and data.field_map)",
+    )
+
+
+def _apply_field_map(record: dict[str, Any], source: str, spec: FormatSpec) -> dict[str, Any]:
+    if not spec.field_map:
+        return record
+    out = dict(record)
+    for canonical, theirs in spec.field_map:
+        if theirs in out:
+            out[canonical] = out.pop(theirs)
+    return out
+
+
+def _check_fields(record, source, fmt, required, optional, ignored) -> None:
+    known = (*required, *optional)
+    unknown = [k for k in record if k not in known and k not in IGNORED_FIELDS + ignored]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        others = f" (unknown fields: {unknown})" if len(unknown) > 1 else ""
+        raise _error(
+            source,
+            key,
+            f"unknown field{others}; {fmt} records have the fields {list(known)}{hint} "
+            "(list metadata fields in data.ignore_fields)",
+        )
+    for field in required:
+        if field not in record:
+            raise _error(source, field, "missing")
+
+
+def _string(record: dict, field: str, source: str, *, nonempty: bool = False, label=None) -> str:
+    value = record.get(field)
+    label = label or field
+    if not isinstance(value, str):
+        raise _error(source, label, f"must be a string, got {type(value).__name__}")
+    if nonempty and not value.strip():
+        raise _error(source, label, "is empty (nothing to train on)")
+    return value
+
+
+def _alpaca(record: dict[str, Any], source: str) -> Conversation:
+    """instruction (+ "\\n\\n" + input) -> user; output -> assistant; history pairs before them."""
+    messages: list[dict[str, Any]] = []
+    if record.get("system"):
+        messages.append({"role": "system", "content": _string(record, "system", source)})
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise _error(source, "history", f"must be a list, got {type(history).__name__}")
+    for i, pair in enumerate(history):
+        if not (
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+        ):
+            raise _error(source, f"history[{i}]", "must be a [user, assistant] pair of strings")
+        messages += [
+            {"role": "user", "content": pair[0]},
+            {"role": "assistant", "content": pair[1]},
+        ]
+    user = _string(record, "instruction", source, nonempty=True)
+    if record.get("input") is not None:
+        extra = _string(record, "input", source)
+        user = f"{user}\n\n{extra}" if extra.strip() else user
+    messages.append({"role": "user", "content": user})
+    messages.append(
+        {"role": "assistant", "content": _string(record, "output", source, nonempty=True)}
+    )
+    return Conversation(tuple(messages), source)
+
+
+def _sharegpt(record: dict[str, Any], source: str) -> Conversation:
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise _error(source, "conversations", "must be a non-empty list of {from, value} turns")
+    messages: list[dict[str, Any]] = []
+    if record.get("system"):
+        messages.append({"role": "system", "content": _string(record, "system", source)})
+    for i, turn in enumerate(turns):
+        field = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise _error(source, field, f"must be an object, got {type(turn).__name__}")
+        extra = [k for k in turn if k not in ("from", "value", "weight")]
+        if extra or "from" not in turn or "value" not in turn:
+            raise _error(source, field, f"needs exactly 'from' and 'value', got {sorted(turn)}")
+        who = turn["from"]
+        if who not in _SHAREGPT_ROLES:
+            raise _error(
+                source, f"{field}.from", f"unknown role {who!r}; known: {sorted(_SHAREGPT_ROLES)}"
+            )
+        value = _string(turn, "value", source, label=f"{field}.value")
+        if who == "function_call":
+            messages.append(_tool_call_message(value, source, f"{field}.value"))
+        else:
+            messages.append({"role": _SHAREGPT_ROLES[who], "content": value})
+    return _finish(messages, source, _tools(record, source), None)
+
+
+def _tool_call_message(value: str, source: str, field: str) -> dict[str, Any]:
+    """ShareGPT function_call value {"name", "arguments"} (JSON) -> an assistant tool call."""
+    try:
+        call = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise _error(source, field, f"function_call is not JSON: {e.msg}") from None
+    calls = call if isinstance(call, list) else [call]
+    if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
+        raise _error(source, field, "function_call must be {'name': str, 'arguments': {...}}")
+    tool_calls = [
+        {"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}}
+        for c in calls
+    ]
+    return {"role": "assistant", "content": "", "tool_calls": tool_calls}
+
+
+def _tools(record: dict[str, Any], source: str) -> tuple[dict[str, Any], ...] | None:
+    """tools as a list of JSON schemas, or a JSON string of one (glaive/LLaMA-Factory style)."""
+    tools = record.get("tools")
+    if tools in (None, "", []):
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise _error(source, "tools", f"is a string but not JSON: {e.msg}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise _error(source, "tools", "must be a list of JSON schema objects")
+    return tuple({"type": "function", "function": t} if "type" not in t else t for t in tools)
+
+
+def _messages(record: dict[str, Any], source: str) -> Conversation:
+    turns = record["messages"]
+    if not isinstance(turns, list) or not turns:
+        raise _error(source, "messages", "must be a non-empty list of {role, content} messages")
+    messages, train = [], []
+    for i, turn in enumerate(turns):
+        field = f"messages[{i}]"
+        if not isinstance(turn, dict):
+            raise _error(source, field, f"must be an object, got {type(turn).__name__}")
+        extra = [k for k in turn if k not in (*_MESSAGE_KEYS, "loss_weight")]
+        if extra:
+            raise _error(
+                source, f"{field}.{extra[0]}", f"unknown message field; known: {_MESSAGE_KEYS}"
+            )
+        role = turn.get("role")
+        if role not in ROLES:
+            raise _error(
+                source, f"{field}.role", f"unknown or missing role {role!r}; known: {ROLES}"
+            )
+        message = {k: v for k, v in turn.items() if k in _MESSAGE_KEYS}
+        message["content"] = _content(turn.get("content"), source, f"{field}.content")
+        messages.append(message)
+        train.append(turn.get("loss_weight", 1) not in (0, 0.0, False))
+    return _finish(messages, source, _tools(record, source), tuple(train))
+
+
+def _content(content: Any, source: str, field: str) -> str:
+    """str, None (tool-call turns) or a list of text parts {type: text, text|value} -> str."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            text = part.get("text", part.get("value")) if isinstance(part, dict) else None
+            if (
+                not isinstance(part, dict)
+                or part.get("type", "text") != "text"
+                or not isinstance(text, str)
+            ):
+                raise _error(
+                    source, f"{field}[{j}]", "only text parts {type: text, text} are supported"
+                )
+            parts.append(text)
+        return "".join(parts)
+    raise _error(
+        source, field, f"must be a string or a list of text parts, got {type(content).__name__}"
+    )
+
+
+def _finish(messages, source, tools, train) -> Conversation:
+    """Checks that make a conversation trainable: an assistant turn, none of them empty."""
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _error(source, None, "conversation has no assistant turn (nothing to train on)")
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
+            raise _error(source, f"message {i} (assistant)", "empty assistant turn")
+    return Conversation(tuple(messages), source, tools, train)
+
+
+def read_examples(files: str, spec: FormatSpec, *, on_bad_row: str) -> tuple[list[Example], int]:
+    """Every record of `files` (comma-separated paths/globs) as examples; returns (examples,
+    skipped). With on_bad_row="error" the first bad record raises; with "skip" it is counted."""
+    counter = SkipCounter(on_bad_row)
+    examples: list[Example] = []
+    for path in expand_files(files):
+        for source, record in iter_records(path):
+            try:
+                if isinstance(record, DataError):
+                    raise record
+                examples.append(parse_record(record, source, spec))
+            except DataError as error:
+                counter.bad(error)
+    return examples, counter.finish()
+
+
+def read_rows(files: str, *, on_bad_row: str) -> tuple[list[Row], int]:
+    """prompt/completion records only (the original reader, kept for callers and tests)."""
+    examples, skipped = read_examples(
+        files, FormatSpec(format="prompt_completion"), on_bad_row=on_bad_row
+    )
+    return examples, skipped  # type: ignore[return-value]  # all Rows by construction

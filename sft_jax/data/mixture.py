@@ -1,0 +1,78 @@
+"""Weighted mixtures of data files, e.g. 90% task data + 10% general data to limit forgetting.
+
+`data.train_files = "task/*.jsonl:0.9,general.parquet:0.1"`: each comma-separated entry is a path
+or glob with an optional ":weight". Either every entry has a weight or none does (no weights:
+plain concatenation). Weights are normalised and apply to *examples* (after tokenisation and
+length handling): an epoch holds N = (total examples) examples, round(w_i * N) of them from group i.
+A group with fewer examples than its share is repeated (every example the same number of times,
+the remainder drawn without replacement); a larger one is subsampled without replacement. The draw
+is seeded, so the mixture is part of the deterministic data order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+import numpy as np
+
+from sft_jax.data.source import DataError
+
+T = TypeVar("T")
+
+
+def parse_mixture(files: str) -> list[tuple[str, float | None]]:
+    """'a.jsonl:0.9,b/*.json:0.1' -> [(pattern, weight)]; weight None when none is given."""
+    entries: list[tuple[str, float | None]] = []
+    for item in (p.strip() for p in files.split(",")):
+        if not item:
+            continue
+        head, sep, tail = item.rpartition(":")
+        weight = None
+        if sep and head:
+            try:
+                weight = float(tail)
+            except ValueError:
+                weight = None
+        if weight is None:
+            entries.append((item, None))
+        elif not weight > 0 or not np.isfinite(weight):
+            raise DataError(f"data file weight in {item!r} must be a positive number")
+        else:
+            entries.append((head, weight))
+    weighted = [w is not None for _, w in entries]
+    if any(weighted) and not all(weighted):
+        raise DataError(
+            f"data.train_files {files!r}: give a ':weight' for every entry or for none "
+            f"(missing for {[p for p, w in entries if w is None]})"
+        )
+    if not entries:
+        raise DataError("no data files given (the file list is empty)")
+    return entries
+
+
+def mixture_counts(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
+    """Examples per group in one epoch: largest-remainder rounding of w_i * sum(sizes)."""
+    if any(n == 0 for n, w in zip(sizes, weights, strict=True) if w > 0):
+        empty = [i for i, n in enumerate(sizes) if n == 0]
+        raise DataError(f"mixture group(s) {empty} have no examples but a positive weight")
+    total = sum(sizes)
+    share = np.asarray(weights, float) / float(sum(weights)) * total
+    counts = np.floor(share).astype(int)
+    order = np.argsort(-(share - counts), kind="stable")
+    counts[order[: total - counts.sum()]] += 1
+    return counts.tolist()
+
+
+def mix(groups: Sequence[Sequence[T]], weights: Sequence[float] | None, seed: int) -> list[T]:
+    """Concatenation (weights None) or the weighted draw described in the module docstring."""
+    if weights is None:
+        return [x for g in groups for x in g]
+    counts = mixture_counts([len(g) for g in groups], weights)
+    rng = np.random.default_rng([seed, 7919])
+    out: list[T] = []
+    for group, count in zip(groups, counts, strict=True):
+        repeats, rest = divmod(count, len(group))
+        picks = [*np.tile(np.arange(len(group)), repeats), *rng.permutation(len(group))[:rest]]
+        out.extend(group[int(i)] for i in picks)
+    return out

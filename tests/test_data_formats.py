@@ -1,0 +1,207 @@
+"""File formats, record formats, bad input with file:line:field errors, mixtures, eval prompts."""
+
+import hashlib
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from sft_jax.data import (
+    Conversation,
+    DataError,
+    FormatSpec,
+    Row,
+    Text,
+    mix,
+    parse_mixture,
+    read_examples,
+)
+from sft_jax.data.mixture import mixture_counts
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+RECORDS = [
+    {"text": "plain words"},
+    {"prompt": "p", "completion": "c"},
+    {"instruction": "do", "input": "this", "output": "done"},
+    {"id": 7, "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+    CHAT,
+]
+
+
+def read(path, fmt="auto", field_map="") -> list:
+    return read_examples(str(path), FormatSpec.parse(fmt, field_map, ""), on_bad_row="error")[0]
+
+
+def test_every_record_format_detected(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    text, row, alpaca, share, msgs = read(path)
+    assert text == Text("plain words", f"{path}:1")
+    assert row == Row("p", "c", f"{path}:2")
+    assert alpaca.messages[0] == {"role": "user", "content": "do\n\nthis"}
+    assert alpaca.messages[1] == {"role": "assistant", "content": "done"}
+    assert [m["role"] for m in share.messages] == ["user", "assistant"]
+    assert isinstance(msgs, Conversation) and msgs.source == f"{path}:5"
+
+
+def test_file_formats_agree(tmp_path):
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(5)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "a.json").write_text(json.dumps(rows, indent=2))
+    (tmp_path / "a.csv").write_text(
+        "prompt,completion\n" + "".join(f"p{i},c{i}\n" for i in range(5))
+    )
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    expected = [(r["prompt"], r["completion"]) for r in rows]
+    for name in ("a.jsonl", "a.json", "a.csv", "a.parquet", "hf"):
+        got = read(tmp_path / name)
+        assert [(e.prompt, e.completion) for e in got] == expected, name
+    assert read(tmp_path / "a.json")[1].source == f"{tmp_path / 'a.json'}:6"  # the line of its "{"
+    assert read(tmp_path / "a.parquet")[1].source.endswith("a.parquet:row 2")
+
+
+def test_field_map_and_real_files(shared_assets, tmp_path):
+    gsm = read(
+        shared_assets / "data-gsm8k/test.jsonl", field_map="prompt=question,completion=answer"
+    )
+    assert len(gsm) == 1319 and isinstance(gsm[0], Row)
+    share = read(shared_assets / "data-fastchat/dummy_conversation.json")
+    assert len(share) == 500 and all(isinstance(c, Conversation) for c in share)
+    tools = read(shared_assets / "data-llamafactory/glaive_toolcall_en_demo.json")
+    assert any(m.get("tool_calls") for c in tools for m in c.messages) and tools[0].tools
+    msgs = read(shared_assets / "data-llamafactory/v1_sft_demo.jsonl")
+    assert msgs[0].train == (False, True)  # loss_weight 0 on the user turn
+
+
+BAD = {
+    # name: (record, substrings the error must contain besides path:line)
+    "unknown_role": (
+        {"messages": [{"role": "robot", "content": "x"}]},
+        ["messages[0].role", "robot"],
+    ),
+    "sharegpt_role": (
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]},
+        ["conversations[1].from", "'bot'"],
+    ),
+    "empty_assistant": (
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
+        ["message 1", "empty assistant"],
+    ),
+    "non_string_content": (
+        {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]},
+        ["messages[0].content", "int"],
+    ),
+    "no_assistant": ({"messages": [{"role": "user", "content": "q"}]}, ["no assistant"]),
+    "unknown_message_key": (
+        {"messages": [{"role": "user", "content": "q", "contnt": "x"}]},
+        ["messages[0].contnt", "unknown"],
+    ),
+    "unknown_field": ({**CHAT, "extra": 1}, ["'extra'", "unknown field"]),
+    "alpaca_missing_output": ({"instruction": "x", "output": None}, ["'output'", "NoneType"]),
+    "undetectable": ({"question": "q"}, ["cannot tell the format", "field_map"]),
+    "bad_tools": ({**CHAT, "tools": "not json"}, ["'tools'", "not JSON"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_records_named_and_skippable(tmp_path, name):
+    record, expected = BAD[name]
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f"{json.dumps(CHAT)}\n{json.dumps(record)}\n{json.dumps(CHAT)}\n")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(DataError) as info:
+        read(path)
+    assert f"{path}:2" in str(info.value)
+    for part in expected:
+        assert part in str(info.value), str(info.value)
+    examples, skipped = read_examples(str(path), FormatSpec(), on_bad_row="skip")
+    assert (len(examples), skipped) == (2, 1)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest  # never modified
+
+
+def test_bad_bytes_and_malformed_json_list_and_csv(tmp_path):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('[\n {"text": "a"},\n {"text": }\n]')
+    with pytest.raises(DataError, match=rf"{bad_json}:3: malformed JSON"):
+        read(bad_json)
+    utf = tmp_path / "utf.json"
+    utf.write_bytes(b'[\n {"text": "a"},\n {"text": "caf\xc3"}\n]')
+    with pytest.raises(DataError, match=rf"{utf}:3: invalid UTF-8"):
+        read(utf)
+    csv = tmp_path / "bad.csv"
+    csv.write_bytes(b"prompt,completion\np,c\np,caf\xc3\n")
+    with pytest.raises(DataError, match=rf"{csv}:3: field 'completion'.*UTF-8"):
+        read(csv)
+    assert read_examples(str(csv), FormatSpec(), on_bad_row="skip")[1] == 1
+
+
+def test_mixture_weights_respected():
+    assert parse_mixture("a.jsonl:0.9, b/*.json:0.1") == [("a.jsonl", 0.9), ("b/*.json", 0.1)]
+    assert parse_mixture("a.jsonl,b.jsonl") == [("a.jsonl", None), ("b.jsonl", None)]
+    with pytest.raises(DataError, match="every entry"):
+        parse_mixture("a.jsonl:0.9,b.jsonl")
+    with pytest.raises(DataError, match="positive"):
+        parse_mixture("a.jsonl:-1")
+    big, small = [("a", i) for i in range(900)], [("b", i) for i in range(100)]
+    mixed = mix([big, small], [0.5, 0.5], seed=0)
+    assert len(mixed) == 1000 and sum(g == "b" for g, _ in mixed) == 500
+    assert len({x for x in mixed if x[0] == "a"}) == 500  # subsampled without replacement
+    counts = np.bincount([i for g, i in mixed if g == "b"])
+    assert counts.min() == counts.max() == 5  # oversampled evenly
+    assert mix([big, small], [0.5, 0.5], seed=0) == mixed
+    assert mixture_counts([10, 10, 10], [0.2, 0.3, 0.5]) == [6, 9, 15]
+
+
+def test_prepare_data_chat_mixture_and_eval_prompts(tmp_path, shared_assets, stories_dir):
+    from configs import base
+    from sft_jax.config import parse
+    from sft_jax.data import prepare_data
+
+    share = shared_assets / "data-fastchat/dummy_conversation.json"
+    alpaca = shared_assets / "data-llamafactory/alpaca_en_demo.json"
+    c = base.get_config()
+    c.data.tokenizer = str(stories_dir)
+    c.data.train_files = f"{share}:0.75,{alpaca}:0.25"
+    c.data.chat_template = "chatml"
+    c.data.eval_fraction = 0.05
+    c.data.seq_len = 512
+    c.data.overlong = "split"
+    bundle = prepare_data(parse(c))
+    stats = bundle.stats
+    n = sum(stats["mixture"])
+    assert abs(stats["mixture"][0] / n - 0.75) < 0.01 and 0 < stats["trainable_fraction"] < 1
+    assert stats["split"] > 0 and stats["examples"] >= n
+    prompts = bundle.eval_prompts
+    assert prompts and all(p.prompt_ids and p.reference for p in prompts)
+    tok = bundle.tokenizer
+    assert tok.decode(prompts[0].prompt_ids).endswith("<|im_start|>assistant\n")
+
+
+def test_all_ones_mask_fails_before_training(tmp_path, stories_dir):
+    from configs import base
+    from sft_jax.config import parse
+    from sft_jax.data import prepare_data
+
+    path = pathlib.Path(tmp_path / "t.jsonl")
+    path.write_text('{"prompt": "a", "completion": "b"}\n')
+    c = base.get_config()
+    c.data.tokenizer = str(stories_dir)
+    c.data.train_files = str(path)
+    c.data.train_on = "all"
+    assert prepare_data(parse(c)).stats["trainable_fraction"] == 1.0
+    path.write_text(
+        '{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "b"}]}\n'
+    )
+    c.data.chat_template = str(tmp_path / "t.jinja")  # a broken template: no user turn rendered
+    pathlib.Path(c.data.chat_template).write_text(
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    c.data.train_on = "all_assistant"
+    with pytest.raises(DataError, match="every token"):
+        prepare_data(parse(c))

@@ -1,0 +1,198 @@
+"""Loss masks on real tokenizers and real chat templates equal the turn-by-turn expectation.
+
+The expectation is computed independently of render.py's character offsets: for each assistant
+turn i the *token* boundaries come from tokenising the prefix renderings P_i (up to the generation
+prompt) and F_i (up to the end of the turn, trailing whitespace removed) on their own.
+"""
+
+import pathlib
+import re
+
+import numpy as np
+import pytest
+from conftest import SHARED_ASSETS
+
+from sft_jax.data import (
+    ChatTemplate,
+    Conversation,
+    DataError,
+    check_trainable,
+    load_chat_template,
+    load_tokenizer,
+    render_conversation,
+)
+from sft_jax.data.render import tokenize_rendered
+from sft_jax.data.templates import template_variables
+
+CONV = Conversation(
+    (
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "2 + 2 = 4."},
+        {"role": "user", "content": "And 3 + 3?"},
+        {"role": "assistant", "content": "It is 6."},
+    ),
+    "conv.jsonl:1",
+)
+TEMPLATE_DIRS = [SHARED_ASSETS / "chat-templates" / d for d in ("trl", "axolotl")]
+TEMPLATES = sorted(p for d in TEMPLATE_DIRS if d.is_dir() for p in d.glob("*.jinja"))
+_TOKENIZERS: dict[str, object] = {}
+
+
+_MARKER = re.compile(
+    r"<\|[^|<>\s']{1,40}\|>|<[a-z_]{2,30}>|</[a-z_]{2,30}>|\[/?[A-Z_]{3,20}\]"
+    r"|<｜[^｜<>]{1,40}｜>|\[\|[a-z_]{2,30}\|\]|<\|[a-z_]{2,30}>|<[a-z_]{2,30}\|>"
+)
+
+
+def tokenizer_for(name: str):
+    """Llama 3.1 for llama templates, else Qwen3; both also get every template's control markers
+    (<|...|>, <start_of_turn>, [INST]) as special tokens, as the model family's own tokenizer
+    would, so that the boundaries of turns tokenise the same in prefixes and in the whole."""
+    key = "tok-llama3.1-hf" if "llama" in name else "tok-qwen3"
+    if key not in _TOKENIZERS:
+        tokenizer = load_tokenizer(str(SHARED_ASSETS / key))
+        markers = sorted({m for p in TEMPLATES for m in _MARKER.findall(p.read_text())})
+        tokenizer.add_special_tokens({"additional_special_tokens": markers})
+        _TOKENIZERS[key] = tokenizer
+    return _TOKENIZERS[key]
+
+
+class _Vars:  # template variables without loading a tokenizer at collection time
+    bos_token, eos_token, pad_token, unk_token = "<s>", "</s>", "", ""
+
+
+def classify(path: pathlib.Path) -> str:
+    """'all' (prefix-preserving), 'last' (only the final turn is), or 'skip:<reason>'."""
+    template = ChatTemplate(path.name, path.read_text(), template_variables(_Vars))
+    try:
+        render_conversation(CONV, template, "last_assistant")
+    except DataError as e:
+        reason = str(e).split("failed to render")[-1][:60] if "failed" in str(e) else "no-prefix"
+        return "skip:" + "".join(c if c.isalnum() else "-" for c in reason).strip("-")
+    try:
+        render_conversation(CONV, template, "all_assistant")
+    except DataError:
+        return "last"
+    return "all"
+
+
+CASES = [(p, classify(p)) for p in TEMPLATES]
+
+
+def expected_mask(conv, template: ChatTemplate, tokenizer, turns) -> np.ndarray:
+    """Token-level turn-by-turn expectation from separately tokenised prefixes."""
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    full = ids(template.render(conv.messages, None, add_generation_prompt=False, where="t"))
+    mask = np.zeros(len(full), bool)
+    for i in turns:
+        before = ids(
+            template.render(conv.messages[:i], None, add_generation_prompt=True, where="t")
+        )
+        upto_text = template.render(
+            conv.messages[: i + 1], None, add_generation_prompt=False, where="t"
+        )
+        upto = ids(upto_text.rstrip())
+        for prefix in (before, upto):
+            # The prefix must tokenise as the start of the whole, except that its last token may
+            # merge with the next characters (Qwen3.5's generation prompt ends in "<think>\n",
+            # the whole has "<think>\n\n"): that straddling token is then not trained.
+            n = len(prefix)
+            assert full[:n] == prefix or full[: n - 1] == prefix[:-1], (template.name, i)
+        mask[len(before) : len(upto)] = True
+    return mask
+
+
+def check(conv, template, tokenizer, train_on, turns):
+    rendered = render_conversation(conv, template, train_on)
+    tokens, mask, _ = tokenize_rendered([rendered], [conv.source], tokenizer, train_on=train_on)[0]
+    want = expected_mask(conv, template, tokenizer, turns)
+    n = len(want)
+    assert np.array_equal(mask[:n], want), (template.name, tokenizer.decode(tokens[mask]))
+    assert mask.sum() > 0 and not mask.all()
+    eos = tokenizer.eos_token_id
+    last_trained = tokens[mask][-1]
+    assert eos in tokens[mask][-3:] or last_trained == eos  # the model learns to stop
+    if len(tokens) > n:  # EOS appended only when the template did not emit it
+        assert len(tokens) == n + 1 and tokens[-1] == eos and mask[-1]
+    return tokens, mask
+
+
+@pytest.mark.parametrize(
+    "path,kind", CASES, ids=[f"{p.parent.name}/{p.stem}[{k}]" for p, k in CASES]
+)
+def test_real_template_masks_equal_turn_by_turn(path, kind):
+    if kind.startswith("skip:"):
+        pytest.skip(f"{path.name}: {kind}")
+    tokenizer = tokenizer_for(path.name)
+    template = ChatTemplate(path.name, path.read_text(), template_variables(tokenizer))
+    check(CONV, template, tokenizer, "last_assistant", [3])
+    if kind == "all":
+        check(CONV, template, tokenizer, "all_assistant", [1, 3])
+    else:  # not prefix-preserving: all_assistant must refuse, naming template and example
+        with pytest.raises(DataError, match=rf"{path.name}.*not prefix-preserving") as info:
+            render_conversation(CONV, template, "all_assistant")
+        assert "conv.jsonl:1" in str(info.value)
+
+
+def test_enough_real_templates_are_checked():
+    kinds = [k for _, k in CASES]
+    assert len(CASES) >= 80 and kinds.count("all") + kinds.count("last") >= 50, kinds
+
+
+@pytest.mark.parametrize("name", ["tok-qwen3", "tok-llama3.1-hf"])
+def test_stock_tokenizer_templates(shared_assets, name):
+    tokenizer = load_tokenizer(str(shared_assets / name))
+    template = load_chat_template("tokenizer", tokenizer)
+    tokens, mask = check(CONV, template, tokenizer, "last_assistant", [3])
+    text = tokenizer.decode(tokens[mask])
+    assert "It is 6." in text and "2 + 2 = 4." not in text
+    if name == "tok-llama3.1-hf":  # exactly one BOS, eot (= eos) trained, no appended extra
+        assert tokens[0] == tokenizer.bos_token_id and tokens[1] != tokenizer.bos_token_id
+        assert text.endswith("It is 6.<|eot_id|>")
+        tokens, mask = check(CONV, template, tokenizer, "all_assistant", [1, 3])
+        assert tokenizer.decode(tokens[mask]).count("<|eot_id|>") == 2
+    else:  # Qwen3: <|im_end|> is EOS; all_assistant refused (earlier <think> blocks dropped)
+        assert text.endswith("It is 6.<|im_end|>") and "\n" not in text[-3:]
+        with pytest.raises(DataError, match="qwen3_training"):
+            render_conversation(CONV, template, "all_assistant")
+        training = load_chat_template(
+            str(shared_assets / "chat-templates/trl/qwen3_training.jinja"), tokenizer
+        )
+        check(CONV, training, tokenizer, "all_assistant", [1, 3])
+
+
+def test_builtin_templates_on_a_tokenizer_without_template(stories_dir):
+    tokenizer = load_tokenizer(str(stories_dir))
+    for name in ("chatml", "alpaca", "plain"):
+        template = load_chat_template(name, tokenizer)
+        tokens, mask = check(CONV, template, tokenizer, "all_assistant", [1, 3])
+        assert tokens[0] == tokenizer.bos_token_id and tokens[1] != tokenizer.bos_token_id
+        assert tokens[mask][-1] == tokenizer.eos_token_id
+    with pytest.raises(DataError, match="no chat template"):
+        load_chat_template("tokenizer", tokenizer)
+
+
+def test_train_on_all_and_loss_weight_zero(shared_assets):
+    tokenizer = tokenizer_for("qwen3")
+    template = load_chat_template("chatml", tokenizer)
+    r = render_conversation(CONV, template, "all")
+    _, mask, _ = tokenize_rendered([r], ["x"], tokenizer, train_on="all")[0]
+    assert mask.all()
+    weighted = Conversation(CONV.messages, "w:1", None, (False, False, False, True))
+    check(weighted, template, tokenizer, "all_assistant", [3])
+
+
+def test_trainable_fraction_check():
+    with pytest.raises(DataError, match="empty"):
+        check_trainable(
+            {"loss_tokens": 0, "trainable_fraction": 0.0}, "all_assistant", only_text=False
+        )
+    with pytest.raises(DataError, match="every token"):
+        check_trainable(
+            {"loss_tokens": 9, "trainable_fraction": 1.0}, "completion", only_text=False
+        )
+    check_trainable({"loss_tokens": 9, "trainable_fraction": 1.0}, "all", only_text=False)
+    check_trainable({"loss_tokens": 9, "trainable_fraction": 1.0}, "all_assistant", only_text=True)

@@ -1,15 +1,21 @@
-"""Batched greedy generation, used to score held-out prompts before and after training.
+"""Batched generation with a KV cache: greedy, or sampled with temperature and top-p.
 
-There is no KV cache yet: every new token costs one full forward over a fixed-size buffer. Why the
-buffer looks the way it does:
-- Prompts are left-aligned in a [rows, length] buffer with `length` = longest prompt +
-  max_new_tokens rounded up to a multiple of 16, and short batches are padded to `rows`, so
-  repeated evaluations reuse a handful of compiled programs (stop ids are padded likewise).
-- Positions are the slot index (left-aligned rows start at 0) and segment_ids are 1 on real tokens,
-  0 on unused slots: a real token never attends to an unused slot, so each row's logits equal
-  those of the prompt run alone. Each step reads each row's logits at its own last token.
-- The token loop is a `lax.while_loop` inside one jitted function (one full forward per new
-  token, no host round trip per token); it stops early once every row has produced a stop id.
+    python -m sft_jax.generate --workdir W | --model DIR [--prompt "..."]   (see sft_jax.chat)
+
+How a batch is laid out, and why:
+- Prompts are right-aligned in a [rows, P] buffer (P = longest prompt rounded up to a multiple of
+  16) so every row writes its next token into the same cache slot: one dynamic_update_slice per
+  step for the whole batch. Row b's real tokens start at slot starts[b]; its RoPE positions count
+  from there, and a query sees only slots in [starts[b], its own slot], so each row's logits
+  equal those of its prompt run alone.
+- The cache holds P + N slots (N = max_new_tokens rounded up to 16) and short batches are padded
+  to `rows` with filler rows that start out finished, so repeated calls reuse a few programs.
+- Prefill runs the prompt buffer through `Transformer.decode` once; then a `lax.while_loop`
+  inside the same jitted function feeds one token per step (no host round trip per token) and
+  stops once every row has produced a stop id. Output is cut before the first stop id.
+- Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature restricted to the
+  smallest set of tokens whose probability reaches top_p (the top token always stays), drawn
+  with `fold_in(rng, step)`, so a seed gives the same text every time.
 """
 
 from __future__ import annotations
@@ -22,10 +28,48 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.model import Transformer
+from sft_jax.model import Transformer, init_cache
 
 _LENGTH_BUCKET = 16
 _STOP_BUCKET = 4  # stop ids are padded with -1 (never a token) to a multiple of this
+
+
+def generate(
+    model: Transformer,
+    params: Any,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    stop_ids: Sequence[int | None],
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    rng: jax.Array | None = None,
+    batch_size: int = 16,
+) -> list[list[int]]:
+    """Continuation of each prompt: only the new ids, cut before the first stop id.
+
+    `params` is the unboxed parameter tree (possibly sharded). `stop_ids` may be empty (always
+    generate `max_new_tokens`); None entries (a tokenizer without EOS) are ignored. `rng` seeds
+    sampling (default key 0); it is unused when temperature is 0.
+    """
+    if max_new_tokens < 0 or batch_size < 1 or temperature < 0 or not 0 <= top_p <= 1:
+        raise ValueError(
+            "need max_new_tokens >= 0, batch_size >= 1, temperature >= 0 and 0 <= top_p <= 1; "
+            f"got {max_new_tokens}, {batch_size}, {temperature}, {top_p}"
+        )
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. BOS) to condition on")
+    if not prompts or max_new_tokens == 0:
+        return [[] for _ in prompts]
+    stops = tuple(int(s) for s in stop_ids if s is not None)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    rows = min(batch_size, len(prompts))
+    outputs: list[list[int]] = []
+    for chunk_index, start in enumerate(range(0, len(prompts), rows)):
+        chunk = prompts[start : start + rows]
+        sampling = (temperature, top_p, jax.random.fold_in(rng, chunk_index))
+        outputs.extend(_generate_chunk(model, params, chunk, rows, max_new_tokens, stops, sampling))
+    return outputs
 
 
 def greedy_generate(
@@ -34,29 +78,22 @@ def greedy_generate(
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
-    stop_ids: Sequence[int],
+    stop_ids: Sequence[int | None],
     batch_size: int = 16,
 ) -> list[list[int]]:
-    """Greedy continuation of each prompt: only the new ids, cut before the first stop id.
+    """Greedy `generate` (the held-out evaluation's decoder)."""
+    return generate(
+        model,
+        params,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        stop_ids=stop_ids,
+        batch_size=batch_size,
+    )
 
-    `params` is the unboxed parameter tree (possibly sharded). `stop_ids` may be empty (always
-    generate `max_new_tokens`); None entries (a tokenizer without EOS) are ignored.
-    """
-    if max_new_tokens < 0 or batch_size < 1:
-        raise ValueError(
-            f"need max_new_tokens >= 0 and batch_size >= 1, got {max_new_tokens}, {batch_size}"
-        )
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (e.g. BOS) to condition on")
-    if not prompts or max_new_tokens == 0:
-        return [[] for _ in prompts]
-    stops = tuple(int(s) for s in stop_ids if s is not None)
-    rows = min(batch_size, len(prompts))
-    outputs: list[list[int]] = []
-    for start in range(0, len(prompts), rows):
-        chunk = prompts[start : start + rows]
-        outputs.extend(_generate_chunk(model, params, chunk, rows, max_new_tokens, stops))
-    return outputs
+
+def _bucket(n: int, size: int) -> int:
+    return -(-n // size) * size
 
 
 def _generate_chunk(
@@ -66,32 +103,32 @@ def _generate_chunk(
     rows: int,
     max_new_tokens: int,
     stops: tuple[int, ...],
+    sampling: tuple[float, float, jax.Array],
 ) -> list[list[int]]:
     """Generates for up to `rows` prompts; filler rows (one dummy token) start out finished."""
-    longest = max(len(p) for p in prompts)
-    length = -(-(longest + max_new_tokens) // _LENGTH_BUCKET) * _LENGTH_BUCKET
+    length = _bucket(max(len(p) for p in prompts), _LENGTH_BUCKET)
     tokens = np.zeros((rows, length), np.int32)
-    lengths = np.ones((rows,), np.int32)
+    starts = np.full((rows,), length - 1, np.int32)
     for r, prompt in enumerate(prompts):
-        tokens[r, : len(prompt)] = prompt
-        lengths[r] = len(prompt)
+        tokens[r, length - len(prompt) :] = prompt
+        starts[r] = length - len(prompt)
     done = np.arange(rows) >= len(prompts)
-    stop_ids = np.full((-(-max(len(stops), 1) // _STOP_BUCKET) * _STOP_BUCKET,), -1, np.int32)
+    stop_ids = np.full((_bucket(max(len(stops), 1), _STOP_BUCKET),), -1, np.int32)
     stop_ids[: len(stops)] = stops
+    temperature, top_p, key = sampling
     out = _decode(
         model,
         params,
         jnp.asarray(tokens),
-        jnp.asarray(lengths),
+        jnp.asarray(starts),
         jnp.asarray(done),
+        jnp.zeros((rows, _bucket(max_new_tokens, _LENGTH_BUCKET)), jnp.int32),
         jnp.int32(max_new_tokens),
         jnp.asarray(stop_ids),
+        (jnp.float32(temperature), jnp.float32(top_p), key),
     )
     out = np.asarray(out)
-    return [
-        _cut(out[r, len(p) : len(p) + max_new_tokens].tolist(), stops)
-        for r, p in enumerate(prompts)
-    ]
+    return [_cut(out[r, :max_new_tokens].tolist(), stops) for r in range(len(prompts))]
 
 
 def _cut(ids: list[int], stops: tuple[int, ...]) -> list[int]:
@@ -101,14 +138,27 @@ def _cut(ids: list[int], stops: tuple[int, ...]) -> list[int]:
     return ids
 
 
-def _last_logits(
-    module: Transformer, tokens: jax.Array, segment_ids: jax.Array, last: jax.Array
+def sample_token(
+    logits: jax.Array, temperature: jax.Array, top_p: jax.Array, key: jax.Array
 ) -> jax.Array:
-    """float32 [B, V] logits at each row's index `last`, without materialising [B, T, V]."""
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    hidden = module(tokens, positions, segment_ids, return_hidden=True)  # [B, T, D]
-    hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
-    return module.logits(hidden)[:, 0]
+    """int32 [B] next tokens from float32 logits [B, V]: argmax when temperature is 0, else a
+    draw from the top-p nucleus of softmax(logits / temperature)."""
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass ranked above each token
+    keep = (before < top_p).at[:, 0].set(True)
+    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    nucleus = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    sampled = jax.random.categorical(key, nucleus, axis=-1)
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+def _step_logits(module: Transformer, tokens, positions, starts, cache, index):
+    """Logits [B, V] at the last of `tokens`' slots, and the updated cache."""
+    hidden, cache = module.decode(tokens, positions, starts, cache, index)
+    return module.logits(hidden[:, -1:])[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -116,33 +166,47 @@ def _decode(
     model: Transformer,
     params: Any,
     tokens: jax.Array,
-    lengths: jax.Array,
+    starts: jax.Array,
     done: jax.Array,
+    out: jax.Array,
     max_new_tokens: jax.Array,
     stop_ids: jax.Array,
+    sampling: tuple[jax.Array, jax.Array, jax.Array],
 ) -> jax.Array:
-    """tokens int32 [B, T] (prompts left-aligned), lengths [B], done bool [B] -> filled tokens.
-
-    Every row writes one token per step at its own length; rows that are done keep writing
-    (harmless, cut on the host), which keeps the loop body free of per-row control flow.
-    """
+    """tokens int32 [B, P] (prompts right-aligned), starts [B], done bool [B], out [B, N] ->
+    out filled with up to max_new_tokens new ids per row (finished rows keep writing; the host
+    cuts at the first stop id)."""
     rows, length = tokens.shape
-    slots = jnp.arange(length, dtype=jnp.int32)
+    temperature, top_p, key = sampling
+    apply = functools.partial(model.apply, {"params": params}, method=_step_logits)
+    cache = init_cache(model.config, rows, length + out.shape[1])
+    positions = jnp.maximum(jnp.arange(length)[None, :] - starts[:, None], 0)
+    logits, cache = apply(tokens, positions, starts, cache, jnp.int32(0))
+    first = sample_token(logits, temperature, top_p, jax.random.fold_in(key, 0))
+    out = out.at[:, 0].set(first)
+    done = done | jnp.any(first[:, None] == stop_ids[None, :], axis=-1)
 
     def cond(state: tuple) -> jax.Array:
         step, _, _, done = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state: tuple) -> tuple:
-        step, tokens, lengths, done = state
-        segment_ids = (slots[None, :] < lengths[:, None]).astype(jnp.int32)
-        logits = model.apply(
-            {"params": params}, tokens, segment_ids, lengths - 1, method=_last_logits
-        )
-        next_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
-        tokens = tokens.at[jnp.arange(rows), lengths].set(next_ids)
+        step, out, cache, done = state  # out[:, step - 1] is the token to feed
+        slot = length + step - 1
+        previous = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)  # [B, 1]
+        logits, cache = apply(previous, (slot - starts)[:, None], starts, cache, slot)
+        next_ids = sample_token(logits, temperature, top_p, jax.random.fold_in(key, step))
+        out = jax.lax.dynamic_update_slice_in_dim(out, next_ids[:, None], step, axis=1)
         done = done | jnp.any(next_ids[:, None] == stop_ids[None, :], axis=-1)
-        return step + 1, tokens, lengths + 1, done
+        return step + 1, out, cache, done
 
-    _, tokens, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), tokens, lengths, done))
-    return tokens
+    _, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, cache, done))
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    from sft_jax.chat import main
+
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The Flax Linen decoder for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3).
+"""The Flax Linen decoder for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2/3).
 
 Dimension letters, used in einsum strings and shape comments:
 
@@ -15,6 +15,11 @@ Design choices and why:
   both carry the same segment id, and RoPE uses the per-example `positions` input, so a packed row
   of several examples gives exactly each example's own logits.
 - Numerics follow Hugging Face: RMSNorm statistics and softmax in float32; logits in float32.
+- Per-layer differences (Gemma's sliding-window "local" layers with their own RoPE base) are data
+  scanned alongside the weights (a per-layer `local` flag selecting precomputed masks and RoPE
+  tables), not Python branches, so the scan still compiles one layer.
+- Generation uses the same layers through `Transformer.decode`: a KV cache [L, B, S, K, H] enters
+  the scan as per-layer input and leaves it as per-layer output; training never builds one.
 
 Parameter tree (names are load-bearing: the HF loader, sharding rules, LoRA and checkpoints use it):
 
@@ -24,7 +29,9 @@ Parameter tree (names are load-bearing: the HF loader, sharding rules, LoRA and 
     layers/attn/{q,k,v}_proj/bias [L, N|K, H]    (attention_bias)
     layers/attn/{q_norm, k_norm}/scale [L, H]    (qk_norm)
     layers/mlp/{gate_proj, up_proj [L, D, F], down_proj [L, F, D]}/kernel
+    layers/{post_attn_norm, post_mlp_norm}/scale [L, D]   (sandwich_norms: Gemma 2/3)
     lm_head is absent when tie_embeddings (logits = h @ embedding.T).
+    With norm_offset (Gemma) every norm scale is stored as HF stores it, w, and applied as 1 + w.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ if TYPE_CHECKING:
     from sft_jax.config import ArchConfig, ModelSection
 
 _INIT_STD = 0.02  # Hugging Face `initializer_range` for every family here.
+_ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -50,12 +58,13 @@ _REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 ("llama3" rope_type) rescaling of the RoPE inverse frequencies."""
+    """Rescaling of the RoPE inverse frequencies: Llama-3 ("llama3") or "linear" (Gemma 3)."""
 
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    low_freq_factor: float = 0.0  # llama3 only
+    high_freq_factor: float = 0.0  # llama3 only
+    original_max_position_embeddings: int = 0  # llama3 only
+    rope_type: str = "llama3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +88,17 @@ class ModelConfig:
     dtype: str  # compute dtype of activations and matmuls: "float32" | "bfloat16"
     param_dtype: str  # storage dtype of the parameters
     remat: str  # "none" | "dots" | "full": jax.checkpoint policy per layer
+    # Gemma features; the defaults are the Llama behaviour.
+    norm_offset: bool = False  # RMSNorm scale applied as (1 + w), zero-initialised
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size), in the compute dtype
+    mlp_activation: str = "silu"  # "silu" | "gelu_tanh"
+    sandwich_norms: bool = False  # extra norms after attention and after the MLP
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+    query_scale: float | None = None  # scores scaled by query_scale**-0.5 (else head_dim**-0.5)
+    sliding_window: int | None = None  # a local layer's query sees keys less than this far back
+    local_layers: tuple[bool, ...] = ()  # per layer: sliding window (empty: no local layers)
+    local_rope_theta: float | None = None  # RoPE base of local layers (None: rope_theta, scaled)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -90,6 +110,16 @@ class ModelConfig:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
         if self.remat not in ("none", *_REMAT_POLICIES):
             raise ValueError(f"remat is {self.remat!r}; choose none, dots or full")
+        if self.mlp_activation not in _ACTIVATIONS:
+            raise ValueError(f"mlp_activation is {self.mlp_activation!r}; choose silu or gelu_tanh")
+        if self.local_layers and len(self.local_layers) != self.num_layers:
+            raise ValueError(f"local_layers has {len(self.local_layers)} entries, not num_layers")
+        if any(self.local_layers) and not self.sliding_window:
+            raise ValueError("local_layers are set but sliding_window is not")
+
+    @property
+    def has_local_layers(self) -> bool:
+        return any(self.local_layers)
 
 
 def model_config_from_arch(arch: ArchConfig, section: ModelSection) -> ModelConfig:
@@ -124,16 +154,22 @@ def count_params(params: Any) -> int:
 # Pure pieces: RoPE and the attention mask.
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """float32 [H/2] inverse frequencies, Llama-3 rescaled when `rope_scaling` is set.
+def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> np.ndarray:
+    """float32 [H/2] inverse frequencies, rescaled when `rope_scaling` is set.
 
     Computed in float64 on the host (a trace-time constant) and rounded once, which matches
-    transformers' float32 computation to within an ulp.
+    transformers' float32 computation to within an ulp. `local`: the unscaled frequencies of
+    Gemma 3's sliding-window layers, at their own base `local_rope_theta`.
     """
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    s = config.rope_scaling
-    if s is not None:  # transformers.modeling_rope_utils._compute_llama3_parameters
+    theta = config.rope_theta
+    if local and config.local_rope_theta is not None:
+        theta = config.local_rope_theta
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    s = None if local and config.local_rope_theta is not None else config.rope_scaling
+    if s is not None and s.rope_type == "linear":
+        inv_freq = inv_freq / s.factor
+    elif s is not None:  # transformers.modeling_rope_utils._compute_llama3_parameters
         old_len = s.original_max_position_embeddings
         low_freq_wavelen = old_len / s.low_freq_factor
         high_freq_wavelen = old_len / s.high_freq_factor
@@ -172,17 +208,36 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return causal[None] & same
 
 
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def window_mask(mask: jax.Array, q_slots: jax.Array, window: int) -> jax.Array:
+    """mask [B, T, S] restricted to keys less than `window` slots behind the query (HF's
+    `kv_idx > q_idx - sliding_window`). Within one packed segment slots and positions advance
+    together, and `mask` already keeps segments apart, so packing is respected."""
+    k_slots = jnp.arange(mask.shape[-1])
+    return mask & (q_slots[:, None] - k_slots[None, :] < window)[None]
+
+
+def grouped_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> jax.Array:
     """Grouped-query attention without materialising repeated kv heads.
 
     q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]. Query head n uses kv head
-    n // G, as HF's `repeat_kv` does. Scores and softmax in float32.
+    n // G, as HF's `repeat_kv` does. Scores and softmax in float32; `softcap` (Gemma 2) squashes
+    the scaled scores before masking, as HF does.
     """
     b, t, n, h = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, n // kv, h)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (h**-0.5)
+    scores = scores * (h**-0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
@@ -230,20 +285,28 @@ class Einsum(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with HF Llama numerics: statistics in float32, cast back, then times the weight."""
+    """RMSNorm with HF numerics: statistics in float32. Llama casts back, then multiplies by w;
+    Gemma (`offset`) multiplies by (1 + w) in float32, then casts, and initialises w to zero."""
 
     eps: float
     names: tuple[str, ...]  # logical name of the normalised (last) axis
     dtype: str = "float32"
     param_dtype: str = "float32"
+    offset: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        ones = nn.initializers.ones_init()
-        scale = _param(self, "scale", ones, (x.shape[-1],), self.names, self.param_dtype)
+        init = nn.initializers.zeros_init() if self.offset else nn.initializers.ones_init()
+        scale = _param(self, "scale", init, (x.shape[-1],), self.names, self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
         return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def _norm(c: ModelConfig, names: tuple[str, ...], name: str | None = None) -> RMSNorm:
+    return RMSNorm(c.rms_norm_eps, names, c.dtype, c.param_dtype, c.norm_offset, name=name)
 
 
 class Embed(nn.Module):
@@ -258,7 +321,10 @@ class Embed(nn.Module):
         self.embedding = _param(self, "embedding", init, shape, ("vocab", "embed"), c.param_dtype)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding, tokens, axis=0).astype(self.config.dtype)  # [B, T, D]
+        x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.dtype)  # [B, T, D]
+        if self.config.embed_scale:  # Gemma; HF rounds sqrt(D) to the activation dtype first
+            x = x * jnp.asarray(self.config.hidden_size**0.5, dtype=self.config.dtype)
+        return x
 
     def attend(self, x: jax.Array) -> jax.Array:
         table = self.embedding.astype(self.config.dtype)
@@ -266,12 +332,22 @@ class Embed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3)."""
+    """Grouped-query self-attention with optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3,
+    Gemma 3). With a `cache` (k, v [B, S, K, H]) the new keys and values are written at slot
+    `index` and the queries attend over the whole cache; the updated cache is returned."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array):
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        index: jax.Array | None = None,
+    ):
         c = self.config
         d, n, kv, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         dt = {"dtype": c.dtype, "param_dtype": c.param_dtype}
@@ -281,17 +357,23 @@ class Attention(nn.Module):
         q = Einsum("BTD,DNH->BTNH", (d, n, h), q_names, q_bias, **dt, name="q_proj")(x)
         k = Einsum("BTD,DKH->BTKH", (d, kv, h), kv_names, kv_bias, **dt, name="k_proj")(x)
         v = Einsum("BTD,DKH->BTKH", (d, kv, h), kv_names, kv_bias, **dt, name="v_proj")(x)
-        if c.qk_norm:  # Qwen3: per-head RMSNorm over H, before RoPE.
-            q = RMSNorm(c.rms_norm_eps, ("head_dim",), **dt, name="q_norm")(q)
-            k = RMSNorm(c.rms_norm_eps, ("head_dim",), **dt, name="k_norm")(k)
+        if c.qk_norm:  # Qwen3 / Gemma 3: per-head RMSNorm over H, before RoPE.
+            q = _norm(c, ("head_dim",), name="q_norm")(q)
+            k = _norm(c, ("head_dim",), name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = grouped_attention(q, k, v, mask)  # [B, T, N, H]
+        if cache is not None:
+            start = (0, index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
+            cache = (k, v)
+        scale = None if c.query_scale is None else c.query_scale**-0.5
+        out = grouped_attention(q, k, v, mask, scale=scale, softcap=c.attn_softcap)
         o_names = ("heads", "head_dim", "embed")
-        return Einsum("BTNH,NHD->BTD", (n, h, d), o_names, **dt, name="o_proj")(out)
+        return Einsum("BTNH,NHD->BTD", (n, h, d), o_names, **dt, name="o_proj")(out), cache
 
 
 class Mlp(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU, or GeGLU with tanh-gelu (Gemma)."""
 
     config: ModelConfig
 
@@ -302,31 +384,56 @@ class Mlp(nn.Module):
         dt = {"dtype": c.dtype, "param_dtype": c.param_dtype}
         gate = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **dt, name="gate_proj")(x)
         up = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **dt, name="up_proj")(x)
-        hidden = nn.silu(gate) * up
+        hidden = _ACTIVATIONS[c.mlp_activation](gate) * up
         return Einsum("BTF,FD->BTD", (f, d), ("mlp", "embed"), **dt, name="down_proj")(hidden)
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer; the scan carry is the residual stream x [B, T, D]."""
+    """One pre-norm decoder layer; the scan carry is the residual stream x [B, T, D].
+
+    `layer` holds this layer's slice of the scanned inputs: "local" (bool, when the model has
+    sliding-window layers) and the KV cache "k"/"v" (when decoding). `ctx` is shared by all
+    layers: the masks and RoPE tables (global, and "local_*" ones) and the cache write "index".
+    Returns (x, this layer's updated cache or None), the scan's (carry, per-layer output).
+    """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array):
+    def __call__(self, x: jax.Array, layer: dict, ctx: dict):
         c = self.config
-        dt = {"dtype": c.dtype, "param_dtype": c.param_dtype}
-        h = RMSNorm(c.rms_norm_eps, ("embed",), **dt, name="attn_norm")(x)
-        x = x + Attention(c, name="attn")(h, mask, cos, sin)
-        h = RMSNorm(c.rms_norm_eps, ("embed",), **dt, name="mlp_norm")(x)
-        x = x + Mlp(c, name="mlp")(h)
-        return nn.with_logical_constraint(x, ("batch", "seq", "embed")), None
+        mask, cos, sin = ctx["mask"], ctx["cos"], ctx["sin"]
+        if "local" in layer:  # select this layer's mask and RoPE by data, not by branch
+            local = layer["local"]
+            mask = jnp.where(local, ctx["local_mask"], mask)
+            if "local_cos" in ctx:
+                cos = jnp.where(local, ctx["local_cos"], cos)
+                sin = jnp.where(local, ctx["local_sin"], sin)
+        cache = (layer["k"], layer["v"]) if "k" in layer else None
+        h = _norm(c, ("embed",), name="attn_norm")(x)
+        h, cache = Attention(c, name="attn")(h, mask, cos, sin, cache, ctx.get("index"))
+        if c.sandwich_norms:
+            h = _norm(c, ("embed",), name="post_attn_norm")(h)
+        x = x + h
+        h = Mlp(c, name="mlp")(_norm(c, ("embed",), name="mlp_norm")(x))
+        if c.sandwich_norms:
+            h = _norm(c, ("embed",), name="post_mlp_norm")(h)
+        x = nn.with_logical_constraint(x + h, ("batch", "seq", "embed"))
+        return x, (None if cache is None else {"k": cache[0], "v": cache[1]})
+
+
+def init_cache(config: ModelConfig, batch: int, length: int) -> dict[str, jax.Array]:
+    """An empty KV cache {"k", "v": [L, B, S, K, H]} in the compute dtype, for `decode`."""
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
+    return {"k": zeros, "v": zeros}
 
 
 class Transformer(nn.Module):
     """Decoder-only LM. See the module docstring for the parameter tree.
 
-    Built with `setup` (not `nn.compact`) so that `logits` is a method of its own: generation
-    applies the LM head to one position per row instead of materialising [B, T, V].
+    Built with `setup` (not `nn.compact`) so that `logits` and `decode` are methods of their own:
+    generation applies the LM head to one position per row instead of materialising [B, T, V].
     """
 
     config: ModelConfig
@@ -341,13 +448,13 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast),
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         self.embed = Embed(c)
         self.layers = scanned(c)
-        self.final_norm = RMSNorm(c.rms_norm_eps, ("embed",), **dt)
+        self.final_norm = _norm(c, ("embed",))
         if not c.tie_embeddings:
             shape, names = (c.hidden_size, c.vocab_size), ("embed", "vocab")
             self.lm_head = Einsum("BTD,DV->BTV", shape, names, **dt, out_dtype="float32")
@@ -365,15 +472,55 @@ class Transformer(nn.Module):
         With `return_hidden`, the final-normed hidden states [B, T, D] (compute dtype) instead;
         `logits` turns (a selection of) them into logits.
         """
-        x = nn.with_logical_constraint(self.embed(tokens), ("batch", "seq", "embed"))
         mask = attention_mask(segment_ids)  # computed once, broadcast to every layer
-        cos, sin = rope_tables(positions, rope_inv_freq(self.config))
-        x, _ = self.layers(x, mask, cos, sin)
+        x, _ = self._layers(tokens, positions, mask, jnp.arange(tokens.shape[1]), {})
         x = self.final_norm(x)
         return x if return_hidden else self.logits(x)
+
+    def decode(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        starts: jax.Array,
+        cache: dict[str, jax.Array],
+        index: jax.Array,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """One generation step over a KV cache -> (final-normed hidden [B, T, D], new cache).
+
+        tokens/positions [B, T] occupy cache slots index .. index + T - 1 of every row; a row's
+        real tokens start at slot starts[b] (prompts are right-aligned), so a query sees the
+        slots in [starts[b], its own slot]. Prefill is T = prompt buffer length, then T = 1.
+        """
+        length = cache["k"].shape[2]
+        q_slots = index + jnp.arange(tokens.shape[1])
+        k_slots = jnp.arange(length)
+        mask = (k_slots[None, None, :] <= q_slots[None, :, None]) & (
+            k_slots[None, None, :] >= starts[:, None, None]
+        )
+        x, cache = self._layers(tokens, positions, mask, q_slots, {**cache}, index=index)
+        return self.final_norm(x), cache
+
+    def _layers(self, tokens, positions, mask, q_slots, layer: dict, index=None):
+        """Embeds and runs the scanned layers; builds the per-layer and shared scan inputs."""
+        c = self.config
+        x = nn.with_logical_constraint(self.embed(tokens), ("batch", "seq", "embed"))
+        cos, sin = rope_tables(positions, rope_inv_freq(c))
+        ctx = {"mask": mask, "cos": cos, "sin": sin}
+        if index is not None:
+            ctx["index"] = index
+        if c.has_local_layers:
+            layer["local"] = jnp.asarray(c.local_layers)
+            ctx["local_mask"] = window_mask(mask, q_slots, c.sliding_window)
+            if c.local_rope_theta is not None:
+                local_freq = rope_inv_freq(c, local=True)
+                ctx["local_cos"], ctx["local_sin"] = rope_tables(positions, local_freq)
+        return self.layers(x, layer, ctx)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head: final-normed hidden [B, T, D] -> float32 logits [B, T, V]."""
         tied = self.config.tie_embeddings
         logits = self.embed.attend(hidden) if tied else self.lm_head(hidden)
+        if self.config.final_softcap is not None:  # Gemma 2
+            cap = self.config.final_softcap
+            logits = jnp.tanh(logits / cap) * cap
         return nn.with_logical_constraint(logits, ("batch", "seq", "vocab"))

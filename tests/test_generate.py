@@ -1,13 +1,17 @@
-"""Greedy generation: stories260K golden continuation, batching invariance, HF parity."""
+"""KV-cache generation: stories260K golden continuation, batching invariance, HF and full-recompute
+parity (with sliding-window layers), seeded sampling, and the chat command."""
 
 import json
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
-from sft_jax import hf
-from sft_jax.generate import greedy_generate
+from sft_jax import chat, hf
+from sft_jax.generate import generate, greedy_generate, sample_token
 from sft_jax.model import Transformer
 
 
@@ -87,3 +91,83 @@ def test_matches_transformers_generate(tmp_path):
                 torch.tensor([prompt]), do_sample=False, max_new_tokens=6, min_new_tokens=6
             )
         assert generated == out[0, len(prompt) :].tolist()
+
+
+# --- KV cache against full recompute, sampling, the chat command ------------------------------
+
+
+def _recompute_greedy(model, params, prompt, steps, length=16):
+    """Reference decoder: one full forward per new token over a fixed [1, length] buffer (unused
+    slots are segment 0, which real tokens never see), no cache; one compile."""
+    forward = jax.jit(lambda p, t, s: model.apply({"params": p}, t, jnp.arange(length)[None], s))
+    tokens = list(prompt)
+    for _ in range(steps):
+        ids = np.zeros((1, length), np.int32)
+        ids[0, : len(tokens)] = tokens
+        segments = (np.arange(length) < len(tokens)).astype(np.int32)[None]
+        logits = forward(params, jnp.asarray(ids), jnp.asarray(segments))
+        tokens.append(int(jnp.argmax(logits[0, len(tokens) - 1])))
+    return tokens[len(prompt) :]
+
+
+def test_kv_cache_equals_full_recompute_with_local_layers(tmp_path):
+    """Gemma 3 layout (local layers with their own RoPE base, window 5 < sequence length)."""
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        max_position_embeddings=256,
+    )
+    hf_model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for param in hf_model.parameters():
+            param.add_(0.2 * torch.randn_like(param))
+    hf_model.save_pretrained(tmp_path)
+    model, params = _load(tmp_path)
+    assert model.config.has_local_layers
+    prompts = [[5, 17, 99, 3, 42, 11, 9], [7, 8]]
+    ours = greedy_generate(model, params, prompts, max_new_tokens=8, stop_ids=[])
+    for prompt, generated in zip(prompts, ours, strict=True):
+        assert generated == _recompute_greedy(model, params, prompt, 8)
+        with torch.no_grad():
+            out = hf_model.generate(
+                torch.tensor([prompt]), do_sample=False, max_new_tokens=8, min_new_tokens=8
+            )
+        assert generated == out[0, len(prompt) :].tolist()
+
+
+def test_sampling_is_seeded_and_top_p_zero_is_greedy(stories):
+    model, params = stories
+    prompts = [[1, 403, 407], [1]]
+    greedy = generate(model, params, prompts, max_new_tokens=12, stop_ids=[])
+    kwargs = dict(max_new_tokens=12, stop_ids=[], temperature=1.0)
+    first = generate(model, params, prompts, **kwargs, rng=jax.random.PRNGKey(1))
+    again = generate(model, params, prompts, **kwargs, rng=jax.random.PRNGKey(1))
+    other = generate(model, params, prompts, **kwargs, rng=jax.random.PRNGKey(2))
+    assert first == again and first != other and first != greedy
+    narrow = generate(model, params, prompts, **kwargs, top_p=1e-6, rng=jax.random.PRNGKey(1))
+    assert narrow == greedy
+
+
+def test_sample_token_keeps_only_the_nucleus():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    draws = jax.vmap(lambda k: sample_token(logits, jnp.float32(1.0), jnp.float32(0.7), k))(
+        jax.random.split(jax.random.PRNGKey(0), 400)
+    )
+    assert set(np.unique(np.asarray(draws)).tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7
+
+
+def test_generate_command_continues_a_prompt(stories_dir, golden_dir, capsys):
+    golden = json.loads((golden_dir / "golden.json").read_text())["greedy_from_bos_200_text"]
+    prompt = "Once upon a time"
+    code = chat.main(["--model", str(stories_dir), "--prompt", prompt, "--max-new-tokens", "30"])
+    assert code == 0
+    reply = capsys.readouterr().out.rstrip("\n")
+    assert len(reply) > 40 and golden.startswith(prompt + reply)

@@ -13,6 +13,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
@@ -20,6 +22,7 @@ from transformers import (
 )
 
 from sft_jax import hf
+from sft_jax.export import export_hf
 from sft_jax.model import RopeScaling, Transformer, count_params
 
 MODEL_TOL = 1e-4
@@ -48,6 +51,35 @@ FAMILIES = {
     "mistral": (MistralConfig, {"sliding_window": 4096, "head_dim": 16}),  # window >= max pos
     "qwen2_qkv_bias": (Qwen2Config, {}),
     "qwen3_qk_norm": (Qwen3Config, {"head_dim": 32}),  # head_dim != hidden / heads
+    "mistral_sliding_window": (MistralConfig, {"sliding_window": 5, "head_dim": 16}),
+    # Gemma: windows shorter than the 12-token inputs, soft caps small enough to bite, a query
+    # scale other than head_dim, local and global layers in one scan.
+    "gemma2": (
+        Gemma2Config,
+        {
+            "head_dim": 16,
+            "num_hidden_layers": 3,
+            "sliding_window": 5,
+            "query_pre_attn_scalar": 24,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 3.0,
+            "pad_token_id": 0,
+        },
+    ),
+    "gemma3": (
+        Gemma3TextConfig,
+        {
+            "head_dim": 16,
+            "num_hidden_layers": 3,
+            "sliding_window": 5,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0},
+            },
+            "pad_token_id": 0,
+        },
+    ),
 }
 
 
@@ -92,19 +124,50 @@ def _hf_logits(model, tokens, positions):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_logits_match_transformers(family, tmp_path):
+def test_round_trip_import_logits_export_reload(family, tmp_path, stories_dir):
+    """HF -> ours: logits match transformers; ours -> export -> transformers: same logits."""
     config_cls, overrides = FAMILIES[family]
-    model = _save_tiny(config_cls, overrides, tmp_path)
+    model = _save_tiny(config_cls, overrides, tmp_path / "src")
     tokens, positions = _inputs(offset=100 if "rope" in family else 37)
-    ours, config, params = _our_logits(tmp_path, tokens, positions)
+    ours, config, params = _our_logits(tmp_path / "src", tokens, positions)
     expected = _hf_logits(model, tokens, positions)
     assert np.abs(expected).max() > 0.5  # a meaningful comparison, not two near-zero tensors
     np.testing.assert_allclose(ours, expected, atol=MODEL_TOL)
     assert count_params(params) == model.num_parameters()
-    assert config.tie_embeddings == ("tied" in family)
-    assert config.qk_norm == ("qwen3" in family)
+    assert config.tie_embeddings == ("tied" in family or "gemma" in family)
+    assert config.qk_norm == ("qwen3" in family or "gemma3" in family)
     assert config.attention_bias == ("qwen2" in family)
-    assert (config.rope_scaling is not None) == ("rope_scaling" in family)
+    assert (config.rope_scaling is not None) == ("rope_scaling" in family or "gemma3" in family)
+    assert config.has_local_layers == ("sliding" in family or "gemma" in family)
+
+    out = tmp_path / "out"
+    export_hf(
+        params,
+        config,
+        str(out),
+        tokenizer_dir=str(stories_dir),
+        source_model_dir=str(tmp_path / "src"),
+        max_shard_bytes=64 * 1024,
+    )
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # really sharded
+    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    np.testing.assert_allclose(_hf_logits(reloaded, tokens, positions), ours, atol=MODEL_TOL)
+    for (name, a), b in zip(
+        model.state_dict().items(), reloaded.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name  # fp32 export is bit-exact
+
+
+def test_sliding_window_matters_in_the_tiny_configs(tmp_path):
+    """Guards the Gemma/Mistral tests above: with the window removed the logits change."""
+    config_cls, overrides = FAMILIES["gemma2"]
+    _save_tiny(config_cls, overrides, tmp_path)
+    tokens, positions = _inputs()
+    windowed, config, params = _our_logits(tmp_path, tokens, positions)
+    full = dataclasses.replace(config, sliding_window=None, local_layers=())
+    logits = _apply(full, params, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions))
+    assert np.abs(np.asarray(logits) - windowed)[:, 6:].max() > 1e-3
 
 
 def test_sharded_checkpoint_with_index(tmp_path):
@@ -206,7 +269,6 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     "fields",
     [
         {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
-        {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 64},
         {
             "architectures": ["Qwen2ForCausalLM"],
             "model_type": "qwen2",
@@ -227,8 +289,34 @@ def test_unused_sliding_windows_are_accepted(tmp_path):
     qwen = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "sliding_window": 64}
     assert _load_config(_write_config(tmp_path, **qwen, use_sliding_window=False)).attention_bias
     mistral = {"architectures": ["MistralForCausalLM"], "model_type": "mistral"}
-    assert _load_config(_write_config(tmp_path, **mistral, sliding_window=None))
-    assert _load_config(_write_config(tmp_path, **mistral, sliding_window=256))
+    assert not _load_config(_write_config(tmp_path, **mistral, sliding_window=None)).local_layers
+    assert not _load_config(_write_config(tmp_path, **mistral, sliding_window=256)).local_layers
+    windowed = _load_config(_write_config(tmp_path, **mistral, sliding_window=64))
+    assert windowed.sliding_window == 64 and windowed.local_layers == (True, True)
+
+
+def test_gemma_default_layer_patterns(tmp_path):
+    """Without `layer_types`, transformers' defaults: Gemma 2 alternates starting local, Gemma 3
+    makes every sliding_window_pattern-th layer global; Gemma 3 local layers get their own base."""
+    gemma2 = {
+        "architectures": ["Gemma2ForCausalLM"],
+        "model_type": "gemma2",
+        "num_hidden_layers": 4,
+    }
+    config = _load_config(_write_config(tmp_path, **gemma2, sliding_window=8))
+    assert config.local_layers == (True, False, True, False) and config.attn_softcap is None
+    gemma3 = {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 7,
+        "sliding_window": 8,
+        "rope_theta": 1e6,
+        "rope_local_base_freq": 1e4,
+    }
+    config = _load_config(_write_config(tmp_path, **gemma3))
+    assert config.local_layers == (True,) * 5 + (False, True)
+    assert (config.rope_theta, config.local_rope_theta) == (1e6, 1e4)
+    assert config.norm_offset and config.embed_scale and config.qk_norm and config.tie_embeddings
 
 
 # --- tensor checks --------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -27,6 +28,7 @@ from sft_jax.model import (
     model_config_from_arch,
     rope_inv_freq,
     rope_tables,
+    window_mask,
 )
 
 SMALL_TOL = 1e-5
@@ -155,10 +157,26 @@ def test_attention_mask_is_causal_within_segments():
     np.testing.assert_array_equal(mask, expected)
 
 
-def test_packed_row_equals_examples_run_alone():
+GEMMA_LIKE = dict(
+    norm_offset=True,
+    embed_scale=True,
+    mlp_activation="gelu_tanh",
+    sandwich_norms=True,
+    attn_softcap=2.0,
+    final_softcap=3.0,
+    query_scale=24.0,
+    sliding_window=3,
+    local_layers=(True, False),
+    local_rope_theta=500.0,
+)
+
+
+@pytest.mark.parametrize("overrides", [{}, GEMMA_LIKE], ids=["llama", "gemma_sliding"])
+def test_packed_row_equals_examples_run_alone(overrides):
     """Row 0 packs two examples and padding; rows 1 and 2 hold each example alone (trailing
-    padding cannot reach earlier tokens causally, and one shape means one compile)."""
-    config = _config()
+    padding cannot reach earlier tokens causally, and one shape means one compile). With a
+    window of 3 the sliding layers must also stay inside each packed example."""
+    config = _config(**overrides)
     params = _random_params(config)
     rng = np.random.default_rng(1)
     first, second = rng.integers(0, 128, size=5), rng.integers(0, 128, size=4)
@@ -303,3 +321,38 @@ def test_stories260k_logits_match_golden(stories_dir, golden_dir):
     logits = _forward(config, params, [golden["input_ids"]])[0]
     np.testing.assert_allclose(logits, expected, atol=MODEL_TOL)
     assert int(np.argmax(logits[-1])) == golden["argmax_next_after_prompt"]
+
+
+def test_window_mask_keeps_keys_less_than_window_behind():
+    mask = attention_mask(jnp.array([[1, 1, 1, 1, 2, 2]]))
+    windowed = np.asarray(window_mask(mask, jnp.arange(6), 2))[0]
+    expected = np.array(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [0, 1, 1, 0, 0, 0],
+            [0, 0, 1, 1, 0, 0],
+            [0, 0, 0, 0, 1, 0],
+            [0, 0, 0, 0, 1, 1],
+        ],
+        dtype=bool,
+    )
+    np.testing.assert_array_equal(windowed, expected)
+
+
+def test_gemma_tree_adds_sandwich_norms_with_zero_init():
+    """Existing leaves keep their names; Gemma adds post_attn_norm/post_mlp_norm, and every
+    (1 + w) norm starts at w = 0 so a fresh model normalises with scale 1."""
+    config = _config(**GEMMA_LIKE)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    rng = jax.random.key(0, impl="rbg")  # threefry compiles one program per leaf on CPU
+    params = jax.jit(Transformer(config).init)(rng, tokens, tokens, tokens)["params"]
+    params = nn.unbox(params)
+    layers = params["layers"]
+    assert {"attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm"} <= set(layers)
+    assert np.all(np.asarray(layers["post_mlp_norm"]["scale"]) == 0)
+    assert np.all(np.asarray(params["final_norm"]["scale"]) == 0)
+    plain = _random_params(_config())
+    assert set(flax.traverse_util.flatten_dict(plain)) < set(
+        flax.traverse_util.flatten_dict(params)
+    )

@@ -1,0 +1,112 @@
+"""Chat with a trained workdir or an exported HF directory: `python -m sft_jax.generate`.
+
+    python -m sft_jax.generate --model DIR [--prompt "..."] [--temperature 0.7 --top-p 0.9]
+    python -m sft_jax.generate --workdir W [--step N] [--prompt "..."]
+
+With --prompt it prints one reply and exits; without, it reads prompts from stdin until EOF and
+keeps the conversation. The tokenizer's chat template (for a workdir: the template used in
+training) renders the conversation with a generation prompt; a tokenizer without one gets the raw
+text, encoded with its special tokens (BOS). Generation stops at EOS or the template's end-of-turn
+token (generation_config's eos ids, plus the tokenizer's EOS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+
+from sft_jax import hf
+from sft_jax.generate import generate
+from sft_jax.model import Transformer
+
+
+def _load(args: argparse.Namespace) -> tuple[Transformer, Any, Any, str]:
+    """(model, params, tokenizer, model dir for generation_config) from --model or --workdir."""
+    from transformers import AutoTokenizer
+
+    if args.model:
+        config = hf.load_model_config(
+            args.model, dtype="float32", param_dtype="float32", remat="none"
+        )
+        params = hf.load_params(args.model, config)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        return Transformer(config), params, tokenizer, args.model
+    from sft_jax.export import load_workdir
+
+    run = load_workdir(args.workdir, args.step)
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
+    if run.chat_template is not None:
+        tokenizer.chat_template = run.chat_template
+    return Transformer(run.model_config), run.params, tokenizer, run.source_model_dir
+
+
+def stop_ids(tokenizer: Any, model_dir: str) -> list[int]:
+    """EOS and end-of-turn ids: generation_config.json's eos_token_id(s) and the tokenizer's."""
+    ids = {tokenizer.eos_token_id}
+    path = os.path.join(model_dir, "generation_config.json") if model_dir else ""
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def encode(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the conversation, ready for the assistant's reply."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode("\n".join(m["content"] for m in messages))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sft_jax.generate", description=__doc__)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="HF model directory (e.g. an export)")
+    source.add_argument("--workdir", help="training workdir")
+    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--prompt", default=None, help="one prompt; omit for an interactive chat")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        model, params, tokenizer, model_dir = _load(args)
+    except (OSError, ValueError) as e:
+        print(f"generate: error: {e}", file=sys.stderr)
+        return 2
+    stops = stop_ids(tokenizer, model_dir)
+    messages: list[dict[str, str]] = []
+    prompts = [args.prompt] if args.prompt is not None else _stdin_prompts()
+    for turn, prompt in enumerate(prompts):
+        messages.append({"role": "user", "content": prompt})
+        (reply,) = generate(
+            model,
+            params,
+            [encode(tokenizer, messages)],
+            max_new_tokens=args.max_new_tokens,
+            stop_ids=stops,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            rng=jax.random.fold_in(jax.random.PRNGKey(args.seed), turn),
+        )
+        text = tokenizer.decode(reply, skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": text})
+        print(text, flush=True)
+    return 0
+
+
+def _stdin_prompts():
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            return
+        if line.strip():
+            yield line

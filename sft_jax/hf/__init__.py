@@ -1,0 +1,27 @@
+"""Hugging Face in and out: `config.json` <-> ModelConfig, safetensors <-> our parameter tree.
+
+Modules: `config` (config.json parsing, family features, what is unsupported and why), `params`
+(the tensor name/layout table, import into target shardings, the export plan) and `safetensors`
+(bf16-capable reader and streaming writer). `sft_jax.export` writes whole HF directories.
+"""
+
+from sft_jax.hf.config import (
+    SUPPORTED_ARCHITECTURES,
+    UnsupportedModelError,
+    build_model_config,
+    hf_config_dict,
+    load_model_config,
+)
+from sft_jax.hf.params import HfTensor, hf_tensor_plan, load_params, to_hf_tensor
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "HfTensor",
+    "UnsupportedModelError",
+    "build_model_config",
+    "hf_config_dict",
+    "hf_tensor_plan",
+    "load_model_config",
+    "load_params",
+    "to_hf_tensor",
+]

@@ -1,0 +1,148 @@
+"""Export: transformers loads what we write and its logits equal ours; the CLI on a trained run."""
+
+import dataclasses
+import functools
+import json
+import struct
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sft_jax import export
+from sft_jax.config import load_config_file, parse
+from sft_jax.model import ModelConfig, Transformer
+
+MODEL_TOL = 1e-4
+BASE = ModelConfig(
+    vocab_size=512,  # the stories260K tokenizer's size
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_embeddings=True,
+    qk_norm=False,
+    attention_bias=False,
+    max_position_embeddings=256,
+    rope_scaling=None,
+    dtype="float32",
+    param_dtype="float32",
+    remat="none",
+)
+VARIANTS = {
+    "llama_tied": ({}, "LlamaForCausalLM"),
+    "qwen2_bias": ({"attention_bias": True, "tie_embeddings": False}, "Qwen2ForCausalLM"),
+    "qwen3_qk_norm": ({"qk_norm": True}, "Qwen3ForCausalLM"),
+}
+
+
+def _random_params(config, seed=0):
+    tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+    abstract = jax.eval_shape(
+        Transformer(config).init, jax.random.PRNGKey(0), tokens, tokens, tokens
+    )
+    flat = flax.traverse_util.flatten_dict(nn.unbox(abstract["params"]))
+    rng = np.random.default_rng(seed)
+    params = {}
+    for path, leaf in flat.items():
+        noise = rng.normal(size=leaf.shape).astype(np.float32) * 0.1
+        params[path] = jnp.asarray(noise + 1.0 if path[-1] == "scale" else noise, leaf.dtype)
+    return flax.traverse_util.unflatten_dict(params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(config, params, tokens):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return Transformer(config).apply({"params": params}, tokens, positions, jnp.ones_like(tokens))
+
+
+def _tokens():
+    return np.random.default_rng(0).integers(0, 512, size=(2, 12))
+
+
+def _hf_logits(path, tokens):
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(tokens)).logits.float().numpy(), model
+
+
+def _metadata(path):
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size))["__metadata__"]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_random_init_export_loads_in_transformers(variant, tmp_path, stories_dir):
+    overrides, arch = VARIANTS[variant]
+    config = dataclasses.replace(BASE, **overrides)
+    params = _random_params(config)
+    export.export_hf(
+        params, config, str(tmp_path), tokenizer_dir=str(stories_dir), max_shard_bytes=100_000
+    )
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["architectures"] == [arch]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert all(_metadata(tmp_path / name) == {"format": "pt"} for name in shards)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / name).is_file()
+    tokens = _tokens()
+    theirs, _ = _hf_logits(tmp_path, tokens)
+    ours = np.asarray(_apply(config, params, jnp.asarray(tokens, jnp.int32)))
+    np.testing.assert_allclose(theirs, ours, atol=MODEL_TOL)
+
+
+def test_bfloat16_export_rounds_each_weight_once(tmp_path, stories_dir):
+    params = _random_params(BASE)
+    export.export_hf(params, BASE, str(tmp_path), tokenizer_dir=str(stories_dir), dtype="bfloat16")
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    weight = model.model.layers[1].mlp.down_proj.weight
+    assert weight.dtype == torch.bfloat16
+    expected = np.asarray(params["layers"]["mlp"]["down_proj"]["kernel"][1]).T
+    np.testing.assert_array_equal(weight.float().detach().numpy(), expected.astype(jnp.bfloat16))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from sft_jax.train import train_and_evaluate
+
+    c = load_config_file("configs/tiny.py")
+    c.train.max_steps = 2
+    workdir = tmp_path_factory.mktemp("tiny")
+    train_and_evaluate(parse(c), str(workdir))
+    return workdir
+
+
+def test_cli_exports_a_trained_workdir(trained, tmp_path):
+    out = tmp_path / "out"
+    assert export.main(["--workdir", str(trained), "--out", str(out)]) == 0
+    run = export.load_workdir(str(trained))
+    tokens = _tokens()
+    ours = np.asarray(_apply(run.model_config, run.params, jnp.asarray(tokens, jnp.int32)))
+    theirs, _ = _hf_logits(out, tokens)
+    np.testing.assert_allclose(theirs, ours, atol=MODEL_TOL)
+    assert np.abs(ours).max() > 0.1
+    # A second export into the same directory needs --overwrite.
+    assert export.main(["--workdir", str(trained), "--out", str(out)]) == 2
+    assert export.main(["--workdir", str(trained), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_cli_errors_exit_2(trained, tmp_path, capsys):
+    assert export.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "not a training workdir" in capsys.readouterr().err
+    assert (
+        export.main(["--workdir", str(trained), "--out", str(tmp_path / "o"), "--step", "999"]) == 2
+    )
+    assert "no checkpoint for step 999" in capsys.readouterr().err

@@ -1,40 +1,97 @@
-"""Orbax checkpoints of the train state, the data iterator position and the resolved config.
+"""Orbax checkpoints of the train state, the data iterator position, loop counters and config.
 
-One checkpoint per saved step, written asynchronously and committed atomically by Orbax (a
-half-written step directory is never listed as a checkpoint). Restores go straight into the
-target shardings, so a run can resume on the mesh it is started with.
+Each saved step holds four items: `state` (params, optimizer state, step, rng: arrays),
+`data` (the train iterator's exact position), `loop` (host-side counters: skipped steps, loss EMA,
+early-stopping bests; see train.LoopState) and `config` (the resolved config, for humans and
+export). Saves are asynchronous when configured and committed atomically by Orbax: on a local
+filesystem a step is written under `<step>.orbax-checkpoint-tmp-*` and renamed when complete,
+and a committed step has `commit_success.txt`; anything else is not a checkpoint.
+
+Retention: the last `keep` steps, plus (when `keep_best` > 0) the `keep_best` steps with the
+lowest `eval_loss` passed at save time. Orbax combines both as one preservation policy (a step
+is deleted only when neither keeps it).
+
+Restore goes straight into the target shardings, so a run resumes on whatever mesh it is started
+with. `restore_latest` walks back from the newest step: a step that fails to restore (truncated
+or missing files) is reported, and if an older step restores, the broken newer ones are moved to
+`checkpoints.corrupt/` so later saves of those step numbers do not collide with them. If no step
+restores, nothing is moved and the run stops with the errors: that is a config change (another
+model shape, say), not corruption.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
+from sft_jax.config import ConfigError
 from sft_jax.step import TrainState
+
+COMMIT_MARKER = "commit_success.txt"
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 class Checkpointer:
-    """Saves and restores (train state, data iterator state, config) under `workdir/checkpoints`."""
+    """Saves and restores (train state, data position, loop counters, config) in a workdir."""
 
-    def __init__(self, workdir: str, *, keep: int, async_save: bool):
+    def __init__(self, workdir: str, *, keep: int, async_save: bool, keep_best: int = 0):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.corrupt_directory = self.directory + ".corrupt"
+        keep_policy: policies.PreservationPolicy = policies.LatestN(n=keep)
+        if keep_best > 0:
+            best = policies.BestN(
+                get_metric_fn=lambda m: m["eval_loss"],
+                reverse=True,  # BestN keeps the tail of the sort: descending -> lowest losses
+                n=keep_best,
+                keep_checkpoints_without_metrics=False,
+            )
+            keep_policy = policies.AnyPreservationPolicy([keep_policy, best])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            enable_async_checkpointing=async_save,
+            create=True,
+            preservation_policy=keep_policy,
+            # Orbax writes metrics (needed by BestN) only when it tracks a best_fn.
+            best_fn=(lambda m: m["eval_loss"]) if keep_best > 0 else None,
+            best_mode="min",
+            cleanup_tmp_directories=True,  # leftovers of a save killed before its commit
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "config")
+            self.directory, options=options, item_names=("state", "data", "loop", "config")
         )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: TrainState, data_state: dict, config: dict) -> None:
-        """Starts a (possibly asynchronous) save; a save of an already saved step is a no-op."""
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        data_state: dict,
+        config: dict,
+        *,
+        loop: dict | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> bool:
+        """Starts a (possibly asynchronous) save; returns False if `step` is already saved.
+
+        `metrics` ({"eval_loss": x}) rank the step for `keep_best`.
+        """
         if step in self._manager.all_steps():
-            return
+            return False
         arrays = {"params": state.params, "opt_state": state.opt_state, "step": state.step}
         arrays["rng"] = state.rng
         self._manager.save(
@@ -42,14 +99,70 @@ class Checkpointer:
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(arrays),
                 data=ocp.args.JsonSave(data_state),
+                loop=ocp.args.JsonSave(loop or {}),
                 config=ocp.args.JsonSave(config),
             ),
+            metrics=metrics,
+            force=True,  # the training loop decides when to save
         )
+        return True
+
+    def restore_latest(
+        self, target: TrainState, shardings: TrainState
+    ) -> tuple[int, TrainState, dict, dict] | None:
+        """Newest step that restores -> (step, state, data state, loop); None without steps.
+
+        Broken newer steps are reported and moved aside once an older one restored (see the
+        module docstring); if none restores, raises ConfigError listing why each failed.
+        """
+        failures: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            path = os.path.join(self.directory, str(step))
+            try:
+                if not os.path.exists(os.path.join(path, COMMIT_MARKER)):
+                    raise FileNotFoundError(f"no {COMMIT_MARKER}: the save never committed")
+                state, data_state, loop = self.restore(step, target, shardings)
+            except Exception as e:  # any failure to read a step makes it unusable
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400]
+                failures.append((step, reason))
+                _warn(
+                    f"checkpoint {path} cannot be restored ({reason}); "
+                    "falling back to the previous checkpoint"
+                )
+                continue
+            if failures:
+                self._quarantine([s for s, _ in failures])
+            return step, state, data_state, loop
+        if failures:
+            listing = "; ".join(f"step {s}: {r}" for s, r in failures)
+            raise ConfigError(
+                f"no checkpoint in {self.directory} can be restored into this run's model and "
+                f"mesh ({listing}). If the config changed, use a new workdir."
+            )
+        return None
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Moves broken step directories to `checkpoints.corrupt/<step>-<time>` (process 0)."""
+        if jax.process_index() == 0:
+            os.makedirs(self.corrupt_directory, exist_ok=True)
+            for step in steps:
+                source = os.path.join(self.directory, str(step))
+                target = os.path.join(self.corrupt_directory, f"{step}-{int(time.time())}")
+                shutil.move(source, target)
+                _warn(f"moved unreadable checkpoint {source} to {target}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("sft_jax_checkpoint_quarantine")
+        self._manager.reload()
 
     def restore(
         self, step: int, target: TrainState, shardings: TrainState
-    ) -> tuple[TrainState, dict]:
-        """Restores `step` into the structure and shardings of `target` -> (state, data state)."""
+    ) -> tuple[TrainState, dict, dict]:
+        """Restores `step` into the structure and shardings of `target`.
+
+        Returns (state, data iterator state, loop counters).
+        """
 
         def abstract(x: jax.Array, s: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
@@ -63,7 +176,9 @@ class Checkpointer:
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(tree), data=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(tree),
+                data=ocp.args.JsonRestore(),
+                loop=ocp.args.JsonRestore(),
             ),
         )
         arrays = restored["state"]
@@ -73,7 +188,7 @@ class Checkpointer:
             opt_state=arrays["opt_state"],
             rng=arrays["rng"],
         )
-        return state, restored["data"]
+        return state, restored["data"], restored["loop"] or {}
 
     def restore_params(self, step: int | None, abstract_params: Any) -> Any:
         """Only the parameters of `step` (latest when None), into `abstract_params`' shardings.

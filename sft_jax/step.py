@@ -5,11 +5,20 @@ It is composed of named pieces, each tested alone:
     loss_fn        params, batch            -> (loss sum, (loss tokens,))    one forward
     compute_grads  params, batch, M         -> summed grads over M micro-batches, loss sum, tokens
     apply_updates  state, grads             -> new state (optax), grad norm
+    keep_if_finite finite, new, old         -> new state, or old params/optimizer when not finite
 
 Normalisation happens once: the summed gradient is divided by the number of loss tokens in the
 whole global batch, so M micro-batches of B/M rows give the same update as one batch of B rows,
 and data parallelism gives the same update as one device. `make_train_step` jits the step once
 with explicit in/out shardings and donates the old state.
+
+Non-finite steps are skipped inside the step, never by optax.apply_if_finite (which applies a
+non-finite update once its error budget is spent): when the loss or the gradient norm is NaN/Inf,
+params and the whole optimizer state (moments and its update count, hence its learning-rate
+schedule position) stay as they were, while `step` still advances. So a skipped step consumes its
+batch and its rng slot, and the data order and step numbering of a run do not depend on whether a
+step was skipped. The `learning_rate` metric is read from the optimizer's own count, so it is the
+rate the update used even after skips. The host loop counts skips (sft_jax/faults.py).
 """
 
 from __future__ import annotations
@@ -107,31 +116,57 @@ def apply_updates(state: TrainState, grads: Any) -> tuple[TrainState, jax.Array]
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), grad_norm
 
 
+def optimizer_count(opt_state: Any, fallback: jax.Array) -> jax.Array:
+    """Updates the optimizer has applied (its schedule's count); `fallback` if it keeps none."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)]
+    return counts[0] if counts else fallback
+
+
+def keep_if_finite(finite: jax.Array, new: TrainState, old: TrainState) -> TrainState:
+    """`new`, except that params and optimizer state stay `old`'s when `finite` is False."""
+    select = lambda a, b: jnp.where(finite, a, b)
+    return new.replace(
+        params=jax.tree.map(select, new.params, old.params),
+        opt_state=jax.tree.map(select, new.opt_state, old.opt_state),
+    )
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
+    loss_scale: jax.Array,
     *,
     micro_batches: int,
     schedule: optax.Schedule,
     micro_batch_sharding: NamedSharding | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """Pure step: grads of the summed loss / global loss tokens, then one optimizer update."""
+    """Pure step: grads of the summed loss / global loss tokens, then one optimizer update.
+
+    `loss_scale` is a float32 scalar, 1.0 except under fault injection (NaN), which scales loss
+    and gradients; x * 1.0 == x exactly, so it leaves normal runs bitwise unchanged. A step whose
+    loss or gradient norm is not finite is skipped (see the module docstring); metrics report
+    `nonfinite` (1.0 for a skipped step).
+    """
     rng = jax.random.fold_in(state.rng, state.step)
     grads, loss_sum, count = compute_grads(
         state.params, state.apply_fn, batch, rng, micro_batches, micro_batch_sharding
     )
     denominator = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denominator.astype(g.dtype), grads)
-    learning_rate = schedule(state.step)
-    new_state, grad_norm = apply_updates(state, grads)
+    grads = jax.tree.map(lambda g: g / denominator.astype(g.dtype) * loss_scale, grads)
+    loss = loss_sum / denominator * loss_scale
+    learning_rate = schedule(optimizer_count(state.opt_state, state.step))
+    updated, grad_norm = apply_updates(state, grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     metrics = {
-        "loss": loss_sum / denominator,
+        "loss": loss,
         "loss_tokens": count,
         "real_tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
         "learning_rate": jnp.asarray(learning_rate, jnp.float32),
         "grad_norm": grad_norm,
+        "nonfinite": 1.0 - finite.astype(jnp.float32),
     }
-    return new_state, metrics
+    return keep_if_finite(finite, updated, state), metrics
 
 
 def make_train_step(
@@ -140,15 +175,19 @@ def make_train_step(
     *,
     micro_batches: int,
     schedule: optax.Schedule,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """`train_step` jitted once, with explicit shardings, donating the incoming state."""
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """`train_step(state, batch, loss_scale)` jitted once, with explicit shardings, donating the
+    incoming state. Pass `loss_scale=np.float32(1.0)` unless injecting a fault."""
     replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def step(
+        state: TrainState, batch: Batch, loss_scale: jax.Array
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         return train_step(
             state,
             batch,
+            loss_scale,
             micro_batches=micro_batches,
             schedule=schedule,
             micro_batch_sharding=batch_shardings if micro_batches > 1 else None,
@@ -156,7 +195,7 @@ def make_train_step(
 
     return jax.jit(
         step,
-        in_shardings=(state_shardings, batch_shardings),
+        in_shardings=(state_shardings, batch_shardings, replicated),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )

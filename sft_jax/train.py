@@ -4,31 +4,56 @@
 The loop is split into named sections: setup (mesh, data, model, state, restore), baseline
 evaluation, the step loop (log, evaluate, checkpoint), and the final evaluation and summary.
 
-Exit codes: 0 finished; 2 bad config or data (nothing trained).
+Exit codes (sft_jax/faults.py): 0 finished or stopped early; 2 bad config or data (nothing
+trained); 42 preempted, checkpoint saved; 43 aborted on non-finite loss.
+
+metrics.jsonl is appended to by every start of a run in the same workdir. Each start writes a
+`{"kind": "start", "run": n, "resumed_from": step}` record, and every training and eval record
+of that start carries `"run": n` (0 for the first start), so the records a resumed run wrote
+are told apart exactly from those of the run it replaced.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from sft_jax import data, hf, sharding
+from sft_jax import data, hf, preflight, sharding
 from sft_jax.checkpoint import Checkpointer
-from sft_jax.config import Config, ConfigError, make_configs_importable, parse, to_dict
+from sft_jax.config import Config, ConfigError, config_from_argv, to_dict
+from sft_jax.distributed import check_platform, initialize_distributed
 from sft_jax.evaluate import evaluate_loss, generation_accuracy, make_eval_step
+from sft_jax.faults import (
+    EXIT_NONFINITE,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_USER_ERROR,
+    FaultInjector,
+    NonFiniteAbort,
+    Preempted,
+    PreemptionWatcher,
+    StepHealth,
+    tree_is_finite,
+)
 from sft_jax.metrics import MetricsWriter
 from sft_jax.model import Transformer, count_params
 from sft_jax.optim import make_optimizer, make_schedule
 from sft_jax.state import create_train_state
 from sft_jax.step import BATCH_KEYS, make_train_step
+
+# Kept importable from here for callers of the original names.
+check_workdir = preflight.check_workdir
+check_batch_layout = preflight.check_batch_layout
 
 USER_ERRORS = (ConfigError, data.DataError, hf.UnsupportedModelError, FileNotFoundError)
 
@@ -42,39 +67,10 @@ def log(message: str) -> None:
 # ----------------------------------------------------------------------------- setup
 
 
-def check_workdir(workdir: str) -> None:
-    """Fails before compute when the workdir cannot be created or written."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_probe")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"workdir '{workdir}' is not writable: {e}") from e
-
-
 def total_steps(config: Config, steps_per_epoch: int) -> int:
     if config.train.max_steps > 0:
         return config.train.max_steps
     return max(1, math.ceil(config.train.epochs * steps_per_epoch))
-
-
-def check_batch_layout(config: Config, mesh: jax.sharding.Mesh) -> None:
-    """The global batch must split evenly into micro-batches, devices and processes."""
-    shards = sharding.batch_shards(mesh, config.mesh.rules)
-    per_micro = config.train.global_batch_size // config.train.micro_batches
-    if per_micro % shards or config.train.global_batch_size % jax.process_count():
-        raise ConfigError(
-            f"train.global_batch_size={config.train.global_batch_size} with "
-            f"train.micro_batches={config.train.micro_batches} gives {per_micro} rows per "
-            f"micro-batch, which must be a multiple of the {shards} batch shards of the mesh"
-        )
-    if config.eval.batch_size % shards:
-        raise ConfigError(
-            f"eval.batch_size={config.eval.batch_size} must be a multiple of the "
-            f"{shards} batch shards"
-        )
 
 
 def make_placer(batch_sharding: jax.sharding.NamedSharding):
@@ -103,14 +99,14 @@ def print_data_stats(stats: dict[str, Any], steps: int, per_epoch: int) -> None:
 def run_generation_eval(
     config: Config, model: Transformer, params: Any, bundle: data.DataBundle
 ) -> dict[str, Any] | None:
-    n = min(config.eval.generate_examples, len(bundle.eval_rows))
+    n = min(config.eval.generate_examples, len(bundle.eval_prompts))
     if n == 0:
         return None
     return generation_accuracy(
         model,
         params,
         bundle.tokenizer,
-        bundle.eval_rows[:n],
+        bundle.eval_prompts[:n],
         max_new_tokens=config.eval.max_new_tokens,
         match=config.eval.match,
     )
@@ -132,13 +128,85 @@ def previous_baseline(workdir: str) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
-    """Trains per `config`, writing metrics and checkpoints to `workdir`; returns the summary."""
-    start_time = time.time()
-    # --- setup: everything that can fail on bad input fails here, before compute.
-    check_workdir(workdir)
-    mesh = sharding.make_mesh(config.mesh)
-    check_batch_layout(config, mesh)
+@dataclasses.dataclass
+class LoopState:
+    """Host-side loop counters, saved in every checkpoint so that a resumed run continues them."""
+
+    health: StepHealth = dataclasses.field(default_factory=StepHealth)
+    best_eval_loss: float | None = None
+    best_eval_step: int | None = None
+    evals_since_best: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["health"] = self.health.to_dict()
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LoopState:
+        values = dict(values)
+        health = StepHealth.from_dict(values.pop("health", {}))
+        names = {f.name for f in dataclasses.fields(cls)} - {"health"}
+        return cls(health=health, **{k: v for k, v in values.items() if k in names})
+
+    def observe_eval(self, step: int, loss: float, patience: int) -> bool:
+        """Records a periodic eval; True when `patience` evals in a row brought no new best."""
+        if self.best_eval_loss is None or loss < self.best_eval_loss:
+            self.best_eval_loss, self.best_eval_step, self.evals_since_best = loss, step, 0
+        else:
+            self.evals_since_best += 1
+        return patience > 0 and self.evals_since_best >= patience
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop sections share, built once by `setup`."""
+
+    config: Config
+    workdir: str
+    steps: int
+    model: Transformer
+    shardings: Any
+    bundle: data.DataBundle
+    train_step: Callable
+    evaluate: Callable[[Any], dict[str, float]]
+    checkpointer: Checkpointer
+    writer: MetricsWriter
+    resolved: dict[str, Any]
+    loop: LoopState
+    run_number: int
+    faults: FaultInjector
+    place: Callable[[dict], dict]
+    last_loss: float | None = None  # last finite training loss of this process's run
+
+    def save(self, step: int, state: Any, eval_loss: float | None = None) -> bool:
+        """Starts a checkpoint of `state` at `step`; never writes non-finite parameters."""
+        if not tree_is_finite((state.params, state.opt_state)):
+            raise NonFiniteAbort(step, self.loop.health.nonfinite_in_a_row)
+        metrics = None if eval_loss is None else {"eval_loss": eval_loss}
+        return self.checkpointer.save(
+            step,
+            state,
+            self.bundle.train_iter.get_state(),
+            self.resolved,
+            loop=self.loop.to_dict(),
+            metrics=metrics,
+        )
+
+
+def next_run_number(workdir: str) -> int:
+    """0 for a fresh workdir, else one more than the starts recorded in metrics.jsonl."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if '"kind": "start"' in line)
+
+
+def setup(config: Config, workdir: str) -> tuple[Run, Any]:
+    """Preflight, data, model, state and restore: everything that fails on bad input fails here,
+    before compute. Returns the run and its (possibly restored) train state."""
+    mesh = preflight.run(config, workdir)
     bundle = data.prepare_data(config)
     steps = total_steps(config, bundle.train_iter.steps_per_epoch)
     print_data_stats(bundle.stats, steps, bundle.train_iter.steps_per_epoch)
@@ -150,97 +218,257 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         )
     model = Transformer(model_config)
     tx = make_optimizer(config.optim, steps)
-    schedule = make_schedule(config.optim, steps)
     state, shardings = create_train_state(
         model_config, config.model.path, tx, mesh, config.mesh.rules, config.seed
     )
     log(f"model: {count_params(state.params) / 1e6:.3f}M parameters on mesh {dict(mesh.shape)}")
     checkpointer = Checkpointer(
-        workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+        workdir,
+        keep=config.checkpoint.keep,
+        keep_best=config.checkpoint.keep_best,
+        async_save=config.checkpoint.async_save,
     )
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, data_state = checkpointer.restore(latest, state, shardings)
+    loop = LoopState()
+    restored = checkpointer.restore_latest(state, shardings)
+    if restored is not None:
+        step, state, data_state, loop_values = restored
         bundle.train_iter.set_state(data_state)
-        log(f"resumed from checkpoint at step {latest}")
+        loop = LoopState.from_dict(loop_values)
+        log(f"resumed from checkpoint at step {step}")
     batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
     place = make_placer(batch_sharding)
-    train_step = make_train_step(
-        shardings, batch_sharding, micro_batches=config.train.micro_batches, schedule=schedule
-    )
     eval_step = make_eval_step(model.apply, shardings.params, batch_sharding)
-    writer = MetricsWriter(workdir)
-    resolved = to_dict(config)
+    schedule = make_schedule(config.optim, steps)
+    run = Run(
+        config=config,
+        workdir=workdir,
+        steps=steps,
+        model=model,
+        shardings=shardings,
+        bundle=bundle,
+        train_step=make_train_step(
+            shardings, batch_sharding, micro_batches=config.train.micro_batches, schedule=schedule
+        ),
+        evaluate=lambda params: evaluate_loss(eval_step, params, bundle.eval_batches, place),
+        checkpointer=checkpointer,
+        writer=MetricsWriter(workdir),
+        resolved=to_dict(config),
+        loop=loop,
+        run_number=next_run_number(workdir),
+        faults=FaultInjector(config.faults),
+        place=place,
+    )
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(resolved, f, indent=2)
+            json.dump(run.resolved, f, indent=2)
+    return run, state
 
-    # --- baseline: held-out generation before any update (kept across restarts).
+
+def save_due(run: Run, done: int, last_save_time: float) -> bool:
+    """Every `checkpoint.every_steps` steps and/or `every_minutes` minutes since the last save."""
+    c = run.config.checkpoint
+    due = bool(c.every_steps and done % c.every_steps == 0)
+    if c.every_minutes > 0 and not due:
+        due = time.time() - last_save_time >= 60 * c.every_minutes
+        if jax.process_count() > 1:  # clocks differ between hosts: process 0 decides for all
+            from jax.experimental import multihost_utils
+
+            due = bool(multihost_utils.broadcast_one_to_all(np.bool_(due)))
+    return due or run.faults.save_before_kill(done)
+
+
+def train_loop(run: Run, state: Any, watcher: PreemptionWatcher) -> tuple[Any, int, str]:
+    """Steps from the restored step to the end -> (state, last step, why it stopped).
+
+    Per step: update, health check (non-finite skips, spikes), log, periodic eval (early
+    stopping), checkpoint, fault hooks, preemption. Raises Preempted / NonFiniteAbort.
+    """
+    config, bundle = run.config, run.bundle
     first_step = int(state.step)
-    before = previous_baseline(workdir)
-    if before is None and first_step == 0:
-        generation = run_generation_eval(config, model, state.params, bundle)
-        if generation is not None:
-            before = {"kind": "generation_before", "accuracy": generation["accuracy"]}
-            writer.write(0, {**before, "samples": generation["samples"]})
-            log(f"before training: held-out {config.eval.match} match {generation['accuracy']:.3f}")
-
-    # --- the step loop.
     bar = tqdm(
-        total=steps,
+        total=run.steps,
         initial=first_step,
         disable=not config.train.progress_bar or jax.process_index() != 0,
         desc="train",
         dynamic_ncols=True,
     )
-    interval_tokens, interval_start = 0.0, time.time()
-    last_metrics: dict[str, float] = {}
-    for step in range(first_step, steps):
+    interval_tokens, interval_start, last_save_time = 0.0, time.time(), time.time()
+    done, reason = first_step, "finished"
+    for step in range(first_step, run.steps):
         host_batch = next(bundle.train_iter)
         interval_tokens += float(np.sum(host_batch["segment_ids"] > 0)) * jax.process_count()
-        state, metrics = train_step(state, place(host_batch))
+        state, metrics = run.train_step(
+            state, run.place(host_batch), run.faults.loss_scale(step + 1)
+        )
         done = step + 1
         bar.update(1)
-        if done % config.train.log_every == 0 or done == steps:
-            last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            elapsed = max(time.time() - interval_start, 1e-9)
-            last_metrics["tokens_per_s"] = interval_tokens / elapsed
-            last_metrics["epoch"] = done / bundle.train_iter.steps_per_epoch
-            writer.write(done, last_metrics)
-            bar.set_postfix(
-                loss=f"{last_metrics['loss']:.4f}", tok_s=f"{last_metrics['tokens_per_s']:.0f}"
+        # --- health: one scalar read per step, needed to stop after K non-finite steps in a row.
+        loss, nonfinite = (
+            float(x) for x in jax.device_get((metrics["loss"], metrics["nonfinite"]))
+        )
+        health, abort = run.loop.health, None
+        try:
+            spike = health.observe(
+                done,
+                loss,
+                nonfinite > 0,
+                limit=config.train.max_nonfinite_steps,
+                spike_factor=config.train.loss_spike_factor,
             )
+        except NonFiniteAbort as e:  # raised once this step's record is written
+            abort, spike = e, False
+        run.last_loss = run.last_loss if nonfinite else loss
+        if nonfinite:
+            bar.write(
+                f"step {done}: non-finite loss or gradient, update skipped "
+                f"({health.skipped_steps} so far)"
+            )
+        if spike:
+            bar.write(f"step {done}: loss spike {loss:.4f} (running mean {health.loss_ema:.4f})")
+            run.writer.write(
+                done, {"kind": "loss_spike", "run": run.run_number, "spike_loss": loss}
+            )
+        # --- log.
+        if done % config.train.log_every == 0 or done == run.steps or nonfinite:
+            record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            elapsed = max(time.time() - interval_start, 1e-9)
+            record["tokens_per_s"] = interval_tokens / elapsed
+            record["epoch"] = done / bundle.train_iter.steps_per_epoch
+            record["skipped_steps"] = health.skipped_steps
+            record["run"] = run.run_number
+            run.writer.write(done, record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             interval_tokens, interval_start = 0.0, time.time()
+        if abort is not None:
+            bar.close()
+            raise abort
+        # --- periodic eval; early stopping.
+        eval_loss, stop = None, False
         eval_due = config.eval.every_steps and done % config.eval.every_steps == 0
-        if eval_due and done < steps and bundle.eval_batches:
-            result = evaluate_loss(eval_step, state.params, bundle.eval_batches, place)
-            writer.write(done, result)
-            bar.write(f"step {done}: eval_loss {result['eval_loss']:.4f}")
-        if config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0:
-            checkpointer.save(done, state, bundle.train_iter.get_state(), resolved)
+        checkpoint_due = save_due(run, done, last_save_time)
+        if bundle.eval_batches and (eval_due or (checkpoint_due and config.checkpoint.keep_best)):
+            result = run.evaluate(state.params)
+            eval_loss = result["eval_loss"]
+            run.writer.write(done, {**result, "run": run.run_number})
+            bar.write(f"step {done}: eval_loss {eval_loss:.4f}")
+            if eval_due:
+                stop = run.loop.observe_eval(done, eval_loss, config.eval.early_stopping_patience)
+        # --- checkpoint; fault hooks; preemption.
+        if checkpoint_due or stop:
+            run.save(done, state, eval_loss)
+            last_save_time = time.time()
+        run.faults.after_step(done)
+        if watcher.reached(done):
+            run.save(done, state, eval_loss)
+            run.checkpointer.wait()
+            run.writer.write(done, {"kind": "preempted", "run": run.run_number})
+            bar.close()
+            raise Preempted(done)
+        if stop:
+            reason = "early_stopping"
+            bar.write(
+                f"step {done}: early stopping, no eval-loss improvement in "
+                f"{config.eval.early_stopping_patience} evals (best {run.loop.best_eval_loss:.4f} "
+                f"at step {run.loop.best_eval_step})"
+            )
+            break
     bar.close()
+    return state, done, reason
 
-    # --- final evaluation, checkpoint and summary.
-    checkpointer.save(steps, state, bundle.train_iter.get_state(), resolved)
-    summary: dict[str, Any] = {"steps": steps, "train_loss": last_metrics.get("loss")}
-    if bundle.eval_batches:
-        result = evaluate_loss(eval_step, state.params, bundle.eval_batches, place)
-        writer.write(steps, result)
-        summary.update(result)
-    generation = run_generation_eval(config, model, state.params, bundle)
-    if generation is not None:
-        writer.write(steps, {"kind": "generation_after", **generation})
-        summary["accuracy_before"] = before["accuracy"] if before else None
-        summary["accuracy_after"] = generation["accuracy"]
-        summary["samples"] = generation["samples"]
-        summary["generated"] = generation["n"]
-    checkpointer.close()
+
+def rewind(run: Run, state: Any) -> dict[str, Any]:
+    """Evaluates every kept checkpoint on the validation data -> best step and its loss.
+
+    Final checkpoints often overshoot; `python -m sft_jax.export --step <best_step>` exports the
+    best one instead of the last. Ties go to the earlier step.
+    """
+    run.checkpointer.wait()
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params
+    )
+    # A fresh manager: the training one has a StandardSave handler registered for `state`,
+    # which refuses the partial PyTreeRestore that `restore_params` (shared with export) uses.
+    c = run.config.checkpoint
+    reader = Checkpointer(run.workdir, keep=c.keep, keep_best=c.keep_best, async_save=False)
+    losses: dict[str, float] = {}
+    try:
+        for step in reader.all_steps():
+            params = reader.restore_params(step, abstract)
+            losses[str(step)] = run.evaluate(params)["eval_loss"]
+    finally:
+        reader.close()
+    best = min(losses, key=lambda k: (losses[k], int(k)))
+    run.writer.write(int(best), {"kind": "rewind", "run": run.run_number, "eval_losses": losses})
+    log(f"rewind: best kept checkpoint is step {best} (eval loss {losses[best]:.4f}) of {losses}")
+    return {"best_step": int(best), "best_eval_loss": losses[best], "kept_eval_losses": losses}
+
+
+def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
+    """Trains per `config`, writing metrics and checkpoints to `workdir`; returns the summary.
+
+    Raises faults.Preempted after saving on SIGTERM, faults.NonFiniteAbort after too many
+    non-finite steps in a row, and ConfigError / DataError on bad input (before compute).
+    """
+    start_time = time.time()
+    run, state = setup(config, workdir)
+    first_step = int(state.step)
+    run.writer.write(
+        first_step, {"kind": "start", "run": run.run_number, "resumed_from": first_step}
+    )
+    # --- baseline: held-out generation before any update (kept across restarts).
+    before = previous_baseline(workdir)
+    if before is None and first_step == 0:
+        generation = run_generation_eval(config, run.model, state.params, run.bundle)
+        if generation is not None:
+            before = {"kind": "generation_before", "accuracy": generation["accuracy"]}
+            run.writer.write(0, {**before, "samples": generation["samples"]})
+            log(f"before training: held-out {config.eval.match} match {generation['accuracy']:.3f}")
+    watcher = PreemptionWatcher()
+    try:
+        state, done, reason = train_loop(run, state, watcher)
+        summary = finish(run, state, done, reason, before)
+    finally:
+        watcher.close()
+        run.checkpointer.close()  # waits for any asynchronous save to commit
     summary["wall_s"] = round(time.time() - start_time, 1)
-    summary["data"] = bundle.stats
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
     print_summary(summary, config)
+    return summary
+
+
+def finish(
+    run: Run, state: Any, done: int, reason: str, before: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Final evaluation, checkpoint (ranked by eval loss), optional rewind, and the summary."""
+    config, bundle = run.config, run.bundle
+    summary: dict[str, Any] = {"steps": done, "stopped": reason}
+    summary["train_loss"] = run.last_loss
+    eval_loss = None
+    if bundle.eval_batches:
+        result = run.evaluate(state.params)
+        run.writer.write(done, {**result, "run": run.run_number})
+        summary.update(result)
+        eval_loss = result["eval_loss"]
+    run.save(done, state, eval_loss)
+    summary["skipped_steps"] = run.loop.health.skipped_steps
+    summary["loss_spikes"] = run.loop.health.spikes
+    if run.loop.best_eval_step is not None:
+        summary["best_periodic_eval"] = {
+            "step": run.loop.best_eval_step,
+            "eval_loss": run.loop.best_eval_loss,
+        }
+    if config.checkpoint.rewind_to_best and bundle.eval_batches:
+        summary.update(rewind(run, state))
+    generation = run_generation_eval(config, run.model, state.params, bundle)
+    if generation is not None:
+        run.writer.write(done, {"kind": "generation_after", **generation})
+        summary["accuracy_before"] = before["accuracy"] if before else None
+        summary["accuracy_after"] = generation["accuracy"]
+        summary["samples"] = generation["samples"]
+        summary["generated"] = generation["n"]
+    summary["data"] = bundle.stats
     return summary
 
 
@@ -268,43 +496,33 @@ def print_summary(summary: dict[str, Any], config: Config) -> None:
 def load_config_from_flags(argv: list[str]) -> tuple[Config, str]:
     """Parses `--config FILE[:arg] --workdir DIR --config.a.b=v`; bad flags -> ConfigError."""
     from absl import flags
-    from ml_collections import config_flags
 
     flag_values = flags.FlagValues()
-    config_flag = config_flags.DEFINE_config_file(
-        "config",
-        None,
-        "Config file (configs/*.py).",
-        flag_values=flag_values,
-        lock_config=True,
-        sys_argv=argv,  # overrides are read from here, not from the global sys.argv
-    )
     flags.DEFINE_string("workdir", None, "Output directory.", flag_values=flag_values)
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            make_configs_importable(arg.split("=", 1)[1])
-        elif arg == "--config" and i + 1 < len(argv):
-            make_configs_importable(argv[i + 1])
-    try:
-        flag_values(argv)
-    except (flags.Error, AttributeError, KeyError, ValueError) as e:
-        # ml_collections reports an unknown override key as AttributeError("... Did you mean ...").
-        message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
-        raise ConfigError(f"bad command-line flag: {message}") from e
-    if config_flag.value is None or not flag_values.workdir:
+    config = config_from_argv(argv, flag_values)
+    if not flag_values.workdir:
         raise ConfigError("usage: python -m sft_jax.train --config configs/x.py --workdir DIR")
-    return parse(config_flag.value), flag_values.workdir
+    return config, flag_values.workdir
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs training; bad config or data ends with a one-line message and exit code 2."""
+    """Runs training -> exit code: 0 done, 2 bad config or data, 42 preempted, 43 non-finite."""
     try:
         config, workdir = load_config_from_flags(sys.argv if argv is None else argv)
+        # Before anything touches devices: join the other hosts, then refuse a CPU fallback.
+        initialize_distributed(config.distributed)
+        check_platform(config.distributed.expected_platform)
         train_and_evaluate(config, workdir)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_USER_ERROR
+    except Preempted as e:
+        print(f"{e} (exit {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except NonFiniteAbort as e:
+        print(f"error: {e} (exit {EXIT_NONFINITE})", file=sys.stderr)
+        return EXIT_NONFINITE
+    return EXIT_OK
 
 
 if __name__ == "__main__":

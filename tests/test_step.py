@@ -96,7 +96,7 @@ def run_steps(mesh_sizes, micro_batches=1, steps=3, devices=None):
     losses, grad_norms = [], []
     for i in range(steps):
         batch = {k: jax.device_put(v, sharding) for k, v in packed_batch(seed=i).items()}
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, batch, np.float32(1.0))
         losses.append(float(metrics["loss"]))
         grad_norms.append(float(metrics["grad_norm"]))
     return losses, grad_norms, step_fn
@@ -145,6 +145,6 @@ def test_loss_decreases_when_overfitting_one_batch():
     batch = {k: jax.device_put(v, sharding) for k, v in packed_batch().items()}
     losses = []
     for _ in range(10):
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, batch, np.float32(1.0))
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.7 * losses[0], losses

@@ -1,0 +1,190 @@
+"""Faults: how every way a run can go wrong ends in a known state, and hooks to provoke them.
+
+Exit codes of `python -m sft_jax.train` (GUIDE section 5):
+
+    0   finished (including an early stop on validation loss)
+    2   bad config or data, nothing trained
+    42  preempted (SIGTERM or JAX's preemption sync point): a checkpoint of the current step was
+        committed; restarting the same command resumes exactly
+    43  aborted: `train.max_nonfinite_steps` steps in a row had a NaN/Inf loss or gradient norm;
+        no non-finite state was saved, so a restart (e.g. with a lower learning rate) resumes from
+        the last good checkpoint
+
+Non-finite steps are decided inside the jitted step (see `step.train_step`): the update is
+dropped, the batch is consumed. The host side here only counts them (`StepHealth`), because it
+has to read one scalar per step anyway to stop after K in a row.
+
+Fault injection (`config.faults`, all off by default) is how the test suite drives real
+processes into these states: SIGKILL after a step (optionally right after an asynchronous save
+started), self-SIGTERM, and NaN losses at chosen steps. Steps are counted as completed updates,
+1-based, the same numbers metrics.jsonl and checkpoint directories use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+
+from sft_jax.config import FaultsSection
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 42
+EXIT_NONFINITE = 43
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint of `step` was committed in response to a preemption."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted at step {step}; checkpoint saved, safe to restart")
+        self.step = step
+
+
+class NonFiniteAbort(Exception):
+    """Raised when too many consecutive steps had a non-finite loss or gradient norm."""
+
+    def __init__(self, step: int, in_a_row: int):
+        super().__init__(
+            f"aborting at step {step}: {in_a_row} steps in a row had a non-finite loss or "
+            "gradient norm (updates were skipped; no non-finite state was saved). Lower "
+            "optim.learning_rate or check the data, then restart to resume from the last "
+            "checkpoint"
+        )
+        self.step = step
+        self.in_a_row = in_a_row
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM into a flag the loop polls after every step (never acting mid-step).
+
+    A signal handler may run between any two bytecodes, so it only sets a flag; saving happens at
+    a step boundary in the loop. With several processes (`jax.distributed` initialised) each host
+    may receive the signal at a different step, so JAX's preemption sync point decides instead:
+    it returns True on every process at the same step.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = threading.current_thread() is threading.main_thread()
+        if self._installed:  # signal handlers can only be set from the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step`; a collective call when multi-process."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # no preemption sync manager: fall back to the local signal
+                pass
+        return self.requested
+
+    def close(self) -> None:
+        """Restores the SIGTERM handler that was there before (tests run several loops)."""
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
+
+
+# ----------------------------------------------------------------------------- step health
+
+
+@dataclasses.dataclass
+class StepHealth:
+    """Host-side counters of non-finite steps and loss spikes; saved in every checkpoint.
+
+    `loss_ema` is an exponential moving average of finite losses; a loss above
+    `spike_factor * loss_ema` is reported as a spike (logged, not acted on).
+    """
+
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    loss_ema: float | None = None
+    spikes: int = 0
+
+    EMA_DECAY = 0.9
+
+    def observe(self, step: int, loss: float, nonfinite: bool, *, limit: int, spike_factor: float):
+        """Counts one step; returns True for a loss spike; raises NonFiniteAbort at the limit."""
+        if nonfinite:
+            self.skipped_steps += 1
+            self.nonfinite_in_a_row += 1
+            if self.nonfinite_in_a_row >= limit:
+                raise NonFiniteAbort(step, self.nonfinite_in_a_row)
+            return False
+        self.nonfinite_in_a_row = 0
+        spike = bool(
+            spike_factor > 0 and self.loss_ema is not None and loss > spike_factor * self.loss_ema
+        )
+        self.spikes += spike
+        if self.loss_ema is None:
+            self.loss_ema = loss
+        else:
+            self.loss_ema = self.EMA_DECAY * self.loss_ema + (1 - self.EMA_DECAY) * loss
+        return spike
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> StepHealth:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+# ----------------------------------------------------------------------------- injection
+
+
+class FaultInjector:
+    """Test hooks from `config.faults`; every method is a no-op when its fault is off."""
+
+    def __init__(self, faults: FaultsSection):
+        self.faults = faults
+
+    def loss_scale(self, step: int) -> np.ndarray:
+        """1.0, or NaN for a step chosen to fail; a jit argument, so the step compiles once."""
+        first = self.faults.nan_at_step
+        nan = first > 0 and first <= step < first + self.faults.nan_steps
+        return np.float32(math.nan if nan else 1.0)
+
+    def save_before_kill(self, step: int) -> bool:
+        """Whether a save must start at `step` so that the kill lands during it."""
+        return self.faults.kill_during_save and step == self.faults.kill_at_step
+
+    def after_step(self, step: int) -> None:
+        """Kills (SIGKILL) or preempts (SIGTERM) this process once `step` is done."""
+        if step == self.faults.kill_at_step:
+            print(f"fault injection: SIGKILL after step {step}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step == self.faults.sigterm_at_step:
+            print(f"fault injection: SIGTERM after step {step}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def tree_is_finite(tree: Any) -> bool:
+    """Whether every floating-point leaf is free of NaN/Inf (the guard before each save)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, np.floating)]
+    return bool(_all_finite(leaves))
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    checks = [jax.numpy.all(jax.numpy.isfinite(x)) for x in leaves]
+    return jax.numpy.all(jax.numpy.stack(checks)) if checks else jax.numpy.bool_(True)

@@ -1,0 +1,79 @@
+"""Preflight: everything about a config that can be checked before any compute.
+
+Each check raises ConfigError with a message naming the key and the problem; `train.main` turns
+that into exit code 2 with nothing trained. Value ranges are checked when the config is parsed
+(sft_jax/config.py); what needs the filesystem or the devices is checked here.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import jax
+
+from sft_jax import sharding
+from sft_jax.config import Config, ConfigError
+
+
+def check_workdir(workdir: str) -> None:
+    """Fails before compute when the workdir cannot be created or written."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_probe")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"workdir '{workdir}' is not writable: {e}") from e
+
+
+def check_inputs(config: Config) -> None:
+    """Model directory, tokenizer directory and data files exist (before data is read)."""
+    model_path = config.model.path
+    if model_path and not os.path.isfile(os.path.join(model_path, "config.json")):
+        what = "has no config.json" if os.path.isdir(model_path) else "does not exist"
+        raise ConfigError(f"model.path '{model_path}' {what} (a local Hugging Face model dir)")
+    tokenizer = config.data.tokenizer
+    if tokenizer and not os.path.isdir(tokenizer):
+        raise ConfigError(f"data.tokenizer '{tokenizer}' is not a directory")
+    for key in ("train_files", "eval_files"):
+        for pattern in filter(None, (p.strip() for p in getattr(config.data, key).split(","))):
+            if not os.path.exists(pattern) and not glob.glob(pattern, recursive=True):
+                raise ConfigError(f"data.{key}: '{pattern}' matches no file or directory")
+
+
+def check_batch_layout(config: Config, mesh: jax.sharding.Mesh) -> None:
+    """The global batch must split evenly into micro-batches, devices and processes."""
+    shards = sharding.batch_shards(mesh, config.mesh.rules)
+    per_micro = config.train.global_batch_size // config.train.micro_batches
+    if per_micro % shards or config.train.global_batch_size % jax.process_count():
+        raise ConfigError(
+            f"train.global_batch_size={config.train.global_batch_size} with "
+            f"train.micro_batches={config.train.micro_batches} gives {per_micro} rows per "
+            f"micro-batch, which must be a multiple of the {shards} batch shards of the mesh"
+        )
+    if config.eval.batch_size % shards:
+        raise ConfigError(
+            f"eval.batch_size={config.eval.batch_size} must be a multiple of the "
+            f"{shards} batch shards"
+        )
+
+
+def check_faults(config: Config) -> None:
+    """Fault injection that could not do what it says is a config error, not a silent no-op."""
+    if config.faults.kill_during_save and not config.checkpoint.async_save:
+        raise ConfigError(
+            "faults.kill_during_save needs checkpoint.async_save=True (a synchronous save has "
+            "committed before the kill)"
+        )
+
+
+def run(config: Config, workdir: str) -> jax.sharding.Mesh:
+    """All preflight checks, in order of cost; returns the device mesh they validated."""
+    check_workdir(workdir)
+    check_inputs(config)
+    check_faults(config)
+    mesh = sharding.make_mesh(config.mesh)
+    check_batch_layout(config, mesh)
+    return mesh

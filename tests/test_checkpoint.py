@@ -1,0 +1,150 @@
+"""Checkpoints in-process: a corrupt or uncommitted latest step falls back to the previous one,
+last-K plus best-K retention with rewinding to the best step, early stopping, and restore onto
+other meshes and device counts (8 devices -> 1 -> (2, 2, 2)) with the same losses."""
+
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from sft_jax import faults, preflight
+from sft_jax.config import load_config_file, parse
+from sft_jax.metrics import read_metrics
+from sft_jax.train import train_and_evaluate
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TRAIN_FILE = REPO / "sft_jax" / "assets" / "demo" / "train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def small_train(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    lines = TRAIN_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:300]
+    path.write_text("".join(lines), encoding="utf-8")
+    return str(path)
+
+
+def config(small_train: str, **overrides):
+    raw = load_config_file(str(REPO / "configs" / "tiny.py"))
+    raw.data.train_files = small_train
+    raw.train.log_every = 1
+    raw.train.max_steps = 8
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        raw[section][key] = value
+    return parse(raw)
+
+
+def losses(workdir, run: int | None = None) -> dict[int, float]:
+    return {
+        r["step"]: r["loss"]
+        for r in read_metrics(str(workdir))
+        if "loss" in r and "kind" not in r and (run is None or r["run"] == run)
+    }
+
+
+def step_dirs(workdir) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.mark.parametrize("damage", ["truncate_arrays", "remove_commit_marker"])
+def test_corrupt_latest_checkpoint_falls_back_to_previous(small_train, tmp_path, capsys, damage):
+    cfg = config(small_train, checkpoint__every_steps=4, checkpoint__keep=3)
+    train_and_evaluate(cfg, str(tmp_path))
+    first = losses(tmp_path, run=0)
+    latest = tmp_path / "checkpoints" / "8"
+    if damage == "truncate_arrays":
+        for root, _, files in os.walk(latest / "state"):
+            for name in files:
+                if "ocdbt.process" in root:
+                    open(os.path.join(root, name), "w").close()  # truncate to 0 bytes
+    else:
+        (latest / "commit_success.txt").unlink()
+    capsys.readouterr()
+    train_and_evaluate(cfg, str(tmp_path))
+    err = capsys.readouterr().err
+    assert f"checkpoint {latest} cannot be restored" in err, err
+    assert "resumed from checkpoint at step 4" in err
+    assert list((tmp_path / "checkpoints.corrupt").iterdir())  # moved aside, not deleted
+    second = losses(tmp_path, run=1)
+    assert sorted(second) == [5, 6, 7, 8]
+    assert all(second[s] == first[s] for s in second)  # bitwise
+    assert step_dirs(tmp_path) == [4, 8]
+
+
+def test_keep_last_and_best_then_rewind(small_train, tmp_path):
+    """keep=1 last + keep_best=2 by eval loss; rewind evaluates what is kept and names the best."""
+    cfg = config(
+        small_train,
+        checkpoint__every_steps=2,
+        checkpoint__keep=1,
+        checkpoint__keep_best=2,
+        checkpoint__rewind_to_best=True,
+        optim__learning_rate=3e-2,  # high enough that late steps overshoot on held-out loss
+    )
+    summary = train_and_evaluate(cfg, str(tmp_path))
+    evals = {r["step"]: r["eval_loss"] for r in read_metrics(str(tmp_path)) if "eval_loss" in r}
+    assert sorted(evals) == [2, 4, 6, 8]
+    best_two = sorted(evals, key=evals.get)[:2]
+    assert step_dirs(tmp_path) == sorted({8, *best_two})
+    kept = {int(k): v for k, v in summary["kept_eval_losses"].items()}
+    assert sorted(kept) == step_dirs(tmp_path)
+    for step, loss in kept.items():
+        np.testing.assert_allclose(loss, evals[step], rtol=1e-6)
+    assert summary["best_step"] == min(kept, key=kept.get)
+    assert summary["best_eval_loss"] == kept[summary["best_step"]]
+
+
+def test_early_stopping_on_eval_loss(small_train, tmp_path):
+    """Skipped (NaN) steps leave the eval loss unchanged, so patience 2 stops after step 4."""
+    cfg = config(
+        small_train,
+        eval__every_steps=1,
+        eval__early_stopping_patience=2,
+        faults__nan_at_step=3,
+        faults__nan_steps=5,
+        train__max_nonfinite_steps=10,
+    )
+    summary = train_and_evaluate(cfg, str(tmp_path))
+    assert summary["stopped"] == "early_stopping"
+    assert summary["steps"] == 4
+    assert summary["best_periodic_eval"]["step"] == 2
+    assert 4 in step_dirs(tmp_path)
+    assert json.loads((tmp_path / "summary.json").read_text())["stopped"] == "early_stopping"
+
+
+def preempt_at(cfg_kwargs: dict, small_train: str, workdir, step: int, devices=None, **kw):
+    """Runs in this process until a self-SIGTERM after `step` (exit 42's exception)."""
+    cfg = config(small_train, faults__sigterm_at_step=step, **cfg_kwargs, **kw)
+    with pytest.raises(faults.Preempted):
+        train_and_evaluate(cfg, str(workdir))
+
+
+def test_restore_onto_other_meshes_and_device_counts(small_train, tmp_path, monkeypatch):
+    """8-device data mesh -> preempted at 2 -> 1 device -> preempted at 4 -> (2, 2, 2) mesh:
+    every loss equals the uninterrupted 8-device run's within 1e-5."""
+    common = {"checkpoint__every_steps": 0, "train__max_steps": 6}
+    reference = tmp_path / "reference"
+    train_and_evaluate(config(small_train, **common), str(reference))
+    workdir = tmp_path / "moved"
+    preempt_at(common, small_train, workdir, 2)
+
+    make_mesh = preflight.sharding.make_mesh
+    one_device = lambda cfg: make_mesh(cfg, jax.devices()[:1])
+    monkeypatch.setattr(preflight.sharding, "make_mesh", one_device)
+    preempt_at(common, small_train, workdir, 4, mesh__data=1)
+    monkeypatch.setattr(preflight.sharding, "make_mesh", make_mesh)
+
+    train_and_evaluate(
+        config(small_train, mesh__data=2, mesh__fsdp=2, mesh__tensor=2, **common), str(workdir)
+    )
+    starts = [r for r in read_metrics(str(workdir)) if r.get("kind") == "start"]
+    assert [s["resumed_from"] for s in starts] == [0, 2, 4]
+    expected, got = losses(reference), losses(workdir)
+    assert sorted(got) == sorted(expected) == list(range(1, 7))
+    np.testing.assert_allclose(
+        [got[s] for s in range(1, 7)], [expected[s] for s in range(1, 7)], rtol=1e-5
+    )

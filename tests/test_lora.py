@@ -1,0 +1,96 @@
+"""LoRA tree transforms: targets, zero init, merge algebra, PEFT key mapping both ways."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sft_jax import lora
+
+L, D, N, K, H, F = 2, 8, 4, 2, 2, 12
+
+
+def params():
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 8))
+    normal = lambda shape: jax.random.normal(next(keys), shape)
+    return {
+        "embed": {"embedding": normal((16, D))},
+        "layers": {
+            "attn": {
+                "q_proj": {"kernel": normal((L, D, N, H))},
+                "k_proj": {"kernel": normal((L, D, K, H))},
+                "v_proj": {"kernel": normal((L, D, K, H))},
+                "o_proj": {"kernel": normal((L, N, H, D))},
+            },
+            "attn_norm": {"scale": jnp.ones((L, D))},
+            "mlp": {"down_proj": {"kernel": normal((L, F, D))}},
+        },
+    }
+
+
+def randomised(adapters):
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    values = [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    return jax.tree.unflatten(tree, values)
+
+
+def test_targets_and_zero_b():
+    adapters = lora.init_adapters(params(), ("q_proj", "v_proj"), rank=3, rng=jax.random.PRNGKey(0))
+    assert set(adapters["layers"]["attn"]) == {"q_proj", "v_proj"}
+    q = adapters["layers"]["attn"]["q_proj"]
+    assert q["a"].shape == (L, D, 3) and q["b"].shape == (L, 3, N, H)
+    assert not np.any(q["b"]) and np.any(q["a"])
+    with pytest.raises(ValueError, match="match no layer kernel"):
+        lora.init_adapters(params(), ("qkv",), rank=3, rng=jax.random.PRNGKey(0))
+
+
+def test_merge_equals_low_rank_path():
+    p = params()
+    adapters = randomised(lora.init_adapters(p, ("*_proj",), 3, jax.random.PRNGKey(0)))
+    merged = lora.merge(p, adapters, scale=0.5)
+    x = jax.random.normal(jax.random.PRNGKey(2), (N, H))
+    for layer in range(L):
+        o, ad = p["layers"]["attn"]["o_proj"]["kernel"][layer], adapters["layers"]["attn"]["o_proj"]
+        expected = x.reshape(-1) @ o.reshape(N * H, D)
+        expected += 0.5 * (x.reshape(-1) @ ad["a"][layer].reshape(N * H, 3)) @ ad["b"][layer]
+        got = x.reshape(-1) @ merged["layers"]["attn"]["o_proj"]["kernel"][layer].reshape(N * H, D)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_array_equal(merged["embed"]["embedding"], p["embed"]["embedding"])
+
+
+def test_scales():
+    assert lora.lora_scale(32, 16, rslora=False) == 2.0
+    assert lora.lora_scale(32, 16, rslora=True) == 8.0
+
+
+def test_peft_round_trip_and_shapes():
+    p = params()
+    adapters = randomised(lora.init_adapters(p, ("*_proj",), 3, jax.random.PRNGKey(0)))
+    tensors = lora.to_peft_tensors(adapters)
+    assert tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (3, D)
+    assert tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"].shape == (
+        N * H,
+        3,
+    )
+    assert tensors["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"].shape == (
+        3,
+        N * H,
+    )
+    assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (D, 3)
+    back = lora.from_peft_tensors(tensors, p)
+    assert jax.tree.structure(back) == jax.tree.structure(adapters)
+    for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_peft_import_rejects_unknown_or_partial():
+    p = params()
+    tensors = lora.to_peft_tensors(lora.init_adapters(p, ("q_proj",), 2, jax.random.PRNGKey(0)))
+    partial = {k: v for k, v in tensors.items() if ".layers.1." not in k}
+    with pytest.raises(ValueError, match="all 2 layers"):
+        lora.from_peft_tensors(partial, p)
+    with pytest.raises(ValueError, match="does not adapt"):
+        lora.from_peft_tensors(
+            {"base_model.model.model.layers.0.self_attn.qkv.lora_A.weight": 1}, p
+        )

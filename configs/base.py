@@ -104,7 +104,9 @@ def get_config() -> ml_collections.ConfigDict:
     lo.enabled = False
     lo.rank = 16
     lo.alpha = 32.0
-    lo.targets = ("*_proj",)  # module-name globs: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
+    lo.targets = (
+        "*_proj",
+    )  # module-name globs: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
     lo.rslora = False  # scale alpha / sqrt(rank) instead of alpha / rank
     lo.lr_ratio_b = 1.0  # LoRA+: learning rate of B = this x optim.learning_rate
     lo.base_dtype = "bfloat16"  # storage dtype of the frozen base weights

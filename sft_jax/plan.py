@@ -104,11 +104,13 @@ def plan(config: Config, devices: int, device_memory_gib: float) -> dict[str, An
     mesh = planned_mesh(config, devices)
     params, param_bytes = param_bytes_per_device(model_config, mesh, config.mesh.rules)
     accumulate = config.train.micro_batches > 1
-    grad_bytes = param_bytes * (4 // jnp.dtype(config.model.param_dtype).itemsize if accumulate else 1)
+    # Gradients are accumulated in float32 over micro-batches, else kept in the parameter dtype.
+    widen = 4 // jnp.dtype(config.model.param_dtype).itemsize
+    grad_bytes = param_bytes * (widen if accumulate else 1)
     optimizer_bytes = 2 * param_bytes  # Adam mu and nu, in the parameter dtype
     batch_split = np.prod([mesh.shape[a] for a in ("data", "fsdp")])
     rows = config.train.global_batch_size / config.train.micro_batches / batch_split
-    tokens = int(math.ceil(rows)) * config.data.seq_len
+    tokens = math.ceil(rows) * config.data.seq_len
     act = activation_bytes(
         model_config, tokens, config.data.seq_len, config.model.remat, mesh.shape["tensor"]
     )
@@ -139,7 +141,9 @@ def format_plan(result: dict[str, Any], remat: str) -> str:
         f"  activations {gib(result['activation_bytes_estimate'])}  (estimate, "
         f"{result['tokens_per_device_per_micro_batch']} tokens per device per micro-batch)",
         f"  total       {gib(result['total_bytes'])}  of {gib(result['device_bytes'])} per device",
-        "  FITS (with 10% headroom)" if result["fits"] else "  DOES NOT FIT: add devices, "
+        "  FITS (with 10% headroom)"
+        if result["fits"]
+        else "  DOES NOT FIT: add devices, "
         "shard more (mesh.fsdp), use remat, fewer rows per micro-batch or bf16 params",
     ]
     return "\n".join(lines)

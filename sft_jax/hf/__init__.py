@@ -2,7 +2,8 @@
 
 Modules: `config` (config.json parsing, family features, what is unsupported and why), `params`
 (the tensor name/layout table, import into target shardings, the export plan) and `safetensors`
-(bf16-capable reader and streaming writer). `sft_jax.export` writes whole HF directories.
+(bf16-capable reader and streaming writer), `hub` (hub ids -> local snapshot directories).
+`sft_jax.export` writes whole HF directories.
 """
 
 from sft_jax.hf.config import (
@@ -12,6 +13,7 @@ from sft_jax.hf.config import (
     hf_config_dict,
     load_model_config,
 )
+from sft_jax.hf.hub import looks_like_hub_id, resolve_model_dir
 from sft_jax.hf.params import HfTensor, hf_tensor_plan, load_params, to_hf_tensor
 
 __all__ = [
@@ -23,5 +25,7 @@ __all__ = [
     "hf_tensor_plan",
     "load_model_config",
     "load_params",
+    "looks_like_hub_id",
+    "resolve_model_dir",
     "to_hf_tensor",
 ]

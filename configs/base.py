@@ -111,6 +111,9 @@ def get_config() -> ml_collections.ConfigDict:
     lo.lr_ratio_b = 1.0  # LoRA+: learning rate of B = this x optim.learning_rate
     lo.base_dtype = "bfloat16"  # storage dtype of the frozen base weights
     lo.init_from = ""  # a PEFT adapter directory to continue training from
+    lo.dropout = 0.0  # dropout on the adapter input (training only)
+    lo.dora = False  # DoRA: per-output magnitude m, W' = m (W + sBA) / ||W + sBA||
+    lo.base_quant = "none"  # QLoRA: none | int8 | nf4 blockwise storage of the frozen kernels
 
     # --- multi-process runs: detected on TPU VMs, SLURM, GKE JobSet; explicit flags otherwise.
     c.distributed = ds = ml_collections.ConfigDict()

@@ -135,6 +135,9 @@ class LoraSection:
     lr_ratio_b: float
     base_dtype: str
     init_from: str
+    dropout: float
+    dora: bool
+    base_quant: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +301,7 @@ _CHOICES = {
     "eval.match": ("exact", "contains"),
     "distributed.expected_platform": ("", "cpu", "gpu", "tpu"),
     "lora.base_dtype": ("float32", "bfloat16"),
+    "lora.base_quant": ("none", "int8", "nf4"),
 }
 
 
@@ -355,6 +359,9 @@ def _validate(c: Config) -> None:
             "needs faults.kill_at_step > 0",
         ),
         ("data.train_files", bool(c.data.train_files), "must name at least one file"),
+        ("lora.rank", c.lora.rank >= 1, "must be >= 1"),
+        ("lora.dropout", 0.0 <= c.lora.dropout < 1.0, "must be in [0, 1)"),
+        ("lora.lr_ratio_b", c.lora.lr_ratio_b > 0, "must be > 0"),
     ]
     for key, ok, message in checks:
         if not ok:

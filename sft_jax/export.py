@@ -1,6 +1,7 @@
 """Export to a Hugging Face directory that transformers (and so vLLM) loads as is.
 
     python -m sft_jax.export --workdir W --out DIR [--step N] [--dtype bfloat16] [--overwrite]
+    python -m sft_jax.export --workdir W --out DIR --peft      (a LoRA run: the adapter only)
 
 writes `config.json`, `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`
 (metadata format "pt", without which transformers refuses the files), the tokenizer files with
@@ -14,6 +15,9 @@ Why it is built this way:
   multi-host), split into its per-layer HF tensors and streamed into the shard files; only
   process 0 writes. The shard layout is planned from shapes before any bytes are written, so
   file names can carry the shard count.
+- A LoRA run's checkpoints hold only adapters: the base is re-read from `model.path` (or
+  re-initialised from the seed), and the adapters are merged into it (at the base's own stored
+  precision, as PEFT's merge would) for the HF export, or written as a PEFT adapter (`--peft`).
 """
 
 from __future__ import annotations
@@ -210,6 +214,8 @@ class TrainedModel:
     tokenizer_dir: str
     source_model_dir: str  # "" for a randomly initialised model
     chat_template: str | None  # the Jinja source used in training, None = the tokenizer's own
+    adapters: Any = None  # a LoRA run's adapter tree (params is then the merged model)
+    lora: dict[str, Any] | None = None  # a LoRA run's `lora` config section
 
 
 def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
@@ -245,7 +251,13 @@ def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
     if step is None or not os.path.isdir(os.path.join(checkpointer.directory, str(step))):
         which = "" if step is None else f" for step {step}"
         raise ExportError(f"no checkpoint{which} in {checkpointer.directory}")
-    params = checkpointer.restore_params(step, abstract)
+    lora_raw = raw.get("lora", {})
+    adapters = None
+    if lora_raw.get("enabled"):
+        model = Transformer(model_config)
+        params, adapters = _merged_lora(raw, model, mesh, rules, checkpointer, step)
+    else:
+        params = checkpointer.restore_params(step, abstract)
     data = raw.get("data", {})
     return TrainedModel(
         params=params,
@@ -254,7 +266,53 @@ def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
         tokenizer_dir=data.get("tokenizer") or section.path,
         source_model_dir=section.path,
         chat_template=_chat_template_source(data.get("chat_template", "tokenizer")),
+        adapters=adapters,
+        lora=lora_raw if adapters is not None else None,
     )
+
+
+def _merged_lora(raw: dict, model: Any, mesh: Any, rules: tuple, checkpointer: Any, step: int):
+    """A LoRA run's (merged parameters, adapters): the base re-read (or re-initialised from the
+    run's seed) at its stored precision, the adapters restored from `step` and merged in."""
+    from sft_jax import lora
+    from sft_jax.state import adapter_shardings, init_params
+
+    c = raw["lora"]
+    base = init_params(model, raw["model"]["path"], mesh, rules, raw["seed"])
+
+    def make(params: Any) -> Any:
+        adapters = lora.init_adapters(params, tuple(c["targets"]), c["rank"], jax.random.key(0))
+        return lora.init_magnitudes(params, adapters) if c.get("dora", False) else adapters
+
+    abstract = jax.eval_shape(make, base)
+    shardings = adapter_shardings(abstract, base, mesh)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    adapters = checkpointer.restore_params(step, abstract)
+    scale = lora.lora_scale(c["alpha"], c["rank"], c["rslora"])
+    out_shardings = jax.tree.map(lambda x: x.sharding, base)
+    merged = jax.jit(lambda p, a: lora.merge(p, a, scale), out_shardings=out_shardings)
+    return merged(base, adapters), adapters
+
+
+def export_peft(run: TrainedModel, out_dir: str) -> None:
+    """Writes a LoRA run's adapter as PEFT's adapter_config.json + adapter_model.safetensors."""
+    from sft_jax import lora
+
+    if run.adapters is None or run.lora is None:
+        raise ExportError("--peft needs a LoRA run (lora.enabled in its config.json)")
+    c = run.lora
+    config = lora.peft_config(
+        run.adapters,
+        rank=c["rank"],
+        alpha=c["alpha"],
+        rslora=c["rslora"],
+        dropout=c.get("dropout", 0.0),
+        base=run.source_model_dir,
+    )
+    if jax.process_index() == 0:
+        lora.write_peft_adapter(out_dir, jax.device_get(run.adapters), config)
 
 
 def _section(cls: type, raw: dict) -> Any:
@@ -286,11 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     parser.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
     parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
+    parser.add_argument("--peft", action="store_true", help="LoRA run: write the PEFT adapter")
     args = parser.parse_args(argv)
     try:
         if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
             raise ExportError(f"{args.out} is not empty; pass --overwrite to write into it")
         run = load_workdir(args.workdir, args.step)
+        if args.peft:
+            export_peft(run, args.out)
+            print(f"exported the LoRA adapter of step {run.step} of {args.workdir} to {args.out}")
+            return 0
         export_hf(
             run.params,
             run.model_config,

@@ -99,6 +99,9 @@ class ModelConfig:
     sliding_window: int | None = None  # a local layer's query sees keys less than this far back
     local_layers: tuple[bool, ...] = ()  # per layer: sliding window (empty: no local layers)
     local_rope_theta: float | None = None  # RoPE base of local layers (None: rope_theta, scaled)
+    # LoRA (sft_jax/lora): used only when the "lora" variable collection is passed to apply.
+    lora_scale: float = 0.0  # alpha / r (or alpha / sqrt(r), rsLoRA); static, so jit-constant
+    lora_dropout: float = 0.0  # dropout on the adapter input, active only with a "dropout" rng
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -253,8 +256,31 @@ def _param(module: nn.Module, name: str, init: Any, shape: tuple, names: tuple, 
     return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.dtype(dtype))
 
 
+def lora_equations(equation: str, rank_letter: str = "R") -> tuple[str, str]:
+    """The two einsums of the low-rank path from a projection's own equation.
+
+    "BTD,DNH->BTNH" -> ("BTD,DR->BTR", "BTR,RNH->BTNH"): kernel letters shared with x are the
+    input dims (contracted by A), the others the output dims (produced by B).
+    """
+    inputs, out = equation.split("->")
+    x, kernel = inputs.split(",")
+    if rank_letter in equation:
+        raise ValueError(f"rank letter {rank_letter!r} already used in {equation!r}")
+    k_in = "".join(c for c in kernel if c in x)
+    k_out = "".join(c for c in kernel if c not in x)
+    batch = "".join(c for c in x if c not in kernel)
+    r = rank_letter
+    return f"{x},{k_in}{r}->{batch}{r}", f"{batch}{r},{r}{k_out}->{out}"
+
+
 class Einsum(nn.Module):
-    """A linear map as one einsum over an explicitly shaped kernel (plus an optional bias)."""
+    """A linear map as one einsum over an explicitly shaped kernel (plus an optional bias).
+
+    With a "lora" variable collection holding `a` [*in, R] and `b` [R, *out] for this module,
+    adds lora_scale * (x @ a) @ b (never forming W + a @ b, so W gets no weight gradient). With a
+    DoRA magnitude `m` [*out] as well, the output is m / ||W + s a b||_in * (x @ W + s x a b), the
+    norm a constant of the gradient as in PEFT: that norm needs the weight-sized product a @ b.
+    """
 
     equation: str
     kernel_shape: tuple[int, ...]
@@ -263,6 +289,8 @@ class Einsum(nn.Module):
     dtype: str = "float32"
     param_dtype: str = "float32"
     out_dtype: str | None = None  # accumulate/return in this dtype (float32 logits)
+    lora_scale: float = 0.0
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -276,12 +304,35 @@ class Einsum(nn.Module):
             kernel.astype(self.dtype),
             preferred_element_type=None if self.out_dtype is None else jnp.dtype(self.out_dtype),
         )
+        if self.has_variable("lora", "a"):
+            y = self._lora(x, y, kernel)
         if self.bias_names is not None:
             shape = self.kernel_shape[-len(self.bias_names) :]
             zeros = nn.initializers.zeros_init()
             bias = _param(self, "bias", zeros, shape, self.bias_names, self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
+
+    def _lora(self, x: jax.Array, y: jax.Array, kernel: jax.Array) -> jax.Array:
+        """y + the adapter term (LoRA), or the DoRA-rescaled sum, in the compute dtype."""
+        a = self.get_variable("lora", "a").astype(self.dtype)  # [*in, R]
+        b = self.get_variable("lora", "b").astype(self.dtype)  # [R, *out]
+        down, up = lora_equations(self.equation)
+        h = x.astype(self.dtype)
+        if self.lora_dropout > 0 and self.has_rng("dropout"):  # training only
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.lora_dropout, h.shape)
+            h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0.0).astype(self.dtype)
+        low_rank = jnp.einsum(up, jnp.einsum(down, h, a), b) * self.lora_scale
+        if not self.has_variable("lora", "m"):
+            return y + low_rank.astype(y.dtype)
+        m = self.get_variable("lora", "m").astype(jnp.float32)  # [*out]
+        n_in = a.ndim - 1
+        rank = a.shape[-1]
+        w = kernel.astype(jnp.float32)
+        ab = a.reshape(-1, rank).astype(jnp.float32) @ b.reshape(rank, -1).astype(jnp.float32)
+        w = w + self.lora_scale * jax.lax.stop_gradient(ab.reshape(w.shape))
+        norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(w * w, axis=tuple(range(n_in)))))
+        return ((m / norm) * (y.astype(jnp.float32) + low_rank)).astype(y.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -331,6 +382,10 @@ class Embed(nn.Module):
         return jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
 
 
+def _lora_fields(c: ModelConfig) -> dict[str, float]:
+    return {"lora_scale": c.lora_scale, "lora_dropout": c.lora_dropout}
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3,
     Gemma 3). With a `cache` (k, v [B, S, K, H]) the new keys and values are written at slot
@@ -350,7 +405,7 @@ class Attention(nn.Module):
     ):
         c = self.config
         d, n, kv, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        dt = {"dtype": c.dtype, "param_dtype": c.param_dtype}
+        dt = {"dtype": c.dtype, "param_dtype": c.param_dtype, **_lora_fields(c)}
         q_bias = ("heads", "head_dim") if c.attention_bias else None
         kv_bias = ("kv_heads", "head_dim") if c.attention_bias else None
         q_names, kv_names = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
@@ -381,7 +436,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
         d, f = c.hidden_size, c.intermediate_size
-        dt = {"dtype": c.dtype, "param_dtype": c.param_dtype}
+        dt = {"dtype": c.dtype, "param_dtype": c.param_dtype, **_lora_fields(c)}
         gate = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **dt, name="gate_proj")(x)
         up = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **dt, name="up_proj")(x)
         hidden = _ACTIVATIONS[c.mlp_activation](gate) * up
@@ -446,8 +501,8 @@ class Transformer(nn.Module):
             block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
         scanned = nn.scan(
             block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
+            variable_axes={"params": 0, "lora": 0},  # "lora": adapters, only when passed
+            split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast),
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},

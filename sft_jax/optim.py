@@ -1,5 +1,10 @@
 """Optimizer: global-norm clipping -> AdamW (no decay on norms, biases) with warmup + cosine.
 
+Under LoRA the optimizer sees only the adapter tree: a and b are decayed like kernels, DoRA's
+magnitudes m are not (they are per-unit scales, like norms), and LoRA+ multiplies B's updates by
+`lora.lr_ratio_b` after AdamW, so B's effective learning rate (weight decay included) is
+ratio x lr while A keeps lr.
+
 The learning rate ramps linearly to its peak over the warmup steps (the first update already
 uses a non-zero rate: step s < warmup gets peak * (s + 1) / warmup), then follows a cosine from
 the peak down to `end_lr_ratio * peak` at the last step, the floor practitioners use for SFT.
@@ -11,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sft_jax.config import OptimSection
+from sft_jax.config import LoraSection, OptimSection
 
 
 def warmup_steps(cfg: OptimSection, total_steps: int) -> int:
@@ -38,17 +43,27 @@ def make_schedule(cfg: OptimSection, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: dict) -> dict:
-    """True for leaves that get weight decay: matrices (embeddings, kernels), not norms/biases."""
+    """True for leaves that get weight decay: matrices (embeddings, kernels, LoRA's a and b), not
+    norms, biases or DoRA magnitudes."""
 
     def wants_decay(path: tuple, leaf: jax.Array) -> bool:
         name = str(getattr(path[-1], "key", path[-1]))
-        return name in ("kernel", "embedding")
+        return name in ("kernel", "embedding", "a", "b")
 
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
-def make_optimizer(cfg: OptimSection, total_steps: int) -> optax.GradientTransformation:
-    """The chain clip -> AdamW; the schedule is evaluated on optax's own step count."""
+def lora_b_mask(params: dict) -> dict:
+    """True for LoRA B leaves (the up-projections LoRA+ trains faster)."""
+    is_b = lambda path, leaf: str(getattr(path[-1], "key", path[-1])) == "b"
+    return jax.tree_util.tree_map_with_path(is_b, params)
+
+
+def make_optimizer(
+    cfg: OptimSection, total_steps: int, lora: LoraSection | None = None
+) -> optax.GradientTransformation:
+    """The chain clip -> AdamW (-> LoRA+ scaling of B's updates when `lora.lr_ratio_b` != 1);
+    the schedule is evaluated on optax's own step count."""
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
@@ -62,4 +77,6 @@ def make_optimizer(cfg: OptimSection, total_steps: int) -> optax.GradientTransfo
             mask=decay_mask,
         )
     )
+    if lora is not None and lora.enabled and lora.lr_ratio_b != 1.0:
+        parts.append(optax.masked(optax.scale(lora.lr_ratio_b), lora_b_mask))
     return optax.chain(*parts)

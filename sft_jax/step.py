@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
+from sft_jax.lora.quant import dequantize
 from sft_jax.loss import masked_cross_entropy
 
 Batch = dict[str, jax.Array]
@@ -46,12 +47,29 @@ class TrainState:
     rng: jax.Array  # base key; each step uses fold_in(rng, step)
     apply_fn: Callable = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    # LoRA: the frozen base parameters (possibly quantised); `params` is then the adapter tree.
+    # None for full fine-tuning. Never differentiated, never given optimizer state or saved.
+    frozen: Any = None
 
 
-def loss_fn(params: Any, apply_fn: Callable, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Any]:
-    """Summed masked cross-entropy of one (micro-)batch and its loss-token count."""
+def model_variables(params: Any, frozen: Any) -> dict[str, Any]:
+    """The variables to apply the model with: {"params": params}, or, under LoRA, the frozen
+    base (dequantised when stored quantised) as "params" and the adapters as "lora"."""
+    if frozen is None:
+        return {"params": params}
+    return {"params": dequantize(frozen), "lora": params}
+
+
+def loss_fn(
+    params: Any, apply_fn: Callable, batch: Batch, rng: jax.Array, frozen: Any = None
+) -> tuple[jax.Array, Any]:
+    """Summed masked cross-entropy of one (micro-)batch and its loss-token count.
+
+    Only `params` is differentiated: with LoRA the base weights in `frozen` are constants of the
+    loss, so no weight-gradient matmul is ever formed for them.
+    """
     logits = apply_fn(
-        {"params": params},
+        model_variables(params, frozen),
         batch["inputs"],
         batch["positions"],
         batch["segment_ids"],
@@ -82,11 +100,12 @@ def compute_grads(
     rng: jax.Array,
     micro_batches: int,
     micro_batch_sharding: NamedSharding | None = None,
+    frozen: Any = None,
 ) -> tuple[Any, jax.Array, jax.Array]:
     """Gradient of the summed loss, accumulated over micro-batches with a scan (constant memory)."""
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     if micro_batches == 1:
-        (loss_sum, (count,)), grads = value_and_grad(params, apply_fn, batch, rng)
+        (loss_sum, (count,)), grads = value_and_grad(params, apply_fn, batch, rng, frozen)
         return grads, loss_sum, count
 
     stacked = split_micro_batches(batch, micro_batches)
@@ -96,7 +115,7 @@ def compute_grads(
         if micro_batch_sharding is not None:
             micro = jax.lax.with_sharding_constraint(micro, micro_batch_sharding)
         (loss_sum, (count,)), grads = value_and_grad(
-            params, apply_fn, micro, jax.random.fold_in(rng, index)
+            params, apply_fn, micro, jax.random.fold_in(rng, index), frozen
         )
         grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
         return (grads_acc, loss_acc + loss_sum, count_acc + count, index + 1), None
@@ -150,7 +169,7 @@ def train_step(
     """
     rng = jax.random.fold_in(state.rng, state.step)
     grads, loss_sum, count = compute_grads(
-        state.params, state.apply_fn, batch, rng, micro_batches, micro_batch_sharding
+        state.params, state.apply_fn, batch, rng, micro_batches, micro_batch_sharding, state.frozen
     )
     denominator = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denominator.astype(g.dtype) * loss_scale, grads)

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from sft_jax import data, hf, preflight, sharding
+from sft_jax import data, hf, lora, preflight, sharding
 from sft_jax.checkpoint import Checkpointer
 from sft_jax.config import Config, ConfigError, config_from_argv, to_dict
 from sft_jax.distributed import check_platform, initialize_distributed
@@ -48,8 +48,8 @@ from sft_jax.faults import (
 from sft_jax.metrics import MetricsWriter
 from sft_jax.model import Transformer, count_params
 from sft_jax.optim import make_optimizer, make_schedule
-from sft_jax.state import create_train_state
-from sft_jax.step import BATCH_KEYS, make_train_step
+from sft_jax.state import create_train_state, param_shardings
+from sft_jax.step import BATCH_KEYS, TrainState, make_train_step
 
 # Kept importable from here for callers of the original names.
 check_workdir = preflight.check_workdir
@@ -94,6 +94,27 @@ def print_data_stats(stats: dict[str, Any], steps: int, per_epoch: int) -> None:
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+
+def make_inference_params(
+    config: Config, model: Transformer, mesh: jax.sharding.Mesh
+) -> tuple[Callable[[TrainState], Any], Any]:
+    """(state -> parameters for evaluation and generation, their shardings).
+
+    Full fine-tuning: `state.params`. LoRA: the frozen base (dequantised) with the adapters
+    merged in, jitted into the base's shardings, so evaluation and generation run the plain
+    model; the merged tree is in `lora.base_dtype` and lives only while it is used.
+    """
+    _, shardings = param_shardings(model, mesh, config.mesh.rules)
+    if not config.lora.enabled:
+        return (lambda state: state.params), shardings
+    c = config.lora
+    scale = lora.lora_scale(c.alpha, c.rank, c.rslora)
+    merge = jax.jit(
+        lambda frozen, adapters: lora.merge(lora.dequantize(frozen), adapters, scale),
+        out_shardings=shardings,
+    )
+    return (lambda state: merge(state.frozen, state.params)), shardings
 
 
 def run_generation_eval(
@@ -177,6 +198,7 @@ class Run:
     run_number: int
     faults: FaultInjector
     place: Callable[[dict], dict]
+    inference_params: Callable[[Any], Any]  # state -> params of the plain model (LoRA merged)
     last_loss: float | None = None  # last finite training loss of this process's run
 
     def save(self, step: int, state: Any, eval_loss: float | None = None) -> bool:
@@ -217,11 +239,13 @@ def setup(config: Config, workdir: str) -> tuple[Run, Any]:
             f"{model_config.vocab_size}"
         )
     model = Transformer(model_config)
-    tx = make_optimizer(config.optim, steps)
+    tx = make_optimizer(config.optim, steps, config.lora)
     state, shardings = create_train_state(
-        model_config, config.model.path, tx, mesh, config.mesh.rules, config.seed
+        model_config, config.model.path, tx, mesh, config.mesh.rules, config.seed, config.lora
     )
-    log(f"model: {count_params(state.params) / 1e6:.3f}M parameters on mesh {dict(mesh.shape)}")
+    trainable = "" if state.frozen is None else " trainable (LoRA adapters)"
+    millions = count_params(state.params) / 1e6
+    log(f"model: {millions:.3f}M{trainable} parameters on mesh {dict(mesh.shape)}")
     checkpointer = Checkpointer(
         workdir,
         keep=config.checkpoint.keep,
@@ -237,7 +261,8 @@ def setup(config: Config, workdir: str) -> tuple[Run, Any]:
         log(f"resumed from checkpoint at step {step}")
     batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
     place = make_placer(batch_sharding)
-    eval_step = make_eval_step(model.apply, shardings.params, batch_sharding)
+    inference_params, inference_shardings = make_inference_params(config, model, mesh)
+    eval_step = make_eval_step(model.apply, inference_shardings, batch_sharding)
     schedule = make_schedule(config.optim, steps)
     run = Run(
         config=config,
@@ -257,6 +282,7 @@ def setup(config: Config, workdir: str) -> tuple[Run, Any]:
         run_number=next_run_number(workdir),
         faults=FaultInjector(config.faults),
         place=place,
+        inference_params=inference_params,
     )
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -347,7 +373,7 @@ def train_loop(run: Run, state: Any, watcher: PreemptionWatcher) -> tuple[Any, i
         eval_due = config.eval.every_steps and done % config.eval.every_steps == 0
         checkpoint_due = save_due(run, done, last_save_time)
         if bundle.eval_batches and (eval_due or (checkpoint_due and config.checkpoint.keep_best)):
-            result = run.evaluate(state.params)
+            result = run.evaluate(run.inference_params(state))
             eval_loss = result["eval_loss"]
             run.writer.write(done, {**result, "run": run.run_number})
             bar.write(f"step {done}: eval_loss {eval_loss:.4f}")
@@ -394,6 +420,7 @@ def rewind(run: Run, state: Any) -> dict[str, Any]:
     try:
         for step in reader.all_steps():
             params = reader.restore_params(step, abstract)
+            params = run.inference_params(state.replace(params=params))
             losses[str(step)] = run.evaluate(params)["eval_loss"]
     finally:
         reader.close()
@@ -418,7 +445,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     # --- baseline: held-out generation before any update (kept across restarts).
     before = previous_baseline(workdir)
     if before is None and first_step == 0:
-        generation = run_generation_eval(config, run.model, state.params, run.bundle)
+        generation = run_generation_eval(config, run.model, run.inference_params(state), run.bundle)
         if generation is not None:
             before = {"kind": "generation_before", "accuracy": generation["accuracy"]}
             run.writer.write(0, {**before, "samples": generation["samples"]})
@@ -447,7 +474,7 @@ def finish(
     summary["train_loss"] = run.last_loss
     eval_loss = None
     if bundle.eval_batches:
-        result = run.evaluate(state.params)
+        result = run.evaluate(run.inference_params(state))
         run.writer.write(done, {**result, "run": run.run_number})
         summary.update(result)
         eval_loss = result["eval_loss"]
@@ -461,7 +488,7 @@ def finish(
         }
     if config.checkpoint.rewind_to_best and bundle.eval_batches:
         summary.update(rewind(run, state))
-    generation = run_generation_eval(config, run.model, state.params, bundle)
+    generation = run_generation_eval(config, run.model, run.inference_params(state), bundle)
     if generation is not None:
         run.writer.write(done, {"kind": "generation_after", **generation})
         summary["accuracy_before"] = before["accuracy"] if before else None
@@ -505,11 +532,21 @@ def load_config_from_flags(argv: list[str]) -> tuple[Config, str]:
     return config, flag_values.workdir
 
 
+def resolve_hub_ids(config: Config) -> Config:
+    """Replaces a Hub id in model.path / data.tokenizer by its local snapshot directory."""
+    model = dataclasses.replace(config.model, path=hf.resolve_model_dir(config.model.path))
+    data_section = dataclasses.replace(
+        config.data, tokenizer=hf.resolve_model_dir(config.data.tokenizer)
+    )
+    return dataclasses.replace(config, model=model, data=data_section)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs training -> exit code: 0 done, 2 bad config or data, 42 preempted, 43 non-finite."""
     try:
         config, workdir = load_config_from_flags(sys.argv if argv is None else argv)
         # Before anything touches devices: join the other hosts, then refuse a CPU fallback.
+        config = resolve_hub_ids(config)
         initialize_distributed(config.distributed)
         check_platform(config.distributed.expected_platform)
         train_and_evaluate(config, workdir)

@@ -30,5 +30,5 @@ def test_hub_id_fetches_model_files_only(monkeypatch, stories_dir):
 
 def test_offline_hub_id_fails_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="not a local directory.*Hugging Face Hub"):
+    with pytest.raises(FileNotFoundError, match=r"not a local directory.*Hugging Face Hub"):
         hub.resolve_model_dir("nobody-here/not-a-model")

@@ -1,5 +1,7 @@
 """LoRA tree transforms: targets, zero init, merge algebra, PEFT key mapping both ways."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,4 +95,62 @@ def test_peft_import_rejects_unknown_or_partial():
     with pytest.raises(ValueError, match="does not adapt"):
         lora.from_peft_tensors(
             {"base_model.model.model.layers.0.self_attn.qkv.lora_A.weight": 1}, p
+        )
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_quantisation_error_within_format_bound(fmt):
+    """Blockwise absmax: |x - deq(q(x))| <= the format's bound x the block's absmax, per block;
+    shapes not a multiple of the block size round-trip too."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 50, 7)) * 0.05  # 1050 values, 16.4 blocks
+    q = lora.quantize(x, fmt)
+    back = lora.dequantize(q)
+    assert back.shape == x.shape and back.dtype == x.dtype
+    flat = np.pad(np.asarray(x).reshape(-1), (0, -x.size % 64)).reshape(-1, 64)
+    err = np.pad(np.abs(np.asarray(back - x)).reshape(-1), (0, -x.size % 64)).reshape(-1, 64)
+    absmax = np.abs(flat).max(axis=1, keepdims=True)
+    bound = np.asarray(lora.quant.error_bound(fmt, absmax))
+    assert np.all(err <= bound * (1 + 1e-6) + 1e-12)
+    assert np.all(err.max(axis=1) > 0)  # it is lossy, so the bound is what is being tested
+    if fmt == "nf4":
+        assert q.codes.dtype == np.uint8 and q.codes.size * 2 == q.scales.size * 64  # packed
+        np.testing.assert_allclose(
+            lora.quant.NF4_MAX_HALF_GAP, (1.0 - 0.6961928009986877) / 2
+        )  # -1 .. -0.696
+
+
+def test_quantize_kernels_only_layer_kernels():
+    tree = lora.quantize_kernels(params(), "int8", jnp.bfloat16)
+    assert isinstance(tree["layers"]["attn"]["q_proj"]["kernel"], lora.Quantized)
+    assert tree["embed"]["embedding"].dtype == jnp.bfloat16
+    assert lora.dequantize(tree)["layers"]["mlp"]["down_proj"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_rslora_scale_grows_with_sqrt_rank():
+    """rsLoRA keeps the update magnitude stable as rank grows: scale x sqrt(r) is constant."""
+    for rank in (4, 16, 64):
+        assert lora.lora_scale(16.0, rank, rslora=True) * math.sqrt(rank) == pytest.approx(16.0)
+        assert lora.lora_scale(16.0, rank, rslora=False) * rank == pytest.approx(16.0)
+
+
+def test_dora_merge_matches_reference():
+    """merge() under DoRA: m * (W + s a b) / ||W + s a b||, norm over the input dims (PEFT's
+    weight_norm over dim 1 of the [out, in] weight), on a kernel with two input dims (o_proj)."""
+    p = params()
+    adapters = randomised(
+        lora.init_magnitudes(p, lora.init_adapters(p, ("o_proj",), 3, jax.random.PRNGKey(0)))
+    )
+    merged = lora.merge(p, adapters, scale=0.5)["layers"]["attn"]["o_proj"]["kernel"]
+    ad = adapters["layers"]["attn"]["o_proj"]
+    for layer in range(L):
+        w = (
+            np.asarray(p["layers"]["attn"]["o_proj"]["kernel"][layer]).reshape(N * H, D).T
+        )  # [out, in]
+        lora_w = 0.5 * (np.asarray(ad["a"][layer]).reshape(N * H, 3) @ np.asarray(ad["b"][layer])).T
+        full = w + lora_w
+        expected = (
+            np.asarray(ad["m"][layer])[:, None] * full / np.linalg.norm(full, axis=1, keepdims=True)
+        )
+        np.testing.assert_allclose(
+            np.asarray(merged[layer]).reshape(N * H, D).T, expected, atol=1e-5
         )

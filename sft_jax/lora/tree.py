@@ -13,7 +13,8 @@ targeted kernel of shape [L, *in, *out] a down-projection `a` [L, *in, R] and an
 Training differentiates only the adapter tree (the base tree is a constant of the loss, so no
 weight gradient is ever formed for it: the model adds scale * (x @ a) @ b to x @ W instead of
 materialising W + scale * a @ b). `merge` folds adapters into the kernels for export; PEFT
-conversion maps each layer's a/b to `lora_A.weight` [R, in] and `lora_B.weight` [out, R].
+conversion (sft_jax/lora/peft.py) maps each layer's a/b to `lora_A.weight` [R, in] and
+`lora_B.weight` [out, R]. DoRA adds a magnitude `m` [L, *out] per adapter (`init_magnitudes`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # Kernels of the decoder: name -> (number of input dims after L, HF module path inside a layer).
 KERNELS = {
@@ -100,73 +100,54 @@ def delta(adapter: dict, scale: float) -> jax.Array:
     return scale * flat.reshape(*a.shape[:-1], *b.shape[2:])
 
 
-def merge(params: dict, adapters: dict, scale: float) -> dict:
-    """A new parameter tree with W + scale * a @ b in every adapted kernel (pure)."""
+def column_norm(kernel: jax.Array, n_in: int) -> jax.Array:
+    """L2 norm over the input dims of a stacked kernel [L, *in, *out] -> [L, *out] (float32)."""
+    w = kernel.astype(jnp.float32)
+    return jnp.sqrt(jnp.sum(w * w, axis=tuple(range(1, 1 + n_in))))
 
-    def visit(p: Any, ad: Any) -> Any:
+
+def init_magnitudes(params: dict, adapters: dict) -> dict:
+    """DoRA: adds m = ||W||_in [L, *out] to every adapter (equal to ||W + s a b|| as b = 0), so
+    the DoRA model equals the base model at init, as in PEFT."""
+
+    def visit(p: Any, ad: Any, name: str) -> Any:
+        if "a" in ad:
+            return {**ad, "m": column_norm(p["kernel"], KERNELS[name][0])}
+        return {k: visit(p[k], v, k) for k, v in ad.items()}
+
+    return visit(params, adapters, "")
+
+
+def merged_kernel(kernel: jax.Array, adapter: dict, scale: float, n_in: int) -> jax.Array:
+    """W + s a b, rescaled per output unit to m / ||W + s a b||_in under DoRA (float32)."""
+    merged = kernel.astype(jnp.float32) + delta(adapter, scale)
+    if "m" in adapter:
+        norm = column_norm(merged, n_in)
+        factor = adapter["m"].astype(jnp.float32) / norm  # [L, *out]
+        merged = merged * factor.reshape(factor.shape[0], *(1,) * n_in, *factor.shape[1:])
+    return merged
+
+
+def merge(params: dict, adapters: dict, scale: float) -> dict:
+    """A new parameter tree with W + scale * a @ b (DoRA: rescaled) in every adapted kernel."""
+
+    def visit(p: Any, ad: Any, name: str) -> Any:
         if isinstance(ad, dict) and "a" in ad and "b" in ad:
             kernel = p["kernel"]
-            merged = (kernel.astype(jnp.float32) + delta(ad, scale)).astype(kernel.dtype)
-            return {**p, "kernel": merged}
-        return {k: visit(p[k], ad[k]) if k in ad else p[k] for k in p}
+            merged = merged_kernel(kernel, ad, scale, KERNELS[name][0])
+            return {**p, "kernel": merged.astype(kernel.dtype)}
+        return {k: visit(p[k], ad[k], k) if k in ad else p[k] for k in p}
 
-    return visit(params, adapters)
+    return visit(params, adapters, "")
+
+
+def adapter_specs(kernel_spec: tuple, ndim: int, n_in: int) -> dict[str, tuple]:
+    """PartitionSpec entries of a, b and m from their kernel's [L, *in, *out] spec (ndim dims):
+    a follows the kernel on its input dims, b and m on its output dims; rank is replicated."""
+    spec = (tuple(kernel_spec) + (None,) * ndim)[:ndim]
+    head, ins, outs = spec[:1], spec[1 : 1 + n_in], spec[1 + n_in :]
+    return {"a": (*head, *ins, None), "b": (*head, None, *outs), "m": (*head, *outs)}
 
 
 def count(adapters: dict) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(adapters))
-
-
-# ------------------------------------------------------------------------- PEFT conversion
-
-
-def to_peft_tensors(adapters: dict) -> dict[str, np.ndarray]:
-    """PEFT state dict: per layer i, `...layers.{i}.self_attn.q_proj.lora_A.weight` [R, in] and
-    `lora_B.weight` [out, R] (HF Linear layout, in = product of our input dims)."""
-    tensors = {}
-    for path, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]:
-        keys = tuple(str(getattr(p, "key", p)) for p in path)
-        if keys[-1] != "a":
-            continue
-        module = keys[-2]
-        ad = _get(adapters, keys[:-1])
-        a, b = np.asarray(ad["a"], np.float32), np.asarray(ad["b"], np.float32)
-        layers, rank = a.shape[0], a.shape[-1]
-        for layer in range(layers):
-            prefix = f"base_model.model.model.layers.{layer}.{KERNELS[module][1]}"
-            tensors[f"{prefix}.lora_A.weight"] = a[layer].reshape(-1, rank).T.copy()
-            tensors[f"{prefix}.lora_B.weight"] = b[layer].reshape(rank, -1).T.copy()
-    return tensors
-
-
-def from_peft_tensors(
-    tensors: dict[str, np.ndarray], params: dict, dtype: Any = jnp.float32
-) -> dict:
-    """Inverse of `to_peft_tensors`, shaped after the kernels of `params`."""
-    by_module = {v[1]: k for k, v in KERNELS.items()}
-    per_path: dict[tuple[str, ...], dict[str, dict[int, np.ndarray]]] = {}
-    for name, value in tensors.items():
-        parts = name.split(".")
-        if "layers" not in parts or parts[-2] not in ("lora_A", "lora_B"):
-            raise ValueError(f"unexpected PEFT tensor {name!r}")
-        layer = int(parts[parts.index("layers") + 1])
-        module = by_module.get(".".join(parts[parts.index("layers") + 2 : -2]))
-        if module is None:
-            raise ValueError(f"PEFT tensor {name!r} targets a module sft_jax does not adapt")
-        group = "attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-        per_path.setdefault(("layers", group, module), {"a": {}, "b": {}})
-        per_path[("layers", group, module)]["a" if parts[-2] == "lora_A" else "b"][layer] = value
-    adapters: dict = {}
-    for path, parts in per_path.items():
-        kernel = _get(params, path)["kernel"]
-        n_in = KERNELS[path[-1]][0]
-        in_shape, out_shape = kernel.shape[1 : 1 + n_in], kernel.shape[1 + n_in :]
-        layers = kernel.shape[0]
-        if sorted(parts["a"]) != list(range(layers)) or sorted(parts["b"]) != list(range(layers)):
-            raise ValueError(
-                f"PEFT adapter for {'/'.join(path)} does not cover all {layers} layers"
-            )
-        a = np.stack([parts["a"][i].T.reshape(*in_shape, -1) for i in range(layers)])
-        b = np.stack([parts["b"][i].T.reshape(-1, *out_shape) for i in range(layers)])
-        _set(adapters, path, {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)})
-    return adapters

@@ -1,0 +1,150 @@
+"""PEFT format both ways: `adapter_config.json` + `adapter_model.safetensors` with PEFT key names.
+
+Per layer i and adapted module, PEFT stores (HF Linear layout, in = product of our input dims):
+
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight          [R, in]
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight          [out, R]
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_magnitude_vector  [out]   (DoRA)
+
+Rank, alpha, rsLoRA and DoRA travel in adapter_config.json; on import they are checked against
+the run's config, since a mismatch would silently change the adapter's scale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sft_jax.lora.tree import KERNELS, _get, _set
+
+PREFIX = "base_model.model.model.layers"
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_SUFFIX = {"a": "lora_A.weight", "b": "lora_B.weight", "m": "lora_magnitude_vector"}
+
+
+def _adapter_paths(adapters: dict) -> list[tuple[str, ...]]:
+    paths = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]:
+        keys = tuple(str(getattr(p, "key", p)) for p in path)
+        if keys[-1] == "a":
+            paths.append(keys[:-1])
+    return paths
+
+
+def to_peft_tensors(adapters: dict) -> dict[str, np.ndarray]:
+    """PEFT state dict of an adapter tree (see the module docstring), float32 numpy."""
+    tensors = {}
+    for path in _adapter_paths(adapters):
+        ad = {k: np.asarray(v, np.float32) for k, v in _get(adapters, path).items()}
+        layers, rank = ad["a"].shape[0], ad["a"].shape[-1]
+        for layer in range(layers):
+            prefix = f"{PREFIX}.{layer}.{KERNELS[path[-1]][1]}"
+            tensors[f"{prefix}.lora_A.weight"] = ad["a"][layer].reshape(-1, rank).T.copy()
+            tensors[f"{prefix}.lora_B.weight"] = ad["b"][layer].reshape(rank, -1).T.copy()
+            if "m" in ad:
+                tensors[f"{prefix}.lora_magnitude_vector"] = ad["m"][layer].reshape(-1).copy()
+    return tensors
+
+
+def _parse_name(name: str) -> tuple[int, str, str]:
+    """PEFT key -> (layer, our module name, a | b | m)."""
+    by_module = {v[1]: k for k, v in KERNELS.items()}
+    parts = name.split(".")
+    kind = {"lora_A": "a", "lora_B": "b"}.get(parts[-2]) if parts[-1] == "weight" else None
+    if parts[-1] == "lora_magnitude_vector":
+        kind, parts = "m", [*parts, "weight"]  # align module slicing below
+    if "layers" not in parts or kind is None:
+        raise ValueError(f"unexpected PEFT tensor {name!r}")
+    layer = int(parts[parts.index("layers") + 1])
+    module = by_module.get(".".join(parts[parts.index("layers") + 2 : -2]))
+    if module is None:
+        raise ValueError(f"PEFT tensor {name!r} targets a module sft_jax does not adapt")
+    return layer, module, kind
+
+
+def from_peft_tensors(
+    tensors: dict[str, np.ndarray], params: dict, dtype: Any = jnp.float32
+) -> dict:
+    """Inverse of `to_peft_tensors`, shaped after the kernels of `params`."""
+    per_path: dict[tuple[str, ...], dict[str, dict[int, np.ndarray]]] = {}
+    for name, value in tensors.items():
+        layer, module, kind = _parse_name(name)
+        group = "attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        parts = per_path.setdefault(("layers", group, module), {"a": {}, "b": {}})
+        parts.setdefault(kind, {})[layer] = np.asarray(value)
+    adapters: dict = {}
+    for path, parts in per_path.items():
+        kernel = _get(params, path)["kernel"]
+        n_in = KERNELS[path[-1]][0]
+        in_shape, out_shape = kernel.shape[1 : 1 + n_in], kernel.shape[1 + n_in :]
+        layers = kernel.shape[0]
+        if any(sorted(v) != list(range(layers)) for v in parts.values()):
+            raise ValueError(
+                f"PEFT adapter for {'/'.join(path)} does not cover all {layers} layers"
+            )
+        ad = {
+            "a": np.stack([parts["a"][i].T.reshape(*in_shape, -1) for i in range(layers)]),
+            "b": np.stack([parts["b"][i].T.reshape(-1, *out_shape) for i in range(layers)]),
+        }
+        if "m" in parts:
+            ad["m"] = np.stack([parts["m"][i].reshape(out_shape) for i in range(layers)])
+        _set(adapters, path, {k: jnp.asarray(v, dtype) for k, v in ad.items()})
+    return adapters
+
+
+def peft_config(
+    adapters: dict, *, rank: int, alpha: float, rslora: bool, dropout: float, base: str
+) -> dict[str, Any]:
+    """The adapter_config.json that `peft.PeftModel.from_pretrained` reads."""
+    paths = _adapter_paths(adapters)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted({p[-1] for p in paths}),
+        "use_rslora": rslora,
+        "use_dora": any("m" in _get(adapters, p) for p in paths),
+        "lora_dropout": dropout,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "base_model_name_or_path": base,
+        "inference_mode": True,
+    }
+
+
+def write_peft_adapter(out_dir: str, adapters: dict, config: dict[str, Any]) -> None:
+    """Writes adapter_config.json and adapter_model.safetensors (metadata format "pt")."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(to_peft_tensors(adapters), os.path.join(out_dir, WEIGHTS_FILE), {"format": "pt"})
+    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+
+
+def read_peft_adapter(
+    adapter_dir: str, params: dict, *, rank: int, alpha: float, rslora: bool, dora: bool
+) -> dict:
+    """A PEFT adapter directory -> adapter tree, after checking it matches the run's LoRA config."""
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(adapter_dir, CONFIG_FILE), encoding="utf-8") as f:
+        cfg = json.load(f)
+    want = {"r": rank, "lora_alpha": alpha, "use_rslora": rslora, "use_dora": dora}
+    got = {k: cfg.get(k, False if k.startswith("use_") else None) for k in want}
+    problems = [f"{k} is {got[k]!r} there but {want[k]!r} here" for k in want if got[k] != want[k]]
+    if cfg.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type is {cfg['peft_type']!r}, not 'LORA'")
+    if problems:
+        raise ValueError(
+            f"PEFT adapter {adapter_dir} does not match config.lora: " + "; ".join(problems)
+        )
+    return from_peft_tensors(load_file(os.path.join(adapter_dir, WEIGHTS_FILE)), params)

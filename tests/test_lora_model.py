@@ -1,0 +1,203 @@
+"""LoRA inside the model and the train step: unchanged at init, merged equals unmerged, only the
+adapters train, no weight gradient for the frozen base, LoRA+ and dropout behave as configured."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base
+from sft_jax import lora
+from sft_jax.config import LoraSection, MeshSection, OptimSection
+from sft_jax.model import ModelConfig, Transformer, lora_equations
+from sft_jax.optim import make_optimizer
+from sft_jax.sharding import make_mesh
+from sft_jax.state import create_train_state, lora_model_config
+from sft_jax.step import loss_fn, make_train_step, model_variables
+
+RULES = tuple(tuple(r) for r in base.get_config().mesh.rules)
+MODEL = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_embeddings=False,
+    qk_norm=False,
+    attention_bias=True,
+    max_position_embeddings=128,
+    rope_scaling=None,
+    dtype="float32",
+    param_dtype="float32",
+    remat="none",
+)
+TOL = 1e-4
+
+
+def lora_cfg(**kw) -> LoraSection:
+    values = base.get_config().lora.to_dict()
+    values.update(enabled=True, rank=4, alpha=8.0, base_dtype="float32", **kw)
+    values["targets"] = tuple(values["targets"])
+    return LoraSection(**values)
+
+
+def optim_cfg(**kw) -> OptimSection:
+    values = base.get_config().optim.to_dict()
+    values.update(learning_rate=1e-2, warmup_steps=0, clip_norm=0.0, **kw)
+    return OptimSection(**values)
+
+
+def build(cfg: LoraSection, devices=None, **optim_kw):
+    mesh = make_mesh(MeshSection(-1, 1, 1, rules=RULES), devices or jax.devices()[:1])
+    tx = make_optimizer(optim_cfg(**optim_kw), 10, cfg)
+    return create_train_state(MODEL, "", tx, mesh, RULES, seed=0, lora_cfg=cfg)
+
+
+def batch(rows=4, length=16, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, 64, (rows, length)).astype(np.int32)
+    return {
+        "inputs": tokens,
+        "targets": np.roll(tokens, -1, axis=1),
+        "loss_mask": np.ones((rows, length), bool),
+        "segment_ids": np.ones((rows, length), np.int32),
+        "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
+    }
+
+
+def logits(apply_fn, variables, b):
+    return jax.jit(apply_fn)(variables, b["inputs"], b["positions"], b["segment_ids"])
+
+
+@pytest.fixture(scope="module")
+def built():
+    """One LoRA train state (and shardings) shared by the tests that only read it."""
+    return build(lora_cfg())
+
+
+def randomised(tree, seed=1, scale=0.1):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    new = [x + scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    return jax.tree.unflatten(treedef, new)
+
+
+def test_lora_equations():
+    assert lora_equations("BTD,DNH->BTNH") == ("BTD,DR->BTR", "BTR,RNH->BTNH")
+    assert lora_equations("BTNH,NHD->BTD") == ("BTNH,NHR->BTR", "BTR,RD->BTD")
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora_nf4"])
+def test_unchanged_at_init_and_merged_equals_unmerged(variant, built):
+    """At init the adapted model equals its base; merging gives the unmerged logits. The second
+    variant is DoRA over an NF4-quantised base (QLoRA), whose base is the dequantised tree."""
+    dora = variant == "dora_nf4"
+    state, _ = build(lora_cfg(dora=True, base_quant="nf4")) if dora else built
+    base_params = lora.dequantize(state.frozen)
+    if dora:
+        assert isinstance(state.frozen["layers"]["attn"]["q_proj"]["kernel"], lora.Quantized)
+    b = batch()
+    plain = Transformer(MODEL).apply
+    base_logits = logits(plain, {"params": base_params}, b)
+    at_init = logits(state.apply_fn, model_variables(state.params, state.frozen), b)
+    if dora:  # m / ||W|| is 1 up to float rounding: the two norms reduce in different orders
+        np.testing.assert_allclose(at_init, base_logits, atol=1e-5, rtol=1e-5)
+    else:  # B = 0 adds exact zeros
+        np.testing.assert_array_equal(at_init, base_logits)
+    adapters = randomised(state.params)
+    unmerged = logits(state.apply_fn, model_variables(adapters, state.frozen), b)
+    scale = lora.lora_scale(8.0, 4, False)
+    merged = logits(plain, {"params": lora.merge(base_params, adapters, scale)}, b)
+    np.testing.assert_allclose(merged, unmerged, atol=TOL, rtol=TOL)
+    assert np.max(np.abs(unmerged - base_logits)) > 1e-3  # the adapters do act
+
+
+def test_only_adapters_change_and_checkpointable_state():
+    state, shardings = build(lora_cfg(), weight_decay=0.1)  # donated by the step: its own
+    frozen_before = jax.tree.map(np.asarray, state.frozen)
+    adapters_before = jax.tree.map(np.asarray, state.params)
+    mesh = make_mesh(MeshSection(-1, 1, 1, rules=RULES), jax.devices()[:1])
+    from sft_jax.sharding import batch_sharding
+
+    step = make_train_step(
+        shardings, batch_sharding(mesh, RULES), micro_batches=1, schedule=lambda s: 1e-2
+    )
+    for i in range(2):
+        state, metrics = step(state, batch(seed=i), np.float32(1.0))
+    assert np.isfinite(float(metrics["loss"]))
+    for before, after in zip(
+        jax.tree.leaves(frozen_before), jax.tree.leaves(state.frozen), strict=True
+    ):
+        np.testing.assert_array_equal(before, after)  # bitwise unchanged
+    changed = jax.tree.map(lambda x, y: bool(np.any(x != y)), adapters_before, state.params)
+    assert all(jax.tree.leaves(changed)), changed
+    # Optimizer state exists only for the adapters.
+    assert lora.count(state.params) * 2 == sum(
+        x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0
+    )
+
+
+def _dot_result_shapes(fn, *args) -> set[tuple[int, ...]]:
+    """Sorted result shapes of every dot_general in the lowered program of fn."""
+    text = jax.jit(fn).lower(*args).as_text()
+    shapes = re.findall(r"stablehlo\.dot_general.*-> tensor<([0-9x]+)x[a-z0-9]+>", text)
+    return {tuple(sorted(int(d) for d in s.split("x"))) for s in shapes}
+
+
+def test_no_weight_gradient_for_frozen_base(built):
+    """The LoRA gradient contains no matmul producing a base-kernel-shaped result (a weight
+    gradient), while the full fine-tuning gradient has one per kernel."""
+    state, _ = built
+    b = {k: jnp.asarray(v) for k, v in batch().items()}
+    full = Transformer(MODEL).apply
+    rng = jax.random.PRNGKey(0)
+    full_grad = jax.grad(lambda p: loss_fn(p, full, b, rng)[0])
+    lora_grad = jax.grad(lambda a, f: loss_fn(a, state.apply_fn, b, rng, f)[0])
+    kernels = {
+        tuple(sorted(x.shape[1:] if path[0].key == "layers" else x.shape))
+        for path, x in jax.tree_util.tree_flatten_with_path(state.frozen)[0]
+        if path[-1].key == "kernel"
+    }
+    assert kernels <= _dot_result_shapes(full_grad, state.frozen)  # the check can see them
+    assert not kernels & _dot_result_shapes(lora_grad, state.params, state.frozen)
+
+
+def test_lora_plus_b_learning_rate(built):
+    """With lr_ratio_b = r, B's first update is exactly r times what it is with ratio 1."""
+    cfg1, cfg4 = lora_cfg(), lora_cfg(lr_ratio_b=4.0)
+    adapters = randomised(built[0].params)
+    grads = randomised(jax.tree.map(jnp.zeros_like, adapters), seed=3)
+    updates = {}
+    for name, cfg in (("1", cfg1), ("4", cfg4)):
+        tx = make_optimizer(optim_cfg(weight_decay=0.1), 10, cfg)
+        updates[name], _ = tx.update(grads, tx.init(adapters), adapters)
+    flat1 = jax.tree_util.tree_flatten_with_path(updates["1"])[0]
+    flat4 = jax.tree.leaves(updates["4"])
+    for (path, u1), u4 in zip(flat1, flat4, strict=True):
+        factor = 4.0 if path[-1].key == "b" else 1.0
+        np.testing.assert_allclose(u4, factor * u1, rtol=1e-6, atol=1e-8)
+
+
+def test_dropout_only_with_rng(built):
+    state, _ = built
+    apply_fn = Transformer(lora_model_config(MODEL, lora_cfg(dropout=0.5))).apply
+    state = state.replace(apply_fn=apply_fn)
+    adapters = randomised(state.params)
+    b = batch()
+    variables = model_variables(adapters, state.frozen)
+    eval_a = logits(state.apply_fn, variables, b)
+    eval_b = logits(state.apply_fn, variables, b)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    rngs = {"dropout": jax.random.key(0)}
+    args = (b["inputs"], b["positions"], b["segment_ids"])
+    train = jax.jit(apply_fn)(variables, *args, rngs=rngs)
+    assert np.max(np.abs(train - eval_a)) > 1e-4
+    no_dropout = Transformer(lora_model_config(MODEL, lora_cfg())).apply
+    same = jax.jit(no_dropout)(variables, *args, rngs=rngs)
+    np.testing.assert_allclose(same, eval_a, atol=1e-6)

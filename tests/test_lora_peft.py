@@ -1,0 +1,166 @@
+"""LoRA end to end: PEFT export loads in `peft` with the same logits (LoRA, rsLoRA, DoRA), PEFT
+import continues from the same adapters, and a tiny LoRA run trains, checkpoints only its
+adapters, resumes and exports (merged and PEFT)."""
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from test_export import BASE, MODEL_TOL, _random_params, _tokens
+from transformers import AutoModelForCausalLM
+
+from sft_jax import export, lora
+from sft_jax.config import ConfigError, load_config_file, parse
+from sft_jax.metrics import read_metrics
+from sft_jax.model import Transformer
+
+peft = pytest.importorskip("peft")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(config, variables, tokens):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return Transformer(config).apply(variables, tokens, positions, jnp.ones_like(tokens))
+
+
+def _peft_logits(base_dir, adapter_dir, tokens):
+    model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
+    model = peft.PeftModel.from_pretrained(model, adapter_dir).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(tokens)).logits.float().numpy()
+
+
+def _random_adapters(params, rank, dora, seed=1):
+    adapters = lora.init_adapters(params, lora.ALL_LINEAR, rank, jax.random.PRNGKey(0))
+    if dora:
+        adapters = lora.init_magnitudes(params, adapters)
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    noisy = [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    return jax.tree.unflatten(tree, noisy)
+
+
+@pytest.mark.parametrize(("rslora", "dora"), [(False, False), (True, True)])
+def test_peft_export_matches_peft(rslora, dora, tmp_path, stories_dir):
+    """Our forward with the "lora" collection equals PEFT's on the exported base + adapter;
+    with DoRA this is the reference check of our DoRA forward against peft's DoraLinearLayer."""
+    params = _random_params(BASE)
+    rank, alpha = 4, 8.0
+    adapters = _random_adapters(params, rank, dora)
+    export.export_hf(params, BASE, str(tmp_path / "base"), tokenizer_dir=str(stories_dir))
+    config = lora.peft_config(
+        adapters, rank=rank, alpha=alpha, rslora=rslora, dropout=0.0, base=str(tmp_path / "base")
+    )
+    assert config["use_dora"] is dora and len(config["target_modules"]) == 7
+    lora.write_peft_adapter(str(tmp_path / "adapter"), adapters, config)
+    tokens = _tokens()
+    scale = lora.lora_scale(alpha, rank, rslora)
+    model_config = dataclasses.replace(BASE, lora_scale=scale)
+    ours = _apply(model_config, {"params": params, "lora": adapters}, jnp.asarray(tokens))
+    theirs = _peft_logits(tmp_path / "base", tmp_path / "adapter", tokens)
+    np.testing.assert_allclose(theirs, np.asarray(ours), atol=MODEL_TOL)
+    plain = np.asarray(_apply(BASE, {"params": params}, jnp.asarray(tokens)))
+    assert np.abs(plain - theirs).max() > 1e-2  # the adapter changed the logits
+    back = lora.read_peft_adapter(
+        str(tmp_path / "adapter"), params, rank=rank, alpha=alpha, rslora=rslora, dora=dora
+    )
+    for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="r is 4 there but 8 here"):
+        lora.read_peft_adapter(
+            str(tmp_path / "adapter"), params, rank=8, alpha=alpha, rslora=rslora, dora=dora
+        )
+
+
+def _tiny(**lora_overrides):
+    c = load_config_file("configs/tiny.py")
+    c.lora.enabled = True
+    c.lora.rank = 2
+    c.lora.base_dtype = "float32"
+    c.optim.learning_rate = 3e-2  # a random base: only the adapters can lower the loss
+    for key, value in lora_overrides.items():
+        setattr(c.lora, key, value)
+    return c
+
+
+def _size(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    from sft_jax.train import train_and_evaluate
+
+    workdir = tmp_path_factory.mktemp("tiny_lora")
+    c = _tiny()
+    c.train.max_steps = 10
+    c.train.log_every = 1
+    summary = train_and_evaluate(parse(c), str(workdir))
+    return workdir, summary
+
+
+def test_tiny_lora_trains_and_checkpoints_only_adapters(lora_run, tmp_path):
+    from sft_jax.train import train_and_evaluate
+
+    workdir, summary = lora_run
+    losses = [r["loss"] for r in read_metrics(str(workdir)) if "loss" in r]
+    # From ln(512) = 6.24 at step 1; embeddings and LM head stay frozen, so it falls slowly.
+    assert max(losses[-3:]) < losses[0] - 0.15, losses
+    assert summary["eval_loss"] < 6.0
+    state_dir = workdir / "checkpoints" / "10" / "state"
+    full = load_config_file("configs/tiny.py")  # the same model fully fine-tuned, one step
+    full.train.max_steps = 1
+    full.data.max_eval_examples = 8
+    train_and_evaluate(parse(full), str(tmp_path))
+    full_bytes = _size(tmp_path / "checkpoints" / "1" / "state")
+    # Full: params + 2 Adam moments (~1.5 MB); LoRA r=2: adapters + moments + Orbax's fixed
+    # metadata (~0.2 MB). The base is not in the checkpoint (config.json names model.path).
+    assert _size(state_dir) < 0.25 * full_bytes, (_size(state_dir), full_bytes)
+
+
+def test_lora_resume_and_export(lora_run, tmp_path, stories_dir):
+    from sft_jax.state import init_params
+    from sft_jax.train import train_and_evaluate
+
+    workdir, _ = lora_run
+    c = _tiny()
+    c.train.max_steps = 12
+    c.train.log_every = 1
+    summary = train_and_evaluate(parse(c), str(workdir))
+    steps = [r["step"] for r in read_metrics(str(workdir)) if "loss" in r]
+    assert steps[-3:] == [10, 11, 12] and steps.count(10) == 1  # resumed from step 10
+    assert summary["steps"] == 12
+    # Merged HF export, PEFT export of the same step, and the base they apply to.
+    assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "merged")]) == 0
+    assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "ad"), "--peft"]) == 0
+    run = export.load_workdir(str(workdir))
+    mesh = jax.sharding.Mesh(
+        np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor")
+    )
+    rules = tuple(tuple(r) for r in parse(c).mesh.rules)
+    base = init_params(Transformer(run.model_config), "", mesh, rules, parse(c).seed)
+    export.export_hf(base, run.model_config, str(tmp_path / "base"), tokenizer_dir=str(stories_dir))
+    tokens = _tokens()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        merged_logits = merged(input_ids=torch.from_numpy(tokens)).logits.numpy()
+    peft_logits = _peft_logits(tmp_path / "base", tmp_path / "ad", tokens)
+    np.testing.assert_allclose(merged_logits, peft_logits, atol=MODEL_TOL)
+    # Continuing from the exported PEFT adapter starts from exactly the trained adapters.
+    c2 = _tiny(init_from=str(tmp_path / "ad"))
+    from sft_jax.optim import make_optimizer
+    from sft_jax.state import create_train_state
+
+    cfg = parse(c2)
+    tx = make_optimizer(cfg.optim, 10, cfg.lora)
+    state, _ = create_train_state(run.model_config, "", tx, mesh, rules, cfg.seed, cfg.lora)
+    for a, b in zip(jax.tree.leaves(run.adapters), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    bad = parse(_tiny(init_from=str(tmp_path / "ad"), rank=4))
+    with pytest.raises(ConfigError, match="r is 2 there but 4 here"):
+        create_train_state(run.model_config, "", tx, mesh, rules, bad.seed, bad.lora)

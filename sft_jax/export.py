@@ -336,11 +336,38 @@ def _chat_template_source(spec: str) -> str | None:
 # Command line: a trained workdir -> HF directory.
 
 
+def resolve_step(workdir: str, step: str | None) -> int | None:
+    """None (latest), an explicit step number, or "best" from the run's rewind result."""
+    if step is None:
+        return None
+    if step != "best":
+        if not step.isdigit():
+            raise ExportError(f"--step must be a number or 'best', not {step!r}")
+        return int(step)
+    summary_path = os.path.join(workdir, "summary.json")
+    best = None
+    if os.path.exists(summary_path):
+        with open(summary_path, encoding="utf-8") as f:
+            best = json.load(f).get("best_step")
+    if best is None:
+        raise ExportError(
+            f"{summary_path} names no best_step: train with "
+            "--config.checkpoint.rewind_to_best=True (and checkpoint.keep_best > 0) to rank the "
+            "kept checkpoints by eval loss"
+        )
+    return int(best)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sft_jax.export", description=__doc__)
     parser.add_argument("--workdir", required=True, help="training workdir (config.json + ckpts)")
     parser.add_argument("--out", required=True, help="output HF model directory")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    parser.add_argument(
+        "--step",
+        default=None,
+        help="checkpoint step (default latest), or 'best': the step with the lowest eval loss "
+        "found by checkpoint.rewind_to_best (summary.json's best_step)",
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     parser.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
     parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
@@ -349,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
             raise ExportError(f"{args.out} is not empty; pass --overwrite to write into it")
-        run = load_workdir(args.workdir, args.step)
+        run = load_workdir(args.workdir, resolve_step(args.workdir, args.step))
         if args.peft:
             export_peft(run, args.out)
             print(f"exported the LoRA adapter of step {run.step} of {args.workdir} to {args.out}")

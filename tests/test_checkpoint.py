@@ -96,6 +96,12 @@ def test_keep_last_and_best_then_rewind(small_train, tmp_path):
         np.testing.assert_allclose(loss, evals[step], rtol=1e-6)
     assert summary["best_step"] == min(kept, key=kept.get)
     assert summary["best_eval_loss"] == kept[summary["best_step"]]
+    # Rewinding ends in export: `--step best` picks the best kept checkpoint, not the last.
+    from sft_jax.export import load_workdir, resolve_step
+
+    best = resolve_step(str(tmp_path), "best")
+    assert best == summary["best_step"]
+    assert load_workdir(str(tmp_path), best).step == best
 
 
 def test_early_stopping_on_eval_loss(small_train, tmp_path):

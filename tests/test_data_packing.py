@@ -6,27 +6,10 @@ import numpy as np
 
 from sft_jax.data import TokenizedExample, pack_examples, packing_stats
 from sft_jax.loss import masked_cross_entropy
-from sft_jax.model import ModelConfig, Transformer
+from sft_jax.model import Transformer
+from tests.helpers import tiny_model_config
 
-MODEL = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    tie_embeddings=False,
-    qk_norm=False,
-    attention_bias=False,
-    max_position_embeddings=128,
-    rope_scaling=None,
-    dtype="float32",
-    param_dtype="float32",
-    remat="none",
-)
+MODEL = tiny_model_config()
 
 
 def examples(n=7, seed=0) -> list[TokenizedExample]:

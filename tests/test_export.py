@@ -16,27 +16,17 @@ from transformers import AutoModelForCausalLM
 
 from sft_jax import export
 from sft_jax.config import load_config_file, parse
-from sft_jax.model import ModelConfig, Transformer
+from sft_jax.model import Transformer
+from tests.helpers import tiny_model_config
 
 MODEL_TOL = 1e-4
-BASE = ModelConfig(
+BASE = tiny_model_config(
     vocab_size=512,  # the stories260K tokenizer's size
     hidden_size=64,
     intermediate_size=96,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
     head_dim=16,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
     tie_embeddings=True,
-    qk_norm=False,
-    attention_bias=False,
     max_position_embeddings=256,
-    rope_scaling=None,
-    dtype="float32",
-    param_dtype="float32",
-    remat="none",
 )
 VARIANTS = {
     "llama_tied": ({}, "LlamaForCausalLM"),

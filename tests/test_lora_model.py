@@ -11,32 +11,15 @@ import pytest
 from configs import base
 from sft_jax import lora
 from sft_jax.config import LoraSection, MeshSection, OptimSection
-from sft_jax.model import ModelConfig, Transformer, lora_equations
+from sft_jax.model import Transformer, lora_equations
 from sft_jax.optim import make_optimizer
 from sft_jax.sharding import make_mesh
 from sft_jax.state import create_train_state, lora_model_config
 from sft_jax.step import loss_fn, make_train_step, model_variables
+from tests.helpers import tiny_model_config
 
 RULES = tuple(tuple(r) for r in base.get_config().mesh.rules)
-MODEL = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    tie_embeddings=False,
-    qk_norm=False,
-    attention_bias=True,
-    max_position_embeddings=128,
-    rope_scaling=None,
-    dtype="float32",
-    param_dtype="float32",
-    remat="none",
-)
+MODEL = tiny_model_config(attention_bias=True)
 TOL = 1e-4
 
 

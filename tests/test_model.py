@@ -30,6 +30,7 @@ from sft_jax.model import (
     rope_tables,
     window_mask,
 )
+from tests.helpers import tiny_model_config
 
 SMALL_TOL = 1e-5
 MODEL_TOL = 1e-4
@@ -40,22 +41,12 @@ def _config(**overrides) -> ModelConfig:
         vocab_size=128,
         hidden_size=64,
         intermediate_size=96,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
         head_dim=16,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        tie_embeddings=False,
         qk_norm=True,
         attention_bias=True,
         max_position_embeddings=256,
-        rope_scaling=None,
-        dtype="float32",
-        param_dtype="float32",
-        remat="none",
     )
-    return ModelConfig(**{**base, **overrides})
+    return tiny_model_config(**{**base, **overrides})
 
 
 def _random_params(config: ModelConfig, seed: int = 0):

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# All GPU workloads of issue #8 in one call (one H100/H200): Llama-3.2-1B shapes full fine-tuning
+# and LoRA, Llama-3-8B shapes LoRA; sequence 2048 packed, bf16 compute (configs/bench/gpu_*.py).
+#
+#   bash benchmarks/gpu_all.sh [--config.a.b=v ...]      # overrides go to every run
+#
+# Prints each run's summary, then, last, one JSON line per run (a failed run, e.g. out of
+# memory, gets {"workload", "mode", "error"} instead). Needs jax (with its CUDA plugin), flax,
+# optax, orbax-checkpoint, transformers, absl-py, numpy, tqdm (all on the GPU image) plus grain,
+# array-record, portpicker and ml-collections, carried as wheels in .whl/ (docs/benchmarks.md
+# gives the exact download and carry commands); when .whl/ exists they are installed first.
+# Environment: PYTHON (default python3), STEPS (20), WARMUP (3), RUN_TIMEOUT seconds per run
+# (190; three runs stay under 10 minutes), OUT (directory for the per-run logs, default /tmp).
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+LOGS=${OUT:-/tmp}
+"$PY" -c "import jax; print('devices:', jax.devices())" || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+
+bench() {  # bench NAME CONFIG [flags...]
+  local name=$1 config=$2 mode=full
+  shift 2
+  case " $* " in *lora.enabled=True*) mode=lora ;; esac
+  case "$config" in *llama8b*) case " $* " in *lora.enabled=False*) ;; *) mode=lora ;; esac ;; esac
+  echo "=== $name: $PY -m sft_jax.bench --config $config $*"
+  timeout "${RUN_TIMEOUT:-190}" "$PY" -m sft_jax.bench --config "$config" \
+    --steps "${STEPS:-20}" --warmup "${WARMUP:-3}" "$@" 2>&1 | tee "$LOGS/bench_$name.log"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ] || ! tail -n 1 "$LOGS/bench_$name.log" | grep -q '^{"workload"'; then
+    local workload
+    workload=$(basename "$config" .py)
+    echo "{\"workload\": \"$workload\", \"mode\": \"$mode\", \"error\": \"exit $rc\"}" \
+      >>"$LOGS/bench_$name.log"
+  fi
+}
+
+bench llama1b_full configs/bench/gpu_llama1b.py "$@"
+bench llama1b_lora configs/bench/gpu_llama1b.py --config.lora.enabled=True "$@"
+bench llama8b_lora configs/bench/gpu_llama8b.py "$@"
+
+echo "=== JSON lines"
+for name in llama1b_full llama1b_lora llama8b_lora; do
+  tail -n 1 "$LOGS/bench_$name.log"
+done

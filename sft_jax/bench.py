@@ -1,0 +1,358 @@
+"""Training-step benchmark: `python -m sft_jax.bench --config configs/bench/X.py [--steps N]
+[--warmup W] [--peak_flops F] [--config.a.b=v ...]`.
+
+Why a separate entry point: throughput numbers must come from a command that anyone can rerun, not
+from a test's timer, and they must exercise the real code path. So this builds the real sharded
+TrainState (`sft_jax.state.create_train_state`, random init from `model.arch`) and the real jitted
+step (`sft_jax.step.make_train_step`), feeds it through the real `TrainIterator`, and only the data
+is synthetic: seeded random prompts (40-300 tokens) and completions (20-200 tokens) with a
+completion-only loss mask, packed by `sft_jax.data.pack_examples` (best-fit-decreasing), as the
+CPU workload of ../shared/GUIDE.md §4 prescribes. `data.train_files` and `data.tokenizer` of the
+config are ignored (the config must still name a train file to parse; configs/bench point it at
+the bundled demo data), so the numbers do not depend on any dataset on disk.
+
+Timing: the step is lowered and compiled once (`compile_s`), run `--warmup` times, then timed
+`--steps` times; each step blocks on its results. `step_s` is the median wall time of one timed
+step *including* fetching and placing its batch; `data_wait_s` is the median of that fetch alone.
+`tokens_per_s` counts real (non-padding) input tokens, prompt and completion together (what TRL
+reports as num_tokens): mean real tokens per timed step / `step_s`.
+
+MFU (GUIDE §4): tokens/s x flops per token / peak, flops per token = 6N + 12·L·D·T for full
+fine-tuning and 4N + 12·L·D·T + 6·(adapter params) for LoRA, N = matmul parameters including the
+LM head. Peak: `--peak_flops` on CPU (default 166e9, the 2 AVX-512 cores of the development
+machine in fp32), else dense bf16 peak of the device kind times the device count.
+
+The last line printed is one JSON object (workload, mode, tokens_per_s, step_s, mfu, peak_bytes,
+compile_s, and more); everything before it is a human summary.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from sft_jax import hf, sharding
+from sft_jax.config import Config, ConfigError, config_from_argv
+from sft_jax.data import TokenizedExample, TrainIterator, pack_examples, packing_stats
+from sft_jax.model import ModelConfig, Transformer, count_params
+from sft_jax.optim import make_optimizer, make_schedule
+from sft_jax.state import create_train_state, param_shardings
+from sft_jax.step import BATCH_KEYS, make_train_step
+
+PROMPT_LEN = (40, 300)  # inclusive ranges, GUIDE §4
+COMPLETION_LEN = (20, 200)
+CPU_PEAK_FLOPS = 166e9  # 2 AVX-512 cores of the development machine, fp32 (issue #8)
+# Dense bf16 peak per device (GUIDE §4), matched as substrings of `device_kind`, lower-cased.
+ACCELERATOR_PEAK_FLOPS = (
+    ("h100", 989e12),
+    ("h200", 989e12),
+    ("v6", 918e12),
+    ("v5p", 459e12),
+    ("v5 lite", 197e12),
+    ("v5e", 197e12),
+    ("v4", 275e12),
+)
+REQUIRED_KEYS = ("workload", "mode", "tokens_per_s", "step_s", "mfu", "peak_bytes", "compile_s")
+
+
+# ----------------------------------------------------------------------------- flops and peak
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """N of the MFU formula: weights that enter a matmul, the LM head included (also when tied,
+    since the logits matmul is computed either way); embeddings lookups, norms and biases not."""
+    d, h = cfg.hidden_size, cfg.head_dim
+    attention = d * h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)  # q, o and k, v
+    mlp = 3 * d * cfg.intermediate_size  # gate, up, down
+    return cfg.num_layers * (attention + mlp) + d * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, adapter_params: int = 0) -> float:
+    """Training flops per token (GUIDE §4): 6N + 12·L·D·T for full fine-tuning; with LoRA
+    (`adapter_params` > 0) the frozen weights get no weight gradient: 4N + 12·L·D·T + 6·A."""
+    attention = 12 * cfg.num_layers * cfg.hidden_size * seq_len
+    n = matmul_params(cfg)
+    if adapter_params:
+        return float(4 * n + attention + 6 * adapter_params)
+    return float(6 * n + attention)
+
+
+def peak_flops(devices: list[Any], cpu_peak: float) -> float:
+    """Peak flop/s of the machine: `cpu_peak` on CPU (all host devices share the same cores),
+    else the device kind's dense bf16 peak times the number of devices."""
+    device = devices[0]
+    if device.platform == "cpu":
+        return cpu_peak
+    kind = device.device_kind.lower()
+    for needle, peak in ACCELERATOR_PEAK_FLOPS:
+        if needle in kind:
+            return peak * len(devices)
+    raise ValueError(f"no peak flop/s known for device kind {device.device_kind!r}; add it")
+
+
+def mfu(tokens_per_s: float, per_token: float, peak: float) -> float:
+    """Model flops utilisation: achieved model flop/s over peak flop/s."""
+    return tokens_per_s * per_token / peak
+
+
+def peak_memory(device: Any) -> tuple[int, str, int]:
+    """(peak bytes, source, bytes in use now): the device allocator's peak where it reports one,
+    else the process's maximum resident set (on CPU that is where the arrays live, plus the Python
+    runtime). The peak covers the whole process, state initialisation included (LoRA inits the
+    base in `param_dtype` before casting it), so bytes still in use after the steps (-1 where not
+    reported) are given too."""
+    stats = device.memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        in_use = int(stats.get("bytes_in_use", -1))
+        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use", in_use
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS", -1
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+def synthetic_examples(
+    seed: int, count: int, vocab_size: int, seq_len: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`count` seeded (prompt ids, completion ids) pairs, lengths uniform in PROMPT_LEN and
+    COMPLETION_LEN. A pair longer than one packed row (seq_len + 1 tokens: the row holds n - 1
+    slots) loses prompt tokens first, so short test rows still get a completion. Shared with
+    benchmarks/trl_compare.py so TRL trains on exactly these token ids."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(count):
+        p = int(rng.integers(PROMPT_LEN[0], PROMPT_LEN[1] + 1))
+        c = int(rng.integers(COMPLETION_LEN[0], COMPLETION_LEN[1] + 1))
+        c = min(c, seq_len)
+        p = max(min(p, seq_len + 1 - c), 1)
+        ids = rng.integers(3, vocab_size, size=p + c, dtype=np.int32)
+        pairs.append((ids[:p], ids[p:]))
+    return pairs
+
+
+def example_count(seq_len: int, rows: int, window: int) -> int:
+    """Examples to generate for at least `rows` packed rows: the expected tokens needed with a
+    margin, and at least two packing windows so best-fit packing sees realistic choice."""
+    mean = min(sum(PROMPT_LEN) / 2 + sum(COMPLETION_LEN) / 2, seq_len + 1)
+    return max(math.ceil(1.3 * rows * seq_len / (mean - 1)) + 1, 2 * window)
+
+
+def to_tokenized(pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[TokenizedExample]:
+    """Prompt/completion pairs as TokenizedExamples with a completion-only loss mask."""
+    out = []
+    for k, (prompt, completion) in enumerate(pairs):
+        mask = np.concatenate([np.zeros(len(prompt), bool), np.ones(len(completion), bool)])
+        out.append(TokenizedExample(np.concatenate([prompt, completion]), mask, f"synthetic:{k}"))
+    return out
+
+
+def packed_data(config: Config, rows: int, vocab_size: int) -> dict[str, np.ndarray]:
+    """Packed rows [R >= rows, seq_len] of the synthetic workload (TrainIterator cycles them)."""
+    seq_len, window = config.data.seq_len, config.data.pack_window
+    pairs = synthetic_examples(
+        config.seed, example_count(seq_len, rows, window), vocab_size, seq_len
+    )
+    return pack_examples(to_tokenized(pairs), seq_len=seq_len, window=window, seed=config.seed)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def build(config: Config, total_steps: int) -> tuple[Any, Any, Any, ModelConfig, Any]:
+    """(state, compiled-to-be step function, batch placer, model config, mesh) for the config,
+    through the same calls as sft_jax.train.setup."""
+    mesh = sharding.make_mesh(config.mesh)
+    model_config = hf.build_model_config(config.model)
+    tx = make_optimizer(config.optim, total_steps, config.lora)
+    args = (model_config, config.model.path, tx, mesh, config.mesh.rules, config.seed)
+    if "lora_cfg" in inspect.signature(create_train_state).parameters:
+        state, shardings = create_train_state(*args, config.lora)
+    elif config.lora.enabled:
+        raise SystemExit("this version of sft_jax.state has no LoRA support; bench full only")
+    else:
+        state, shardings = create_train_state(*args)
+    batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
+    step = make_train_step(
+        shardings,
+        batch_sharding,
+        micro_batches=config.train.micro_batches,
+        schedule=make_schedule(config.optim, total_steps),
+    )
+
+    def place(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {
+            k: jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in BATCH_KEYS
+        }
+
+    return state, step, place, model_config, mesh
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes held between steps: trainable params, optimizer state and the frozen LoRA base
+    (issue #8 budgets these per model parameter: <= 16.5 with fp32 weights and Adam)."""
+    leaves = jax.tree.leaves((state.params, state.opt_state, state.frozen))
+    return sum(int(x.nbytes) for x in leaves if hasattr(x, "nbytes"))
+
+
+def time_steps(
+    state: Any, compiled: Any, place: Any, batches: TrainIterator, warmup: int, steps: int
+) -> tuple[Any, list[float], list[float], list[int], float]:
+    """Runs warmup + timed steps, blocking on each; returns the state, per-step wall times and
+    data-fetch times and real-token counts of the timed steps, and the last loss."""
+    scale = np.float32(1.0)
+    step_times, waits, tokens = [], [], []
+    loss = float("nan")
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        host = next(batches)
+        batch = place(host)
+        fetched = time.perf_counter()
+        state, metrics = compiled(state, batch, scale)
+        jax.block_until_ready((state.params, metrics))
+        end = time.perf_counter()
+        loss = float(metrics["loss"])
+        if i >= warmup:
+            step_times.append(end - start)
+            waits.append(fetched - start)
+            tokens.append(int(np.count_nonzero(host["segment_ids"])))
+    return state, step_times, waits, tokens, loss
+
+
+def run_bench(config: Config, *, steps: int, warmup: int, cpu_peak: float, workload: str) -> dict:
+    """Builds, compiles and times the step; returns the result record (see module docstring)."""
+    state, step, place, model_config, mesh = build(config, warmup + steps + 1)
+    batch_size = config.train.global_batch_size
+    packed = packed_data(config, (warmup + steps + 1) * batch_size, model_config.vocab_size)
+    batches = TrainIterator(packed, global_batch_size=batch_size, seed=config.seed)
+    start = time.perf_counter()
+    compiled = step.lower(state, place(next(batches)), np.float32(1.0)).compile()
+    compile_s = time.perf_counter() - start
+    persistent = state_bytes(state)
+    state, step_times, waits, tokens, loss = time_steps(
+        state, compiled, place, batches, warmup, steps
+    )
+    lora = state.frozen is not None
+    trainable = count_params(state.params)
+    abstract = param_shardings(Transformer(model_config), mesh, config.mesh.rules)[0]
+    model_params = count_params(abstract)
+    per_token = flops_per_token(model_config, config.data.seq_len, trainable if lora else 0)
+    step_s = statistics.median(step_times)
+    tokens_per_s = statistics.mean(tokens) / step_s
+    peak = peak_flops(list(mesh.devices.flat), cpu_peak)
+    peak_bytes, memory_source, in_use = peak_memory(mesh.devices.flat[0])
+    measured = {
+        "workload": workload,
+        "mode": "lora" if lora else "full",
+        "tokens_per_s": round(tokens_per_s, 1),
+        "step_s": round(step_s, 5),
+        "mfu": round(mfu(tokens_per_s, per_token, peak), 5),
+        "peak_bytes": peak_bytes,
+        "compile_s": round(compile_s, 3),
+        "memory_source": memory_source,
+        "bytes_in_use_after": in_use,
+        "data_wait_s": round(statistics.median(waits), 6),
+        "padding_waste": round(packing_stats(packed)["padding_fraction"], 5),
+        "real_tokens_per_step": round(statistics.mean(tokens), 1),
+        "flops_per_token": per_token,
+        "peak_flops": peak,
+        "model_params": model_params,
+        "trainable_params": trainable,
+        "bytes_per_param": round(persistent / model_params, 3),
+        "final_loss": round(loss, 4),
+    }
+    return {**measured, **settings(config, mesh, steps, warmup)}
+
+
+def settings(config: Config, mesh: Any, steps: int, warmup: int) -> dict:
+    """The settings a result was measured under, recorded with it."""
+    return {
+        "steps": steps,
+        "warmup": warmup,
+        "batch": config.train.global_batch_size,
+        "micro_batches": config.train.micro_batches,
+        "seq_len": config.data.seq_len,
+        "dtype": config.model.dtype,
+        "param_dtype": config.model.param_dtype,
+        "remat": config.model.remat,
+        "devices": f"{mesh.devices.size} x {mesh.devices.flat[0].device_kind}",
+        "jax": jax.__version__,
+    }
+
+
+def summary(result: dict) -> str:
+    """Human-readable lines printed before the JSON line."""
+    r = result
+    return "\n".join(
+        [
+            f"bench {r['workload']} ({r['mode']}) on {r['devices']}: batch {r['batch']} x "
+            f"seq {r['seq_len']}, {r['dtype']} compute, {r['param_dtype']} params, "
+            f"remat {r['remat']}",
+            f"  params {r['model_params'] / 1e6:.2f}M (trainable {r['trainable_params'] / 1e6:.2f}"
+            f"M), persistent state {r['bytes_per_param']} bytes/param",
+            f"  compile {r['compile_s']:.1f} s; median step {r['step_s'] * 1e3:.1f} ms over "
+            f"{r['steps']} steps after {r['warmup']} warm-up; data wait "
+            f"{r['data_wait_s'] * 1e3:.2f} ms/step",
+            f"  {r['tokens_per_s']:.0f} real tokens/s ({r['real_tokens_per_step']:.0f}/step, "
+            f"padding waste {r['padding_waste']:.2%}); MFU {r['mfu']:.2%} of "
+            f"{r['peak_flops'] / 1e12:.3g} TFLOP/s",
+            f"  peak memory {r['peak_bytes'] / 2**20:.0f} MiB ({r['memory_source']}); "
+            f"final loss {r['final_loss']}",
+        ]
+    )
+
+
+def workload_name(argv: list[str]) -> str:
+    """The config file's base name (`configs/bench/cpu_small.py` -> `cpu_small`)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        else:
+            continue
+        return os.path.splitext(os.path.basename(path.partition(":")[0]))[0]
+    return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses the command line, runs the benchmark, prints the summary and the JSON line last."""
+    from absl import flags
+
+    argv = list(sys.argv if argv is None else argv)
+    flag_values = flags.FlagValues()
+    flags.DEFINE_integer("steps", 10, "Timed steps.", flag_values=flag_values)
+    flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.", flag_values=flag_values)
+    flags.DEFINE_float(
+        "peak_flops", CPU_PEAK_FLOPS, "Peak flop/s when running on CPU.", flag_values=flag_values
+    )
+    try:
+        config = config_from_argv(argv, flag_values)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if flag_values.steps < 1 or flag_values.warmup < 0:
+        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    result = run_bench(
+        config,
+        steps=flag_values.steps,
+        warmup=flag_values.warmup,
+        cpu_peak=flag_values.peak_flops,
+        workload=workload_name(argv),
+    )
+    print(summary(result), flush=True)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

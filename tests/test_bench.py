@@ -1,0 +1,75 @@
+"""The benchmark's arithmetic (flops per token, MFU, peaks) and its command line contract."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import pytest
+
+from sft_jax import bench, hf
+from sft_jax.config import load_config_file, parse
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CPU_SMALL = REPO / "configs" / "bench" / "cpu_small.py"
+
+
+def cpu_small_model():
+    return hf.build_model_config(parse(load_config_file(str(CPU_SMALL))).model)
+
+
+def test_flops_per_token_by_hand():
+    # cpu_small: D=256, L=4, 8 heads + 4 kv heads of 32, F=688, V=8192, T=512.
+    per_layer = 256 * 32 * (2 * 8 + 2 * 4) + 3 * 256 * 688  # q,o + k,v; gate, up, down
+    n = 4 * per_layer + 256 * 8192  # + LM head
+    assert n == 4_997_120
+    cfg = cpu_small_model()
+    assert bench.matmul_params(cfg) == n
+    assert bench.flops_per_token(cfg, 512) == 6 * n + 12 * 4 * 256 * 512 == 36_274_176
+    assert bench.flops_per_token(cfg, 512, adapter_params=1000) == 4 * n + 12 * 4 * 256 * 512 + 6000
+    assert bench.mfu(1000.0, 36_274_176, 166e9) == pytest.approx(0.21852, abs=1e-5)
+
+
+def test_peak_flops_by_device_kind():
+    dev = lambda platform, kind: types.SimpleNamespace(platform=platform, device_kind=kind)
+    assert bench.peak_flops([dev("cpu", "cpu")] * 8, 166e9) == 166e9  # host devices share cores
+    assert bench.peak_flops([dev("gpu", "NVIDIA H100 80GB HBM3")], 1.0) == 989e12
+    assert bench.peak_flops([dev("gpu", "NVIDIA H200")] * 2, 1.0) == 2 * 989e12
+    assert bench.peak_flops([dev("tpu", "TPU v5 lite")] * 4, 1.0) == 4 * 197e12
+    with pytest.raises(ValueError, match="no peak"):
+        bench.peak_flops([dev("gpu", "Some GPU")], 1.0)
+
+
+def test_synthetic_examples_are_seeded_and_in_range():
+    a = bench.synthetic_examples(0, 50, 8192, 512)
+    b = bench.synthetic_examples(0, 50, 8192, 512)
+    same = lambda x, y: all((u == v).all() for u, v in zip(x, y, strict=True))
+    assert all(same(x, y) for x, y in zip(a, b, strict=True))
+    assert all(40 <= len(p) <= 300 and 20 <= len(c) <= 200 for p, c in a)
+    short = bench.synthetic_examples(0, 50, 8192, 64)  # rows of 64 slots hold 65 tokens
+    assert all(len(p) + len(c) <= 65 and len(c) >= 1 for p, c in short)
+
+
+def test_bench_cli_prints_json_last():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable,
+        "-m",
+        "sft_jax.bench",
+        "--config",
+        str(CPU_SMALL),
+        "--steps=2",
+        "--warmup=1",
+        "--config.model.arch.num_layers=1",
+        "--config.data.seq_len=128",
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(bench.REQUIRED_KEYS) <= set(result)
+    assert result["workload"] == "cpu_small" and result["mode"] == "full"
+    assert result["tokens_per_s"] > 0 and result["step_s"] > 0 and result["compile_s"] > 0
+    assert 0 < result["mfu"] < 1 and result["peak_bytes"] > 0
+    assert result["seq_len"] == 128 and 0 <= result["padding_waste"] < 0.5

@@ -9,6 +9,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import torch
 from test_export import BASE, MODEL_TOL, _random_params, _tokens
@@ -18,8 +19,6 @@ from sft_jax import export, lora
 from sft_jax.config import ConfigError, load_config_file, parse
 from sft_jax.metrics import read_metrics
 from sft_jax.model import Transformer
-
-peft = pytest.importorskip("peft")
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -15,11 +15,14 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from sft_jax.data import EvalPrompt
+from sft_jax import lora
+from sft_jax.config import Config
+from sft_jax.data import DataBundle, EvalPrompt
 from sft_jax.generate import greedy_generate
 from sft_jax.loss import masked_cross_entropy
 from sft_jax.model import Transformer
-from sft_jax.step import BATCH_KEYS
+from sft_jax.state import param_shardings
+from sft_jax.step import BATCH_KEYS, TrainState
 
 
 def make_eval_step(apply_fn: Callable, param_shardings: Any, batch_sharding: NamedSharding):
@@ -98,3 +101,43 @@ def generation_accuracy(
         "n": len(prompts),
         "samples": samples,
     }
+
+
+# ------------------------------------------------------------------ during and after training
+
+
+def make_inference_params(
+    config: Config, model: Transformer, mesh: jax.sharding.Mesh
+) -> tuple[Callable[[TrainState], Any], Any]:
+    """(state -> parameters for evaluation and generation, their shardings).
+
+    Full fine-tuning: `state.params`. LoRA: the frozen base (dequantised) with the adapters
+    merged in, jitted into the base's shardings, so evaluation and generation run the plain
+    model; the merged tree is in `lora.base_dtype` and lives only while it is used.
+    """
+    _, shardings = param_shardings(model, mesh, config.mesh.rules)
+    if not config.lora.enabled:
+        return (lambda state: state.params), shardings
+    c = config.lora
+    scale = lora.lora_scale(c.alpha, c.rank, c.rslora)
+    merge = jax.jit(
+        lambda frozen, adapters: lora.merge(lora.dequantize(frozen), adapters, scale),
+        out_shardings=shardings,
+    )
+    return (lambda state: merge(state.frozen, state.params)), shardings
+
+
+def run_generation_eval(
+    config: Config, model: Transformer, params: Any, bundle: DataBundle
+) -> dict[str, Any] | None:
+    n = min(config.eval.generate_examples, len(bundle.eval_prompts))
+    if n == 0:
+        return None
+    return generation_accuracy(
+        model,
+        params,
+        bundle.tokenizer,
+        bundle.eval_prompts[:n],
+        max_new_tokens=config.eval.max_new_tokens,
+        match=config.eval.match,
+    )

@@ -28,11 +28,16 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from sft_jax import data, hf, lora, preflight, sharding
+from sft_jax import data, hf, preflight, sharding
 from sft_jax.checkpoint import Checkpointer
 from sft_jax.config import Config, ConfigError, config_from_argv, to_dict
 from sft_jax.distributed import check_platform, initialize_distributed
-from sft_jax.evaluate import evaluate_loss, generation_accuracy, make_eval_step
+from sft_jax.evaluate import (
+    evaluate_loss,
+    make_eval_step,
+    make_inference_params,
+    run_generation_eval,
+)
 from sft_jax.faults import (
     EXIT_NONFINITE,
     EXIT_OK,
@@ -45,11 +50,11 @@ from sft_jax.faults import (
     StepHealth,
     tree_is_finite,
 )
-from sft_jax.metrics import MetricsWriter
+from sft_jax.metrics import MetricsWriter, previous_baseline
 from sft_jax.model import Transformer, count_params
 from sft_jax.optim import make_optimizer, make_schedule
-from sft_jax.state import create_train_state, param_shardings
-from sft_jax.step import BATCH_KEYS, TrainState, make_train_step
+from sft_jax.state import create_train_state
+from sft_jax.step import BATCH_KEYS, make_train_step
 
 # Kept importable from here for callers of the original names.
 check_workdir = preflight.check_workdir
@@ -91,59 +96,6 @@ def print_data_stats(stats: dict[str, Any], steps: int, per_epoch: int) -> None:
         "padding {padding_fraction:.2%}; {eval_examples} eval examples".format(**stats)
     )
     log(f"schedule: {steps} steps ({per_epoch} steps per epoch)")
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def make_inference_params(
-    config: Config, model: Transformer, mesh: jax.sharding.Mesh
-) -> tuple[Callable[[TrainState], Any], Any]:
-    """(state -> parameters for evaluation and generation, their shardings).
-
-    Full fine-tuning: `state.params`. LoRA: the frozen base (dequantised) with the adapters
-    merged in, jitted into the base's shardings, so evaluation and generation run the plain
-    model; the merged tree is in `lora.base_dtype` and lives only while it is used.
-    """
-    _, shardings = param_shardings(model, mesh, config.mesh.rules)
-    if not config.lora.enabled:
-        return (lambda state: state.params), shardings
-    c = config.lora
-    scale = lora.lora_scale(c.alpha, c.rank, c.rslora)
-    merge = jax.jit(
-        lambda frozen, adapters: lora.merge(lora.dequantize(frozen), adapters, scale),
-        out_shardings=shardings,
-    )
-    return (lambda state: merge(state.frozen, state.params)), shardings
-
-
-def run_generation_eval(
-    config: Config, model: Transformer, params: Any, bundle: data.DataBundle
-) -> dict[str, Any] | None:
-    n = min(config.eval.generate_examples, len(bundle.eval_prompts))
-    if n == 0:
-        return None
-    return generation_accuracy(
-        model,
-        params,
-        bundle.tokenizer,
-        bundle.eval_prompts[:n],
-        max_new_tokens=config.eval.max_new_tokens,
-        match=config.eval.match,
-    )
-
-
-def previous_baseline(workdir: str) -> dict[str, Any] | None:
-    """The before-training generation record of an earlier (interrupted) run of this workdir."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("kind") == "generation_before":
-                return record
-    return None
 
 
 # ----------------------------------------------------------------------------- the loop

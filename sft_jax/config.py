@@ -306,12 +306,23 @@ _CHOICES = {
 
 
 def _validate(c: Config) -> None:
+    """Choices, value ranges and the mesh shape; the first violation raises ConfigError."""
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(c, section), name)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is {value!r}; choose one of {allowed}")
-    checks = [
+    for key, ok, message in _range_checks(c):
+        if not ok:
+            raise ConfigError(f"config key '{key}' {message}")
+    sizes = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"mesh sizes (data, fsdp, tensor) = {sizes}: each >= 1, at most one -1")
+
+
+def _range_checks(c: Config) -> list[tuple[str, bool, str]]:
+    """(key, whether its value is valid, what it must be), in the order keys are reported."""
+    return [
         ("data.seq_len", c.data.seq_len >= 8, "must be >= 8"),
         ("data.pack_window", c.data.pack_window >= 1, "must be >= 1"),
         ("data.eval_fraction", 0.0 <= c.data.eval_fraction < 1.0, "must be in [0, 1)"),
@@ -363,9 +374,3 @@ def _validate(c: Config) -> None:
         ("lora.dropout", 0.0 <= c.lora.dropout < 1.0, "must be in [0, 1)"),
         ("lora.lr_ratio_b", c.lora.lr_ratio_b > 0, "must be > 0"),
     ]
-    for key, ok, message in checks:
-        if not ok:
-            raise ConfigError(f"config key '{key}' {message}")
-    sizes = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-    if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ConfigError(f"mesh sizes (data, fsdp, tensor) = {sizes}: each >= 1, at most one -1")

@@ -14,40 +14,21 @@ parses: the bench ignores it. Batch 2 x 2048 with the "dots" remat policy: a sta
 fits 80 GB, not yet a tuned one.
 """
 
-from configs import base
-from sft_jax.assets import asset_path
+from configs.bench import gpu_llama1b
 
 
 def get_config():
-    c = base.get_config()
-    c.model.path = ""
-    c.model.dtype = "bfloat16"
-    c.model.param_dtype = "float32"
-    c.model.remat = "dots"
+    """The 1B workload's settings (bf16 compute, fp32 masters, dots remat, packed 2048 rows,
+    synthetic data) with the Llama-3-8B shapes and LoRA switched on."""
+    c = gpu_llama1b.get_config()
     a = c.model.arch
-    a.vocab_size = 128256
     a.hidden_size = 4096
     a.intermediate_size = 14336
     a.num_layers = 32
-    a.num_heads = 32
-    a.num_kv_heads = 8
     a.head_dim = 128
-    a.rope_theta = 500000.0
-    a.rms_norm_eps = 1e-5
     a.tie_embeddings = False
     a.max_position_embeddings = 8192
-    c.data.train_files = asset_path("demo/train.jsonl")  # ignored by the bench (synthetic data)
-    c.data.seq_len = 2048
-    c.data.pack_window = 512
     c.optim.learning_rate = 1e-4
-    c.optim.warmup_steps = 0
     c.train.global_batch_size = 2
-    c.train.micro_batches = 1
-    c.train.max_steps = 100
-    c.train.progress_bar = False
     c.lora.enabled = True
-    c.lora.rank = 16
-    c.lora.alpha = 32.0
-    c.lora.targets = ("*_proj",)  # all linear layers of the blocks
-    c.lora.base_dtype = "bfloat16"
     return c

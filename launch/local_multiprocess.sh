@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Start N local processes of `python -m sft_jax.train` joined by jax.distributed (CPU collectives
-# on CPU). Used by the tests to prove that several processes train exactly like one.
+# on CPU). Used by the tests to prove that several processes train exactly like one: each process
+# reads only its data shard (data.shards, default one per process), and one process run with
+# --config.data.shards=N sees the same global batches as N processes (docs/data.md).
 #
 #   launch/local_multiprocess.sh [--dry-run] [-n PROCESSES] [-d DEVICES_PER_PROCESS] [-p PORT] \
 #       -- --config configs/tiny.py --workdir /tmp/mp

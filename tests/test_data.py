@@ -207,6 +207,11 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer(str(tmp_path / "missing"))
     with pytest.raises(DataError, match="no tokenizer"):
         load_tokenizer("")
+    # A model directory with config.json but no tokenizer files: transformers would build an
+    # empty 5-token tokenizer from the config alone, and the run would fail much later.
+    (tmp_path / "config.json").write_text('{"model_type": "gemma3_text"}')
+    with pytest.raises(DataError, match="no tokenizer files"):
+        load_tokenizer(str(tmp_path))
 
 
 # --------------------------------------------------------------------------- packing
@@ -317,6 +322,7 @@ def test_packing_stats_hand_case():
         "loss_tokens": 3 + 2 + 3,  # the first token is never a target
         "padding_fraction": 3 / 16,
         "trainable_fraction": 8 / 13,
+        "continued_segments": 0,
     }
     assert packed["segment_ids"][1].tolist() == [1, 1, 1, 1, 2, 2, 2, 0]
     assert packed["positions"][1].tolist() == [0, 1, 2, 3, 0, 1, 2, 0]
@@ -371,34 +377,65 @@ def test_train_iterator_batch_larger_than_dataset():
         assert sorted(stream[3 * e : 3 * e + 3].tolist()) == [0, 1, 2]
 
 
-def test_process_slices_concatenate_to_global_batch():
-    packed = fake_packed(50)
-    whole = TrainIterator(packed, global_batch_size=8, seed=1)
+def test_process_shards_concatenate_to_global_batch():
+    """Two processes holding one shard each hand out exactly the halves of the global batches of
+    one process holding both shards ("virtual" shards)."""
+    shards = [fake_packed(50), fake_packed(47)]
+    whole = TrainIterator(shards, global_batch_size=8, seed=1)
+    assert (whole.rows_per_shard, whole.steps_per_epoch, whole.rows_dropped_per_epoch) == (
+        47,
+        12,
+        3,
+    )
     parts = [
-        TrainIterator(packed, global_batch_size=8, seed=1, process_index=p, process_count=2)
+        TrainIterator(
+            shards[p],
+            global_batch_size=8,
+            seed=1,
+            first_shard=p,
+            num_shards=2,
+            rows_per_shard=47,
+            loss_tokens=whole.get_state()["loss_tokens"],
+        )
         for p in range(2)
     ]
-    for _ in range(8):
+    for _ in range(30):
         expected = next(whole)
         pieces = [next(p) for p in parts]
-        for key in packed:
+        for key in expected:
             assert pieces[0][key].shape == (4, 4)
             np.testing.assert_array_equal(np.concatenate([x[key] for x in pieces]), expected[key])
+    assert parts[0].get_state() == parts[1].get_state() == whole.get_state()
     with pytest.raises(DataError, match="divisible"):
-        TrainIterator(packed, global_batch_size=9, seed=1, process_count=2)
+        TrainIterator(shards, global_batch_size=9, seed=1)
+
+
+def test_each_shard_epoch_is_a_permutation_cut_to_the_smallest_shard():
+    shards = [fake_packed(10), fake_packed(7)]
+    it = TrainIterator(shards, global_batch_size=2, seed=5)
+    assert it.steps_per_epoch == 7
+    stream = np.stack([next(it)["inputs"][:, 0] for _ in range(3 * 7)])  # [steps, shard]
+    seen_big = set()
+    for e in range(3):
+        epoch = stream[7 * e : 7 * (e + 1)]
+        assert sorted(epoch[:, 1].tolist()) == list(range(7))  # the smallest shard: all rows
+        assert len(set(epoch[:, 0].tolist())) == 7  # the larger one: 7 distinct of its 10
+        seen_big |= set(epoch[:, 0].tolist())
+    assert len(seen_big) > 7  # a different few are left out each epoch
 
 
 def test_resume_from_state_gives_identical_batches():
-    packed = fake_packed(60)
-    it = TrainIterator(packed, global_batch_size=8, seed=3, process_index=1, process_count=2)
-    take_rows(it, 11)  # crosses an epoch boundary
+    shards = [fake_packed(60), fake_packed(61)]
+    kwargs = {"global_batch_size": 8, "seed": 3, "num_shards": 2, "rows_per_shard": 60}
+    it = TrainIterator(shards[1], first_shard=1, **kwargs)
+    take_rows(it, 17)  # crosses an epoch boundary
     state = json.loads(json.dumps(it.get_state()))
-    assert state["seed"] == 3 and state["process_count"] == 2
-    fresh = TrainIterator(packed, global_batch_size=8, seed=3, process_index=1, process_count=2)
+    assert state["seed"] == 3 and state["num_shards"] == 2
+    fresh = TrainIterator(shards[1], first_shard=1, **kwargs)
     fresh.set_state(state)
     for _ in range(10):
         a, b = next(it), next(fresh)
-        for key in packed:
+        for key in a:
             np.testing.assert_array_equal(a[key], b[key])
 
 
@@ -406,13 +443,13 @@ def test_resume_from_state_gives_identical_batches():
     ("packed_rows", "kwargs", "named"),
     [
         (60, {"seed": 4}, "seed"),
-        (60, {"process_count": 1, "process_index": 0}, "process_count"),
-        (61, {}, "rows"),
+        (60, {"num_shards": 1}, "num_shards"),
+        (61, {"rows_per_shard": None}, "rows_per_shard"),
         (60, {"global_batch_size": 4}, "global_batch_size"),
     ],
 )
 def test_mismatched_state_refused(packed_rows, kwargs, named):
-    base = {"global_batch_size": 8, "seed": 3, "process_index": 0, "process_count": 2}
+    base = {"global_batch_size": 8, "seed": 3, "num_shards": 2, "rows_per_shard": 60}
     state = TrainIterator(fake_packed(60), **base).get_state()
     other = TrainIterator(fake_packed(packed_rows), **{**base, **kwargs})
     with pytest.raises(DataError, match=f"{named} was"):

@@ -68,14 +68,15 @@ def test_platform_guard():
         check_platform("tpu")
 
 
-def losses(workdir: pathlib.Path) -> dict[int, float]:
+def losses(workdir: pathlib.Path, key: str = "loss") -> dict[int, float]:
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {r["step"]: r[key] for r in records if key in r}
 
 
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
-    """2 processes x 2 CPU devices (gloo collectives) give the 1-process x 4-device losses."""
+    """2 processes x 2 CPU devices (gloo collectives), each reading only its data shard, give the
+    losses and eval loss of 1 process x 4 devices holding both shards (data.shards=2)."""
     args = [
         "--config",
         "configs/tiny.py",
@@ -89,7 +90,15 @@ def test_two_processes_train_like_one(tmp_path):
         "JAX_PLATFORMS": "cpu",
     }
     single = subprocess.run(
-        [sys.executable, "-m", "sft_jax.train", *args, "--workdir", str(tmp_path / "one")],
+        [
+            sys.executable,
+            "-m",
+            "sft_jax.train",
+            *args,
+            "--config.data.shards=2",
+            "--workdir",
+            str(tmp_path / "one"),
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -124,3 +133,10 @@ def test_two_processes_train_like_one(tmp_path):
     assert sorted(one) == sorted(two) == [2, 4, 6]
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5)
+    one_eval, two_eval = (
+        losses(tmp_path / "one", "eval_loss"),
+        losses(tmp_path / "two", "eval_loss"),
+    )
+    assert sorted(one_eval) == sorted(two_eval) and 6 in one_eval  # the final eval, at least
+    for step in one_eval:
+        assert two_eval[step] == pytest.approx(one_eval[step], rel=1e-5)

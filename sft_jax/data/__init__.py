@@ -10,7 +10,8 @@ Each stage is its own module so that new file formats, record formats and chat t
     encode.py     any examples -> TokenizedExamples on worker processes; eval prompts
     mixture.py    weighted mixtures of files
     pack.py       best-fit-decreasing packing with segment ids and per-segment positions
-    loader.py     TrainIterator (grain, checkpointable) and eval_batches
+    shards.py     which records each data shard holds; agreeing on counts across processes
+    loader.py     TrainIterator (sharded, grain, checkpointable, prefetching) and eval_batches
     pipeline.py   prepare_data: config -> DataBundle (iterators + statistics) for the train loop
     audit.py      duplicate / empty / contradictory / over-long / overlap report
     __main__.py   `python -m sft_jax.data inspect|audit --config ...`
@@ -27,9 +28,10 @@ from sft_jax.data.formats import (
 )
 from sft_jax.data.loader import TrainIterator, eval_batches
 from sft_jax.data.mixture import mix, parse_mixture
-from sft_jax.data.pack import best_fit_decreasing, pack_examples, packing_stats
-from sft_jax.data.pipeline import DataBundle, check_trainable, prepare_data, split_rows
+from sft_jax.data.pack import best_fit_decreasing, pack_examples, packing_stats, split_into_gaps
+from sft_jax.data.pipeline import DataBundle, check_trainable, prepare_data, read_splits, split_rows
 from sft_jax.data.render import render_conversation
+from sft_jax.data.shards import ShardPlan, shard_plan
 from sft_jax.data.source import DataError, Row, expand_files, iter_records
 from sft_jax.data.templates import BUILTIN_TEMPLATES, ChatTemplate, load_chat_template
 from sft_jax.data.tokenize import (
@@ -49,6 +51,7 @@ __all__ = [
     "EvalPrompt",
     "FormatSpec",
     "Row",
+    "ShardPlan",
     "Text",
     "TokenizedExample",
     "TrainIterator",
@@ -70,7 +73,10 @@ __all__ = [
     "prepare_data",
     "read_examples",
     "read_rows",
+    "read_splits",
     "render_conversation",
+    "shard_plan",
+    "split_into_gaps",
     "split_rows",
     "tokenize_rows",
 ]

@@ -25,6 +25,7 @@ from sft_jax.data.pack import pack_examples
 from sft_jax.data.pipeline import encode_settings, read_splits
 from sft_jax.data.source import DataError
 from sft_jax.data.tokenize import load_tokenizer
+from sft_jax.hf.hub import resolve_config_hub_ids
 
 
 def _config(path: str, overrides: list[str]) -> Any:
@@ -38,7 +39,7 @@ def _config(path: str, overrides: list[str]) -> Any:
         node[leaf] = (
             type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "true"
         )
-    return parse(raw)
+    return resolve_config_hub_ids(parse(raw))
 
 
 def _highlight(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray, color: bool) -> str:
@@ -88,7 +89,13 @@ def main(argv: list[str] | None = None) -> int:
 def _print_inspect(args: Any, config: Any, tokenizer: Any, encoded: list) -> None:
     if args.packed:
         dc = config.data
-        packed = pack_examples(encoded, seq_len=dc.seq_len, window=dc.pack_window, seed=config.seed)
+        packed = pack_examples(
+            encoded,
+            seq_len=dc.seq_len,
+            window=dc.pack_window,
+            seed=config.seed,
+            split=dc.pack_split,
+        )
         for r in range(min(args.n, len(packed["inputs"]))):
             row = {
                 "input_ids": packed["inputs"][r].tolist(),

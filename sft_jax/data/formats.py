@@ -27,9 +27,19 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sft_jax.data.source import DataError, Row, SkipCounter, _error, expand_files, iter_records
+from sft_jax.data.source import (
+    DataError,
+    Record,
+    Row,
+    SkipCounter,
+    _error,
+    decode_record,
+    expand_files,
+    iter_records,
+)
 
 FORMATS = ("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages")
 PROMPT_COMPLETION_FIELDS = ("prompt", "completion")
@@ -336,6 +346,27 @@ def read_examples(files: str, spec: FormatSpec, *, on_bad_row: str) -> tuple[lis
             except DataError as error:
                 counter.bad(error)
     return examples, counter.finish()
+
+
+def parse_selected(
+    records: Sequence[tuple[str, bytes | Record]],
+    indices: Iterable[int],
+    spec: FormatSpec,
+    counter: SkipCounter,
+) -> list[Example]:
+    """The records at `indices` (of `lazy_records`) as examples, in the order given; only these
+    are parsed. Bad ones raise or are counted by `counter` (data.on_bad_row)."""
+    examples: list[Example] = []
+    for i in indices:
+        source, item = records[i]
+        try:
+            record = decode_record(source, item)
+            if isinstance(record, DataError):
+                raise record
+            examples.append(parse_record(record, source, spec))
+        except DataError as error:
+            counter.bad(error)
+    return examples
 
 
 def read_rows(files: str, *, on_bad_row: str) -> tuple[list[Row], int]:

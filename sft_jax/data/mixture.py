@@ -64,12 +64,16 @@ def mixture_counts(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
     return counts.tolist()
 
 
-def mix(groups: Sequence[Sequence[T]], weights: Sequence[float] | None, seed: int) -> list[T]:
-    """Concatenation (weights None) or the weighted draw described in the module docstring."""
+def mix(
+    groups: Sequence[Sequence[T]], weights: Sequence[float] | None, seed: int | Sequence[int]
+) -> list[T]:
+    """Concatenation (weights None) or the weighted draw described in the module docstring.
+    `seed` may be a key such as [seed, shard] (each data shard mixes its own examples)."""
     if weights is None:
         return [x for g in groups for x in g]
     counts = mixture_counts([len(g) for g in groups], weights)
-    rng = np.random.default_rng([seed, 7919])
+    key = [seed] if isinstance(seed, int) else list(seed)
+    rng = np.random.default_rng([*key, 7919])
     out: list[T] = []
     for group, count in zip(groups, counts, strict=True):
         repeats, rest = divmod(count, len(group))

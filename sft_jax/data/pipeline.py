@@ -1,10 +1,21 @@
 """The data stage as the training loop sees it: config in, packed iterators and statistics out.
 
 `prepare_data` runs before any compute, so bad files, formats, templates or masks fail the run with
-a clear message before a model is loaded:
+a clear message before a model is loaded. Each process prepares only its own data shards
+(shards.py):
 
-    read (per mixture group) -> split train/eval -> encode (render + mask, workers) -> mix
-    -> pack -> statistics + sanity check -> TrainIterator / eval batches / eval prompts
+    list records (per mixture group) -> split train/eval -> deal train records to shards
+    -> per own shard: parse -> encode (render + mask, workers) -> mix -> pack
+    -> agree on counts with the other processes -> statistics + sanity check
+    -> TrainIterator over the own shards / eval batches / eval prompts
+
+Eval data is replicated: every process encodes and packs the same held-out examples (at most
+data.max_eval_examples) and keeps its slice of each global eval batch, so the eval batches, and
+the eval loss, are the same for any number of processes.
+
+A process whose own preparation fails (a bad row in its shard, say) still takes part in the
+count exchange with a failure flag, so every process stops with an error instead of the others
+waiting for it.
 """
 
 from __future__ import annotations
@@ -12,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -20,16 +31,38 @@ import numpy as np
 
 from sft_jax.config import Config, ConfigError
 from sft_jax.data.encode import EncodeSettings, EvalPrompt, encode_examples, eval_prompt
-from sft_jax.data.formats import Conversation, Example, FormatSpec, Text, read_examples
-from sft_jax.data.loader import TrainIterator, eval_batches
+from sft_jax.data.formats import (
+    Conversation,
+    Example,
+    FormatSpec,
+    Text,
+    parse_selected,
+    read_examples,
+)
+from sft_jax.data.loader import TrainIterator, eval_batches, shard_seed
 from sft_jax.data.mixture import mix, mixture_counts, parse_mixture
 from sft_jax.data.pack import pack_examples, packing_stats
-from sft_jax.data.source import DataError
+from sft_jax.data.render import TokenCounts
+from sft_jax.data.shards import ShardPlan, agree, shard_plan, shard_positions
+from sft_jax.data.source import DataError, SkipCounter, lazy_records
 from sft_jax.data.templates import ChatTemplate, load_chat_template
 from sft_jax.data.tokenize import TokenizedExample, load_tokenizer
 
 logger = logging.getLogger(__name__)
 _AUTO_WORKERS_MIN_EXAMPLES = 4096  # below this, spawning workers costs more than it saves
+# Per-process counts summed over processes (then min rows, the text-only flag, failures, mixture).
+_SUMMED = (
+    "rows",
+    "slots",
+    "real_tokens",
+    "loss_tokens",
+    "continued_segments",
+    "examples",
+    "skipped",
+    "truncated",
+    "split",
+    "dropped",
+)
 
 
 @dataclasses.dataclass
@@ -45,12 +78,22 @@ class DataBundle:
 
 @dataclasses.dataclass
 class Splits:
-    """Examples read from disk: train per mixture group, eval, and the weights of the groups."""
+    """Examples read from disk: train per own shard and mixture group, eval, group weights."""
 
-    train_groups: list[list[Example]]
+    train: list[list[list[Example]]]  # [own shard][mixture group] -> examples
     weights: list[float] | None
     eval: list[Example]
-    skipped: int
+    skipped_train: int
+    skipped_eval: int
+
+    @property
+    def train_groups(self) -> list[list[Example]]:
+        """Each mixture group's examples over all own shards."""
+        return [[e for shard in self.train for e in shard[g]] for g in range(len(self.train[0]))]
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_train + self.skipped_eval
 
 
 def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -62,24 +105,31 @@ def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return train, [r for i, r in enumerate(rows) if i in held]
 
 
-def read_splits(config: Config) -> Splits:
-    """Reads every mixture group and the eval data (a file, or a fraction of each group)."""
+def read_splits(config: Config, plan: ShardPlan | None = None) -> Splits:
+    """Reads the records of every mixture group and parses only those of the shards in `plan`
+    (default: all data as one shard) plus the eval records (a file, or a fraction of each group:
+    the held-out positions are drawn from all records, so every process holds out the same)."""
     dc = config.data
+    plan = plan or ShardPlan(1, 0, 1)
     spec = FormatSpec.parse(dc.format, dc.field_map, dc.ignore_fields)
-    entries = parse_mixture(dc.train_files)
-    groups, held, skipped = [], [], 0
-    for pattern, _ in entries:
-        examples, n = read_examples(pattern, spec, on_bad_row=dc.on_bad_row)
-        skipped += n
+    train: list[list[list[Example]]] = [[] for _ in plan.local]
+    held: list[Example] = []
+    train_skips, eval_skips = SkipCounter(dc.on_bad_row), SkipCounter(dc.on_bad_row)
+    for pattern, _ in parse_mixture(dc.train_files):
+        records = lazy_records(pattern)
+        positions: list[int] = list(range(len(records)))
         if not dc.eval_files:
-            examples, part = split_rows(examples, dc.eval_fraction, config.seed)
-            held.extend(part)
-        groups.append(examples)
+            positions, held_positions = split_rows(positions, dc.eval_fraction, config.seed)
+            held.extend(parse_selected(records, held_positions, spec, eval_skips))
+        for slot, shard in enumerate(plan.local):
+            mine = shard_positions(positions, shard, plan.num_shards)
+            train[slot].append(parse_selected(records, mine, spec, train_skips))
+    skipped_eval = eval_skips.finish()
     if dc.eval_files:
-        held, n = read_examples(dc.eval_files, spec, on_bad_row=dc.on_bad_row)
-        skipped += n
+        held, skipped_eval = read_examples(dc.eval_files, spec, on_bad_row=dc.on_bad_row)
+    entries = parse_mixture(dc.train_files)
     weights = [w for _, w in entries] if entries[0][1] is not None else None
-    return Splits(groups, weights, held[: dc.max_eval_examples], skipped)
+    return Splits(train, weights, held[: dc.max_eval_examples], train_skips.finish(), skipped_eval)
 
 
 def encode_settings(config: Config, tokenizer: Any, examples: Sequence[Example]) -> EncodeSettings:
@@ -101,65 +151,189 @@ def num_workers(config: Config, n_examples: int) -> int:
     return min(16, len(os.sched_getaffinity(0)))
 
 
-def prepare_data(config: Config) -> DataBundle:
-    """Reads, tokenises, mixes and packs train and eval data; returns iterators and statistics."""
+@dataclasses.dataclass
+class _Local:
+    """What one process prepared: its packed shards, eval data, and counts to agree on."""
+
+    shards: list[dict[str, np.ndarray]]
+    counts: list[int]  # _SUMMED, then min rows, not-only-text flag, failure flag, mixture
+    eval_examples: list[TokenizedExample]
+    eval_prompts: list[EvalPrompt]
+    skipped_eval: int
+
+
+def prepare_data(
+    config: Config,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    exchange: Callable[[Sequence[int], int], np.ndarray] = agree,
+) -> DataBundle:
+    """Reads, tokenises, mixes and packs this process's train shards and the (replicated) eval
+    data; returns iterators and global statistics. `process_index` / `process_count` default to
+    JAX's; tests pass them, and an in-memory `exchange` in place of the collective `agree`, to
+    build several processes' views in one process."""
     dc = config.data
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
     tokenizer_path = dc.tokenizer or config.model.path
     if not tokenizer_path:
         raise ConfigError("set data.tokenizer (or model.path, whose tokenizer is then used)")
     tokenizer = load_tokenizer(tokenizer_path)
-    splits = read_splits(config)
+    plan = shard_plan(dc.shards, index, count)
+    groups = len(parse_mixture(dc.train_files))
+    try:
+        local, failure = _prepare_local(config, tokenizer, plan), None
+    except DataError as error:
+        local, failure = None, error
+    counts = local.counts if local else [0] * (len(_SUMMED) + 3) + [0] * groups
+    if failure is not None:
+        counts[len(_SUMMED) + 2] = 1
+    gathered = exchange(counts, count)
+    if failure is not None:
+        raise failure
+    failed = [p for p in range(count) if gathered[p, len(_SUMMED) + 2]]
+    if failed:
+        raise DataError(f"data preparation failed on process(es) {failed}; see their logs")
+    assert local is not None
+    stats = _global_stats(gathered, plan, local, dc.train_files)
+    only_text = not gathered[:, len(_SUMMED) + 1].any()
+    check_trainable(stats, dc.train_on, only_text=only_text)
+    logger.info("data statistics: %s", format_stats(stats))
+    train_iter = TrainIterator(
+        local.shards,
+        global_batch_size=config.train.global_batch_size,
+        seed=config.seed,
+        first_shard=plan.first,
+        num_shards=plan.num_shards,
+        rows_per_shard=stats["rows_per_shard"],
+        loss_tokens=stats["loss_tokens"],
+        prefetch=dc.prefetch,
+    )
+    eval_data = _eval_batches(local.eval_examples, config, index, count)
+    return DataBundle(train_iter, eval_data, local.eval_prompts, tokenizer, stats)
+
+
+def _prepare_local(config: Config, tokenizer: Any, plan: ShardPlan) -> _Local:
+    """Reads, encodes, mixes and packs the own shards; encodes the eval examples."""
+    splits = read_splits(config, plan)
     everything = [e for g in splits.train_groups for e in g] + splits.eval
     settings = encode_settings(config, tokenizer, everything)
     workers = num_workers(config, len(everything))
-    encoded, counts, skipped = [], None, splits.skipped
-    for group in splits.train_groups:
+    shards, summed, min_rows, mixture = [], np.zeros(len(_SUMMED), np.int64), None, None
+    for slot, shard in enumerate(plan.local):
+        packed, shard_counts, shard_mixture = _build_shard(
+            splits.train[slot], splits.weights, shard, plan, config, tokenizer, settings, workers
+        )
+        shards.append(packed)
+        summed += [shard_counts[k] for k in _SUMMED]
+        rows = shard_counts["rows"]
+        min_rows = rows if min_rows is None else min(min_rows, rows)
+        mixture = (
+            shard_mixture
+            if mixture is None
+            else [a + b for a, b in zip(mixture, shard_mixture, strict=True)]
+        )
+    summed[_SUMMED.index("skipped")] += splits.skipped_train
+    eval_examples, _, _ = encode_examples(splits.eval, tokenizer, settings, num_workers=1)
+    prompts = [eval_prompt(e, tokenizer, settings.template) for e in splits.eval]
+    not_only_text = int(not all(isinstance(e, Text) for e in everything))
+    return _Local(
+        shards,
+        [*summed.tolist(), min_rows, not_only_text, 0, *mixture],
+        eval_examples,
+        [p for p in prompts if p is not None],
+        splits.skipped_eval,
+    )
+
+
+def _build_shard(
+    groups: list[list[Example]],
+    weights: list[float] | None,
+    shard: int,
+    plan: ShardPlan,
+    config: Config,
+    tokenizer: Any,
+    settings: EncodeSettings,
+    workers: int,
+) -> tuple[dict[str, np.ndarray], dict[str, int], list[int]]:
+    """One shard: encode each mixture group, mix, pack -> (packed rows, counts, mixture)."""
+    dc = config.data
+    encoded, counts, skipped = [], TokenCounts(), 0
+    for group in groups:
         examples, c, s = encode_examples(group, tokenizer, settings, num_workers=workers)
         encoded.append(examples)
-        counts, skipped = (c if counts is None else counts + c), skipped + s
-    train = mix(encoded, splits.weights, config.seed)
-    if not train:
-        raise DataError(f"no trainable examples in {dc.train_files}")
-    eval_examples, _, _ = encode_examples(splits.eval, tokenizer, settings, num_workers=1)
-    packed = pack_examples(train, seq_len=dc.seq_len, window=dc.pack_window, seed=config.seed)
+        counts, skipped = counts + c, skipped + s
+    key = shard_seed(config.seed, shard, plan.num_shards)
+    empty = [i for i, g in enumerate(encoded) if weights and weights[i] > 0 and not g]
+    if empty:
+        raise DataError(
+            f"data shard {shard} of {plan.num_shards} has no examples of mixture group(s) {empty} "
+            f"({dc.train_files}); use fewer data shards or more data"
+        )
+    train = mix(encoded, weights, key)
+    packed = pack_examples(
+        train, seq_len=dc.seq_len, window=dc.pack_window, seed=key, split=dc.pack_split
+    )
     stats = packing_stats(packed)
+    shard_counts = {
+        **stats,
+        "examples": len(train),
+        "skipped": skipped,
+        "truncated": counts.truncated,
+        "split": counts.split,
+        "dropped": counts.dropped,
+    }
+    sizes = [len(g) for g in encoded]
+    return packed, shard_counts, mixture_counts(sizes, weights) if weights else sizes
+
+
+def _global_stats(
+    gathered: np.ndarray, plan: ShardPlan, local: _Local, train_files: str
+) -> dict[str, Any]:
+    """Statistics over all shards of all processes, from the agreed count vectors."""
+    n = len(_SUMMED)
+    stats: dict[str, Any] = {
+        k: int(v) for k, v in zip(_SUMMED, gathered[:, :n].sum(0), strict=True)
+    }
+    if stats["rows"] == 0:
+        raise DataError(f"no trainable examples in {train_files}")
+    rows_per_shard = int(gathered[:, n].min())
+    if rows_per_shard == 0:
+        raise DataError(
+            f"a data shard has no training rows ({train_files} split into {plan.num_shards} "
+            "shards): use fewer data shards (data.shards) or more data"
+        )
+    real, slots = stats["real_tokens"], stats["slots"]
     stats.update(
-        examples=len(train),
-        skipped=skipped,
-        truncated=counts.truncated,
-        split=counts.split,
-        dropped=counts.dropped,
-        eval_examples=len(eval_examples),
-        packing_efficiency=1.0 - stats["padding_fraction"],
-        mixture=mixture_counts([len(g) for g in encoded], splits.weights)
-        if splits.weights
-        else [len(g) for g in encoded],
+        skipped=stats["skipped"] + local.skipped_eval,
+        padding_fraction=1.0 - real / slots,
+        packing_efficiency=real / slots,
+        trainable_fraction=stats["loss_tokens"] / real if real else 0.0,
+        shards=plan.num_shards,
+        rows_per_shard=rows_per_shard,
+        rows_dropped_per_epoch=stats["rows"] - rows_per_shard * plan.num_shards,
+        eval_examples=len(local.eval_examples),
+        mixture=[int(x) for x in gathered[:, n + 3 :].sum(0)],
     )
-    check_trainable(stats, dc.train_on, only_text=all(isinstance(e, Text) for e in everything))
-    logger.info("data statistics: %s", format_stats(stats))
-    train_iter = TrainIterator(
-        packed,
-        global_batch_size=config.train.global_batch_size,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    prompts = [eval_prompt(e, tokenizer, settings.template) for e in splits.eval]
-    return DataBundle(
-        train_iter,
-        _eval_batches(eval_examples, config),
-        [p for p in prompts if p is not None],
-        tokenizer,
-        stats,
-    )
+    return stats
 
 
-def _eval_batches(examples: list[TokenizedExample], config: Config) -> list[dict[str, np.ndarray]]:
+def _eval_batches(
+    examples: list[TokenizedExample], config: Config, process_index: int, process_count: int
+) -> list[dict[str, np.ndarray]]:
     if not examples:
         return []
     dc = config.data
-    packed = pack_examples(examples, seq_len=dc.seq_len, window=dc.pack_window, seed=config.seed)
-    return eval_batches(packed, batch_size=config.eval.batch_size)
+    packed = pack_examples(
+        examples, seq_len=dc.seq_len, window=dc.pack_window, seed=config.seed, split=dc.pack_split
+    )
+    return eval_batches(
+        packed,
+        batch_size=config.eval.batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
 def check_trainable(stats: dict[str, Any], train_on: str, *, only_text: bool) -> None:
@@ -185,7 +359,9 @@ def format_stats(stats: dict[str, Any]) -> str:
     """One line for the log: examples, tokens, trainable fraction, length handling, packing."""
     return (
         "{examples} examples ({skipped} skipped, {truncated} truncated, {split} split, "
-        "{dropped} dropped), {rows} packed rows, {real_tokens} tokens, trainable fraction "
-        "{trainable_fraction:.3f}, packing efficiency {packing_efficiency:.2%}, mixture "
-        "{mixture}; {eval_examples} eval examples"
+        "{dropped} dropped), {rows} packed rows in {shards} shard(s) ({rows_per_shard} rows per "
+        "shard and epoch, {rows_dropped_per_epoch} left out per epoch), {real_tokens} tokens, "
+        "trainable fraction {trainable_fraction:.3f}, packing efficiency "
+        "{packing_efficiency:.2%} ({continued_segments} split pieces), mixture {mixture}; "
+        "{eval_examples} eval examples"
     ).format(**stats)

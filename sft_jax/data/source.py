@@ -91,6 +91,35 @@ def iter_records(path: str) -> Iterator[tuple[str, Record]]:
                 yield source, error
 
 
+def lazy_records(files: str) -> list[tuple[str, bytes | Record]]:
+    """Every record of `files` in order, JSON Lines left as raw bytes until `decode_record`.
+
+    Sharded reading (pipeline.py) needs the record count and positions of the whole file list
+    but parses only its own shards' records: a JSONL line costs one `readline` here and is parsed
+    only if selected. Other formats are decoded whole by their readers anyway.
+    """
+    out: list[tuple[str, bytes | Record]] = []
+    for path in expand_files(files):
+        lower = path.lower()
+        plain_jsonl = not (
+            os.path.isdir(path)
+            or lower.endswith((".parquet", ".csv"))
+            or (lower.endswith(".json") and not _looks_like_jsonl(path))
+        )
+        out.extend(_jsonl_records(path) if plain_jsonl else iter_records(path))
+    return out
+
+
+def decode_record(source: str, item: bytes | Record) -> Record:
+    """A record from `lazy_records`: parses raw JSON Lines bytes; other items pass through."""
+    if not isinstance(item, bytes):
+        return item
+    try:
+        return _parse_json_object(item, source)
+    except DataError as error:
+        return error
+
+
 def expand_files(files: str) -> list[str]:
     """Comma-separated paths or globs -> paths: each glob sorted, first occurrence kept.
 

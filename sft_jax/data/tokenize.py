@@ -47,6 +47,9 @@ class TokenizedExample:
     source: str
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
 def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
     """Loads a Hugging Face tokenizer from a local directory (never the network); needs an EOS id,
     because every example ends with EOS so the model learns to stop."""
@@ -54,6 +57,11 @@ def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
         raise DataError("no tokenizer directory given (set data.tokenizer or model.path)")
     if not os.path.isdir(path):
         raise DataError(f"tokenizer directory {path!r} does not exist")
+    present = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(path, name))]
+    if not present:  # else transformers builds an empty tokenizer from config.json alone
+        raise DataError(
+            f"no tokenizer files in {path!r}: expected one of {', '.join(TOKENIZER_FILES)}"
+        )
     import transformers  # Deferred: importing transformers costs seconds.
 
     try:

@@ -1,0 +1,75 @@
+"""Padding waste of each packing option on the CPU benchmark workload and on a real ShareGPT file.
+
+    python benchmarks/bench_data_packing.py [--sharegpt]
+
+Workload 1 is exactly the data `python -m sft_jax.bench --config configs/bench/cpu_small.py`
+packs (GUIDE §4: prompts of 40-300 and completions of 20-200 random tokens, seq_len 512, the
+bench's default 3 + 10 + 1 steps of 8 rows -> 1024 examples), plus a larger draw of 8192
+examples from the same distribution. Workload 2 (`--sharegpt`) is the 500 conversations of
+../shared/assets/data-fastchat/dummy_conversation.json rendered with the Qwen3 tokenizer's template
+(last assistant turn trained, over-long conversations split at turn ends), as
+benchmarks/bench_tokenize.py does.
+
+For each (seq_len, pack_window, split) it prints rows, the lower bound ceil(slots / seq_len),
+padding waste, continuation pieces (examples cut by data.pack_split) and packing time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from sft_jax.bench import example_count, synthetic_examples, to_tokenized
+from sft_jax.data import TokenizedExample, pack_examples, packing_stats
+
+ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets")
+OPTIONS = [(512, False), (4096, False), (512, True), (4096, True)]  # (pack_window, split)
+
+
+def report(name: str, examples: list[TokenizedExample], seq_len: int) -> None:
+    """One line per packing option for `examples`."""
+    for window, split in OPTIONS:
+        start = time.perf_counter()
+        packed = pack_examples(examples, seq_len=seq_len, window=window, seed=0, split=split)
+        seconds = time.perf_counter() - start
+        stats = packing_stats(packed)
+        bound = -(-stats["real_tokens"] // seq_len)
+        print(
+            f"{name:<34} seq_len {seq_len:>4} window {window:>4} split {split!s:<5}: "
+            f"{stats['rows']:>5} rows (bound {bound:>5}), padding {stats['padding_fraction']:6.2%},"
+            f" {stats['continued_segments']:>4} continuation pieces, {seconds:5.2f} s",
+            flush=True,
+        )
+
+
+def sharegpt(seq_len: int) -> list[TokenizedExample]:
+    """The real ShareGPT file, tokenised and masked for rows of `seq_len`."""
+    from sft_jax.data import FormatSpec, load_chat_template, load_tokenizer, read_examples
+    from sft_jax.data.encode import EncodeSettings, encode_examples
+
+    tokenizer = load_tokenizer(os.path.join(ASSETS, "tok-qwen3"))
+    path = os.path.join(ASSETS, "data-fastchat", "dummy_conversation.json")
+    convs, _ = read_examples(path, FormatSpec(), on_bad_row="error")
+    template = load_chat_template("tokenizer", tokenizer)
+    settings = EncodeSettings(template, "last_assistant", seq_len, "split", "error")
+    return encode_examples(convs, tokenizer, settings, num_workers=1)[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sharegpt", action="store_true", help="also the real ShareGPT file")
+    args = parser.parse_args()
+    seq_len = 512
+    bench_count = example_count(seq_len, (3 + 10 + 1) * 8, 512)
+    for count in (bench_count, 8192):
+        pairs = synthetic_examples(0, count, 8192, seq_len)
+        report(f"cpu_small synthetic ({count} ex.)", to_tokenized(pairs), seq_len)
+    if args.sharegpt:
+        for seq_len in (512, 1024, 2048):
+            examples = sharegpt(seq_len)
+            report(f"ShareGPT file ({len(examples)} ex.)", examples, seq_len)
+
+
+if __name__ == "__main__":
+    main()

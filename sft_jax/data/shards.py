@@ -1,0 +1,72 @@
+"""Which data shards a process owns, which records belong to a shard, and agreeing on counts.
+
+The training records of each mixture group (after the held-out split) are dealt round-robin into
+S shards by their position in the group's file list: shard s gets positions s, s + S, s + 2S, ...
+Round-robin on positions needs no record count in advance, spreads any order in the files (by
+topic, by length) evenly over the shards, and keeps the shards within one record of each other.
+A process owns S / P consecutive shards; everything about a shard (its records, packing, order)
+depends on (data, seed, s, S) only, never on the process count, which is what makes one process
+holding S "virtual" shards produce exactly the global batches of S / k processes.
+
+Processes then agree on a few numbers with one small collective (`agree`): each contributes a
+vector of counts and all receive every vector, so statistics are global and the epoch length
+(the smallest shard's row count) is the same everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from sft_jax.data.source import DataError
+
+_LOW_BITS = 31  # counts travel as two int32 halves: JAX without x64 has no int64 collectives
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """Shards `first .. first + count - 1` of `num_shards` belong to this process."""
+
+    num_shards: int
+    first: int
+    count: int
+
+    @property
+    def local(self) -> range:
+        return range(self.first, self.first + self.count)
+
+
+def shard_plan(configured: int, process_index: int, process_count: int) -> ShardPlan:
+    """data.shards (0 = one per process) -> this process's consecutive share of the shards."""
+    num_shards = configured or process_count
+    if num_shards % process_count:
+        raise DataError(
+            f"data.shards = {num_shards} must be a multiple of the number of processes "
+            f"({process_count}) so every process owns the same number of shards"
+        )
+    count = num_shards // process_count
+    return ShardPlan(num_shards, process_index * count, count)
+
+
+def shard_positions(positions: Sequence[int], shard: int, num_shards: int) -> Sequence[int]:
+    """The round-robin share of `positions` (a group's training records) that `shard` owns."""
+    return positions[shard::num_shards]
+
+
+def agree(local: Sequence[int], process_count: int) -> np.ndarray:
+    """Every process's count vector, int64 [process_count, len(local)], on every process.
+
+    One `process_allgather` of a few int32 values; with one process no collective runs. All
+    processes must call it with vectors of the same length (a failed one sends a vector with its
+    failure flag set, so the others stop with it instead of waiting).
+    """
+    values = np.asarray(local, np.int64)[None]
+    if process_count == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    halves = np.stack([values[0] >> _LOW_BITS, values[0] & ((1 << _LOW_BITS) - 1)]).astype(np.int32)
+    gathered = np.asarray(multihost_utils.process_allgather(halves), np.int64)  # [P, 2, K]
+    return (gathered[:, 0] << _LOW_BITS) + gathered[:, 1]

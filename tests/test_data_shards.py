@@ -1,0 +1,315 @@
+"""Data shards, split packing and prefetch: each process's data is its own shards, S virtual shards
+in one process equal S processes, split packing keeps every target exactly once, and a prefetching
+iterator saves the position of the last batch consumed."""
+
+import dataclasses
+import itertools
+import json
+import pathlib
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from sft_jax.config import load_config_file, parse
+from sft_jax.data import (
+    DataError,
+    ShardPlan,
+    TokenizedExample,
+    TrainIterator,
+    eval_batches,
+    pack_examples,
+    packing_stats,
+    prepare_data,
+    read_splits,
+    shard_plan,
+    split_into_gaps,
+)
+from sft_jax.data.pack import MIN_SPLIT_PIECE, Piece
+from sft_jax.data.shards import agree
+from sft_jax.data.source import lazy_records
+
+
+def demo_config(tmp_path, n_train=240, **data):
+    """configs/tiny.py on the first `n_train` demo examples (small enough to tokenise quickly)."""
+    config = parse(load_config_file(str(REPO / "configs" / "tiny.py")))
+    lines = pathlib.Path(config.data.train_files).read_text(encoding="utf-8").splitlines()
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines[:n_train]) + "\n", encoding="utf-8")
+    values = {"train_files": str(path), "prefetch": 0, **data}
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, **values))
+
+
+def break_line(path: str, index: int) -> None:
+    lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
+    lines[index] = "{not json"
+    pathlib.Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+class InMemoryExchange:
+    """A stand-in for the process_allgather of shards.agree between threads of one process."""
+
+    def __init__(self, processes: int):
+        self._barrier = threading.Barrier(processes, timeout=60)
+        self._values: list = [None] * processes
+
+    def for_process(self, index: int):
+        def exchange(local, count):
+            self._values[index] = np.asarray(local, np.int64)
+            self._barrier.wait()
+            return np.stack(self._values)
+
+        return exchange
+
+
+def prepare_as_processes(config, processes: int):
+    """prepare_data of every process, run side by side in threads of this process."""
+    exchange, bundles = InMemoryExchange(processes), [None] * processes
+
+    def run(index):
+        bundles[index] = prepare_data(
+            config,
+            process_index=index,
+            process_count=processes,
+            exchange=exchange.for_process(index),
+        )
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(processes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(b is not None for b in bundles), "a process failed (see the traceback above)"
+    return bundles
+
+
+def test_shard_plan_and_errors():
+    assert shard_plan(0, 1, 2) == ShardPlan(2, 1, 1)
+    assert shard_plan(8, 1, 2) == ShardPlan(8, 4, 4)
+    assert list(shard_plan(8, 1, 2).local) == [4, 5, 6, 7]
+    with pytest.raises(DataError, match="multiple of the number of processes"):
+        shard_plan(3, 0, 2)
+    assert agree([5, 2**40 + 3], 1).tolist() == [[5, 2**40 + 3]]
+
+
+def test_shards_are_disjoint_and_cover_every_train_example(tmp_path):
+    config = demo_config(tmp_path, n_train=100, eval_fraction=0.1, eval_files="")
+    everything = read_splits(config)
+    sources = {e.source for e in everything.train_groups[0]}
+    assert len(sources) == 90 and len(everything.eval) == 10
+    per_shard = [read_splits(config, ShardPlan(3, s, 1)) for s in range(3)]
+    shard_sources = [{e.source for e in split.train_groups[0]} for split in per_shard]
+    assert [len(s) for s in shard_sources] == [30, 30, 30]  # round-robin: balanced
+    assert set.union(*shard_sources) == sources  # coverage
+    assert sum(len(s) for s in shard_sources) == len(sources)  # disjoint
+    for split in per_shard:  # every process holds out the same eval examples
+        assert [e.source for e in split.eval] == [e.source for e in everything.eval]
+
+
+def test_sharded_reading_parses_only_own_lines(tmp_path):
+    """A malformed line in another shard's part of the file is never parsed by this shard."""
+    config = demo_config(tmp_path, n_train=10, eval_files="")
+    path = config.data.train_files
+    break_line(path, 3)
+    assert len(lazy_records(path)) == 10
+    own = read_splits(config, ShardPlan(2, 0, 1))  # positions 0, 2, 4, ...: line 4 is shard 1's
+    assert len(own.train_groups[0]) == 5
+    with pytest.raises(DataError, match=r"train.jsonl:4"):
+        read_splits(config, ShardPlan(2, 1, 1))
+
+
+@pytest.mark.parametrize("mixture", [False, True])
+def test_virtual_shards_equal_processes(tmp_path, mixture):
+    """One process with data.shards=2 yields exactly the concatenated batches of 2 processes;
+    statistics and the saved position agree; eval batches are the same global batches."""
+    config = demo_config(tmp_path, shards=2)
+    if mixture:  # a weighted mixture: each shard mixes its own share of both groups
+        other = tmp_path / "other.jsonl"
+        lines = pathlib.Path(config.data.train_files).read_text(encoding="utf-8").splitlines()
+        other.write_text("\n".join(lines[:50]) + "\n", encoding="utf-8")
+        files = f"{config.data.train_files}:0.7,{other}:0.3"
+        config = dataclasses.replace(
+            config, data=dataclasses.replace(config.data, train_files=files)
+        )
+    (virtual,) = prepare_as_processes(config, 1)
+    parts = prepare_as_processes(config, 2)
+    assert virtual.stats == parts[0].stats == parts[1].stats
+    assert virtual.stats["shards"] == 2 and virtual.train_iter.steps_per_epoch > 2
+    assert len(virtual.stats["mixture"]) == (2 if mixture else 1)
+    steps = virtual.train_iter.steps_per_epoch + 3  # into the second epoch
+    for _ in range(steps):
+        expected = next(virtual.train_iter)
+        got = [next(p.train_iter) for p in parts]
+        for key in expected:
+            np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), expected[key])
+    states = [b.train_iter.get_state() for b in (virtual, *parts)]
+    assert states[0] == states[1] == states[2]
+    assert len(virtual.eval_batches) == len(parts[0].eval_batches) > 0
+    for i, batch in enumerate(virtual.eval_batches):
+        for key in batch:
+            joined = np.concatenate([p.eval_batches[i][key] for p in parts])
+            np.testing.assert_array_equal(joined, batch[key])
+
+
+def test_failure_on_one_process_stops_all(tmp_path):
+    config = demo_config(tmp_path, n_train=10, eval_files="", eval_fraction=0.0)
+    break_line(config.data.train_files, 3)  # position 3: shard 1's
+    exchange, errors = InMemoryExchange(2), [None, None]
+
+    def run(index):
+        try:
+            prepare_data(config, process_index=index, process_count=2,
+                         exchange=exchange.for_process(index))  # fmt: skip
+        except DataError as error:
+            errors[index] = str(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert "failed on process(es) [1]" in errors[0]
+    assert "train.jsonl:4" in errors[1]
+
+
+# --------------------------------------------------------------------------- split packing
+
+
+def synthetic(count: int, seed: int = 0) -> list[TokenizedExample]:
+    """Long-tailed lengths like the CPU benchmark (many examples over half a row)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(count):
+        n = int(rng.integers(60, 500))
+        tokens = np.concatenate([[100_000 + k], rng.integers(3, 1000, n - 1)]).astype(np.int32)
+        mask = rng.random(n) < 0.6
+        out.append(TokenizedExample(tokens, mask, f"s:{k}"))
+    return out
+
+
+def test_split_packing_places_every_target_once_with_continued_positions():
+    examples = synthetic(300)
+    whole = pack_examples(examples, seq_len=512, window=128, seed=1)
+    split = pack_examples(examples, seq_len=512, window=128, seed=1, split=True)
+    stats_whole, stats_split = packing_stats(whole), packing_stats(split)
+    assert stats_split["padding_fraction"] < 0.02 < stats_whole["padding_fraction"]
+    assert stats_split["continued_segments"] > 0 == stats_whole["continued_segments"]
+    assert stats_split["loss_tokens"] == stats_whole["loss_tokens"]
+    # Rebuild each example from its pieces: slot j holds input tokens[j], target tokens[j + 1]
+    # and mask bit loss_mask[j + 1], at position j, each slot exactly once.
+    seen = {k: np.zeros(len(e.tokens) - 1, int) for k, e in enumerate(examples)}
+    owner = {}
+    for r in range(len(split["inputs"])):
+        seg = split["segment_ids"][r]
+        for s in range(1, seg.max() + 1):
+            idx = np.flatnonzero(seg == s)
+            assert (np.diff(idx) == 1).all() and len(idx) > 0
+            pos = split["positions"][r, idx]
+            assert (np.diff(pos) == 1).all()
+            if pos[0] == 0:
+                owner[(r, s)] = int(split["inputs"][r, idx[0]]) - 100_000
+            k = owner.get((r, s))
+            if k is None:  # a continuation: find the example whose tokens match
+                k = next(
+                    k
+                    for k, e in enumerate(examples)
+                    if len(e.tokens) > pos[-1] + 1
+                    and np.array_equal(e.tokens[pos], split["inputs"][r, idx])
+                    and np.array_equal(e.tokens[pos + 1], split["targets"][r, idx])
+                )
+            ex = examples[k]
+            np.testing.assert_array_equal(split["inputs"][r, idx], ex.tokens[pos])
+            np.testing.assert_array_equal(split["targets"][r, idx], ex.tokens[pos + 1])
+            np.testing.assert_array_equal(split["loss_mask"][r, idx], ex.loss_mask[pos + 1])
+            seen[k][pos] += 1
+    assert all((v == 1).all() for v in seen.values())
+
+
+def test_split_into_gaps_hand_case():
+    # Rows of 100: [60] [55] [50] -> the least-filled row (50) is cut into the two gaps (40, 45):
+    # no whole fit, so its head fills the largest gap (45) and the tail (5) the tightest fitting.
+    rows = [[Piece(0, 0, 60)], [Piece(1, 0, 55)], [Piece(2, 0, 50)]]
+    out = split_into_gaps(rows, 100)
+    assert out == [
+        [Piece(0, 0, 60), Piece(2, 45, 5)],
+        [Piece(1, 0, 55), Piece(2, 0, 45)],
+    ]
+    # Gaps below MIN_SPLIT_PIECE get no cut pieces: nothing changes.
+    small = 100 - MIN_SPLIT_PIECE + 1
+    rows = [[Piece(0, 0, small)], [Piece(1, 0, small)], [Piece(2, 0, 10)]]
+    assert split_into_gaps(rows, 100) == rows
+
+
+# --------------------------------------------------------------------------- prefetch
+
+
+def fake_packed(rows: int, seq_len: int = 4) -> dict[str, np.ndarray]:
+    inputs = np.tile(np.arange(rows, dtype=np.int32)[:, None], (1, seq_len))
+    return {
+        "inputs": inputs,
+        "targets": inputs + 1,
+        "loss_mask": np.ones((rows, seq_len), bool),
+        "segment_ids": np.ones((rows, seq_len), np.int32),
+        "positions": np.tile(np.arange(seq_len, dtype=np.int32), (rows, 1)),
+    }
+
+
+def rows_of(iterator, steps):
+    return [next(iterator)["inputs"][:, 0].tolist() for _ in range(steps)]
+
+
+def test_prefetch_gives_the_same_stream_and_saves_the_consumed_position():
+    shards = [fake_packed(23), fake_packed(25)]
+    plain = TrainIterator(shards, global_batch_size=4, seed=2)
+    ahead = TrainIterator(shards, global_batch_size=4, seed=2, prefetch=3)
+    assert rows_of(ahead, 5) == rows_of(plain, 5)
+    # Wait until the thread has read ahead (3 queued + 1 waiting to be queued), then save: the
+    # position must be 5, the last batch handed out, not 9.
+    deadline = time.time() + 10
+    while ahead._iterator.get_state()["next_index"] < 9 and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert ahead._iterator.get_state()["next_index"] == 9  # really prefetched, and bounded
+    state = json.loads(json.dumps(ahead.get_state()))
+    assert state == plain.get_state() and state["grain"]["next_index"] == 5
+    resumed = TrainIterator(shards, global_batch_size=4, seed=2, prefetch=2)
+    resumed.set_state(state)
+    expected = rows_of(plain, 12)
+    assert rows_of(resumed, 12) == expected
+    assert rows_of(ahead, 12) == expected  # the prefetched batches were not lost
+    ahead.set_state(state)  # rewinding a running prefetcher
+    assert rows_of(ahead, 3) == expected[:3]
+    ahead.close()  # rewinds the thread's read-ahead to the last batch handed out
+    assert ahead.get_state()["grain"]["next_index"] == 8
+    assert rows_of(ahead, 2) == expected[3:5]
+
+
+def test_prefetch_raises_errors_of_the_reading_thread():
+    it = TrainIterator(fake_packed(8), global_batch_size=2, seed=0, prefetch=2)
+    calls = itertools.count()
+
+    def broken(indices):
+        if next(calls) == 2:
+            raise DataError("disk went away")
+        return {"inputs": indices[0]}
+
+    it._gather = broken
+    next(it), next(it)
+    with pytest.raises(DataError, match="disk went away"):
+        next(it)
+
+
+def test_eval_batches_slices_of_processes_are_the_global_batches():
+    packed = fake_packed(5)
+    whole = eval_batches(packed, batch_size=4)
+    parts = [eval_batches(packed, batch_size=4, process_index=p, process_count=2) for p in (0, 1)]
+    assert len(whole) == len(parts[0]) == len(parts[1]) == 2
+    for i, batch in enumerate(whole):
+        for key in batch:
+            assert parts[0][i][key].shape[0] == 2
+            np.testing.assert_array_equal(np.concatenate([p[i][key] for p in parts]), batch[key])
+    assert not parts[1][1]["segment_ids"].any()  # rows 6-7 of 5: padding only
+    with pytest.raises(DataError, match="divisible by the number of processes"):
+        eval_batches(packed, batch_size=3, process_index=0, process_count=2)

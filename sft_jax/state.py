@@ -14,6 +14,7 @@ checkpointed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,17 +67,35 @@ def lora_model_config(model_config: ModelConfig, cfg: LoraSection) -> ModelConfi
     return dataclasses.replace(model_config, lora_scale=scale, lora_dropout=cfg.dropout)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraApply:
+    """`apply_fn` of a LoRA state: the model's apply after moving the trained copies of saved
+    modules (`lora.modules_to_save`) from the "lora" collection into "params". A frozen
+    dataclass, so two states built alike compare equal (apply_fn is static in jit)."""
+
+    model: Transformer
+
+    def __call__(self, variables: dict, *args: Any, **kwargs: Any) -> Any:
+        return self.model.apply(lora.apply_variables(variables), *args, **kwargs)
+
+
 def adapter_shardings(adapters: Any, base: Any, mesh: Mesh) -> Any:
-    """a follows its kernel's sharding on the input dims, b and m on the output dims."""
+    """a follows its kernel's sharding on the input dims, b and m on the output dims; a saved
+    module's trained copy follows its frozen leaf."""
 
     def visit(ad: dict, p: dict, name: str) -> dict:
         if "a" not in ad:
-            return {k: visit(v, p[k], k) for k, v in ad.items()}
+            return {k: visit(v, p[k], k) for k, v in ad.items() if k != lora.SAVED}
         kernel = p["kernel"]
         specs = lora.adapter_specs(kernel.sharding.spec, kernel.ndim, lora.KERNELS[name][0])
         return {k: NamedSharding(mesh, PartitionSpec(*specs[k])) for k in ad}
 
-    return visit(adapters, base, "")
+    out = visit(adapters, base, "")
+    if lora.SAVED in adapters:
+        table = lora.saved_module_table(base)
+        leaf = lambda path: functools.reduce(lambda node, key: node[key], path, base)
+        out[lora.SAVED] = {m: leaf(table[m][0]).sharding for m in adapters[lora.SAVED]}
+    return out
 
 
 def init_lora_adapters(base: Any, frozen: Any, cfg: LoraSection, mesh: Mesh, seed: int) -> Any:
@@ -87,10 +106,15 @@ def init_lora_adapters(base: Any, frozen: Any, cfg: LoraSection, mesh: Mesh, see
         adapters = lora.init_adapters(params, cfg.targets, cfg.rank, rng)
         # DoRA's m is the norm of the weight the forward sees (the stored, maybe rounded base),
         # so the model equals the base exactly at init.
-        return lora.init_magnitudes(lora.dequantize(frozen), adapters) if cfg.dora else adapters
+        if cfg.dora:
+            adapters = lora.init_magnitudes(lora.dequantize(frozen), adapters)
+        return lora.add_saved_modules(params, adapters, cfg.modules_to_save)
 
     rng = jax.random.PRNGKey(seed + 2)
-    abstract = jax.eval_shape(make, base, frozen, rng)
+    try:
+        abstract = jax.eval_shape(make, base, frozen, rng)
+    except ValueError as e:
+        raise ConfigError(f"lora.targets / lora.modules_to_save: {e}") from e
     shardings = adapter_shardings(abstract, base, mesh)
     if not cfg.init_from:
         return jax.jit(make, out_shardings=shardings)(base, frozen, rng)
@@ -109,15 +133,24 @@ def init_lora_adapters(base: Any, frozen: Any, cfg: LoraSection, mesh: Mesh, see
 
 
 def freeze_base(base: Any, cfg: LoraSection, mesh: Mesh) -> Any:
-    """The frozen base: cast to `lora.base_dtype`, layer kernels quantised per `base_quant`
-    (quantised leaves replicated, the rest keep their shardings)."""
+    """The frozen base: cast to `lora.base_dtype`, layer kernels quantised per `base_quant`.
+    Every leaf keeps its kernel's sharding (quantised codes and scales: `quantized_specs`), so
+    a QLoRA base is FSDP/tensor-sharded like a bf16 one and built shard by shard in place."""
     dtype = jnp.dtype(cfg.base_dtype)
-    frozen = jax.jit(lambda p: lora.quantize_kernels(p, cfg.base_quant, dtype))(base)
-    replicated = NamedSharding(mesh, PartitionSpec())
+    quantize = lambda p: lora.quantize_kernels(p, cfg.base_quant, dtype)
     is_q = lambda x: isinstance(x, lora.Quantized)
-    return jax.tree.map(
-        lambda x: jax.device_put(x, replicated) if is_q(x) else x, frozen, is_leaf=is_q
-    )
+
+    def sharding_of(q: Any, leaf: jax.Array) -> Any:
+        if not is_q(q):
+            return leaf.sharding
+        blocks = q.scales.shape[-1]
+        specs = lora.quantized_specs(leaf.sharding.spec, leaf.ndim, blocks, dict(mesh.shape))
+        put = lambda spec: NamedSharding(mesh, PartitionSpec(*spec))
+        return q.replace(codes=put(specs["codes"]), scales=put(specs["scales"]))
+
+    abstract = jax.eval_shape(quantize, base)
+    shardings = jax.tree.map(sharding_of, abstract, base, is_leaf=is_q)
+    return jax.jit(quantize, out_shardings=shardings)(base)
 
 
 def create_train_state(
@@ -128,19 +161,25 @@ def create_train_state(
     rules: Sequence,
     seed: int,
     lora_cfg: LoraSection | None = None,
+    keep_reference: bool = False,
 ) -> tuple[TrainState, TrainState]:
     """Returns (state, state_shardings); the second has the same structure, with shardings.
 
+    `keep_reference` (KL-to-base under full fine-tuning) keeps a separate copy of the initial
+    parameters as `state.reference`: one more parameter-sized buffer per device.
+
     With `lora_cfg.enabled`: params = adapters, frozen = the base (see the module docstring).
     """
+    model_config = sharding.pin_model_activations(model_config, mesh, rules)
     model = Transformer(model_config)
     params = init_params(model, model_path, mesh, rules, seed)
+    apply_fn: Any = model.apply
     frozen = frozen_shardings = None
     if lora_cfg is not None and lora_cfg.enabled:
         frozen = freeze_base(params, lora_cfg, mesh)
         params = init_lora_adapters(params, frozen, lora_cfg, mesh, seed)
         frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
-        model = Transformer(lora_model_config(model_config, lora_cfg))
+        apply_fn = LoraApply(Transformer(lora_model_config(model_config, lora_cfg)))
     p_shardings = jax.tree.map(lambda x: x.sharding, params)
     abstract_opt = jax.eval_shape(tx.init, params)
     opt_shardings = sharding.follow_param_shardings(abstract_opt, params, p_shardings, mesh)
@@ -152,17 +191,19 @@ def create_train_state(
         params=params,
         opt_state=opt_state,
         rng=put(jax.random.PRNGKey(seed + 1)),
-        apply_fn=model.apply,
+        apply_fn=apply_fn,
         tx=tx,
         frozen=frozen,
+        reference=jax.tree.map(jnp.copy, params) if keep_reference and frozen is None else None,
     )
     shardings = TrainState(
         step=replicated,
         params=p_shardings,
         opt_state=opt_shardings,
         rng=replicated,
-        apply_fn=model.apply,
+        apply_fn=apply_fn,
         tx=tx,
         frozen=frozen_shardings,
+        reference=None if state.reference is None else p_shardings,
     )
     return state, shardings

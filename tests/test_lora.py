@@ -99,24 +99,38 @@ def test_peft_import_rejects_unknown_or_partial():
 
 
 @pytest.mark.parametrize("fmt", ["int8", "nf4"])
-def test_quantisation_error_within_format_bound(fmt):
-    """Blockwise absmax: |x - deq(q(x))| <= the format's bound x the block's absmax, per block;
-    shapes not a multiple of the block size round-trip too."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (3, 50, 7)) * 0.05  # 1050 values, 16.4 blocks
+@pytest.mark.parametrize("shape", [(3, 50, 24), (2, 5, 128)])
+def test_quantisation_error_within_format_bound(fmt, shape):
+    """Blockwise absmax along the last axis: |x - deq(q(x))| <= the format's bound x the block's
+    absmax, per block; a last dimension that is not a multiple of 64 gets smaller blocks (24:
+    one block of 24; 128: two of 64), and the codes keep the leading dims (for sharding)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), shape) * 0.05
     q = lora.quantize(x, fmt)
     back = lora.dequantize(q)
-    assert back.shape == x.shape and back.dtype == x.dtype
-    flat = np.pad(np.asarray(x).reshape(-1), (0, -x.size % 64)).reshape(-1, 64)
-    err = np.pad(np.abs(np.asarray(back - x)).reshape(-1), (0, -x.size % 64)).reshape(-1, 64)
-    absmax = np.abs(flat).max(axis=1, keepdims=True)
+    assert back.shape == x.shape and back.dtype == x.dtype and q.shape == x.shape
+    block = min(shape[-1], 64)
+    assert q.block == block and q.scales.shape == (*shape[:-1], shape[-1] // block)
+    blocks = lambda a: np.asarray(a).reshape(-1, block)
+    err = np.abs(blocks(back) - blocks(x))
+    absmax = np.abs(blocks(x)).max(axis=1, keepdims=True)
     bound = np.asarray(lora.quant.error_bound(fmt, absmax))
     assert np.all(err <= bound * (1 + 1e-6) + 1e-12)
     assert np.all(err.max(axis=1) > 0)  # it is lossy, so the bound is what is being tested
+    one_layer = jax.tree.map(lambda a: a[1], q)  # what nn.scan hands one layer
+    np.testing.assert_array_equal(lora.dequantize(one_layer), back[1])
     if fmt == "nf4":
-        assert q.codes.dtype == np.uint8 and q.codes.size * 2 == q.scales.size * 64  # packed
+        assert q.codes.dtype == np.uint8 and q.codes.size * 2 == q.scales.size * block  # packed
         np.testing.assert_allclose(
             lora.quant.NF4_MAX_HALF_GAP, (1.0 - 0.6961928009986877) / 2
         )  # -1 .. -0.696
+
+
+def test_quantisation_block_sizes():
+    """Blocks divide the last dimension: odd dims work for int8, NF4 needs an even one."""
+    assert lora.quant.block_size(688, "int8") == 43 and lora.quant.block_size(8, "nf4") == 8
+    assert lora.quant.block_size(7, "int8") == 7 and lora.quant.block_size(2048, "nf4") == 64
+    with pytest.raises(ValueError, match="nf4 needs an even last dimension"):
+        lora.quantize(jnp.ones((4, 7)), "nf4")
 
 
 def test_quantize_kernels_only_layer_kernels():
@@ -154,3 +168,10 @@ def test_dora_merge_matches_reference():
         np.testing.assert_allclose(
             np.asarray(merged[layer]).reshape(N * H, D).T, expected, atol=1e-5
         )
+
+
+def test_config_accepts_exactly_the_saveable_modules():
+    """config.py keeps its own copy of the names (it does not import jax); they must agree."""
+    from sft_jax.config import SAVEABLE_LORA_MODULES
+
+    assert SAVEABLE_LORA_MODULES == lora.SAVEABLE_MODULES

@@ -76,6 +76,78 @@ def test_peft_export_matches_peft(rslora, dora, tmp_path, stories_dir):
         )
 
 
+def test_adapter_gradients_match_peft(tmp_path, stories_dir):
+    """The gradient of a masked mean cross-entropy w.r.t. A and B (B != 0) equals PEFT+torch's
+    on the same weights and batch: rules out a wrong scale, init or layout in training itself."""
+    params = _random_params(BASE)
+    rank, alpha = 4, 8.0
+    adapters = _random_adapters(params, rank, False)
+    export.export_hf(params, BASE, str(tmp_path / "base"), tokenizer_dir=str(stories_dir))
+    tokens = _tokens()
+    targets, mask = np.roll(tokens, -1, axis=1), np.arange(tokens.shape[1]) >= 6
+    model_config = dataclasses.replace(BASE, lora_scale=lora.lora_scale(alpha, rank, False))
+
+    def loss(ad):
+        logits = _apply(model_config, {"params": params, "lora": ad}, jnp.asarray(tokens))
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+        return jnp.sum(nll * mask) / (mask.sum() * len(tokens))
+
+    ours = lora.to_peft_tensors(jax.grad(loss)(adapters))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(lora.ALL_LINEAR))
+    model = peft.get_peft_model(model, config)
+    state = {k: torch.from_numpy(v) for k, v in lora.to_peft_tensors(adapters).items()}
+    peft.set_peft_model_state_dict(model, state)
+    logp = torch.log_softmax(model(input_ids=torch.from_numpy(tokens)).logits.float(), -1)
+    nll = -logp.gather(-1, torch.from_numpy(targets)[..., None])[..., 0]
+    (nll * torch.from_numpy(mask)).sum().div(float(mask.sum() * len(tokens))).backward()
+    named = model.named_parameters()
+    theirs = {n.replace(".default", ""): p.grad.numpy() for n, p in named if p.grad is not None}
+    assert sorted(ours) == sorted(theirs)
+    for name, grad in ours.items():
+        np.testing.assert_allclose(grad, theirs[name], atol=1e-5 * np.abs(grad).max() + 1e-9)
+
+
+def test_modules_to_save_match_peft(tmp_path, stories_dir):
+    """Saved modules (a trained tied embedding and the norms) export as PEFT modules_to_save:
+    peft (with ensure_weight_tying) gives our logits, the merge equals the unmerged forward,
+    and import gives back the same tree."""
+    params = _random_params(BASE)
+    modules = ("embed_tokens", "norm", "input_layernorm")
+    adapters = lora.add_saved_modules(params, _random_adapters(params, 4, False), modules)
+    adapters = _random_adapters(params, 4, False) | {
+        lora.SAVED: jax.tree.map(lambda x: x * 1.5 + 0.01, adapters[lora.SAVED])
+    }
+    export.export_hf(params, BASE, str(tmp_path / "base"), tokenizer_dir=str(stories_dir))
+    base = str(tmp_path / "base")
+    with pytest.raises(ValueError, match="needs tied_embeddings"):
+        lora.peft_config(adapters, rank=4, alpha=8.0, rslora=False, dropout=0.0, base=base)
+    config = lora.peft_config(
+        adapters, rank=4, alpha=8.0, rslora=False, dropout=0.0, base=base, tied_embeddings=True
+    )
+    saved = ["embed_tokens", "input_layernorm", "model.norm"]
+    assert config["modules_to_save"] == saved and config["ensure_weight_tying"]
+    lora.write_peft_adapter(str(tmp_path / "adapter"), adapters, config)
+    tokens = _tokens()
+    model_config = dataclasses.replace(BASE, lora_scale=2.0)
+    variables = lora.apply_variables({"params": params, "lora": adapters})
+    ours = np.asarray(_apply(model_config, variables, jnp.asarray(tokens)))
+    theirs = _peft_logits(tmp_path / "base", tmp_path / "adapter", tokens)
+    np.testing.assert_allclose(theirs, ours, atol=MODEL_TOL)
+    merged = lora.merge(params, adapters, 2.0)
+    np.testing.assert_allclose(
+        np.asarray(_apply(BASE, {"params": merged}, jnp.asarray(tokens))), ours, atol=MODEL_TOL
+    )
+    back = lora.read_peft_adapter(
+        str(tmp_path / "adapter"), params, rank=4, alpha=8.0, rslora=False, dora=False
+    )
+    assert jax.tree.structure(back) == jax.tree.structure(adapters)
+    for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="not modules of this model"):
+        lora.add_saved_modules(params, {}, ("post_feedforward_layernorm",))
+
+
 def _tiny(**lora_overrides):
     c = load_config_file("configs/tiny.py")
     c.lora.enabled = True
@@ -103,6 +175,30 @@ def lora_run(tmp_path_factory):
     return workdir, summary
 
 
+def _export_both_ways(workdir, cfg, tmp_path, stories_dir):
+    """Merged HF export, PEFT export of the same step, and the base they apply to; asserts that
+    transformers (merged) and peft (base + adapter) give the same logits -> (run, mesh, rules,
+    merged logits)."""
+    from sft_jax.state import init_params
+
+    assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "merged")]) == 0
+    assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "ad"), "--peft"]) == 0
+    run = export.load_workdir(str(workdir))
+    mesh = jax.sharding.Mesh(
+        np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor")
+    )
+    rules = tuple(tuple(r) for r in cfg.mesh.rules)
+    base = init_params(Transformer(run.model_config), "", mesh, rules, cfg.seed)
+    export.export_hf(base, run.model_config, str(tmp_path / "base"), tokenizer_dir=str(stories_dir))
+    tokens = _tokens()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        merged_logits = merged(input_ids=torch.from_numpy(tokens)).logits.numpy()
+    peft_logits = _peft_logits(tmp_path / "base", tmp_path / "ad", tokens)
+    np.testing.assert_allclose(merged_logits, peft_logits, atol=MODEL_TOL)
+    return run, mesh, rules, merged_logits
+
+
 def test_tiny_lora_trains_and_checkpoints_only_adapters(lora_run, tmp_path):
     from sft_jax.train import train_and_evaluate
 
@@ -123,7 +219,6 @@ def test_tiny_lora_trains_and_checkpoints_only_adapters(lora_run, tmp_path):
 
 
 def test_lora_resume_and_export(lora_run, tmp_path, stories_dir):
-    from sft_jax.state import init_params
     from sft_jax.train import train_and_evaluate
 
     workdir, _ = lora_run
@@ -134,22 +229,7 @@ def test_lora_resume_and_export(lora_run, tmp_path, stories_dir):
     steps = [r["step"] for r in read_metrics(str(workdir)) if "loss" in r]
     assert steps[-3:] == [10, 11, 12] and steps.count(10) == 1  # resumed from step 10
     assert summary["steps"] == 12
-    # Merged HF export, PEFT export of the same step, and the base they apply to.
-    assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "merged")]) == 0
-    assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "ad"), "--peft"]) == 0
-    run = export.load_workdir(str(workdir))
-    mesh = jax.sharding.Mesh(
-        np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor")
-    )
-    rules = tuple(tuple(r) for r in parse(c).mesh.rules)
-    base = init_params(Transformer(run.model_config), "", mesh, rules, parse(c).seed)
-    export.export_hf(base, run.model_config, str(tmp_path / "base"), tokenizer_dir=str(stories_dir))
-    tokens = _tokens()
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    with torch.no_grad():
-        merged_logits = merged(input_ids=torch.from_numpy(tokens)).logits.numpy()
-    peft_logits = _peft_logits(tmp_path / "base", tmp_path / "ad", tokens)
-    np.testing.assert_allclose(merged_logits, peft_logits, atol=MODEL_TOL)
+    run, mesh, rules, _ = _export_both_ways(workdir, parse(c), tmp_path, stories_dir)
     # Continuing from the exported PEFT adapter starts from exactly the trained adapters.
     c2 = _tiny(init_from=str(tmp_path / "ad"))
     from sft_jax.optim import make_optimizer
@@ -163,3 +243,21 @@ def test_lora_resume_and_export(lora_run, tmp_path, stories_dir):
     bad = parse(_tiny(init_from=str(tmp_path / "ad"), rank=4))
     with pytest.raises(ConfigError, match="r is 2 there but 4 here"):
         create_train_state(run.model_config, "", tx, mesh, rules, bad.seed, bad.lora)
+
+
+def test_modules_to_save_run_exports_merged_and_peft(tmp_path, stories_dir):
+    """A run that also trains the (tied) embedding exports both ways with equal logits."""
+    from sft_jax.train import train_and_evaluate
+
+    c = _tiny(modules_to_save=("embed_tokens",))
+    c.train.max_steps = 2
+    c.data.max_eval_examples = 8
+    workdir = tmp_path / "run"
+    train_and_evaluate(parse(c), str(workdir))
+    *_, merged_logits = _export_both_ways(workdir, parse(c), tmp_path, stories_dir)
+    tokens = _tokens()
+    # The embedding was trained, so the merged model differs from the base.
+    base_model = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    with torch.no_grad():
+        base_logits = base_model(input_ids=torch.from_numpy(tokens)).logits.numpy()
+    assert np.abs(merged_logits - base_logits).max() > 1e-3

@@ -16,11 +16,22 @@ from sft_jax.lora.peft import (
     to_peft_tensors,
     write_peft_adapter,
 )
-from sft_jax.lora.quant import Quantized, dequantize, quantize, quantize_kernels
+from sft_jax.lora.quant import (
+    Quantized,
+    dequantize,
+    einsum_dequantized,
+    quantize,
+    quantize_kernels,
+    quantized_specs,
+)
 from sft_jax.lora.tree import (
     ALL_LINEAR,
     KERNELS,
+    SAVEABLE_MODULES,
+    SAVED,
     adapter_specs,
+    add_saved_modules,
+    apply_variables,
     column_norm,
     count,
     delta,
@@ -29,18 +40,25 @@ from sft_jax.lora.tree import (
     lora_scale,
     merge,
     merged_kernel,
+    saved_module_table,
     target_paths,
+    with_saved_modules,
 )
 
 __all__ = [
     "ALL_LINEAR",
     "KERNELS",
+    "SAVEABLE_MODULES",
+    "SAVED",
     "Quantized",
     "adapter_specs",
+    "add_saved_modules",
+    "apply_variables",
     "column_norm",
     "count",
     "delta",
     "dequantize",
+    "einsum_dequantized",
     "from_peft_tensors",
     "init_adapters",
     "init_magnitudes",
@@ -50,8 +68,11 @@ __all__ = [
     "peft_config",
     "quantize",
     "quantize_kernels",
+    "quantized_specs",
     "read_peft_adapter",
+    "saved_module_table",
     "target_paths",
     "to_peft_tensors",
+    "with_saved_modules",
     "write_peft_adapter",
 ]

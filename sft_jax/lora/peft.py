@@ -8,6 +8,12 @@ Per layer i and adapted module, PEFT stores (HF Linear layout, in = product of o
 
 Rank, alpha, rsLoRA and DoRA travel in adapter_config.json; on import they are checked against
 the run's config, since a mismatch would silently change the adapter's scale.
+
+Saved modules (`modules_to_save`) are stored as PEFT stores them, whole, under their HF keys
+(`base_model.model.model.embed_tokens.weight`, `base_model.model.model.layers.{i}.
+input_layernorm.weight`, `base_model.model.lm_head.weight`, ...). A trained tied embedding is
+written once, as embed_tokens, with `ensure_weight_tying` so that PEFT ties the LM head to it;
+on import a tied lm_head.weight (which PEFT itself also writes) is read as the embedding.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.lora.tree import KERNELS, _get, _set
+from sft_jax.lora.tree import _SAVEABLE, KERNELS, SAVED, _get, _set, saved_module_table
 
 PREFIX = "base_model.model.model.layers"
+MODEL_PREFIX = "base_model.model."
+_PEFT_MODULE_NAME = {"norm": "model.norm"}  # a suffix that matches the final norm only
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _SUFFIX = {"a": "lora_A.weight", "b": "lora_B.weight", "m": "lora_magnitude_vector"}
@@ -37,8 +45,10 @@ def _adapter_paths(adapters: dict) -> list[tuple[str, ...]]:
     return paths
 
 
-def to_peft_tensors(adapters: dict) -> dict[str, np.ndarray]:
-    """PEFT state dict of an adapter tree (see the module docstring), float32 numpy."""
+def to_peft_tensors(adapters: dict, tied_embeddings: bool = False) -> dict[str, np.ndarray]:
+    """PEFT state dict of an adapter tree (see the module docstring), float32 numpy. With
+    `tied_embeddings`, a saved embedding is also written as lm_head.weight, as PEFT does (its
+    loader then expects that key)."""
     tensors = {}
     for path in _adapter_paths(adapters):
         ad = {k: np.asarray(v, np.float32) for k, v in _get(adapters, path).items()}
@@ -49,7 +59,49 @@ def to_peft_tensors(adapters: dict) -> dict[str, np.ndarray]:
             tensors[f"{prefix}.lora_B.weight"] = ad["b"][layer].reshape(rank, -1).T.copy()
             if "m" in ad:
                 tensors[f"{prefix}.lora_magnitude_vector"] = ad["m"][layer].reshape(-1).copy()
+    for name, value in adapters.get(SAVED, {}).items():
+        tensors.update(_saved_to_peft(name, np.asarray(value, np.float32)))
+    if tied_embeddings and "embed_tokens" in adapters.get(SAVED, {}):
+        embed = tensors[MODEL_PREFIX + _SAVEABLE["embed_tokens"][1]]
+        tensors[MODEL_PREFIX + _SAVEABLE["lm_head"][1]] = embed
     return tensors
+
+
+def _saved_to_peft(name: str, value: np.ndarray) -> dict[str, np.ndarray]:
+    """One saved module's PEFT tensors (HF layouts, one tensor per layer)."""
+    key = MODEL_PREFIX + _SAVEABLE[name][1]
+    if "{i}" in key:
+        return {key.format(i=i): value[i].copy() for i in range(value.shape[0])}
+    if name == "lm_head":
+        return {key: value.T.copy()}  # our kernel [D, V] -> HF Linear weight [V, D]
+    return {key: value}
+
+
+def _saved_from_peft(tensors: dict[str, np.ndarray], params: dict) -> dict[str, np.ndarray]:
+    """Saved-module tensors of a PEFT state dict (removed from `tensors`), as our leaves."""
+    tied = "lm_head" not in params
+    saved: dict[str, np.ndarray] = {}
+    for name, (path, key) in saved_module_table(params).items():
+        key = MODEL_PREFIX + key
+        if tied and name == "lm_head":
+            value = tensors.pop(
+                MODEL_PREFIX + _SAVEABLE["lm_head"][1], None
+            )  # the tied copy PEFT writes; embed_tokens wins
+            if value is not None and "embed_tokens" not in saved:
+                saved["embed_tokens"] = value
+            continue
+        if "{i}" in key:
+            layers = _get(params, path).shape[0]
+            found = [tensors.pop(key.format(i=i), None) for i in range(layers)]
+            if all(v is None for v in found):
+                continue
+            if any(v is None for v in found):
+                raise ValueError(f"PEFT adapter saves {name} for only some of {layers} layers")
+            saved[name] = np.stack(found)
+        elif key in tensors:
+            value = tensors.pop(key)
+            saved[name] = value.T if name == "lm_head" else value
+    return saved
 
 
 def _parse_name(name: str) -> tuple[int, str, str]:
@@ -72,6 +124,8 @@ def from_peft_tensors(
     tensors: dict[str, np.ndarray], params: dict, dtype: Any = jnp.float32
 ) -> dict:
     """Inverse of `to_peft_tensors`, shaped after the kernels of `params`."""
+    tensors = dict(tensors)
+    saved = _saved_from_peft(tensors, params)
     per_path: dict[tuple[str, ...], dict[str, dict[int, np.ndarray]]] = {}
     for name, value in tensors.items():
         layer, module, kind = _parse_name(name)
@@ -95,14 +149,28 @@ def from_peft_tensors(
         if "m" in parts:
             ad["m"] = np.stack([parts["m"][i].reshape(out_shape) for i in range(layers)])
         _set(adapters, path, {k: jnp.asarray(v, dtype) for k, v in ad.items()})
+    if saved:
+        adapters[SAVED] = {k: jnp.asarray(v, dtype) for k, v in sorted(saved.items())}
     return adapters
 
 
 def peft_config(
-    adapters: dict, *, rank: int, alpha: float, rslora: bool, dropout: float, base: str
+    adapters: dict,
+    *,
+    rank: int,
+    alpha: float,
+    rslora: bool,
+    dropout: float,
+    base: str,
+    tied_embeddings: bool | None = None,
 ) -> dict[str, Any]:
-    """The adapter_config.json that `peft.PeftModel.from_pretrained` reads."""
+    """The adapter_config.json that `peft.PeftModel.from_pretrained` reads. `tied_embeddings`
+    (the base's tie_word_embeddings) is needed only when the embedding is a saved module: PEFT
+    must then re-tie its LM head to the trained copy (ensure_weight_tying)."""
     paths = _adapter_paths(adapters)
+    saved = sorted(adapters.get(SAVED, {}))
+    if "embed_tokens" in saved and tied_embeddings is None:
+        raise ValueError("peft_config needs tied_embeddings when embed_tokens is a saved module")
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -116,15 +184,21 @@ def peft_config(
         "fan_in_fan_out": False,
         "base_model_name_or_path": base,
         "inference_mode": True,
+        # PEFT matches these as name suffixes: "norm" would also catch every layer norm.
+        "modules_to_save": [_PEFT_MODULE_NAME.get(m, m) for m in saved] or None,
+        # A trained tied embedding must stay tied to the LM head when PEFT loads it.
+        "ensure_weight_tying": bool(tied_embeddings) and "embed_tokens" in saved,
     }
 
 
 def write_peft_adapter(out_dir: str, adapters: dict, config: dict[str, Any]) -> None:
-    """Writes adapter_config.json and adapter_model.safetensors (metadata format "pt")."""
+    """Writes adapter_config.json and adapter_model.safetensors (metadata format "pt"); a tied
+    trained embedding (config ensure_weight_tying) also as lm_head.weight."""
     from safetensors.numpy import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    save_file(to_peft_tensors(adapters), os.path.join(out_dir, WEIGHTS_FILE), {"format": "pt"})
+    tensors = to_peft_tensors(adapters, config.get("ensure_weight_tying", False))
+    save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), {"format": "pt"})
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
         f.write("\n")

@@ -1,20 +1,25 @@
 """QLoRA: the frozen base kernels stored blockwise-quantised (int8 or 4-bit NormalFloat).
 
-Each kernel is flattened and cut into blocks of 64 values; a block keeps its absmax as a float32
-scale and each value as a code: int8 (round(x / absmax * 127)) or NF4 (the index of the nearest
-of the 16 NormalFloat levels of the QLoRA paper, two codes packed per byte). Error bounds, per
-value of a block: int8 |err| <= absmax / 127 / 2; NF4 |err| <= absmax * (largest gap between
-adjacent levels) / 2.
+Blocks run along the last axis of a kernel: block size b = the largest divisor of the last
+dimension that is at most 64 (even for NF4), so an array [..., n] is stored as
 
-The forward dequantises the whole frozen tree at the start of each loss evaluation (`dequantize`
-inside loss_fn): simple and exact to test, at the cost of materialising the compute-dtype weights
-once per step in temporary memory. Persistent memory is the codes plus scales (about 1 byte per
-weight for int8, 0.5 for NF4, + 4/64 for the scales). Quantised leaves are stored replicated.
+    codes  [..., n / b, b]   int8 round(x / absmax * 127), or uint8 NF4 pairs [..., n / b, b / 2]
+    scales [..., n / b]      float32 absmax of each block
+
+Keeping the kernel's leading axes is what lets the codes be sharded like the kernel itself (the
+last axis's mesh axes move to the block axis, `quantized_specs`) and lets `nn.scan` slice one
+layer's codes off the leading L axis: the model dequantises inside each layer
+(`einsum_dequantized`, used by `sft_jax.model.Einsum`), so peak memory holds one layer's
+dequantised weights, not the whole base. The dequantisation is rematerialised in the backward
+pass instead of being saved. NF4 levels are those of the QLoRA paper (two codes per byte).
+
+Error bounds, per value of a block: int8 |err| <= absmax / 127 / 2; NF4 |err| <= absmax *
+(largest gap between adjacent levels) / 2. Persistent memory: about 1 byte per weight for int8,
+0.5 for NF4, + 4 / b for the scales.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax
@@ -40,31 +45,48 @@ NF4_MAX_HALF_GAP = float(np.max(np.diff(NF4_LEVELS)) / 2)
 
 @flax.struct.dataclass
 class Quantized:
-    """A blockwise-quantised array: codes [blocks, 64 or 32 packed] and float32 scales [blocks]."""
+    """A blockwise-quantised array (see the module docstring); its shape is derived from the
+    codes, so a slice of the leading axes (one scanned layer) is still a valid `Quantized`."""
 
     codes: jax.Array
     scales: jax.Array
-    shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
-    dtype: str = flax.struct.field(pytree_node=False)
+    dtype: str = flax.struct.field(pytree_node=False)  # the dtype it dequantises to
     fmt: str = flax.struct.field(pytree_node=False)
+
+    @property
+    def block(self) -> int:
+        return self.codes.shape[-1] * (2 if self.fmt == "nf4" else 1)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.scales.shape[:-1], self.scales.shape[-1] * self.block)
+
+
+def block_size(last: int, fmt: str) -> int:
+    """Largest divisor of the last dimension up to 64; even for NF4 (two codes per byte)."""
+    step = 2 if fmt == "nf4" else 1
+    for b in range(BLOCK - BLOCK % step, 0, -step):
+        if last % b == 0:
+            return b
+    raise ValueError(f"nf4 needs an even last dimension to pack codes in pairs; got {last}")
 
 
 def quantize(x: jax.Array, fmt: str, dtype: Any = None) -> Quantized:
-    """Blockwise absmax quantisation of `x` in format "int8" or "nf4"; dequantises to `dtype`
-    (default x's dtype), e.g. bfloat16 for a float32 base."""
+    """Blockwise absmax quantisation of `x` (at least 1-d) along its last axis, in format
+    "int8" or "nf4"; dequantises to `dtype` (default x's dtype), e.g. bfloat16."""
     if fmt not in ("int8", "nf4"):
         raise ValueError(f"quantisation format {fmt!r}; choose int8 or nf4")
-    size = math.prod(x.shape)
-    flat = jnp.pad(x.astype(jnp.float32).reshape(-1), (0, -size % BLOCK)).reshape(-1, BLOCK)
-    absmax = jnp.max(jnp.abs(flat), axis=1)
+    b = block_size(x.shape[-1], fmt)
+    blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // b, b)
+    absmax = jnp.max(jnp.abs(blocks), axis=-1)
     scales = jnp.where(absmax > 0, absmax, 1.0)
-    normed = flat / scales[:, None]  # in [-1, 1]
+    normed = blocks / scales[..., None]  # in [-1, 1]
     if fmt == "int8":
         codes = jnp.round(normed * 127).astype(jnp.int8)
     else:
         index = jnp.searchsorted(_NF4_MIDPOINTS, normed).astype(jnp.uint8)  # nearest level
-        codes = index[:, 0::2] | (index[:, 1::2] << 4)  # two 4-bit codes per byte
-    return Quantized(codes, scales, tuple(x.shape), jnp.dtype(dtype or x.dtype).name, fmt)
+        codes = index[..., 0::2] | (index[..., 1::2] << 4)  # two 4-bit codes per byte
+    return Quantized(codes, scales, jnp.dtype(dtype or x.dtype).name, fmt)
 
 
 def dequantize_array(q: Quantized, dtype: Any = None) -> jax.Array:
@@ -72,10 +94,38 @@ def dequantize_array(q: Quantized, dtype: Any = None) -> jax.Array:
     if q.fmt == "int8":
         values = q.codes.astype(jnp.float32) / 127
     else:
-        index = jnp.stack([q.codes & 15, q.codes >> 4], axis=-1).reshape(q.codes.shape[0], -1)
-        values = jnp.asarray(NF4_LEVELS)[index]
-    flat = (values * q.scales[:, None]).reshape(-1)[: math.prod(q.shape)]
-    return flat.reshape(q.shape).astype(dtype or q.dtype)
+        pairs = jnp.stack([q.codes & 15, q.codes >> 4], axis=-1)
+        values = jnp.asarray(NF4_LEVELS)[pairs.reshape(*q.codes.shape[:-1], -1)]
+    flat = (values * q.scales[..., None]).reshape(q.shape)
+    return flat.astype(dtype or q.dtype)
+
+
+def einsum_dequantized(
+    equation: str, x: jax.Array, q: Quantized, dtype: Any, out_dtype: Any = None
+) -> jax.Array:
+    """einsum(x, dequantised q) with the dequantisation rematerialised in the backward pass:
+    only x, codes and scales are kept for it, never the dequantised weight (which, saved per
+    scanned layer, would be a full-precision copy of the whole base)."""
+
+    def run(x: jax.Array, codes: jax.Array, scales: jax.Array) -> jax.Array:
+        # Via the stored dtype (e.g. bfloat16), exactly as the whole-tree `dequantize`.
+        w = dequantize_array(Quantized(codes, scales, q.dtype, q.fmt)).astype(dtype)
+        return jnp.einsum(equation, x, w, preferred_element_type=out_dtype)
+
+    return jax.checkpoint(run)(x, q.codes, q.scales)
+
+
+def quantized_specs(kernel_spec: tuple, ndim: int, blocks: int, mesh_shape: dict) -> dict:
+    """PartitionSpec entries of codes and scales from their kernel's spec (ndim dims): the
+    leading dims keep the kernel's mesh axes; the last dim's axes go to the block axis when they
+    divide the number of blocks (else it is replicated); the within-block axis is replicated."""
+    spec = (tuple(kernel_spec) + (None,) * ndim)[:ndim]
+    last = spec[-1]
+    axes = () if last is None else (last,) if isinstance(last, str) else tuple(last)
+    if axes and blocks % int(np.prod([mesh_shape[a] for a in axes])):
+        last = None
+    scales = (*spec[:-1], last)
+    return {"codes": (*scales, None), "scales": scales}
 
 
 def _is_quantized(x: Any) -> bool:

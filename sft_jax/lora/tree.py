@@ -15,6 +15,14 @@ weight gradient is ever formed for it: the model adds scale * (x @ a) @ b to x @
 materialising W + scale * a @ b). `merge` folds adapters into the kernels for export; PEFT
 conversion (sft_jax/lora/peft.py) maps each layer's a/b to `lora_A.weight` [R, in] and
 `lora_B.weight` [out, R]. DoRA adds a magnitude `m` [L, *out] per adapter (`init_magnitudes`).
+
+PEFT's `modules_to_save` (whole modules trained next to the adapters, e.g. the embedding a tiny
+model needs to learn a new stop token) are full float32 copies under the adapter tree's key
+"modules_to_save", keyed by HF module name (`add_saved_modules`):
+
+    adapters/modules_to_save/{embed_tokens [V, D], norm [D], input_layernorm [L, D], ...}
+
+`with_saved_modules` puts them in place of the frozen leaves, for the forward and for `merge`.
 """
 
 from __future__ import annotations
@@ -37,6 +45,33 @@ KERNELS = {
     "down_proj": (1, "mlp.down_proj"),
 }
 ALL_LINEAR = tuple(KERNELS)
+SAVED = "modules_to_save"  # key of the trained full copies inside the adapter tree
+# HF module name -> (our param path, HF weight key after "base_model.model."; {i} = layer).
+# On a tied model "lm_head" names the shared embedding (`saved_module_table`).
+_SAVEABLE = {
+    "embed_tokens": (("embed", "embedding"), "model.embed_tokens.weight"),
+    "lm_head": (("lm_head", "kernel"), "lm_head.weight"),
+    "norm": (("final_norm", "scale"), "model.norm.weight"),
+    "input_layernorm": (
+        ("layers", "attn_norm", "scale"),
+        "model.layers.{i}.input_layernorm.weight",
+    ),
+    "post_attention_layernorm": (
+        ("layers", "mlp_norm", "scale"),
+        "model.layers.{i}.post_attention_layernorm.weight",
+    ),
+    "pre_feedforward_layernorm": (
+        ("layers", "mlp_norm", "scale"),
+        "model.layers.{i}.pre_feedforward_layernorm.weight",
+    ),
+    "post_feedforward_layernorm": (
+        ("layers", "post_mlp_norm", "scale"),
+        "model.layers.{i}.post_feedforward_layernorm.weight",
+    ),
+    "q_norm": (("layers", "attn", "q_norm", "scale"), "model.layers.{i}.self_attn.q_norm.weight"),
+    "k_norm": (("layers", "attn", "k_norm", "scale"), "model.layers.{i}.self_attn.k_norm.weight"),
+}
+SAVEABLE_MODULES = tuple(_SAVEABLE)
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
@@ -69,6 +104,79 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
+
+
+def _has(tree: dict, path: tuple[str, ...]) -> bool:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return False
+        tree = tree[key]
+    return True
+
+
+def saved_module_table(params: dict) -> dict[str, tuple[tuple[str, ...], str]]:
+    """The `_SAVEABLE` entries this model has: Gemma's sandwich norms rename the layer norms
+    (HF post_attention_layernorm is our post_attn_norm there), and on a tied model lm_head is the
+    embedding (training it trains the shared matrix, as PEFT's ensure_weight_tying)."""
+    table = dict(_SAVEABLE)
+    layers = params.get("layers", {})
+    if "post_attn_norm" in layers:  # Gemma 2/3
+        table["post_attention_layernorm"] = (
+            ("layers", "post_attn_norm", "scale"),
+            _SAVEABLE["post_attention_layernorm"][1],
+        )
+    else:
+        del table["pre_feedforward_layernorm"], table["post_feedforward_layernorm"]
+    if "lm_head" not in params:
+        table["lm_head"] = table["embed_tokens"]
+    return {name: entry for name, entry in table.items() if _has(params, entry[0])}
+
+
+def add_saved_modules(params: dict, adapters: dict, modules: tuple[str, ...]) -> dict:
+    """`adapters` plus float32 copies of the named modules' weights (PEFT `modules_to_save`,
+    HF module names such as "embed_tokens", "norm", "input_layernorm"), initialised to the base
+    so the model is unchanged at init. On a tied model "lm_head" is stored as "embed_tokens"."""
+    if not modules:
+        return adapters
+    table = saved_module_table(params)
+    unknown = [m for m in modules if m not in table]
+    if unknown:
+        raise ValueError(
+            f"modules_to_save {unknown} are not modules of this model; choose from {sorted(table)}"
+        )
+    tied = "lm_head" not in params
+    names = sorted({"embed_tokens" if tied and m == "lm_head" else m for m in modules})
+    saved = {m: _get(params, table[m][0]).astype(jnp.float32) for m in names}
+    return {**adapters, SAVED: saved}
+
+
+def with_saved_modules(params: dict, saved: dict) -> dict:
+    """`params` with each saved module's trained copy in place of its frozen leaf (same dtype
+    as the copy: the model casts to its compute dtype)."""
+    table = saved_module_table(params)
+    out = dict(params)
+    for name, value in saved.items():
+        path = table[name][0]
+        node = out
+        for key in path[:-1]:  # copy the dicts along the path, never mutate `params`
+            node[key] = dict(node[key])
+            node = node[key]
+        node[path[-1]] = value
+    return out
+
+
+def apply_variables(variables: dict) -> dict:
+    """Model variables of a LoRA forward: the "lora" collection's saved modules (if any) moved
+    into "params", so the model reads them where it reads the frozen weights."""
+    adapters = variables.get("lora")
+    if not isinstance(adapters, dict) or SAVED not in adapters:
+        return variables
+    rest = {k: v for k, v in adapters.items() if k != SAVED}
+    return {
+        **variables,
+        "params": with_saved_modules(variables["params"], adapters[SAVED]),
+        "lora": rest,
+    }
 
 
 def init_adapters(
@@ -113,7 +221,7 @@ def init_magnitudes(params: dict, adapters: dict) -> dict:
     def visit(p: Any, ad: Any, name: str) -> Any:
         if "a" in ad:
             return {**ad, "m": column_norm(p["kernel"], KERNELS[name][0])}
-        return {k: visit(p[k], v, k) for k, v in ad.items()}
+        return {k: v if k == SAVED else visit(p[k], v, k) for k, v in ad.items()}
 
     return visit(params, adapters, "")
 
@@ -129,7 +237,8 @@ def merged_kernel(kernel: jax.Array, adapter: dict, scale: float, n_in: int) -> 
 
 
 def merge(params: dict, adapters: dict, scale: float) -> dict:
-    """A new parameter tree with W + scale * a @ b (DoRA: rescaled) in every adapted kernel."""
+    """A new parameter tree with W + scale * a @ b (DoRA: rescaled) in every adapted kernel,
+    and the trained copies of saved modules (in the base leaves' dtypes)."""
 
     def visit(p: Any, ad: Any, name: str) -> Any:
         if isinstance(ad, dict) and "a" in ad and "b" in ad:
@@ -138,7 +247,12 @@ def merge(params: dict, adapters: dict, scale: float) -> dict:
             return {**p, "kernel": merged.astype(kernel.dtype)}
         return {k: visit(p[k], ad[k], k) if k in ad else p[k] for k in p}
 
-    return visit(params, adapters, "")
+    merged = visit(params, adapters, "")
+    if SAVED not in adapters:
+        return merged
+    table = saved_module_table(params)
+    saved = {m: v.astype(_get(params, table[m][0]).dtype) for m, v in adapters[SAVED].items()}
+    return with_saved_modules(merged, saved)
 
 
 def adapter_specs(kernel_spec: tuple, ndim: int, n_in: int) -> dict[str, tuple]:

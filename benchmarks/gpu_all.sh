@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# All GPU workloads of issue #8 in one call (one H100/H200): Llama-3.2-1B shapes full fine-tuning
-# and LoRA, Llama-3-8B shapes LoRA; sequence 2048 packed, bf16 compute (configs/bench/gpu_*.py).
+# All GPU workloads of issue #8 in one call (one H100/H200): first the cuDNN attention check
+# against the reference (benchmarks/gpu_checks.py), then Llama-3.2-1B shapes full fine-tuning
+# and LoRA, Llama-3-8B shapes LoRA; sequence 2048 packed, bf16 compute (configs/bench/gpu_*.py),
+# then the 1B full-FT run again with XLA attention and with unchunked loss (the levers' GPU A/B).
 #
 #   bash benchmarks/gpu_all.sh [--config.a.b=v ...]      # overrides go to every run
 #
@@ -9,8 +11,9 @@
 # optax, orbax-checkpoint, transformers, absl-py, numpy, tqdm (all on the GPU image) plus grain,
 # array-record, portpicker and ml-collections, carried as wheels in .whl/ (docs/benchmarks.md
 # gives the exact download and carry commands); when .whl/ exists they are installed first.
-# Environment: PYTHON (default python3), STEPS (20), WARMUP (3), RUN_TIMEOUT seconds per run
-# (190; three runs stay under 10 minutes), OUT (directory for the per-run logs, default /tmp).
+# Environment: PYTHON (default python3), STEPS (10), WARMUP (2), RUN_TIMEOUT seconds per run
+# (100; five runs and the check stay under 10 minutes), AB (1; 0 skips the two A/B runs), OUT
+# (directory for the per-run logs, default /tmp).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -31,8 +34,8 @@ bench() {  # bench NAME CONFIG [flags...]
   case " $* " in *lora.enabled=True*) mode=lora ;; esac
   case "$config" in *llama8b*) case " $* " in *lora.enabled=False*) ;; *) mode=lora ;; esac ;; esac
   echo "=== $name: $PY -m sft_jax.bench --config $config $*"
-  timeout "${RUN_TIMEOUT:-190}" "$PY" -m sft_jax.bench --config "$config" \
-    --steps "${STEPS:-20}" --warmup "${WARMUP:-3}" "$@" 2>&1 | tee "$LOGS/bench_$name.log"
+  timeout "${RUN_TIMEOUT:-100}" "$PY" -m sft_jax.bench --config "$config" \
+    --steps "${STEPS:-10}" --warmup "${WARMUP:-2}" "$@" 2>&1 | tee "$LOGS/bench_$name.log"
   local rc=${PIPESTATUS[0]}
   if [ "$rc" -ne 0 ] || ! tail -n 1 "$LOGS/bench_$name.log" | grep -q '^{"workload"'; then
     local workload
@@ -42,11 +45,19 @@ bench() {  # bench NAME CONFIG [flags...]
   fi
 }
 
+echo "=== cuDNN attention check: $PY benchmarks/gpu_checks.py"
+timeout 120 "$PY" benchmarks/gpu_checks.py 2>&1 | tee "$LOGS/gpu_checks.log"
+
 bench llama1b_full configs/bench/gpu_llama1b.py "$@"
 bench llama1b_lora configs/bench/gpu_llama1b.py --config.lora.enabled=True "$@"
 bench llama8b_lora configs/bench/gpu_llama8b.py "$@"
+if [ -n "${AB:-1}" ] && [ "${AB:-1}" != 0 ]; then  # AB=0 skips the lever A/B runs
+  bench llama1b_full_xla configs/bench/gpu_llama1b.py --config.model.attention=xla "$@"
+  bench llama1b_full_nochunk configs/bench/gpu_llama1b.py --config.model.loss_chunk=0 "$@"
+fi
 
 echo "=== JSON lines"
-for name in llama1b_full llama1b_lora llama8b_lora; do
-  tail -n 1 "$LOGS/bench_$name.log"
+tail -n 1 "$LOGS/gpu_checks.log"
+for name in llama1b_full llama1b_lora llama8b_lora llama1b_full_xla llama1b_full_nochunk; do
+  [ -f "$LOGS/bench_$name.log" ] && tail -n 1 "$LOGS/bench_$name.log"
 done

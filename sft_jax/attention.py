@@ -107,3 +107,122 @@ def grouped_attention(
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
     return out.reshape(b, t, n, h)
+
+
+# --------------------------------------------------------------------------------------------
+# Implementations of the attention core, chosen by `model.attention`.
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "reference")
+# Fastest correct implementation per platform for "auto"; measured, see docs/benchmarks.md.
+_AUTO_BY_PLATFORM = {"gpu": "cudnn", "tpu": "splash", "cpu": "xla"}
+SPLASH_BLOCK = 128  # splash's default block size: the sequence must be a multiple of it
+
+
+def resolve_implementation(
+    requested: str, *, platform: str, dtype: str, head_dim: int, softcap: float | None
+) -> str:
+    """The attention implementation to run: `requested`, or for "auto" the fastest correct one
+    on `platform` ("cpu" | "gpu" | "tpu"), falling back to XLA (or, with logit soft-capping,
+    which only the reference and splash implement, to the reference) where a fused kernel
+    cannot run these settings. An explicit request that cannot run raises ValueError saying why.
+    """
+    if requested not in IMPLEMENTATIONS:
+        raise ValueError(f"model.attention is {requested!r}; choose one of {IMPLEMENTATIONS}")
+    if requested == "auto":
+        choice = _AUTO_BY_PLATFORM.get(platform, "xla")
+        if _unsupported(choice, platform, dtype, head_dim, softcap) is None:
+            return choice
+        return "reference" if softcap is not None else "xla"
+    why = _unsupported(requested, platform, dtype, head_dim, softcap)
+    if why is not None:
+        raise ValueError(f"model.attention={requested!r} cannot run here: {why}")
+    return requested
+
+
+def _unsupported(
+    impl: str, platform: str, dtype: str, head_dim: int, softcap: float | None
+) -> str | None:
+    """Why `impl` cannot run these settings, or None when it can."""
+    if impl == "xla" and softcap is not None:
+        return "jax.nn.dot_product_attention has no logit soft-capping (Gemma 2); use reference"
+    if impl == "cudnn":
+        if platform != "gpu":
+            return f"cuDNN attention needs an NVIDIA GPU, this process runs on {platform}"
+        if dtype not in ("bfloat16", "float16"):
+            return f"cuDNN flash attention needs bfloat16 compute (model.dtype is {dtype})"
+        if head_dim > 128 or head_dim % 8:
+            return f"cuDNN flash attention needs head_dim <= 128 and a multiple of 8 ({head_dim})"
+        if softcap is not None:
+            return "cuDNN attention has no logit soft-capping (Gemma 2); use reference"
+    if impl == "splash" and platform != "tpu":
+        return f"splash attention is a TPU (Pallas) kernel, this process runs on {platform}"
+    return None
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    implementation: str,
+    segment_ids: jax.Array | None = None,
+    local: jax.Array | None = None,
+    window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """q [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H] with one resolved implementation.
+
+    `mask` [B, T, S] is the full mask (causal, same segment and, on local layers, the window);
+    reference, xla and cudnn read it (cudnn also skips the blocks above the diagonal, since
+    `is_causal` is set: the mask is always causal in training). Splash never reads a dense mask:
+    it builds the causal (or local-window) block mask statically and takes `segment_ids`
+    [B, T]; on a model with local layers the traced per-layer flag `local` picks the windowed
+    kernel with `lax.cond`. `interpret` runs the splash kernel in Pallas' interpreter (tests).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if implementation == "reference":
+        return grouped_attention(q, k, v, mask, scale=scale, softcap=softcap)
+    if implementation in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask[:, None], scale=scale, is_causal=True, implementation=implementation
+        )
+    if implementation == "splash":
+        if segment_ids is None:
+            raise ValueError("splash attention needs segment_ids")
+        run = lambda w: _splash(q, k, v, segment_ids, w, scale, softcap, interpret)
+        if local is None or window is None:
+            return run(None)
+        return jax.lax.cond(local, lambda: run(window), lambda: run(None))
+    raise ValueError(f"unresolved attention implementation {implementation!r}")
+
+
+def _splash(q, k, v, segment_ids, window, scale, softcap, interpret):
+    """Pallas splash attention (TPU): static causal/local block sparsity + packed segment ids."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    t, n = q.shape[1], q.shape[2]
+    if t % SPLASH_BLOCK:
+        raise ValueError(f"splash attention needs seq_len a multiple of {SPLASH_BLOCK}, got {t}")
+    if window is None:
+        head_mask = splash.CausalMask((t, t))
+    else:  # keys less than `window` slots behind the query, none ahead
+        head_mask = splash.LocalMask((t, t), window_size=(window - 1, 0), offset=0)
+    kernel = splash.make_splash_mha(
+        splash.MultiHeadMask([head_mask] * n),
+        head_shards=1,
+        q_seq_shards=1,
+        attn_logits_soft_cap=softcap,
+        interpret=interpret,
+    )
+    to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, heads, H] -> [B, heads, T, H]
+    segments = splash.SegmentIds(q=segment_ids, kv=segment_ids)
+    out = jax.vmap(kernel)(
+        to_heads_first(q * jnp.asarray(scale, q.dtype)),
+        to_heads_first(k),
+        to_heads_first(v),
+        segment_ids=segments,
+    )
+    return jnp.swapaxes(out, 1, 2).astype(q.dtype)

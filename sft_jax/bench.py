@@ -23,7 +23,14 @@ LM head. Peak: `--peak_flops` on CPU (default 166e9, the 2 AVX-512 cores of the 
 machine in fp32), else dense bf16 peak of the device kind times the device count.
 
 The last line printed is one JSON object (workload, mode, tokens_per_s, step_s, mfu, peak_bytes,
-compile_s, and more); everything before it is a human summary.
+compile_s, and more); everything before it is a human summary. It also carries the compiled
+step's own memory analysis (`compiled_*_bytes`: arguments, outputs, temporaries, and the bytes
+aliased by donation) and the attention implementation that actually ran.
+
+`--memory_only` compiles the step for abstract inputs (ShapeDtypeStructs: nothing is allocated,
+no step runs) and prints only that memory analysis, per model parameter. On CPU this estimates,
+without a GPU, what the step needs at GPU shapes (e.g. configs/bench/gpu_llama1b.py); XLA's CPU
+and GPU buffer assignments differ, so treat those figures as estimates.
 """
 
 from __future__ import annotations
@@ -42,10 +49,12 @@ import jax
 import numpy as np
 
 from sft_jax import hf, sharding
+from sft_jax.attention import resolve_implementation
 from sft_jax.config import Config, ConfigError, config_from_argv
 from sft_jax.data import TokenizedExample, TrainIterator, pack_examples, packing_stats
 from sft_jax.model import ModelConfig, Transformer, count_params
 from sft_jax.optim import make_optimizer, make_schedule
+from sft_jax.plan_check import abstract_train_state, compile_abstract_step
 from sft_jax.state import create_train_state, param_shardings
 from sft_jax.step import BATCH_KEYS, make_train_step
 
@@ -162,7 +171,13 @@ def packed_data(config: Config, rows: int, vocab_size: int) -> dict[str, np.ndar
     pairs = synthetic_examples(
         config.seed, example_count(seq_len, rows, window), vocab_size, seq_len
     )
-    return pack_examples(to_tokenized(pairs), seq_len=seq_len, window=window, seed=config.seed)
+    return pack_examples(
+        to_tokenized(pairs),
+        seq_len=seq_len,
+        window=window,
+        seed=config.seed,
+        split=config.data.pack_split,
+    )
 
 
 # ----------------------------------------------------------------------------- the run
@@ -187,6 +202,7 @@ def build(config: Config, total_steps: int) -> tuple[Any, Any, Any, ModelConfig,
         batch_sharding,
         micro_batches=config.train.micro_batches,
         schedule=make_schedule(config.optim, total_steps),
+        loss_chunk=config.model.loss_chunk,
     )
 
     def place(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -197,22 +213,81 @@ def build(config: Config, total_steps: int) -> tuple[Any, Any, Any, ModelConfig,
     return state, step, place, model_config, mesh
 
 
+def compiled_memory(compiled: Any) -> dict[str, int]:
+    """The compiled step's memory analysis (-1 where the backend reports none). With the state
+    donated, `alias` is the state bytes the outputs reuse; the step's peak is about
+    arguments + outputs - alias + temp."""
+    analysis = compiled.memory_analysis()
+    names = ("argument", "output", "alias", "temp")
+    if analysis is None:
+        return {f"compiled_{n}_bytes": -1 for n in names}
+    return {f"compiled_{n}_bytes": int(getattr(analysis, f"{n}_size_in_bytes")) for n in names}
+
+
+def attention_used(model_config: ModelConfig, platform: str) -> str:
+    """The attention implementation the model resolves to on this platform."""
+    return resolve_implementation(
+        model_config.attention,
+        platform=platform,
+        dtype=model_config.dtype,
+        head_dim=model_config.head_dim,
+        softcap=model_config.attn_softcap,
+    )
+
+
+def memory_only(config: Config, workload: str) -> dict:
+    """Compiles the step for abstract state and batch (nothing allocated, nothing run) and
+    returns its memory analysis per model parameter (see the module docstring)."""
+    if config.lora.enabled:
+        raise SystemExit("--memory_only covers full fine-tuning (lora.enabled=False)")
+    mesh = sharding.make_mesh(config.mesh)
+    model_config = hf.build_model_config(config.model)
+    abstract = abstract_train_state(config, mesh)
+    start = time.perf_counter()
+    compiled = compile_abstract_step(config, mesh, abstract)
+    compile_s = time.perf_counter() - start
+    memory = compiled_memory(compiled)
+    params = count_params(param_shardings(Transformer(model_config), mesh, config.mesh.rules)[0])
+    persistent = state_bytes(abstract)
+    peak = (
+        memory["compiled_argument_bytes"]
+        + memory["compiled_output_bytes"]
+        - memory["compiled_alias_bytes"]
+        + memory["compiled_temp_bytes"]
+    )
+    return {
+        "workload": workload,
+        "mode": "lora" if config.lora.enabled else "full",
+        "memory_only": True,
+        "model_params": params,
+        "bytes_per_param": round(persistent / params, 3),
+        "peak_bytes_per_param_estimate": round(peak / params, 3),
+        "peak_bytes_estimate": peak,
+        **memory,
+        "compile_s": round(compile_s, 3),
+        "attention": attention_used(model_config, mesh.devices.flat[0].platform),
+        **settings(config, mesh, 0, 0),
+    }
+
+
 def state_bytes(state: Any) -> int:
     """Bytes held between steps: trainable params, optimizer state and the frozen LoRA base
     (issue #8 budgets these per model parameter: <= 16.5 with fp32 weights and Adam)."""
     leaves = jax.tree.leaves((state.params, state.opt_state, state.frozen))
-    return sum(int(x.nbytes) for x in leaves if hasattr(x, "nbytes"))
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves)
 
 
 def time_steps(
     state: Any, compiled: Any, place: Any, batches: TrainIterator, warmup: int, steps: int
-) -> tuple[Any, list[float], list[float], list[int], float]:
-    """Runs warmup + timed steps, blocking on each; returns the state, per-step wall times and
-    data-fetch times and real-token counts of the timed steps, and the last loss."""
+) -> tuple[Any, list[float], list[float], list[float], list[int], float]:
+    """Runs warmup + timed steps, blocking on each; returns the state, per-step wall times,
+    data-fetch times, process CPU times and real-token counts of the timed steps, and the last
+    loss."""
     scale = np.float32(1.0)
-    step_times, waits, tokens = [], [], []
+    step_times, waits, cpu_times, tokens = [], [], [], []
     loss = float("nan")
     for i in range(warmup + steps):
+        cpu_start = time.process_time()
         start = time.perf_counter()
         host = next(batches)
         batch = place(host)
@@ -220,12 +295,14 @@ def time_steps(
         state, metrics = compiled(state, batch, scale)
         jax.block_until_ready((state.params, metrics))
         end = time.perf_counter()
+        cpu_end = time.process_time()
         loss = float(metrics["loss"])
         if i >= warmup:
+            cpu_times.append(cpu_end - cpu_start)
             step_times.append(end - start)
             waits.append(fetched - start)
             tokens.append(int(np.count_nonzero(host["segment_ids"])))
-    return state, step_times, waits, tokens, loss
+    return state, step_times, waits, cpu_times, tokens, loss
 
 
 def run_bench(config: Config, *, steps: int, warmup: int, cpu_peak: float, workload: str) -> dict:
@@ -233,14 +310,20 @@ def run_bench(config: Config, *, steps: int, warmup: int, cpu_peak: float, workl
     state, step, place, model_config, mesh = build(config, warmup + steps + 1)
     batch_size = config.train.global_batch_size
     packed = packed_data(config, (warmup + steps + 1) * batch_size, model_config.vocab_size)
-    batches = TrainIterator(packed, global_batch_size=batch_size, seed=config.seed)
+    batches = TrainIterator(
+        packed, global_batch_size=batch_size, seed=config.seed, prefetch=config.data.prefetch
+    )
     start = time.perf_counter()
     compiled = step.lower(state, place(next(batches)), np.float32(1.0)).compile()
     compile_s = time.perf_counter() - start
+    memory = compiled_memory(compiled)
     persistent = state_bytes(state)
-    state, step_times, waits, tokens, loss = time_steps(
-        state, compiled, place, batches, warmup, steps
-    )
+    try:
+        state, step_times, waits, cpu_times, tokens, loss = time_steps(
+            state, compiled, place, batches, warmup, steps
+        )
+    finally:
+        batches.close()  # stops the prefetch thread
     lora = state.frozen is not None
     trainable = count_params(state.params)
     abstract = param_shardings(Transformer(model_config), mesh, config.mesh.rules)[0]
@@ -261,6 +344,9 @@ def run_bench(config: Config, *, steps: int, warmup: int, cpu_peak: float, workl
         "memory_source": memory_source,
         "bytes_in_use_after": in_use,
         "data_wait_s": round(statistics.median(waits), 6),
+        # CPU seconds the process used per step (all threads): on a shared, loaded machine this
+        # tracks the work a step does better than wall time (which includes waiting for a core).
+        "step_cpu_s": round(statistics.median(cpu_times), 5),
         "padding_waste": round(packing_stats(packed)["padding_fraction"], 5),
         "real_tokens_per_step": round(statistics.mean(tokens), 1),
         "flops_per_token": per_token,
@@ -269,6 +355,8 @@ def run_bench(config: Config, *, steps: int, warmup: int, cpu_peak: float, workl
         "trainable_params": trainable,
         "bytes_per_param": round(persistent / model_params, 3),
         "final_loss": round(loss, 4),
+        "attention": attention_used(model_config, mesh.devices.flat[0].platform),
+        **memory,
     }
     return {**measured, **settings(config, mesh, steps, warmup)}
 
@@ -284,6 +372,9 @@ def settings(config: Config, mesh: Any, steps: int, warmup: int) -> dict:
         "dtype": config.model.dtype,
         "param_dtype": config.model.param_dtype,
         "remat": config.model.remat,
+        "scan_layers": config.model.scan_layers,
+        "loss_chunk": config.model.loss_chunk,
+        "optim_state_dtype": config.optim.state_dtype,
         "devices": f"{mesh.devices.size} x {mesh.devices.flat[0].device_kind}",
         "jax": jax.__version__,
     }
@@ -296,7 +387,8 @@ def summary(result: dict) -> str:
         [
             f"bench {r['workload']} ({r['mode']}) on {r['devices']}: batch {r['batch']} x "
             f"seq {r['seq_len']}, {r['dtype']} compute, {r['param_dtype']} params, "
-            f"remat {r['remat']}",
+            f"remat {r['remat']}, attention {r['attention']}, scan {r['scan_layers']}, "
+            f"loss chunk {r['loss_chunk']}, Adam moments {r['optim_state_dtype']}",
             f"  params {r['model_params'] / 1e6:.2f}M (trainable {r['trainable_params'] / 1e6:.2f}"
             f"M), persistent state {r['bytes_per_param']} bytes/param",
             f"  compile {r['compile_s']:.1f} s; median step {r['step_s'] * 1e3:.1f} ms over "
@@ -335,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     flags.DEFINE_float(
         "peak_flops", CPU_PEAK_FLOPS, "Peak flop/s when running on CPU.", flag_values=flag_values
     )
+    flags.DEFINE_bool(
+        "memory_only", False, "Only compile for abstract inputs; print memory analysis.",
+        flag_values=flag_values,
+    )  # fmt: skip
     try:
         config = config_from_argv(argv, flag_values)
     except ConfigError as e:
@@ -342,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if flag_values.steps < 1 or flag_values.warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    if flag_values.memory_only:
+        result = memory_only(config, workload_name(argv))
+        print(json.dumps(result), flush=True)
+        return 0
     result = run_bench(
         config,
         steps=flag_values.steps,

@@ -6,6 +6,8 @@ batch. The train step divides the summed loss by the number of loss tokens in th
 batch, once. The mask is its own tensor (never inferred from token values such as the pad id).
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -23,3 +25,48 @@ def masked_cross_entropy(
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
     mask = loss_mask.astype(jnp.float32)
     return jnp.sum((log_z - target_logit) * mask), jnp.sum(mask)
+
+
+def chunked_cross_entropy(
+    logits_fn: Callable[[jax.Array], jax.Array],
+    hidden: jax.Array,
+    targets: jax.Array,
+    loss_mask: jax.Array,
+    chunk: int,
+) -> tuple[jax.Array, jax.Array]:
+    """`masked_cross_entropy(logits_fn(hidden), ...)` without ever holding the [B, T, V] logits.
+
+    Why: at Llama-3 vocabularies (V = 128k) the float32 logits of a 4 x 2048 batch and their
+    gradient take 8 GB. Here the sequence is cut into pieces of `chunk` positions (all rows of
+    the batch at once, so batch sharding is untouched); a `lax.scan` computes each piece's
+    logits [B, chunk, V] and its summed loss, and `jax.checkpoint` makes the backward pass
+    recompute them piece by piece instead of storing them. The LM head's weight gradient
+    accumulates across pieces in the scan. Costs one extra LM-head matmul (the recompute).
+
+    logits_fn: final-normed hidden [B, C, D] -> float32 logits [B, C, V] (the model's LM head,
+    tied or not, with LoRA adapters if any). hidden [B, T, D]; T is padded to a multiple of
+    `chunk` with masked-out positions. Returns (loss sum, loss-token count), float32 scalars.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    b, t = hidden.shape[:2]
+    chunk = min(chunk, t)
+    pad = -t % chunk
+    mask = loss_mask.astype(jnp.float32)
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    pieces = (t + pad) // chunk
+    to_pieces = lambda x: jnp.swapaxes(x.reshape(b, pieces, chunk, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def piece_loss(h: jax.Array, tgt: jax.Array, m: jax.Array) -> jax.Array:
+        return masked_cross_entropy(logits_fn(h), tgt, m)[0]
+
+    def body(total: jax.Array, piece: tuple) -> tuple[jax.Array, None]:
+        return total + piece_loss(*piece), None
+
+    xs = (to_pieces(hidden), to_pieces(targets), to_pieces(mask))
+    total, _ = jax.lax.scan(body, jnp.float32(0.0), xs)
+    return total, jnp.sum(mask)

@@ -8,9 +8,14 @@ ratio x lr while A keeps lr.
 The learning rate ramps linearly to its peak over the warmup steps (the first update already
 uses a non-zero rate: step s < warmup gets peak * (s + 1) / warmup), then follows a cosine from
 the peak down to `end_lr_ratio * peak` at the last step, the floor practitioners use for SFT.
+
+`optim.state_dtype` = "bfloat16" stores Adam's two moments in bfloat16 (4 bytes per parameter
+instead of 8); the update itself is computed in float32 from the upcast moments, so only the
+stored moments are rounded.
 """
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +64,24 @@ def lora_b_mask(params: dict) -> dict:
     return jax.tree_util.tree_map_with_path(is_b, params)
 
 
+def stored_as(dtype: str, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` with its floating-point state kept in `dtype` between steps, whatever the
+    parameters' dtype, and upcast to float32 for each update (integer counts untouched)."""
+
+    def cast(tree: Any, to: Any) -> Any:
+        floating = lambda x: hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+        return jax.tree.map(lambda x: x.astype(to) if floating(x) else x, tree)
+
+    def init(params: Any) -> Any:
+        return cast(inner.init(params), jnp.dtype(dtype))
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        updates, state = inner.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, jnp.dtype(dtype))
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(
     cfg: OptimSection, total_steps: int, lora: LoraSection | None = None
 ) -> optax.GradientTransformation:
@@ -67,16 +90,15 @@ def make_optimizer(
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(
-        optax.adamw(
-            learning_rate=make_schedule(cfg, total_steps),
-            b1=cfg.b1,
-            b2=cfg.b2,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            mask=decay_mask,
-        )
+    adamw = optax.adamw(
+        learning_rate=make_schedule(cfg, total_steps),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=decay_mask,
     )
+    parts.append(stored_as(cfg.state_dtype, adamw))
     if lora is not None and lora.enabled and lora.lr_ratio_b != 1.0:
         parts.append(optax.masked(optax.scale(lora.lr_ratio_b), lora_b_mask))
     return optax.chain(*parts)

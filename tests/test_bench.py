@@ -73,3 +73,20 @@ def test_bench_cli_prints_json_last():
     assert result["tokens_per_s"] > 0 and result["step_s"] > 0 and result["compile_s"] > 0
     assert 0 < result["mfu"] < 1 and result["peak_bytes"] > 0
     assert result["seq_len"] == 128 and 0 <= result["padding_waste"] < 0.5
+
+
+def test_memory_only_reports_the_compiled_step_without_running_it():
+    """--memory_only compiles for abstract inputs: the state is aliased (donated), and the
+    persistent bytes per parameter are 12 for fp32 weights + Adam, 6 with everything in bf16."""
+    raw = load_config_file(str(CPU_SMALL))
+    raw.model.arch.num_layers = 1
+    raw.data.seq_len = 64
+    fp32 = bench.memory_only(parse(raw), "cpu_small")
+    raw.model.param_dtype = "bfloat16"
+    raw.optim.state_dtype = "bfloat16"
+    bf16 = bench.memory_only(parse(raw), "cpu_small")
+    assert fp32["bytes_per_param"] == 12.0 and bf16["bytes_per_param"] == 6.0
+    for r in (fp32, bf16):
+        assert r["compiled_alias_bytes"] >= r["bytes_per_param"] * r["model_params"]
+        assert r["compiled_temp_bytes"] > 0
+        assert r["peak_bytes_per_param_estimate"] > r["bytes_per_param"]

@@ -213,6 +213,7 @@ def test_remat_policy_wraps_each_scanned_layer_and_keeps_the_tree():
     assert _remat_policies(config, params, tokens, positions) == []
     for remat, policy in (
         ("dots", jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims),
+        ("dots_saveable", jax.checkpoint_policies.dots_saveable),
         ("full", jax.checkpoint_policies.nothing_saveable),
     ):
         other = dataclasses.replace(config, remat=remat)
@@ -221,23 +222,45 @@ def test_remat_policy_wraps_each_scanned_layer_and_keeps_the_tree():
         assert jax.tree.structure(other_params) == jax.tree.structure(params)
 
 
-def test_full_remat_changes_neither_loss_nor_gradients():
-    """Numeric twin of the wiring test above; one layer and one policy keep the compiles cheap."""
-    config = _config(num_layers=1)
+GEMMA_LIKE = dict(
+    num_layers=2, local_layers=(True, False), sliding_window=3, local_rope_theta=10000.0,
+    norm_offset=True, sandwich_norms=True, mlp_activation="gelu_tanh",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "model,change",
+    [
+        ({}, {"remat": "full"}),
+        ({}, {"remat": "dots"}),
+        ({}, {"remat": "dots_saveable"}),
+        ({}, {"scan_layers": False}),
+        ({}, {"attention": "xla"}),
+        (GEMMA_LIKE, {"attention": "xla"}),  # sliding-window layers through the mask
+        (GEMMA_LIKE, {"scan_layers": False, "remat": "full"}),
+    ],
+)
+def test_performance_options_change_neither_loss_nor_gradients(model, change):
+    """Remat policies, the unrolled layer loop and each CPU-runnable attention implementation
+    give the reference's loss and gradients on packed rows (two segments and padding)."""
+    config = _config(**{"num_layers": 1, "attention": "reference", **model})
     params = _random_params(config)
-    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 128, size=(2, 8)), jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    rng = np.random.default_rng(2)
+    tokens = jnp.asarray(rng.integers(0, 128, size=(2, 8)), jnp.int32)
+    segments = jnp.asarray([[1, 1, 1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
+    positions = jnp.asarray([[0, 1, 2, 3, 4, 0, 1, 0], list(range(8))], jnp.int32)
+    weights = jnp.asarray(rng.normal(size=(2, 8, 128)), jnp.float32) * (segments > 0)[..., None]
 
     @functools.partial(jax.jit, static_argnums=1)
     @jax.value_and_grad
     def loss(p, cfg):
-        logits = Transformer(cfg).apply({"params": p}, tokens, positions, jnp.ones_like(tokens))
-        return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+        logits = Transformer(cfg).apply({"params": p}, tokens, positions, segments)
+        return jnp.sum(jax.nn.log_softmax(logits) * weights)
 
     base_loss, base_grads = loss(params, config)
-    remat_loss, remat_grads = loss(params, dataclasses.replace(config, remat="full"))
-    np.testing.assert_allclose(remat_loss, base_loss, atol=SMALL_TOL)
-    for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(base_grads), strict=True):
+    other_loss, other_grads = loss(params, dataclasses.replace(config, **change))
+    np.testing.assert_allclose(other_loss, base_loss, rtol=SMALL_TOL)
+    for a, b in zip(jax.tree.leaves(other_grads), jax.tree.leaves(base_grads), strict=True):
         np.testing.assert_allclose(a, b, atol=SMALL_TOL)
 
 
@@ -278,11 +301,19 @@ def test_parameter_tree_shapes_and_logical_names():
 def test_model_config_from_arch():
     arch = ArchConfig(512, 64, 172, 2, 4, 2, 16, 10000.0, 1e-5, True, False, False, 2048)
     section = ModelSection(
-        path="", dtype="bfloat16", param_dtype="float32", remat="dots", arch=arch
+        path="",
+        dtype="bfloat16",
+        param_dtype="float32",
+        remat="dots",
+        attention="xla",
+        scan_layers=False,
+        loss_chunk=0,
+        arch=arch,
     )
     config = model_config_from_arch(arch, section)
     assert config.num_layers == 2 and config.head_dim == 16 and config.tie_embeddings
     assert (config.dtype, config.param_dtype, config.remat) == ("bfloat16", "float32", "dots")
+    assert (config.attention, config.scan_layers) == ("xla", False)
     assert config.rope_scaling is None
     assert hf.build_model_config(section) == config
 

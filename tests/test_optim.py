@@ -58,3 +58,24 @@ def test_weight_decay_leaves_norm_scales_alone():
     updates, _ = tx.update(zeros, tx.init(params), params)
     np.testing.assert_allclose(updates["norm"]["scale"], 0.0)
     np.testing.assert_allclose(updates["dense"]["kernel"], -0.1 * 0.5, rtol=1e-6)
+
+
+def test_bfloat16_moments_are_stored_in_bfloat16_and_update_like_float32():
+    """state_dtype=bfloat16 keeps Adam's mu and nu in bf16 (count stays an integer); the first
+    update equals float32 Adam's up to bf16 rounding of the stored moments."""
+    params = {"dense": {"kernel": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}}
+    grads = {"dense": {"kernel": jnp.linspace(0.5, -0.3, 12).reshape(3, 4)}}
+    updates = {}
+    for dtype in ("float32", "bfloat16"):
+        tx = make_optimizer(optim(learning_rate=0.1, warmup_steps=0, state_dtype=dtype), 10)
+        state = tx.init(params)
+        adam = state[1][0]
+        assert adam.mu["dense"]["kernel"].dtype == jnp.dtype(dtype)
+        assert adam.nu["dense"]["kernel"].dtype == jnp.dtype(dtype)
+        assert jnp.issubdtype(adam.count.dtype, jnp.integer)
+        updates[dtype], state = tx.update(grads, state, params)
+        updates[dtype], state = tx.update(grads, state, params)  # reads the stored moments
+        assert state[1][0].mu["dense"]["kernel"].dtype == jnp.dtype(dtype)
+    np.testing.assert_allclose(
+        updates["bfloat16"]["dense"]["kernel"], updates["float32"]["dense"]["kernel"], rtol=1e-2
+    )

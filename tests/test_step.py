@@ -1,4 +1,5 @@
-"""The train step: accumulation equals one big batch, meshes equal one device, compiles once."""
+"""The train step: accumulation equals one big batch, meshes equal one device, compiles once,
+donates its state, and trains in bf16 (with fp32 or bf16 Adam moments) close to fp32."""
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +60,8 @@ def test_grad_accumulation_equals_one_batch():
     batch = {k: jnp.asarray(v) for k, v in packed_batch().items()}
     rng = jax.random.PRNGKey(0)
     apply_fn = Transformer(MODEL).apply
-    g1, l1, c1 = compute_grads(state.params, apply_fn, batch, rng, micro_batches=1)
-    g4, l4, c4 = compute_grads(state.params, apply_fn, batch, rng, micro_batches=4)
+    g1, l1, c1, _ = compute_grads(state.params, apply_fn, batch, rng, micro_batches=1)
+    g4, l4, c4, _ = compute_grads(state.params, apply_fn, batch, rng, micro_batches=4)
     assert float(c1) == float(c4) > 0
     np.testing.assert_allclose(float(l1), float(l4), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4), strict=True):
@@ -131,3 +132,51 @@ def test_loss_decreases_when_overfitting_one_batch():
         state, metrics = step_fn(state, batch, np.float32(1.0))
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_state_is_donated_and_aliased():
+    """The compiled step writes the new state into the donated old buffers: XLA reports the
+    whole state (params + optimizer) as input/output aliased, and the old arrays are deleted."""
+    mesh, state, shardings = build(devices=jax.devices()[:1])
+    sharding = batch_sharding(mesh, RULES)
+    step_fn = make_train_step(
+        shardings, sharding, micro_batches=1, schedule=make_schedule(optim_cfg(), 10)
+    )
+    batch = {k: jax.device_put(v, sharding) for k, v in packed_batch().items()}
+    compiled = step_fn.lower(state, batch, np.float32(1.0)).compile()
+    state_leaves = jax.tree.leaves((state.params, state.opt_state))
+    state_bytes = sum(x.nbytes for x in state_leaves)
+    assert compiled.memory_analysis().alias_size_in_bytes >= state_bytes
+    old = state.params["embed"]["embedding"]
+    step_fn(state, batch, np.float32(1.0))
+    assert old.is_deleted()
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+def test_bfloat16_compute_trains_and_stays_close_to_float32(state_dtype):
+    """bf16 activations/matmuls (fp32 master weights), with fp32 or bf16 Adam moments: the first
+    loss is within 1% of the fp32 one (bf16 keeps ~3 significant digits) and the loss falls as
+    fast as in fp32 when overfitting one batch (within 5% after 10 steps)."""
+
+    def losses(model, optim_kw):
+        mesh = make_mesh(MeshSection(1, 1, 1, rules=RULES), jax.devices()[:1])
+        tx = make_optimizer(optim_cfg(**optim_kw), total_steps=10)
+        state, shardings = create_train_state(model, "", tx, mesh, RULES, seed=0)
+        sharding = batch_sharding(mesh, RULES)
+        step_fn = make_train_step(
+            shardings, sharding, micro_batches=1, schedule=make_schedule(optim_cfg(), 10)
+        )
+        batch = {k: jax.device_put(v, sharding) for k, v in packed_batch().items()}
+        out = []
+        for _ in range(10):
+            state, metrics = step_fn(state, batch, np.float32(1.0))
+            out.append(float(metrics["loss"]))
+        return out, state
+
+    fp32, _ = losses(MODEL, {})
+    low, state = losses(tiny_model_config(dtype="bfloat16"), {"state_dtype": state_dtype})
+    mu = state.opt_state[1][0].mu["embed"]["embedding"]
+    assert mu.dtype == jnp.dtype(state_dtype)
+    assert abs(low[0] - fp32[0]) < 0.01 * fp32[0]
+    assert low[-1] < 0.7 * low[0], low
+    assert abs(low[-1] - fp32[-1]) < 0.05 * fp32[-1], (low, fp32)

@@ -1,0 +1,135 @@
+"""The decoder's configuration: `ModelConfig` (hashable, so it can sit in a jit-static Module)
+and how a run's model section builds it. Kept apart from the Flax modules in model.py, which
+re-exports everything here."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+from sft_jax.attention import IMPLEMENTATIONS
+
+if TYPE_CHECKING:
+    from sft_jax.config import ArchConfig, ModelSection
+
+REMAT_POLICIES = ("none", "dots", "dots_saveable", "full")  # model._REMAT_POLICIES implements them
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rescaling of the RoPE inverse frequencies: Llama-3 ("llama3") or "linear" (Gemma 3)."""
+
+    factor: float
+    low_freq_factor: float = 0.0  # llama3 only
+    high_freq_factor: float = 0.0  # llama3 only
+    original_max_position_embeddings: int = 0  # llama3 only
+    rope_type: str = "llama3"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything the decoder needs; hashable so it can sit in a jit-static Module."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_embeddings: bool
+    qk_norm: bool
+    attention_bias: bool
+    max_position_embeddings: int
+    rope_scaling: RopeScaling | None
+    dtype: str  # compute dtype of activations and matmuls: "float32" | "bfloat16"
+    param_dtype: str  # storage dtype of the parameters
+    remat: str  # "none" | "dots" | "dots_saveable" | "full": jax.checkpoint policy per layer
+    # Gemma features; the defaults are the Llama behaviour.
+    norm_offset: bool = False  # RMSNorm scale applied as (1 + w), zero-initialised
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size), in the compute dtype
+    mlp_activation: str = "silu"  # "silu" | "gelu_tanh"
+    sandwich_norms: bool = False  # extra norms after attention and after the MLP
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+    query_scale: float | None = None  # scores scaled by query_scale**-0.5 (else head_dim**-0.5)
+    sliding_window: int | None = None  # a local layer's query sees keys less than this far back
+    local_layers: tuple[bool, ...] = ()  # per layer: sliding window (empty: no local layers)
+    local_rope_theta: float | None = None  # RoPE base of local layers (None: rope_theta, scaled)
+    # LoRA (sft_jax/lora): used only when the "lora" variable collection is passed to apply.
+    lora_scale: float = 0.0  # alpha / r (or alpha / sqrt(r), rsLoRA); static, so jit-constant
+    lora_dropout: float = 0.0  # dropout on the adapter input, active only with a "dropout" rng
+    # Performance levers (config keys model.attention, model.scan_layers); results never change.
+    attention: str = "auto"  # auto | xla | cudnn | splash | reference (sft_jax/attention.py)
+    scan_layers: bool = True  # False: the layer loop is unrolled (same parameter tree)
+    # Where [B, T, D] activations live: batch over the mesh's batch axes (sharding.py's
+    # activation_sharding). None: left to XLA's propagation, which under FSDP keeps each layer's
+    # activations for the whole batch on every device.
+    activation_sharding: Any = None
+    # NEFTune (train.neftune_alpha): uniform noise on the input embeddings while training.
+    neftune_alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads}) for grouped-query attention"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat is {self.remat!r}; choose one of {REMAT_POLICIES}")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention is {self.attention!r}; choose one of {IMPLEMENTATIONS}")
+        if self.mlp_activation not in ACTIVATIONS:
+            raise ValueError(f"mlp_activation is {self.mlp_activation!r}; choose silu or gelu_tanh")
+        if self.local_layers and len(self.local_layers) != self.num_layers:
+            raise ValueError(f"local_layers has {len(self.local_layers)} entries, not num_layers")
+        if any(self.local_layers) and not self.sliding_window:
+            raise ValueError("local_layers are set but sliding_window is not")
+
+    @property
+    def has_local_layers(self) -> bool:
+        return any(self.local_layers)
+
+
+def model_config_from_arch(arch: ArchConfig, section: ModelSection) -> ModelConfig:
+    """ModelConfig for a random init described by the config file (no HF checkpoint)."""
+    return ModelConfig(
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_layers=arch.num_layers,
+        num_heads=arch.num_heads,
+        num_kv_heads=arch.num_kv_heads,
+        head_dim=arch.head_dim,
+        rope_theta=arch.rope_theta,
+        rms_norm_eps=arch.rms_norm_eps,
+        tie_embeddings=arch.tie_embeddings,
+        qk_norm=arch.qk_norm,
+        attention_bias=arch.attention_bias,
+        max_position_embeddings=arch.max_position_embeddings,
+        rope_scaling=None,
+        dtype=section.dtype,
+        param_dtype=section.param_dtype,
+        remat=section.remat,
+        attention=section.attention,
+        scan_layers=section.scan_layers,
+    )
+
+
+def with_section_options(config: ModelConfig, section: ModelSection) -> ModelConfig:
+    """`config` (e.g. read from a HF directory) with the run's performance options from the
+    model section: attention implementation and layer scan. They never change results."""
+    return dataclasses.replace(config, attention=section.attention, scan_layers=section.scan_layers)
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter tree (boxed, unboxed or abstract)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))

@@ -1,0 +1,127 @@
+"""Every attention implementation that runs on CPU equals a plain masked softmax attention, in
+forward and gradient, on packed rows (segments and padding), causally, with a sliding window and
+grouped-query heads; and the dispatch picks or refuses implementations per platform clearly.
+
+cuDNN cannot run here: its numerical check against the reference is benchmarks/gpu_checks.py,
+run by benchmarks/gpu_all.sh on a GPU. Splash (a TPU Pallas kernel) runs here in Pallas'
+interpreter, so the same kernel code and masks are checked on CPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sft_jax.attention import attend, attention_mask, resolve_implementation, window_mask
+
+B, T, N, K, H = 2, 128, 4, 2, 16  # GQA: two query heads per kv head; T = one splash block
+WINDOW = 24
+TOL = 1e-5
+
+
+def packed_segments() -> np.ndarray:
+    """Row 0: three examples and trailing padding; row 1: one example filling the row."""
+    seg = np.zeros((B, T), np.int32)
+    seg[0, :40], seg[0, 40:90], seg[0, 90:120] = 1, 2, 3
+    seg[1, :] = 1
+    return seg
+
+
+def naive_attention(q, k, v, segment_ids, window=None):
+    """Independent reference: repeat kv heads, dense scores, explicit causal/segment/window mask,
+    float32 softmax (what HF's eager attention computes on one packed row)."""
+    g = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k) * q.shape[-1] ** -0.5
+    slots = jnp.arange(q.shape[1])
+    allowed = (slots[:, None] >= slots[None, :]) & (
+        segment_ids[:, :, None] == segment_ids[:, None, :]
+    )[:, None]
+    if window is not None:
+        allowed = allowed & (slots[:, None] - slots[None, :] < window)
+    scores = jnp.where(allowed, scores, -1e30)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(scores, axis=-1), v)
+
+
+def inputs(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    shape = lambda heads: (B, T, heads, H)
+    return tuple(jnp.asarray(rng.normal(size=shape(n)), jnp.float32) for n in (N, K, K))
+
+
+def run(impl: str, q, k, v, segment_ids, window):
+    """attend() with the mask the model would build, and a weighted sum as a scalar loss."""
+    mask = attention_mask(segment_ids)
+    local = None
+    if window is not None:
+        mask, local = window_mask(mask, jnp.arange(T), window), jnp.asarray(True)
+    out = attend(
+        q, k, v, mask, implementation=impl, segment_ids=segment_ids, local=local,
+        window=window, interpret=True,
+    )  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla", "splash"])
+@pytest.mark.parametrize("window", [None, WINDOW])
+def test_implementation_equals_naive_attention_forward_and_gradient(impl, window):
+    q, k, v = inputs()
+    seg = jnp.asarray(packed_segments())
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(B, T, N, H)), jnp.float32)
+    real = (seg > 0)[:, :, None, None]  # padding rows' outputs are not compared (never trained)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.where(real, fn(q, k, v) * weights, 0.0))
+
+    got_fn = lambda q, k, v: run(impl, q, k, v, seg, window)
+    want_fn = lambda q, k, v: naive_attention(q, k, v, seg, window)
+    got, want = got_fn(q, k, v), want_fn(q, k, v)
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=TOL)
+    got_grads = jax.grad(loss(got_fn), argnums=(0, 1, 2))(q, k, v)
+    want_grads = jax.grad(loss(want_fn), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(a, b, atol=TOL)
+
+
+def test_splash_local_flag_selects_the_window_per_layer():
+    """On models with local layers the (traced) per-layer flag picks the windowed kernel."""
+    q, k, v = inputs(2)
+    seg = jnp.asarray(packed_segments())
+    mask = attention_mask(seg)
+    common = dict(implementation="splash", segment_ids=seg, window=WINDOW, interpret=True)
+    for flag, window in ((False, None), (True, WINDOW)):
+        got = jax.jit(lambda f: attend(q, k, v, mask, local=f, **common))(jnp.asarray(flag))
+        want = naive_attention(q, k, v, seg, window)
+        np.testing.assert_allclose(got[0, :120], want[0, :120], atol=TOL)
+        np.testing.assert_allclose(got[1], want[1], atol=TOL)
+
+
+def resolve(requested, platform, dtype="bfloat16", head_dim=64, softcap=None):
+    return resolve_implementation(
+        requested, platform=platform, dtype=dtype, head_dim=head_dim, softcap=softcap
+    )
+
+
+def test_auto_picks_per_platform_and_falls_back():
+    assert resolve("auto", "gpu") == "cudnn"
+    assert resolve("auto", "tpu") == "splash"
+    assert resolve("auto", "cpu") == "xla"
+    assert resolve("auto", "cpu", softcap=50.0) == "reference"
+    assert resolve("auto", "gpu", dtype="float32") == "xla"  # cuDNN flash needs 16-bit
+    assert resolve("auto", "gpu", head_dim=256) == "xla"
+    assert resolve("auto", "gpu", softcap=50.0) == "reference"  # only reference/splash softcap
+    assert resolve("auto", "tpu", softcap=50.0) == "splash"
+
+
+def test_explicit_requests_that_cannot_run_say_why():
+    with pytest.raises(ValueError, match=r"cuDNN attention needs an NVIDIA GPU.*cpu"):
+        resolve("cudnn", "cpu")
+    with pytest.raises(ValueError, match=r"bfloat16 compute.*float32"):
+        resolve("cudnn", "gpu", dtype="float32")
+    with pytest.raises(ValueError, match=r"splash attention is a TPU.*gpu"):
+        resolve("splash", "gpu")
+    with pytest.raises(ValueError, match="soft-capping"):
+        resolve("xla", "cpu", softcap=30.0)
+    with pytest.raises(ValueError, match="choose one of"):
+        resolve("flash", "cpu")
+    assert resolve("xla", "cpu") == "xla" and resolve("reference", "tpu") == "reference"

@@ -36,14 +36,68 @@ def test_tiny_trains_and_writes_metrics(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["train"]["max_steps"] == 12
 
 
-def test_restart_after_finish_resumes_and_extends(tmp_path):
-    train_and_evaluate(config("tiny.py", train__max_steps=6, train__log_every=2), str(tmp_path))
-    summary = train_and_evaluate(
-        config("tiny.py", train__max_steps=8, train__log_every=2), str(tmp_path)
+EVAL_FEATURES = dict(
+    eval__every_steps=3,
+    eval__generate_examples=2,
+    eval__samples=2,
+    eval__max_new_tokens=2,
+    eval__match="exact,contains",
+    eval__general_text_files=str(REPO / "sft_jax" / "assets" / "general" / "stories.txt"),
+)
+
+
+def test_restart_after_finish_resumes_extends_and_keeps_the_baseline(tmp_path):
+    """A finished run restarted with more steps resumes from its last checkpoint. The evaluation
+    records follow their contract (eval / samples / generation_* / general_* kinds), and the
+    baseline is measured once at step 0 and stays the "before" of the extended run."""
+    first = train_and_evaluate(
+        config("tiny.py", train__max_steps=6, train__log_every=2, **EVAL_FEATURES), str(tmp_path)
     )
-    steps = [r["step"] for r in read_metrics(str(tmp_path)) if "loss" in r]
-    assert steps == [2, 4, 6, 8]  # the second run started from the step-6 checkpoint
-    assert summary["steps"] == 8
+    records = read_metrics(str(tmp_path))
+    kinds = [(r.get("kind"), r["step"]) for r in records if r.get("kind") != "start"]
+    # Step 6 twice: the periodic eval of the last step, then the final evaluation.
+    assert [s for k, s in kinds if k == "eval"] == [3, 6, 6]
+    assert [s for k, s in kinds if k == "samples"] == [0, 3, 6]
+    assert ("baseline", 0) in kinds and ("generation_after", 6) in kinds
+    assert ("general_after", 6) in kinds
+    (baseline,) = [r for r in records if r.get("kind") == "baseline"]
+    assert {"eval_token_accuracy", "generation_contains", "general_perplexity"} <= set(
+        baseline["before"]
+    )
+    for r in records:
+        if r.get("kind") == "eval":
+            assert {"eval_loss", "eval_perplexity", "eval_token_accuracy", "eval_tokens"} <= set(r)
+            assert 0.0 <= r["eval_token_accuracy"] <= 1.0 and r["run"] == 0
+        if r.get("kind") == "samples":
+            assert len(r["samples"]) == 2
+            assert all(set(s) == {"prompt", "reference", "output", "correct"} for s in r["samples"])
+        if "loss" in r:
+            assert "kind" not in r
+    names = [row["metric"] for row in first["comparison"]]
+    assert names == [
+        "eval_loss",
+        "eval_perplexity",
+        "eval_token_accuracy",
+        "generation_exact",
+        "generation_contains",
+        "general_loss",
+        "general_perplexity",
+    ]
+    rows = {row["metric"]: row for row in first["comparison"]}
+    assert rows["eval_loss"]["after"] < rows["eval_loss"]["before"]
+    assert rows["general_perplexity"]["after"] == first["general_perplexity"]
+
+    second = train_and_evaluate(
+        config("tiny.py", train__max_steps=8, train__log_every=2, **EVAL_FEATURES), str(tmp_path)
+    )
+    records = read_metrics(str(tmp_path))
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]  # resumed from step 6
+    assert second["steps"] == 8
+    assert sum(r.get("kind") == "baseline" for r in records) == 1  # not measured again
+    before = {row["metric"]: row["before"] for row in first["comparison"]}
+    assert {row["metric"]: row["before"] for row in second["comparison"]} == before
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["comparison"] == second["comparison"]
 
 
 @pytest.mark.slow
@@ -60,3 +114,7 @@ def test_demo_learns_the_task(tmp_path):
     summary = train_and_evaluate(cfg, str(tmp_path))
     assert summary["accuracy_before"] <= 0.05
     assert summary["accuracy_after"] >= 0.5, summary["samples"]
+    rows = {row["metric"]: row for row in summary["comparison"]}
+    assert rows["generation_exact"]["after"] == summary["accuracy_after"]
+    assert rows["eval_token_accuracy"]["after"] > rows["eval_token_accuracy"]["before"]
+    assert rows["general_perplexity"]["before"] is not None  # the forgetting check ran

@@ -1,0 +1,183 @@
+"""The run report: built from synthetic metrics files (restarts, old and new record kinds, missing
+pieces), rendered by headless Chromium (DOM and screenshot), and built from a real tiny run."""
+
+import json
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+from sft_jax import report
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EVIL = "<script>alert('x')</script> & <b>bold</b>"
+
+
+def train_record(step, run, loss):
+    return {"step": step, "loss": loss, "learning_rate": 1e-3 * step, "grad_norm": 1.0 / step,
+            "tokens_per_s": 1000.0 + step, "epoch": step / 10, "run": run}  # fmt: skip
+
+
+def write_jsonl(path, records, tail=""):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+
+
+@pytest.fixture
+def restarted_run(tmp_path):
+    """Run 0 logs steps 2, 4, 6, 9 and is killed mid-line; run 1 resumes from 4, ends at 10."""
+    records = [{"step": 0, "kind": "start", "run": 0, "resumed_from": 0}]
+    records.append({"step": 0, "kind": "generation_before", "accuracy": 0.0,
+                    "samples": [{"prompt": "Q0", "reference": "red", "output": "blue",
+                                 "correct": False}]})  # fmt: skip
+    records += [train_record(s, 0, 100.0 + s) for s in (2, 4, 6, 9)]  # superseded after 4
+    records.append({"step": 4, "eval_loss": 3.0, "run": 0})  # an older eval record: no kind
+    records.append({"step": 4, "kind": "start", "run": 1, "resumed_from": 4})
+    records += [train_record(s, 1, 5.0 - s / 4) for s in (6, 8, 10)]
+    records.append({"step": 8, "kind": "eval", "eval_loss": 2.0, "eval_perplexity": 7.39,
+                    "eval_token_accuracy": 0.5, "run": 1})  # fmt: skip
+    records.append({"step": 10, "kind": "samples", "run": 1,
+                    "samples": [{"prompt": EVIL, "reference": "red", "output": EVIL,
+                                 "correct": True}]})  # fmt: skip
+    write_jsonl(tmp_path / "metrics.jsonl", records[:8], tail='{"step": 8, "loss"\n')
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records[8:]))
+    summary = {"steps": 10, "stopped": "finished", "wall_s": 12.5, "eval_loss": 2.0,
+               "comparison": [{"metric": "exact_match", "before": 0.0, "after": 0.75},
+                              {"metric": "eval_loss", "before": None, "after": 2.0}]}  # fmt: skip
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    return tmp_path
+
+
+def test_restarted_run_keeps_the_last_record_per_step(restarted_run):
+    data = report.load_run(str(restarted_run))
+    assert [(r["step"], r["run"]) for r in data.train] == [(2, 0), (4, 0), (6, 1), (8, 1), (10, 1)]
+    assert [r["step"] for r in data.evals] == [4, 8]
+    assert [r["kind"] for r in data.samples] == ["generation_before", "samples"]
+    assert any("skipped 1 unreadable line(s) (9)" in note for note in data.notes), data.notes
+    charts = report.make_charts(data)
+    assert [c.filename for c in charts] == [
+        "loss.png", "learning_rate.png", "grad_norm.png", "tokens_per_s.png",
+        "eval_token_accuracy.png",
+    ]  # fmt: skip
+    assert all(c.png.startswith(b"\x89PNG") for c in charts)
+
+
+def test_page_is_self_contained_and_escaped(restarted_run):
+    path = pathlib.Path(report.build_report(str(restarted_run)))
+    assert path == restarted_run / "report" / "index.html"
+    page = path.read_text()
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert page.count('src="data:image/png;base64,') == 5
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &lt;b&gt;bold" in page
+    assert "Restarted 1 time(s): run 1 from step 4." in page
+    assert "<td>exact_match</td>" in page and '<td class="num">0.75</td>' in page
+    assert "step 0: generation_before (accuracy 0)" in page
+    for name in ("loss", "learning_rate", "grad_norm", "tokens_per_s"):
+        assert (restarted_run / "report" / f"{name}.png").stat().st_size > 5000
+
+
+def test_run_in_progress_says_what_is_missing(tmp_path, capsys):
+    records = [{"step": 0, "kind": "baseline", "run": 0, "before": {"exact_match": 0.125}}]
+    records += [train_record(2, 0, 4.0), train_record(3, 0, "nan"), train_record(4, 0, 3.5)]
+    write_jsonl(tmp_path / "metrics.jsonl", records)  # "nan": how a skipped step's loss is stored
+    page = pathlib.Path(report.build_report(str(tmp_path), str(tmp_path / "r.html"))).read_text()
+    assert "In progress or interrupted: last logged step 4." in page
+    assert "No validation records" in page and "No sample generations" in page
+    assert "No summary.json: the run is in progress" in page
+    assert '<table id="baseline">' in page and '<td class="num">0.125</td>' in page
+    assert "Validation token accuracy" not in page and 'alt="Loss"' in page
+    assert report.main(["--workdir", str(tmp_path)]) == 0  # the command line, default --out
+    assert capsys.readouterr().out.strip() == str(tmp_path / "report" / "index.html")
+
+
+def test_empty_and_missing_workdirs(tmp_path, capsys):
+    page = pathlib.Path(report.build_report(str(tmp_path))).read_text()
+    assert "metrics.jsonl not found" in page and "<img" not in page
+    (tmp_path / "summary.json").write_text('{"steps": ')  # being written
+    assert (
+        "summary.json is unreadable" in pathlib.Path(report.build_report(str(tmp_path))).read_text()
+    )
+    assert report.main(["--workdir", str(tmp_path / "nope")]) == 2
+    assert "workdir not found" in capsys.readouterr().err
+
+
+def test_old_summary_accuracy_fields_still_show(tmp_path):
+    write_jsonl(tmp_path / "metrics.jsonl", [train_record(2, 0, 4.0), train_record(4, 1, 3.0)])
+    (tmp_path / "summary.json").write_text(
+        json.dumps({"steps": 2, "accuracy_before": 0.0, "accuracy_after": 1.0})
+    )
+    page = pathlib.Path(report.build_report(str(tmp_path))).read_text()
+    assert "<td>held-out generation accuracy</td>" in page
+    assert "summary.json is from an earlier start that ended at step 2" in page
+    assert "In progress or interrupted: last logged step 4." in page and "Finished" not in page
+
+
+# ------------------------------------------------------------------ headless Chromium
+
+
+def chromium_binary():
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def run_chromium(binary, tmp_path, *args):
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run",
+        f"--user-data-dir={tmp_path / 'chrome-profile'}",
+    ]  # fmt: skip
+    done = subprocess.run(
+        [binary, *flags, *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_page_renders_in_headless_chromium(restarted_run, tmp_path):
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("no chromium binary on PATH (.ci/run installs Debian's chromium)")
+    from matplotlib.image import imread
+
+    url = (restarted_run / "report" / "index.html").as_uri()
+    report.build_report(str(restarted_run))
+    dom = run_chromium(binary, tmp_path, "--dump-dom", url)
+    assert dom.count("<img") == 5 and 'alt="Loss"' in dom
+    assert '<table id="comparison">' in dom and '<table id="evals">' in dom
+    assert "&lt;script&gt;alert" in dom and "<script>alert" not in dom
+    shot = tmp_path / "shot.png"
+    run_chromium(binary, tmp_path, f"--screenshot={shot}", "--window-size=1400,1800", url)
+    pixels = imread(str(shot))[..., :3]
+    assert pixels.std() > 0.05, "the screenshot is blank"
+    # Matplotlib's first line color (#1f77b4) only appears where a chart image was drawn.
+    blue = (abs(pixels - [0x1F / 255, 0x77 / 255, 0xB4 / 255]).max(axis=-1) < 0.03).sum()
+    assert blue > 500, blue
+
+
+# ------------------------------------------------------------------ a real run
+
+
+@pytest.mark.slow
+def test_report_of_a_real_tiny_run(tmp_path):
+    """About 30 s on 2 cores: trains configs/tiny.py for 8 steps with periodic eval and
+    generation samples, then builds the report from what the run wrote."""
+    from sft_jax.config import load_config_file, parse
+    from sft_jax.train import train_and_evaluate
+
+    raw = load_config_file(str(REPO / "configs" / "tiny.py"))
+    raw.train.max_steps, raw.train.log_every, raw.eval.every_steps = 8, 2, 4
+    raw.eval.generate_examples, raw.eval.max_new_tokens = 4, 4
+    train_and_evaluate(parse(raw), str(tmp_path))
+    page = pathlib.Path(report.build_report(str(tmp_path))).read_text()
+    data = report.load_run(str(tmp_path))
+    assert [r["step"] for r in data.train] == [2, 4, 6, 8] and len(data.evals) >= 2
+    assert data.samples and data.summary is not None
+    assert "Finished: 8 steps" in page and page.count("<img") >= 4
+    assert "No summary.json" not in page and '<table id="evals">' in page
+    for name in ("loss", "learning_rate", "grad_norm", "tokens_per_s"):
+        assert (tmp_path / "report" / f"{name}.png").stat().st_size > 5000
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shutil
 import sys
+import typing
+import warnings
 from typing import Any
 
 import jax
@@ -221,12 +224,12 @@ class TrainedModel:
 def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
     """Restores the parameters of `step` (latest when None) over a mesh of all devices.
 
-    Reads only the `model`, `data` and `mesh` sections of `workdir/config.json`, so a workdir
-    stays exportable when unrelated config keys are added later.
+    Reads only the `model`, `mesh`, `lora` and `data` sections of `workdir/config.json`, so a
+    workdir stays exportable when unrelated config keys are added later; keys of those sections
+    that an older version did not write take their defaults (see `_section`).
     """
     from sft_jax import sharding
     from sft_jax.checkpoint import Checkpointer
-    from sft_jax.config import ArchConfig, ModelSection
     from sft_jax.model import Transformer
     from sft_jax.state import param_shardings
 
@@ -235,13 +238,15 @@ def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
         raise ExportError(f"{path} not found: not a training workdir")
     with open(path, encoding="utf-8") as f:
         raw = json.load(f)
-    section = _section(
-        ModelSection, {**raw["model"], "arch": _section(ArchConfig, raw["model"]["arch"])}
-    )
+    if not isinstance(raw, dict):
+        raise ExportError(f"{path}: expected a JSON object (the resolved training config)")
+    sections = _read_sections(raw, path)
+    section = sections["model"]
+    raw = {**raw, "lora": dataclasses.asdict(sections["lora"])}
     model_config = hf.build_model_config(section)
     devices = np.asarray(jax.devices()).reshape(1, -1, 1)
     mesh = jax.sharding.Mesh(devices, sharding.MESH_AXES)
-    rules = tuple(tuple(rule) for rule in raw["mesh"]["rules"])
+    rules = sections["mesh"].rules
     abstract, shardings = param_shardings(Transformer(model_config), mesh, rules)
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
@@ -282,7 +287,9 @@ def _merged_lora(raw: dict, model: Any, mesh: Any, rules: tuple, checkpointer: A
 
     def make(params: Any) -> Any:
         adapters = lora.init_adapters(params, tuple(c["targets"]), c["rank"], jax.random.key(0))
-        return lora.init_magnitudes(params, adapters) if c.get("dora", False) else adapters
+        if c.get("dora", False):
+            adapters = lora.init_magnitudes(params, adapters)
+        return lora.add_saved_modules(params, adapters, tuple(c.get("modules_to_save", ())))
 
     abstract = jax.eval_shape(make, base)
     shardings = adapter_shardings(abstract, base, mesh)
@@ -310,14 +317,90 @@ def export_peft(run: TrainedModel, out_dir: str) -> None:
         rslora=c["rslora"],
         dropout=c.get("dropout", 0.0),
         base=run.source_model_dir,
+        tied_embeddings=run.model_config.tie_embeddings,
     )
     if jax.process_index() == 0:
         lora.write_peft_adapter(out_dir, jax.device_get(run.adapters), config)
 
 
-def _section(cls: type, raw: dict) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in raw.items() if k in names})
+class OldWorkdirWarning(UserWarning):
+    """A workdir's config.json lacks keys added since it was written; defaults were used."""
+
+
+BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "base.py")
+_SECTIONS = {"model": "ModelSection", "mesh": "MeshSection", "lora": "LoraSection"}
+
+
+def _read_sections(raw: dict, path: str) -> dict[str, Any]:
+    """The typed `model`, `mesh` and `lora` sections of a workdir's config.json (`path`)."""
+    from sft_jax import config as config_module
+
+    missing: list[str] = []
+    sections = {}
+    for name, cls_name in _SECTIONS.items():
+        cls = getattr(config_module, cls_name)
+        sections[name] = _section(cls, raw.get(name, {}), name, path, missing)
+    if missing:
+        warnings.warn(
+            f"{path} was written by an older sft_jax and lacks config keys "
+            f"{', '.join(missing)}; using their defaults from configs/base.py",
+            OldWorkdirWarning,
+            stacklevel=3,
+        )
+    return sections
+
+
+@functools.cache
+def _base_defaults() -> dict:
+    """configs/base.py as a plain dict: the one place every config key has its default."""
+    from sft_jax.config import ConfigError, load_config_file
+
+    try:
+        return load_config_file(BASE_CONFIG).to_dict()
+    except ConfigError as e:
+        raise ExportError(
+            f"{e}: it supplies defaults for keys an older workdir lacks (use a source checkout)"
+        ) from e
+
+
+def _section(cls: type, raw: Any, prefix: str, path: str, missing: list[str]) -> Any:
+    """Section `prefix` (a frozen config dataclass `cls`) of config.json `path`.
+
+    A workdir outlives the code that wrote it: keys added since (model.attention,
+    model.scan_layers, ...) take their configs/base.py defaults and are appended to `missing`
+    (the caller warns once); an unknown key or a value of the wrong type is an ExportError
+    naming the file and the key, never a TypeError from the dataclass constructor.
+    """
+    from sft_jax.config import _CHOICES, ConfigError, _coerce
+
+    if not isinstance(raw, dict):
+        raise ExportError(f"{path}: config key '{prefix}' must be a section, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ExportError(
+            f"{path}: unknown config key '{prefix}.{unknown[0]}' (written by a newer sft_jax?); "
+            f"valid keys of '{prefix}': {', '.join(names)}"
+        )
+    values = {}
+    for name in names:
+        key = f"{prefix}.{name}"
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _section(hints[name], raw.get(name, {}), key, path, missing)
+            continue
+        if name in raw:
+            value = raw[name]
+        else:
+            value = functools.reduce(lambda node, k: node[k], key.split("."), _base_defaults())
+            missing.append(f"{key}={value!r}")
+        try:
+            values[name] = _coerce(hints[name], value, key)
+        except ConfigError as e:
+            raise ExportError(f"{path}: {e}") from e
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ExportError(f"{path}: config key '{key}' is {value!r}; one of {_CHOICES[key]}")
+    return cls(**values)
 
 
 def _chat_template_source(spec: str) -> str | None:

@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import json
+import re
 import struct
 
 import flax
@@ -136,3 +137,51 @@ def test_cli_errors_exit_2(trained, tmp_path, capsys):
         export.main(["--workdir", str(trained), "--out", str(tmp_path / "o"), "--step", "999"]) == 2
     )
     assert "no checkpoint for step 999" in capsys.readouterr().err
+
+
+def _old_workdir(trained, tmp_path, edit):
+    """A copy of the trained workdir whose config.json was changed by `edit(raw)`."""
+    import shutil
+
+    workdir = tmp_path / "old"
+    shutil.copytree(trained, workdir)
+    path = workdir / "config.json"
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+    return workdir
+
+
+def test_workdir_of_an_older_version_exports_with_defaults(trained, tmp_path):
+    def drop_new_keys(raw):
+        for key in ("attention", "scan_layers", "loss_chunk"):
+            del raw["model"][key]
+        del raw["lora"]["modules_to_save"]
+
+    from sft_jax import chat
+
+    workdir = _old_workdir(trained, tmp_path, drop_new_keys)
+    with pytest.warns(export.OldWorkdirWarning, match=r"model\.attention='auto'.*base\.py"):
+        assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    with pytest.warns(export.OldWorkdirWarning, match=r"model\.scan_layers=True"):  # generate
+        assert (
+            chat.main(["--workdir", str(workdir), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
+        )
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda raw: raw["model"].update(flash=True), r"unknown config key 'model\.flash'"),
+        (lambda raw: raw["model"]["arch"].update(num_layers="2"), r"'model\.arch\.num_layers'"),
+        (lambda raw: raw["model"].update(remat="some"), r"'model\.remat' is 'some'"),
+        (lambda raw: raw.update(mesh=[1, 8, 1]), r"'mesh' must be a section"),
+    ],
+)
+def test_malformed_workdir_config_names_file_and_key(trained, tmp_path, capsys, edit, message):
+    workdir = _old_workdir(trained, tmp_path, edit)
+    assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(workdir / "config.json") in err and "Traceback" not in err
+    assert re.search(message, err), err

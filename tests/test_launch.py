@@ -1,10 +1,17 @@
 """Launchers: every one has a dry-run mode that prints the commands it would run."""
 
 import pathlib
+import re
+import shlex
 import subprocess
 
+import pytest
+import yaml
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TRAIN = ["--", "--config", "configs/x.py", "--workdir", "gs://bucket/my run"]
+TRAIN = ["--", "--config", "configs/x.py", "--workdir", "/workdir/my run"]
+GKE = ["launch/gke/submit.sh", "--name", "r1", "--image", "img:1", "--accelerator", "tpu-v5p-slice"]
+GKE += ["--topology", "2x2x4", "--hosts", "4", "--pvc", "sft-workdir", "--dry-run"]
 
 
 def run(*args, env=None):
@@ -29,7 +36,7 @@ def test_tpu_vm_dry_run_prints_lifecycle():
     lines = out.stdout.splitlines()
     assert lines[0].startswith("gcloud compute tpus tpu-vm create t1")
     assert any("--worker=all" in line and "sft_jax.train" in line for line in lines)
-    assert "gs://bucket/my" in out.stdout and "gs://bucket/my run" not in out.stdout  # quoted
+    assert "/workdir/my" in out.stdout and "/workdir/my run" not in out.stdout  # quoted
     assert lines[-1].startswith("gcloud compute tpus tpu-vm delete t1")
 
 
@@ -51,26 +58,90 @@ def test_tpu_vm_queued_and_missing_arguments():
     assert run("launch/tpu_vm.sh", "--name", "t1", "--dry-run").returncode == 2
 
 
+def _pod_spec(stdout):
+    assert stdout.startswith("kubectl apply -f -\n")
+    jobset = yaml.safe_load(stdout.split("\n", 1)[1])
+    assert jobset["kind"] == "JobSet" and jobset["metadata"]["name"] == "r1"
+    return jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+
+
 def test_gke_dry_run_renders_jobset():
-    out = run(
-        "launch/gke/submit.sh",
-        "--name",
-        "r1",
-        "--image",
-        "img:1",
-        "--accelerator",
-        "tpu-v5p-slice",
-        "--topology",
-        "2x2x4",
-        "--hosts",
-        "4",
-        "--dry-run",
-        *TRAIN,
-    )
+    out = run(*GKE, *TRAIN)
     assert out.returncode == 0, out.stderr
-    assert "kind: JobSet" in out.stdout and "parallelism: 4" in out.stdout
-    assert '"--config", "configs/x.py"' in out.stdout and "${" not in out.stdout
+    assert "parallelism: 4" in out.stdout and "${" not in out.stdout and "#" not in out.stdout
+    pod = _pod_spec(out.stdout)
+    container = pod["spec"]["containers"][0]
+    assert container["args"][:4] == ["--config", "configs/x.py", "--workdir", "/workdir/my run"]
+    assert container["volumeMounts"] == [{"name": "workdir", "mountPath": "/workdir"}]
+    assert pod["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "sft-workdir"}
+    assert "HF_TOKEN" not in out.stdout and pod["metadata"]["annotations"] == {}
     assert run("launch/gke/submit.sh", "--name", "r1", "--dry-run", *TRAIN).returncode == 2
+
+
+def test_gke_token_secret_gcsfuse_and_literal_arguments():
+    odd = (
+        'a\\b & "c" ${NAME} ${PVC}'  # backslash, sed/bash replacement chars, quotes, a placeholder
+    )
+    train = ["--", "--config", odd, "--workdir=/mnt/w/x"]
+    extra = ["--mount-path", "/mnt/w/", "--gcsfuse", "--hf-token-secret", "hf:tok"]
+    out = run(*GKE, *extra, *train)
+    assert out.returncode == 0, out.stderr
+    pod = _pod_spec(out.stdout)
+    container = pod["spec"]["containers"][0]
+    assert container["args"][:3] == ["--config", odd, "--workdir=/mnt/w/x"]
+    token = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "tok"}}}
+    assert token in container["env"] and container["volumeMounts"][0]["mountPath"] == "/mnt/w"
+    assert pod["metadata"]["annotations"] == {"gke-gcsfuse/volumes": "true"}
+
+
+@pytest.mark.parametrize(
+    "workdir, message",
+    [
+        ("gs://bucket/run", "gs:// paths are not supported"),
+        ("/tmp/run", "not under --mount-path /workdir"),
+    ],
+)
+def test_gke_refuses_workdirs_the_pods_cannot_share(workdir, message):
+    out = run(*GKE, "--", "--config", "c.py", "--workdir", workdir)
+    assert out.returncode == 2 and message in out.stderr and out.stdout == ""
+    assert run(*GKE[:-3], "--dry-run", *TRAIN).returncode == 2  # no --pvc
+
+
+def test_gs_workdirs_are_refused_with_a_reason():
+    tpu = ["launch/tpu_vm.sh", "--name", "t1", "--zone", "z", "--type", "v5p-8", "--dry-run"]
+    for args, env in [
+        ([*tpu, "--", "--workdir", "gs://b/r"], None),
+        ([*tpu, "--", "--workdir=gs://b/r"], None),
+        (
+            ["launch/slurm.sbatch", "--workdir", "gs://b/r"],
+            {"DRY_RUN": "1", "PATH": "/usr/bin:/bin"},
+        ),
+    ]:
+        out = run(*args, env=env)
+        assert out.returncode == 2, args
+        assert "gs:// paths are not supported" in out.stderr and out.stdout == "", args
+
+
+def test_readme_dry_run_commands_still_work():
+    """Every launcher's example in launch/README.md runs (in dry-run mode) and exits 0."""
+    readme = (REPO / "launch" / "README.md").read_text()
+    commands = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
+    launchers = {"tpu_vm.sh", "submit.sh", "slurm.sbatch", "local_multiprocess.sh"}
+    seen = set()
+    for command in commands:
+        words = shlex.split(command)
+        env = {"PATH": "/usr/bin:/bin"}
+        while "=" in words[0]:
+            key, value = words.pop(0).split("=", 1)
+            env[key] = value
+        if words[0] == "bash":
+            words.pop(0)
+        assert "--dry-run" in words or env.get("DRY_RUN") == "1", command
+        out = run(*words, env=env)
+        assert out.returncode == 0, (command, out.stderr)
+        assert out.stdout.strip(), command
+        seen.add(pathlib.Path(words[0]).name)
+    assert seen == launchers
 
 
 def test_slurm_dry_run_prints_srun():

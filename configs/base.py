@@ -20,7 +20,11 @@ def get_config() -> ml_collections.ConfigDict:
     m.path = ""  # local HF directory with config.json + model.safetensors (sharded with index too)
     m.dtype = "float32"  # compute dtype of activations and matmuls: float32 | bfloat16
     m.param_dtype = "float32"  # storage dtype of trainable weights (master weights)
-    m.remat = "none"  # activation checkpointing per layer: none | dots | full
+    m.remat = "none"  # activation checkpointing per layer: none | dots | dots_saveable | full
+    # attention kernel: auto (fastest correct one per platform) | xla | cudnn | splash | reference
+    m.attention = "auto"
+    m.scan_layers = True  # lax.scan over layers (compiled once); False unrolls them
+    m.loss_chunk = 0  # cross-entropy over chunks of this many tokens (no [B,T,V] logits); 0: off
     m.arch = a = ml_collections.ConfigDict()  # used only when path == "" (random init)
     a.vocab_size = 512
     a.hidden_size = 64
@@ -53,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
     d.train_on = "all_assistant"  # all_assistant | last_assistant | completion | all
     d.overlong = "truncate"  # truncate | split (at turn ends) | drop; all are counted
     d.num_workers = 0  # tokenisation processes; 0 = all cores for large datasets
+    d.shards = 0  # data shards, each read and tokenised by one process; 0 = one per process
+    d.pack_split = False  # cut examples into the gaps best fit leaves (<1% padding; docs/data.md)
+    d.prefetch = 2  # batches gathered ahead on a background thread; 0 = off
 
     # --- optimizer: clip -> AdamW (no decay on norms/biases) with warmup + cosine to a floor.
     c.optim = o = ml_collections.ConfigDict()
@@ -65,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     o.b2 = 0.999
     o.eps = 1e-8
     o.clip_norm = 1.0  # global gradient norm; 0 disables clipping
+    o.state_dtype = "float32"  # dtype of Adam's moments: float32 | bfloat16
 
     # --- train loop
     c.train = t = ml_collections.ConfigDict()
@@ -78,6 +86,12 @@ def get_config() -> ml_collections.ConfigDict:
     # its batch consumed); this many in a row stop the run with exit code 43.
     t.max_nonfinite_steps = 5
     t.loss_spike_factor = 3.0  # log a spike when loss > factor x running mean; 0: off
+    # Forgetting control (sft_jax/regularize.py). NEFTune: noise alpha / sqrt(L * d) on the input
+    # embeddings while training (the paper uses 5-15). KL-to-base: adds kl_to_base x KL(model ||
+    # base) per loss token to the objective; the base is the frozen weights under LoRA, else a
+    # copy of the initial parameters (one more parameter-sized buffer per device).
+    t.neftune_alpha = 0.0
+    t.kl_to_base = 0.0
 
     # --- evaluation
     c.eval = e = ml_collections.ConfigDict()
@@ -87,7 +101,15 @@ def get_config() -> ml_collections.ConfigDict:
         0  # held-out prompts scored by greedy generation before and after training
     )
     e.max_new_tokens = 32
-    e.match = "exact"  # exact | contains: how a generation is compared with the reference
+    # How a generation is scored against the reference; comma-separated, each reported (first =
+    # primary, the `correct` of logged samples): exact (equal after stripping whitespace) |
+    # contains (reference in output) | regex (the answer_regex captures of both are equal).
+    e.match = "exact"
+    e.answer_regex = ""  # for "regex", e.g. GSM8K r"####\s*(-?[\d,.]+)"; see sft_jax/evaluate.py
+    e.samples = 4  # held-out generations logged (kind "samples") at every periodic eval; 0: off
+    # Forgetting check: loss/perplexity on general text (.txt: blank-line-separated documents, or
+    # JSONL/JSON/... with a "text" field) before training and at the end; "": off.
+    e.general_text_files = ""
     e.early_stopping_patience = 0  # stop after this many evals without a new best eval loss; 0: off
 
     # --- checkpoints (Orbax)
@@ -114,6 +136,9 @@ def get_config() -> ml_collections.ConfigDict:
     lo.dropout = 0.0  # dropout on the adapter input (training only)
     lo.dora = False  # DoRA: per-output magnitude m, W' = m (W + sBA) / ||W + sBA||
     lo.base_quant = "none"  # QLoRA: none | int8 | nf4 blockwise storage of the frozen kernels
+    # PEFT modules_to_save: HF module names trained in full next to the adapters (embed_tokens,
+    # lm_head, norm, input_layernorm, post_attention_layernorm, q_norm, k_norm, ...)
+    lo.modules_to_save = ()
 
     # --- multi-process runs: detected on TPU VMs, SLURM, GKE JobSet; explicit flags otherwise.
     c.distributed = ds = ml_collections.ConfigDict()
@@ -147,4 +172,13 @@ def get_config() -> ml_collections.ConfigDict:
     fl.sigterm_at_step = 0  # send SIGTERM (preemption) to this process after step k
     fl.nan_at_step = 0  # make the loss (and so the gradients) NaN at step k ...
     fl.nan_steps = 1  # ... and the following nan_steps - 1 steps
+
+    # --- logging besides metrics.jsonl (process 0 only): TensorBoard event files and W&B.
+    c.logging = lg = ml_collections.ConfigDict()
+    lg.tensorboard = True  # event files in workdir/tensorboard
+    lg.wandb = False  # needs `pip install wandb`; the run id is kept in workdir/wandb_run_id.txt
+    lg.wandb_project = "sft_jax"
+    lg.wandb_entity = ""  # "" = your default entity
+    lg.wandb_run_name = ""  # "" = the workdir's name
+    lg.wandb_mode = "online"  # online | offline (sync later with `wandb sync`)
     return c

@@ -2,7 +2,7 @@
 
 Each saved step holds four items: `state` (params, optimizer state, step, rng: arrays),
 `data` (the train iterator's exact position), `loop` (host-side counters: skipped steps, loss EMA,
-early-stopping bests; see train.LoopState) and `config` (the resolved config, for humans and
+early-stopping bests; see run_state.LoopState) and `config` (the resolved config, for humans and
 export). Saves are asynchronous when configured and committed atomically by Orbax: on a local
 filesystem a step is written under `<step>.orbax-checkpoint-tmp-*` and renamed when complete,
 and a committed step has `commit_success.txt`; anything else is not a checkpoint.

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib.util
 import os
+import re
 import sys
 import types
 import typing
@@ -47,6 +48,9 @@ class ModelSection:
     dtype: str
     param_dtype: str
     remat: str
+    attention: str
+    scan_layers: bool
+    loss_chunk: int
     arch: ArchConfig
 
 
@@ -67,6 +71,9 @@ class DataSection:
     train_on: str
     overlong: str
     num_workers: int
+    shards: int
+    pack_split: bool
+    prefetch: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +87,7 @@ class OptimSection:
     b2: float
     eps: float
     clip_norm: float
+    state_dtype: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +100,11 @@ class TrainSection:
     progress_bar: bool
     max_nonfinite_steps: int
     loss_spike_factor: float
+    neftune_alpha: float
+    kl_to_base: float
+
+
+GENERATION_MATCHES = ("exact", "contains", "regex")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +113,16 @@ class EvalSection:
     batch_size: int
     generate_examples: int
     max_new_tokens: int
-    match: str
+    match: str  # comma-separated GENERATION_MATCHES; the first is the primary one
+    answer_regex: str
+    samples: int
+    general_text_files: str
     early_stopping_patience: int
+
+    @property
+    def matches(self) -> tuple[str, ...]:
+        """The generation metrics of `match`, in order (first = primary, used for `correct`)."""
+        return tuple(m.strip() for m in self.match.split(",") if m.strip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +159,7 @@ class LoraSection:
     dropout: float
     dora: bool
     base_quant: str
+    modules_to_save: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +180,18 @@ class MeshSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoggingSection:
+    """Where metrics go besides metrics.jsonl (process 0 only); see sft_jax/metrics.py."""
+
+    tensorboard: bool
+    wandb: bool
+    wandb_project: str
+    wandb_entity: str
+    wandb_run_name: str
+    wandb_mode: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     seed: int
     model: ModelSection
@@ -170,11 +204,23 @@ class Config:
     distributed: DistributedSection
     mesh: MeshSection
     faults: FaultsSection
+    logging: LoggingSection
 
 
 def make_configs_importable(config_path: str) -> None:
-    """Lets a config file `from configs import base` wherever the command is run from."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(config_path.split(":")[0])))
+    """Lets a config file `from configs import base` wherever the command is run from.
+
+    The root is the parent of the nearest enclosing `configs` directory, so files in
+    subdirectories (configs/bench/x.py) import the same way; otherwise the file's grandparent.
+    """
+    directory = os.path.dirname(os.path.abspath(config_path.split(":")[0]))
+    root = os.path.dirname(directory)
+    probe = directory
+    while os.path.dirname(probe) != probe:
+        if os.path.basename(probe) == "configs":
+            root = os.path.dirname(probe)
+            break
+        probe = os.path.dirname(probe)
     if root not in sys.path:
         sys.path.insert(0, root)
 
@@ -290,18 +336,33 @@ def _freeze(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+# HF module names `lora.modules_to_save` accepts (sft_jax.lora.SAVEABLE_MODULES; a test checks).
+SAVEABLE_LORA_MODULES = (
+    "embed_tokens",
+    "lm_head",
+    "norm",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+    "q_norm",
+    "k_norm",
+)
+
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "dots", "full"),
+    "model.remat": ("none", "dots", "dots_saveable", "full"),
+    "model.attention": ("auto", "xla", "cudnn", "splash", "reference"),
+    "optim.state_dtype": ("float32", "bfloat16"),
     "data.on_bad_row": ("error", "skip"),
     "data.format": ("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"),
     "data.train_on": ("all_assistant", "last_assistant", "completion", "all"),
     "data.overlong": ("truncate", "split", "drop"),
-    "eval.match": ("exact", "contains"),
     "distributed.expected_platform": ("", "cpu", "gpu", "tpu"),
     "lora.base_dtype": ("float32", "bfloat16"),
     "lora.base_quant": ("none", "int8", "nf4"),
+    "logging.wandb_mode": ("online", "offline"),
 }
 
 
@@ -324,9 +385,12 @@ def _range_checks(c: Config) -> list[tuple[str, bool, str]]:
     """(key, whether its value is valid, what it must be), in the order keys are reported."""
     return [
         ("data.seq_len", c.data.seq_len >= 8, "must be >= 8"),
+        ("model.loss_chunk", c.model.loss_chunk >= 0, "must be >= 0 (0: unchunked)"),
         ("data.pack_window", c.data.pack_window >= 1, "must be >= 1"),
         ("data.eval_fraction", 0.0 <= c.data.eval_fraction < 1.0, "must be in [0, 1)"),
         ("data.num_workers", c.data.num_workers >= 0, "must be >= 0 (0 = automatic)"),
+        ("data.shards", c.data.shards >= 0, "must be >= 0 (0 = one per process)"),
+        ("data.prefetch", c.data.prefetch >= 0, "must be >= 0 (0: no prefetch thread)"),
         ("optim.learning_rate", c.optim.learning_rate > 0, "must be > 0"),
         ("optim.warmup_ratio", 0.0 <= c.optim.warmup_ratio < 1.0, "must be in [0, 1)"),
         ("optim.end_lr_ratio", 0.0 <= c.optim.end_lr_ratio <= 1.0, "must be in [0, 1]"),
@@ -349,8 +413,17 @@ def _range_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("eval.batch_size", c.eval.batch_size >= 1, "must be >= 1"),
         ("train.max_nonfinite_steps", c.train.max_nonfinite_steps >= 1, "must be >= 1"),
         ("train.loss_spike_factor", c.train.loss_spike_factor >= 0, "must be >= 0 (0: off)"),
+        ("train.neftune_alpha", c.train.neftune_alpha >= 0, "must be >= 0 (0: off; paper: 5)"),
+        ("train.kl_to_base", c.train.kl_to_base >= 0, "must be >= 0 (0: off)"),
+        (
+            "train.kl_to_base",
+            c.train.kl_to_base == 0 or c.model.loss_chunk == 0,
+            "needs model.loss_chunk=0 (the KL is computed from whole logits)",
+        ),
         ("eval.every_steps", c.eval.every_steps >= 0, "must be >= 0 (0: only at the end)"),
         ("eval.early_stopping_patience", c.eval.early_stopping_patience >= 0, "must be >= 0"),
+        *_eval_match_checks(c.eval),
+        ("eval.samples", c.eval.samples >= 0, "must be >= 0 (0: off)"),
         (
             "eval.early_stopping_patience",
             c.eval.early_stopping_patience == 0 or c.eval.every_steps > 0,
@@ -373,4 +446,38 @@ def _range_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("lora.rank", c.lora.rank >= 1, "must be >= 1"),
         ("lora.dropout", 0.0 <= c.lora.dropout < 1.0, "must be in [0, 1)"),
         ("lora.lr_ratio_b", c.lora.lr_ratio_b > 0, "must be > 0"),
+        (
+            "lora.modules_to_save",
+            set(c.lora.modules_to_save) <= set(SAVEABLE_LORA_MODULES),
+            f"entries must be among {SAVEABLE_LORA_MODULES}",
+        ),
+        (
+            "logging.wandb_project",
+            not c.logging.wandb or bool(c.logging.wandb_project),
+            "must name a W&B project when logging.wandb is true",
+        ),
+    ]
+
+
+def _eval_match_checks(e: EvalSection) -> list[tuple[str, bool, str]]:
+    """eval.match names known, distinct metrics; eval.answer_regex compiles when regex is used."""
+    unknown = [m for m in e.matches if m not in GENERATION_MATCHES]
+    error = None
+    try:
+        re.compile(e.answer_regex)
+    except re.error as exc:
+        error = str(exc)
+    return [
+        (
+            "eval.match",
+            bool(e.matches) and not unknown and len(set(e.matches)) == len(e.matches),
+            f"is {e.match!r}; give one or more distinct comma-separated names of "
+            f"{GENERATION_MATCHES}" + (f" (unknown: {', '.join(unknown)})" if unknown else ""),
+        ),
+        (
+            "eval.answer_regex",
+            "regex" not in e.matches or bool(e.answer_regex),
+            "must be set when eval.match includes 'regex' (e.g. '####\\s*(-?[\\d,.]+)')",
+        ),
+        ("eval.answer_regex", error is None, f"{e.answer_regex!r} does not compile: {error}"),
     ]

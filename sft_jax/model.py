@@ -36,9 +36,8 @@ Parameter tree (names are load-bearing: the HF loader, sharding rules, LoRA and 
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -46,119 +45,32 @@ import jax.numpy as jnp
 
 from sft_jax.attention import (
     apply_rope,
+    attend,
     attention_mask,
-    grouped_attention,
+    resolve_implementation,
     rope_inv_freq,
     rope_tables,
     window_mask,
 )
-
-if TYPE_CHECKING:
-    from sft_jax.config import ArchConfig, ModelSection
+from sft_jax.lora.quant import Quantized, dequantize_array, einsum_dequantized
+from sft_jax.model_config import (  # noqa: F401  (re-exported: the config lives with the model)
+    ModelConfig,
+    RopeScaling,
+    count_params,
+    model_config_from_arch,
+    with_section_options,
+)
+from sft_jax.regularize import neftune_noise
 
 _INIT_STD = 0.02  # Hugging Face `initializer_range` for every family here.
 _ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+# Per-layer activation checkpointing. "dots" saves the projection outputs (matmuls without batch
+# dims) and recomputes attention scores; "dots_saveable" also saves the batched attention dots.
 _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """Rescaling of the RoPE inverse frequencies: Llama-3 ("llama3") or "linear" (Gemma 3)."""
-
-    factor: float
-    low_freq_factor: float = 0.0  # llama3 only
-    high_freq_factor: float = 0.0  # llama3 only
-    original_max_position_embeddings: int = 0  # llama3 only
-    rope_type: str = "llama3"
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Everything the decoder needs; hashable so it can sit in a jit-static Module."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rope_theta: float
-    rms_norm_eps: float
-    tie_embeddings: bool
-    qk_norm: bool
-    attention_bias: bool
-    max_position_embeddings: int
-    rope_scaling: RopeScaling | None
-    dtype: str  # compute dtype of activations and matmuls: "float32" | "bfloat16"
-    param_dtype: str  # storage dtype of the parameters
-    remat: str  # "none" | "dots" | "full": jax.checkpoint policy per layer
-    # Gemma features; the defaults are the Llama behaviour.
-    norm_offset: bool = False  # RMSNorm scale applied as (1 + w), zero-initialised
-    embed_scale: bool = False  # embeddings times sqrt(hidden_size), in the compute dtype
-    mlp_activation: str = "silu"  # "silu" | "gelu_tanh"
-    sandwich_norms: bool = False  # extra norms after attention and after the MLP
-    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
-    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
-    query_scale: float | None = None  # scores scaled by query_scale**-0.5 (else head_dim**-0.5)
-    sliding_window: int | None = None  # a local layer's query sees keys less than this far back
-    local_layers: tuple[bool, ...] = ()  # per layer: sliding window (empty: no local layers)
-    local_rope_theta: float | None = None  # RoPE base of local layers (None: rope_theta, scaled)
-    # LoRA (sft_jax/lora): used only when the "lora" variable collection is passed to apply.
-    lora_scale: float = 0.0  # alpha / r (or alpha / sqrt(r), rsLoRA); static, so jit-constant
-    lora_dropout: float = 0.0  # dropout on the adapter input, active only with a "dropout" rng
-
-    def __post_init__(self) -> None:
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-                f"({self.num_kv_heads}) for grouped-query attention"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
-        if self.remat not in ("none", *_REMAT_POLICIES):
-            raise ValueError(f"remat is {self.remat!r}; choose none, dots or full")
-        if self.mlp_activation not in _ACTIVATIONS:
-            raise ValueError(f"mlp_activation is {self.mlp_activation!r}; choose silu or gelu_tanh")
-        if self.local_layers and len(self.local_layers) != self.num_layers:
-            raise ValueError(f"local_layers has {len(self.local_layers)} entries, not num_layers")
-        if any(self.local_layers) and not self.sliding_window:
-            raise ValueError("local_layers are set but sliding_window is not")
-
-    @property
-    def has_local_layers(self) -> bool:
-        return any(self.local_layers)
-
-
-def model_config_from_arch(arch: ArchConfig, section: ModelSection) -> ModelConfig:
-    """ModelConfig for a random init described by the config file (no HF checkpoint)."""
-    return ModelConfig(
-        vocab_size=arch.vocab_size,
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        num_layers=arch.num_layers,
-        num_heads=arch.num_heads,
-        num_kv_heads=arch.num_kv_heads,
-        head_dim=arch.head_dim,
-        rope_theta=arch.rope_theta,
-        rms_norm_eps=arch.rms_norm_eps,
-        tie_embeddings=arch.tie_embeddings,
-        qk_norm=arch.qk_norm,
-        attention_bias=arch.attention_bias,
-        max_position_embeddings=arch.max_position_embeddings,
-        rope_scaling=None,
-        dtype=section.dtype,
-        param_dtype=section.param_dtype,
-        remat=section.remat,
-    )
-
-
-def count_params(params: Any) -> int:
-    """Number of scalars in a parameter tree (boxed, unboxed or abstract)."""
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,6 +106,8 @@ class Einsum(nn.Module):
     adds lora_scale * (x @ a) @ b (never forming W + a @ b, so W gets no weight gradient). With a
     DoRA magnitude `m` [*out] as well, the output is m / ||W + s a b||_in * (x @ W + s x a b), the
     norm a constant of the gradient as in PEFT: that norm needs the weight-sized product a @ b.
+    A QLoRA base passes the kernel as `sft_jax.lora.Quantized` codes: dequantised here, per
+    scanned layer, and rematerialised in the backward pass (`einsum_dequantized`).
     """
 
     equation: str
@@ -208,16 +122,23 @@ class Einsum(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        init = nn.initializers.normal(_INIT_STD)
-        kernel = _param(
-            self, "kernel", init, self.kernel_shape, self.kernel_names, self.param_dtype
-        )
-        y = jnp.einsum(
-            self.equation,
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            preferred_element_type=None if self.out_dtype is None else jnp.dtype(self.out_dtype),
-        )
+        out_dtype = None if self.out_dtype is None else jnp.dtype(self.out_dtype)
+        stored = self.get_variable("params", "kernel")
+        if isinstance(stored, Quantized):  # QLoRA base: dequantised here, one layer at a time
+            kernel = stored
+            h = x.astype(self.dtype)
+            y = einsum_dequantized(self.equation, h, stored, self.dtype, out_dtype)
+        else:
+            init = nn.initializers.normal(_INIT_STD)
+            kernel = _param(
+                self, "kernel", init, self.kernel_shape, self.kernel_names, self.param_dtype
+            )
+            y = jnp.einsum(
+                self.equation,
+                x.astype(self.dtype),
+                kernel.astype(self.dtype),
+                preferred_element_type=out_dtype,
+            )
         if self.has_variable("lora", "a"):
             y = self._lora(x, y, kernel)
         if self.bias_names is not None:
@@ -227,7 +148,7 @@ class Einsum(nn.Module):
             y = y + bias.astype(self.dtype)
         return y
 
-    def _lora(self, x: jax.Array, y: jax.Array, kernel: jax.Array) -> jax.Array:
+    def _lora(self, x: jax.Array, y: jax.Array, kernel: Any) -> jax.Array:
         """y + the adapter term (LoRA), or the DoRA-rescaled sum, in the compute dtype."""
         a = self.get_variable("lora", "a").astype(self.dtype)  # [*in, R]
         b = self.get_variable("lora", "b").astype(self.dtype)  # [R, *out]
@@ -242,7 +163,11 @@ class Einsum(nn.Module):
         m = self.get_variable("lora", "m").astype(jnp.float32)  # [*out]
         n_in = a.ndim - 1
         rank = a.shape[-1]
-        w = kernel.astype(jnp.float32)
+        w = (
+            dequantize_array(kernel, jnp.float32)
+            if isinstance(kernel, Quantized)
+            else kernel.astype(jnp.float32)
+        )
         ab = a.reshape(-1, rank).astype(jnp.float32) @ b.reshape(rank, -1).astype(jnp.float32)
         w = w + self.lora_scale * jax.lax.stop_gradient(ab.reshape(w.shape))
         norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(w * w, axis=tuple(range(n_in)))))
@@ -316,6 +241,8 @@ class Attention(nn.Module):
         sin: jax.Array,
         cache: tuple[jax.Array, jax.Array] | None = None,
         index: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        local: jax.Array | None = None,
     ):
         c = self.config
         d, n, kv, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
@@ -336,7 +263,20 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
             cache = (k, v)
         scale = None if c.query_scale is None else c.query_scale**-0.5
-        out = grouped_attention(q, k, v, mask, scale=scale, softcap=c.attn_softcap)
+        impl = "reference"  # decoding over a cache (T != S): the plain masked path
+        if cache is None:
+            impl = resolve_implementation(
+                c.attention,
+                platform=jax.default_backend(),
+                dtype=c.dtype,
+                head_dim=h,
+                softcap=c.attn_softcap,
+            )
+        window = c.sliding_window if c.has_local_layers else None
+        out = attend(
+            q, k, v, mask, implementation=impl, segment_ids=segment_ids, local=local,
+            window=window, scale=scale, softcap=c.attn_softcap,
+        )  # fmt: skip
         o_names = ("heads", "head_dim", "embed")
         return Einsum("BTNH,NHD->BTD", (n, h, d), o_names, **dt, name="o_proj")(out), cache
 
@@ -357,6 +297,21 @@ class Mlp(nn.Module):
         return Einsum("BTF,FD->BTD", (f, d), ("mlp", "embed"), **dt, name="down_proj")(hidden)
 
 
+def pin_activations(c: ModelConfig, x: jax.Array, *, decoding: bool) -> jax.Array:
+    """x [B, T, D] constrained to `c.activation_sharding` (batch over the data-parallel axes).
+
+    Without it, XLA's propagation follows the FSDP-sharded weights and each device holds every
+    layer's activations for the whole batch (3-4x the memory, measured by sft_jax.plan_check).
+    Generation batches need not divide the mesh, so decoding is left to propagation.
+    """
+    sharding = c.activation_sharding
+    if sharding is None or decoding:
+        return x
+    axes = sharding.spec[0]
+    shards = math.prod(sharding.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    return x if x.shape[0] % shards else jax.lax.with_sharding_constraint(x, sharding)
+
+
 class Block(nn.Module):
     """One pre-norm decoder layer; the scan carry is the residual stream x [B, T, D].
 
@@ -371,7 +326,9 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, layer: dict, ctx: dict):
         c = self.config
+        x = pin_activations(c, x, decoding="index" in ctx)  # the carry remat saves
         mask, cos, sin = ctx["mask"], ctx["cos"], ctx["sin"]
+        local = None
         if "local" in layer:  # select this layer's mask and RoPE by data, not by branch
             local = layer["local"]
             mask = jnp.where(local, ctx["local_mask"], mask)
@@ -380,14 +337,16 @@ class Block(nn.Module):
                 sin = jnp.where(local, ctx["local_sin"], sin)
         cache = (layer["k"], layer["v"]) if "k" in layer else None
         h = _norm(c, ("embed",), name="attn_norm")(x)
-        h, cache = Attention(c, name="attn")(h, mask, cos, sin, cache, ctx.get("index"))
+        h, cache = Attention(c, name="attn")(
+            h, mask, cos, sin, cache, ctx.get("index"), ctx.get("segment_ids"), local
+        )
         if c.sandwich_norms:
             h = _norm(c, ("embed",), name="post_attn_norm")(h)
         x = x + h
         h = Mlp(c, name="mlp")(_norm(c, ("embed",), name="mlp_norm")(x))
         if c.sandwich_norms:
             h = _norm(c, ("embed",), name="post_mlp_norm")(h)
-        x = nn.with_logical_constraint(x + h, ("batch", "seq", "embed"))
+        x = pin_activations(c, x + h, decoding="index" in ctx)
         return x, (None if cache is None else {"k": cache[0], "v": cache[1]})
 
 
@@ -419,6 +378,7 @@ class Transformer(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast),
             length=c.num_layers,
+            unroll=1 if c.scan_layers else c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         self.embed = Embed(c)
@@ -442,7 +402,8 @@ class Transformer(nn.Module):
         `logits` turns (a selection of) them into logits.
         """
         mask = attention_mask(segment_ids)  # computed once, broadcast to every layer
-        x, _ = self._layers(tokens, positions, mask, jnp.arange(tokens.shape[1]), {})
+        slots = jnp.arange(tokens.shape[1])
+        x, _ = self._layers(tokens, positions, mask, slots, {}, segment_ids=segment_ids)
         x = self.final_norm(x)
         return x if return_hidden else self.logits(x)
 
@@ -469,14 +430,20 @@ class Transformer(nn.Module):
         x, cache = self._layers(tokens, positions, mask, q_slots, {**cache}, index=index)
         return self.final_norm(x), cache
 
-    def _layers(self, tokens, positions, mask, q_slots, layer: dict, index=None):
+    def _layers(self, tokens, positions, mask, q_slots, layer: dict, index=None, segment_ids=None):
         """Embeds and runs the scanned layers; builds the per-layer and shared scan inputs."""
         c = self.config
-        x = nn.with_logical_constraint(self.embed(tokens), ("batch", "seq", "embed"))
+        x = self.embed(tokens)
+        if c.neftune_alpha > 0 and segment_ids is not None and self.has_rng("neftune"):
+            # Training only: the train step passes a "neftune" rng, evaluation does not.
+            x = neftune_noise(x, segment_ids, c.neftune_alpha, self.make_rng("neftune"))
+        x = pin_activations(c, x, decoding=index is not None)
         cos, sin = rope_tables(positions, rope_inv_freq(c))
         ctx = {"mask": mask, "cos": cos, "sin": sin}
         if index is not None:
             ctx["index"] = index
+        if segment_ids is not None:  # training: splash attention reads segments, not the mask
+            ctx["segment_ids"] = segment_ids
         if c.has_local_layers:
             layer["local"] = jnp.asarray(c.local_layers)
             ctx["local_mask"] = window_mask(mask, q_slots, c.sliding_window)

@@ -8,6 +8,7 @@ mesh axes it maps to; otherwise it stays replicated (tiny test models on 8 devic
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,6 +84,21 @@ def batch_sharding(mesh: Mesh, rules: Sequence) -> NamedSharding:
     """Sharding of [B, T] batch arrays: batch over its rule's axes, sequence replicated."""
     table = dict(rules)
     return NamedSharding(mesh, PartitionSpec(_mesh_axes_for("batch", table) or None, None))
+
+
+def activation_sharding(mesh: Mesh, rules: Sequence) -> NamedSharding | None:
+    """Sharding of [B, T, D] activations: batch over the batch rule's axes; None when the batch
+    is not split. The model pins each layer's input and output to it, because XLA's sharding
+    propagation otherwise follows the FSDP-sharded weights and gathers activations instead."""
+    if batch_shards(mesh, rules) == 1:
+        return None
+    axes = _mesh_axes_for("batch", dict(rules))
+    return NamedSharding(mesh, PartitionSpec(axes, None, None))
+
+
+def pin_model_activations(model_config: Any, mesh: Mesh, rules: Sequence) -> Any:
+    """The model config with its activations pinned to `activation_sharding(mesh, rules)`."""
+    return dataclasses.replace(model_config, activation_sharding=activation_sharding(mesh, rules))
 
 
 def batch_shards(mesh: Mesh, rules: Sequence) -> int:

@@ -23,6 +23,7 @@ rate the update used even after skips. The host loop counts skips (sft_jax/fault
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -32,10 +33,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from sft_jax.lora.quant import dequantize
-from sft_jax.loss import masked_cross_entropy
+from sft_jax.loss import chunked_cross_entropy, masked_cross_entropy
+from sft_jax.regularize import kl_to_base
 
 Batch = dict[str, jax.Array]
+NEFTUNE_STREAM = 1 << 29  # fold_in offset of the NEFTune rng, apart from dropout's
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -50,33 +52,60 @@ class TrainState:
     # LoRA: the frozen base parameters (possibly quantised); `params` is then the adapter tree.
     # None for full fine-tuning. Never differentiated, never given optimizer state or saved.
     frozen: Any = None
+    # KL-to-base under full fine-tuning: a copy of the initial parameters (None otherwise).
+    # Never differentiated or saved: a restart re-creates it from model.path.
+    reference: Any = None
 
 
 def model_variables(params: Any, frozen: Any) -> dict[str, Any]:
     """The variables to apply the model with: {"params": params}, or, under LoRA, the frozen
-    base (dequantised when stored quantised) as "params" and the adapters as "lora"."""
+    base as "params" (quantised kernels stay quantised: each scanned layer dequantises its own,
+    so the step never holds a dequantised copy of the whole base) and the adapters as "lora"."""
     if frozen is None:
         return {"params": params}
-    return {"params": dequantize(frozen), "lora": params}
+    return {"params": frozen, "lora": params}
 
 
 def loss_fn(
-    params: Any, apply_fn: Callable, batch: Batch, rng: jax.Array, frozen: Any = None
+    params: Any,
+    apply_fn: Callable,
+    batch: Batch,
+    rng: jax.Array,
+    frozen: Any = None,
+    loss_chunk: int = 0,
+    kl_coef: float = 0.0,
+    reference: Any = None,
 ) -> tuple[jax.Array, Any]:
-    """Summed masked cross-entropy of one (micro-)batch and its loss-token count.
+    """Summed objective of one (micro-)batch -> (sum, (loss tokens, cross-entropy sum, KL sum)).
+
+    The objective is the masked cross-entropy sum, plus `kl_coef` times the summed KL to the
+    base model (sft_jax.regularize.kl_to_base) when `kl_coef` > 0: the base is the frozen
+    weights under LoRA, else `reference` (a copy of the initial parameters). NEFTune noise, when
+    the model config enables it, draws from the "neftune" rng stream passed here.
 
     Only `params` is differentiated: with LoRA the base weights in `frozen` are constants of the
-    loss, so no weight-gradient matmul is ever formed for them.
+    loss, so no weight-gradient matmul is ever formed for them. `loss_chunk` > 0 computes the
+    loss over pieces of that many positions (sft_jax.loss.chunked_cross_entropy), never holding
+    the [B, T, V] logits; the result is the same up to float rounding.
     """
-    logits = apply_fn(
-        model_variables(params, frozen),
-        batch["inputs"],
-        batch["positions"],
-        batch["segment_ids"],
-        rngs={"dropout": rng},
-    )
-    loss_sum, count = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
-    return loss_sum, (count,)
+    variables = model_variables(params, frozen)
+    inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    targets, mask = batch["targets"], batch["loss_mask"]
+    rngs = {"dropout": rng, "neftune": jax.random.fold_in(rng, NEFTUNE_STREAM)}
+    if loss_chunk <= 0:
+        logits = apply_fn(variables, *inputs, rngs=rngs)
+        loss_sum, count = masked_cross_entropy(logits, targets, mask)
+        if kl_coef <= 0:
+            return loss_sum, (count, loss_sum, jnp.float32(0.0))
+        base = {"params": frozen} if frozen is not None else {"params": reference}
+        kl = kl_to_base(logits, apply_fn(base, *inputs), mask)  # base: no noise, no dropout
+        return loss_sum + kl_coef * kl, (count, loss_sum, kl)
+    hidden = apply_fn(variables, *inputs, return_hidden=True, rngs=rngs)
+    # LM-head adapters (if targeted) draw dropout from their own key, the same for every piece.
+    head_rng = jax.random.fold_in(rng, 1 << 30)
+    logits_fn = lambda h: apply_fn(variables, h, method="logits", rngs={"dropout": head_rng})
+    loss_sum, count = chunked_cross_entropy(logits_fn, hidden, targets, mask, loss_chunk)
+    return loss_sum, (count, loss_sum, jnp.float32(0.0))
 
 
 def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
@@ -101,30 +130,37 @@ def compute_grads(
     micro_batches: int,
     micro_batch_sharding: NamedSharding | None = None,
     frozen: Any = None,
-) -> tuple[Any, jax.Array, jax.Array]:
-    """Gradient of the summed loss, accumulated over micro-batches with a scan (constant memory)."""
-    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    loss_chunk: int = 0,
+    kl_coef: float = 0.0,
+    reference: Any = None,
+) -> tuple[Any, jax.Array, jax.Array, jax.Array]:
+    """Gradient of the summed objective, accumulated over micro-batches with a scan (constant
+    memory) -> (grads, cross-entropy sum, loss tokens, KL-to-base sum)."""
+    objective = functools.partial(
+        loss_fn, loss_chunk=loss_chunk, kl_coef=kl_coef, reference=reference
+    )
+    value_and_grad = jax.value_and_grad(objective, has_aux=True)
     if micro_batches == 1:
-        (loss_sum, (count,)), grads = value_and_grad(params, apply_fn, batch, rng, frozen)
-        return grads, loss_sum, count
+        (_, (count, loss_sum, kl)), grads = value_and_grad(params, apply_fn, batch, rng, frozen)
+        return grads, loss_sum, count, kl
 
     stacked = split_micro_batches(batch, micro_batches)
 
     def body(carry: tuple, micro: Batch) -> tuple[tuple, None]:
-        grads_acc, loss_acc, count_acc, index = carry
+        grads_acc, loss_acc, count_acc, kl_acc, index = carry
         if micro_batch_sharding is not None:
             micro = jax.lax.with_sharding_constraint(micro, micro_batch_sharding)
-        (loss_sum, (count,)), grads = value_and_grad(
+        (_, (count, loss_sum, kl)), grads = value_and_grad(
             params, apply_fn, micro, jax.random.fold_in(rng, index), frozen
         )
         grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-        return (grads_acc, loss_acc + loss_sum, count_acc + count, index + 1), None
+        return (grads_acc, loss_acc + loss_sum, count_acc + count, kl_acc + kl, index + 1), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    init = (zeros, jnp.float32(0.0), jnp.float32(0.0), jnp.int32(0))
-    (grads, loss_sum, count, _), _ = jax.lax.scan(body, init, stacked)
+    init = (zeros, jnp.float32(0.0), jnp.float32(0.0), jnp.float32(0.0), jnp.int32(0))
+    (grads, loss_sum, count, kl, _), _ = jax.lax.scan(body, init, stacked)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    return grads, loss_sum, count
+    return grads, loss_sum, count, kl
 
 
 def apply_updates(state: TrainState, grads: Any) -> tuple[TrainState, jax.Array]:
@@ -159,6 +195,8 @@ def train_step(
     micro_batches: int,
     schedule: optax.Schedule,
     micro_batch_sharding: NamedSharding | None = None,
+    loss_chunk: int = 0,
+    kl_coef: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """Pure step: grads of the summed loss / global loss tokens, then one optimizer update.
 
@@ -168,8 +206,17 @@ def train_step(
     `nonfinite` (1.0 for a skipped step).
     """
     rng = jax.random.fold_in(state.rng, state.step)
-    grads, loss_sum, count = compute_grads(
-        state.params, state.apply_fn, batch, rng, micro_batches, micro_batch_sharding, state.frozen
+    grads, loss_sum, count, kl_sum = compute_grads(
+        state.params,
+        state.apply_fn,
+        batch,
+        rng,
+        micro_batches,
+        micro_batch_sharding,
+        state.frozen,
+        loss_chunk,
+        kl_coef,
+        state.reference,
     )
     denominator = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denominator.astype(g.dtype) * loss_scale, grads)
@@ -185,6 +232,8 @@ def train_step(
         "grad_norm": grad_norm,
         "nonfinite": 1.0 - finite.astype(jnp.float32),
     }
+    if kl_coef > 0:  # the gradient includes kl_coef * kl; "loss" stays the cross-entropy
+        metrics["kl_to_base"] = kl_sum / denominator
     return keep_if_finite(finite, updated, state), metrics
 
 
@@ -194,9 +243,13 @@ def make_train_step(
     *,
     micro_batches: int,
     schedule: optax.Schedule,
+    loss_chunk: int = 0,
+    kl_coef: float = 0.0,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """`train_step(state, batch, loss_scale)` jitted once, with explicit shardings, donating the
-    incoming state. Pass `loss_scale=np.float32(1.0)` unless injecting a fault."""
+    incoming state: XLA writes the new params and optimizer state into the old buffers (input
+    output aliasing), so a step holds one copy of the state, not two. Pass
+    `loss_scale=np.float32(1.0)` unless injecting a fault. `loss_chunk`: `model.loss_chunk`."""
     replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
 
@@ -210,6 +263,8 @@ def make_train_step(
             micro_batches=micro_batches,
             schedule=schedule,
             micro_batch_sharding=batch_shardings if micro_batches > 1 else None,
+            loss_chunk=loss_chunk,
+            kl_coef=kl_coef,
         )
 
     return jax.jit(

@@ -13,7 +13,7 @@ from sft_jax.hf.config import (
     hf_config_dict,
     load_model_config,
 )
-from sft_jax.hf.hub import looks_like_hub_id, resolve_model_dir
+from sft_jax.hf.hub import looks_like_hub_id, resolve_config_hub_ids, resolve_model_dir
 from sft_jax.hf.params import HfTensor, hf_tensor_plan, load_params, to_hf_tensor
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "load_model_config",
     "load_params",
     "looks_like_hub_id",
+    "resolve_config_hub_ids",
     "resolve_model_dir",
     "to_hf_tensor",
 ]

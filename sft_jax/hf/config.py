@@ -15,7 +15,12 @@ from collections.abc import Callable
 from typing import Any
 
 from sft_jax.config import ModelSection
-from sft_jax.model import ModelConfig, RopeScaling, model_config_from_arch
+from sft_jax.model_config import (
+    ModelConfig,
+    RopeScaling,
+    model_config_from_arch,
+    with_section_options,
+)
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "LlamaForCausalLM",
@@ -99,9 +104,10 @@ def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) ->
 def build_model_config(section: ModelSection) -> ModelConfig:
     """The model config of a run: from the HF directory when `path` is set, else from `arch`."""
     if section.path:
-        return load_model_config(
+        loaded = load_model_config(
             section.path, dtype=section.dtype, param_dtype=section.param_dtype, remat=section.remat
         )
+        return with_section_options(loaded, section)
     return model_config_from_arch(section.arch, section)
 
 

@@ -8,8 +8,10 @@ HF_HUB_OFFLINE=1, where an unknown id fails with the message below.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+from typing import Any
 
 MODEL_FILES = [
     "config.json",
@@ -45,3 +47,13 @@ def resolve_model_dir(path: str) -> str:
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Pass a local "
             "directory with config.json and model.safetensors, or log in / go online."
         ) from e
+
+
+def resolve_config_hub_ids(config: Any) -> Any:
+    """A Config with a Hub id in model.path / data.tokenizer replaced by its local snapshot
+    directory (downloaded once, safetensors and tokenizer files only); local paths unchanged."""
+    model = dataclasses.replace(config.model, path=resolve_model_dir(config.model.path))
+    data_section = dataclasses.replace(
+        config.data, tokenizer=resolve_model_dir(config.data.tokenizer)
+    )
+    return dataclasses.replace(config, model=model, data=data_section)

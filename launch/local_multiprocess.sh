@@ -41,10 +41,10 @@ for ((i = 0; i < n; i++)); do
 done
 status=0
 for pid in "${pids[@]}"; do
-  if ! wait "$pid"; then
-    code=$?
-    [ "$status" = 0 ] && status=$code
-  fi
+  # `if ! wait` would leave $? as the negation (0); take the process's own exit code.
+  code=0
+  wait "$pid" || code=$?
+  if [ "$code" != 0 ] && [ "$status" = 0 ]; then status=$code; fi
 done
 echo "logs: $log_dir" >&2
 exit "$status"

@@ -9,18 +9,32 @@ from __future__ import annotations
 
 import glob
 import os
+import socket
 
 import jax
 
 from sft_jax import sharding
 from sft_jax.config import Config, ConfigError
+from sft_jax.data.mixture import parse_mixture
+from sft_jax.data.source import DataError
 
 
 def check_workdir(workdir: str) -> None:
-    """Fails before compute when the workdir cannot be created or written."""
+    """Fails before compute when the workdir cannot be created or written.
+
+    The probe file is named per host and process: every process of a multi-process run probes
+    the same shared workdir at the same moment, and a shared name let one process delete another's
+    probe mid-check (a spurious "not writable" that left the other processes waiting forever).
+    """
+    if "://" in workdir:
+        raise ConfigError(
+            f"workdir '{workdir}' is a URL: the trainer writes with local file APIs; mount the "
+            "bucket on every host (gcsfuse, or a Filestore share) and pass the mounted path, "
+            "e.g. --workdir /mnt/shared/run (docs/tpu_pod.md)"
+        )
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_probe")
+        probe = os.path.join(workdir, f".write_probe.{socket.gethostname()}.{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -38,7 +52,14 @@ def check_inputs(config: Config) -> None:
     if tokenizer and not os.path.isdir(tokenizer):
         raise ConfigError(f"data.tokenizer '{tokenizer}' is not a directory")
     for key in ("train_files", "eval_files"):
-        for pattern in filter(None, (p.strip() for p in getattr(config.data, key).split(","))):
+        files = getattr(config.data, key)
+        if not files.strip():
+            continue
+        try:
+            entries = parse_mixture(files)
+        except DataError as e:
+            raise ConfigError(f"data.{key}: {e}") from e
+        for pattern, _weight in entries:
             if not os.path.exists(pattern) and not glob.glob(pattern, recursive=True):
                 raise ConfigError(f"data.{key}: '{pattern}' matches no file or directory")
 

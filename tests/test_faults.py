@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from sft_jax import config as config_lib
+from sft_jax import preflight
 from sft_jax.metrics import read_metrics
 from sft_jax.train import main
 
@@ -186,6 +188,10 @@ def test_nonfinite_skip_consumes_batch_and_keeps_params(small_train, tmp_path):
         ("--config.data.tokenizer=/nonexistent/tok", "data.tokenizer '/nonexistent/tok'"),
         ("--config.model.path=/nonexistent/model", "model.path '/nonexistent/model'"),
         ("--config.data.eval_files=/nonexistent/*.jsonl", "data.eval_files"),
+        (
+            "--config.data.eval_files=/nonexistent/a.jsonl:0.7,/nonexistent/b.jsonl:0.3",
+            "data.eval_files: '/nonexistent/a.jsonl' matches no file",
+        ),
         ("--config.mesh.fsdp=3", "mesh (data, fsdp, tensor)"),
         ("--config.checkpoint.keep=0", "checkpoint.keep"),
         ("--config.train.max_nonfinite_steps=0", "train.max_nonfinite_steps"),
@@ -210,6 +216,24 @@ def test_unwritable_workdir_exits_2(small_train, tmp_path, capsys):
     code = main(["train", *flags(small_train, blocker / "w")])
     assert code == 2
     assert "is not writable" in capsys.readouterr().err
+
+
+def test_url_workdir_is_refused_with_the_fix(small_train, tmp_path, capsys):
+    code = main(["train", *flags(small_train, "gs://bucket/run")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "workdir 'gs://bucket/run' is a URL" in err and "gcsfuse" in err
+    assert not os.path.exists("gs:")
+
+
+def test_weighted_mixture_passes_preflight(small_train, tmp_path):
+    """Preflight checks each file of 'a:0.9,b:0.1' without its weight (it used to look for a
+    file literally named 'a:0.9')."""
+    raw = config_lib.load_config_file(str(REPO / "configs" / "tiny.py"))
+    raw.data.train_files = f"{small_train}:0.9,{small_train}:0.1"
+    preflight.check_inputs(config_lib.parse(raw))
+    preflight.check_workdir(str(tmp_path / "w"))
+    assert os.listdir(tmp_path / "w") == []
 
 
 @pytest.mark.slow

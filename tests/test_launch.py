@@ -1,5 +1,6 @@
 """Launchers: every one has a dry-run mode that prints the commands it would run."""
 
+import os
 import pathlib
 import re
 import shlex
@@ -175,3 +176,11 @@ def test_local_multiprocess_dry_run():
     assert len(lines) == 3
     assert all("--config.distributed.num_processes=3" in line for line in lines)
     assert "process_id=2" in lines[2] and "device_count=2" in lines[0]
+
+
+def test_local_multiprocess_exits_with_a_failing_process_code(tmp_path):
+    """The launcher's exit code is the first non-zero one among its processes (it once returned
+    0 because `if ! wait` leaves $? as the negation)."""
+    env = {**os.environ, "PYTHON": "sh -c 'exit 7'", "LOG_DIR": str(tmp_path)}
+    out = run("launch/local_multiprocess.sh", "-n", "2", "-d", "1", "--", "--config", "x", env=env)
+    assert out.returncode == 7, out.stderr

@@ -21,7 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype of activations and matmuls: float32 | bfloat16
     m.param_dtype = "float32"  # storage dtype of trainable weights (master weights)
     m.remat = "none"  # activation checkpointing per layer: none | dots | dots_saveable | full
-    # attention kernel: auto (fastest correct one per platform) | xla | cudnn | splash | reference
+    # attention kernel: auto (fastest correct one per platform) | xla | cudnn | splash | blocked
+    # (CPU's: causal blocks, flash-style backward) | reference
     m.attention = "auto"
     m.scan_layers = True  # lax.scan over layers (compiled once); False unrolls them
     m.loss_chunk = 0  # cross-entropy over chunks of this many tokens (no [B,T,V] logits); 0: off

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sft_jax.blocked_attention import blocked_attention
+
 if TYPE_CHECKING:
     from sft_jax.model import ModelConfig
 
@@ -112,9 +114,9 @@ def grouped_attention(
 # --------------------------------------------------------------------------------------------
 # Implementations of the attention core, chosen by `model.attention`.
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "reference")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "blocked", "reference")
 # Fastest correct implementation per platform for "auto"; measured, see docs/benchmarks.md.
-_AUTO_BY_PLATFORM = {"gpu": "cudnn", "tpu": "splash", "cpu": "xla"}
+_AUTO_BY_PLATFORM = {"gpu": "cudnn", "tpu": "splash", "cpu": "blocked"}
 SPLASH_BLOCK = 128  # splash's default block size: the sequence must be a multiple of it
 
 
@@ -145,6 +147,8 @@ def _unsupported(
     """Why `impl` cannot run these settings, or None when it can."""
     if impl == "xla" and softcap is not None:
         return "jax.nn.dot_product_attention has no logit soft-capping (Gemma 2); use reference"
+    if impl == "blocked" and softcap is not None:
+        return "blocked attention has no logit soft-capping (Gemma 2); use reference"
     if impl == "cudnn":
         if platform != "gpu":
             return f"cuDNN attention needs an NVIDIA GPU, this process runs on {platform}"
@@ -176,8 +180,8 @@ def attend(
     """q [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H] with one resolved implementation.
 
     `mask` [B, T, S] is the full mask (causal, same segment and, on local layers, the window);
-    reference, xla and cudnn read it (cudnn also skips the blocks above the diagonal, since
-    `is_causal` is set: the mask is always causal in training). Splash never reads a dense mask:
+    reference, xla, blocked and cudnn read it (blocked and cudnn also skip the blocks above the
+    diagonal: the mask is always causal in training). Splash never reads a dense mask:
     it builds the causal (or local-window) block mask statically and takes `segment_ids`
     [B, T]; on a model with local layers the traced per-layer flag `local` picks the windowed
     kernel with `lax.cond`. `interpret` runs the splash kernel in Pallas' interpreter (tests).
@@ -185,6 +189,8 @@ def attend(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if implementation == "reference":
         return grouped_attention(q, k, v, mask, scale=scale, softcap=softcap)
+    if implementation == "blocked":
+        return blocked_attention(q, k, v, mask, scale=scale)
     if implementation in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask[:, None], scale=scale, is_causal=True, implementation=implementation

@@ -353,7 +353,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "dots", "dots_saveable", "full"),
-    "model.attention": ("auto", "xla", "cudnn", "splash", "reference"),
+    "model.attention": ("auto", "xla", "cudnn", "splash", "blocked", "reference"),
     "optim.state_dtype": ("float32", "bfloat16"),
     "data.on_bad_row": ("error", "skip"),
     "data.format": ("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"),

@@ -66,7 +66,7 @@ class ModelConfig:
     lora_scale: float = 0.0  # alpha / r (or alpha / sqrt(r), rsLoRA); static, so jit-constant
     lora_dropout: float = 0.0  # dropout on the adapter input, active only with a "dropout" rng
     # Performance levers (config keys model.attention, model.scan_layers); results never change.
-    attention: str = "auto"  # auto | xla | cudnn | splash | reference (sft_jax/attention.py)
+    attention: str = "auto"  # auto | xla | cudnn | splash | blocked | reference (attention.py)
     scan_layers: bool = True  # False: the layer loop is unrolled (same parameter tree)
     # Where [B, T, D] activations live: batch over the mesh's batch axes (sharding.py's
     # activation_sharding). None: left to XLA's propagation, which under FSDP keeps each layer's

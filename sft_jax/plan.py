@@ -39,7 +39,8 @@ from sft_jax.sharding import MESH_AXES, logical_to_spec
 
 GIB = 1024**3
 HEADROOM = 0.9  # plan fits when its total is within 90% of the device (allocator slack)
-FLASH_ATTENTION = ("cudnn", "splash")  # never materialise the [T, S] scores
+# Keep no [T, S] scores for the backward (blocked holds one block's scores at a time).
+FLASH_ATTENTION = ("cudnn", "splash", "blocked")
 
 
 class PlannedMesh:

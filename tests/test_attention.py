@@ -12,7 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sft_jax.attention import attend, attention_mask, resolve_implementation, window_mask
+from sft_jax.attention import (
+    attend,
+    attention_mask,
+    grouped_attention,
+    resolve_implementation,
+    window_mask,
+)
+from sft_jax.blocked_attention import blocked_attention
 
 B, T, N, K, H = 2, 128, 4, 2, 16  # GQA: two query heads per kv head; T = one splash block
 WINDOW = 24
@@ -62,7 +69,7 @@ def run(impl: str, q, k, v, segment_ids, window):
     return out
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "splash"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "splash", "blocked"])
 @pytest.mark.parametrize("window", [None, WINDOW])
 def test_implementation_equals_naive_attention_forward_and_gradient(impl, window):
     q, k, v = inputs()
@@ -105,7 +112,7 @@ def resolve(requested, platform, dtype="bfloat16", head_dim=64, softcap=None):
 def test_auto_picks_per_platform_and_falls_back():
     assert resolve("auto", "gpu") == "cudnn"
     assert resolve("auto", "tpu") == "splash"
-    assert resolve("auto", "cpu") == "xla"
+    assert resolve("auto", "cpu") == "blocked"
     assert resolve("auto", "cpu", softcap=50.0) == "reference"
     assert resolve("auto", "gpu", dtype="float32") == "xla"  # cuDNN flash needs 16-bit
     assert resolve("auto", "gpu", head_dim=256) == "xla"
@@ -122,6 +129,43 @@ def test_explicit_requests_that_cannot_run_say_why():
         resolve("splash", "gpu")
     with pytest.raises(ValueError, match="soft-capping"):
         resolve("xla", "cpu", softcap=30.0)
+    with pytest.raises(ValueError, match="soft-capping"):
+        resolve("blocked", "cpu", softcap=30.0)
     with pytest.raises(ValueError, match="choose one of"):
         resolve("flash", "cpu")
     assert resolve("xla", "cpu") == "xla" and resolve("reference", "tpu") == "reference"
+
+
+@pytest.mark.parametrize("block", [48, 128, 1000])
+def test_blocked_attention_any_block_size_forward_and_gradient(block):
+    """Ragged last blocks (48 of T=128), one block, and a block longer than the sequence all give
+    the naive attention's outputs and gradients on packed rows with padding."""
+    q, k, v = inputs()
+    seg = jnp.asarray(packed_segments())
+    mask = attention_mask(seg)
+    weights = jnp.asarray(np.random.default_rng(3).normal(size=(B, T, N, H)), jnp.float32)
+    real = (seg > 0)[:, :, None, None]
+    got_fn = lambda q, k, v: blocked_attention(q, k, v, mask, scale=H**-0.5, block=block)
+    want_fn = lambda q, k, v: naive_attention(q, k, v, seg, None)
+    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.where(real, fn(q, k, v) * weights, 0.0))
+    np.testing.assert_allclose(
+        np.where(real, got_fn(q, k, v), 0), np.where(real, want_fn(q, k, v), 0), atol=TOL
+    )
+    got = jax.grad(loss(got_fn), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(want_fn), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=TOL)
+
+
+def test_blocked_attention_in_bfloat16_stays_close_and_refuses_a_cache():
+    q, k, v = (x.astype(jnp.bfloat16) for x in inputs())
+    seg = jnp.asarray(packed_segments())
+    mask = attention_mask(seg)
+    got = blocked_attention(q, k, v, mask, scale=H**-0.5)
+    want = grouped_attention(q, k, v, mask, scale=H**-0.5)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(got), np.float32(want), atol=3e-2)
+    grads = jax.grad(lambda q: jnp.sum(blocked_attention(q, k, v, mask, scale=0.25)))(q)
+    assert grads.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(grads)))
+    with pytest.raises(ValueError, match="S == T"):
+        blocked_attention(q[:, :1], k, v, mask[:, :1], scale=0.25)

@@ -237,6 +237,8 @@ GEMMA_LIKE = dict(
         ({}, {"scan_layers": False}),
         ({}, {"attention": "xla"}),
         (GEMMA_LIKE, {"attention": "xla"}),  # sliding-window layers through the mask
+        ({}, {"attention": "blocked"}),
+        (GEMMA_LIKE, {"attention": "blocked"}),
         (GEMMA_LIKE, {"scan_layers": False, "remat": "full"}),
     ],
 )
@@ -260,8 +262,10 @@ def test_performance_options_change_neither_loss_nor_gradients(model, change):
     base_loss, base_grads = loss(params, config)
     other_loss, other_grads = loss(params, dataclasses.replace(config, **change))
     np.testing.assert_allclose(other_loss, base_loss, rtol=SMALL_TOL)
+    # Relative to each gradient's scale: entries reach ~50 here, so a small entry that is a sum
+    # of large terms, summed in another order (blocked attention), moves by ~1e-5 absolute.
     for a, b in zip(jax.tree.leaves(other_grads), jax.tree.leaves(base_grads), strict=True):
-        np.testing.assert_allclose(a, b, atol=SMALL_TOL)
+        np.testing.assert_allclose(a, b, atol=SMALL_TOL * max(1.0, float(np.abs(b).max())))
 
 
 def test_parameter_tree_shapes_and_logical_names():

@@ -24,7 +24,8 @@ def get_config():
     c.model.param_dtype = "float32"
     c.model.remat = "none"
     # Unrolled layers: +10% tokens/s on CPU at 4 layers (docs/benchmarks.md, levers); compile
-    # time is the same at this depth. Attention "auto" is XLA's on CPU.
+    # time is the same at this depth. Attention "auto" is "blocked" on CPU
+    # (sft_jax/blocked_attention.py).
     c.model.scan_layers = False
     a = c.model.arch
     a.vocab_size = 8192

@@ -1,0 +1,151 @@
+"""Causal-blocked attention with a flash-style backward: the fast attention core on CPU.
+
+Why it exists: on the CPU workload of issue #8, `jax.nn.dot_product_attention` (XLA) took over
+half of the train step. XLA:CPU runs each op over the whole [B, N, T, S] score tensor in turn
+(scores, mask, max, exp, sum, divide, and as many again in the backward), so attention is paid
+in passes over memory, and half of those scores lie above the causal diagonal. Here:
+
+- queries go in blocks of `block` positions, and block [s, e) reads only keys [0, e): keys after
+  the block's last query are masked for every query in it (the mask is always causal in
+  training), so skipping them changes nothing but the work (10 of 16 score blocks at T = 512,
+  block 128; 36 of 64 at block 64);
+- the forward keeps only the output and the log-sum-exp per query (not the probabilities), and
+  the backward recomputes each block's probabilities from them, as flash attention does: fewer
+  passes over [.., T, S] tensors and a per-layer residual of O(T) instead of O(T^2);
+- grouped-query heads are folded into the query rows ([B, K, G*t, H]), so kv heads are never
+  repeated.
+
+The mask is the same dense [B, T, S] mask the other implementations read (causal, same packed
+segment, the sliding window on local layers), so packing is honoured exactly. Scores, softmax and
+gradients are float32; the probability-value product runs in the value dtype (bf16 under mixed
+precision) with float32 accumulation. Measured in docs/benchmarks.md (attention lever).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+BLOCK = 64  # query positions per block: 64-128 measured within 10% on CPU; 64 skips the most
+_MASKED = jnp.finfo(jnp.float32).min
+
+
+def blocked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float,
+    block: int = BLOCK,
+) -> jax.Array:
+    """q [B, T, N, H], k/v [B, T, K, H], causal mask [B, T, T] -> [B, T, N, H].
+
+    Keys and queries must be the same positions (training, no KV cache): the block skipping
+    relies on the mask being causal.
+    """
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"blocked attention needs S == T (got T={q.shape[1]}, S={k.shape[1]})")
+    return _attention(q, k, v, mask, scale, block)
+
+
+def _group_queries(x: jax.Array, kv_heads: int) -> jax.Array:
+    """[B, T, N, H] -> [B, K, G, T, H]: query head n belongs to kv head n // G (HF's repeat_kv)."""
+    b, t, n, h = x.shape
+    return x.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
+
+
+def _ungroup(x: jax.Array) -> jax.Array:
+    """[B, K, G, T, H] -> [B, T, N, H], the inverse of `_group_queries`."""
+    b, kv, g, t, h = x.shape
+    return x.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, h)
+
+
+def _heads_first(x: jax.Array) -> jax.Array:
+    """[B, S, K, H] <-> [B, K, S, H]."""
+    return x.transpose(0, 2, 1, 3)
+
+
+def _blocks(t: int, block: int) -> list[tuple[int, int]]:
+    return [(start, min(start + block, t)) for start in range(0, t, block)]
+
+
+def _rows(x: jax.Array, start: int, end: int) -> jax.Array:
+    """[B, K, G, T, X] -> the block's rows [B, K, G * (end - start), X] (heads of a group first)."""
+    b, kv, g, _, last = x.shape
+    return x[:, :, :, start:end].reshape(b, kv, g * (end - start), last)
+
+
+def _block_mask(mask: jax.Array, groups: int, start: int, end: int) -> jax.Array:
+    """The block's mask [B, 1, G * (end - start), end], rows laid out as `_rows` lays queries."""
+    b = mask.shape[0]
+    rows = mask[:, None, None, start:end, :end]
+    return jnp.broadcast_to(rows, (b, 1, groups, end - start, end)).reshape(b, 1, -1, end)
+
+
+def _scores(q_rows: jax.Array, keys: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    s = jnp.einsum("BKQH,BKSH->BKQS", q_rows, keys, preferred_element_type=jnp.float32)
+    return jnp.where(mask, s * scale, _MASKED)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, mask, scale, block):
+    return _forward(q, k, v, mask, scale, block)[0]
+
+
+def _forward(q, k, v, mask, scale, block):
+    b, t, _, h = q.shape
+    gq, gk, gv = _group_queries(q, k.shape[2]), _heads_first(k), _heads_first(v)
+    groups = gq.shape[2]
+    outs, lses = [], []
+    for start, end in _blocks(t, block):
+        block_mask = _block_mask(mask, groups, start, end)
+        s = _scores(_rows(gq, start, end), gk[:, :, :end], block_mask, scale)
+        peak = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.exp(s - peak)
+        total = jnp.sum(p, axis=-1, keepdims=True)
+        pv = jnp.einsum(
+            "BKQS,BKSH->BKQH", p.astype(v.dtype), gv[:, :, :end], preferred_element_type=jnp.float32
+        )
+        shape = (b, gk.shape[1], groups, end - start)
+        outs.append((pv / total).reshape(*shape, h))
+        lses.append((peak + jnp.log(total)).reshape(*shape, 1))
+    out = jnp.concatenate(outs, axis=3)  # [B, K, G, T, H] float32
+    lse = jnp.concatenate(lses, axis=3)
+    return _ungroup(out).astype(q.dtype), (q, k, v, mask, out, lse)
+
+
+def _backward(scale, block, residuals, d_out):
+    q, k, v, mask, out, lse = residuals
+    b, t, _, h = q.shape
+    gq, gk, gv = _group_queries(q, k.shape[2]), _heads_first(k), _heads_first(v)
+    groups = gq.shape[2]
+    grouped_d_out = _group_queries(d_out.astype(jnp.float32), k.shape[2])
+    delta = jnp.sum(grouped_d_out * out, axis=-1, keepdims=True)  # rowsum(dO * O)
+    dk = jnp.zeros(gk.shape, jnp.float32)
+    dv = jnp.zeros(gv.shape, jnp.float32)
+    dqs = []
+    for start, end in _blocks(t, block):
+        q_rows, do_rows = _rows(gq, start, end), _rows(grouped_d_out, start, end)
+        keys, values = gk[:, :, :end], gv[:, :, :end]
+        block_mask = _block_mask(mask, groups, start, end)
+        s = _scores(q_rows, keys, block_mask, scale)
+        p = jnp.where(block_mask, jnp.exp(s - _rows(lse, start, end)), 0.0)
+        f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+        dv = dv.at[:, :, :end].add(f32("BKQS,BKQH->BKSH", p, do_rows))
+        dp = f32("BKQH,BKSH->BKQS", do_rows, values)
+        ds = p * (dp - _rows(delta, start, end)) * scale
+        dqs.append(f32("BKQS,BKSH->BKQH", ds, keys).reshape(b, gk.shape[1], groups, end - start, h))
+        dk = dk.at[:, :, :end].add(f32("BKQS,BKQH->BKSH", ds, q_rows))
+    dq = _ungroup(jnp.concatenate(dqs, axis=3))
+    return (
+        dq.astype(q.dtype),
+        _heads_first(dk).astype(k.dtype),
+        _heads_first(dv).astype(v.dtype),
+        None,
+    )
+
+
+_attention.defvjp(_forward, _backward)

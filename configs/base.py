@@ -93,6 +93,10 @@ def get_config() -> ml_collections.ConfigDict:
     # copy of the initial parameters (one more parameter-sized buffer per device).
     t.neftune_alpha = 0.0
     t.kl_to_base = 0.0
+    # Host malloc (sft_jax/host_memory.py): retain = glibc keeps XLA:CPU's per-step buffers for
+    # reuse instead of unmapping and re-faulting them every step (+26% tokens/s on the CPU
+    # benchmark); system = leave it; auto = retain when the run is on the CPU.
+    t.host_allocator = "auto"
 
     # --- evaluation
     c.eval = e = ml_collections.ConfigDict()

@@ -102,6 +102,7 @@ class TrainSection:
     loss_spike_factor: float
     neftune_alpha: float
     kl_to_base: float
+    host_allocator: str
 
 
 GENERATION_MATCHES = ("exact", "contains", "regex")
@@ -355,6 +356,7 @@ _CHOICES = {
     "model.remat": ("none", "dots", "dots_saveable", "full"),
     "model.attention": ("auto", "xla", "cudnn", "splash", "blocked", "reference"),
     "optim.state_dtype": ("float32", "bfloat16"),
+    "train.host_allocator": ("auto", "retain", "system"),
     "data.on_bad_row": ("error", "skip"),
     "data.format": ("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"),
     "data.train_on": ("all_assistant", "last_assistant", "completion", "all"),

@@ -51,6 +51,7 @@ from sft_jax.faults import (
     Preempted,
     PreemptionWatcher,
 )
+from sft_jax.host_memory import configure_host_allocator
 from sft_jax.metrics import MetricsWriter, import_wandb
 from sft_jax.model import Transformer, count_params
 from sft_jax.optim import make_optimizer, make_schedule
@@ -458,10 +459,15 @@ def main(argv: list[str] | None = None) -> int:
     """Runs training -> exit code: 0 done, 2 bad config or data, 42 preempted, 43 non-finite."""
     try:
         config, workdir = load_config_from_flags(sys.argv if argv is None else argv)
-        # Before anything touches devices: join the other hosts, then refuse a CPU fallback.
+        # Before anything touches devices: the host allocator (it must precede JAX's backend),
+        # join the other hosts, then refuse a CPU fallback.
+        allocator = configure_host_allocator(
+            config.train.host_allocator, config.distributed.expected_platform
+        )
         config = hf.resolve_config_hub_ids(config)
         initialize_distributed(config.distributed)
         check_platform(config.distributed.expected_platform)
+        log(f"host memory: {allocator}")
         train_and_evaluate(config, workdir)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

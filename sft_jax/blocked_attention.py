@@ -13,7 +13,11 @@ in passes over memory, and half of those scores lie above the causal diagonal. H
   the backward recomputes each block's probabilities from them, as flash attention does: fewer
   passes over [.., T, S] tensors and a per-layer residual of O(T) instead of O(T^2);
 - grouped-query heads are folded into the query rows ([B, K, G*t, H]), so kv heads are never
-  repeated.
+  repeated;
+- the mask enters as an additive bias (0 or -1e30) and the softmax scale is applied to the
+  queries once: one add per score block instead of a multiply and a select, and the backward's
+  recomputed probabilities are exactly 0 where masked without a second select (-12% attention
+  time against selects on the CPU workload, one layer forward + backward: 56.6 vs 64-66 ms).
 
 The mask is the same dense [B, T, S] mask the other implementations read (causal, same packed
 segment, the sliding window on local layers), so packing is honoured exactly. Scores, softmax and
@@ -28,8 +32,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-BLOCK = 64  # query positions per block: 64-128 measured within 10% on CPU; 64 skips the most
-_MASKED = jnp.finfo(jnp.float32).min
+BLOCK = 64  # query positions per block: 64 measured fastest on CPU (32: +2%, 128: +11% time)
+# Additive mask: 0 where a query sees a key, this where it does not. Finite, so a score plus it
+# never overflows to -inf (no inf - inf); exp of it minus a row's maximum is exactly 0.
+_MASKED = -1e30
 
 
 def blocked_attention(
@@ -48,7 +54,8 @@ def blocked_attention(
     """
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"blocked attention needs S == T (got T={q.shape[1]}, S={k.shape[1]})")
-    return _attention(q, k, v, mask, scale, block)
+    bias = jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)  # [B, T, T]
+    return _attention(q, k, v, bias, scale, block)
 
 
 def _group_queries(x: jax.Array, kv_heads: int) -> jax.Array:
@@ -78,31 +85,37 @@ def _rows(x: jax.Array, start: int, end: int) -> jax.Array:
     return x[:, :, :, start:end].reshape(b, kv, g * (end - start), last)
 
 
-def _block_mask(mask: jax.Array, groups: int, start: int, end: int) -> jax.Array:
-    """The block's mask [B, 1, G * (end - start), end], rows laid out as `_rows` lays queries."""
-    b = mask.shape[0]
-    rows = mask[:, None, None, start:end, :end]
+def _block_bias(bias: jax.Array, groups: int, start: int, end: int) -> jax.Array:
+    """The block's additive mask [B, 1, G * (end - start), end], rows laid out as `_rows`."""
+    b = bias.shape[0]
+    rows = bias[:, None, None, start:end, :end]
     return jnp.broadcast_to(rows, (b, 1, groups, end - start, end)).reshape(b, 1, -1, end)
 
 
-def _scores(q_rows: jax.Array, keys: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+def _scores(q_rows: jax.Array, keys: jax.Array, bias: jax.Array) -> jax.Array:
+    """Masked scores [B, K, Q, S] of pre-scaled queries: one add, no select."""
     s = jnp.einsum("BKQH,BKSH->BKQS", q_rows, keys, preferred_element_type=jnp.float32)
-    return jnp.where(mask, s * scale, _MASKED)
+    return s + bias
+
+
+def _grouped_inputs(q, k, v, scale):
+    """Queries scaled once ([B, T, N, H] pass instead of one per score block), then grouped."""
+    scaled = q * jnp.asarray(scale, q.dtype)
+    return _group_queries(scaled, k.shape[2]), _heads_first(k), _heads_first(v)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention(q, k, v, mask, scale, block):
-    return _forward(q, k, v, mask, scale, block)[0]
+def _attention(q, k, v, bias, scale, block):
+    return _forward(q, k, v, bias, scale, block)[0]
 
 
-def _forward(q, k, v, mask, scale, block):
+def _forward(q, k, v, bias, scale, block):
     b, t, _, h = q.shape
-    gq, gk, gv = _group_queries(q, k.shape[2]), _heads_first(k), _heads_first(v)
+    gq, gk, gv = _grouped_inputs(q, k, v, scale)
     groups = gq.shape[2]
     outs, lses = [], []
     for start, end in _blocks(t, block):
-        block_mask = _block_mask(mask, groups, start, end)
-        s = _scores(_rows(gq, start, end), gk[:, :, :end], block_mask, scale)
+        s = _scores(_rows(gq, start, end), gk[:, :, :end], _block_bias(bias, groups, start, end))
         peak = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.exp(s - peak)
         total = jnp.sum(p, axis=-1, keepdims=True)
@@ -114,32 +127,33 @@ def _forward(q, k, v, mask, scale, block):
         lses.append((peak + jnp.log(total)).reshape(*shape, 1))
     out = jnp.concatenate(outs, axis=3)  # [B, K, G, T, H] float32
     lse = jnp.concatenate(lses, axis=3)
-    return _ungroup(out).astype(q.dtype), (q, k, v, mask, out, lse)
+    return _ungroup(out).astype(q.dtype), (q, k, v, bias, out, lse)
 
 
 def _backward(scale, block, residuals, d_out):
-    q, k, v, mask, out, lse = residuals
+    q, k, v, bias, out, lse = residuals
     b, t, _, h = q.shape
-    gq, gk, gv = _group_queries(q, k.shape[2]), _heads_first(k), _heads_first(v)
+    gq, gk, gv = _grouped_inputs(q, k, v, scale)
     groups = gq.shape[2]
     grouped_d_out = _group_queries(d_out.astype(jnp.float32), k.shape[2])
     delta = jnp.sum(grouped_d_out * out, axis=-1, keepdims=True)  # rowsum(dO * O)
     dk = jnp.zeros(gk.shape, jnp.float32)
     dv = jnp.zeros(gv.shape, jnp.float32)
     dqs = []
+    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
     for start, end in _blocks(t, block):
         q_rows, do_rows = _rows(gq, start, end), _rows(grouped_d_out, start, end)
         keys, values = gk[:, :, :end], gv[:, :, :end]
-        block_mask = _block_mask(mask, groups, start, end)
-        s = _scores(q_rows, keys, block_mask, scale)
-        p = jnp.where(block_mask, jnp.exp(s - _rows(lse, start, end)), 0.0)
-        f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+        # Masked scores are ~-1e30, so p is exactly 0 there without a second select.
+        p = jnp.exp(
+            _scores(q_rows, keys, _block_bias(bias, groups, start, end)) - _rows(lse, start, end)
+        )
         dv = dv.at[:, :, :end].add(f32("BKQS,BKQH->BKSH", p, do_rows))
-        dp = f32("BKQH,BKSH->BKQS", do_rows, values)
-        ds = p * (dp - _rows(delta, start, end)) * scale
+        ds = p * (f32("BKQH,BKSH->BKQS", do_rows, values) - _rows(delta, start, end))
         dqs.append(f32("BKQS,BKSH->BKQH", ds, keys).reshape(b, gk.shape[1], groups, end - start, h))
         dk = dk.at[:, :, :end].add(f32("BKQS,BKQH->BKSH", ds, q_rows))
-    dq = _ungroup(jnp.concatenate(dqs, axis=3))
+    # Scores used scaled queries: d(scores)/dq carries the scale once, and dk's q_rows have it.
+    dq = _ungroup(jnp.concatenate(dqs, axis=3)) * scale
     return (
         dq.astype(q.dtype),
         _heads_first(dk).astype(k.dtype),

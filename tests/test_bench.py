@@ -73,6 +73,9 @@ def test_bench_cli_prints_json_last():
     assert result["tokens_per_s"] > 0 and result["step_s"] > 0 and result["compile_s"] > 0
     assert 0 < result["mfu"] < 1 and result["peak_bytes"] > 0
     assert result["seq_len"] == 128 and 0 <= result["padding_waste"] < 0.5
+    # The CPU peak was measured on this host (no --peak_flops), and is a plausible fp32 rate.
+    assert result["peak_source"].startswith("measured") and 1e9 < result["peak_flops"] < 1e14
+    assert result["host_allocator"].startswith(("retaining", "system allocator"))
 
 
 def test_memory_only_reports_the_compiled_step_without_running_it():

@@ -20,8 +20,8 @@ reports as num_tokens): mean real tokens per timed step / `step_s`.
 MFU (GUIDE §4): tokens/s x flops per token / peak, flops per token = 6N + 12·L·D·T for full
 fine-tuning and 4N + 12·L·D·T + 6·(adapter params) for LoRA, N = matmul parameters including the
 LM head. Peak: on CPU `--peak_flops` if given, else measured (`measure_cpu_peak`: the best fp32
-rate of a 2048^3 matmul through XLA on this host, after the timed steps); elsewhere the dense
-bf16 peak of the device kind times the device count. `peak_source` says which.
+rate of a 2048^3 matmul through XLA on this host, before and after the timed steps); elsewhere
+the dense bf16 peak of the device kind times the device count. `peak_source` says which.
 
 The last line printed is one JSON object (workload, mode, tokens_per_s, step_s, mfu, peak_bytes,
 compile_s, and more); everything before it is a human summary. It also carries the compiled
@@ -132,6 +132,18 @@ def measure_cpu_peak(n: int = PEAK_MATMUL, repeats: int = 7) -> float:
         matmul(a, a).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def resolve_peak(devices: list[Any], cpu_peak: float, measured_before: float) -> tuple[float, str]:
+    """(peak flop/s, where it comes from): on CPU `cpu_peak` if > 0, else the better of
+    `measured_before` (taken before the timed steps) and a measurement now; elsewhere the
+    device kind's peak (`peak_flops`)."""
+    if devices[0].platform != "cpu":
+        return peak_flops(devices, cpu_peak), "dense bf16 peak of the device kind"
+    if cpu_peak > 0:
+        return cpu_peak, "--peak_flops"
+    measured = max(measured_before, measure_cpu_peak())
+    return measured, f"measured: best fp32 {PEAK_MATMUL}^3 matmul through XLA on this host"
 
 
 def mfu(tokens_per_s: float, per_token: float, peak: float) -> float:
@@ -343,6 +355,9 @@ def run_bench(config: Config, *, steps: int, warmup: int, cpu_peak: float, workl
     compile_s = time.perf_counter() - start
     memory = compiled_memory(compiled)
     persistent = state_bytes(state)
+    # A shared machine's speed drifts: the CPU peak is measured on both sides of the timing.
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    peak_before = measure_cpu_peak() if on_cpu and cpu_peak <= 0 else 0.0
     try:
         state, step_times, waits, cpu_times, tokens, loss = time_steps(
             state, compiled, place, batches, warmup, steps
@@ -356,14 +371,7 @@ def run_bench(config: Config, *, steps: int, warmup: int, cpu_peak: float, workl
     per_token = flops_per_token(model_config, config.data.seq_len, trainable if lora else 0)
     step_s = statistics.median(step_times)
     tokens_per_s = statistics.mean(tokens) / step_s
-    platform = mesh.devices.flat[0].platform
-    peak_source = "dense bf16 peak of the device kind"
-    if platform == "cpu":
-        peak_source = "--peak_flops"
-        if cpu_peak <= 0:
-            cpu_peak = measure_cpu_peak()
-            peak_source = f"measured: best fp32 {PEAK_MATMUL}^3 matmul through XLA on this host"
-    peak = peak_flops(list(mesh.devices.flat), cpu_peak)
+    peak, peak_source = resolve_peak(list(mesh.devices.flat), cpu_peak, peak_before)
     peak_bytes, memory_source, in_use = peak_memory(mesh.devices.flat[0])
     measured = {
         "workload": workload,

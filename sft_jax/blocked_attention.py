@@ -54,8 +54,7 @@ def blocked_attention(
     """
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"blocked attention needs S == T (got T={q.shape[1]}, S={k.shape[1]})")
-    bias = jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)  # [B, T, T]
-    return _attention(q, k, v, bias, scale, block)
+    return _attention(q, k, v, mask, scale, block)
 
 
 def _group_queries(x: jax.Array, kv_heads: int) -> jax.Array:
@@ -85,11 +84,15 @@ def _rows(x: jax.Array, start: int, end: int) -> jax.Array:
     return x[:, :, :, start:end].reshape(b, kv, g * (end - start), last)
 
 
-def _block_bias(bias: jax.Array, groups: int, start: int, end: int) -> jax.Array:
-    """The block's additive mask [B, 1, G * (end - start), end], rows laid out as `_rows`."""
-    b = bias.shape[0]
-    rows = bias[:, None, None, start:end, :end]
-    return jnp.broadcast_to(rows, (b, 1, groups, end - start, end)).reshape(b, 1, -1, end)
+def _block_bias(mask: jax.Array, groups: int, start: int, end: int) -> jax.Array:
+    """The block's additive mask [B, 1, G * (end - start), end] (0 where a query sees a key,
+    _MASKED elsewhere), rows laid out as `_rows`. Made from the bool mask per block, so XLA fuses
+    it into the add: no float32 copy of the [B, T, T] mask is ever held (the saved residual is
+    the bool mask that every layer shares)."""
+    b = mask.shape[0]
+    rows = mask[:, None, None, start:end, :end]
+    rows = jnp.broadcast_to(rows, (b, 1, groups, end - start, end)).reshape(b, 1, -1, end)
+    return jnp.where(rows, 0.0, _MASKED).astype(jnp.float32)
 
 
 def _scores(q_rows: jax.Array, keys: jax.Array, bias: jax.Array) -> jax.Array:
@@ -105,17 +108,17 @@ def _grouped_inputs(q, k, v, scale):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention(q, k, v, bias, scale, block):
-    return _forward(q, k, v, bias, scale, block)[0]
+def _attention(q, k, v, mask, scale, block):
+    return _forward(q, k, v, mask, scale, block)[0]
 
 
-def _forward(q, k, v, bias, scale, block):
+def _forward(q, k, v, mask, scale, block):
     b, t, _, h = q.shape
     gq, gk, gv = _grouped_inputs(q, k, v, scale)
     groups = gq.shape[2]
     outs, lses = [], []
     for start, end in _blocks(t, block):
-        s = _scores(_rows(gq, start, end), gk[:, :, :end], _block_bias(bias, groups, start, end))
+        s = _scores(_rows(gq, start, end), gk[:, :, :end], _block_bias(mask, groups, start, end))
         peak = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.exp(s - peak)
         total = jnp.sum(p, axis=-1, keepdims=True)
@@ -127,11 +130,11 @@ def _forward(q, k, v, bias, scale, block):
         lses.append((peak + jnp.log(total)).reshape(*shape, 1))
     out = jnp.concatenate(outs, axis=3)  # [B, K, G, T, H] float32
     lse = jnp.concatenate(lses, axis=3)
-    return _ungroup(out).astype(q.dtype), (q, k, v, bias, out, lse)
+    return _ungroup(out).astype(q.dtype), (q, k, v, mask, out, lse)
 
 
 def _backward(scale, block, residuals, d_out):
-    q, k, v, bias, out, lse = residuals
+    q, k, v, mask, out, lse = residuals
     b, t, _, h = q.shape
     gq, gk, gv = _grouped_inputs(q, k, v, scale)
     groups = gq.shape[2]
@@ -146,7 +149,7 @@ def _backward(scale, block, residuals, d_out):
         keys, values = gk[:, :, :end], gv[:, :, :end]
         # Masked scores are ~-1e30, so p is exactly 0 there without a second select.
         p = jnp.exp(
-            _scores(q_rows, keys, _block_bias(bias, groups, start, end)) - _rows(lse, start, end)
+            _scores(q_rows, keys, _block_bias(mask, groups, start, end)) - _rows(lse, start, end)
         )
         dv = dv.at[:, :, :end].add(f32("BKQS,BKQH->BKSH", p, do_rows))
         ds = p * (f32("BKQH,BKSH->BKQS", do_rows, values) - _rows(delta, start, end))

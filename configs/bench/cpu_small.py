@@ -5,8 +5,10 @@
 Prints a summary, then one JSON line (workload cpu_small, mode full, tokens_per_s, step_s, mfu,
 peak_bytes, compile_s, ...). Model: Llama architecture, random init, vocab 8192, hidden 256,
 4 layers, 8 heads and 4 kv heads of 32, mlp 688; sequence 512, batch 8 packed rows, AdamW, fp32.
-On the 2-core development machine at load ~2: about 1.65k real tokens/s, 36% of its 166 GFLOP/s
-fp32 peak (docs/benchmarks.md, Performance).
+On the 2-core (Zen 5) development machine: 3.8k-4.6k real tokens/s (the VM's speed drifts),
+about 34-36% of its fp32 peak as the bench measures it (a 2048^3 matmul, ~400-470 GFLOP/s);
+with `--config.data.pack_split=True` padding falls from 9.0% to 0.5% and tokens/s rise ~9%
+(docs/benchmarks.md, Performance, current figures).
 
 Data is synthetic (sft_jax/bench.py: seeded prompts of 40-300 and completions of 20-200 tokens,
 completion-only loss, best-fit packing); `data.train_files` names the bundled demo file only so

@@ -113,14 +113,10 @@ def peak_flops(devices: list[Any], cpu_peak: float) -> float:
 
 def measure_cpu_peak(n: int = PEAK_MATMUL, repeats: int = 7) -> float:
     """This host's fp32 peak as XLA reaches it: the best flop/s of `repeats` [n, n] @ [n, n]
-    float32 matmuls on all cores (one jitted call each, after a warm-up call).
-
-    Why measured: a nominal peak needs the clock under load and the vector width per core,
-    which a VM does not tell (issue #8 quoted 166 GFLOP/s for its 2 cores; the 2 Zen 5 cores
-    of the development machine reach 470 GFLOP/s in this matmul). A large square matmul is the
-    best case for the same kernels the step's matmuls use, so MFU against it is a fraction of
-    what this CPU can do, not of a datasheet figure.
-    """
+    float32 matmuls on all cores, after a warm-up call. Why measured: a VM tells neither its
+    clock under load nor its vector width (issue #8 assumed 166 GFLOP/s for 2 cores; the 2 Zen 5
+    cores of the development machine reach 470 in this matmul, the best case of the kernels the
+    step's matmuls use), so MFU is a fraction of what this CPU can do, not of a datasheet."""
     import jax.numpy as jnp
 
     a = jnp.ones((n, n), jnp.float32)
@@ -466,10 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     flags.DEFINE_integer("steps", 10, "Timed steps.", flag_values=flag_values)
     flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.", flag_values=flag_values)
     flags.DEFINE_float(
-        "peak_flops",
-        0.0,
-        "Peak flop/s on CPU; 0 measures it (best fp32 matmul rate through XLA).",
-        flag_values=flag_values,
+        "peak_flops", 0.0, "Peak flop/s on CPU; 0: measured.", flag_values=flag_values
     )
     flags.DEFINE_bool(
         "memory_only", False, "Only compile for abstract inputs; print memory analysis.",

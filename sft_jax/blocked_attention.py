@@ -16,8 +16,8 @@ in passes over memory, and half of those scores lie above the causal diagonal. H
   repeated;
 - the mask enters as an additive bias (0 or -1e30) and the softmax scale is applied to the
   queries once: one add per score block instead of a multiply and a select, and the backward's
-  recomputed probabilities are exactly 0 where masked without a second select (-12% attention
-  time against selects on the CPU workload, one layer forward + backward: 56.6 vs 64-66 ms).
+  recomputed probabilities are exactly 0 where masked without a second select (-10-12% attention
+  time against selects on the CPU workload, one layer forward + backward: 56-60 vs 64-67 ms).
 
 The mask is the same dense [B, T, S] mask the other implementations read (causal, same packed
 segment, the sliding window on local layers), so packing is honoured exactly. Scores, softmax and

@@ -10,8 +10,10 @@ examples from the same distribution. Workload 2 (`--sharegpt`) is the 500 conver
 (last assistant turn trained, over-long conversations split at turn ends), as
 benchmarks/bench_tokenize.py does.
 
-For each (seq_len, pack_window, split) it prints rows, the lower bound ceil(slots / seq_len),
-padding waste, continuation pieces (examples cut by data.pack_split) and packing time.
+For each (seq_len, pack_window, split) it prints rows, padding waste, two floors in rows and as
+padding (`whole_example_row_floor`, which no packing of whole examples can beat, and ceil(slots /
+seq_len), which only split packing can approach), continuation pieces (examples cut by
+data.pack_split) and packing time.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import time
 
 from sft_jax.bench import example_count, synthetic_examples, to_tokenized
-from sft_jax.data import TokenizedExample, pack_examples, packing_stats
+from sft_jax.data import TokenizedExample, pack_examples, packing_stats, whole_example_row_floor
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets")
 OPTIONS = [(512, False), (4096, False), (512, True), (4096, True)]  # (pack_window, split)
@@ -29,16 +31,23 @@ OPTIONS = [(512, False), (4096, False), (512, True), (4096, True)]  # (pack_wind
 
 def report(name: str, examples: list[TokenizedExample], seq_len: int) -> None:
     """One line per packing option for `examples`."""
+    slots = [len(e.tokens) - 1 for e in examples]
+    bound = -(-sum(slots) // seq_len)  # split packing's floor: rows of real tokens only
+    whole = whole_example_row_floor(slots, seq_len)
+
+    def padding(rows: int) -> float:
+        return 1.0 - sum(slots) / (rows * seq_len)
+
     for window, split in OPTIONS:
         start = time.perf_counter()
         packed = pack_examples(examples, seq_len=seq_len, window=window, seed=0, split=split)
         seconds = time.perf_counter() - start
         stats = packing_stats(packed)
-        bound = -(-stats["real_tokens"] // seq_len)
         print(
             f"{name:<34} seq_len {seq_len:>4} window {window:>4} split {split!s:<5}: "
-            f"{stats['rows']:>5} rows (bound {bound:>5}), padding {stats['padding_fraction']:6.2%},"
-            f" {stats['continued_segments']:>4} continuation pieces, {seconds:5.2f} s",
+            f"{stats['rows']:>5} rows, padding {stats['padding_fraction']:6.2%} (floors: "
+            f"{whole:>5} rows {padding(whole):6.2%} whole, {bound:>5} rows {padding(bound):6.2%} "
+            f"split), {stats['continued_segments']:>4} continuation pieces, {seconds:5.2f} s",
             flush=True,
         )
 

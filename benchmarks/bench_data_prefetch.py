@@ -57,7 +57,7 @@ def main(argv: list[str]) -> None:
     config = parse(load_config_file(CONFIG))
     state, step, place, model_config, _ = build(config, 10_000)
     rows = (rounds * 2 * (steps + 1) + 1) * config.train.global_batch_size
-    packed = packed_data(config, rows, model_config.vocab_size)
+    packed, _ = packed_data(config, rows, model_config.vocab_size)
     first = TrainIterator(packed, global_batch_size=config.train.global_batch_size, seed=0)
     compiled = step.lower(state, place(next(first)), np.float32(1.0)).compile()
     results: dict[int, tuple[list, list, list]] = {0: ([], [], []), 2: ([], [], [])}

@@ -1,15 +1,13 @@
 """Training-step benchmark: `python -m sft_jax.bench --config configs/bench/X.py [--steps N]
 [--warmup W] [--peak_flops F] [--config.a.b=v ...]`.
 
-Why a separate entry point: throughput numbers must come from a command that anyone can rerun, not
-from a test's timer, and they must exercise the real code path. So this builds the real sharded
-TrainState (`sft_jax.state.create_train_state`, random init from `model.arch`) and the real jitted
-step (`sft_jax.step.make_train_step`), feeds it through the real `TrainIterator`, and only the data
-is synthetic: seeded random prompts (40-300 tokens) and completions (20-200 tokens) with a
-completion-only loss mask, packed by `sft_jax.data.pack_examples` (best-fit-decreasing), as the
-CPU workload of ../shared/GUIDE.md §4 prescribes. `data.train_files` and `data.tokenizer` of the
-config are ignored (the config must still name a train file to parse; configs/bench point it at
-the bundled demo data), so the numbers do not depend on any dataset on disk.
+Why a separate entry point: throughput must come from a command anyone can rerun, over the real
+code path: the real sharded TrainState (`create_train_state`, random init from `model.arch`), the
+real jitted step (`make_train_step`) and the real `TrainIterator`. Only the data is synthetic
+(GUIDE §4): seeded random prompts (40-300 tokens) and completions (20-200) with a completion-only
+loss mask, packed by `pack_examples`; `padding_floor` is the least padding any packing of those
+whole examples could reach. `data.train_files` and `data.tokenizer` are ignored (configs/bench
+name the bundled demo file only so that the config parses).
 
 Timing: the step is lowered and compiled once (`compile_s`), run `--warmup` times, then timed
 `--steps` times; each step blocks on its results. `step_s` is the median wall time of one timed
@@ -36,7 +34,6 @@ and GPU buffer assignments differ, so treat those figures as estimates.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -53,6 +50,7 @@ from sft_jax import hf, sharding
 from sft_jax.attention import resolve_implementation
 from sft_jax.config import Config, ConfigError, config_from_argv
 from sft_jax.data import TokenizedExample, TrainIterator, pack_examples, packing_stats
+from sft_jax.data.pack import whole_example_row_floor
 from sft_jax.host_memory import configure_host_allocator
 from sft_jax.model import ModelConfig, Transformer, count_params
 from sft_jax.optim import make_optimizer, make_schedule
@@ -198,19 +196,19 @@ def to_tokenized(pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[TokenizedEx
     return out
 
 
-def packed_data(config: Config, rows: int, vocab_size: int) -> dict[str, np.ndarray]:
-    """Packed rows [R >= rows, seq_len] of the synthetic workload (TrainIterator cycles them)."""
+def packed_data(config: Config, rows: int, vocab_size: int) -> tuple[dict[str, np.ndarray], float]:
+    """Packed rows [R >= rows, seq_len] of the synthetic workload (TrainIterator cycles them), and
+    the padding floor of whole examples of its lengths (`whole_example_row_floor`)."""
     seq_len, window = config.data.seq_len, config.data.pack_window
     pairs = synthetic_examples(
         config.seed, example_count(seq_len, rows, window), vocab_size, seq_len
     )
-    return pack_examples(
-        to_tokenized(pairs),
-        seq_len=seq_len,
-        window=window,
-        seed=config.seed,
-        split=config.data.pack_split,
+    examples = to_tokenized(pairs)
+    packed = pack_examples(
+        examples, seq_len=seq_len, window=window, seed=config.seed, split=config.data.pack_split
     )
+    sizes = [len(e.tokens) - 1 for e in examples]
+    return packed, 1.0 - sum(sizes) / (whole_example_row_floor(sizes, seq_len) * seq_len)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -223,12 +221,7 @@ def build(config: Config, total_steps: int) -> tuple[Any, Any, Any, ModelConfig,
     model_config = hf.build_model_config(config.model)
     tx = make_optimizer(config.optim, total_steps, config.lora)
     args = (model_config, config.model.path, tx, mesh, config.mesh.rules, config.seed)
-    if "lora_cfg" in inspect.signature(create_train_state).parameters:
-        state, shardings = create_train_state(*args, config.lora)
-    elif config.lora.enabled:
-        raise SystemExit("this version of sft_jax.state has no LoRA support; bench full only")
-    else:
-        state, shardings = create_train_state(*args)
+    state, shardings = create_train_state(*args, config.lora)
     batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
     step = make_train_step(
         shardings,
@@ -342,7 +335,8 @@ def run_bench(config: Config, *, steps: int, warmup: int, cpu_peak: float, workl
     """Builds, compiles and times the step; returns the result record (see module docstring)."""
     state, step, place, model_config, mesh = build(config, warmup + steps + 1)
     batch_size = config.train.global_batch_size
-    packed = packed_data(config, (warmup + steps + 1) * batch_size, model_config.vocab_size)
+    rows = (warmup + steps + 1) * batch_size
+    packed, padding_floor = packed_data(config, rows, model_config.vocab_size)
     batches = TrainIterator(
         packed, global_batch_size=batch_size, seed=config.seed, prefetch=config.data.prefetch
     )
@@ -384,6 +378,7 @@ def run_bench(config: Config, *, steps: int, warmup: int, cpu_peak: float, workl
         # tracks the work a step does better than wall time (which includes waiting for a core).
         "step_cpu_s": round(statistics.median(cpu_times), 5),
         "padding_waste": round(packing_stats(packed)["padding_fraction"], 5),
+        "padding_floor": round(padding_floor, 5),  # least padding of any whole-example packing
         "real_tokens_per_step": round(statistics.mean(tokens), 1),
         "flops_per_token": per_token,
         "peak_flops": peak,
@@ -432,7 +427,8 @@ def summary(result: dict) -> str:
             f"{r['steps']} steps after {r['warmup']} warm-up; data wait "
             f"{r['data_wait_s'] * 1e3:.2f} ms/step",
             f"  {r['tokens_per_s']:.0f} real tokens/s ({r['real_tokens_per_step']:.0f}/step, "
-            f"padding waste {r['padding_waste']:.2%}); MFU {r['mfu']:.2%} of "
+            f"padding waste {r['padding_waste']:.2%}, floor {r['padding_floor']:.2%}); "
+            f"MFU {r['mfu']:.2%} of "
             f"{r['peak_flops'] / 1e12:.3g} TFLOP/s ({r['peak_source']})",
             f"  peak memory {r['peak_bytes'] / 2**20:.0f} MiB ({r['memory_source']}); "
             f"final loss {r['final_loss']}",

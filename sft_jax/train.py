@@ -33,7 +33,7 @@ from tqdm import tqdm
 from sft_jax import data, eval_loop, hf, preflight, sharding
 from sft_jax.checkpoint import Checkpointer
 from sft_jax.config import Config, ConfigError, config_from_argv, to_dict
-from sft_jax.data.pipeline import format_stats
+from sft_jax.data.pipeline import format_stats, padding_line
 from sft_jax.distributed import check_platform, initialize_distributed
 from sft_jax.evaluate import (
     evaluate_loss,
@@ -88,7 +88,7 @@ def make_placer(batch_sharding: jax.sharding.NamedSharding):
 
 
 def print_data_stats(stats: dict[str, Any], steps: int, per_epoch: int) -> None:
-    log(f"data: {format_stats(stats)}; padding {stats['padding_fraction']:.2%}")
+    log(f"data: {format_stats(stats)}; {padding_line(stats)}")
     log(f"schedule: {steps} steps ({per_epoch} steps per epoch)")
 
 

@@ -21,7 +21,9 @@ from sft_jax.data import (
     packing_stats,
     read_rows,
     tokenize_rows,
+    whole_example_row_floor,
 )
+from sft_jax.data.pipeline import padding_line
 
 BOS, EOS = 1, 2
 
@@ -305,6 +307,37 @@ def test_best_fit_decreasing_is_true_best_fit_and_beats_first_fit():
     ]
     with pytest.raises(ValueError):
         best_fit_decreasing([11], 10)
+
+
+def test_whole_example_row_floor_bounds_every_packing():
+    assert whole_example_row_floor([], 10) == 0
+    assert whole_example_row_floor([6, 5, 5], 10) == 2  # volume: ceil(16 / 10)
+    assert whole_example_row_floor([6, 6, 6, 1], 10) == 3  # no two items over half share a row
+    assert whole_example_row_floor([3] * 6, 10) == 2 == len(best_fit_decreasing([3] * 6, 10))
+    assert whole_example_row_floor([3] * 7, 10) == 3  # items over a quarter: three per row
+    assert (
+        whole_example_row_floor([6, 4, 6, 4], 10) == 2 == len(best_fit_decreasing([6, 4] * 2, 10))
+    )
+    rng = np.random.default_rng(1)
+    for trial in range(30):
+        sizes = rng.integers(1, 101, 200).tolist()
+        assert len(best_fit_decreasing(sizes, 100)) >= whole_example_row_floor(sizes, 100), trial
+        narrow = rng.integers(26, 34, 200).tolist()  # three per row: volume is loose
+        assert len(best_fit_decreasing(narrow, 100)) >= whole_example_row_floor(narrow, 100)
+        assert whole_example_row_floor(narrow, 100) > -(-sum(narrow) // 100)
+    # Long-tailed lengths like the CPU bench (most examples over half a row): best fit over the
+    # whole set lands within 2% of the floor.
+    sizes = rng.integers(60, 500, 2000).tolist()
+    floor = whole_example_row_floor(sizes, 512)
+    assert sum(1 for n in sizes if 2 * n > 512) <= floor <= len(best_fit_decreasing(sizes, 512))
+    assert len(best_fit_decreasing(sizes, 512)) <= 1.02 * floor
+
+
+def test_padding_line_gives_both_floors():
+    stats = {"padding_fraction": 0.0904, "padding_floor": 0.077, "padding_floor_split": 0.0036}
+    assert padding_line(stats) == (
+        "padding 9.04% (lower bounds 7.70% for whole examples, 0.36% with data.pack_split)"
+    )
 
 
 def test_packing_stats_hand_case():

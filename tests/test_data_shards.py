@@ -136,6 +136,7 @@ def test_virtual_shards_equal_processes(tmp_path, mixture):
     (virtual,) = prepare_as_processes(config, 1)
     parts = prepare_as_processes(config, 2)
     assert virtual.stats == parts[0].stats == parts[1].stats
+    assert 0 <= virtual.stats["padding_floor"] <= virtual.stats["padding_fraction"]
     assert virtual.stats["shards"] == 2 and virtual.train_iter.steps_per_epoch > 2
     assert len(virtual.stats["mixture"]) == (2 if mixture else 1)
     steps = virtual.train_iter.steps_per_epoch + 3  # into the second epoch

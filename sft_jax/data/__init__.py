@@ -28,7 +28,13 @@ from sft_jax.data.formats import (
 )
 from sft_jax.data.loader import TrainIterator, eval_batches
 from sft_jax.data.mixture import mix, parse_mixture
-from sft_jax.data.pack import best_fit_decreasing, pack_examples, packing_stats, split_into_gaps
+from sft_jax.data.pack import (
+    best_fit_decreasing,
+    pack_examples,
+    packing_stats,
+    split_into_gaps,
+    whole_example_row_floor,
+)
 from sft_jax.data.pipeline import DataBundle, check_trainable, prepare_data, read_splits, split_rows
 from sft_jax.data.render import render_conversation
 from sft_jax.data.shards import ShardPlan, shard_plan
@@ -79,4 +85,5 @@ __all__ = [
     "split_into_gaps",
     "split_rows",
     "tokenize_rows",
+    "whole_example_row_floor",
 ]

@@ -62,6 +62,30 @@ def best_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def whole_example_row_floor(sizes: Sequence[int], capacity: int, max_k: int = 32) -> int:
+    """A lower bound on the rows any packing of these items needs without cutting one.
+
+    The best of the volume bound ceil(sum / capacity) and Fekete and Schepers' dual feasible
+    functions u_k, k = 1..max_k: an item of x = size / capacity counts floor((k + 1) x) / k, or
+    x where (k + 1) x is a whole number, and no row's items can count more than 1 in total.
+    k = 1 counts the items over half a row (no two share one), k = 3 the items over a quarter
+    at 1/3 each, and so on. A bound, not always reachable (items of 0.3 each need a row per
+    three, a third more than their volume); where the padding is at it, the lengths cause the
+    padding, not the packer.
+    """
+    if not sizes:
+        return 0
+    s = np.asarray(sizes, np.int64)
+    best = -(-int(s.sum()) // capacity)
+    for k in range(1, max_k + 1):
+        steps, exact = np.divmod((k + 1) * s, capacity)
+        whole = exact == 0
+        # sum of u_k = (sum of steps off the exact points) / k + (sum of exact sizes) / capacity
+        num = int(steps[~whole].sum()) * capacity + int(s[whole].sum()) * k
+        best = max(best, -(-num // (k * capacity)))
+    return best
+
+
 def pack_examples(
     examples: list[TokenizedExample],
     *,

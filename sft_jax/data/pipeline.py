@@ -41,7 +41,7 @@ from sft_jax.data.formats import (
 )
 from sft_jax.data.loader import TrainIterator, eval_batches, shard_seed
 from sft_jax.data.mixture import mix, mixture_counts, parse_mixture
-from sft_jax.data.pack import pack_examples, packing_stats
+from sft_jax.data.pack import pack_examples, packing_stats, whole_example_row_floor
 from sft_jax.data.render import TokenCounts
 from sft_jax.data.shards import ShardPlan, agree, shard_plan, shard_positions
 from sft_jax.data.source import DataError, SkipCounter, lazy_records
@@ -62,6 +62,8 @@ _SUMMED = (
     "truncated",
     "split",
     "dropped",
+    "row_floor",
+    "row_floor_split",
 )
 
 
@@ -276,6 +278,7 @@ def _build_shard(
         train, seq_len=dc.seq_len, window=dc.pack_window, seed=key, split=dc.pack_split
     )
     stats = packing_stats(packed)
+    slots = [len(e.tokens) - 1 for e in train]  # per example
     shard_counts = {
         **stats,
         "examples": len(train),
@@ -283,6 +286,8 @@ def _build_shard(
         "truncated": counts.truncated,
         "split": counts.split,
         "dropped": counts.dropped,
+        "row_floor": whole_example_row_floor(slots, dc.seq_len),
+        "row_floor_split": -(-sum(slots) // dc.seq_len),
     }
     sizes = [len(g) for g in encoded]
     return packed, shard_counts, mixture_counts(sizes, weights) if weights else sizes
@@ -308,6 +313,9 @@ def _global_stats(
     stats.update(
         skipped=stats["skipped"] + local.skipped_eval,
         padding_fraction=1.0 - real / slots,
+        # The least padding packing could reach (each shard packs alone: per-shard row floors).
+        padding_floor=1.0 - real / (stats["row_floor"] * slots / stats["rows"]),
+        padding_floor_split=1.0 - real / (stats["row_floor_split"] * slots / stats["rows"]),
         packing_efficiency=real / slots,
         trainable_fraction=stats["loss_tokens"] / real if real else 0.0,
         shards=plan.num_shards,
@@ -365,3 +373,13 @@ def format_stats(stats: dict[str, Any]) -> str:
         "{packing_efficiency:.2%} ({continued_segments} split pieces), mixture {mixture}; "
         "{eval_examples} eval examples"
     ).format(**stats)
+
+
+def padding_line(stats: dict[str, Any]) -> str:
+    """The padding and its two lower bounds at these lengths: packing whole examples
+    (`whole_example_row_floor`) and splitting them (whole rows of real tokens). Padding at the
+    first says the lengths cause it and only data.pack_split (or another seq_len) removes it."""
+    return (
+        f"padding {stats['padding_fraction']:.2%} (lower bounds {stats['padding_floor']:.2%} "
+        f"for whole examples, {stats['padding_floor_split']:.2%} with data.pack_split)"
+    )

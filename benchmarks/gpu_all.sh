@@ -12,10 +12,16 @@
 # array-record, portpicker and ml-collections, carried as wheels in .whl/ (docs/benchmarks.md
 # gives the exact download and carry commands); when .whl/ exists they are installed first.
 # Environment: PYTHON (default python3), STEPS (10), WARMUP (2), RUN_TIMEOUT seconds per run
-# (100; five runs and the check stay under 10 minutes), AB (1; 0 skips the two A/B runs), OUT
-# (directory for the per-run logs, default /tmp).
+# (100), TOTAL_S (560: every run's limit is cut to what is left of this, and a run with under 30 s
+# left is skipped with an error line, so the JSON summary prints inside one 600 s device call),
+# AB (1; 0 skips the two A/B runs), OUT (directory for the per-run logs, default /tmp).
 set -u
 cd "$(dirname "$0")/.."
+DEADLINE=$((SECONDS + ${TOTAL_S:-560}))
+limit() {  # limit WANTED: WANTED seconds, or what is left before the deadline if less
+  local left=$((DEADLINE - SECONDS))
+  echo $((left < $1 ? left : $1))
+}
 PY=${PYTHON:-python3}
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -33,20 +39,29 @@ bench() {  # bench NAME CONFIG [flags...]
   shift 2
   case " $* " in *lora.enabled=True*) mode=lora ;; esac
   case "$config" in *llama8b*) case " $* " in *lora.enabled=False*) ;; *) mode=lora ;; esac ;; esac
-  echo "=== $name: $PY -m sft_jax.bench --config $config $*"
-  timeout "${RUN_TIMEOUT:-100}" "$PY" -m sft_jax.bench --config "$config" \
-    --steps "${STEPS:-10}" --warmup "${WARMUP:-2}" "$@" 2>&1 | tee "$LOGS/bench_$name.log"
-  local rc=${PIPESTATUS[0]}
+  local seconds rc why
+  seconds=$(limit "${RUN_TIMEOUT:-100}")
+  echo "=== $name ($seconds s): $PY -m sft_jax.bench --config $config $*"
+  if [ "$seconds" -lt 30 ]; then
+    why="skipped: under 30 s of TOTAL_S=${TOTAL_S:-560} left"
+    echo "$why" >"$LOGS/bench_$name.log"
+    rc=124
+  else
+    timeout "$seconds" "$PY" -m sft_jax.bench --config "$config" \
+      --steps "${STEPS:-10}" --warmup "${WARMUP:-2}" "$@" 2>&1 | tee "$LOGS/bench_$name.log"
+    rc=${PIPESTATUS[0]}
+    why="exit $rc"
+  fi
   if [ "$rc" -ne 0 ] || ! tail -n 1 "$LOGS/bench_$name.log" | grep -q '^{"workload"'; then
     local workload
     workload=$(basename "$config" .py)
-    echo "{\"workload\": \"$workload\", \"mode\": \"$mode\", \"error\": \"exit $rc\"}" \
+    echo "{\"workload\": \"$workload\", \"mode\": \"$mode\", \"error\": \"$why\"}" \
       >>"$LOGS/bench_$name.log"
   fi
 }
 
 echo "=== cuDNN attention check: $PY benchmarks/gpu_checks.py"
-timeout 120 "$PY" benchmarks/gpu_checks.py 2>&1 | tee "$LOGS/gpu_checks.log"
+timeout "$(limit 120)" "$PY" benchmarks/gpu_checks.py 2>&1 | tee "$LOGS/gpu_checks.log"
 
 bench llama1b_full configs/bench/gpu_llama1b.py "$@"
 bench llama1b_lora configs/bench/gpu_llama1b.py --config.lora.enabled=True "$@"

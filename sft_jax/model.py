@@ -61,6 +61,7 @@ from sft_jax.model_config import (  # noqa: F401  (re-exported: the config lives
     with_section_options,
 )
 from sft_jax.regularize import neftune_noise
+from sft_jax.wide_matmul import wide_matmul, widens
 
 _INIT_STD = 0.02  # Hugging Face `initializer_range` for every family here.
 _ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -119,6 +120,7 @@ class Einsum(nn.Module):
     out_dtype: str | None = None  # accumulate/return in this dtype (float32 logits)
     lora_scale: float = 0.0
     lora_dropout: float = 0.0
+    wide_grad: bool = False  # a widening 2-D kernel's gradient formed [O, I] (sft_jax/wide_matmul)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -133,12 +135,11 @@ class Einsum(nn.Module):
             kernel = _param(
                 self, "kernel", init, self.kernel_shape, self.kernel_names, self.param_dtype
             )
-            y = jnp.einsum(
-                self.equation,
-                x.astype(self.dtype),
-                kernel.astype(self.dtype),
-                preferred_element_type=out_dtype,
-            )
+            h, w = x.astype(self.dtype), kernel.astype(self.dtype)
+            if self.wide_grad and widens(self.kernel_shape):
+                y = wide_matmul(h, w, out_dtype)
+            else:
+                y = jnp.einsum(self.equation, h, w, preferred_element_type=out_dtype)
         if self.has_variable("lora", "a"):
             y = self._lora(x, y, kernel)
         if self.bias_names is not None:
@@ -221,8 +222,21 @@ class Embed(nn.Module):
         return jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
 
 
-def _lora_fields(c: ModelConfig) -> dict[str, float]:
-    return {"lora_scale": c.lora_scale, "lora_dropout": c.lora_dropout}
+def _wide_grad(c: ModelConfig) -> bool:
+    """Widening kernels get output-major weight gradients on the CPU without remat (why, and
+    why only there: sft_jax/wide_matmul.py)."""
+    return c.remat == "none" and jax.default_backend() == "cpu"
+
+
+def _einsum_fields(c: ModelConfig) -> dict[str, Any]:
+    """The Einsum settings every block projection shares."""
+    return {
+        "dtype": c.dtype,
+        "param_dtype": c.param_dtype,
+        "lora_scale": c.lora_scale,
+        "lora_dropout": c.lora_dropout,
+        "wide_grad": _wide_grad(c),
+    }
 
 
 class Attention(nn.Module):
@@ -246,7 +260,7 @@ class Attention(nn.Module):
     ):
         c = self.config
         d, n, kv, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        dt = {"dtype": c.dtype, "param_dtype": c.param_dtype, **_lora_fields(c)}
+        dt = _einsum_fields(c)
         q_bias = ("heads", "head_dim") if c.attention_bias else None
         kv_bias = ("kv_heads", "head_dim") if c.attention_bias else None
         q_names, kv_names = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
@@ -290,7 +304,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
         d, f = c.hidden_size, c.intermediate_size
-        dt = {"dtype": c.dtype, "param_dtype": c.param_dtype, **_lora_fields(c)}
+        dt = _einsum_fields(c)
         gate = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **dt, name="gate_proj")(x)
         up = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **dt, name="up_proj")(x)
         hidden = _ACTIVATIONS[c.mlp_activation](gate) * up
@@ -386,7 +400,9 @@ class Transformer(nn.Module):
         self.final_norm = _norm(c, ("embed",))
         if not c.tie_embeddings:
             shape, names = (c.hidden_size, c.vocab_size), ("embed", "vocab")
-            self.lm_head = Einsum("BTD,DV->BTV", shape, names, **dt, out_dtype="float32")
+            self.lm_head = Einsum(
+                "BTD,DV->BTV", shape, names, **dt, out_dtype="float32", wide_grad=_wide_grad(c)
+            )
 
     def __call__(
         self,

@@ -5,8 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import base
 from sft_jax import model as model_module
+from sft_jax.config import LoraSection, MeshSection, OptimSection
 from sft_jax.model import Transformer
+from sft_jax.optim import make_optimizer
+from sft_jax.sharding import make_mesh
+from sft_jax.state import create_train_state
+from sft_jax.step import model_variables
 from sft_jax.wide_matmul import wide_matmul, widens
 from tests.helpers import tiny_model_config
 
@@ -38,26 +44,58 @@ def test_wide_matmul_equals_the_plain_einsum_with_its_gradients(dtype):
                                    atol=tol * scale)  # fmt: skip
 
 
-def test_model_gradients_are_the_same_with_and_without_it(monkeypatch):
-    """Untied LM head and gate/up widen at these shapes: the train-path gradients must not move."""
-    config = tiny_model_config(num_layers=1)
-    rng = np.random.default_rng(1)
-    tokens = jnp.asarray(rng.integers(0, config.vocab_size, size=(2, 8)), jnp.int32)
-    positions = jnp.tile(jnp.arange(8), (2, 1))
-    segments = jnp.ones((2, 8), jnp.int32)
-    params = Transformer(config).init(jax.random.key(0), tokens, positions, segments)["params"]
+CONFIG = tiny_model_config(num_layers=1)
+_rng = np.random.default_rng(1)
+TOKENS = jnp.asarray(_rng.integers(0, CONFIG.vocab_size, size=(2, 8)), jnp.int32)
+POSITIONS = jnp.tile(jnp.arange(8), (2, 1))
+SEGMENTS = jnp.ones((2, 8), jnp.int32)
 
-    def loss(p):
-        logits = Transformer(config).apply({"params": p}, tokens, positions, segments)
-        return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
 
+def assert_same_grads_with_path_off(monkeypatch, loss, params):
     def grads():  # a fresh trace each call, so the monkeypatch below takes effect
         return jax.jit(jax.grad(lambda p: loss(p)))(params)
 
     wide = grads()
-    # The CPU without remat really takes the wide path (the LM head and gate/up widen here).
-    assert "custom_vjp_call" in str(jax.make_jaxpr(jax.grad(loss))(params))
+    # The CPU without remat really takes the wide path.
+    assert "name=wide_matmul" in str(jax.make_jaxpr(jax.grad(loss))(params))
     monkeypatch.setattr(model_module, "_wide_grad", lambda c: False)
+    assert "name=wide_matmul" not in str(jax.make_jaxpr(jax.grad(loss))(params))
     plain = grads()
     for a, b in zip(jax.tree.leaves(wide), jax.tree.leaves(plain), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6 * max(1.0, float(np.abs(b).max())))
+
+
+def test_model_gradients_are_the_same_with_and_without_it(monkeypatch):
+    """Untied LM head and gate/up widen at these shapes: the train-path gradients must not move."""
+    params = Transformer(CONFIG).init(jax.random.key(0), TOKENS, POSITIONS, SEGMENTS)["params"]
+
+    def loss(p):
+        logits = Transformer(CONFIG).apply({"params": p}, TOKENS, POSITIONS, SEGMENTS)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+
+    assert_same_grads_with_path_off(monkeypatch, loss, params)
+
+
+def test_lora_adapter_gradients_are_the_same_with_and_without_it(monkeypatch):
+    """Under LoRA the frozen base's widening layers still take the path (their input gradient
+    reaches the adapters of the layers below): the adapters' gradients must not move either."""
+    values = base.get_config().lora.to_dict()
+    values.update(enabled=True, rank=4, alpha=8.0, base_dtype="float32")
+    lora_cfg = LoraSection(**{**values, "targets": tuple(values["targets"])})
+    rules = tuple(tuple(r) for r in base.get_config().mesh.rules)
+    mesh = make_mesh(MeshSection(-1, 1, 1, rules=rules), jax.devices()[:1])
+    optim = OptimSection(**base.get_config().optim.to_dict())
+    tx = make_optimizer(optim, 10, lora_cfg)
+    state, _ = create_train_state(CONFIG, "", tx, mesh, rules, seed=0, lora_cfg=lora_cfg)
+    leaves, treedef = jax.tree.flatten(state.params)  # B = 0 at init: give it values
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    adapters = treedef.unflatten(
+        [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    )
+
+    def loss(p):
+        variables = model_variables(p, state.frozen)
+        logits = state.apply_fn(variables, TOKENS, POSITIONS, SEGMENTS)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+
+    assert_same_grads_with_path_off(monkeypatch, loss, adapters)

@@ -52,6 +52,7 @@ from sft_jax.attention import (
     rope_tables,
     window_mask,
 )
+from sft_jax.cpu_linear import cpu_linear, input_rank
 from sft_jax.lora.quant import Quantized, dequantize_array, einsum_dequantized
 from sft_jax.model_config import (  # noqa: F401  (re-exported: the config lives with the model)
     ModelConfig,
@@ -61,7 +62,6 @@ from sft_jax.model_config import (  # noqa: F401  (re-exported: the config lives
     with_section_options,
 )
 from sft_jax.regularize import neftune_noise
-from sft_jax.wide_matmul import wide_matmul, widens
 
 _INIT_STD = 0.02  # Hugging Face `initializer_range` for every family here.
 _ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -120,7 +120,7 @@ class Einsum(nn.Module):
     out_dtype: str | None = None  # accumulate/return in this dtype (float32 logits)
     lora_scale: float = 0.0
     lora_dropout: float = 0.0
-    wide_grad: bool = False  # a widening 2-D kernel's gradient formed [O, I] (sft_jax/wide_matmul)
+    cpu_grad: bool = False  # weight gradient as one matmul over x^T (sft_jax/cpu_linear.py)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -136,8 +136,9 @@ class Einsum(nn.Module):
                 self, "kernel", init, self.kernel_shape, self.kernel_names, self.param_dtype
             )
             h, w = x.astype(self.dtype), kernel.astype(self.dtype)
-            if self.wide_grad and widens(self.kernel_shape):
-                y = wide_matmul(h, w, out_dtype)
+            n_in = input_rank(self.equation) if self.cpu_grad else None
+            if n_in:
+                y = cpu_linear(h, w, n_in, out_dtype)
             else:
                 y = jnp.einsum(self.equation, h, w, preferred_element_type=out_dtype)
         if self.has_variable("lora", "a"):
@@ -222,9 +223,9 @@ class Embed(nn.Module):
         return jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
 
 
-def _wide_grad(c: ModelConfig) -> bool:
-    """Widening kernels get output-major weight gradients on the CPU without remat (why, and
-    why only there: sft_jax/wide_matmul.py)."""
+def _cpu_grad(c: ModelConfig) -> bool:
+    """Projections take their weight gradient as one matmul over x^T on the CPU without remat
+    (why, and why only there: sft_jax/cpu_linear.py)."""
     return c.remat == "none" and jax.default_backend() == "cpu"
 
 
@@ -235,7 +236,7 @@ def _einsum_fields(c: ModelConfig) -> dict[str, Any]:
         "param_dtype": c.param_dtype,
         "lora_scale": c.lora_scale,
         "lora_dropout": c.lora_dropout,
-        "wide_grad": _wide_grad(c),
+        "cpu_grad": _cpu_grad(c),
     }
 
 
@@ -401,7 +402,7 @@ class Transformer(nn.Module):
         if not c.tie_embeddings:
             shape, names = (c.hidden_size, c.vocab_size), ("embed", "vocab")
             self.lm_head = Einsum(
-                "BTD,DV->BTV", shape, names, **dt, out_dtype="float32", wide_grad=_wide_grad(c)
+                "BTD,DV->BTV", shape, names, **dt, out_dtype="float32", cpu_grad=_cpu_grad(c)
             )
 
     def __call__(

@@ -133,17 +133,29 @@ def _dot_result_shapes(fn, *args) -> set[tuple[int, ...]]:
     return {tuple(sorted(int(d) for d in s.split("x"))) for s in shapes}
 
 
+def flat_kernel_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The weight gradient's result shape: on the CPU without remat every projection takes it
+    as one [in, out] matmul (sft_jax/cpu_linear.py); o_proj [N, H, D] has two input dims."""
+    n_in = 2 if name == "o_proj" else 1
+    return (int(np.prod(shape[:n_in])), int(np.prod(shape[n_in:])))
+
+
 def test_no_weight_gradient_for_frozen_base(built):
     """The LoRA gradient contains no matmul producing a base-kernel-shaped result (a weight
     gradient), while the full fine-tuning gradient has one per kernel."""
     state, _ = built
-    b = {k: jnp.asarray(v) for k, v in batch().items()}
+    # 3 x 16 = 48 positions: no [positions, dim] activation can be mistaken for a kernel shape.
+    b = {k: jnp.asarray(v) for k, v in batch(rows=3).items()}
     full = Transformer(MODEL).apply
     rng = jax.random.PRNGKey(0)
     full_grad = jax.grad(lambda p: loss_fn(p, full, b, rng)[0])
     lora_grad = jax.grad(lambda a, f: loss_fn(a, state.apply_fn, b, rng, f)[0])
-    kernels = {
-        tuple(sorted(x.shape[1:] if path[0].key == "layers" else x.shape))
+    kernels = {  # each kernel's shape, as its flattened 2-D [in, out] on the CPU's path
+        tuple(
+            sorted(
+                flat_kernel_shape(path[-2].key, x.shape[1:] if path[0].key == "layers" else x.shape)
+            )
+        )
         for path, x in jax.tree_util.tree_flatten_with_path(state.frozen)[0]
         if path[-1].key == "kernel"
     }

@@ -1,4 +1,4 @@
-"""The output-major weight gradient (sft_jax/wide_matmul.py) changes no value and no gradient."""
+"""The CPU projection (sft_jax/cpu_linear.py) changes no value and no gradient."""
 
 import jax
 import jax.numpy as jnp
@@ -8,32 +8,36 @@ import pytest
 from configs import base
 from sft_jax import model as model_module
 from sft_jax.config import LoraSection, MeshSection, OptimSection
+from sft_jax.cpu_linear import cpu_linear, input_rank
 from sft_jax.model import Transformer
 from sft_jax.optim import make_optimizer
 from sft_jax.sharding import make_mesh
 from sft_jax.state import create_train_state
 from sft_jax.step import model_variables
-from sft_jax.wide_matmul import wide_matmul, widens
 from tests.helpers import tiny_model_config
 
 
-def test_widens_only_two_dimensional_growing_kernels():
-    assert widens((32, 64)) and not widens((64, 32)) and not widens((32, 32))
-    assert not widens((32, 4, 16))  # q_proj-style [D, N, H]
+def test_input_rank_finds_the_model_projections_only():
+    assert input_rank("BTD,DNH->BTNH") == 1  # q/k/v
+    assert input_rank("BTNH,NHD->BTD") == 2  # o_proj
+    assert input_rank("BTD,DF->BTF") == input_rank("BTD,DV->BTV") == 1  # mlp, LM head
+    assert input_rank("BTD,VD->BTV") is None  # kernel stored [out, in]
+    assert input_rank("BKQH,BKSH->BKQS") is None  # attention scores: not a projection
+    assert input_rank("BTD,DNH->BTHN") is None  # output dims reordered
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_wide_matmul_equals_the_plain_einsum_with_its_gradients(dtype):
+def test_cpu_linear_equals_the_plain_einsum_with_its_gradients(dtype):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2, 5, 8)), dtype)
-    w = jnp.asarray(rng.normal(size=(8, 24)), dtype)
+    x = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), dtype)  # o_proj-like: two input dims
+    w = jnp.asarray(rng.normal(size=(3, 4, 24)), dtype)
     cotangent = jnp.asarray(rng.normal(size=(2, 5, 24)), jnp.float32)
 
     def loss(f):
         return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(f(x, w) * cotangent), (0, 1)))
 
-    plain = loss(lambda x, w: jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32))
-    value, grads = loss(lambda x, w: wide_matmul(x, w, jnp.float32))(x, w)
+    plain = loss(lambda x, w: jnp.einsum("btnh,nhd->btd", x, w, preferred_element_type=jnp.float32))
+    value, grads = loss(lambda x, w: cpu_linear(x, w, 2, jnp.float32))(x, w)
     want_value, want_grads = plain(x, w)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(value, want_value, rtol=tol)
@@ -57,16 +61,16 @@ def assert_same_grads_with_path_off(monkeypatch, loss, params):
 
     wide = grads()
     # The CPU without remat really takes the wide path.
-    assert "name=wide_matmul" in str(jax.make_jaxpr(jax.grad(loss))(params))
-    monkeypatch.setattr(model_module, "_wide_grad", lambda c: False)
-    assert "name=wide_matmul" not in str(jax.make_jaxpr(jax.grad(loss))(params))
+    assert "name=_matmul" in str(jax.make_jaxpr(jax.grad(loss))(params))
+    monkeypatch.setattr(model_module, "_cpu_grad", lambda c: False)
+    assert "name=_matmul" not in str(jax.make_jaxpr(jax.grad(loss))(params))
     plain = grads()
     for a, b in zip(jax.tree.leaves(wide), jax.tree.leaves(plain), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6 * max(1.0, float(np.abs(b).max())))
 
 
 def test_model_gradients_are_the_same_with_and_without_it(monkeypatch):
-    """Untied LM head and gate/up widen at these shapes: the train-path gradients must not move."""
+    """Every projection and the untied LM head take the path: the gradients must not move."""
     params = Transformer(CONFIG).init(jax.random.key(0), TOKENS, POSITIONS, SEGMENTS)["params"]
 
     def loss(p):
@@ -77,7 +81,7 @@ def test_model_gradients_are_the_same_with_and_without_it(monkeypatch):
 
 
 def test_lora_adapter_gradients_are_the_same_with_and_without_it(monkeypatch):
-    """Under LoRA the frozen base's widening layers still take the path (their input gradient
+    """Under LoRA the frozen base's projections still take the path (their input gradient
     reaches the adapters of the layers below): the adapters' gradients must not move either."""
     values = base.get_config().lora.to_dict()
     values.update(enabled=True, rank=4, alpha=8.0, base_dtype="float32")

@@ -385,6 +385,11 @@ def _validate(c: Config) -> None:
 
 def _range_checks(c: Config) -> list[tuple[str, bool, str]]:
     """(key, whether its value is valid, what it must be), in the order keys are reported."""
+    return [*_run_checks(c), *_eval_and_output_checks(c)]
+
+
+def _run_checks(c: Config) -> list[tuple[str, bool, str]]:
+    """The data, optimizer and training-loop keys."""
     return [
         ("data.seq_len", c.data.seq_len >= 8, "must be >= 8"),
         ("model.loss_chunk", c.model.loss_chunk >= 0, "must be >= 0 (0: unchunked)"),
@@ -422,6 +427,12 @@ def _range_checks(c: Config) -> list[tuple[str, bool, str]]:
             c.train.kl_to_base == 0 or c.model.loss_chunk == 0,
             "needs model.loss_chunk=0 (the KL is computed from whole logits)",
         ),
+    ]
+
+
+def _eval_and_output_checks(c: Config) -> list[tuple[str, bool, str]]:
+    """Evaluation, checkpoint, fault-injection, LoRA and logging keys."""
+    return [
         ("eval.every_steps", c.eval.every_steps >= 0, "must be >= 0 (0: only at the end)"),
         ("eval.early_stopping_patience", c.eval.early_stopping_patience >= 0, "must be >= 0"),
         *_eval_match_checks(c.eval),

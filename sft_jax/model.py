@@ -136,11 +136,7 @@ class Einsum(nn.Module):
                 self, "kernel", init, self.kernel_shape, self.kernel_names, self.param_dtype
             )
             h, w = x.astype(self.dtype), kernel.astype(self.dtype)
-            n_in = input_rank(self.equation) if self.cpu_grad else None
-            if n_in:
-                y = cpu_linear(h, w, n_in, out_dtype)
-            else:
-                y = jnp.einsum(self.equation, h, w, preferred_element_type=out_dtype)
+            y = self._project(self.equation, h, w, out_dtype)
         if self.has_variable("lora", "a"):
             y = self._lora(x, y, kernel)
         if self.bias_names is not None:
@@ -149,6 +145,15 @@ class Einsum(nn.Module):
             bias = _param(self, "bias", zeros, shape, self.bias_names, self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
+
+    def _project(
+        self, equation: str, x: jax.Array, w: jax.Array, out_dtype: Any = None
+    ) -> jax.Array:
+        """einsum(equation, x, w), through `cpu_linear` when `cpu_grad` and it is a projection."""
+        n_in = input_rank(equation) if self.cpu_grad else None
+        if n_in:
+            return cpu_linear(x, w, n_in, out_dtype)
+        return jnp.einsum(equation, x, w, preferred_element_type=out_dtype)
 
     def _lora(self, x: jax.Array, y: jax.Array, kernel: Any) -> jax.Array:
         """y + the adapter term (LoRA), or the DoRA-rescaled sum, in the compute dtype."""
@@ -159,7 +164,10 @@ class Einsum(nn.Module):
         if self.lora_dropout > 0 and self.has_rng("dropout"):  # training only
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.lora_dropout, h.shape)
             h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0.0).astype(self.dtype)
-        low_rank = jnp.einsum(up, jnp.einsum(down, h, a), b) * self.lora_scale
+        # The scale multiplies the rank-R activations, not the [.., *out] product: one pass
+        # over R values per position, forward and backward, instead of one over the outputs.
+        scaled = self._project(down, h, a) * jnp.asarray(self.lora_scale, self.dtype)
+        low_rank = self._project(up, scaled, b)
         if not self.has_variable("lora", "m"):
             return y + low_rank.astype(y.dtype)
         m = self.get_variable("lora", "m").astype(jnp.float32)  # [*out]

@@ -48,23 +48,46 @@ def test_cpu_linear_equals_the_plain_einsum_with_its_gradients(dtype):
                                    atol=tol * scale)  # fmt: skip
 
 
-CONFIG = tiny_model_config(num_layers=1)
+CONFIG = tiny_model_config(num_layers=1, scan_layers=False)  # unrolled: one trace per layer
 _rng = np.random.default_rng(1)
 TOKENS = jnp.asarray(_rng.integers(0, CONFIG.vocab_size, size=(2, 8)), jnp.int32)
 POSITIONS = jnp.tile(jnp.arange(8), (2, 1))
 SEGMENTS = jnp.ones((2, 8), jnp.int32)
 
 
-def assert_same_grads_with_path_off(monkeypatch, loss, params):
-    def grads():  # a fresh trace each call, so the monkeypatch below takes effect
+def matrix_shapes(tree, names):
+    """The per-layer shapes of the leaves of `tree` whose key is in `names` (the stacked layers'
+    leading layer axis dropped)."""
+    shapes = set()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        keys = keys[:-1] if keys[-1] == "value" else keys  # an nn.Partitioned box
+        if keys[-1] in names:
+            shapes.add(leaf.shape[1:] if "layers" in keys else leaf.shape)
+    return shapes
+
+
+def assert_same_grads_with_path_off(monkeypatch, loss, params, shapes):
+    """`shapes`: the weight shapes whose matmuls must take the path (a Flax module body may be
+    traced more than once, so shapes are compared as a set)."""
+
+    def grads():  # a fresh trace each call, so the monkeypatches below take effect
         return jax.jit(jax.grad(lambda p: loss(p)))(params)
 
     wide = grads()
-    # The CPU without remat really takes the wide path.
-    assert "name=_matmul" in str(jax.make_jaxpr(jax.grad(loss))(params))
+    traced = []
+
+    def counted(*args, **kwargs):
+        traced.append(args[1].shape)
+        return cpu_linear(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "cpu_linear", counted)
+    jax.make_jaxpr(loss)(params)
+    assert set(traced) == shapes, traced  # the CPU without remat really takes the path
     monkeypatch.setattr(model_module, "_cpu_grad", lambda c: False)
-    assert "name=_matmul" not in str(jax.make_jaxpr(jax.grad(loss))(params))
+    traced.clear()
     plain = grads()
+    assert not traced
     for a, b in zip(jax.tree.leaves(wide), jax.tree.leaves(plain), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6 * max(1.0, float(np.abs(b).max())))
 
@@ -77,7 +100,9 @@ def test_model_gradients_are_the_same_with_and_without_it(monkeypatch):
         logits = Transformer(CONFIG).apply({"params": p}, TOKENS, POSITIONS, SEGMENTS)
         return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
 
-    assert_same_grads_with_path_off(monkeypatch, loss, params)
+    shapes = matrix_shapes(params, {"kernel"})  # q, k, v, o, gate, up, down; LM head
+    assert len(shapes) >= 5
+    assert_same_grads_with_path_off(monkeypatch, loss, params, shapes)
 
 
 def test_lora_adapter_gradients_are_the_same_with_and_without_it(monkeypatch):
@@ -102,4 +127,7 @@ def test_lora_adapter_gradients_are_the_same_with_and_without_it(monkeypatch):
         logits = state.apply_fn(variables, TOKENS, POSITIONS, SEGMENTS)
         return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
 
-    assert_same_grads_with_path_off(monkeypatch, loss, adapters)
+    # The frozen base's projections, and each adapter's two low-rank matmuls x @ a, (x a) @ b.
+    shapes = matrix_shapes(state.frozen, {"kernel"}) | matrix_shapes(adapters, {"a", "b"})
+    assert len(matrix_shapes(adapters, {"a", "b"})) >= 6
+    assert_same_grads_with_path_off(monkeypatch, loss, adapters, shapes)

@@ -17,10 +17,12 @@ in passes over memory, and half of those scores lie above the causal diagonal. H
   leading axis of both operands, which XLA:CPU ran about 4x slower than the other dots;
 - grouped-query heads are folded into the query rows ([B, K, G*t, H]), so kv heads are never
   repeated;
-- the mask enters as an additive bias (0 or -1e30) and the softmax scale is applied to the
-  queries once: one add per score block instead of a multiply and a select, and the backward's
-  recomputed probabilities are exactly 0 where masked without a second select (-10-12% attention
-  time against selects on the CPU workload, one layer forward + backward: 56-60 vs 64-67 ms).
+- in the forward the mask enters as an additive bias (0 or -1e30) and the softmax scale is
+  applied to the queries once: one add per score block instead of a multiply and a select
+  (-10-12% attention time against selects on the CPU workload, one layer forward + backward:
+  56-60 vs 64-67 ms); the backward masks its transposed blocks with one select (-1e30), so the
+  recomputed probabilities are exactly 0 there (a float32 bias would be kept per block for the
+  whole backward, see `_block_mask_t`).
 
 The mask is the same dense [B, T, S] mask the other implementations read (causal, same packed
 segment, the sliding window on local layers), so packing is honoured exactly. Scores, softmax and
@@ -136,11 +138,14 @@ def _forward(q, k, v, mask, scale, block):
     return _ungroup(out).astype(q.dtype), (q, k, v, mask, out, lse)
 
 
-def _block_bias_t(mask_t: jax.Array, start: int, end: int) -> jax.Array:
-    """The block's additive mask transposed, [B, 1, end, 1, end - start] (keys, then heads of a
-    group, then queries): the broadcast over heads is an outer axis, so the elementwise passes
-    over the transposed blocks run along contiguous queries."""
-    return jnp.where(mask_t[:, None, :end, None, start:end], 0.0, _MASKED).astype(jnp.float32)
+def _block_mask_t(mask_t: jax.Array, start: int, end: int) -> jax.Array:
+    """The block's bool mask transposed, [B, 1, end, 1, end - start] (keys, then heads of a
+    group, then queries): the broadcast over heads is an outer axis, so the passes over the
+    transposed blocks run along contiguous queries. A select, not an additive bias: XLA:CPU
+    would hoist a float32 bias per block out of the layers (CSE) and keep them all alive
+    through the backward (+17% temporary memory at T = 1024); the bool select fuses into the
+    exponential, computed from the segment ids there."""
+    return mask_t[:, None, :end, None, start:end]
 
 
 def _query_stat_t(x: jax.Array, start: int, end: int) -> jax.Array:
@@ -173,9 +178,9 @@ def _backward(scale, block, residuals, d_out):
     for start, end in _blocks(t, block):
         q_cols, do_cols = gq[:, :, :, start:end], grouped_d_out[:, :, :, start:end]
         keys, values = gk[:, :, :end], gv[:, :, :end]
-        s_t = f32("BKSH,BKGQH->BKSGQ", keys, q_cols) + _block_bias_t(mask_t, start, end)
-        # Masked scores are ~-1e30, so p is exactly 0 there without a second select.
-        p_t = jnp.exp(s_t - _query_stat_t(lse, start, end))
+        s_t = f32("BKSH,BKGQH->BKSGQ", keys, q_cols)
+        s_t = jnp.where(_block_mask_t(mask_t, start, end), s_t, _MASKED)
+        p_t = jnp.exp(s_t - _query_stat_t(lse, start, end))  # exactly 0 where masked
         dv = dv.at[:, :, :end].add(f32("BKSGQ,BKGQH->BKSH", p_t, do_cols))
         dp_t = f32("BKSH,BKGQH->BKSGQ", values, do_cols)
         ds_t = p_t * (dp_t - _query_stat_t(delta, start, end))

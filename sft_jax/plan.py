@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from sft_jax import hf, lora
 from sft_jax.attention import resolve_implementation
+from sft_jax.blocked_attention import BLOCK
 from sft_jax.config import Config, ConfigError, config_from_argv
 from sft_jax.model import ModelConfig, Transformer
 from sft_jax.sharding import MESH_AXES, logical_to_spec
@@ -41,6 +42,9 @@ GIB = 1024**3
 HEADROOM = 0.9  # plan fits when its total is within 90% of the device (allocator slack)
 # Keep no [T, S] scores for the backward (blocked holds one block's scores at a time).
 FLASH_ATTENTION = ("cudnn", "splash", "blocked")
+# Float32 [.., S, block] score-sized buffers blocked attention's backward holds for its widest
+# query block (probabilities, their gradient before and after the softmax backward).
+BLOCKED_BACKWARD_BUFFERS = 3
 
 
 class PlannedMesh:
@@ -188,6 +192,8 @@ def activation_bytes(
       dots, dots_saveable: only matmul outputs are kept (and the scores), plus one layer's
             activations while it is recomputed and differentiated;
       full: only each layer's input is kept, plus the recomputed layer's activations.
+    Blocked attention (CPU) adds to that one layer's working set the float32 score blocks its
+    backward holds for the widest query block, S x `BLOCK` per query head and row.
     The loss adds the float32 logits and their gradient (2 x V x 4 bytes per token, or per
     token of one `loss_chunk` piece when chunked). `plan` adds, under remat, one more
     gradient-sized buffer (the rematerialised scan's weight gradients). Calibrated against XLA's
@@ -208,6 +214,8 @@ def activation_bytes(
         "dots_saveable": (dots, layer),
         "full": (b * d, layer),
     }[remat]
+    if attention == "blocked":  # one layer's backward at a time: score blocks of S x block
+        working += BLOCKED_BACKWARD_BUFFERS * 4 * n * min(BLOCK, seq_len) / tensor
     vocab = c.vocab_size / tensor
     loss_tokens = rows * min(loss_chunk, seq_len) if loss_chunk > 0 else tokens
     return int(tokens * (saved * c.num_layers + working) + 2 * 4 * vocab * loss_tokens)

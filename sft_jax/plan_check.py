@@ -37,6 +37,11 @@ layers, 8 / 4 heads of 32, F 688, float32, batch 8 packed rows), ratio = plan to
     at (8, 1, 1), seq 512: micro_batches 2 (batch 16) 0.93, loss_chunk 128 0.93, LoRA int8
     0.96, LoRA nf4 + remat full 1.02, bfloat16 compute and params 0.72 (**)
 
+Spot checks 2026-12-02, after blocked attention's backward moved to transposed score blocks
+and the plan began counting them (configs/tiny.py with V 2048, D 128, as tests/test_plan.py
+builds it): (2, 1, 4) full seq 1024 0.74 (0.68 without the new term), (8, 1, 1) full 512 1.11,
+(2, 1, 4) none 512 0.94, (8, 1, 1) none 256 0.96, (1, 8, 1) none 512 1.07.
+
 (*) fsdp > 1 with remat=full: XLA's temporaries barely shrink with remat under FSDP (0.165 GiB
 vs 0.170 without remat at (1, 8, 1), seq 512), so the plan is 2-2.6x low there; not yet
 explained. The fsdp rows were 0.24-0.91 before the model pinned each layer's input and output to

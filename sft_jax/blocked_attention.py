@@ -17,12 +17,12 @@ in passes over memory, and half of those scores lie above the causal diagonal. H
   leading axis of both operands, which XLA:CPU ran about 4x slower than the other dots;
 - grouped-query heads are folded into the query rows ([B, K, G*t, H]), so kv heads are never
   repeated;
-- the softmax scale is applied to the queries once, and masked scores are set to -1e30 by one
-  select per score block, fused into the exponential's pass (the mask computed there from the
-  segment ids), so the recomputed probabilities are exactly 0 where masked. An additive float32
-  bias instead was faster in isolation, but in the train step XLA:CPU hoisted one bias per
-  block out of the layers and kept them all alive (+17% temporary memory at T = 1024 with
-  remat "full"; docs/benchmarks.md, levers).
+- in the forward the mask enters as an additive bias (0 or -1e30) and the softmax scale is
+  applied to the queries once: one add per score block instead of a multiply and a select
+  (-10-12% attention time against selects on the CPU workload, one layer forward + backward:
+  56-60 vs 64-67 ms); the backward masks its transposed blocks with one select (-1e30), so the
+  recomputed probabilities are exactly 0 there (a float32 bias would be kept per block for the
+  whole backward, see `_block_mask_t`).
 
 The mask is the same dense [B, T, S] mask the other implementations read (causal, same packed
 segment, the sliding window on local layers), so packing is honoured exactly. Scores, softmax and
@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 
 BLOCK = 64  # query positions per block: 64 measured fastest on CPU (32: +2%, 128: +11% time)
-# A masked score. Finite, so a row's maximum is never -inf (no inf - inf, even for a padding
-# query that sees no key); exp of it minus a real row maximum is exactly 0.
+# Additive mask: 0 where a query sees a key, this where it does not. Finite, so a score plus it
+# never overflows to -inf (no inf - inf); exp of it minus a row's maximum is exactly 0.
 _MASKED = -1e30
 
 
@@ -89,17 +89,21 @@ def _rows(x: jax.Array, start: int, end: int) -> jax.Array:
     return x[:, :, :, start:end].reshape(b, kv, g * (end - start), last)
 
 
-def _block_mask(mask: jax.Array, groups: int, start: int, end: int) -> jax.Array:
-    """The block's bool mask [B, 1, G * (end - start), end], rows laid out as `_rows`."""
+def _block_bias(mask: jax.Array, groups: int, start: int, end: int) -> jax.Array:
+    """The block's additive mask [B, 1, G * (end - start), end] (0 where a query sees a key,
+    _MASKED elsewhere), rows laid out as `_rows`. Made from the bool mask per block, so XLA fuses
+    it into the add: no float32 copy of the [B, T, T] mask is ever held (the saved residual is
+    the bool mask that every layer shares)."""
     b = mask.shape[0]
     rows = mask[:, None, None, start:end, :end]
-    return jnp.broadcast_to(rows, (b, 1, groups, end - start, end)).reshape(b, 1, -1, end)
+    rows = jnp.broadcast_to(rows, (b, 1, groups, end - start, end)).reshape(b, 1, -1, end)
+    return jnp.where(rows, 0.0, _MASKED).astype(jnp.float32)
 
 
-def _scores(q_rows: jax.Array, keys: jax.Array, mask_rows: jax.Array) -> jax.Array:
-    """Masked scores [B, K, Q, S] of pre-scaled queries (-1e30 where a query sees no key)."""
+def _scores(q_rows: jax.Array, keys: jax.Array, bias: jax.Array) -> jax.Array:
+    """Masked scores [B, K, Q, S] of pre-scaled queries: one add, no select."""
     s = jnp.einsum("BKQH,BKSH->BKQS", q_rows, keys, preferred_element_type=jnp.float32)
-    return jnp.where(mask_rows, s, _MASKED)
+    return s + bias
 
 
 def _grouped_inputs(q, k, v, scale):
@@ -119,7 +123,7 @@ def _forward(q, k, v, mask, scale, block):
     groups = gq.shape[2]
     outs, lses = [], []
     for start, end in _blocks(t, block):
-        s = _scores(_rows(gq, start, end), gk[:, :, :end], _block_mask(mask, groups, start, end))
+        s = _scores(_rows(gq, start, end), gk[:, :, :end], _block_bias(mask, groups, start, end))
         peak = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.exp(s - peak)
         total = jnp.sum(p, axis=-1, keepdims=True)
@@ -137,7 +141,10 @@ def _forward(q, k, v, mask, scale, block):
 def _block_mask_t(mask_t: jax.Array, start: int, end: int) -> jax.Array:
     """The block's bool mask transposed, [B, 1, end, 1, end - start] (keys, then heads of a
     group, then queries): the broadcast over heads is an outer axis, so the passes over the
-    transposed blocks run along contiguous queries."""
+    transposed blocks run along contiguous queries. A select, not an additive bias: XLA:CPU
+    would hoist a float32 bias per block out of the layers (CSE) and keep them all alive
+    through the backward (+17% temporary memory at T = 1024); the bool select fuses into the
+    exponential, computed from the segment ids there."""
     return mask_t[:, None, :end, None, start:end]
 
 

@@ -39,9 +39,8 @@ layers, 8 / 4 heads of 32, F 688, float32, batch 8 packed rows), ratio = plan to
 
 Spot checks 2026-12-02, after blocked attention's backward moved to transposed score blocks
 and the plan began counting them (configs/tiny.py with V 2048, D 128, as tests/test_plan.py
-builds it): (2, 1, 4) full seq 1024 0.80, (8, 1, 1) full 512 1.17, (2, 1, 4) none 512 0.94,
-(8, 1, 1) none 256 0.96, (1, 8, 1) none 512 1.07 (with the masks as selects in both passes; an
-additive float32 bias per block had taken the first to 0.63).
+builds it): (2, 1, 4) full seq 1024 0.74 (0.68 without the new term), (8, 1, 1) full 512 1.11,
+(2, 1, 4) none 512 0.94, (8, 1, 1) none 256 0.96, (1, 8, 1) none 512 1.07.
 
 (*) fsdp > 1 with remat=full: XLA's temporaries barely shrink with remat under FSDP (0.165 GiB
 vs 0.170 without remat at (1, 8, 1), seq 512), so the plan is 2-2.6x low there; not yet

@@ -24,7 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
     # attention kernel: auto (fastest correct one per platform) | xla | cudnn | splash | blocked
     # (CPU's: causal blocks, flash-style backward) | reference
     m.attention = "auto"
-    m.scan_layers = True  # lax.scan over layers (compiled once); False unrolls them
+    # lax.scan over layers (compiled once); False unrolls them (on XLA:CPU then remat recomputes
+    # but saves almost no memory: docs/benchmarks.md, levers)
+    m.scan_layers = True
     m.loss_chunk = 0  # cross-entropy over chunks of this many tokens (no [B,T,V] logits); 0: off
     m.arch = a = ml_collections.ConfigDict()  # used only when path == "" (random init)
     a.vocab_size = 512

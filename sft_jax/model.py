@@ -394,7 +394,10 @@ class Transformer(nn.Module):
         dt = {"dtype": c.dtype, "param_dtype": c.param_dtype}
         block = Block
         if c.remat != "none":
-            block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
+            # A rolled scan keeps XLA from merging the backward's recomputation into the forward;
+            # unrolled, only prevent_cse does. Even then XLA:CPU keeps most activations of
+            # unrolled layers alive: remat's memory saving needs scan_layers (docs/benchmarks.md).
+            block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
         scanned = nn.scan(
             block,
             variable_axes={"params": 0, "lora": 0},  # "lora": adapters, only when passed

@@ -184,8 +184,9 @@ def test_packed_row_equals_examples_run_alone(overrides):
     assert np.abs(leaky[0, 5:9] - logits[2, :4]).max() > 1e-2
 
 
-def _remat_policies(config, params, tokens, positions) -> list:
-    """The policies of every jax.checkpoint ("remat2") in the model's forward jaxpr."""
+def _remat_policies(config, params, tokens, positions, key: str = "policy") -> list:
+    """The `key` parameter (policy, prevent_cse) of every jax.checkpoint ("remat2") in the
+    model's forward jaxpr."""
     segments = jnp.ones_like(tokens)
     closed = jax.make_jaxpr(
         lambda p: Transformer(config).apply({"params": p}, tokens, positions, segments)
@@ -195,7 +196,7 @@ def _remat_policies(config, params, tokens, positions) -> list:
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
             if eqn.primitive.name == "remat2":
-                found.append(eqn.params["policy"])
+                found.append(eqn.params[key])
             for value in eqn.params.values():
                 inner = getattr(value, "jaxpr", value)
                 if hasattr(inner, "eqns"):
@@ -220,6 +221,11 @@ def test_remat_policy_wraps_each_scanned_layer_and_keeps_the_tree():
         assert _remat_policies(other, params, tokens, positions) == [policy]  # once, in the scan
         other_params = _random_params(other)
         assert jax.tree.structure(other_params) == jax.tree.structure(params)
+        # The rolled scan keeps XLA from merging the recomputation with the forward by itself;
+        # unrolled, only prevent_cse does (without it XLA merged them: no recompute, no saving).
+        assert _remat_policies(other, params, tokens, positions, "prevent_cse") == [False]
+        unrolled = dataclasses.replace(other, scan_layers=False)
+        assert _remat_policies(unrolled, params, tokens, positions, "prevent_cse") == [True]
 
 
 GEMMA_LIKE = dict(

@@ -2,7 +2,8 @@
 # All GPU workloads of issue #8 in one call (one H100/H200): first the cuDNN attention check
 # against the reference (benchmarks/gpu_checks.py), then Llama-3.2-1B shapes full fine-tuning
 # and LoRA, Llama-3-8B shapes LoRA; sequence 2048 packed, bf16 compute (configs/bench/gpu_*.py),
-# then the 1B full-FT run again with XLA attention and with unchunked loss (the levers' GPU A/B).
+# then both again with twice the tokens per step and no remat (untuned configs: a first tuning
+# step), then the 1B full-FT run with XLA attention and with unchunked loss (the levers' GPU A/B).
 #
 #   bash benchmarks/gpu_all.sh [--config.a.b=v ...]      # overrides go to every run
 #
@@ -14,7 +15,9 @@
 # Environment: PYTHON (default python3), STEPS (10), WARMUP (2), RUN_TIMEOUT seconds per run
 # (100), TOTAL_S (560: every run's limit is cut to what is left of this, and a run with under 30 s
 # left is skipped with an error line, so the JSON summary prints inside one 600 s device call),
-# AB (1; 0 skips the two A/B runs), OUT (directory for the per-run logs, default /tmp).
+# AB (1; 0 skips the two A/B runs), OUT (directory for the per-run logs, default /tmp), WHEELS
+# (directory of the wheels to install, default .whl; tests/test_bench.py runs this script on the
+# CPU at tiny shapes with a WHEELS that does not exist).
 set -u
 cd "$(dirname "$0")/.."
 DEADLINE=$((SECONDS + ${TOTAL_S:-560}))
@@ -23,9 +26,10 @@ limit() {  # limit WANTED: WANTED seconds, or what is left before the deadline i
   echo $((left < $1 ? left : $1))
 }
 PY=${PYTHON:-python3}
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+WHEELS=${WHEELS:-.whl}
+if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
+    --target /tmp/site "$WHEELS"/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -66,6 +70,13 @@ timeout "$(limit 120)" "$PY" benchmarks/gpu_checks.py 2>&1 | tee "$LOGS/gpu_chec
 bench llama1b_full configs/bench/gpu_llama1b.py "$@"
 bench llama1b_lora configs/bench/gpu_llama1b.py --config.lora.enabled=True "$@"
 bench llama8b_lora configs/bench/gpu_llama8b.py "$@"
+# The configs' settings are conservative (they fit an 80 GB H100, remat dots); these two try
+# twice the tokens per step without remat, which the plan puts at 51 GiB (1B full FT) and 69 GiB
+# (8B LoRA) of the H200's 139 (python -m sft_jax.plan --platform gpu --device_memory_gib 139).
+bench llama1b_full_b8_noremat configs/bench/gpu_llama1b.py \
+  --config.train.global_batch_size=8 --config.model.remat=none "$@"
+bench llama8b_lora_b4_noremat configs/bench/gpu_llama8b.py \
+  --config.train.global_batch_size=4 --config.model.remat=none "$@"
 if [ -n "${AB:-1}" ] && [ "${AB:-1}" != 0 ]; then  # AB=0 skips the lever A/B runs
   bench llama1b_full_xla configs/bench/gpu_llama1b.py --config.model.attention=xla "$@"
   bench llama1b_full_nochunk configs/bench/gpu_llama1b.py --config.model.loss_chunk=0 "$@"
@@ -73,6 +84,7 @@ fi
 
 echo "=== JSON lines"
 tail -n 1 "$LOGS/gpu_checks.log"
-for name in llama1b_full llama1b_lora llama8b_lora llama1b_full_xla llama1b_full_nochunk; do
+for name in llama1b_full llama1b_lora llama8b_lora llama1b_full_b8_noremat \
+  llama8b_lora_b4_noremat llama1b_full_xla llama1b_full_nochunk; do
   [ -f "$LOGS/bench_$name.log" ] && tail -n 1 "$LOGS/bench_$name.log"
 done

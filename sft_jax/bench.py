@@ -26,10 +26,8 @@ compile_s, and more); everything before it is a human summary. It also carries t
 step's own memory analysis (`compiled_*_bytes`: arguments, outputs, temporaries, and the bytes
 aliased by donation) and the attention implementation that actually ran.
 
-`--memory_only` compiles the step for abstract inputs (ShapeDtypeStructs: nothing is allocated,
-no step runs) and prints only that memory analysis, per model parameter. On CPU this estimates,
-without a GPU, what the step needs at GPU shapes (e.g. configs/bench/gpu_llama1b.py); XLA's CPU
-and GPU buffer assignments differ, so treat those figures as estimates.
+`--memory_only` compiles the step for abstract inputs (nothing allocated, no step run) and prints
+that memory analysis per model parameter: on CPU, an estimate of the step at GPU shapes.
 """
 
 from __future__ import annotations
@@ -55,6 +53,7 @@ from sft_jax.host_memory import configure_host_allocator
 from sft_jax.model import ModelConfig, Transformer, count_params
 from sft_jax.optim import make_optimizer, make_schedule
 from sft_jax.plan_check import abstract_train_state, compile_abstract_step
+from sft_jax.preflight import check_train_batch
 from sft_jax.state import create_train_state, param_shardings
 from sft_jax.step import BATCH_KEYS, make_train_step
 
@@ -218,6 +217,7 @@ def build(config: Config, total_steps: int) -> tuple[Any, Any, Any, ModelConfig,
     """(state, compiled-to-be step function, batch placer, model config, mesh) for the config,
     through the same calls as sft_jax.train.setup."""
     mesh = sharding.make_mesh(config.mesh)
+    check_train_batch(config, mesh)
     model_config = hf.build_model_config(config.model)
     tx = make_optimizer(config.optim, total_steps, config.lora)
     args = (model_config, config.model.path, tx, mesh, config.mesh.rules, config.seed)
@@ -267,6 +267,7 @@ def memory_only(config: Config, workload: str) -> dict:
     if config.lora.enabled:
         raise SystemExit("--memory_only covers full fine-tuning (lora.enabled=False)")
     mesh = sharding.make_mesh(config.mesh)
+    check_train_batch(config, mesh)
     model_config = hf.build_model_config(config.model)
     abstract = abstract_train_state(config, mesh)
     start = time.perf_counter()
@@ -475,17 +476,20 @@ def main(argv: list[str] | None = None) -> int:
     allocator = configure_host_allocator(
         config.train.host_allocator, config.distributed.expected_platform
     )
-    if flag_values.memory_only:
-        result = memory_only(config, workload_name(argv))
-        print(json.dumps(result), flush=True)
-        return 0
-    result = run_bench(
-        config,
-        steps=flag_values.steps,
-        warmup=flag_values.warmup,
-        cpu_peak=flag_values.peak_flops,
-        workload=workload_name(argv),
-    )
+    try:
+        if flag_values.memory_only:
+            print(json.dumps(memory_only(config, workload_name(argv))), flush=True)
+            return 0
+        result = run_bench(
+            config,
+            steps=flag_values.steps,
+            warmup=flag_values.warmup,
+            cpu_peak=flag_values.peak_flops,
+            workload=workload_name(argv),
+        )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     result["host_allocator"] = allocator
     print(summary(result), flush=True)
     print(json.dumps(result), flush=True)

@@ -65,7 +65,19 @@ def check_inputs(config: Config) -> None:
 
 
 def check_batch_layout(config: Config, mesh: jax.sharding.Mesh) -> None:
-    """The global batch must split evenly into micro-batches, devices and processes."""
+    """The global and eval batches must split evenly into micro-batches, devices and processes."""
+    check_train_batch(config, mesh)
+    shards = sharding.batch_shards(mesh, config.mesh.rules)
+    if config.eval.batch_size % shards:
+        raise ConfigError(
+            f"eval.batch_size={config.eval.batch_size} must be a multiple of the "
+            f"{shards} batch shards"
+        )
+
+
+def check_train_batch(config: Config, mesh: jax.sharding.Mesh) -> None:
+    """The global batch must split evenly into micro-batches, devices and processes (the
+    benchmark, which runs no evaluation, checks only this)."""
     shards = sharding.batch_shards(mesh, config.mesh.rules)
     per_micro = config.train.global_batch_size // config.train.micro_batches
     if per_micro % shards or config.train.global_batch_size % jax.process_count():
@@ -73,11 +85,6 @@ def check_batch_layout(config: Config, mesh: jax.sharding.Mesh) -> None:
             f"train.global_batch_size={config.train.global_batch_size} with "
             f"train.micro_batches={config.train.micro_batches} gives {per_micro} rows per "
             f"micro-batch, which must be a multiple of the {shards} batch shards of the mesh"
-        )
-    if config.eval.batch_size % shards:
-        raise ConfigError(
-            f"eval.batch_size={config.eval.batch_size} must be a multiple of the "
-            f"{shards} batch shards"
         )
 
 

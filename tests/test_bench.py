@@ -93,3 +93,63 @@ def test_memory_only_reports_the_compiled_step_without_running_it():
         assert r["compiled_alias_bytes"] >= r["bytes_per_param"] * r["model_params"]
         assert r["compiled_temp_bytes"] > 0
         assert r["peak_bytes_per_param_estimate"] > r["bytes_per_param"]
+
+
+def test_batch_that_does_not_split_over_the_devices_is_a_clear_error(capsys):
+    """4 rows on the 8 test devices: exit 2 naming the key, before anything is built."""
+    argv = ["bench", "--config", str(REPO / "configs" / "bench" / "gpu_llama1b.py"),
+            "--config.train.host_allocator=system", "--steps=1"]  # fmt: skip
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "train.global_batch_size=4" in err and "multiple of the 8 batch shards" in err
+
+
+# Shapes small enough for the CPU; every run of benchmarks/gpu_all.sh gets them (overrides go to
+# every run, after the script's own flags).
+TINY_ARCH = [
+    "--config.model.arch.vocab_size=512",
+    "--config.model.arch.hidden_size=64",
+    "--config.model.arch.intermediate_size=128",
+    "--config.model.arch.num_layers=2",
+    "--config.model.arch.num_heads=4",
+    "--config.model.arch.num_kv_heads=2",
+    "--config.model.arch.head_dim=16",
+    "--config.data.seq_len=512",
+]
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_every_workload_and_prints_one_json_line_each(tmp_path):
+    """The GPU session gets one device call: benchmarks/gpu_all.sh must not fail on a script or
+    config error. On the CPU at tiny shapes it runs every workload and lever A/B run, and ends
+    with one JSON line per run (the cuDNN check says it needs a GPU)."""
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "STEPS": "1",
+        "WARMUP": "0",
+        "OUT": str(tmp_path),
+        "TOTAL_S": "500",
+        "RUN_TIMEOUT": "120",
+        "WHEELS": str(tmp_path / "no_wheels"),  # the project's env has every module
+    }
+    env.pop("PYTHONPATH", None)
+    env.pop("XLA_FLAGS", None)  # one device, as on the GPU (not the tests' 8 fake ones)
+    script = str(REPO / "benchmarks" / "gpu_all.sh")
+    proc = subprocess.run(["bash", script, *TINY_ARCH], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tail = proc.stdout.split("=== JSON lines\n", 1)[1].strip().splitlines()
+    check, *runs = (json.loads(line) for line in tail)
+    assert check["check"] == "cudnn_attention" and "needs a GPU" in check["error"]
+    full, lora, lora8b = ("gpu_llama1b", "full"), ("gpu_llama1b", "lora"), ("gpu_llama8b", "lora")
+    expected = [full, lora, lora8b, full, lora8b, full, full]
+    assert [(r["workload"], r["mode"]) for r in runs] == expected
+    for r in runs:
+        assert "error" not in r, r
+        assert r["tokens_per_s"] > 0 and r["dtype"] == "bfloat16"
+    assert [r["remat"] for r in runs] == ["dots"] * 3 + ["none"] * 2 + ["dots"] * 2
+    assert [r["batch"] for r in runs] == [4, 4, 2, 8, 4, 4, 4]
+    assert [r["attention"] for r in runs] == ["blocked"] * 5 + ["xla", "blocked"]  # auto: blocked
+    assert [r["loss_chunk"] for r in runs] == [512] * 6 + [0]
+    assert (tmp_path / "bench_llama8b_lora.log").exists()

@@ -12,9 +12,11 @@ forward's numerics are unchanged, and the gradients are the same sums in another
 
 `sft_jax.model.Einsum` uses it for its projection and, under LoRA, for both low-rank matmuls
 x @ a and (x a) @ b (their dB = (x a)^T dy had the same strided copy of the cotangent: LoRA step
-+30-44%), on the CPU only, without remat (a custom VJP is opaque to the
-remat policies, which would then recompute instead of saving the projection); accelerators'
-GEMM libraries take either operand orientation at no cost.
++30-44%), on the CPU only. Inside the layers not under the remat policies that save
+projections (dots, dots_saveable): a custom VJP is opaque to them, so they would recompute the
+projection instead of saving it. Full remat saves nothing inside a layer, so its layers take the
+path (scanned full remat +37% tokens/s), and the LM head, outside the layers, always does.
+Accelerators' GEMM libraries take either operand orientation at no cost.
 """
 
 from __future__ import annotations

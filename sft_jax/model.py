@@ -231,10 +231,14 @@ class Embed(nn.Module):
         return jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
 
 
-def _cpu_grad(c: ModelConfig) -> bool:
-    """Projections take their weight gradient as one matmul over x^T on the CPU without remat
-    (why, and why only there: sft_jax/cpu_linear.py)."""
-    return c.remat == "none" and jax.default_backend() == "cpu"
+def _cpu_grad(c: ModelConfig, in_layers: bool = True) -> bool:
+    """Projections take their weight gradient as one matmul over x^T on the CPU (why, and why
+    only there: sft_jax/cpu_linear.py). Inside the layers not under the remat policies that
+    save projections (dots, dots_saveable): the custom VJP hides them from the policy, which
+    would recompute them instead; full remat saves nothing inside a layer anyway."""
+    if in_layers and c.remat not in ("none", "full"):
+        return False
+    return jax.default_backend() == "cpu"
 
 
 def _einsum_fields(c: ModelConfig) -> dict[str, Any]:
@@ -413,7 +417,12 @@ class Transformer(nn.Module):
         if not c.tie_embeddings:
             shape, names = (c.hidden_size, c.vocab_size), ("embed", "vocab")
             self.lm_head = Einsum(
-                "BTD,DV->BTV", shape, names, **dt, out_dtype="float32", cpu_grad=_cpu_grad(c)
+                "BTD,DV->BTV",
+                shape,
+                names,
+                **dt,
+                out_dtype="float32",
+                cpu_grad=_cpu_grad(c, in_layers=False),
             )
 
     def __call__(

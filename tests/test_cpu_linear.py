@@ -1,5 +1,7 @@
 """The CPU projection (sft_jax/cpu_linear.py) changes no value and no gradient."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,7 +86,7 @@ def assert_same_grads_with_path_off(monkeypatch, loss, params, shapes):
     monkeypatch.setattr(model_module, "cpu_linear", counted)
     jax.make_jaxpr(loss)(params)
     assert set(traced) == shapes, traced  # the CPU without remat really takes the path
-    monkeypatch.setattr(model_module, "_cpu_grad", lambda c: False)
+    monkeypatch.setattr(model_module, "_cpu_grad", lambda c, in_layers=True: False)
     traced.clear()
     plain = grads()
     assert not traced
@@ -92,17 +94,45 @@ def assert_same_grads_with_path_off(monkeypatch, loss, params, shapes):
         np.testing.assert_allclose(a, b, atol=1e-6 * max(1.0, float(np.abs(b).max())))
 
 
-def test_model_gradients_are_the_same_with_and_without_it(monkeypatch):
-    """Every projection and the untied LM head take the path: the gradients must not move."""
-    params = Transformer(CONFIG).init(jax.random.key(0), TOKENS, POSITIONS, SEGMENTS)["params"]
-
+def model_loss(config):
     def loss(p):
-        logits = Transformer(CONFIG).apply({"params": p}, TOKENS, POSITIONS, SEGMENTS)
+        logits = Transformer(config).apply({"params": p}, TOKENS, POSITIONS, SEGMENTS)
         return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
 
+    return loss
+
+
+# Full remat saves nothing inside a layer, so the custom VJP's opacity to remat policies costs
+# nothing there: the scanned, fully rematerialised layers take the path too.
+@pytest.mark.parametrize(
+    "config", [CONFIG, dataclasses.replace(CONFIG, remat="full", scan_layers=True)],
+    ids=["unrolled", "scan_remat_full"],
+)  # fmt: skip
+def test_model_gradients_are_the_same_with_and_without_it(monkeypatch, config):
+    """Every projection and the untied LM head take the path: the gradients must not move."""
+    params = Transformer(config).init(jax.random.key(0), TOKENS, POSITIONS, SEGMENTS)["params"]
     shapes = matrix_shapes(params, {"kernel"})  # q, k, v, o, gate, up, down; LM head
     assert len(shapes) >= 5
-    assert_same_grads_with_path_off(monkeypatch, loss, params, shapes)
+    assert_same_grads_with_path_off(monkeypatch, model_loss(config), params, shapes)
+
+
+def test_remat_policies_that_save_projections_keep_the_plain_einsum(monkeypatch):
+    """Under dots / dots_saveable a custom VJP would hide the projection from the policy (it
+    would be recomputed, not saved): no layer projection may take the path; the LM head, outside
+    the rematerialised layers, still does."""
+    traced = []
+
+    def counted(*args, **kwargs):
+        traced.append(args[1].shape)
+        return cpu_linear(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "cpu_linear", counted)
+    for remat in ("dots", "dots_saveable"):
+        config = dataclasses.replace(CONFIG, remat=remat, scan_layers=True)
+        params = Transformer(config).init(jax.random.key(0), TOKENS, POSITIONS, SEGMENTS)
+        traced.clear()
+        jax.make_jaxpr(jax.grad(model_loss(config)))(params["params"])
+        assert set(traced) == {(CONFIG.hidden_size, CONFIG.vocab_size)}, (remat, traced)
 
 
 def test_lora_adapter_gradients_are_the_same_with_and_without_it(monkeypatch):

@@ -134,7 +134,7 @@ def _dot_result_shapes(fn, *args) -> set[tuple[int, ...]]:
 
 
 def flat_kernel_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The weight gradient's result shape: on the CPU without remat every projection takes it
+    """The weight gradient's result shape: on the CPU (no remat) every projection takes it
     as one [in, out] matmul (sft_jax/cpu_linear.py); o_proj [N, H, D] has two input dims."""
     n_in = 2 if name == "o_proj" else 1
     return (int(np.prod(shape[:n_in])), int(np.prod(shape[n_in:])))

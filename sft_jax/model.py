@@ -233,9 +233,9 @@ class Embed(nn.Module):
 
 def _cpu_grad(c: ModelConfig, in_layers: bool = True) -> bool:
     """Projections take their weight gradient as one matmul over x^T on the CPU (why, and why
-    only there: sft_jax/cpu_linear.py). Inside the layers not under the remat policies that
-    save projections (dots, dots_saveable): the custom VJP hides them from the policy, which
-    would recompute them instead; full remat saves nothing inside a layer anyway."""
+    only there: sft_jax/cpu_linear.py). In the layers only with remat none or full: the custom
+    VJP hides a projection from the dots / dots_saveable policies, which would then recompute
+    it instead of saving it (full remat saves nothing in a layer anyway)."""
     if in_layers and c.remat not in ("none", "full"):
         return False
     return jax.default_backend() == "cpu"

@@ -73,6 +73,7 @@ FAMILIES = {
             "num_hidden_layers": 3,
             "sliding_window": 5,
             "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "attn_logit_softcapping": 2.0,  # transformers ignores it for Gemma 3; so must we
             "rope_parameters": {
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                 "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0},

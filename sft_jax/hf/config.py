@@ -92,7 +92,11 @@ def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) ->
         embed_scale=gemma,
         mlp_activation="gelu_tanh" if gemma else "silu",
         sandwich_norms=gemma,
-        attn_softcap=_float_or_none(raw.get("attn_logit_softcapping")) if gemma else None,
+        # Gemma 3 keeps `attn_logit_softcapping` in its config but transformers never applies it
+        # (only Gemma 2 does), so applying it here would break logit parity with the reference.
+        attn_softcap=_float_or_none(raw.get("attn_logit_softcapping"))
+        if arch == "Gemma2ForCausalLM"
+        else None,
         final_softcap=_float_or_none(raw.get("final_logit_softcapping")) if gemma else None,
         query_scale=float(raw.get("query_pre_attn_scalar", 256)) if gemma else None,
         sliding_window=window,

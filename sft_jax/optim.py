@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from sft_jax.config import LoraSection, OptimSection
+from sft_jax.lora.tree import SAVED, saved_module_path
 
 
 def warmup_steps(cfg: OptimSection, total_steps: int) -> int:
@@ -47,13 +48,19 @@ def make_schedule(cfg: OptimSection, total_steps: int) -> optax.Schedule:
     return schedule
 
 
+_DECAYED = ("kernel", "embedding", "a", "b")
+
+
 def decay_mask(params: dict) -> dict:
     """True for leaves that get weight decay: matrices (embeddings, kernels, LoRA's a and b), not
-    norms, biases or DoRA magnitudes."""
+    norms, biases or DoRA magnitudes. A LoRA saved module (keyed by its HF name, e.g.
+    "embed_tokens") decays like the leaf it copies, so LoRA and full fine-tuning agree."""
 
     def wants_decay(path: tuple, leaf: jax.Array) -> bool:
-        name = str(getattr(path[-1], "key", path[-1]))
-        return name in ("kernel", "embedding", "a", "b")
+        keys = [str(getattr(k, "key", k)) for k in path]
+        if SAVED in keys[:-1]:
+            return saved_module_path(keys[-1])[-1] in _DECAYED
+        return keys[-1] in _DECAYED
 
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 

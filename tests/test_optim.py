@@ -8,6 +8,7 @@ import pytest
 
 from configs import base
 from sft_jax.config import OptimSection
+from sft_jax.lora import SAVED, add_saved_modules
 from sft_jax.optim import decay_mask, make_optimizer, make_schedule, warmup_steps
 
 
@@ -48,6 +49,31 @@ def test_decay_mask_skips_norms_and_biases():
     mask = decay_mask(params)
     assert mask["embed"]["embedding"] and mask["layers"]["q"]["kernel"]
     assert not mask["layers"]["attn_norm"]["scale"] and not mask["layers"]["q"]["bias"]
+
+
+def test_lora_saved_modules_decay_like_the_leaves_they_copy():
+    """Saved modules are keyed by HF name ("embed_tokens"), not "embedding"; they must still
+    decay exactly as the same leaves do under full fine-tuning."""
+    params = {
+        "embed": {"embedding": jnp.ones((8, 2))},
+        "lm_head": {"kernel": jnp.ones((2, 8))},
+        "final_norm": {"scale": jnp.ones(2)},
+        "layers": {"attn_norm": {"scale": jnp.ones((3, 2))}},
+    }
+    modules = ("embed_tokens", "lm_head", "norm", "input_layernorm")
+    adapters = add_saved_modules(
+        params, {"layers": {"q_proj": {"a": jnp.ones((3, 2, 1))}}}, modules
+    )
+    full, lora = decay_mask(params), decay_mask(adapters)
+    saved = lora[SAVED]
+    assert saved == {
+        "embed_tokens": full["embed"]["embedding"],
+        "lm_head": full["lm_head"]["kernel"],
+        "norm": full["final_norm"]["scale"],
+        "input_layernorm": full["layers"]["attn_norm"]["scale"],
+    }
+    assert saved["embed_tokens"] and saved["lm_head"] and not saved["norm"]
+    assert lora["layers"]["q_proj"]["a"]
 
 
 def test_weight_decay_leaves_norm_scales_alone():

@@ -132,6 +132,11 @@ def saved_module_table(params: dict) -> dict[str, tuple[tuple[str, ...], str]]:
     return {name: entry for name, entry in table.items() if _has(params, entry[0])}
 
 
+def saved_module_path(module: str) -> tuple[str, ...]:
+    """Our parameter path of the leaf that saved module `module` (an HF name) copies."""
+    return _SAVEABLE[module][0]
+
+
 def add_saved_modules(params: dict, adapters: dict, modules: tuple[str, ...]) -> dict:
     """`adapters` plus float32 copies of the named modules' weights (PEFT `modules_to_save`,
     HF module names such as "embed_tokens", "norm", "input_layernorm"), initialised to the base

@@ -399,7 +399,10 @@ def _run_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("data.shards", c.data.shards >= 0, "must be >= 0 (0 = one per process)"),
         ("data.prefetch", c.data.prefetch >= 0, "must be >= 0 (0: no prefetch thread)"),
         ("optim.learning_rate", c.optim.learning_rate > 0, "must be > 0"),
+        ("optim.warmup_steps", c.optim.warmup_steps >= -1, "must be >= 0 (-1: warmup_ratio)"),
         ("optim.warmup_ratio", 0.0 <= c.optim.warmup_ratio < 1.0, "must be in [0, 1)"),
+        ("optim.weight_decay", c.optim.weight_decay >= 0, "must be >= 0"),
+        ("optim.eps", c.optim.eps > 0, "must be > 0"),
         ("optim.end_lr_ratio", 0.0 <= c.optim.end_lr_ratio <= 1.0, "must be in [0, 1]"),
         ("optim.b1", 0.0 <= c.optim.b1 < 1.0, "must be in [0, 1)"),
         ("optim.b2", 0.0 <= c.optim.b2 < 1.0, "must be in [0, 1)"),
@@ -457,6 +460,7 @@ def _eval_and_output_checks(c: Config) -> list[tuple[str, bool, str]]:
         ),
         ("data.train_files", bool(c.data.train_files), "must name at least one file"),
         ("lora.rank", c.lora.rank >= 1, "must be >= 1"),
+        ("lora.alpha", c.lora.alpha > 0, "must be > 0"),
         ("lora.dropout", 0.0 <= c.lora.dropout < 1.0, "must be in [0, 1)"),
         ("lora.lr_ratio_b", c.lora.lr_ratio_b > 0, "must be > 0"),
         (

@@ -90,3 +90,19 @@ def test_cli_typo_exits_2_before_compute(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "learning_rate" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("optim", "weight_decay", -1.0),
+        ("optim", "eps", 0.0),
+        ("optim", "warmup_steps", -5),
+        ("lora", "alpha", -2.0),
+    ],
+)
+def test_out_of_range_values_are_refused(section, key, value):
+    raw = load_config_file(str(REPO / "configs/tiny.py")).to_dict()
+    raw[section][key] = value
+    with pytest.raises(ConfigError, match=rf"'{section}\.{key}' must be"):
+        parse(raw)

@@ -102,6 +102,7 @@ def run(config: Config, workdir: str) -> jax.sharding.Mesh:
     check_workdir(workdir)
     check_inputs(config)
     check_faults(config)
+    sharding.check_rules(config.mesh.rules)
     mesh = sharding.make_mesh(config.mesh)
     check_batch_layout(config, mesh)
     return mesh

@@ -9,6 +9,7 @@ mesh axes it maps to; otherwise it stays replicated (tiny test models on 8 devic
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,40 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sft_jax.config import ConfigError, MeshSection
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# Every logical name the model and the batches use; each needs a rule.
+LOGICAL_AXES = ("batch", "seq", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers")
+
+
+def check_rules(rules: Sequence) -> None:
+    """Fails before compute on a rule table with a typo: an unknown logical name or mesh axis, a
+    name given twice, or a logical name with no rule (each found otherwise only mid-setup, as a
+    bare KeyError)."""
+    table: dict[str, Any] = {}
+    for entry in rules:
+        if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+            raise ConfigError(f"config.mesh.rules entry {entry!r} is not a (logical, axes) pair")
+        name, axes = entry
+        if name not in LOGICAL_AXES:
+            raise ConfigError(
+                f"config.mesh.rules: unknown logical axis {name!r}{_hint(name, LOGICAL_AXES)}"
+            )
+        if name in table:
+            raise ConfigError(f"config.mesh.rules: logical axis {name!r} is given twice")
+        table[name] = axes
+        for axis in _mesh_axes_for(name, table):
+            if axis not in MESH_AXES:
+                raise ConfigError(
+                    f"config.mesh.rules: {name!r} maps to unknown mesh axis {axis!r}"
+                    f"{_hint(axis, MESH_AXES)}; the mesh axes are {MESH_AXES}"
+                )
+    missing = [name for name in LOGICAL_AXES if name not in table]
+    if missing:
+        raise ConfigError(f"config.mesh.rules has no entry for {missing} (use None to replicate)")
+
+
+def _hint(word: Any, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(word), choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def make_mesh(cfg: MeshSection, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from sft_jax import bench, hf
+from sft_jax import bench, flops, hf
 from sft_jax.config import load_config_file, parse
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -26,20 +26,20 @@ def test_flops_per_token_by_hand():
     n = 4 * per_layer + 256 * 8192  # + LM head
     assert n == 4_997_120
     cfg = cpu_small_model()
-    assert bench.matmul_params(cfg) == n
-    assert bench.flops_per_token(cfg, 512) == 6 * n + 12 * 4 * 256 * 512 == 36_274_176
-    assert bench.flops_per_token(cfg, 512, adapter_params=1000) == 4 * n + 12 * 4 * 256 * 512 + 6000
-    assert bench.mfu(1000.0, 36_274_176, 166e9) == pytest.approx(0.21852, abs=1e-5)
+    assert flops.matmul_params(cfg) == n
+    assert flops.flops_per_token(cfg, 512) == 6 * n + 12 * 4 * 256 * 512 == 36_274_176
+    assert flops.flops_per_token(cfg, 512, adapter_params=1000) == 4 * n + 12 * 4 * 256 * 512 + 6000
+    assert flops.mfu(1000.0, 36_274_176, 166e9) == pytest.approx(0.21852, abs=1e-5)
 
 
 def test_peak_flops_by_device_kind():
     dev = lambda platform, kind: types.SimpleNamespace(platform=platform, device_kind=kind)
-    assert bench.peak_flops([dev("cpu", "cpu")] * 8, 166e9) == 166e9  # host devices share cores
-    assert bench.peak_flops([dev("gpu", "NVIDIA H100 80GB HBM3")], 1.0) == 989e12
-    assert bench.peak_flops([dev("gpu", "NVIDIA H200")] * 2, 1.0) == 2 * 989e12
-    assert bench.peak_flops([dev("tpu", "TPU v5 lite")] * 4, 1.0) == 4 * 197e12
+    assert flops.peak_flops([dev("cpu", "cpu")] * 8, 166e9) == 166e9  # host devices share cores
+    assert flops.peak_flops([dev("gpu", "NVIDIA H100 80GB HBM3")], 1.0) == 989e12
+    assert flops.peak_flops([dev("gpu", "NVIDIA H200")] * 2, 1.0) == 2 * 989e12
+    assert flops.peak_flops([dev("tpu", "TPU v5 lite")] * 4, 1.0) == 4 * 197e12
     with pytest.raises(ValueError, match="no peak"):
-        bench.peak_flops([dev("gpu", "Some GPU")], 1.0)
+        flops.peak_flops([dev("gpu", "Some GPU")], 1.0)
 
 
 def test_synthetic_examples_are_seeded_and_in_range():

@@ -1,11 +1,15 @@
 """Mesh construction and the logical-axis rules table."""
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import pytest
+from helpers import tiny_model_config
 
 from configs import base
 from sft_jax.config import ConfigError, MeshSection
-from sft_jax.sharding import batch_shards, logical_to_spec, make_mesh
+from sft_jax.model import Transformer
+from sft_jax.sharding import LOGICAL_AXES, batch_shards, check_rules, logical_to_spec, make_mesh
 
 RULES = tuple(tuple(r) for r in base.get_config().mesh.rules)
 
@@ -35,3 +39,31 @@ def test_rules_shard_only_divisible_dims():
     assert tuple(spec) == (None, None)
     spec = logical_to_spec(("batch", "seq"), (8, 16), mesh, RULES)
     assert tuple(spec) == (("data", "fsdp"), None)
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        ((*RULES[:-1], ("seq", "tensr")), r"'seq' maps to unknown mesh axis 'tensr' .*'tensor'"),
+        ((*RULES[:1], ("vocab", ("data", "fsdpp")), *RULES[2:]), r"did you mean 'fsdp'"),
+        (tuple(r if r[0] != "embed" else ("embd", "fsdp") for r in RULES), r"did you mean 'embed'"),
+        ((*RULES, ("vocab", None)), r"'vocab' is given twice"),
+        (RULES[:-1], r"no entry for \['seq'\]"),
+        ((*RULES[:-1], "seq"), r"'seq' is not a \(logical, axes\) pair"),
+    ],
+)
+def test_rule_typos_fail_before_compute(rules, message):
+    """A typo in config.mesh.rules used to surface mid-setup as a bare KeyError (exit 1)."""
+    with pytest.raises(ConfigError, match=message):
+        check_rules(rules)
+
+
+def test_rule_names_cover_every_logical_axis_of_the_model():
+    """LOGICAL_AXES is what check_rules demands: it must list every name the weights carry."""
+    model = Transformer(tiny_model_config(num_layers=2))
+    boxed = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), *(jnp.zeros((1, 8), jnp.int32),) * 3)
+    )
+    names = {n for spec in jax.tree.leaves(nn.get_partition_spec(boxed)) for n in spec if n}
+    assert names and names <= set(LOGICAL_AXES)
+    check_rules(RULES)

@@ -43,7 +43,8 @@ BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    step: jax.Array  # int32 scalar: train steps taken, skipped non-finite ones included (the LR
+    # schedule follows optax's own count of applied updates instead)
     params: Any  # trainable parameters
     opt_state: Any
     rng: jax.Array  # base key; each step uses fold_in(rng, step)

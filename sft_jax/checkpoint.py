@@ -11,12 +11,19 @@ Retention: the last `keep` steps, plus (when `keep_best` > 0) the `keep_best` st
 lowest `eval_loss` passed at save time. Orbax combines both as one preservation policy (a step
 is deleted only when neither keeps it).
 
+Orbax stores no checksums, and a step whose bytes rotted (not truncated) restores without error:
+NaN in an Adam moment then aborted every restart with exit 43. So each save also writes
+`integrity`: per array, the sum of its raw bits (as uint32, modulo 2^32: exact and independent of
+sharding and reduction order, so a restore onto another mesh reproduces it), and each restore
+recomputes and compares them, and checks that every float is finite (saves are guaranteed
+finite). A mismatch is a broken step like any other.
+
 Restore goes straight into the target shardings, so a run resumes on whatever mesh it is started
-with. `restore_latest` walks back from the newest step: a step that fails to restore (truncated
-or missing files) is reported, and if an older step restores, the broken newer ones are moved to
-`checkpoints.corrupt/` so later saves of those step numbers do not collide with them. If no step
-restores, nothing is moved and the run stops with the errors: that is a config change (another
-model shape, say), not corruption.
+with. `restore_latest` walks back from the newest step: a step that fails to restore (truncated,
+missing or altered files) is reported, and if an older step restores, the broken newer ones are
+moved to `checkpoints.corrupt/` so later saves of those step numbers do not collide with them.
+If no step restores, nothing is moved and the run stops with the errors: that is a config change
+(another model shape, say), not corruption.
 """
 
 from __future__ import annotations
@@ -28,10 +35,13 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from sft_jax.config import ConfigError
+from sft_jax.faults import tree_is_finite
 from sft_jax.step import TrainState
 
 COMMIT_MARKER = "commit_success.txt"
@@ -67,7 +77,9 @@ class Checkpointer:
             cleanup_tmp_directories=True,  # leftovers of a save killed before its commit
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "loop", "config")
+            self.directory,
+            options=options,
+            item_names=("state", "data", "loop", "config", "integrity"),
         )
 
     def latest_step(self) -> int | None:
@@ -101,6 +113,7 @@ class Checkpointer:
                 data=ocp.args.JsonSave(data_state),
                 loop=ocp.args.JsonSave(loop or {}),
                 config=ocp.args.JsonSave(config),
+                integrity=ocp.args.JsonSave(checksums(arrays)),
             ),
             metrics=metrics,
             force=True,  # the training loop decides when to save
@@ -182,6 +195,7 @@ class Checkpointer:
             ),
         )
         arrays = restored["state"]
+        self._verify(step, arrays)
         state = target.replace(
             step=arrays["step"],
             params=arrays["params"],
@@ -212,7 +226,24 @@ class Checkpointer:
                 )
             ),
         )
+        self._verify(step, restored["state"])
         return restored["state"]["params"]
+
+    def _verify(self, step: int, arrays: dict) -> None:
+        """Raises ValueError when restored arrays are not what step `step` saved (see the module
+        docstring). Steps saved before checksums existed get only the finiteness check."""
+        if not tree_is_finite(arrays):
+            raise ValueError(f"step {step} holds NaN or Inf, which no save writes: corrupt data")
+        path = os.path.join(self.directory, str(step), "integrity")
+        if not os.path.exists(path):
+            return
+        saved = self._manager.restore(
+            step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore())
+        )["integrity"]
+        for name, (dtype, value) in checksums(arrays).items():
+            expected = saved.get(name)
+            if expected is not None and expected[0] == dtype and expected[1] != value:
+                raise ValueError(f"checksum mismatch in {name}: the saved bytes were altered")
 
     def wait(self) -> None:
         """Blocks until any asynchronous save has been committed."""
@@ -221,3 +252,32 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def checksums(arrays: dict) -> dict[str, tuple[str, int]]:
+    """Array path -> (dtype, sum of its raw bits modulo 2^32) for every leaf of `arrays`."""
+    flat = jax.tree_util.tree_flatten_with_path(arrays)[0]
+    leaves = [jax.random.key_data(x) if _is_key(x) else x for _, x in flat]
+    sums = jax.device_get(_bit_sums(leaves))
+    return {
+        jax.tree_util.keystr(path): (str(leaf.dtype), int(total))
+        for (path, leaf), total in zip(flat, sums, strict=True)
+    }
+
+
+def _is_key(x: Any) -> bool:
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+@jax.jit
+def _bit_sums(leaves: list[jax.Array]) -> list[jax.Array]:
+    """Integer sums of each array's bits: exact, so any reduction order gives the same value."""
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+    def bits(x: jax.Array) -> jax.Array:
+        if x.dtype == jnp.bool_:
+            return x.astype(jnp.uint32)
+        as_uint = jax.lax.bitcast_convert_type(x, unsigned[np.dtype(x.dtype).itemsize])
+        return as_uint.astype(jnp.uint32)
+
+    return [jnp.sum(bits(x), dtype=jnp.uint32) for x in leaves]

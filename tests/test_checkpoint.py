@@ -50,7 +50,18 @@ def step_dirs(workdir) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-@pytest.mark.parametrize("damage", ["truncate_arrays", "remove_commit_marker"])
+def _flip_one_bit_in_the_largest_array_file(step_dir):
+    """Bit rot: the file keeps its size and decodes, one value changes (finite or not)."""
+    files = [
+        p for p in (step_dir / "state").rglob("*") if p.is_file() and "ocdbt.process" in str(p)
+    ]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    largest.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncate_arrays", "remove_commit_marker", "flip_one_bit"])
 def test_corrupt_latest_checkpoint_falls_back_to_previous(small_train, tmp_path, capsys, damage):
     cfg = config(small_train, checkpoint__every_steps=4, checkpoint__keep=3)
     train_and_evaluate(cfg, str(tmp_path))
@@ -61,12 +72,16 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(small_train, tmp_path,
             for name in files:
                 if "ocdbt.process" in root:
                     open(os.path.join(root, name), "w").close()  # truncate to 0 bytes
+    elif damage == "flip_one_bit":
+        _flip_one_bit_in_the_largest_array_file(latest)
     else:
         (latest / "commit_success.txt").unlink()
     capsys.readouterr()
     train_and_evaluate(cfg, str(tmp_path))
     err = capsys.readouterr().err
     assert f"checkpoint {latest} cannot be restored" in err, err
+    if damage == "flip_one_bit":
+        assert "checksum mismatch" in err, err
     assert "resumed from checkpoint at step 4" in err
     assert list((tmp_path / "checkpoints.corrupt").iterdir())  # moved aside, not deleted
     second = losses(tmp_path, run=1)

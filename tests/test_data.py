@@ -1,8 +1,10 @@
-"""Data path: reading with exact errors, masks as data, packing invariants, resumable batching."""
+"""Data path: reading with exact errors, masks as data, resumable batching (packing has its own
+file, test_data_packing.py)."""
 
 import hashlib
 import json
 import pathlib
+import time
 
 import numpy as np
 import pytest
@@ -10,9 +12,7 @@ import pytest
 from sft_jax.data import (
     DataError,
     Row,
-    TokenizedExample,
     TrainIterator,
-    best_fit_decreasing,
     encode_prompt,
     eval_batches,
     expand_files,
@@ -21,9 +21,10 @@ from sft_jax.data import (
     packing_stats,
     read_rows,
     tokenize_rows,
-    whole_example_row_floor,
 )
-from sft_jax.data.pipeline import padding_line
+from sft_jax.data.__main__ import _config
+from sft_jax.data.__main__ import main as data_cli
+from sft_jax.data.source import iter_records
 
 BOS, EOS = 1, 2
 
@@ -114,6 +115,59 @@ def test_skip_counts_every_bad_row_and_files_unchanged(tmp_path):
     assert pathlib.Path(path).stat().st_mtime_ns == mtime
     with pytest.raises(DataError, match="on_bad_row"):
         read_rows(path, on_bad_row="ignore")
+
+
+def test_csv_line_numbers_count_blank_lines_and_multiline_fields(tmp_path):
+    path = tmp_path / "t.csv"  # 1 header, 2 row, 3 blank, 4-5 one quoted row, 6 blank, 7 row
+    path.write_text('prompt,completion\na,b\n\n"multi\nline",c\n\nd,\n', encoding="utf-8")
+    assert [s for s, _ in iter_records(str(path))] == [f"{path}:{n}" for n in (2, 4, 7)]
+    with pytest.raises(DataError) as info:
+        read_rows(str(path), on_bad_row="error")
+    assert f"{path}:7: field 'completion'" in str(info.value)
+
+
+def test_json_list_file_line_numbers_in_linear_time(tmp_path):
+    records = [{"prompt": "x" * 500 + str(i), "completion": "y" * 500} for i in range(4000)]
+    listed, lines = tmp_path / "big.json", tmp_path / "big.jsonl"
+    listed.write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
+    lines.write_text("".join(json.dumps(r) + "\n" for r in records))
+    timings = []
+    for path in (listed, lines):
+        start = time.perf_counter()
+        got = list(iter_records(str(path)))
+        timings.append(time.perf_counter() - start)
+        assert [r for _, r in got] == records
+    assert [s for s, _ in iter_records(str(listed))][::1000] == [
+        f"{listed}:{n}" for n in (2, 1002, 2002, 3002)
+    ]
+    # Counting the newlines from the file start for every record took ~3 s here (quadratic).
+    assert timings[0] < 10 * timings[1] + 0.5, timings
+
+
+DEMO = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+
+
+@pytest.mark.parametrize(("value", "expected"), [("True", True), ("1", True), ("false", False)])
+def test_data_cli_parses_bool_overrides_like_training(value, expected):
+    assert _config(DEMO, [f"--config.data.pack_split={value}"]).data.pack_split is expected
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("--config.data.no_such_key=1", "no_such_key"), ("--config.data.seq_len=abc", "seq_len")],
+)
+def test_data_cli_bad_override_exits_2_with_a_message(capsys, override, named):
+    assert data_cli(["inspect", "--config", DEMO, override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and named in err and "Traceback" not in err
+
+
+def test_data_cli_with_data_tokenizer_never_resolves_model_path(capsys, stories_dir):
+    # A Hub id that cannot be fetched (tests run offline): only the tokenizer is needed here.
+    args = ["--config.model.path=nobody-here/not-a-model", f"--config.data.tokenizer={stories_dir}"]
+    assert _config(DEMO, args).data.tokenizer == str(stories_dir)
+    assert data_cli(["inspect", "--config", DEMO, "--n", "1", "--json", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["loss_mask"]
 
 
 # --------------------------------------------------------------------------- tokenising
@@ -214,156 +268,6 @@ def test_load_tokenizer_errors(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gemma3_text"}')
     with pytest.raises(DataError, match="no tokenizer files"):
         load_tokenizer(str(tmp_path))
-
-
-# --------------------------------------------------------------------------- packing
-
-
-def make_examples(lengths, seed=0) -> list[TokenizedExample]:
-    """Example k: first token 10_000 + k identifies it; random mask with a True in mask[1:]."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for k, n in enumerate(lengths):
-        tokens = np.concatenate([[10_000 + k], rng.integers(0, 500, n - 1)]).astype(np.int32)
-        mask = rng.random(n) < 0.5
-        mask[-1] = True
-        out.append(TokenizedExample(tokens, mask, f"f:{k}"))
-    return out
-
-
-def test_pack_invariants():
-    seq_len = 64
-    lengths = np.random.default_rng(1).integers(2, seq_len + 2, 300).tolist()
-    examples = make_examples(lengths)
-    packed = pack_examples(examples, seq_len=seq_len, window=50, seed=3)
-    assert {k: (v.dtype, v.shape[1]) for k, v in packed.items()} == {
-        "inputs": (np.int32, seq_len),
-        "targets": (np.int32, seq_len),
-        "loss_mask": (bool, seq_len),
-        "segment_ids": (np.int32, seq_len),
-        "positions": (np.int32, seq_len),
-    }
-    seen = []
-    for r in range(len(packed["inputs"])):
-        seg, pos = packed["segment_ids"][r], packed["positions"][r]
-        used = np.count_nonzero(seg)
-        assert used <= seq_len and (seg[:used] > 0).all() and (seg[used:] == 0).all()
-        assert seg[0] == 1 and set(np.diff(seg[:used]).tolist()) <= {0, 1}  # 1, 1, 2, 2, 3...
-        for s in range(1, seg.max() + 1):
-            idx = np.flatnonzero(seg == s)
-            assert (np.diff(idx) == 1).all()  # contiguous
-            assert pos[idx].tolist() == list(range(len(idx)))  # positions restart at 0
-            k = packed["inputs"][r, idx[0]] - 10_000
-            ex = examples[k]
-            np.testing.assert_array_equal(packed["inputs"][r, idx], ex.tokens[:-1])
-            np.testing.assert_array_equal(packed["targets"][r, idx], ex.tokens[1:])
-            np.testing.assert_array_equal(packed["loss_mask"][r, idx], ex.loss_mask[1:])
-            seen.append(k)
-        pad = seg == 0
-        assert not packed["loss_mask"][r, pad].any() and not packed["positions"][r, pad].any()
-        assert not packed["inputs"][r, pad].any() and not packed["targets"][r, pad].any()
-    assert sorted(seen) == list(range(len(examples)))  # every example exactly once
-    again = pack_examples(examples, seq_len=seq_len, window=50, seed=3)
-    for key in packed:
-        np.testing.assert_array_equal(packed[key], again[key])
-
-
-def naive_fit(sizes, capacity, *, decreasing, best):
-    order = sorted(range(len(sizes)), key=lambda i: -sizes[i]) if decreasing else range(len(sizes))
-    bins, free = [], []
-    for i in order:
-        fits = [b for b in range(len(bins)) if free[b] >= sizes[i]]
-        if best and fits:
-            fits = [min(fits, key=lambda b: (free[b], b))]
-        if fits:
-            bins[fits[0]].append(i)
-            free[fits[0]] -= sizes[i]
-        else:
-            bins.append([i])
-            free.append(capacity - sizes[i])
-    return bins
-
-
-def test_best_fit_decreasing_is_true_best_fit_and_beats_first_fit():
-    rng = np.random.default_rng(0)
-    for trial in range(20):
-        sizes = rng.integers(1, 101, 200).tolist()
-        bins = best_fit_decreasing(sizes, 100)
-        assert bins == naive_fit(sizes, 100, decreasing=True, best=True), trial
-        assert sorted(i for b in bins for i in b) == list(range(200))
-        assert all(sum(sizes[i] for i in b) <= 100 for b in bins)
-        assert len(bins) <= len(naive_fit(sizes, 100, decreasing=False, best=False))
-        assert len(bins) >= -(-sum(sizes) // 100)
-    # Tightest bin, not first: when the 1 comes, bin 0 (the 8) has 2 left and bin 1 (6 + 3) has 1
-    # left; first fit would choose bin 0, best fit chooses bin 1.
-    assert best_fit_decreasing([1, 6, 8, 3], 10) == [[2], [1, 3, 0]]
-    # Hand case: total 30 in bins of 10; first fit in input order needs 4, the optimum is 3.
-    sizes = [2, 5, 4, 7, 1, 3, 8]
-    assert len(naive_fit(sizes, 10, decreasing=False, best=False)) == 4
-    assert [sorted(sizes[i] for i in b) for b in best_fit_decreasing(sizes, 10)] == [
-        [2, 8],
-        [3, 7],
-        [1, 4, 5],
-    ]
-    with pytest.raises(ValueError):
-        best_fit_decreasing([11], 10)
-
-
-def test_whole_example_row_floor_bounds_every_packing():
-    assert whole_example_row_floor([], 10) == 0
-    assert whole_example_row_floor([6, 5, 5], 10) == 2  # volume: ceil(16 / 10)
-    assert whole_example_row_floor([6, 6, 6, 1], 10) == 3  # no two items over half share a row
-    assert whole_example_row_floor([3] * 6, 10) == 2 == len(best_fit_decreasing([3] * 6, 10))
-    assert whole_example_row_floor([3] * 7, 10) == 3  # items over a quarter: three per row
-    assert (
-        whole_example_row_floor([6, 4, 6, 4], 10) == 2 == len(best_fit_decreasing([6, 4] * 2, 10))
-    )
-    rng = np.random.default_rng(1)
-    for trial in range(30):
-        sizes = rng.integers(1, 101, 200).tolist()
-        assert len(best_fit_decreasing(sizes, 100)) >= whole_example_row_floor(sizes, 100), trial
-        narrow = rng.integers(26, 34, 200).tolist()  # three per row: volume is loose
-        assert len(best_fit_decreasing(narrow, 100)) >= whole_example_row_floor(narrow, 100)
-        assert whole_example_row_floor(narrow, 100) > -(-sum(narrow) // 100)
-    # Long-tailed lengths like the CPU bench (most examples over half a row): best fit over the
-    # whole set lands within 2% of the floor.
-    sizes = rng.integers(60, 500, 2000).tolist()
-    floor = whole_example_row_floor(sizes, 512)
-    assert sum(1 for n in sizes if 2 * n > 512) <= floor <= len(best_fit_decreasing(sizes, 512))
-    assert len(best_fit_decreasing(sizes, 512)) <= 1.02 * floor
-
-
-def test_padding_line_gives_both_floors():
-    stats = {"padding_fraction": 0.0904, "padding_floor": 0.077, "padding_floor_split": 0.0036}
-    assert padding_line(stats) == (
-        "padding 9.04% (lower bounds 7.70% for whole examples, 0.36% with data.pack_split)"
-    )
-
-
-def test_packing_stats_hand_case():
-    def ex(n, trained):
-        mask = np.zeros(n, bool)
-        mask[n - trained :] = True
-        return TokenizedExample(np.arange(1, n + 1, dtype=np.int32), mask, "f")
-
-    # Slots 6, 4, 3 into rows of 8 -> best fit: [6] [4, 3] -> 2 rows, 13 real, 3 padding.
-    packed = pack_examples([ex(7, 3), ex(5, 2), ex(4, 4)], seq_len=8, window=8, seed=0)
-    assert packing_stats(packed) == {
-        "rows": 2,
-        "slots": 16,
-        "real_tokens": 13,
-        "loss_tokens": 3 + 2 + 3,  # the first token is never a target
-        "padding_fraction": 3 / 16,
-        "trainable_fraction": 8 / 13,
-        "continued_segments": 0,
-    }
-    assert packed["segment_ids"][1].tolist() == [1, 1, 1, 1, 2, 2, 2, 0]
-    assert packed["positions"][1].tolist() == [0, 1, 2, 3, 0, 1, 2, 0]
-
-
-def test_pack_rejects_examples_that_do_not_fit():
-    with pytest.raises(ValueError, match="f:0"):
-        pack_examples(make_examples([10]), seq_len=8, window=4, seed=0)
 
 
 # --------------------------------------------------------------------------- batching

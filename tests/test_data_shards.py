@@ -1,6 +1,7 @@
 """Data shards, split packing and prefetch: each process's data is its own shards, S virtual shards
 in one process equal S processes, split packing keeps every target exactly once, and a prefetching
-iterator saves the position of the last batch consumed."""
+iterator saves the position of the last batch consumed. Also the held-out set: capped in proportion
+per mixture group, and bad held-out rows skipped like training rows."""
 
 import dataclasses
 import itertools
@@ -16,13 +17,19 @@ from conftest import REPO
 from sft_jax.config import load_config_file, parse
 from sft_jax.data import (
     DataError,
+    EncodeSettings,
+    FormatSpec,
     ShardPlan,
     TokenizedExample,
     TrainIterator,
+    encode_examples,
     eval_batches,
+    load_chat_template,
+    load_tokenizer,
     pack_examples,
     packing_stats,
     prepare_data,
+    read_examples,
     read_splits,
     shard_plan,
     split_into_gaps,
@@ -175,6 +182,79 @@ def test_failure_on_one_process_stops_all(tmp_path):
     assert "train.jsonl:4" in errors[1]
 
 
+def write_records(path: pathlib.Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def test_eval_cap_is_proportional_per_group_and_the_rest_trains(tmp_path):
+    a, b = (
+        write_records(tmp_path / f"{g}.jsonl", [{"prompt": g, "completion": g}] * n)
+        for g, n in (("A", 300), ("B", 100))
+    )
+    files = f"{a}:0.5,{b}:0.5"
+    config = demo_config(
+        tmp_path, train_files=files, eval_files="", eval_fraction=0.2, max_eval_examples=40
+    )
+    splits = read_splits(config)
+    held = [e.prompt[0] for e in splits.eval]
+    assert (held.count("A"), held.count("B")) == (30, 10)  # 60 and 20 held out: capped 3 to 1
+    train = {e.source for g in splits.train_groups for e in g}
+    assert len(train) == 400 - 40 and not train & {e.source for e in splits.eval}
+    shards = [read_splits(config, ShardPlan(2, s, 1)) for s in range(2)]
+    for split in shards:  # the same held-out set on every process
+        assert [e.source for e in split.eval] == [e.source for e in splits.eval]
+    assert set.union(*({e.source for g in s.train_groups for e in g} for s in shards)) == train
+
+
+GOOD = {
+    "messages": [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "A cat."}]
+}
+UNTRAINED = {  # every assistant turn excluded: no token would be trained
+    "messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "x", "loss_weight": 0},
+    ]
+}
+TOOL = {  # the alpaca template has no tool role: fails to render
+    "messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "call"},
+        {"role": "tool", "content": "result"},
+        {"role": "assistant", "content": "done"},
+    ]
+}
+
+
+def test_untrainable_conversation_is_a_bad_row(tmp_path):
+    path = write_records(tmp_path / "c.jsonl", [GOOD, UNTRAINED, GOOD])
+    examples, _ = read_examples(path, FormatSpec(), on_bad_row="error")
+    tokenizer = load_tokenizer(str(REPO / "sft_jax" / "assets" / "stories260K"))
+    skip = EncodeSettings(
+        load_chat_template("chatml", tokenizer), "all_assistant", 64, "drop", "skip"
+    )
+    encoded, _, skipped = encode_examples(examples, tokenizer, skip, num_workers=1)
+    assert skipped == 1 and [e.source for e in encoded] == [f"{path}:1", f"{path}:3"]
+    alone, _, _ = encode_examples(examples[:1], tokenizer, skip, num_workers=1)
+    np.testing.assert_array_equal(encoded[0].tokens, alone[0].tokens)
+    np.testing.assert_array_equal(encoded[0].loss_mask, alone[0].loss_mask)
+    error = dataclasses.replace(skip, on_bad_row="error")
+    with pytest.raises(DataError, match=r"c\.jsonl:2: no token is trained"):
+        encode_examples(examples, tokenizer, error, num_workers=1)
+
+
+def test_bad_held_out_rows_are_skipped_counted_and_give_no_prompt(tmp_path):
+    train = write_records(tmp_path / "chat_train.jsonl", [GOOD] * 20 + [TOOL])
+    held = write_records(tmp_path / "chat_eval.jsonl", [GOOD, TOOL, UNTRAINED])
+    config = demo_config(
+        tmp_path, train_files=train, eval_files=held, chat_template="alpaca", on_bad_row="skip"
+    )
+    bundle = prepare_data(config)
+    assert bundle.stats["skipped"] == 3  # 1 train + 2 eval rows
+    assert bundle.stats["eval_examples"] == 1
+    assert [p.source for p in bundle.eval_prompts] == [f"{held}:1"]
+
+
 # --------------------------------------------------------------------------- split packing
 
 
@@ -300,6 +380,18 @@ def test_prefetch_raises_errors_of_the_reading_thread():
     next(it), next(it)
     with pytest.raises(DataError, match="disk went away"):
         next(it)
+    # The thread has ended: every later next() raises the same error instead of waiting forever.
+    later: list = []
+
+    def again():
+        with pytest.raises(DataError, match="disk went away"):
+            next(it)
+        later.append(True)
+
+    thread = threading.Thread(target=again, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert later == [True]
 
 
 def test_eval_batches_slices_of_processes_are_the_global_batches():

@@ -12,34 +12,32 @@ Exit code 2 on bad config or data, as the trainer.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
 
 import numpy as np
 
-from sft_jax.config import ConfigError, load_config_file, parse
+from sft_jax.config import Config, ConfigError, config_from_argv
 from sft_jax.data.audit import audit
 from sft_jax.data.encode import encode_examples
 from sft_jax.data.pack import pack_examples
-from sft_jax.data.pipeline import encode_settings, read_splits
+from sft_jax.data.pipeline import encode_settings, read_splits, tokenizer_path
 from sft_jax.data.source import DataError
 from sft_jax.data.tokenize import load_tokenizer
-from sft_jax.hf.hub import resolve_config_hub_ids
+from sft_jax.hf.hub import resolve_model_dir
 
 
-def _config(path: str, overrides: list[str]) -> Any:
-    raw = load_config_file(path)
-    for item in overrides:
-        key, _, value = item.removeprefix("--config.").partition("=")
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = (
-            type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "true"
-        )
-    return resolve_config_hub_ids(parse(raw))
+def _config(path: str, overrides: list[str]) -> Config:
+    """The config as training reads it (`config_from_argv`: the same override syntax, types and
+    errors), with a Hub id resolved only for the tokenizer: this command loads no model, so
+    model.path is fetched only when it is where the tokenizer comes from (no data.tokenizer)."""
+    from absl import flags
+
+    config = config_from_argv(["sft_jax.data", f"--config={path}", *overrides], flags.FlagValues())
+    data = dataclasses.replace(config.data, tokenizer=resolve_model_dir(tokenizer_path(config)))
+    return dataclasses.replace(config, data=data)
 
 
 def _highlight(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray, color: bool) -> str:
@@ -64,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         config = _config(args.config, overrides)
-        tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
+        tokenizer = load_tokenizer(config.data.tokenizer)
         splits = read_splits(config)
         train = [e for g in splits.train_groups for e in g]
         if args.command == "inspect":
@@ -80,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(audit(train, splits.eval, lengths, config.data.seq_len), indent=1))
             return 0
         _print_inspect(args, config, tokenizer, encoded)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:  # FileNotFoundError: a Hub id
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

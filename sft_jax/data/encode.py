@@ -137,6 +137,8 @@ def _encode_rows(rows, tokenizer, settings):
 
 def _encode_texts(texts, tokenizer, settings):
     """[prefix] + text + [EOS], all trained (continued pre-training)."""
+    if not texts:  # the prefix probe costs two tokenizer calls
+        return []
     prefix = _special_prefix(tokenizer)
     eos = int(tokenizer.eos_token_id)
     encoded = _encode(tokenizer, [t.text for _, t in texts])
@@ -157,7 +159,8 @@ def _encode_texts(texts, tokenizer, settings):
 
 
 def _encode_conversations(convs, tokenizer, settings):
-    """Render (bad ones skipped or raised per on_bad_row), tokenise the batch, fit lengths."""
+    """Render, tokenise the batch, fit lengths; a conversation that fails to render or trains no
+    token is skipped (and counted) or raised per on_bad_row."""
     kept, rendered, skipped = [], [], 0
     for k, conv in convs:
         try:
@@ -169,25 +172,68 @@ def _encode_conversations(convs, tokenizer, settings):
             if settings.on_bad_row == "error":
                 raise
             skipped += 1
-    tokenized = tokenize_rendered(
-        rendered, [c.source for _, c in kept], tokenizer, train_on=settings.train_on
-    )
+    kept, tokenized, untrained = _tokenize_kept(kept, rendered, tokenizer, settings)
     out = []
     for (k, conv), (tokens, mask, ends) in zip(kept, tokenized, strict=True):
         pieces, counts = fit_length(
             tokens, mask, ends, conv.source, seq_len=settings.seq_len, overlong=settings.overlong
         )
         out.append((k, pieces, counts))
-    return out, skipped
+    return out, skipped + untrained
+
+
+def _tokenize_kept(kept, rendered, tokenizer, settings):
+    """tokenize_rendered on the whole batch (fast); when it refuses one conversation (no token
+    trained) and on_bad_row is "skip", again one by one to drop and count only the refused ones.
+    Returns (kept, tokenized, skipped)."""
+    sources = [conv.source for _, conv in kept]
+    try:
+        return kept, tokenize_rendered(rendered, sources, tokenizer, train_on=settings.train_on), 0
+    except DataError:
+        if settings.on_bad_row == "error":
+            raise
+    survivors, tokenized, skipped = [], [], 0
+    for item, one, source in zip(kept, rendered, sources, strict=True):
+        try:
+            tokenized += tokenize_rendered([one], [source], tokenizer, train_on=settings.train_on)
+            survivors.append(item)
+        except DataError:
+            skipped += 1
+    return survivors, tokenized, skipped
+
+
+def encode_held_out(
+    examples: Sequence[Example], tokenizer: Any, settings: EncodeSettings
+) -> tuple[list[TokenizedExample], list[EvalPrompt], int]:
+    """Held-out examples -> (tokenized, generation prompts, skipped bad examples).
+
+    Encoded one by one (there are at most data.max_eval_examples) so that an example skipped as
+    bad (on_bad_row="skip": it failed to render, or trains no token) gives no generation prompt
+    either; one dropped as over-long is still a valid prompt and keeps it.
+    """
+    encoded: list[TokenizedExample] = []
+    prompts: list[EvalPrompt] = []
+    skipped = 0
+    for example in examples:
+        pieces, _, bad = _encode_chunk([example], tokenizer, settings)
+        encoded.extend(pieces)
+        skipped += bad
+        if bad:
+            continue
+        prompt = eval_prompt(example, tokenizer, settings.template, settings.on_bad_row)
+        if prompt is not None:
+            prompts.append(prompt)
+    return encoded, prompts, skipped
 
 
 def eval_prompt(
-    example: Example, tokenizer: Any, template: ChatTemplate | None
+    example: Example, tokenizer: Any, template: ChatTemplate | None, on_bad_row: str = "error"
 ) -> EvalPrompt | None:
     """The generation prompt of a held-out example (None for plain text, which has no answer).
 
     prompt/completion: exactly `encode_prompt` (the training prefix). Conversations: the messages
     before the last assistant turn rendered with the generation prompt; reference = that turn.
+    A prompt that fails to render raises, or with on_bad_row="skip" gives None (no prompt).
     """
     if isinstance(example, Row):
         return EvalPrompt(
@@ -196,8 +242,13 @@ def eval_prompt(
     if not isinstance(example, Conversation) or template is None:
         return None
     last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
-    text = template.render(
-        example.messages[:last], example.tools, add_generation_prompt=True, where=example.source
-    )
+    try:
+        text = template.render(
+            example.messages[:last], example.tools, add_generation_prompt=True, where=example.source
+        )
+    except DataError:
+        if on_bad_row == "error":
+            raise
+        return None
     ids = _encode(tokenizer, [text])[0]
     return EvalPrompt(ids, example.messages[last]["content"], example.source)

@@ -257,11 +257,13 @@ class _Prefetcher:
     """Calls `read` on a daemon thread, keeping up to `depth` results in a queue.
 
     A failure in `read` is handed to the consumer and raised by `get`, so a data error surfaces
-    in the training loop instead of dying silently on the thread.
+    in the training loop instead of dying silently on the thread. The thread ends there, so the
+    error is kept and raised again by every later `get` (which would otherwise wait forever).
     """
 
     def __init__(self, read: Callable[[], Any], depth: int):
         self._read, self._queue, self._stop = read, queue.Queue(maxsize=depth), threading.Event()
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="sft_jax-prefetch", daemon=True)
         self._thread.start()
 
@@ -281,9 +283,11 @@ class _Prefetcher:
                 return
 
     def get(self) -> Any:
-        value, error = self._queue.get()
-        if error is not None:
-            raise error
+        if self._error is not None:
+            raise self._error
+        value, self._error = self._queue.get()
+        if self._error is not None:
+            raise self._error
         return value
 
     def close(self) -> None:

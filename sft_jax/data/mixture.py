@@ -56,7 +56,12 @@ def mixture_counts(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
     if any(n == 0 for n, w in zip(sizes, weights, strict=True) if w > 0):
         empty = [i for i, n in enumerate(sizes) if n == 0]
         raise DataError(f"mixture group(s) {empty} have no examples but a positive weight")
-    total = sum(sizes)
+    return proportional_counts(sum(sizes), weights)
+
+
+def proportional_counts(total: int, weights: Sequence[float]) -> list[int]:
+    """`total` shared out in proportion to `weights` (largest-remainder rounding, ties to the
+    earlier entry): whole numbers that sum to `total` and each within 1 of its exact share."""
     share = np.asarray(weights, float) / float(sum(weights)) * total
     counts = np.floor(share).astype(int)
     order = np.argsort(-(share - counts), kind="stable")

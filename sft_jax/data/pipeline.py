@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from sft_jax.config import Config, ConfigError
-from sft_jax.data.encode import EncodeSettings, EvalPrompt, encode_examples, eval_prompt
+from sft_jax.data.encode import EncodeSettings, EvalPrompt, encode_examples, encode_held_out
 from sft_jax.data.formats import (
     Conversation,
     Example,
@@ -40,11 +40,11 @@ from sft_jax.data.formats import (
     read_examples,
 )
 from sft_jax.data.loader import TrainIterator, eval_batches, shard_seed
-from sft_jax.data.mixture import mix, mixture_counts, parse_mixture
+from sft_jax.data.mixture import mix, mixture_counts, parse_mixture, proportional_counts
 from sft_jax.data.pack import pack_examples, packing_stats, whole_example_row_floor
 from sft_jax.data.render import TokenCounts
 from sft_jax.data.shards import ShardPlan, agree, shard_plan, shard_positions
-from sft_jax.data.source import DataError, SkipCounter, lazy_records
+from sft_jax.data.source import DataError, Record, SkipCounter, lazy_records
 from sft_jax.data.templates import ChatTemplate, load_chat_template
 from sft_jax.data.tokenize import TokenizedExample, load_tokenizer
 
@@ -115,23 +115,69 @@ def read_splits(config: Config, plan: ShardPlan | None = None) -> Splits:
     plan = plan or ShardPlan(1, 0, 1)
     spec = FormatSpec.parse(dc.format, dc.field_map, dc.ignore_fields)
     train: list[list[list[Example]]] = [[] for _ in plan.local]
-    held: list[Example] = []
+    held: list[_HeldOut] = []
     train_skips, eval_skips = SkipCounter(dc.on_bad_row), SkipCounter(dc.on_bad_row)
     for pattern, _ in parse_mixture(dc.train_files):
         records = lazy_records(pattern)
         positions: list[int] = list(range(len(records)))
+        held_positions: list[int] = []
         if not dc.eval_files:
             positions, held_positions = split_rows(positions, dc.eval_fraction, config.seed)
-            held.extend(parse_selected(records, held_positions, spec, eval_skips))
+        held.append(_HeldOut([records[i] for i in held_positions], len(positions)))
         for slot, shard in enumerate(plan.local):
             mine = shard_positions(positions, shard, plan.num_shards)
             train[slot].append(parse_selected(records, mine, spec, train_skips))
+    evals = _cap_held_out(held, dc.max_eval_examples, plan, spec, train, train_skips, eval_skips)
     skipped_eval = eval_skips.finish()
     if dc.eval_files:
-        held, skipped_eval = read_examples(dc.eval_files, spec, on_bad_row=dc.on_bad_row)
+        evals, skipped_eval = read_examples(dc.eval_files, spec, on_bad_row=dc.on_bad_row)
     entries = parse_mixture(dc.train_files)
     weights = [w for _, w in entries] if entries[0][1] is not None else None
-    return Splits(train, weights, held[: dc.max_eval_examples], train_skips.finish(), skipped_eval)
+    return Splits(train, weights, evals[: dc.max_eval_examples], train_skips.finish(), skipped_eval)
+
+
+@dataclasses.dataclass
+class _HeldOut:
+    """One mixture group's held-out records (file order) and how many training positions the
+    group has (held-out records beyond the eval cap are dealt to the shards after those)."""
+
+    records: list[tuple[str, bytes | Record]]
+    trained: int
+
+
+def _cap_held_out(
+    held: list[_HeldOut],
+    cap: int,
+    plan: ShardPlan,
+    spec: FormatSpec,
+    train: list[list[list[Example]]],
+    train_skips: SkipCounter,
+    eval_skips: SkipCounter,
+) -> list[Example]:
+    """The eval examples: at most `cap` held-out records, each group's share in proportion to its
+    held-out count (the first ones in file order), so the eval set is not mostly the first group.
+    The records beyond a group's share are not lost: they are appended to the own shards' training
+    examples of that group, dealt round-robin as if they came after its training positions. All
+    of it depends only on the record counts, so every process and shard plan agrees."""
+    sizes = [len(h.records) for h in held]
+    cap = max(cap, 0)
+    keep = sizes if sum(sizes) <= cap else proportional_counts(cap, sizes)
+    evals: list[Example] = []
+    for g, (group, k) in enumerate(zip(held, keep, strict=True)):
+        evals.extend(parse_selected(group.records, range(k), spec, eval_skips))
+        for slot, shard in enumerate(plan.local):
+            first = k + (shard - group.trained) % plan.num_shards
+            mine = range(first, len(group.records), plan.num_shards)
+            train[slot][g].extend(parse_selected(group.records, mine, spec, train_skips))
+    return evals
+
+
+def tokenizer_path(config: Config) -> str:
+    """Where the tokenizer comes from: data.tokenizer, else model.path (the model's own)."""
+    path = config.data.tokenizer or config.model.path
+    if not path:
+        raise ConfigError("set data.tokenizer (or model.path, whose tokenizer is then used)")
+    return path
 
 
 def encode_settings(config: Config, tokenizer: Any, examples: Sequence[Example]) -> EncodeSettings:
@@ -178,10 +224,7 @@ def prepare_data(
     dc = config.data
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
-    tokenizer_path = dc.tokenizer or config.model.path
-    if not tokenizer_path:
-        raise ConfigError("set data.tokenizer (or model.path, whose tokenizer is then used)")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path(config))
     plan = shard_plan(dc.shards, index, count)
     groups = len(parse_mixture(dc.train_files))
     try:
@@ -237,15 +280,14 @@ def _prepare_local(config: Config, tokenizer: Any, plan: ShardPlan) -> _Local:
             else [a + b for a, b in zip(mixture, shard_mixture, strict=True)]
         )
     summed[_SUMMED.index("skipped")] += splits.skipped_train
-    eval_examples, _, _ = encode_examples(splits.eval, tokenizer, settings, num_workers=1)
-    prompts = [eval_prompt(e, tokenizer, settings.template) for e in splits.eval]
+    eval_examples, prompts, eval_skipped = encode_held_out(splits.eval, tokenizer, settings)
     not_only_text = int(not all(isinstance(e, Text) for e in everything))
     return _Local(
         shards,
         [*summed.tolist(), min_rows, not_only_text, 0, *mixture],
         eval_examples,
-        [p for p in prompts if p is not None],
-        splits.skipped_eval,
+        prompts,
+        splits.skipped_eval + eval_skipped,
     )
 
 
@@ -330,12 +372,13 @@ def _global_stats(
 def _eval_batches(
     examples: list[TokenizedExample], config: Config, process_index: int, process_count: int
 ) -> list[dict[str, np.ndarray]]:
+    """Eval rows always keep every example whole (no data.pack_split): a cut piece loses its
+    context, so the eval loss would change with a training-throughput setting. Examples longer
+    than a row were already cut, dropped or split by data.overlong when encoded."""
     if not examples:
         return []
     dc = config.data
-    packed = pack_examples(
-        examples, seq_len=dc.seq_len, window=dc.pack_window, seed=config.seed, split=dc.pack_split
-    )
+    packed = pack_examples(examples, seq_len=dc.seq_len, window=dc.pack_window, seed=config.seed)
     return eval_batches(
         packed,
         batch_size=config.eval.batch_size,

@@ -262,35 +262,60 @@ def _load_parquet(path: str) -> Any:
 
 
 def _arrow_records(path: str, table: Any) -> Iterator[tuple[str, Record]]:
-    """Rows of an Arrow table as dicts; "path:row N" sources (1-based, like line numbers)."""
+    """Rows of an Arrow table as dicts; "path:row N" sources (1-based, like line numbers).
+
+    Arrow has one schema per column, so a key that only some rows, messages or tool schemas have
+    comes back as None in all the others (`'tool_calls' in message` then holds for every message,
+    and templates break). Rows are read as the JSON objects they were made from: entries holding
+    None are dropped at every depth. A null written on purpose (`"default": null` in a tool
+    schema) cannot be told apart from a fill-in; that rare loss is documented."""
     number = 0
     for batch in table.to_batches(max_chunksize=4096):
         for record in batch.to_pylist():
             number += 1
-            yield f"{path}:row {number}", record
+            yield f"{path}:row {number}", _drop_none(record)
+
+
+def _drop_none(value: Any) -> Any:
+    """`value` without the dict entries whose value is None, at every depth (list items stay)."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
 
 
 def _csv_records(path: str) -> Iterator[tuple[str, Record]]:
     """CSV with a header row. Broken UTF-8 is decoded with surrogateescape so that the bad bytes
-    can be reported in their own field and line instead of failing the whole file."""
+    can be reported in their own field and line instead of failing the whole file.
+
+    csv.reader, not DictReader: DictReader skips blank lines silently, so the line a row starts
+    on cannot be told from its `line_num` (the last line read). Here every record, blank ones
+    included, starts on the line after the previous record's last one, also when a quoted field
+    spans several lines.
+    """
     import csv
 
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
             return
-        line = reader.line_num
-        for row in reader:
-            source = f"{path}:{line + 1}"
-            line = reader.line_num
-            if None in row:
+        start = reader.line_num + 1
+        for values in reader:
+            source = f"{path}:{start}"
+            start = reader.line_num + 1
+            if not values:  # a blank line, skipped as csv.DictReader does
+                continue
+            if len(values) > len(header):
                 yield source, _error(source, None, "more values than header columns")
                 continue
+            row = {**dict.fromkeys(header), **dict(zip(header, values, strict=False))}
             bad = _field_with_invalid_unicode(row)
             if bad is not None:
                 yield source, _error(source, bad, "contains invalid UTF-8 bytes")
                 continue
-            yield source, dict(row)
+            yield source, row
 
 
 def _looks_like_jsonl(path: str) -> bool:
@@ -315,12 +340,13 @@ def _json_list_records(path: str) -> Iterator[tuple[str, Record]]:
             "a JSON list file cannot be read around them (use JSONL to skip single bad lines)"
         ) from None
     decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+    line = _LineCounter(text)
     pos = _skip_ws(text, 0)
     if not text.startswith("[", pos):
-        raise DataError(f"{path}:{_line(text, pos)}: a .json data file must hold a list of objects")
+        raise DataError(f"{path}:{line.at(pos)}: a .json data file must hold a list of objects")
     pos = _skip_ws(text, pos + 1)
     while not text.startswith("]", pos):
-        source = f"{path}:{_line(text, pos)}"
+        source = f"{path}:{line.at(pos)}"
         try:
             record, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
@@ -334,9 +360,22 @@ def _json_list_records(path: str) -> Iterator[tuple[str, Record]]:
         if text.startswith(",", pos):
             pos = _skip_ws(text, pos + 1)
         elif not text.startswith("]", pos):
-            raise DataError(f"{path}:{_line(text, pos)}: malformed JSON: expected ',' or ']'")
+            raise DataError(f"{path}:{line.at(pos)}: malformed JSON: expected ',' or ']'")
     if text[pos + 1 :].strip():
-        raise DataError(f"{path}:{_line(text, pos + 1)}: malformed JSON: extra data after the list")
+        raise DataError(f"{path}:{line.at(pos + 1)}: malformed JSON: extra data after the list")
+
+
+class _LineCounter:
+    """Line numbers (1-based) of increasing positions in one text. Each newline is counted once:
+    counting from the start for every record made reading a list file quadratic in its size."""
+
+    def __init__(self, text: str):
+        self._text, self._pos, self._line = text, 0, 1
+
+    def at(self, pos: int) -> int:
+        self._line += self._text.count("\n", self._pos, pos)
+        self._pos = pos
+        return self._line
 
 
 def _check_record(record: Any, source: str) -> Record:
@@ -352,7 +391,3 @@ def _skip_ws(text: str, pos: int) -> int:
     while pos < len(text) and text[pos] in " \t\r\n":
         pos += 1
     return pos
-
-
-def _line(text: str, pos: int) -> int:
-    return text.count("\n", 0, pos) + 1

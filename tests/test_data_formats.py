@@ -106,6 +106,65 @@ BAD = {
     "alpaca_missing_output": ({"instruction": "x", "output": None}, ["'output'", "NoneType"]),
     "undetectable": ({"question": "q"}, ["cannot tell the format", "field_map"]),
     "bad_tools": ({**CHAT, "tools": "not json"}, ["'tools'", "not JSON"]),
+    "typo_field_auto": (
+        {"prompt": "a", "completon": "b"},
+        ["cannot tell the format", "did you mean 'completion'"],
+    ),
+    "messages_loss_weight": (
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b", "loss_weight": 0.5},
+            ]
+        },
+        ["messages[1].loss_weight", "0.5"],
+    ),
+    "sharegpt_weight": (
+        {
+            "conversations": [
+                {"from": "human", "value": "a"},
+                {"from": "gpt", "value": "b", "weight": 0.5},
+            ]
+        },
+        ["conversations[1].weight", "0.5"],
+    ),
+    "tool_arguments_not_json": (
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"type": "function", "function": {"name": "f", "arguments": "{x"}}
+                    ],
+                },
+            ]
+        },
+        ["messages[1].tool_calls[0].function.arguments", "not JSON"],
+    ),
+    "tool_arguments_not_object": (
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"type": "function", "function": {"name": "f", "arguments": "[1]"}}
+                    ],
+                },
+            ]
+        },
+        ["messages[1].tool_calls[0].function.arguments", "JSON object"],
+    ),
+    "function_call_arguments_not_json": (
+        {
+            "conversations": [
+                {"from": "human", "value": "a"},
+                {"from": "function_call", "value": json.dumps({"name": "f", "arguments": "{x"})},
+            ]
+        },
+        ["conversations[1].value.arguments", "not JSON"],
+    ),
 }
 
 
@@ -123,6 +182,147 @@ def test_bad_records_named_and_skippable(tmp_path, name):
     examples, skipped = read_examples(str(path), FormatSpec(), on_bad_row="skip")
     assert (len(examples), skipped) == (2, 1)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest  # never modified
+
+
+TOOLS = [  # two schemas with different properties: Arrow fills each with the other's as null
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "search",
+            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
+        },
+    },
+]
+TOOL_ROWS = [
+    {
+        "messages": [
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4", "loss_weight": 0},
+            {"role": "user", "content": "And 3+3?"},
+            {"role": "assistant", "content": "6"},
+        ],
+        "tools": TOOLS,
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "content": "sunny", "name": "get_weather"},
+            {"role": "assistant", "content": "It is sunny."},
+        ],
+        "tools": TOOLS,
+    },
+]
+
+
+def test_arrow_messages_and_tools_equal_jsonl(tmp_path, shared_assets):
+    """Parquet and saved-dataset rows read as the JSONL rows do: no keys Arrow filled with None."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sft_jax.data import ChatTemplate, render_conversation
+    from sft_jax.data.templates import template_variables
+
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TOOL_ROWS))
+    pq.write_table(pa.Table.from_pylist(TOOL_ROWS), tmp_path / "m.parquet")
+    datasets.Dataset.from_list(TOOL_ROWS).save_to_disk(str(tmp_path / "hf"))
+    jsonl = read(tmp_path / "m.jsonl")
+    assert jsonl[0].messages[0] == {"role": "user", "content": "What is 2+2?"}
+    assert jsonl[0].train == (True, False, True, True)
+    assert jsonl[1].messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert jsonl[0].tools == tuple(TOOLS)
+    path = shared_assets / "chat-templates/trl/llama3_1.jinja"
+
+    class Vars:
+        bos_token, eos_token, pad_token, unk_token = "<|begin_of_text|>", "<|eot_id|>", "", ""
+
+    template = ChatTemplate(path.name, path.read_text(), template_variables(Vars))
+    want = [render_conversation(c, template, "all_assistant") for c in jsonl]
+    for name in ("m.parquet", "hf"):
+        got = read(tmp_path / name)
+        for a, b in zip(got, jsonl, strict=True):
+            assert (a.messages, a.tools, a.train) == (b.messages, b.tools, b.train), name
+        assert [render_conversation(c, template, "all_assistant") for c in got] == want, name
+
+
+def test_json_null_in_jsonl_tool_schema_is_kept(tmp_path):
+    """Only Arrow's nulls are fill-ins; a null written in JSON is the user's and stays."""
+    schema = {"name": "f", "parameters": {"type": "object", "properties": {}, "default": None}}
+    record = {
+        **CHAT,
+        "tools": [schema],
+        "messages": [
+            *CHAT["messages"][:1],
+            {"role": "assistant", "content": "x", "tool_calls": None, "name": None},
+        ],
+    }
+    (tmp_path / "n.jsonl").write_text(json.dumps(record) + "\n")
+    (conv,) = read(tmp_path / "n.jsonl")
+    assert conv.tools == ({"type": "function", "function": schema},)
+    assert conv.messages[1] == {"role": "assistant", "content": "x"}
+
+
+def test_sharegpt_weight_is_a_train_flag(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    record = {
+        "system": "be brief",
+        "conversations": [
+            {"from": "human", "value": "a"},
+            {"from": "gpt", "value": "bad", "weight": 0},
+            {"from": "human", "value": "b"},
+            {"from": "gpt", "value": "good", "weight": 1},
+            {"from": "human", "value": "c"},
+            {"from": "gpt", "value": "fine"},
+        ],
+    }
+    (tmp_path / "w.jsonl").write_text(json.dumps(record) + "\n")
+    pq.write_table(pa.Table.from_pylist([record]), tmp_path / "w.parquet")
+    for name in ("w.jsonl", "w.parquet"):  # Parquet fills the missing weight with None
+        (conv,) = read(tmp_path / name)
+        assert [m["role"] for m in conv.messages][:2] == ["system", "user"]
+        assert conv.train == (True, True, False, True, True, True, True), name
+
+
+def test_string_tool_arguments_become_objects(tmp_path):
+    """OpenAI's wire format carries arguments as a JSON string; templates expect an object."""
+    call = {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": None})}
+    share = {
+        "conversations": [
+            {"from": "human", "value": "Weather?"},
+            {"from": "function_call", "value": json.dumps(call)},
+            {"from": "observation", "value": "sunny"},
+            {"from": "gpt", "value": "Sunny."},
+        ]
+    }
+    (tmp_path / "t.jsonl").write_text(json.dumps(TOOL_ROWS[1]) + "\n" + json.dumps(share) + "\n")
+    msgs, sharegpt = read(tmp_path / "t.jsonl")
+    assert msgs.messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    got = sharegpt.messages[1]["tool_calls"][0]["function"]
+    assert got == {"name": "get_weather", "arguments": {"city": "Paris", "unit": None}}
 
 
 def test_bad_bytes_and_malformed_json_list_and_csv(tmp_path):

@@ -21,7 +21,7 @@ from sft_jax.data import (
     load_tokenizer,
     render_conversation,
 )
-from sft_jax.data.render import tokenize_rendered
+from sft_jax.data.render import fit_length, tokenize_rendered
 from sft_jax.data.templates import template_variables
 
 CONV = Conversation(
@@ -196,3 +196,69 @@ def test_trainable_fraction_check():
         )
     check_trainable({"loss_tokens": 9, "trainable_fraction": 1.0}, "all", only_text=False)
     check_trainable({"loss_tokens": 9, "trainable_fraction": 1.0}, "all_assistant", only_text=True)
+
+
+def test_untrained_last_turn_does_not_train_the_appended_eos(stories_dir):
+    """chatml does not write EOS, so it is appended; with loss_weight 0 on the last turn it is
+    context, not a target (else the model learns to stop after a turn it was told not to learn)."""
+    tokenizer = load_tokenizer(str(stories_dir))
+    template = load_chat_template("chatml", tokenizer)
+    eos = tokenizer.eos_token_id
+    weighted = Conversation(CONV.messages, "w:1", None, (True, True, True, False))
+    for train_on in ("all_assistant", "last_assistant"):
+        r = render_conversation(weighted, template, train_on)
+        tokens, mask, _ = tokenize_rendered([r], ["w:1"], tokenizer, train_on=train_on)[0]
+        assert tokens[-1] == eos and not mask[-1], train_on
+        assert tokenizer.decode(tokens[mask]) == "2 + 2 = 4.<|im_end|>", train_on
+    r = render_conversation(CONV, template, "all_assistant")
+    tokens, mask, _ = tokenize_rendered([r], ["c:1"], tokenizer, train_on="all_assistant")[0]
+    assert tokens[-1] == eos and mask[-1]  # a trained last turn still learns to stop
+
+
+def test_split_counts_pieces_it_had_to_cut():
+    tokens = np.arange(30, dtype=np.int32)
+    mask = np.ones(30, bool)
+    ends = np.array([5, 25, 30])
+    pieces, counts = fit_length(tokens, mask, ends, "s:1", seq_len=9, overlong="split")
+    assert [len(p.tokens) for p in pieces] == [5, 10, 5]
+    assert (counts.split, counts.truncated, counts.dropped) == (1, 1, 0)
+    pieces, counts = fit_length(tokens, mask, [10, 20, 30], "s:1", seq_len=9, overlong="split")
+    assert [len(p.tokens) for p in pieces] == [10, 10, 10]
+    assert (counts.split, counts.truncated, counts.dropped) == (1, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "name,template,expected",
+    [
+        ("tok-llama3.1-hf", "llama3_1.jinja", '"parameters": {"city": "Paris"}}<|eot_id|>'),
+        ("tok-qwen3", "qwen3_training.jinja", '"arguments": {"city": "Paris"}}\n</tool_call>'),
+    ],
+)
+def test_string_tool_arguments_trained_as_json_objects(
+    tmp_path, shared_assets, name, template, expected
+):
+    import json
+
+    from sft_jax.data import FormatSpec, read_examples
+
+    call = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    record = {
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "call_1", "type": "function", "function": call}],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny."},
+        ]
+    }
+    (tmp_path / "t.jsonl").write_text(json.dumps(record) + "\n")
+    (conv,), _ = read_examples(str(tmp_path / "t.jsonl"), FormatSpec(), on_bad_row="error")
+    tokenizer = load_tokenizer(str(shared_assets / name))
+    tpl = load_chat_template(str(shared_assets / "chat-templates/trl" / template), tokenizer)
+    r = render_conversation(conv, tpl, "all_assistant")
+    tokens, mask, _ = tokenize_rendered([r], [conv.source], tokenizer, train_on="all_assistant")[0]
+    trained = tokenizer.decode(tokens[mask])
+    assert expected in trained and "\\" not in trained, trained

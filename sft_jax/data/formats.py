@@ -20,6 +20,9 @@ Every supported format converts into one of three internal records:
 completion=answer") renames the user's fields to the canonical ones first. Fields that are neither
 known nor in `IGNORED_FIELDS`/`ignore_fields` are refused, not ignored, so that a typo such as
 "completon" cannot silently drop the text it was meant to carry.
+
+A message key holding None counts as absent (JSONL `"tool_calls": null`; Arrow rows arrive from
+source.py with their null fill-ins already dropped).
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ _SHAREGPT_ROLES = {
     "function": "tool",
 }
 _MESSAGE_KEYS = ("role", "content", "tool_calls", "name", "tool_call_id", "reasoning_content")
+_KNOWN_FIELDS = tuple(sorted({f for req, opt in _FIELDS.values() for f in (*req, *opt)}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +85,7 @@ class Text:
 @dataclasses.dataclass(frozen=True)
 class Conversation:
     """Messages as the chat template sees them; `train[i]` False excludes assistant turn i from the
-    loss (messages-format `loss_weight: 0`)."""
+    loss (messages-format `loss_weight: 0`, ShareGPT `weight: 0`)."""
 
     messages: tuple[dict[str, Any], ...]
     source: str
@@ -138,12 +142,24 @@ def detect_format(record: dict[str, Any], source: str) -> str:
         if all(k in record for k in _FIELDS[fmt][0]):
             return fmt
     expected = "; ".join(f"{f}: {list(req)}" for f, (req, _) in _FIELDS.items())
+    hint = ""
+    for key in record:  # a typo ("completon") is the likeliest reason: name the field it means
+        close = _close_field(key, _KNOWN_FIELDS) if key not in _KNOWN_FIELDS else None
+        if close:
+            hint = f"; did you mean '{close}' instead of '{key}'?"
+            break
     raise _error(
         source,
         None,
-        f"cannot tell the format from the fields {sorted(record)}; expected {expected}"
+        f"cannot tell the format from the fields {sorted(record)}{hint}; expected {expected}"
         " (or set data.format and data.field_map)",
     )
+
+
+def _close_field(key: str, known: Sequence[str]) -> str | None:
+    """The known field name closest to `key` (difflib ratio >= 0.6), for "did you mean" hints."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _apply_field_map(record: dict[str, Any], source: str, spec: FormatSpec) -> dict[str, Any]:
@@ -161,8 +177,8 @@ def _check_fields(record, source, fmt, required, optional, ignored) -> None:
     unknown = [k for k in record if k not in known and k not in IGNORED_FIELDS + ignored]
     if unknown:
         key = unknown[0]
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        close = _close_field(key, known)
+        hint = f"; did you mean '{close}'?" if close else ""
         others = f" (unknown fields: {unknown})" if len(unknown) > 1 else ""
         raise _error(
             source,
@@ -218,15 +234,22 @@ def _sharegpt(record: dict[str, Any], source: str) -> Conversation:
     if not isinstance(turns, list) or not turns:
         raise _error(source, "conversations", "must be a non-empty list of {from, value} turns")
     messages: list[dict[str, Any]] = []
+    train: list[bool] = []
     if record.get("system"):
         messages.append({"role": "system", "content": _string(record, "system", source)})
+        train.append(True)
     for i, turn in enumerate(turns):
         field = f"conversations[{i}]"
         if not isinstance(turn, dict):
             raise _error(source, field, f"must be an object, got {type(turn).__name__}")
         extra = [k for k in turn if k not in ("from", "value", "weight")]
         if extra or "from" not in turn or "value" not in turn:
-            raise _error(source, field, f"needs exactly 'from' and 'value', got {sorted(turn)}")
+            raise _error(
+                source,
+                field,
+                f"needs 'from' and 'value' (and optionally 'weight'), got {sorted(turn)}",
+            )
+        train.append(_weight_flag(turn.get("weight"), source, f"{field}.weight"))
         who = turn["from"]
         if who not in _SHAREGPT_ROLES:
             raise _error(
@@ -237,7 +260,18 @@ def _sharegpt(record: dict[str, Any], source: str) -> Conversation:
             messages.append(_tool_call_message(value, source, f"{field}.value"))
         else:
             messages.append({"role": _SHAREGPT_ROLES[who], "content": value})
-    return _finish(messages, source, _tools(record, source), None)
+    return _finish(messages, source, _tools(record, source), tuple(train))
+
+
+def _weight_flag(weight: Any, source: str, field: str) -> bool:
+    """A turn's `loss_weight` (messages) or `weight` (ShareGPT, axolotl's convention): 0 = not
+    trained, 1, null or absent = trained. Anything else is refused: sft_jax has no fractional
+    loss weights, and silently rounding 0.5 either way would train what the user did not ask."""
+    if weight is None:
+        return True
+    if isinstance(weight, int | float) and weight in (0, 1):
+        return bool(weight)
+    raise _error(source, field, f"must be 0 (not trained) or 1 (trained), got {weight!r}")
 
 
 def _tool_call_message(value: str, source: str, field: str) -> dict[str, Any]:
@@ -249,11 +283,51 @@ def _tool_call_message(value: str, source: str, field: str) -> dict[str, Any]:
     calls = call if isinstance(call, list) else [call]
     if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
         raise _error(source, field, "function_call must be {'name': str, 'arguments': {...}}")
-    tool_calls = [
-        {"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}}
-        for c in calls
-    ]
+    tool_calls = []
+    for c in calls:
+        arguments = c.get("arguments", {})
+        if isinstance(arguments, str):  # double-encoded, as OpenAI sends it
+            arguments = _json_arguments(arguments, source, f"{field}.arguments")
+        tool_calls.append(
+            {"type": "function", "function": {"name": c["name"], "arguments": arguments}}
+        )
     return {"role": "assistant", "content": "", "tool_calls": tool_calls}
+
+
+def _json_arguments(text: str, source: str, field: str) -> dict[str, Any]:
+    """Tool-call arguments given as a JSON string (the OpenAI wire format) -> the object.
+
+    Templates serialise arguments with `tojson` (Llama 3.1) or print strings as they are (Qwen3);
+    a string would be trained double-encoded ("{\\"city\\": ...}") by the first kind, while an
+    object renders right in both."""
+    try:
+        arguments = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _error(source, field, f"is a string but not JSON: {e.msg}") from None
+    if not isinstance(arguments, dict):
+        raise _error(
+            source, field, f"must be a JSON object of arguments, got {type(arguments).__name__}"
+        )
+    return arguments
+
+
+def _tool_calls(calls: Any, source: str, field: str) -> Any:
+    """OpenAI tool calls with string `function.arguments` parsed into objects. Other shapes pass
+    through to the template unchanged."""
+    if not isinstance(calls, list):
+        return calls
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            where = f"{field}[{j}].function.arguments"
+            function = {
+                **function,
+                "arguments": _json_arguments(function["arguments"], source, where),
+            }
+            call = {**call, "function": function}
+        out.append(call)
+    return out
 
 
 def _tools(record: dict[str, Any], source: str) -> tuple[dict[str, Any], ...] | None:
@@ -290,10 +364,16 @@ def _messages(record: dict[str, Any], source: str) -> Conversation:
             raise _error(
                 source, f"{field}.role", f"unknown or missing role {role!r}; known: {ROLES}"
             )
-        message = {k: v for k, v in turn.items() if k in _MESSAGE_KEYS}
+        # A None key means "absent" (`"tool_calls": null` in JSONL): templates test
+        # `'tool_calls' in message` or `message.name is defined`, which a None would satisfy.
+        message = {k: v for k, v in turn.items() if k in _MESSAGE_KEYS and v is not None}
         message["content"] = _content(turn.get("content"), source, f"{field}.content")
+        if "tool_calls" in message:
+            message["tool_calls"] = _tool_calls(
+                message["tool_calls"], source, f"{field}.tool_calls"
+            )
         messages.append(message)
-        train.append(turn.get("loss_weight", 1) not in (0, 0.0, False))
+        train.append(_weight_flag(turn.get("loss_weight"), source, f"{field}.loss_weight"))
     return _finish(messages, source, _tools(record, source), tuple(train))
 
 

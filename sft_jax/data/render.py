@@ -14,8 +14,9 @@ the characters [len(P_i), len(F_i.rstrip())): its content, its end-of-turn token
 template puts after the turn. `full` is tokenised once (add_special_tokens=False: the template
 writes BOS itself, so there is never a second one) with offsets, and a token is trained when it
 *starts* inside a span. If the tokenizer's EOS does not occur in the last assistant turn, EOS is
-appended and trained, so the model always learns to stop (pad is never used as EOS: the mask is
-data, padding is segment 0).
+appended, and trained when that turn is, so the model always learns to stop after what it learns
+(a last turn excluded by loss_weight 0 teaches nothing, not even to stop there). Pad is never used
+as EOS: the mask is data, padding is segment 0.
 
 A template that renders earlier turns differently once later turns exist (Qwen3 drops the empty
 <think></think> of earlier assistant turns; some templates only print the system prompt with the
@@ -26,7 +27,8 @@ chat-templates/trl/qwen3_training.jinja.
 
 Over-long examples (more than seq_len + 1 tokens) follow data.overlong: "truncate" cuts the end,
 "drop" drops the example, "split" cuts a conversation at the ends of assistant turns into pieces
-that fit (a piece that alone is too long is truncated); all of them are counted.
+that fit (a piece that alone is too long is truncated, and the example then counts as truncated
+too); all of them are counted.
 """
 
 from __future__ import annotations
@@ -54,11 +56,14 @@ class Rendered:
     spans: tuple[tuple[int, int], ...]
     turn_ends: tuple[int, ...]
     last_span: tuple[int, int]  # the final assistant turn, for the EOS check
+    last_trained: bool  # is that turn trained (then so is an EOS appended after it)
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenCounts:
-    """What happened to over-long examples (all counted and printed before step 0)."""
+    """What happened to over-long examples (all counted and printed before step 0), in examples:
+    a split example one of whose pieces had to be cut counts once in `split` and once in
+    `truncated`, since tokens of it are lost."""
 
     truncated: int = 0
     split: int = 0
@@ -90,7 +95,9 @@ def render_conversation(conv: Conversation, template: ChatTemplate, train_on: st
         trained: tuple[tuple[int, int], ...] = ((0, len(full)),)
     else:
         trained = tuple(spans[i] for i in chosen)
-    return Rendered(full, trained, tuple(spans[i][1] for i in needed), spans[last])
+    last_trained = train_on == "all" or last in chosen
+    ends = tuple(spans[i][1] for i in needed)
+    return Rendered(full, trained, ends, spans[last], last_trained)
 
 
 def _turn_span(conv: Conversation, template: ChatTemplate, full: str, i: int) -> tuple[int, int]:
@@ -157,7 +164,7 @@ def tokenize_rendered(
         in_last = mask_from_offsets(offsets, [r.last_span])
         if not np.any(tokens[in_last] == eos):  # the template never says "stop": we do
             tokens = np.append(tokens, np.int32(eos))
-            mask = np.append(mask, True)
+            mask = np.append(mask, r.last_trained)
         starts = np.fromiter((o[0] for o in offsets), np.int64, len(offsets))
         ends = np.searchsorted(starts, np.asarray(r.turn_ends), side="left")
         ends[-1] = len(tokens)  # the last turn keeps the appended EOS
@@ -186,13 +193,14 @@ def fit_length(
         pieces = _split_points(turn_ends, len(tokens), limit)
     else:
         pieces = [(0, len(tokens))]
-    out = []
+    out, cut = [], False
     for n, (a, b) in enumerate(pieces):
+        cut |= b - a > limit
         b = min(b, a + limit)
         if mask[a + 1 : b].any():  # slot 0 of a row is never a target
             name = source if len(pieces) == 1 else f"{source} (part {n + 1})"
             out.append(TokenizedExample(tokens[a:b], mask[a:b], name))
-    counts = TokenCounts(split=1) if overlong == "split" else TokenCounts(truncated=1)
+    counts = TokenCounts(truncated=int(cut), split=int(overlong == "split"))
     if not out:
         counts = counts + TokenCounts(dropped=1)
     return out, counts

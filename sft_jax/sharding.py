@@ -148,8 +148,15 @@ def activation_sharding(mesh: Mesh, rules: Sequence) -> NamedSharding | None:
 
 
 def pin_model_activations(model_config: Any, mesh: Mesh, rules: Sequence) -> Any:
-    """The model config with its activations pinned to `activation_sharding(mesh, rules)`."""
-    return dataclasses.replace(model_config, activation_sharding=activation_sharding(mesh, rules))
+    """The model config with its activations pinned to `activation_sharding(mesh, rules)`, and
+    the mesh and rules its attention kernel is split by."""
+    hashable = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in rules)
+    return dataclasses.replace(
+        model_config,
+        activation_sharding=activation_sharding(mesh, rules),
+        mesh=mesh,
+        mesh_rules=hashable,
+    )
 
 
 def batch_shards(mesh: Mesh, rules: Sequence) -> int:

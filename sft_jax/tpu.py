@@ -20,8 +20,11 @@ and the optimizer update alone at 1 and 2 layers (U1, U2), all linear in the lay
 
 The bound on the step time is max(flops / peak, bytes accessed / HBM bandwidth) per chip; the
 MFU it allows is the model flops of a step (`flops.flops_per_token`) over chips x peak x that
-time. Communication is not in the bound. Layers of one model that differ (Gemma's local and
-global attention) are taken as alike: the windowed mask costs the same flops in XLA attention.
+time. Communication is not in the bound; "bytes accessed" counts each fused op's operands and
+results, so real HBM traffic can be lower; the unrolled variants need not recompute the forward
+under remat (XLA keeps activations where it can), so the flops can miss the recomputation.
+Layers that differ (Gemma's local and global attention) are taken as alike: `kernel_flops`
+counts a sliding-window layer's splash work as a global layer's.
 """
 
 from __future__ import annotations

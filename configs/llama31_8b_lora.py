@@ -29,6 +29,13 @@ one per chip, on a v5p-8).
 Memory per device (python -m sft_jax.plan --platform gpu, docs/tpu_pod.md): on one 80 GB GPU
 15.11 GiB of parameters (the frozen bf16 base is 14.96) + 0.16 adapter gradients + 0.31 Adam
 moments + 5.85 activations of one 4096-token row with remat="full" (estimate) = 21.43 GiB.
+
+Topology: a TPU v5p-8 (`v5p:2x2x1`, 4 chips) as above; it also fits a v5e-8 (`v5e:2x4`, 8 x
+16 GiB) with one row per chip per micro-batch. The TPU compiler's figure for the latter, at
+this model's shapes (2026-12-02, docs/tpu_pod.md; `DIR` holds only Llama-3.1-8B's config.json):
+    python -m sft_jax.plan --config configs/llama31_8b_lora.py --topology v5e:2x4 --compile \
+        --config.model.path=DIR --config.train.global_batch_size=8 --config.train.micro_batches=1
+-> 7.24 GiB per chip of 16 (plan 8.11), splash attention; roofline bound 76% MFU.
 """
 
 from configs import base

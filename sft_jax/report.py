@@ -99,9 +99,8 @@ def make_charts(data: RunData) -> list[Chart]:
     restarts are dotted vertical lines."""
     restarts = [r["step"] for r in restarts_of(data)]
     validation = validation_points(data)
-    val_label = (
-        "validation (star: before training)" if validation[:1] != data.evals[:1] else ("validation")
-    )
+    with_baseline = bool(validation) and validation[0].get("kind") == "baseline"
+    val_label = "validation (star: before training)" if with_baseline else "validation"
     specs = [
         ("Loss", "loss", "loss.png", "loss",
          [("train", data.train, "loss"), (val_label, validation, "eval_loss")]),

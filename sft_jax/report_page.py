@@ -17,6 +17,7 @@ import datetime
 import html
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from sft_jax.metrics import record_kind, sample_rows, scalars
@@ -102,7 +103,9 @@ def fmt(value: Any) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
-def table(headers: list[str], rows: list[list[Any]], css_id: str, classes: list[str] = ()) -> str:
+def table(
+    headers: list[str], rows: list[list[Any]], css_id: str, classes: Sequence[str] = ()
+) -> str:
     """An HTML table (scrolls sideways on a narrow screen); every cell is escaped, numbers are
     right-aligned; `classes` gives each row a CSS class."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)

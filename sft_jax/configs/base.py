@@ -1,8 +1,14 @@
-"""Every config key and its default. Other configs start from `get_config()` here and override a few.
+"""Every config key and its default. Other configs start from `get_config()` here and override a few:
 
-Not runnable on its own (it names no data). See configs/demo.py for the runnable default:
+    from sft_jax.configs import base
 
-    python -m sft_jax.train --config configs/demo.py --workdir /tmp/demo
+    def get_config():
+        c = base.get_config()
+        c.data.train_files = "my_data.jsonl"
+        return c
+
+It ships with the package, so a config file works from any directory. Not runnable on its own
+(it names no data); see configs/demo.py in the repository for the runnable demo.
 
 Library code never invents defaults: `sft_jax.config.parse` turns this tree into frozen dataclasses
 and fails on any key that is missing here or unknown.

@@ -95,6 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
     # its batch consumed); this many in a row stop the run with exit code 43.
     t.max_nonfinite_steps = 5
     t.loss_spike_factor = 3.0  # log a spike when loss > factor x running mean; 0: off
+    t.loss_spike_min_delta = 0.5  # ... and loss - running mean >= this (quiet near loss 0)
     # Forgetting control (sft_jax/regularize.py). NEFTune: noise alpha / sqrt(L * d) on the input
     # embeddings while training (the paper uses 5-15). KL-to-base: adds kl_to_base x KL(model ||
     # base) per loss token to the objective; the base is the frozen weights under LoRA, else a

@@ -105,6 +105,7 @@ class PreemptionWatcher:
 
     def __init__(self, phase: str = "setup") -> None:
         self.requested = False
+        self.signal_name = "SIGTERM"  # of the signal that set `requested`
         self.phase = phase
         self.step: int | None = None  # the last finished step, for the "finish" message
         self._previous: dict[int, Any] = {}
@@ -118,7 +119,7 @@ class PreemptionWatcher:
             raise Preempted(self.step, name, self.phase)
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signal_name = True, name
         if signum == signal.SIGINT and jax.process_index() == 0:
             print(
                 "\nCtrl-C: saving a checkpoint after this step, then stopping "

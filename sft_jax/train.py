@@ -300,13 +300,15 @@ def evaluate_if_due(
     return eval_loss, eval_due and run.loop.observe_eval(done, eval_loss, patience)
 
 
-def preempt(run: Run, state: Any, done: int, eval_loss: float | None, bar: tqdm) -> NoReturn:
-    """SIGTERM arrived: save at this step, wait for the commit, record it, and stop."""
+def preempt(
+    run: Run, state: Any, done: int, eval_loss: float | None, bar: tqdm, signal_name: str
+) -> NoReturn:
+    """SIGTERM or Ctrl-C arrived: save at this step, wait for the commit, record it, and stop."""
     run.save(done, state, eval_loss)
     run.checkpointer.wait()
     run.writer.write(done, {"kind": "preempted", "run": run.run_number})
     bar.close()
-    raise Preempted(done)
+    raise Preempted(done, signal_name)
 
 
 def train_loop(run: Run, state: Any, watcher: PreemptionWatcher) -> tuple[Any, int, str]:
@@ -351,7 +353,7 @@ def train_loop(run: Run, state: Any, watcher: PreemptionWatcher) -> tuple[Any, i
             last_save_time = time.time()
         run.faults.after_step(done)
         if watcher.reached(done):
-            preempt(run, state, done, eval_loss, bar)
+            preempt(run, state, done, eval_loss, bar, watcher.signal_name)
         if stop:
             reason = "early_stopping"
             log(

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from sft_jax import hf, lora
 from sft_jax.attention import resolve_implementation
 from sft_jax.blocked_attention import BLOCK
+from sft_jax.cli import absl_help, wants_help
 from sft_jax.config import Config, ConfigError, config_from_argv
 from sft_jax.model import ModelConfig, Transformer
 from sft_jax.sharding import MESH_AXES, logical_to_spec
@@ -350,6 +351,12 @@ def plan_topology(config: Config, topology: str, num_slices: int, compile_step: 
     return 0
 
 
+PLAN_HELP = (
+    "Prints parameter, gradient, optimizer and activation bytes per device for a config on N\n"
+    "devices of a platform, and whether it fits in --device_memory_gib. Nothing is trained."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     from absl import flags
 
@@ -379,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         "devices and print XLA's memory analysis next to the plan.", flag_values=flag_values,
     )  # fmt: skip
     argv = sys.argv if argv is None else argv
+    if wants_help(argv[1:]):
+        usage = "python -m sft_jax.plan --config FILE[:ARG] [--devices N] [--config.KEY=VALUE ...]"
+        print(absl_help(usage, PLAN_HELP, flag_values), end="")
+        return 0
     try:
         config = resolve_model_path(config_from_argv(argv, flag_values))
         platform = (

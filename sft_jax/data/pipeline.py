@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from sft_jax.config import Config, ConfigError
+from sft_jax.data.control import control_strings
 from sft_jax.data.encode import EncodeSettings, EvalPrompt, encode_examples, encode_held_out
 from sft_jax.data.formats import (
     Conversation,
@@ -62,6 +63,7 @@ _SUMMED = (
     "truncated",
     "split",
     "dropped",
+    "control_text",
     "row_floor",
     "row_floor_split",
 )
@@ -187,7 +189,15 @@ def encode_settings(config: Config, tokenizer: Any, examples: Sequence[Example])
     template: ChatTemplate | None = None
     if any(isinstance(e, Conversation) for e in examples):
         template = load_chat_template(dc.chat_template, tokenizer)
-    return EncodeSettings(template, dc.train_on, dc.seq_len, dc.overlong, dc.on_bad_row)
+    return EncodeSettings(
+        template,
+        dc.train_on,
+        dc.seq_len,
+        dc.overlong,
+        dc.on_bad_row,
+        dc.on_control_tokens,
+        control_strings(tokenizer),
+    )
 
 
 def num_workers(config: Config, n_examples: int) -> int:
@@ -308,6 +318,7 @@ def _build_shard(
         examples, c, s = encode_examples(group, tokenizer, settings, num_workers=workers)
         encoded.append(examples)
         counts, skipped = counts + c, skipped + s
+    log_named(counts, dc.seq_len, dc.on_control_tokens)
     key = shard_seed(config.seed, shard, plan.num_shards)
     empty = [i for i, g in enumerate(encoded) if weights and weights[i] > 0 and not g]
     if empty:
@@ -328,6 +339,7 @@ def _build_shard(
         "truncated": counts.truncated,
         "split": counts.split,
         "dropped": counts.dropped,
+        "control_text": counts.control_text,
         "row_floor": whole_example_row_floor(slots, dc.seq_len),
         "row_floor_split": -(-sum(slots) // dc.seq_len),
     }
@@ -410,12 +422,30 @@ def format_stats(stats: dict[str, Any]) -> str:
     """One line for the log: examples, tokens, trainable fraction, length handling, packing."""
     return (
         "{examples} examples ({skipped} skipped, {truncated} truncated, {split} split, "
-        "{dropped} dropped), {rows} packed rows in {shards} shard(s) ({rows_per_shard} rows per "
-        "shard and epoch, {rows_dropped_per_epoch} left out per epoch), {real_tokens} tokens, "
+        "{dropped} dropped, {control_text} with special-token text), {rows} packed rows in "
+        "{shards} shard(s) ({rows_per_shard} rows per shard and epoch, "
+        "{rows_dropped_per_epoch} left out per epoch), {real_tokens} tokens, "
         "trainable fraction {trainable_fraction:.3f}, packing efficiency "
         "{packing_efficiency:.2%} ({continued_segments} split pieces), mixture {mixture}; "
         "{eval_examples} eval examples"
     ).format(**stats)
+
+
+def log_named(counts: TokenCounts, seq_len: int, on_control_tokens: str) -> None:
+    """Names the first examples behind the summary's dropped / skipped / control-text counts,
+    so a user can open them (each process names its own)."""
+    how = {"warn": "trained as plain text", "keep": "kept as special tokens"}
+    for names, what in (
+        (counts.named_dropped, f"{counts.dropped} example(s) dropped by data.overlong / seq_len"),
+        (counts.named_skipped, "example(s) skipped as bad (data.on_bad_row='skip')"),
+        (
+            counts.named_control,
+            f"{counts.control_text} example(s) hold special-token text, "
+            f"{how.get(on_control_tokens, on_control_tokens)} (data.on_control_tokens)",
+        ),
+    ):
+        if names:
+            logger.warning("%s; first: %s", what, "; ".join(names))
 
 
 def padding_line(stats: dict[str, Any]) -> str:

@@ -109,16 +109,20 @@ def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return train, [r for i, r in enumerate(rows) if i in held]
 
 
-def read_splits(config: Config, plan: ShardPlan | None = None) -> Splits:
+def read_splits(
+    config: Config, plan: ShardPlan | None = None, errors: list[DataError] | None = None
+) -> Splits:
     """Reads the records of every mixture group and parses only those of the shards in `plan`
     (default: all data as one shard) plus the eval records (a file, or a fraction of each group:
-    the held-out positions are drawn from all records, so every process holds out the same)."""
+    the held-out positions are drawn from all records, so every process holds out the same).
+    Skipped rows' errors are appended to `errors` when given (audit lists them)."""
     dc = config.data
     plan = plan or ShardPlan(1, 0, 1)
     spec = FormatSpec.parse(dc.format, dc.field_map, dc.ignore_fields)
     train: list[list[list[Example]]] = [[] for _ in plan.local]
     held: list[_HeldOut] = []
-    train_skips, eval_skips = SkipCounter(dc.on_bad_row), SkipCounter(dc.on_bad_row)
+    train_skips = SkipCounter(dc.on_bad_row, errors)
+    eval_skips = SkipCounter(dc.on_bad_row, errors)
     for pattern, _ in parse_mixture(dc.train_files):
         records = lazy_records(pattern)
         positions: list[int] = list(range(len(records)))
@@ -132,7 +136,9 @@ def read_splits(config: Config, plan: ShardPlan | None = None) -> Splits:
     evals = _cap_held_out(held, dc.max_eval_examples, plan, spec, train, train_skips, eval_skips)
     skipped_eval = eval_skips.finish()
     if dc.eval_files:
-        evals, skipped_eval = read_examples(dc.eval_files, spec, on_bad_row=dc.on_bad_row)
+        evals, skipped_eval = read_examples(
+            dc.eval_files, spec, on_bad_row=dc.on_bad_row, errors=errors
+        )
     entries = parse_mixture(dc.train_files)
     weights = [w for _, w in entries] if entries[0][1] is not None else None
     return Splits(train, weights, evals[: dc.max_eval_examples], train_skips.finish(), skipped_eval)

@@ -9,7 +9,9 @@ whatever the worker count, so packing and the data order do not depend on `num_w
 Per kind:
 * Row (prompt/completion): tokenize.py's exact path (prompt and completion tokenised apart);
   train_on="all" trains the prompt too.
-* Text: [BOS] + text + [EOS], every token trained; overlong "split" cuts it into chunks.
+* Text: [BOS] + text + [EOS], every token trained (a tokenizer without BOS starts it with EOS,
+  tokenize.py's start token, so that the first word is a target too); overlong "split" cuts it
+  into chunks.
 * Conversation: render.py (turn-by-turn prefix rendering).
 """
 
@@ -39,6 +41,7 @@ from sft_jax.data.tokenize import (
     _encode,
     _special_prefix,
     encode_prompt,
+    start_token,
     tokenize_each_row,
 )
 
@@ -159,7 +162,7 @@ def _encode_texts(texts, tokenizer, settings):
     """[prefix] + text + [EOS], all trained (continued pre-training)."""
     if not texts:  # the prefix probe costs two tokenizer calls
         return []
-    prefix = _special_prefix(tokenizer)
+    prefix = _special_prefix(tokenizer) or [start_token(tokenizer)]  # every token a target
     eos = int(tokenizer.eos_token_id)
     encoded = _encode(tokenizer, [t.text for _, t in texts])
     out = []

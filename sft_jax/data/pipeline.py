@@ -76,6 +76,7 @@ class DataBundle:
     eval_prompts: list[EvalPrompt]
     tokenizer: Any
     stats: dict[str, Any]
+    template: ChatTemplate | None = None  # the chat template, when some example is a chat
 
 
 @dataclasses.dataclass
@@ -208,6 +209,7 @@ class _Local:
     eval_examples: list[TokenizedExample]
     eval_prompts: list[EvalPrompt]
     skipped_eval: int
+    template: ChatTemplate | None = None
 
 
 def prepare_data(
@@ -256,7 +258,7 @@ def prepare_data(
         prefetch=dc.prefetch,
     )
     eval_data = _eval_batches(local.eval_examples, config, index, count)
-    return DataBundle(train_iter, eval_data, local.eval_prompts, tokenizer, stats)
+    return DataBundle(train_iter, eval_data, local.eval_prompts, tokenizer, stats, local.template)
 
 
 def _prepare_local(config: Config, tokenizer: Any, plan: ShardPlan) -> _Local:
@@ -288,6 +290,7 @@ def _prepare_local(config: Config, tokenizer: Any, plan: ShardPlan) -> _Local:
         eval_examples,
         prompts,
         splits.skipped_eval + eval_skipped,
+        settings.template,
     )
 
 

@@ -157,7 +157,7 @@ def test_stock_tokenizer_templates(shared_assets, name):
         assert tokenizer.decode(tokens[mask]).count("<|eot_id|>") == 2
     else:  # Qwen3: <|im_end|> is EOS; all_assistant refused (earlier <think> blocks dropped)
         assert text.endswith("It is 6.<|im_end|>") and "\n" not in text[-3:]
-        with pytest.raises(DataError, match="qwen3_training"):
+        with pytest.raises(DataError, match="qwen3_thinking"):
             render_conversation(CONV, template, "all_assistant")
         training = load_chat_template(
             str(shared_assets / "chat-templates/trl/qwen3_training.jinja"), tokenizer

@@ -9,7 +9,7 @@ stories (sft_jax/assets/general), which shows what the fine-tuning cost. The mea
 and timings, with their date and machine, are in docs/benchmarks.md ("The demo").
 """
 
-from configs import base
+from sft_jax.configs import base
 from sft_jax.assets import asset_path
 
 

@@ -47,6 +47,7 @@ import numpy as np
 
 from sft_jax import hf, sharding
 from sft_jax.attention import resolve_implementation
+from sft_jax.cli import absl_help, wants_help
 from sft_jax.config import Config, ConfigError, config_from_argv
 from sft_jax.data import TokenizedExample, TrainIterator, pack_examples, packing_stats
 from sft_jax.data.pack import whole_example_row_floor
@@ -376,6 +377,12 @@ def workload_name(argv: list[str]) -> str:
     return "unknown"
 
 
+BENCH_HELP = (
+    "Times the config's train step: tokens/s (real tokens), step time, MFU, peak bytes and\n"
+    "compile time; the last line is the same as one JSON object. See configs/bench/."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parses the command line, runs the benchmark, prints the summary and the JSON line last."""
     from absl import flags
@@ -391,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         "memory_only", False, "Only compile for abstract inputs; print memory analysis.",
         flag_values=flag_values,
     )  # fmt: skip
+    if wants_help(argv[1:]):
+        usage = "python -m sft_jax.bench --config FILE[:ARG] [--steps N] [--config.KEY=VALUE ...]"
+        print(absl_help(usage, BENCH_HELP, flag_values), end="")
+        return 0
     try:
         config = config_from_argv(argv, flag_values)
     except ConfigError as e:

@@ -3,7 +3,7 @@ docs/troubleshooting.md still exists in the source, every command in the docs' c
 modules, config files, config keys and flags that exist, and every relative link resolves.
 
 Cheap static checks (no training, no jax compilation): module specs, config files loaded with
-`load_config_file`, `--config.a.b` keys looked up in configs/base.py, flags searched in the
+`load_config_file`, `--config.a.b` keys looked up in sft_jax/configs/base.py, flags searched in the
 source of the module that parses them.
 """
 
@@ -20,6 +20,7 @@ import sys
 import pytest
 
 from sft_jax.config import load_config_file
+from sft_jax.configs import base
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOCS = sorted((REPO / "docs").glob("*.md"))
@@ -142,7 +143,7 @@ def _check_config_arg(value: str) -> None:
 
 
 def _check_config_key(dotted: str) -> None:
-    node = load_config_file(str(REPO / "sft_jax" / "configs" / "base.py"))
+    node = base.get_config()
     for part in dotted.split("."):
         assert part in node, f"--config.{dotted}: no key '{part}' in sft_jax/configs/base.py"
         node = node[part]
@@ -257,7 +258,7 @@ def test_slug_matches_github():
 # the repository can open none of them. Each pattern is (name, regex).
 FORBIDDEN = (
     ("a machine path", r"/work/|/root/"),
-    ("a virtualenv's interpreter", r"\S*venv/bin/python"),
+    ("a virtualenv's interpreter", r"(?<![\w$/}])\.venv/bin/python|/\w[\w./-]*venv/bin/python"),
     ("the internal guide", r"\bGUIDE\b"),
     ("an issue number", r"(?i)\bissues? #\d+"),
     ("the issue", r"(?i)\bthe issue's\b"),
@@ -318,7 +319,11 @@ def test_reference_check_can_fail():
         "the internal guide: 'GUIDE'",
         "an issue number: 'issue #8'",
     ]
+    assert forbidden_references("PYTHONPATH=. .venv/bin/python x") == [
+        "a virtualenv's interpreter: '.venv/bin/python'"
+    ]
     assert not forbidden_references("python3 -m venv .venv && . .venv/bin/activate")
+    assert not forbidden_references('"$dir/venv/bin/python" -m pip install')  # a CI script's own
 
 
 # ----------------------------------------------------------------------------- the demo's figures

@@ -2,6 +2,7 @@
 pieces), rendered by headless Chromium (DOM and screenshot), and built from a real tiny run."""
 
 import json
+import math
 import pathlib
 import shutil
 import subprocess
@@ -167,6 +168,9 @@ def test_before_after_table_says_direction_and_flags_forgetting(forgetting_run):
         and "general_perplexity went from 5.17 to 5030" in page
     )
     assert "general_loss went" not in page
+    assert (
+        report_page.verdict("eval_loss", 2.0, math.nan) == ""
+    )  # diverged: neither better nor worse
 
 
 def test_wrong_sample_says_why_and_chat_prompt_shows_turns(forgetting_run):

@@ -13,10 +13,10 @@ tojson) and the tokenizer's special tokens (bos_token, eos_token, ...) as variab
 also bounded, since a template is a program that can loop for ever or print without end:
 `ChatTemplate.render` fails with a DataError once one rendering has run `RENDER_SECONDS` or written
 `RENDER_CHARS` characters (both far beyond any real conversation). The checks ride on the compiled
-template's sandbox environment: its `concat` (which joins the output chunks), `call`, `getattr` and
-`getitem` (which sandboxed code goes through for every call and attribute), so a loop that calls,
-reads or prints anything is stopped; nested loops over literal lists that do none of these are the
-one thing they cannot see.
+template's sandbox environment: its `concat` (which joins the output chunks) and `call` (which
+sandboxed code goes through for every call, `range()` included), so a loop that calls or prints
+anything is stopped; only nested loops over literal lists that neither call nor print escape
+them. Recursion ends in Python's RecursionError, reported the same way.
 
 The built-ins begin with `bos_token` when the tokenizer has one (as Llama's own templates do), so a
 rendered conversation is tokenised with add_special_tokens=False and never gets a second BOS. The
@@ -161,7 +161,7 @@ def _bound_environment(source: str) -> None:
             out.append(chunk)
         return "".join(out)
 
-    def checked(method: Any) -> Any:
+    def checked(method: Any) -> Any:  # (not on getattr/getitem: they cost more than they catch)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             _check_limit()
             return method(*args, **kwargs)
@@ -169,7 +169,7 @@ def _bound_environment(source: str) -> None:
         return wrapper
 
     env.concat = concat
-    env.call, env.getattr, env.getitem = (checked(m) for m in (env.call, env.getattr, env.getitem))
+    env.call = checked(env.call)
     env._sft_jax_bounded = True
 
 

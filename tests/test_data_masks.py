@@ -13,6 +13,7 @@ import pytest
 from conftest import SHARED_ASSETS
 
 from sft_jax.data import (
+    BUILTIN_TEMPLATES,
     ChatTemplate,
     Conversation,
     DataError,
@@ -157,7 +158,7 @@ def test_stock_tokenizer_templates(shared_assets, name):
         assert tokenizer.decode(tokens[mask]).count("<|eot_id|>") == 2
     else:  # Qwen3: <|im_end|> is EOS; all_assistant refused (earlier <think> blocks dropped)
         assert text.endswith("It is 6.<|im_end|>") and "\n" not in text[-3:]
-        with pytest.raises(DataError, match="qwen3_training"):
+        with pytest.raises(DataError, match="qwen3_thinking"):
             render_conversation(CONV, template, "all_assistant")
         training = load_chat_template(
             str(shared_assets / "chat-templates/trl/qwen3_training.jinja"), tokenizer
@@ -167,7 +168,7 @@ def test_stock_tokenizer_templates(shared_assets, name):
 
 def test_builtin_templates_on_a_tokenizer_without_template(stories_dir):
     tokenizer = load_tokenizer(str(stories_dir))
-    for name in ("chatml", "alpaca", "plain"):
+    for name in ("alpaca", "plain"):  # chatml is refused: <|im_end|> is 7 tokens here
         template = load_chat_template(name, tokenizer)
         tokens, mask = check(CONV, template, tokenizer, "all_assistant", [1, 3])
         assert tokens[0] == tokenizer.bos_token_id and tokens[1] != tokenizer.bos_token_id
@@ -203,7 +204,9 @@ def test_untrained_last_turn_does_not_train_the_appended_eos(stories_dir):
     """chatml does not write EOS; with loss_weight 0 on the last turn nothing is appended (an EOS
     there would be context that teaches nothing, or a target after a turn not to be learnt)."""
     tokenizer = load_tokenizer(str(stories_dir))
-    template = load_chat_template("chatml", tokenizer)
+    # Built directly: load_chat_template refuses chatml on this tokenizer (<|im_end|> is not one
+    # of its tokens), which does not matter to the mask logic tested here.
+    template = ChatTemplate("chatml", BUILTIN_TEMPLATES["chatml"], template_variables(tokenizer))
     eos = tokenizer.eos_token_id
     weighted = Conversation(CONV.messages, "w:1", None, (True, True, True, False))
     for train_on in ("all_assistant", "last_assistant"):

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from sft_jax.cli import config_help
 from sft_jax.config import Config, ConfigError, config_from_argv
 from sft_jax.data.audit import audit, summary
 from sft_jax.data.encode import encode_examples
@@ -55,12 +56,18 @@ def _highlight(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray, color: bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sft_jax.data")
+    parser = argparse.ArgumentParser(
+        prog="python -m sft_jax.data",
+        usage="%(prog)s {inspect,audit} --config FILE[:ARG] [options] [--config.KEY=VALUE ...]",
+        description=__doc__.split("\n\n")[1],
+        epilog=config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=("inspect", "audit"))
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--n", type=int, default=3)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--packed", action="store_true")
+    parser.add_argument("--config", required=True, help="the config file (training's)")
+    parser.add_argument("--n", type=int, default=3, help="inspect: examples shown (default 3)")
+    parser.add_argument("--json", action="store_true", help="inspect: one JSON line each")
+    parser.add_argument("--packed", action="store_true", help="inspect: packed rows instead")
     args, overrides = parser.parse_known_args(argv)
     try:
         config = _config(args.config, overrides)

@@ -78,6 +78,7 @@ class DataBundle:
     eval_prompts: list[EvalPrompt]
     tokenizer: Any
     stats: dict[str, Any]
+    template: ChatTemplate | None = None  # the chat template, when some example is a chat
 
 
 @dataclasses.dataclass
@@ -224,6 +225,7 @@ class _Local:
     eval_examples: list[TokenizedExample]
     eval_prompts: list[EvalPrompt]
     skipped_eval: int
+    template: ChatTemplate | None = None
 
 
 def prepare_data(
@@ -272,7 +274,7 @@ def prepare_data(
         prefetch=dc.prefetch,
     )
     eval_data = _eval_batches(local.eval_examples, config, index, count)
-    return DataBundle(train_iter, eval_data, local.eval_prompts, tokenizer, stats)
+    return DataBundle(train_iter, eval_data, local.eval_prompts, tokenizer, stats, local.template)
 
 
 def _prepare_local(config: Config, tokenizer: Any, plan: ShardPlan) -> _Local:
@@ -304,6 +306,7 @@ def _prepare_local(config: Config, tokenizer: Any, plan: ShardPlan) -> _Local:
         eval_examples,
         prompts,
         splits.skipped_eval + eval_skipped,
+        settings.template,
     )
 
 

@@ -32,7 +32,7 @@ A template that renders earlier turns differently once later turns exist (Qwen3 
 last user message) breaks the prefix property. We never guess in that case: DataError names the
 template, the example and the first differing characters, and suggests train_on="last_assistant"
 (only the final turn's prefix must match) or a prefix-preserving training template such as
-chat-templates/trl/qwen3_training.jinja.
+the named qwen3_thinking (templates.py).
 
 Over-long examples (more than seq_len + 1 tokens) follow data.overlong: "truncate" cuts the end,
 "drop" drops the example, "split" cuts a conversation at the ends of assistant turns into pieces
@@ -231,8 +231,8 @@ def _require_prefix(
         f"of {a} is not a prefix of the rendering of {b}; they differ at character {k}: "
         f"{prefix[max(0, k - 30) : k + 30]!r} vs {text[max(0, k - 30) : k + 30]!r}. The loss "
         "mask cannot be derived safely. Use data.train_on='last_assistant', or a prefix-preserving "
-        "training template (data.chat_template=path/to/template.jinja, e.g. the prefix-preserving "
-        "chat-templates/trl/qwen3_training.jinja for Qwen3)."
+        "training template (data.chat_template=qwen3_thinking, qwen3_nothink, qwen3_5_thinking, "
+        "qwen3_5_nothink, or path/to/template.jinja)."
     )
 
 

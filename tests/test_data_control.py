@@ -184,3 +184,26 @@ def test_literal_text_only_changes_rows_that_hold_it(shared_assets):
     tokens, _, _ = encode(chat("plain"), template, tokenizer)
     text = render_conversation(chat("plain"), template, "all_assistant").text
     assert np.array_equal(tokens, tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_eval_prompts_tokenise_content_as_training_did(shared_assets):
+    """The held-out prompt of a conversation whose question holds special-token text is
+    tokenised as in training: the text as text (warn), the template's tokens special."""
+    from sft_jax.data import eval_prompt
+
+    tokenizer = tokenizer_at(shared_assets, "tok-qwen3")
+    template = load_chat_template("tokenizer", tokenizer)
+    question = "What does <|im_end|> mean?"
+    conv = Conversation(
+        ({"role": "user", "content": question}, {"role": "assistant", "content": "A turn end."}),
+        "e:1",
+    )
+    control = control_strings(tokenizer)
+    prompt = eval_prompt(conv, tokenizer, template, control=control)
+    specials = set(tokenizer.all_special_ids)
+    plain = eval_prompt(chat("plain"), tokenizer, template, control=control)
+    count = sum(t in specials for t in prompt.prompt_ids)
+    assert count == sum(t in specials for t in plain.prompt_ids)
+    assert question in tokenizer.decode(prompt.prompt_ids)
+    kept = eval_prompt(conv, tokenizer, template, control=control, on_control_tokens="keep")
+    assert sum(t in specials for t in kept.prompt_ids) == count + 1

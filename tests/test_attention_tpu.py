@@ -210,19 +210,20 @@ SPLASH_CALL = "tpu_custom_call"  # the Mosaic kernel's custom call in the lowere
     [
         ((1, 4, 1), {}),  # fsdp=4
         ((2, 1, 2), {}),  # data=2 x tensor=2, two kv heads split over tensor
-        ((2, 1, 2), {"num_kv_heads": 1}),  # one kv head repeated to follow the query heads
-        # Gemma 2: alternating sliding-window layers and soft-capped scores
+        # Gemma 2 style: alternating sliding-window layers, soft-capped scores, and one kv head
+        # repeated to follow the query heads split over tensor
         (
             (1, 2, 2),
             {
                 "num_layers": 2,
+                "num_kv_heads": 1,
                 "sliding_window": 128,
                 "local_layers": (True, False),
                 "attn_softcap": 50.0,
             },
         ),
     ],
-    ids=["fsdp", "data_x_tensor", "data_x_tensor_mqa", "gemma2_window_softcap"],
+    ids=["fsdp", "data_x_tensor", "fsdp_x_tensor_window_softcap_one_kv_head"],
 )
 def test_model_with_auto_attention_compiles_splash_for_tpu(tpu_devices, mesh_shape, overrides):
     mesh = tpu_mesh(tpu_devices, *mesh_shape)

@@ -15,6 +15,7 @@ import os
 import pathlib
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +28,12 @@ from sft_jax import lora, preflight, sharding
 from sft_jax.attention import attend, attention_mask, resolve_implementation, window_mask
 from sft_jax.model import Transformer
 from sft_jax.splash_attention import kv_repeats
-from sft_jax.state import adapter_shardings, init_params, param_shardings
+from sft_jax.state import (
+    abstract_boxed_params,
+    adapter_shardings,
+    init_params,
+    param_shardings,
+)
 from sft_jax.step import loss_fn
 from tests.helpers import tiny_model_config
 
@@ -123,6 +129,13 @@ def test_init_with_splash_gives_the_parameters_of_any_other_attention():
         config = sharding.pin_model_activations(tiny_model_config(attention=impl), mesh, RULES)
         params[impl] = init_params(Transformer(config), "", mesh, RULES, seed=3)
     jax.tree.map(np.testing.assert_array_equal, params["splash"], params["blocked"])
+
+
+def test_abstract_params_of_a_splash_model_need_neither_tpu_nor_a_long_sequence():
+    """What the planner traces: the boxed tree with logical names, on this CPU, no mesh."""
+    boxed = abstract_boxed_params(Transformer(tiny_model_config(attention="splash")))
+    spec = nn.get_partition_spec(boxed)["layers"]["attn"]["q_proj"]["kernel"]
+    assert tuple(spec) == ("layers", "embed", "heads", "head_dim")
 
 
 def splash_config(seq_len: int) -> config_lib.Config:

@@ -343,7 +343,7 @@ def _read_sections(raw: dict, path: str) -> dict[str, Any]:
     if missing:
         warnings.warn(
             f"{path} was written by an older sft_jax and lacks config keys "
-            f"{', '.join(missing)}; using their defaults from configs/base.py",
+            f"{', '.join(missing)}; using their defaults from sft_jax/configs/base.py",
             OldWorkdirWarning,
             stacklevel=3,
         )
@@ -352,7 +352,7 @@ def _read_sections(raw: dict, path: str) -> dict[str, Any]:
 
 @functools.cache
 def _base_defaults() -> dict:
-    """configs/base.py as a plain dict: the one place every config key has its default."""
+    """sft_jax/configs/base.py as a plain dict: the one place every config key has its default."""
     from sft_jax.config import ConfigError, load_config_file
 
     try:
@@ -367,7 +367,7 @@ def _section(cls: type, raw: Any, prefix: str, path: str, missing: list[str]) ->
     """Section `prefix` (a frozen config dataclass `cls`) of config.json `path`.
 
     A workdir outlives the code that wrote it: keys added since (model.attention,
-    model.scan_layers, ...) take their configs/base.py defaults and are appended to `missing`
+    model.scan_layers, ...) take their base-config defaults and are appended to `missing`
     (the caller warns once); an unknown key or a value of the wrong type is an ExportError
     naming the file and the key, never a TypeError from the dataclass constructor.
     """

@@ -133,24 +133,22 @@ def test_bad_config_file_is_one_line_and_exit_2(tmp_path, capsys, name, text, ex
 
 
 def test_own_config_file_in_another_directory(tmp_path):
-    """A config file outside the repository starts from the packaged base config."""
-    _write(
-        tmp_path,
-        "mine.py",
-        "from sft_jax.configs import base\n\n\ndef get_config():\n"
-        "    c = base.get_config()\n    c.data.train_files = 'my_data.jsonl'\n"
-        "    c.optim.learning_rate = 1e-4\n    return c\n",
-    )
+    """The quickstart's own config file, run from a directory outside the repository, starts
+    from the packaged base config."""
+    quickstart = (REPO / "docs" / "quickstart.md").read_text(encoding="utf-8")
+    example = quickstart.split("```python\n# my_run.py\n", 1)[1].split("```", 1)[0]
+    _write(tmp_path, "my_run.py", example)
     probe = (
         "from sft_jax.config import load_config_file, parse;"
-        "c = parse(load_config_file('mine.py')); print(c.optim.learning_rate, c.data.train_files)"
+        "c = parse(load_config_file('my_run.py'));"
+        "print(c.optim.learning_rate, c.data.train_files)"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # the package only, as an install gives
     done = subprocess.run(
         [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["0.0001", "my_data.jsonl"]
+    assert done.stdout.split() == ["1e-05", "data/chat.jsonl"]
 
 
 # ----------------------------------------------------------------------------- signals

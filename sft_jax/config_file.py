@@ -126,7 +126,7 @@ def config_from_argv(argv: list[str], flag_values: Any) -> Any:
 
     path, rest = split_config_flag(argv)
     if path is None:
-        raise ConfigError("--config FILE is required")
+        raise ConfigError("--config FILE is required (--help lists the flags and config keys)")
     raw = load_config_file(path)
     check_override_keys(rest, raw)
     try:

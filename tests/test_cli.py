@@ -14,7 +14,7 @@ import tomllib
 
 import pytest
 
-from sft_jax import cli, console, faults
+from sft_jax import cli, console, faults, run_summary
 from sft_jax import train as train_module
 from sft_jax.config import ConfigError
 from sft_jax.configs import base
@@ -273,10 +273,10 @@ def test_transformers_advice_is_silenced():
 
 def test_sample_prompts_are_cut_at_a_word():
     text = "Lily had a red ball. She played with it all day. Question: What color was the ball?"
-    tail = train_module.tail_words(text, 40)
+    tail = run_summary.tail_words(text, 40)
     assert tail.startswith("...") and text.endswith(tail[3:])
     assert tail[3:].split()[0] in text.split()  # a whole word, not its end
-    assert train_module.tail_words("short", 40) == "short"
+    assert run_summary.tail_words("short", 40) == "short"
 
 
 # ----------------------------------------------------------------------------- sft-jax

@@ -407,7 +407,8 @@ def _train_and_finish(
             log(f"already finished at step {first_step}; summary.json is kept as it was")
             print_summary(finished, config, workdir)
             return finished
-        if first_step == 0:
+        measures = run.bundle.eval_batches or run.evaluate_general is not None
+        if first_step == 0 and measures and eval_loop.read_baseline(workdir) is None:
             log("evaluating the model before training (compiles the evaluation) ...")
         before = eval_loop.baseline(run, state)  # measured at step 0, read back after a restart
         watcher.phase = "loop"

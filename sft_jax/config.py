@@ -68,6 +68,7 @@ class DataSection:
     chat_template: str
     train_on: str
     overlong: str
+    on_control_tokens: str
     num_workers: int
     shards: int
     pack_split: bool
@@ -298,6 +299,7 @@ _CHOICES = {
     "data.format": ("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"),
     "data.train_on": ("all_assistant", "last_assistant", "completion", "all"),
     "data.overlong": ("truncate", "split", "drop"),
+    "data.on_control_tokens": ("warn", "keep", "error"),
     "distributed.expected_platform": ("", "cpu", "gpu", "tpu"),
     "lora.base_dtype": ("float32", "bfloat16"),
     "lora.base_quant": ("none", "int8", "nf4"),

@@ -1,6 +1,6 @@
 """Faults: how every way a run can go wrong ends in a known state, and hooks to provoke them.
 
-Exit codes of `python -m sft_jax.train`:
+Exit codes of `python -m sft_jax.train` (documented in docs/troubleshooting.md):
 
     0   finished (including an early stop on validation loss)
     2   bad config or data, nothing trained

@@ -167,6 +167,7 @@ def make_evaluators(
 def setup(config: Config, workdir: str) -> tuple[Run, Any]:
     """Preflight, data, model, state and restore: everything that fails on bad input fails here,
     before compute. Returns the run and its (possibly restored) train state."""
+    config = hf.absolute_local_paths(config)  # config.json must work from any directory
     mesh = preflight.run(config, workdir)
     if config.logging.wandb:  # a missing wandb fails before data and compute
         import_wandb()

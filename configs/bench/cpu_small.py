@@ -1,4 +1,4 @@
-"""CPU benchmark workload of ../shared/GUIDE.md §4 (also the sft_jax half of the TRL comparison).
+"""The CPU benchmark workload (also the sft_jax half of the TRL comparison).
 
     python -m sft_jax.bench --config configs/bench/cpu_small.py
 

@@ -296,6 +296,17 @@ def test_sft_jax_lists_and_dispatches(capsys):
     assert exit_info.value.code == 0
 
 
+def test_sft_jax_ctrl_c_in_a_command_is_one_line(capsys, monkeypatch):
+    from sft_jax import report
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "main", interrupted)
+    assert cli.main(["report", "--workdir", "w"]) == 130
+    assert capsys.readouterr().err.strip() == "sft-jax report: interrupted"
+
+
 def test_console_script_and_python_dash_m():
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     assert project["project"]["scripts"]["sft-jax"] == "sft_jax.cli:main"

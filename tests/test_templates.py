@@ -260,3 +260,46 @@ def test_held_out_answers_end_at_the_end_of_turn_text(stories_dir, stories):
     assert result["generation_exact"] == 1.0 and result["samples"][0]["output"] == answer
     assert cut_at_stop_text("quiet.<|im_end|>\n<|im", ["<|im_end|>"]) == "quiet."
     assert cut_at_stop_text("quiet.", ["<|im_end|>", ""]) == "quiet."
+
+
+def test_generate_command_stops_at_a_multi_token_end_of_turn(stories_dir, tmp_path, capsys):
+    """`python -m sft_jax.generate --model DIR` whose template ends turns with a word the model
+    spells in several tokens: the reply ends before that word and never shows it."""
+    import json
+    import shutil
+
+    from sft_jax import chat
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(stories_dir, model_dir)
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+
+    def reply_with(end: str) -> str:
+        config["chat_template"] = (
+            "{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
+            "{% if m['role'] == 'assistant' %}" + end + "{% endif %}{% endfor %}"
+        )
+        config_path.write_text(json.dumps(config))
+        args = ["--model", str(model_dir), "--prompt", "Once upon a time", "--max-new-tokens", "40"]
+        assert chat.main(args) == 0
+        return capsys.readouterr().out.removesuffix("\n")
+
+    free = reply_with("")
+    for word in [w for w in free.split()[2:] if w.isalpha()]:  # one the model spells in pieces
+        stops = chat.chat_stops(_tokenizer_with_end(model_dir, config, " " + word), str(model_dir))
+        if stops.sequences:
+            break
+    assert stops.texts == (word,) and len(stops.sequences[0]) > 1, free
+    assert reply_with(" " + word) == free[: free.index(word)].rstrip()
+
+
+def _tokenizer_with_end(model_dir, config, end):
+    import json
+
+    config["chat_template"] = (
+        "{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}" + end + "{% endif %}{% endfor %}"
+    )
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    return load_tokenizer(str(model_dir))

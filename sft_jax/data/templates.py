@@ -179,15 +179,15 @@ def end_of_turn(template: ChatTemplate, tokenizer: Any) -> tuple[str, tuple[int,
     text = rest.strip()
     if not text:
         return "", ()
-    start = at + len(_PROBE) + rest.index(text)
+    after, end = at + len(_PROBE), at + len(_PROBE) + rest.index(text) + len(text)
     enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
-    pieces = [
+    pieces = [  # tokens starting after the answer (a SentencePiece "▁word" starts at its space)
         (int(i), (a, b))
         for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
-        if start <= a < start + len(text)
+        if after <= a < end
     ]
     special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    if pieces[0][0] in special:
+    if pieces and pieces[0][0] in special:
         first, (a, b) = pieces[0]
         return rendered[a:b], (first,)
     return text, tuple(i for i, _ in pieces)

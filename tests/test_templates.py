@@ -61,6 +61,8 @@ VARIANTS = [
     ("qwen3_nothink", "qwen3.jinja"),
     ("qwen3_5_thinking", "qwen3_5_think.jinja"),
     ("qwen3_5_nothink", "qwen3_5_nothink.jinja"),
+    ("qwen3_6_thinking", "qwen3_6.jinja"),
+    ("qwen3_6_nothink", "qwen3_6.jinja"),
 ]
 
 
@@ -76,11 +78,11 @@ def conversation(name: str) -> Conversation:
 
 
 def stock_template(shared_assets, file: str, tokenizer, variant: str) -> ChatTemplate:
-    """The stock template; Qwen3's single template gets enable_thinking=False for the nothink
-    variant, as a user of the stock template asks for non-thinking answers."""
+    """The stock template, with enable_thinking=False for a nothink variant, as a user of the
+    stock template asks for non-thinking answers."""
     source = (shared_assets / "chat-templates" / "trl" / file).read_text()
     variables = template_variables(tokenizer)
-    if variant == "qwen3_nothink":
+    if variant.endswith("nothink"):
         variables += (("enable_thinking", False),)
     return ChatTemplate(file, source, variables)
 
@@ -151,6 +153,8 @@ def test_thinking_variant_trains_every_turns_reasoning(qwen3):
         plain, load_chat_template("qwen3_nothink", qwen3), qwen3, "all_assistant"
     )
     assert "<think>" not in nothink and nothink.count("<|im_end|>") == 2  # in the prompt instead
+    with pytest.raises(DataError, match="not prefix-preserving"):  # reasoning cannot follow it
+        render_conversation(conv, load_chat_template("qwen3_nothink", qwen3), "last_assistant")
 
 
 def test_named_templates_ship_with_the_package():

@@ -5,7 +5,7 @@
 * "tokenizer"  the tokenizer's own template (tokenizer_config.json / chat_template.jinja);
 * "chatml", "alpaca", "plain"  the built-ins below;
 * a name from NAMED_TEMPLATES: prefix-preserving training variants of thinking models' stock
-  templates (qwen3_thinking, qwen3_nothink, qwen3_5_thinking, qwen3_5_nothink), shipped in
+  templates (qwen3_thinking, qwen3_nothink, and the same for qwen3_5 and qwen3_6), shipped in
   sft_jax/assets/chat_templates; see docs/data.md for when to use which;
 * a path to a .jinja file (for example a model family's template from chat-templates/).
 
@@ -82,7 +82,8 @@ BUILTIN_TEMPLATES = {
 # file's header says what changed); name -> file under sft_jax/assets/chat_templates.
 NAMED_TEMPLATES = {
     name: f"chat_templates/{name}.jinja"
-    for name in ("qwen3_thinking", "qwen3_nothink", "qwen3_5_thinking", "qwen3_5_nothink")
+    for family in ("qwen3", "qwen3_5", "qwen3_6")
+    for name in (f"{family}_thinking", f"{family}_nothink")
 }
 _PROBE = "Probe answer 7."  # assistant content for finding a template's end of turn
 

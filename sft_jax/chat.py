@@ -1,6 +1,7 @@
 """Chat with a trained workdir or an exported HF directory: `python -m sft_jax.generate`.
 
     python -m sft_jax.generate --model DIR [--prompt "..."] [--temperature 0.7 --top-p 0.9]
+    python -m sft_jax.generate --model ADAPTER_DIR    (a PEFT adapter: its base is loaded too)
     python -m sft_jax.generate --workdir W [--step N] [--prompt "..."]
 
 With --prompt it prints one reply and exits; without, it reads prompts from stdin until EOF and
@@ -21,30 +22,21 @@ from typing import Any
 
 import jax
 
-from sft_jax import hf
 from sft_jax.data.templates import ChatTemplate, Stops, generation_stops, template_variables
 from sft_jax.generate import cut_at_stop_text, generate
 from sft_jax.model import Transformer
 
 
 def _load(args: argparse.Namespace) -> tuple[Transformer, Any, Any, str]:
-    """(model, params, tokenizer, model dir for generation_config) from --model or --workdir."""
-    from transformers import AutoTokenizer
+    """(model, params, tokenizer, model dir for generation_config) from --model (an HF or PEFT
+    adapter directory, see sft_jax.load) or --workdir."""
+    from sft_jax import api
 
     if args.model:
-        config = hf.load_model_config(
-            args.model, dtype="float32", param_dtype="float32", remat="none"
-        )
-        params = hf.load_params(args.model, config)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        return Transformer(config), params, tokenizer, args.model
-    from sft_jax.export import load_workdir
-
-    run = load_workdir(args.workdir, args.step)
-    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
-    if run.chat_template is not None:
-        tokenizer.chat_template = run.chat_template
-    return Transformer(run.model_config), run.params, tokenizer, run.source_model_dir
+        loaded = api.load(args.model, step=args.step)
+    else:
+        loaded = api.from_trained(api.load_workdir(args.workdir, args.step))
+    return loaded.module, loaded.params, loaded.tokenizer, loaded.model_dir
 
 
 def stop_ids(tokenizer: Any, model_dir: str) -> list[int]:
@@ -80,7 +72,7 @@ def encode(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sft_jax.generate", description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="HF model directory (e.g. an export)")
+    source.add_argument("--model", help="HF model directory (e.g. an export) or PEFT adapter")
     source.add_argument("--workdir", help="training workdir")
     parser.add_argument("--step", type=int, default=None)
     parser.add_argument("--prompt", default=None, help="one prompt; omit for an interactive chat")

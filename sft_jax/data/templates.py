@@ -12,7 +12,14 @@
 Rendering goes through transformers' `render_jinja_template`, which compiles templates in jinja2's
 `ImmutableSandboxedEnvironment` (templates are untrusted code: no attribute escapes, no mutation of
 our objects), with the same globals the models' templates expect (raise_exception, strftime_now,
-tojson) and the tokenizer's special tokens (bos_token, eos_token, ...) as variables.
+tojson) and the tokenizer's special tokens (bos_token, eos_token, ...) as variables. A render is
+also bounded, since a template is a program that can loop for ever or print without end:
+`ChatTemplate.render` fails with a DataError once one rendering has run `RENDER_SECONDS` or written
+`RENDER_CHARS` characters (both far beyond any real conversation). The checks ride on the compiled
+template's sandbox environment: its `concat` (which joins the output chunks), `call`, `getattr` and
+`getitem` (which sandboxed code goes through for every call and attribute), so a loop that calls,
+reads or prints anything is stopped; nested loops over literal lists that do none of these are the
+one thing they cannot see.
 
 The built-ins begin with `bos_token` when the tokenizer has one (as Llama's own templates do), so a
 rendered conversation is tokenised with add_special_tokens=False and never gets a second BOS. The
@@ -34,6 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -108,6 +117,8 @@ class ChatTemplate:
         import jinja2
         from transformers.utils.chat_template_utils import render_jinja_template
 
+        _bound_environment(self.source)
+        _LIMIT.deadline, _LIMIT.chars = time.monotonic() + RENDER_SECONDS, 0
         try:
             rendered, _ = render_jinja_template(
                 conversations=[list(messages)],
@@ -116,12 +127,72 @@ class ChatTemplate:
                 add_generation_prompt=add_generation_prompt,
                 **dict(self.variables),
             )
+        except _RenderLimit as e:
+            raise DataError(
+                f"{where}: chat template {self.name!r} {e} while rendering {len(messages)} "
+                "message(s); a template that loops or prints without end is broken"
+            ) from None
+        except RecursionError:
+            raise DataError(
+                f"{where}: chat template {self.name!r} recursed without end while rendering "
+                f"{len(messages)} message(s)"
+            ) from None
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
             raise DataError(
                 f"{where}: chat template {self.name!r} failed to render "
                 f"{len(messages)} message(s): {type(e).__name__}: {e}"
             ) from None
+        finally:
+            _LIMIT.deadline = None
         return rendered[0]
+
+
+RENDER_SECONDS = 10.0  # one rendering of one conversation; real ones take milliseconds
+RENDER_CHARS = 1 << 25  # 33M characters, some millions of tokens: beyond any seq_len
+_LIMIT = threading.local()  # this thread's deadline (None outside ChatTemplate.render) and size
+
+
+class _RenderLimit(Exception):
+    """Raised inside the template's code when the render runs out of time or size."""
+
+
+def _check_limit(chars: int = 0) -> None:
+    deadline = getattr(_LIMIT, "deadline", None)
+    if deadline is None:
+        return
+    _LIMIT.chars += chars
+    if _LIMIT.chars > RENDER_CHARS:
+        raise _RenderLimit(f"wrote more than {RENDER_CHARS} characters")
+    if time.monotonic() > deadline:
+        raise _RenderLimit(f"ran longer than {RENDER_SECONDS:g} s")
+
+
+def _bound_environment(source: str) -> None:
+    """Installs the checks on the sandbox environment transformers compiled `source` in (one per
+    template, cached by transformers); outside `ChatTemplate.render` they do nothing."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    env = _compile_jinja_template(source).environment
+    if getattr(env, "_sft_jax_bounded", False):
+        return
+
+    def concat(chunks: Any) -> str:
+        out = []
+        for chunk in chunks:
+            _check_limit(len(chunk))
+            out.append(chunk)
+        return "".join(out)
+
+    def checked(method: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            _check_limit()
+            return method(*args, **kwargs)
+
+        return wrapper
+
+    env.concat = concat
+    env.call, env.getattr, env.getitem = (checked(m) for m in (env.call, env.getattr, env.getitem))
+    env._sft_jax_bounded = True
 
 
 def load_chat_template(spec: str, tokenizer: Any) -> ChatTemplate:

@@ -35,7 +35,7 @@ def audited(tmp_path, stories_dir, capsys):
     args = [
         f"--config.data.train_files={path}",
         f"--config.data.tokenizer={stories_dir}",
-        "--config.data.chat_template=chatml",
+        "--config.data.chat_template=plain",
         "--config.data.train_on=last_assistant",
         "--config.data.seq_len=128",
         "--config.data.eval_files=",
@@ -87,7 +87,7 @@ def test_training_summary_names_a_dropped_conversation(tmp_path, stories_dir, ca
     c = base.get_config()
     c.data.tokenizer = str(stories_dir)
     c.data.train_files = str(path)
-    c.data.chat_template = "chatml"
+    c.data.chat_template = "plain"
     c.data.train_on = "last_assistant"
     c.data.seq_len = 64
     with caplog.at_level("WARNING"):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sft_jax.data import (
+    BUILTIN_TEMPLATES,
     ChatTemplate,
     Conversation,
     DataError,
@@ -51,15 +52,19 @@ def chat(answer, source="c.jsonl:3"):
 ANSWER = "Write </s> at the end, then stop."
 
 
+def no_eos_chatml(tokenizer):
+    """chatml built directly: load_chat_template refuses it on stories260K (<|im_end|> is not a
+    token there); here it only has to be a template that writes no EOS."""
+    return ChatTemplate("chatml", BUILTIN_TEMPLATES["chatml"], template_variables(tokenizer))
+
+
 @pytest.mark.parametrize("policy", ["warn", "keep"])
 def test_eos_text_in_an_answer_never_replaces_the_final_eos(shared_assets, policy):
     """chatml on stories260K writes no EOS, so EOS is appended after the last turn; a literal
     `</s>` inside the answer used to count as "EOS already there" and the real one was lost."""
     tokenizer = tokenizer_at(shared_assets, "stories260K/hf")
     eos = tokenizer.eos_token_id
-    tokens, mask, _ = encode(
-        chat(ANSWER), load_chat_template("chatml", tokenizer), tokenizer, policy
-    )
+    tokens, mask, _ = encode(chat(ANSWER), no_eos_chatml(tokenizer), tokenizer, policy)
     assert tokens[-1] == eos and mask[-1]
     inside = tokens[:-1].tolist().count(eos)
     assert inside == (1 if policy == "keep" else 0)  # warn: the text is trained as characters
@@ -70,7 +75,7 @@ def test_eos_text_in_an_answer_never_replaces_the_final_eos(shared_assets, polic
 def test_error_policy_names_row_field_and_token(shared_assets):
     tokenizer = tokenizer_at(shared_assets, "stories260K/hf")
     with pytest.raises(DataError, match=r"c\.jsonl:3: message 1 \(assistant\)\.content.*'</s>'"):
-        encode(chat(ANSWER), load_chat_template("chatml", tokenizer), tokenizer, "error")
+        encode(chat(ANSWER), no_eos_chatml(tokenizer), tokenizer, "error")
 
 
 @pytest.mark.parametrize(
@@ -107,7 +112,7 @@ def test_control_text_counted_and_named_in_the_data_summary(tmp_path, stories_di
     c = base.get_config()
     c.data.tokenizer = str(stories_dir)
     c.data.train_files = str(path)
-    c.data.chat_template = "chatml"
+    c.data.chat_template = "plain"
     c.data.seq_len = 64
     with caplog.at_level("WARNING"):
         stats = prepare_data(parse(c)).stats

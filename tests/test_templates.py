@@ -267,8 +267,9 @@ def test_held_out_answers_end_at_the_end_of_turn_text(stories_dir, stories):
 
 
 def test_generate_command_stops_at_a_multi_token_end_of_turn(stories_dir, tmp_path, capsys):
-    """`python -m sft_jax.generate --model DIR` whose template ends turns with a word the model
-    spells in several tokens: the reply ends before that word and never shows it."""
+    """`python -m sft_jax.generate --model DIR` (and `api.load(DIR).generate`) whose template ends
+    turns with a word the model spells in several tokens: the reply ends before that word and
+    never shows it."""
     import json
     import shutil
 
@@ -295,7 +296,13 @@ def test_generate_command_stops_at_a_multi_token_end_of_turn(stories_dir, tmp_pa
         if stops.sequences:
             break
     assert stops.texts == (word,) and len(stops.sequences[0]) > 1, free
-    assert reply_with(" " + word) == free[: free.index(word)].rstrip()
+    expected = free[: free.index(word)].rstrip()
+    assert reply_with(" " + word) == expected
+    from sft_jax import api  # the Python API stops there too
+
+    loaded = api.load(str(model_dir))
+    user = [{"role": "user", "content": "Once upon a time"}]
+    assert loaded.generate(user, max_new_tokens=40) == expected
 
 
 def _tokenizer_with_end(model_dir, config, end):

@@ -240,14 +240,17 @@ def end_of_turn(template: ChatTemplate, tokenizer: Any) -> tuple[str, tuple[int,
     tokenizer's own (added or special) tokens: "<|im_end|>", "<|eot_id|>", "<end_of_turn>",
     "</s>" (whatever follows it, such as phi3's EOS or command-a's next-turn header, comes after
     the stop). Otherwise it is all the text written there, in however many tokens that takes;
-    ("", ()) when only whitespace follows, and render.py then appends EOS.
+    ("", ()) when only whitespace follows, and render.py then appends EOS; ("", ()) too for a
+    template that cannot render a plain user/assistant pair (one that needs a system message or
+    image content): the data's own rows then decide whether it renders, and EOS still stops.
     """
     messages = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": _PROBE}]
-    rendered = template.render(messages, None, add_generation_prompt=False, where="probe")
+    try:
+        rendered = template.render(messages, None, add_generation_prompt=False, where="probe")
+    except DataError:
+        return "", ()
     at = rendered.rfind(_PROBE)
-    if at < 0:
-        raise DataError(f"chat template {template.name!r} does not write the assistant's content")
-    rest = rendered[at + len(_PROBE) :]
+    rest = rendered[at + len(_PROBE) :] if at >= 0 else ""
     text = rest.strip()
     if not text:
         return "", ()

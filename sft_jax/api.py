@@ -248,7 +248,7 @@ def stored_dtype(model_dir: str) -> str:
     unsaid): a merge at this precision is what PEFT's merge_and_unload gives."""
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
         raw = json.load(f)
-    name = raw.get("torch_dtype") or raw.get("dtype") if isinstance(raw, dict) else None
+    name = (raw.get("torch_dtype") or raw.get("dtype")) if isinstance(raw, dict) else None
     return name if name in DTYPES else "float32"
 
 

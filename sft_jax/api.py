@@ -151,7 +151,7 @@ class OldWorkdirWarning(UserWarning):
     """A workdir's config.json lacks keys added since it was written; defaults were used."""
 
 
-BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "base.py")
+BASE_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "base.py")
 _SECTIONS = {"model": "ModelSection", "mesh": "MeshSection", "lora": "LoraSection"}
 
 

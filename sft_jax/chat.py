@@ -7,8 +7,9 @@
 With --prompt it prints one reply and exits; without, it reads prompts from stdin until EOF and
 keeps the conversation. The tokenizer's chat template (for a workdir: the template used in
 training) renders the conversation with a generation prompt; a tokenizer without one gets the raw
-text, encoded with its special tokens (BOS). Generation stops at EOS or the template's end-of-turn
-token (generation_config's eos ids, plus the tokenizer's EOS).
+text, encoded with its special tokens (BOS). Generation stops at EOS (generation_config's eos ids,
+plus the tokenizer's) or at the template's end of turn, one token or several, which never shows
+in the reply.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 
 import jax
 
-from sft_jax.generate import generate
+from sft_jax.data.templates import ChatTemplate, Stops, generation_stops, template_variables
+from sft_jax.generate import cut_at_stop_text, generate
 from sft_jax.model import Transformer
 
 
@@ -46,6 +48,17 @@ def stop_ids(tokenizer: Any, model_dir: str) -> list[int]:
             eos = json.load(f).get("eos_token_id")
         ids.update(eos if isinstance(eos, list) else [eos])
     return sorted(i for i in ids if i is not None)
+
+
+def chat_stops(tokenizer: Any, model_dir: str) -> Stops:
+    """`stop_ids` plus the end of turn of the tokenizer's chat template (when it has one)."""
+    source = getattr(tokenizer, "chat_template", None)
+    template = None
+    if isinstance(source, str) and source:
+        template = ChatTemplate("chat", source, template_variables(tokenizer))
+    turn = generation_stops(template, tokenizer)
+    ids = tuple(sorted(set(stop_ids(tokenizer, model_dir)) | set(turn.ids)))
+    return Stops(ids, turn.sequences, turn.texts)
 
 
 def encode(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -73,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"generate: error: {e}", file=sys.stderr)
         return 2
-    stops = stop_ids(tokenizer, model_dir)
+    stops = chat_stops(tokenizer, model_dir)
     messages: list[dict[str, str]] = []
     prompts = [args.prompt] if args.prompt is not None else _stdin_prompts()
     for turn, prompt in enumerate(prompts):
@@ -83,12 +96,13 @@ def main(argv: list[str] | None = None) -> int:
             params,
             [encode(tokenizer, messages)],
             max_new_tokens=args.max_new_tokens,
-            stop_ids=stops,
+            stop_ids=stops.ids,
+            stop_sequences=stops.sequences,
             temperature=args.temperature,
             top_p=args.top_p,
             rng=jax.random.fold_in(jax.random.PRNGKey(args.seed), turn),
         )
-        text = tokenizer.decode(reply, skip_special_tokens=True)
+        text = cut_at_stop_text(tokenizer.decode(reply, skip_special_tokens=True), stops.texts)
         messages.append({"role": "assistant", "content": text})
         print(text, flush=True)
     return 0

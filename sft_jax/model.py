@@ -244,7 +244,7 @@ def _cpu_grad(c: ModelConfig, in_layers: bool = True) -> bool:
     it instead of saving it (full remat saves nothing in a layer anyway)."""
     if in_layers and c.remat not in ("none", "full"):
         return False
-    return jax.default_backend() == "cpu"
+    return c.platform == "cpu"
 
 
 def _einsum_fields(c: ModelConfig) -> dict[str, Any]:
@@ -300,15 +300,16 @@ class Attention(nn.Module):
         if cache is None:
             impl = resolve_implementation(
                 c.attention,
-                platform=jax.default_backend(),
+                platform=c.platform,
                 dtype=c.dtype,
                 head_dim=h,
                 softcap=c.attn_softcap,
+                seq_len=q.shape[1],
             )
         window = c.sliding_window if c.has_local_layers else None
         out = attend(
             q, k, v, mask, implementation=impl, segment_ids=segment_ids, local=local,
-            window=window, scale=scale, softcap=c.attn_softcap,
+            window=window, scale=scale, softcap=c.attn_softcap, mesh=c.mesh, rules=c.mesh_rules,
         )  # fmt: skip
         o_names = ("heads", "head_dim", "embed")
         return Einsum("BTNH,NHD->BTD", (n, h, d), o_names, **dt, name="o_proj")(out), cache

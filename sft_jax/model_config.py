@@ -74,6 +74,12 @@ class ModelConfig:
     # activation_sharding). None: left to XLA's propagation, which under FSDP keeps each layer's
     # activations for the whole batch on every device.
     activation_sharding: Any = None
+    # The jax.sharding.Mesh the model runs on and its logical-axis rules (config.mesh.rules): a
+    # Pallas kernel (splash) runs under shard_map over them, and the mesh's devices decide the
+    # platform "auto" resolves for (a TPU topology compiled on a CPU host is TPU). None: the
+    # default backend, one device.
+    mesh: Any = None
+    mesh_rules: tuple = ()
     # NEFTune (train.neftune_alpha): uniform noise on the input embeddings while training.
     neftune_alpha: float = 0.0
 
@@ -99,6 +105,13 @@ class ModelConfig:
     @property
     def has_local_layers(self) -> bool:
         return any(self.local_layers)
+
+    @property
+    def platform(self) -> str:
+        """ "cpu" | "gpu" | "tpu": where the model is compiled for (its mesh's devices)."""
+        if self.mesh is None:
+            return jax.default_backend()
+        return self.mesh.devices.flat[0].platform
 
 
 def model_config_from_arch(arch: ArchConfig, section: ModelSection) -> ModelConfig:

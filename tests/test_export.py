@@ -285,3 +285,21 @@ def test_overwrite_removes_stale_weights_and_refuses_inputs(trained, tmp_path, c
         assert f"is the {what}" in capsys.readouterr().err
     assert sorted(p.name for p in tokenizer.iterdir()) == before
     assert (workdir / "config.json").is_file()
+
+
+def test_local_paths_become_absolute_but_names_stay(tmp_path, monkeypatch):
+    from sft_jax import hf
+
+    c = load_config_file("configs/tiny.py")
+    (tmp_path / "t.jinja").write_text("{{ messages }}")
+    c.model.path, c.data.tokenizer, c.lora.init_from = "m", "tok", "ad"
+    monkeypatch.chdir(tmp_path)
+    for template, expected in [("t.jinja", str(tmp_path / "t.jinja")), ("chatml", "chatml")]:
+        c.data.chat_template = template
+        config = hf.absolute_local_paths(parse(c))
+        assert config.data.chat_template == expected
+        assert config.model.path == str(tmp_path / "m")
+        assert config.data.tokenizer == str(tmp_path / "tok")
+        assert config.lora.init_from == str(tmp_path / "ad")
+    c.model.path = ""  # a random init stays one
+    assert hf.absolute_local_paths(parse(c)).model.path == ""

@@ -27,6 +27,7 @@ DOCS = sorted((REPO / "docs").glob("*.md"))
 PAGES = [REPO / "README.md", *DOCS]
 HOLE = "…"  # marks the varying parts of a quoted message
 PLACEHOLDER_CONFIGS = {"configs/x.py"}  # README and older pages use it as a stand-in
+PLACEHOLDER_CONFIGS.add("my_run.py")  # quickstart's own config file; test_cli.py runs it
 
 
 # ----------------------------------------------------------------------------- error messages

@@ -468,7 +468,16 @@ def _tokenizerless_model(tmp: pathlib.Path) -> dict[str, str]:
     return {"/tmp/plan_models/llama31_8b": str(model)}
 
 
-TRANSCRIPT_SETUP = {"/tmp/plan_models/llama31_8b": _tokenizerless_model}
+def _broken_config(tmp: pathlib.Path) -> dict[str, str]:
+    path = tmp / "my_config.py"
+    path.write_text("from sft_jax.configs import base\nx = = 1\n")  # line 2: invalid syntax
+    return {"my_config.py": str(path)}
+
+
+TRANSCRIPT_SETUP = {
+    "/tmp/plan_models/llama31_8b": _tokenizerless_model,
+    "--config my_config.py": _broken_config,
+}
 TRANSCRIPTS_NOT_RUN = {  # a reason for each transcript the test cannot reproduce
     "/tmp/old_run": "needs a workdir written by an older sft_jax",
 }

@@ -9,6 +9,9 @@ Exit codes of `python -m sft_jax.train` (GUIDE section 5):
     43  aborted: `train.max_nonfinite_steps` steps in a row had a NaN/Inf loss or gradient norm;
         no non-finite state was saved, so a restart (e.g. with a lower learning rate) resumes from
         the last good checkpoint
+    44  a checkpoint could not be written (disk full, read-only or permission denied): the
+        committed checkpoints are kept, and once there is space the same command resumes from
+        the last of them. Not 2: the input was fine, the storage failed mid-run
 
 Non-finite steps are decided inside the jitted step (see `step.train_step`): the update is
 dropped, the batch is consumed. The host side here only counts them (`StepHealth`), because it
@@ -39,6 +42,7 @@ EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 42
 EXIT_NONFINITE = 43
+EXIT_SAVE_FAILED = 44
 
 
 class Preempted(Exception):
@@ -49,18 +53,53 @@ class Preempted(Exception):
         self.step = step
 
 
-class NonFiniteAbort(Exception):
-    """Raised when too many consecutive steps had a non-finite loss or gradient norm."""
+class SaveFailed(Exception):
+    """Raised when the file system refused a checkpoint write; earlier committed steps stay."""
 
-    def __init__(self, step: int, in_a_row: int):
+    def __init__(self, step: int, committed: int | None, directory: str, reason: str):
+        resume = (
+            f"resumes from step {committed}"
+            if committed is not None
+            else "starts from step 0 (no checkpoint was committed)"
+        )
         super().__init__(
-            f"aborting at step {step}: {in_a_row} steps in a row had a non-finite loss or "
+            f"checkpoint save failed at step {step}: {reason}. Trained to step {step}; the "
+            f"committed checkpoints in {directory} are kept. Free disk space or make the "
+            f"directory writable, then rerun the same command: it {resume}"
+        )
+        self.step = step
+        self.committed = committed
+
+
+class NonFiniteAbort(Exception):
+    """Raised when too many consecutive steps had a non-finite loss or gradient norm, or when
+    the state about to be saved is non-finite (`unsaveable`)."""
+
+    def __init__(self, step: int, in_a_row: int, message: str | None = None):
+        super().__init__(
+            message
+            or f"aborting at step {step}: {in_a_row} steps in a row had a non-finite loss or "
             "gradient norm (updates were skipped; no non-finite state was saved). Lower "
             "optim.learning_rate or check the data, then restart to resume from the last "
             "checkpoint"
         )
         self.step = step
         self.in_a_row = in_a_row
+
+    @classmethod
+    def unsaveable(cls, step: int, in_a_row: int) -> NonFiniteAbort:
+        """The state due to be saved holds NaN/Inf. Skipped steps never change the state, so an
+        update whose loss and gradient norm were finite overflowed (a huge learning rate, or
+        squared gradients beyond float32 in Adam's second moment): say that, not "skipped"."""
+        skipped = f"; the {in_a_row} steps since were skipped" if in_a_row else ""
+        return cls(
+            step,
+            in_a_row,
+            f"aborting at step {step}: the parameters or optimizer state became non-finite "
+            f"after an update whose loss and gradient norm were finite (it overflowed){skipped}. "
+            "Nothing was saved at this step; lower optim.learning_rate (or keep optim.clip_norm "
+            "on), then restart to resume from the last checkpoint",
+        )
 
 
 # ----------------------------------------------------------------------------- preemption

@@ -152,9 +152,10 @@ class Checkpointer:
             raise error
         self._failed = True
         committed = self.committed_steps()
-        raise SaveFailed(
-            step, committed[-1] if committed else None, self.directory, reason
-        ) from None
+        last = committed[-1] if committed else None
+        # An asynchronous save reports its failure at the next call: then the step is its own.
+        failed = self._last_save if self._last_save not in (None, *committed) else step
+        raise SaveFailed(step, failed, last, self.directory, reason) from None
 
     def restore_latest(
         self, target: TrainState, shardings: TrainState

@@ -56,18 +56,19 @@ class Preempted(Exception):
 class SaveFailed(Exception):
     """Raised when the file system refused a checkpoint write; earlier committed steps stay."""
 
-    def __init__(self, step: int, committed: int | None, directory: str, reason: str):
+    def __init__(self, step: int, failed: int, committed: int | None, directory: str, reason: str):
         resume = (
             f"resumes from step {committed}"
             if committed is not None
             else "starts from step 0 (no checkpoint was committed)"
         )
         super().__init__(
-            f"checkpoint save failed at step {step}: {reason}. Trained to step {step}; the "
-            f"committed checkpoints in {directory} are kept. Free disk space or make the "
-            f"directory writable, then rerun the same command: it {resume}"
+            f"the checkpoint of step {failed} could not be written: {reason}. Trained to step "
+            f"{step}; the committed checkpoints in {directory} are kept. Free disk space or make "
+            f"the directory writable, then rerun the same command: it {resume}"
         )
-        self.step = step
+        self.step = step  # how far training got
+        self.failed = failed  # the step whose save failed (earlier when asynchronous)
         self.committed = committed
 
 

@@ -209,7 +209,7 @@ def test_full_disk_at_a_save_exits_44_keeps_checkpoints_and_resumes(
     code = main(_flags(small_train, tmp_path))
     err = capsys.readouterr().err
     assert code == 44, err
-    assert "error: checkpoint save failed at step 4: ENOSPC: No space left on device" in err
+    assert "error: the checkpoint of step 4 could not be written: ENOSPC: No space left" in err
     assert "Trained to step 4" in err and "it resumes from step 2 (exit 44)" in err, err
     assert "Traceback" not in err
     assert step_dirs(tmp_path) == [2]

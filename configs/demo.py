@@ -11,7 +11,7 @@ the fine-tuning cost. See README.md for the numbers. The layers stay scanned: un
 unrolled).
 """
 
-from configs import base
+from sft_jax.configs import base
 from sft_jax.assets import asset_path
 
 

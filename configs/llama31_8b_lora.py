@@ -31,7 +31,7 @@ Memory per device (python -m sft_jax.plan --platform gpu, docs/tpu_pod.md): on o
 moments + 5.85 activations of one 4096-token row with remat="full" (estimate) = 21.43 GiB.
 """
 
-from configs import base
+from sft_jax.configs import base
 
 
 def get_config():

@@ -16,8 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_jax.blocked_attention import blocked_attention
+from sft_jax.splash_attention import SPLASH_BLOCK, splash_attention
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from jax.sharding import Mesh
+
     from sft_jax.model import ModelConfig
 
 
@@ -117,32 +122,44 @@ def grouped_attention(
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "blocked", "reference")
 # Fastest correct implementation per platform for "auto"; measured, see docs/benchmarks.md.
 _AUTO_BY_PLATFORM = {"gpu": "cudnn", "tpu": "splash", "cpu": "blocked"}
-SPLASH_BLOCK = 128  # splash's default block size: the sequence must be a multiple of it
 
 
 def resolve_implementation(
-    requested: str, *, platform: str, dtype: str, head_dim: int, softcap: float | None
+    requested: str,
+    *,
+    platform: str,
+    dtype: str,
+    head_dim: int,
+    softcap: float | None,
+    seq_len: int | None = None,
 ) -> str:
     """The attention implementation to run: `requested`, or for "auto" the fastest correct one
     on `platform` ("cpu" | "gpu" | "tpu"), falling back to XLA (or, with logit soft-capping,
     which only the reference and splash implement, to the reference) where a fused kernel
-    cannot run these settings. An explicit request that cannot run raises ValueError saying why.
+    cannot run these settings. `seq_len` (when known) rules out splash on a length its blocks
+    do not tile. An explicit request that cannot run raises ValueError saying why.
     """
     if requested not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention is {requested!r}; choose one of {IMPLEMENTATIONS}")
+    settings = (platform, dtype, head_dim, softcap, seq_len)
     if requested == "auto":
         choice = _AUTO_BY_PLATFORM.get(platform, "xla")
-        if _unsupported(choice, platform, dtype, head_dim, softcap) is None:
+        if _unsupported(choice, *settings) is None:
             return choice
         return "reference" if softcap is not None else "xla"
-    why = _unsupported(requested, platform, dtype, head_dim, softcap)
+    why = _unsupported(requested, *settings)
     if why is not None:
         raise ValueError(f"model.attention={requested!r} cannot run here: {why}")
     return requested
 
 
 def _unsupported(
-    impl: str, platform: str, dtype: str, head_dim: int, softcap: float | None
+    impl: str,
+    platform: str,
+    dtype: str,
+    head_dim: int,
+    softcap: float | None,
+    seq_len: int | None = None,
 ) -> str | None:
     """Why `impl` cannot run these settings, or None when it can."""
     if impl == "xla" and softcap is not None:
@@ -160,6 +177,8 @@ def _unsupported(
             return "cuDNN attention has no logit soft-capping (Gemma 2); use reference"
     if impl == "splash" and platform != "tpu":
         return f"splash attention is a TPU (Pallas) kernel, this process runs on {platform}"
+    if impl == "splash" and seq_len is not None and seq_len % SPLASH_BLOCK:
+        return f"splash attention needs seq_len a multiple of {SPLASH_BLOCK}, got {seq_len}"
     return None
 
 
@@ -175,6 +194,8 @@ def attend(
     window: int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    mesh: Mesh | None = None,
+    rules: Sequence = (),
     interpret: bool = False,
 ) -> jax.Array:
     """q [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H] with one resolved implementation.
@@ -184,7 +205,8 @@ def attend(
     diagonal: the mask is always causal in training). Splash never reads a dense mask:
     it builds the causal (or local-window) block mask statically and takes `segment_ids`
     [B, T]; on a model with local layers the traced per-layer flag `local` picks the windowed
-    kernel with `lax.cond`. `interpret` runs the splash kernel in Pallas' interpreter (tests).
+    kernel with `lax.cond`. Splash runs per device on `mesh`, split as `rules` split batch and
+    heads (sft_jax/splash_attention.py). `interpret` runs it in Pallas' interpreter (tests).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if implementation == "reference":
@@ -198,37 +220,8 @@ def attend(
     if implementation == "splash":
         if segment_ids is None:
             raise ValueError("splash attention needs segment_ids")
-        run = lambda w: _splash(q, k, v, segment_ids, w, scale, softcap, interpret)
-        if local is None or window is None:
-            return run(None)
-        return jax.lax.cond(local, lambda: run(window), lambda: run(None))
+        return splash_attention(
+            q, k, v, segment_ids, scale=scale, softcap=softcap, local=local, window=window,
+            mesh=mesh, rules=rules, interpret=interpret,
+        )  # fmt: skip
     raise ValueError(f"unresolved attention implementation {implementation!r}")
-
-
-def _splash(q, k, v, segment_ids, window, scale, softcap, interpret):
-    """Pallas splash attention (TPU): static causal/local block sparsity + packed segment ids."""
-    from jax.experimental.pallas.ops.tpu import splash_attention as splash
-
-    t, n = q.shape[1], q.shape[2]
-    if t % SPLASH_BLOCK:
-        raise ValueError(f"splash attention needs seq_len a multiple of {SPLASH_BLOCK}, got {t}")
-    if window is None:
-        head_mask = splash.CausalMask((t, t))
-    else:  # keys less than `window` slots behind the query, none ahead
-        head_mask = splash.LocalMask((t, t), window_size=(window - 1, 0), offset=0)
-    kernel = splash.make_splash_mha(
-        splash.MultiHeadMask([head_mask] * n),
-        head_shards=1,
-        q_seq_shards=1,
-        attn_logits_soft_cap=softcap,
-        interpret=interpret,
-    )
-    to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, heads, H] -> [B, heads, T, H]
-    segments = splash.SegmentIds(q=segment_ids, kv=segment_ids)
-    out = jax.vmap(kernel)(
-        to_heads_first(q * jnp.asarray(scale, q.dtype)),
-        to_heads_first(k),
-        to_heads_first(v),
-        segment_ids=segments,
-    )
-    return jnp.swapaxes(out, 1, 2).astype(q.dtype)

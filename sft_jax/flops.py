@@ -1,4 +1,4 @@
-"""Model flops and hardware peak: the two halves of MFU (GUIDE §4).
+"""Model flops and hardware peak: the two halves of MFU (model flops utilization).
 
 Why its own module: the benchmark, the TRL comparison and the plan all need the same flop count
 and the same peak table, and none of them should import the benchmark's run loop to get it.
@@ -6,6 +6,7 @@ and the same peak table, and none of them should import the benchmark's run loop
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any
@@ -15,16 +16,52 @@ import jax
 from sft_jax.model import ModelConfig
 
 PEAK_MATMUL = 2048  # the CPU peak is measured as the best rate of [n, n] @ [n, n] fp32 matmuls
-# Dense bf16 peak per device (GUIDE §4), matched as substrings of `device_kind`, lower-cased.
-ACCELERATOR_PEAK_FLOPS = (
-    ("h100", 989e12),
-    ("h200", 989e12),
-    ("v6", 918e12),
-    ("v5p", 459e12),
-    ("v5 lite", 197e12),
-    ("v5e", 197e12),
-    ("v4", 275e12),
-)
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+    """One TPU generation's public per-chip figures (the roofline of `python -m sft_jax.plan
+    --topology ... --compile` and the MFU peak of the benchmark)."""
+
+    name: str  # as in a topology name, "v5e:2x2"
+    device_kinds: tuple[str, ...]  # jax's device_kind of its chips, lower-cased
+    hbm_gib: float  # HBM per chip
+    hbm_bytes_per_s: float  # HBM bandwidth per chip
+    peak_bf16: float  # dense bf16 flop/s per chip
+    source: str
+    devices_per_chip: int = 1  # JAX devices per chip (TPU7x: one per TensorCore)
+
+
+# Google Cloud's per-generation system architecture pages (figures as published there).
+TPU_GENERATIONS = (
+    TpuGeneration("v4", ("tpu v4",), 32, 1200e9, 275e12, "https://cloud.google.com/tpu/docs/v4"),
+    TpuGeneration(
+        "v5e", ("tpu v5 lite", "tpu v5e"), 16, 819e9, 197e12, "https://cloud.google.com/tpu/docs/v5e"
+    ),
+    TpuGeneration(
+        "v5p", ("tpu v5", "tpu v5p"), 95, 2765e9, 459e12, "https://cloud.google.com/tpu/docs/v5p"
+    ),
+    TpuGeneration(
+        "v6e", ("tpu v6 lite", "tpu v6e"), 32, 1640e9, 918e12,
+        "https://cloud.google.com/tpu/docs/v6e",
+    ),
+    TpuGeneration(
+        "tpu7x", ("tpu7x",), 192, 7380e9, 2307e12, "https://cloud.google.com/tpu/docs/tpu7x", 2
+    ),
+)  # fmt: skip
+# Dense bf16 peak per GPU, matched as substrings of `device_kind`, lower-cased;
+# TPUs match their device kind exactly (`tpu_generation`).
+ACCELERATOR_PEAK_FLOPS = (("h100", 989e12), ("h200", 989e12))
+
+
+def tpu_generation(name_or_kind: str) -> TpuGeneration | None:
+    """The generation named `name_or_kind` ("v5e", as in topology names) or whose chips JAX
+    calls that ("TPU v5 lite"); None if unknown."""
+    key = name_or_kind.lower()
+    for generation in TPU_GENERATIONS:
+        if key == generation.name or key in generation.device_kinds:
+            return generation
+    return None
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -37,7 +74,7 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, adapter_params: int = 0) -> float:
-    """Training flops per token (GUIDE §4): 6N + 12·L·D·T for full fine-tuning; with LoRA
+    """Training flops per token (PaLM's MFU count): 6N + 12·L·D·T for full fine-tuning; with LoRA
     (`adapter_params` > 0) the frozen weights get no weight gradient: 4N + 12·L·D·T + 6·A."""
     attention = 12 * cfg.num_layers * cfg.hidden_size * seq_len
     n = matmul_params(cfg)
@@ -52,6 +89,9 @@ def peak_flops(devices: list[Any], cpu_peak: float) -> float:
     device = devices[0]
     if device.platform == "cpu":
         return cpu_peak
+    generation = tpu_generation(device.device_kind)
+    if generation is not None:
+        return generation.peak_bf16 / generation.devices_per_chip * len(devices)
     kind = device.device_kind.lower()
     for needle, peak in ACCELERATOR_PEAK_FLOPS:
         if needle in kind:
@@ -62,7 +102,7 @@ def peak_flops(devices: list[Any], cpu_peak: float) -> float:
 def measure_cpu_peak(n: int = PEAK_MATMUL, repeats: int = 7) -> float:
     """This host's fp32 peak as XLA reaches it: the best flop/s of `repeats` [n, n] @ [n, n]
     float32 matmuls on all cores, after a warm-up call. Why measured: a VM tells neither its
-    clock under load nor its vector width (issue #8 assumed 166 GFLOP/s for 2 cores; the 2 Zen 5
+    clock under load nor its vector width (a guess of 166 GFLOP/s for 2 cores; the 2 Zen 5
     cores of the development machine reach 470 in this matmul, the best case of the kernels the
     step's matmuls use), so MFU is a fraction of what this CPU can do, not of a datasheet."""
     import jax.numpy as jnp

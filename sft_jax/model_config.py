@@ -63,7 +63,9 @@ class ModelConfig:
     local_layers: tuple[bool, ...] = ()  # per layer: sliding window (empty: no local layers)
     local_rope_theta: float | None = None  # RoPE base of local layers (None: rope_theta, scaled)
     # LoRA (sft_jax/lora): used only when the "lora" variable collection is passed to apply.
-    lora_scale: float = 0.0  # alpha / r (or alpha / sqrt(r), rsLoRA); static, so jit-constant
+    # alpha / r (or alpha / sqrt(r), rsLoRA); static, so jit-constant. None: applying adapters
+    # is an error (a forgotten scale would otherwise silently give the base model).
+    lora_scale: float | None = None
     lora_dropout: float = 0.0  # dropout on the adapter input, active only with a "dropout" rng
     # Performance levers (config keys model.attention, model.scan_layers); results never change.
     attention: str = "auto"  # auto | xla | cudnn | splash | blocked | reference (attention.py)
@@ -72,6 +74,12 @@ class ModelConfig:
     # activation_sharding). None: left to XLA's propagation, which under FSDP keeps each layer's
     # activations for the whole batch on every device.
     activation_sharding: Any = None
+    # The jax.sharding.Mesh the model runs on and its logical-axis rules (config.mesh.rules): a
+    # Pallas kernel (splash) runs under shard_map over them, and the mesh's devices decide the
+    # platform "auto" resolves for (a TPU topology compiled on a CPU host is TPU). None: the
+    # default backend, one device.
+    mesh: Any = None
+    mesh_rules: tuple = ()
     # NEFTune (train.neftune_alpha): uniform noise on the input embeddings while training.
     neftune_alpha: float = 0.0
 
@@ -97,6 +105,13 @@ class ModelConfig:
     @property
     def has_local_layers(self) -> bool:
         return any(self.local_layers)
+
+    @property
+    def platform(self) -> str:
+        """ "cpu" | "gpu" | "tpu": where the model is compiled for (its mesh's devices)."""
+        if self.mesh is None:
+            return jax.default_backend()
+        return self.mesh.devices.flat[0].platform
 
 
 def model_config_from_arch(arch: ArchConfig, section: ModelSection) -> ModelConfig:

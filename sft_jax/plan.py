@@ -23,6 +23,7 @@ devices (sft_jax/plan_check.py) and prints XLA's figure beside the plan's.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from typing import Any
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 from sft_jax import hf, lora
 from sft_jax.attention import resolve_implementation
 from sft_jax.blocked_attention import BLOCK
+from sft_jax.cli import absl_help, wants_help
 from sft_jax.config import Config, ConfigError, config_from_argv
 from sft_jax.model import ModelConfig, Transformer
 from sft_jax.sharding import MESH_AXES, logical_to_spec
@@ -327,6 +329,34 @@ def resolve_model_path(config: Config) -> Config:
     return dataclasses.replace(config, model=model)
 
 
+def plan_topology(config: Config, topology: str, num_slices: int, compile_step: bool) -> int:
+    """The plan for every chip of `num_slices` x `topology`; with `compile_step` the TPU
+    compiler's figures too (sft_jax/tpu.py), then one JSON line with both."""
+    from sft_jax import tpu
+
+    generation, chips = tpu.parse_topology(topology)
+    chips *= num_slices
+    result = plan(config, chips * generation.devices_per_chip,
+                  generation.hbm_gib / generation.devices_per_chip, "tpu")  # fmt: skip
+    print(format_plan(result, config.model.remat))
+    if not compile_step:
+        return 0
+    compiled = tpu.compile_for_topology(config, topology, num_slices)
+    print(tpu.format_compiled(compiled))
+    planned = result["total_bytes"] * generation.devices_per_chip
+    compiled["plan_bytes_per_chip"] = planned
+    compiled["plan_over_compiled"] = planned / compiled["peak_bytes_per_chip"]
+    print(f"  plan / TPU compiler = {compiled['plan_over_compiled']:.2f}")
+    print(json.dumps(compiled), flush=True)
+    return 0
+
+
+PLAN_HELP = (
+    "Prints parameter, gradient, optimizer and activation bytes per device for a config on N\n"
+    "devices of a platform, and whether it fits in --device_memory_gib. Nothing is trained."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     from absl import flags
 
@@ -338,18 +368,39 @@ def main(argv: list[str] | None = None) -> int:
         "Target platform (decides model.attention=auto); default: "
         "distributed.expected_platform, else this machine's.", flag_values=flag_values,
     )  # fmt: skip
+    flags.DEFINE_string(
+        "topology", None, "TPU topology (v5e:2x4, v5p:4x4x4, ...): plan for its chips and HBM "
+        "(sets --devices, --device_memory_gib and --platform tpu).", flag_values=flag_values,
+    )  # fmt: skip
+    flags.DEFINE_integer(
+        "num_slices", 1, "Slices of --topology (multi-slice: data parallel across slices).",
+        flag_values=flag_values,
+    )  # fmt: skip
+    flags.DEFINE_bool(
+        "compile", False, "With --topology: compile the real train step with the TPU compiler "
+        "(needs libtpu, no TPU) and print its memory and roofline; last line JSON.",
+        flag_values=flag_values,
+    )  # fmt: skip
     flags.DEFINE_bool(
         "check_compiled", False, "Also compile the train step for abstract inputs on the local "
         "devices and print XLA's memory analysis next to the plan.", flag_values=flag_values,
     )  # fmt: skip
     argv = sys.argv if argv is None else argv
+    if wants_help(argv[1:]):
+        usage = "python -m sft_jax.plan --config FILE[:ARG] [--devices N] [--config.KEY=VALUE ...]"
+        print(absl_help(usage, PLAN_HELP, flag_values), end="")
+        return 0
     try:
         config = resolve_model_path(config_from_argv(argv, flag_values))
         platform = (
             flag_values.platform or config.distributed.expected_platform or jax.default_backend()
         )
         devices = flag_values.devices or jax.device_count()
-        result = plan(config, devices, flag_values.device_memory_gib, platform)
+        memory_gib = flag_values.device_memory_gib
+        if flag_values.topology:
+            return plan_topology(config, flag_values.topology, flag_values.num_slices,
+                                 flag_values.compile)  # fmt: skip
+        result = plan(config, devices, memory_gib, platform)
         print(format_plan(result, config.model.remat))
         if flag_values.check_compiled:
             from sft_jax.plan_check import compare, format_comparison

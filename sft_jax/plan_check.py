@@ -64,7 +64,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sft_jax import hf, lora, sharding
 from sft_jax.config import Config
-from sft_jax.model import Transformer
+from sft_jax.model import ModelConfig, Transformer
 from sft_jax.optim import make_optimizer, make_schedule
 from sft_jax.state import LoraApply, adapter_shardings, lora_model_config, param_shardings
 from sft_jax.step import BATCH_KEYS, TrainState, make_train_step
@@ -101,9 +101,12 @@ def _abstract_lora(params: Any, cfg: Any, mesh: Mesh) -> tuple[Any, Any]:
     return frozen, jax.tree.map(_with, adapters, adapter_shardings(adapters, params, mesh))
 
 
-def abstract_train_state(config: Config, mesh: Mesh) -> TrainState:
-    """The TrainState training would build, as ShapeDtypeStructs with their shardings."""
-    model_config = hf.build_model_config(config.model)
+def abstract_train_state(
+    config: Config, mesh: Mesh, model_config: ModelConfig | None = None
+) -> TrainState:
+    """The TrainState training would build, as ShapeDtypeStructs with their shardings
+    (`model_config`: the model of `config.model` unless given)."""
+    model_config = model_config or hf.build_model_config(config.model)
     model_config = sharding.pin_model_activations(model_config, mesh, config.mesh.rules)
     model = Transformer(model_config)
     abstract, shardings = param_shardings(model, mesh, config.mesh.rules)
@@ -151,7 +154,12 @@ def compiled_step_memory(config: Config) -> dict[str, int]:
     """XLA's per-device memory analysis of the compiled train step (see the module docstring),
     with `peak` = argument + output - alias + temp. Nothing is allocated or run."""
     mesh = sharding.make_mesh(config.mesh)
-    compiled = compile_abstract_step(config, mesh, abstract_train_state(config, mesh))
+    return memory_figures(compile_abstract_step(config, mesh, abstract_train_state(config, mesh)))
+
+
+def memory_figures(compiled: Any) -> dict[str, int]:
+    """Per-device argument, output, alias and temp bytes of a compiled step, and their `peak`
+    (argument + output - alias + temp: the donated state is not counted twice)."""
     analysis = compiled.memory_analysis()
     if analysis is None:
         raise ValueError(f"XLA reports no memory analysis on {jax.default_backend()}")

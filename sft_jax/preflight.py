@@ -17,6 +17,7 @@ from sft_jax import hf, sharding
 from sft_jax.config import Config, ConfigError
 from sft_jax.data.mixture import parse_mixture
 from sft_jax.data.source import DataError
+from sft_jax.splash_attention import SPLASH_BLOCK
 
 
 def check_workdir(workdir: str) -> None:
@@ -111,6 +112,24 @@ def check_train_batch(config: Config, mesh: jax.sharding.Mesh) -> None:
         )
 
 
+def check_attention(config: Config, mesh: jax.sharding.Mesh) -> None:
+    """An explicit `model.attention="splash"` must be able to run: on TPU devices, over rows its
+    128-token blocks tile (otherwise the failure surfaces deep inside the first trace)."""
+    if config.model.attention != "splash":
+        return
+    platform = mesh.devices.flat[0].platform
+    if platform != "tpu":
+        raise ConfigError(
+            f"model.attention='splash' is a TPU kernel, but the mesh's devices are {platform}; "
+            "use model.attention='auto'"
+        )
+    if config.data.seq_len % SPLASH_BLOCK:
+        raise ConfigError(
+            f"model.attention='splash' needs data.seq_len a multiple of {SPLASH_BLOCK}, got "
+            f"{config.data.seq_len}"
+        )
+
+
 def check_faults(config: Config) -> None:
     """Fault injection that could not do what it says is a config error, not a silent no-op."""
     if config.faults.kill_during_save and not config.checkpoint.async_save:
@@ -129,4 +148,5 @@ def run(config: Config, workdir: str) -> jax.sharding.Mesh:
     sharding.check_rules(config.mesh.rules)
     mesh = sharding.make_mesh(config.mesh)
     check_batch_layout(config, mesh)
+    check_attention(config, mesh)
     return mesh

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sft_jax.config import ConfigError, MeshSection
@@ -57,7 +58,12 @@ def _hint(word: Any, choices: Sequence[str]) -> str:
 
 
 def make_mesh(cfg: MeshSection, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices; one size may be -1 for "the rest"."""
+    """A (data, fsdp, tensor) mesh over all devices; one size may be -1 for "the rest".
+
+    Devices of several TPU slices (multi-slice: each device has a `slice_index`) form a hybrid
+    mesh: `data` spans the slices over the data-centre network (DCN), so only the gradient
+    reduction crosses it, while fsdp and tensor (and the rest of data) stay inside a slice on
+    the fast interconnect (ICI); `mesh.data` must then be a multiple of the slice count."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     known = int(np.prod([s for s in sizes if s != -1]))
@@ -73,7 +79,17 @@ def make_mesh(cfg: MeshSection, devices: Sequence[jax.Device] | None = None) -> 
             f"mesh (data, fsdp, tensor) = {tuple(sizes)} needs {int(np.prod(sizes))} devices, "
             f"but {len(devices)} are present; set one size to -1 to use all of them"
         )
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    if sizes[0] % slices:
+        raise ConfigError(
+            f"mesh.data={sizes[0]} on {slices} TPU slices: data parallelism spans the slices, "
+            f"so mesh.data must be a multiple of {slices} (e.g. --config.mesh.data={slices})"
+        )
+    ici = [sizes[0] // slices, sizes[1], sizes[2]]
+    grid = mesh_utils.create_hybrid_device_mesh(ici, [slices, 1, 1], devices)
+    return Mesh(grid, MESH_AXES)
 
 
 def _mesh_axes_for(name: str | None, rules: dict[str, Any]) -> tuple[str, ...]:
@@ -132,8 +148,15 @@ def activation_sharding(mesh: Mesh, rules: Sequence) -> NamedSharding | None:
 
 
 def pin_model_activations(model_config: Any, mesh: Mesh, rules: Sequence) -> Any:
-    """The model config with its activations pinned to `activation_sharding(mesh, rules)`."""
-    return dataclasses.replace(model_config, activation_sharding=activation_sharding(mesh, rules))
+    """The model config with its activations pinned to `activation_sharding(mesh, rules)`, and
+    the mesh and rules its attention kernel is split by."""
+    hashable = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in rules)
+    return dataclasses.replace(
+        model_config,
+        activation_sharding=activation_sharding(mesh, rules),
+        mesh=mesh,
+        mesh_rules=hashable,
+    )
 
 
 def batch_shards(mesh: Mesh, rules: Sequence) -> int:

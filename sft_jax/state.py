@@ -37,6 +37,11 @@ def init_key(seed: int) -> jax.Array:
 
 
 def _init_fn(model: Transformer):
+    """Parameter init by tracing the model on a (1, 8) token batch. Attention there is the
+    reference implementation: it has no parameters (the tree is the same whichever runs) and,
+    unlike a fused kernel such as splash (sequence a multiple of 128), takes any length."""
+    model = model.clone(config=dataclasses.replace(model.config, attention="reference"))
+
     def init(rng: jax.Array) -> Any:
         tokens = jnp.zeros((1, 8), jnp.int32)
         return model.init(rng, tokens, tokens, jnp.ones_like(tokens))["params"]

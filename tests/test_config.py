@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from configs import base
+from sft_jax.configs import base
 from sft_jax.config import ConfigError, load_config_file, parse
 from sft_jax.train import load_config_from_flags
 

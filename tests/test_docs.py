@@ -138,9 +138,9 @@ def _check_config_arg(value: str) -> None:
 
 
 def _check_config_key(dotted: str) -> None:
-    node = load_config_file(str(REPO / "configs" / "base.py"))
+    node = load_config_file(str(REPO / "sft_jax" / "configs" / "base.py"))
     for part in dotted.split("."):
-        assert part in node, f"--config.{dotted}: no key '{part}' in configs/base.py"
+        assert part in node, f"--config.{dotted}: no key '{part}' in sft_jax/configs/base.py"
         node = node[part]
 
 

@@ -14,7 +14,12 @@ from sft_jax.hf.config import (
     hf_config_dict,
     load_model_config,
 )
-from sft_jax.hf.hub import looks_like_hub_id, resolve_config_hub_ids, resolve_model_dir
+from sft_jax.hf.hub import (
+    absolute_local_paths,
+    looks_like_hub_id,
+    resolve_config_hub_ids,
+    resolve_model_dir,
+)
 from sft_jax.hf.params import (
     HfTensor,
     check_checkpoint,
@@ -28,6 +33,7 @@ __all__ = [
     "HfTensor",
     "ModelFileError",
     "UnsupportedModelError",
+    "absolute_local_paths",
     "build_model_config",
     "check_checkpoint",
     "hf_config_dict",

@@ -1,0 +1,248 @@
+"""The real train step compiled for a TPU topology on a host without a TPU.
+
+    python -m sft_jax.plan --config C --topology v5e:2x2 --compile [--num_slices 2]
+
+Why: whether a config fits a pod, and how fast it can be at best, is the TPU compiler's answer,
+not an estimate's; libtpu (`pip install -e ".[tpu]"`) compiles ahead of time for a topology that
+is not attached (`jax.experimental.topologies`), as MaxText's train_compile.py does. The mesh is
+built over those abstract devices by `sharding.make_mesh` (the trainer's own; with several
+slices the hybrid ICI/DCN mesh), the state by `plan_check.abstract_train_state` and the step by
+`plan_check.compile_abstract_step`: the same functions the trainer and the CPU check use.
+
+Figures, per chip: the memory analysis' argument + output - alias + temp (`peak`); the HBM of
+the generation (`flops.TPU_GENERATIONS`); and a roofline bound. XLA's cost analysis counts the
+body of a loop once, and the step loops over layers (scan) and micro-batches, so the flops and
+bytes of one step are measured on loop-free variants (layers unrolled, one micro-batch): the
+step at 1 and 2 layers (C1, C2) and the optimizer update alone at 1 and 2 layers (U1, U2), all
+linear in the layer count L, give
+
+    step = micro_batches x (C(L) - U(L)) + U(L),   X(L) = X1 + (L - 1) (X2 - X1).
+
+The bound on the step time is max(flops / peak, bytes accessed / HBM bandwidth) per chip; the
+MFU it allows is the model flops of a step (`flops.flops_per_token`) over chips x peak x that
+time. Communication is not in the bound. Layers of one model that differ (Gemma's local and
+global attention) are taken as alike: the windowed mask costs the same flops in XLA attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+
+from sft_jax import hf, sharding
+from sft_jax.attention import resolve_implementation
+from sft_jax.config import Config, ConfigError
+from sft_jax.flops import TPU_GENERATIONS, TpuGeneration, flops_per_token, tpu_generation
+from sft_jax.model import ModelConfig
+from sft_jax.plan_check import abstract_train_state, compile_abstract_step, memory_figures
+from sft_jax.preflight import check_train_batch
+from sft_jax.step import apply_updates
+
+GIB = 1024**3
+# libtpu without an attached TPU: skip the cloud metadata query, and compile even while another
+# process holds libtpu (its lockfile guards the chips, which compile-only use never opens).
+COMPILE_ONLY_ENV = {"TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+_OOM = re.compile(r"[Uu]sed ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm")
+
+
+def libtpu_missing() -> str | None:
+    """Why TPU compilation is unavailable here (libtpu not installed), or None."""
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        return 'libtpu is not installed: pip install -e ".[tpu]"'
+    return None
+
+
+def parse_topology(topology: str) -> tuple[TpuGeneration, int]:
+    """(generation, chips) of a topology name such as "v5e:2x4" or "v5p:4x4x4"."""
+    name, _, shape = topology.partition(":")
+    generation = tpu_generation(name)
+    dims = shape.split("x")
+    if generation is None or not shape or not all(d.isdigit() for d in dims):
+        known = ", ".join(g.name for g in TPU_GENERATIONS)
+        raise ConfigError(
+            f"--topology {topology!r}: expected GENERATION:AxB[xC] with GENERATION one of {known}"
+        )
+    return generation, math.prod(int(d) for d in dims)
+
+
+def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
+    """The compile-only devices of `num_slices` slices of `topology` (multi-slice devices carry
+    their `slice_index`, so `sharding.make_mesh` builds the hybrid mesh over them)."""
+    reason = libtpu_missing()
+    if reason:
+        raise ConfigError(f"--compile for a TPU topology needs libtpu: {reason}")
+    generation, _ = parse_topology(topology)
+    for key, value in COMPILE_ONLY_ENV.items():
+        os.environ.setdefault(key, value)
+    from jax.experimental import topologies
+
+    options: dict[str, Any] = {"num_slices": num_slices} if num_slices > 1 else {}
+    if generation.name == "v4":  # one JAX device per v4 chip, as on a v4 VM (megacore)
+        options["chip_config_name"] = "megacore"
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **options)
+    except jax.errors.JaxRuntimeError as e:
+        raise ConfigError(f"--topology {topology!r}: {str(e).splitlines()[0]}") from e
+    return list(desc.devices)
+
+
+def step_attention(model_config: ModelConfig) -> str:
+    """The attention the compiled step uses: the model resolves `model.attention` when traced,
+    on this host's platform, so it must be what a TPU would run too."""
+    here = jax.default_backend()
+    args = {"dtype": model_config.dtype, "head_dim": model_config.head_dim}
+    args["softcap"] = model_config.attn_softcap
+    on_tpu = resolve_implementation(model_config.attention, platform="tpu", **args)
+    traced = resolve_implementation(model_config.attention, platform=here, **args)
+    if traced != on_tpu:
+        raise ConfigError(
+            f"model.attention={model_config.attention!r} resolves to {on_tpu!r} on a TPU but "
+            f"to {traced!r} when traced on this {here} host, so the compiled step would not be "
+            f"the TPU's; pass --config.model.attention=xla"
+        )
+    return traced
+
+
+def _variant(config: Config, model_config: ModelConfig, layers: int) -> tuple[Config, Any]:
+    """The step with `layers` unrolled layers and one micro-batch (no loop for XLA's cost
+    analysis to count once)."""
+    local = model_config.local_layers[:layers] if model_config.local_layers else ()
+    mc = dataclasses.replace(model_config, num_layers=layers, scan_layers=False, local_layers=local)
+    rows = config.train.global_batch_size // config.train.micro_batches
+    train = dataclasses.replace(config.train, global_batch_size=rows, micro_batches=1)
+    return dataclasses.replace(config, train=train), mc
+
+
+def _costs(compiled: Any) -> tuple[float, float]:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def step_cost(config: Config, model_config: ModelConfig, mesh: Any) -> tuple[float, float]:
+    """(flops, bytes accessed) of one train step per device, from loop-free variants (see the
+    module docstring)."""
+    step, update = [], []
+    for layers in (1, 2):
+        cfg, mc = _variant(config, model_config, layers)
+        state = abstract_train_state(cfg, mesh, mc)
+        step.append(_costs(compile_abstract_step(cfg, mesh, state)))
+        update.append(_costs(jax.jit(apply_updates).lower(state, state.params).compile()))
+    at_depth = lambda x: [
+        a + (model_config.num_layers - 1) * (b - a) for a, b in zip(*x, strict=True)
+    ]
+    c, u = at_depth(step), at_depth(update)
+    micro = config.train.micro_batches
+    return micro * (c[0] - u[0]) + u[0], micro * (c[1] - u[1]) + u[1]
+
+
+def _out_of_memory(error: Exception) -> int | None:
+    """Bytes per device the TPU compiler says the step needs, when it refused for lack of HBM."""
+    match = _OOM.search(str(error))
+    if match is None:
+        return None
+    scale = {None: 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    return int(float(match.group(1)) * scale[match.group(2)])
+
+
+def compile_for_topology(config: Config, topology: str, num_slices: int = 1) -> dict[str, Any]:
+    """The TPU compiler's figures for `config`'s train step on `num_slices` x `topology`."""
+    generation, chips_per_slice = parse_topology(topology)
+    devices = topology_devices(topology, num_slices)
+    sharding.check_rules(config.mesh.rules)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    check_train_batch(config, mesh)
+    model_config = hf.build_model_config(config.model)
+    attention = step_attention(model_config)
+    per_chip = generation.devices_per_chip
+    start = time.perf_counter()
+    try:
+        compiled = compile_abstract_step(config, mesh, abstract_train_state(config, mesh))
+        memory = memory_figures(compiled)
+    except jax.errors.JaxRuntimeError as e:
+        needed = _out_of_memory(e)
+        if needed is None:
+            raise
+        memory = {"peak": needed, "refused": str(e).splitlines()[0][:300]}
+    compile_s = time.perf_counter() - start
+    flops, accessed = step_cost(config, model_config, mesh)
+    chips = chips_per_slice * num_slices
+    hbm = int(generation.hbm_gib * GIB)
+    peak_chip = memory["peak"] * per_chip
+    t_flops = flops * per_chip / generation.peak_bf16
+    t_bytes = accessed * per_chip / generation.hbm_bytes_per_s
+    tokens = config.train.global_batch_size * config.data.seq_len
+    adapters = _adapter_params(config, mesh, model_config)
+    model_flops = tokens * flops_per_token(model_config, config.data.seq_len, adapters)
+    bound = max(t_flops, t_bytes)
+    return {
+        "topology": topology,
+        "num_slices": num_slices,
+        "chips": chips,
+        "generation": generation.name,
+        "mesh": dict(mesh.shape),
+        "attention": attention,
+        "peak_bytes_per_chip": peak_chip,
+        "hbm_bytes_per_chip": hbm,
+        "fits": "refused" not in memory and peak_chip <= hbm,
+        "compile_s": round(compile_s, 2),
+        "memory_per_device": memory,
+        "flops_per_step": flops * len(devices),
+        "flops_per_step_per_chip": flops * per_chip,
+        "bytes_accessed_per_chip": accessed * per_chip,
+        "model_flops_per_step": model_flops,
+        "roofline_compute_s": t_flops,
+        "roofline_memory_s": t_bytes,
+        "roofline_step_s": bound,
+        "roofline_bound": "compute" if t_flops >= t_bytes else "memory",
+        "roofline_mfu": model_flops / (chips * generation.peak_bf16 * bound),
+        "roofline_tokens_per_s": tokens / bound,
+        "peak_bf16_per_chip": generation.peak_bf16,
+        "hbm_bytes_per_s_per_chip": generation.hbm_bytes_per_s,
+        "hardware_source": generation.source,
+    }
+
+
+def _adapter_params(config: Config, mesh: Any, model_config: ModelConfig) -> int:
+    """Trainable adapter parameters under LoRA (the 6A of the LoRA flop count), else 0."""
+    if not config.lora.enabled:
+        return 0
+    params = abstract_train_state(config, mesh, model_config).params
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+def format_compiled(r: dict[str, Any]) -> str:
+    """The human summary of `compile_for_topology`'s result."""
+    gib = lambda x: f"{x / GIB:.2f} GiB"
+    m = r["memory_per_device"]
+    if "refused" in m:
+        memory = f"the TPU compiler refused it: {m['refused']}"
+    else:
+        memory = (
+            f"arguments {gib(m['argument'])} + outputs {gib(m['output'])} - donated "
+            f"{gib(m['alias'])} + temporaries {gib(m['temp'])} per device"
+        )
+    slices = f"{r['num_slices']} x " if r["num_slices"] > 1 else ""
+    return "\n".join(
+        [
+            f"TPU compiler, {slices}{r['topology']} ({r['chips']} chips), mesh {r['mesh']}, "
+            f"attention={r['attention']}, compiled in {r['compile_s']:.1f} s",
+            f"  memory   {gib(r['peak_bytes_per_chip'])} of {gib(r['hbm_bytes_per_chip'])} HBM "
+            f"per chip: {'FITS' if r['fits'] else 'DOES NOT FIT'} ({memory})",
+            f"  roofline {r['roofline_step_s'] * 1e3:.1f} ms per step at best "
+            f"({r['roofline_bound']}-bound: flops {r['roofline_compute_s'] * 1e3:.1f} ms, HBM "
+            f"traffic {r['roofline_memory_s'] * 1e3:.1f} ms per chip); MFU at most "
+            f"{r['roofline_mfu']:.1%}, {r['roofline_tokens_per_s']:,.0f} tokens/s",
+            f"  hardware {r['generation']}: {r['peak_bf16_per_chip'] / 1e12:.0f} TFLOP/s bf16, "
+            f"{r['hbm_bytes_per_s_per_chip'] / 1e9:.0f} GB/s HBM per chip "
+            f"({r['hardware_source']})",
+        ]
+    )

@@ -9,8 +9,8 @@ stories (sft_jax/assets/general), which shows what the fine-tuning cost. The mea
 and timings, with their date and machine, are in docs/benchmarks.md ("The demo").
 """
 
-from sft_jax.configs import base
 from sft_jax.assets import asset_path
+from sft_jax.configs import base
 
 
 def get_config():

@@ -11,6 +11,9 @@ Exit codes of `python -m sft_jax.train` (documented in docs/troubleshooting.md):
     43  aborted: `train.max_nonfinite_steps` steps in a row had a NaN/Inf loss or gradient norm;
         no non-finite state was saved, so a restart (e.g. with a lower learning rate) resumes from
         the last good checkpoint
+    44  a checkpoint could not be written (disk full, read-only or permission denied): the
+        committed checkpoints are kept, and once there is space the same command resumes from
+        the last of them. Not 2: the input was fine, the storage failed mid-run
     130 a second Ctrl-C while the first one's checkpoint was pending: stopped without saving
 
 Non-finite steps are decided inside the jitted step (see `step.train_step`): the update is
@@ -42,6 +45,7 @@ EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 42
 EXIT_NONFINITE = 43
+EXIT_SAVE_FAILED = 44
 EXIT_ABORTED = 130  # 128 + SIGINT, as shells report a process killed by Ctrl-C
 
 
@@ -70,18 +74,54 @@ class Preempted(Exception):
         self.phase = phase
 
 
-class NonFiniteAbort(Exception):
-    """Raised when too many consecutive steps had a non-finite loss or gradient norm."""
+class SaveFailed(Exception):
+    """Raised when the file system refused a checkpoint write; earlier committed steps stay."""
 
-    def __init__(self, step: int, in_a_row: int):
+    def __init__(self, step: int, failed: int, committed: int | None, directory: str, reason: str):
+        resume = (
+            f"resumes from step {committed}"
+            if committed is not None
+            else "starts from step 0 (no checkpoint was committed)"
+        )
         super().__init__(
-            f"aborting at step {step}: {in_a_row} steps in a row had a non-finite loss or "
+            f"the checkpoint of step {failed} could not be written: {reason}. Trained to step "
+            f"{step}; the committed checkpoints in {directory} are kept. Free disk space or make "
+            f"the directory writable, then rerun the same command: it {resume}"
+        )
+        self.step = step  # how far training got
+        self.failed = failed  # the step whose save failed (earlier when asynchronous)
+        self.committed = committed
+
+
+class NonFiniteAbort(Exception):
+    """Raised when too many consecutive steps had a non-finite loss or gradient norm, or when
+    the state about to be saved is non-finite (`unsaveable`)."""
+
+    def __init__(self, step: int, in_a_row: int, message: str | None = None):
+        super().__init__(
+            message
+            or f"aborting at step {step}: {in_a_row} steps in a row had a non-finite loss or "
             "gradient norm (updates were skipped; no non-finite state was saved). Lower "
             "optim.learning_rate or check the data, then restart to resume from the last "
             "checkpoint"
         )
         self.step = step
         self.in_a_row = in_a_row
+
+    @classmethod
+    def unsaveable(cls, step: int, in_a_row: int) -> NonFiniteAbort:
+        """The state due to be saved holds NaN/Inf. Skipped steps never change the state, so an
+        update whose loss and gradient norm were finite overflowed (a huge learning rate, or
+        squared gradients beyond float32 in Adam's second moment): say that, not "skipped"."""
+        skipped = f"; the {in_a_row} steps since were skipped" if in_a_row else ""
+        return cls(
+            step,
+            in_a_row,
+            f"aborting at step {step}: the parameters or optimizer state became non-finite "
+            f"after an update whose loss and gradient norm were finite (it overflowed){skipped}. "
+            "Nothing was saved at this step; lower optim.learning_rate (or keep optim.clip_norm "
+            "on), then restart to resume from the last checkpoint",
+        )
 
 
 # ----------------------------------------------------------------------------- preemption

@@ -77,7 +77,7 @@ class Run:
     def save(self, step: int, state: Any, eval_loss: float | None = None) -> bool:
         """Starts a checkpoint of `state` at `step`; never writes non-finite parameters."""
         if not tree_is_finite((state.params, state.opt_state)):
-            raise NonFiniteAbort(step, self.loop.health.nonfinite_in_a_row)
+            raise NonFiniteAbort.unsaveable(step, self.loop.health.nonfinite_in_a_row)
         metrics = None if eval_loss is None else {"eval_loss": eval_loss}
         return self.checkpointer.save(
             step,

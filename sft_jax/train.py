@@ -5,9 +5,10 @@ The loop is split into named sections: setup (mesh, data, model, state, restore)
 evaluation (sft_jax/eval_loop.py), the step loop (health, log, evaluate, checkpoint), and the final
 evaluation, before/after comparison and summary.
 
-Exit codes (sft_jax/faults.py): 0 finished or stopped early; 2 bad config or data (nothing
-trained); 42 preempted or interrupted (SIGTERM, Ctrl-C), safe to restart; 43 aborted on
-non-finite loss; 130 a second Ctrl-C. What is printed where: sft_jax/console.py.
+Exit codes (sft_jax/faults.py): 0 finished or stopped early; 2 bad config or data, or a busy
+workdir (nothing trained); 42 preempted or interrupted (SIGTERM, Ctrl-C), safe to restart; 43
+aborted on non-finite loss; 44 a checkpoint could not be written (disk full, read-only),
+committed checkpoints kept; 130 a second Ctrl-C. What is printed where: sft_jax/console.py.
 
 metrics.jsonl is appended to by every start of a run in the same workdir. Each start writes a
 `{"kind": "start", "run": n, "resumed_from": step}` record, and every training and eval record
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import textwrap
@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from sft_jax import console, data, eval_loop, hf, preflight, sharding
+from sft_jax import console, data, eval_loop, hf, preflight, sharding, workdir_lock
 from sft_jax.checkpoint import Checkpointer
 from sft_jax.cli import absl_help, wants_help
 from sft_jax.config import Config, ConfigError, config_from_argv, to_dict
@@ -49,16 +49,18 @@ from sft_jax.faults import (
     EXIT_NONFINITE,
     EXIT_OK,
     EXIT_PREEMPTED,
+    EXIT_SAVE_FAILED,
     EXIT_USER_ERROR,
     FaultInjector,
     NonFiniteAbort,
     Preempted,
     PreemptionWatcher,
+    SaveFailed,
 )
 from sft_jax.host_memory import configure_host_allocator
 from sft_jax.metrics import MetricsWriter, import_wandb
 from sft_jax.model import Transformer, count_params
-from sft_jax.optim import make_optimizer, make_schedule
+from sft_jax.optim import make_optimizer, make_schedule, schedule_change, schedule_steps
 from sft_jax.run_state import LoopState, Run, next_run_number
 from sft_jax.run_summary import print_summary, read_finished_summary, write_summary
 from sft_jax.state import create_train_state
@@ -76,9 +78,7 @@ USER_ERRORS = (ConfigError, data.DataError, hf.UnsupportedModelError, FileNotFou
 
 
 def total_steps(config: Config, steps_per_epoch: int) -> int:
-    if config.train.max_steps > 0:
-        return config.train.max_steps
-    return max(1, math.ceil(config.train.epochs * steps_per_epoch))
+    return schedule_steps(config.train.max_steps, config.train.epochs, steps_per_epoch)
 
 
 def make_placer(batch_sharding: jax.sharding.NamedSharding):
@@ -128,15 +128,24 @@ def build_state(
 
 
 def restore(
-    checkpointer: Checkpointer, state: Any, shardings: Any, bundle: data.DataBundle
+    checkpointer: Checkpointer,
+    state: Any,
+    shardings: Any,
+    bundle: data.DataBundle,
+    config: Config,
+    steps: int,
 ) -> tuple[Any, LoopState]:
-    """The latest committed checkpoint, if any, with its data position and loop counters."""
+    """The latest committed checkpoint, if any, with its data position and loop counters; warns
+    when the run's length changed since that checkpoint (the schedule is re-stretched)."""
     restored = checkpointer.restore_latest(state, shardings)
     if restored is None:
         return state, LoopState()
     step, state, data_state, loop_values = restored
     bundle.train_iter.set_state(data_state)
     log(f"resumed from checkpoint at step {step}")
+    planned = checkpointer.planned_steps(step, bundle.train_iter.steps_per_epoch)
+    if change := schedule_change(config.optim, planned, steps, step):
+        log(change)
     return state, LoopState.from_dict(loop_values)
 
 
@@ -184,7 +193,7 @@ def setup(config: Config, workdir: str) -> tuple[Run, Any]:
     checkpointer = Checkpointer(
         workdir, keep=c.keep, keep_best=c.keep_best, async_save=c.async_save
     )
-    state, loop = restore(checkpointer, state, shardings, bundle)
+    state, loop = restore(checkpointer, state, shardings, bundle, config, steps)
     run = Run(
         config=config,
         workdir=workdir,
@@ -377,9 +386,17 @@ def train_and_evaluate(
 
     Raises faults.Preempted on SIGTERM / Ctrl-C (after saving, when in the step loop),
     faults.NonFiniteAbort after too many non-finite steps in a row, KeyboardInterrupt on a second
-    Ctrl-C, and ConfigError / DataError on bad input (before compute). `host_memory` is the
-    allocator line of the command, logged once the config and data were accepted.
+    Ctrl-C, ConfigError / DataError on bad input (before compute), WorkdirBusyError (a
+    ConfigError) when another run holds the workdir's lock, and faults.SaveFailed when a
+    checkpoint cannot be written. `host_memory` is the allocator line of the command, logged once
+    the config and data were accepted.
     """
+    preflight.check_workdir(workdir)  # the lock file needs a writable local directory
+    with workdir_lock.hold(workdir):  # one writer per workdir, released on every exit
+        return _train_and_evaluate(config, workdir, host_memory)
+
+
+def _train_and_evaluate(config: Config, workdir: str, host_memory: str | None) -> dict[str, Any]:
     start_time = time.time()
     console.reset()
     watcher = PreemptionWatcher(phase="setup")  # a signal during setup stops at once, cleanly
@@ -496,8 +513,9 @@ def load_config_from_flags(argv: list[str]) -> tuple[Config, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs training -> exit code: 0 done, 2 bad config or data, 42 preempted, 43 non-finite,
-    130 a second Ctrl-C. Every ending is one line on stderr (and in train.log), no traceback."""
+    """Runs training -> exit code: 0 done, 2 bad config or data or a busy workdir, 42 preempted,
+    43 non-finite, 44 a checkpoint save failed (disk full, read-only), 130 a second Ctrl-C. Every
+    ending is one line on stderr (and in train.log), no traceback."""
     argv = list(sys.argv if argv is None else argv)
     if wants_help(argv[1:]):
         print(absl_help(USAGE, DESCRIPTION, train_flags()), end="")
@@ -522,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         return _ended(f"{e} (exit {EXIT_PREEMPTED})", EXIT_PREEMPTED)
     except NonFiniteAbort as e:
         return _ended(f"error: {e} (exit {EXIT_NONFINITE})", EXIT_NONFINITE)
+    except SaveFailed as e:
+        return _ended(f"error: {e} (exit {EXIT_SAVE_FAILED})", EXIT_SAVE_FAILED)
     except KeyboardInterrupt:
         message = "stopped by a second Ctrl-C without saving; committed checkpoints are kept"
         return _ended(f"{message} (exit {EXIT_ABORTED})", EXIT_ABORTED)

@@ -8,6 +8,7 @@ Modules: `config` (config.json parsing, family features, what is unsupported and
 
 from sft_jax.hf.config import (
     SUPPORTED_ARCHITECTURES,
+    ModelFileError,
     UnsupportedModelError,
     build_model_config,
     hf_config_dict,
@@ -19,14 +20,22 @@ from sft_jax.hf.hub import (
     resolve_config_hub_ids,
     resolve_model_dir,
 )
-from sft_jax.hf.params import HfTensor, hf_tensor_plan, load_params, to_hf_tensor
+from sft_jax.hf.params import (
+    HfTensor,
+    check_checkpoint,
+    hf_tensor_plan,
+    load_params,
+    to_hf_tensor,
+)
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "HfTensor",
+    "ModelFileError",
     "UnsupportedModelError",
     "absolute_local_paths",
     "build_model_config",
+    "check_checkpoint",
     "hf_config_dict",
     "hf_tensor_plan",
     "load_model_config",

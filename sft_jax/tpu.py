@@ -48,7 +48,9 @@ GIB = 1024**3
 # libtpu without an attached TPU: skip the cloud metadata query, and compile even while another
 # process holds libtpu (its lockfile guards the chips, which compile-only use never opens).
 COMPILE_ONLY_ENV = {"TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-_OOM = re.compile(r"[Uu]sed ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm")
+# How the TPU compiler says a program does not fit: "... required for HLO temporaries (20.00G)
+# exceeds available HBM (15.75G)" or "Used 20.5G of 15.75G hbm".
+_OOM = re.compile(r"(?:[Uu]sed |required for [^(]*\()([\d.]+)([KMGT])?")
 
 
 def libtpu_missing() -> str | None:

@@ -107,3 +107,14 @@ def test_topology_names_and_the_generation_table():
     kind = lambda k: type("D", (), {"platform": "tpu", "device_kind": k})()
     assert peak_flops([kind("TPU v5")] * 4, 1.0) == 4 * 459e12
     assert peak_flops([kind("TPU v5 lite")], 1.0) == 197e12
+
+
+def test_out_of_memory_message_gives_the_bytes_asked_for():
+    """The TPU compiler's refusal (as libtpu words it) becomes `fits: false` with its figure."""
+    refusal = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (20.00G) exceeds available HBM (15.75G)."
+    )
+    assert tpu._out_of_memory(RuntimeError(refusal)) == 20 * 2**30
+    assert tpu._out_of_memory(RuntimeError("Used 1.5T of 95.00G hbm")) == int(1.5 * 2**40)
+    assert tpu._out_of_memory(RuntimeError("INTERNAL: something else")) is None

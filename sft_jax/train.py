@@ -489,8 +489,8 @@ USAGE = "python -m sft_jax.train --config FILE[:ARG] --workdir DIR [--config.KEY
 DESCRIPTION = (
     "Fine-tunes a model as the config file says, writing checkpoints, metrics.jsonl, train.log\n"
     "and summary.json to DIR; the same command resumes an interrupted run. Exit codes: 0 done,\n"
-    "2 bad config or data, 42 preempted or interrupted (safe to restart), 43 non-finite loss,\n"
-    "130 a second Ctrl-C."
+    "2 bad config or data or a busy workdir, 42 preempted or interrupted (safe to restart),\n"
+    "43 non-finite loss, 44 a checkpoint could not be written, 130 a second Ctrl-C."
 )
 
 

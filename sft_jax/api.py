@@ -248,7 +248,7 @@ def stored_dtype(model_dir: str) -> str:
     unsaid): a merge at this precision is what PEFT's merge_and_unload gives."""
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
         raw = json.load(f)
-    name = raw.get("torch_dtype") or raw.get("dtype") if isinstance(raw, dict) else None
+    name = (raw.get("torch_dtype") or raw.get("dtype")) if isinstance(raw, dict) else None
     return name if name in DTYPES else "float32"
 
 
@@ -362,23 +362,27 @@ class LoadedModel:
         seed: int = 0,
     ) -> str | list[str]:
         """The reply to one prompt (a string or a conversation, see `encode`), or to each of a
-        list of them (batched). Greedy by default; stops at EOS and the template's end of turn."""
-        from sft_jax.chat import stop_ids
-        from sft_jax.generate import generate
+        list of them (batched). Greedy by default; stops at EOS and at the chat template's end
+        of turn (one token or several), as `python -m sft_jax.generate` does."""
+        from sft_jax.chat import chat_stops
+        from sft_jax.generate import cut_at_stop_text, generate
 
         batch = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], dict)
         prompts = prompt if batch else [prompt]
+        stops = chat_stops(self.tokenizer, self.model_dir)
         replies = generate(
             self.module,
             self.params,
             [self.encode(p) for p in prompts],
             max_new_tokens=max_new_tokens,
-            stop_ids=stop_ids(self.tokenizer, self.model_dir),
+            stop_ids=stops.ids,
+            stop_sequences=stops.sequences,
             temperature=temperature,
             top_p=top_p,
             rng=jax.random.PRNGKey(seed),
         )
-        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in replies]
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
+        texts = [cut_at_stop_text(decode(r), stops.texts) for r in replies]
         return texts if batch else texts[0]
 
 

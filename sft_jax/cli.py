@@ -159,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     module, absl_style, _ = COMMANDS[args[0]]
     command_main = importlib.import_module(module).main
     rest = args[1:]
-    return command_main([f"sft-jax {args[0]}", *rest] if absl_style else rest) or 0
+    try:
+        return command_main([f"sft-jax {args[0]}", *rest] if absl_style else rest) or 0
+    except KeyboardInterrupt:  # Ctrl-C in an interactive chat, an export, ...: no traceback
+        print(f"\nsft-jax {args[0]}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ def make_configs_importable(config_path: str) -> None:
     The base config needs none of this: it is `from sft_jax.configs import base`.
     """
     directory = os.path.dirname(os.path.abspath(config_path.split(":")[0]))
+    package = os.path.dirname(os.path.abspath(sys.modules["sft_jax"].__file__))
+    if directory.startswith(package + os.sep):  # sft_jax/configs/base.py: already importable,
+        return  # and sft_jax/ on sys.path would shadow packages (`configs`, `data`)
     root = os.path.dirname(directory)
     probe = directory
     while os.path.dirname(probe) != probe:
@@ -123,7 +126,7 @@ def config_from_argv(argv: list[str], flag_values: Any) -> Any:
 
     path, rest = split_config_flag(argv)
     if path is None:
-        raise ConfigError("--config FILE is required")
+        raise ConfigError("--config FILE is required (--help lists the flags and config keys)")
     raw = load_config_file(path)
     check_override_keys(rest, raw)
     try:

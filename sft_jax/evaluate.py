@@ -145,6 +145,15 @@ def score_generations(
     return scores, primary
 
 
+def prompt_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """A prompt as the model saw it, chat-template markers included: skip_special_tokens would
+    turn ChatML's `<|im_start|>user` lines into bare role names, and the report could not show
+    the turns. Only a leading BOS is dropped."""
+    if ids and ids[0] == getattr(tokenizer, "bos_token_id", None):
+        ids = ids[1:]
+    return tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
 def generation_eval(
     model: Transformer,
     params: Any,
@@ -183,7 +192,7 @@ def generation_eval(
     scores, correct = score_generations(outputs, [p.reference for p in prompts], matches, pattern)
     shown = [
         {
-            "prompt": tokenizer.decode(p.prompt_ids, skip_special_tokens=True),
+            "prompt": prompt_text(tokenizer, p.prompt_ids),
             "reference": p.reference,
             "output": text,
             "correct": ok,

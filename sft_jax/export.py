@@ -343,10 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     source_dir = args.workdir or args.peft_adapter
     try:
         inputs = {"workdir": args.workdir, "adapter directory": args.peft_adapter}
-        check_out_dir(args.out, args.overwrite, inputs)
+        check_out_dir(args.out, args.overwrite, inputs)  # before the (slow) load
         run = _load_source(args)
-        inputs.update(base_model=run.source_model_dir, tokenizer_directory=run.tokenizer_dir)
-        check_out_dir(args.out, args.overwrite, {k.replace("_", " "): v for k, v in inputs.items()})
+        inputs |= {"base model": run.source_model_dir, "tokenizer directory": run.tokenizer_dir}
+        check_out_dir(args.out, args.overwrite, inputs)
         if jax.process_index() == 0:
             clear_out_dir(args.out)
         if args.peft:

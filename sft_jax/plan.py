@@ -268,6 +268,7 @@ def plan(
         dtype=model_config.dtype,
         head_dim=model_config.head_dim,
         softcap=model_config.attn_softcap,
+        seq_len=config.data.seq_len,
     )
     act = activation_bytes(
         model_config,

@@ -26,6 +26,7 @@ _LABELLED = (
     {"Human: ": "user", "Assistant:": "assistant"},
 )
 _BOS = ("<|begin_of_text|>", "<bos>", "<s>")
+_EOS = ("</s>", "<eos>", "<|endoftext|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>")
 QUOTE_CHARS = 40  # longest excerpt quoted in an explanation
 
 
@@ -62,7 +63,10 @@ def _split(prompt: str, header: re.Pattern, role_of: Any, end: str) -> list[tupl
         text = prompt[found.end() : stop]
         if end:
             text = text.split(end)[0]
-        turns.append((role_of(found), text.strip()))
+        text = text.strip()
+        while text.endswith(_EOS):  # alpaca and plain end an answer with EOS
+            text = text[: -len(next(e for e in _EOS if text.endswith(e)))].rstrip()
+        turns.append((role_of(found), text))
     return turns
 
 

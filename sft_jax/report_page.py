@@ -157,6 +157,8 @@ def verdict(metric: str, before: float | None, after: float | None) -> str:
     direction = better_direction(metric)
     if direction is None or before is None or after is None or before == after:
         return ""
+    if not (math.isfinite(before) and math.isfinite(after)):  # a diverged run judges nothing
+        return ""
     worse = after > before if direction == "lower" else after < before
     if not worse:
         return "better"
@@ -191,6 +193,8 @@ def change_text(before: float | None, after: float | None) -> str:
 
 
 def comparison_section(summary: dict[str, Any]) -> str:
+    """The before/after table with the better direction and a verdict per metric, led by a
+    warning when the forgetting check jumped."""
     rows, classes, alarms = [], [], []
     for row in comparison_rows(summary):
         metric = str(row.get("metric"))

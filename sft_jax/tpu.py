@@ -12,9 +12,9 @@ slices the hybrid ICI/DCN mesh), the state by `plan_check.abstract_train_state` 
 Figures, per chip: the memory analysis' argument + output - alias + temp (`peak`); the HBM of
 the generation (`flops.TPU_GENERATIONS`); and a roofline bound. XLA's cost analysis counts the
 body of a loop once, and the step loops over layers (scan) and micro-batches, so the flops and
-bytes of one step are measured on loop-free variants (layers unrolled, one micro-batch): the
-step at 1 and 2 layers (C1, C2) and the optimizer update alone at 1 and 2 layers (U1, U2), all
-linear in the layer count L, give
+bytes of one step come from loop-free variants (layers unrolled, one micro-batch): the step at
+1 and 2 layers (C1, C2; the compiled step itself, its loop bodies counted once, stands for C1)
+and the optimizer update alone at 1 and 2 layers (U1, U2), all linear in the layer count L:
 
     step = micro_batches x (C(L) - U(L)) + U(L),   X(L) = X1 + (L - 1) (X2 - X1).
 
@@ -48,7 +48,9 @@ GIB = 1024**3
 # libtpu without an attached TPU: skip the cloud metadata query, and compile even while another
 # process holds libtpu (its lockfile guards the chips, which compile-only use never opens).
 COMPILE_ONLY_ENV = {"TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-_OOM = re.compile(r"[Uu]sed ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm")
+# How the TPU compiler says a program does not fit: "... required for HLO temporaries (20.00G)
+# exceeds available HBM (15.75G)" or "Used 20.5G of 15.75G hbm".
+_OOM = re.compile(r"(?:[Uu]sed |required for [^(]*\()([\d.]+)([KMGT])?")
 
 
 def libtpu_missing() -> str | None:
@@ -94,21 +96,17 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
     return list(desc.devices)
 
 
-def step_attention(model_config: ModelConfig) -> str:
-    """The attention the compiled step uses: the model resolves `model.attention` when traced,
-    on this host's platform, so it must be what a TPU would run too."""
-    here = jax.default_backend()
-    args = {"dtype": model_config.dtype, "head_dim": model_config.head_dim}
-    args["softcap"] = model_config.attn_softcap
-    on_tpu = resolve_implementation(model_config.attention, platform="tpu", **args)
-    traced = resolve_implementation(model_config.attention, platform=here, **args)
-    if traced != on_tpu:
-        raise ConfigError(
-            f"model.attention={model_config.attention!r} resolves to {on_tpu!r} on a TPU but "
-            f"to {traced!r} when traced on this {here} host, so the compiled step would not be "
-            f"the TPU's; pass --config.model.attention=xla"
-        )
-    return traced
+def step_attention(model_config: ModelConfig, seq_len: int) -> str:
+    """The attention the compiled step uses: the model resolves `model.attention` for its
+    mesh's platform (TPU here, though traced on this host) at the step's sequence length."""
+    return resolve_implementation(
+        model_config.attention,
+        platform="tpu",
+        dtype=model_config.dtype,
+        head_dim=model_config.head_dim,
+        softcap=model_config.attn_softcap,
+        seq_len=seq_len,
+    )
 
 
 def _variant(config: Config, model_config: ModelConfig, layers: int) -> tuple[Config, Any]:
@@ -127,21 +125,40 @@ def _costs(compiled: Any) -> tuple[float, float]:
     return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
-def step_cost(config: Config, model_config: ModelConfig, mesh: Any) -> tuple[float, float]:
-    """(flops, bytes accessed) of one train step per device, from loop-free variants (see the
-    module docstring)."""
-    step, update = [], []
+def step_cost(
+    config: Config, model_config: ModelConfig, mesh: Any, attention: str, step: Any | None
+) -> tuple[float, float]:
+    """(flops, bytes accessed) of one train step per device (see the module docstring): the
+    compiled `step`, whose loops XLA counts once, stands for the 1-layer, 1-micro-batch
+    variant (compiled here when `step` is None: the TPU compiler refused the step); the
+    2-layer variant and the update alone at 1 and 2 layers give the rest. Plus `kernel_flops`
+    where attention is a Pallas kernel."""
+    steps, updates = [] if step is None else [_costs(step)], []
     for layers in (1, 2):
         cfg, mc = _variant(config, model_config, layers)
         state = abstract_train_state(cfg, mesh, mc)
-        step.append(_costs(compile_abstract_step(cfg, mesh, state)))
-        update.append(_costs(jax.jit(apply_updates).lower(state, state.params).compile()))
-    at_depth = lambda x: [
-        a + (model_config.num_layers - 1) * (b - a) for a, b in zip(*x, strict=True)
-    ]
-    c, u = at_depth(step), at_depth(update)
+        if layers == 2 or step is None:
+            steps.append(_costs(compile_abstract_step(cfg, mesh, state)))
+        updates.append(_costs(jax.jit(apply_updates).lower(state, state.params).compile()))
+    depth = model_config.num_layers - 1
+    at_depth = lambda x: [a + depth * (b - a) for a, b in zip(*x, strict=True)]
+    c, u = at_depth(steps), at_depth(updates)
     micro = config.train.micro_batches
-    return micro * (c[0] - u[0]) + u[0], micro * (c[1] - u[1]) + u[1]
+    flops = micro * (c[0] - u[0]) + u[0]
+    if attention == "splash":
+        flops += kernel_flops(config, model_config) / mesh.size
+    return flops, micro * (c[1] - u[1]) + u[1]
+
+
+def kernel_flops(config: Config, model_config: ModelConfig) -> float:
+    """Flops of splash attention in one step, all devices: XLA's cost analysis does not see
+    inside a Pallas kernel. Per layer and row, the forward's two [T, T] matmuls over all heads
+    (4 T^2 n h) halved by the causal mask (splash skips masked blocks); the backward about 2.5
+    forwards (scores recomputed, then dV, dP, dQ, dK); remat "full" one forward more."""
+    c, seq = model_config, config.data.seq_len
+    forward = 4 * seq * seq * c.num_heads * c.head_dim / 2
+    passes = 3.5 + (1.0 if c.remat == "full" else 0.0)
+    return forward * passes * c.num_layers * config.train.global_batch_size
 
 
 def _out_of_memory(error: Exception) -> int | None:
@@ -161,9 +178,10 @@ def compile_for_topology(config: Config, topology: str, num_slices: int = 1) -> 
     mesh = sharding.make_mesh(config.mesh, devices)
     check_train_batch(config, mesh)
     model_config = hf.build_model_config(config.model)
-    attention = step_attention(model_config)
+    attention = step_attention(model_config, config.data.seq_len)
     per_chip = generation.devices_per_chip
     start = time.perf_counter()
+    compiled = None
     try:
         compiled = compile_abstract_step(config, mesh, abstract_train_state(config, mesh))
         memory = memory_figures(compiled)
@@ -173,7 +191,7 @@ def compile_for_topology(config: Config, topology: str, num_slices: int = 1) -> 
             raise
         memory = {"peak": needed, "refused": str(e).splitlines()[0][:300]}
     compile_s = time.perf_counter() - start
-    flops, accessed = step_cost(config, model_config, mesh)
+    flops, accessed = step_cost(config, model_config, mesh, attention, compiled)
     chips = chips_per_slice * num_slices
     hbm = int(generation.hbm_gib * GIB)
     peak_chip = memory["peak"] * per_chip

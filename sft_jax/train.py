@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shlex
 import sys
 import textwrap
 import time
@@ -63,6 +62,7 @@ from sft_jax.metrics import MetricsWriter, import_wandb
 from sft_jax.model import Transformer, count_params
 from sft_jax.optim import make_optimizer, make_schedule, schedule_change, schedule_steps
 from sft_jax.run_state import LoopState, Run, next_run_number
+from sft_jax.run_summary import print_summary, read_finished_summary, write_summary
 from sft_jax.state import create_train_state
 from sft_jax.step import BATCH_KEYS, make_train_step
 
@@ -425,6 +425,9 @@ def _train_and_finish(
             log(f"already finished at step {first_step}; summary.json is kept as it was")
             print_summary(finished, config, workdir)
             return finished
+        measures = run.bundle.eval_batches or run.evaluate_general is not None
+        if first_step == 0 and measures and eval_loop.read_baseline(workdir) is None:
+            log("evaluating the model before training (compiles the evaluation) ...")
         before = eval_loop.baseline(run, state)  # measured at step 0, read back after a restart
         watcher.phase = "loop"
         state, done, reason = train_loop(run, state, watcher)
@@ -436,21 +439,9 @@ def _train_and_finish(
         run.bundle.train_iter.close()  # stops the prefetch thread
     summary["wall_s"] = round(time.time() - start_time, 1)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        write_summary(workdir, summary)
     print_summary(summary, config, workdir)
     return summary
-
-
-def read_finished_summary(workdir: str, step: int) -> dict[str, Any] | None:
-    """summary.json of a run that already finished at `step`, or None (then finish runs again)."""
-    path = os.path.join(workdir, "summary.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            summary = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) and summary.get("steps") == step else None
 
 
 def finish(
@@ -489,53 +480,6 @@ def finish(
     summary["comparison"] = eval_loop.comparison(before, after, config.eval.matches)
     summary["data"] = bundle.stats
     return summary
-
-
-def print_summary(summary: dict[str, Any], config: Config, workdir: str) -> None:
-    lines = [f"finished {summary['steps']} steps in {summary['wall_s']} s"]
-    if summary.get("train_loss") is not None:
-        lines.append(f"  final train loss: {summary['train_loss']:.4f}")
-    if summary["comparison"]:
-        lines.append("before / after training:")
-        lines.append(eval_loop.format_comparison(summary["comparison"]))
-    if "accuracy_after" in summary:
-        lines.append(
-            f"  held-out generation: n={summary['generated']}, rules {config.eval.match!r} "
-            f"(first one decides 'correct')"
-        )
-        for sample in summary["samples"][:3]:
-            mark = "ok" if sample["correct"] else "wrong"
-            lines.append(
-                f"    {tail_words(sample['prompt'], 60)!r} -> {sample['output']!r} ({mark})"
-            )
-    lines.extend(next_steps(workdir, summary["steps"], config.lora.enabled))
-    log("\n".join(lines))
-
-
-def tail_words(text: str, width: int) -> str:
-    """The end of `text` in at most about `width` characters, starting at a word ("...word")."""
-    if len(text) <= width:
-        return text
-    tail = text[-width:]
-    cut = tail.find(" ")
-    return "..." + (tail[cut + 1 :] if 0 <= cut < len(tail) - 1 else tail)
-
-
-def next_steps(workdir: str, step: int, lora: bool) -> list[str]:
-    """Where the run's files are and the commands that use them, with this workdir filled in."""
-    prog = "sft-jax " if os.path.basename(sys.argv[0]) == "sft-jax" else "python -m sft_jax."
-    w = shlex.quote(workdir)
-    export = f"{prog}export --workdir {w} --out {shlex.quote(os.path.join(workdir, 'hf'))}"
-    return [
-        f"outputs in {workdir}:",
-        f"  train.log (this record), metrics.jsonl, summary.json, config.json, "
-        f"checkpoints/ (step {step}), tensorboard/",
-        "next:",
-        f"  {prog}report --workdir {w}    # HTML page with charts: {w}/report/index.html",
-        f"  {prog}generate --workdir {w}    # chat with the fine-tuned model",
-        f"  {export}{' --peft' if lora else ''}    # "
-        + ("a PEFT adapter (without --peft: the merged model)" if lora else "a Hugging Face model"),
-    ]
 
 
 # ----------------------------------------------------------------------------- command line

@@ -5,6 +5,7 @@ scale from adapter_config.json) against transformers/peft; merging an adapter wi
 import json
 import pathlib
 import re
+import shutil
 
 import flax.linen as nn
 import jax
@@ -123,7 +124,7 @@ def test_merge_adapter_without_training_and_chat_with_it(adapter, tmp_path, caps
     assert capsys.readouterr().out == from_adapter and from_adapter.strip()
 
 
-def test_adapter_errors_are_one_line(adapter, tmp_path, capsys):
+def test_adapter_errors_are_one_line(adapter, tmp_path, capsys, stories_dir):
     path, *_ = adapter
     no_base = tmp_path / "no_base"
     no_base.mkdir()
@@ -144,6 +145,12 @@ def test_adapter_errors_are_one_line(adapter, tmp_path, capsys):
     argv = ["--peft-adapter", str(path), "--out", str(path), "--overwrite"]
     assert export.main(argv) == 2
     assert "is the adapter directory" in capsys.readouterr().err
+    base = tmp_path / "base"
+    shutil.copytree(stories_dir, base)
+    argv = ["--peft-adapter", str(path), "--base", str(base), "--out", str(base), "--overwrite"]
+    assert export.main(argv) == 2
+    assert "is the base model" in capsys.readouterr().err
+    assert sorted(p.name for p in base.iterdir()) == sorted(p.name for p in stories_dir.iterdir())
 
 
 def _section(doc: str, title: str) -> str:

@@ -15,6 +15,7 @@ import os
 import pathlib
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +28,12 @@ from sft_jax import lora, preflight, sharding
 from sft_jax.attention import attend, attention_mask, resolve_implementation, window_mask
 from sft_jax.model import Transformer
 from sft_jax.splash_attention import kv_repeats
-from sft_jax.state import adapter_shardings, init_params, param_shardings
+from sft_jax.state import (
+    abstract_boxed_params,
+    adapter_shardings,
+    init_params,
+    param_shardings,
+)
 from sft_jax.step import loss_fn
 from tests.helpers import tiny_model_config
 
@@ -125,6 +131,13 @@ def test_init_with_splash_gives_the_parameters_of_any_other_attention():
     jax.tree.map(np.testing.assert_array_equal, params["splash"], params["blocked"])
 
 
+def test_abstract_params_of_a_splash_model_need_neither_tpu_nor_a_long_sequence():
+    """What the planner traces: the boxed tree with logical names, on this CPU, no mesh."""
+    boxed = abstract_boxed_params(Transformer(tiny_model_config(attention="splash")))
+    spec = nn.get_partition_spec(boxed)["layers"]["attn"]["q_proj"]["kernel"]
+    assert tuple(spec) == ("layers", "embed", "heads", "head_dim")
+
+
 def splash_config(seq_len: int) -> config_lib.Config:
     raw = config_lib.load_config_file(str(REPO / "configs" / "tiny.py"))
     raw.model.attention, raw.data.seq_len = "splash", seq_len
@@ -210,19 +223,20 @@ SPLASH_CALL = "tpu_custom_call"  # the Mosaic kernel's custom call in the lowere
     [
         ((1, 4, 1), {}),  # fsdp=4
         ((2, 1, 2), {}),  # data=2 x tensor=2, two kv heads split over tensor
-        ((2, 1, 2), {"num_kv_heads": 1}),  # one kv head repeated to follow the query heads
-        # Gemma 2: alternating sliding-window layers and soft-capped scores
+        # Gemma 2 style: alternating sliding-window layers, soft-capped scores, and one kv head
+        # repeated to follow the query heads split over tensor
         (
             (1, 2, 2),
             {
                 "num_layers": 2,
+                "num_kv_heads": 1,
                 "sliding_window": 128,
                 "local_layers": (True, False),
                 "attn_softcap": 50.0,
             },
         ),
     ],
-    ids=["fsdp", "data_x_tensor", "data_x_tensor_mqa", "gemma2_window_softcap"],
+    ids=["fsdp", "data_x_tensor", "fsdp_x_tensor_window_softcap_one_kv_head"],
 )
 def test_model_with_auto_attention_compiles_splash_for_tpu(tpu_devices, mesh_shape, overrides):
     mesh = tpu_mesh(tpu_devices, *mesh_shape)

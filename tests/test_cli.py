@@ -14,7 +14,7 @@ import tomllib
 
 import pytest
 
-from sft_jax import cli, console, faults
+from sft_jax import cli, console, faults, run_summary
 from sft_jax import train as train_module
 from sft_jax.config import ConfigError
 from sft_jax.configs import base
@@ -133,24 +133,22 @@ def test_bad_config_file_is_one_line_and_exit_2(tmp_path, capsys, name, text, ex
 
 
 def test_own_config_file_in_another_directory(tmp_path):
-    """A config file outside the repository starts from the packaged base config."""
-    _write(
-        tmp_path,
-        "mine.py",
-        "from sft_jax.configs import base\n\n\ndef get_config():\n"
-        "    c = base.get_config()\n    c.data.train_files = 'my_data.jsonl'\n"
-        "    c.optim.learning_rate = 1e-4\n    return c\n",
-    )
+    """The quickstart's own config file, run from a directory outside the repository, starts
+    from the packaged base config."""
+    quickstart = (REPO / "docs" / "quickstart.md").read_text(encoding="utf-8")
+    example = quickstart.split("```python\n# my_run.py\n", 1)[1].split("```", 1)[0]
+    _write(tmp_path, "my_run.py", example)
     probe = (
         "from sft_jax.config import load_config_file, parse;"
-        "c = parse(load_config_file('mine.py')); print(c.optim.learning_rate, c.data.train_files)"
+        "c = parse(load_config_file('my_run.py'));"
+        "print(c.optim.learning_rate, c.data.train_files)"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # the package only, as an install gives
     done = subprocess.run(
         [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["0.0001", "my_data.jsonl"]
+    assert done.stdout.split() == ["1e-05", "data/chat.jsonl"]
 
 
 # ----------------------------------------------------------------------------- signals
@@ -275,10 +273,10 @@ def test_transformers_advice_is_silenced():
 
 def test_sample_prompts_are_cut_at_a_word():
     text = "Lily had a red ball. She played with it all day. Question: What color was the ball?"
-    tail = train_module.tail_words(text, 40)
+    tail = run_summary.tail_words(text, 40)
     assert tail.startswith("...") and text.endswith(tail[3:])
     assert tail[3:].split()[0] in text.split()  # a whole word, not its end
-    assert train_module.tail_words("short", 40) == "short"
+    assert run_summary.tail_words("short", 40) == "short"
 
 
 # ----------------------------------------------------------------------------- sft-jax
@@ -296,6 +294,17 @@ def test_sft_jax_lists_and_dispatches(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["report", "--help"])
     assert exit_info.value.code == 0
+
+
+def test_sft_jax_ctrl_c_in_a_command_is_one_line(capsys, monkeypatch):
+    from sft_jax import report
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "main", interrupted)
+    assert cli.main(["report", "--workdir", "w"]) == 130
+    assert capsys.readouterr().err.strip() == "sft-jax report: interrupted"
 
 
 def test_console_script_and_python_dash_m():

@@ -9,6 +9,10 @@ from sft_jax.data.__main__ import main as data_cli
 
 DEMO = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
 LONG = " ".join(["word"] * 200)
+TEMPLATE = (  # turns end in a newline (stories260K has no single-token chatml end of turn)
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+)
 
 
 def chat(*turns):
@@ -28,14 +32,15 @@ ROWS = [
 
 @pytest.fixture
 def audited(tmp_path, stories_dir, capsys):
-    path = tmp_path / "d.jsonl"
+    path, template = tmp_path / "d.jsonl", tmp_path / "t.jinja"
+    template.write_text(TEMPLATE)
     lines = [json.dumps(r) for r in ROWS]
     lines.insert(6, "{not json")  # line 7: unreadable
     path.write_text("\n".join(lines) + "\n")
     args = [
         f"--config.data.train_files={path}",
         f"--config.data.tokenizer={stories_dir}",
-        "--config.data.chat_template=chatml",
+        f"--config.data.chat_template={template}",
         "--config.data.train_on=last_assistant",
         "--config.data.seq_len=128",
         "--config.data.eval_files=",
@@ -87,7 +92,8 @@ def test_training_summary_names_a_dropped_conversation(tmp_path, stories_dir, ca
     c = base.get_config()
     c.data.tokenizer = str(stories_dir)
     c.data.train_files = str(path)
-    c.data.chat_template = "chatml"
+    c.data.chat_template = str(tmp_path / "t.jinja")
+    (tmp_path / "t.jinja").write_text(TEMPLATE)
     c.data.train_on = "last_assistant"
     c.data.seq_len = 64
     with caplog.at_level("WARNING"):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sft_jax.data import (
+    BUILTIN_TEMPLATES,
     ChatTemplate,
     Conversation,
     DataError,
@@ -49,6 +50,16 @@ def chat(answer, source="c.jsonl:3"):
 
 
 ANSWER = "Write </s> at the end, then stop."
+# Turns end in a newline only, so render.py appends EOS (load_chat_template refuses chatml on
+# stories260K, whose vocabulary has no <|im_end|>; the EOS logic is what is tested here).
+NO_EOS_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+)
+
+
+def chatml(tokenizer):
+    return ChatTemplate("chatml", BUILTIN_TEMPLATES["chatml"], template_variables(tokenizer))
 
 
 @pytest.mark.parametrize("policy", ["warn", "keep"])
@@ -57,9 +68,7 @@ def test_eos_text_in_an_answer_never_replaces_the_final_eos(shared_assets, polic
     `</s>` inside the answer used to count as "EOS already there" and the real one was lost."""
     tokenizer = tokenizer_at(shared_assets, "stories260K/hf")
     eos = tokenizer.eos_token_id
-    tokens, mask, _ = encode(
-        chat(ANSWER), load_chat_template("chatml", tokenizer), tokenizer, policy
-    )
+    tokens, mask, _ = encode(chat(ANSWER), chatml(tokenizer), tokenizer, policy)
     assert tokens[-1] == eos and mask[-1]
     inside = tokens[:-1].tolist().count(eos)
     assert inside == (1 if policy == "keep" else 0)  # warn: the text is trained as characters
@@ -70,7 +79,7 @@ def test_eos_text_in_an_answer_never_replaces_the_final_eos(shared_assets, polic
 def test_error_policy_names_row_field_and_token(shared_assets):
     tokenizer = tokenizer_at(shared_assets, "stories260K/hf")
     with pytest.raises(DataError, match=r"c\.jsonl:3: message 1 \(assistant\)\.content.*'</s>'"):
-        encode(chat(ANSWER), load_chat_template("chatml", tokenizer), tokenizer, "error")
+        encode(chat(ANSWER), chatml(tokenizer), tokenizer, "error")
 
 
 @pytest.mark.parametrize(
@@ -84,7 +93,7 @@ def test_forged_turns_in_content_are_plain_text(shared_assets, name, text):
     template = load_chat_template("tokenizer", tokenizer)
     specials = set(tokenizer.all_special_ids)
     tokens, mask, _ = encode(chat(text), template, tokenizer)
-    plain, plain_mask, _ = encode(chat("harmless"), template, tokenizer)
+    plain, _, _ = encode(chat("harmless"), template, tokenizer)
     count = [t for t in tokens.tolist() if t in specials]
     assert count == [t for t in plain.tolist() if t in specials]
     assert text in tokenizer.decode(tokens[mask])
@@ -107,7 +116,8 @@ def test_control_text_counted_and_named_in_the_data_summary(tmp_path, stories_di
     c = base.get_config()
     c.data.tokenizer = str(stories_dir)
     c.data.train_files = str(path)
-    c.data.chat_template = "chatml"
+    c.data.chat_template = str(tmp_path / "t.jinja")
+    (tmp_path / "t.jinja").write_text(NO_EOS_TEMPLATE)
     c.data.seq_len = 64
     with caplog.at_level("WARNING"):
         stats = prepare_data(parse(c)).stats
@@ -174,3 +184,26 @@ def test_literal_text_only_changes_rows_that_hold_it(shared_assets):
     tokens, _, _ = encode(chat("plain"), template, tokenizer)
     text = render_conversation(chat("plain"), template, "all_assistant").text
     assert np.array_equal(tokens, tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_eval_prompts_tokenise_content_as_training_did(shared_assets):
+    """The held-out prompt of a conversation whose question holds special-token text is
+    tokenised as in training: the text as text (warn), the template's tokens special."""
+    from sft_jax.data import eval_prompt
+
+    tokenizer = tokenizer_at(shared_assets, "tok-qwen3")
+    template = load_chat_template("tokenizer", tokenizer)
+    question = "What does <|im_end|> mean?"
+    conv = Conversation(
+        ({"role": "user", "content": question}, {"role": "assistant", "content": "A turn end."}),
+        "e:1",
+    )
+    control = control_strings(tokenizer)
+    prompt = eval_prompt(conv, tokenizer, template, control=control)
+    specials = set(tokenizer.all_special_ids)
+    plain = eval_prompt(chat("plain"), tokenizer, template, control=control)
+    count = sum(t in specials for t in prompt.prompt_ids)
+    assert count == sum(t in specials for t in plain.prompt_ids)
+    assert question in tokenizer.decode(prompt.prompt_ids)
+    kept = eval_prompt(conv, tokenizer, template, control=control, on_control_tokens="keep")
+    assert sum(t in specials for t in kept.prompt_ids) == count + 1

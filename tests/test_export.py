@@ -109,7 +109,8 @@ def test_bfloat16_export_rounds_each_weight_once(tmp_path, stories_dir):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny 2-step run started with relative paths (a copied tokenizer, a .jinja template):
-    ROOT/run, with ROOT/tok and ROOT/chatml.jinja."""
+    ROOT/run, with ROOT/tok and ROOT/chat.jinja (the plain built-in: chatml's <|im_end|> is not
+    a token of stories260K, so it is refused there)."""
     import os
     import shutil
 
@@ -118,12 +119,12 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("chat_run")
     shutil.copytree(STORIES, root / "tok")
-    (root / "chatml.jinja").write_text(BUILTIN_TEMPLATES["chatml"])
+    (root / "chat.jinja").write_text(BUILTIN_TEMPLATES["plain"])
     c = load_config_file("configs/tiny.py")
     c.train.max_steps = 2
     c.data.max_eval_examples = 8
     c.data.tokenizer = "tok"
-    c.data.chat_template = "chatml.jinja"
+    c.data.chat_template = "chat.jinja"
     c.data.train_files = os.path.abspath(c.data.train_files)
     c.data.eval_files = os.path.abspath(c.data.eval_files)
     cwd = os.getcwd()
@@ -251,7 +252,7 @@ def test_relative_paths_export_and_chat_like_the_workdir(trained, tmp_path, monk
     workdir, out, root = trained, tmp_path / "out", trained.parent
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["data"]["tokenizer"] == str(root / "tok")
-    assert saved["data"]["chat_template"] == str(root / "chatml.jinja")
+    assert saved["data"]["chat_template"] == str(root / "chat.jinja")
     monkeypatch.chdir(tmp_path)
     assert export.main(["--workdir", str(workdir), "--out", str(out)]) == 0
     trained, exported = api.load(str(workdir)), api.load(str(out))
@@ -284,3 +285,21 @@ def test_overwrite_removes_stale_weights_and_refuses_inputs(trained, tmp_path, c
         assert f"is the {what}" in capsys.readouterr().err
     assert sorted(p.name for p in tokenizer.iterdir()) == before
     assert (workdir / "config.json").is_file()
+
+
+def test_local_paths_become_absolute_but_names_stay(tmp_path, monkeypatch):
+    from sft_jax import hf
+
+    c = load_config_file("configs/tiny.py")
+    (tmp_path / "t.jinja").write_text("{{ messages }}")
+    c.model.path, c.data.tokenizer, c.lora.init_from = "m", "tok", "ad"
+    monkeypatch.chdir(tmp_path)
+    for template, expected in [("t.jinja", str(tmp_path / "t.jinja")), ("chatml", "chatml")]:
+        c.data.chat_template = template
+        config = hf.absolute_local_paths(parse(c))
+        assert config.data.chat_template == expected
+        assert config.model.path == str(tmp_path / "m")
+        assert config.data.tokenizer == str(tmp_path / "tok")
+        assert config.lora.init_from == str(tmp_path / "ad")
+    c.model.path = ""  # a random init stays one
+    assert hf.absolute_local_paths(parse(c)).model.path == ""

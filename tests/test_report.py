@@ -2,6 +2,7 @@
 pieces), rendered by headless Chromium (DOM and screenshot), and built from a real tiny run."""
 
 import json
+import math
 import pathlib
 import shutil
 import subprocess
@@ -167,6 +168,9 @@ def test_before_after_table_says_direction_and_flags_forgetting(forgetting_run):
         and "general_perplexity went from 5.17 to 5030" in page
     )
     assert "general_loss went" not in page
+    assert (
+        report_page.verdict("eval_loss", 2.0, math.nan) == ""
+    )  # diverged: neither better nor worse
 
 
 def test_wrong_sample_says_why_and_chat_prompt_shows_turns(forgetting_run):
@@ -204,6 +208,29 @@ def test_chat_turns_of_common_templates():
     messages = [{"role": "user", "content": "Hi"}]
     assert report_chat.chat_turns({"prompt": "x", "messages": messages}) == [("user", "Hi")]
     assert report_chat.chat_turns({"prompt": "Lily had a ball.\nQuestion: ...\nAnswer:"}) is None
+
+
+def test_logged_chat_prompts_keep_their_turns(shared_assets, stories_dir):
+    """Samples log the prompt with the template's markers (decoding with skip_special_tokens
+    left "user\nHi\nassistant\n" of a Qwen3 prompt), so the report can show the turns; a plain
+    prompt reads as before, without its BOS."""
+    from transformers import AutoTokenizer
+
+    from sft_jax.evaluate import prompt_text
+
+    texts = {"system": "Be brief.", "user": "Hi", "assistant": "Hello."}
+    chat = [{"role": r, "content": c} for r, c in texts.items()]
+    chat.append({"role": "user", "content": "Bye"})
+    for name in ("tok-qwen3", "tok-llama3.1-hf"):
+        tokenizer = AutoTokenizer.from_pretrained(shared_assets / name)
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        turns = report_chat.chat_turns({"prompt": prompt_text(tokenizer, ids)})
+        assert [role for role, _ in turns] == ["system", "user", "assistant", "user", "assistant"]
+        assert [t for _, t in turns][1:] == ["Hi", "Hello.", "Bye", ""], turns
+    stories = AutoTokenizer.from_pretrained(stories_dir)
+    ids = stories("Tom had a car.\nAnswer:")["input_ids"]
+    assert ids[0] == stories.bos_token_id and prompt_text(stories, ids) == "Tom had a car.\nAnswer:"
 
 
 def test_validation_curves_start_at_the_baseline_on_honest_axes(forgetting_run, monkeypatch):

@@ -61,6 +61,8 @@ VARIANTS = [
     ("qwen3_nothink", "qwen3.jinja"),
     ("qwen3_5_thinking", "qwen3_5_think.jinja"),
     ("qwen3_5_nothink", "qwen3_5_nothink.jinja"),
+    ("qwen3_6_thinking", "qwen3_6.jinja"),
+    ("qwen3_6_nothink", "qwen3_6.jinja"),
 ]
 
 
@@ -76,11 +78,11 @@ def conversation(name: str) -> Conversation:
 
 
 def stock_template(shared_assets, file: str, tokenizer, variant: str) -> ChatTemplate:
-    """The stock template; Qwen3's single template gets enable_thinking=False for the nothink
-    variant, as a user of the stock template asks for non-thinking answers."""
+    """The stock template, with enable_thinking=False for a nothink variant, as a user of the
+    stock template asks for non-thinking answers."""
     source = (shared_assets / "chat-templates" / "trl" / file).read_text()
     variables = template_variables(tokenizer)
-    if variant == "qwen3_nothink":
+    if variant.endswith("nothink"):
         variables += (("enable_thinking", False),)
     return ChatTemplate(file, source, variables)
 
@@ -151,6 +153,8 @@ def test_thinking_variant_trains_every_turns_reasoning(qwen3):
         plain, load_chat_template("qwen3_nothink", qwen3), qwen3, "all_assistant"
     )
     assert "<think>" not in nothink and nothink.count("<|im_end|>") == 2  # in the prompt instead
+    with pytest.raises(DataError, match="not prefix-preserving"):  # reasoning cannot follow it
+        render_conversation(conv, load_chat_template("qwen3_nothink", qwen3), "last_assistant")
 
 
 def test_named_templates_ship_with_the_package():
@@ -260,3 +264,53 @@ def test_held_out_answers_end_at_the_end_of_turn_text(stories_dir, stories):
     assert result["generation_exact"] == 1.0 and result["samples"][0]["output"] == answer
     assert cut_at_stop_text("quiet.<|im_end|>\n<|im", ["<|im_end|>"]) == "quiet."
     assert cut_at_stop_text("quiet.", ["<|im_end|>", ""]) == "quiet."
+
+
+def test_generate_command_stops_at_a_multi_token_end_of_turn(stories_dir, tmp_path, capsys):
+    """`python -m sft_jax.generate --model DIR` (and `api.load(DIR).generate`) whose template ends
+    turns with a word the model spells in several tokens: the reply ends before that word and
+    never shows it."""
+    import json
+    import shutil
+
+    from sft_jax import chat
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(stories_dir, model_dir)
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+
+    def reply_with(end: str) -> str:
+        config["chat_template"] = (
+            "{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
+            "{% if m['role'] == 'assistant' %}" + end + "{% endif %}{% endfor %}"
+        )
+        config_path.write_text(json.dumps(config))
+        args = ["--model", str(model_dir), "--prompt", "Once upon a time", "--max-new-tokens", "40"]
+        assert chat.main(args) == 0
+        return capsys.readouterr().out.removesuffix("\n")
+
+    free = reply_with("")
+    for word in [w for w in free.split()[2:] if w.isalpha()]:  # one the model spells in pieces
+        stops = chat.chat_stops(_tokenizer_with_end(model_dir, config, " " + word), str(model_dir))
+        if stops.sequences:
+            break
+    assert stops.texts == (word,) and len(stops.sequences[0]) > 1, free
+    expected = free[: free.index(word)].rstrip()
+    assert reply_with(" " + word) == expected
+    from sft_jax import api  # the Python API stops there too
+
+    loaded = api.load(str(model_dir))
+    user = [{"role": "user", "content": "Once upon a time"}]
+    assert loaded.generate(user, max_new_tokens=40) == expected
+
+
+def _tokenizer_with_end(model_dir, config, end):
+    import json
+
+    config["chat_template"] = (
+        "{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}" + end + "{% endif %}{% endfor %}"
+    )
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    return load_tokenizer(str(model_dir))

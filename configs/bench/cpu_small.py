@@ -16,8 +16,8 @@ completion-only loss, best-fit packing); `data.train_files` names the bundled de
 that the config parses, and the bench ignores it (and the tokenizer).
 """
 
-from sft_jax.configs import base
 from sft_jax.assets import asset_path
+from sft_jax.configs import base
 
 
 def get_config():

@@ -18,8 +18,8 @@ pieces of 512 positions, so the 4 x 2048 x 128k float32 logits (4.2 GB, twice wi
 gradient) are never held at once.
 """
 
-from sft_jax.configs import base
 from sft_jax.assets import asset_path
+from sft_jax.configs import base
 
 
 def get_config():

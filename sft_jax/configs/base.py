@@ -62,12 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
     d.format = "auto"  # auto | text | prompt_completion | alpaca | sharegpt | messages
     d.field_map = ""  # rename fields first, e.g. "prompt=question,completion=answer"
     d.ignore_fields = ""  # extra metadata fields to ignore (comma-separated), besides id/source/...
-    d.chat_template = "tokenizer"  # tokenizer | chatml | alpaca | plain | path/to/template.jinja
+    d.chat_template = "tokenizer"  # tokenizer | chatml | alpaca | plain | qwen3_thinking | x.jinja
     d.train_on = "all_assistant"  # all_assistant | last_assistant | completion | all
     d.overlong = "truncate"  # truncate | split (at turn ends) | drop; all are counted
-    d.on_control_tokens = (
-        "warn"  # special-token text in chat content: warn (train as text) | keep | error
-    )
+    d.on_control_tokens = "warn"  # special-token text in content: warn (train as text)|keep|error
     d.num_workers = 0  # tokenisation processes; 0 = all cores for large datasets
     d.shards = 0  # data shards, each read and tokenised by one process; 0 = one per process
     d.pack_split = False  # cut examples into the gaps best fit leaves (<1% padding; docs/data.md)

@@ -23,6 +23,7 @@ import numpy as np
 
 from sft_jax.cli import config_help
 from sft_jax.config import Config, ConfigError, config_from_argv
+from sft_jax.console import route_logging
 from sft_jax.data.audit import audit, summary
 from sft_jax.data.encode import encode_examples
 from sft_jax.data.pack import pack_examples
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="inspect: one JSON line each")
     parser.add_argument("--packed", action="store_true", help="inspect: packed rows instead")
     args, overrides = parser.parse_known_args(argv)
+    route_logging()  # skipped-row warnings as `warning: ...` lines, like training's
     try:
         config = _config(args.config, overrides)
         tokenizer = load_tokenizer(config.data.tokenizer)

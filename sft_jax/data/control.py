@@ -87,7 +87,7 @@ def conversation_fields(messages: Sequence[dict], tools: Sequence[dict] | None) 
 
 
 def refuse(source: str, field: str, text: str) -> DataError:
-    """The error of data.on_control_tokens='error' (also used by audit to describe a row)."""
+    """The error of data.on_control_tokens='error', naming row, field and token."""
     return DataError(
         f"{source}: {field} contains the text of the special token {text!r}; the tokenizer "
         "would turn it into real structure. Set data.on_control_tokens='warn' to train it as "

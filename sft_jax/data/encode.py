@@ -25,7 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from sft_jax.data.control import conversation_fields, first_control
+from sft_jax.data.control import (
+    content_spans,
+    conversation_fields,
+    first_control,
+    tokenize_pieces,
+)
 from sft_jax.data.formats import Conversation, Example, Text
 from sft_jax.data.render import (
     NAMED,
@@ -265,19 +270,33 @@ def encode_held_out(
         skipped += bad
         if bad:
             continue
-        prompt = eval_prompt(example, tokenizer, settings.template, settings.on_bad_row)
+        prompt = eval_prompt(
+            example,
+            tokenizer,
+            settings.template,
+            settings.on_bad_row,
+            control=settings.control,
+            on_control_tokens=settings.on_control_tokens,
+        )
         if prompt is not None:
             prompts.append(prompt)
     return encoded, prompts, skipped
 
 
 def eval_prompt(
-    example: Example, tokenizer: Any, template: ChatTemplate | None, on_bad_row: str = "error"
+    example: Example,
+    tokenizer: Any,
+    template: ChatTemplate | None,
+    on_bad_row: str = "error",
+    *,
+    control: Sequence[str] = (),
+    on_control_tokens: str = "warn",
 ) -> EvalPrompt | None:
     """The generation prompt of a held-out example (None for plain text, which has no answer).
 
     prompt/completion: exactly `encode_prompt` (the training prefix). Conversations: the messages
-    before the last assistant turn rendered with the generation prompt; reference = that turn.
+    before the last assistant turn rendered with the generation prompt; reference = that turn;
+    special-token text in their content is tokenised as training tokenised it (control.py).
     A prompt that fails to render raises, or with on_bad_row="skip" gives None (no prompt).
     """
     if isinstance(example, Row):
@@ -287,13 +306,23 @@ def eval_prompt(
     if not isinstance(example, Conversation) or template is None:
         return None
     last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
+    messages, tools = example.messages[:last], example.tools
+
+    def render(messages: Any, tools: Any) -> str:
+        return template.render(messages, tools, add_generation_prompt=True, where=example.source)
+
     try:
-        text = template.render(
-            example.messages[:last], example.tools, add_generation_prompt=True, where=example.source
-        )
+        text, literal = render(messages, tools), ()
+        if on_control_tokens == "warn" and first_control(
+            conversation_fields(messages, tools), control
+        ):
+            literal = content_spans(text, render, messages, tools, control)
     except DataError:
         if on_bad_row == "error":
             raise
         return None
-    ids = _encode(tokenizer, [text])[0]
+    if literal:
+        ids = tokenize_pieces(tokenizer, text, literal)[0].tolist()
+    else:
+        ids = _encode(tokenizer, [text])[0]
     return EvalPrompt(ids, example.messages[last]["content"], example.source)

@@ -64,6 +64,7 @@ from sft_jax.data.templates import ChatTemplate
 from sft_jax.data.tokenize import TokenizedExample
 
 TRAIN_ON = ("all_assistant", "last_assistant", "completion", "all")
+_MARK = "\U000f0001"  # a private-use character: marks tool-call names in a second rendering
 OVERLONG = ("truncate", "split", "drop")
 
 
@@ -121,19 +122,7 @@ def render_conversation(
     msgs, tools = conv.messages, conv.tools
     full = template.render(msgs, tools, add_generation_prompt=False, where=conv.source)
     _check_everything_rendered(conv, template, full)
-    literal: tuple[tuple[int, int], ...] = ()
-    hit = first_control(conversation_fields(msgs, tools), control)
-    if hit is not None:
-        if on_control_tokens == "error":
-            raise refuse(conv.source, *hit)
-
-        def render(messages: Any, tools: Any) -> str:
-            return template.render(messages, tools, add_generation_prompt=False, where=conv.source)
-
-        try:
-            literal = content_spans(full, render, msgs, tools, control)
-        except DataError as e:
-            raise DataError(f"{conv.source}: chat template {template.name!r}: {e}") from None
+    literal = _content_control(conv, template, full, control, on_control_tokens)
     assistant = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     trainable = [i for i in assistant if conv.train is None or conv.train[i]]
     if train_on in ("last_assistant", "completion"):
@@ -154,6 +143,25 @@ def render_conversation(
     return Rendered(full, trained, ends, spans[last] if ends_trained else None, literal)
 
 
+def _content_control(
+    conv: Conversation, template: ChatTemplate, full: str, control: Sequence[str], policy: str
+) -> tuple[tuple[int, int], ...]:
+    """Spans of `full` where content wrote special-token text (control.py); raises for "error"."""
+    hit = first_control(conversation_fields(conv.messages, conv.tools), control)
+    if hit is None:
+        return ()
+    if policy == "error":
+        raise refuse(conv.source, *hit)
+
+    def render(messages: Any, tools: Any) -> str:
+        return template.render(messages, tools, add_generation_prompt=False, where=conv.source)
+
+    try:
+        return content_spans(full, render, conv.messages, conv.tools, control)
+    except DataError as e:
+        raise DataError(f"{conv.source}: chat template {template.name!r}: {e}") from None
+
+
 def _check_everything_rendered(conv: Conversation, template: ChatTemplate, full: str) -> None:
     """Refuses a template that leaves out a message's content or a tool call (module docstring)."""
     for i, m in enumerate(conv.messages):
@@ -170,7 +178,7 @@ def _check_everything_rendered(conv: Conversation, template: ChatTemplate, full:
         return
     marked = [dict(m) for m in conv.messages]
     for i, j, call in calls:
-        marker = f"\U000f0001{i}.{j}\U000f0001"
+        marker = f"{_MARK}{i}.{j}{_MARK}"
         call = dict(call)
         if isinstance(call.get("function"), dict):
             call["function"] = {**call["function"], "name": marker}
@@ -184,7 +192,7 @@ def _check_everything_rendered(conv: Conversation, template: ChatTemplate, full:
         values = [v for _, v in strings_of(arguments, "")] + list(
             arguments if isinstance(arguments, dict) else []
         )
-        if f"\U000f0001{i}.{j}\U000f0001" not in text or not all(_appears(v, full) for v in values):
+        if f"{_MARK}{i}.{j}{_MARK}" not in text or not all(_appears(v, full) for v in values):
             raise _dropped(conv, template, i, f"tool call {j}")
 
 

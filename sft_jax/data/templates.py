@@ -5,7 +5,7 @@
 * "tokenizer"  the tokenizer's own template (tokenizer_config.json / chat_template.jinja);
 * "chatml", "alpaca", "plain"  the built-ins below;
 * a name from NAMED_TEMPLATES: prefix-preserving training variants of thinking models' stock
-  templates (qwen3_thinking, qwen3_nothink, qwen3_5_thinking, qwen3_5_nothink), shipped in
+  templates (qwen3_thinking, qwen3_nothink, and the same for qwen3_5 and qwen3_6), shipped in
   sft_jax/assets/chat_templates; see docs/data.md for when to use which;
 * a path to a .jinja file (for example a model family's template from chat-templates/).
 
@@ -16,10 +16,10 @@ tojson) and the tokenizer's special tokens (bos_token, eos_token, ...) as variab
 also bounded, since a template is a program that can loop for ever or print without end:
 `ChatTemplate.render` fails with a DataError once one rendering has run `RENDER_SECONDS` or written
 `RENDER_CHARS` characters (both far beyond any real conversation). The checks ride on the compiled
-template's sandbox environment: its `concat` (which joins the output chunks), `call`, `getattr` and
-`getitem` (which sandboxed code goes through for every call and attribute), so a loop that calls,
-reads or prints anything is stopped; nested loops over literal lists that do none of these are the
-one thing they cannot see.
+template's sandbox environment: its `concat` (which joins the output chunks) and `call` (which
+sandboxed code goes through for every call, `range()` included), so a loop that calls or prints
+anything is stopped; only nested loops over literal lists that neither call nor print escape
+them. Recursion ends in Python's RecursionError, reported the same way.
 
 The built-ins begin with `bos_token` when the tokenizer has one (as Llama's own templates do), so a
 rendered conversation is tokenised with add_special_tokens=False and never gets a second BOS. The
@@ -91,7 +91,8 @@ BUILTIN_TEMPLATES = {
 # file's header says what changed); name -> file under sft_jax/assets/chat_templates.
 NAMED_TEMPLATES = {
     name: f"chat_templates/{name}.jinja"
-    for name in ("qwen3_thinking", "qwen3_nothink", "qwen3_5_thinking", "qwen3_5_nothink")
+    for family in ("qwen3", "qwen3_5", "qwen3_6")
+    for name in (f"{family}_thinking", f"{family}_nothink")
 }
 _PROBE = "Probe answer 7."  # assistant content for finding a template's end of turn
 
@@ -182,7 +183,7 @@ def _bound_environment(source: str) -> None:
             out.append(chunk)
         return "".join(out)
 
-    def checked(method: Any) -> Any:
+    def checked(method: Any) -> Any:  # (not on getattr/getitem: they cost more than they catch)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             _check_limit()
             return method(*args, **kwargs)
@@ -190,7 +191,7 @@ def _bound_environment(source: str) -> None:
         return wrapper
 
     env.concat = concat
-    env.call, env.getattr, env.getitem = (checked(m) for m in (env.call, env.getattr, env.getitem))
+    env.call = checked(env.call)
     env._sft_jax_bounded = True
 
 
@@ -239,26 +240,29 @@ def end_of_turn(template: ChatTemplate, tokenizer: Any) -> tuple[str, tuple[int,
     tokenizer's own (added or special) tokens: "<|im_end|>", "<|eot_id|>", "<end_of_turn>",
     "</s>" (whatever follows it, such as phi3's EOS or command-a's next-turn header, comes after
     the stop). Otherwise it is all the text written there, in however many tokens that takes;
-    ("", ()) when only whitespace follows, and render.py then appends EOS.
+    ("", ()) when only whitespace follows, and render.py then appends EOS; ("", ()) too for a
+    template that cannot render a plain user/assistant pair (one that needs a system message or
+    image content): the data's own rows then decide whether it renders, and EOS still stops.
     """
     messages = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": _PROBE}]
-    rendered = template.render(messages, None, add_generation_prompt=False, where="probe")
+    try:
+        rendered = template.render(messages, None, add_generation_prompt=False, where="probe")
+    except DataError:
+        return "", ()
     at = rendered.rfind(_PROBE)
-    if at < 0:
-        raise DataError(f"chat template {template.name!r} does not write the assistant's content")
-    rest = rendered[at + len(_PROBE) :]
+    rest = rendered[at + len(_PROBE) :] if at >= 0 else ""
     text = rest.strip()
     if not text:
         return "", ()
-    start = at + len(_PROBE) + rest.index(text)
+    after, end = at + len(_PROBE), at + len(_PROBE) + rest.index(text) + len(text)
     enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
-    pieces = [
+    pieces = [  # tokens starting after the answer (a SentencePiece "▁word" starts at its space)
         (int(i), (a, b))
         for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
-        if start <= a < start + len(text)
+        if after <= a < end
     ]
     special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    if pieces[0][0] in special:
+    if pieces and pieces[0][0] in special:
         first, (a, b) = pieces[0]
         return rendered[a:b], (first,)
     return text, tuple(i for i, _ in pieces)

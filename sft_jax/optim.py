@@ -43,7 +43,7 @@ def schedule_change(cfg: OptimSection, planned: int | None, steps: int, step: in
     old, new = (float(make_schedule(cfg, n)(step)) for n in (planned, steps))
     where = "after it finished" if step >= planned else f"at step {step} of {planned}"
     return (
-        f"warning: resuming {where} with {steps} steps instead of {planned}: the learning-rate "
+        f"resuming {where} with {steps} steps instead of {planned}: the learning-rate "
         f"schedule is re-stretched over {steps} steps, so the rate at step {step + 1} becomes "
         f"{new:.3g} instead of {old:.3g} (warmup and cosine recomputed). Restore "
         "train.max_steps / train.epochs to keep the old schedule; for a fresh schedule, export "

@@ -145,7 +145,7 @@ def restore(
     log(f"resumed from checkpoint at step {step}")
     planned = checkpointer.planned_steps(step, bundle.train_iter.steps_per_epoch)
     if change := schedule_change(config.optim, planned, steps, step):
-        log(change)
+        console.warn(change)
     return state, LoopState.from_dict(loop_values)
 
 

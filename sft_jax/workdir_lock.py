@@ -39,7 +39,6 @@ import errno
 import json
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -49,6 +48,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from sft_jax import console
 from sft_jax.config import ConfigError
 
 LOCK_NAME = "train.lock"
@@ -59,10 +59,6 @@ _NO_HARD_LINKS = {"EPERM", "ENOTSUP", "EOPNOTSUPP", "ENOSYS", "EXDEV"}
 
 class WorkdirBusyError(ConfigError):
     """Another live run holds the workdir (exit 2: nothing was trained or written)."""
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _pid_start(pid: int) -> str | None:
@@ -167,7 +163,7 @@ class WorkdirLock:
         while not self._stop.wait(self.heartbeat_s):
             with contextlib.suppress(OSError):
                 if (self._read(self.path) or {}).get("token") != self.token:
-                    _log(f"warning: the workdir lock {self.path} was taken over by another start")
+                    console.warn(f"the workdir lock {self.path} was taken over by another start")
                     return
                 os.utime(self.path)
 
@@ -218,7 +214,7 @@ class WorkdirLock:
         first = self._snapshot()
         if first is None:
             return "released", ""
-        _log(
+        console.log(
             f"workdir lock {self.path} is held by another host; watching its heartbeat for up to "
             f"{self.stale_s:.0f} s"
         )
@@ -245,7 +241,7 @@ class WorkdirLock:
             with contextlib.suppress(FileExistsError):
                 os.link(aside, self.path)
         else:
-            _log(f"recovered the stale workdir lock of {_describe(holder)} ({why})")
+            console.warn(f"recovered the stale workdir lock of {_describe(holder)} ({why})")
         with contextlib.suppress(OSError):
             os.remove(aside)
 

@@ -233,7 +233,7 @@ def test_schedule_change_says_what_changes():
     message = schedule_change(cfg, 100, 200, 100)
     old, new = float(make_schedule(cfg, 100)(100)), float(make_schedule(cfg, 200)(100))
     assert new > 5 * old  # the floor (end_lr_ratio) vs about the middle of the cosine
-    assert message.startswith("warning: resuming after it finished with 200 steps instead of 100")
+    assert message.startswith("resuming after it finished with 200 steps instead of 100")
     assert f"rate at step 101 becomes {new:.3g} instead of {old:.3g}" in message
 
 

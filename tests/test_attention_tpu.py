@@ -11,7 +11,6 @@
    Skipped where libtpu is not installed.
 """
 
-import os
 import pathlib
 import time
 
@@ -24,7 +23,7 @@ from jax.sharding import Mesh
 
 from configs import base
 from sft_jax import config as config_lib
-from sft_jax import lora, preflight, sharding
+from sft_jax import lora, preflight, sharding, tpu
 from sft_jax.attention import attend, attention_mask, resolve_implementation, window_mask
 from sft_jax.model import Transformer
 from sft_jax.splash_attention import kv_repeats
@@ -161,12 +160,9 @@ TPU_SEQ, TPU_BATCH = 512, 4
 
 @pytest.fixture(scope="module")
 def tpu_devices() -> list:
-    pytest.importorskip("libtpu", reason="libtpu not installed (pip install -e '.[tpu]')")
-    from jax.experimental import topologies
-
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU VM metadata server here
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes may hold libtpu
-    return topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+    if tpu.libtpu_missing():
+        pytest.skip(f"no TPU compiler: {tpu.libtpu_missing()}")
+    return tpu.topology_devices("v5e:2x2")
 
 
 def tpu_model(mesh: Mesh, **overrides):

@@ -167,7 +167,7 @@ def _read_sections(raw: dict, path: str) -> dict[str, Any]:
     if missing:
         warnings.warn(
             f"{path} was written by an older sft_jax and lacks config keys "
-            f"{', '.join(missing)}; using their defaults from configs/base.py",
+            f"{', '.join(missing)}; using their defaults from sft_jax/configs/base.py",
             OldWorkdirWarning,
             stacklevel=3,
         )

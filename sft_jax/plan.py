@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sft_jax import hf, lora
+from sft_jax import hf, lora, state
 from sft_jax.attention import resolve_implementation
 from sft_jax.blocked_attention import BLOCK
 from sft_jax.cli import absl_help, wants_help
@@ -68,13 +68,6 @@ def planned_mesh(config: Config, devices: int) -> PlannedMesh:
     return PlannedMesh(dict(zip(MESH_AXES, sizes, strict=True)))
 
 
-def abstract_boxed_params(model_config: ModelConfig) -> Any:
-    model = Transformer(model_config)
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    init = lambda rng: model.init(rng, tokens, tokens, jnp.ones_like(tokens))["params"]
-    return jax.eval_shape(init, jax.random.key(0, impl="rbg"))
-
-
 def _shards(spec: tuple, mesh: PlannedMesh) -> int:
     """How many pieces a PartitionSpec cuts an array into."""
     factor = 1
@@ -92,7 +85,7 @@ def _bytes(leaf: Any, spec: tuple, mesh: PlannedMesh, dtype: Any = None) -> int:
 
 def param_layout(model_config: ModelConfig, mesh: PlannedMesh, rules) -> tuple[Any, Any]:
     """(abstract unboxed parameters, tree of their mesh PartitionSpecs as tuples)."""
-    boxed = abstract_boxed_params(model_config)
+    boxed = state.abstract_boxed_params(Transformer(model_config))
     params = nn.unbox(boxed)
 
     def spec(logical: Any, leaf: Any) -> tuple:

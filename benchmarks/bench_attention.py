@@ -1,6 +1,6 @@
 """One attention layer's forward + backward per implementation, at the CPU workload's shapes.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_attention.py [--impl blocked,xla,reference]
+    PYTHONPATH=. python benchmarks/bench_attention.py [--impl blocked,xla,reference]
 
 Shapes of configs/bench/cpu_small.py (8 rows x 512, 8 query heads, 4 kv heads of 32) with the
 bench's real packed segment ids (sft_jax.bench.packed_data, padding included), so the mask is

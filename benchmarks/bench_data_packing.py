@@ -3,7 +3,7 @@
     python benchmarks/bench_data_packing.py [--sharegpt]
 
 Workload 1 is exactly the data `python -m sft_jax.bench --config configs/bench/cpu_small.py`
-packs (GUIDE §4: prompts of 40-300 and completions of 20-200 random tokens, seq_len 512, the
+packs (the workload: prompts of 40-300 and completions of 20-200 random tokens, seq_len 512, the
 bench's default 3 + 10 + 1 steps of 8 rows -> 1024 examples), plus a larger draw of 8192
 examples from the same distribution. Workload 2 (`--sharegpt`) is the 500 conversations of
 ../shared/assets/data-fastchat/dummy_conversation.json rendered with the Qwen3 tokenizer's template

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All GPU workloads of issue #8 in one call (one H100/H200): first the cuDNN attention check
+# All GPU benchmark workloads in one call (one H100/H200): first the cuDNN attention check
 # against the reference (benchmarks/gpu_checks.py), then Llama-3.2-1B shapes full fine-tuning
 # and LoRA, Llama-3-8B shapes LoRA; sequence 2048 packed, bf16 compute (configs/bench/gpu_*.py),
 # then both again with twice the tokens per step and no remat (untuned configs: a first tuning

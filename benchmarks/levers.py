@@ -1,6 +1,6 @@
-"""Issue #8's levers one by one on the CPU workload, in interleaved rounds.
+"""The speed levers one by one on the CPU workload, in interleaved rounds.
 
-    .venv/bin/python benchmarks/levers.py [--rounds 3] [--steps 8] [--warmup 3]
+    python benchmarks/levers.py [--rounds 3] [--steps 8] [--warmup 3]
         [--only base,remat_full,...] [--extra --config.lora.enabled=True]
 
 Runs `python -m sft_jax.bench --config configs/bench/cpu_small.py` once per variant per round

@@ -1,6 +1,6 @@
-"""CPU comparison with TRL: the GUIDE §4 CPU workload under sft_jax and under TRL's SFTTrainer.
+"""CPU comparison with TRL: the CPU benchmark workload under sft_jax and under TRL's SFTTrainer.
 
-    /work/venv/bin/python benchmarks/trl_compare.py [--steps 10] [--warmup 3]
+    python benchmarks/trl_compare.py [--steps 10] [--warmup 3]
 
 Run from the repository root with the project's Python. It
 

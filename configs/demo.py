@@ -2,17 +2,15 @@
 
     python -m sft_jax.train --config configs/demo.py --workdir /tmp/demo
 
-Runs in under a minute on 2 CPU cores (27-41 s on the development VM, whose speed drifts) from
-bundled data only. Prints a before/after table: held-out loss, perplexity and token accuracy,
-exact match of the greedy answer (near 0 before: the pretrained model just continues the story;
-high after), and the perplexity of general stories (sft_jax/assets/general), which shows what
-the fine-tuning cost. See README.md for the numbers. The layers stay scanned: unrolling them
-(`--config.model.scan_layers=False`) did not shorten the demo (37-41 s wall scanned, 41-42
-unrolled).
+Runs in about a minute on 2 CPU cores from bundled data only. Prints a before/after table:
+held-out loss, perplexity and token accuracy, exact match of the greedy answer (near 0 before:
+the pretrained model just continues the story; high after), and the perplexity of general
+stories (sft_jax/assets/general), which shows what the fine-tuning cost. The measured figures
+and timings, with their date and machine, are in docs/benchmarks.md ("The demo").
 """
 
-from configs import base
 from sft_jax.assets import asset_path
+from sft_jax.configs import base
 
 
 def get_config():

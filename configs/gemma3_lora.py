@@ -30,7 +30,7 @@ gradients + 77 MiB Adam moments + 6.73 GiB of activations (estimate; Gemma's 262
 vocabulary makes the float32 logits the largest term) = 7.11 GiB.
 """
 
-from configs import base
+from sft_jax.configs import base
 
 
 def get_config():

@@ -38,7 +38,7 @@ this model's shapes (2026-12-02, docs/tpu_pod.md; `DIR` holds only Llama-3.1-8B'
 -> 7.24 GiB per chip of 16 (plan 8.11), splash attention; roofline bound 76% MFU.
 """
 
-from configs import base
+from sft_jax.configs import base
 
 
 def get_config():

@@ -41,7 +41,7 @@ Memory (`python -m sft_jax.plan --config configs/qwen3_full.py[:8b] --devices N
   8b on 16 x 95 GiB (fsdp=16, 2 rows per chip): 1.91 + 1.91 + 3.81 + 14.87 = 22.50 GiB: fits.
 """
 
-from configs import base
+from sft_jax.configs import base
 
 PRESETS = {
     # name: (hub id, train_on, global batch rows, micro-batches)

@@ -5,8 +5,8 @@
 Finishes in seconds on CPU; the loss should fall from about ln(512) = 6.2.
 """
 
-from configs import base
 from sft_jax.assets import asset_path
+from sft_jax.configs import base
 
 
 def get_config():

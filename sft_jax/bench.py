@@ -4,7 +4,7 @@
 Why a separate entry point: throughput must come from a command anyone can rerun, over the real
 code path: the real sharded TrainState (`create_train_state`, random init from `model.arch`), the
 real jitted step (`make_train_step`) and the real `TrainIterator`. Only the data is synthetic
-(GUIDE §4): seeded random prompts (40-300 tokens) and completions (20-200) with a completion-only
+here: seeded random prompts (40-300 tokens) and completions (20-200) with a completion-only
 loss mask, packed by `pack_examples`; `padding_floor` is the least padding any packing of those
 whole examples could reach. `data.train_files` and `data.tokenizer` are ignored (configs/bench
 name the bundled demo file only so that the config parses).
@@ -15,7 +15,7 @@ step *including* fetching and placing its batch; `data_wait_s` is the median of 
 `tokens_per_s` counts real (non-padding) input tokens, prompt and completion together (what TRL
 reports as num_tokens): mean real tokens per timed step / `step_s`.
 
-MFU (GUIDE §4, computed in sft_jax/flops.py): tokens/s x flops per token / peak, flops per
+MFU (computed in sft_jax/flops.py): tokens/s x flops per token / peak, flops per
 token = 6N + 12·L·D·T for full fine-tuning and 4N + 12·L·D·T + 6·(adapter params) for LoRA, N =
 matmul parameters including the LM head. Peak: on CPU `--peak_flops` if given, else measured
 (`measure_cpu_peak`: the best fp32 rate of a 2048^3 matmul through XLA on this host, before and
@@ -47,6 +47,7 @@ import numpy as np
 
 from sft_jax import hf, sharding
 from sft_jax.attention import resolve_implementation
+from sft_jax.cli import absl_help, wants_help
 from sft_jax.config import Config, ConfigError, config_from_argv
 from sft_jax.data import TokenizedExample, TrainIterator, pack_examples, packing_stats
 from sft_jax.data.pack import whole_example_row_floor
@@ -59,7 +60,7 @@ from sft_jax.preflight import check_train_batch
 from sft_jax.state import create_train_state, param_shardings
 from sft_jax.step import BATCH_KEYS, make_train_step
 
-PROMPT_LEN = (40, 300)  # inclusive ranges, GUIDE §4
+PROMPT_LEN = (40, 300)  # inclusive ranges of the benchmark workload
 COMPLETION_LEN = (20, 200)
 REQUIRED_KEYS = ("workload", "mode", "tokens_per_s", "step_s", "mfu", "peak_bytes", "compile_s")
 
@@ -225,7 +226,7 @@ def memory_only(config: Config, workload: str) -> dict:
 
 def state_bytes(state: Any) -> int:
     """Bytes held between steps: trainable params, optimizer state and the frozen LoRA base
-    (issue #8 budgets these per model parameter: <= 16.5 with fp32 weights and Adam)."""
+    (the memory budget per model parameter: <= 16.5 with fp32 weights and Adam)."""
     leaves = jax.tree.leaves((state.params, state.opt_state, state.frozen))
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves)
 
@@ -376,6 +377,12 @@ def workload_name(argv: list[str]) -> str:
     return "unknown"
 
 
+BENCH_HELP = (
+    "Times the config's train step: tokens/s (real tokens), step time, MFU, peak bytes and\n"
+    "compile time; the last line is the same as one JSON object. See configs/bench/."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parses the command line, runs the benchmark, prints the summary and the JSON line last."""
     from absl import flags
@@ -391,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         "memory_only", False, "Only compile for abstract inputs; print memory analysis.",
         flag_values=flag_values,
     )  # fmt: skip
+    if wants_help(argv[1:]):
+        usage = "python -m sft_jax.bench --config FILE[:ARG] [--steps N] [--config.KEY=VALUE ...]"
+        print(absl_help(usage, BENCH_HELP, flag_values), end="")
+        return 0
     try:
         config = config_from_argv(argv, flag_values)
     except ConfigError as e:

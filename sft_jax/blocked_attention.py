@@ -1,6 +1,6 @@
 """Causal-blocked attention with a flash-style backward: the fast attention core on CPU.
 
-Why it exists: on the CPU workload of issue #8, `jax.nn.dot_product_attention` (XLA) took over
+Why it exists: on the CPU benchmark workload, `jax.nn.dot_product_attention` (XLA) took over
 half of the train step. XLA:CPU runs each op over the whole [B, N, T, S] score tensor in turn
 (scores, mask, max, exp, sum, divide, and as many again in the backward), so attention is paid
 in passes over memory, and half of those scores lie above the causal diagonal. Here:

@@ -1,13 +1,15 @@
 """Chat with a trained workdir or an exported HF directory: `python -m sft_jax.generate`.
 
     python -m sft_jax.generate --model DIR [--prompt "..."] [--temperature 0.7 --top-p 0.9]
+    python -m sft_jax.generate --model ADAPTER_DIR    (a PEFT adapter: its base is loaded too)
     python -m sft_jax.generate --workdir W [--step N] [--prompt "..."]
 
 With --prompt it prints one reply and exits; without, it reads prompts from stdin until EOF and
 keeps the conversation. The tokenizer's chat template (for a workdir: the template used in
 training) renders the conversation with a generation prompt; a tokenizer without one gets the raw
-text, encoded with its special tokens (BOS). Generation stops at EOS or the template's end-of-turn
-token (generation_config's eos ids, plus the tokenizer's EOS).
+text, encoded with its special tokens (BOS). Generation stops at EOS (generation_config's eos ids,
+plus the tokenizer's) or at the template's end of turn, one token or several, which never shows
+in the reply.
 """
 
 from __future__ import annotations
@@ -20,29 +22,21 @@ from typing import Any
 
 import jax
 
-from sft_jax import hf
-from sft_jax.generate import generate
+from sft_jax.data.templates import ChatTemplate, Stops, generation_stops, template_variables
+from sft_jax.generate import cut_at_stop_text, generate
 from sft_jax.model import Transformer
 
 
 def _load(args: argparse.Namespace) -> tuple[Transformer, Any, Any, str]:
-    """(model, params, tokenizer, model dir for generation_config) from --model or --workdir."""
-    from transformers import AutoTokenizer
+    """(model, params, tokenizer, model dir for generation_config) from --model (an HF or PEFT
+    adapter directory, see sft_jax.load) or --workdir."""
+    from sft_jax import api
 
     if args.model:
-        config = hf.load_model_config(
-            args.model, dtype="float32", param_dtype="float32", remat="none"
-        )
-        params = hf.load_params(args.model, config)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        return Transformer(config), params, tokenizer, args.model
-    from sft_jax.export import load_workdir
-
-    run = load_workdir(args.workdir, args.step)
-    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
-    if run.chat_template is not None:
-        tokenizer.chat_template = run.chat_template
-    return Transformer(run.model_config), run.params, tokenizer, run.source_model_dir
+        loaded = api.load(args.model, step=args.step)
+    else:
+        loaded = api.from_trained(api.load_workdir(args.workdir, args.step))
+    return loaded.module, loaded.params, loaded.tokenizer, loaded.model_dir
 
 
 def stop_ids(tokenizer: Any, model_dir: str) -> list[int]:
@@ -56,6 +50,17 @@ def stop_ids(tokenizer: Any, model_dir: str) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def chat_stops(tokenizer: Any, model_dir: str) -> Stops:
+    """`stop_ids` plus the end of turn of the tokenizer's chat template (when it has one)."""
+    source = getattr(tokenizer, "chat_template", None)
+    template = None
+    if isinstance(source, str) and source:
+        template = ChatTemplate("chat", source, template_variables(tokenizer))
+    turn = generation_stops(template, tokenizer)
+    ids = tuple(sorted(set(stop_ids(tokenizer, model_dir)) | set(turn.ids)))
+    return Stops(ids, turn.sequences, turn.texts)
+
+
 def encode(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of the conversation, ready for the assistant's reply."""
     if getattr(tokenizer, "chat_template", None):
@@ -67,7 +72,7 @@ def encode(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sft_jax.generate", description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="HF model directory (e.g. an export)")
+    source.add_argument("--model", help="HF model directory (e.g. an export) or PEFT adapter")
     source.add_argument("--workdir", help="training workdir")
     parser.add_argument("--step", type=int, default=None)
     parser.add_argument("--prompt", default=None, help="one prompt; omit for an interactive chat")
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"generate: error: {e}", file=sys.stderr)
         return 2
-    stops = stop_ids(tokenizer, model_dir)
+    stops = chat_stops(tokenizer, model_dir)
     messages: list[dict[str, str]] = []
     prompts = [args.prompt] if args.prompt is not None else _stdin_prompts()
     for turn, prompt in enumerate(prompts):
@@ -91,12 +96,13 @@ def main(argv: list[str] | None = None) -> int:
             params,
             [encode(tokenizer, messages)],
             max_new_tokens=args.max_new_tokens,
-            stop_ids=stops,
+            stop_ids=stops.ids,
+            stop_sequences=stops.sequences,
             temperature=args.temperature,
             top_p=args.top_p,
             rng=jax.random.fold_in(jax.random.PRNGKey(args.seed), turn),
         )
-        text = tokenizer.decode(reply, skip_special_tokens=True)
+        text = cut_at_stop_text(tokenizer.decode(reply, skip_special_tokens=True), stops.texts)
         messages.append({"role": "assistant", "content": text})
         print(text, flush=True)
     return 0

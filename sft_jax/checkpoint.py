@@ -24,15 +24,22 @@ missing or altered files) is reported, and if an older step restores, the broken
 moved to `checkpoints.corrupt/` so later saves of those step numbers do not collide with them.
 If no step restores, nothing is moved and the run stops with the errors: that is a config change
 (another model shape, say), not corruption.
+
+A save the file system refuses (disk full, read-only, permission denied) raises
+faults.SaveFailed (exit 44) with how far the run got and the step a restart resumes from, from
+`save` or, for an asynchronous save, from the next `save`, `wait` or `close`. Orbax writes
+under a temporary name, so the failed step never looks committed and the earlier steps stay.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +48,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from sft_jax.config import ConfigError
-from sft_jax.faults import tree_is_finite
+from sft_jax.faults import SaveFailed, tree_is_finite
+from sft_jax.optim import schedule_steps
 from sft_jax.step import TrainState
 
 COMMIT_MARKER = "commit_success.txt"
@@ -81,6 +89,8 @@ class Checkpointer:
             options=options,
             item_names=("state", "data", "loop", "config", "integrity"),
         )
+        self._last_save: int | None = None  # the step of the latest save started
+        self._failed = False  # a SaveFailed was raised: close() then only releases resources
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -106,19 +116,46 @@ class Checkpointer:
             return False
         arrays = {"params": state.params, "opt_state": state.opt_state, "step": state.step}
         arrays["rng"] = state.rng
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(arrays),
-                data=ocp.args.JsonSave(data_state),
-                loop=ocp.args.JsonSave(loop or {}),
-                config=ocp.args.JsonSave(config),
-                integrity=ocp.args.JsonSave(checksums(arrays)),
-            ),
-            metrics=metrics,
-            force=True,  # the training loop decides when to save
-        )
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(arrays),
+                    data=ocp.args.JsonSave(data_state),
+                    loop=ocp.args.JsonSave(loop or {}),
+                    config=ocp.args.JsonSave(config),
+                    integrity=ocp.args.JsonSave(checksums(arrays)),
+                ),
+                metrics=metrics,
+                force=True,  # the training loop decides when to save
+            )
+        except Exception as e:  # this save, or a previous asynchronous one, failed
+            self._storage_failure(step, e)
+        self._last_save = step
         return True
+
+    def committed_steps(self) -> list[int]:
+        """Steps whose save committed (`commit_success.txt`), read from the directory."""
+        if not os.path.isdir(self.directory):
+            return []
+        names = os.listdir(self.directory)
+        steps = [int(n) for n in names if n.isdigit()]
+        return sorted(s for s in steps if os.path.exists(self._commit_marker(s)))
+
+    def _commit_marker(self, step: int) -> str:
+        return os.path.join(self.directory, str(step), COMMIT_MARKER)
+
+    def _storage_failure(self, step: int, error: Exception) -> NoReturn:
+        """Re-raises `error` as SaveFailed when the file system refused a write, else as is."""
+        reason = storage_error(error)
+        if reason is None:
+            raise error
+        self._failed = True
+        committed = self.committed_steps()
+        last = committed[-1] if committed else None
+        # An asynchronous save reports its failure at the next call: then the step is its own.
+        failed = self._last_save if self._last_save not in (None, *committed) else step
+        raise SaveFailed(step, failed, last, self.directory, reason) from None
 
     def restore_latest(
         self, target: TrainState, shardings: TrainState
@@ -153,6 +190,15 @@ class Checkpointer:
                 f"mesh ({listing}). If the config changed, use a new workdir."
             )
         return None
+
+    def planned_steps(self, step: int, steps_per_epoch: int) -> int | None:
+        """The schedule length the run that saved `step` had (from its saved config), or None
+        when the saved config does not say."""
+        saved = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        train = (saved["config"] or {}).get("train", {})
+        if "max_steps" not in train or "epochs" not in train:
+            return None
+        return schedule_steps(train["max_steps"], train["epochs"], steps_per_epoch)
 
     def _quarantine(self, steps: list[int]) -> None:
         """Moves broken step directories to `checkpoints.corrupt/<step>-<time>` (process 0)."""
@@ -246,12 +292,41 @@ class Checkpointer:
                 raise ValueError(f"checksum mismatch in {name}: the saved bytes were altered")
 
     def wait(self) -> None:
-        """Blocks until any asynchronous save has been committed."""
-        self._manager.wait_until_finished()
+        """Blocks until any asynchronous save has been committed; SaveFailed if it failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            self._storage_failure(self._last_save or 0, e)
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for the last save, then releases Orbax's threads. After a SaveFailed was
+        raised, a repeat of the same failure is not raised again (it would hide the first)."""
+        reported = self._failed
+        try:
+            self.wait()
+        except SaveFailed:
+            if not reported:
+                raise
+        finally:
+            try:
+                self._manager.close()
+            except Exception as e:
+                if not (self._failed and storage_error(e)):
+                    raise
+
+
+def storage_error(error: BaseException) -> str | None:
+    """A one-line reason when `error` is the file system refusing a write, else None: an
+    OSError, or TensorStore's error (a ValueError) carrying an `os_error_code`."""
+    if isinstance(error, OSError) and error.errno is not None:
+        name = errno.errorcode.get(error.errno, str(error.errno))
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{name}: {error.strerror or os.strerror(error.errno)}{where}"
+    match = re.search(r"os_error_code='?(\d+)", str(error))
+    if match:
+        code = int(match.group(1))
+        return f"{errno.errorcode.get(code, code)}: {os.strerror(code)}"
+    return None
 
 
 def checksums(arrays: dict) -> dict[str, tuple[str, int]]:

@@ -3,17 +3,15 @@
 Config files stay plain Python (`configs/*.py`, overridable with `--config.a.b=v`); at the edge of
 the program `parse` turns the tree into frozen dataclasses, checking that every key exists, that no
 key is unknown (naming the closest valid one), and that values are in range. Library code reads
-attributes only, so a default can never hide in library code: they all live in configs/base.py.
+attributes only, so a default can never hide in library code: they all live in
+sft_jax/configs/base.py. Reading files and command lines is sft_jax/config_file.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
-import os
 import re
-import sys
 import types
 import typing
 from typing import Any
@@ -70,6 +68,7 @@ class DataSection:
     chat_template: str
     train_on: str
     overlong: str
+    on_control_tokens: str
     num_workers: int
     shards: int
     pack_split: bool
@@ -100,6 +99,7 @@ class TrainSection:
     progress_bar: bool
     max_nonfinite_steps: int
     loss_spike_factor: float
+    loss_spike_min_delta: float
     neftune_alpha: float
     kl_to_base: float
     host_allocator: str
@@ -208,68 +208,6 @@ class Config:
     logging: LoggingSection
 
 
-def make_configs_importable(config_path: str) -> None:
-    """Lets a config file `from configs import base` wherever the command is run from.
-
-    The root is the parent of the nearest enclosing `configs` directory, so files in
-    subdirectories (configs/bench/x.py) import the same way; otherwise the file's grandparent.
-    """
-    directory = os.path.dirname(os.path.abspath(config_path.split(":")[0]))
-    root = os.path.dirname(directory)
-    probe = directory
-    while os.path.dirname(probe) != probe:
-        if os.path.basename(probe) == "configs":
-            root = os.path.dirname(probe)
-            break
-        probe = os.path.dirname(probe)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-
-
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """`get_config()` (or `get_config(arg)` for `path:arg`) of a config file, unparsed."""
-    file_path, _, arg = path.partition(":")
-    if not os.path.isfile(file_path):
-        raise ConfigError(f"config file not found: {file_path}")
-    make_configs_importable(file_path)
-    spec = importlib.util.spec_from_file_location(
-        f"sft_jax_config_{abs(hash(file_path))}", file_path
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def config_from_argv(argv: list[str], flag_values: Any) -> Config:
-    """Parses `--config FILE[:arg] [--config.a.b=v ...]` (plus flags already defined on
-    `flag_values`, an absl FlagValues) into a Config; bad flags or keys -> ConfigError."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    holder = config_flags.DEFINE_config_file(
-        "config",
-        None,
-        "Config file (configs/*.py).",
-        flag_values=flag_values,
-        lock_config=True,
-        sys_argv=argv,  # overrides are read from here, not from the global sys.argv
-    )
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            make_configs_importable(arg.split("=", 1)[1])
-        elif arg == "--config" and i + 1 < len(argv):
-            make_configs_importable(argv[i + 1])
-    try:
-        flag_values(argv)
-    except (flags.Error, AttributeError, KeyError, ValueError) as e:
-        # ml_collections reports an unknown override key as AttributeError("... Did you mean ...").
-        message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
-        raise ConfigError(f"bad command-line flag: {message}") from e
-    if holder.value is None:
-        raise ConfigError("--config FILE is required")
-    return parse(holder.value)
-
-
 def parse(config: ml_collections.ConfigDict | dict) -> Config:
     """Builds the frozen `Config` from a config tree; raises ConfigError naming the bad key."""
     raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
@@ -295,7 +233,7 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     for name in names:
         if name not in raw:
             raise ConfigError(
-                f"missing config key '{prefix}{name}' (every key lives in configs/base.py)"
+                f"missing config key '{prefix}{name}' (every key lives in sft_jax/configs/base.py)"
             )
         values[name] = _coerce(hints[name], raw[name], f"{prefix}{name}")
     return cls(**values)
@@ -361,6 +299,7 @@ _CHOICES = {
     "data.format": ("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"),
     "data.train_on": ("all_assistant", "last_assistant", "completion", "all"),
     "data.overlong": ("truncate", "split", "drop"),
+    "data.on_control_tokens": ("warn", "keep", "error"),
     "distributed.expected_platform": ("", "cpu", "gpu", "tpu"),
     "lora.base_dtype": ("float32", "bfloat16"),
     "lora.base_quant": ("none", "int8", "nf4"),
@@ -395,10 +334,11 @@ def _run_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("model.loss_chunk", c.model.loss_chunk >= 0, "must be >= 0 (0: unchunked)"),
         ("data.pack_window", c.data.pack_window >= 1, "must be >= 1"),
         ("data.eval_fraction", 0.0 <= c.data.eval_fraction < 1.0, "must be in [0, 1)"),
+        ("data.max_eval_examples", c.data.max_eval_examples >= 0, "must be >= 0"),
         ("data.num_workers", c.data.num_workers >= 0, "must be >= 0 (0 = automatic)"),
         ("data.shards", c.data.shards >= 0, "must be >= 0 (0 = one per process)"),
         ("data.prefetch", c.data.prefetch >= 0, "must be >= 0 (0: no prefetch thread)"),
-        ("optim.learning_rate", c.optim.learning_rate > 0, "must be > 0"),
+        ("optim.learning_rate", 0 < c.optim.learning_rate < 3.4e38, "must be in (0, 3.4e38)"),
         ("optim.warmup_steps", c.optim.warmup_steps >= -1, "must be >= 0 (-1: warmup_ratio)"),
         ("optim.warmup_ratio", 0.0 <= c.optim.warmup_ratio < 1.0, "must be in [0, 1)"),
         ("optim.weight_decay", c.optim.weight_decay >= 0, "must be >= 0"),
@@ -498,3 +438,11 @@ def _eval_match_checks(e: EvalSection) -> list[tuple[str, bool, str]]:
         ),
         ("eval.answer_regex", error is None, f"{e.answer_regex!r} does not compile: {error}"),
     ]
+
+
+# Reading files and command lines (sft_jax/config_file.py), importable from here as before.
+from sft_jax.config_file import (  # noqa: E402, F401
+    config_from_argv,
+    load_config_file,
+    make_configs_importable,
+)

@@ -6,7 +6,7 @@ operand into transposed order inside the backward, often the wide [B*T, O] cotan
 the MLP's gate/up it fuses the SiLU backward into that strided copy. Here the backward first
 transposes x itself ([I, B*T], an optimization barrier keeps it a separate copy) and then
 computes dW = x^T @ dy as an ordinary [I, B*T] x [B*T, O] matmul. Measured on the CPU workload
-of issue #8 (docs/benchmarks.md, levers); the forward is the plain einsum, so inference and the
+of docs/benchmarks.md (levers); the forward is the plain einsum, so inference and the
 forward's numerics are unchanged, and the gradients are the same sums in another order
 (tests/test_cpu_linear.py).
 

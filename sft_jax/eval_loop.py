@@ -32,22 +32,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any
 
 import jax
 
 from sft_jax.checkpoint import Checkpointer
+from sft_jax.console import log
 from sft_jax.evaluate import GENERATION_BATCH, run_generation_eval
 from sft_jax.run_state import Run
 
 _NOT_METRICS = ("kind", "step", "time", "run", "accuracy", "samples")
-
-
-def log(message: str) -> None:
-    """Human-readable progress on process 0 (stderr, so stdout stays clean for tools)."""
-    if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
 
 
 def read_baseline(workdir: str) -> dict[str, float] | None:

@@ -5,7 +5,9 @@ batch; they are summed over the whole split and divided once, exactly as in trai
 result does not depend on eval.batch_size or packing. A token is correct when the argmax of the
 logits equals the target at a loss-mask position (teacher forcing, not generation).
 
-Generation: each held-out prompt gets a greedy continuation (cut at EOS), scored against the
+Generation: each held-out prompt gets a greedy continuation (cut at EOS and at the chat template's
+end of turn, `data.templates.generation_stops`; the delimiter never shows in the output), scored
+against the
 reference completion by every metric named in `eval.match` (comma-separated):
 
 * exact    -- output.strip() == reference.strip().
@@ -38,7 +40,8 @@ from jax.sharding import NamedSharding
 from sft_jax import data, lora
 from sft_jax.config import Config
 from sft_jax.data import DataBundle, EvalPrompt
-from sft_jax.generate import greedy_generate
+from sft_jax.data.templates import Stops, generation_stops
+from sft_jax.generate import cut_at_stop_text, greedy_generate
 from sft_jax.loss import masked_cross_entropy
 from sft_jax.model import Transformer
 from sft_jax.state import param_shardings
@@ -142,6 +145,15 @@ def score_generations(
     return scores, primary
 
 
+def prompt_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """A prompt as the model saw it, chat-template markers included: skip_special_tokens would
+    turn ChatML's `<|im_start|>user` lines into bare role names, and the report could not show
+    the turns. Only a leading BOS is dropped."""
+    if ids and ids[0] == getattr(tokenizer, "bos_token_id", None):
+        ids = ids[1:]
+    return tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
 def generation_eval(
     model: Transformer,
     params: Any,
@@ -153,6 +165,7 @@ def generation_eval(
     pattern: re.Pattern | None = None,
     samples: int = 5,
     batch_size: int = GENERATION_BATCH,
+    stops: Stops | None = None,
 ) -> dict[str, Any]:
     """Greedy-generates an answer per held-out prompt and scores it by every match rule.
 
@@ -161,20 +174,25 @@ def generation_eval(
     The prompts come ready-tokenised from the data package (`DataBundle.eval_prompts`): for chat
     data the conversation up to the last answer with the template's generation prompt, for
     prompt/completion exactly the training prefix, so evaluation sees what training saw.
+    `stops` defaults to the tokenizer's EOS (`generation_stops(None, tokenizer)`).
     """
+    stops = stops or generation_stops(None, tokenizer)
     ids = greedy_generate(
         model,
         params,
         [p.prompt_ids for p in prompts],
         max_new_tokens=max_new_tokens,
-        stop_ids=[tokenizer.eos_token_id],
+        stop_ids=stops.ids,
+        stop_sequences=stops.sequences,
         batch_size=batch_size,
     )
-    outputs = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+    outputs = [
+        cut_at_stop_text(tokenizer.decode(x, skip_special_tokens=True), stops.texts) for x in ids
+    ]
     scores, correct = score_generations(outputs, [p.reference for p in prompts], matches, pattern)
     shown = [
         {
-            "prompt": tokenizer.decode(p.prompt_ids, skip_special_tokens=True),
+            "prompt": prompt_text(tokenizer, p.prompt_ids),
             "reference": p.reference,
             "output": text,
             "correct": ok,
@@ -205,6 +223,7 @@ def run_generation_eval(
         matches=e.matches,
         pattern=re.compile(e.answer_regex) if "regex" in e.matches else None,
         samples=e.samples,
+        stops=generation_stops(bundle.template, bundle.tokenizer),
     )
 
 

@@ -2,10 +2,13 @@
 
     python -m sft_jax.export --workdir W --out DIR [--step N] [--dtype bfloat16] [--overwrite]
     python -m sft_jax.export --workdir W --out DIR --peft      (a LoRA run: the adapter only)
+    python -m sft_jax.export --peft-adapter A --out DIR [--base B]  (merge a PEFT adapter)
 
 writes `config.json`, `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`
 (metadata format "pt", without which transformers refuses the files), the tokenizer files with
-the chat template used in training, and `generation_config.json`.
+the chat template used in training, and `generation_config.json`. `--overwrite` first removes
+the files an earlier export wrote; `--out` may not be the workdir, the base model or the
+tokenizer directory.
 
 Why it is built this way:
 - config.json is the source checkpoint's own file when there is one (it already describes the
@@ -18,19 +21,17 @@ Why it is built this way:
 - A LoRA run's checkpoints hold only adapters: the base is re-read from `model.path` (or
   re-initialised from the seed), and the adapters are merged into it (at the base's own stored
   precision, as PEFT's merge would) for the HF export, or written as a PEFT adapter (`--peft`).
+- The tokenizer files are copied byte for byte (a re-save through transformers can change ids).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
+import fnmatch
 import json
 import os
 import shutil
 import sys
-import typing
-import warnings
 from typing import Any
 
 import jax
@@ -38,6 +39,7 @@ import numpy as np
 from flax import traverse_util
 
 from sft_jax import hf
+from sft_jax.api import TrainedModel, load_workdir
 from sft_jax.hf.safetensors import write_safetensors
 from sft_jax.model import ModelConfig
 
@@ -52,6 +54,21 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
     "chat_template.json",
+)
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+# What an export writes (and --overwrite removes first: transformers would load a stale
+# model.safetensors instead of new shards): weights of either kind, configs, tokenizer files.
+EXPORT_FILES = (
+    *TOKENIZER_FILES,
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
 )
 
 
@@ -148,24 +165,38 @@ def _write_weights(
 
 def _write_json(path: str, value: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
+        json.dump(value, f, indent=2, ensure_ascii=False)
         f.write("\n")
 
 
 def _write_tokenizer(tokenizer_dir: str, out_dir: str, chat_template: str | None) -> Any:
-    """Copies the tokenizer files (or re-saves them with the training chat template)."""
+    """Copies the tokenizer files byte for byte; a training chat template other than the
+    tokenizer's own is written beside them (chat_template.jinja, and the tokenizer_config.json
+    key that older readers use). Never re-saved through transformers: save_pretrained rewrites
+    a SentencePiece-style tokenizer.json (its normalizer becomes a Metaspace pre-tokenizer), so
+    text after a special token would get other ids than in training."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
+    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]
+    if chat_template is not None:  # the tokenizer's own template files are replaced
+        names = [n for n in names if n not in TEMPLATE_FILES]
+    if not names:  # none of the usual files (a tokenizer transformers converts on load)
+        tokenizer.chat_template = chat_template or tokenizer.chat_template
         tokenizer.save_pretrained(out_dir)
         return tokenizer
-    copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]
-    if not copied:
-        tokenizer.save_pretrained(out_dir)
-    for name in copied:
+    for name in names:
         shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
+    if chat_template is None:
+        return tokenizer
+    with open(os.path.join(out_dir, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(chat_template)
+    config_path = os.path.join(out_dir, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        config["chat_template"] = chat_template
+        _write_json(config_path, config)
     return tokenizer
 
 
@@ -203,108 +234,10 @@ def _write_generation_config(out_dir: str, sources: tuple, tokenizer: Any) -> No
     _write_json(os.path.join(out_dir, "generation_config.json"), derived)
 
 
-# --------------------------------------------------------------------------------------------
-# A trained workdir: its resolved config.json and its checkpoints.
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainedModel:
-    """What export and chat need from a workdir: parameters and where the tokenizer lives."""
-
-    params: Any
-    model_config: ModelConfig
-    step: int
-    tokenizer_dir: str
-    source_model_dir: str  # "" for a randomly initialised model
-    chat_template: str | None  # the Jinja source used in training, None = the tokenizer's own
-    adapters: Any = None  # a LoRA run's adapter tree (params is then the merged model)
-    lora: dict[str, Any] | None = None  # a LoRA run's `lora` config section
-
-
-def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
-    """Restores the parameters of `step` (latest when None) over a mesh of all devices.
-
-    Reads only the `model`, `mesh`, `lora` and `data` sections of `workdir/config.json`, so a
-    workdir stays exportable when unrelated config keys are added later; keys of those sections
-    that an older version did not write take their defaults (see `_section`).
-    """
-    from sft_jax import sharding
-    from sft_jax.checkpoint import Checkpointer
-    from sft_jax.model import Transformer
-    from sft_jax.state import param_shardings
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise ExportError(f"{path} not found: not a training workdir")
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
-    if not isinstance(raw, dict):
-        raise ExportError(f"{path}: expected a JSON object (the resolved training config)")
-    sections = _read_sections(raw, path)
-    section = sections["model"]
-    raw = {**raw, "lora": dataclasses.asdict(sections["lora"])}
-    model_config = hf.build_model_config(section)
-    devices = np.asarray(jax.devices()).reshape(1, -1, 1)
-    mesh = jax.sharding.Mesh(devices, sharding.MESH_AXES)
-    rules = sections["mesh"].rules
-    abstract, shardings = param_shardings(Transformer(model_config), mesh, rules)
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    checkpointer = Checkpointer(workdir, keep=1, async_save=False)
-    step = checkpointer.latest_step() if step is None else step
-    if step is None or not os.path.isdir(os.path.join(checkpointer.directory, str(step))):
-        which = "" if step is None else f" for step {step}"
-        raise ExportError(f"no checkpoint{which} in {checkpointer.directory}")
-    lora_raw = raw.get("lora", {})
-    adapters = None
-    if lora_raw.get("enabled"):
-        model = Transformer(model_config)
-        params, adapters = _merged_lora(raw, model, mesh, rules, checkpointer, step)
-    else:
-        params = checkpointer.restore_params(step, abstract)
-    data = raw.get("data", {})
-    return TrainedModel(
-        params=params,
-        model_config=model_config,
-        step=step,
-        tokenizer_dir=data.get("tokenizer") or section.path,
-        source_model_dir=section.path,
-        chat_template=_chat_template_source(data.get("chat_template", "tokenizer")),
-        adapters=adapters,
-        lora=lora_raw if adapters is not None else None,
-    )
-
-
-def _merged_lora(raw: dict, model: Any, mesh: Any, rules: tuple, checkpointer: Any, step: int):
-    """A LoRA run's (merged parameters, adapters): the base re-read (or re-initialised from the
-    run's seed) at its stored precision, the adapters restored from `step` and merged in."""
-    from sft_jax import lora
-    from sft_jax.state import adapter_shardings, init_params
-
-    c = raw["lora"]
-    base = init_params(model, raw["model"]["path"], mesh, rules, raw["seed"])
-
-    def make(params: Any) -> Any:
-        adapters = lora.init_adapters(params, tuple(c["targets"]), c["rank"], jax.random.key(0))
-        if c.get("dora", False):
-            adapters = lora.init_magnitudes(params, adapters)
-        return lora.add_saved_modules(params, adapters, tuple(c.get("modules_to_save", ())))
-
-    abstract = jax.eval_shape(make, base)
-    shardings = adapter_shardings(abstract, base, mesh)
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    adapters = checkpointer.restore_params(step, abstract)
-    scale = lora.lora_scale(c["alpha"], c["rank"], c["rslora"])
-    out_shardings = jax.tree.map(lambda x: x.sharding, base)
-    merged = jax.jit(lambda p, a: lora.merge(p, a, scale), out_shardings=out_shardings)
-    return merged(base, adapters), adapters
-
-
 def export_peft(run: TrainedModel, out_dir: str) -> None:
-    """Writes a LoRA run's adapter as PEFT's adapter_config.json + adapter_model.safetensors."""
+    """Writes a LoRA run's adapter as PEFT's adapter_config.json + adapter_model.safetensors,
+    with the tokenizer, the training chat template and the generation config beside it, so
+    the adapter directory alone serves chat (`python -m sft_jax.generate --model OUT`)."""
     from sft_jax import lora
 
     if run.adapters is None or run.lora is None:
@@ -319,100 +252,34 @@ def export_peft(run: TrainedModel, out_dir: str) -> None:
         base=run.source_model_dir,
         tied_embeddings=run.model_config.tie_embeddings,
     )
-    if jax.process_index() == 0:
-        lora.write_peft_adapter(out_dir, jax.device_get(run.adapters), config)
+    adapters = jax.device_get(run.adapters)
+    if jax.process_index() != 0:
+        return
+    lora.write_peft_adapter(out_dir, adapters, config)
+    tokenizer = _write_tokenizer(run.tokenizer_dir, out_dir, run.chat_template)
+    _write_generation_config(out_dir, (run.source_model_dir, run.tokenizer_dir), tokenizer)
 
 
-class OldWorkdirWarning(UserWarning):
-    """A workdir's config.json lacks keys added since it was written; defaults were used."""
+def check_out_dir(out: str, overwrite: bool, inputs: dict[str, str]) -> None:
+    """Refuses an --out that is one of the export's inputs (`inputs`: what -> directory), since
+    --overwrite would delete what is being read, or that is not empty without --overwrite."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ExportError(f"--out {out} exists and is not a directory")
+    for what, path in inputs.items():
+        if path and os.path.isdir(path) and os.path.isdir(out) and os.path.samefile(path, out):
+            raise ExportError(f"--out {out} is the {what}; write the export somewhere else")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ExportError(f"{out} is not empty; pass --overwrite to write into it")
 
 
-BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "base.py")
-_SECTIONS = {"model": "ModelSection", "mesh": "MeshSection", "lora": "LoraSection"}
-
-
-def _read_sections(raw: dict, path: str) -> dict[str, Any]:
-    """The typed `model`, `mesh` and `lora` sections of a workdir's config.json (`path`)."""
-    from sft_jax import config as config_module
-
-    missing: list[str] = []
-    sections = {}
-    for name, cls_name in _SECTIONS.items():
-        cls = getattr(config_module, cls_name)
-        sections[name] = _section(cls, raw.get(name, {}), name, path, missing)
-    if missing:
-        warnings.warn(
-            f"{path} was written by an older sft_jax and lacks config keys "
-            f"{', '.join(missing)}; using their defaults from configs/base.py",
-            OldWorkdirWarning,
-            stacklevel=3,
-        )
-    return sections
-
-
-@functools.cache
-def _base_defaults() -> dict:
-    """configs/base.py as a plain dict: the one place every config key has its default."""
-    from sft_jax.config import ConfigError, load_config_file
-
-    try:
-        return load_config_file(BASE_CONFIG).to_dict()
-    except ConfigError as e:
-        raise ExportError(
-            f"{e}: it supplies defaults for keys an older workdir lacks (use a source checkout)"
-        ) from e
-
-
-def _section(cls: type, raw: Any, prefix: str, path: str, missing: list[str]) -> Any:
-    """Section `prefix` (a frozen config dataclass `cls`) of config.json `path`.
-
-    A workdir outlives the code that wrote it: keys added since (model.attention,
-    model.scan_layers, ...) take their configs/base.py defaults and are appended to `missing`
-    (the caller warns once); an unknown key or a value of the wrong type is an ExportError
-    naming the file and the key, never a TypeError from the dataclass constructor.
-    """
-    from sft_jax.config import _CHOICES, ConfigError, _coerce
-
-    if not isinstance(raw, dict):
-        raise ExportError(f"{path}: config key '{prefix}' must be a section, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise ExportError(
-            f"{path}: unknown config key '{prefix}.{unknown[0]}' (written by a newer sft_jax?); "
-            f"valid keys of '{prefix}': {', '.join(names)}"
-        )
-    values = {}
-    for name in names:
-        key = f"{prefix}.{name}"
-        if dataclasses.is_dataclass(hints[name]):
-            values[name] = _section(hints[name], raw.get(name, {}), key, path, missing)
-            continue
-        if name in raw:
-            value = raw[name]
-        else:
-            value = functools.reduce(lambda node, k: node[k], key.split("."), _base_defaults())
-            missing.append(f"{key}={value!r}")
-        try:
-            values[name] = _coerce(hints[name], value, key)
-        except ConfigError as e:
-            raise ExportError(f"{path}: {e}") from e
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise ExportError(f"{path}: config key '{key}' is {value!r}; one of {_CHOICES[key]}")
-    return cls(**values)
-
-
-def _chat_template_source(spec: str) -> str | None:
-    """The Jinja source of a `data.chat_template` spec; None for the tokenizer's own."""
-    if not spec or spec == "tokenizer":
-        return None
-    from sft_jax.data.templates import BUILTIN_TEMPLATES
-
-    if spec in BUILTIN_TEMPLATES:
-        return BUILTIN_TEMPLATES[spec]
-    with open(spec, encoding="utf-8") as f:
-        return f.read()
+def clear_out_dir(out: str) -> None:
+    """Removes what an earlier export wrote into `out` (EXPORT_FILES); other files stay."""
+    if not os.path.isdir(out):
+        return
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if os.path.isfile(path) and any(fnmatch.fnmatchcase(name, p) for p in EXPORT_FILES):
+            os.remove(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,9 +309,26 @@ def resolve_step(workdir: str, step: str | None) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sft_jax.export", description=__doc__)
-    parser.add_argument("--workdir", required=True, help="training workdir (config.json + ckpts)")
+    parser = argparse.ArgumentParser(
+        prog="python -m sft_jax.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="training workdir (config.json + checkpoints)")
+    source.add_argument(
+        "--peft-adapter",
+        "--peft_adapter",
+        dest="peft_adapter",
+        help="PEFT LoRA adapter directory: merge it into its base (no training needed)",
+    )
     parser.add_argument("--out", required=True, help="output HF model directory")
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="with --peft-adapter: the base model directory (default: the adapter config's "
+        "base_model_name_or_path)",
+    )
     parser.add_argument(
         "--step",
         default=None,
@@ -456,13 +340,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
     parser.add_argument("--peft", action="store_true", help="LoRA run: write the PEFT adapter")
     args = parser.parse_args(argv)
+    source_dir = args.workdir or args.peft_adapter
     try:
-        if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-            raise ExportError(f"{args.out} is not empty; pass --overwrite to write into it")
-        run = load_workdir(args.workdir, resolve_step(args.workdir, args.step))
+        inputs = {"workdir": args.workdir, "adapter directory": args.peft_adapter}
+        check_out_dir(args.out, args.overwrite, inputs)  # before the (slow) load
+        run = _load_source(args)
+        inputs |= {"base model": run.source_model_dir, "tokenizer directory": run.tokenizer_dir}
+        check_out_dir(args.out, args.overwrite, inputs)
+        if jax.process_index() == 0:
+            clear_out_dir(args.out)
         if args.peft:
             export_peft(run, args.out)
-            print(f"exported the LoRA adapter of step {run.step} of {args.workdir} to {args.out}")
+            print(f"exported the LoRA adapter of step {run.step} of {source_dir} to {args.out}")
             return 0
         export_hf(
             run.params,
@@ -474,11 +363,25 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             max_shard_bytes=args.max_shard_bytes,
         )
-    except (ExportError, FileNotFoundError, hf.UnsupportedModelError) as e:
+    except (ExportError, OSError, ValueError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
-    print(f"exported step {run.step} of {args.workdir} to {args.out}")
+    what = f"step {run.step} of {source_dir}" if args.workdir else f"{source_dir} merged"
+    print(f"exported {what} to {args.out}")
     return 0
+
+
+def _load_source(args: argparse.Namespace) -> TrainedModel:
+    """The workdir's checkpoint, or a PEFT adapter merged into its base."""
+    if args.workdir:
+        if args.base:
+            raise ExportError("--base goes with --peft-adapter (a workdir names its base)")
+        return load_workdir(args.workdir, resolve_step(args.workdir, args.step))
+    if args.peft or args.step:
+        raise ExportError("--peft and --step go with --workdir, not --peft-adapter")
+    from sft_jax.api import load_peft
+
+    return load_peft(args.peft_adapter, base=args.base, param_dtype=None)
 
 
 if __name__ == "__main__":

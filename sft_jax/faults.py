@@ -1,14 +1,20 @@
 """Faults: how every way a run can go wrong ends in a known state, and hooks to provoke them.
 
-Exit codes of `python -m sft_jax.train` (GUIDE section 5):
+Exit codes of `python -m sft_jax.train` (documented in docs/troubleshooting.md):
 
     0   finished (including an early stop on validation loss)
     2   bad config or data, nothing trained
-    42  preempted (SIGTERM or JAX's preemption sync point): a checkpoint of the current step was
-        committed; restarting the same command resumes exactly
+    42  preempted or interrupted (SIGTERM, Ctrl-C = SIGINT, or JAX's preemption sync point).
+        During the step loop, a checkpoint of the current step was committed first; during setup
+        or the final evaluation the run stops at once with its committed checkpoints intact.
+        Either way, restarting the same command resumes exactly
     43  aborted: `train.max_nonfinite_steps` steps in a row had a NaN/Inf loss or gradient norm;
         no non-finite state was saved, so a restart (e.g. with a lower learning rate) resumes from
         the last good checkpoint
+    44  a checkpoint could not be written (disk full, read-only or permission denied): the
+        committed checkpoints are kept, and once there is space the same command resumes from
+        the last of them. Not 2: the input was fine, the storage failed mid-run
+    130 a second Ctrl-C while the first one's checkpoint was pending: stopped without saving
 
 Non-finite steps are decided inside the jitted step (see `step.train_step`): the update is
 dropped, the batch is consumed. The host side here only counts them (`StepHealth`), because it
@@ -39,22 +45,62 @@ EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 42
 EXIT_NONFINITE = 43
+EXIT_SAVE_FAILED = 44
+EXIT_ABORTED = 130  # 128 + SIGINT, as shells report a process killed by Ctrl-C
 
 
 class Preempted(Exception):
-    """Raised after the checkpoint of `step` was committed in response to a preemption."""
+    """A preemption or interrupt ended the run in a state that a restart resumes exactly.
 
-    def __init__(self, step: int):
-        super().__init__(f"preempted at step {step}; checkpoint saved, safe to restart")
+    phase "loop": raised after the checkpoint of `step` was committed; "setup" / "finish": raised
+    from the signal handler itself (nothing is being written then that a restart would trust).
+    """
+
+    def __init__(self, step: int | None, signal_name: str = "SIGTERM", phase: str = "loop"):
+        if phase == "loop":
+            message = f"preempted at step {step} ({signal_name}); checkpoint saved, safe to restart"
+        elif phase == "finish":
+            message = (
+                f"stopped by {signal_name} during the final evaluation after step {step}; "
+                "restarting the same command resumes from the last checkpoint and finishes"
+            )
+        else:
+            message = (
+                f"stopped by {signal_name} during setup, before any step of this start; "
+                "restarting the same command starts again from the last checkpoint (if any)"
+            )
+        super().__init__(message)
         self.step = step
+        self.phase = phase
+
+
+class SaveFailed(Exception):
+    """Raised when the file system refused a checkpoint write; earlier committed steps stay."""
+
+    def __init__(self, step: int, failed: int, committed: int | None, directory: str, reason: str):
+        resume = (
+            f"resumes from step {committed}"
+            if committed is not None
+            else "starts from step 0 (no checkpoint was committed)"
+        )
+        super().__init__(
+            f"the checkpoint of step {failed} could not be written: {reason}. Trained to step "
+            f"{step}; the committed checkpoints in {directory} are kept. Free disk space or make "
+            f"the directory writable, then rerun the same command: it {resume}"
+        )
+        self.step = step  # how far training got
+        self.failed = failed  # the step whose save failed (earlier when asynchronous)
+        self.committed = committed
 
 
 class NonFiniteAbort(Exception):
-    """Raised when too many consecutive steps had a non-finite loss or gradient norm."""
+    """Raised when too many consecutive steps had a non-finite loss or gradient norm, or when
+    the state about to be saved is non-finite (`unsaveable`)."""
 
-    def __init__(self, step: int, in_a_row: int):
+    def __init__(self, step: int, in_a_row: int, message: str | None = None):
         super().__init__(
-            f"aborting at step {step}: {in_a_row} steps in a row had a non-finite loss or "
+            message
+            or f"aborting at step {step}: {in_a_row} steps in a row had a non-finite loss or "
             "gradient norm (updates were skipped; no non-finite state was saved). Lower "
             "optim.learning_rate or check the data, then restart to resume from the last "
             "checkpoint"
@@ -62,28 +108,65 @@ class NonFiniteAbort(Exception):
         self.step = step
         self.in_a_row = in_a_row
 
+    @classmethod
+    def unsaveable(cls, step: int, in_a_row: int) -> NonFiniteAbort:
+        """The state due to be saved holds NaN/Inf. Skipped steps never change the state, so an
+        update whose loss and gradient norm were finite overflowed (a huge learning rate, or
+        squared gradients beyond float32 in Adam's second moment): say that, not "skipped"."""
+        skipped = f"; the {in_a_row} steps since were skipped" if in_a_row else ""
+        return cls(
+            step,
+            in_a_row,
+            f"aborting at step {step}: the parameters or optimizer state became non-finite "
+            f"after an update whose loss and gradient norm were finite (it overflowed){skipped}. "
+            "Nothing was saved at this step; lower optim.learning_rate (or keep optim.clip_norm "
+            "on), then restart to resume from the last checkpoint",
+        )
+
 
 # ----------------------------------------------------------------------------- preemption
 
 
 class PreemptionWatcher:
-    """Turns SIGTERM into a flag the loop polls after every step (never acting mid-step).
+    """SIGTERM and SIGINT (Ctrl-C) -> a clean stop with exit code 42, never a raw traceback.
 
-    A signal handler may run between any two bytecodes, so it only sets a flag; saving happens at
-    a step boundary in the loop. With several processes (`jax.distributed` initialised) each host
-    may receive the signal at a different step, so JAX's preemption sync point decides instead:
-    it returns True on every process at the same step.
+    `phase` says what a signal does. "loop": set a flag that the loop polls after every step, so
+    it saves at a step boundary and stops (a handler may run between any two bytecodes, so it
+    never saves itself); a second Ctrl-C raises KeyboardInterrupt at once (exit 130, no save).
+    "setup" and "finish": raise Preempted right away, since no checkpoint is being written then
+    (setup only reads; the final checkpoint is waited for on the way out).
+
+    With several processes (`jax.distributed` initialised) each host may receive the signal at a
+    different step, so JAX's preemption sync point decides instead: it returns True on every
+    process at the same step.
     """
 
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-        self._installed = threading.current_thread() is threading.main_thread()
-        if self._installed:  # signal handlers can only be set from the main thread
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self.requested = True
+    def __init__(self, phase: str = "setup") -> None:
+        self.requested = False
+        self.signal_name = "SIGTERM"  # of the signal that set `requested`
+        self.phase = phase
+        self.step: int | None = None  # the last finished step, for the "finish" message
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # else handlers can't be set
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.phase != "loop":
+            raise Preempted(self.step, name, self.phase)
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.signal_name = True, name
+        if signum == signal.SIGINT and jax.process_index() == 0:
+            print(
+                "\nCtrl-C: saving a checkpoint after this step, then stopping "
+                "(Ctrl-C again: stop now without saving)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def reached(self, step: int) -> bool:
         """Whether to save and stop after `step`; a collective call when multi-process."""
@@ -97,10 +180,10 @@ class PreemptionWatcher:
         return self.requested
 
     def close(self) -> None:
-        """Restores the SIGTERM handler that was there before (tests run several loops)."""
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._installed = False
+        """Restores the handlers that were there before (tests run several loops)."""
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 # ----------------------------------------------------------------------------- step health
@@ -111,7 +194,9 @@ class StepHealth:
     """Host-side counters of non-finite steps and loss spikes; saved in every checkpoint.
 
     `loss_ema` is an exponential moving average of finite losses; a loss above
-    `spike_factor * loss_ema` is reported as a spike (logged, not acted on).
+    `spike_factor * loss_ema` and at least `min_delta` above it is reported as a spike (logged,
+    not acted on). The absolute floor keeps near-zero losses quiet: 0.003 -> 0.01 is a factor
+    of three, but no sign of trouble.
     """
 
     skipped_steps: int = 0
@@ -121,7 +206,16 @@ class StepHealth:
 
     EMA_DECAY = 0.9
 
-    def observe(self, step: int, loss: float, nonfinite: bool, *, limit: int, spike_factor: float):
+    def observe(
+        self,
+        step: int,
+        loss: float,
+        nonfinite: bool,
+        *,
+        limit: int,
+        spike_factor: float,
+        min_delta: float = 0.0,
+    ) -> bool:
         """Counts one step; returns True for a loss spike; raises NonFiniteAbort at the limit."""
         if nonfinite:
             self.skipped_steps += 1
@@ -131,7 +225,10 @@ class StepHealth:
             return False
         self.nonfinite_in_a_row = 0
         spike = bool(
-            spike_factor > 0 and self.loss_ema is not None and loss > spike_factor * self.loss_ema
+            spike_factor > 0
+            and self.loss_ema is not None
+            and loss > spike_factor * self.loss_ema
+            and loss - self.loss_ema >= min_delta
         )
         self.spikes += spike
         if self.loss_ema is None:

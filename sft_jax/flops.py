@@ -1,4 +1,4 @@
-"""Model flops and hardware peak: the two halves of MFU (GUIDE §4).
+"""Model flops and hardware peak: the two halves of MFU (model flops utilization).
 
 Why its own module: the benchmark, the TRL comparison and the plan all need the same flop count
 and the same peak table, and none of them should import the benchmark's run loop to get it.
@@ -74,7 +74,7 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, adapter_params: int = 0) -> float:
-    """Training flops per token (GUIDE §4): 6N + 12·L·D·T for full fine-tuning; with LoRA
+    """Training flops per token (PaLM's MFU count): 6N + 12·L·D·T for full fine-tuning; with LoRA
     (`adapter_params` > 0) the frozen weights get no weight gradient: 4N + 12·L·D·T + 6·A."""
     attention = 12 * cfg.num_layers * cfg.hidden_size * seq_len
     n = matmul_params(cfg)
@@ -102,7 +102,7 @@ def peak_flops(devices: list[Any], cpu_peak: float) -> float:
 def measure_cpu_peak(n: int = PEAK_MATMUL, repeats: int = 7) -> float:
     """This host's fp32 peak as XLA reaches it: the best flop/s of `repeats` [n, n] @ [n, n]
     float32 matmuls on all cores, after a warm-up call. Why measured: a VM tells neither its
-    clock under load nor its vector width (issue #8 assumed 166 GFLOP/s for 2 cores; the 2 Zen 5
+    clock under load nor its vector width (a guess of 166 GFLOP/s for 2 cores; the 2 Zen 5
     cores of the development machine reach 470 in this matmul, the best case of the kernels the
     step's matmuls use), so MFU is a fraction of what this CPU can do, not of a datasheet."""
     import jax.numpy as jnp

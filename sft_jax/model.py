@@ -118,7 +118,7 @@ class Einsum(nn.Module):
     dtype: str = "float32"
     param_dtype: str = "float32"
     out_dtype: str | None = None  # accumulate/return in this dtype (float32 logits)
-    lora_scale: float = 0.0
+    lora_scale: float | None = None  # required when adapters are passed (never silently 0)
     lora_dropout: float = 0.0
     cpu_grad: bool = False  # weight gradient as one matmul over x^T (sft_jax/cpu_linear.py)
 
@@ -157,6 +157,12 @@ class Einsum(nn.Module):
 
     def _lora(self, x: jax.Array, y: jax.Array, kernel: Any) -> jax.Array:
         """y + the adapter term (LoRA), or the DoRA-rescaled sum, in the compute dtype."""
+        if self.lora_scale is None:
+            raise ValueError(
+                "LoRA adapters were passed (the 'lora' collection) but ModelConfig.lora_scale is "
+                "unset: build the config with sft_jax.state.lora_model_config, or load the model "
+                "with sft_jax.load, which takes the scale from the adapter's config"
+            )
         a = self.get_variable("lora", "a").astype(self.dtype)  # [*in, R]
         b = self.get_variable("lora", "b").astype(self.dtype)  # [R, *out]
         down, up = lora_equations(self.equation)

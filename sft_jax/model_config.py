@@ -63,7 +63,9 @@ class ModelConfig:
     local_layers: tuple[bool, ...] = ()  # per layer: sliding window (empty: no local layers)
     local_rope_theta: float | None = None  # RoPE base of local layers (None: rope_theta, scaled)
     # LoRA (sft_jax/lora): used only when the "lora" variable collection is passed to apply.
-    lora_scale: float = 0.0  # alpha / r (or alpha / sqrt(r), rsLoRA); static, so jit-constant
+    # alpha / r (or alpha / sqrt(r), rsLoRA); static, so jit-constant. None: applying adapters
+    # is an error (a forgotten scale would otherwise silently give the base model).
+    lora_scale: float | None = None
     lora_dropout: float = 0.0  # dropout on the adapter input, active only with a "dropout" rng
     # Performance levers (config keys model.attention, model.scan_layers); results never change.
     attention: str = "auto"  # auto | xla | cudnn | splash | blocked | reference (attention.py)

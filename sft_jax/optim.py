@@ -25,6 +25,32 @@ from sft_jax.config import LoraSection, OptimSection
 from sft_jax.lora.tree import SAVED, saved_module_path
 
 
+def schedule_steps(max_steps: int, epochs: float, steps_per_epoch: int) -> int:
+    """The length of a run's schedule: `train.max_steps` when set, else `train.epochs` epochs."""
+    if max_steps > 0:
+        return max_steps
+    return max(1, math.ceil(epochs * steps_per_epoch))
+
+
+def schedule_change(cfg: OptimSection, planned: int | None, steps: int, step: int) -> str | None:
+    """A warning when a run resumed at `step` now lasts `steps` although its checkpoint was
+    planned for `planned` steps (train.max_steps or train.epochs changed, e.g. raised after the
+    run finished), else None. The warmup and cosine are recomputed over the new length, so the
+    rate jumps at the resumed step and the run equals neither the old nor a fresh one. Only
+    warned, not refused: continuing a finished run for more steps is a legitimate choice."""
+    if planned is None or planned == steps or step >= steps:
+        return None
+    old, new = (float(make_schedule(cfg, n)(step)) for n in (planned, steps))
+    where = "after it finished" if step >= planned else f"at step {step} of {planned}"
+    return (
+        f"resuming {where} with {steps} steps instead of {planned}: the learning-rate "
+        f"schedule is re-stretched over {steps} steps, so the rate at step {step + 1} becomes "
+        f"{new:.3g} instead of {old:.3g} (warmup and cosine recomputed). Restore "
+        "train.max_steps / train.epochs to keep the old schedule; for a fresh schedule, export "
+        "this run and fine-tune the export in a new workdir"
+    )
+
+
 def warmup_steps(cfg: OptimSection, total_steps: int) -> int:
     """Explicit warmup_steps when >= 0, else warmup_ratio of the total (rounded up)."""
     if cfg.warmup_steps >= 0:

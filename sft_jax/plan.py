@@ -32,9 +32,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sft_jax import hf, lora
+from sft_jax import hf, lora, state
 from sft_jax.attention import resolve_implementation
 from sft_jax.blocked_attention import BLOCK
+from sft_jax.cli import absl_help, wants_help
 from sft_jax.config import Config, ConfigError, config_from_argv
 from sft_jax.model import ModelConfig, Transformer
 from sft_jax.sharding import MESH_AXES, logical_to_spec
@@ -67,13 +68,6 @@ def planned_mesh(config: Config, devices: int) -> PlannedMesh:
     return PlannedMesh(dict(zip(MESH_AXES, sizes, strict=True)))
 
 
-def abstract_boxed_params(model_config: ModelConfig) -> Any:
-    model = Transformer(model_config)
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    init = lambda rng: model.init(rng, tokens, tokens, jnp.ones_like(tokens))["params"]
-    return jax.eval_shape(init, jax.random.key(0, impl="rbg"))
-
-
 def _shards(spec: tuple, mesh: PlannedMesh) -> int:
     """How many pieces a PartitionSpec cuts an array into."""
     factor = 1
@@ -91,7 +85,7 @@ def _bytes(leaf: Any, spec: tuple, mesh: PlannedMesh, dtype: Any = None) -> int:
 
 def param_layout(model_config: ModelConfig, mesh: PlannedMesh, rules) -> tuple[Any, Any]:
     """(abstract unboxed parameters, tree of their mesh PartitionSpecs as tuples)."""
-    boxed = abstract_boxed_params(model_config)
+    boxed = state.abstract_boxed_params(Transformer(model_config))
     params = nn.unbox(boxed)
 
     def spec(logical: Any, leaf: Any) -> tuple:
@@ -351,6 +345,12 @@ def plan_topology(config: Config, topology: str, num_slices: int, compile_step: 
     return 0
 
 
+PLAN_HELP = (
+    "Prints parameter, gradient, optimizer and activation bytes per device for a config on N\n"
+    "devices of a platform, and whether it fits in --device_memory_gib. Nothing is trained."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     from absl import flags
 
@@ -380,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         "devices and print XLA's memory analysis next to the plan.", flag_values=flag_values,
     )  # fmt: skip
     argv = sys.argv if argv is None else argv
+    if wants_help(argv[1:]):
+        usage = "python -m sft_jax.plan --config FILE[:ARG] [--devices N] [--config.KEY=VALUE ...]"
+        print(absl_help(usage, PLAN_HELP, flag_values), end="")
+        return 0
     try:
         config = resolve_model_path(config_from_argv(argv, flag_values))
         platform = (

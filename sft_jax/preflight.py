@@ -13,10 +13,11 @@ import socket
 
 import jax
 
-from sft_jax import sharding
+from sft_jax import hf, sharding
 from sft_jax.config import Config, ConfigError
 from sft_jax.data.mixture import parse_mixture
 from sft_jax.data.source import DataError
+from sft_jax.splash_attention import SPLASH_BLOCK
 
 
 def check_workdir(workdir: str) -> None:
@@ -34,12 +35,35 @@ def check_workdir(workdir: str) -> None:
         )
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe.{socket.gethostname()}.{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        _probe_write(workdir)
     except OSError as e:
         raise ConfigError(f"workdir '{workdir}' is not writable: {e}") from e
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(checkpoints):  # a resumed run saves there: find out now, not at step N
+        try:
+            _probe_write(checkpoints)
+        except OSError as e:
+            raise ConfigError(f"checkpoint directory '{checkpoints}' is not writable: {e}") from e
+
+
+def _probe_write(directory: str) -> None:
+    """Creates and removes a file in `directory` (OSError when the file system refuses)."""
+    probe = os.path.join(directory, f".write_probe.{socket.gethostname()}.{os.getpid()}")
+    with open(probe, "w") as f:
+        f.write("ok")
+    os.remove(probe)
+
+
+def check_model(config: Config) -> None:
+    """The model directory's config.json and safetensors headers (no tensor data) are read
+    here, so that a broken or truncated model fails in one line before the data is tokenised.
+    The weights themselves load later, into their shardings."""
+    if not config.model.path:
+        return
+    try:
+        hf.check_checkpoint(config.model.path, hf.build_model_config(config.model))
+    except (hf.ModelFileError, hf.UnsupportedModelError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_inputs(config: Config) -> None:
@@ -88,6 +112,24 @@ def check_train_batch(config: Config, mesh: jax.sharding.Mesh) -> None:
         )
 
 
+def check_attention(config: Config, mesh: jax.sharding.Mesh) -> None:
+    """An explicit `model.attention="splash"` must be able to run: on TPU devices, over rows its
+    128-token blocks tile (otherwise the failure surfaces deep inside the first trace)."""
+    if config.model.attention != "splash":
+        return
+    platform = mesh.devices.flat[0].platform
+    if platform != "tpu":
+        raise ConfigError(
+            f"model.attention='splash' is a TPU kernel, but the mesh's devices are {platform}; "
+            "use model.attention='auto'"
+        )
+    if config.data.seq_len % SPLASH_BLOCK:
+        raise ConfigError(
+            f"model.attention='splash' needs data.seq_len a multiple of {SPLASH_BLOCK}, got "
+            f"{config.data.seq_len}"
+        )
+
+
 def check_faults(config: Config) -> None:
     """Fault injection that could not do what it says is a config error, not a silent no-op."""
     if config.faults.kill_during_save and not config.checkpoint.async_save:
@@ -101,8 +143,10 @@ def run(config: Config, workdir: str) -> jax.sharding.Mesh:
     """All preflight checks, in order of cost; returns the device mesh they validated."""
     check_workdir(workdir)
     check_inputs(config)
+    check_model(config)
     check_faults(config)
     sharding.check_rules(config.mesh.rules)
     mesh = sharding.make_mesh(config.mesh)
     check_batch_layout(config, mesh)
+    check_attention(config, mesh)
     return mesh

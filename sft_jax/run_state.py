@@ -28,6 +28,7 @@ class LoopState:
     best_eval_loss: float | None = None
     best_eval_step: int | None = None
     evals_since_best: int = 0
+    last_loss: float | None = None  # last finite training loss, kept for the summary of a resume
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -72,12 +73,11 @@ class Run:
     faults: FaultInjector
     place: Callable[[dict], dict]
     inference_params: Callable[[Any], Any]  # state -> params of the plain model (LoRA merged)
-    last_loss: float | None = None  # last finite training loss of this process's run
 
     def save(self, step: int, state: Any, eval_loss: float | None = None) -> bool:
         """Starts a checkpoint of `state` at `step`; never writes non-finite parameters."""
         if not tree_is_finite((state.params, state.opt_state)):
-            raise NonFiniteAbort(step, self.loop.health.nonfinite_in_a_row)
+            raise NonFiniteAbort.unsaveable(step, self.loop.health.nonfinite_in_a_row)
         metrics = None if eval_loss is None else {"eval_loss": eval_loss}
         return self.checkpointer.save(
             step,

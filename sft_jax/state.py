@@ -49,9 +49,15 @@ def _init_fn(model: Transformer):
     return init
 
 
+def abstract_boxed_params(model: Transformer) -> Any:
+    """The parameter tree as ShapeDtypeStructs boxed with their logical axis names (nothing
+    allocated; any attention implementation and mesh)."""
+    return jax.eval_shape(_init_fn(model), init_key(0))
+
+
 def param_shardings(model: Transformer, mesh: Mesh, rules: Sequence) -> tuple[Any, Any]:
     """(abstract unboxed params, NamedSharding tree) for a model, without allocating weights."""
-    boxed = jax.eval_shape(_init_fn(model), init_key(0))
+    boxed = abstract_boxed_params(model)
     logical = nn.get_partition_spec(boxed)
     abstract = nn.unbox(boxed)
     return abstract, sharding.param_shardings(logical, abstract, mesh, rules)

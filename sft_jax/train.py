@@ -5,8 +5,10 @@ The loop is split into named sections: setup (mesh, data, model, state, restore)
 evaluation (sft_jax/eval_loop.py), the step loop (health, log, evaluate, checkpoint), and the final
 evaluation, before/after comparison and summary.
 
-Exit codes (sft_jax/faults.py): 0 finished or stopped early; 2 bad config or data (nothing
-trained); 42 preempted, checkpoint saved; 43 aborted on non-finite loss.
+Exit codes (sft_jax/faults.py): 0 finished or stopped early; 2 bad config or data, or a busy
+workdir (nothing trained); 42 preempted or interrupted (SIGTERM, Ctrl-C), safe to restart; 43
+aborted on non-finite loss; 44 a checkpoint could not be written (disk full, read-only),
+committed checkpoints kept; 130 a second Ctrl-C. What is printed where: sft_jax/console.py.
 
 metrics.jsonl is appended to by every start of a run in the same workdir. Each start writes a
 `{"kind": "start", "run": n, "resumed_from": step}` record, and every training and eval record
@@ -20,9 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
+import textwrap
 import time
 from typing import Any, NoReturn
 
@@ -30,8 +32,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from sft_jax import data, eval_loop, hf, preflight, sharding
+from sft_jax import console, data, eval_loop, hf, preflight, sharding, workdir_lock
 from sft_jax.checkpoint import Checkpointer
+from sft_jax.cli import absl_help, wants_help
 from sft_jax.config import Config, ConfigError, config_from_argv, to_dict
 from sft_jax.data.pipeline import format_stats, padding_line
 from sft_jax.distributed import check_platform, initialize_distributed
@@ -42,20 +45,24 @@ from sft_jax.evaluate import (
     make_inference_params,
 )
 from sft_jax.faults import (
+    EXIT_ABORTED,
     EXIT_NONFINITE,
     EXIT_OK,
     EXIT_PREEMPTED,
+    EXIT_SAVE_FAILED,
     EXIT_USER_ERROR,
     FaultInjector,
     NonFiniteAbort,
     Preempted,
     PreemptionWatcher,
+    SaveFailed,
 )
 from sft_jax.host_memory import configure_host_allocator
 from sft_jax.metrics import MetricsWriter, import_wandb
 from sft_jax.model import Transformer, count_params
-from sft_jax.optim import make_optimizer, make_schedule
+from sft_jax.optim import make_optimizer, make_schedule, schedule_change, schedule_steps
 from sft_jax.run_state import LoopState, Run, next_run_number
+from sft_jax.run_summary import print_summary, read_finished_summary, write_summary
 from sft_jax.state import create_train_state
 from sft_jax.step import BATCH_KEYS, make_train_step
 
@@ -71,9 +78,7 @@ USER_ERRORS = (ConfigError, data.DataError, hf.UnsupportedModelError, FileNotFou
 
 
 def total_steps(config: Config, steps_per_epoch: int) -> int:
-    if config.train.max_steps > 0:
-        return config.train.max_steps
-    return max(1, math.ceil(config.train.epochs * steps_per_epoch))
+    return schedule_steps(config.train.max_steps, config.train.epochs, steps_per_epoch)
 
 
 def make_placer(batch_sharding: jax.sharding.NamedSharding):
@@ -88,7 +93,8 @@ def make_placer(batch_sharding: jax.sharding.NamedSharding):
 
 
 def print_data_stats(stats: dict[str, Any], steps: int, per_epoch: int) -> None:
-    log(f"data: {format_stats(stats)}; {padding_line(stats)}")
+    line = f"data: {format_stats(stats)}; {padding_line(stats)}"
+    log(textwrap.fill(line, 100, subsequent_indent="  ", break_on_hyphens=False))
     log(f"schedule: {steps} steps ({per_epoch} steps per epoch)")
 
 
@@ -122,15 +128,24 @@ def build_state(
 
 
 def restore(
-    checkpointer: Checkpointer, state: Any, shardings: Any, bundle: data.DataBundle
+    checkpointer: Checkpointer,
+    state: Any,
+    shardings: Any,
+    bundle: data.DataBundle,
+    config: Config,
+    steps: int,
 ) -> tuple[Any, LoopState]:
-    """The latest committed checkpoint, if any, with its data position and loop counters."""
+    """The latest committed checkpoint, if any, with its data position and loop counters; warns
+    when the run's length changed since that checkpoint (the schedule is re-stretched)."""
     restored = checkpointer.restore_latest(state, shardings)
     if restored is None:
         return state, LoopState()
     step, state, data_state, loop_values = restored
     bundle.train_iter.set_state(data_state)
     log(f"resumed from checkpoint at step {step}")
+    planned = checkpointer.planned_steps(step, bundle.train_iter.steps_per_epoch)
+    if change := schedule_change(config.optim, planned, steps, step):
+        console.warn(change)
     return state, LoopState.from_dict(loop_values)
 
 
@@ -161,6 +176,7 @@ def make_evaluators(
 def setup(config: Config, workdir: str) -> tuple[Run, Any]:
     """Preflight, data, model, state and restore: everything that fails on bad input fails here,
     before compute. Returns the run and its (possibly restored) train state."""
+    config = hf.absolute_local_paths(config)  # config.json must work from any directory
     mesh = preflight.run(config, workdir)
     if config.logging.wandb:  # a missing wandb fails before data and compute
         import_wandb()
@@ -177,7 +193,7 @@ def setup(config: Config, workdir: str) -> tuple[Run, Any]:
     checkpointer = Checkpointer(
         workdir, keep=c.keep, keep_best=c.keep_best, async_save=c.async_save
     )
-    state, loop = restore(checkpointer, state, shardings, bundle)
+    state, loop = restore(checkpointer, state, shardings, bundle, config, steps)
     run = Run(
         config=config,
         workdir=workdir,
@@ -243,17 +259,18 @@ def check_health(run: Run, done: int, metrics: dict, bar: tqdm) -> tuple[bool, E
             nonfinite > 0,
             limit=run.config.train.max_nonfinite_steps,
             spike_factor=run.config.train.loss_spike_factor,
+            min_delta=run.config.train.loss_spike_min_delta,
         )
     except NonFiniteAbort as e:  # raised once this step's record is written
         abort = e
-    run.last_loss = run.last_loss if nonfinite else loss
+    run.loop.last_loss = run.loop.last_loss if nonfinite else loss
     if nonfinite:
-        bar.write(
+        console.warn(
             f"step {done}: non-finite loss or gradient, update skipped "
             f"({health.skipped_steps} so far)"
         )
     if spike:
-        bar.write(f"step {done}: loss spike {loss:.4f} (running mean {health.loss_ema:.4f})")
+        console.warn(f"step {done}: loss spike {loss:.4f} (running mean {health.loss_ema:.4f})")
         run.writer.write(done, {"kind": "loss_spike", "run": run.run_number, "spike_loss": loss})
     return bool(nonfinite), abort
 
@@ -268,6 +285,10 @@ def log_step(run: Run, done: int, metrics: dict, interval: Interval, bar: tqdm) 
     record["run"] = run.run_number
     run.writer.write(done, record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+    log(
+        f"step {done}/{run.steps}: loss {record['loss']:.4f}, lr {record['learning_rate']:.3g}, "
+        f"grad norm {record['grad_norm']:.3g}, {record['tokens_per_s']:.0f} tokens/s"
+    )
     interval.tokens, interval.start = 0.0, time.time()
 
 
@@ -283,21 +304,21 @@ def evaluate_if_due(
         return None, False
     result = eval_loop.periodic(run, state, done, with_samples=eval_due)
     eval_loss = result["eval_loss"]
-    bar.write(
-        f"step {done}: eval_loss {eval_loss:.4f}, "
-        f"token accuracy {result['eval_token_accuracy']:.4f}"
-    )
+    accuracy = result["eval_token_accuracy"]
+    log(f"step {done}: eval_loss {eval_loss:.4f}, token accuracy {accuracy:.4f}")
     patience = config.eval.early_stopping_patience
     return eval_loss, eval_due and run.loop.observe_eval(done, eval_loss, patience)
 
 
-def preempt(run: Run, state: Any, done: int, eval_loss: float | None, bar: tqdm) -> NoReturn:
-    """SIGTERM arrived: save at this step, wait for the commit, record it, and stop."""
+def preempt(
+    run: Run, state: Any, done: int, eval_loss: float | None, bar: tqdm, signal_name: str
+) -> NoReturn:
+    """SIGTERM or Ctrl-C arrived: save at this step, wait for the commit, record it, and stop."""
     run.save(done, state, eval_loss)
     run.checkpointer.wait()
     run.writer.write(done, {"kind": "preempted", "run": run.run_number})
     bar.close()
-    raise Preempted(done)
+    raise Preempted(done, signal_name)
 
 
 def train_loop(run: Run, state: Any, watcher: PreemptionWatcher) -> tuple[Any, int, str]:
@@ -317,6 +338,8 @@ def train_loop(run: Run, state: Any, watcher: PreemptionWatcher) -> tuple[Any, i
     )
     interval, last_save_time = Interval(), time.time()
     done, reason = first_step, "finished"
+    if first_step < run.steps:  # the first call compiles; say so, or the bar sits at 0 silently
+        log("compiling the train step (the first step waits for it) ...")
     for step in range(first_step, run.steps):
         host_batch = next(bundle.train_iter)
         interval.tokens += float(np.sum(host_batch["segment_ids"] > 0)) * jax.process_count()
@@ -326,6 +349,8 @@ def train_loop(run: Run, state: Any, watcher: PreemptionWatcher) -> tuple[Any, i
         done = step + 1
         bar.update(1)
         nonfinite, abort = check_health(run, done, metrics, bar)
+        if step == first_step:
+            log(f"first step done in {time.time() - interval.start:.1f} s (compile included)")
         if done % config.train.log_every == 0 or done == run.steps or nonfinite:
             log_step(run, done, metrics, interval, bar)
         if abort is not None:
@@ -338,10 +363,10 @@ def train_loop(run: Run, state: Any, watcher: PreemptionWatcher) -> tuple[Any, i
             last_save_time = time.time()
         run.faults.after_step(done)
         if watcher.reached(done):
-            preempt(run, state, done, eval_loss, bar)
+            preempt(run, state, done, eval_loss, bar, watcher.signal_name)
         if stop:
             reason = "early_stopping"
-            bar.write(
+            log(
                 f"step {done}: early stopping, no eval-loss improvement in "
                 f"{config.eval.early_stopping_patience} evals (best {run.loop.best_eval_loss:.4f} "
                 f"at step {run.loop.best_eval_step})"
@@ -354,33 +379,68 @@ def train_loop(run: Run, state: Any, watcher: PreemptionWatcher) -> tuple[Any, i
 # ----------------------------------------------------------------------------- the end
 
 
-def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: Config, workdir: str, *, host_memory: str | None = None
+) -> dict[str, Any]:
     """Trains per `config`, writing metrics and checkpoints to `workdir`; returns the summary.
 
-    Raises faults.Preempted after saving on SIGTERM, faults.NonFiniteAbort after too many
-    non-finite steps in a row, and ConfigError / DataError on bad input (before compute).
+    Raises faults.Preempted on SIGTERM / Ctrl-C (after saving, when in the step loop),
+    faults.NonFiniteAbort after too many non-finite steps in a row, KeyboardInterrupt on a second
+    Ctrl-C, ConfigError / DataError on bad input (before compute), WorkdirBusyError (a
+    ConfigError) when another run holds the workdir's lock, and faults.SaveFailed when a
+    checkpoint cannot be written. `host_memory` is the allocator line of the command, logged once
+    the config and data were accepted.
     """
+    preflight.check_workdir(workdir)  # the lock file needs a writable local directory
+    with workdir_lock.hold(workdir):  # one writer per workdir, released on every exit
+        return _train_and_evaluate(config, workdir, host_memory)
+
+
+def _train_and_evaluate(config: Config, workdir: str, host_memory: str | None) -> dict[str, Any]:
     start_time = time.time()
-    run, state = setup(config, workdir)
-    first_step = int(state.step)
-    run.writer.write(
-        first_step, {"kind": "start", "run": run.run_number, "resumed_from": first_step}
-    )
-    before = eval_loop.baseline(run, state)  # measured at step 0, read back after a restart
-    watcher = PreemptionWatcher()
+    console.reset()
+    watcher = PreemptionWatcher(phase="setup")  # a signal during setup stops at once, cleanly
     try:
-        state, done, reason = train_loop(run, state, watcher)
-        summary = finish(run, state, done, reason, before)
+        run, state = setup(config, workdir)
+        console.open_run_log(workdir)
+        if host_memory:
+            log(f"host memory: {host_memory}")
+        return _train_and_finish(run, state, watcher, start_time)
     finally:
         watcher.close()
+
+
+def _train_and_finish(
+    run: Run, state: Any, watcher: PreemptionWatcher, start_time: float
+) -> dict[str, Any]:
+    """The baseline, the loop and the end of a set-up run (resources closed on every exit)."""
+    config, workdir = run.config, run.workdir
+    first_step = int(state.step)
+    try:
+        run.writer.write(
+            first_step, {"kind": "start", "run": run.run_number, "resumed_from": first_step}
+        )
+        finished = read_finished_summary(workdir, first_step) if first_step >= run.steps else None
+        if finished is not None:  # nothing left to do: keep the training's own figures
+            log(f"already finished at step {first_step}; summary.json is kept as it was")
+            print_summary(finished, config, workdir)
+            return finished
+        measures = run.bundle.eval_batches or run.evaluate_general is not None
+        if first_step == 0 and measures and eval_loop.read_baseline(workdir) is None:
+            log("evaluating the model before training (compiles the evaluation) ...")
+        before = eval_loop.baseline(run, state)  # measured at step 0, read back after a restart
+        watcher.phase = "loop"
+        state, done, reason = train_loop(run, state, watcher)
+        watcher.phase, watcher.step = "finish", done
+        summary = finish(run, state, done, reason, before)
+    finally:
         run.checkpointer.close()  # waits for any asynchronous save to commit
         run.writer.close()  # flushes TensorBoard, finishes the W&B run
         run.bundle.train_iter.close()  # stops the prefetch thread
     summary["wall_s"] = round(time.time() - start_time, 1)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-    print_summary(summary, config)
+        write_summary(workdir, summary)
+    print_summary(summary, config, workdir)
     return summary
 
 
@@ -390,7 +450,7 @@ def finish(
     """Final evaluation, checkpoint (ranked by eval loss), optional rewind, held-out generation,
     the forgetting check, and the summary with its before/after comparison."""
     config, bundle = run.config, run.bundle
-    summary: dict[str, Any] = {"steps": done, "stopped": reason, "train_loss": run.last_loss}
+    summary: dict[str, Any] = {"steps": done, "stopped": reason, "train_loss": run.loop.last_loss}
     after: dict[str, float] = {}
     if bundle.eval_batches:
         after.update(eval_loop.validate(run, run.inference_params(state), done))
@@ -422,43 +482,49 @@ def finish(
     return summary
 
 
-def print_summary(summary: dict[str, Any], config: Config) -> None:
-    lines = [f"finished {summary['steps']} steps in {summary['wall_s']} s"]
-    if summary.get("train_loss") is not None:
-        lines.append(f"  final train loss: {summary['train_loss']:.4f}")
-    if summary["comparison"]:
-        lines.append("before / after training:")
-        lines.append(eval_loop.format_comparison(summary["comparison"]))
-    if "accuracy_after" in summary:
-        lines.append(
-            f"  held-out generation: n={summary['generated']}, rules {config.eval.match!r} "
-            f"(first one decides 'correct')"
-        )
-        for sample in summary["samples"][:3]:
-            mark = "ok" if sample["correct"] else "wrong"
-            lines.append(f"    {sample['prompt'][-60:]!r} -> {sample['output']!r} ({mark})")
-    log("\n".join(lines))
-
-
 # ----------------------------------------------------------------------------- command line
+
+
+USAGE = "python -m sft_jax.train --config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...]"
+DESCRIPTION = (
+    "Fine-tunes a model as the config file says, writing checkpoints, metrics.jsonl, train.log\n"
+    "and summary.json to DIR; the same command resumes an interrupted run. Exit codes: 0 done,\n"
+    "2 bad config or data or a busy workdir, 42 preempted or interrupted (safe to restart),\n"
+    "43 non-finite loss, 44 a checkpoint could not be written, 130 a second Ctrl-C."
+)
+
+
+def train_flags():
+    """The absl flags of this command besides --config (which config_from_argv adds)."""
+    from absl import flags
+
+    flag_values = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "Output directory (created).", flag_values=flag_values)
+    return flag_values
 
 
 def load_config_from_flags(argv: list[str]) -> tuple[Config, str]:
     """Parses `--config FILE[:arg] --workdir DIR --config.a.b=v`; bad flags -> ConfigError."""
-    from absl import flags
-
-    flag_values = flags.FlagValues()
-    flags.DEFINE_string("workdir", None, "Output directory.", flag_values=flag_values)
+    flag_values = train_flags()
     config = config_from_argv(argv, flag_values)
     if not flag_values.workdir:
-        raise ConfigError("usage: python -m sft_jax.train --config configs/x.py --workdir DIR")
+        raise ConfigError(f"--workdir DIR is required; usage: {USAGE}")
     return config, flag_values.workdir
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs training -> exit code: 0 done, 2 bad config or data, 42 preempted, 43 non-finite."""
+    """Runs training -> exit code: 0 done, 2 bad config or data or a busy workdir, 42 preempted,
+    43 non-finite, 44 a checkpoint save failed (disk full, read-only), 130 a second Ctrl-C. Every
+    ending is one line on stderr (and in train.log), no traceback."""
+    argv = list(sys.argv if argv is None else argv)
+    if wants_help(argv[1:]):
+        print(absl_help(USAGE, DESCRIPTION, train_flags()), end="")
+        return EXIT_OK
+    console.reset()
+    console.route_logging()
+    watcher = PreemptionWatcher(phase="setup")  # until train_and_evaluate installs its own
     try:
-        config, workdir = load_config_from_flags(sys.argv if argv is None else argv)
+        config, workdir = load_config_from_flags(argv)
         # Before anything touches devices: the host allocator (it must precede JAX's backend),
         # join the other hosts, then refuse a CPU fallback.
         allocator = configure_host_allocator(
@@ -467,18 +533,28 @@ def main(argv: list[str] | None = None) -> int:
         config = hf.resolve_config_hub_ids(config)
         initialize_distributed(config.distributed)
         check_platform(config.distributed.expected_platform)
-        log(f"host memory: {allocator}")
-        train_and_evaluate(config, workdir)
+        train_and_evaluate(config, workdir, host_memory=allocator)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _ended(f"error: {e}", EXIT_USER_ERROR)
     except Preempted as e:
-        print(f"{e} (exit {EXIT_PREEMPTED})", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return _ended(f"{e} (exit {EXIT_PREEMPTED})", EXIT_PREEMPTED)
     except NonFiniteAbort as e:
-        print(f"error: {e} (exit {EXIT_NONFINITE})", file=sys.stderr)
-        return EXIT_NONFINITE
+        return _ended(f"error: {e} (exit {EXIT_NONFINITE})", EXIT_NONFINITE)
+    except SaveFailed as e:
+        return _ended(f"error: {e} (exit {EXIT_SAVE_FAILED})", EXIT_SAVE_FAILED)
+    except KeyboardInterrupt:
+        message = "stopped by a second Ctrl-C without saving; committed checkpoints are kept"
+        return _ended(f"{message} (exit {EXIT_ABORTED})", EXIT_ABORTED)
+    finally:
+        watcher.close()
     return EXIT_OK
+
+
+def _ended(line: str, code: int) -> int:
+    """Prints the run's last line (stderr and train.log) and returns its exit code."""
+    console.final(line)
+    console.reset()
+    return code
 
 
 if __name__ == "__main__":

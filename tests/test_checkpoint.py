@@ -2,18 +2,22 @@
 last-K plus best-K retention with rewinding to the best step, early stopping, and restore onto
 other meshes and device counts (8 devices -> 1 -> (2, 2, 2)) with the same losses."""
 
+import errno
 import json
 import os
 import pathlib
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from sft_jax import faults, preflight
+from sft_jax.checkpoint import Checkpointer, storage_error
 from sft_jax.config import load_config_file, parse
 from sft_jax.metrics import read_metrics
-from sft_jax.train import train_and_evaluate
+from sft_jax.optim import make_schedule, schedule_change
+from sft_jax.train import main, train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_FILE = REPO / "sft_jax" / "assets" / "demo" / "train.jsonl"
@@ -78,11 +82,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(small_train, tmp_path,
         (latest / "commit_success.txt").unlink()
     capsys.readouterr()
     train_and_evaluate(cfg, str(tmp_path))
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert f"checkpoint {latest} cannot be restored" in err, err
     if damage == "flip_one_bit":
         assert "checksum mismatch" in err, err
-    assert "resumed from checkpoint at step 4" in err
+    assert "resumed from checkpoint at step 4" in out  # the run's record is on stdout
     assert list((tmp_path / "checkpoints.corrupt").iterdir())  # moved aside, not deleted
     second = losses(tmp_path, run=1)
     assert sorted(second) == [5, 6, 7, 8]
@@ -168,4 +172,118 @@ def test_restore_onto_other_meshes_and_device_counts(small_train, tmp_path, monk
     assert sorted(got) == sorted(expected) == list(range(1, 7))
     np.testing.assert_allclose(
         [got[s] for s in range(1, 7)], [expected[s] for s in range(1, 7)], rtol=1e-5
+    )
+
+
+# ----------------------------------------------------------------------------- storage failures
+
+
+def _flags(small_train: str, workdir) -> list[str]:
+    return [
+        "train",
+        "--config",
+        str(REPO / "configs" / "tiny.py"),
+        "--workdir",
+        str(workdir),
+        f"--config.data.train_files={small_train}",
+        "--config.data.eval_files=",  # no evaluation: only saves matter here
+        "--config.train.max_steps=4",
+        "--config.checkpoint.every_steps=2",
+    ]
+
+
+def test_full_disk_at_a_save_exits_44_keeps_checkpoints_and_resumes(
+    small_train, tmp_path, capsys, monkeypatch
+):
+    """ENOSPC while saving step 4, the last (the write is monkeypatched to fail): one line saying
+    how far the run got and where a restart resumes, exit 44; step 2 is kept and the rerun
+    resumes from it."""
+    original = ocp.CheckpointManager.save
+
+    def full_disk(self, step, *args, **kwargs):
+        if step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", f"{self.directory}/4")
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    code = main(_flags(small_train, tmp_path))
+    err = capsys.readouterr().err
+    assert code == 44, err
+    assert "error: the checkpoint of step 4 could not be written: ENOSPC: No space left" in err
+    assert "Trained to step 4" in err and "it resumes from step 2 (exit 44)" in err, err
+    assert "Traceback" not in err
+    assert step_dirs(tmp_path) == [2]
+    assert not (tmp_path / "train.lock").exists()
+
+    # The rerun also raises max_steps: resuming then warns that the schedule is re-stretched.
+    monkeypatch.setattr(ocp.CheckpointManager, "save", original)
+    assert main([*_flags(small_train, tmp_path), "--config.train.max_steps=6"]) == 0
+    starts = [r for r in read_metrics(str(tmp_path)) if r.get("kind") == "start"]
+    assert [s["resumed_from"] for s in starts] == [0, 2]
+    err = capsys.readouterr().err
+    assert "warning: resuming at step 2 of 4 with 6 steps instead of 4" in err, err
+
+
+def test_schedule_change_says_what_changes():
+    """Raising max_steps after a finished 100-step run: the cosine had reached its floor at step
+    100; over 200 steps the rate at step 101 is back near the middle of the decay."""
+    cfg = config("unused.jsonl").optim
+    assert schedule_change(cfg, 100, 100, 100) is None and schedule_change(cfg, None, 9, 1) is None
+    assert schedule_change(cfg, 100, 80, 100) is None  # nothing left to train
+    message = schedule_change(cfg, 100, 200, 100)
+    old, new = float(make_schedule(cfg, 100)(100)), float(make_schedule(cfg, 200)(100))
+    assert new > 5 * old  # the floor (end_lr_ratio) vs about the middle of the cosine
+    assert message.startswith("resuming after it finished with 200 steps instead of 100")
+    assert f"rate at step 101 becomes {new:.3g} instead of {old:.3g}" in message
+
+
+def test_unwritable_checkpoint_directory_fails_in_preflight(
+    small_train, tmp_path, capsys, monkeypatch
+):
+    """A resumed run whose checkpoints/ cannot be written fails before compute (exit 2), not
+    at its first save. As root permissions do not bind, so the write is refused by a patched
+    open; elsewhere the directory really is read-only."""
+    (tmp_path / "checkpoints").mkdir()
+    if os.geteuid() == 0:
+        real_open = open
+
+        def read_only(path, *args, **kwargs):
+            if "checkpoints" in str(path):
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(preflight, "open", read_only, raising=False)  # shadows the builtin
+    else:
+        os.chmod(tmp_path / "checkpoints", 0o555)
+    try:
+        code = main(_flags(small_train, tmp_path))
+    finally:
+        os.chmod(tmp_path / "checkpoints", 0o755)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"checkpoint directory '{tmp_path}/checkpoints' is not writable" in err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_asynchronous_save_failure_surfaces_once_as_save_failed(tmp_path):
+    """An asynchronous save fails in Orbax's thread and shows at the next wait, as TensorStore's
+    ValueError with an os_error_code; it becomes SaveFailed once, and close() then does not
+    raise it again (that would hide the first report). Other errors stay errors."""
+    checkpointer = Checkpointer(str(tmp_path), keep=2, async_save=True)
+    tensorstore = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "params/0" in OCDBT database: Failed to write 77 '
+        "bytes to file 20: No space left on device [os_error_code='28']"
+    )
+
+    def fails(*args, **kwargs):
+        raise tensorstore
+
+    checkpointer._manager.wait_until_finished = fails
+    with pytest.raises(faults.SaveFailed, match="ENOSPC") as info:
+        checkpointer.wait()
+    assert info.value.committed is None and "starts from step 0" in str(info.value)
+    checkpointer.close()
+    assert storage_error(RuntimeError("shape mismatch")) is None
+    assert storage_error(PermissionError(errno.EACCES, "Permission denied", "x")).startswith(
+        "EACCES"
     )

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from configs import base
 from sft_jax.config import ConfigError, load_config_file, parse
+from sft_jax.configs import base
 from sft_jax.train import load_config_from_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -99,6 +99,9 @@ def test_cli_typo_exits_2_before_compute(tmp_path):
         ("optim", "eps", 0.0),
         ("optim", "warmup_steps", -5),
         ("lora", "alpha", -2.0),
+        ("data", "max_eval_examples", -1),  # used to drop the last held-out example
+        ("optim", "learning_rate", 1e39),  # inf in float32: every update non-finite
+        ("optim", "learning_rate", float("inf")),
     ],
 )
 def test_out_of_range_values_are_refused(section, key, value):

@@ -240,6 +240,21 @@ def test_other_real_tokenizers_prefix_and_no_doubled_specials(shared_assets, nam
     assert tok.decode(examples[0].tokens[examples[0].loss_mask][:-1]) == " General Kenobi"
 
 
+def test_empty_prompt_without_bos_still_trains_the_first_completion_token(shared_assets):
+    """Qwen adds no BOS: an empty prompt put the first completion token in slot 0, which is never
+    a target. A start token (EOS, Qwen has no BOS) now precedes it, in training and generation."""
+    from sft_jax.data import EncodeSettings, Text, encode_examples
+
+    tok = load_tokenizer(str(shared_assets / "tok-qwen3"))
+    (ex,), _ = tokenize_rows([Row("", "Paris", "e:1")], tok, seq_len=16)
+    first = tok("Paris", add_special_tokens=False)["input_ids"][0]
+    assert ex.tokens.tolist()[:2] == [tok.eos_token_id, first] and ex.loss_mask[1]
+    assert encode_prompt(tok, "") == [tok.eos_token_id]
+    settings = EncodeSettings(None, "all", 16, "truncate", "error")
+    (text,), _, _ = encode_examples([Text("Paris is big", "t:1")], tok, settings, num_workers=1)
+    assert text.tokens[1] == first  # slot 1: a target
+
+
 def test_truncation_counted_keeps_prompt_start_and_drops_untrainable(tokenizer):
     long_completion = " ".join(["cat"] * 50)
     rows = [

@@ -368,7 +368,7 @@ def test_prepare_data_chat_mixture_and_eval_prompts(tmp_path, shared_assets, sto
     c = base.get_config()
     c.data.tokenizer = str(stories_dir)
     c.data.train_files = f"{share}:0.75,{alpaca}:0.25"
-    c.data.chat_template = "chatml"
+    c.data.chat_template = "plain"
     c.data.eval_fraction = 0.05
     c.data.seq_len = 512
     c.data.overlong = "split"
@@ -380,7 +380,7 @@ def test_prepare_data_chat_mixture_and_eval_prompts(tmp_path, shared_assets, sto
     prompts = bundle.eval_prompts
     assert prompts and all(p.prompt_ids and p.reference for p in prompts)
     tok = bundle.tokenizer
-    assert tok.decode(prompts[0].prompt_ids).endswith("<|im_start|>assistant\n")
+    assert tok.decode(prompts[0].prompt_ids).endswith("Assistant:")
 
 
 def test_all_ones_mask_fails_before_training(tmp_path, stories_dir):

@@ -231,7 +231,7 @@ def test_untrainable_conversation_is_a_bad_row(tmp_path):
     examples, _ = read_examples(path, FormatSpec(), on_bad_row="error")
     tokenizer = load_tokenizer(str(REPO / "sft_jax" / "assets" / "stories260K"))
     skip = EncodeSettings(
-        load_chat_template("chatml", tokenizer), "all_assistant", 64, "drop", "skip"
+        load_chat_template("plain", tokenizer), "all_assistant", 64, "drop", "skip"
     )
     encoded, _, skipped = encode_examples(examples, tokenizer, skip, num_workers=1)
     assert skipped == 1 and [e.source for e in encoded] == [f"{path}:1", f"{path}:3"]

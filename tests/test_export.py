@@ -15,9 +15,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sft_jax import export
+from sft_jax import api, export
 from sft_jax.config import load_config_file, parse
 from sft_jax.model import Transformer
+from tests.conftest import STORIES
 from tests.helpers import tiny_model_config
 
 MODEL_TOL = 1e-4
@@ -107,13 +108,32 @@ def test_bfloat16_export_rounds_each_weight_once(tmp_path, stories_dir):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """A tiny 2-step run started with relative paths (a copied tokenizer, a .jinja template):
+    ROOT/run, with ROOT/tok and ROOT/chat.jinja (the plain built-in: chatml's <|im_end|> is not
+    a token of stories260K, so it is refused there)."""
+    import os
+    import shutil
+
+    from sft_jax.data.templates import BUILTIN_TEMPLATES
     from sft_jax.train import train_and_evaluate
 
+    root = tmp_path_factory.mktemp("chat_run")
+    shutil.copytree(STORIES, root / "tok")
+    (root / "chat.jinja").write_text(BUILTIN_TEMPLATES["plain"])
     c = load_config_file("configs/tiny.py")
     c.train.max_steps = 2
-    workdir = tmp_path_factory.mktemp("tiny")
-    train_and_evaluate(parse(c), str(workdir))
-    return workdir
+    c.data.max_eval_examples = 8
+    c.data.tokenizer = "tok"
+    c.data.chat_template = "chat.jinja"
+    c.data.train_files = os.path.abspath(c.data.train_files)
+    c.data.eval_files = os.path.abspath(c.data.eval_files)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        train_and_evaluate(parse(c), "run")
+    finally:
+        os.chdir(cwd)
+    return root / "run"
 
 
 def test_cli_exports_a_trained_workdir(trained, tmp_path):
@@ -161,10 +181,10 @@ def test_workdir_of_an_older_version_exports_with_defaults(trained, tmp_path):
     from sft_jax import chat
 
     workdir = _old_workdir(trained, tmp_path, drop_new_keys)
-    with pytest.warns(export.OldWorkdirWarning, match=r"model\.attention='auto'.*base\.py"):
+    with pytest.warns(api.OldWorkdirWarning, match=r"model\.attention='auto'.*base\.py"):
         assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
-    with pytest.warns(export.OldWorkdirWarning, match=r"model\.scan_layers=True"):  # generate
+    with pytest.warns(api.OldWorkdirWarning, match=r"model\.scan_layers=True"):  # generate
         assert (
             chat.main(["--workdir", str(workdir), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
         )
@@ -185,3 +205,101 @@ def test_malformed_workdir_config_names_file_and_key(trained, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert str(workdir / "config.json") in err and "Traceback" not in err
     assert re.search(message, err), err
+
+
+# Text that tokenizes differently when a tokenizer is re-saved: after a special token, leading
+# spaces, control-token text inside content, non-ASCII.
+TOKENIZER_PROBES = [
+    "<s>Hello",
+    "Hello world",
+    " leading space",
+    "a\n\nb  c",
+    "<|im_start|>user\nHi<|im_end|>",
+    "</s>x",
+    "Grüße, 你好 🙂",
+]
+
+
+@pytest.mark.parametrize("name", ["stories260K", "tok-llama3.1-hf", "tok-qwen3"])
+def test_export_keeps_token_ids_with_a_training_template(name, tmp_path, stories_dir, request):
+    """Every bundled tokenizer transformers loads here (the Mistral SentencePiece files need the
+    sentencepiece package, which is not a dependency)."""
+    from transformers import AutoTokenizer
+
+    from sft_jax.data.templates import BUILTIN_TEMPLATES
+
+    source = (
+        stories_dir if name == "stories260K" else request.getfixturevalue("shared_assets") / name
+    )
+    params = _random_params(BASE)
+    chatml = BUILTIN_TEMPLATES["chatml"]
+    export.export_hf(params, BASE, str(tmp_path), tokenizer_dir=str(source), chat_template=chatml)
+    before = AutoTokenizer.from_pretrained(source)
+    after = AutoTokenizer.from_pretrained(tmp_path)
+    for text in TOKENIZER_PROBES:
+        for special in (True, False):
+            assert before.encode(text, add_special_tokens=special) == after.encode(
+                text, add_special_tokens=special
+            ), (text, special)
+    assert after.chat_template == chatml  # the training template, not the tokenizer's own
+    assert (tmp_path / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert saved["chat_template"] == chatml  # also for readers that ignore chat_template.jinja
+
+
+def test_relative_paths_export_and_chat_like_the_workdir(trained, tmp_path, monkeypatch):
+    """Exported from another directory; the export tokenizes and answers as the workdir does."""
+    workdir, out, root = trained, tmp_path / "out", trained.parent
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["data"]["tokenizer"] == str(root / "tok")
+    assert saved["data"]["chat_template"] == str(root / "chat.jinja")
+    monkeypatch.chdir(tmp_path)
+    assert export.main(["--workdir", str(workdir), "--out", str(out)]) == 0
+    trained, exported = api.load(str(workdir)), api.load(str(out))
+    messages = [{"role": "user", "content": "Lily had a red ball. What color was it?"}]
+    assert trained.encode(messages) == exported.encode(messages)
+    assert trained.generate(messages, max_new_tokens=6) == exported.generate(
+        messages, max_new_tokens=6
+    )
+
+
+def test_overwrite_removes_stale_weights_and_refuses_inputs(trained, tmp_path, capsys):
+    import shutil
+
+    workdir, out, tokenizer = trained, tmp_path / "out", trained.parent / "tok"
+    out.mkdir()
+    shutil.copyfile("sft_jax/assets/stories260K/model.safetensors", out / "model.safetensors")
+    (out / "adapter_config.json").write_text("{}")
+    (out / "NOTES.md").write_text("mine")
+    assert export.main(["--workdir", str(workdir), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    assert (out / "NOTES.md").read_text() == "mine"  # not an export file: kept
+    run = export.load_workdir(str(workdir))
+    tokens = _tokens()
+    ours = np.asarray(_apply(run.model_config, run.params, jnp.asarray(tokens, jnp.int32)))
+    np.testing.assert_allclose(_hf_logits(out, tokens)[0], ours, atol=MODEL_TOL)
+    before = sorted(p.name for p in tokenizer.iterdir())
+    for target, what in [(workdir, "workdir"), (tokenizer, "tokenizer directory")]:
+        argv = ["--workdir", str(workdir), "--out", str(target), "--overwrite"]
+        assert export.main(argv) == 2
+        assert f"is the {what}" in capsys.readouterr().err
+    assert sorted(p.name for p in tokenizer.iterdir()) == before
+    assert (workdir / "config.json").is_file()
+
+
+def test_local_paths_become_absolute_but_names_stay(tmp_path, monkeypatch):
+    from sft_jax import hf
+
+    c = load_config_file("configs/tiny.py")
+    (tmp_path / "t.jinja").write_text("{{ messages }}")
+    c.model.path, c.data.tokenizer, c.lora.init_from = "m", "tok", "ad"
+    monkeypatch.chdir(tmp_path)
+    for template, expected in [("t.jinja", str(tmp_path / "t.jinja")), ("chatml", "chatml")]:
+        c.data.chat_template = template
+        config = hf.absolute_local_paths(parse(c))
+        assert config.data.chat_template == expected
+        assert config.model.path == str(tmp_path / "m")
+        assert config.data.tokenizer == str(tmp_path / "tok")
+        assert config.lora.init_from == str(tmp_path / "ad")
+    c.model.path = ""  # a random init stays one
+    assert hf.absolute_local_paths(parse(c)).model.path == ""

@@ -183,6 +183,9 @@ def _export_both_ways(workdir, cfg, tmp_path, stories_dir):
 
     assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "merged")]) == 0
     assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "ad"), "--peft"]) == 0
+    # The adapter directory also serves chat: tokenizer, training template, generation config.
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "ad" / name).is_file(), name
     run = export.load_workdir(str(workdir))
     mesh = jax.sharding.Mesh(
         np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor")

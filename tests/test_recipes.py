@@ -23,7 +23,7 @@ SHARED = REPO.parent / "shared" / "assets"
 FAKE_DEVICES = 8
 
 # recipe (file[:preset]) -> (real data file in the recipe's format, the model family's template),
-# both under ../shared/assets; without that folder the bundled demo data and chatml stand in.
+# both under ../shared/assets; without that folder the bundled demo data stands in.
 RECIPES = {
     "llama31_8b_lora.py": ("data-llamafactory/v1_sft_demo.jsonl", "llama3_1.jinja"),
     "qwen3_full.py": ("data-fastchat/dummy_conversation.json", "qwen3_instruct_2507.jinja"),
@@ -95,13 +95,15 @@ def tiny_version(name: str, tmp_path: pathlib.Path):
     """The recipe with only what cannot run on CPU in a test swapped out; the rest (optimizer,
     LoRA, remat, dtypes, mesh, train_on, checkpoint policy) is the recipe's own."""
     raw = recipe_config(name)
-    data_file, template = RECIPES[name]
+    data_file, _ = RECIPES[name]
     if SHARED.is_dir():
         raw.data.train_files = _data_slice(tmp_path, data_file)
-        raw.data.chat_template = str(SHARED / "chat-templates" / "trl" / template)
     else:
         raw.data.train_files = str(REPO / "sft_jax" / "assets" / "demo" / "train.jsonl")
-        raw.data.chat_template = "chatml"
+    # stories260K's tokenizer has none of the families' turn tokens (<|eot_id|>, <|im_end|>,
+    # <end_of_turn>), so their templates are refused on it; the family template is checked with
+    # the family's tokenizer below (test_recipe_template_fits_its_family_tokenizer).
+    raw.data.chat_template = "plain"
     raw.model.path = str(STORIES)
     raw.data.seq_len = 256  # stories260K has 512 positions
     raw.data.max_eval_examples = 8
@@ -115,11 +117,38 @@ def tiny_version(name: str, tmp_path: pathlib.Path):
     return parse(raw)
 
 
+FAMILY_TOKENIZERS = {"llama": "tok-llama3.1-hf", "qwen": "tok-qwen3"}  # gemma: none bundled
+
+
+@pytest.mark.parametrize("name", [n for n in RECIPES if not n.startswith("gemma")])
+def test_recipe_template_fits_its_family_tokenizer(name, shared_assets, tmp_path):
+    """The family's template renders the recipe's real data with the family's tokenizer, and its
+    turns end with one of that tokenizer's tokens (what the trained model stops at)."""
+    from sft_jax.data import (
+        FormatSpec,
+        load_chat_template,
+        load_tokenizer,
+        read_examples,
+        render_conversation,
+    )
+    from sft_jax.data.templates import end_of_turn
+
+    data_file, template = RECIPES[name]
+    tokenizer = load_tokenizer(str(shared_assets / FAMILY_TOKENIZERS[name[:5].rstrip("3")]))
+    loaded = load_chat_template(str(shared_assets / "chat-templates" / "trl" / template), tokenizer)
+    text, ids = end_of_turn(loaded, tokenizer)
+    assert len(ids) == 1 and text in ("<|eot_id|>", "<|im_end|>")
+    rows = _data_slice(tmp_path, data_file, rows=8)
+    examples, _ = read_examples(rows, FormatSpec(), on_bad_row="error")
+    train_on = parse(recipe_config(name)).data.train_on
+    assert all(render_conversation(e, loaded, train_on).spans for e in examples)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_recipe_trains_two_steps_on_the_tiny_model(name, tmp_path):
-    """Slow (about 20-40 s each on 2 shared cores: data rendering with the family's real chat
-    template, two compilations of the train step's shapes, the LoRA merge for evaluation)."""
+    """Slow (about 20-40 s each on 2 shared cores: data rendering, two compilations of the train
+    step's shapes, the LoRA merge for evaluation)."""
     (tmp_path / "data").mkdir()
     config = tiny_version(name, tmp_path / "data")
     workdir = tmp_path / "run"

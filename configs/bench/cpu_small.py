@@ -1,4 +1,4 @@
-"""CPU benchmark workload of ../shared/GUIDE.md §4 (also the sft_jax half of the TRL comparison).
+"""The CPU benchmark workload (also the sft_jax half of the TRL comparison).
 
     python -m sft_jax.bench --config configs/bench/cpu_small.py
 
@@ -16,8 +16,8 @@ completion-only loss, best-fit packing); `data.train_files` names the bundled de
 that the config parses, and the bench ignores it (and the tokenizer).
 """
 
-from configs import base
 from sft_jax.assets import asset_path
+from sft_jax.configs import base
 
 
 def get_config():

@@ -5,7 +5,7 @@
 
 Prints a summary, then one JSON line (workload gpu_llama1b, mode full|lora, tokens_per_s, step_s,
 mfu against 989 TFLOP/s bf16 on H100/H200, peak_bytes, compile_s, bytes_per_param, ...).
-Issue #8 goals on one H100/H200: full fine-tuning >= 45% MFU, LoRA (r=16, all linear layers)
+Goals on one H100/H200: full fine-tuning >= 45% MFU, LoRA (r=16, all linear layers)
 >= 40% MFU; persistent state <= 16.5 bytes/param (fp32 weights + Adam). All GPU workloads in one
 call: `bash benchmarks/gpu_all.sh`.
 
@@ -18,8 +18,8 @@ pieces of 512 positions, so the 4 x 2048 x 128k float32 logits (4.2 GB, twice wi
 gradient) are never held at once.
 """
 
-from configs import base
 from sft_jax.assets import asset_path
+from sft_jax.configs import base
 
 
 def get_config():

@@ -3,7 +3,7 @@
     python -m sft_jax.bench --config configs/bench/gpu_llama8b.py
 
 Prints a summary, then one JSON line (workload gpu_llama8b, mode lora, tokens_per_s, step_s, mfu
-against 989 TFLOP/s bf16 on H100/H200, peak_bytes, compile_s, ...). Issue #8 goal: >= 45% MFU on
+against 989 TFLOP/s bf16 on H100/H200, peak_bytes, compile_s, ...). Goal: >= 45% MFU on
 one GPU. LoRA is on by default here because full fine-tuning of 8B parameters with fp32 Adam
 (~128 GB of state) does not fit one GPU; `--config.lora.enabled=False` tries it anyway.
 All GPU workloads in one call: `bash benchmarks/gpu_all.sh`.

@@ -12,7 +12,9 @@
 # lie under --mount-path; a gs:// workdir is refused. --hf-token-secret: a Secret whose key KEY
 # (default "token") becomes HF_TOKEN in every pod (gated Hub models); the token itself never
 # appears in the manifest. Exit code 42 (preempted, checkpoint saved) is retried by the JobSet
-# restart policy; the run resumes from its last checkpoint in the workdir.
+# restart policy; the run resumes from its last checkpoint in the workdir. The policy retries any
+# failure up to --max-restarts: after 44 (a checkpoint could not be written: disk full or
+# read-only) fix the volume first, or each retry fails again at its first save.
 set -euo pipefail
 NAME=""; IMAGE=""; ACCELERATOR=""; TOPOLOGY=""; HOSTS=""; CHIPS_PER_HOST=4; MAX_RESTARTS=3
 PVC=""; MOUNT_PATH="/workdir"; gcsfuse=0; hf_secret=""; dry_run=0

@@ -4,8 +4,10 @@ inspect: renders the first --n training examples with trained tokens highlighted
   colour on a terminal); with --json one JSON line per example: input_ids, loss_mask, source; with
   --packed, packed rows instead: input_ids, loss_mask, segment_ids, positions, so any tool can check
   masks and packing.
-audit: duplicates, empty/placeholder responses, contradictory answers, over-long examples and
-  train/eval overlap, as one JSON object.
+audit: duplicates, empty/placeholder answers (rows a run would refuse are counted, not fatal),
+  contradictory answers (both rows named), over-long and dropped examples, special-token text in
+  content, other rows a run would refuse, and train/eval overlap: a readable summary on stderr and
+  one JSON object on stdout.
 Exit code 2 on bad config or data, as the trainer.
 """
 
@@ -19,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from sft_jax.cli import config_help
 from sft_jax.config import Config, ConfigError, config_from_argv
-from sft_jax.data.audit import audit
+from sft_jax.console import route_logging
+from sft_jax.data.audit import audit, summary
 from sft_jax.data.encode import encode_examples
 from sft_jax.data.pack import pack_examples
 from sft_jax.data.pipeline import encode_settings, read_splits, tokenizer_path
@@ -53,35 +57,64 @@ def _highlight(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray, color: bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sft_jax.data")
+    parser = argparse.ArgumentParser(
+        prog="python -m sft_jax.data",
+        usage="%(prog)s {inspect,audit} --config FILE[:ARG] [options] [--config.KEY=VALUE ...]",
+        description=__doc__.split("\n\n")[1],
+        epilog=config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=("inspect", "audit"))
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--n", type=int, default=3)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--packed", action="store_true")
+    parser.add_argument("--config", required=True, help="the config file (training's)")
+    parser.add_argument("--n", type=int, default=3, help="inspect: examples shown (default 3)")
+    parser.add_argument("--json", action="store_true", help="inspect: one JSON line each")
+    parser.add_argument("--packed", action="store_true", help="inspect: packed rows instead")
     args, overrides = parser.parse_known_args(argv)
+    route_logging()  # skipped-row warnings as `warning: ...` lines, like training's
     try:
         config = _config(args.config, overrides)
         tokenizer = load_tokenizer(config.data.tokenizer)
+        if args.command == "audit":
+            _audit(config, tokenizer)
+            return 0
         splits = read_splits(config)
         train = [e for g in splits.train_groups for e in g]
-        if args.command == "inspect":
-            train = train[: args.n if not args.packed else max(args.n * 8, 64)]
+        train = train[: args.n if not args.packed else max(args.n * 8, 64)]
         settings = encode_settings(config, tokenizer, train + splits.eval)
         encoded, _, _ = encode_examples(train, tokenizer, settings, num_workers=1)
-        if args.command == "audit":
-            full = settings.__class__(**{**settings.__dict__, "seq_len": 1 << 30})
-            lengths = {
-                e.source: len(e.tokens)
-                for e in encode_examples(train, tokenizer, full, num_workers=1)[0]
-            }
-            print(json.dumps(audit(train, splits.eval, lengths, config.data.seq_len), indent=1))
-            return 0
         _print_inspect(args, config, tokenizer, encoded)
     except (ConfigError, DataError, FileNotFoundError) as e:  # FileNotFoundError: a Hub id
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _audit(config: Config, tokenizer: Any) -> None:
+    """Every row is read and encoded with the run's settings, except that bad rows are counted
+    and listed instead of stopping the audit (data.on_bad_row="skip"). The summary goes to
+    stderr for the person at the terminal, the JSON to stdout for tools (`> audit.json`)."""
+    data = dataclasses.replace(config.data, on_bad_row="skip")
+    config = dataclasses.replace(config, data=data)
+    errors: list[DataError] = []
+    splits = read_splits(config, errors=errors)
+    train = [e for g in splits.train_groups for e in g]
+    settings = encode_settings(config, tokenizer, train + splits.eval)
+    _, counts, skipped = encode_examples(train, tokenizer, settings, num_workers=1)
+    full = dataclasses.replace(settings, seq_len=1 << 30)
+    lengths = {
+        e.source: len(e.tokens) for e in encode_examples(train, tokenizer, full, num_workers=1)[0]
+    }
+    report = audit(
+        train,
+        splits.eval,
+        lengths,
+        data.seq_len,
+        errors=errors,
+        counts=counts,
+        skipped=skipped,
+    )
+    print(summary(report, len(train), len(splits.eval)), file=sys.stderr)
+    print(json.dumps(report, indent=1))
 
 
 def _print_inspect(args: Any, config: Any, tokenizer: Any, encoded: list) -> None:

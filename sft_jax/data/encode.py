@@ -9,7 +9,9 @@ whatever the worker count, so packing and the data order do not depend on `num_w
 Per kind:
 * Row (prompt/completion): tokenize.py's exact path (prompt and completion tokenised apart);
   train_on="all" trains the prompt too.
-* Text: [BOS] + text + [EOS], every token trained; overlong "split" cuts it into chunks.
+* Text: [BOS] + text + [EOS], every token trained (a tokenizer without BOS starts it with EOS,
+  tokenize.py's start token, so that the first word is a target too); overlong "split" cuts it
+  into chunks.
 * Conversation: render.py (turn-by-turn prefix rendering).
 """
 
@@ -23,8 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from sft_jax.data.control import (
+    content_spans,
+    conversation_fields,
+    first_control,
+    tokenize_pieces,
+)
 from sft_jax.data.formats import Conversation, Example, Text
 from sft_jax.data.render import (
+    NAMED,
     TokenCounts,
     fit_length,
     render_conversation,
@@ -37,6 +46,7 @@ from sft_jax.data.tokenize import (
     _encode,
     _special_prefix,
     encode_prompt,
+    start_token,
     tokenize_each_row,
 )
 
@@ -52,6 +62,8 @@ class EncodeSettings:
     seq_len: int
     overlong: str
     on_bad_row: str
+    on_control_tokens: str = "warn"
+    control: tuple[str, ...] = ()  # the tokenizer's special-token texts (control.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +125,8 @@ def _encode_chunk(
     ):
         for k, pieces, c in part:
             slots[k], counts = pieces, counts + c
-    conv_results, skipped = _encode_conversations(convs, tokenizer, settings)
+    conv_results, skipped, named = _encode_conversations(convs, tokenizer, settings)
+    counts = counts + named
     for k, pieces, c in conv_results:
         slots[k], counts = pieces, counts + c
     return [ex for slot in slots for ex in slot], counts, skipped
@@ -124,22 +137,37 @@ def _encode_rows(rows, tokenizer, settings):
     turn boundary only), "drop" drops over-long rows. Everything is counted."""
     results = tokenize_each_row([r for _, r in rows], tokenizer, seq_len=settings.seq_len)
     out = []
-    for (k, _), (example, truncated) in zip(rows, results, strict=True):
+    for (k, row), (example, truncated) in zip(rows, results, strict=True):
+        fields = [("prompt", row.prompt), ("completion", row.completion)]
+        counts = _control_counts(row.source, fields, settings)
         if truncated and settings.overlong == "drop":
-            out.append((k, [], TokenCounts(dropped=1)))
+            dropped = (f"{row.source} (over-long)",)
+            out.append((k, [], counts + TokenCounts(dropped=1, named_dropped=dropped)))
             continue
         if example is not None and settings.train_on == "all":
             example = dataclasses.replace(example, loss_mask=np.ones_like(example.loss_mask))
-        counts = TokenCounts(truncated=int(truncated), dropped=int(example is None))
+        if example is None:
+            why = f"{row.source} (no completion token within seq_len={settings.seq_len})"
+            counts = counts + TokenCounts(truncated=1, dropped=1, named_dropped=(why,))
+        else:
+            counts = counts + TokenCounts(truncated=int(truncated))
         out.append((k, [example] if example is not None else [], counts))
     return out
+
+
+def _control_counts(source: str, fields: list, settings: EncodeSettings) -> TokenCounts:
+    """Counts (and names) an example whose text holds special-token text (control.py)."""
+    hit = first_control(fields, settings.control)
+    if hit is None:
+        return TokenCounts()
+    return TokenCounts(control_text=1, named_control=(f"{source} ({hit[0]}: {hit[1]!r})",))
 
 
 def _encode_texts(texts, tokenizer, settings):
     """[prefix] + text + [EOS], all trained (continued pre-training)."""
     if not texts:  # the prefix probe costs two tokenizer calls
         return []
-    prefix = _special_prefix(tokenizer)
+    prefix = _special_prefix(tokenizer) or [start_token(tokenizer)]  # every token a target
     eos = int(tokenizer.eos_token_id)
     encoded = _encode(tokenizer, [t.text for _, t in texts])
     out = []
@@ -154,52 +182,74 @@ def _encode_texts(texts, tokenizer, settings):
             seq_len=settings.seq_len,
             overlong=settings.overlong,
         )
-        out.append((k, pieces, counts))
+        control = _control_counts(text.source, [("text", text.text)], settings)
+        out.append((k, pieces, counts + control))
     return out
 
 
 def _encode_conversations(convs, tokenizer, settings):
     """Render, tokenise the batch, fit lengths; a conversation that fails to render or trains no
-    token is skipped (and counted) or raised per on_bad_row."""
-    kept, rendered, skipped = [], [], 0
+    token is skipped (counted, the first few named) or raised per on_bad_row.
+    Returns (per conversation: (index, pieces, counts), skipped, counts naming the skipped)."""
+    kept, rendered, errors = [], [], []
     for k, conv in convs:
         try:
             if settings.template is None:
                 raise DataError(f"{conv.source}: a chat example needs data.chat_template")
-            rendered.append(render_conversation(conv, settings.template, settings.train_on))
+            rendered.append(
+                render_conversation(
+                    conv,
+                    settings.template,
+                    settings.train_on,
+                    control=settings.control,
+                    on_control_tokens=settings.on_control_tokens,
+                )
+            )
             kept.append((k, conv))
-        except DataError:
+        except DataError as error:
             if settings.on_bad_row == "error":
                 raise
-            skipped += 1
+            errors.append(str(error))
     kept, tokenized, untrained = _tokenize_kept(kept, rendered, tokenizer, settings)
+    errors += untrained
     out = []
     for (k, conv), (tokens, mask, ends) in zip(kept, tokenized, strict=True):
         pieces, counts = fit_length(
             tokens, mask, ends, conv.source, seq_len=settings.seq_len, overlong=settings.overlong
         )
-        out.append((k, pieces, counts))
-    return out, skipped + untrained
+        fields = conversation_fields(conv.messages, conv.tools)
+        out.append((k, pieces, counts + _control_counts(conv.source, fields, settings)))
+    return out, len(errors), TokenCounts(named_skipped=tuple(errors[:NAMED]))
 
 
 def _tokenize_kept(kept, rendered, tokenizer, settings):
     """tokenize_rendered on the whole batch (fast); when it refuses one conversation (no token
     trained) and on_bad_row is "skip", again one by one to drop and count only the refused ones.
-    Returns (kept, tokenized, skipped)."""
+    Returns (kept, tokenized, messages of the skipped)."""
     sources = [conv.source for _, conv in kept]
+
+    def tokenize(batch: list, names: list) -> list:
+        return tokenize_rendered(
+            batch,
+            names,
+            tokenizer,
+            train_on=settings.train_on,
+            on_control_tokens=settings.on_control_tokens,
+        )
+
     try:
-        return kept, tokenize_rendered(rendered, sources, tokenizer, train_on=settings.train_on), 0
+        return kept, tokenize(rendered, sources), []
     except DataError:
         if settings.on_bad_row == "error":
             raise
-    survivors, tokenized, skipped = [], [], 0
+    survivors, tokenized, errors = [], [], []
     for item, one, source in zip(kept, rendered, sources, strict=True):
         try:
-            tokenized += tokenize_rendered([one], [source], tokenizer, train_on=settings.train_on)
+            tokenized += tokenize([one], [source])
             survivors.append(item)
-        except DataError:
-            skipped += 1
-    return survivors, tokenized, skipped
+        except DataError as error:
+            errors.append(str(error))
+    return survivors, tokenized, errors
 
 
 def encode_held_out(
@@ -220,19 +270,33 @@ def encode_held_out(
         skipped += bad
         if bad:
             continue
-        prompt = eval_prompt(example, tokenizer, settings.template, settings.on_bad_row)
+        prompt = eval_prompt(
+            example,
+            tokenizer,
+            settings.template,
+            settings.on_bad_row,
+            control=settings.control,
+            on_control_tokens=settings.on_control_tokens,
+        )
         if prompt is not None:
             prompts.append(prompt)
     return encoded, prompts, skipped
 
 
 def eval_prompt(
-    example: Example, tokenizer: Any, template: ChatTemplate | None, on_bad_row: str = "error"
+    example: Example,
+    tokenizer: Any,
+    template: ChatTemplate | None,
+    on_bad_row: str = "error",
+    *,
+    control: Sequence[str] = (),
+    on_control_tokens: str = "warn",
 ) -> EvalPrompt | None:
     """The generation prompt of a held-out example (None for plain text, which has no answer).
 
     prompt/completion: exactly `encode_prompt` (the training prefix). Conversations: the messages
-    before the last assistant turn rendered with the generation prompt; reference = that turn.
+    before the last assistant turn rendered with the generation prompt; reference = that turn;
+    special-token text in their content is tokenised as training tokenised it (control.py).
     A prompt that fails to render raises, or with on_bad_row="skip" gives None (no prompt).
     """
     if isinstance(example, Row):
@@ -242,13 +306,23 @@ def eval_prompt(
     if not isinstance(example, Conversation) or template is None:
         return None
     last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
+    messages, tools = example.messages[:last], example.tools
+
+    def render(messages: Any, tools: Any) -> str:
+        return template.render(messages, tools, add_generation_prompt=True, where=example.source)
+
     try:
-        text = template.render(
-            example.messages[:last], example.tools, add_generation_prompt=True, where=example.source
-        )
+        text, literal = render(messages, tools), ()
+        if on_control_tokens == "warn" and first_control(
+            conversation_fields(messages, tools), control
+        ):
+            literal = content_spans(text, render, messages, tools, control)
     except DataError:
         if on_bad_row == "error":
             raise
         return None
-    ids = _encode(tokenizer, [text])[0]
+    if literal:
+        ids = tokenize_pieces(tokenizer, text, literal)[0].tolist()
+    else:
+        ids = _encode(tokenizer, [text])[0]
     return EvalPrompt(ids, example.messages[last]["content"], example.source)

@@ -35,6 +35,7 @@ from typing import Any
 
 from sft_jax.data.source import (
     DataError,
+    EmptyAnswer,
     Record,
     Row,
     SkipCounter,
@@ -128,7 +129,9 @@ def parse_record(record: dict[str, Any], source: str, spec: FormatSpec) -> Examp
         return Text(_string(record, "text", source, nonempty=True), source)
     if fmt == "prompt_completion":
         prompt = _string(record, "prompt", source)
-        return Row(prompt, _string(record, "completion", source, nonempty=True), source)
+        return Row(
+            prompt, _string(record, "completion", source, nonempty=True, answer=True), source
+        )
     if fmt == "alpaca":
         return _alpaca(record, source)
     if fmt == "sharegpt":
@@ -191,13 +194,16 @@ def _check_fields(record, source, fmt, required, optional, ignored) -> None:
             raise _error(source, field, "missing")
 
 
-def _string(record: dict, field: str, source: str, *, nonempty: bool = False, label=None) -> str:
+def _string(
+    record: dict, field: str, source: str, *, nonempty: bool = False, label=None, answer=False
+) -> str:
     value = record.get(field)
     label = label or field
     if not isinstance(value, str):
         raise _error(source, label, f"must be a string, got {type(value).__name__}")
     if nonempty and not value.strip():
-        raise _error(source, label, "is empty (nothing to train on)")
+        kind = EmptyAnswer if answer else DataError
+        raise _error(source, label, "is empty (nothing to train on)", kind)
     return value
 
 
@@ -224,7 +230,10 @@ def _alpaca(record: dict[str, Any], source: str) -> Conversation:
         user = f"{user}\n\n{extra}" if extra.strip() else user
     messages.append({"role": "user", "content": user})
     messages.append(
-        {"role": "assistant", "content": _string(record, "output", source, nonempty=True)}
+        {
+            "role": "assistant",
+            "content": _string(record, "output", source, nonempty=True, answer=True),
+        }
     )
     return Conversation(tuple(messages), source)
 
@@ -408,14 +417,17 @@ def _finish(messages, source, tools, train) -> Conversation:
         raise _error(source, None, "conversation has no assistant turn (nothing to train on)")
     for i, m in enumerate(messages):
         if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
-            raise _error(source, f"message {i} (assistant)", "empty assistant turn")
+            raise _error(source, f"message {i} (assistant)", "empty assistant turn", EmptyAnswer)
     return Conversation(tuple(messages), source, tools, train)
 
 
-def read_examples(files: str, spec: FormatSpec, *, on_bad_row: str) -> tuple[list[Example], int]:
+def read_examples(
+    files: str, spec: FormatSpec, *, on_bad_row: str, errors: list[DataError] | None = None
+) -> tuple[list[Example], int]:
     """Every record of `files` (comma-separated paths/globs) as examples; returns (examples,
-    skipped). With on_bad_row="error" the first bad record raises; with "skip" it is counted."""
-    counter = SkipCounter(on_bad_row)
+    skipped). With on_bad_row="error" the first bad record raises; with "skip" it is counted
+    (and its error appended to `errors` when given)."""
+    counter = SkipCounter(on_bad_row, errors)
     examples: list[Example] = []
     for path in expand_files(files):
         for source, record in iter_records(path):

@@ -11,6 +11,8 @@ is seeded, so the mixture is part of the deterministic data order.
 
 from __future__ import annotations
 
+import glob
+import os
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -33,7 +35,7 @@ def parse_mixture(files: str) -> list[tuple[str, float | None]]:
             try:
                 weight = float(tail)
             except ValueError:
-                weight = None
+                _check_not_a_weight(item, tail)
         if weight is None:
             entries.append((item, None))
         elif not weight > 0 or not np.isfinite(weight):
@@ -49,6 +51,18 @@ def parse_mixture(files: str) -> list[tuple[str, float | None]]:
     if not entries:
         raise DataError("no data files given (the file list is empty)")
     return entries
+
+
+def _check_not_a_weight(item: str, tail: str) -> None:
+    """A ':tail' that is no number is part of the path only when the whole entry names
+    something on disk; otherwise it is a mistyped weight ('a.jsonl:abc'), which would else be
+    reported as a file that does not exist."""
+    if "/" in tail or os.path.exists(item) or glob.glob(item, recursive=True):
+        return
+    raise DataError(
+        f"data file weight {tail!r} in {item!r} is not a number (each entry is a path or glob "
+        "with an optional ':weight', e.g. 'a.jsonl:0.9,b.jsonl:0.1')"
+    )
 
 
 def mixture_counts(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from sft_jax.config import Config, ConfigError
+from sft_jax.data.control import control_strings
 from sft_jax.data.encode import EncodeSettings, EvalPrompt, encode_examples, encode_held_out
 from sft_jax.data.formats import (
     Conversation,
@@ -62,6 +63,7 @@ _SUMMED = (
     "truncated",
     "split",
     "dropped",
+    "control_text",
     "row_floor",
     "row_floor_split",
 )
@@ -76,6 +78,7 @@ class DataBundle:
     eval_prompts: list[EvalPrompt]
     tokenizer: Any
     stats: dict[str, Any]
+    template: ChatTemplate | None = None  # the chat template, when some example is a chat
 
 
 @dataclasses.dataclass
@@ -107,16 +110,20 @@ def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return train, [r for i, r in enumerate(rows) if i in held]
 
 
-def read_splits(config: Config, plan: ShardPlan | None = None) -> Splits:
+def read_splits(
+    config: Config, plan: ShardPlan | None = None, errors: list[DataError] | None = None
+) -> Splits:
     """Reads the records of every mixture group and parses only those of the shards in `plan`
     (default: all data as one shard) plus the eval records (a file, or a fraction of each group:
-    the held-out positions are drawn from all records, so every process holds out the same)."""
+    the held-out positions are drawn from all records, so every process holds out the same).
+    Skipped rows' errors are appended to `errors` when given (audit lists them)."""
     dc = config.data
     plan = plan or ShardPlan(1, 0, 1)
     spec = FormatSpec.parse(dc.format, dc.field_map, dc.ignore_fields)
     train: list[list[list[Example]]] = [[] for _ in plan.local]
     held: list[_HeldOut] = []
-    train_skips, eval_skips = SkipCounter(dc.on_bad_row), SkipCounter(dc.on_bad_row)
+    train_skips = SkipCounter(dc.on_bad_row, errors)
+    eval_skips = SkipCounter(dc.on_bad_row, errors)
     for pattern, _ in parse_mixture(dc.train_files):
         records = lazy_records(pattern)
         positions: list[int] = list(range(len(records)))
@@ -130,7 +137,9 @@ def read_splits(config: Config, plan: ShardPlan | None = None) -> Splits:
     evals = _cap_held_out(held, dc.max_eval_examples, plan, spec, train, train_skips, eval_skips)
     skipped_eval = eval_skips.finish()
     if dc.eval_files:
-        evals, skipped_eval = read_examples(dc.eval_files, spec, on_bad_row=dc.on_bad_row)
+        evals, skipped_eval = read_examples(
+            dc.eval_files, spec, on_bad_row=dc.on_bad_row, errors=errors
+        )
     entries = parse_mixture(dc.train_files)
     weights = [w for _, w in entries] if entries[0][1] is not None else None
     return Splits(train, weights, evals[: dc.max_eval_examples], train_skips.finish(), skipped_eval)
@@ -187,7 +196,15 @@ def encode_settings(config: Config, tokenizer: Any, examples: Sequence[Example])
     template: ChatTemplate | None = None
     if any(isinstance(e, Conversation) for e in examples):
         template = load_chat_template(dc.chat_template, tokenizer)
-    return EncodeSettings(template, dc.train_on, dc.seq_len, dc.overlong, dc.on_bad_row)
+    return EncodeSettings(
+        template,
+        dc.train_on,
+        dc.seq_len,
+        dc.overlong,
+        dc.on_bad_row,
+        dc.on_control_tokens,
+        control_strings(tokenizer),
+    )
 
 
 def num_workers(config: Config, n_examples: int) -> int:
@@ -208,6 +225,7 @@ class _Local:
     eval_examples: list[TokenizedExample]
     eval_prompts: list[EvalPrompt]
     skipped_eval: int
+    template: ChatTemplate | None = None
 
 
 def prepare_data(
@@ -256,7 +274,7 @@ def prepare_data(
         prefetch=dc.prefetch,
     )
     eval_data = _eval_batches(local.eval_examples, config, index, count)
-    return DataBundle(train_iter, eval_data, local.eval_prompts, tokenizer, stats)
+    return DataBundle(train_iter, eval_data, local.eval_prompts, tokenizer, stats, local.template)
 
 
 def _prepare_local(config: Config, tokenizer: Any, plan: ShardPlan) -> _Local:
@@ -288,6 +306,7 @@ def _prepare_local(config: Config, tokenizer: Any, plan: ShardPlan) -> _Local:
         eval_examples,
         prompts,
         splits.skipped_eval + eval_skipped,
+        settings.template,
     )
 
 
@@ -308,6 +327,7 @@ def _build_shard(
         examples, c, s = encode_examples(group, tokenizer, settings, num_workers=workers)
         encoded.append(examples)
         counts, skipped = counts + c, skipped + s
+    log_named(counts, dc.seq_len, dc.on_control_tokens)
     key = shard_seed(config.seed, shard, plan.num_shards)
     empty = [i for i, g in enumerate(encoded) if weights and weights[i] > 0 and not g]
     if empty:
@@ -328,6 +348,7 @@ def _build_shard(
         "truncated": counts.truncated,
         "split": counts.split,
         "dropped": counts.dropped,
+        "control_text": counts.control_text,
         "row_floor": whole_example_row_floor(slots, dc.seq_len),
         "row_floor_split": -(-sum(slots) // dc.seq_len),
     }
@@ -410,12 +431,30 @@ def format_stats(stats: dict[str, Any]) -> str:
     """One line for the log: examples, tokens, trainable fraction, length handling, packing."""
     return (
         "{examples} examples ({skipped} skipped, {truncated} truncated, {split} split, "
-        "{dropped} dropped), {rows} packed rows in {shards} shard(s) ({rows_per_shard} rows per "
-        "shard and epoch, {rows_dropped_per_epoch} left out per epoch), {real_tokens} tokens, "
+        "{dropped} dropped, {control_text} with special-token text), {rows} packed rows in "
+        "{shards} shard(s) ({rows_per_shard} rows per shard and epoch, "
+        "{rows_dropped_per_epoch} left out per epoch), {real_tokens} tokens, "
         "trainable fraction {trainable_fraction:.3f}, packing efficiency "
         "{packing_efficiency:.2%} ({continued_segments} split pieces), mixture {mixture}; "
         "{eval_examples} eval examples"
     ).format(**stats)
+
+
+def log_named(counts: TokenCounts, seq_len: int, on_control_tokens: str) -> None:
+    """Names the first examples behind the summary's dropped / skipped / control-text counts,
+    so a user can open them (each process names its own)."""
+    how = {"warn": "trained as plain text", "keep": "kept as special tokens"}
+    for names, what in (
+        (counts.named_dropped, f"{counts.dropped} example(s) dropped by data.overlong / seq_len"),
+        (counts.named_skipped, "example(s) skipped as bad (data.on_bad_row='skip')"),
+        (
+            counts.named_control,
+            f"{counts.control_text} example(s) hold special-token text, "
+            f"{how.get(on_control_tokens, on_control_tokens)} (data.on_control_tokens)",
+        ),
+    ):
+        if names:
+            logger.warning("%s; first: %s", what, "; ".join(names))
 
 
 def padding_line(stats: dict[str, Any]) -> str:

@@ -13,38 +13,58 @@ the characters [len(P_i), len(F_i.rstrip())): its content, its end-of-turn token
 <|eot_id|>, <end_of_turn>, an EOS the template writes), but not the whitespace separator the
 template puts after the turn. `full` is tokenised once (add_special_tokens=False: the template
 writes BOS itself, so there is never a second one) with offsets, and a token is trained when it
-*starts* inside a span. If the tokenizer's EOS does not occur in the last assistant turn, EOS is
-appended, and trained when that turn is, so the model always learns to stop after what it learns
-(a last turn excluded by loss_weight 0 teaches nothing, not even to stop there). Pad is never used
-as EOS: the mask is data, padding is segment 0.
+*starts* inside a span. When the conversation ends with an assistant turn that is trained and the
+template wrote no EOS in it, EOS is appended and trained, so the model learns to stop after what it
+learns. Nothing is appended after a final user or tool turn (the model would learn to end the
+document once a user has spoken) nor after an untrained final turn (it teaches nothing, not even to
+stop there). Only an EOS the template writes counts: EOS *text* inside an answer is content
+(control.py). Pad is never used as EOS: the mask is data, padding is segment 0.
+
+Every message's content and every tool call must appear in the rendering: a template that drops
+them (Llama 3's stock template has no tool calls, so a tool-call turn would train a bare
+<|eot_id|>; some templates drop system prompts) is refused with the example and the template
+named, never trained on what it left. Content is looked for without a leading <think> block
+(templates move reasoning or drop it from earlier turns by design); a tool call by a marker put in
+its name and rendered once more.
 
 A template that renders earlier turns differently once later turns exist (Qwen3 drops the empty
 <think></think> of earlier assistant turns; some templates only print the system prompt with the
 last user message) breaks the prefix property. We never guess in that case: DataError names the
 template, the example and the first differing characters, and suggests train_on="last_assistant"
 (only the final turn's prefix must match) or a prefix-preserving training template such as
-chat-templates/trl/qwen3_training.jinja.
+the named qwen3_thinking (templates.py).
 
 Over-long examples (more than seq_len + 1 tokens) follow data.overlong: "truncate" cuts the end,
 "drop" drops the example, "split" cuts a conversation at the ends of assistant turns into pieces
 that fit (a piece that alone is too long is truncated, and the example then counts as truncated
-too); all of them are counted.
+too); all of them are counted, and the first few examples of each are named (a conversation
+whose trained turn lies wholly past seq_len is dropped, not trained empty).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from sft_jax.data.control import (
+    content_spans,
+    conversation_fields,
+    first_control,
+    refuse,
+    strings_of,
+    tokenize_pieces,
+)
 from sft_jax.data.formats import Conversation
 from sft_jax.data.source import DataError
 from sft_jax.data.templates import ChatTemplate
 from sft_jax.data.tokenize import TokenizedExample
 
 TRAIN_ON = ("all_assistant", "last_assistant", "completion", "all")
+_MARK = "\U000f0001"  # a private-use character: marks tool-call names in a second rendering
 OVERLONG = ("truncate", "split", "drop")
 
 
@@ -55,31 +75,54 @@ class Rendered:
     text: str
     spans: tuple[tuple[int, int], ...]
     turn_ends: tuple[int, ...]
-    last_span: tuple[int, int]  # the final assistant turn, for the EOS check
-    last_trained: bool  # is that turn trained (then so is an EOS appended after it)
+    # The final message when it is a trained assistant turn: EOS is looked for in it, and
+    # appended (trained) when the template wrote none. None: nothing is appended.
+    stop: tuple[int, int] | None
+    control: tuple[tuple[int, int], ...] = ()  # special-token text written by content
+
+
+NAMED = 5  # examples named per kind of loss in the data summary
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenCounts:
-    """What happened to over-long examples (all counted and printed before step 0), in examples:
-    a split example one of whose pieces had to be cut counts once in `split` and once in
-    `truncated`, since tokens of it are lost."""
+    """What happened to examples on the way to tokens (all counted and printed before step 0), in
+    examples: a split example one of whose pieces had to be cut counts once in `split` and once in
+    `truncated`, since tokens of it are lost. The first few examples dropped, skipped (as bad) or
+    holding special-token text are named ("source (why)") so the summary can point at them."""
 
     truncated: int = 0
     split: int = 0
     dropped: int = 0
+    control_text: int = 0
+    named_dropped: tuple[str, ...] = ()
+    named_skipped: tuple[str, ...] = ()
+    named_control: tuple[str, ...] = ()
 
     def __add__(self, other: TokenCounts) -> TokenCounts:
-        return TokenCounts(*(a + b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
+        out = {}
+        for field in dataclasses.fields(self):
+            a, b = getattr(self, field.name), getattr(other, field.name)
+            out[field.name] = (a + b)[:NAMED] if isinstance(a, tuple) else a + b
+        return TokenCounts(**out)
 
-    def astuple(self) -> tuple[int, int, int]:
-        return (self.truncated, self.split, self.dropped)
 
+def render_conversation(
+    conv: Conversation,
+    template: ChatTemplate,
+    train_on: str,
+    *,
+    control: Sequence[str] = (),
+    on_control_tokens: str = "warn",
+) -> Rendered:
+    """Full rendering + trained character spans, verified turn by turn (see module docstring).
 
-def render_conversation(conv: Conversation, template: ChatTemplate, train_on: str) -> Rendered:
-    """Full rendering + trained character spans, verified turn by turn (see module docstring)."""
+    `control`: the tokenizer's special-token texts (control.control_strings); content holding one
+    is refused (on_control_tokens="error") or has its spans recorded for tokenisation."""
     msgs, tools = conv.messages, conv.tools
     full = template.render(msgs, tools, add_generation_prompt=False, where=conv.source)
+    _check_everything_rendered(conv, template, full)
+    literal = _content_control(conv, template, full, control, on_control_tokens)
     assistant = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     trainable = [i for i in assistant if conv.train is None or conv.train[i]]
     if train_on in ("last_assistant", "completion"):
@@ -95,9 +138,80 @@ def render_conversation(conv: Conversation, template: ChatTemplate, train_on: st
         trained: tuple[tuple[int, int], ...] = ((0, len(full)),)
     else:
         trained = tuple(spans[i] for i in chosen)
-    last_trained = train_on == "all" or last in chosen
+    ends_trained = last == len(msgs) - 1 and (train_on == "all" or last in chosen)
     ends = tuple(spans[i][1] for i in needed)
-    return Rendered(full, trained, ends, spans[last], last_trained)
+    return Rendered(full, trained, ends, spans[last] if ends_trained else None, literal)
+
+
+def _content_control(
+    conv: Conversation, template: ChatTemplate, full: str, control: Sequence[str], policy: str
+) -> tuple[tuple[int, int], ...]:
+    """Spans of `full` where content wrote special-token text (control.py); raises for "error"."""
+    hit = first_control(conversation_fields(conv.messages, conv.tools), control)
+    if hit is None:
+        return ()
+    if policy == "error":
+        raise refuse(conv.source, *hit)
+
+    def render(messages: Any, tools: Any) -> str:
+        return template.render(messages, tools, add_generation_prompt=False, where=conv.source)
+
+    try:
+        return content_spans(full, render, conv.messages, conv.tools, control)
+    except DataError as e:
+        raise DataError(f"{conv.source}: chat template {template.name!r}: {e}") from None
+
+
+def _check_everything_rendered(conv: Conversation, template: ChatTemplate, full: str) -> None:
+    """Refuses a template that leaves out a message's content or a tool call (module docstring)."""
+    for i, m in enumerate(conv.messages):
+        shown = m["content"].split("</think>")[-1].strip()
+        if shown and not _appears(shown, full):
+            raise _dropped(conv, template, i, "its content")
+    calls = [
+        (i, j, call)
+        for i, m in enumerate(conv.messages)
+        for j, call in enumerate(m.get("tool_calls") or [])
+        if isinstance(call, dict)
+    ]
+    if not calls:
+        return
+    marked = [dict(m) for m in conv.messages]
+    for i, j, call in calls:
+        marker = f"{_MARK}{i}.{j}{_MARK}"
+        call = dict(call)
+        if isinstance(call.get("function"), dict):
+            call["function"] = {**call["function"], "name": marker}
+        if "name" in call:
+            call["name"] = marker
+        marked[i]["tool_calls"] = [*marked[i]["tool_calls"]]
+        marked[i]["tool_calls"][j] = call
+    text = template.render(marked, conv.tools, add_generation_prompt=False, where=conv.source)
+    for i, j, call in calls:
+        arguments = (call.get("function") or call).get("arguments")
+        values = [v for _, v in strings_of(arguments, "")] + list(
+            arguments if isinstance(arguments, dict) else []
+        )
+        if f"{_MARK}{i}.{j}{_MARK}" not in text or not all(_appears(v, full) for v in values):
+            raise _dropped(conv, template, i, f"tool call {j}")
+
+
+def _appears(needle: str, text: str) -> bool:
+    """`needle` in `text`, as written or JSON-escaped (templates that print content with tojson)."""
+    return any(
+        form in text
+        for form in (needle, json.dumps(needle)[1:-1], json.dumps(needle, ensure_ascii=False)[1:-1])
+    )
+
+
+def _dropped(conv: Conversation, template: ChatTemplate, i: int, what: str) -> DataError:
+    role = conv.messages[i]["role"]
+    return DataError(
+        f"{conv.source}: message {i} ({role}): {what} does not appear in the rendering by chat "
+        f"template {template.name!r}, which leaves it out; training would teach a conversation "
+        "the data does not hold. Use a template that renders it (data.chat_template="
+        "path/to/template.jinja; for tool calls e.g. the model family's tool-calling template)"
+    )
 
 
 def _turn_span(conv: Conversation, template: ChatTemplate, full: str, i: int) -> tuple[int, int]:
@@ -125,8 +239,8 @@ def _require_prefix(
         f"of {a} is not a prefix of the rendering of {b}; they differ at character {k}: "
         f"{prefix[max(0, k - 30) : k + 30]!r} vs {text[max(0, k - 30) : k + 30]!r}. The loss "
         "mask cannot be derived safely. Use data.train_on='last_assistant', or a prefix-preserving "
-        "training template (data.chat_template=path/to/template.jinja, e.g. the prefix-preserving "
-        "chat-templates/trl/qwen3_training.jinja for Qwen3)."
+        "training template (data.chat_template=qwen3_thinking, qwen3_nothink, qwen3_5_thinking, "
+        "qwen3_5_nothink, or path/to/template.jinja)."
     )
 
 
@@ -142,9 +256,17 @@ def mask_from_offsets(
 
 
 def tokenize_rendered(
-    rendered: Sequence[Rendered], sources: Sequence[str], tokenizer: Any, *, train_on: str
+    rendered: Sequence[Rendered],
+    sources: Sequence[str],
+    tokenizer: Any,
+    *,
+    train_on: str,
+    on_control_tokens: str = "warn",
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Batch tokenisation -> per conversation (tokens int32, mask bool, token-index turn ends)."""
+    """Batch tokenisation -> per conversation (tokens int32, mask bool, token-index turn ends).
+
+    Special-token text written by content is tokenised as plain text with on_control_tokens
+    "warn", as special tokens with "keep"; either way it never counts as the turn's EOS."""
     if not rendered:
         return []
     enc = tokenizer(
@@ -160,11 +282,14 @@ def tokenize_rendered(
         rendered, enc["input_ids"], enc["offset_mapping"], sources, strict=True
     ):
         tokens = np.asarray(ids, np.int32)
+        if r.control and on_control_tokens == "warn":
+            tokens, offsets = tokenize_pieces(tokenizer, r.text, r.control)
         mask = mask_from_offsets(offsets, r.spans)
-        in_last = mask_from_offsets(offsets, [r.last_span])
-        if not np.any(tokens[in_last] == eos):  # the template never says "stop": we do
-            tokens = np.append(tokens, np.int32(eos))
-            mask = np.append(mask, r.last_trained)
+        if r.stop is not None:
+            written = mask_from_offsets(offsets, [r.stop]) & ~mask_from_offsets(offsets, r.control)
+            if not np.any(tokens[written] == eos):  # the template never says "stop": we do
+                tokens = np.append(tokens, np.int32(eos))
+                mask = np.append(mask, True)
         starts = np.fromiter((o[0] for o in offsets), np.int64, len(offsets))
         ends = np.searchsorted(starts, np.asarray(r.turn_ends), side="left")
         ends[-1] = len(tokens)  # the last turn keeps the appended EOS
@@ -188,7 +313,7 @@ def fit_length(
     if len(tokens) <= limit:
         return [TokenizedExample(tokens, mask, source)], TokenCounts()
     if overlong == "drop":
-        return [], TokenCounts(dropped=1)
+        return [], TokenCounts(dropped=1, named_dropped=(f"{source} (over-long)",))
     if overlong == "split":
         pieces = _split_points(turn_ends, len(tokens), limit)
     else:
@@ -201,8 +326,9 @@ def fit_length(
             name = source if len(pieces) == 1 else f"{source} (part {n + 1})"
             out.append(TokenizedExample(tokens[a:b], mask[a:b], name))
     counts = TokenCounts(truncated=int(cut), split=int(overlong == "split"))
-    if not out:
-        counts = counts + TokenCounts(dropped=1)
+    if not out:  # e.g. last_assistant with the last turn wholly past the cut
+        why = f"{source} (no trained token within seq_len={seq_len})"
+        counts = counts + TokenCounts(dropped=1, named_dropped=(why,))
     return out, counts
 
 

@@ -36,6 +36,11 @@ class DataError(ValueError):
     """Bad input data or data settings; the message names the file, line (1-based) and field."""
 
 
+class EmptyAnswer(DataError):
+    """A record whose answer (completion, output, assistant turn) is empty: bad input for
+    training, and one of the problems `audit` counts under empty answers."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
     """One prompt/completion record as read from disk; `source` ("path:line") is for messages."""
@@ -51,16 +56,19 @@ Record = dict[str, Any] | DataError
 class SkipCounter:
     """Decides, per bad record, between raising and counting (on_bad_row = "error" | "skip")."""
 
-    def __init__(self, on_bad_row: str):
+    def __init__(self, on_bad_row: str, errors: list[DataError] | None = None):
         if on_bad_row not in ("error", "skip"):
             raise DataError(f"on_bad_row is {on_bad_row!r}; choose 'error' or 'skip'")
         self.on_bad_row = on_bad_row
         self.skipped = 0
+        self.errors = errors  # every skipped row's error is appended here when given (audit)
 
     def bad(self, error: DataError) -> None:
         if self.on_bad_row == "error":
             raise error
         self.skipped += 1
+        if self.errors is not None:
+            self.errors.append(error)
         if self.skipped <= _MAX_LOGGED_SKIPS:
             logger.warning("skipping bad row: %s", error)
 
@@ -150,9 +158,9 @@ def expand_files(files: str) -> list[str]:
     return paths
 
 
-def _error(source: str, field: str | None, message: str) -> DataError:
+def _error(source: str, field: str | None, message: str, kind: type = DataError) -> DataError:
     where = f"{source}: field '{field}'" if field is not None else source
-    return DataError(f"{where}: {message}")
+    return kind(f"{where}: {message}")
 
 
 def _jsonl_records(path: str) -> Iterator[tuple[str, bytes]]:

@@ -15,6 +15,12 @@ SentencePiece-style tokenizers such as stories260K this means the completion sta
 "Hello" and " Hello" tokenise alike. Byte-level BPE tokenizers (Llama 3, Qwen) keep whitespace as
 written, so the separator belongs in the data (a completion " Paris", or a prompt ending in "\n").
 
+Slot 0 of a row has no predecessor, so it is never a target. Where the tokenizer adds nothing in
+front of a text (Qwen) and the prompt is empty, the first completion token would sit in slot 0 and
+silently never be learnt; such an example starts with a start token instead: BOS when the
+tokenizer has one, else EOS (as documents follow one another in pre-training). `encode_prompt`
+returns the same start token for an empty prompt, so generation sees what training saw.
+
 Special tokens written in the text (e.g. a pre-rendered "<|im_start|>" chat prompt) are parsed as
 special tokens, as the user wrote them. Two guards keep that from doubling structure tokens: the
 tokenizer's prefix is not added when the prompt already starts with it (a pre-rendered BOS), and
@@ -107,6 +113,7 @@ def tokenize_each_row(
     if not rows:
         return []
     prefix = _special_prefix(tokenizer)
+    start = start_token(tokenizer)
     eos = int(tokenizer.eos_token_id)
     prompts = _encode(tokenizer, [r.prompt for r in rows])
     completions = _encode(tokenizer, [r.completion for r in rows])
@@ -114,7 +121,7 @@ def tokenize_each_row(
     for row, prompt_ids, completion_ids in zip(rows, prompts, completions, strict=True):
         if not completion_ids:
             raise DataError(f"{row.source}: field 'completion': tokenizes to no tokens")
-        head = _with_prefix(prefix, prompt_ids)
+        head = _with_prefix(prefix, prompt_ids) or [start]
         tail = completion_ids if completion_ids[-1] == eos else [*completion_ids, eos]
         tokens = np.asarray(head + tail, dtype=np.int32)
         mask = np.zeros(len(tokens), dtype=bool)
@@ -132,8 +139,16 @@ def tokenize_each_row(
 
 
 def encode_prompt(tokenizer: transformers.PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Exactly the prompt prefix `tokenize_rows` builds (prefix/BOS + prompt), for generation."""
-    return _with_prefix(_special_prefix(tokenizer), _encode(tokenizer, [prompt])[0])
+    """Exactly the prompt prefix `tokenize_rows` builds (prefix/BOS + prompt, or the start token
+    alone for an empty prompt), for generation."""
+    head = _with_prefix(_special_prefix(tokenizer), _encode(tokenizer, [prompt])[0])
+    return head or [start_token(tokenizer)]
+
+
+def start_token(tokenizer: transformers.PreTrainedTokenizerBase) -> int:
+    """What a row starts with when nothing else would: BOS, else EOS (module docstring)."""
+    bos = tokenizer.bos_token_id
+    return int(bos if bos is not None else tokenizer.eos_token_id)
 
 
 def _encode(tokenizer: transformers.PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:

@@ -8,19 +8,34 @@ Modules: `config` (config.json parsing, family features, what is unsupported and
 
 from sft_jax.hf.config import (
     SUPPORTED_ARCHITECTURES,
+    ModelFileError,
     UnsupportedModelError,
     build_model_config,
     hf_config_dict,
     load_model_config,
 )
-from sft_jax.hf.hub import looks_like_hub_id, resolve_config_hub_ids, resolve_model_dir
-from sft_jax.hf.params import HfTensor, hf_tensor_plan, load_params, to_hf_tensor
+from sft_jax.hf.hub import (
+    absolute_local_paths,
+    looks_like_hub_id,
+    resolve_config_hub_ids,
+    resolve_model_dir,
+)
+from sft_jax.hf.params import (
+    HfTensor,
+    check_checkpoint,
+    hf_tensor_plan,
+    load_params,
+    to_hf_tensor,
+)
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "HfTensor",
+    "ModelFileError",
     "UnsupportedModelError",
+    "absolute_local_paths",
     "build_model_config",
+    "check_checkpoint",
     "hf_config_dict",
     "hf_tensor_plan",
     "load_model_config",

@@ -46,11 +46,31 @@ class UnsupportedModelError(ValueError):
     """The checkpoint's architecture or one of its features is not implemented by our decoder."""
 
 
+class ModelFileError(ValueError):
+    """A file of the model directory is unreadable, incomplete or inconsistent (config.json that
+    is not JSON or lacks a field, a truncated safetensors file, a missing tensor): bad input,
+    reported in one line naming the file, like bad data."""
+
+
+def read_config_json(file: str) -> dict[str, Any]:
+    """`file` parsed as a JSON object, else ModelFileError naming the file and the position."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ModelFileError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not isinstance(raw, dict):
+        raise ModelFileError(f"{file}: expected a JSON object, found {type(raw).__name__}")
+    return raw
+
+
 def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) -> ModelConfig:
-    """Reads `path/config.json`; raises UnsupportedModelError for anything we cannot reproduce."""
+    """Reads `path/config.json`; raises UnsupportedModelError for anything we cannot reproduce
+    and ModelFileError for a file that is not a usable config."""
     file = os.path.join(path, "config.json")
-    with open(file, encoding="utf-8") as f:
-        raw = json.load(f)
+    raw = read_config_json(file)
     arch = _architecture(raw, file)
 
     def unsupported(why: str) -> UnsupportedModelError:
@@ -59,10 +79,13 @@ def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) ->
             f"SiLU (GeGLU for Gemma) MLPs and rope types {_SUPPORTED_ROPE_TYPES}"
         )
 
-    def need(key: str) -> Any:
-        if raw.get(key) is None:
-            raise ValueError(f"{file}: required field '{key}' is missing")
-        return raw[key]
+    def need(key: str) -> int:
+        value = raw.get(key)
+        if value is None:
+            raise ModelFileError(f"{file}: required field '{key}' is missing")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelFileError(f"{file}: field '{key}' must be a positive integer, got {value!r}")
+        return value
 
     hidden, heads = need("hidden_size"), need("num_attention_heads")
     max_pos, num_layers = need("max_position_embeddings"), need("num_hidden_layers")

@@ -57,3 +57,21 @@ def resolve_config_hub_ids(config: Any) -> Any:
         config.data, tokenizer=resolve_model_dir(config.data.tokenizer)
     )
     return dataclasses.replace(config, model=model, data=data_section)
+
+
+def absolute_local_paths(config: Any) -> Any:
+    """A Config whose local paths (model.path, data.tokenizer, a .jinja data.chat_template,
+    lora.init_from) are absolute. The workdir's config.json records them, and export, generate
+    and `sft_jax.load` read them later, from whatever directory they are run in."""
+    from sft_jax.data.templates import BUILTIN_TEMPLATES
+
+    absolute = lambda path: os.path.abspath(path) if path else path
+    template = config.data.chat_template
+    if template != "tokenizer" and template not in BUILTIN_TEMPLATES and os.path.isfile(template):
+        template = os.path.abspath(template)
+    model = dataclasses.replace(config.model, path=absolute(config.model.path))
+    data_section = dataclasses.replace(
+        config.data, tokenizer=absolute(config.data.tokenizer), chat_template=template
+    )
+    lora = dataclasses.replace(config.lora, init_from=absolute(config.lora.init_from))
+    return dataclasses.replace(config, model=model, data=data_section, lora=lora)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from sft_jax.hf.config import ModelFileError
 from sft_jax.hf.safetensors import Checkpoint
 from sft_jax.model import ModelConfig
 
@@ -101,7 +102,24 @@ def _tensor_specs(c: ModelConfig) -> dict[tuple[str, ...], _Tensor]:
     return specs
 
 
-def _check_keys(ckpt: Checkpoint, specs: dict, c: ModelConfig) -> None:
+def check_checkpoint(path: str, config: ModelConfig) -> None:
+    """Reads only the headers of `path`'s safetensors files: each one complete, every expected
+    tensor present with its expected shape, nothing unexplained. Preflight runs this so that a
+    broken model directory fails in one line before data is read; raises ModelFileError."""
+    ckpt = Checkpoint(path)
+    specs = _tensor_specs(config)
+    _check_keys(ckpt, specs, config, compare_tied=False)  # that comparison reads tensor data
+    for spec in specs.values():
+        for i in range(config.num_layers) if spec.per_layer else [None]:
+            key = spec.key.format(i=i)
+            if ckpt.files[key].shape(key) != spec.shape:
+                raise ModelFileError(
+                    f"{ckpt.files[key].path}: tensor '{key}' has shape "
+                    f"{ckpt.files[key].shape(key)}, expected {spec.shape} from config.json"
+                )
+
+
+def _check_keys(ckpt: Checkpoint, specs: dict, c: ModelConfig, compare_tied: bool = True) -> None:
     """Every expected tensor present, nothing unexplained left over."""
     expected = set()
     for spec in specs.values():
@@ -110,20 +128,22 @@ def _check_keys(ckpt: Checkpoint, specs: dict, c: ModelConfig) -> None:
     missing = sorted(expected - set(ckpt.files))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(f"{ckpt.name}: missing tensor '{missing[0]}'{more}")
+        raise ModelFileError(f"{ckpt.name}: missing tensor '{missing[0]}'{more}")
     for key in sorted(set(ckpt.files) - expected):
         if key.endswith(_IGNORED_SUFFIXES):
             continue
         if key == "lm_head.weight" and c.tie_embeddings:
+            if not compare_tied:
+                continue
             shape = (c.vocab_size, c.hidden_size)
             embedding = ckpt.get("model.embed_tokens.weight", shape)
             if np.array_equal(ckpt.get(key, shape), embedding):
                 continue  # a tied model saved with its (identical) head: harmless.
-            raise ValueError(
+            raise ModelFileError(
                 f"{ckpt.files[key].path}: tensor '{key}' differs from the embedding, but the "
                 "config says tie_word_embeddings=true"
             )
-        raise ValueError(f"{ckpt.files[key].path}: unexpected tensor '{key}'")
+        raise ModelFileError(f"{ckpt.files[key].path}: unexpected tensor '{key}'")
 
 
 def _read_leaf(ckpt: Checkpoint, spec: _Tensor, c: ModelConfig) -> np.ndarray:

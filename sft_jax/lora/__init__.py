@@ -10,9 +10,11 @@ The model side is `sft_jax.model.Einsum` (the "lora" variable collection); the t
 """
 
 from sft_jax.lora.peft import (
+    PeftAdapterConfig,
     from_peft_tensors,
     peft_config,
     read_peft_adapter,
+    read_peft_config,
     to_peft_tensors,
     write_peft_adapter,
 )
@@ -50,6 +52,7 @@ __all__ = [
     "KERNELS",
     "SAVEABLE_MODULES",
     "SAVED",
+    "PeftAdapterConfig",
     "Quantized",
     "adapter_specs",
     "add_saved_modules",
@@ -70,6 +73,7 @@ __all__ = [
     "quantize_kernels",
     "quantized_specs",
     "read_peft_adapter",
+    "read_peft_config",
     "saved_module_table",
     "target_paths",
     "to_peft_tensors",

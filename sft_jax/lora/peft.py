@@ -6,8 +6,9 @@ Per layer i and adapted module, PEFT stores (HF Linear layout, in = product of o
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight          [out, R]
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_magnitude_vector  [out]   (DoRA)
 
-Rank, alpha, rsLoRA and DoRA travel in adapter_config.json; on import they are checked against
-the run's config, since a mismatch would silently change the adapter's scale.
+Rank, alpha, rsLoRA and DoRA travel in adapter_config.json and are read from it on import
+(`read_peft_config`, which also derives the scale); a run that continues from an adapter checks
+them against its config, since a mismatch would silently change the adapter's scale.
 
 Saved modules (`modules_to_save`) are stored as PEFT stores them, whole, under their HF keys
 (`base_model.model.model.embed_tokens.weight`, `base_model.model.model.layers.{i}.
@@ -18,6 +19,7 @@ on import a tied lm_head.weight (which PEFT itself also writes) is read as the e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -26,7 +28,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.lora.tree import _SAVEABLE, KERNELS, SAVED, _get, _set, saved_module_table
+from sft_jax.lora.tree import (
+    _SAVEABLE,
+    KERNELS,
+    SAVED,
+    _get,
+    _set,
+    lora_scale,
+    saved_module_table,
+)
 
 PREFIX = "base_model.model.model.layers"
 MODEL_PREFIX = "base_model.model."
@@ -204,21 +214,83 @@ def write_peft_adapter(out_dir: str, adapters: dict, config: dict[str, Any]) -> 
         f.write("\n")
 
 
+@dataclasses.dataclass(frozen=True)
+class PeftAdapterConfig:
+    """What an adapter_config.json says about the adapter's shape and scale. The scale is
+    derived here, never passed separately, so an adapter cannot be applied at scale 0 (the base)
+    by forgetting it."""
+
+    rank: int
+    alpha: float
+    rslora: bool
+    dora: bool
+    base: str  # base_model_name_or_path as written ("" when unset)
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.alpha, self.rank, self.rslora)
+
+
+def read_peft_config(adapter_dir: str) -> PeftAdapterConfig:
+    """adapter_config.json of a LoRA adapter; missing r / lora_alpha take PEFT's defaults (8).
+    Per-module ranks or alphas (rank_pattern / alpha_pattern) are refused: one scale is applied
+    to every module here, so they would silently change the adapter."""
+    path = os.path.join(adapter_dir, CONFIG_FILE)
+    with open(path, encoding="utf-8") as f:
+        try:
+            cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type is {cfg['peft_type']!r}; only 'LORA' is supported")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise ValueError(f"{path}: '{key}' (per-module ranks or alphas) is not supported")
+    rank, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{path}: 'r' must be a positive integer and 'lora_alpha' a number")
+    return PeftAdapterConfig(
+        rank=rank,
+        alpha=float(alpha),
+        rslora=bool(cfg.get("use_rslora", False)),
+        dora=bool(cfg.get("use_dora", False)),
+        base=cfg.get("base_model_name_or_path") or "",
+    )
+
+
 def read_peft_adapter(
-    adapter_dir: str, params: dict, *, rank: int, alpha: float, rslora: bool, dora: bool
+    adapter_dir: str,
+    params: dict,
+    *,
+    rank: int | None = None,
+    alpha: float | None = None,
+    rslora: bool | None = None,
+    dora: bool | None = None,
 ) -> dict:
-    """A PEFT adapter directory -> adapter tree, after checking it matches the run's LoRA config."""
+    """A PEFT adapter directory -> adapter tree shaped after `params`. Rank, alpha, rsLoRA and
+    DoRA come from its adapter_config.json (`read_peft_config`); the ones given here (a run's
+    config.lora) must match it, since a mismatch would silently change the adapter's scale."""
     from safetensors.numpy import load_file
 
-    with open(os.path.join(adapter_dir, CONFIG_FILE), encoding="utf-8") as f:
-        cfg = json.load(f)
+    cfg = read_peft_config(adapter_dir)
     want = {"r": rank, "lora_alpha": alpha, "use_rslora": rslora, "use_dora": dora}
-    got = {k: cfg.get(k, False if k.startswith("use_") else None) for k in want}
-    problems = [f"{k} is {got[k]!r} there but {want[k]!r} here" for k in want if got[k] != want[k]]
-    if cfg.get("peft_type", "LORA") != "LORA":
-        problems.append(f"peft_type is {cfg['peft_type']!r}, not 'LORA'")
+    got = {"r": cfg.rank, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora, "use_dora": cfg.dora}
+    problems = [
+        f"{k} is {got[k]!r} there but {want[k]!r} here"
+        for k in want
+        if want[k] is not None and got[k] != want[k]
+    ]
     if problems:
         raise ValueError(
             f"PEFT adapter {adapter_dir} does not match config.lora: " + "; ".join(problems)
         )
-    return from_peft_tensors(load_file(os.path.join(adapter_dir, WEIGHTS_FILE)), params)
+    adapters = from_peft_tensors(load_file(os.path.join(adapter_dir, WEIGHTS_FILE)), params)
+    has_m = any("m" in _get(adapters, p) for p in _adapter_paths(adapters))
+    if has_m != cfg.dora:
+        raise ValueError(
+            f"{os.path.join(adapter_dir, CONFIG_FILE)}: use_dora is {cfg.dora} but "
+            f"{WEIGHTS_FILE} {'has' if has_m else 'has no'} lora_magnitude_vector tensors"
+        )
+    return adapters

@@ -1,8 +1,14 @@
-"""Every config key and its default. Other configs start from `get_config()` here and override a few.
+"""Every config key and its default. Other configs start from `get_config()` and override a few:
 
-Not runnable on its own (it names no data). See configs/demo.py for the runnable default:
+    from sft_jax.configs import base
 
-    python -m sft_jax.train --config configs/demo.py --workdir /tmp/demo
+    def get_config():
+        c = base.get_config()
+        c.data.train_files = "my_data.jsonl"
+        return c
+
+It ships with the package, so a config file works from any directory. Not runnable on its own
+(it names no data); see configs/demo.py in the repository for the runnable demo.
 
 Library code never invents defaults: `sft_jax.config.parse` turns this tree into frozen dataclasses
 and fails on any key that is missing here or unknown.
@@ -13,7 +19,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    c.seed = 0  # parameter init, data order, dropout and sampling all derive from it
 
     # --- model: a Hugging Face directory, or (path == "") a random init of the `arch` below.
     c.model = m = ml_collections.ConfigDict()
@@ -29,36 +35,37 @@ def get_config() -> ml_collections.ConfigDict:
     m.scan_layers = True
     m.loss_chunk = 0  # cross-entropy over chunks of this many tokens (no [B,T,V] logits); 0: off
     m.arch = a = ml_collections.ConfigDict()  # used only when path == "" (random init)
-    a.vocab_size = 512
-    a.hidden_size = 64
-    a.intermediate_size = 172
-    a.num_layers = 2
-    a.num_heads = 4
-    a.num_kv_heads = 2
-    a.head_dim = 16
-    a.rope_theta = 10000.0
-    a.rms_norm_eps = 1e-5
-    a.tie_embeddings = True
-    a.qk_norm = False
-    a.attention_bias = False
-    a.max_position_embeddings = 2048
+    a.vocab_size = 512  # embedding rows (at least the tokenizer's length)
+    a.hidden_size = 64  # model width D
+    a.intermediate_size = 172  # MLP width F
+    a.num_layers = 2  # decoder layers
+    a.num_heads = 4  # query heads
+    a.num_kv_heads = 2  # key/value heads (grouped-query attention when < num_heads)
+    a.head_dim = 16  # width of one attention head
+    a.rope_theta = 10000.0  # RoPE base frequency
+    a.rms_norm_eps = 1e-5  # RMSNorm epsilon
+    a.tie_embeddings = True  # the LM head reuses the input embedding
+    a.qk_norm = False  # RMSNorm on queries and keys per head (Qwen3, Gemma 3)
+    a.attention_bias = False  # biases on the q/k/v projections (Qwen2)
+    a.max_position_embeddings = 2048  # longest position the model is meant for
 
     # --- data: JSONL/JSON/Parquet/CSV files or saved HF dataset dirs; see docs/data.md.
     c.data = d = ml_collections.ConfigDict()
     d.train_files = ""  # comma-separated paths/globs, each optionally ":weight" (a mixture)
     d.eval_files = ""  # held-out split; "" means carve `eval_fraction` out of the train files
-    d.eval_fraction = 0.0
+    d.eval_fraction = 0.0  # share of the train files held out when eval_files is ""
     d.tokenizer = ""  # HF tokenizer directory; "" means model.path
     d.seq_len = 512  # packed row length (tokens)
     d.pack_window = 512  # examples considered together by best-fit-decreasing packing
-    d.max_eval_examples = 512
+    d.max_eval_examples = 512  # held-out examples used for evaluation, at most
     d.on_bad_row = "error"  # error | skip (skipped rows are counted and logged)
     d.format = "auto"  # auto | text | prompt_completion | alpaca | sharegpt | messages
     d.field_map = ""  # rename fields first, e.g. "prompt=question,completion=answer"
     d.ignore_fields = ""  # extra metadata fields to ignore (comma-separated), besides id/source/...
-    d.chat_template = "tokenizer"  # tokenizer | chatml | alpaca | plain | path/to/template.jinja
+    d.chat_template = "tokenizer"  # tokenizer | chatml | alpaca | plain | qwen3_thinking | x.jinja
     d.train_on = "all_assistant"  # all_assistant | last_assistant | completion | all
     d.overlong = "truncate"  # truncate | split (at turn ends) | drop; all are counted
+    d.on_control_tokens = "warn"  # special-token text in content: warn (train as text)|keep|error
     d.num_workers = 0  # tokenisation processes; 0 = all cores for large datasets
     d.shards = 0  # data shards, each read and tokenised by one process; 0 = one per process
     d.pack_split = False  # cut examples into the gaps best fit leaves (<1% padding; docs/data.md)
@@ -68,12 +75,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim = o = ml_collections.ConfigDict()
     o.learning_rate = 2e-5  # peak
     o.warmup_ratio = 0.03  # fraction of total steps; ignored when warmup_steps >= 0
-    o.warmup_steps = -1
+    o.warmup_steps = -1  # linear warmup steps; -1: use warmup_ratio
     o.end_lr_ratio = 0.1  # cosine floor as a fraction of the peak
-    o.weight_decay = 0.0
-    o.b1 = 0.9
-    o.b2 = 0.999
-    o.eps = 1e-8
+    o.weight_decay = 0.0  # decoupled (AdamW) weight decay
+    o.b1 = 0.9  # Adam first-moment decay
+    o.b2 = 0.999  # Adam second-moment decay
+    o.eps = 1e-8  # Adam denominator epsilon
     o.clip_norm = 1.0  # global gradient norm; 0 disables clipping
     o.state_dtype = "float32"  # dtype of Adam's moments: float32 | bfloat16
 
@@ -82,19 +89,20 @@ def get_config() -> ml_collections.ConfigDict:
     t.global_batch_size = 8  # packed rows per optimizer step, over all devices and micro-batches
     t.micro_batches = 1  # gradient accumulation: the global batch is split into this many pieces
     t.epochs = 1.0  # used when max_steps < 0
-    t.max_steps = -1
-    t.log_every = 10
-    t.progress_bar = True
+    t.max_steps = -1  # optimizer steps; > 0 overrides epochs
+    t.log_every = 10  # write a training record to metrics.jsonl every this many steps
+    t.progress_bar = True  # tqdm bar on stderr (process 0)
     # A step whose loss or gradient norm is NaN/Inf is skipped (params and optimizer untouched,
     # its batch consumed); this many in a row stop the run with exit code 43.
     t.max_nonfinite_steps = 5
     t.loss_spike_factor = 3.0  # log a spike when loss > factor x running mean; 0: off
+    t.loss_spike_min_delta = 0.5  # ... and loss - running mean >= this (quiet near loss 0)
     # Forgetting control (sft_jax/regularize.py). NEFTune: noise alpha / sqrt(L * d) on the input
     # embeddings while training (the paper uses 5-15). KL-to-base: adds kl_to_base x KL(model ||
     # base) per loss token to the objective; the base is the frozen weights under LoRA, else a
     # copy of the initial parameters (one more parameter-sized buffer per device).
-    t.neftune_alpha = 0.0
-    t.kl_to_base = 0.0
+    t.neftune_alpha = 0.0  # NEFTune noise alpha (see above); 0: off
+    t.kl_to_base = 0.0  # KL-to-base coefficient (see above); 0: off
     # Host malloc (sft_jax/host_memory.py): retain = glibc keeps XLA:CPU's per-step buffers for
     # reuse instead of unmapping and re-faulting them every step (+26% tokens/s on the CPU
     # benchmark); system = leave it; auto = retain when the run is on the CPU.
@@ -107,7 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
     e.generate_examples = (
         0  # held-out prompts scored by greedy generation before and after training
     )
-    e.max_new_tokens = 32
+    e.max_new_tokens = 32  # longest greedy generation per held-out prompt
     # How a generation is scored against the reference; comma-separated, each reported (first =
     # primary, the `correct` of logged samples): exact (equal after stripping whitespace) |
     # contains (reference in output) | regex (the answer_regex captures of both are equal).
@@ -125,14 +133,14 @@ def get_config() -> ml_collections.ConfigDict:
     k.every_minutes = 0.0  # also save when this much time has passed since the last save; 0: off
     k.keep = 2  # most recent checkpoints kept
     k.keep_best = 0  # also keep this many checkpoints with the lowest eval loss (eval at each save)
-    k.async_save = True
+    k.async_save = True  # write checkpoints in the background while training goes on
     k.rewind_to_best = False  # at the end, evaluate kept checkpoints; summary names the best step
 
     # --- LoRA: adapters are a separate, trainable tree; the base weights are frozen constants.
     c.lora = lo = ml_collections.ConfigDict()
-    lo.enabled = False
-    lo.rank = 16
-    lo.alpha = 32.0
+    lo.enabled = False  # train LoRA adapters instead of every weight
+    lo.rank = 16  # adapter rank r
+    lo.alpha = 32.0  # adapter scale alpha (applied as alpha / rank)
     lo.targets = (
         "*_proj",
     )  # module-name globs: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
@@ -156,9 +164,9 @@ def get_config() -> ml_collections.ConfigDict:
     ds.expected_platform = ""  # "tpu" | "gpu" | "cpu": fail instead of silently falling back
     # --- device mesh: sizes of (data, fsdp, tensor); one of them may be -1 (all remaining devices).
     c.mesh = ms = ml_collections.ConfigDict()
-    ms.data = -1
-    ms.fsdp = 1
-    ms.tensor = 1
+    ms.data = -1  # data-parallel size (-1: all remaining devices)
+    ms.fsdp = 1  # fully sharded data-parallel size (parameters sharded too)
+    ms.tensor = 1  # tensor-parallel size (heads and MLP split)
     # logical axis -> mesh axes. A dimension is sharded only when its size divides evenly.
     ms.rules = (
         ("batch", ("data", "fsdp")),
@@ -184,7 +192,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.logging = lg = ml_collections.ConfigDict()
     lg.tensorboard = True  # event files in workdir/tensorboard
     lg.wandb = False  # needs `pip install wandb`; the run id is kept in workdir/wandb_run_id.txt
-    lg.wandb_project = "sft_jax"
+    lg.wandb_project = "sft_jax"  # W&B project name
     lg.wandb_entity = ""  # "" = your default entity
     lg.wandb_run_name = ""  # "" = the workdir's name
     lg.wandb_mode = "online"  # online | offline (sync later with `wandb sync`)

@@ -1,0 +1,439 @@
+"""Load a trained model in one call, for use from Python (and by export and generate):
+
+    import sft_jax
+
+    model = sft_jax.load("runs/demo")          # a training workdir (latest checkpoint; step=N),
+    model = sft_jax.load("exported_hf_dir")    # a Hugging Face model directory,
+    model = sft_jax.load("adapter_dir")        # or a PEFT LoRA adapter (its base is loaded too)
+    model = sft_jax.load("base_dir", adapter="adapter_dir")
+    logits = model([[1, 365, 471]])            # float32 [batch, length, vocab]
+    text = model.generate("Once upon a time", max_new_tokens=20)
+
+Why it is built this way:
+- Everything goes through `TrainedModel` (parameters, model config, where the tokenizer and the
+  generation config live, the training chat template): a workdir's checkpoint (`load_workdir`),
+  an HF directory (`load_hf`) or a PEFT adapter merged into its base (`load_peft`). Export
+  writes a TrainedModel; `LoadedModel` wraps one with its tokenizer for inference.
+- A LoRA adapter's scale always comes from its own config (a workdir's `lora` section or the
+  adapter_config.json), and the adapter is merged into the base (W + scale * A B, DoRA
+  rescaled), so the loaded model is the plain architecture and cannot run at scale 0 by mistake.
+- A workdir outlives the code that wrote it: only the `model`, `mesh`, `lora` and `data`
+  sections of its config.json are read, and keys added since take their configs/base.py
+  defaults with a warning (`OldWorkdirWarning`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import typing
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sft_jax import hf, lora
+from sft_jax.model import ModelConfig, Transformer
+
+DTYPES = ("float32", "bfloat16", "float16")
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class LoadError(ValueError):
+    """A path that cannot be loaded as a trained model (with the file and the reason)."""
+
+
+# --------------------------------------------------------------------------------------------
+# A trained workdir: its resolved config.json and its checkpoints.
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    """What export and inference need: parameters, and where the tokenizer and config live."""
+
+    params: Any
+    model_config: ModelConfig
+    step: int | None  # a workdir's checkpoint step; None for an HF directory or adapter
+    tokenizer_dir: str
+    source_model_dir: str  # "" for a randomly initialised model
+    chat_template: str | None  # the Jinja source used in training, None = the tokenizer's own
+    adapters: Any = None  # a LoRA run's adapter tree (params is then the merged model)
+    lora: dict[str, Any] | None = None  # a LoRA run's `lora` config section
+
+
+def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
+    """Restores the parameters of `step` (latest when None) over a mesh of all devices.
+
+    Reads only the `model`, `mesh`, `lora` and `data` sections of `workdir/config.json`, so a
+    workdir stays exportable when unrelated config keys are added later; keys of those sections
+    that an older version did not write take their defaults (see `_section`).
+    """
+    from sft_jax import sharding
+    from sft_jax.checkpoint import Checkpointer
+    from sft_jax.model import Transformer
+    from sft_jax.state import param_shardings
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise LoadError(f"{path} not found: not a training workdir")
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    if not isinstance(raw, dict):
+        raise LoadError(f"{path}: expected a JSON object (the resolved training config)")
+    sections = _read_sections(raw, path)
+    section = sections["model"]
+    raw = {**raw, "lora": dataclasses.asdict(sections["lora"])}
+    model_config = hf.build_model_config(section)
+    devices = np.asarray(jax.devices()).reshape(1, -1, 1)
+    mesh = jax.sharding.Mesh(devices, sharding.MESH_AXES)
+    rules = sections["mesh"].rules
+    abstract, shardings = param_shardings(Transformer(model_config), mesh, rules)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    checkpointer = Checkpointer(workdir, keep=1, async_save=False)
+    step = checkpointer.latest_step() if step is None else step
+    if step is None or not os.path.isdir(os.path.join(checkpointer.directory, str(step))):
+        which = "" if step is None else f" for step {step}"
+        raise LoadError(f"no checkpoint{which} in {checkpointer.directory}")
+    lora_raw = raw.get("lora", {})
+    adapters = None
+    if lora_raw.get("enabled"):
+        model = Transformer(model_config)
+        params, adapters = _merged_lora(raw, model, mesh, rules, checkpointer, step)
+    else:
+        params = checkpointer.restore_params(step, abstract)
+    data = raw.get("data", {})
+    return TrainedModel(
+        params=params,
+        model_config=model_config,
+        step=step,
+        tokenizer_dir=data.get("tokenizer") or section.path,
+        source_model_dir=section.path,
+        chat_template=_chat_template_source(data.get("chat_template", "tokenizer")),
+        adapters=adapters,
+        lora=lora_raw if adapters is not None else None,
+    )
+
+
+def _merged_lora(raw: dict, model: Any, mesh: Any, rules: tuple, checkpointer: Any, step: int):
+    """A LoRA run's (merged parameters, adapters): the base re-read (or re-initialised from the
+    run's seed) at its stored precision, the adapters restored from `step` and merged in."""
+    from sft_jax import lora
+    from sft_jax.state import adapter_shardings, init_params
+
+    c = raw["lora"]
+    base = init_params(model, raw["model"]["path"], mesh, rules, raw["seed"])
+
+    def make(params: Any) -> Any:
+        adapters = lora.init_adapters(params, tuple(c["targets"]), c["rank"], jax.random.key(0))
+        if c.get("dora", False):
+            adapters = lora.init_magnitudes(params, adapters)
+        return lora.add_saved_modules(params, adapters, tuple(c.get("modules_to_save", ())))
+
+    abstract = jax.eval_shape(make, base)
+    shardings = adapter_shardings(abstract, base, mesh)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    adapters = checkpointer.restore_params(step, abstract)
+    scale = lora.lora_scale(c["alpha"], c["rank"], c["rslora"])
+    out_shardings = jax.tree.map(lambda x: x.sharding, base)
+    merged = jax.jit(lambda p, a: lora.merge(p, a, scale), out_shardings=out_shardings)
+    return merged(base, adapters), adapters
+
+
+class OldWorkdirWarning(UserWarning):
+    """A workdir's config.json lacks keys added since it was written; defaults were used."""
+
+
+BASE_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "base.py")
+_SECTIONS = {"model": "ModelSection", "mesh": "MeshSection", "lora": "LoraSection"}
+
+
+def _read_sections(raw: dict, path: str) -> dict[str, Any]:
+    """The typed `model`, `mesh` and `lora` sections of a workdir's config.json (`path`)."""
+    from sft_jax import config as config_module
+
+    missing: list[str] = []
+    sections = {}
+    for name, cls_name in _SECTIONS.items():
+        cls = getattr(config_module, cls_name)
+        sections[name] = _section(cls, raw.get(name, {}), name, path, missing)
+    if missing:
+        warnings.warn(
+            f"{path} was written by an older sft_jax and lacks config keys "
+            f"{', '.join(missing)}; using their defaults from sft_jax/configs/base.py",
+            OldWorkdirWarning,
+            stacklevel=3,
+        )
+    return sections
+
+
+@functools.cache
+def _base_defaults() -> dict:
+    """configs/base.py as a plain dict: the one place every config key has its default."""
+    from sft_jax.config import ConfigError, load_config_file
+
+    try:
+        return load_config_file(BASE_CONFIG).to_dict()
+    except ConfigError as e:
+        raise LoadError(
+            f"{e}: it supplies defaults for keys an older workdir lacks (use a source checkout)"
+        ) from e
+
+
+def _section(cls: type, raw: Any, prefix: str, path: str, missing: list[str]) -> Any:
+    """Section `prefix` (a frozen config dataclass `cls`) of config.json `path`.
+
+    A workdir outlives the code that wrote it: keys added since (model.attention,
+    model.scan_layers, ...) take their configs/base.py defaults and are appended to `missing`
+    (the caller warns once); an unknown key or a value of the wrong type is an LoadError
+    naming the file and the key, never a TypeError from the dataclass constructor.
+    """
+    from sft_jax.config import _CHOICES, ConfigError, _coerce
+
+    if not isinstance(raw, dict):
+        raise LoadError(f"{path}: config key '{prefix}' must be a section, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise LoadError(
+            f"{path}: unknown config key '{prefix}.{unknown[0]}' (written by a newer sft_jax?); "
+            f"valid keys of '{prefix}': {', '.join(names)}"
+        )
+    values = {}
+    for name in names:
+        key = f"{prefix}.{name}"
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _section(hints[name], raw.get(name, {}), key, path, missing)
+            continue
+        if name in raw:
+            value = raw[name]
+        else:
+            value = functools.reduce(lambda node, k: node[k], key.split("."), _base_defaults())
+            missing.append(f"{key}={value!r}")
+        try:
+            values[name] = _coerce(hints[name], value, key)
+        except ConfigError as e:
+            raise LoadError(f"{path}: {e}") from e
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise LoadError(f"{path}: config key '{key}' is {value!r}; one of {_CHOICES[key]}")
+    return cls(**values)
+
+
+def _chat_template_source(spec: str) -> str | None:
+    """The Jinja source of a `data.chat_template` spec; None for the tokenizer's own."""
+    if not spec or spec == "tokenizer":
+        return None
+    from sft_jax.data.templates import BUILTIN_TEMPLATES
+
+    if spec in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[spec]
+    with open(spec, encoding="utf-8") as f:
+        return f.read()
+
+
+# --------------------------------------------------------------------------------------------
+# A Hugging Face directory, and a PEFT adapter merged into its base.
+
+
+def stored_dtype(model_dir: str) -> str:
+    """The dtype a HF directory's config.json says its weights are stored in (float32 if
+    unsaid): a merge at this precision is what PEFT's merge_and_unload gives."""
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        raw = json.load(f)
+    name = (raw.get("torch_dtype") or raw.get("dtype")) if isinstance(raw, dict) else None
+    return name if name in DTYPES else "float32"
+
+
+def load_hf(model_dir: str, *, param_dtype: str | None = "float32") -> TrainedModel:
+    """A HF model directory; parameters in `param_dtype` (None: as stored), compute in float32."""
+    param_dtype = param_dtype or stored_dtype(model_dir)
+    config = hf.load_model_config(model_dir, dtype="float32", param_dtype=param_dtype, remat="none")
+    return TrainedModel(
+        params=hf.load_params(model_dir, config),
+        model_config=config,
+        step=None,
+        tokenizer_dir=model_dir,
+        source_model_dir=model_dir,
+        chat_template=None,
+    )
+
+
+def resolve_peft_base(adapter_dir: str, base: str) -> str:
+    """The local directory of an adapter's base (`base_model_name_or_path`): a directory as
+    given (relative to the working directory, else to the adapter), or a Hub id's local
+    snapshot (downloaded once; offline, the cached one)."""
+    config_file = os.path.join(adapter_dir, lora.peft.CONFIG_FILE)
+    if not base:
+        raise LoadError(
+            f"{config_file} names no base_model_name_or_path; pass the base model directory "
+            "(export --base DIR, or sft_jax.load(BASE, adapter=ADAPTER))"
+        )
+    for candidate in (base, os.path.join(adapter_dir, base)):
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            return candidate
+    if hf.looks_like_hub_id(base):
+        return hf.resolve_model_dir(base)
+    raise LoadError(
+        f"{config_file}: base model {base!r} (base_model_name_or_path) is not a model "
+        "directory here; pass the base model directory (export --base DIR, or "
+        "sft_jax.load(BASE, adapter=ADAPTER))"
+    )
+
+
+def load_peft(
+    adapter_dir: str, *, base: str | None = None, param_dtype: str | None = "float32"
+) -> TrainedModel:
+    """A PEFT LoRA adapter merged into its base (`base`, default the adapter config's). Rank,
+    alpha, rsLoRA and DoRA come from adapter_config.json; the tokenizer from the adapter
+    directory when it has one (sft_jax's --peft export writes the training template there)."""
+    config = lora.read_peft_config(adapter_dir)
+    base_dir = resolve_peft_base(adapter_dir, config.base if base is None else base)
+    run = load_hf(base_dir, param_dtype=param_dtype)
+    adapters = lora.read_peft_adapter(adapter_dir, run.params)
+    merged = jax.jit(lambda p, a: lora.merge(p, a, config.scale))(run.params, adapters)
+    has_tokenizer = any(os.path.isfile(os.path.join(adapter_dir, n)) for n in _TOKENIZER_MARKERS)
+    return dataclasses.replace(
+        run,
+        params=merged,
+        tokenizer_dir=adapter_dir if has_tokenizer else base_dir,
+        adapters=adapters,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# One call: a path -> a model to call and generate with.
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(model: Transformer, params: Any, tokens: jax.Array) -> jax.Array:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return model.apply({"params": params}, tokens, positions, jnp.ones_like(tokens))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A trained model ready for inference: `model(ids)` gives logits, `model.generate(prompt)`
+    text. `run` holds the parameters and where they came from; `model_dir` is the directory
+    whose generation_config.json names the stop ids."""
+
+    run: TrainedModel
+    tokenizer: Any
+    model_dir: str
+
+    @property
+    def module(self) -> Transformer:
+        return Transformer(self.run.model_config)
+
+    @property
+    def params(self) -> Any:
+        return self.run.params
+
+    def __call__(self, ids: Any) -> np.ndarray:
+        """float32 logits [batch, length, vocab] of int token ids [length] or [batch, length]."""
+        tokens = np.asarray(ids, np.int32)
+        single = tokens.ndim == 1
+        out = np.asarray(_logits(self.module, self.params, tokens[None] if single else tokens))
+        return out[0] if single else out
+
+    def encode(self, prompt: str | list[dict[str, Any]]) -> list[int]:
+        """Prompt ids: a string as raw text (with the tokenizer's BOS), a list of messages
+        through the chat template (the training one, for a workdir) with a generation prompt."""
+        from sft_jax.chat import encode
+
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return encode(self.tokenizer, prompt)
+
+    def generate(
+        self,
+        prompt: str | list[dict[str, Any]] | list[str] | list[list[dict[str, Any]]],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> str | list[str]:
+        """The reply to one prompt (a string or a conversation, see `encode`), or to each of a
+        list of them (batched). Greedy by default; stops at EOS and at the chat template's end
+        of turn (one token or several), as `python -m sft_jax.generate` does."""
+        from sft_jax.chat import chat_stops
+        from sft_jax.generate import cut_at_stop_text, generate
+
+        batch = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], dict)
+        prompts = prompt if batch else [prompt]
+        stops = chat_stops(self.tokenizer, self.model_dir)
+        replies = generate(
+            self.module,
+            self.params,
+            [self.encode(p) for p in prompts],
+            max_new_tokens=max_new_tokens,
+            stop_ids=stops.ids,
+            stop_sequences=stops.sequences,
+            temperature=temperature,
+            top_p=top_p,
+            rng=jax.random.PRNGKey(seed),
+        )
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
+        texts = [cut_at_stop_text(decode(r), stops.texts) for r in replies]
+        return texts if batch else texts[0]
+
+
+def from_trained(run: TrainedModel, model_dir: str | None = None) -> LoadedModel:
+    """`run` with its tokenizer (the training chat template set on it, for a workdir)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
+    if run.chat_template is not None:
+        tokenizer.chat_template = run.chat_template
+    return LoadedModel(run, tokenizer, run.source_model_dir if model_dir is None else model_dir)
+
+
+def load(path: str, *, adapter: str | None = None, step: int | None = None) -> LoadedModel:
+    """A training workdir (checkpoint `step`, default the latest), a Hugging Face model
+    directory, or a PEFT LoRA adapter directory (merged into the base its config names), as a
+    model to call and generate with. `adapter`: a PEFT adapter to merge into the HF directory
+    `path`. Parameters and compute are float32 for an HF directory or adapter; a workdir keeps
+    its training config's dtypes."""
+    if os.path.isfile(os.path.join(path, lora.peft.CONFIG_FILE)):
+        if adapter is not None:
+            raise LoadError(f"{path} is a PEFT adapter itself; pass its base as the path")
+        run = load_peft(path)
+        return from_trained(run, _generation_dir(path, run.source_model_dir))
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise LoadError(f"{path}: no config.json or adapter_config.json: not a model to load")
+    if _is_workdir(config_file):
+        if adapter is not None:
+            raise LoadError(f"{path} is a training workdir; adapter= goes with an HF directory")
+        return from_trained(load_workdir(path, step))
+    if step is not None:
+        raise LoadError(f"{path} is a Hugging Face directory: it has no checkpoint steps")
+    if adapter is None:
+        return from_trained(load_hf(path))
+    return from_trained(load_peft(adapter, base=path), _generation_dir(adapter, path))
+
+
+def _is_workdir(config_file: str) -> bool:
+    """A workdir's config.json is the resolved training config (a `model` section), an HF
+    one describes an architecture."""
+    with open(config_file, encoding="utf-8") as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise LoadError(f"{config_file}: not valid JSON ({e})") from None
+    return isinstance(raw, dict) and isinstance(raw.get("model"), dict)
+
+
+def _generation_dir(adapter_dir: str, base_dir: str) -> str:
+    """An adapter's generation_config.json when it has one, else its base's."""
+    if os.path.isfile(os.path.join(adapter_dir, "generation_config.json")):
+        return adapter_dir
+    return base_dir

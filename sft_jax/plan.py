@@ -3,6 +3,8 @@
     python -m sft_jax.plan --config configs/x.py --devices 64 --device_memory_gib 95 \
         [--platform gpu] [--config.mesh.fsdp=-1 --config.mesh.data=1 --config.model.remat=full]
     python -m sft_jax.plan --config configs/x.py --check_compiled   (compare with XLA, see below)
+    python -m sft_jax.plan --config configs/x.py --topology v5p:2x4x4 --compile [--num_slices 2]
+        (the TPU compiler's answer for a TPU topology, on a host without one: sft_jax/tpu.py)
 
 Nothing is allocated: the model is traced abstractly, and each array's bytes per device follow
 from its logical axes, the rules table and the planned mesh (a dimension is split only where the
@@ -391,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         devices = flag_values.devices or jax.device_count()
         memory_gib = flag_values.device_memory_gib
+        if flag_values.compile and not flag_values.topology:
+            raise ConfigError("--compile compiles for a TPU topology: add --topology (v5e:2x4)")
         if flag_values.topology:
             return plan_topology(config, flag_values.topology, flag_values.num_slices,
                                  flag_values.compile)  # fmt: skip

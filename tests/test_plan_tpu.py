@@ -97,7 +97,9 @@ def test_two_slices_build_the_hybrid_mesh_and_compile():
         sharding.make_mesh(_small((1, -1, 1)).mesh, tpu.topology_devices("v5e:2x2", 2))
 
 
-def test_topology_names_and_the_generation_table():
+def test_topology_names_and_the_generation_table(capsys):
+    argv = ["plan", "--config", "configs/tiny.py", "--compile"]
+    assert plan_module.main(argv) == 2 and "--topology" in capsys.readouterr().err
     assert tpu.parse_topology("v5p:4x4x8") == (tpu_generation("v5p"), 128)
     with pytest.raises(ConfigError, match="GENERATION"):
         tpu.parse_topology("v9:2x2")

@@ -13,8 +13,8 @@ Figures, per chip: the memory analysis' argument + output - alias + temp (`peak`
 the generation (`flops.TPU_GENERATIONS`); and a roofline bound. XLA's cost analysis counts the
 body of a loop once, and the step loops over layers (scan) and micro-batches, so the flops and
 bytes of one step come from loop-free variants (layers unrolled, one micro-batch): the step at
-1 and 2 layers (C1, C2; the compiled step itself, its loop bodies counted once, stands for C1)
-and the optimizer update alone at 1 and 2 layers (U1, U2), all linear in the layer count L:
+1 and 2 layers (C1, C2) and the optimizer update alone at 1 and 2 layers (U1, U2), all linear
+in the layer count L:
 
     step = micro_batches x (C(L) - U(L)) + U(L),   X(L) = X1 + (L - 1) (X2 - X1).
 
@@ -129,19 +129,17 @@ def _costs(compiled: Any) -> tuple[float, float]:
 
 
 def step_cost(
-    config: Config, model_config: ModelConfig, mesh: Any, attention: str, step: Any | None
+    config: Config, model_config: ModelConfig, mesh: Any, attention: str
 ) -> tuple[float, float]:
-    """(flops, bytes accessed) of one train step per device (see the module docstring): the
-    compiled `step`, whose loops XLA counts once, stands for the 1-layer, 1-micro-batch
-    variant (compiled here when `step` is None: the TPU compiler refused the step); the
-    2-layer variant and the update alone at 1 and 2 layers give the rest. Plus `kernel_flops`
-    where attention is a Pallas kernel."""
-    steps, updates = [] if step is None else [_costs(step)], []
+    """(flops, bytes accessed) of one train step per device, from loop-free variants (see the
+    module docstring), plus `kernel_flops` where attention is a Pallas kernel. The compiled
+    step itself cannot stand for the 1-layer variant: with micro-batches its accumulation
+    loop and scanned layers count differently (measured: a negative per-layer byte count)."""
+    steps, updates = [], []
     for layers in (1, 2):
         cfg, mc = _variant(config, model_config, layers)
         state = abstract_train_state(cfg, mesh, mc)
-        if layers == 2 or step is None:
-            steps.append(_costs(compile_abstract_step(cfg, mesh, state)))
+        steps.append(_costs(compile_abstract_step(cfg, mesh, state)))
         updates.append(_costs(jax.jit(apply_updates).lower(state, state.params).compile()))
     depth = model_config.num_layers - 1
     at_depth = lambda x: [a + depth * (b - a) for a, b in zip(*x, strict=True)]
@@ -184,7 +182,6 @@ def compile_for_topology(config: Config, topology: str, num_slices: int = 1) -> 
     attention = step_attention(model_config, config.data.seq_len)
     per_chip = generation.devices_per_chip
     start = time.perf_counter()
-    compiled = None
     try:
         compiled = compile_abstract_step(config, mesh, abstract_train_state(config, mesh))
         memory = memory_figures(compiled)
@@ -194,7 +191,7 @@ def compile_for_topology(config: Config, topology: str, num_slices: int = 1) -> 
             raise
         memory = {"peak": needed, "refused": str(e).splitlines()[0][:300]}
     compile_s = time.perf_counter() - start
-    flops, accessed = step_cost(config, model_config, mesh, attention, compiled)
+    flops, accessed = step_cost(config, model_config, mesh, attention)
     chips = chips_per_slice * num_slices
     hbm = int(generation.hbm_gib * GIB)
     peak_chip = memory["peak"] * per_chip

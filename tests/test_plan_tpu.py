@@ -21,6 +21,7 @@ SMALL = [
     "--config.model.arch.head_dim=128",
     "--config.data.seq_len=512",
     "--config.model.remat=full",
+    "--config.train.micro_batches=2",  # the accumulation loop's cost is counted per micro-batch
 ]
 # The plan's estimate against the TPU compiler's peak per chip (ratio plan / compiler). The
 # plan's activation model is calibrated on XLA:CPU; the TPU compiler keeps fewer temporaries
@@ -68,6 +69,7 @@ def test_cli_compiles_for_v5e_and_prints_every_field(capsys):
     )
     # The step's flops exceed the model's (remat full recomputes the forward) but not 2x.
     assert 1.0 < result["flops_per_step"] / result["model_flops_per_step"] < 2.0
+    assert result["bytes_accessed_per_chip"] > 0 and result["roofline_memory_s"] > 0
     assert 0 < result["roofline_mfu"] < 1
     low, high = TPU_PLAN_BAND
     assert low < result["plan_over_compiled"] < high, result["plan_over_compiled"]

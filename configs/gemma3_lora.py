@@ -34,7 +34,8 @@ docs/tpu_pod.md; `DIR` holds only gemma-3-1b-it's config.json):
     python -m sft_jax.plan --config configs/gemma3_lora.py --topology v5e:2x4 --compile \
         --config.model.path=DIR
 -> 8.87 GiB per chip of 16 (8.52 GiB of it temporaries, mostly the loss over the 262k
-vocabulary; the plan's 7.11 is 20% low here), splash attention; roofline bound 44% MFU.
+vocabulary; the plan's 7.11 is 20% low here), splash attention; roofline bound 33% MFU
+(HBM-traffic-bound).
 """
 
 from sft_jax.configs import base

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import typing
 import warnings
@@ -80,10 +79,7 @@ def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise LoadError(f"{path} not found: not a training workdir")
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
-    if not isinstance(raw, dict):
-        raise LoadError(f"{path}: expected a JSON object (the resolved training config)")
+    raw = hf.read_config_json(path)  # not a JSON object: one line naming the file
     sections = _read_sections(raw, path)
     section = sections["model"]
     raw = {**raw, "lora": dataclasses.asdict(sections["lora"])}
@@ -246,9 +242,8 @@ def _chat_template_source(spec: str) -> str | None:
 def stored_dtype(model_dir: str) -> str:
     """The dtype a HF directory's config.json says its weights are stored in (float32 if
     unsaid): a merge at this precision is what PEFT's merge_and_unload gives."""
-    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-        raw = json.load(f)
-    name = (raw.get("torch_dtype") or raw.get("dtype")) if isinstance(raw, dict) else None
+    raw = hf.read_config_json(os.path.join(model_dir, "config.json"))
+    name = raw.get("torch_dtype") or raw.get("dtype")
     return name if name in DTYPES else "float32"
 
 
@@ -423,13 +418,9 @@ def load(path: str, *, adapter: str | None = None, step: int | None = None) -> L
 
 def _is_workdir(config_file: str) -> bool:
     """A workdir's config.json is the resolved training config (a `model` section), an HF
-    one describes an architecture."""
-    with open(config_file, encoding="utf-8") as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise LoadError(f"{config_file}: not valid JSON ({e})") from None
-    return isinstance(raw, dict) and isinstance(raw.get("model"), dict)
+    one describes an architecture. A file that is not a JSON object is a ModelFileError
+    naming it (one line, like train's preflight)."""
+    return isinstance(hf.read_config_json(config_file).get("model"), dict)
 
 
 def _generation_dir(adapter_dir: str, base_dir: str) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 
+from sft_jax.cli import interrupted
 from sft_jax.data.templates import ChatTemplate, Stops, generation_stops, template_variables
 from sft_jax.generate import cut_at_stop_text, generate
 from sft_jax.model import Transformer
@@ -81,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:
+        return _chat(args)
+    except KeyboardInterrupt:  # Ctrl-C ends an interactive chat: one line, as `sft-jax generate`
+        return interrupted("generate")
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """Loads the model, then answers --prompt or each prompt read from stdin; the exit code."""
     try:
         model, params, tokenizer, model_dir = _load(args)
     except (OSError, ValueError) as e:

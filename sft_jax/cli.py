@@ -161,9 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     rest = args[1:]
     try:
         return command_main([f"sft-jax {args[0]}", *rest] if absl_style else rest) or 0
-    except KeyboardInterrupt:  # Ctrl-C in an interactive chat, an export, ...: no traceback
-        print(f"\nsft-jax {args[0]}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C in an export, a report, ...: no traceback
+        return interrupted(f"sft-jax {args[0]}")
+
+
+def interrupted(command: str) -> int:
+    """Ctrl-C ends a command with one line and exit code 130 (the shell's for SIGINT): the user
+    stopped it on purpose, a traceback would read like a crash."""
+    print(f"\n{command}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

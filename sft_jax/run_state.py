@@ -1,7 +1,7 @@
 """What one start of a training run carries between the loop's sections.
 
 `LoopState` holds the host-side counters that a resumed run must continue (health, best eval),
-saved in every checkpoint; `Run` bundles everything `train.setup` builds once (config, data,
+saved in every checkpoint; `Run` bundles everything `train_setup.setup` builds once (config, data,
 compiled steps, checkpointer, metrics writer) so the loop sections take one argument.
 """
 
@@ -53,7 +53,7 @@ class LoopState:
 
 @dataclasses.dataclass
 class Run:
-    """Everything the loop sections share, built once by `train.setup`."""
+    """Everything the loop sections share, built once by `train_setup.setup`."""
 
     config: Config
     workdir: str

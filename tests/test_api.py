@@ -166,3 +166,55 @@ def test_quickstart_python_example_runs_as_shown(capsys, monkeypatch):
     exec(compile(code, "docs/quickstart.md", "exec"), {})
     assert capsys.readouterr().out == shown
     assert pathlib.Path("sft_jax/assets/stories260K").is_dir()
+
+
+def _truncate_weights(model_dir):
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    return weights
+
+
+def _config_not_json(model_dir):
+    (model_dir / "config.json").write_text('{"hidden_size": 64,\n  oops}')
+    return model_dir / "config.json"
+
+
+def _config_not_utf8(model_dir):
+    (model_dir / "config.json").write_bytes(b'{"architectures": ["\xff"]}')
+    return model_dir / "config.json"
+
+
+@pytest.fixture(scope="module")
+def small_adapter(stories_dir, tmp_path_factory):
+    """A PEFT adapter on stories260K written by sft_jax alone (no peft needed)."""
+    config = hf.load_model_config(
+        str(stories_dir), dtype="float32", param_dtype="float32", remat="none"
+    )
+    adapters = lora.init_adapters(
+        hf.load_params(str(stories_dir), config), ("q_proj",), 2, jax.random.PRNGKey(0)
+    )
+    peft_config = lora.peft_config(
+        adapters, rank=2, alpha=4.0, rslora=False, dropout=0.0, base=str(stories_dir)
+    )
+    path = tmp_path_factory.mktemp("small_adapter") / "ad"
+    lora.write_peft_adapter(str(path), jax.device_get(adapters), peft_config)
+    return path
+
+
+@pytest.mark.parametrize("breakage", [_truncate_weights, _config_not_json, _config_not_utf8])
+def test_broken_model_directory_is_one_line_naming_the_file(
+    breakage, small_adapter, stories_dir, tmp_path, capsys
+):
+    """load, generate and export --base report a broken model directory like train does."""
+    broken = tmp_path / "broken"
+    shutil.copytree(stories_dir, broken)
+    file = str(breakage(broken))
+    with pytest.raises(ValueError, match=re.escape(file)) as error:
+        sft_jax.load(str(broken))
+    assert "\n" not in str(error.value)
+    assert chat.main(["--model", str(broken), "--prompt", "Hi", "--max-new-tokens", "2"]) == 2
+    argv = ["--peft-adapter", str(small_adapter), "--base", str(broken)]
+    assert export.main([*argv, "--out", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": error: ")[0] for line in lines] == ["generate", "export"], lines
+    assert all(file in line for line in lines), lines

@@ -14,7 +14,7 @@ import tomllib
 
 import pytest
 
-from sft_jax import cli, console, faults, run_summary
+from sft_jax import cli, console, faults, run_summary, train_setup
 from sft_jax import train as train_module
 from sft_jax.config import ConfigError
 from sft_jax.configs import base
@@ -162,7 +162,7 @@ def test_sigterm_during_setup_exits_42_with_a_message(tmp_path, capsys, monkeypa
         time.sleep(30)  # the handler raises during the sleep
         raise AssertionError("SIGTERM was ignored during setup")
 
-    monkeypatch.setattr(train_module, "setup", setup_interrupted)
+    monkeypatch.setattr(train_setup, "setup", setup_interrupted)
     code = main(["train", f"--config={TINY}", f"--workdir={tmp_path / 'w'}"])
     err = capsys.readouterr().err
     assert code == faults.EXIT_PREEMPTED, err

@@ -171,3 +171,20 @@ def test_generate_command_continues_a_prompt(stories_dir, golden_dir, capsys):
     assert code == 0
     reply = capsys.readouterr().out.rstrip("\n")
     assert len(reply) > 40 and golden.startswith(prompt + reply)
+
+
+def test_ctrl_c_in_the_interactive_chat_is_one_line_exit_130(stories_dir, capsys, monkeypatch):
+    """`python -m sft_jax.generate` ends like the `sft-jax generate` wrapper: no traceback."""
+    prompts = iter(["Once upon a time"])
+
+    def typed(prompt=""):
+        try:
+            return next(prompts)
+        except StopIteration:
+            raise KeyboardInterrupt from None
+
+    monkeypatch.setattr("builtins.input", typed)
+    assert chat.main(["--model", str(stories_dir), "--max-new-tokens", "4"]) == 130
+    captured = capsys.readouterr()
+    assert captured.out.strip()  # the first turn was answered
+    assert captured.err.strip() == "generate: interrupted"

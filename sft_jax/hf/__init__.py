@@ -13,6 +13,7 @@ from sft_jax.hf.config import (
     build_model_config,
     hf_config_dict,
     load_model_config,
+    read_config_json,
 )
 from sft_jax.hf.hub import (
     absolute_local_paths,
@@ -41,6 +42,7 @@ __all__ = [
     "load_model_config",
     "load_params",
     "looks_like_hub_id",
+    "read_config_json",
     "resolve_config_hub_ids",
     "resolve_model_dir",
     "to_hf_tensor",

@@ -1,0 +1,183 @@
+"""Setup of a training run: config resolution, preflight, data, model and train state, restore
+and the evaluators, bundled into the `Run` the loop sections of sft_jax/train.py share.
+
+Its own module because it is one concept with one contract, kept apart from the step loop and the
+end of a run: everything that fails on bad input (config, data, model files, a busy or unwritable
+workdir) fails here, before compute, so a run that leaves `setup` only fails from faults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import textwrap
+from typing import Any
+
+import jax
+import numpy as np
+
+from sft_jax import console, data, hf, preflight, sharding
+from sft_jax.checkpoint import Checkpointer
+from sft_jax.config import Config, ConfigError, to_dict
+from sft_jax.console import log
+from sft_jax.data.pipeline import format_stats, padding_line
+from sft_jax.evaluate import (
+    evaluate_loss,
+    general_text_batches,
+    make_eval_step,
+    make_inference_params,
+)
+from sft_jax.faults import FaultInjector
+from sft_jax.metrics import MetricsWriter, import_wandb
+from sft_jax.model import Transformer, count_params
+from sft_jax.optim import make_optimizer, make_schedule, schedule_change, schedule_steps
+from sft_jax.run_state import LoopState, Run, next_run_number
+from sft_jax.state import create_train_state
+from sft_jax.step import BATCH_KEYS, make_train_step
+
+
+def total_steps(config: Config, steps_per_epoch: int) -> int:
+    return schedule_steps(config.train.max_steps, config.train.epochs, steps_per_epoch)
+
+
+def make_placer(batch_sharding: jax.sharding.NamedSharding):
+    """Host numpy batch (this process's rows) -> global jax arrays with the batch sharding."""
+
+    def place(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {
+            k: jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in BATCH_KEYS
+        }
+
+    return place
+
+
+def print_data_stats(stats: dict[str, Any], steps: int, per_epoch: int) -> None:
+    line = f"data: {format_stats(stats)}; {padding_line(stats)}"
+    log(textwrap.fill(line, 100, subsequent_indent="  ", break_on_hyphens=False))
+    log(f"schedule: {steps} steps ({per_epoch} steps per epoch)")
+
+
+def build_state(
+    config: Config, mesh: jax.sharding.Mesh, bundle: data.DataBundle, steps: int
+) -> tuple[Transformer, Any, Any]:
+    """The model and its fresh (initialised or loaded) train state -> (model, state, shardings)."""
+    model_config = hf.build_model_config(config.model)
+    model_config = sharding.pin_model_activations(model_config, mesh, config.mesh.rules)
+    model_config = dataclasses.replace(model_config, neftune_alpha=config.train.neftune_alpha)
+    if len(bundle.tokenizer) > model_config.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {len(bundle.tokenizer)} tokens but the model's vocab_size is "
+            f"{model_config.vocab_size}"
+        )
+    tx = make_optimizer(config.optim, steps, config.lora)
+    state, shardings = create_train_state(
+        model_config,
+        config.model.path,
+        tx,
+        mesh,
+        config.mesh.rules,
+        config.seed,
+        config.lora,
+        keep_reference=config.train.kl_to_base > 0,
+    )
+    trainable = "" if state.frozen is None else " trainable (LoRA adapters)"
+    millions = count_params(state.params) / 1e6
+    log(f"model: {millions:.3f}M{trainable} parameters on mesh {dict(mesh.shape)}")
+    return Transformer(model_config), state, shardings
+
+
+def restore(
+    checkpointer: Checkpointer,
+    state: Any,
+    shardings: Any,
+    bundle: data.DataBundle,
+    config: Config,
+    steps: int,
+) -> tuple[Any, LoopState]:
+    """The latest committed checkpoint, if any, with its data position and loop counters; warns
+    when the run's length changed since that checkpoint (the schedule is re-stretched)."""
+    restored = checkpointer.restore_latest(state, shardings)
+    if restored is None:
+        return state, LoopState()
+    step, state, data_state, loop_values = restored
+    bundle.train_iter.set_state(data_state)
+    log(f"resumed from checkpoint at step {step}")
+    planned = checkpointer.planned_steps(step, bundle.train_iter.steps_per_epoch)
+    if change := schedule_change(config.optim, planned, steps, step):
+        console.warn(change)
+    return state, LoopState.from_dict(loop_values)
+
+
+def make_evaluators(
+    config: Config,
+    model: Transformer,
+    mesh: jax.sharding.Mesh,
+    batch_sharding: jax.sharding.NamedSharding,
+    bundle: data.DataBundle,
+    general: list[dict[str, np.ndarray]],
+) -> dict[str, Any]:
+    """Run fields for evaluation: place, evaluate, evaluate_general, inference_params."""
+    place = make_placer(batch_sharding)
+    inference_params, inference_shardings = make_inference_params(config, model, mesh)
+    eval_step = make_eval_step(model.apply, inference_shardings, batch_sharding)
+    return {
+        "place": place,
+        "evaluate": lambda params: evaluate_loss(eval_step, params, bundle.eval_batches, place),
+        "evaluate_general": (
+            (lambda params: evaluate_loss(eval_step, params, general, place, prefix="general"))
+            if general
+            else None
+        ),
+        "inference_params": inference_params,
+    }
+
+
+def setup(config: Config, workdir: str) -> tuple[Run, Any]:
+    """Preflight, data, model, state and restore: everything that fails on bad input fails here,
+    before compute. Returns the run and its (possibly restored) train state."""
+    config = hf.absolute_local_paths(config)  # config.json must work from any directory
+    mesh = preflight.run(config, workdir)
+    if config.logging.wandb:  # a missing wandb fails before data and compute
+        import_wandb()
+    bundle = data.prepare_data(config)
+    general = general_text_batches(config, bundle.tokenizer)  # bad files fail here, like data
+    steps = total_steps(config, bundle.train_iter.steps_per_epoch)
+    print_data_stats(bundle.stats, steps, bundle.train_iter.steps_per_epoch)
+    if general:
+        log(f"general text: {len(general)} eval batches from {config.eval.general_text_files}")
+    model, state, shardings = build_state(config, mesh, bundle, steps)
+    batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
+    evaluators = make_evaluators(config, model, mesh, batch_sharding, bundle, general)
+    c = config.checkpoint
+    checkpointer = Checkpointer(
+        workdir, keep=c.keep, keep_best=c.keep_best, async_save=c.async_save
+    )
+    state, loop = restore(checkpointer, state, shardings, bundle, config, steps)
+    run = Run(
+        config=config,
+        workdir=workdir,
+        steps=steps,
+        model=model,
+        shardings=shardings,
+        bundle=bundle,
+        train_step=make_train_step(
+            shardings,
+            batch_sharding,
+            micro_batches=config.train.micro_batches,
+            schedule=make_schedule(config.optim, steps),
+            loss_chunk=config.model.loss_chunk,
+            kl_coef=config.train.kl_to_base,
+        ),
+        checkpointer=checkpointer,
+        writer=MetricsWriter(workdir, logging=config.logging, run_config=to_dict(config)),
+        resolved=to_dict(config),
+        loop=loop,
+        run_number=next_run_number(workdir),
+        faults=FaultInjector(config.faults),
+        **evaluators,
+    )
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(run.resolved, f, indent=2)
+    return run, state

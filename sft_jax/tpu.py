@@ -30,6 +30,7 @@ counts a sliding-window layer's splash work as a global layer's.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -58,9 +59,8 @@ _OOM = re.compile(r"(?:[Uu]sed |required for [^(]*\()([\d.]+)([KMGT])?")
 
 def libtpu_missing() -> str | None:
     """Why TPU compilation is unavailable here (libtpu not installed), or None."""
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
+    # Looked up, not imported: libtpu is loaded once, by jax's topology API, when it is needed.
+    if importlib.util.find_spec("libtpu") is None:
         return 'libtpu is not installed: pip install -e ".[tpu]"'
     return None
 

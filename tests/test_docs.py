@@ -14,6 +14,7 @@ import os
 import pathlib
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -406,11 +407,11 @@ def _run(command: str, cwd: pathlib.Path, devices: int = 1, timeout: int = 900):
     importable, and the test suite's 8 fake devices are not inherited unless asked for."""
     words = shlex.split(command)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    env["XLA_FLAGS"] = re.sub(
-        r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")
-    )
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     if devices > 1:
-        env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
+        flags += f" --xla_force_host_platform_device_count={devices}"
+    # XLA reads a value that does not start with "--" as a file of flags: never leave blanks.
+    env["XLA_FLAGS"] = " ".join(flags.split())
     while re.fullmatch(r"[A-Z_]+=\S*", words[0]):
         name, _, value = words.pop(0).partition("=")
         env[name] = value
@@ -474,8 +475,18 @@ def _broken_config(tmp: pathlib.Path) -> dict[str, str]:
     return {"my_config.py": str(path)}
 
 
+def _truncated_model(tmp: pathlib.Path) -> dict[str, str]:
+    """The bundled model copied with its weights cut at 500,000 bytes (an interrupted copy)."""
+    model = tmp / "m"
+    shutil.copytree(REPO / "sft_jax/assets/stories260K", model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500_000])
+    return {"/models/m": str(model)}
+
+
 TRANSCRIPT_SETUP = {
     "/tmp/plan_models/llama31_8b": _tokenizerless_model,
+    "--model /models/m": _truncated_model,
     "--config my_config.py": _broken_config,
 }
 TRANSCRIPTS_NOT_RUN = {  # a reason for each transcript the test cannot reproduce

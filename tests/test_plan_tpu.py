@@ -122,3 +122,19 @@ def test_out_of_memory_message_gives_the_bytes_asked_for():
     assert tpu._out_of_memory(RuntimeError(refusal)) == 20 * 2**30
     assert tpu._out_of_memory(RuntimeError("Used 1.5T of 95.00G hbm")) == int(1.5 * 2**40)
     assert tpu._out_of_memory(RuntimeError("INTERNAL: something else")) is None
+
+
+def test_roofline_never_allows_more_than_the_models_flops():
+    """XLA's extrapolated count can fall below the model's formula (seen at 0.81x for a 70B LoRA
+    step); the compute bound then uses the formula, so the MFU bound stays at most 100%."""
+    v5p = tpu_generation("v5p")
+    model_flops = 9.0e16
+    low = tpu.roofline(0.81 * model_flops, model_flops, 1e12, 32, v5p)
+    assert low["xla_flops_below_model"]
+    assert low["roofline_bound"] == "compute"
+    assert low["roofline_mfu"] == pytest.approx(1.0)
+    high = tpu.roofline(1.2 * model_flops, model_flops, 1e12, 32, v5p)
+    assert not high["xla_flops_below_model"]
+    assert high["roofline_mfu"] == pytest.approx(1 / 1.2)
+    memory_bound = tpu.roofline(model_flops, model_flops, 1e14, 32, v5p)
+    assert memory_bound["roofline_bound"] == "memory" and memory_bound["roofline_mfu"] < 1

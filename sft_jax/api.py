@@ -17,9 +17,8 @@ Why it is built this way:
 - A LoRA adapter's scale always comes from its own config (a workdir's `lora` section or the
   adapter_config.json), and the adapter is merged into the base (W + scale * A B, DoRA
   rescaled), so the loaded model is the plain architecture and cannot run at scale 0 by mistake.
-- A workdir outlives the code that wrote it: only the `model`, `mesh`, `lora` and `data`
-  sections of its config.json are read, and keys added since take their configs/base.py
-  defaults with a warning (`OldWorkdirWarning`).
+- A workdir outlives the code that wrote it: it is read through sft_jax/workdir.py, which
+  parses only the sections loading needs and gives keys added since their defaults.
 """
 
 from __future__ import annotations
@@ -27,8 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import typing
-import warnings
 from typing import Any
 
 import jax
@@ -37,13 +34,10 @@ import numpy as np
 
 from sft_jax import hf, lora
 from sft_jax.model import ModelConfig, Transformer
+from sft_jax.workdir import LoadError, is_workdir, open_checkpoint, read_config
 
 DTYPES = ("float32", "bfloat16", "float16")
 _TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-class LoadError(ValueError):
-    """A path that cannot be loaded as a trained model (with the file and the reason)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,52 +61,39 @@ class TrainedModel:
 def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
     """Restores the parameters of `step` (latest when None) over a mesh of all devices.
 
-    Reads only the `model`, `mesh`, `lora` and `data` sections of `workdir/config.json`, so a
-    workdir stays exportable when unrelated config keys are added later; keys of those sections
-    that an older version did not write take their defaults (see `_section`).
+    The workdir is read through sft_jax.workdir: only the sections loading needs, so a workdir
+    stays loadable when unrelated config keys are added later, and keys of those sections that
+    an older version did not write take their defaults.
     """
     from sft_jax import sharding
-    from sft_jax.checkpoint import Checkpointer
-    from sft_jax.model import Transformer
     from sft_jax.state import param_shardings
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise LoadError(f"{path} not found: not a training workdir")
-    raw = hf.read_config_json(path)  # not a JSON object: one line naming the file
-    sections = _read_sections(raw, path)
-    section = sections["model"]
-    raw = {**raw, "lora": dataclasses.asdict(sections["lora"])}
-    model_config = hf.build_model_config(section)
+    saved = read_config(workdir)
+    raw = {**saved.raw, "lora": dataclasses.asdict(saved.lora)}
+    model_config = hf.build_model_config(saved.model)
     devices = np.asarray(jax.devices()).reshape(1, -1, 1)
     mesh = jax.sharding.Mesh(devices, sharding.MESH_AXES)
-    rules = sections["mesh"].rules
+    rules = saved.mesh.rules
     abstract, shardings = param_shardings(Transformer(model_config), mesh, rules)
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    checkpointer = Checkpointer(workdir, keep=1, async_save=False)
-    step = checkpointer.latest_step() if step is None else step
-    if step is None or not os.path.isdir(os.path.join(checkpointer.directory, str(step))):
-        which = "" if step is None else f" for step {step}"
-        raise LoadError(f"no checkpoint{which} in {checkpointer.directory}")
-    lora_raw = raw.get("lora", {})
+    checkpointer, step = open_checkpoint(workdir, step)
     adapters = None
-    if lora_raw.get("enabled"):
+    if saved.lora.enabled:
         model = Transformer(model_config)
         params, adapters = _merged_lora(raw, model, mesh, rules, checkpointer, step)
     else:
         params = checkpointer.restore_params(step, abstract)
-    data = raw.get("data", {})
     return TrainedModel(
         params=params,
         model_config=model_config,
         step=step,
-        tokenizer_dir=data.get("tokenizer") or section.path,
-        source_model_dir=section.path,
-        chat_template=_chat_template_source(data.get("chat_template", "tokenizer")),
+        tokenizer_dir=saved.tokenizer_dir,
+        source_model_dir=saved.model.path,
+        chat_template=saved.chat_template,
         adapters=adapters,
-        lora=lora_raw if adapters is not None else None,
+        lora=raw["lora"] if adapters is not None else None,
     )
 
 
@@ -141,98 +122,6 @@ def _merged_lora(raw: dict, model: Any, mesh: Any, rules: tuple, checkpointer: A
     out_shardings = jax.tree.map(lambda x: x.sharding, base)
     merged = jax.jit(lambda p, a: lora.merge(p, a, scale), out_shardings=out_shardings)
     return merged(base, adapters), adapters
-
-
-class OldWorkdirWarning(UserWarning):
-    """A workdir's config.json lacks keys added since it was written; defaults were used."""
-
-
-BASE_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "base.py")
-_SECTIONS = {"model": "ModelSection", "mesh": "MeshSection", "lora": "LoraSection"}
-
-
-def _read_sections(raw: dict, path: str) -> dict[str, Any]:
-    """The typed `model`, `mesh` and `lora` sections of a workdir's config.json (`path`)."""
-    from sft_jax import config as config_module
-
-    missing: list[str] = []
-    sections = {}
-    for name, cls_name in _SECTIONS.items():
-        cls = getattr(config_module, cls_name)
-        sections[name] = _section(cls, raw.get(name, {}), name, path, missing)
-    if missing:
-        warnings.warn(
-            f"{path} was written by an older sft_jax and lacks config keys "
-            f"{', '.join(missing)}; using their defaults from sft_jax/configs/base.py",
-            OldWorkdirWarning,
-            stacklevel=3,
-        )
-    return sections
-
-
-@functools.cache
-def _base_defaults() -> dict:
-    """configs/base.py as a plain dict: the one place every config key has its default."""
-    from sft_jax.config import ConfigError, load_config_file
-
-    try:
-        return load_config_file(BASE_CONFIG).to_dict()
-    except ConfigError as e:
-        raise LoadError(
-            f"{e}: it supplies defaults for keys an older workdir lacks (use a source checkout)"
-        ) from e
-
-
-def _section(cls: type, raw: Any, prefix: str, path: str, missing: list[str]) -> Any:
-    """Section `prefix` (a frozen config dataclass `cls`) of config.json `path`.
-
-    A workdir outlives the code that wrote it: keys added since (model.attention,
-    model.scan_layers, ...) take their configs/base.py defaults and are appended to `missing`
-    (the caller warns once); an unknown key or a value of the wrong type is an LoadError
-    naming the file and the key, never a TypeError from the dataclass constructor.
-    """
-    from sft_jax.config import _CHOICES, ConfigError, _coerce
-
-    if not isinstance(raw, dict):
-        raise LoadError(f"{path}: config key '{prefix}' must be a section, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise LoadError(
-            f"{path}: unknown config key '{prefix}.{unknown[0]}' (written by a newer sft_jax?); "
-            f"valid keys of '{prefix}': {', '.join(names)}"
-        )
-    values = {}
-    for name in names:
-        key = f"{prefix}.{name}"
-        if dataclasses.is_dataclass(hints[name]):
-            values[name] = _section(hints[name], raw.get(name, {}), key, path, missing)
-            continue
-        if name in raw:
-            value = raw[name]
-        else:
-            value = functools.reduce(lambda node, k: node[k], key.split("."), _base_defaults())
-            missing.append(f"{key}={value!r}")
-        try:
-            values[name] = _coerce(hints[name], value, key)
-        except ConfigError as e:
-            raise LoadError(f"{path}: {e}") from e
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise LoadError(f"{path}: config key '{key}' is {value!r}; one of {_CHOICES[key]}")
-    return cls(**values)
-
-
-def _chat_template_source(spec: str) -> str | None:
-    """The Jinja source of a `data.chat_template` spec; None for the tokenizer's own."""
-    if not spec or spec == "tokenizer":
-        return None
-    from sft_jax.data.templates import BUILTIN_TEMPLATES
-
-    if spec in BUILTIN_TEMPLATES:
-        return BUILTIN_TEMPLATES[spec]
-    with open(spec, encoding="utf-8") as f:
-        return f.read()
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,7 +294,7 @@ def load(path: str, *, adapter: str | None = None, step: int | None = None) -> L
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise LoadError(f"{path}: no config.json or adapter_config.json: not a model to load")
-    if _is_workdir(config_file):
+    if is_workdir(path):
         if adapter is not None:
             raise LoadError(f"{path} is a training workdir; adapter= goes with an HF directory")
         return from_trained(load_workdir(path, step))
@@ -414,13 +303,6 @@ def load(path: str, *, adapter: str | None = None, step: int | None = None) -> L
     if adapter is None:
         return from_trained(load_hf(path))
     return from_trained(load_peft(adapter, base=path), _generation_dir(adapter, path))
-
-
-def _is_workdir(config_file: str) -> bool:
-    """A workdir's config.json is the resolved training config (a `model` section), an HF
-    one describes an architecture. A file that is not a JSON object is a ModelFileError
-    naming it (one line, like train's preflight)."""
-    return isinstance(hf.read_config_json(config_file).get("model"), dict)
 
 
 def _generation_dir(adapter_dir: str, base_dir: str) -> str:

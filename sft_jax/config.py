@@ -216,6 +216,40 @@ def parse(config: ml_collections.ConfigDict | dict) -> Config:
     return parsed
 
 
+def parse_section(name: str, raw: Any) -> tuple[Any, list[str]]:
+    """Section `name` of a saved config (a workdir's config.json) as its frozen dataclass, and
+    the keys it lacked as "key=value" strings.
+
+    A saved config outlives the code that wrote it, so keys added since take their defaults from
+    the base config (inside the package: sft_jax/configs/base.py) and are returned for the caller
+    to report; an unknown key, a wrong type or a value outside the choices is a ConfigError.
+    """
+    from sft_jax.configs import base
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{name}' must be a section, got {raw!r}")
+    missing: list[str] = []
+    filled = _fill_missing(raw, base.get_config().to_dict()[name], name, missing)
+    section = _coerce(typing.get_type_hints(Config)[name], filled, name)
+    for key, allowed in _CHOICES.items():
+        if key.startswith(f"{name}."):
+            _check_choice(key, getattr(section, key.split(".")[1]), allowed)
+    return section, missing
+
+
+def _fill_missing(raw: dict, defaults: dict, prefix: str, missing: list[str]) -> dict:
+    """`raw` with the keys of `defaults` it lacks added (recorded in `missing`), recursively."""
+    filled = dict(raw)
+    for key, default in defaults.items():
+        dotted = f"{prefix}.{key}"
+        if key not in raw:
+            filled[key] = default
+            missing.append(f"{dotted}={default!r}")
+        elif isinstance(default, dict) and isinstance(raw[key], dict):
+            filled[key] = _fill_missing(raw[key], default, dotted, missing)
+    return filled
+
+
 def to_dict(config: Config) -> dict:
     """Plain nested dict (JSON-serialisable) of a parsed config, for saving next to checkpoints."""
     return dataclasses.asdict(config)
@@ -311,15 +345,18 @@ def _validate(c: Config) -> None:
     """Choices, value ranges and the mesh shape; the first violation raises ConfigError."""
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
-        value = getattr(getattr(c, section), name)
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}' is {value!r}; choose one of {allowed}")
+        _check_choice(key, getattr(getattr(c, section), name), allowed)
     for key, ok, message in _range_checks(c):
         if not ok:
             raise ConfigError(f"config key '{key}' {message}")
     sizes = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(f"mesh sizes (data, fsdp, tensor) = {sizes}: each >= 1, at most one -1")
+
+
+def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}' is {value!r}; choose one of {allowed}")
 
 
 def _range_checks(c: Config) -> list[tuple[str, bool, str]]:

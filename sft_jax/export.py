@@ -42,6 +42,7 @@ from sft_jax import hf
 from sft_jax.api import TrainedModel, load_workdir
 from sft_jax.hf.safetensors import write_safetensors
 from sft_jax.model import ModelConfig
+from sft_jax.workdir import best_step
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 TOKENIZER_FILES = (
@@ -290,22 +291,11 @@ def resolve_step(workdir: str, step: str | None) -> int | None:
     """None (latest), an explicit step number, or "best" from the run's rewind result."""
     if step is None:
         return None
-    if step != "best":
-        if not step.isdigit():
-            raise ExportError(f"--step must be a number or 'best', not {step!r}")
-        return int(step)
-    summary_path = os.path.join(workdir, "summary.json")
-    best = None
-    if os.path.exists(summary_path):
-        with open(summary_path, encoding="utf-8") as f:
-            best = json.load(f).get("best_step")
-    if best is None:
-        raise ExportError(
-            f"{summary_path} names no best_step: train with "
-            "--config.checkpoint.rewind_to_best=True (and checkpoint.keep_best > 0) to rank the "
-            "kept checkpoints by eval loss"
-        )
-    return int(best)
+    if step == "best":
+        return best_step(workdir)
+    if not step.isdigit():
+        raise ExportError(f"--step must be a number or 'best', not {step!r}")
+    return int(step)
 
 
 def main(argv: list[str] | None = None) -> int:

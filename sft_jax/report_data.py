@@ -1,4 +1,4 @@
-"""Reading a workdir for the run report: metrics.jsonl, summary.json and config.json, cleaned up.
+"""A workdir for the run report: metrics.jsonl, summary.json and config.json, cleaned up.
 
 It reads what the run wrote, finished or not: metrics.jsonl is appended by every start of a
 workdir: what a later start superseded (steps after the checkpoint it resumed from, told apart
@@ -10,12 +10,11 @@ interrupted. What is missing becomes a note for the page instead of an error.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from typing import Any
 
 from sft_jax.metrics import record_kind, sample_rows, scalars
+from sft_jax.workdir import CONFIG_FILE, SUMMARY_FILE, read_json, read_records
 
 
 @dataclasses.dataclass
@@ -34,33 +33,6 @@ class RunData:
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def read_records(path: str, notes: list[str]) -> list[dict[str, Any]]:
-    """The JSON objects of metrics.jsonl in file order; unreadable lines are noted and skipped."""
-    if not os.path.exists(path):
-        notes.append("metrics.jsonl not found: the run has not logged anything yet.")
-        return []
-    records, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                bad.append(number)
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int):
-                records.append(record)
-            else:
-                bad.append(number)
-    if bad:
-        notes.append(
-            f"metrics.jsonl: skipped {len(bad)} unreadable line(s) ({', '.join(map(str, bad[:5]))}"
-            f"{', ...' if len(bad) > 5 else ''}); a process killed mid-write leaves one."
-        )
-    return records
 
 
 def last_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -91,26 +63,13 @@ def last_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [latest[key] for key in sorted(latest)]
 
 
-def read_json(path: str, name: str, notes: list[str]) -> dict[str, Any] | None:
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        notes.append(f"{name} is unreadable ({e}); shown without it.")
-        return None
-    if not isinstance(value, dict):
-        notes.append(f"{name} is not a JSON object; shown without it.")
-        return None
-    return value
-
-
 def load_run(workdir: str) -> RunData:
+    """What the report shows of `workdir`, read through sft_jax.workdir; never raises for a
+    missing or unreadable file (see the module docstring)."""
     notes: list[str] = []
-    records = last_per_step(read_records(os.path.join(workdir, "metrics.jsonl"), notes))
-    summary = read_json(os.path.join(workdir, "summary.json"), "summary.json", notes)
-    config = read_json(os.path.join(workdir, "config.json"), "config.json", notes)
+    records = last_per_step(read_records(workdir, notes))
+    summary = read_json(workdir, SUMMARY_FILE, notes)
+    config = read_json(workdir, CONFIG_FILE, notes)
     data = RunData(
         workdir=workdir,
         train=[r for r in records if record_kind(r) == "train" and "loss" in r],

@@ -116,7 +116,8 @@ def test_keep_last_and_best_then_rewind(small_train, tmp_path):
     assert summary["best_step"] == min(kept, key=kept.get)
     assert summary["best_eval_loss"] == kept[summary["best_step"]]
     # Rewinding ends in export: `--step best` picks the best kept checkpoint, not the last.
-    from sft_jax.export import load_workdir, resolve_step
+    from sft_jax.api import load_workdir
+    from sft_jax.export import resolve_step
 
     best = resolve_step(str(tmp_path), "best")
     assert best == summary["best_step"]

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from sft_jax import api, export
 from sft_jax.config import load_config_file, parse
 from sft_jax.model import Transformer
+from sft_jax.workdir import OldWorkdirWarning
 from tests.conftest import STORIES
 from tests.helpers import tiny_model_config
 
@@ -139,7 +140,7 @@ def trained(tmp_path_factory):
 def test_cli_exports_a_trained_workdir(trained, tmp_path):
     out = tmp_path / "out"
     assert export.main(["--workdir", str(trained), "--out", str(out)]) == 0
-    run = export.load_workdir(str(trained))
+    run = api.load_workdir(str(trained))
     tokens = _tokens()
     ours = np.asarray(_apply(run.model_config, run.params, jnp.asarray(tokens, jnp.int32)))
     theirs, _ = _hf_logits(out, tokens)
@@ -178,15 +179,16 @@ def test_workdir_of_an_older_version_exports_with_defaults(trained, tmp_path):
             del raw["model"][key]
         del raw["lora"]["modules_to_save"]
 
-    from sft_jax import chat
+    from sft_jax import generate
 
     workdir = _old_workdir(trained, tmp_path, drop_new_keys)
-    with pytest.warns(api.OldWorkdirWarning, match=r"model\.attention='auto'.*base\.py"):
+    with pytest.warns(OldWorkdirWarning, match=r"model\.attention='auto'.*base\.py"):
         assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
-    with pytest.warns(api.OldWorkdirWarning, match=r"model\.scan_layers=True"):  # generate
+    with pytest.warns(OldWorkdirWarning, match=r"model\.scan_layers=True"):  # generate
         assert (
-            chat.main(["--workdir", str(workdir), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
+            generate.main(["--workdir", str(workdir), "--prompt", "Hi", "--max-new-tokens", "2"])
+            == 0
         )
 
 
@@ -274,7 +276,7 @@ def test_overwrite_removes_stale_weights_and_refuses_inputs(trained, tmp_path, c
     assert export.main(["--workdir", str(workdir), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
     assert (out / "NOTES.md").read_text() == "mine"  # not an export file: kept
-    run = export.load_workdir(str(workdir))
+    run = api.load_workdir(str(workdir))
     tokens = _tokens()
     ours = np.asarray(_apply(run.model_config, run.params, jnp.asarray(tokens, jnp.int32)))
     np.testing.assert_allclose(_hf_logits(out, tokens)[0], ours, atol=MODEL_TOL)

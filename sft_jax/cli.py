@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, bool, str]] = {
     "train": ("sft_jax.train", True, "fine-tune a model: --config FILE --workdir DIR"),
     "data": ("sft_jax.data.__main__", False, "inspect / audit the data a config trains on"),
     "export": ("sft_jax.export", False, "write a Hugging Face directory or PEFT adapter"),
-    "generate": ("sft_jax.chat", False, "chat with a workdir or an exported model"),
+    "generate": ("sft_jax.generate", False, "chat with a workdir or an exported model"),
     "report": ("sft_jax.report", False, "HTML report with charts of a run"),
     "plan": ("sft_jax.plan", True, "memory per device of a config on N devices"),
     "bench": ("sft_jax.bench", True, "tokens/s, MFU and memory of a config's train step"),

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sft_jax
-from sft_jax import chat, export, hf, lora
+from sft_jax import export, generate, hf, lora
 from sft_jax.model import Transformer
 from tests.conftest import REPO
 from tests.helpers import tiny_model_config
@@ -118,9 +118,9 @@ def test_merge_adapter_without_training_and_chat_with_it(adapter, tmp_path, caps
     np.testing.assert_allclose(_torch_logits(merged, tokens), peft_logits, atol=TOL)
     capsys.readouterr()
     argv = ["--prompt", "Once upon a time", "--max-new-tokens", "8"]
-    assert chat.main(["--model", str(path), *argv]) == 0  # the adapter: its base is loaded
+    assert generate.main(["--model", str(path), *argv]) == 0  # the adapter: its base is loaded
     from_adapter = capsys.readouterr().out
-    assert chat.main(["--model", str(out), *argv]) == 0
+    assert generate.main(["--model", str(out), *argv]) == 0
     assert capsys.readouterr().out == from_adapter and from_adapter.strip()
 
 
@@ -212,7 +212,7 @@ def test_broken_model_directory_is_one_line_naming_the_file(
     with pytest.raises(ValueError, match=re.escape(file)) as error:
         sft_jax.load(str(broken))
     assert "\n" not in str(error.value)
-    assert chat.main(["--model", str(broken), "--prompt", "Hi", "--max-new-tokens", "2"]) == 2
+    assert generate.main(["--model", str(broken), "--prompt", "Hi", "--max-new-tokens", "2"]) == 2
     argv = ["--peft-adapter", str(small_adapter), "--base", str(broken)]
     assert export.main([*argv, "--out", str(tmp_path / "out")]) == 2
     lines = capsys.readouterr().err.splitlines()

@@ -57,7 +57,7 @@ def test_config_commands_help_lists_flags_and_every_key(module, flag, capsys):
     [
         ("sft_jax.data.__main__", "optim.learning_rate = 2e-05"),
         ("sft_jax.export", "--peft"),
-        ("sft_jax.chat", "--temperature"),
+        ("sft_jax.generate", "--temperature"),
         ("sft_jax.report", "--workdir"),
     ],
 )

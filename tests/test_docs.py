@@ -120,7 +120,7 @@ def _all_commands() -> list[tuple[str, list[str]]]:
 
 def _module_sources(module: str) -> str:
     """The module's source plus that of every sft_jax module it imports (flags may be defined
-    there: sft_jax.generate's are in sft_jax.chat, --config in sft_jax.config)."""
+    there: --config's are in sft_jax.config)."""
     spec = importlib.util.find_spec(module)
     assert spec is not None and spec.origin, f"no module {module}"
     if spec.submodule_search_locations:  # a package: run as package/__main__.py

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
-from sft_jax import chat, hf
-from sft_jax.generate import generate, greedy_generate, sample_token
+from sft_jax import hf
+from sft_jax.generate import generate, greedy_generate, main, sample_token
 from sft_jax.model import Transformer
 
 
@@ -167,7 +167,7 @@ def test_sample_token_keeps_only_the_nucleus():
 def test_generate_command_continues_a_prompt(stories_dir, golden_dir, capsys):
     golden = json.loads((golden_dir / "golden.json").read_text())["greedy_from_bos_200_text"]
     prompt = "Once upon a time"
-    code = chat.main(["--model", str(stories_dir), "--prompt", prompt, "--max-new-tokens", "30"])
+    code = main(["--model", str(stories_dir), "--prompt", prompt, "--max-new-tokens", "30"])
     assert code == 0
     reply = capsys.readouterr().out.rstrip("\n")
     assert len(reply) > 40 and golden.startswith(prompt + reply)
@@ -184,7 +184,7 @@ def test_ctrl_c_in_the_interactive_chat_is_one_line_exit_130(stories_dir, capsys
             raise KeyboardInterrupt from None
 
     monkeypatch.setattr("builtins.input", typed)
-    assert chat.main(["--model", str(stories_dir), "--max-new-tokens", "4"]) == 130
+    assert main(["--model", str(stories_dir), "--max-new-tokens", "4"]) == 130
     captured = capsys.readouterr()
     assert captured.out.strip()  # the first turn was answered
     assert captured.err.strip() == "generate: interrupted"

@@ -274,6 +274,7 @@ def test_generate_command_stops_at_a_multi_token_end_of_turn(stories_dir, tmp_pa
     import shutil
 
     from sft_jax import chat
+    from sft_jax.generate import main
 
     model_dir = tmp_path / "model"
     shutil.copytree(stories_dir, model_dir)
@@ -287,7 +288,7 @@ def test_generate_command_stops_at_a_multi_token_end_of_turn(stories_dir, tmp_pa
         )
         config_path.write_text(json.dumps(config))
         args = ["--model", str(model_dir), "--prompt", "Once upon a time", "--max-new-tokens", "40"]
-        assert chat.main(args) == 0
+        assert main(args) == 0
         return capsys.readouterr().out.removesuffix("\n")
 
     free = reply_with("")

@@ -14,20 +14,20 @@ in passes over memory, and half of those scores lie above the causal diagonal. H
   passes over [.., T, S] tensors and a per-layer residual of O(T) instead of O(T^2);
 - the backward holds its recomputed score blocks transposed (keys x queries), so that every
   dot in it is a plain matmul: in [.., Q, S] blocks, dV = P^T dO and dK = dS^T Q contract the
-  leading axis of both operands, which XLA:CPU ran about 4x slower than the other dots;
+  leading axis of both operands, which XLA:CPU runs several times slower than the other dots;
 - grouped-query heads are folded into the query rows ([B, K, G*t, H]), so kv heads are never
   repeated;
 - in the forward the mask enters as an additive bias (0 or -1e30) and the softmax scale is
-  applied to the queries once: one add per score block instead of a multiply and a select
-  (-10-12% attention time against selects on the CPU workload, one layer forward + backward:
-  56-60 vs 64-67 ms); the backward masks its transposed blocks with one select (-1e30), so the
+  applied to the queries once: one add per score block instead of a multiply and a select, fewer
+  passes over the scores; the backward masks its transposed blocks with one select (-1e30), so the
   recomputed probabilities are exactly 0 there (a float32 bias would be kept per block for the
   whole backward, see `_block_mask_t`).
 
 The mask is the same dense [B, T, S] mask the other implementations read (causal, same packed
 segment, the sliding window on local layers), so packing is honoured exactly. Scores, softmax and
 gradients are float32; the probability-value product runs in the value dtype (bf16 under mixed
-precision) with float32 accumulation. Measured in docs/benchmarks.md (attention lever).
+precision) with float32 accumulation. The measurements behind these choices, with their commands,
+are in docs/benchmarks.md ("Figures behind design choices", and the attention levers).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-BLOCK = 64  # query positions per block: 64 measured fastest on CPU (32: +2%, 128: +11% time)
+BLOCK = 64  # query positions per block: the fastest size on CPU (docs/benchmarks.md)
 # Additive mask: 0 where a query sees a key, this where it does not. Finite, so a score plus it
 # never overflows to -inf (no inf - inf); exp of it minus a row's maximum is exactly 0.
 _MASKED = -1e30
@@ -143,8 +143,8 @@ def _block_mask_t(mask_t: jax.Array, start: int, end: int) -> jax.Array:
     group, then queries): the broadcast over heads is an outer axis, so the passes over the
     transposed blocks run along contiguous queries. A select, not an additive bias: XLA:CPU
     would hoist a float32 bias per block out of the layers (CSE) and keep them all alive
-    through the backward (+17% temporary memory at T = 1024); the bool select fuses into the
-    exponential, computed from the segment ids there."""
+    through the backward (more temporary memory, docs/benchmarks.md); the bool select fuses
+    into the exponential, computed from the segment ids there."""
     return mask_t[:, None, :end, None, start:end]
 
 
@@ -157,10 +157,10 @@ def _query_stat_t(x: jax.Array, start: int, end: int) -> jax.Array:
 def _backward(scale, block, residuals, d_out):
     """Flash backward with the score blocks held transposed, [B, K, S, G, Q] (keys x queries).
 
-    Why transposed: dV = P^T dO and dK = dS^T Q contract the query axis, which in [.., Q, S]
-    blocks is the leading axis of both operands; XLA:CPU runs such a dot about 4x slower than a
-    plain one (it copies an operand into transposed order inside it). Recomputing the scores as
-    K Q^T gives P^T and dS^T directly, so dV and dK are plain matmuls, and dQ = dS K becomes
+    Why transposed: dV = P^T dO and dK = dS^T Q contract the query axis, which in [.., Q, S] blocks
+    is the leading axis of both operands; XLA:CPU runs such a dot several times slower than a plain
+    one (it copies an operand into transposed order inside it). Recomputing the scores as K Q^T
+    gives P^T and dS^T directly, so dV and dK are plain matmuls, and dQ = dS K becomes
     dQ^T = K^T dS^T over keys transposed once per layer ([B, K, H, T], an optimization barrier
     keeps it a separate copy): every dot of the backward is an ordinary matmul.
     """

@@ -6,16 +6,16 @@ operand into transposed order inside the backward, often the wide [B*T, O] cotan
 the MLP's gate/up it fuses the SiLU backward into that strided copy. Here the backward first
 transposes x itself ([I, B*T], an optimization barrier keeps it a separate copy) and then
 computes dW = x^T @ dy as an ordinary [I, B*T] x [B*T, O] matmul. Measured on the CPU workload
-of docs/benchmarks.md (levers); the forward is the plain einsum, so inference and the
-forward's numerics are unchanged, and the gradients are the same sums in another order
-(tests/test_cpu_linear.py).
+of docs/benchmarks.md (levers, and "Figures behind design choices"); the forward is the plain
+einsum, so inference and the forward's numerics are unchanged, and the gradients are the same
+sums in another order (tests/test_cpu_linear.py).
 
 `sft_jax.model.Einsum` uses it for its projection and, under LoRA, for both low-rank matmuls
-x @ a and (x a) @ b (their dB = (x a)^T dy had the same strided copy of the cotangent: LoRA step
-+30-44%), on the CPU only. Inside the layers not under the remat policies that save
+x @ a and (x a) @ b (their dB = (x a)^T dy had the same strided copy of the cotangent), on the
+CPU only. Inside the layers not under the remat policies that save
 projections (dots, dots_saveable): a custom VJP is opaque to them, so they would recompute the
 projection instead of saving it. Full remat saves nothing inside a layer, so its layers take the
-path (scanned full remat +37% tokens/s), and the LM head, outside the layers, always does.
+path, and the LM head, outside the layers, always does.
 Accelerators' GEMM libraries take either operand orientation at no cost.
 """
 

@@ -1,12 +1,11 @@
 """Host allocator settings for XLA:CPU: keep freed memory instead of handing it back every step.
 
-Why: XLA:CPU allocates each step's temporaries as one block (1.07 GB on the CPU benchmark
-workload), and glibc serves a block that large with mmap and returns it with munmap when the step
-ends. The next step then page-faults the whole block in again, and the kernel zeroes every page:
-about 280k page faults per step on that workload, a quarter of the process's CPU time spent in the
-kernel. With glibc told to keep freed memory (one arena, no mmap for large blocks, no trimming),
-the block is reused from the heap: step time 1.05 s -> 0.84 s (+26% tokens/s) on the 2-core
-development machine, identical losses (docs/benchmarks.md, "Host allocator").
+Why: XLA:CPU allocates each step's temporaries as one block, and glibc serves a block that large
+with mmap and returns it with munmap when the step ends. The next step then page-faults the whole
+block in again, and the kernel zeroes every page, so a large share of the step's CPU time goes to
+the kernel. With glibc told to keep freed memory (one arena, no mmap for large blocks, no
+trimming), the block is reused from the heap: the same losses, faster steps (measured, with the
+command, in docs/benchmarks.md, "Figures behind design choices").
 
 Costs: the process keeps its peak host memory (freed blocks stay in the heap for reuse, as a
 caching allocator's would), and every thread shares one malloc arena. Neither matters on a CPU

@@ -104,8 +104,8 @@ def get_config() -> ml_collections.ConfigDict:
     t.neftune_alpha = 0.0  # NEFTune noise alpha (see above); 0: off
     t.kl_to_base = 0.0  # KL-to-base coefficient (see above); 0: off
     # Host malloc (sft_jax/host_memory.py): retain = glibc keeps XLA:CPU's per-step buffers for
-    # reuse instead of unmapping and re-faulting them every step (+26% tokens/s on the CPU
-    # benchmark); system = leave it; auto = retain when the run is on the CPU.
+    # reuse instead of unmapping and re-faulting them every step (faster CPU steps, measured in
+    # docs/benchmarks.md); system = leave it; auto = retain when the run is on the CPU.
     t.host_allocator = "auto"
 
     # --- evaluation

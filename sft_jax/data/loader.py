@@ -20,12 +20,12 @@ last, partial batch of an epoch is completed with the first rows of the next epo
 spent on padding rows, and every kept row of epoch e has been seen once
 `ceil((e + 1) * R / b)` steps have run.
 
-Why not grain's `.shuffle(seed).repeat().batch(...)`: its per-element index shuffle costs
-milliseconds per element on small datasets (measured with grain 0.2.18: ~4 ms at 10 rows, ~0.4 ms
-at 100, ~50 us at 1000), paid in the training loop. One cached numpy permutation per epoch costs
-microseconds per batch. grain still owns iteration and checkpointing: its iterator state
-(`next_index`, a count of global steps) restores the exact position, and it is the same on every
-process and for every process count with the same S.
+Why not grain's `.shuffle(seed).repeat().batch(...)`: it computes a shuffled index for every
+element it hands out, which on small datasets costs orders of magnitude more per element than one
+cached numpy permutation per epoch, and is paid in the training loop
+(`benchmarks/bench_grain_shuffle.py`; figures in docs/benchmarks.md). grain still owns iteration
+and checkpointing: its iterator state (`next_index`, a count of global steps) restores the exact
+position, and it is the same on every process and for every process count with the same S.
 
 Prefetch (`data.prefetch` batches, default 2): a background thread gathers the next batches into
 a bounded queue so the training step does not wait for the host-side gather. `get_state` is the

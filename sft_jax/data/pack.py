@@ -13,7 +13,7 @@ row. This is true best fit, not first fit.
 
 `split=True` (data.pack_split, opt-in) removes most of the remaining padding: best fit cannot put
 two examples longer than half a row into one row, so a length distribution with many of them
-leaves gaps (9% on the CPU benchmark workload). The least-filled rows are then dissolved into the
+leaves gaps (measured in docs/benchmarks.md). The least-filled rows are then dissolved into the
 gaps of the others, cutting an example where a gap ends (`split_into_gaps`). A continuation piece
 keeps its positions (RoPE sees the example's true offsets) and gets its own segment id, so it does
 *not* attend to the example's earlier part: its tokens are trained with less context. Every slot is

@@ -481,5 +481,4 @@ def _eval_match_checks(e: EvalSection) -> list[tuple[str, bool, str]]:
 from sft_jax.config_file import (  # noqa: E402, F401
     config_from_argv,
     load_config_file,
-    make_configs_importable,
 )

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from sft_jax import console, data, eval_loop, hf, preflight, train_setup, workdir_lock
 from sft_jax.cli import absl_help, wants_help
 from sft_jax.config import Config, ConfigError, config_from_argv
+from sft_jax.console import log
 from sft_jax.distributed import check_platform, initialize_distributed
 from sft_jax.faults import (
     EXIT_ABORTED,
@@ -48,11 +49,6 @@ from sft_jax.faults import (
 from sft_jax.host_memory import configure_host_allocator
 from sft_jax.run_state import Run
 from sft_jax.run_summary import print_summary, read_finished_summary, write_summary
-
-# Kept importable from here for callers of the original names.
-check_workdir = preflight.check_workdir
-check_batch_layout = preflight.check_batch_layout
-log = eval_loop.log
 
 USER_ERRORS = (ConfigError, data.DataError, hf.UnsupportedModelError, FileNotFoundError)
 

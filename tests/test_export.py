@@ -192,6 +192,65 @@ def test_workdir_of_an_older_version_exports_with_defaults(trained, tmp_path):
         )
 
 
+@pytest.mark.slow
+def test_a_wheel_install_exports_an_older_workdir(trained, tmp_path):
+    """Slow (a wheel build, then an export in a fresh venv; about a minute): the installed
+    package alone, with no source checkout on the path and run from another directory, reads a
+    workdir written by an older version (its defaults come from the packaged base config)."""
+    import importlib.util
+    import os
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+    import venv
+
+    # The wheel is built offline, without build isolation, by this interpreter's pip and
+    # setuptools (looked up, not imported: importing setuptools here would replace distutils).
+    if not all(importlib.util.find_spec(name) for name in ("pip", "setuptools")):
+        pytest.skip("needs pip and setuptools to build the wheel offline")
+    repo, src, dist = pathlib.Path(__file__).resolve().parents[1], tmp_path / "src", tmp_path / "d"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    shutil.copytree(repo / "sft_jax", src / "sft_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", dist, src],
+        check=True,
+    )
+    venv.create(tmp_path / "venv", with_pip=False)
+    python = tmp_path / "venv" / "bin" / "python"
+    subprocess.run(
+        [*pip, "--python", python, "install", "--no-deps", "--no-index", *dist.glob("*.whl")],
+        check=True,
+    )
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    # The dependencies come from this interpreter's site-packages (a path entry: its editable
+    # install of sft_jax, a .pth hook there, is not run, so sft_jax is the wheel's).
+    pathlib.Path(purelib, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+
+    def drop_new_keys(raw):
+        for key in ("attention", "scan_layers", "loss_chunk"):
+            del raw["model"][key]
+
+    workdir, out = _old_workdir(trained, tmp_path, drop_new_keys), tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = functools.partial(subprocess.run, cwd=tmp_path, env=env, capture_output=True, text=True)
+    where = run([python, "-c", "import sft_jax.workdir as w; print(w.__file__)"], check=True)
+    assert where.stdout.startswith(purelib), where.stdout  # the installed copy, not the checkout
+    done = run([python, "-m", "sft_jax.export", "--workdir", workdir, "--out", out])
+    assert done.returncode == 0, done.stderr
+    assert "model.attention='auto'" in done.stderr and "OldWorkdirWarning" in done.stderr
+    assert (out / "model.safetensors.index.json").is_file()
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [

@@ -5,11 +5,9 @@
 Prints a summary, then one JSON line (workload cpu_small, mode full, tokens_per_s, step_s, mfu,
 peak_bytes, compile_s, ...). Model: Llama architecture, random init, vocab 8192, hidden 256,
 4 layers, 8 heads and 4 kv heads of 32, mlp 688; sequence 512, batch 8 packed rows, AdamW, fp32.
-On the 2-core (Zen 5) development machine: 6.8k-7.1k real tokens/s at quiet minutes (the VM's
-speed drifts), 54-56% of its fp32 peak as the bench measures it in the same minutes (a 2048^3
-matmul); with `--config.data.pack_split=True` padding falls from 9.0% to 0.5%, and tokens/s
-rise by up to 5% (docs/benchmarks.md, Performance, current figures). LoRA
-(`--config.lora.enabled=True`) runs 7.0k-7.8k.
+Variants: `--config.data.pack_split=True` (less padding), `--config.lora.enabled=True` (LoRA).
+What it measured, on which machine and day, is in docs/benchmarks.md (Performance, current
+figures).
 
 Data is synthetic (sft_jax/bench.py: seeded prompts of 40-300 and completions of 20-200 tokens,
 completion-only loss, best-fit packing); `data.train_files` names the bundled demo file only so

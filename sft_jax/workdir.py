@@ -45,7 +45,6 @@ class SavedConfig:
     model: ModelSection
     mesh: MeshSection
     lora: LoraSection
-    seed: int
     tokenizer_dir: str  # data.tokenizer, else the model directory
     chat_template: str | None  # the Jinja source used in training; None: the tokenizer's own
     raw: dict[str, Any]
@@ -90,7 +89,6 @@ def read_config(workdir: str) -> SavedConfig:
     data = data if isinstance(data, dict) else {}
     return SavedConfig(
         **sections,
-        seed=raw.get("seed", 0),
         tokenizer_dir=data.get("tokenizer") or sections["model"].path,
         chat_template=chat_template_source(data.get("chat_template", "tokenizer")),
         raw=raw,

@@ -64,7 +64,7 @@ def test_read_config_types_sections_and_resolves_tokenizer_and_template(saved):
     config = workdir.read_config(write())
     assert config.model.arch.num_layers == raw["model"]["arch"]["num_layers"]
     assert config.mesh.rules == tuple(tuple(r) for r in raw["mesh"]["rules"])
-    assert config.lora.enabled is False and config.seed == raw["seed"]
+    assert config.lora.enabled is False and config.raw["seed"] == raw["seed"]
     assert config.tokenizer_dir == (raw["data"]["tokenizer"] or raw["model"]["path"])
     assert "<|im_start|>" in config.chat_template  # the builtin template's Jinja source
 

@@ -2,8 +2,9 @@
 
 `main` parses flags and hands a parsed `Config` to `train_and_evaluate`, which tests call directly.
 The loop is split into named sections: setup (sft_jax/train_setup.py: mesh, data, model, state,
-restore), the baseline evaluation (sft_jax/eval_loop.py), the step loop (health, log, evaluate,
-checkpoint), and the final evaluation, before/after comparison and summary.
+restore, the evaluator), the baseline evaluation, the step loop (health, log, evaluate,
+checkpoint), and the final evaluation, before/after comparison and summary. Every evaluation is a
+method of `run.evaluator` (sft_jax/eval_loop.py).
 
 Exit codes (sft_jax/faults.py): 0 finished or stopped early; 2 bad config or data, or a busy
 workdir (nothing trained); 42 preempted or interrupted (SIGTERM, Ctrl-C), safe to restart; 43

@@ -65,16 +65,19 @@ Batches = list[dict[str, np.ndarray]]
 
 @dataclasses.dataclass
 class Evaluator:
-    """What every evaluation of a run needs, built once (`build`): the held-out data, the compiled
-    eval step and LoRA merge, and where records go. Methods that only measure write nothing
-    (`validation_loss`, `general_text_loss`, `generation_scores`); the others are the evaluations
-    of the run's timeline and write their records (see the module docstring)."""
+    """Every evaluation of a run, with what they share built once (`build`): the held-out data,
+    the compiled eval step and LoRA merge, and where records go. One object, so the loop names the
+    evaluation it wants and these pieces never travel through `Run` one by one.
+
+    Methods that only measure write nothing (`validation_loss`, `general_text_loss`,
+    `generation_scores`); the others are the evaluations of the run's timeline and write their
+    records (see the module docstring)."""
 
     config: Config
     model: Transformer  # generation runs the plain decoder on `inference_params`
     tokenizer: Any
     template: ChatTemplate | None  # its end of turn stops a generation
-    validation_batches: Batches  # the eval split (data.eval_*), packed
+    validation_batches: Batches  # the held-out split (data.eval_files or eval_fraction), packed
     general_batches: Batches  # eval.general_text_files, packed; [] when off
     prompts: list[EvalPrompt]  # held-out prompts for generation, ready-tokenised
     place: Callable[[dict], dict]  # host batch -> sharded global arrays

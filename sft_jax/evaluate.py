@@ -1,4 +1,6 @@
-"""Held-out evaluation: masked loss and token accuracy, generation metrics, and general text.
+"""The pure pieces of evaluation: masked loss and token accuracy, generation metrics, general
+text and the parameters evaluation runs on. They take everything as arguments and write nothing;
+`eval_loop.Evaluator` holds what a training run passes them and records the results.
 
 Loss and token accuracy: the jitted eval step returns (loss sum, loss tokens, correct tokens) per
 batch; they are summed over the whole split and divided once, exactly as in training, so the
@@ -7,8 +9,7 @@ logits equals the target at a loss-mask position (teacher forcing, not generatio
 
 Generation: each held-out prompt gets a greedy continuation (cut at EOS and at the chat template's
 end of turn, `data.templates.generation_stops`; the delimiter never shows in the output), scored
-against the
-reference completion by every metric named in `eval.match` (comma-separated):
+against the reference completion by every metric named in `eval.match` (comma-separated):
 
 * exact    -- output.strip() == reference.strip().
 * contains -- reference.strip() occurs in the output (an empty reference is always contained).
@@ -39,7 +40,7 @@ from jax.sharding import NamedSharding
 
 from sft_jax import data, lora
 from sft_jax.config import Config
-from sft_jax.data import DataBundle, EvalPrompt
+from sft_jax.data import EvalPrompt
 from sft_jax.data.templates import Stops, generation_stops
 from sft_jax.generate import cut_at_stop_text, greedy_generate
 from sft_jax.loss import masked_cross_entropy
@@ -201,30 +202,6 @@ def generation_eval(
     ]
     accuracy = scores[f"generation_{matches[0]}"]
     return {**scores, "accuracy": accuracy, "n": len(prompts), "samples": shown}
-
-
-def run_generation_eval(
-    config: Config, model: Transformer, params: Any, bundle: DataBundle, *, limit: int | None = None
-) -> dict[str, Any] | None:
-    """`generation_eval` on the first eval.generate_examples held-out prompts (the first `limit`
-    of them when given), with eval.samples samples; None when generation is off or has no prompts.
-    """
-    n = min(config.eval.generate_examples, len(bundle.eval_prompts))
-    n = n if limit is None else min(n, limit)
-    if n == 0:
-        return None
-    e = config.eval
-    return generation_eval(
-        model,
-        params,
-        bundle.tokenizer,
-        bundle.eval_prompts[:n],
-        max_new_tokens=e.max_new_tokens,
-        matches=e.matches,
-        pattern=re.compile(e.answer_regex) if "regex" in e.matches else None,
-        samples=e.samples,
-        stops=generation_stops(bundle.template, bundle.tokenizer),
-    )
 
 
 # ----------------------------------------------------------------------------- general text

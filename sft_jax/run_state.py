@@ -2,7 +2,8 @@
 
 `LoopState` holds the host-side counters that a resumed run must continue (health, best eval),
 saved in every checkpoint; `Run` bundles everything `train_setup.setup` builds once (config, data,
-compiled steps, checkpointer, metrics writer) so the loop sections take one argument.
+the compiled train step, the evaluator, checkpointer, metrics writer) so the loop sections take
+one argument.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Any
 from sft_jax import data
 from sft_jax.checkpoint import Checkpointer
 from sft_jax.config import Config
+from sft_jax.eval_loop import Evaluator
 from sft_jax.faults import FaultInjector, NonFiniteAbort, StepHealth, tree_is_finite
 from sft_jax.metrics import MetricsWriter
-from sft_jax.model import Transformer
 
 
 @dataclasses.dataclass
@@ -58,13 +59,10 @@ class Run:
     config: Config
     workdir: str
     steps: int
-    model: Transformer
     shardings: Any
     bundle: data.DataBundle
     train_step: Callable
-    evaluate: Callable[[Any], dict[str, float]]  # params -> eval_loss, eval_perplexity, ...
-    # params -> general_loss, general_perplexity, ...; None when eval.general_text_files is "".
-    evaluate_general: Callable[[Any], dict[str, float]] | None
+    evaluator: Evaluator  # every evaluation of the run: baseline, periodic, final, rewind
     checkpointer: Checkpointer
     writer: MetricsWriter
     resolved: dict[str, Any]
@@ -72,7 +70,6 @@ class Run:
     run_number: int
     faults: FaultInjector
     place: Callable[[dict], dict]
-    inference_params: Callable[[Any], Any]  # state -> params of the plain model (LoRA merged)
 
     def save(self, step: int, state: Any, eval_loss: float | None = None) -> bool:
         """Starts a checkpoint of `state` at `step`; never writes non-finite parameters."""

@@ -2,8 +2,9 @@
 
 `main` parses flags and hands a parsed `Config` to `train_and_evaluate`, which tests call directly.
 The loop is split into named sections: setup (sft_jax/train_setup.py: mesh, data, model, state,
-restore), the baseline evaluation (sft_jax/eval_loop.py), the step loop (health, log, evaluate,
-checkpoint), and the final evaluation, before/after comparison and summary.
+restore, the evaluator), the baseline evaluation, the step loop (health, log, evaluate,
+checkpoint), and the final evaluation, before/after comparison and summary. Every evaluation is a
+method of `run.evaluator` (sft_jax/eval_loop.py).
 
 Exit codes (sft_jax/faults.py): 0 finished or stopped early; 2 bad config or data, or a busy
 workdir (nothing trained); 42 preempted or interrupted (SIGTERM, Ctrl-C), safe to restart; 43
@@ -130,12 +131,11 @@ def evaluate_if_due(
     config = run.config
     eval_due = bool(config.eval.every_steps and done % config.eval.every_steps == 0)
     ranked_save = checkpoint_due and config.checkpoint.keep_best
-    if not run.bundle.eval_batches or not (eval_due or ranked_save):
+    if not run.evaluator.has_validation or not (eval_due or ranked_save):
         return None, False
-    result = eval_loop.periodic(run, state, done, with_samples=eval_due)
-    eval_loss = result["eval_loss"]
-    accuracy = result["eval_token_accuracy"]
-    log(f"step {done}: eval_loss {eval_loss:.4f}, token accuracy {accuracy:.4f}")
+    # No samples at the last step: the final evaluation writes them there.
+    with_samples = eval_due and done < run.steps
+    eval_loss = run.evaluator.periodic(state, done, with_samples=with_samples)["eval_loss"]
     patience = config.eval.early_stopping_patience
     return eval_loss, eval_due and run.loop.observe_eval(done, eval_loss, patience)
 
@@ -255,10 +255,7 @@ def _train_and_finish(
             log(f"already finished at step {first_step}; summary.json is kept as it was")
             print_summary(finished, config, workdir)
             return finished
-        measures = run.bundle.eval_batches or run.evaluate_general is not None
-        if first_step == 0 and measures and eval_loop.read_baseline(workdir) is None:
-            log("evaluating the model before training (compiles the evaluation) ...")
-        before = eval_loop.baseline(run, state)  # measured at step 0, read back after a restart
+        before = run.evaluator.baseline(state)  # measured at step 0, read back after a restart
         watcher.phase = "loop"
         state, done, reason = train_loop(run, state, watcher)
         watcher.phase, watcher.step = "finish", done
@@ -279,12 +276,10 @@ def finish(
 ) -> dict[str, Any]:
     """Final evaluation, checkpoint (ranked by eval loss), optional rewind, held-out generation,
     the forgetting check, and the summary with its before/after comparison."""
-    config, bundle = run.config, run.bundle
+    config, evaluator = run.config, run.evaluator
     summary: dict[str, Any] = {"steps": done, "stopped": reason, "train_loss": run.loop.last_loss}
-    after: dict[str, float] = {}
-    if bundle.eval_batches:
-        after.update(eval_loop.validate(run, run.inference_params(state), done))
-        summary.update(after)
+    after = evaluator.final_validation(state, done)
+    summary.update(after)
     run.save(done, state, after.get("eval_loss"))
     summary["skipped_steps"] = run.loop.health.skipped_steps
     summary["loss_spikes"] = run.loop.health.spikes
@@ -293,22 +288,22 @@ def finish(
             "step": run.loop.best_eval_step,
             "eval_loss": run.loop.best_eval_loss,
         }
-    if config.checkpoint.rewind_to_best and bundle.eval_batches:
-        summary.update(eval_loop.rewind(run, state))
-    params = run.inference_params(state)
-    generation = eval_loop.generation(run, params, done, "generation_after")
+    if config.checkpoint.rewind_to_best and evaluator.has_validation:
+        summary.update(evaluator.rewind(state, run.checkpointer))
+    params = evaluator.inference_params(state)
+    generation = evaluator.final_generation(params, done)
     if generation is not None:
         after.update(eval_loop.metric_values(generation))
         summary["accuracy_before"] = before.get(f"generation_{config.eval.matches[0]}")
         summary["accuracy_after"] = generation["accuracy"]
         summary["samples"] = generation["samples"]
         summary["generated"] = generation["n"]
-    general = eval_loop.general(run, params, done, "general_after")
+    general = evaluator.final_general_text(params, done)
     if general is not None:
         after.update(general)
         summary.update(general)
     summary["comparison"] = eval_loop.comparison(before, after, config.eval.matches)
-    summary["data"] = bundle.stats
+    summary["data"] = run.bundle.stats
     return summary
 
 

@@ -1,5 +1,5 @@
 """Setup of a training run: config resolution, preflight, data, model and train state, restore
-and the evaluators, bundled into the `Run` the loop sections of sft_jax/train.py share.
+and the evaluator, bundled into the `Run` the loop sections of sft_jax/train.py share.
 
 Its own module because it is one concept with one contract, kept apart from the step loop and the
 end of a run: everything that fails on bad input (config, data, model files, a busy or unwritable
@@ -22,12 +22,8 @@ from sft_jax.checkpoint import Checkpointer
 from sft_jax.config import Config, ConfigError, to_dict
 from sft_jax.console import log
 from sft_jax.data.pipeline import format_stats, padding_line
-from sft_jax.evaluate import (
-    evaluate_loss,
-    general_text_batches,
-    make_eval_step,
-    make_inference_params,
-)
+from sft_jax.eval_loop import Evaluator
+from sft_jax.evaluate import general_text_batches
 from sft_jax.faults import FaultInjector
 from sft_jax.metrics import MetricsWriter, import_wandb
 from sft_jax.model import Transformer, count_params
@@ -109,30 +105,6 @@ def restore(
     return state, LoopState.from_dict(loop_values)
 
 
-def make_evaluators(
-    config: Config,
-    model: Transformer,
-    mesh: jax.sharding.Mesh,
-    batch_sharding: jax.sharding.NamedSharding,
-    bundle: data.DataBundle,
-    general: list[dict[str, np.ndarray]],
-) -> dict[str, Any]:
-    """Run fields for evaluation: place, evaluate, evaluate_general, inference_params."""
-    place = make_placer(batch_sharding)
-    inference_params, inference_shardings = make_inference_params(config, model, mesh)
-    eval_step = make_eval_step(model.apply, inference_shardings, batch_sharding)
-    return {
-        "place": place,
-        "evaluate": lambda params: evaluate_loss(eval_step, params, bundle.eval_batches, place),
-        "evaluate_general": (
-            (lambda params: evaluate_loss(eval_step, params, general, place, prefix="general"))
-            if general
-            else None
-        ),
-        "inference_params": inference_params,
-    }
-
-
 def setup(config: Config, workdir: str) -> tuple[Run, Any]:
     """Preflight, data, model, state and restore: everything that fails on bad input fails here,
     before compute. Returns the run and its (possibly restored) train state."""
@@ -148,17 +120,21 @@ def setup(config: Config, workdir: str) -> tuple[Run, Any]:
         log(f"general text: {len(general)} eval batches from {config.eval.general_text_files}")
     model, state, shardings = build_state(config, mesh, bundle, steps)
     batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
-    evaluators = make_evaluators(config, model, mesh, batch_sharding, bundle, general)
     c = config.checkpoint
     checkpointer = Checkpointer(
         workdir, keep=c.keep, keep_best=c.keep_best, async_save=c.async_save
     )
     state, loop = restore(checkpointer, state, shardings, bundle, config, steps)
+    writer = MetricsWriter(workdir, logging=config.logging, run_config=to_dict(config))
+    run_number = next_run_number(workdir)
+    place = make_placer(batch_sharding)
+    evaluator = Evaluator.build(
+        config, model, mesh, batch_sharding, bundle, general, place, writer, run_number, workdir
+    )
     run = Run(
         config=config,
         workdir=workdir,
         steps=steps,
-        model=model,
         shardings=shardings,
         bundle=bundle,
         train_step=make_train_step(
@@ -169,13 +145,14 @@ def setup(config: Config, workdir: str) -> tuple[Run, Any]:
             loss_chunk=config.model.loss_chunk,
             kl_coef=config.train.kl_to_base,
         ),
+        evaluator=evaluator,
         checkpointer=checkpointer,
-        writer=MetricsWriter(workdir, logging=config.logging, run_config=to_dict(config)),
+        writer=writer,
         resolved=to_dict(config),
         loop=loop,
-        run_number=next_run_number(workdir),
+        run_number=run_number,
         faults=FaultInjector(config.faults),
-        **evaluators,
+        place=place,
     )
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:

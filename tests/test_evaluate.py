@@ -1,10 +1,12 @@
 """Evaluation pieces: match rules (exact, contains, regex), config checks of eval.match and
-eval.answer_regex, token accuracy summed over the split, general-text loading, and the baseline
-read-back and before/after comparison."""
+eval.answer_regex, token accuracy summed over the split, general-text loading, the baseline
+read-back and before/after comparison, and the records the run's evaluator writes."""
 
+import dataclasses
 import json
 import pathlib
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +14,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sft_jax import data
+from sft_jax import console, data
 from sft_jax.config import ConfigError, load_config_file, parse
-from sft_jax.eval_loop import comparison, format_comparison, read_baseline
+from sft_jax.eval_loop import Evaluator, comparison, format_comparison, read_baseline
 from sft_jax.evaluate import (
     answer_matches,
     evaluate_loss,
@@ -24,6 +26,7 @@ from sft_jax.evaluate import (
     read_general_texts,
     score_generations,
 )
+from sft_jax.metrics import MetricsWriter, read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GSM8K = re.compile(r"####\s*(-?[\d,.]+)")
@@ -109,31 +112,36 @@ def test_match_list_is_parsed_in_order():
 # ----------------------------------------------------------------------------- loss and accuracy
 
 
-def test_token_accuracy_is_summed_over_the_split_then_divided_once():
-    """Two batches with 1 of 1 and 1 of 3 loss tokens right: 2/4, not the mean of 1.0 and 1/3."""
-    vocab = 4
-    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
-    replicated = NamedSharding(mesh, PartitionSpec())
+def echo_eval_step():
+    """The jitted eval step of a model that predicts each input token itself (vocabulary 4)."""
+    replicated = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("data",)), PartitionSpec())
 
     def apply_fn(variables, inputs, positions, segment_ids):
-        return jax.nn.one_hot(inputs, vocab) * 10.0  # predicts the input token itself
+        return jax.nn.one_hot(inputs, 4) * 10.0
 
-    step = make_eval_step(apply_fn, replicated, replicated)
+    return make_eval_step(apply_fn, replicated, replicated)
 
-    def batch(inputs, targets, mask):
-        inputs = np.asarray([inputs], np.int32)
-        return {
-            "inputs": inputs,
-            "targets": np.asarray([targets], np.int32),
-            "loss_mask": np.asarray([mask], bool),
-            "segment_ids": np.ones_like(inputs),
-            "positions": np.arange(inputs.shape[1], dtype=np.int32)[None],
-        }
 
-    batches = [
-        batch([1, 2, 3, 0], [1, 0, 0, 0], [1, 0, 0, 0]),  # 1 of 1 right
-        batch([1, 2, 3, 0], [1, 1, 1, 1], [1, 1, 1, 0]),  # 1 of 3 right
-    ]
+def batch(inputs, targets, mask):
+    inputs = np.asarray([inputs], np.int32)
+    return {
+        "inputs": inputs,
+        "targets": np.asarray([targets], np.int32),
+        "loss_mask": np.asarray([mask], bool),
+        "segment_ids": np.ones_like(inputs),
+        "positions": np.arange(inputs.shape[1], dtype=np.int32)[None],
+    }
+
+
+BATCHES = [
+    batch([1, 2, 3, 0], [1, 0, 0, 0], [1, 0, 0, 0]),  # 1 of 1 right
+    batch([1, 2, 3, 0], [1, 1, 1, 1], [1, 1, 1, 0]),  # 1 of 3 right
+]
+
+
+def test_token_accuracy_is_summed_over_the_split_then_divided_once():
+    """Two batches with 1 of 1 and 1 of 3 loss tokens right: 2/4, not the mean of 1.0 and 1/3."""
+    step, batches = echo_eval_step(), BATCHES
     result = evaluate_loss(step, {"w": jnp.zeros(())}, batches, lambda b: b)
     assert result["eval_tokens"] == 4.0
     assert result["eval_token_accuracy"] == pytest.approx(0.5)
@@ -205,3 +213,71 @@ def test_read_baseline_takes_the_first_baseline_record_and_comparison(tmp_path):
     ]
     table = format_comparison(rows)
     assert "n/a" in table and "general_perplexity" in table and "1.0000" in table
+
+
+# ----------------------------------------------------------------------------- the evaluator
+
+
+def test_evaluator_writes_each_evaluation_as_its_own_record(tmp_path, capsys):
+    """The baseline, a periodic eval and the final evaluations each write their record kind at
+    their step with the run number (an eval record keeps "run" last); a restart reads the baseline
+    back instead of measuring; without a validation split the final validation merges nothing."""
+    merged = []
+
+    def inference_params(state):
+        merged.append(state.step)
+        return {"w": jnp.zeros(())}
+
+    def never(state):
+        raise AssertionError("nothing should be measured")
+
+    writer = MetricsWriter(str(tmp_path))
+    evaluator = Evaluator(
+        config=tiny(generate_examples=0),
+        model=None,
+        tokenizer=None,
+        template=None,
+        validation_batches=BATCHES,
+        general_batches=BATCHES[:1],
+        prompts=[],
+        place=lambda b: b,
+        eval_step=echo_eval_step(),
+        inference_params=inference_params,
+        writer=writer,
+        run_number=2,
+        workdir=str(tmp_path),
+    )
+    before = evaluator.baseline(types.SimpleNamespace(step=0))
+    evaluator.periodic(types.SimpleNamespace(step=3), 3, with_samples=True)
+    after = evaluator.final_validation(types.SimpleNamespace(step=4), 4)
+    assert evaluator.final_generation({"w": jnp.zeros(())}, 4) is None  # generation is off
+    general = evaluator.final_general_text({"w": jnp.zeros(())}, 4)
+    records = read_metrics(str(tmp_path))
+    assert [(r["kind"], r["step"], r["run"]) for r in records] == [
+        ("baseline", 0, 2),
+        ("eval", 3, 2),
+        ("eval", 4, 2),
+        ("general_after", 4, 2),
+    ]
+    assert list(records[1])[2:] == [
+        "kind",
+        "eval_loss",
+        "eval_perplexity",
+        "eval_token_accuracy",
+        "eval_tokens",
+        "run",
+    ]
+    assert merged == [0, 3, 4]
+    assert after["eval_token_accuracy"] == pytest.approx(0.5) and after["eval_tokens"] == 4.0
+    assert general["general_tokens"] == 1.0 and general["general_token_accuracy"] == 1.0
+    assert before == records[0]["before"] and before["eval_loss"] == after["eval_loss"]
+    out = capsys.readouterr().out
+    assert "evaluating the model before training (compiles the evaluation) ..." in out
+    assert "step 3: eval_loss " in out and ", token accuracy 0.5000" in out
+
+    restarted = dataclasses.replace(evaluator, inference_params=never)
+    assert restarted.baseline(types.SimpleNamespace(step=0)) == before
+    unsplit = dataclasses.replace(evaluator, validation_batches=[], inference_params=never)
+    assert not unsplit.has_validation and unsplit.final_validation(None, 5) == {}
+    assert len(read_metrics(str(tmp_path))) == 4
+    console.reset()

@@ -29,13 +29,12 @@ Memory (`python -m sft_jax.plan --platform tpu`, docs/tpu_pod.md): per v5e chip 
 gradients + 77 MiB Adam moments + 6.73 GiB of activations (estimate; Gemma's 262k-token
 vocabulary makes the float32 logits the largest term) = 7.11 GiB.
 
-Topology: a TPU v5e-8 (`v5e:2x4`). The TPU compiler at this model's shapes (2026-12-02,
-docs/tpu_pod.md; `DIR` holds only gemma-3-1b-it's config.json):
+Topology: a TPU v5e-8 (`v5e:2x4`). The TPU compiler's figure at this model's shapes (`DIR`
+holds only gemma-3-1b-it's config.json) comes from
     python -m sft_jax.plan --config configs/gemma3_lora.py --topology v5e:2x4 --compile \
         --config.model.path=DIR
--> 8.87 GiB per chip of 16 (8.52 GiB of it temporaries, mostly the loss over the 262k
-vocabulary; the plan's 7.11 is 20% low here), splash attention; roofline bound 33% MFU
-(HBM-traffic-bound).
+its result, dated, is in docs/benchmarks.md (TPU compiler) and docs/tpu_pod.md: above the
+plan's estimate here, mostly the float32 loss over the 262k-token vocabulary.
 """
 
 from sft_jax.configs import base

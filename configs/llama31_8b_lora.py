@@ -32,10 +32,10 @@ moments + 5.85 activations of one 4096-token row with remat="full" (estimate) = 
 
 Topology: a TPU v5p-8 (`v5p:2x2x1`, 4 chips) as above; it also fits a v5e-8 (`v5e:2x4`, 8 x
 16 GiB) with one row per chip per micro-batch. The TPU compiler's figure for the latter, at
-this model's shapes (2026-12-02, docs/tpu_pod.md; `DIR` holds only Llama-3.1-8B's config.json):
+this model's shapes (`DIR` holds only Llama-3.1-8B's config.json), comes from
     python -m sft_jax.plan --config configs/llama31_8b_lora.py --topology v5e:2x4 --compile \
         --config.model.path=DIR --config.train.global_batch_size=8 --config.train.micro_batches=1
--> 7.24 GiB per chip of 16 (plan 8.11), splash attention; roofline bound 76% MFU.
+its result, dated, is in docs/benchmarks.md (TPU compiler) and docs/tpu_pod.md.
 """
 
 from sft_jax.configs import base

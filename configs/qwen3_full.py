@@ -40,13 +40,13 @@ Memory (`python -m sft_jax.plan --config configs/qwen3_full.py[:8b] --devices N
      --config.optim.state_dtype=bfloat16 the moments take 14.98 and the total is 65.85 GiB: fits.
   8b on 16 x 95 GiB (fsdp=16, 2 rows per chip): 1.91 + 1.91 + 3.81 + 14.87 = 22.50 GiB: fits.
 
-Topology: 4b on a TPU v5p-8 (`v5p:2x2x1`), 8b on a v5p-32 (`v5p:2x2x4`). The TPU compiler for
-4b at its real shapes (2026-12-02, docs/tpu_pod.md; `DIR` holds only Qwen3-4B-Instruct-2507's
-config.json):
+Topology: 4b on a TPU v5p-8 (`v5p:2x2x1`), 8b on a v5p-32 (`v5p:2x2x4`). The TPU compiler's
+figure for 4b at its real shapes (`DIR` holds only Qwen3-4B-Instruct-2507's config.json) comes
+from
     python -m sft_jax.plan --config configs/qwen3_full.py --topology v5p:2x2x1 --compile \
         --config.model.path=DIR
--> 30.72 GiB per chip of 95 (plan 30.55), splash attention. The 8b preset's compile did not
-finish in the session that measured this; run the same with `:8b --topology v5p:2x2x4`.
+its result, dated, is in docs/benchmarks.md (TPU compiler) and docs/tpu_pod.md; for 8b run the
+same with `:8b --topology v5p:2x2x4`.
 """
 
 from sft_jax.configs import base

@@ -102,9 +102,10 @@ def peak_flops(devices: list[Any], cpu_peak: float) -> float:
 def measure_cpu_peak(n: int = PEAK_MATMUL, repeats: int = 7) -> float:
     """This host's fp32 peak as XLA reaches it: the best flop/s of `repeats` [n, n] @ [n, n]
     float32 matmuls on all cores, after a warm-up call. Why measured: a VM tells neither its
-    clock under load nor its vector width (a guess of 166 GFLOP/s for 2 cores; the 2 Zen 5
-    cores of the development machine reach 470 in this matmul, the best case of the kernels the
-    step's matmuls use), so MFU is a fraction of what this CPU can do, not of a datasheet."""
+    clock under load nor its vector width (the guess first assumed was far below what the
+    development machine reaches in this matmul, the best case of the kernels the step's matmuls
+    use: docs/benchmarks.md, current figures), so MFU is a fraction of what this CPU can do, not
+    of a datasheet."""
     import jax.numpy as jnp
 
     a = jnp.ones((n, n), jnp.float32)

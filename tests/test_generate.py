@@ -188,3 +188,19 @@ def test_ctrl_c_in_the_interactive_chat_is_one_line_exit_130(stories_dir, capsys
     captured = capsys.readouterr()
     assert captured.out.strip()  # the first turn was answered
     assert captured.err.strip() == "generate: interrupted"
+
+
+def test_chat_helpers_do_not_import_the_decoder():
+    """The command in sft_jax/generate.py imports the conversation helpers of sft_jax/chat.py,
+    never the reverse: the two modules form no import cycle."""
+    import ast
+    import pathlib
+
+    source = pathlib.Path(__file__).resolve().parents[1] / "sft_jax" / "chat.py"
+    imported = set()
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+    assert "sft_jax.generate" not in imported, sorted(imported)

@@ -28,11 +28,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sft_jax import lora
 from sft_jax.config import load_config_file, parse
+from sft_jax.data.pack import PACKED_KEYS
 from sft_jax.model import Transformer, model_config_from_arch
 from sft_jax.optim import make_optimizer, make_schedule
 from sft_jax.sharding import batch_sharding, make_mesh
 from sft_jax.state import LoraApply, lora_model_config, param_shardings
-from sft_jax.step import BATCH_KEYS, TrainState, make_train_step
+from sft_jax.step import TrainState, make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FULL_LAYERS = 16
@@ -80,7 +81,7 @@ def compiled_cost(layers: int, use_lora: bool, rank: int, quant: str) -> dict[st
     rows, seq = config.train.global_batch_size, config.data.seq_len
     batch = {
         k: jax.ShapeDtypeStruct((rows, seq), jnp.bool_ if k == "loss_mask" else jnp.int32)
-        for k in BATCH_KEYS
+        for k in PACKED_KEYS
     }
     compiled = step.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
     cost = compiled.cost_analysis()

@@ -50,7 +50,7 @@ from sft_jax.attention import resolve_implementation
 from sft_jax.cli import absl_help, wants_help
 from sft_jax.config import Config, ConfigError, config_from_argv
 from sft_jax.data import TokenizedExample, TrainIterator, pack_examples, packing_stats
-from sft_jax.data.pack import whole_example_row_floor
+from sft_jax.data.pack import PACKED_KEYS, whole_example_row_floor
 from sft_jax.flops import flops_per_token, measure_cpu_peak, mfu, resolve_peak
 from sft_jax.host_memory import configure_host_allocator
 from sft_jax.model import ModelConfig, Transformer, count_params
@@ -58,7 +58,7 @@ from sft_jax.optim import make_optimizer, make_schedule
 from sft_jax.plan_check import abstract_train_state, compile_abstract_step
 from sft_jax.preflight import check_train_batch
 from sft_jax.state import create_train_state, param_shardings
-from sft_jax.step import BATCH_KEYS, make_train_step
+from sft_jax.step import make_train_step
 
 PROMPT_LEN = (40, 300)  # inclusive ranges of the benchmark workload
 COMPLETION_LEN = (20, 200)
@@ -161,7 +161,7 @@ def build(config: Config, total_steps: int) -> tuple[Any, Any, Any, ModelConfig,
 
     def place(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {
-            k: jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in BATCH_KEYS
+            k: jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in PACKED_KEYS
         }
 
     return state, step, place, model_config, mesh

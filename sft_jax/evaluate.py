@@ -41,12 +41,13 @@ from jax.sharding import NamedSharding
 from sft_jax import data, lora
 from sft_jax.config import Config
 from sft_jax.data import EvalPrompt
+from sft_jax.data.pack import PACKED_KEYS
 from sft_jax.data.templates import Stops, generation_stops
 from sft_jax.generate import cut_at_stop_text, greedy_generate
 from sft_jax.loss import masked_cross_entropy
 from sft_jax.model import Transformer
 from sft_jax.state import param_shardings
-from sft_jax.step import BATCH_KEYS, TrainState
+from sft_jax.step import TrainState
 
 GENERATION_BATCH = 32  # prompts per generation call (rows of one compiled decode program)
 
@@ -65,7 +66,7 @@ def make_eval_step(apply_fn: Callable, param_shardings: Any, batch_sharding: Nam
         return loss_sum, tokens, jnp.sum(hits.astype(jnp.float32))
 
     return jax.jit(
-        eval_step, in_shardings=(param_shardings, {k: batch_sharding for k in BATCH_KEYS})
+        eval_step, in_shardings=(param_shardings, {k: batch_sharding for k in PACKED_KEYS})
     )
 
 

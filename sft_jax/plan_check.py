@@ -64,10 +64,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sft_jax import hf, lora, sharding
 from sft_jax.config import Config
+from sft_jax.data.pack import PACKED_KEYS
 from sft_jax.model import ModelConfig, Transformer
 from sft_jax.optim import make_optimizer, make_schedule
 from sft_jax.state import LoraApply, adapter_shardings, lora_model_config, param_shardings
-from sft_jax.step import BATCH_KEYS, TrainState, make_train_step
+from sft_jax.step import TrainState, make_train_step
 
 GIB = 1024**3
 
@@ -145,7 +146,7 @@ def compile_abstract_step(config: Config, mesh: Mesh, state: TrainState) -> Any:
     batch = {
         k: jax.ShapeDtypeStruct(shape, np.bool_ if k == "loss_mask" else np.int32,
                                 sharding=batch_sharding)
-        for k in BATCH_KEYS
+        for k in PACKED_KEYS
     }  # fmt: skip
     return step.lower(state, batch, np.float32(1.0)).compile()
 

@@ -33,12 +33,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
+from sft_jax.data.pack import PACKED_KEYS
 from sft_jax.loss import chunked_cross_entropy, masked_cross_entropy
 from sft_jax.regularize import kl_to_base
 
 Batch = dict[str, jax.Array]
 NEFTUNE_STREAM = 1 << 29  # fold_in offset of the NEFTune rng, apart from dropout's
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 @flax.struct.dataclass
@@ -120,7 +120,7 @@ def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
         rows = x.shape[0]
         return jnp.swapaxes(x.reshape(rows // micro_batches, micro_batches, *x.shape[1:]), 0, 1)
 
-    return {k: split(batch[k]) for k in BATCH_KEYS}
+    return {k: split(batch[k]) for k in PACKED_KEYS}
 
 
 def compute_grads(
@@ -252,7 +252,7 @@ def make_train_step(
     output aliasing), so a step holds one copy of the state, not two. Pass
     `loss_scale=np.float32(1.0)` unless injecting a fault. `loss_chunk`: `model.loss_chunk`."""
     replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
+    batch_shardings = {k: batch_sharding for k in PACKED_KEYS}
 
     def step(
         state: TrainState, batch: Batch, loss_scale: jax.Array

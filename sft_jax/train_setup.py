@@ -21,6 +21,7 @@ from sft_jax import console, data, hf, preflight, sharding
 from sft_jax.checkpoint import Checkpointer
 from sft_jax.config import Config, ConfigError, to_dict
 from sft_jax.console import log
+from sft_jax.data.pack import PACKED_KEYS
 from sft_jax.data.pipeline import format_stats, padding_line
 from sft_jax.eval_loop import Evaluator
 from sft_jax.evaluate import general_text_batches
@@ -30,7 +31,7 @@ from sft_jax.model import Transformer, count_params
 from sft_jax.optim import make_optimizer, make_schedule, schedule_change, schedule_steps
 from sft_jax.run_state import LoopState, Run, next_run_number
 from sft_jax.state import create_train_state
-from sft_jax.step import BATCH_KEYS, make_train_step
+from sft_jax.step import make_train_step
 
 
 def total_steps(config: Config, steps_per_epoch: int) -> int:
@@ -42,7 +43,7 @@ def make_placer(batch_sharding: jax.sharding.NamedSharding):
 
     def place(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {
-            k: jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in BATCH_KEYS
+            k: jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in PACKED_KEYS
         }
 
     return place

@@ -22,7 +22,7 @@ from sft_jax.data import (
     read_rows,
     tokenize_rows,
 )
-from sft_jax.data.__main__ import _config
+from sft_jax.data.__main__ import data_config
 from sft_jax.data.__main__ import main as data_cli
 from sft_jax.data.source import iter_records
 
@@ -149,7 +149,7 @@ DEMO = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
 
 @pytest.mark.parametrize(("value", "expected"), [("True", True), ("1", True), ("false", False)])
 def test_data_cli_parses_bool_overrides_like_training(value, expected):
-    assert _config(DEMO, [f"--config.data.pack_split={value}"]).data.pack_split is expected
+    assert data_config(DEMO, [f"--config.data.pack_split={value}"]).data.pack_split is expected
 
 
 @pytest.mark.parametrize(
@@ -165,7 +165,7 @@ def test_data_cli_bad_override_exits_2_with_a_message(capsys, override, named):
 def test_data_cli_with_data_tokenizer_never_resolves_model_path(capsys, stories_dir):
     # A Hub id that cannot be fetched (tests run offline): only the tokenizer is needed here.
     args = ["--config.model.path=nobody-here/not-a-model", f"--config.data.tokenizer={stories_dir}"]
-    assert _config(DEMO, args).data.tokenizer == str(stories_dir)
+    assert data_config(DEMO, args).data.tokenizer == str(stories_dir)
     assert data_cli(["inspect", "--config", DEMO, "--n", "1", "--json", *args]) == 0
     assert json.loads(capsys.readouterr().out)["loss_mask"]
 

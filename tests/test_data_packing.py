@@ -17,7 +17,7 @@ from sft_jax.data import (
     packing_stats,
     whole_example_row_floor,
 )
-from sft_jax.data.pipeline import _eval_batches, padding_line
+from sft_jax.data.pipeline import held_out_batches, padding_line
 from sft_jax.loss import masked_cross_entropy
 from sft_jax.model import Transformer
 from tests.helpers import tiny_model_config
@@ -96,7 +96,7 @@ def test_eval_rows_keep_examples_whole_whatever_pack_split():
     batches = {}
     for split in (False, True):
         data = dataclasses.replace(config.data, seq_len=128, pack_split=split)
-        batches[split] = _eval_batches(exs, dataclasses.replace(config, data=data), 0, 1)
+        batches[split] = held_out_batches(exs, dataclasses.replace(config, data=data), 0, 1)
     assert len(batches[False]) == len(batches[True]) > 0
     for whole, other in zip(batches[False], batches[True], strict=True):
         for key in whole:

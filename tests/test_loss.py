@@ -11,6 +11,7 @@ import pytest
 from configs import base
 from sft_jax import step
 from sft_jax.config import LoraSection, MeshSection, OptimSection
+from sft_jax.data.pack import PACKED_KEYS
 from sft_jax.loss import masked_cross_entropy
 from sft_jax.model import Transformer
 from sft_jax.optim import make_optimizer
@@ -100,7 +101,7 @@ def test_chunked_loss_and_grads_equal_unchunked(tied):
     config = tiny_model_config(tie_embeddings=tied)
     model = Transformer(config)
     batch = _packed_batch()
-    params = model.init(jax.random.PRNGKey(1), *[batch[k] for k in step.BATCH_KEYS[:1]],
+    params = model.init(jax.random.PRNGKey(1), *[batch[k] for k in PACKED_KEYS[:1]],
                         batch["positions"], batch["segment_ids"])["params"]  # fmt: skip
     want = _loss_and_grads(params, model.apply, batch, 0)
     for chunk in (8, 7, 64):

@@ -21,6 +21,7 @@ from sft_jax.data.encode import EncodeSettings, EvalPrompt, encode_examples, eva
 from sft_jax.data.formats import (
     Conversation,
     FormatSpec,
+    Row,
     Text,
     parse_record,
     read_examples,
@@ -38,7 +39,7 @@ from sft_jax.data.pack import (
 from sft_jax.data.pipeline import DataBundle, check_trainable, prepare_data, read_splits, split_rows
 from sft_jax.data.render import render_conversation
 from sft_jax.data.shards import ShardPlan, shard_plan
-from sft_jax.data.source import DataError, Row, expand_files, iter_records
+from sft_jax.data.source import DataError, expand_files, iter_records
 from sft_jax.data.templates import BUILTIN_TEMPLATES, ChatTemplate, load_chat_template
 from sft_jax.data.tokenize import (
     TokenizedExample,

@@ -33,7 +33,7 @@ from sft_jax.data.tokenize import load_tokenizer
 from sft_jax.hf.hub import resolve_model_dir
 
 
-def _config(path: str, overrides: list[str]) -> Config:
+def data_config(path: str, overrides: list[str]) -> Config:
     """The config as training reads it (`config_from_argv`: the same override syntax, types and
     errors), with a Hub id resolved only for the tokenizer: this command loads no model, so
     model.path is fetched only when it is where the tokenizer comes from (no data.tokenizer)."""
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     route_logging()  # skipped-row warnings as `warning: ...` lines, like training's
     try:
-        config = _config(args.config, overrides)
+        config = data_config(args.config, overrides)
         tokenizer = load_tokenizer(config.data.tokenizer)
         if args.command == "audit":
             _audit(config, tokenizer)

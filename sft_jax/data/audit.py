@@ -23,9 +23,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from sft_jax.data.formats import Conversation, Example, Text
+from sft_jax.data.formats import Conversation, Example, Row, Text
 from sft_jax.data.render import TokenCounts
-from sft_jax.data.source import DataError, EmptyAnswer, Row
+from sft_jax.data.source import DataError, EmptyAnswer
 
 _PLACEHOLDER = re.compile(r"\{\{\s*\w+\s*\}\}|^\s*(todo|tbd|n/?a|none|null|\.\.\.|-)\s*$", re.I)
 _SHOWN = 5

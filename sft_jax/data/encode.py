@@ -31,7 +31,7 @@ from sft_jax.data.control import (
     first_control,
     tokenize_pieces,
 )
-from sft_jax.data.formats import Conversation, Example, Text
+from sft_jax.data.formats import Conversation, Example, Row, Text
 from sft_jax.data.render import (
     NAMED,
     TokenCounts,
@@ -39,14 +39,14 @@ from sft_jax.data.render import (
     render_conversation,
     tokenize_rendered,
 )
-from sft_jax.data.source import DataError, Row
+from sft_jax.data.source import DataError
 from sft_jax.data.templates import ChatTemplate
 from sft_jax.data.tokenize import (
     TokenizedExample,
-    _encode,
-    _special_prefix,
     encode_prompt,
+    special_prefix,
     start_token,
+    token_ids,
     tokenize_each_row,
 )
 
@@ -167,9 +167,9 @@ def _encode_texts(texts, tokenizer, settings):
     """[prefix] + text + [EOS], all trained (continued pre-training)."""
     if not texts:  # the prefix probe costs two tokenizer calls
         return []
-    prefix = _special_prefix(tokenizer) or [start_token(tokenizer)]  # every token a target
+    prefix = special_prefix(tokenizer) or [start_token(tokenizer)]  # every token a target
     eos = int(tokenizer.eos_token_id)
-    encoded = _encode(tokenizer, [t.text for _, t in texts])
+    encoded = token_ids(tokenizer, [t.text for _, t in texts])
     out = []
     for (k, text), ids in zip(texts, encoded, strict=True):
         tokens = np.asarray([*prefix, *ids, eos], np.int32)
@@ -324,5 +324,5 @@ def eval_prompt(
     if literal:
         ids = tokenize_pieces(tokenizer, text, literal)[0].tolist()
     else:
-        ids = _encode(tokenizer, [text])[0]
+        ids = token_ids(tokenizer, [text])[0]
     return EvalPrompt(ids, example.messages[last]["content"], example.source)

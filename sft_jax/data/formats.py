@@ -37,11 +37,10 @@ from sft_jax.data.source import (
     DataError,
     EmptyAnswer,
     Record,
-    Row,
     SkipCounter,
-    _error,
     decode_record,
     expand_files,
+    field_error,
     iter_records,
 )
 
@@ -73,6 +72,15 @@ _SHAREGPT_ROLES = {
 }
 _MESSAGE_KEYS = ("role", "content", "tool_calls", "name", "tool_call_id", "reasoning_content")
 _KNOWN_FIELDS = tuple(sorted({f for req, opt in _FIELDS.values() for f in (*req, *opt)}))
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One prompt/completion record as read from disk; `source` ("path:line") is for messages."""
+
+    prompt: str
+    completion: str
+    source: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +159,7 @@ def detect_format(record: dict[str, Any], source: str) -> str:
         if close:
             hint = f"; did you mean '{close}' instead of '{key}'?"
             break
-    raise _error(
+    raise field_error(
         source,
         None,
         f"cannot tell the format from the fields {sorted(record)}{hint}; expected {expected}"
@@ -183,7 +191,7 @@ def _check_fields(record, source, fmt, required, optional, ignored) -> None:
         close = _close_field(key, known)
         hint = f"; did you mean '{close}'?" if close else ""
         others = f" (unknown fields: {unknown})" if len(unknown) > 1 else ""
-        raise _error(
+        raise field_error(
             source,
             key,
             f"unknown field{others}; {fmt} records have the fields {list(known)}{hint} "
@@ -191,7 +199,7 @@ def _check_fields(record, source, fmt, required, optional, ignored) -> None:
         )
     for field in required:
         if field not in record:
-            raise _error(source, field, "missing")
+            raise field_error(source, field, "missing")
 
 
 def _string(
@@ -200,10 +208,10 @@ def _string(
     value = record.get(field)
     label = label or field
     if not isinstance(value, str):
-        raise _error(source, label, f"must be a string, got {type(value).__name__}")
+        raise field_error(source, label, f"must be a string, got {type(value).__name__}")
     if nonempty and not value.strip():
         kind = EmptyAnswer if answer else DataError
-        raise _error(source, label, "is empty (nothing to train on)", kind)
+        raise field_error(source, label, "is empty (nothing to train on)", kind)
     return value
 
 
@@ -214,12 +222,14 @@ def _alpaca(record: dict[str, Any], source: str) -> Conversation:
         messages.append({"role": "system", "content": _string(record, "system", source)})
     history = record.get("history") or []
     if not isinstance(history, list):
-        raise _error(source, "history", f"must be a list, got {type(history).__name__}")
+        raise field_error(source, "history", f"must be a list, got {type(history).__name__}")
     for i, pair in enumerate(history):
         if not (
             isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
         ):
-            raise _error(source, f"history[{i}]", "must be a [user, assistant] pair of strings")
+            raise field_error(
+                source, f"history[{i}]", "must be a [user, assistant] pair of strings"
+            )
         messages += [
             {"role": "user", "content": pair[0]},
             {"role": "assistant", "content": pair[1]},
@@ -241,7 +251,9 @@ def _alpaca(record: dict[str, Any], source: str) -> Conversation:
 def _sharegpt(record: dict[str, Any], source: str) -> Conversation:
     turns = record["conversations"]
     if not isinstance(turns, list) or not turns:
-        raise _error(source, "conversations", "must be a non-empty list of {from, value} turns")
+        raise field_error(
+            source, "conversations", "must be a non-empty list of {from, value} turns"
+        )
     messages: list[dict[str, Any]] = []
     train: list[bool] = []
     if record.get("system"):
@@ -250,10 +262,10 @@ def _sharegpt(record: dict[str, Any], source: str) -> Conversation:
     for i, turn in enumerate(turns):
         field = f"conversations[{i}]"
         if not isinstance(turn, dict):
-            raise _error(source, field, f"must be an object, got {type(turn).__name__}")
+            raise field_error(source, field, f"must be an object, got {type(turn).__name__}")
         extra = [k for k in turn if k not in ("from", "value", "weight")]
         if extra or "from" not in turn or "value" not in turn:
-            raise _error(
+            raise field_error(
                 source,
                 field,
                 f"needs 'from' and 'value' (and optionally 'weight'), got {sorted(turn)}",
@@ -261,7 +273,7 @@ def _sharegpt(record: dict[str, Any], source: str) -> Conversation:
         train.append(_weight_flag(turn.get("weight"), source, f"{field}.weight"))
         who = turn["from"]
         if who not in _SHAREGPT_ROLES:
-            raise _error(
+            raise field_error(
                 source, f"{field}.from", f"unknown role {who!r}; known: {sorted(_SHAREGPT_ROLES)}"
             )
         value = _string(turn, "value", source, label=f"{field}.value")
@@ -280,7 +292,7 @@ def _weight_flag(weight: Any, source: str, field: str) -> bool:
         return True
     if isinstance(weight, int | float) and weight in (0, 1):
         return bool(weight)
-    raise _error(source, field, f"must be 0 (not trained) or 1 (trained), got {weight!r}")
+    raise field_error(source, field, f"must be 0 (not trained) or 1 (trained), got {weight!r}")
 
 
 def _tool_call_message(value: str, source: str, field: str) -> dict[str, Any]:
@@ -288,10 +300,10 @@ def _tool_call_message(value: str, source: str, field: str) -> dict[str, Any]:
     try:
         call = json.loads(value)
     except json.JSONDecodeError as e:
-        raise _error(source, field, f"function_call is not JSON: {e.msg}") from None
+        raise field_error(source, field, f"function_call is not JSON: {e.msg}") from None
     calls = call if isinstance(call, list) else [call]
     if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
-        raise _error(source, field, "function_call must be {'name': str, 'arguments': {...}}")
+        raise field_error(source, field, "function_call must be {'name': str, 'arguments': {...}}")
     tool_calls = []
     for c in calls:
         arguments = c.get("arguments", {})
@@ -312,9 +324,9 @@ def _json_arguments(text: str, source: str, field: str) -> dict[str, Any]:
     try:
         arguments = json.loads(text)
     except json.JSONDecodeError as e:
-        raise _error(source, field, f"is a string but not JSON: {e.msg}") from None
+        raise field_error(source, field, f"is a string but not JSON: {e.msg}") from None
     if not isinstance(arguments, dict):
-        raise _error(
+        raise field_error(
             source, field, f"must be a JSON object of arguments, got {type(arguments).__name__}"
         )
     return arguments
@@ -348,29 +360,31 @@ def _tools(record: dict[str, Any], source: str) -> tuple[dict[str, Any], ...] | 
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as e:
-            raise _error(source, "tools", f"is a string but not JSON: {e.msg}") from None
+            raise field_error(source, "tools", f"is a string but not JSON: {e.msg}") from None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise _error(source, "tools", "must be a list of JSON schema objects")
+        raise field_error(source, "tools", "must be a list of JSON schema objects")
     return tuple({"type": "function", "function": t} if "type" not in t else t for t in tools)
 
 
 def _messages(record: dict[str, Any], source: str) -> Conversation:
     turns = record["messages"]
     if not isinstance(turns, list) or not turns:
-        raise _error(source, "messages", "must be a non-empty list of {role, content} messages")
+        raise field_error(
+            source, "messages", "must be a non-empty list of {role, content} messages"
+        )
     messages, train = [], []
     for i, turn in enumerate(turns):
         field = f"messages[{i}]"
         if not isinstance(turn, dict):
-            raise _error(source, field, f"must be an object, got {type(turn).__name__}")
+            raise field_error(source, field, f"must be an object, got {type(turn).__name__}")
         extra = [k for k in turn if k not in (*_MESSAGE_KEYS, "loss_weight")]
         if extra:
-            raise _error(
+            raise field_error(
                 source, f"{field}.{extra[0]}", f"unknown message field; known: {_MESSAGE_KEYS}"
             )
         role = turn.get("role")
         if role not in ROLES:
-            raise _error(
+            raise field_error(
                 source, f"{field}.role", f"unknown or missing role {role!r}; known: {ROLES}"
             )
         # A None key means "absent" (`"tool_calls": null` in JSONL): templates test
@@ -401,12 +415,12 @@ def _content(content: Any, source: str, field: str) -> str:
                 or part.get("type", "text") != "text"
                 or not isinstance(text, str)
             ):
-                raise _error(
+                raise field_error(
                     source, f"{field}[{j}]", "only text parts {type: text, text} are supported"
                 )
             parts.append(text)
         return "".join(parts)
-    raise _error(
+    raise field_error(
         source, field, f"must be a string or a list of text parts, got {type(content).__name__}"
     )
 
@@ -414,10 +428,12 @@ def _content(content: Any, source: str, field: str) -> str:
 def _finish(messages, source, tools, train) -> Conversation:
     """Checks that make a conversation trainable: an assistant turn, none of them empty."""
     if not any(m["role"] == "assistant" for m in messages):
-        raise _error(source, None, "conversation has no assistant turn (nothing to train on)")
+        raise field_error(source, None, "conversation has no assistant turn (nothing to train on)")
     for i, m in enumerate(messages):
         if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
-            raise _error(source, f"message {i} (assistant)", "empty assistant turn", EmptyAnswer)
+            raise field_error(
+                source, f"message {i} (assistant)", "empty assistant turn", EmptyAnswer
+            )
     return Conversation(tuple(messages), source, tools, train)
 
 

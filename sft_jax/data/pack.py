@@ -31,6 +31,7 @@ import numpy as np
 
 from sft_jax.data.tokenize import TokenizedExample
 
+# The arrays of a packed row, hence of every batch the train and eval steps take.
 PACKED_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 

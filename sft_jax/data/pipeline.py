@@ -51,7 +51,7 @@ from sft_jax.data.tokenize import TokenizedExample, load_tokenizer
 
 logger = logging.getLogger(__name__)
 _AUTO_WORKERS_MIN_EXAMPLES = 4096  # below this, spawning workers costs more than it saves
-# Per-process counts summed over processes (then min rows, the text-only flag, failures, mixture).
+# ProcessCounts.summed: per-process counts that are summed over processes.
 _SUMMED = (
     "rows",
     "slots",
@@ -217,11 +217,41 @@ def num_workers(config: Config, n_examples: int) -> int:
 
 
 @dataclasses.dataclass
+class ProcessCounts:
+    """What one process tells every other one about its preparation. It travels as one int vector
+    (`to_vector`, through the `exchange`), of the same length on every process: summed counts,
+    then min rows, the two flags, then the mixture."""
+
+    summed: dict[str, int]  # each of _SUMMED, over the own shards
+    min_rows: int  # packed rows of the smallest own shard
+    not_only_text: bool  # some example is not plain text (a loss mask of all ones is suspect)
+    failed: bool  # this process's preparation raised a DataError
+    mixture: list[int]  # examples per mixture group, over the own shards
+
+    @classmethod
+    def failure(cls, groups: int) -> ProcessCounts:
+        """A failed process's counts: all zero, with the failure flag set."""
+        return cls(dict.fromkeys(_SUMMED, 0), 0, False, True, [0] * groups)
+
+    def to_vector(self) -> list[int]:
+        summed = [self.summed[k] for k in _SUMMED]
+        flags = [int(self.not_only_text), int(self.failed)]
+        return [*summed, self.min_rows, *flags, *self.mixture]
+
+    @classmethod
+    def from_vector(cls, vector: Sequence[int]) -> ProcessCounts:
+        n = len(_SUMMED)
+        summed = {k: int(v) for k, v in zip(_SUMMED, vector[:n], strict=True)}
+        flags = bool(vector[n + 1]), bool(vector[n + 2])
+        return cls(summed, int(vector[n]), *flags, [int(x) for x in vector[n + 3 :]])
+
+
+@dataclasses.dataclass
 class _Local:
     """What one process prepared: its packed shards, eval data, and counts to agree on."""
 
     shards: list[dict[str, np.ndarray]]
-    counts: list[int]  # _SUMMED, then min rows, not-only-text flag, failure flag, mixture
+    counts: ProcessCounts
     eval_examples: list[TokenizedExample]
     eval_prompts: list[EvalPrompt]
     skipped_eval: int
@@ -249,18 +279,16 @@ def prepare_data(
         local, failure = _prepare_local(config, tokenizer, plan), None
     except DataError as error:
         local, failure = None, error
-    counts = local.counts if local else [0] * (len(_SUMMED) + 3) + [0] * groups
-    if failure is not None:
-        counts[len(_SUMMED) + 2] = 1
-    gathered = exchange(counts, count)
+    counts = local.counts if local else ProcessCounts.failure(groups)
+    gathered = [ProcessCounts.from_vector(v) for v in exchange(counts.to_vector(), count)]
     if failure is not None:
         raise failure
-    failed = [p for p in range(count) if gathered[p, len(_SUMMED) + 2]]
+    failed = [p for p, c in enumerate(gathered) if c.failed]
     if failed:
         raise DataError(f"data preparation failed on process(es) {failed}; see their logs")
     assert local is not None
     stats = _global_stats(gathered, plan, local, dc.train_files)
-    only_text = not gathered[:, len(_SUMMED) + 1].any()
+    only_text = not any(c.not_only_text for c in gathered)
     check_trainable(stats, dc.train_on, only_text=only_text)
     logger.info("data statistics: %s", format_stats(stats))
     train_iter = TrainIterator(
@@ -273,7 +301,7 @@ def prepare_data(
         loss_tokens=stats["loss_tokens"],
         prefetch=dc.prefetch,
     )
-    eval_data = _eval_batches(local.eval_examples, config, index, count)
+    eval_data = held_out_batches(local.eval_examples, config, index, count)
     return DataBundle(train_iter, eval_data, local.eval_prompts, tokenizer, stats, local.template)
 
 
@@ -299,10 +327,13 @@ def _prepare_local(config: Config, tokenizer: Any, plan: ShardPlan) -> _Local:
         )
     summed[_SUMMED.index("skipped")] += splits.skipped_train
     eval_examples, prompts, eval_skipped = encode_held_out(splits.eval, tokenizer, settings)
-    not_only_text = int(not all(isinstance(e, Text) for e in everything))
+    not_only_text = not all(isinstance(e, Text) for e in everything)
+    counts = ProcessCounts(
+        dict(zip(_SUMMED, summed.tolist(), strict=True)), min_rows, not_only_text, False, mixture
+    )
     return _Local(
         shards,
-        [*summed.tolist(), min_rows, not_only_text, 0, *mixture],
+        counts,
         eval_examples,
         prompts,
         splits.skipped_eval + eval_skipped,
@@ -357,16 +388,13 @@ def _build_shard(
 
 
 def _global_stats(
-    gathered: np.ndarray, plan: ShardPlan, local: _Local, train_files: str
+    gathered: list[ProcessCounts], plan: ShardPlan, local: _Local, train_files: str
 ) -> dict[str, Any]:
-    """Statistics over all shards of all processes, from the agreed count vectors."""
-    n = len(_SUMMED)
-    stats: dict[str, Any] = {
-        k: int(v) for k, v in zip(_SUMMED, gathered[:, :n].sum(0), strict=True)
-    }
+    """Statistics over all shards of all processes, from every process's agreed counts."""
+    stats: dict[str, Any] = {k: sum(c.summed[k] for c in gathered) for k in _SUMMED}
     if stats["rows"] == 0:
         raise DataError(f"no trainable examples in {train_files}")
-    rows_per_shard = int(gathered[:, n].min())
+    rows_per_shard = min(c.min_rows for c in gathered)
     if rows_per_shard == 0:
         raise DataError(
             f"a data shard has no training rows ({train_files} split into {plan.num_shards} "
@@ -385,12 +413,12 @@ def _global_stats(
         rows_per_shard=rows_per_shard,
         rows_dropped_per_epoch=stats["rows"] - rows_per_shard * plan.num_shards,
         eval_examples=len(local.eval_examples),
-        mixture=[int(x) for x in gathered[:, n + 3 :].sum(0)],
+        mixture=[sum(column) for column in zip(*(c.mixture for c in gathered), strict=True)],
     )
     return stats
 
 
-def _eval_batches(
+def held_out_batches(
     examples: list[TokenizedExample], config: Config, process_index: int, process_count: int
 ) -> list[dict[str, np.ndarray]]:
     """Eval rows always keep every example whole (no data.pack_split): a cut piece loses its

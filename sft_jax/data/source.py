@@ -19,7 +19,6 @@ Bad input never passes silently: every problem is a `DataError` whose message st
 from __future__ import annotations
 
 import codecs
-import dataclasses
 import glob
 import json
 import logging
@@ -39,15 +38,6 @@ class DataError(ValueError):
 class EmptyAnswer(DataError):
     """A record whose answer (completion, output, assistant turn) is empty: bad input for
     training, and one of the problems `audit` counts under empty answers."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One prompt/completion record as read from disk; `source` ("path:line") is for messages."""
-
-    prompt: str
-    completion: str
-    source: str
 
 
 Record = dict[str, Any] | DataError
@@ -158,7 +148,8 @@ def expand_files(files: str) -> list[str]:
     return paths
 
 
-def _error(source: str, field: str | None, message: str, kind: type = DataError) -> DataError:
+def field_error(source: str, field: str | None, message: str, kind: type = DataError) -> DataError:
+    """The DataError for `field` of the record at `source` ("path:line: field 'x': message")."""
     where = f"{source}: field '{field}'" if field is not None else source
     return kind(f"{where}: {message}")
 
@@ -202,17 +193,19 @@ def _parse_json_object(raw: bytes, source: str) -> dict[str, Any]:
         record = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:
         if bad_bytes:
-            raise _error(source, None, f"{bad_bytes}, and the line is not valid JSON") from None
-        raise _error(source, None, f"malformed JSON: {e.msg} at column {e.colno}") from None
+            raise field_error(
+                source, None, f"{bad_bytes}, and the line is not valid JSON"
+            ) from None
+        raise field_error(source, None, f"malformed JSON: {e.msg} at column {e.colno}") from None
     except _DuplicateKeyError as e:
-        raise _error(source, e.key, "appears twice in one object") from None
+        raise field_error(source, e.key, "appears twice in one object") from None
     field = _field_with_invalid_unicode(record)
     if bad_bytes:
-        raise _error(source, field, bad_bytes)
+        raise field_error(source, field, bad_bytes)
     if field is not None:
-        raise _error(source, field, "contains a lone surrogate escape (not valid Unicode)")
+        raise field_error(source, field, "contains a lone surrogate escape (not valid Unicode)")
     if not isinstance(record, dict):
-        raise _error(source, None, f"expected a JSON object, got {type(record).__name__}")
+        raise field_error(source, None, f"expected a JSON object, got {type(record).__name__}")
     return record
 
 
@@ -316,12 +309,12 @@ def _csv_records(path: str) -> Iterator[tuple[str, Record]]:
             if not values:  # a blank line, skipped as csv.DictReader does
                 continue
             if len(values) > len(header):
-                yield source, _error(source, None, "more values than header columns")
+                yield source, field_error(source, None, "more values than header columns")
                 continue
             row = {**dict.fromkeys(header), **dict(zip(header, values, strict=False))}
             bad = _field_with_invalid_unicode(row)
             if bad is not None:
-                yield source, _error(source, bad, "contains invalid UTF-8 bytes")
+                yield source, field_error(source, bad, "contains invalid UTF-8 bytes")
                 continue
             yield source, row
 
@@ -362,7 +355,7 @@ def _json_list_records(path: str) -> Iterator[tuple[str, Record]]:
                 f"{path}:{e.lineno}: malformed JSON: {e.msg} at column {e.colno}"
             ) from None
         except _DuplicateKeyError as e:
-            raise _error(source, e.key, "appears twice in one object") from None
+            raise field_error(source, e.key, "appears twice in one object") from None
         yield source, _check_record(record, source)
         pos = _skip_ws(text, pos)
         if text.startswith(",", pos):
@@ -388,10 +381,10 @@ class _LineCounter:
 
 def _check_record(record: Any, source: str) -> Record:
     if not isinstance(record, dict):
-        return _error(source, None, f"expected a JSON object, got {type(record).__name__}")
+        return field_error(source, None, f"expected a JSON object, got {type(record).__name__}")
     field = _field_with_invalid_unicode(record)
     if field is not None:
-        return _error(source, field, "contains a lone surrogate escape (not valid Unicode)")
+        return field_error(source, field, "contains a lone surrogate escape (not valid Unicode)")
     return record
 
 

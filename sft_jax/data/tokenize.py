@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sft_jax.data.source import DataError, Row
+from sft_jax.data.formats import Row
+from sft_jax.data.source import DataError
 
 if TYPE_CHECKING:
     import transformers
@@ -112,11 +113,11 @@ def tokenize_each_row(
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if not rows:
         return []
-    prefix = _special_prefix(tokenizer)
+    prefix = special_prefix(tokenizer)
     start = start_token(tokenizer)
     eos = int(tokenizer.eos_token_id)
-    prompts = _encode(tokenizer, [r.prompt for r in rows])
-    completions = _encode(tokenizer, [r.completion for r in rows])
+    prompts = token_ids(tokenizer, [r.prompt for r in rows])
+    completions = token_ids(tokenizer, [r.completion for r in rows])
     out: list[tuple[TokenizedExample | None, bool]] = []
     for row, prompt_ids, completion_ids in zip(rows, prompts, completions, strict=True):
         if not completion_ids:
@@ -141,7 +142,7 @@ def tokenize_each_row(
 def encode_prompt(tokenizer: transformers.PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """Exactly the prompt prefix `tokenize_rows` builds (prefix/BOS + prompt, or the start token
     alone for an empty prompt), for generation."""
-    head = _with_prefix(_special_prefix(tokenizer), _encode(tokenizer, [prompt])[0])
+    head = _with_prefix(special_prefix(tokenizer), token_ids(tokenizer, [prompt])[0])
     return head or [start_token(tokenizer)]
 
 
@@ -151,7 +152,7 @@ def start_token(tokenizer: transformers.PreTrainedTokenizerBase) -> int:
     return int(bos if bos is not None else tokenizer.eos_token_id)
 
 
-def _encode(tokenizer: transformers.PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+def token_ids(tokenizer: transformers.PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     """Batch call (parallel in the Rust fast tokenizer), without special tokens: we add them."""
     if not texts:
         return []
@@ -166,7 +167,7 @@ def _with_prefix(prefix: list[int], prompt_ids: list[int]) -> list[int]:
     return prefix + list(prompt_ids)
 
 
-def _special_prefix(tokenizer: transformers.PreTrainedTokenizerBase) -> list[int]:
+def special_prefix(tokenizer: transformers.PreTrainedTokenizerBase) -> list[int]:
     """The tokens the tokenizer adds before a text (e.g. [BOS]), found by comparing one probe text
     with and without special tokens. Using only the prefix, not the whole special-token template,
     keeps a tokenizer that also appends EOS (add_eos_token) from ending the prompt with EOS."""

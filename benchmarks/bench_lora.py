@@ -26,7 +26,7 @@ from sft_jax.model import ModelConfig
 from sft_jax.optim import make_optimizer, make_schedule
 from sft_jax.sharding import batch_sharding, make_mesh
 from sft_jax.state import create_train_state
-from sft_jax.step import make_train_step
+from sft_jax.step import StepOptions, make_train_step
 
 MODEL = ModelConfig(
     vocab_size=8192,
@@ -80,7 +80,7 @@ def measure(lora_cfg: LoraSection | None, steps: int, warmup: int) -> dict[str, 
     step = make_train_step(
         shardings,
         batch_sharding(mesh, rules),
-        micro_batches=1,
+        options=StepOptions(),
         schedule=make_schedule(optim, 1000),
     )
     b = batch()

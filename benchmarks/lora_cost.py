@@ -33,7 +33,7 @@ from sft_jax.model import Transformer, model_config_from_arch
 from sft_jax.optim import make_optimizer, make_schedule
 from sft_jax.sharding import batch_sharding, make_mesh
 from sft_jax.state import LoraApply, lora_model_config, param_shardings
-from sft_jax.step import TrainState, make_train_step
+from sft_jax.step import StepOptions, TrainState, make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FULL_LAYERS = 16
@@ -76,7 +76,7 @@ def compiled_cost(layers: int, use_lora: bool, rank: int, quant: str) -> dict[st
     shardings = jax.tree.map(lambda _: replicated, state)
     b_sharding = batch_sharding(mesh, config.mesh.rules)
     step = make_train_step(
-        shardings, b_sharding, micro_batches=1, schedule=make_schedule(config.optim, 100)
+        shardings, b_sharding, options=StepOptions(), schedule=make_schedule(config.optim, 100)
     )
     rows, seq = config.train.global_batch_size, config.data.seq_len
     batch = {

@@ -58,7 +58,7 @@ from sft_jax.optim import make_optimizer, make_schedule
 from sft_jax.plan_check import abstract_train_state, compile_abstract_step
 from sft_jax.preflight import check_train_batch
 from sft_jax.state import create_train_state, param_shardings
-from sft_jax.step import make_train_step
+from sft_jax.step import StepOptions, make_train_step
 
 PROMPT_LEN = (40, 300)  # inclusive ranges of the benchmark workload
 COMPLETION_LEN = (20, 200)
@@ -154,9 +154,8 @@ def build(config: Config, total_steps: int) -> tuple[Any, Any, Any, ModelConfig,
     step = make_train_step(
         shardings,
         batch_sharding,
-        micro_batches=config.train.micro_batches,
+        options=StepOptions(config.train.micro_batches, config.model.loss_chunk),
         schedule=make_schedule(config.optim, total_steps),
-        loss_chunk=config.model.loss_chunk,
     )
 
     def place(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:

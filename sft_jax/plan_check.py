@@ -68,7 +68,7 @@ from sft_jax.data.pack import PACKED_KEYS
 from sft_jax.model import ModelConfig, Transformer
 from sft_jax.optim import make_optimizer, make_schedule
 from sft_jax.state import LoraApply, adapter_shardings, lora_model_config, param_shardings
-from sft_jax.step import TrainState, make_train_step
+from sft_jax.step import StepOptions, TrainState, make_train_step
 
 GIB = 1024**3
 
@@ -138,9 +138,8 @@ def compile_abstract_step(config: Config, mesh: Mesh, state: TrainState) -> Any:
     step = make_train_step(
         jax.tree.map(lambda x: x.sharding, state),
         batch_sharding,
-        micro_batches=config.train.micro_batches,
+        options=StepOptions(config.train.micro_batches, config.model.loss_chunk),
         schedule=make_schedule(config.optim, 2),
-        loss_chunk=config.model.loss_chunk,
     )
     shape = (config.train.global_batch_size, config.data.seq_len)
     batch = {

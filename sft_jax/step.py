@@ -2,8 +2,8 @@
 
 It is composed of named pieces, each tested alone:
 
-    loss_fn        params, batch            -> (loss sum, (loss tokens,))    one forward
-    compute_grads  params, batch, M         -> summed grads over M micro-batches, loss sum, tokens
+    loss_fn        params, state, batch     -> (objective sum, (loss tokens, ...))   one forward
+    compute_grads  state, batch, options    -> summed grads over M micro-batches, loss sum, tokens
     apply_updates  state, grads             -> new state (optax), grad norm
     keep_if_finite finite, new, old         -> new state, or old params/optimizer when not finite
 
@@ -23,9 +23,10 @@ rate the update used even after skips. The host loop counts skips (sft_jax/fault
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import jax
@@ -36,6 +37,9 @@ from jax.sharding import NamedSharding
 from sft_jax.data.pack import PACKED_KEYS
 from sft_jax.loss import chunked_cross_entropy, masked_cross_entropy
 from sft_jax.regularize import kl_to_base
+
+if TYPE_CHECKING:
+    from sft_jax.config import Config
 
 Batch = dict[str, jax.Array]
 NEFTUNE_STREAM = 1 << 29  # fold_in offset of the NEFTune rng, apart from dropout's
@@ -67,28 +71,43 @@ def model_variables(params: Any, frozen: Any) -> dict[str, Any]:
     return {"params": frozen, "lora": params}
 
 
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """The train step's static settings: Python values fixed at trace time, one compiled step
+    per combination (the schedule, a function, is passed beside them)."""
+
+    micro_batches: int = 1  # train.micro_batches: the batch is accumulated in this many pieces
+    loss_chunk: int = 0  # model.loss_chunk: > 0 computes the loss over pieces of positions
+    kl_coef: float = 0.0  # train.kl_to_base: weight of the KL to the base model in the objective
+
+    @classmethod
+    def from_config(cls, config: Config) -> StepOptions:
+        return cls(
+            micro_batches=config.train.micro_batches,
+            loss_chunk=config.model.loss_chunk,
+            kl_coef=config.train.kl_to_base,
+        )
+
+
 def loss_fn(
-    params: Any,
-    apply_fn: Callable,
-    batch: Batch,
-    rng: jax.Array,
-    frozen: Any = None,
-    loss_chunk: int = 0,
-    kl_coef: float = 0.0,
-    reference: Any = None,
+    params: Any, state: TrainState, batch: Batch, rng: jax.Array, options: StepOptions
 ) -> tuple[jax.Array, Any]:
     """Summed objective of one (micro-)batch -> (sum, (loss tokens, cross-entropy sum, KL sum)).
 
-    The objective is the masked cross-entropy sum, plus `kl_coef` times the summed KL to the
-    base model (sft_jax.regularize.kl_to_base) when `kl_coef` > 0: the base is the frozen
-    weights under LoRA, else `reference` (a copy of the initial parameters). NEFTune noise, when
-    the model config enables it, draws from the "neftune" rng stream passed here.
+    The model is `state.apply_fn` applied with `params` (state.params is not read, so the
+    differentiated copy is the only one used). The objective is the masked cross-entropy sum,
+    plus `options.kl_coef` times the summed KL to the base model
+    (sft_jax.regularize.kl_to_base) when it is > 0: the base is the frozen weights under LoRA,
+    else `state.reference` (a copy of the initial parameters). NEFTune noise, when the model
+    config enables it, draws from the "neftune" rng stream passed here.
 
-    Only `params` is differentiated: with LoRA the base weights in `frozen` are constants of the
-    loss, so no weight-gradient matmul is ever formed for them. `loss_chunk` > 0 computes the
-    loss over pieces of that many positions (sft_jax.loss.chunked_cross_entropy), never holding
-    the [B, T, V] logits; the result is the same up to float rounding.
+    Only `params` is differentiated: with LoRA the base weights in `state.frozen` are constants
+    of the loss, so no weight-gradient matmul is ever formed for them. `options.loss_chunk` > 0
+    computes the loss over pieces of that many positions (sft_jax.loss.chunked_cross_entropy),
+    never holding the [B, T, V] logits; the result is the same up to float rounding.
     """
+    apply_fn, frozen = state.apply_fn, state.frozen
+    loss_chunk, kl_coef = options.loss_chunk, options.kl_coef
     variables = model_variables(params, frozen)
     inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
     targets, mask = batch["targets"], batch["loss_mask"]
@@ -98,7 +117,7 @@ def loss_fn(
         loss_sum, count = masked_cross_entropy(logits, targets, mask)
         if kl_coef <= 0:
             return loss_sum, (count, loss_sum, jnp.float32(0.0))
-        base = {"params": frozen} if frozen is not None else {"params": reference}
+        base = {"params": frozen} if frozen is not None else {"params": state.reference}
         kl = kl_to_base(logits, apply_fn(base, *inputs), mask)  # base: no noise, no dropout
         return loss_sum + kl_coef * kl, (count, loss_sum, kl)
     hidden = apply_fn(variables, *inputs, return_hidden=True, rngs=rngs)
@@ -124,25 +143,22 @@ def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
 
 
 def compute_grads(
-    params: Any,
-    apply_fn: Callable,
+    state: TrainState,
     batch: Batch,
     rng: jax.Array,
-    micro_batches: int,
-    micro_batch_sharding: NamedSharding | None = None,
-    frozen: Any = None,
-    loss_chunk: int = 0,
-    kl_coef: float = 0.0,
-    reference: Any = None,
+    options: StepOptions,
+    *,
+    micro_batch_sharding: Any = None,
 ) -> tuple[Any, jax.Array, jax.Array, jax.Array]:
-    """Gradient of the summed objective, accumulated over micro-batches with a scan (constant
-    memory) -> (grads, cross-entropy sum, loss tokens, KL-to-base sum)."""
-    objective = functools.partial(
-        loss_fn, loss_chunk=loss_chunk, kl_coef=kl_coef, reference=reference
-    )
+    """Gradient of the summed objective with respect to `state.params`, accumulated over
+    `options.micro_batches` micro-batches with a scan (constant memory) -> (grads,
+    cross-entropy sum, loss tokens, KL-to-base sum). `micro_batch_sharding` (a batch-key ->
+    sharding dict) pins each micro-batch's layout inside the scan."""
+    params, micro_batches = state.params, options.micro_batches
+    objective = functools.partial(loss_fn, state=state, options=options)
     value_and_grad = jax.value_and_grad(objective, has_aux=True)
     if micro_batches == 1:
-        (_, (count, loss_sum, kl)), grads = value_and_grad(params, apply_fn, batch, rng, frozen)
+        (_, (count, loss_sum, kl)), grads = value_and_grad(params, batch=batch, rng=rng)
         return grads, loss_sum, count, kl
 
     stacked = split_micro_batches(batch, micro_batches)
@@ -152,7 +168,7 @@ def compute_grads(
         if micro_batch_sharding is not None:
             micro = jax.lax.with_sharding_constraint(micro, micro_batch_sharding)
         (_, (count, loss_sum, kl)), grads = value_and_grad(
-            params, apply_fn, micro, jax.random.fold_in(rng, index), frozen
+            params, batch=micro, rng=jax.random.fold_in(rng, index)
         )
         grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
         return (grads_acc, loss_acc + loss_sum, count_acc + count, kl_acc + kl, index + 1), None
@@ -193,11 +209,9 @@ def train_step(
     batch: Batch,
     loss_scale: jax.Array,
     *,
-    micro_batches: int,
+    options: StepOptions,
     schedule: optax.Schedule,
-    micro_batch_sharding: NamedSharding | None = None,
-    loss_chunk: int = 0,
-    kl_coef: float = 0.0,
+    micro_batch_sharding: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """Pure step: grads of the summed loss / global loss tokens, then one optimizer update.
 
@@ -208,16 +222,7 @@ def train_step(
     """
     rng = jax.random.fold_in(state.rng, state.step)
     grads, loss_sum, count, kl_sum = compute_grads(
-        state.params,
-        state.apply_fn,
-        batch,
-        rng,
-        micro_batches,
-        micro_batch_sharding,
-        state.frozen,
-        loss_chunk,
-        kl_coef,
-        state.reference,
+        state, batch, rng, options, micro_batch_sharding=micro_batch_sharding
     )
     denominator = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denominator.astype(g.dtype) * loss_scale, grads)
@@ -233,7 +238,7 @@ def train_step(
         "grad_norm": grad_norm,
         "nonfinite": 1.0 - finite.astype(jnp.float32),
     }
-    if kl_coef > 0:  # the gradient includes kl_coef * kl; "loss" stays the cross-entropy
+    if options.kl_coef > 0:  # the gradient includes kl_coef * kl; "loss" stays the cross-entropy
         metrics["kl_to_base"] = kl_sum / denominator
     return keep_if_finite(finite, updated, state), metrics
 
@@ -242,15 +247,14 @@ def make_train_step(
     state_shardings: Any,
     batch_sharding: NamedSharding,
     *,
-    micro_batches: int,
+    options: StepOptions,
     schedule: optax.Schedule,
-    loss_chunk: int = 0,
-    kl_coef: float = 0.0,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """`train_step(state, batch, loss_scale)` jitted once, with explicit shardings, donating the
     incoming state: XLA writes the new params and optimizer state into the old buffers (input
     output aliasing), so a step holds one copy of the state, not two. Pass
-    `loss_scale=np.float32(1.0)` unless injecting a fault. `loss_chunk`: `model.loss_chunk`."""
+    `loss_scale=np.float32(1.0)` unless injecting a fault. `options`: usually
+    `StepOptions.from_config(config)`."""
     replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     batch_shardings = {k: batch_sharding for k in PACKED_KEYS}
 
@@ -261,11 +265,9 @@ def make_train_step(
             state,
             batch,
             loss_scale,
-            micro_batches=micro_batches,
+            options=options,
             schedule=schedule,
-            micro_batch_sharding=batch_shardings if micro_batches > 1 else None,
-            loss_chunk=loss_chunk,
-            kl_coef=kl_coef,
+            micro_batch_sharding=batch_shardings if options.micro_batches > 1 else None,
         )
 
     return jax.jit(

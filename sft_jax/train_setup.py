@@ -31,7 +31,7 @@ from sft_jax.model import Transformer, count_params
 from sft_jax.optim import make_optimizer, make_schedule, schedule_change, schedule_steps
 from sft_jax.run_state import LoopState, Run, next_run_number
 from sft_jax.state import create_train_state
-from sft_jax.step import make_train_step
+from sft_jax.step import StepOptions, make_train_step
 
 
 def total_steps(config: Config, steps_per_epoch: int) -> int:
@@ -141,10 +141,8 @@ def setup(config: Config, workdir: str) -> tuple[Run, Any]:
         train_step=make_train_step(
             shardings,
             batch_sharding,
-            micro_batches=config.train.micro_batches,
+            options=StepOptions.from_config(config),
             schedule=make_schedule(config.optim, steps),
-            loss_chunk=config.model.loss_chunk,
-            kl_coef=config.train.kl_to_base,
         ),
         evaluator=evaluator,
         checkpointer=checkpointer,

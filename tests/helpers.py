@@ -1,6 +1,10 @@
 """Shared test builders: one tiny decoder config, overridable per test."""
 
+from collections.abc import Callable
+from typing import Any
+
 from sft_jax.model import ModelConfig
+from sft_jax.step import TrainState
 
 TINY_DEFAULTS = dict(
     vocab_size=64,
@@ -26,3 +30,11 @@ TINY_DEFAULTS = dict(
 def tiny_model_config(**overrides) -> ModelConfig:
     """A 2-layer GQA decoder small enough to compile in seconds on CPU."""
     return ModelConfig(**{**TINY_DEFAULTS, **overrides})
+
+
+def model_only_state(apply_fn: Callable, frozen: Any = None) -> TrainState:
+    """A TrainState holding only what `step.loss_fn` reads besides the params (the apply
+    function and, under LoRA, the frozen base): for tests that differentiate a bare model."""
+    return TrainState(
+        step=None, params=None, opt_state=None, rng=None, apply_fn=apply_fn, tx=None, frozen=frozen
+    )

@@ -33,8 +33,8 @@ from sft_jax.state import (
     init_params,
     param_shardings,
 )
-from sft_jax.step import loss_fn
-from tests.helpers import tiny_model_config
+from sft_jax.step import StepOptions, loss_fn
+from tests.helpers import model_only_state, tiny_model_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RULES = tuple(tuple(r) for r in base.get_config().mesh.rules)
@@ -197,7 +197,8 @@ def compile_forward_backward(model: Transformer, mesh: Mesh, lora_rank: int = 0)
     batch["loss_mask"] = jax.ShapeDtypeStruct(row.shape, jnp.bool_, sharding=batch_spec)
 
     def grads(params, frozen, batch):
-        loss = lambda p: loss_fn(p, model.apply, batch, jax.random.key(0), frozen)[0]
+        state = model_only_state(model.apply, frozen)
+        loss = lambda p: loss_fn(p, state, batch, jax.random.key(0), StepOptions())[0]
         return jax.grad(loss)(params)
 
     start = time.perf_counter()

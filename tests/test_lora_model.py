@@ -15,8 +15,8 @@ from sft_jax.model import Transformer, lora_equations
 from sft_jax.optim import make_optimizer
 from sft_jax.sharding import make_mesh
 from sft_jax.state import create_train_state, lora_model_config
-from sft_jax.step import loss_fn, make_train_step, model_variables
-from tests.helpers import tiny_model_config
+from sft_jax.step import StepOptions, loss_fn, make_train_step, model_variables
+from tests.helpers import model_only_state, tiny_model_config
 
 RULES = tuple(tuple(r) for r in base.get_config().mesh.rules)
 MODEL = tiny_model_config(attention_bias=True)
@@ -109,7 +109,7 @@ def test_only_adapters_change_and_checkpointable_state():
     from sft_jax.sharding import batch_sharding
 
     step = make_train_step(
-        shardings, batch_sharding(mesh, RULES), micro_batches=1, schedule=lambda s: 1e-2
+        shardings, batch_sharding(mesh, RULES), options=StepOptions(), schedule=lambda s: 1e-2
     )
     for i in range(2):
         state, metrics = step(state, batch(seed=i), np.float32(1.0))
@@ -148,8 +148,9 @@ def test_no_weight_gradient_for_frozen_base(built):
     b = {k: jnp.asarray(v) for k, v in batch(rows=3).items()}
     full = Transformer(MODEL).apply
     rng = jax.random.PRNGKey(0)
-    full_grad = jax.grad(lambda p: loss_fn(p, full, b, rng)[0])
-    lora_grad = jax.grad(lambda a, f: loss_fn(a, state.apply_fn, b, rng, f)[0])
+    full_grad = jax.grad(lambda p: loss_fn(p, model_only_state(full), b, rng, StepOptions())[0])
+    lora_loss = lambda a, f: loss_fn(a, model_only_state(state.apply_fn, f), b, rng, StepOptions())
+    lora_grad = jax.grad(lambda a, f: lora_loss(a, f)[0])
     kernels = {  # each kernel's shape, as its flattened 2-D [in, out] on the CPU's path
         tuple(
             sorted(

@@ -17,7 +17,7 @@ from sft_jax.model import Transformer
 from sft_jax.optim import make_optimizer
 from sft_jax.sharding import make_mesh
 from sft_jax.state import create_train_state
-from tests.helpers import tiny_model_config
+from tests.helpers import model_only_state, tiny_model_config
 
 
 def base_optim() -> OptimSection:
@@ -82,7 +82,8 @@ def _packed_batch(rows: int = 3, length: int = 20, vocab: int = 64) -> dict[str,
 
 
 def _loss_and_grads(params, apply_fn, batch, chunk, frozen=None):
-    fn = lambda p: step.loss_fn(p, apply_fn, batch, jax.random.PRNGKey(0), frozen, chunk)
+    state, options = model_only_state(apply_fn, frozen), step.StepOptions(loss_chunk=chunk)
+    fn = lambda p: step.loss_fn(p, state, batch, jax.random.PRNGKey(0), options)
     (loss_sum, (count, _, _)), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
     return loss_sum, count, grads
 
@@ -133,8 +134,9 @@ def test_chunked_never_builds_full_logits():
     batch = _packed_batch(rows=2, length=64, vocab=512)
     params = model.init(jax.random.PRNGKey(1), batch["inputs"], batch["positions"],
                         batch["segment_ids"])["params"]  # fmt: skip
+    state = model_only_state(model.apply)
     grad = lambda c: jax.jit(jax.grad(lambda p: step.loss_fn(
-        p, model.apply, batch, jax.random.PRNGKey(0), None, c)[0]))  # fmt: skip
+        p, state, batch, jax.random.PRNGKey(0), step.StepOptions(loss_chunk=c))[0]))  # fmt: skip
     full = grad(0).lower(params).compile().as_text()
     chunked = grad(16).lower(params).compile().as_text()
     assert "f32[2,64,512]" in full

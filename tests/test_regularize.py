@@ -84,7 +84,7 @@ def _step_setup(model_config, keep_reference=False, mesh_sizes=(1, 1, 1)):
 
 
 def test_neftune_noise_only_in_training():
-    from sft_jax.step import make_train_step
+    from sft_jax.step import StepOptions, make_train_step
     from tests.helpers import tiny_model_config
     from tests.test_step import packed_batch
 
@@ -107,14 +107,14 @@ def test_neftune_noise_only_in_training():
                 batch["segment_ids"],
             )
             np.testing.assert_array_equal(np.asarray(logits), np.asarray(reference))
-        step = make_train_step(shardings, bs, micro_batches=1, schedule=schedule)
+        step = make_train_step(shardings, bs, options=StepOptions(), schedule=schedule)
         _, metrics = step(state, batch, np.float32(1.0))
         losses[alpha] = float(metrics["loss"])
     assert losses[0.0] != losses[5.0] and abs(losses[0.0] - losses[5.0]) < 0.5, losses
 
 
 def test_kl_to_base_full_fine_tuning_holds_params_near_base():
-    from sft_jax.step import make_train_step
+    from sft_jax.step import StepOptions, make_train_step
     from tests.helpers import tiny_model_config
     from tests.test_step import packed_batch
 
@@ -123,7 +123,8 @@ def test_kl_to_base_full_fine_tuning_holds_params_near_base():
     for coef in (0.0, 10.0):
         state, shardings, bs, schedule = _step_setup(tiny_model_config(), keep_reference=coef > 0)
         initial = jax.tree.map(np.asarray, state.params)
-        step = make_train_step(shardings, bs, micro_batches=1, schedule=schedule, kl_coef=coef)
+        options = StepOptions(kl_coef=coef)
+        step = make_train_step(shardings, bs, options=options, schedule=schedule)
         history = []
         for _ in range(6):
             state, metrics = step(state, batch, np.float32(1.0))
@@ -146,7 +147,7 @@ def test_kl_to_base_under_lora_uses_the_frozen_base():
     from sft_jax.optim import make_optimizer, make_schedule
     from sft_jax.sharding import batch_sharding, make_mesh
     from sft_jax.state import create_train_state
-    from sft_jax.step import make_train_step
+    from sft_jax.step import StepOptions, make_train_step
     from tests.helpers import tiny_model_config
     from tests.test_step import RULES, optim_cfg, packed_batch
 
@@ -165,9 +166,8 @@ def test_kl_to_base_under_lora_uses_the_frozen_base():
     step = make_train_step(
         shardings,
         batch_sharding(mesh, RULES),
-        micro_batches=1,
+        options=StepOptions(kl_coef=1.0),
         schedule=make_schedule(cfg, 10),
-        kl_coef=1.0,
     )
     batch = {k: jnp.asarray(v) for k, v in packed_batch().items()}
     kls = []

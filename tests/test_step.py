@@ -12,7 +12,7 @@ from sft_jax.model import Transformer
 from sft_jax.optim import make_optimizer, make_schedule
 from sft_jax.sharding import batch_sharding, make_mesh
 from sft_jax.state import create_train_state
-from sft_jax.step import compute_grads, make_train_step
+from sft_jax.step import StepOptions, compute_grads, make_train_step
 from tests.helpers import tiny_model_config
 
 RULES = tuple(tuple(r) for r in base.get_config().mesh.rules)
@@ -59,9 +59,9 @@ def test_grad_accumulation_equals_one_batch():
     _, state, _ = build(devices=jax.devices()[:1])
     batch = {k: jnp.asarray(v) for k, v in packed_batch().items()}
     rng = jax.random.PRNGKey(0)
-    apply_fn = Transformer(MODEL).apply
-    g1, l1, c1, _ = compute_grads(state.params, apply_fn, batch, rng, micro_batches=1)
-    g4, l4, c4, _ = compute_grads(state.params, apply_fn, batch, rng, micro_batches=4)
+    state = state.replace(apply_fn=Transformer(MODEL).apply)
+    g1, l1, c1, _ = compute_grads(state, batch, rng, StepOptions(micro_batches=1))
+    g4, l4, c4, _ = compute_grads(state, batch, rng, StepOptions(micro_batches=4))
     assert float(c1) == float(c4) > 0
     np.testing.assert_allclose(float(l1), float(l4), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4), strict=True):
@@ -74,7 +74,7 @@ def run_steps(mesh_sizes, micro_batches=1, steps=3, devices=None):
     step_fn = make_train_step(
         shardings,
         sharding,
-        micro_batches=micro_batches,
+        options=StepOptions(micro_batches=micro_batches),
         schedule=make_schedule(optim_cfg(), 10),
     )
     losses, grad_norms = [], []
@@ -124,7 +124,7 @@ def test_loss_decreases_when_overfitting_one_batch():
     mesh, state, shardings = build()
     sharding = batch_sharding(mesh, RULES)
     step_fn = make_train_step(
-        shardings, sharding, micro_batches=1, schedule=make_schedule(optim_cfg(), 10)
+        shardings, sharding, options=StepOptions(), schedule=make_schedule(optim_cfg(), 10)
     )
     batch = {k: jax.device_put(v, sharding) for k, v in packed_batch().items()}
     losses = []
@@ -140,7 +140,7 @@ def test_state_is_donated_and_aliased():
     mesh, state, shardings = build(devices=jax.devices()[:1])
     sharding = batch_sharding(mesh, RULES)
     step_fn = make_train_step(
-        shardings, sharding, micro_batches=1, schedule=make_schedule(optim_cfg(), 10)
+        shardings, sharding, options=StepOptions(), schedule=make_schedule(optim_cfg(), 10)
     )
     batch = {k: jax.device_put(v, sharding) for k, v in packed_batch().items()}
     compiled = step_fn.lower(state, batch, np.float32(1.0)).compile()
@@ -164,7 +164,7 @@ def test_bfloat16_compute_trains_and_stays_close_to_float32(state_dtype):
         state, shardings = create_train_state(model, "", tx, mesh, RULES, seed=0)
         sharding = batch_sharding(mesh, RULES)
         step_fn = make_train_step(
-            shardings, sharding, micro_batches=1, schedule=make_schedule(optim_cfg(), 10)
+            shardings, sharding, options=StepOptions(), schedule=make_schedule(optim_cfg(), 10)
         )
         batch = {k: jax.device_put(v, sharding) for k, v in packed_batch().items()}
         out = []

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.bench import cpu_small
-from sft_jax.attention import attend
+from sft_jax.attention import AttentionOptions, attend
 from sft_jax.bench import packed_data
 from sft_jax.model import attention_mask
 
@@ -49,7 +49,7 @@ def time_implementation(impl: str, inputs: tuple[jax.Array, ...], repeats: int) 
 
     def loss(q, k, v, segments):  # the mask is built inside the jit, as in the train step
         mask = attention_mask(segments)
-        out = attend(q, k, v, mask, implementation=impl, segment_ids=segments)
+        out = attend(q, k, v, mask, AttentionOptions(impl), segment_ids=segments)
         return jnp.sum(out * weights)
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))

@@ -18,7 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.attention import attend, attention_mask, resolve_implementation, window_mask
+from sft_jax.attention import (
+    AttentionOptions,
+    attend,
+    attention_mask,
+    resolve_implementation,
+    window_mask,
+)
 
 B, T, N, K, H = 2, 2048, 32, 8, 64  # Llama-3.2-1B heads, one packed 2048-token row each
 
@@ -39,8 +45,8 @@ def max_errors(impl: str, window: int | None, q, k, v, seg, weights) -> tuple[fl
 
     def loss(impl_, dtype):
         def f(q, k, v):
-            out = attend(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask,
-                         implementation=impl_)  # fmt: skip
+            q_, k_, v_ = (x.astype(dtype) for x in (q, k, v))
+            out = attend(q_, k_, v_, mask, AttentionOptions(impl_))
             return jnp.sum(jnp.where(real, out.astype(jnp.float32) * weights, 0.0)), out
 
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))

@@ -8,7 +8,9 @@ its future (within a sliding window where the layer has one).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import jax
@@ -16,14 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_jax.blocked_attention import blocked_attention
+from sft_jax.model_config import IMPLEMENTATIONS
 from sft_jax.splash_attention import SPLASH_BLOCK, splash_attention
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from jax.sharding import Mesh
 
-    from sft_jax.model import ModelConfig
+    from sft_jax.model_config import ModelConfig
 
 
 def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> np.ndarray:
@@ -117,9 +118,8 @@ def grouped_attention(
 
 
 # --------------------------------------------------------------------------------------------
-# Implementations of the attention core, chosen by `model.attention`.
+# Implementations of the attention core, chosen by `model.attention` (IMPLEMENTATIONS).
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "blocked", "reference")
 # Fastest correct implementation per platform for "auto"; measured, see docs/benchmarks.md.
 _AUTO_BY_PLATFORM = {"gpu": "cudnn", "tpu": "splash", "cpu": "blocked"}
 
@@ -182,21 +182,29 @@ def _unsupported(
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    """How `attend` runs: static settings fixed at trace time, which the model builds from its
+    config (so this module never reads a ModelConfig to attend)."""
+
+    implementation: str  # a resolved one (resolve_implementation): never "auto"
+    scale: float | None = None  # scores' scale; None: head_dim ** -0.5
+    softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    window: int | None = None  # the sliding window of local layers (splash's windowed kernel)
+    mesh: Mesh | None = None  # splash: the mesh it runs on per device
+    rules: Sequence = ()  # splash: logical-axis rules splitting batch and heads over `mesh`
+    interpret: bool = False  # splash: run in Pallas' interpreter (tests)
+
+
 def attend(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     mask: jax.Array,
+    options: AttentionOptions,
     *,
-    implementation: str,
     segment_ids: jax.Array | None = None,
     local: jax.Array | None = None,
-    window: int | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
-    mesh: Mesh | None = None,
-    rules: Sequence = (),
-    interpret: bool = False,
 ) -> jax.Array:
     """q [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H] with one resolved implementation.
 
@@ -205,10 +213,11 @@ def attend(
     diagonal: the mask is always causal in training). Splash never reads a dense mask:
     it builds the causal (or local-window) block mask statically and takes `segment_ids`
     [B, T]; on a model with local layers the traced per-layer flag `local` picks the windowed
-    kernel with `lax.cond`. Splash runs per device on `mesh`, split as `rules` split batch and
-    heads (sft_jax/splash_attention.py). `interpret` runs it in Pallas' interpreter (tests).
+    kernel with `lax.cond`. Splash runs per device on `options.mesh`, split as `options.rules`
+    split batch and heads (sft_jax/splash_attention.py).
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    implementation, softcap = options.implementation, options.softcap
+    scale = q.shape[-1] ** -0.5 if options.scale is None else options.scale
     if implementation == "reference":
         return grouped_attention(q, k, v, mask, scale=scale, softcap=softcap)
     if implementation == "blocked":
@@ -221,7 +230,8 @@ def attend(
         if segment_ids is None:
             raise ValueError("splash attention needs segment_ids")
         return splash_attention(
-            q, k, v, segment_ids, scale=scale, softcap=softcap, local=local, window=window,
-            mesh=mesh, rules=rules, interpret=interpret,
+            q, k, v, segment_ids, scale=scale, softcap=softcap, local=local,
+            window=options.window, mesh=options.mesh, rules=options.rules,
+            interpret=options.interpret,
         )  # fmt: skip
     raise ValueError(f"unresolved attention implementation {implementation!r}")

@@ -18,6 +18,8 @@ from typing import Any
 
 import ml_collections
 
+from sft_jax.model_config import IMPLEMENTATIONS, REMAT_POLICIES
+
 
 class ConfigError(ValueError):
     """A config is malformed: unknown or missing key, wrong type, or out-of-range value."""
@@ -325,8 +327,8 @@ SAVEABLE_LORA_MODULES = (
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "dots", "dots_saveable", "full"),
-    "model.attention": ("auto", "xla", "cudnn", "splash", "blocked", "reference"),
+    "model.remat": REMAT_POLICIES,
+    "model.attention": IMPLEMENTATIONS,
     "optim.state_dtype": ("float32", "bfloat16"),
     "train.host_allocator": ("auto", "retain", "system"),
     "data.on_bad_row": ("error", "skip"),

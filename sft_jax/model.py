@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from sft_jax.attention import (
+    AttentionOptions,
     apply_rope,
     attend,
     attention_mask,
@@ -258,6 +259,29 @@ def _einsum_fields(c: ModelConfig) -> dict[str, Any]:
     }
 
 
+def attention_options(c: ModelConfig, seq_len: int | None) -> AttentionOptions:
+    """How a layer attends: `c.attention` resolved for this platform and `seq_len` (training and
+    prefill), or, decoding over a cache (`seq_len` None, T != S), the plain masked reference."""
+    impl = "reference"
+    if seq_len is not None:
+        impl = resolve_implementation(
+            c.attention,
+            platform=c.platform,
+            dtype=c.dtype,
+            head_dim=c.head_dim,
+            softcap=c.attn_softcap,
+            seq_len=seq_len,
+        )
+    return AttentionOptions(
+        implementation=impl,
+        scale=None if c.query_scale is None else c.query_scale**-0.5,
+        softcap=c.attn_softcap,
+        window=c.sliding_window if c.has_local_layers else None,
+        mesh=c.mesh,
+        rules=c.mesh_rules,
+    )
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3,
     Gemma 3). With a `cache` (k, v [B, S, K, H]) the new keys and values are written at slot
@@ -295,22 +319,10 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
             cache = (k, v)
-        scale = None if c.query_scale is None else c.query_scale**-0.5
-        impl = "reference"  # decoding over a cache (T != S): the plain masked path
-        if cache is None:
-            impl = resolve_implementation(
-                c.attention,
-                platform=c.platform,
-                dtype=c.dtype,
-                head_dim=h,
-                softcap=c.attn_softcap,
-                seq_len=q.shape[1],
-            )
-        window = c.sliding_window if c.has_local_layers else None
+        seq_len = None if cache is not None else q.shape[1]
         out = attend(
-            q, k, v, mask, implementation=impl, segment_ids=segment_ids, local=local,
-            window=window, scale=scale, softcap=c.attn_softcap, mesh=c.mesh, rules=c.mesh_rules,
-        )  # fmt: skip
+            q, k, v, mask, attention_options(c, seq_len), segment_ids=segment_ids, local=local
+        )
         o_names = ("heads", "head_dim", "embed")
         return Einsum("BTNH,NHD->BTD", (n, h, d), o_names, **dt, name="o_proj")(out), cache
 

@@ -8,14 +8,13 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
-import jax
-
-from sft_jax.attention import IMPLEMENTATIONS
-
 if TYPE_CHECKING:
     from sft_jax.config import ArchConfig, ModelSection
 
+# jax is imported where it is used, so config.py can read the choices below without loading it.
 REMAT_POLICIES = ("none", "dots", "dots_saveable", "full")  # model._REMAT_POLICIES implements them
+# Attention implementations (model.attention); attention.py implements them.
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "blocked", "reference")
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
@@ -109,6 +108,8 @@ class ModelConfig:
     @property
     def platform(self) -> str:
         """ "cpu" | "gpu" | "tpu": where the model is compiled for (its mesh's devices)."""
+        import jax
+
         if self.mesh is None:
             return jax.default_backend()
         return self.mesh.devices.flat[0].platform
@@ -147,4 +148,6 @@ def with_section_options(config: ModelConfig, section: ModelSection) -> ModelCon
 
 def count_params(params: Any) -> int:
     """Number of scalars in a parameter tree (boxed, unboxed or abstract)."""
+    import jax
+
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from sft_jax.attention import (
+    AttentionOptions,
     attend,
     attention_mask,
     grouped_attention,
@@ -62,11 +63,8 @@ def run(impl: str, q, k, v, segment_ids, window):
     local = None
     if window is not None:
         mask, local = window_mask(mask, jnp.arange(T), window), jnp.asarray(True)
-    out = attend(
-        q, k, v, mask, implementation=impl, segment_ids=segment_ids, local=local,
-        window=window, interpret=True,
-    )  # fmt: skip
-    return out
+    options = AttentionOptions(impl, window=window, interpret=True)
+    return attend(q, k, v, mask, options, segment_ids=segment_ids, local=local)
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla", "splash", "blocked"])
@@ -95,9 +93,10 @@ def test_splash_local_flag_selects_the_window_per_layer():
     q, k, v = inputs(2)
     seg = jnp.asarray(packed_segments())
     mask = attention_mask(seg)
-    common = dict(implementation="splash", segment_ids=seg, window=WINDOW, interpret=True)
+    options = AttentionOptions("splash", window=WINDOW, interpret=True)
     for flag, window in ((False, None), (True, WINDOW)):
-        got = jax.jit(lambda f: attend(q, k, v, mask, local=f, **common))(jnp.asarray(flag))
+        attend_fn = lambda f: attend(q, k, v, mask, options, segment_ids=seg, local=f)
+        got = jax.jit(attend_fn)(jnp.asarray(flag))
         want = naive_attention(q, k, v, seg, window)
         np.testing.assert_allclose(got[0, :120], want[0, :120], atol=TOL)
         np.testing.assert_allclose(got[1], want[1], atol=TOL)

@@ -24,7 +24,13 @@ from jax.sharding import Mesh
 from configs import base
 from sft_jax import config as config_lib
 from sft_jax import lora, preflight, sharding, tpu
-from sft_jax.attention import attend, attention_mask, resolve_implementation, window_mask
+from sft_jax.attention import (
+    AttentionOptions,
+    attend,
+    attention_mask,
+    resolve_implementation,
+    window_mask,
+)
 from sft_jax.model import Transformer
 from sft_jax.splash_attention import kv_repeats
 from sft_jax.state import (
@@ -86,10 +92,11 @@ def test_sharded_splash_equals_reference_forward_and_gradient(case):
 
     def loss(impl):
         def f(q, k, v, local):
-            common = dict(segment_ids=seg, window=window, softcap=softcap, interpret=True)
-            if window is not None:
-                common["local"] = local
-            out = attend(q, k, v, mask, implementation=impl, mesh=mesh, rules=RULES, **common)
+            options = AttentionOptions(
+                impl, softcap=softcap, window=window, mesh=mesh, rules=RULES, interpret=True
+            )
+            local = local if window is not None else None
+            out = attend(q, k, v, mask, options, segment_ids=seg, local=local)
             return jnp.sum(jnp.where(real, out * weights, 0.0)), out
 
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))

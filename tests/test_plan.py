@@ -149,7 +149,7 @@ def test_hub_id_in_model_path_is_resolved(monkeypatch, stories_dir, capsys):
 
 # Plan's total against XLA's own figure for the compiled step (sft_jax/plan_check.py): the peak
 # = arguments + outputs - donated + temporaries, per device. Measured ratios plan / XLA for the
-# validation table (docs-ready in the module docstring of sft_jax/plan_check.py) lie in
+# validation table (docs/benchmarks.md, "Memory plan against XLA") lie in
 # [0.8, 1.25] for data- and tensor-parallel meshes; the test allows PLAN_FACTOR either way.
 # CPU stands in for GPU/TPU here: the SPMD partitioner that decides what each device holds is
 # the same pass on every backend, and the buffers (state, gradients, saved activations) are the

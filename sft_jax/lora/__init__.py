@@ -1,12 +1,13 @@
 """LoRA family as pure transforms of the parameter tree: LoRA, rsLoRA, DoRA, LoRA+, QLoRA.
 
-    tree.py   adapters (init, merge, delta, DoRA magnitudes, shardings of a/b/m)
+    tree.py   adapters (`make_adapters`: the one adapter maker; init, merge, delta, DoRA
+              magnitudes, shardings of a/b/m; `config_scale`: a config's LoRA scale)
     peft.py   PEFT adapter files both ways (adapter_config.json + adapter_model.safetensors)
     quant.py  blockwise int8 / NF4 storage of the frozen base (QLoRA)
 
 The model side is `sft_jax.model.Einsum` (the "lora" variable collection); the training side is
-`sft_jax.state.create_train_state` (frozen base + trainable adapters) and `sft_jax.optim`
-(LoRA+). See docs/lora.md.
+`sft_jax.state` (`state_layout` / `create_train_state`: frozen base + trainable adapters) and
+`sft_jax.optim` (LoRA+). See docs/lora.md.
 """
 
 from sft_jax.lora.peft import (

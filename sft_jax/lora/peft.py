@@ -34,7 +34,7 @@ from sft_jax.lora.tree import (
     SAVED,
     _get,
     _set,
-    lora_scale,
+    config_scale,
     saved_module_table,
 )
 
@@ -228,7 +228,7 @@ class PeftAdapterConfig:
 
     @property
     def scale(self) -> float:
-        return lora_scale(self.alpha, self.rank, self.rslora)
+        return config_scale(self)
 
 
 def read_peft_config(adapter_dir: str) -> PeftAdapterConfig:

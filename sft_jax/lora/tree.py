@@ -34,6 +34,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sft_jax.lora.quant import dequantize
+
 # Kernels of the decoder: name -> (number of input dims after L, HF module path inside a layer).
 KERNELS = {
     "q_proj": (1, "self_attn.q_proj"),
@@ -77,6 +79,12 @@ SAVEABLE_MODULES = tuple(_SAVEABLE)
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
     """alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA (keeps updates stable at large r)."""
     return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def config_scale(cfg: Any) -> float:
+    """The scale of a LoRA config (`alpha`, `rank`, `rslora`: `config.lora`, a saved run's
+    section, an adapter_config.json): every user of a config's scale reads it here."""
+    return lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
 
 
 def target_paths(params: dict, targets: tuple[str, ...]) -> list[tuple[str, ...]]:
@@ -202,6 +210,19 @@ def init_adapters(
         b = jnp.zeros((layers, rank, *out_shape), dtype)
         _set(adapters, path, {"a": a, "b": b})
     return adapters
+
+
+def make_adapters(params: dict, cfg: Any, rng: jax.Array, frozen: Any = None) -> dict:
+    """The adapter tree a LoRA run starts from, for config `cfg` (`targets`, `rank`, `dora`,
+    `modules_to_save`): A random and B zero per targeted kernel, DoRA's m = ||W||, and the
+    float32 `modules_to_save` copies. m is the norm of the weight the forward sees: the frozen
+    (stored, maybe quantised) base `frozen` when given, so the model equals the base exactly at
+    init; `params` otherwise. The one place adapters are made: training, the memory plan and
+    loading a run's checkpoint all trace this function."""
+    adapters = init_adapters(params, tuple(cfg.targets), cfg.rank, rng)
+    if cfg.dora:
+        adapters = init_magnitudes(params if frozen is None else dequantize(frozen), adapters)
+    return add_saved_modules(params, adapters, tuple(cfg.modules_to_save))
 
 
 def delta(adapter: dict, scale: float) -> jax.Array:

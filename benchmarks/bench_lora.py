@@ -25,7 +25,7 @@ from sft_jax.config import LoraSection, MeshSection, OptimSection
 from sft_jax.model import ModelConfig
 from sft_jax.optim import make_optimizer, make_schedule
 from sft_jax.sharding import batch_sharding, make_mesh
-from sft_jax.state import create_train_state
+from sft_jax.state import StateSpec, create_train_state
 from sft_jax.step import StepOptions, make_train_step
 
 MODEL = ModelConfig(
@@ -74,7 +74,7 @@ def measure(lora_cfg: LoraSection | None, steps: int, warmup: int) -> dict[str, 
     values.update(learning_rate=1e-4, warmup_steps=0)
     optim = OptimSection(**values)
     tx = make_optimizer(optim, 1000, lora_cfg)
-    state, shardings = create_train_state(MODEL, "", tx, mesh, rules, 0, lora_cfg)
+    state, shardings = create_train_state(StateSpec(MODEL, mesh, rules, tx, lora=lora_cfg))
     persistent = nbytes((state.params, state.opt_state, state.frozen))
     trainable = sum(x.size for x in jax.tree.leaves(state.params))
     step = make_train_step(

@@ -24,41 +24,17 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from sft_jax import lora
 from sft_jax.config import load_config_file, parse
 from sft_jax.data.pack import PACKED_KEYS
-from sft_jax.model import Transformer, model_config_from_arch
+from sft_jax.model import model_config_from_arch
 from sft_jax.optim import make_optimizer, make_schedule
 from sft_jax.sharding import batch_sharding, make_mesh
-from sft_jax.state import LoraApply, lora_model_config, param_shardings
-from sft_jax.step import StepOptions, TrainState, make_train_step
+from sft_jax.state import StateSpec, state_layout
+from sft_jax.step import StepOptions, make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FULL_LAYERS = 16
-
-
-def abstract_state(config, model_config, mesh, tx, use_lora: bool) -> TrainState:
-    """The TrainState as ShapeDtypeStructs: params (or adapters + frozen base) and optimizer."""
-    params, _ = param_shardings(Transformer(model_config), mesh, config.mesh.rules)
-    frozen, apply_fn = None, Transformer(model_config).apply
-    if use_lora:
-        c = config.lora
-        dtype = jnp.dtype(c.base_dtype)
-        frozen = jax.eval_shape(lambda p: lora.quantize_kernels(p, c.base_quant, dtype), params)
-        rng = jax.random.PRNGKey(0)
-        params = jax.eval_shape(lambda p: lora.init_adapters(p, c.targets, c.rank, rng), params)
-        apply_fn = LoraApply(Transformer(lora_model_config(model_config, c)))
-    return TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32),
-        params=params,
-        opt_state=jax.eval_shape(tx.init, params),
-        rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
-        apply_fn=apply_fn,
-        tx=tx,
-        frozen=frozen,
-    )
 
 
 def compiled_cost(layers: int, use_lora: bool, rank: int, quant: str) -> dict[str, float]:
@@ -71,9 +47,9 @@ def compiled_cost(layers: int, use_lora: bool, rank: int, quant: str) -> dict[st
     model_config = dataclasses.replace(model_config, scan_layers=False)
     mesh = make_mesh(dataclasses.replace(config.mesh, data=1, fsdp=1, tensor=1), jax.devices()[:1])
     tx = make_optimizer(config.optim, 100, config.lora)
-    state = abstract_state(config, model_config, mesh, tx, use_lora)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    shardings = jax.tree.map(lambda _: replicated, state)
+    lora_cfg = config.lora if use_lora else None
+    state = state_layout(StateSpec(model_config, mesh, config.mesh.rules, tx, lora=lora_cfg))
+    shardings = jax.tree.map(lambda x: x.sharding, state)
     b_sharding = batch_sharding(mesh, config.mesh.rules)
     step = make_train_step(
         shardings, b_sharding, options=StepOptions(), schedule=make_schedule(config.optim, 100)

@@ -82,7 +82,7 @@ def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
     adapters = None
     if saved.lora.enabled:
         model = Transformer(model_config)
-        params, adapters = _merged_lora(raw, model, mesh, rules, checkpointer, step)
+        params, adapters = _merged_lora(saved, model, mesh, checkpointer, step)
     else:
         params = checkpointer.restore_params(step, abstract)
     return TrainedModel(
@@ -97,28 +97,16 @@ def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
     )
 
 
-def _merged_lora(raw: dict, model: Any, mesh: Any, rules: tuple, checkpointer: Any, step: int):
+def _merged_lora(saved: Any, model: Any, mesh: Any, checkpointer: Any, step: int):
     """A LoRA run's (merged parameters, adapters): the base re-read (or re-initialised from the
-    run's seed) at its stored precision, the adapters restored from `step` and merged in."""
-    from sft_jax import lora
-    from sft_jax.state import adapter_shardings, init_params
+    run's seed) at its stored precision, the adapters restored from `step` into the layout
+    training gave them (`sft_jax.state.adapter_layout`) and merged in at the run's scale."""
+    from sft_jax.state import adapter_layout, init_params
 
-    c = raw["lora"]
-    base = init_params(model, raw["model"]["path"], mesh, rules, raw["seed"])
-
-    def make(params: Any) -> Any:
-        adapters = lora.init_adapters(params, tuple(c["targets"]), c["rank"], jax.random.key(0))
-        if c.get("dora", False):
-            adapters = lora.init_magnitudes(params, adapters)
-        return lora.add_saved_modules(params, adapters, tuple(c.get("modules_to_save", ())))
-
-    abstract = jax.eval_shape(make, base)
-    shardings = adapter_shardings(abstract, base, mesh)
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    adapters = checkpointer.restore_params(step, abstract)
-    scale = lora.lora_scale(c["alpha"], c["rank"], c["rslora"])
+    rules, c = saved.mesh.rules, saved.lora
+    base = init_params(model, saved.model.path, mesh, rules, saved.raw["seed"])
+    adapters = checkpointer.restore_params(step, adapter_layout(base, base, c, mesh))
+    scale = lora.config_scale(c)
     out_shardings = jax.tree.map(lambda x: x.sharding, base)
     merged = jax.jit(lambda p, a: lora.merge(p, a, scale), out_shardings=out_shardings)
     return merged(base, adapters), adapters

@@ -2,12 +2,13 @@
 [--warmup W] [--peak_flops F] [--config.a.b=v ...]`.
 
 Why a separate entry point: throughput must come from a command anyone can rerun, over the real
-code path: the real sharded TrainState (`create_train_state`, random init from `model.arch`), the
-real jitted step (`make_train_step`) and the real `TrainIterator`. Only the data is synthetic
-here: seeded random prompts (40-300 tokens) and completions (20-200) with a completion-only
-loss mask, packed by `pack_examples`; `padding_floor` is the least padding any packing of those
-whole examples could reach. `data.train_files` and `data.tokenizer` are ignored (configs/bench
-name the bundled demo file only so that the config parses).
+code path: the state and step training builds (`sft_jax.state.StateSpec.from_config` and
+`create_train_state`, random init from `model.arch`; `train_setup.make_step_from_config`, so
+NEFTune, KL to the base and micro-batches run as configured) and the real `TrainIterator`.
+Only the data is synthetic here: seeded random prompts (40-300 tokens) and completions (20-200)
+with a completion-only loss mask, packed by `pack_examples`; `padding_floor` is the least padding
+any packing of those whole examples could reach. `data.train_files` and `data.tokenizer` are
+ignored (configs/bench name the bundled demo file only so that the config parses).
 
 Timing: the step is lowered and compiled once (`compile_s`), run `--warmup` times, then timed
 `--steps` times; each step blocks on its results. `step_s` is the median wall time of one timed
@@ -50,15 +51,14 @@ from sft_jax.attention import resolve_implementation
 from sft_jax.cli import absl_help, wants_help
 from sft_jax.config import Config, ConfigError, config_from_argv
 from sft_jax.data import TokenizedExample, TrainIterator, pack_examples, packing_stats
-from sft_jax.data.pack import PACKED_KEYS, whole_example_row_floor
+from sft_jax.data.pack import whole_example_row_floor
 from sft_jax.flops import flops_per_token, measure_cpu_peak, mfu, resolve_peak
 from sft_jax.host_memory import configure_host_allocator
 from sft_jax.model import ModelConfig, Transformer, count_params
-from sft_jax.optim import make_optimizer, make_schedule
 from sft_jax.plan_check import abstract_train_state, compile_abstract_step
 from sft_jax.preflight import check_train_batch
-from sft_jax.state import create_train_state, param_shardings
-from sft_jax.step import StepOptions, make_train_step
+from sft_jax.state import StateSpec, create_train_state, param_shardings
+from sft_jax.train_setup import make_placer, make_step_from_config
 
 PROMPT_LEN = (40, 300)  # inclusive ranges of the benchmark workload
 COMPLETION_LEN = (20, 200)
@@ -144,26 +144,13 @@ def _checked_mesh(config: Config) -> Any:
 
 def build(config: Config, total_steps: int) -> tuple[Any, Any, Any, ModelConfig, Any]:
     """(state, compiled-to-be step function, batch placer, model config, mesh) for the config,
-    through the same calls as sft_jax.train.setup."""
+    through the same calls as sft_jax.train_setup."""
     mesh = _checked_mesh(config)
-    model_config = hf.build_model_config(config.model)
-    tx = make_optimizer(config.optim, total_steps, config.lora)
-    args = (model_config, config.model.path, tx, mesh, config.mesh.rules, config.seed)
-    state, shardings = create_train_state(*args, config.lora)
-    batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
-    step = make_train_step(
-        shardings,
-        batch_sharding,
-        options=StepOptions(config.train.micro_batches, config.model.loss_chunk),
-        schedule=make_schedule(config.optim, total_steps),
-    )
-
-    def place(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {
-            k: jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in PACKED_KEYS
-        }
-
-    return state, step, place, model_config, mesh
+    spec = StateSpec.from_config(config, None, mesh, total_steps)
+    state, shardings = create_train_state(spec)
+    step = make_step_from_config(config, shardings, mesh, total_steps)
+    place = make_placer(sharding.batch_sharding(mesh, config.mesh.rules))
+    return state, step, place, spec.model_config, mesh
 
 
 def compiled_memory(compiled: Any) -> dict[str, int]:
@@ -224,9 +211,10 @@ def memory_only(config: Config, workload: str) -> dict:
 
 
 def state_bytes(state: Any) -> int:
-    """Bytes held between steps: trainable params, optimizer state and the frozen LoRA base
-    (the memory budget per model parameter: <= 16.5 with fp32 weights and Adam)."""
-    leaves = jax.tree.leaves((state.params, state.opt_state, state.frozen))
+    """Bytes held between steps: trainable params, optimizer state, the frozen LoRA base and
+    KL-to-base's reference copy (the memory budget per model parameter: <= 16.5 with fp32
+    weights and Adam)."""
+    leaves = jax.tree.leaves((state.params, state.opt_state, state.frozen, state.reference))
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves)
 
 

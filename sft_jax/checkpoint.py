@@ -50,7 +50,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from sft_jax.config import ConfigError
 from sft_jax.faults import SaveFailed, tree_is_finite
 from sft_jax.optim import schedule_steps
-from sft_jax.step import TrainState
+from sft_jax.state import TrainState
 
 COMMIT_MARKER = "commit_success.txt"
 

@@ -46,8 +46,7 @@ from sft_jax.data.templates import Stops, generation_stops
 from sft_jax.generate import cut_at_stop_text, greedy_generate
 from sft_jax.loss import masked_cross_entropy
 from sft_jax.model import Transformer
-from sft_jax.state import param_shardings
-from sft_jax.step import TrainState
+from sft_jax.state import TrainState, param_shardings
 
 GENERATION_BATCH = 32  # prompts per generation call (rows of one compiled decode program)
 
@@ -271,8 +270,7 @@ def make_inference_params(
     _, shardings = param_shardings(model, mesh, config.mesh.rules)
     if not config.lora.enabled:
         return (lambda state: state.params), shardings
-    c = config.lora
-    scale = lora.lora_scale(c.alpha, c.rank, c.rslora)
+    scale = lora.config_scale(config.lora)
     merge = jax.jit(
         lambda frozen, adapters: lora.merge(lora.dequantize(frozen), adapters, scale),
         out_shardings=shardings,

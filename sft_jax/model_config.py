@@ -107,11 +107,16 @@ class ModelConfig:
 
     @property
     def platform(self) -> str:
-        """ "cpu" | "gpu" | "tpu": where the model is compiled for (its mesh's devices)."""
+        """ "cpu" | "gpu" | "tpu": where the model is compiled for (its mesh's devices). A
+        mesh without devices (an AbstractMesh: the memory plan's) names its platform when it
+        knows it, else it is this machine's."""
         import jax
 
         if self.mesh is None:
             return jax.default_backend()
+        if isinstance(self.mesh, jax.sharding.AbstractMesh):
+            device = self.mesh.abstract_device
+            return jax.default_backend() if device is None else device.platform
         return self.mesh.devices.flat[0].platform
 
 

@@ -6,13 +6,15 @@
     python -m sft_jax.plan --config configs/x.py --topology v5p:2x4x4 --compile [--num_slices 2]
         (the TPU compiler's answer for a TPU topology, on a host without one: sft_jax/tpu.py)
 
-Nothing is allocated: the model is traced abstractly, and each array's bytes per device follow
-from its logical axes, the rules table and the planned mesh (a dimension is split only where the
-mesh axes divide it, exactly as in training). A Hub id in `model.path` is fetched first (the
+Nothing is allocated: the state is the one training builds, traced abstractly on the planned
+mesh without its devices (`sft_jax.state.state_layout`), and each array's bytes per device
+follow from its sharding (a dimension is split only where the mesh axes divide it, exactly as
+in training). A Hub id in `model.path` is fetched first (the
 model files, as training would; only config.json is read here).
 
 Full fine-tuning: gradients follow the parameters (float32 accumulators with micro-batches) and
-Adam's two moments are stored in `optim.state_dtype`. LoRA: only the adapters (and the
+Adam's two moments are stored in `optim.state_dtype`; `train.kl_to_base` > 0 keeps a copy of
+the initial parameters (the KL reference, `reference_bytes`). LoRA: only the adapters (and the
 `lora.modules_to_save` copies, float32) get gradients and Adam state; the frozen base is stored
 in `lora.base_dtype`, its layer kernels as int8 / NF4 codes plus float32 block scales under
 `lora.base_quant` (the layout of sft_jax/lora/quant.py). Those figures are exact.
@@ -30,17 +32,17 @@ import math
 import sys
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh
 
-from sft_jax import hf, lora, state
+from sft_jax import hf, state
 from sft_jax.attention import resolve_implementation
 from sft_jax.blocked_attention import BLOCK
 from sft_jax.cli import absl_help, wants_help
 from sft_jax.config import Config, ConfigError, config_from_argv
-from sft_jax.model import ModelConfig, Transformer
-from sft_jax.sharding import MESH_AXES, logical_to_spec
+from sft_jax.model import ModelConfig
+from sft_jax.sharding import MESH_AXES
 
 GIB = 1024**3
 HEADROOM = 0.9  # plan fits when its total is within 90% of the device (allocator slack)
@@ -51,14 +53,8 @@ FLASH_ATTENTION = ("cudnn", "splash", "blocked")
 BLOCKED_BACKWARD_BUFFERS = 3
 
 
-class PlannedMesh:
-    """Stands in for a jax Mesh where only axis sizes matter (no devices needed)."""
-
-    def __init__(self, sizes: dict[str, int]):
-        self.shape = sizes
-
-
-def planned_mesh(config: Config, devices: int) -> PlannedMesh:
+def planned_mesh(config: Config, devices: int) -> AbstractMesh:
+    """The config's (data, fsdp, tensor) mesh on `devices` devices, without the devices."""
     sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
@@ -67,10 +63,10 @@ def planned_mesh(config: Config, devices: int) -> PlannedMesh:
         sizes[sizes.index(-1)] = devices // known
     if math.prod(sizes) != devices:
         raise ConfigError(f"mesh {tuple(sizes)} needs {math.prod(sizes)} devices, not {devices}")
-    return PlannedMesh(dict(zip(MESH_AXES, sizes, strict=True)))
+    return AbstractMesh(tuple(sizes), MESH_AXES)
 
 
-def _shards(spec: tuple, mesh: PlannedMesh) -> int:
+def _shards(spec: tuple, mesh: AbstractMesh) -> int:
     """How many pieces a PartitionSpec cuts an array into."""
     factor = 1
     for axes in spec:
@@ -79,93 +75,18 @@ def _shards(spec: tuple, mesh: PlannedMesh) -> int:
     return factor
 
 
-def _bytes(leaf: Any, spec: tuple, mesh: PlannedMesh, dtype: Any = None) -> int:
-    """Bytes of `leaf` on the most loaded device (dimensions are only split evenly)."""
-    itemsize = jnp.dtype(dtype or leaf.dtype).itemsize
-    return math.prod(leaf.shape) * itemsize // _shards(spec, mesh)
-
-
-def param_layout(model_config: ModelConfig, mesh: PlannedMesh, rules) -> tuple[Any, Any]:
-    """(abstract unboxed parameters, tree of their mesh PartitionSpecs as tuples)."""
-    boxed = state.abstract_boxed_params(Transformer(model_config))
-    params = nn.unbox(boxed)
-
-    def spec(logical: Any, leaf: Any) -> tuple:
-        names = tuple(logical) + (None,) * (len(leaf.shape) - len(tuple(logical)))
-        return tuple(logical_to_spec(names, leaf.shape, mesh, rules))
-
-    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
-    specs = jax.tree.map(spec, nn.get_partition_spec(boxed), params, is_leaf=is_spec)
-    return params, specs
-
-
-def _tree_bytes(tree: Any, specs: Any, mesh: PlannedMesh, dtype: Any = None) -> int:
-    leaves = jax.tree.leaves(tree)
-    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, tuple))
-    return sum(_bytes(x, s, mesh, dtype) for x, s in zip(leaves, spec_leaves, strict=True))
-
-
-def param_bytes_per_device(model_config: ModelConfig, mesh: PlannedMesh, rules) -> tuple[int, int]:
-    """(total parameter count, parameter bytes on the most loaded device)."""
-    params, specs = param_layout(model_config, mesh, rules)
-    count = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    return count, _tree_bytes(params, specs, mesh)
-
-
-def frozen_base_bytes(params: Any, specs: Any, cfg: Any, mesh: PlannedMesh) -> int:
-    """Per-device bytes of the frozen LoRA base: `lora.base_dtype`, layer kernels as blockwise
-    codes + float32 scales when `lora.base_quant` is int8 / nf4 (sft_jax/lora/quant.py)."""
-    quantize = lambda p: lora.quantize_kernels(p, cfg.base_quant, jnp.dtype(cfg.base_dtype))
-    frozen = jax.eval_shape(quantize, params)
-    is_q = lambda x: isinstance(x, lora.Quantized)
-    flat_frozen = jax.tree.leaves(frozen, is_leaf=is_q)
-    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, tuple))
+def _tree_bytes(tree: Any, mesh: AbstractMesh, dtype: Any = None) -> int:
+    """Bytes of a placed abstract tree on the most loaded device (dimensions are only split
+    evenly), each leaf in its own dtype or in `dtype`."""
     total = 0
-    for q, spec in zip(flat_frozen, flat_specs, strict=True):
-        if not is_q(q):
-            total += _bytes(q, spec, mesh)
-            continue
-        blocks = q.scales.shape[-1]
-        q_specs = lora.quantized_specs(spec, len(q.shape), blocks, mesh.shape)
-        total += _bytes(q.codes, q_specs["codes"], mesh) + _bytes(q.scales, q_specs["scales"], mesh)
+    for leaf in jax.tree.leaves(tree):
+        itemsize = jnp.dtype(dtype or leaf.dtype).itemsize
+        total += math.prod(leaf.shape) * itemsize // _shards(leaf.sharding.spec, mesh)
     return total
 
 
-def adapter_layout(params: Any, specs: Any, cfg: Any) -> tuple[Any, Any]:
-    """(abstract adapter tree as training builds it, their PartitionSpecs): a / b (and DoRA's m)
-    per targeted kernel, following the kernel's sharding (`lora.adapter_specs`), plus the
-    float32 `modules_to_save` copies, which follow their frozen leaf."""
-
-    def make(p: Any) -> Any:
-        adapters = lora.init_adapters(p, cfg.targets, cfg.rank, jax.random.key(0))
-        if cfg.dora:
-            adapters = lora.init_magnitudes(p, adapters)
-        return lora.add_saved_modules(p, adapters, cfg.modules_to_save)
-
-    try:
-        adapters = jax.eval_shape(make, params)
-    except ValueError as e:
-        raise ConfigError(f"lora.targets / lora.modules_to_save: {e}") from e
-
-    def visit(ad: dict, sp: dict, name: str) -> dict:
-        if "a" not in ad:
-            return {k: visit(v, sp[k], k) for k, v in ad.items() if k != lora.SAVED}
-        kernel = sp["kernel"]
-        per = lora.adapter_specs(kernel, len(kernel), lora.KERNELS[name][0])
-        return {k: per[k] for k in ad}
-
-    out = visit(adapters, specs, "")
-    if lora.SAVED in adapters:
-        table = lora.saved_module_table(params)
-        leaf = lambda path: _get(specs, path)
-        out[lora.SAVED] = {m: leaf(table[m][0]) for m in adapters[lora.SAVED]}
-    return adapters, out
-
-
-def _get(tree: Any, path: tuple) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
+def _count(tree: Any) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def activation_bytes(
@@ -195,7 +116,7 @@ def activation_bytes(
     token of one `loss_chunk` piece when chunked). `plan` adds, under remat, one more
     gradient-sized buffer (the rematerialised scan's weight gradients). Calibrated against XLA's
     figure for the compiled step: within 0.9-1.2 of it on data and tensor parallel meshes
-    (sft_jax/plan_check.py has the table).
+    (docs/benchmarks.md, "Memory plan against XLA", has the table).
     """
     b = jnp.dtype(c.dtype).itemsize
     d, f, n, k, h = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
@@ -218,30 +139,26 @@ def activation_bytes(
     return int(tokens * (saved * c.num_layers + working) + 2 * 4 * vocab * loss_tokens)
 
 
-def state_bytes(config: Config, model_config: ModelConfig, mesh: PlannedMesh) -> dict[str, int]:
-    """Exact per-device bytes of what lives between steps, and the step's gradients."""
-    params, specs = param_layout(model_config, mesh, config.mesh.rules)
-    count = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    moment = jnp.dtype(config.optim.state_dtype)
+def state_bytes(config: Config, model_config: ModelConfig, mesh: AbstractMesh) -> dict[str, int]:
+    """Exact per-device bytes of what lives between steps (the state training builds:
+    `sft_jax.state.state_layout`), and the step's gradients."""
+    # The schedule's length (2 steps here) changes neither the state nor its bytes.
+    spec = state.StateSpec.from_config(config, model_config, mesh, 2)
+    layout = state.state_layout(spec)
+    own = _tree_bytes(layout.params, mesh)
+    frozen = _tree_bytes(layout.frozen, mesh)
     accumulate = config.train.micro_batches > 1
-    if config.lora.enabled:
-        adapters, adapter_specs = adapter_layout(params, specs, config.lora)
-        trainable = adapters
-        trainable_specs = adapter_specs
-        base = frozen_base_bytes(params, specs, config.lora, mesh)
-    else:
-        trainable, trainable_specs, base = params, specs, 0
-    own = _tree_bytes(trainable, trainable_specs, mesh)
+    moments = [x for x in jax.tree.leaves(layout.opt_state) if x.ndim > 0]  # not step counts
     return {
-        "parameters": count,
-        "trainable_parameters": sum(math.prod(x.shape) for x in jax.tree.leaves(trainable)),
-        "param_bytes": own + base,
-        "frozen_bytes": base,
+        "parameters": _count(state.param_layout(spec)),
+        "trainable_parameters": _count(layout.params),
+        "param_bytes": own + frozen,
+        "frozen_bytes": frozen,
+        # KL-to-base under full fine-tuning: a copy of the initial parameters.
+        "reference_bytes": _tree_bytes(layout.reference, mesh),
         # Gradients: float32 accumulators over micro-batches, else in each leaf's dtype.
-        "grad_bytes": _tree_bytes(
-            trainable, trainable_specs, mesh, "float32" if accumulate else None
-        ),
-        "optimizer_bytes": 2 * _tree_bytes(trainable, trainable_specs, mesh, moment),
+        "grad_bytes": _tree_bytes(layout.params, mesh, "float32" if accumulate else None),
+        "optimizer_bytes": _tree_bytes(moments, mesh),
     }
 
 
@@ -276,11 +193,17 @@ def plan(
     )
     if config.model.remat != "none":  # the rematerialised scan's own weight-gradient buffer
         act += result["grad_bytes"]
-    total = result["param_bytes"] + result["grad_bytes"] + result["optimizer_bytes"] + act
+    total = (
+        result["param_bytes"]
+        + result["reference_bytes"]
+        + result["grad_bytes"]
+        + result["optimizer_bytes"]
+        + act
+    )
     return {
         **result,
         "devices": devices,
-        "mesh": mesh.shape,
+        "mesh": dict(mesh.shape),
         "lora": config.lora.enabled,
         "attention": attention,
         "activation_bytes_estimate": act,
@@ -312,6 +235,9 @@ def format_plan(result: dict[str, Any], remat: str) -> str:
         else "  DOES NOT FIT: add devices, shard more (mesh.fsdp), use remat, fewer rows per "
         "micro-batch, model.loss_chunk, bf16 params or LoRA",
     ]
+    if result["reference_bytes"]:
+        copy = "(exact: train.kl_to_base's copy of the initial parameters)"
+        lines.insert(2, f"  reference   {gib(result['reference_bytes'])}  {copy}")
     return "\n".join(lines)
 
 

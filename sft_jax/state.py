@@ -1,4 +1,12 @@
-"""Builds the sharded TrainState: parameters (random init or Hugging Face weights) and optimizer.
+"""The TrainState: what it holds, its layout, and building it sharded on a mesh.
+
+One description decides the state: `StateSpec` (model, LoRA and the frozen base's storage,
+optimizer, the KL-to-base reference copy, mesh and rules). From it `state_layout` traces the
+state abstractly (ShapeDtypeStructs carrying their shardings; nothing allocated, so it works on
+an AbstractMesh or over a TPU topology's compile-only devices), and `create_train_state`
+materialises exactly that layout. Training, the memory plan (sft_jax/plan.py), its compile
+checks (sft_jax/plan_check.py, sft_jax/tpu.py) and the benchmark (sft_jax/bench.py) all read the
+state from here, so none of them can describe a different state than the one training builds.
 
 Parameters are never built whole on one device and then split: the model is traced abstractly
 (`jax.eval_shape`), its logical axis names become shardings through the rules table, and then
@@ -8,26 +16,95 @@ tensor straight into its sharding. Optimizer state follows the parameter shardin
 With LoRA enabled the trainable `params` are the adapter tree (their optimizer state is the only
 optimizer state) and `frozen` holds the base in `lora.base_dtype`, possibly quantised (QLoRA);
 the base is re-read from `model.path` (or re-initialised from the seed) on every start, never
-checkpointed.
+checkpointed. KL-to-base under full fine-tuning keeps `reference`, a copy of the initial
+parameters: one more parameter-sized buffer per device (under LoRA the frozen base is the
+reference already).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from sft_jax import hf, lora, sharding
-from sft_jax.config import ConfigError, LoraSection
+from sft_jax.config import Config, ConfigError, LoraSection
 from sft_jax.model import ModelConfig, Transformer
-from sft_jax.step import TrainState
+from sft_jax.optim import make_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: train steps taken, skipped non-finite ones included (the LR
+    # schedule follows optax's own count of applied updates instead)
+    params: Any  # trainable parameters
+    opt_state: Any
+    rng: jax.Array  # base key; each step uses fold_in(rng, step)
+    apply_fn: Callable = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    # LoRA: the frozen base parameters (possibly quantised); `params` is then the adapter tree.
+    # None for full fine-tuning. Never differentiated, never given optimizer state or saved.
+    frozen: Any = None
+    # KL-to-base under full fine-tuning: a copy of the initial parameters (None otherwise).
+    # Never differentiated or saved: a restart re-creates it from model.path.
+    reference: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+    """Everything that decides the TrainState. `model_config` is the model as configured (its
+    dtypes, NEFTune); the state applies it with activations pinned to `mesh` (`model`). `lora`
+    None or disabled: full fine-tuning. `tx` carries the optimizer, its schedule and the Adam
+    state dtype. `keep_reference`: KL-to-base's copy of the initial parameters."""
+
+    model_config: ModelConfig
+    mesh: Mesh | AbstractMesh
+    rules: tuple
+    tx: optax.GradientTransformation
+    seed: int = 0
+    model_path: str = ""
+    lora: LoraSection | None = None
+    keep_reference: bool = False
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        model_config: ModelConfig | None,
+        mesh: Mesh | AbstractMesh,
+        total_steps: int,
+    ) -> StateSpec:
+        """The state training builds for `config` over `total_steps` (the schedule's length);
+        `model_config`: the model of `config.model` unless given."""
+        model_config = model_config or hf.build_model_config(config.model)
+        neftune = config.train.neftune_alpha
+        return cls(
+            model_config=dataclasses.replace(model_config, neftune_alpha=neftune),
+            mesh=mesh,
+            rules=config.mesh.rules,
+            tx=make_optimizer(config.optim, total_steps, config.lora),
+            seed=config.seed,
+            model_path=config.model.path,
+            lora=config.lora if config.lora.enabled else None,
+            keep_reference=config.train.kl_to_base > 0,
+        )
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora is not None and self.lora.enabled
+
+    @property
+    def model(self) -> Transformer:
+        """The model over this mesh: each layer's input and output pinned to the batch axes."""
+        return Transformer(sharding.pin_model_activations(self.model_config, self.mesh, self.rules))
 
 
 def init_key(seed: int) -> jax.Array:
@@ -63,18 +140,22 @@ def param_shardings(model: Transformer, mesh: Mesh, rules: Sequence) -> tuple[An
     return abstract, sharding.param_shardings(logical, abstract, mesh, rules)
 
 
-def init_params(model: Transformer, model_path: str, mesh: Mesh, rules: Sequence, seed: int) -> Any:
-    """Sharded parameters: loaded from `model_path` if set, else a seeded random init."""
-    _, shardings = param_shardings(model, mesh, rules)
+def _load_or_init(model: Transformer, model_path: str, shardings: Any, seed: int) -> Any:
     if model_path:
         return hf.load_params(model_path, model.config, shardings)
     init = _init_fn(model)
     return jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(init_key(seed))
 
 
+def init_params(model: Transformer, model_path: str, mesh: Mesh, rules: Sequence, seed: int) -> Any:
+    """Sharded parameters: loaded from `model_path` if set, else a seeded random init."""
+    _, shardings = param_shardings(model, mesh, rules)
+    return _load_or_init(model, model_path, shardings, seed)
+
+
 def lora_model_config(model_config: ModelConfig, cfg: LoraSection) -> ModelConfig:
     """The model config whose Einsums apply adapters with this LoRA scale and dropout."""
-    scale = lora.lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
+    scale = lora.config_scale(cfg)
     return dataclasses.replace(model_config, lora_scale=scale, lora_dropout=cfg.dropout)
 
 
@@ -90,15 +171,17 @@ class LoraApply:
         return self.model.apply(lora.apply_variables(variables), *args, **kwargs)
 
 
-def adapter_shardings(adapters: Any, base: Any, mesh: Mesh) -> Any:
+def adapter_shardings(adapters: Any, base: Any, mesh: Mesh | AbstractMesh) -> Any:
     """a follows its kernel's sharding on the input dims, b and m on the output dims; a saved
-    module's trained copy follows its frozen leaf."""
+    module's trained copy follows its frozen leaf. `base`: arrays or ShapeDtypeStructs with
+    their shardings."""
 
     def visit(ad: dict, p: dict, name: str) -> dict:
         if "a" not in ad:
             return {k: visit(v, p[k], k) for k, v in ad.items() if k != lora.SAVED}
         kernel = p["kernel"]
-        specs = lora.adapter_specs(kernel.sharding.spec, kernel.ndim, lora.KERNELS[name][0])
+        n_in = lora.KERNELS[name][0]
+        specs = lora.adapter_specs(kernel.sharding.spec, len(kernel.shape), n_in)
         return {k: NamedSharding(mesh, PartitionSpec(*specs[k])) for k in ad}
 
     out = visit(adapters, base, "")
@@ -109,33 +192,104 @@ def adapter_shardings(adapters: Any, base: Any, mesh: Mesh) -> Any:
     return out
 
 
-def init_lora_adapters(base: Any, frozen: Any, cfg: LoraSection, mesh: Mesh, seed: int) -> Any:
-    """Fresh adapters (A random, B zero, DoRA m = ||W||), or a PEFT adapter (`init_from`)
-    checked against the config, placed in their shardings."""
+def _placed(tree: Any, shardings: Any) -> Any:
+    """`tree`'s shapes and dtypes as ShapeDtypeStructs carrying `shardings`."""
+    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    return jax.tree.map(with_sharding, tree, shardings)
 
-    def make(params: Any, frozen: Any, rng: jax.Array) -> Any:
-        adapters = lora.init_adapters(params, cfg.targets, cfg.rank, rng)
-        # DoRA's m is the norm of the weight the forward sees (the stored, maybe rounded base),
-        # so the model equals the base exactly at init.
-        if cfg.dora:
-            adapters = lora.init_magnitudes(lora.dequantize(frozen), adapters)
-        return lora.add_saved_modules(params, adapters, cfg.modules_to_save)
 
-    rng = jax.random.PRNGKey(seed + 2)
+def _sharding_tree(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _adapter_rng(seed: int) -> jax.Array:
+    return jax.random.PRNGKey(seed + 2)
+
+
+def _freeze(cfg: LoraSection) -> Callable[[Any], Any]:
+    """base -> the frozen base: cast to `lora.base_dtype`, layer kernels quantised per
+    `lora.base_quant`."""
+    dtype = jnp.dtype(cfg.base_dtype)
+    return lambda params: lora.quantize_kernels(params, cfg.base_quant, dtype)
+
+
+def frozen_layout(base: Any, cfg: LoraSection, mesh: Mesh | AbstractMesh) -> Any:
+    """The frozen LoRA base of `base` (placed arrays or ShapeDtypeStructs), abstract. Every leaf
+    keeps its kernel's sharding (quantised codes and scales: `quantized_specs`), so a QLoRA base
+    is FSDP/tensor-sharded like a bf16 one and built shard by shard in place."""
+    is_q = lambda x: isinstance(x, lora.Quantized)
+
+    def place(q: Any, leaf: Any) -> Any:
+        if not is_q(q):
+            return _placed(q, leaf.sharding)
+        blocks = q.scales.shape[-1]
+        spec = leaf.sharding.spec
+        specs = lora.quantized_specs(spec, len(leaf.shape), blocks, dict(mesh.shape))
+        put = lambda a, s: _placed(a, NamedSharding(mesh, PartitionSpec(*s)))
+        return q.replace(codes=put(q.codes, specs["codes"]), scales=put(q.scales, specs["scales"]))
+
+    return jax.tree.map(place, jax.eval_shape(_freeze(cfg), base), base, is_leaf=is_q)
+
+
+def adapter_layout(base: Any, frozen: Any, cfg: Any, mesh: Mesh | AbstractMesh) -> Any:
+    """The adapter tree `lora.make_adapters` makes for `base` (placed), abstract and placed
+    (`adapter_shardings`). `frozen`: the frozen base (DoRA's m; shapes only here)."""
+    make = lambda params, rng, frozen: lora.make_adapters(params, cfg, rng, frozen)
     try:
-        abstract = jax.eval_shape(make, base, frozen, rng)
+        abstract = jax.eval_shape(make, base, _adapter_rng(0), frozen)
     except ValueError as e:
         raise ConfigError(f"lora.targets / lora.modules_to_save: {e}") from e
-    shardings = adapter_shardings(abstract, base, mesh)
+    return _placed(abstract, adapter_shardings(abstract, base, mesh))
+
+
+def param_layout(spec: StateSpec) -> Any:
+    """The model's whole parameter tree (the LoRA base before freezing), abstract and placed."""
+    return _placed(*param_shardings(spec.model, spec.mesh, spec.rules))
+
+
+def _layout(spec: StateSpec, base: Any) -> TrainState:
+    params, frozen, apply_fn = base, None, spec.model.apply
+    if spec.uses_lora:
+        frozen = frozen_layout(base, spec.lora, spec.mesh)
+        params = adapter_layout(base, frozen, spec.lora, spec.mesh)
+        apply_fn = LoraApply(Transformer(lora_model_config(spec.model.config, spec.lora)))
+    opt_state = jax.eval_shape(spec.tx.init, params)
+    opt_shardings = sharding.follow_param_shardings(
+        opt_state, params, _sharding_tree(params), spec.mesh
+    )
+    replicated = NamedSharding(spec.mesh, PartitionSpec())
+    return TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        params=params,
+        opt_state=_placed(opt_state, opt_shardings),
+        rng=_placed(jax.eval_shape(jax.random.PRNGKey, spec.seed + 1), replicated),
+        apply_fn=apply_fn,
+        tx=spec.tx,
+        frozen=frozen,
+        reference=params if spec.keep_reference and not spec.uses_lora else None,
+    )
+
+
+def state_layout(spec: StateSpec) -> TrainState:
+    """The TrainState `create_train_state(spec)` builds, as ShapeDtypeStructs with their
+    shardings (nothing allocated; any mesh, abstract or of compile-only devices)."""
+    return _layout(spec, param_layout(spec))
+
+
+def _lora_adapters(base: Any, frozen: Any, spec: StateSpec, layout: Any) -> Any:
+    """Fresh adapters, or a PEFT adapter (`lora.init_from`) checked against the config, placed
+    as `layout` says."""
+    cfg, shardings = spec.lora, _sharding_tree(layout)
     if not cfg.init_from:
-        return jax.jit(make, out_shardings=shardings)(base, frozen, rng)
+        make = lambda params, rng, frozen: lora.make_adapters(params, cfg, rng, frozen)
+        return jax.jit(make, out_shardings=shardings)(base, _adapter_rng(spec.seed), frozen)
     flags = {"rank": cfg.rank, "alpha": cfg.alpha, "rslora": cfg.rslora, "dora": cfg.dora}
     try:
         adapters = lora.read_peft_adapter(cfg.init_from, base, **flags)
     except (ValueError, OSError) as e:
         raise ConfigError(f"lora.init_from: {e}") from e
     shapes = lambda t: jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), t)
-    if shapes(adapters) != shapes(abstract):
+    if shapes(adapters) != shapes(layout):
         raise ConfigError(
             f"PEFT adapter {cfg.init_from} adapts other modules or shapes than config.lora "
             f"targets {cfg.targets} with rank {cfg.rank} on this model"
@@ -143,78 +297,28 @@ def init_lora_adapters(base: Any, frozen: Any, cfg: LoraSection, mesh: Mesh, see
     return jax.device_put(adapters, shardings)
 
 
-def freeze_base(base: Any, cfg: LoraSection, mesh: Mesh) -> Any:
-    """The frozen base: cast to `lora.base_dtype`, layer kernels quantised per `base_quant`.
-    Every leaf keeps its kernel's sharding (quantised codes and scales: `quantized_specs`), so
-    a QLoRA base is FSDP/tensor-sharded like a bf16 one and built shard by shard in place."""
-    dtype = jnp.dtype(cfg.base_dtype)
-    quantize = lambda p: lora.quantize_kernels(p, cfg.base_quant, dtype)
-    is_q = lambda x: isinstance(x, lora.Quantized)
-
-    def sharding_of(q: Any, leaf: jax.Array) -> Any:
-        if not is_q(q):
-            return leaf.sharding
-        blocks = q.scales.shape[-1]
-        specs = lora.quantized_specs(leaf.sharding.spec, leaf.ndim, blocks, dict(mesh.shape))
-        put = lambda spec: NamedSharding(mesh, PartitionSpec(*spec))
-        return q.replace(codes=put(specs["codes"]), scales=put(specs["scales"]))
-
-    abstract = jax.eval_shape(quantize, base)
-    shardings = jax.tree.map(sharding_of, abstract, base, is_leaf=is_q)
-    return jax.jit(quantize, out_shardings=shardings)(base)
-
-
-def create_train_state(
-    model_config: ModelConfig,
-    model_path: str,
-    tx: optax.GradientTransformation,
-    mesh: Mesh,
-    rules: Sequence,
-    seed: int,
-    lora_cfg: LoraSection | None = None,
-    keep_reference: bool = False,
-) -> tuple[TrainState, TrainState]:
-    """Returns (state, state_shardings); the second has the same structure, with shardings.
-
-    `keep_reference` (KL-to-base under full fine-tuning) keeps a separate copy of the initial
-    parameters as `state.reference`: one more parameter-sized buffer per device.
-
-    With `lora_cfg.enabled`: params = adapters, frozen = the base (see the module docstring).
-    """
-    model_config = sharding.pin_model_activations(model_config, mesh, rules)
-    model = Transformer(model_config)
-    params = init_params(model, model_path, mesh, rules, seed)
-    apply_fn: Any = model.apply
-    frozen = frozen_shardings = None
-    if lora_cfg is not None and lora_cfg.enabled:
-        frozen = freeze_base(params, lora_cfg, mesh)
-        params = init_lora_adapters(params, frozen, lora_cfg, mesh, seed)
-        frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
-        apply_fn = LoraApply(Transformer(lora_model_config(model_config, lora_cfg)))
-    p_shardings = jax.tree.map(lambda x: x.sharding, params)
-    abstract_opt = jax.eval_shape(tx.init, params)
-    opt_shardings = sharding.follow_param_shardings(abstract_opt, params, p_shardings, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    put = lambda x: jax.device_put(x, replicated)
+def create_train_state(spec: StateSpec) -> tuple[TrainState, TrainState]:
+    """Returns (state, state_shardings): `state_layout(spec)` materialised on `spec.mesh`; the
+    second has the same structure, with shardings. Parameters come from `spec.model_path` or a
+    seeded init; with LoRA, params = adapters and frozen = the base (see the module docstring)."""
+    base_layout = param_layout(spec)
+    layout = _layout(spec, base_layout)
+    shardings = _sharding_tree(layout)
+    params = _load_or_init(spec.model, spec.model_path, _sharding_tree(base_layout), spec.seed)
+    frozen = None
+    if spec.uses_lora:
+        frozen = jax.jit(_freeze(spec.lora), out_shardings=shardings.frozen)(params)
+        params = _lora_adapters(params, frozen, spec, layout.params)
+    opt_state = jax.jit(spec.tx.init, out_shardings=shardings.opt_state)(params)
+    put = lambda x: jax.device_put(x, shardings.step)
     state = TrainState(
         step=put(jnp.int32(0)),
         params=params,
         opt_state=opt_state,
-        rng=put(jax.random.PRNGKey(seed + 1)),
-        apply_fn=apply_fn,
-        tx=tx,
+        rng=put(jax.random.PRNGKey(spec.seed + 1)),
+        apply_fn=layout.apply_fn,
+        tx=spec.tx,
         frozen=frozen,
-        reference=jax.tree.map(jnp.copy, params) if keep_reference and frozen is None else None,
-    )
-    shardings = TrainState(
-        step=replicated,
-        params=p_shardings,
-        opt_state=opt_shardings,
-        rng=replicated,
-        apply_fn=apply_fn,
-        tx=tx,
-        frozen=frozen_shardings,
-        reference=None if state.reference is None else p_shardings,
+        reference=None if layout.reference is None else jax.tree.map(jnp.copy, params),
     )
     return state, shardings

@@ -28,7 +28,6 @@ import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -37,29 +36,13 @@ from jax.sharding import NamedSharding
 from sft_jax.data.pack import PACKED_KEYS
 from sft_jax.loss import chunked_cross_entropy, masked_cross_entropy
 from sft_jax.regularize import kl_to_base
+from sft_jax.state import TrainState
 
 if TYPE_CHECKING:
     from sft_jax.config import Config
 
 Batch = dict[str, jax.Array]
 NEFTUNE_STREAM = 1 << 29  # fold_in offset of the NEFTune rng, apart from dropout's
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # int32 scalar: train steps taken, skipped non-finite ones included (the LR
-    # schedule follows optax's own count of applied updates instead)
-    params: Any  # trainable parameters
-    opt_state: Any
-    rng: jax.Array  # base key; each step uses fold_in(rng, step)
-    apply_fn: Callable = flax.struct.field(pytree_node=False)
-    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-    # LoRA: the frozen base parameters (possibly quantised); `params` is then the adapter tree.
-    # None for full fine-tuning. Never differentiated, never given optimizer state or saved.
-    frozen: Any = None
-    # KL-to-base under full fine-tuning: a copy of the initial parameters (None otherwise).
-    # Never differentiated or saved: a restart re-creates it from model.path.
-    reference: Any = None
 
 
 def model_variables(params: Any, frozen: Any) -> dict[str, Any]:

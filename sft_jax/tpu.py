@@ -6,8 +6,9 @@ Why: whether a config fits a pod, and how fast it can be at best, is the TPU com
 not an estimate's; libtpu (`pip install -e ".[tpu]"`) compiles ahead of time for a topology that
 is not attached (`jax.experimental.topologies`), as MaxText's train_compile.py does. The mesh is
 built over those abstract devices by `sharding.make_mesh` (the trainer's own; with several
-slices the hybrid ICI/DCN mesh), the state by `plan_check.abstract_train_state` and the step by
-`plan_check.compile_abstract_step`: the same functions the trainer and the CPU check use.
+slices the hybrid ICI/DCN mesh), the state by `sft_jax.state.state_layout` (through
+`plan_check.abstract_train_state`) and the step by `plan_check.compile_abstract_step`: the same
+functions the trainer and the CPU check use.
 
 Figures, per chip: the memory analysis' argument + output - alias + temp (`peak`); the HBM of
 the generation (`flops.TPU_GENERATIONS`); and a roofline bound. XLA's cost analysis counts the

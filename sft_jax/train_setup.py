@@ -8,7 +8,6 @@ workdir) fails here, before compute, so a run that leaves `setup` only fails fro
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import textwrap
@@ -28,9 +27,9 @@ from sft_jax.evaluate import general_text_batches
 from sft_jax.faults import FaultInjector
 from sft_jax.metrics import MetricsWriter, import_wandb
 from sft_jax.model import Transformer, count_params
-from sft_jax.optim import make_optimizer, make_schedule, schedule_change, schedule_steps
+from sft_jax.optim import make_schedule, schedule_change, schedule_steps
 from sft_jax.run_state import LoopState, Run, next_run_number
-from sft_jax.state import create_train_state
+from sft_jax.state import StateSpec, TrainState, create_train_state
 from sft_jax.step import StepOptions, make_train_step
 
 
@@ -55,33 +54,35 @@ def print_data_stats(stats: dict[str, Any], steps: int, per_epoch: int) -> None:
     log(f"schedule: {steps} steps ({per_epoch} steps per epoch)")
 
 
+def make_step_from_config(
+    config: Config, shardings: TrainState, mesh: jax.sharding.Mesh, steps: int
+) -> Any:
+    """The jitted train step of `config` for a state placed as `shardings`, its schedule
+    stretched over `steps`: the one place training, the benchmark and the compile checks make it
+    (micro-batches, chunked loss, KL to the base)."""
+    return make_train_step(
+        shardings,
+        sharding.batch_sharding(mesh, config.mesh.rules),
+        options=StepOptions.from_config(config),
+        schedule=make_schedule(config.optim, steps),
+    )
+
+
 def build_state(
     config: Config, mesh: jax.sharding.Mesh, bundle: data.DataBundle, steps: int
 ) -> tuple[Transformer, Any, Any]:
     """The model and its fresh (initialised or loaded) train state -> (model, state, shardings)."""
-    model_config = hf.build_model_config(config.model)
-    model_config = sharding.pin_model_activations(model_config, mesh, config.mesh.rules)
-    model_config = dataclasses.replace(model_config, neftune_alpha=config.train.neftune_alpha)
-    if len(bundle.tokenizer) > model_config.vocab_size:
+    spec = StateSpec.from_config(config, None, mesh, steps)
+    if len(bundle.tokenizer) > spec.model_config.vocab_size:
         raise ConfigError(
             f"tokenizer has {len(bundle.tokenizer)} tokens but the model's vocab_size is "
-            f"{model_config.vocab_size}"
+            f"{spec.model_config.vocab_size}"
         )
-    tx = make_optimizer(config.optim, steps, config.lora)
-    state, shardings = create_train_state(
-        model_config,
-        config.model.path,
-        tx,
-        mesh,
-        config.mesh.rules,
-        config.seed,
-        config.lora,
-        keep_reference=config.train.kl_to_base > 0,
-    )
+    state, shardings = create_train_state(spec)
     trainable = "" if state.frozen is None else " trainable (LoRA adapters)"
     millions = count_params(state.params) / 1e6
     log(f"model: {millions:.3f}M{trainable} parameters on mesh {dict(mesh.shape)}")
-    return Transformer(model_config), state, shardings
+    return spec.model, state, shardings
 
 
 def restore(
@@ -138,12 +139,7 @@ def setup(config: Config, workdir: str) -> tuple[Run, Any]:
         steps=steps,
         shardings=shardings,
         bundle=bundle,
-        train_step=make_train_step(
-            shardings,
-            batch_sharding,
-            options=StepOptions.from_config(config),
-            schedule=make_schedule(config.optim, steps),
-        ),
+        train_step=make_step_from_config(config, shardings, mesh, steps),
         evaluator=evaluator,
         checkpointer=checkpointer,
         writer=writer,

@@ -4,7 +4,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sft_jax.model import ModelConfig
-from sft_jax.step import TrainState
+from sft_jax.state import TrainState
 
 TINY_DEFAULTS = dict(
     vocab_size=64,

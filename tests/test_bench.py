@@ -11,6 +11,7 @@ import pytest
 
 from sft_jax import bench, flops, hf
 from sft_jax.config import load_config_file, parse
+from sft_jax.data.pack import PACKED_KEYS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CPU_SMALL = REPO / "configs" / "bench" / "cpu_small.py"
@@ -93,6 +94,24 @@ def test_memory_only_reports_the_compiled_step_without_running_it():
         assert r["compiled_alias_bytes"] >= r["bytes_per_param"] * r["model_params"]
         assert r["compiled_temp_bytes"] > 0
         assert r["peak_bytes_per_param_estimate"] > r["bytes_per_param"]
+
+
+def test_build_makes_the_state_and_step_training_makes():
+    """NEFTune and KL to the base run in the benchmark as in training: the model carries
+    train.neftune_alpha, the state its reference copy, and the step reports the KL term."""
+    import jax
+    import numpy as np
+
+    raw = load_config_file("configs/tiny.py")
+    raw.train.neftune_alpha, raw.train.kl_to_base = 5.0, 0.1
+    state, step, place, model_config, _ = bench.build(parse(raw), 4)
+    assert model_config.neftune_alpha == 5.0
+    assert state.apply_fn.__self__.config.neftune_alpha == 5.0
+    assert state.reference is not None
+    rows, seq = raw.train.global_batch_size, raw.data.seq_len
+    batch = {k: np.ones((rows, seq), bool if k == "loss_mask" else np.int32) for k in PACKED_KEYS}
+    _, metrics = jax.eval_shape(step, state, place(batch), np.float32(1.0))
+    assert "kl_to_base" in metrics
 
 
 def test_batch_that_does_not_split_over_the_devices_is_a_clear_error(capsys):

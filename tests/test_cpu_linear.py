@@ -14,7 +14,7 @@ from sft_jax.cpu_linear import cpu_linear, input_rank
 from sft_jax.model import Transformer
 from sft_jax.optim import make_optimizer
 from sft_jax.sharding import make_mesh
-from sft_jax.state import create_train_state
+from sft_jax.state import StateSpec, create_train_state
 from sft_jax.step import model_variables
 from tests.helpers import tiny_model_config
 
@@ -145,7 +145,7 @@ def test_lora_adapter_gradients_are_the_same_with_and_without_it(monkeypatch):
     mesh = make_mesh(MeshSection(-1, 1, 1, rules=rules), jax.devices()[:1])
     optim = OptimSection(**base.get_config().optim.to_dict())
     tx = make_optimizer(optim, 10, lora_cfg)
-    state, _ = create_train_state(CONFIG, "", tx, mesh, rules, seed=0, lora_cfg=lora_cfg)
+    state, _ = create_train_state(StateSpec(CONFIG, mesh, rules, tx, lora=lora_cfg))
     leaves, treedef = jax.tree.flatten(state.params)  # B = 0 at init: give it values
     keys = jax.random.split(jax.random.key(2), len(leaves))
     adapters = treedef.unflatten(

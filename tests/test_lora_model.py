@@ -14,7 +14,7 @@ from sft_jax.config import LoraSection, MeshSection, OptimSection
 from sft_jax.model import Transformer, lora_equations
 from sft_jax.optim import make_optimizer
 from sft_jax.sharding import make_mesh
-from sft_jax.state import create_train_state, lora_model_config
+from sft_jax.state import StateSpec, create_train_state, lora_model_config
 from sft_jax.step import StepOptions, loss_fn, make_train_step, model_variables
 from tests.helpers import model_only_state, tiny_model_config
 
@@ -39,7 +39,7 @@ def optim_cfg(**kw) -> OptimSection:
 def build(cfg: LoraSection, devices=None, **optim_kw):
     mesh = make_mesh(MeshSection(-1, 1, 1, rules=RULES), devices or jax.devices()[:1])
     tx = make_optimizer(optim_cfg(**optim_kw), 10, cfg)
-    return create_train_state(MODEL, "", tx, mesh, RULES, seed=0, lora_cfg=cfg)
+    return create_train_state(StateSpec(MODEL, mesh, RULES, tx, lora=cfg))
 
 
 def batch(rows=4, length=16, seed=0):

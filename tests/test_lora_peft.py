@@ -236,16 +236,18 @@ def test_lora_resume_and_export(lora_run, tmp_path, stories_dir):
     # Continuing from the exported PEFT adapter starts from exactly the trained adapters.
     c2 = _tiny(init_from=str(tmp_path / "ad"))
     from sft_jax.optim import make_optimizer
-    from sft_jax.state import create_train_state
+    from sft_jax.state import StateSpec, create_train_state
 
     cfg = parse(c2)
     tx = make_optimizer(cfg.optim, 10, cfg.lora)
-    state, _ = create_train_state(run.model_config, "", tx, mesh, rules, cfg.seed, cfg.lora)
+    state, _ = create_train_state(
+        StateSpec(run.model_config, mesh, rules, tx, cfg.seed, lora=cfg.lora)
+    )
     for a, b in zip(jax.tree.leaves(run.adapters), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     bad = parse(_tiny(init_from=str(tmp_path / "ad"), rank=4))
     with pytest.raises(ConfigError, match="r is 2 there but 4 here"):
-        create_train_state(run.model_config, "", tx, mesh, rules, bad.seed, bad.lora)
+        create_train_state(StateSpec(run.model_config, mesh, rules, tx, bad.seed, lora=bad.lora))
 
 
 def test_modules_to_save_run_exports_merged_and_peft(tmp_path, stories_dir):

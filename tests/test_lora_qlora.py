@@ -15,7 +15,7 @@ from sft_jax.config import MeshSection
 from sft_jax.model import Transformer
 from sft_jax.optim import make_optimizer
 from sft_jax.sharding import make_mesh
-from sft_jax.state import create_train_state, lora_model_config
+from sft_jax.state import StateSpec, create_train_state, lora_model_config
 from tests.helpers import tiny_model_config
 
 # Last dims of 256 / 512 give 4 / 8 blocks of 64, divisible by fsdp=4 and tensor=2.
@@ -27,7 +27,7 @@ def build(quant: str, mesh_shape=(1, 4, 2)):
     cfg = lora_cfg(base_quant=quant)
     cfg = dataclasses.replace(cfg, base_dtype="bfloat16")
     tx = make_optimizer(optim_cfg(), 10, cfg)
-    return create_train_state(MODEL, "", tx, mesh, RULES, seed=0, lora_cfg=cfg)
+    return create_train_state(StateSpec(MODEL, mesh, RULES, tx, lora=cfg))
 
 
 def kernels(frozen):
@@ -97,7 +97,7 @@ def test_peak_memory_one_layer_of_dequantised_weights():
     mesh = make_mesh(MeshSection(1, 1, 1, rules=RULES), jax.devices()[:1])
     cfg = dataclasses.replace(lora_cfg(base_quant="nf4"), base_dtype="bfloat16")
     tx = make_optimizer(optim_cfg(), 10, cfg)
-    state, _ = create_train_state(model, "", tx, mesh, RULES, seed=0, lora_cfg=cfg)
+    state, _ = create_train_state(StateSpec(model, mesh, RULES, tx, lora=cfg))
     b = batch(rows=1, length=16)
     apply = Transformer(lora_model_config(model, cfg)).apply
     kernel_bytes = sum(

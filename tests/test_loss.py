@@ -16,7 +16,7 @@ from sft_jax.loss import masked_cross_entropy
 from sft_jax.model import Transformer
 from sft_jax.optim import make_optimizer
 from sft_jax.sharding import make_mesh
-from sft_jax.state import create_train_state
+from sft_jax.state import StateSpec, create_train_state
 from tests.helpers import model_only_state, tiny_model_config
 
 
@@ -119,7 +119,7 @@ def test_chunked_loss_with_lora():
     cfg = LoraSection(**values)
     mesh = make_mesh(MeshSection(1, 1, 1, rules=rules), jax.devices()[:1])
     tx = make_optimizer(base_optim(), 10, cfg)
-    state, _ = create_train_state(tiny_model_config(), "", tx, mesh, rules, seed=0, lora_cfg=cfg)
+    state, _ = create_train_state(StateSpec(tiny_model_config(), mesh, rules, tx, lora=cfg))
     # B starts at zero; move it so the adapters actually change the logits.
     params = jax.tree.map(lambda x: x + 0.05, state.params)
     batch = _packed_batch()

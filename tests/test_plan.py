@@ -87,8 +87,7 @@ def test_lora_bytes_equal_the_real_train_state(mesh, quant, dora, saved):
     base is stored at lora.base_dtype or as codes + scales; each figure equals the real state's
     bytes on one device (bfloat16 Adam moments, to check optim.state_dtype too). Two of the
     three cases are slow: each builds a real LoRA train state (about 5 s of CPU)."""
-    from sft_jax.optim import make_optimizer
-    from sft_jax.state import create_train_state
+    from sft_jax.state import StateSpec, create_train_state
 
     raw = load_config_file("configs/tiny.py")
     raw.mesh.data, raw.mesh.fsdp, raw.mesh.tensor = mesh
@@ -97,15 +96,7 @@ def test_lora_bytes_equal_the_real_train_state(mesh, quant, dora, saved):
     raw.optim.state_dtype = "bfloat16"
     config = parse(raw)
     result = plan(config, devices=8, device_memory_gib=1.0)
-    state, _ = create_train_state(
-        hf.build_model_config(config.model),
-        "",
-        make_optimizer(config.optim, 10, config.lora),
-        make_mesh(config.mesh),
-        config.mesh.rules,
-        0,
-        config.lora,
-    )
+    state, _ = create_train_state(StateSpec.from_config(config, None, make_mesh(config.mesh), 10))
     adapters = _device0_bytes(state.params)
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]  # not the step counts
     assert result["frozen_bytes"] == _device0_bytes(state.frozen)
@@ -149,7 +140,7 @@ def test_hub_id_in_model_path_is_resolved(monkeypatch, stories_dir, capsys):
 
 # Plan's total against XLA's own figure for the compiled step (sft_jax/plan_check.py): the peak
 # = arguments + outputs - donated + temporaries, per device. Measured ratios plan / XLA for the
-# validation table (docs-ready in the module docstring of sft_jax/plan_check.py) lie in
+# validation table (docs/benchmarks.md, "Memory plan against XLA") lie in
 # [0.8, 1.25] for data- and tensor-parallel meshes; the test allows PLAN_FACTOR either way.
 # CPU stands in for GPU/TPU here: the SPMD partitioner that decides what each device holds is
 # the same pass on every backend, and the buffers (state, gradients, saved activations) are the

@@ -71,15 +71,14 @@ def _step_setup(model_config, keep_reference=False, mesh_sizes=(1, 1, 1)):
     from sft_jax.config import MeshSection
     from sft_jax.optim import make_optimizer, make_schedule
     from sft_jax.sharding import batch_sharding, make_mesh
-    from sft_jax.state import create_train_state
+    from sft_jax.state import StateSpec, create_train_state
     from tests.test_step import RULES, optim_cfg
 
     mesh = make_mesh(MeshSection(*mesh_sizes, rules=RULES), jax.devices()[:1])
     cfg = optim_cfg()
     tx = make_optimizer(cfg, total_steps=10)
-    state, shardings = create_train_state(
-        model_config, "", tx, mesh, RULES, seed=0, keep_reference=keep_reference
-    )
+    spec = StateSpec(model_config, mesh, RULES, tx, keep_reference=keep_reference)
+    state, shardings = create_train_state(spec)
     return state, shardings, batch_sharding(mesh, RULES), make_schedule(cfg, 10)
 
 
@@ -146,7 +145,7 @@ def test_kl_to_base_under_lora_uses_the_frozen_base():
     from sft_jax.config import LoraSection, MeshSection
     from sft_jax.optim import make_optimizer, make_schedule
     from sft_jax.sharding import batch_sharding, make_mesh
-    from sft_jax.state import create_train_state
+    from sft_jax.state import StateSpec, create_train_state
     from sft_jax.step import StepOptions, make_train_step
     from tests.helpers import tiny_model_config
     from tests.test_step import RULES, optim_cfg, packed_batch
@@ -159,9 +158,8 @@ def test_kl_to_base_under_lora_uses_the_frozen_base():
     mesh = make_mesh(MeshSection(1, 1, 1, rules=RULES), jax.devices()[:1])
     cfg = optim_cfg()
     tx = make_optimizer(cfg, 10, lora_cfg)
-    state, shardings = create_train_state(
-        tiny_model_config(), "", tx, mesh, RULES, seed=0, lora_cfg=lora_cfg, keep_reference=True
-    )
+    spec = StateSpec(tiny_model_config(), mesh, RULES, tx, lora=lora_cfg, keep_reference=True)
+    state, shardings = create_train_state(spec)
     assert state.reference is None  # the frozen base is the reference: no copy
     step = make_train_step(
         shardings,

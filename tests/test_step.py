@@ -11,7 +11,7 @@ from sft_jax.config import MeshSection, OptimSection
 from sft_jax.model import Transformer
 from sft_jax.optim import make_optimizer, make_schedule
 from sft_jax.sharding import batch_sharding, make_mesh
-from sft_jax.state import create_train_state
+from sft_jax.state import StateSpec, create_train_state
 from sft_jax.step import StepOptions, compute_grads, make_train_step
 from tests.helpers import tiny_model_config
 
@@ -51,7 +51,7 @@ def packed_batch(rows=8, length=16, seed=0) -> dict[str, np.ndarray]:
 def build(mesh_sizes=(-1, 1, 1), devices=None, **optim_kw):
     mesh = make_mesh(MeshSection(*mesh_sizes, rules=RULES), devices)
     tx = make_optimizer(optim_cfg(**optim_kw), total_steps=10)
-    state, shardings = create_train_state(MODEL, "", tx, mesh, RULES, seed=0)
+    state, shardings = create_train_state(StateSpec(MODEL, mesh, RULES, tx))
     return mesh, state, shardings
 
 
@@ -161,7 +161,7 @@ def test_bfloat16_compute_trains_and_stays_close_to_float32(state_dtype):
     def losses(model, optim_kw):
         mesh = make_mesh(MeshSection(1, 1, 1, rules=RULES), jax.devices()[:1])
         tx = make_optimizer(optim_cfg(**optim_kw), total_steps=10)
-        state, shardings = create_train_state(model, "", tx, mesh, RULES, seed=0)
+        state, shardings = create_train_state(StateSpec(model, mesh, RULES, tx))
         sharding = batch_sharding(mesh, RULES)
         step_fn = make_train_step(
             shardings, sharding, options=StepOptions(), schedule=make_schedule(optim_cfg(), 10)

@@ -1,12 +1,13 @@
 """LoRA family as pure transforms of the parameter tree: LoRA, rsLoRA, DoRA, LoRA+, QLoRA.
 
-    tree.py   adapters (init, merge, delta, DoRA magnitudes, shardings of a/b/m)
+    tree.py   adapters (`make_adapters`: the one adapter maker; init, merge, delta, DoRA
+              magnitudes, shardings of a/b/m; `config_scale`: a config's LoRA scale)
     peft.py   PEFT adapter files both ways (adapter_config.json + adapter_model.safetensors)
     quant.py  blockwise int8 / NF4 storage of the frozen base (QLoRA)
 
 The model side is `sft_jax.model.Einsum` (the "lora" variable collection); the training side is
-`sft_jax.state.create_train_state` (frozen base + trainable adapters) and `sft_jax.optim`
-(LoRA+). See docs/lora.md.
+`sft_jax.state` (`state_layout` / `create_train_state`: frozen base + trainable adapters) and
+`sft_jax.optim` (LoRA+). See docs/lora.md.
 """
 
 from sft_jax.lora.peft import (
@@ -35,11 +36,13 @@ from sft_jax.lora.tree import (
     add_saved_modules,
     apply_variables,
     column_norm,
+    config_scale,
     count,
     delta,
     init_adapters,
     init_magnitudes,
     lora_scale,
+    make_adapters,
     merge,
     merged_kernel,
     saved_module_table,
@@ -58,6 +61,7 @@ __all__ = [
     "add_saved_modules",
     "apply_variables",
     "column_norm",
+    "config_scale",
     "count",
     "delta",
     "dequantize",
@@ -66,6 +70,7 @@ __all__ = [
     "init_adapters",
     "init_magnitudes",
     "lora_scale",
+    "make_adapters",
     "merge",
     "merged_kernel",
     "peft_config",

@@ -29,13 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_jax.lora.tree import (
-    _SAVEABLE,
     KERNELS,
+    SAVEABLE,
     SAVED,
-    _get,
-    _set,
-    lora_scale,
+    config_scale,
+    get_path,
     saved_module_table,
+    set_path,
 )
 
 PREFIX = "base_model.model.model.layers"
@@ -61,7 +61,7 @@ def to_peft_tensors(adapters: dict, tied_embeddings: bool = False) -> dict[str, 
     loader then expects that key)."""
     tensors = {}
     for path in _adapter_paths(adapters):
-        ad = {k: np.asarray(v, np.float32) for k, v in _get(adapters, path).items()}
+        ad = {k: np.asarray(v, np.float32) for k, v in get_path(adapters, path).items()}
         layers, rank = ad["a"].shape[0], ad["a"].shape[-1]
         for layer in range(layers):
             prefix = f"{PREFIX}.{layer}.{KERNELS[path[-1]][1]}"
@@ -72,14 +72,14 @@ def to_peft_tensors(adapters: dict, tied_embeddings: bool = False) -> dict[str, 
     for name, value in adapters.get(SAVED, {}).items():
         tensors.update(_saved_to_peft(name, np.asarray(value, np.float32)))
     if tied_embeddings and "embed_tokens" in adapters.get(SAVED, {}):
-        embed = tensors[MODEL_PREFIX + _SAVEABLE["embed_tokens"][1]]
-        tensors[MODEL_PREFIX + _SAVEABLE["lm_head"][1]] = embed
+        embed = tensors[MODEL_PREFIX + SAVEABLE["embed_tokens"][1]]
+        tensors[MODEL_PREFIX + SAVEABLE["lm_head"][1]] = embed
     return tensors
 
 
 def _saved_to_peft(name: str, value: np.ndarray) -> dict[str, np.ndarray]:
     """One saved module's PEFT tensors (HF layouts, one tensor per layer)."""
-    key = MODEL_PREFIX + _SAVEABLE[name][1]
+    key = MODEL_PREFIX + SAVEABLE[name][1]
     if "{i}" in key:
         return {key.format(i=i): value[i].copy() for i in range(value.shape[0])}
     if name == "lm_head":
@@ -95,13 +95,13 @@ def _saved_from_peft(tensors: dict[str, np.ndarray], params: dict) -> dict[str, 
         key = MODEL_PREFIX + key
         if tied and name == "lm_head":
             value = tensors.pop(
-                MODEL_PREFIX + _SAVEABLE["lm_head"][1], None
+                MODEL_PREFIX + SAVEABLE["lm_head"][1], None
             )  # the tied copy PEFT writes; embed_tokens wins
             if value is not None and "embed_tokens" not in saved:
                 saved["embed_tokens"] = value
             continue
         if "{i}" in key:
-            layers = _get(params, path).shape[0]
+            layers = get_path(params, path).shape[0]
             found = [tensors.pop(key.format(i=i), None) for i in range(layers)]
             if all(v is None for v in found):
                 continue
@@ -144,7 +144,7 @@ def from_peft_tensors(
         parts.setdefault(kind, {})[layer] = np.asarray(value)
     adapters: dict = {}
     for path, parts in per_path.items():
-        kernel = _get(params, path)["kernel"]
+        kernel = get_path(params, path)["kernel"]
         n_in = KERNELS[path[-1]][0]
         in_shape, out_shape = kernel.shape[1 : 1 + n_in], kernel.shape[1 + n_in :]
         layers = kernel.shape[0]
@@ -158,7 +158,7 @@ def from_peft_tensors(
         }
         if "m" in parts:
             ad["m"] = np.stack([parts["m"][i].reshape(out_shape) for i in range(layers)])
-        _set(adapters, path, {k: jnp.asarray(v, dtype) for k, v in ad.items()})
+        set_path(adapters, path, {k: jnp.asarray(v, dtype) for k, v in ad.items()})
     if saved:
         adapters[SAVED] = {k: jnp.asarray(v, dtype) for k, v in sorted(saved.items())}
     return adapters
@@ -188,7 +188,7 @@ def peft_config(
         "lora_alpha": alpha,
         "target_modules": sorted({p[-1] for p in paths}),
         "use_rslora": rslora,
-        "use_dora": any("m" in _get(adapters, p) for p in paths),
+        "use_dora": any("m" in get_path(adapters, p) for p in paths),
         "lora_dropout": dropout,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -228,7 +228,7 @@ class PeftAdapterConfig:
 
     @property
     def scale(self) -> float:
-        return lora_scale(self.alpha, self.rank, self.rslora)
+        return config_scale(self)
 
 
 def read_peft_config(adapter_dir: str) -> PeftAdapterConfig:
@@ -287,7 +287,7 @@ def read_peft_adapter(
             f"PEFT adapter {adapter_dir} does not match config.lora: " + "; ".join(problems)
         )
     adapters = from_peft_tensors(load_file(os.path.join(adapter_dir, WEIGHTS_FILE)), params)
-    has_m = any("m" in _get(adapters, p) for p in _adapter_paths(adapters))
+    has_m = any("m" in get_path(adapters, p) for p in _adapter_paths(adapters))
     if has_m != cfg.dora:
         raise ValueError(
             f"{os.path.join(adapter_dir, CONFIG_FILE)}: use_dora is {cfg.dora} but "

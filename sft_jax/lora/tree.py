@@ -34,6 +34,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sft_jax.lora.quant import dequantize
+
 # Kernels of the decoder: name -> (number of input dims after L, HF module path inside a layer).
 KERNELS = {
     "q_proj": (1, "self_attn.q_proj"),
@@ -48,7 +50,7 @@ ALL_LINEAR = tuple(KERNELS)
 SAVED = "modules_to_save"  # key of the trained full copies inside the adapter tree
 # HF module name -> (our param path, HF weight key after "base_model.model."; {i} = layer).
 # On a tied model "lm_head" names the shared embedding (`saved_module_table`).
-_SAVEABLE = {
+SAVEABLE = {
     "embed_tokens": (("embed", "embedding"), "model.embed_tokens.weight"),
     "lm_head": (("lm_head", "kernel"), "lm_head.weight"),
     "norm": (("final_norm", "scale"), "model.norm.weight"),
@@ -71,12 +73,18 @@ _SAVEABLE = {
     "q_norm": (("layers", "attn", "q_norm", "scale"), "model.layers.{i}.self_attn.q_norm.weight"),
     "k_norm": (("layers", "attn", "k_norm", "scale"), "model.layers.{i}.self_attn.k_norm.weight"),
 }
-SAVEABLE_MODULES = tuple(_SAVEABLE)
+SAVEABLE_MODULES = tuple(SAVEABLE)
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
     """alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA (keeps updates stable at large r)."""
     return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def config_scale(cfg: Any) -> float:
+    """The scale of a LoRA config (`alpha`, `rank`, `rslora`: `config.lora`, a saved run's
+    section, an adapter_config.json): every user of a config's scale reads it here."""
+    return lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
 
 
 def target_paths(params: dict, targets: tuple[str, ...]) -> list[tuple[str, ...]]:
@@ -94,13 +102,15 @@ def target_paths(params: dict, targets: tuple[str, ...]) -> list[tuple[str, ...]
     return found
 
 
-def _get(tree: dict, path: tuple[str, ...]) -> Any:
+def get_path(tree: dict, path: tuple[str, ...]) -> Any:
+    """The subtree of a nested dict at `path` (a tuple of keys, as `target_paths` gives)."""
     for key in path:
         tree = tree[key]
     return tree
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    """Put `value` at `path` in a nested dict, creating the dicts on the way."""
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
@@ -115,15 +125,15 @@ def _has(tree: dict, path: tuple[str, ...]) -> bool:
 
 
 def saved_module_table(params: dict) -> dict[str, tuple[tuple[str, ...], str]]:
-    """The `_SAVEABLE` entries this model has: Gemma's sandwich norms rename the layer norms
+    """The `SAVEABLE` entries this model has: Gemma's sandwich norms rename the layer norms
     (HF post_attention_layernorm is our post_attn_norm there), and on a tied model lm_head is the
     embedding (training it trains the shared matrix, as PEFT's ensure_weight_tying)."""
-    table = dict(_SAVEABLE)
+    table = dict(SAVEABLE)
     layers = params.get("layers", {})
     if "post_attn_norm" in layers:  # Gemma 2/3
         table["post_attention_layernorm"] = (
             ("layers", "post_attn_norm", "scale"),
-            _SAVEABLE["post_attention_layernorm"][1],
+            SAVEABLE["post_attention_layernorm"][1],
         )
     else:
         del table["pre_feedforward_layernorm"], table["post_feedforward_layernorm"]
@@ -134,7 +144,7 @@ def saved_module_table(params: dict) -> dict[str, tuple[tuple[str, ...], str]]:
 
 def saved_module_path(module: str) -> tuple[str, ...]:
     """Our parameter path of the leaf that saved module `module` (an HF name) copies."""
-    return _SAVEABLE[module][0]
+    return SAVEABLE[module][0]
 
 
 def add_saved_modules(params: dict, adapters: dict, modules: tuple[str, ...]) -> dict:
@@ -151,7 +161,7 @@ def add_saved_modules(params: dict, adapters: dict, modules: tuple[str, ...]) ->
         )
     tied = "lm_head" not in params
     names = sorted({"embed_tokens" if tied and m == "lm_head" else m for m in modules})
-    saved = {m: _get(params, table[m][0]).astype(jnp.float32) for m in names}
+    saved = {m: get_path(params, table[m][0]).astype(jnp.float32) for m in names}
     return {**adapters, SAVED: saved}
 
 
@@ -191,7 +201,7 @@ def init_adapters(
     adapters: dict = {}
     paths = target_paths(params, targets)
     for i, path in enumerate(paths):
-        kernel = _get(params, path)["kernel"]
+        kernel = get_path(params, path)["kernel"]
         n_in = KERNELS[path[-1]][0]
         layers, in_shape = kernel.shape[0], kernel.shape[1 : 1 + n_in]
         out_shape = kernel.shape[1 + n_in :]
@@ -200,8 +210,21 @@ def init_adapters(
             jax.random.fold_in(rng, i), (layers, *in_shape, rank), dtype, -bound, bound
         )
         b = jnp.zeros((layers, rank, *out_shape), dtype)
-        _set(adapters, path, {"a": a, "b": b})
+        set_path(adapters, path, {"a": a, "b": b})
     return adapters
+
+
+def make_adapters(params: dict, cfg: Any, rng: jax.Array, frozen: Any = None) -> dict:
+    """The adapter tree a LoRA run starts from, for config `cfg` (`targets`, `rank`, `dora`,
+    `modules_to_save`): A random and B zero per targeted kernel, DoRA's m = ||W||, and the
+    float32 `modules_to_save` copies. m is the norm of the weight the forward sees: the frozen
+    (stored, maybe quantised) base `frozen` when given, so the model equals the base exactly at
+    init; `params` otherwise. The one place adapters are made: training, the memory plan and
+    loading a run's checkpoint all trace this function."""
+    adapters = init_adapters(params, tuple(cfg.targets), cfg.rank, rng)
+    if cfg.dora:
+        adapters = init_magnitudes(params if frozen is None else dequantize(frozen), adapters)
+    return add_saved_modules(params, adapters, tuple(cfg.modules_to_save))
 
 
 def delta(adapter: dict, scale: float) -> jax.Array:
@@ -256,7 +279,7 @@ def merge(params: dict, adapters: dict, scale: float) -> dict:
     if SAVED not in adapters:
         return merged
     table = saved_module_table(params)
-    saved = {m: v.astype(_get(params, table[m][0]).dtype) for m, v in adapters[SAVED].items()}
+    saved = {m: v.astype(get_path(params, table[m][0]).dtype) for m, v in adapters[SAVED].items()}
     return with_saved_modules(merged, saved)
 
 

@@ -35,6 +35,7 @@ from sft_jax.data import (
     split_into_gaps,
 )
 from sft_jax.data.pack import MIN_SPLIT_PIECE, Piece
+from sft_jax.data.pipeline import ProcessCounts
 from sft_jax.data.shards import agree
 from sft_jax.data.source import lazy_records
 
@@ -180,6 +181,18 @@ def test_failure_on_one_process_stops_all(tmp_path):
         t.join()
     assert "failed on process(es) [1]" in errors[0]
     assert "train.jsonl:4" in errors[1]
+
+
+def test_process_counts_travel_as_one_vector_of_one_length():
+    """A failed process sends a vector as long as a successful one's (else the exchange would
+    not line up), and every field comes back by name after the exchange."""
+    failed = ProcessCounts.failure(groups=2)
+    summed = {k: i + 1 for i, k in enumerate(failed.summed)}
+    counts = ProcessCounts(summed, 7, True, False, [3, 4])
+    assert len(counts.to_vector()) == len(failed.to_vector())
+    gathered = agree(counts.to_vector(), 1)
+    assert ProcessCounts.from_vector(gathered[0]) == counts
+    assert ProcessCounts.from_vector(failed.to_vector()).failed
 
 
 def write_records(path: pathlib.Path, records: list[dict]) -> str:

@@ -211,6 +211,13 @@ def _unblock(x):
     return jnp.moveaxis(x, 0, 1).reshape(b, n * block, *x.shape[3:])
 
 
+def _full(like, shape, value=0.0):
+    """float32 `value` of `shape`, varying over the same mesh axes as `like`: shard_map's type
+    check wants both branches of a cond and a scan's carry to agree on which axes they vary."""
+    x = jnp.full(shape, value, jnp.float32)
+    return jax.lax.pcast(x, tuple(sorted(jax.typeof(like).manual_axis_type.varying)), to="varying")
+
+
 def _rotate(xs, config):
     """Each device's arrays to the next device of the ring (device i sends to i + 1)."""
     perm = [(i, (i + 1) % config.ring) for i in range(config.ring)]
@@ -257,9 +264,9 @@ def _ring_forward(q, k, v, qseg, qpos, config):
     """(output [b, t, K, G, H] float32, log-sum-exp [b, t, K, G]) of the local queries."""
     b, t, kv_heads, groups, h = q.shape
     state = (
-        jnp.full((b, t, kv_heads, groups), _MASKED, jnp.float32),
-        jnp.zeros((b, t, kv_heads, groups), jnp.float32),
-        jnp.zeros((b, t, kv_heads, groups, h), jnp.float32),
+        _full(q, (b, t, kv_heads, groups), _MASKED),
+        _full(q, (b, t, kv_heads, groups)),
+        _full(q, (b, t, kv_heads, groups, h)),
     )
     chunk = functools.partial(_forward_chunk, q=q, qseg=qseg, qpos=qpos, config=config)
     state = chunk(state, kv=(k, v, qseg, qpos))  # the local chunk first: no communication
@@ -308,7 +315,7 @@ def _backward_chunk(dq, grads, per_query, kv, config):
                 qseg=qseg_t, qpos=qpos_t, kv_tile=kv_tile, config=config,
             )  # fmt: skip
             k, v = kv_tile[:2]
-            skip = lambda dq: (dq, jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+            skip = lambda dq: (dq, _full(k, k.shape), _full(v, v.shape))
             visible = _tile_visible(qseg_t, qpos_t, kv_tile[2], kv_tile[3], config.window)
             dq_t, dk, dv = jax.lax.cond(visible, tile, skip, dq_t)
             return dq_t, (dk, dv)
@@ -326,8 +333,8 @@ def _ring_backward(q, k, v, qseg, qpos, out, lse, do, config):
     delta = jnp.sum(out * do.astype(jnp.float32), axis=-1)  # [b, t, K, G]
     per_query = (q, do, lse, delta, qseg, qpos)
     chunk = functools.partial(_backward_chunk, per_query=per_query, config=config)
-    zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    dq = jnp.zeros(q.shape, jnp.float32)
+    zeros = (_full(k, k.shape), _full(v, v.shape))
+    dq = _full(q, q.shape)
 
     def step(carry, _):
         dq, kv, grads = carry

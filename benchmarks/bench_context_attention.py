@@ -23,18 +23,18 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import statistics
+import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
 
-from sft_jax.attention import attention_mask, grouped_attention  # noqa: E402
-from sft_jax.context_attention import context_attention, reorder_for_context  # noqa: E402
+from sft_jax.attention import attention_mask, grouped_attention
+from sft_jax.context_attention import context_attention, reorder_for_context
 
 HEADS, KV_HEADS, HEAD_DIM, CONTEXT = 8, 4, 32, 8
 

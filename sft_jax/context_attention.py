@@ -32,6 +32,7 @@ ids and positions alike before the model and `restore_order` to anything per-tok
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import TYPE_CHECKING
 
@@ -150,21 +151,16 @@ def _tile(length: int, block: int) -> int:
     return block
 
 
+@dataclasses.dataclass(frozen=True)
 class _Config:
-    """Static settings of one ring attention (hashable, so it can be a nondiff argument)."""
+    """Static settings of one ring attention (hashable: a nondiff argument of the custom VJP)."""
 
-    def __init__(self, *, scale, softcap, window, block, axis, ring):
-        self.scale, self.softcap, self.window = scale, softcap, window
-        self.block, self.axis, self.ring = block, axis, ring
-
-    def _key(self):
-        return (self.scale, self.softcap, self.window, self.block, self.axis, self.ring)
-
-    def __hash__(self):
-        return hash(self._key())
-
-    def __eq__(self, other):
-        return isinstance(other, _Config) and self._key() == other._key()
+    scale: float
+    softcap: float | None
+    window: int | None
+    block: int  # tile size, queries and keys
+    axis: str  # the context mesh axis
+    ring: int  # its size
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +187,7 @@ def _tile_visible(qseg, qpos, kseg, kpos, window):
 
 
 def _scores(q, k, config):
-    """Scaled (and soft-capped) scores float32 [b, q, K, G, s] of q [b, q, K, G, H], k [b, s, K, H]."""
+    """Scaled, soft-capped float32 scores [b, q, K, G, s]; q [b, q, K, G, H], k [b, s, K, H]."""
     s = jnp.einsum("bqkgh,bskh->bqkgs", q, k, preferred_element_type=jnp.float32)
     s = s * config.scale
     if config.softcap is not None:
@@ -231,14 +227,14 @@ def _rotate(xs, config):
 def _forward_tile(state, q, qseg, qpos, kv_tile, config):
     """Folds one key tile into a query tile's running (max, sum, output), all float32."""
     k, v, kseg, kpos = kv_tile
-    m, l, acc = state  # [b, q, K, G], [b, q, K, G], [b, q, K, G, H]
+    m, total, acc = state  # [b, q, K, G], [b, q, K, G], [b, q, K, G, H]
     mask = _tile_mask(qseg, qpos, kseg, kpos, config.window)[:, :, None, None, :]
     s = jnp.where(mask, _scores(q, k, config), _MASKED)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
     alpha = jnp.exp(m - m_new)
     pv = jnp.einsum("bqkgs,bskh->bqkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv
+    return m_new, total * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv
 
 
 def _forward_chunk(state, q, qseg, qpos, kv, config):
@@ -277,8 +273,8 @@ def _ring_forward(q, k, v, qseg, qpos, config):
         return (chunk(state, kv=kv), kv), None
 
     (state, _), _ = jax.lax.scan(step, (state, (k, v, qseg, qpos)), length=config.ring - 1)
-    m, l, acc = state
-    return acc / l[..., None], m + jnp.log(l)
+    m, total, acc = state
+    return acc / total[..., None], m + jnp.log(total)
 
 
 # --------------------------------------------------------------------------------------------

@@ -238,8 +238,8 @@ def _forward_tile(state, q, qseg, qpos, kv_tile, config):
 
 
 def _forward_chunk(state, q, qseg, qpos, kv, config):
-    """Folds one held key/value chunk into every local query tile, skipping masked tiles."""
-    kv_tiles = tuple(_blocks(x, config.block) for x in kv)
+    """Folds one held key/value chunk into every local query tile, skipping masked tiles.
+    Everything arrives in tiles ([tiles, b, block, ...], `_blocks`), so nothing is copied."""
 
     def per_query_tile(args):
         tile_state, q_t, qseg_t, qpos_t = args
@@ -249,21 +249,14 @@ def _forward_chunk(state, q, qseg, qpos, kv, config):
             visible = _tile_visible(qseg_t, qpos_t, kv_tile[2], kv_tile[3], config.window)
             return jax.lax.cond(visible, lambda s: fold(s, kv_tile=kv_tile), lambda s: s, st), None
 
-        return jax.lax.scan(per_key_tile, tile_state, kv_tiles)[0]
+        return jax.lax.scan(per_key_tile, tile_state, kv)[0]
 
-    blocked = tuple(_blocks(x, config.block) for x in (*state, q, qseg, qpos))
-    out = jax.lax.map(per_query_tile, ((blocked[0], blocked[1], blocked[2]), *blocked[3:]))
-    return tuple(_unblock(x) for x in out)
+    return jax.lax.map(per_query_tile, (state, q, qseg, qpos))
 
 
 def _ring_forward(q, k, v, qseg, qpos, config):
-    """(output [b, t, K, G, H] float32, log-sum-exp [b, t, K, G]) of the local queries."""
-    b, t, kv_heads, groups, h = q.shape
-    state = (
-        _full(q, (b, t, kv_heads, groups), _MASKED),
-        _full(q, (b, t, kv_heads, groups)),
-        _full(q, (b, t, kv_heads, groups, h)),
-    )
+    """(output float32, log-sum-exp) of the local query tiles q [tiles, b, block, K, G, H]."""
+    state = (_full(q, q.shape[:-1], _MASKED), _full(q, q.shape[:-1]), _full(q, q.shape))
     chunk = functools.partial(_forward_chunk, q=q, qseg=qseg, qpos=qpos, config=config)
     state = chunk(state, kv=(k, v, qseg, qpos))  # the local chunk first: no communication
 
@@ -300,7 +293,6 @@ def _backward_tile(dq, q, do, lse, delta, qseg, qpos, kv_tile, config):
 
 def _backward_chunk(dq, grads, per_query, kv, config):
     """Adds one held chunk's contributions to the local dq and to the chunk's (dk, dv)."""
-    kv_tiles = tuple(_blocks(x, config.block) for x in kv)
 
     def per_query_tile(kv_grads, args):
         dq_t, q_t, do_t, lse_t, delta_t, qseg_t, qpos_t = args
@@ -316,17 +308,16 @@ def _backward_chunk(dq, grads, per_query, kv, config):
             dq_t, dk, dv = jax.lax.cond(visible, tile, skip, dq_t)
             return dq_t, (dk, dv)
 
-        dq_t, (dk, dv) = jax.lax.scan(per_key_tile, dq_t, kv_tiles)
-        return (kv_grads[0] + _unblock(dk), kv_grads[1] + _unblock(dv)), dq_t
+        dq_t, (dk, dv) = jax.lax.scan(per_key_tile, dq_t, kv)
+        return (kv_grads[0] + dk, kv_grads[1] + dv), dq_t
 
-    blocked = tuple(_blocks(x, config.block) for x in (dq, *per_query))
-    grads, dq = jax.lax.scan(per_query_tile, grads, blocked)
-    return _unblock(dq), grads
+    grads, dq = jax.lax.scan(per_query_tile, grads, (dq, *per_query))
+    return dq, grads
 
 
 def _ring_backward(q, k, v, qseg, qpos, out, lse, do, config):
     """(dq, dk, dv) float32 of the local chunk, after one full turn of the ring."""
-    delta = jnp.sum(out * do.astype(jnp.float32), axis=-1)  # [b, t, K, G]
+    delta = jnp.sum(out * do.astype(jnp.float32), axis=-1)  # [tiles, b, block, K, G]
     per_query = (q, do, lse, delta, qseg, qpos)
     chunk = functools.partial(_backward_chunk, per_query=per_query, config=config)
     zeros = (_full(k, k.shape), _full(v, v.shape))
@@ -349,10 +340,15 @@ def _ring_backward(q, k, v, qseg, qpos, out, lse, do, config):
 
 
 def _ring_attention(q, k, v, segment_ids, positions, *, config):
-    """The body run on each device: its chunk [b, t, n, H] of the queries -> their output."""
+    """The body run on each device: its chunk [b, t, n, H] of the queries -> their output.
+
+    Cut into tiles once, here, outside the custom VJP: inside it every array (and the ring's
+    carries) stays in tiles, so no per-step copy of a whole chunk is made to tile or untile it.
+    """
     b, t, n, h = q.shape
     gq = q.reshape(b, t, k.shape[2], n // k.shape[2], h)
-    return _ring_core(gq, k, v, segment_ids, positions, config).reshape(b, t, n, h)
+    tiles = (_blocks(x, config.block) for x in (gq, k, v, segment_ids, positions))
+    return _unblock(_ring_core(*tiles, config)).reshape(b, t, n, h)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

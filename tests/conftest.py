@@ -8,8 +8,11 @@ steps and removes it), else in a new temporary directory removed when the sessio
 """
 
 import os
+import pathlib
 import shutil
 import tempfile
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -25,10 +28,6 @@ JAX_CACHE = os.environ.get("SFT_JAX_TEST_JAX_CACHE") or tempfile.mkdtemp(prefix=
 os.environ["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
-import pathlib
-
-import pytest
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden"
 STORIES = REPO / "sft_jax" / "assets" / "stories260K"
@@ -38,6 +37,16 @@ SHARED_ASSETS = REPO.parent / "shared" / "assets"
 @pytest.fixture(scope="session")
 def stories_dir() -> pathlib.Path:
     return STORIES
+
+
+@pytest.fixture(scope="session")
+def small_train(tmp_path_factory) -> str:
+    """300 rows of the bundled demo data: enough for the tiny config's short runs, and quick to
+    tokenise in every run and subprocess that trains on it."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    lines = (REPO / "sft_jax" / "assets" / "demo" / "train.jsonl").read_text(encoding="utf-8")
+    path.write_text("".join(lines.splitlines(keepends=True)[:300]), encoding="utf-8")
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -20,15 +20,6 @@ from sft_jax.optim import make_schedule, schedule_change
 from sft_jax.train import main, train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TRAIN_FILE = REPO / "sft_jax" / "assets" / "demo" / "train.jsonl"
-
-
-@pytest.fixture(scope="module")
-def small_train(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    lines = TRAIN_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:300]
-    path.write_text("".join(lines), encoding="utf-8")
-    return str(path)
 
 
 def config(small_train: str, **overrides):

@@ -22,15 +22,6 @@ from sft_jax.train import load_config_from_flags, main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
-TRAIN_FILE = REPO / "sft_jax" / "assets" / "demo" / "train.jsonl"
-
-
-@pytest.fixture(scope="module")
-def small_train(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    lines = TRAIN_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:200]
-    path.write_text("".join(lines), encoding="utf-8")
-    return str(path)
 
 
 # ----------------------------------------------------------------------------- --help

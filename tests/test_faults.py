@@ -26,19 +26,9 @@ from sft_jax.metrics import read_metrics
 from sft_jax.train import main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TRAIN_FILE = REPO / "sft_jax" / "assets" / "demo" / "train.jsonl"
 STORIES = REPO / "sft_jax" / "assets" / "stories260K"
 COMPARED = ("loss", "grad_norm", "learning_rate", "loss_tokens")
 STEPS = 10
-
-
-@pytest.fixture(scope="module")
-def small_train(tmp_path_factory) -> str:
-    """300 demo rows: enough for 10 steps, and quick to tokenise in every subprocess."""
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    lines = TRAIN_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:300]
-    path.write_text("".join(lines), encoding="utf-8")
-    return str(path)
 
 
 def flags(small_train: str, workdir, *extra: str) -> list[str]:

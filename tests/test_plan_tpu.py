@@ -49,6 +49,9 @@ def _compile(config, topology="v5e:2x2", num_slices=1):
     )
 
 
+# Slow (over a minute): the CLI's whole compile and report. The default tier keeps the TPU
+# compile itself (the tests below) and the plan's fields without it (tests/test_plan.py).
+@pytest.mark.slow
 def test_cli_compiles_for_v5e_and_prints_every_field(capsys):
     argv = ["plan", "--config", "configs/tiny.py", "--topology", "v5e:2x2", "--compile", *SMALL]
     assert plan_module.main(argv) == 0

@@ -9,7 +9,7 @@ v, jitted, median of `--repeats` calls after a warm-up; prints one line per impl
 one JSON line {"impl": median ms, ...}. It compares implementations; it does not predict an
 implementation's cost inside the whole train step, where XLA:CPU picks other fusions and
 layouts and runs independent ops side by side (the transposed backward of
-sft_jax/blocked_attention.py costs the same here but cut the step's attention op time by ~40%:
+sft_jax/model/blocked_attention.py costs the same here but cut the step's attention op time by ~40%:
 docs/benchmarks.md, levers).
 """
 
@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.bench import cpu_small
-from sft_jax.attention import AttentionOptions, attend
 from sft_jax.bench import packed_data
-from sft_jax.model import attention_mask
+from sft_jax.model.attention import AttentionOptions, attend
+from sft_jax.model.decoder import attention_mask
 
 
 def workload_inputs(seed: int = 0) -> tuple[jax.Array, ...]:

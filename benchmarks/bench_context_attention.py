@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from sft_jax.attention import attention_mask, grouped_attention
-from sft_jax.context_attention import context_attention, reorder_for_context
+from sft_jax.model.attention import attention_mask, grouped_attention
+from sft_jax.model.context_attention import context_attention, reorder_for_context
 
 HEADS, KV_HEADS, HEAD_DIM, CONTEXT = 8, 4, 32, 8
 

@@ -22,11 +22,11 @@ import numpy as np
 
 from configs import base
 from sft_jax.config import LoraSection, MeshSection, OptimSection
-from sft_jax.model import ModelConfig
-from sft_jax.optim import make_optimizer, make_schedule
-from sft_jax.sharding import batch_sharding, make_mesh
-from sft_jax.state import StateSpec, create_train_state
-from sft_jax.step import StepOptions, make_train_step
+from sft_jax.model.decoder import ModelConfig
+from sft_jax.training.optim import make_optimizer, make_schedule
+from sft_jax.training.sharding import batch_sharding, make_mesh
+from sft_jax.training.state import StateSpec, create_train_state
+from sft_jax.training.step import StepOptions, make_train_step
 
 MODEL = ModelConfig(
     vocab_size=8192,

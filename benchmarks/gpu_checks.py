@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.attention import (
+from sft_jax.model.attention import (
     AttentionOptions,
     attend,
     attention_mask,

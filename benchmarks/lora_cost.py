@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/lora_cost.py [--layers 2,4] [--rank 16] [--quant none]
 
-Compiles (never runs) the real jitted train step (`sft_jax.step.make_train_step`) of
+Compiles (never runs) the real jitted train step (`sft_jax.training.step.make_train_step`) of
 configs/bench/gpu_llama1b.py (vocab 128256, hidden 2048, mlp 8192, 32/8 heads of 64, batch
 4 x 2048, bf16 compute, fp32 master weights, "dots" remat, AdamW) for full fine-tuning and for
 LoRA (r=16 on all seven projections, bf16 frozen base), from abstract ShapeDtypeStruct inputs, so
@@ -27,11 +27,11 @@ import numpy as np
 
 from sft_jax.config import load_config_file, parse
 from sft_jax.data.pack import PACKED_KEYS
-from sft_jax.model import model_config_from_arch
-from sft_jax.optim import make_optimizer, make_schedule
-from sft_jax.sharding import batch_sharding, make_mesh
-from sft_jax.state import StateSpec, state_layout
-from sft_jax.step import StepOptions, make_train_step
+from sft_jax.model.decoder import model_config_from_arch
+from sft_jax.training.optim import make_optimizer, make_schedule
+from sft_jax.training.sharding import batch_sharding, make_mesh
+from sft_jax.training.state import StateSpec, state_layout
+from sft_jax.training.step import StepOptions, make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FULL_LAYERS = 16

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_jax import hf, lora
-from sft_jax.model import ModelConfig, Transformer
+from sft_jax.model.decoder import ModelConfig, Transformer
 from sft_jax.workdir import LoadError, is_workdir, open_checkpoint, read_config
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -65,8 +65,8 @@ def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
     stays loadable when unrelated config keys are added later, and keys of those sections that
     an older version did not write take their defaults.
     """
-    from sft_jax import sharding
-    from sft_jax.state import param_shardings
+    from sft_jax.training import sharding
+    from sft_jax.training.state import param_shardings
 
     saved = read_config(workdir)
     raw = {**saved.raw, "lora": dataclasses.asdict(saved.lora)}
@@ -100,8 +100,9 @@ def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
 def _merged_lora(saved: Any, model: Any, mesh: Any, checkpointer: Any, step: int):
     """A LoRA run's (merged parameters, adapters): the base re-read (or re-initialised from the
     run's seed) at its stored precision, the adapters restored from `step` into the layout
-    training gave them (`sft_jax.state.adapter_layout`) and merged in at the run's scale."""
-    from sft_jax.state import adapter_layout, init_params
+    training gave them (`sft_jax.training.state.adapter_layout`) and merged in at the run's
+    scale."""
+    from sft_jax.training.state import adapter_layout, init_params
 
     rules, c = saved.mesh.rules, saved.lora
     base = init_params(model, saved.model.path, mesh, rules, saved.raw["seed"])

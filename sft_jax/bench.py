@@ -2,7 +2,7 @@
 [--warmup W] [--peak_flops F] [--config.a.b=v ...]`.
 
 Why a separate entry point: throughput must come from a command anyone can rerun, over the real
-code path: the state and step training builds (`sft_jax.state.StateSpec.from_config` and
+code path: the state and step training builds (`sft_jax.training.state.StateSpec.from_config` and
 `create_train_state`, random init from `model.arch`; `train_setup.make_step_from_config`, so
 NEFTune, KL to the base and micro-batches run as configured) and the real `TrainIterator`.
 Only the data is synthetic here: seeded random prompts (40-300 tokens) and completions (20-200)
@@ -16,7 +16,7 @@ step *including* fetching and placing its batch; `data_wait_s` is the median of 
 `tokens_per_s` counts real (non-padding) input tokens, prompt and completion together (what TRL
 reports as num_tokens): mean real tokens per timed step / `step_s`.
 
-MFU (computed in sft_jax/flops.py): tokens/s x flops per token / peak, flops per
+MFU (computed in sft_jax/planning/flops.py): tokens/s x flops per token / peak, flops per
 token = 6N + 12·L·D·T for full fine-tuning and 4N + 12·L·D·T + 6·(adapter params) for LoRA, N =
 matmul parameters including the LM head. Peak: on CPU `--peak_flops` if given, else measured
 (`measure_cpu_peak`: the best fp32 rate of a 2048^3 matmul through XLA on this host, before and
@@ -46,19 +46,20 @@ from typing import Any
 import jax
 import numpy as np
 
-from sft_jax import hf, sharding
-from sft_jax.attention import resolve_implementation
+from sft_jax import hf
 from sft_jax.cli import absl_help, wants_help
 from sft_jax.config import Config, ConfigError, config_from_argv
 from sft_jax.data import TokenizedExample, TrainIterator, pack_examples, packing_stats
 from sft_jax.data.pack import whole_example_row_floor
-from sft_jax.flops import flops_per_token, measure_cpu_peak, mfu, resolve_peak
-from sft_jax.host_memory import configure_host_allocator
-from sft_jax.model import ModelConfig, Transformer, count_params
-from sft_jax.plan_check import abstract_train_state, compile_abstract_step
-from sft_jax.preflight import check_train_batch
-from sft_jax.state import StateSpec, create_train_state, param_shardings
-from sft_jax.train_setup import make_placer, make_step_from_config
+from sft_jax.model.attention import resolve_implementation
+from sft_jax.model.decoder import ModelConfig, Transformer, count_params
+from sft_jax.planning.flops import flops_per_token, measure_cpu_peak, mfu, resolve_peak
+from sft_jax.planning.plan_check import abstract_train_state, compile_abstract_step
+from sft_jax.training import sharding
+from sft_jax.training.host_memory import configure_host_allocator
+from sft_jax.training.preflight import check_train_batch
+from sft_jax.training.state import StateSpec, create_train_state, param_shardings
+from sft_jax.training.train_setup import make_placer, make_step_from_config
 
 PROMPT_LEN = (40, 300)  # inclusive ranges of the benchmark workload
 COMPLETION_LEN = (20, 200)
@@ -144,7 +145,7 @@ def _checked_mesh(config: Config) -> Any:
 
 def build(config: Config, total_steps: int) -> tuple[Any, Any, Any, ModelConfig, Any]:
     """(state, compiled-to-be step function, batch placer, model config, mesh) for the config,
-    through the same calls as sft_jax.train_setup."""
+    through the same calls as sft_jax.training.train_setup."""
     mesh = _checked_mesh(config)
     spec = StateSpec.from_config(config, None, mesh, total_steps)
     state, shardings = create_train_state(spec)

@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from sft_jax.model_config import IMPLEMENTATIONS, REMAT_POLICIES
+from sft_jax.model.config import IMPLEMENTATIONS, REMAT_POLICIES
 
 
 class ConfigError(ValueError):
@@ -184,7 +184,7 @@ class MeshSection:
 
 @dataclasses.dataclass(frozen=True)
 class LoggingSection:
-    """Where metrics go besides metrics.jsonl (process 0 only); see sft_jax/metrics.py."""
+    """Where metrics go besides metrics.jsonl (process 0 only); see sft_jax/training/metrics.py."""
 
     tensorboard: bool
     wandb: bool

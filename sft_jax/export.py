@@ -41,7 +41,7 @@ from flax import traverse_util
 from sft_jax import hf
 from sft_jax.api import TrainedModel, load_workdir
 from sft_jax.hf.safetensors import write_safetensors
-from sft_jax.model import ModelConfig
+from sft_jax.model.decoder import ModelConfig
 from sft_jax.workdir import best_step
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30

@@ -43,7 +43,7 @@ import numpy as np
 
 from sft_jax.chat import chat_stops, encode
 from sft_jax.cli import interrupted
-from sft_jax.model import Transformer, init_cache
+from sft_jax.model.decoder import Transformer, init_cache
 
 _LENGTH_BUCKET = 16
 _STOP_BUCKET = 4  # stop ids are padded with -1 (never a token) to a multiple of this

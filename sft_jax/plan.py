@@ -4,10 +4,11 @@
         [--platform gpu] [--config.mesh.fsdp=-1 --config.mesh.data=1 --config.model.remat=full]
     python -m sft_jax.plan --config configs/x.py --check_compiled   (compare with XLA, see below)
     python -m sft_jax.plan --config configs/x.py --topology v5p:2x4x4 --compile [--num_slices 2]
-        (the TPU compiler's answer for a TPU topology, on a host without one: sft_jax/tpu.py)
+        (the TPU compiler's answer for a TPU topology, on a host without one:
+        sft_jax/planning/tpu.py)
 
 Nothing is allocated: the state is the one training builds, traced abstractly on the planned
-mesh without its devices (`sft_jax.state.state_layout`), and each array's bytes per device
+mesh without its devices (`sft_jax.training.state.state_layout`), and each array's bytes per device
 follow from its sharding (a dimension is split only where the mesh axes divide it, exactly as
 in training). A Hub id in `model.path` is fetched first (the
 model files, as training would; only config.json is read here).
@@ -21,7 +22,7 @@ in `lora.base_dtype`, its layer kernels as int8 / NF4 codes plus float32 block s
 
 Activations are an estimate (`activation_bytes`), calibrated against the compiled train step's
 own memory analysis; `--check_compiled` compiles the real step for abstract inputs on the local
-devices (sft_jax/plan_check.py) and prints XLA's figure beside the plan's.
+devices (sft_jax/planning/plan_check.py) and prints XLA's figure beside the plan's.
 """
 
 from __future__ import annotations
@@ -36,13 +37,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh
 
-from sft_jax import hf, state
-from sft_jax.attention import resolve_implementation
-from sft_jax.blocked_attention import BLOCK
+from sft_jax import hf
 from sft_jax.cli import absl_help, wants_help
 from sft_jax.config import Config, ConfigError, config_from_argv
-from sft_jax.model import ModelConfig
-from sft_jax.sharding import MESH_AXES
+from sft_jax.model.attention import resolve_implementation
+from sft_jax.model.blocked_attention import BLOCK
+from sft_jax.model.decoder import ModelConfig
+from sft_jax.training import state
+from sft_jax.training.sharding import MESH_AXES
 
 GIB = 1024**3
 HEADROOM = 0.9  # plan fits when its total is within 90% of the device (allocator slack)
@@ -141,7 +143,7 @@ def activation_bytes(
 
 def state_bytes(config: Config, model_config: ModelConfig, mesh: AbstractMesh) -> dict[str, int]:
     """Exact per-device bytes of what lives between steps (the state training builds:
-    `sft_jax.state.state_layout`), and the step's gradients."""
+    `sft_jax.training.state.state_layout`), and the step's gradients."""
     # The schedule's length (2 steps here) changes neither the state nor its bytes.
     spec = state.StateSpec.from_config(config, model_config, mesh, 2)
     layout = state.state_layout(spec)
@@ -253,8 +255,8 @@ def resolve_model_path(config: Config) -> Config:
 
 def plan_topology(config: Config, topology: str, num_slices: int, compile_step: bool) -> int:
     """The plan for every chip of `num_slices` x `topology`; with `compile_step` the TPU
-    compiler's figures too (sft_jax/tpu.py), then one JSON line with both."""
-    from sft_jax import tpu
+    compiler's figures too (sft_jax/planning/tpu.py), then one JSON line with both."""
+    from sft_jax.planning import tpu
 
     generation, chips = tpu.parse_topology(topology)
     chips *= num_slices
@@ -327,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         result = plan(config, devices, memory_gib, platform)
         print(format_plan(result, config.model.remat))
         if flag_values.check_compiled:
-            from sft_jax.plan_check import compare, format_comparison
+            from sft_jax.planning.plan_check import compare, format_comparison
 
             print(format_comparison(compare(config, result)))
     except (ConfigError, hf.UnsupportedModelError, FileNotFoundError, ValueError) as e:

@@ -1,13 +1,13 @@
 """Entry point: `python -m sft_jax.train --config configs/x.py --workdir DIR [--config.a.b=v ...]`.
 
 `main` parses flags and hands a parsed `Config` to `train_and_evaluate`, which tests call directly.
-The loop is split into named sections: setup (sft_jax/train_setup.py: mesh, data, model, state,
-restore, the evaluator), the baseline evaluation, the step loop (health, log, evaluate,
+The loop is split into named sections: setup (sft_jax/training/train_setup.py: mesh, data, model,
+state, restore, the evaluator), the baseline evaluation, the step loop (health, log, evaluate,
 checkpoint), and the final evaluation, before/after comparison and summary. Every evaluation is a
-method of `run.evaluator` (sft_jax/eval_loop.py).
+method of `run.evaluator` (sft_jax/evaluation/eval_loop.py).
 
-Exit codes (sft_jax/faults.py): 0 finished or stopped early; 2 bad config or data, or a busy
-workdir (nothing trained); 42 preempted or interrupted (SIGTERM, Ctrl-C), safe to restart; 43
+Exit codes (sft_jax/training/faults.py): 0 finished or stopped early; 2 bad config or data, or a
+busy workdir (nothing trained); 42 preempted or interrupted (SIGTERM, Ctrl-C), safe to restart; 43
 aborted on non-finite loss; 44 a checkpoint could not be written (disk full, read-only),
 committed checkpoints kept; 130 a second Ctrl-C. What is printed where: sft_jax/console.py.
 
@@ -16,7 +16,7 @@ metrics.jsonl is appended to by every start of a run in the same workdir. Each s
 of that start carries `"run": n` (0 for the first start), so the records a resumed run wrote
 are told apart exactly from those of the run it replaced. Training records have no "kind"; the
 evaluation records ("eval", "samples", "generation_*", "general_*") are described in
-sft_jax/eval_loop.py. Other kinds: "loss_spike", "preempted", "rewind".
+sft_jax/evaluation/eval_loop.py. Other kinds: "loss_spike", "preempted", "rewind".
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from sft_jax import console, data, eval_loop, hf, preflight, train_setup, workdir_lock
+from sft_jax import console, data, hf
 from sft_jax.cli import absl_help, wants_help
 from sft_jax.config import Config, ConfigError, config_from_argv
 from sft_jax.console import log
-from sft_jax.distributed import check_platform, initialize_distributed
-from sft_jax.faults import (
+from sft_jax.evaluation import eval_loop
+from sft_jax.training import preflight, train_setup, workdir_lock
+from sft_jax.training.distributed import check_platform, initialize_distributed
+from sft_jax.training.faults import (
     EXIT_ABORTED,
     EXIT_NONFINITE,
     EXIT_OK,
@@ -47,9 +49,9 @@ from sft_jax.faults import (
     PreemptionWatcher,
     SaveFailed,
 )
-from sft_jax.host_memory import configure_host_allocator
-from sft_jax.run_state import Run
-from sft_jax.run_summary import print_summary, read_finished_summary, write_summary
+from sft_jax.training.host_memory import configure_host_allocator
+from sft_jax.training.run_state import Run
+from sft_jax.training.run_summary import print_summary, read_finished_summary, write_summary
 
 USER_ERRORS = (ConfigError, data.DataError, hf.UnsupportedModelError, FileNotFoundError)
 

@@ -110,7 +110,7 @@ def chat_template_source(spec: str) -> str | None:
 def open_checkpoint(workdir: str, step: int | None = None) -> tuple[Any, int]:
     """(the workdir's Checkpointer, `step`, or the latest step when None); LoadError when that
     checkpoint does not exist."""
-    from sft_jax.checkpoint import Checkpointer
+    from sft_jax.training.checkpoint import Checkpointer
 
     checkpointer = Checkpointer(workdir, keep=1, async_save=False)
     step = checkpointer.latest_step() if step is None else step

@@ -3,8 +3,8 @@
 from collections.abc import Callable
 from typing import Any
 
-from sft_jax.model import ModelConfig
-from sft_jax.state import TrainState
+from sft_jax.model.decoder import ModelConfig
+from sft_jax.training.state import TrainState
 
 TINY_DEFAULTS = dict(
     vocab_size=64,

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import sft_jax
 from sft_jax import export, generate, hf, lora
-from sft_jax.model import Transformer
+from sft_jax.model.decoder import Transformer
 from tests.conftest import REPO
 from tests.helpers import tiny_model_config
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sft_jax.attention import (
+from sft_jax.model.attention import (
     AttentionOptions,
     attend,
     attention_mask,
@@ -20,7 +20,7 @@ from sft_jax.attention import (
     resolve_implementation,
     window_mask,
 )
-from sft_jax.blocked_attention import blocked_attention
+from sft_jax.model.blocked_attention import blocked_attention
 
 B, T, N, K, H = 2, 128, 4, 2, 16  # GQA: two query heads per kv head; T = one splash block
 WINDOW = 24

@@ -23,23 +23,25 @@ from jax.sharding import Mesh
 
 from configs import base
 from sft_jax import config as config_lib
-from sft_jax import lora, preflight, sharding, tpu
-from sft_jax.attention import (
+from sft_jax import lora
+from sft_jax.model.attention import (
     AttentionOptions,
     attend,
     attention_mask,
     resolve_implementation,
     window_mask,
 )
-from sft_jax.model import Transformer
-from sft_jax.splash_attention import kv_repeats
-from sft_jax.state import (
+from sft_jax.model.decoder import Transformer
+from sft_jax.model.splash_attention import kv_repeats
+from sft_jax.planning import tpu
+from sft_jax.training import preflight, sharding
+from sft_jax.training.state import (
     abstract_boxed_params,
     adapter_shardings,
     init_params,
     param_shardings,
 )
-from sft_jax.step import StepOptions, loss_fn
+from sft_jax.training.step import StepOptions, loss_fn
 from tests.helpers import model_only_state, tiny_model_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

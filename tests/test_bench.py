@@ -9,9 +9,10 @@ import types
 
 import pytest
 
-from sft_jax import bench, flops, hf
+from sft_jax import bench, hf
 from sft_jax.config import load_config_file, parse
 from sft_jax.data.pack import PACKED_KEYS
+from sft_jax.planning import flops
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CPU_SMALL = REPO / "configs" / "bench" / "cpu_small.py"

@@ -12,12 +12,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sft_jax import faults, preflight
-from sft_jax.checkpoint import Checkpointer, storage_error
 from sft_jax.config import load_config_file, parse
-from sft_jax.metrics import read_metrics
-from sft_jax.optim import make_schedule, schedule_change
 from sft_jax.train import main, train_and_evaluate
+from sft_jax.training import faults, preflight
+from sft_jax.training.checkpoint import Checkpointer, storage_error
+from sft_jax.training.metrics import read_metrics
+from sft_jax.training.optim import make_schedule, schedule_change
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -14,11 +14,12 @@ import tomllib
 
 import pytest
 
-from sft_jax import cli, console, faults, run_summary, train_setup
+from sft_jax import cli, console
 from sft_jax import train as train_module
 from sft_jax.config import ConfigError
 from sft_jax.configs import base
 from sft_jax.train import load_config_from_flags, main
+from sft_jax.training import faults, run_summary, train_setup
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")

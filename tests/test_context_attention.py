@@ -17,9 +17,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sft_jax import tpu
-from sft_jax.attention import attention_mask, grouped_attention, window_mask
-from sft_jax.context_attention import context_attention, reorder_for_context, restore_order
+from sft_jax.model.attention import attention_mask, grouped_attention, window_mask
+from sft_jax.model.context_attention import context_attention, reorder_for_context, restore_order
+from sft_jax.planning import tpu
 
 AXES = ("data", "tensor", "context")
 TOL = 1e-5
@@ -114,7 +114,7 @@ def test_reorder_gives_device_i_chunks_i_and_2n_minus_1_minus_i():
 def test_balanced_order_skips_masked_tiles_alike_on_every_device():
     """With the reorder, each device holds one early and one late chunk, so the causal tiles
     left after skipping are spread evenly; without it the last device does the most."""
-    from sft_jax.context_attention import _tile_visible
+    from sft_jax.model.context_attention import _tile_visible
 
     def visible_tiles(order, n=4, t=64, block=8):
         pos = order(jnp.arange(t)[None], n).reshape(n, t // n)

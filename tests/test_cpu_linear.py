@@ -1,4 +1,4 @@
-"""The CPU projection (sft_jax/cpu_linear.py) changes no value and no gradient."""
+"""The CPU projection (sft_jax/model/cpu_linear.py) changes no value and no gradient."""
 
 import dataclasses
 
@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from configs import base
-from sft_jax import model as model_module
 from sft_jax.config import LoraSection, MeshSection, OptimSection
-from sft_jax.cpu_linear import cpu_linear, input_rank
-from sft_jax.model import Transformer
-from sft_jax.optim import make_optimizer
-from sft_jax.sharding import make_mesh
-from sft_jax.state import StateSpec, create_train_state
-from sft_jax.step import model_variables
+from sft_jax.model import decoder as model_module
+from sft_jax.model.cpu_linear import cpu_linear, input_rank
+from sft_jax.model.decoder import Transformer
+from sft_jax.training.optim import make_optimizer
+from sft_jax.training.sharding import make_mesh
+from sft_jax.training.state import StateSpec, create_train_state
+from sft_jax.training.step import model_variables
 from tests.helpers import tiny_model_config
 
 

@@ -18,8 +18,8 @@ from sft_jax.data import (
     whole_example_row_floor,
 )
 from sft_jax.data.pipeline import held_out_batches, padding_line
-from sft_jax.loss import masked_cross_entropy
-from sft_jax.model import Transformer
+from sft_jax.model.decoder import Transformer
+from sft_jax.training.loss import masked_cross_entropy
 from tests.helpers import tiny_model_config
 
 MODEL = tiny_model_config()

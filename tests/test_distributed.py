@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from sft_jax.config import ConfigError, DistributedSection
-from sft_jax.distributed import check_platform, detected_cluster, initialize_distributed
+from sft_jax.training.distributed import check_platform, detected_cluster, initialize_distributed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sft_jax import console, data
 from sft_jax.config import ConfigError, load_config_file, parse
-from sft_jax.eval_loop import Evaluator, comparison, format_comparison, read_baseline
-from sft_jax.evaluate import (
+from sft_jax.evaluation.eval_loop import Evaluator, comparison, format_comparison, read_baseline
+from sft_jax.evaluation.evaluate import (
     answer_matches,
     evaluate_loss,
     extract_answer,
@@ -26,7 +26,7 @@ from sft_jax.evaluate import (
     read_general_texts,
     score_generations,
 )
-from sft_jax.metrics import MetricsWriter, read_metrics
+from sft_jax.training.metrics import MetricsWriter, read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GSM8K = re.compile(r"####\s*(-?[\d,.]+)")

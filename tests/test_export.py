@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from sft_jax import api, export
 from sft_jax.config import load_config_file, parse
-from sft_jax.model import Transformer
+from sft_jax.model.decoder import Transformer
 from sft_jax.workdir import OldWorkdirWarning
 from tests.conftest import STORIES
 from tests.helpers import tiny_model_config

@@ -19,11 +19,11 @@ import time
 import pytest
 
 from sft_jax import config as config_lib
-from sft_jax import preflight
 from sft_jax.data.mixture import parse_mixture
 from sft_jax.data.source import DataError
-from sft_jax.metrics import read_metrics
 from sft_jax.train import main
+from sft_jax.training import preflight
+from sft_jax.training.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STORIES = REPO / "sft_jax" / "assets" / "stories260K"
@@ -163,7 +163,7 @@ def test_nonfinite_skip_consumes_batch_and_keeps_params(small_train, tmp_path, m
     """Two NaN steps (below the limit): the run finishes, counts them, and step 5 (the first
     good step after them) sees the same parameters as step 3 would have. The workdir lock is
     held during the steps and released at the end."""
-    from sft_jax import faults
+    from sft_jax.training import faults
 
     held = _spy_on_lock(monkeypatch, faults.FaultInjector, "after_step", tmp_path)
     code = main(
@@ -301,8 +301,8 @@ def test_overflowing_update_is_not_reported_as_skipped(small_train, tmp_path):
     save at step 1 refuses the state, and the message says what happened: no step was skipped."""
     import dataclasses
 
-    from sft_jax import faults
     from sft_jax.train import train_and_evaluate
+    from sft_jax.training import faults
 
     raw = config_lib.load_config_file(str(REPO / "configs" / "tiny.py"))
     raw.data.train_files = small_train
@@ -333,7 +333,7 @@ def test_preflight_error_via_real_cli(small_train, tmp_path):
 
 HOLDER = """
 import sys, time
-from sft_jax.workdir_lock import WorkdirLock
+from sft_jax.training.workdir_lock import WorkdirLock
 WorkdirLock(sys.argv[1]).acquire()
 print("held", flush=True)
 time.sleep(300)
@@ -412,7 +412,7 @@ def test_lock_of_a_killed_run_is_recovered_and_released_on_exit_2(
 
 
 def test_lock_is_released_on_preemption(small_train, tmp_path, monkeypatch):
-    from sft_jax import faults
+    from sft_jax.training import faults
 
     seen = _spy_on_lock(monkeypatch, faults.FaultInjector, "after_step", tmp_path)
     code = main(["train", *flags(small_train, tmp_path, "--config.faults.sigterm_at_step=1")])
@@ -431,7 +431,7 @@ def test_lock_of_another_host_is_taken_over_only_when_its_heartbeat_stops(tmp_pa
     taken over; one that is touched (the holder's heartbeat) refuses the start."""
     import threading
 
-    from sft_jax.workdir_lock import WorkdirBusyError, WorkdirLock
+    from sft_jax.training.workdir_lock import WorkdirBusyError, WorkdirLock
 
     path = tmp_path / "train.lock"
     _other_host_lock(path)
@@ -464,7 +464,7 @@ def test_lock_of_another_host_is_taken_over_only_when_its_heartbeat_stops(tmp_pa
 def test_lock_with_a_reused_pid_is_stale(tmp_path):
     """Same host, pid alive but started at another time (a restarted container reusing the
     pid): the holder is gone."""
-    from sft_jax.workdir_lock import WorkdirLock
+    from sft_jax.training.workdir_lock import WorkdirLock
 
     if not os.path.exists(f"/proc/{os.getppid()}/stat"):
         pytest.skip("needs /proc")

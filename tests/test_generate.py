@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
 from sft_jax import hf
 from sft_jax.generate import generate, greedy_generate, main, sample_token
-from sft_jax.model import Transformer
+from sft_jax.model.decoder import Transformer
 
 
 def _load(path):

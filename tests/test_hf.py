@@ -23,7 +23,7 @@ from transformers import (
 
 from sft_jax import hf
 from sft_jax.export import export_hf
-from sft_jax.model import RopeScaling, Transformer, count_params
+from sft_jax.model.decoder import RopeScaling, Transformer, count_params
 
 MODEL_TOL = 1e-4
 TINY = dict(

@@ -1,5 +1,5 @@
-"""Host allocator settings (sft_jax/host_memory.py): when they apply, and that they stop XLA:CPU's
-per-call temporaries from being page-faulted in again on every call."""
+"""Host allocator settings (sft_jax/training/host_memory.py): when they apply, and that they stop
+XLA:CPU's per-call temporaries from being page-faulted in again on every call."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import textwrap
 import jax
 import pytest
 
-from sft_jax import host_memory
+from sft_jax.training import host_memory
 
 # A jitted function whose compiled temporary (a [2048, 4096] float32 product, 32 MiB) is
 # allocated and freed by XLA on every call; prints the median of the minor page faults per call
@@ -18,7 +18,7 @@ from sft_jax import host_memory
 _FAULTS_PER_CALL = textwrap.dedent(
     """
     import json, resource, sys
-    from sft_jax.host_memory import configure_host_allocator
+    from sft_jax.training.host_memory import configure_host_allocator
     done = configure_host_allocator(sys.argv[1])
     import jax, jax.numpy as jnp
     f = jax.jit(lambda a, b: jnp.sum(jnp.sin(a @ b), axis=0))  # the product is a temporary

@@ -11,11 +11,11 @@ import pytest
 from configs import base
 from sft_jax import lora
 from sft_jax.config import LoraSection, MeshSection, OptimSection
-from sft_jax.model import Transformer, lora_equations
-from sft_jax.optim import make_optimizer
-from sft_jax.sharding import make_mesh
-from sft_jax.state import StateSpec, create_train_state, lora_model_config
-from sft_jax.step import StepOptions, loss_fn, make_train_step, model_variables
+from sft_jax.model.decoder import Transformer, lora_equations
+from sft_jax.training.optim import make_optimizer
+from sft_jax.training.sharding import make_mesh
+from sft_jax.training.state import StateSpec, create_train_state, lora_model_config
+from sft_jax.training.step import StepOptions, loss_fn, make_train_step, model_variables
 from tests.helpers import model_only_state, tiny_model_config
 
 RULES = tuple(tuple(r) for r in base.get_config().mesh.rules)
@@ -106,7 +106,7 @@ def test_only_adapters_change_and_checkpointable_state():
     frozen_before = jax.tree.map(np.asarray, state.frozen)
     adapters_before = jax.tree.map(np.asarray, state.params)
     mesh = make_mesh(MeshSection(-1, 1, 1, rules=RULES), jax.devices()[:1])
-    from sft_jax.sharding import batch_sharding
+    from sft_jax.training.sharding import batch_sharding
 
     step = make_train_step(
         shardings, batch_sharding(mesh, RULES), options=StepOptions(), schedule=lambda s: 1e-2
@@ -135,7 +135,7 @@ def _dot_result_shapes(fn, *args) -> set[tuple[int, ...]]:
 
 def flat_kernel_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The weight gradient's result shape: on the CPU (no remat) every projection takes it
-    as one [in, out] matmul (sft_jax/cpu_linear.py); o_proj [N, H, D] has two input dims."""
+    as one [in, out] matmul (sft_jax/model/cpu_linear.py); o_proj [N, H, D] has two input dims."""
     n_in = 2 if name == "o_proj" else 1
     return (int(np.prod(shape[:n_in])), int(np.prod(shape[n_in:])))
 

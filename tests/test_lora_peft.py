@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from sft_jax import export, lora
 from sft_jax.config import ConfigError, load_config_file, parse
-from sft_jax.metrics import read_metrics
-from sft_jax.model import Transformer
+from sft_jax.model.decoder import Transformer
+from sft_jax.training.metrics import read_metrics
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -179,7 +179,7 @@ def _export_both_ways(workdir, cfg, tmp_path, stories_dir):
     """Merged HF export, PEFT export of the same step, and the base they apply to; asserts that
     transformers (merged) and peft (base + adapter) give the same logits -> (run, mesh, rules,
     merged logits)."""
-    from sft_jax.state import init_params
+    from sft_jax.training.state import init_params
 
     assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "merged")]) == 0
     assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "ad"), "--peft"]) == 0
@@ -235,8 +235,8 @@ def test_lora_resume_and_export(lora_run, tmp_path, stories_dir):
     run, mesh, rules, _ = _export_both_ways(workdir, parse(c), tmp_path, stories_dir)
     # Continuing from the exported PEFT adapter starts from exactly the trained adapters.
     c2 = _tiny(init_from=str(tmp_path / "ad"))
-    from sft_jax.optim import make_optimizer
-    from sft_jax.state import StateSpec, create_train_state
+    from sft_jax.training.optim import make_optimizer
+    from sft_jax.training.state import StateSpec, create_train_state
 
     cfg = parse(c2)
     tx = make_optimizer(cfg.optim, 10, cfg.lora)

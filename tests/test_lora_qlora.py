@@ -12,10 +12,10 @@ from test_lora_model import RULES, batch, lora_cfg, optim_cfg
 
 from sft_jax import lora
 from sft_jax.config import MeshSection
-from sft_jax.model import Transformer
-from sft_jax.optim import make_optimizer
-from sft_jax.sharding import make_mesh
-from sft_jax.state import StateSpec, create_train_state, lora_model_config
+from sft_jax.model.decoder import Transformer
+from sft_jax.training.optim import make_optimizer
+from sft_jax.training.sharding import make_mesh
+from sft_jax.training.state import StateSpec, create_train_state, lora_model_config
 from tests.helpers import tiny_model_config
 
 # Last dims of 256 / 512 give 4 / 8 blocks of 64, divisible by fsdp=4 and tensor=2.

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from configs import base
-from sft_jax import step
 from sft_jax.config import LoraSection, MeshSection, OptimSection
 from sft_jax.data.pack import PACKED_KEYS
-from sft_jax.loss import masked_cross_entropy
-from sft_jax.model import Transformer
-from sft_jax.optim import make_optimizer
-from sft_jax.sharding import make_mesh
-from sft_jax.state import StateSpec, create_train_state
+from sft_jax.model.decoder import Transformer
+from sft_jax.training import step
+from sft_jax.training.loss import masked_cross_entropy
+from sft_jax.training.optim import make_optimizer
+from sft_jax.training.sharding import make_mesh
+from sft_jax.training.state import StateSpec, create_train_state
 from tests.helpers import model_only_state, tiny_model_config
 
 

@@ -10,9 +10,9 @@ import types
 import pytest
 
 from configs import base
-from sft_jax import metrics
 from sft_jax.config import ConfigError, parse
-from sft_jax.metrics import MetricsWriter, read_metrics, record_kind, scalar_tag
+from sft_jax.training import metrics
+from sft_jax.training.metrics import MetricsWriter, read_metrics, record_kind, scalar_tag
 
 TRAIN = {"loss": 2.5, "learning_rate": 1e-3, "grad_norm": 0.75, "tokens_per_s": 900.0, "run": 0}
 EVAL = {"kind": "eval", "eval_loss": 1.25, "eval_perplexity": 3.49, "run": 0}

@@ -16,9 +16,15 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama import modeling_llama
 
 from sft_jax import hf
-from sft_jax.attention import apply_rope, attention_mask, rope_inv_freq, rope_tables, window_mask
 from sft_jax.config import ArchConfig, ModelSection
-from sft_jax.model import (
+from sft_jax.model.attention import (
+    apply_rope,
+    attention_mask,
+    rope_inv_freq,
+    rope_tables,
+    window_mask,
+)
+from sft_jax.model.decoder import (
     ModelConfig,
     RMSNorm,
     RopeScaling,

@@ -9,7 +9,7 @@ import pytest
 from configs import base
 from sft_jax.config import OptimSection
 from sft_jax.lora import SAVED, add_saved_modules
-from sft_jax.optim import decay_mask, make_optimizer, make_schedule, warmup_steps
+from sft_jax.training.optim import decay_mask, make_optimizer, make_schedule, warmup_steps
 
 
 def optim(**overrides) -> OptimSection:

@@ -9,10 +9,10 @@ import pytest
 
 from sft_jax import hf
 from sft_jax.config import load_config_file, parse
-from sft_jax.model import Transformer
+from sft_jax.model.decoder import Transformer
 from sft_jax.plan import plan
-from sft_jax.sharding import make_mesh
-from sft_jax.state import init_params
+from sft_jax.training.sharding import make_mesh
+from sft_jax.training.state import init_params
 
 
 @pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2), (8, 1, 1)])
@@ -87,7 +87,7 @@ def test_lora_bytes_equal_the_real_train_state(mesh, quant, dora, saved):
     base is stored at lora.base_dtype or as codes + scales; each figure equals the real state's
     bytes on one device (bfloat16 Adam moments, to check optim.state_dtype too). Two of the
     three cases are slow: each builds a real LoRA train state (about 5 s of CPU)."""
-    from sft_jax.state import StateSpec, create_train_state
+    from sft_jax.training.state import StateSpec, create_train_state
 
     raw = load_config_file("configs/tiny.py")
     raw.mesh.data, raw.mesh.fsdp, raw.mesh.tensor = mesh
@@ -138,8 +138,8 @@ def test_hub_id_in_model_path_is_resolved(monkeypatch, stories_dir, capsys):
     assert local == 0 and capsys.readouterr().out == out and calls == ["karpathy/stories260K"]
 
 
-# Plan's total against XLA's own figure for the compiled step (sft_jax/plan_check.py): the peak
-# = arguments + outputs - donated + temporaries, per device. Measured ratios plan / XLA for the
+# Plan's total against XLA's own figure for the compiled step (sft_jax/planning/plan_check.py): the
+# peak = arguments + outputs - donated + temporaries, per device. Measured ratios plan / XLA for the
 # validation table (docs/benchmarks.md, "Memory plan against XLA") lie in
 # [0.8, 1.25] for data- and tensor-parallel meshes; the test allows PLAN_FACTOR either way.
 # CPU stands in for GPU/TPU here: the SPMD partitioner that decides what each device holds is
@@ -149,7 +149,7 @@ PLAN_FACTOR = 1.5
 
 
 def _plan_vs_xla(mesh, remat, seq_len, **arch):
-    from sft_jax.plan_check import compiled_step_memory
+    from sft_jax.planning.plan_check import compiled_step_memory
 
     raw = load_config_file("configs/tiny.py")
     raw.mesh.data, raw.mesh.fsdp, raw.mesh.tensor = mesh

@@ -7,10 +7,11 @@ import json
 import pytest
 
 from sft_jax import plan as plan_module
-from sft_jax import sharding, tpu
 from sft_jax.config import ConfigError, load_config_file, parse
-from sft_jax.flops import TPU_GENERATIONS, peak_flops, tpu_generation
-from sft_jax.plan_check import abstract_train_state, compile_abstract_step, memory_figures
+from sft_jax.planning import tpu
+from sft_jax.planning.flops import TPU_GENERATIONS, peak_flops, tpu_generation
+from sft_jax.planning.plan_check import abstract_train_state, compile_abstract_step, memory_figures
+from sft_jax.training import sharding
 
 pytestmark = pytest.mark.skipif(
     tpu.libtpu_missing() is not None, reason=f"no TPU compiler: {tpu.libtpu_missing()}"

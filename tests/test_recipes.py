@@ -14,8 +14,8 @@ import pytest
 
 from sft_jax import hf
 from sft_jax.config import load_config_file, parse, to_dict
-from sft_jax.metrics import read_metrics
 from sft_jax.train import train_and_evaluate
+from sft_jax.training.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STORIES = REPO / "sft_jax" / "assets" / "stories260K"

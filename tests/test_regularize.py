@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
-from sft_jax.regularize import kl_to_base, neftune_noise, segment_lengths
+from sft_jax.model.regularize import kl_to_base, neftune_noise, segment_lengths
 
 
 def test_segment_lengths_per_packed_segment():
@@ -69,9 +69,9 @@ def test_kl_to_base_gradient_only_through_model_logits():
 
 def _step_setup(model_config, keep_reference=False, mesh_sizes=(1, 1, 1)):
     from sft_jax.config import MeshSection
-    from sft_jax.optim import make_optimizer, make_schedule
-    from sft_jax.sharding import batch_sharding, make_mesh
-    from sft_jax.state import StateSpec, create_train_state
+    from sft_jax.training.optim import make_optimizer, make_schedule
+    from sft_jax.training.sharding import batch_sharding, make_mesh
+    from sft_jax.training.state import StateSpec, create_train_state
     from tests.test_step import RULES, optim_cfg
 
     mesh = make_mesh(MeshSection(*mesh_sizes, rules=RULES), jax.devices()[:1])
@@ -83,7 +83,7 @@ def _step_setup(model_config, keep_reference=False, mesh_sizes=(1, 1, 1)):
 
 
 def test_neftune_noise_only_in_training():
-    from sft_jax.step import StepOptions, make_train_step
+    from sft_jax.training.step import StepOptions, make_train_step
     from tests.helpers import tiny_model_config
     from tests.test_step import packed_batch
 
@@ -113,7 +113,7 @@ def test_neftune_noise_only_in_training():
 
 
 def test_kl_to_base_full_fine_tuning_holds_params_near_base():
-    from sft_jax.step import StepOptions, make_train_step
+    from sft_jax.training.step import StepOptions, make_train_step
     from tests.helpers import tiny_model_config
     from tests.test_step import packed_batch
 
@@ -143,10 +143,10 @@ def test_kl_to_base_full_fine_tuning_holds_params_near_base():
 
 def test_kl_to_base_under_lora_uses_the_frozen_base():
     from sft_jax.config import LoraSection, MeshSection
-    from sft_jax.optim import make_optimizer, make_schedule
-    from sft_jax.sharding import batch_sharding, make_mesh
-    from sft_jax.state import StateSpec, create_train_state
-    from sft_jax.step import StepOptions, make_train_step
+    from sft_jax.training.optim import make_optimizer, make_schedule
+    from sft_jax.training.sharding import batch_sharding, make_mesh
+    from sft_jax.training.state import StateSpec, create_train_state
+    from sft_jax.training.step import StepOptions, make_train_step
     from tests.helpers import tiny_model_config
     from tests.test_step import RULES, optim_cfg, packed_batch
 

@@ -9,7 +9,9 @@ import subprocess
 
 import pytest
 
-from sft_jax import report, report_chat, report_page
+from sft_jax import report
+from sft_jax.report import chat as report_chat
+from sft_jax.report import page as report_page
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EVIL = "<script>alert('x')</script> & <b>bold</b>"
@@ -216,7 +218,7 @@ def test_logged_chat_prompts_keep_their_turns(shared_assets, stories_dir):
     prompt reads as before, without its BOS."""
     from transformers import AutoTokenizer
 
-    from sft_jax.evaluate import prompt_text
+    from sft_jax.evaluation.evaluate import prompt_text
 
     texts = {"system": "Be brief.", "user": "Hi", "assistant": "Hello."}
     chat = [{"role": r, "content": c} for r, c in texts.items()]

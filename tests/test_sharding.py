@@ -8,8 +8,14 @@ from helpers import tiny_model_config
 
 from configs import base
 from sft_jax.config import ConfigError, MeshSection
-from sft_jax.model import Transformer
-from sft_jax.sharding import LOGICAL_AXES, batch_shards, check_rules, logical_to_spec, make_mesh
+from sft_jax.model.decoder import Transformer
+from sft_jax.training.sharding import (
+    LOGICAL_AXES,
+    batch_shards,
+    check_rules,
+    logical_to_spec,
+    make_mesh,
+)
 
 RULES = tuple(tuple(r) for r in base.get_config().mesh.rules)
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 
-from sft_jax import plan_check
 from sft_jax.config import load_config_file, parse
 from sft_jax.plan import plan
-from sft_jax.sharding import MESH_AXES, make_mesh
-from sft_jax.state import StateSpec, create_train_state, state_layout
+from sft_jax.planning import plan_check
+from sft_jax.training.sharding import MESH_AXES, make_mesh
+from sft_jax.training.state import StateSpec, create_train_state, state_layout
 
 
 def _config(mesh=(2, 2, 2), kl_to_base=0.0, **lora):

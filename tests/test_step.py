@@ -8,11 +8,11 @@ import pytest
 
 from configs import base
 from sft_jax.config import MeshSection, OptimSection
-from sft_jax.model import Transformer
-from sft_jax.optim import make_optimizer, make_schedule
-from sft_jax.sharding import batch_sharding, make_mesh
-from sft_jax.state import StateSpec, create_train_state
-from sft_jax.step import StepOptions, compute_grads, make_train_step
+from sft_jax.model.decoder import Transformer
+from sft_jax.training.optim import make_optimizer, make_schedule
+from sft_jax.training.sharding import batch_sharding, make_mesh
+from sft_jax.training.state import StateSpec, create_train_state
+from sft_jax.training.step import StepOptions, compute_grads, make_train_step
 from tests.helpers import tiny_model_config
 
 RULES = tuple(tuple(r) for r in base.get_config().mesh.rules)

@@ -16,9 +16,9 @@ from sft_jax.data.templates import (
     generation_stops,
     template_variables,
 )
-from sft_jax.evaluate import generation_eval
+from sft_jax.evaluation.evaluate import generation_eval
 from sft_jax.generate import cut_at_stop_text, greedy_generate
-from sft_jax.model import Transformer
+from sft_jax.model.decoder import Transformer
 
 WEATHER = {"name": "get_weather", "arguments": {"city": "Paris"}}
 CONVERSATIONS = {

@@ -6,8 +6,8 @@ import pathlib
 import pytest
 
 from sft_jax.config import load_config_file, parse
-from sft_jax.metrics import read_metrics
 from sft_jax.train import train_and_evaluate
+from sft_jax.training.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -26,7 +26,7 @@ def get_config():
     c.model.remat = "none"
     # Unrolled layers: +10% tokens/s on CPU at 4 layers (docs/benchmarks.md, levers); compile
     # time is the same at this depth. Attention "auto" is "blocked" on CPU
-    # (sft_jax/blocked_attention.py).
+    # (sft_jax/model/blocked_attention.py).
     c.model.scan_layers = False
     a = c.model.arch
     a.vocab_size = 8192

@@ -97,14 +97,14 @@ def get_config() -> ml_collections.ConfigDict:
     t.max_nonfinite_steps = 5
     t.loss_spike_factor = 3.0  # log a spike when loss > factor x running mean; 0: off
     t.loss_spike_min_delta = 0.5  # ... and loss - running mean >= this (quiet near loss 0)
-    # Forgetting control (sft_jax/regularize.py). NEFTune: noise alpha / sqrt(L * d) on the input
-    # embeddings while training (the paper uses 5-15). KL-to-base: adds kl_to_base x KL(model ||
-    # base) per loss token to the objective; the base is the frozen weights under LoRA, else a
+    # Forgetting control (sft_jax/model/regularize.py). NEFTune: noise alpha / sqrt(L * d) on the
+    # input embeddings while training (the paper uses 5-15). KL-to-base: adds kl_to_base x KL(model
+    # || base) per loss token to the objective; the base is the frozen weights under LoRA, else a
     # copy of the initial parameters (one more parameter-sized buffer per device).
     t.neftune_alpha = 0.0  # NEFTune noise alpha (see above); 0: off
     t.kl_to_base = 0.0  # KL-to-base coefficient (see above); 0: off
-    # Host malloc (sft_jax/host_memory.py): retain = glibc keeps XLA:CPU's per-step buffers for
-    # reuse instead of unmapping and re-faulting them every step (faster CPU steps, measured in
+    # Host malloc (sft_jax/training/host_memory.py): retain = glibc keeps XLA:CPU's per-step buffers
+    # for reuse instead of unmapping and re-faulting them every step (faster CPU steps, measured in
     # docs/benchmarks.md); system = leave it; auto = retain when the run is on the CPU.
     t.host_allocator = "auto"
 
@@ -120,7 +120,9 @@ def get_config() -> ml_collections.ConfigDict:
     # primary, the `correct` of logged samples): exact (equal after stripping whitespace) |
     # contains (reference in output) | regex (the answer_regex captures of both are equal).
     e.match = "exact"
-    e.answer_regex = ""  # for "regex", e.g. GSM8K r"####\s*(-?[\d,.]+)"; see sft_jax/evaluate.py
+    e.answer_regex = (
+        ""  # for "regex", e.g. GSM8K r"####\s*(-?[\d,.]+)"; see sft_jax/evaluation/evaluate.py
+    )
     e.samples = 4  # held-out generations logged (kind "samples") at every periodic eval; 0: off
     # Forgetting check: loss/perplexity on general text (.txt: blank-line-separated documents, or
     # JSONL/JSON/... with a "text" field) before training and at the end; "": off.

@@ -1,8 +1,8 @@
 """`config.json` <-> ModelConfig.
 
-Only what the decoder in `sft_jax.model` computes exactly is accepted; anything else (another
-architecture, an unknown RoPE scaling, a sliding window our model would not apply the way HF
-does, an o_proj bias) fails loudly with `UnsupportedModelError` rather than loading into wrong
+Only what the decoder in `sft_jax.model.decoder` computes exactly is accepted; anything else
+(another architecture, an unknown RoPE scaling, a sliding window our model would not apply the way
+HF does, an o_proj bias) fails loudly with `UnsupportedModelError` rather than loading into wrong
 logits. Per-layer attention types come from `layer_types` when the file has it (transformers 5
 writes it), else from each family's documented default pattern.
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sft_jax.config import ModelSection
-from sft_jax.model_config import (
+from sft_jax.model.config import (
     ModelConfig,
     RopeScaling,
     model_config_from_arch,

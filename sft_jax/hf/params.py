@@ -20,7 +20,7 @@ from flax import traverse_util
 
 from sft_jax.hf.config import ModelFileError
 from sft_jax.hf.safetensors import Checkpoint
-from sft_jax.model import ModelConfig
+from sft_jax.model.decoder import ModelConfig
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed
 

@@ -5,8 +5,8 @@ A sample's prompt is the decoded text the model saw, template markers included w
 special tokens of the tokenizer (stories260K with ChatML), so a conversation arrives as one long
 line of `<|im_start|>user\\n...<|im_end|>`; split back into role-labelled turns it can be read.
 The explanation follows the rule that decided "correct" (the first of eval.match, see
-sft_jax/evaluate.py): a reader should not have to diff two strings by eye to see that the model
-answered "quiet.<|im" where "quiet." was expected, that is, it did not stop.
+sft_jax/evaluation/evaluate.py): a reader should not have to diff two strings by eye to see that the
+model answered "quiet.<|im" where "quiet." was expected, that is, it did not stop.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def explain_sample(reference: Any, output: Any, rule: str, pattern: str) -> tupl
     if rule == "regex":
         # Lazy: the evaluation module pulls in the model code, which a page without a regex
         # rule does not need.
-        from sft_jax.evaluate import extract_answer
+        from sft_jax.evaluation.evaluate import extract_answer
 
         try:
             compiled = re.compile(pattern)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from sft_jax import sharding
+from sft_jax.training import sharding
 
 SPLASH_BLOCK = 128  # splash's default block size: the sequence must be a multiple of it
 

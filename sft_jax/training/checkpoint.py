@@ -48,9 +48,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from sft_jax.config import ConfigError
-from sft_jax.faults import SaveFailed, tree_is_finite
-from sft_jax.optim import schedule_steps
-from sft_jax.state import TrainState
+from sft_jax.training.faults import SaveFailed, tree_is_finite
+from sft_jax.training.optim import schedule_steps
+from sft_jax.training.state import TrainState
 
 COMMIT_MARKER = "commit_success.txt"
 

@@ -20,15 +20,15 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from sft_jax.metrics import record_kind, sample_rows, scalars
-from sft_jax.report_chat import chat_turns, explain_sample
-from sft_jax.report_data import (
+from sft_jax.report.chat import chat_turns, explain_sample
+from sft_jax.report.data import (
     RunData,
     match_rule,
     number,
     restarts_of,
     summary_is_stale,
 )
+from sft_jax.training.metrics import record_kind, sample_rows, scalars
 
 EVAL_COLUMNS = ("eval_loss", "eval_perplexity", "eval_token_accuracy")
 SAMPLE_KINDS_SHOWN = 4  # sample records on the page: the first and the last three

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from sft_jax.model import ModelConfig
+from sft_jax.model.decoder import ModelConfig
 
 PEAK_MATMUL = 2048  # the CPU peak is measured as the best rate of [n, n] @ [n, n] fp32 matmuls
 

@@ -5,8 +5,9 @@ optimizer, the KL-to-base reference copy, mesh and rules). From it `state_layout
 state abstractly (ShapeDtypeStructs carrying their shardings; nothing allocated, so it works on
 an AbstractMesh or over a TPU topology's compile-only devices), and `create_train_state`
 materialises exactly that layout. Training, the memory plan (sft_jax/plan.py), its compile
-checks (sft_jax/plan_check.py, sft_jax/tpu.py) and the benchmark (sft_jax/bench.py) all read the
-state from here, so none of them can describe a different state than the one training builds.
+checks (sft_jax/planning/plan_check.py, sft_jax/planning/tpu.py) and the benchmark
+(sft_jax/bench.py) all read the state from here, so none of them can describe a different state than
+the one training builds.
 
 Parameters are never built whole on one device and then split: the model is traced abstractly
 (`jax.eval_shape`), its logical axis names become shardings through the rules table, and then
@@ -35,10 +36,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from sft_jax import hf, lora, sharding
+from sft_jax import hf, lora
 from sft_jax.config import Config, ConfigError, LoraSection
-from sft_jax.model import ModelConfig, Transformer
-from sft_jax.optim import make_optimizer
+from sft_jax.model.decoder import ModelConfig, Transformer
+from sft_jax.training import sharding
+from sft_jax.training.optim import make_optimizer
 
 
 @flax.struct.dataclass

@@ -14,9 +14,9 @@ import shlex
 import sys
 from typing import Any
 
-from sft_jax import eval_loop
 from sft_jax.config import Config
 from sft_jax.console import log
+from sft_jax.evaluation import eval_loop
 
 
 def write_summary(workdir: str, summary: dict[str, Any]) -> None:

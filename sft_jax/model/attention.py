@@ -17,14 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.blocked_attention import blocked_attention
-from sft_jax.model_config import IMPLEMENTATIONS
-from sft_jax.splash_attention import SPLASH_BLOCK, splash_attention
+from sft_jax.model.blocked_attention import blocked_attention
+from sft_jax.model.config import IMPLEMENTATIONS
+from sft_jax.model.splash_attention import SPLASH_BLOCK, splash_attention
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
 
-    from sft_jax.model_config import ModelConfig
+    from sft_jax.model.config import ModelConfig
 
 
 def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> np.ndarray:
@@ -214,7 +214,7 @@ def attend(
     it builds the causal (or local-window) block mask statically and takes `segment_ids`
     [B, T]; on a model with local layers the traced per-layer flag `local` picks the windowed
     kernel with `lax.cond`. Splash runs per device on `options.mesh`, split as `options.rules`
-    split batch and heads (sft_jax/splash_attention.py).
+    split batch and heads (sft_jax/model/splash_attention.py).
     """
     implementation, softcap = options.implementation, options.softcap
     scale = q.shape[-1] ** -0.5 if options.scale is None else options.scale

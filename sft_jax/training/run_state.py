@@ -14,11 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 from sft_jax import data
-from sft_jax.checkpoint import Checkpointer
 from sft_jax.config import Config
-from sft_jax.eval_loop import Evaluator
-from sft_jax.faults import FaultInjector, NonFiniteAbort, StepHealth, tree_is_finite
-from sft_jax.metrics import MetricsWriter
+from sft_jax.evaluation.eval_loop import Evaluator
+from sft_jax.training.checkpoint import Checkpointer
+from sft_jax.training.faults import FaultInjector, NonFiniteAbort, StepHealth, tree_is_finite
+from sft_jax.training.metrics import MetricsWriter
 
 
 @dataclasses.dataclass

@@ -43,7 +43,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sft_jax.attention import (
+from sft_jax.lora.quant import Quantized, dequantize_array, einsum_dequantized
+from sft_jax.model.attention import (
     AttentionOptions,
     apply_rope,
     attend,
@@ -53,16 +54,15 @@ from sft_jax.attention import (
     rope_tables,
     window_mask,
 )
-from sft_jax.cpu_linear import cpu_linear, input_rank
-from sft_jax.lora.quant import Quantized, dequantize_array, einsum_dequantized
-from sft_jax.model_config import (  # noqa: F401  (re-exported: the config lives with the model)
+from sft_jax.model.config import (  # noqa: F401  (re-exported: the config lives with the model)
     ModelConfig,
     RopeScaling,
     count_params,
     model_config_from_arch,
     with_section_options,
 )
-from sft_jax.regularize import neftune_noise
+from sft_jax.model.cpu_linear import cpu_linear, input_rank
+from sft_jax.model.regularize import neftune_noise
 
 _INIT_STD = 0.02  # Hugging Face `initializer_range` for every family here.
 _ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -121,7 +121,7 @@ class Einsum(nn.Module):
     out_dtype: str | None = None  # accumulate/return in this dtype (float32 logits)
     lora_scale: float | None = None  # required when adapters are passed (never silently 0)
     lora_dropout: float = 0.0
-    cpu_grad: bool = False  # weight gradient as one matmul over x^T (sft_jax/cpu_linear.py)
+    cpu_grad: bool = False  # weight gradient as one matmul over x^T (sft_jax/model/cpu_linear.py)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -161,8 +161,8 @@ class Einsum(nn.Module):
         if self.lora_scale is None:
             raise ValueError(
                 "LoRA adapters were passed (the 'lora' collection) but ModelConfig.lora_scale is "
-                "unset: build the config with sft_jax.state.lora_model_config, or load the model "
-                "with sft_jax.load, which takes the scale from the adapter's config"
+                "unset: build the config with sft_jax.training.state.lora_model_config, or load "
+                "the model with sft_jax.load, which takes the scale from the adapter's config"
             )
         a = self.get_variable("lora", "a").astype(self.dtype)  # [*in, R]
         b = self.get_variable("lora", "b").astype(self.dtype)  # [R, *out]
@@ -240,7 +240,7 @@ class Embed(nn.Module):
 
 def _cpu_grad(c: ModelConfig, in_layers: bool = True) -> bool:
     """Projections take their weight gradient as one matmul over x^T on the CPU (why, and why
-    only there: sft_jax/cpu_linear.py). In the layers only with remat none or full: the custom
+    only there: sft_jax/model/cpu_linear.py). In the layers only with remat none or full: the custom
     VJP hides a projection from the dots / dots_saveable policies, which would then recompute
     it instead of saving it (full remat saves nothing in a layer anyway)."""
     if in_layers and c.remat not in ("none", "full"):
@@ -347,8 +347,9 @@ def pin_activations(c: ModelConfig, x: jax.Array, *, decoding: bool) -> jax.Arra
     """x [B, T, D] constrained to `c.activation_sharding` (batch over the data-parallel axes).
 
     Without it, XLA's propagation follows the FSDP-sharded weights and each device holds every
-    layer's activations for the whole batch (3-4x the memory, measured by sft_jax.plan_check).
-    Generation batches need not divide the mesh, so decoding is left to propagation.
+    layer's activations for the whole batch (3-4x the memory, measured by
+    sft_jax.planning.plan_check). Generation batches need not divide the mesh, so decoding is left
+    to propagation.
     """
     sharding = c.activation_sharding
     if sharding is None or decoding:

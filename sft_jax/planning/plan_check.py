@@ -1,9 +1,9 @@
 """The plan's check: XLA's own memory figure for the real train step, without allocating it.
 
 `compiled_step_memory(config)` takes the TrainState training would build, abstractly
-(`sft_jax.state.state_layout`: ShapeDtypeStructs carrying the shardings training gives them,
-the frozen LoRA base and KL-to-base's reference copy included), compiles the step training
-makes (`sft_jax.train_setup.make_step_from_config`) for an abstract batch over the local
+(`sft_jax.training.state.state_layout`: ShapeDtypeStructs carrying the shardings training gives
+them, the frozen LoRA base and KL-to-base's reference copy included), compiles the step training
+makes (`sft_jax.training.train_setup.make_step_from_config`) for an abstract batch over the local
 devices, and reads `compiled.memory_analysis()`.
 
 What is compared: XLA reports, per device, the argument bytes (state + batch), the output bytes
@@ -32,12 +32,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from sft_jax import sharding
 from sft_jax.config import Config
 from sft_jax.data.pack import PACKED_KEYS
-from sft_jax.model import ModelConfig
-from sft_jax.state import StateSpec, TrainState, state_layout
-from sft_jax.train_setup import make_step_from_config
+from sft_jax.model.decoder import ModelConfig
+from sft_jax.training import sharding
+from sft_jax.training.state import StateSpec, TrainState, state_layout
+from sft_jax.training.train_setup import make_step_from_config
 
 GIB = 1024**3
 # The schedule's length changes neither the state nor the step's buffers.

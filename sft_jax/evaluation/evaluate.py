@@ -44,9 +44,9 @@ from sft_jax.data import EvalPrompt
 from sft_jax.data.pack import PACKED_KEYS
 from sft_jax.data.templates import Stops, generation_stops
 from sft_jax.generate import cut_at_stop_text, greedy_generate
-from sft_jax.loss import masked_cross_entropy
-from sft_jax.model import Transformer
-from sft_jax.state import TrainState, param_shardings
+from sft_jax.model.decoder import Transformer
+from sft_jax.training.loss import masked_cross_entropy
+from sft_jax.training.state import TrainState, param_shardings
 
 GENERATION_BATCH = 32  # prompts per generation call (rows of one compiled decode program)
 

@@ -13,11 +13,12 @@ import socket
 
 import jax
 
-from sft_jax import hf, sharding
+from sft_jax import hf
 from sft_jax.config import Config, ConfigError
 from sft_jax.data.mixture import parse_mixture
 from sft_jax.data.source import DataError
-from sft_jax.splash_attention import SPLASH_BLOCK
+from sft_jax.model.splash_attention import SPLASH_BLOCK
+from sft_jax.training import sharding
 
 
 def check_workdir(workdir: str) -> None:

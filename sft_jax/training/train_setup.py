@@ -16,21 +16,22 @@ from typing import Any
 import jax
 import numpy as np
 
-from sft_jax import console, data, hf, preflight, sharding
-from sft_jax.checkpoint import Checkpointer
+from sft_jax import console, data, hf
 from sft_jax.config import Config, ConfigError, to_dict
 from sft_jax.console import log
 from sft_jax.data.pack import PACKED_KEYS
 from sft_jax.data.pipeline import format_stats, padding_line
-from sft_jax.eval_loop import Evaluator
-from sft_jax.evaluate import general_text_batches
-from sft_jax.faults import FaultInjector
-from sft_jax.metrics import MetricsWriter, import_wandb
-from sft_jax.model import Transformer, count_params
-from sft_jax.optim import make_schedule, schedule_change, schedule_steps
-from sft_jax.run_state import LoopState, Run, next_run_number
-from sft_jax.state import StateSpec, TrainState, create_train_state
-from sft_jax.step import StepOptions, make_train_step
+from sft_jax.evaluation.eval_loop import Evaluator
+from sft_jax.evaluation.evaluate import general_text_batches
+from sft_jax.model.decoder import Transformer, count_params
+from sft_jax.training import preflight, sharding
+from sft_jax.training.checkpoint import Checkpointer
+from sft_jax.training.faults import FaultInjector
+from sft_jax.training.metrics import MetricsWriter, import_wandb
+from sft_jax.training.optim import make_schedule, schedule_change, schedule_steps
+from sft_jax.training.run_state import LoopState, Run, next_run_number
+from sft_jax.training.state import StateSpec, TrainState, create_train_state
+from sft_jax.training.step import StepOptions, make_train_step
 
 
 def total_steps(config: Config, steps_per_epoch: int) -> int:

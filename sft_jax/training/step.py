@@ -18,7 +18,7 @@ params and the whole optimizer state (moments and its update count, hence its le
 schedule position) stay as they were, while `step` still advances. So a skipped step consumes its
 batch and its rng slot, and the data order and step numbering of a run do not depend on whether a
 step was skipped. The `learning_rate` metric is read from the optimizer's own count, so it is the
-rate the update used even after skips. The host loop counts skips (sft_jax/faults.py).
+rate the update used even after skips. The host loop counts skips (sft_jax/training/faults.py).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import optax
 from jax.sharding import NamedSharding
 
 from sft_jax.data.pack import PACKED_KEYS
-from sft_jax.loss import chunked_cross_entropy, masked_cross_entropy
-from sft_jax.regularize import kl_to_base
-from sft_jax.state import TrainState
+from sft_jax.model.regularize import kl_to_base
+from sft_jax.training.loss import chunked_cross_entropy, masked_cross_entropy
+from sft_jax.training.state import TrainState
 
 if TYPE_CHECKING:
     from sft_jax.config import Config
@@ -80,14 +80,15 @@ def loss_fn(
     The model is `state.apply_fn` applied with `params` (state.params is not read, so the
     differentiated copy is the only one used). The objective is the masked cross-entropy sum,
     plus `options.kl_coef` times the summed KL to the base model
-    (sft_jax.regularize.kl_to_base) when it is > 0: the base is the frozen weights under LoRA,
+    (sft_jax.model.regularize.kl_to_base) when it is > 0: the base is the frozen weights under LoRA,
     else `state.reference` (a copy of the initial parameters). NEFTune noise, when the model
     config enables it, draws from the "neftune" rng stream passed here.
 
     Only `params` is differentiated: with LoRA the base weights in `state.frozen` are constants
     of the loss, so no weight-gradient matmul is ever formed for them. `options.loss_chunk` > 0
-    computes the loss over pieces of that many positions (sft_jax.loss.chunked_cross_entropy),
-    never holding the [B, T, V] logits; the result is the same up to float rounding.
+    computes the loss over pieces of that many positions
+    (sft_jax.training.loss.chunked_cross_entropy), never holding the [B, T, V] logits; the result is
+    the same up to float rounding.
     """
     apply_fn, frozen = state.apply_fn, state.frozen
     loss_chunk, kl_coef = options.loss_chunk, options.kl_coef

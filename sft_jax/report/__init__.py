@@ -4,8 +4,8 @@ Writes W/report/*.png (matplotlib, Agg) and one self-contained HTML page (defaul
 W/report/index.html; the PNGs are embedded as base64, no external URL) with the training and
 validation loss, learning rate, gradient norm and tokens/s over steps, the before/after table of
 summary.json, the eval records over steps, and sample generations. The workdir's files are read
-by sft_jax/workdir.py and cleaned up by sft_jax/report_data.py, the page is
-sft_jax/report_page.py; this module draws the charts.
+by sft_jax/workdir.py and cleaned up by sft_jax/report/data.py, the page is
+sft_jax/report/page.py; this module draws the charts.
 
 The charts keep their axes honest: validation curves start at the step-0 baseline (the model
 before training), rates (accuracy) are drawn on 0..1, and other quantities from 0, so a move from
@@ -21,14 +21,14 @@ import math
 import os
 import sys
 
-from sft_jax.report_data import (
+from sft_jax.report.data import (
     RunData,
     load_run,
     restarts_of,
     series,
     validation_points,
 )
-from sft_jax.report_page import Chart, render_html
+from sft_jax.report.page import Chart, render_html
 
 __all__ = ["build_report", "load_run", "main", "make_charts"]
 

@@ -6,7 +6,7 @@ Why: whether a config fits a pod, and how fast it can be at best, is the TPU com
 not an estimate's; libtpu (`pip install -e ".[tpu]"`) compiles ahead of time for a topology that
 is not attached (`jax.experimental.topologies`), as MaxText's train_compile.py does. The mesh is
 built over those abstract devices by `sharding.make_mesh` (the trainer's own; with several
-slices the hybrid ICI/DCN mesh), the state by `sft_jax.state.state_layout` (through
+slices the hybrid ICI/DCN mesh), the state by `sft_jax.training.state.state_layout` (through
 `plan_check.abstract_train_state`) and the step by `plan_check.compile_abstract_step`: the same
 functions the trainer and the CPU check use.
 
@@ -40,14 +40,15 @@ from typing import Any
 
 import jax
 
-from sft_jax import hf, sharding
-from sft_jax.attention import resolve_implementation
+from sft_jax import hf
 from sft_jax.config import Config, ConfigError
-from sft_jax.flops import TPU_GENERATIONS, TpuGeneration, flops_per_token, tpu_generation
-from sft_jax.model import ModelConfig
-from sft_jax.plan_check import abstract_train_state, compile_abstract_step, memory_figures
-from sft_jax.preflight import check_train_batch
-from sft_jax.step import apply_updates
+from sft_jax.model.attention import resolve_implementation
+from sft_jax.model.decoder import ModelConfig
+from sft_jax.planning.flops import TPU_GENERATIONS, TpuGeneration, flops_per_token, tpu_generation
+from sft_jax.planning.plan_check import abstract_train_state, compile_abstract_step, memory_figures
+from sft_jax.training import sharding
+from sft_jax.training.preflight import check_train_batch
+from sft_jax.training.step import apply_updates
 
 GIB = 1024**3
 # libtpu without an attached TPU: skip the cloud metadata query, and compile even while another

@@ -13,7 +13,7 @@ import dataclasses
 import math
 from typing import Any
 
-from sft_jax.metrics import record_kind, sample_rows, scalars
+from sft_jax.training.metrics import record_kind, sample_rows, scalars
 from sft_jax.workdir import CONFIG_FILE, SUMMARY_FILE, read_json, read_records
 
 

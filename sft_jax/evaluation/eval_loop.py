@@ -2,7 +2,8 @@
 by the run as `Run.evaluator`, so the loop asks for an evaluation by name (`baseline`,
 `periodic`, `final_validation`, `final_generation`, `final_general_text`, `rewind`) and never
 handles compiled functions or held-out data itself. The pure pieces it runs (the jitted eval step,
-answer matching and scoring, general-text batches, the LoRA merge) are in sft_jax/evaluate.py.
+answer matching and scoring, general-text batches, the LoRA merge) are in
+sft_jax/evaluation/evaluate.py.
 
 Records written to metrics.jsonl (every one also has "step", "time" and "run", the start number):
 
@@ -43,20 +44,20 @@ from typing import Any
 import jax
 import numpy as np
 
-from sft_jax.checkpoint import Checkpointer
 from sft_jax.config import Config
 from sft_jax.console import log
 from sft_jax.data import DataBundle, EvalPrompt
 from sft_jax.data.templates import ChatTemplate, generation_stops
-from sft_jax.evaluate import (
+from sft_jax.evaluation.evaluate import (
     GENERATION_BATCH,
     evaluate_loss,
     generation_eval,
     make_eval_step,
     make_inference_params,
 )
-from sft_jax.metrics import MetricsWriter
-from sft_jax.model import Transformer
+from sft_jax.model.decoder import Transformer
+from sft_jax.training.checkpoint import Checkpointer
+from sft_jax.training.metrics import MetricsWriter
 
 _NOT_METRICS = ("kind", "step", "time", "run", "accuracy", "samples")
 

@@ -1,0 +1,1 @@
+"""Memory and compute planning: the estimate, the XLA/TPU compile check, flops."""

@@ -1,0 +1,1 @@
+"""The training core: state, step, loss, optimizer, checkpoints and the run's runtime."""

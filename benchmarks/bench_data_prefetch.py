@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 from sft_jax.bench import build, packed_data
-from sft_jax.config import load_config_file, parse
+from sft_jax.config import parse
+from sft_jax.config_file import load_config_file
 from sft_jax.data import TrainIterator
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.config import load_config_file, parse
+from sft_jax.config import parse
+from sft_jax.config_file import load_config_file
 from sft_jax.data.pack import PACKED_KEYS
 from sft_jax.model.decoder import model_config_from_arch
 from sft_jax.training.optim import make_optimizer, make_schedule

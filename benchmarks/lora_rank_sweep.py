@@ -15,7 +15,8 @@ import argparse
 import os
 import pathlib
 
-from sft_jax.config import load_config_file, parse
+from sft_jax.config import parse
+from sft_jax.config_file import load_config_file
 from sft_jax.train import train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -88,7 +88,8 @@ def workload(steps: int, warmup: int) -> tuple[dict, list]:
     """(model shapes and settings of configs/bench/cpu_small.py, the bench's synthetic pairs)."""
     sys.path.insert(0, REPO)
     from sft_jax import bench
-    from sft_jax.config import load_config_file, parse
+    from sft_jax.config import parse
+    from sft_jax.config_file import load_config_file
 
     config = parse(load_config_file(CONFIG))
     a, batch = config.model.arch, config.train.global_batch_size

@@ -48,7 +48,8 @@ import numpy as np
 
 from sft_jax import hf
 from sft_jax.cli import absl_help, wants_help
-from sft_jax.config import Config, ConfigError, config_from_argv
+from sft_jax.config import Config, ConfigError
+from sft_jax.config_file import config_from_argv
 from sft_jax.data import TokenizedExample, TrainIterator, pack_examples, packing_stats
 from sft_jax.data.pack import whole_example_row_floor
 from sft_jax.model.attention import resolve_implementation

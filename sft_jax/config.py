@@ -477,10 +477,3 @@ def _eval_match_checks(e: EvalSection) -> list[tuple[str, bool, str]]:
         ),
         ("eval.answer_regex", error is None, f"{e.answer_regex!r} does not compile: {error}"),
     ]
-
-
-# Reading files and command lines (sft_jax/config_file.py), importable from here as before.
-from sft_jax.config_file import (  # noqa: E402, F401
-    config_from_argv,
-    load_config_file,
-)

@@ -17,6 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from sft_jax.config import ConfigError, parse
+
 # sft_jax.config re-exports this module's functions at its end; importing it lazily inside the
 # functions keeps either import order working.
 
@@ -50,8 +52,6 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     Raises ConfigError in one line: the file is missing, does not parse (file:line), raises while
     running (the deepest line of the user's own files), or has no `get_config`.
     """
-    from sft_jax.config import ConfigError
-
     file_path, _, arg = path.partition(":")
     if not os.path.isfile(file_path):
         raise ConfigError(f"config file not found: {file_path}")
@@ -122,8 +122,6 @@ def config_from_argv(argv: list[str], flag_values: Any) -> Any:
     from absl import flags
     from ml_collections import config_flags
 
-    from sft_jax.config import ConfigError, parse
-
     path, rest = split_config_flag(argv)
     if path is None:
         raise ConfigError("--config FILE is required (--help lists the flags and config keys)")
@@ -147,8 +145,6 @@ def config_from_argv(argv: list[str], flag_values: Any) -> Any:
 def check_override_keys(argv: list[str], raw: ml_collections.ConfigDict) -> None:
     """Every `--config.a.b=v` names an existing key; else ConfigError naming the closest one."""
     import difflib
-
-    from sft_jax.config import ConfigError
 
     for arg in argv:
         if not arg.startswith("--config."):

@@ -39,7 +39,8 @@ from jax.sharding import AbstractMesh
 
 from sft_jax import hf
 from sft_jax.cli import absl_help, wants_help
-from sft_jax.config import Config, ConfigError, config_from_argv
+from sft_jax.config import Config, ConfigError
+from sft_jax.config_file import config_from_argv
 from sft_jax.model.attention import resolve_implementation
 from sft_jax.model.blocked_attention import BLOCK
 from sft_jax.model.decoder import ModelConfig

@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from sft_jax import console, data, hf
 from sft_jax.cli import absl_help, wants_help
-from sft_jax.config import Config, ConfigError, config_from_argv
+from sft_jax.config import Config, ConfigError
+from sft_jax.config_file import config_from_argv
 from sft_jax.console import log
 from sft_jax.evaluation import eval_loop
 from sft_jax.training import preflight, train_setup, workdir_lock

@@ -10,7 +10,8 @@ import types
 import pytest
 
 from sft_jax import bench, hf
-from sft_jax.config import load_config_file, parse
+from sft_jax.config import parse
+from sft_jax.config_file import load_config_file
 from sft_jax.data.pack import PACKED_KEYS
 from sft_jax.planning import flops
 

@@ -12,7 +12,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sft_jax.config import load_config_file, parse
+from sft_jax.config import parse
+from sft_jax.config_file import load_config_file
 from sft_jax.train import main, train_and_evaluate
 from sft_jax.training import faults, preflight
 from sft_jax.training.checkpoint import Checkpointer, storage_error

@@ -131,7 +131,7 @@ def test_own_config_file_in_another_directory(tmp_path):
     example = quickstart.split("```python\n# my_run.py\n", 1)[1].split("```", 1)[0]
     _write(tmp_path, "my_run.py", example)
     probe = (
-        "from sft_jax.config import load_config_file, parse;"
+        "from sft_jax.config import parse; from sft_jax.config_file import load_config_file;"
         "c = parse(load_config_file('my_run.py'));"
         "print(c.optim.learning_rate, c.data.train_files)"
     )

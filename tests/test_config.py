@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from sft_jax.config import ConfigError, load_config_file, parse
+from sft_jax.config import ConfigError, parse
+from sft_jax.config_file import load_config_file
 from sft_jax.configs import base
 from sft_jax.train import load_config_from_flags
 

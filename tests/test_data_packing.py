@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from sft_jax.config import load_config_file, parse
+from sft_jax.config import parse
+from sft_jax.config_file import load_config_file
 from sft_jax.data import (
     TokenizedExample,
     best_fit_decreasing,

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from sft_jax.config import load_config_file
+from sft_jax.config_file import load_config_file
 from sft_jax.configs import base
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

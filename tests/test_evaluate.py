@@ -15,7 +15,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sft_jax import console, data
-from sft_jax.config import ConfigError, load_config_file, parse
+from sft_jax.config import ConfigError, parse
+from sft_jax.config_file import load_config_file
 from sft_jax.evaluation.eval_loop import Evaluator, comparison, format_comparison, read_baseline
 from sft_jax.evaluation.evaluate import (
     answer_matches,

@@ -16,7 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sft_jax import api, export
-from sft_jax.config import load_config_file, parse
+from sft_jax.config import parse
+from sft_jax.config_file import load_config_file
 from sft_jax.model.decoder import Transformer
 from sft_jax.workdir import OldWorkdirWarning
 from tests.conftest import STORIES

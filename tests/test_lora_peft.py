@@ -16,7 +16,8 @@ from test_export import BASE, MODEL_TOL, _random_params, _tokens
 from transformers import AutoModelForCausalLM
 
 from sft_jax import export, lora
-from sft_jax.config import ConfigError, load_config_file, parse
+from sft_jax.config import ConfigError, parse
+from sft_jax.config_file import load_config_file
 from sft_jax.model.decoder import Transformer
 from sft_jax.training.metrics import read_metrics
 

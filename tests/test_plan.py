@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from sft_jax import hf
-from sft_jax.config import load_config_file, parse
+from sft_jax.config import parse
+from sft_jax.config_file import load_config_file
 from sft_jax.model.decoder import Transformer
 from sft_jax.plan import plan
 from sft_jax.training.sharding import make_mesh

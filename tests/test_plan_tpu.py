@@ -7,7 +7,8 @@ import json
 import pytest
 
 from sft_jax import plan as plan_module
-from sft_jax.config import ConfigError, load_config_file, parse
+from sft_jax.config import ConfigError, parse
+from sft_jax.config_file import load_config_file
 from sft_jax.planning import tpu
 from sft_jax.planning.flops import TPU_GENERATIONS, peak_flops, tpu_generation
 from sft_jax.planning.plan_check import abstract_train_state, compile_abstract_step, memory_figures

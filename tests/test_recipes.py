@@ -13,7 +13,8 @@ import re
 import pytest
 
 from sft_jax import hf
-from sft_jax.config import load_config_file, parse, to_dict
+from sft_jax.config import parse, to_dict
+from sft_jax.config_file import load_config_file
 from sft_jax.train import train_and_evaluate
 from sft_jax.training.metrics import read_metrics
 

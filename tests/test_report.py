@@ -312,7 +312,8 @@ def test_page_renders_in_headless_chromium(restarted_run, tmp_path):
 def test_report_of_a_real_tiny_run(tmp_path):
     """About 30 s on 2 cores: trains configs/tiny.py for 8 steps with periodic eval and
     generation samples, then builds the report from what the run wrote."""
-    from sft_jax.config import load_config_file, parse
+    from sft_jax.config import parse
+    from sft_jax.config_file import load_config_file
     from sft_jax.train import train_and_evaluate
 
     raw = load_config_file(str(REPO / "configs" / "tiny.py"))

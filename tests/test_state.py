@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 
-from sft_jax.config import load_config_file, parse
+from sft_jax.config import parse
+from sft_jax.config_file import load_config_file
 from sft_jax.plan import plan
 from sft_jax.planning import plan_check
 from sft_jax.training.sharding import MESH_AXES, make_mesh

@@ -5,7 +5,8 @@ import pathlib
 
 import pytest
 
-from sft_jax.config import load_config_file, parse
+from sft_jax.config import parse
+from sft_jax.config_file import load_config_file
 from sft_jax.train import train_and_evaluate
 from sft_jax.training.metrics import read_metrics
 

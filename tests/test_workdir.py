@@ -10,14 +10,8 @@ import warnings
 import pytest
 
 from sft_jax import workdir
-from sft_jax.config import (
-    ConfigError,
-    ModelSection,
-    load_config_file,
-    parse,
-    parse_section,
-    to_dict,
-)
+from sft_jax.config import ConfigError, ModelSection, parse, parse_section, to_dict
+from sft_jax.config_file import load_config_file
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from sft_jax.cli import config_help
-from sft_jax.config import Config, ConfigError, config_from_argv
+from sft_jax.config import Config, ConfigError
+from sft_jax.config_file import config_from_argv
 from sft_jax.console import route_logging
 from sft_jax.data.audit import audit, summary
 from sft_jax.data.encode import encode_examples

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_jax import hf, lora
+from sft_jax.model import decode
 from sft_jax.model.decoder import ModelConfig, Transformer
 from sft_jax.workdir import LoadError, is_workdir, open_checkpoint, read_config
 
@@ -238,12 +239,11 @@ class LoadedModel:
         list of them (batched). Greedy by default; stops at EOS and at the chat template's end
         of turn (one token or several), as `python -m sft_jax.generate` does."""
         from sft_jax.chat import chat_stops
-        from sft_jax.generate import cut_at_stop_text, generate
 
         batch = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], dict)
         prompts = prompt if batch else [prompt]
         stops = chat_stops(self.tokenizer, self.model_dir)
-        replies = generate(
+        replies = decode.generate(
             self.module,
             self.params,
             [self.encode(p) for p in prompts],
@@ -254,8 +254,8 @@ class LoadedModel:
             top_p=top_p,
             rng=jax.random.PRNGKey(seed),
         )
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
-        texts = [cut_at_stop_text(decode(r), stops.texts) for r in replies]
+        to_text = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
+        texts = [decode.cut_at_stop_text(to_text(r), stops.texts) for r in replies]
         return texts if batch else texts[0]
 
 

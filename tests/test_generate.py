@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
 from sft_jax import hf
-from sft_jax.generate import generate, greedy_generate, main, sample_token
+from sft_jax.generate import main
+from sft_jax.model.decode import generate, greedy_generate, sample_token
 from sft_jax.model.decoder import Transformer
 
 

@@ -17,7 +17,7 @@ from sft_jax.data.templates import (
     template_variables,
 )
 from sft_jax.evaluation.evaluate import generation_eval
-from sft_jax.generate import cut_at_stop_text, greedy_generate
+from sft_jax.model.decode import cut_at_stop_text, greedy_generate
 from sft_jax.model.decoder import Transformer
 
 WEATHER = {"name": "get_weather", "arguments": {"city": "Paris"}}

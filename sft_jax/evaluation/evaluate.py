@@ -43,7 +43,7 @@ from sft_jax.config import Config
 from sft_jax.data import EvalPrompt
 from sft_jax.data.pack import PACKED_KEYS
 from sft_jax.data.templates import Stops, generation_stops
-from sft_jax.generate import cut_at_stop_text, greedy_generate
+from sft_jax.model.decode import cut_at_stop_text, greedy_generate
 from sft_jax.model.decoder import Transformer
 from sft_jax.training.loss import masked_cross_entropy
 from sft_jax.training.state import TrainState, param_shardings

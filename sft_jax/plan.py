@@ -87,6 +87,22 @@ def _tree_bytes(tree: Any, mesh: AbstractMesh, dtype: Any = None) -> int:
     return total
 
 
+def _layer_bytes(tree: Any, mesh: AbstractMesh) -> int:
+    """Bytes of one decoder layer of a placed tree as FSDP gathers it on a device: the stacked
+    layer leaves (leading L axis) split only where a tensor-parallel axis splits them; 0 when
+    no layer leaf is split over another axis (nothing is gathered)."""
+    total, gathered = 0, False
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if "layers" not in jax.tree_util.keystr(path) or leaf.ndim < 2:
+            continue
+        spec = leaf.sharding.spec
+        named = [(a,) if isinstance(a, str) else (a or ()) for a in spec[1:]]
+        tensor = math.prod(mesh.shape["tensor"] for axes in named if "tensor" in axes)
+        gathered |= _shards(spec, mesh) > tensor
+        total += math.prod(leaf.shape[1:]) * leaf.dtype.itemsize // tensor
+    return total if gathered else 0
+
+
 def _count(tree: Any) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
@@ -161,6 +177,11 @@ def state_bytes(config: Config, model_config: ModelConfig, mesh: AbstractMesh) -
         # Gradients: float32 accumulators over micro-batches, else in each leaf's dtype.
         "grad_bytes": _tree_bytes(layout.params, mesh, "float32" if accumulate else None),
         "optimizer_bytes": _tree_bytes(moments, mesh),
+        # FSDP's per-layer buffers (see `activation_bytes`): one layer's trainable weights
+        # gathered and their unsharded gradient before the reduce-scatter, and one layer of
+        # the frozen base (LoRA) gathered.
+        "fsdp_layer_bytes": 2 * _layer_bytes(layout.params, mesh)
+        + _layer_bytes(layout.frozen, mesh),
     }
 
 
@@ -195,6 +216,7 @@ def plan(
     )
     if config.model.remat != "none":  # the rematerialised scan's own weight-gradient buffer
         act += result["grad_bytes"]
+    act += result["fsdp_layer_bytes"]  # one layer gathered (and its gradient) under FSDP
     total = (
         result["param_bytes"]
         + result["reference_bytes"]

@@ -132,9 +132,17 @@ def activation_bytes(
     backward holds for the widest query block, S x `BLOCK` per query head and row.
     The loss adds the float32 logits and their gradient (2 x V x 4 bytes per token, or per
     token of one `loss_chunk` piece when chunked). `plan` adds, under remat, one more
-    gradient-sized buffer (the rematerialised scan's weight gradients). Calibrated against XLA's
-    figure for the compiled step: within 0.9-1.2 of it on data and tensor parallel meshes
-    (docs/benchmarks.md, "Memory plan against XLA", has the table).
+    gradient-sized buffer (the rematerialised scan's weight gradients), and, where FSDP shards
+    the layers, its per-layer buffers (`state_bytes`'s `fsdp_layer_bytes`): a layer's weights
+    are all-gathered before its matmuls and its weight gradient exists unsharded before the
+    reduce-scatter, so one layer's trainable weights count twice (gathered, gradient) and one
+    layer of a frozen base once (gathered), each in its stored dtype. These do not shrink with
+    more chips: at 70B (a layer is 3.2 GiB in float32) they are what the TPU compiler's
+    temporaries held beyond the rest of the estimate, the same on 64 and 128 chips.
+    Calibrated against XLA's figure for the compiled step: within 0.9-1.2 of it on data and
+    tensor parallel meshes on XLA:CPU, 1.0-1.35 of the TPU compiler's for full fine-tuning and
+    LoRA at real shapes except Gemma 3's 262k-vocabulary loss (docs/benchmarks.md, "Memory plan
+    against XLA" and "TPU compiler", has the tables).
     """
     b = jnp.dtype(c.dtype).itemsize
     d, f, n, k, h = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim

@@ -26,8 +26,8 @@ decay, r=16, alpha=32, dropout 0.05, all seven linear projections. A step is 32 
 
 Memory (`python -m sft_jax.plan --platform tpu`, docs/tpu_pod.md): per v5e chip (16 GiB),
 0.27 GiB of parameters (the frozen bf16 base, FSDP over 8 chips, is 0.23) + 39 MiB adapter
-gradients + 77 MiB Adam moments + 6.73 GiB of activations (estimate; Gemma's 262k-token
-vocabulary makes the float32 logits the largest term) = 7.11 GiB.
+gradients + 77 MiB Adam moments + 6.78 GiB of activations (estimate; Gemma's 262k-token
+vocabulary makes the float32 logits the largest term) = 7.17 GiB.
 
 Topology: a TPU v5e-8 (`v5e:2x4`). The TPU compiler's figure at this model's shapes (`DIR`
 holds only gemma-3-1b-it's config.json) comes from

@@ -33,12 +33,12 @@ moments). A step is 32 packed rows of 4096 tokens (~131k tokens) for 4b, 64 rows
 Memory (`python -m sft_jax.plan --config configs/qwen3_full.py[:8b] --devices N
 --device_memory_gib G`, run on a local copy of the model's config.json; docs/tpu_pod.md):
   4b on 4 x 95 GiB (mesh fsdp=4, 2 rows per chip per micro-batch, remat full, --platform tpu):
-     3.75 GiB weights + 3.75 gradients + 7.49 Adam + 15.57 activations (estimate) = 30.55 GiB
+     3.75 GiB weights + 3.75 gradients + 7.49 Adam + 16.32 activations (estimate) = 31.30 GiB
      per chip: fits.
   4b on 1 x 80 GiB with micro_batches=32 (1 row, --platform gpu): 14.98 + 14.98 + 29.97 +
      20.90 = 80.83 GiB: does NOT fit with float32 Adam moments; with
      --config.optim.state_dtype=bfloat16 the moments take 14.98 and the total is 65.85 GiB: fits.
-  8b on 16 x 95 GiB (fsdp=16, 2 rows per chip): 1.91 + 1.91 + 3.81 + 14.87 = 22.50 GiB: fits.
+  8b on 16 x 95 GiB (fsdp=16, 2 rows per chip): 1.91 + 1.91 + 3.81 + 16.31 = 23.93 GiB: fits.
 
 Topology: 4b on a TPU v5p-8 (`v5p:2x2x1`), 8b on a v5p-32 (`v5p:2x2x4`). The TPU compiler's
 figure for 4b at its real shapes (`DIR` holds only Qwen3-4B-Instruct-2507's config.json) comes

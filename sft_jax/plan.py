@@ -88,6 +88,22 @@ def _tree_bytes(tree: Any, mesh: AbstractMesh, dtype: Any = None) -> int:
     return total
 
 
+def _layer_bytes(tree: Any, mesh: AbstractMesh) -> int:
+    """Bytes of one decoder layer of a placed tree as FSDP gathers it on a device: the stacked
+    layer leaves (leading L axis) split only where a tensor-parallel axis splits them; 0 when
+    no layer leaf is split over another axis (nothing is gathered)."""
+    total, gathered = 0, False
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if "layers" not in jax.tree_util.keystr(path) or leaf.ndim < 2:
+            continue
+        spec = leaf.sharding.spec
+        named = [(a,) if isinstance(a, str) else (a or ()) for a in spec[1:]]
+        tensor = math.prod(mesh.shape["tensor"] for axes in named if "tensor" in axes)
+        gathered |= _shards(spec, mesh) > tensor
+        total += math.prod(leaf.shape[1:]) * leaf.dtype.itemsize // tensor
+    return total if gathered else 0
+
+
 def _count(tree: Any) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
@@ -117,9 +133,17 @@ def activation_bytes(
     backward holds for the widest query block, S x `BLOCK` per query head and row.
     The loss adds the float32 logits and their gradient (2 x V x 4 bytes per token, or per
     token of one `loss_chunk` piece when chunked). `plan` adds, under remat, one more
-    gradient-sized buffer (the rematerialised scan's weight gradients). Calibrated against XLA's
-    figure for the compiled step: within 0.9-1.2 of it on data and tensor parallel meshes
-    (docs/benchmarks.md, "Memory plan against XLA", has the table).
+    gradient-sized buffer (the rematerialised scan's weight gradients), and, where FSDP shards
+    the layers, its per-layer buffers (`state_bytes`'s `fsdp_layer_bytes`): a layer's weights
+    are all-gathered before its matmuls and its weight gradient exists unsharded before the
+    reduce-scatter, so one layer's trainable weights count twice (gathered, gradient) and one
+    layer of a frozen base once (gathered), each in its stored dtype. These do not shrink with
+    more chips: at 70B (a layer is 3.2 GiB in float32) they are what the TPU compiler's
+    temporaries held beyond the rest of the estimate, the same on 64 and 128 chips.
+    Calibrated against XLA's figure for the compiled step: within 0.9-1.2 of it on data and
+    tensor parallel meshes on XLA:CPU, 1.0-1.35 of the TPU compiler's for full fine-tuning and
+    LoRA at real shapes except Gemma 3's 262k-vocabulary loss (docs/benchmarks.md, "Memory plan
+    against XLA" and "TPU compiler", has the tables).
     """
     b = jnp.dtype(c.dtype).itemsize
     d, f, n, k, h = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
@@ -162,6 +186,11 @@ def state_bytes(config: Config, model_config: ModelConfig, mesh: AbstractMesh) -
         # Gradients: float32 accumulators over micro-batches, else in each leaf's dtype.
         "grad_bytes": _tree_bytes(layout.params, mesh, "float32" if accumulate else None),
         "optimizer_bytes": _tree_bytes(moments, mesh),
+        # FSDP's per-layer buffers (see `activation_bytes`): one layer's trainable weights
+        # gathered and their unsharded gradient before the reduce-scatter, and one layer of
+        # the frozen base (LoRA) gathered.
+        "fsdp_layer_bytes": 2 * _layer_bytes(layout.params, mesh)
+        + _layer_bytes(layout.frozen, mesh),
     }
 
 
@@ -196,6 +225,7 @@ def plan(
     )
     if config.model.remat != "none":  # the rematerialised scan's own weight-gradient buffer
         act += result["grad_bytes"]
+    act += result["fsdp_layer_bytes"]  # one layer gathered (and its gradient) under FSDP
     total = (
         result["param_bytes"]
         + result["reference_bytes"]

@@ -47,6 +47,26 @@ def test_remat_shrinks_the_activation_estimate():
     assert sizes["none"] > sizes["dots"] > sizes["full"] > 0
 
 
+def test_fsdp_counts_one_gathered_layer_and_its_gradient():
+    """Under FSDP one layer's float32 weights are gathered and its gradient is whole before the
+    reduce-scatter: two layers' bytes, whatever the FSDP size; nothing on a data mesh."""
+    raw = load_config_file("configs/tiny.py")
+    a = raw.model.arch
+    d, f, q, kv = (
+        a.hidden_size,
+        a.intermediate_size,
+        a.num_heads * a.head_dim,
+        a.num_kv_heads * a.head_dim,
+    )
+    layer = 2 * d * q + 2 * d * kv + 3 * d * f + 2 * d  # q, o, k, v, mlp, two norms
+    sizes = {}
+    for mesh in [(1, 8, 1), (2, 4, 1), (8, 1, 1)]:
+        raw.mesh.data, raw.mesh.fsdp, raw.mesh.tensor = mesh
+        sizes[mesh] = plan(parse(raw), 8, 1.0)["fsdp_layer_bytes"]
+    assert sizes[(1, 8, 1)] == sizes[(2, 4, 1)] == 2 * 4 * layer
+    assert sizes[(8, 1, 1)] == 0
+
+
 def test_cli_reports_fit_and_rejects_impossible_mesh():
     base = [sys.executable, "-m", "sft_jax.plan", "--config", "configs/tiny.py"]
     ok = subprocess.run(

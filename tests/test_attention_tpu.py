@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from configs import base
 from sft_jax import config as config_lib
 from sft_jax import lora
+from sft_jax.config_file import load_config_file
 from sft_jax.model.attention import (
     AttentionOptions,
     attend,
@@ -147,7 +148,7 @@ def test_abstract_params_of_a_splash_model_need_neither_tpu_nor_a_long_sequence(
 
 
 def splash_config(seq_len: int) -> config_lib.Config:
-    raw = config_lib.load_config_file(str(REPO / "configs" / "tiny.py"))
+    raw = load_config_file(str(REPO / "configs" / "tiny.py"))
     raw.model.attention, raw.data.seq_len = "splash", seq_len
     return config_lib.parse(raw)
 

@@ -19,6 +19,7 @@ import time
 import pytest
 
 from sft_jax import config as config_lib
+from sft_jax.config_file import load_config_file
 from sft_jax.data.mixture import parse_mixture
 from sft_jax.data.source import DataError
 from sft_jax.train import main
@@ -234,7 +235,7 @@ def test_url_workdir_is_refused_with_the_fix(small_train, tmp_path, capsys):
 def test_weighted_mixture_passes_preflight(small_train, tmp_path):
     """Preflight checks each file of 'a:0.9,b:0.1' without its weight (it used to look for a
     file literally named 'a:0.9')."""
-    raw = config_lib.load_config_file(str(REPO / "configs" / "tiny.py"))
+    raw = load_config_file(str(REPO / "configs" / "tiny.py"))
     raw.data.train_files = f"{small_train}:0.9,{small_train}:0.1"
     preflight.check_inputs(config_lib.parse(raw))
     preflight.check_workdir(str(tmp_path / "w"))
@@ -304,7 +305,7 @@ def test_overflowing_update_is_not_reported_as_skipped(small_train, tmp_path):
     from sft_jax.train import train_and_evaluate
     from sft_jax.training import faults
 
-    raw = config_lib.load_config_file(str(REPO / "configs" / "tiny.py"))
+    raw = load_config_file(str(REPO / "configs" / "tiny.py"))
     raw.data.train_files = small_train
     raw.data.eval_files = ""  # no evaluation: the abort is all this test needs
     raw.checkpoint.every_steps = 1

@@ -88,13 +88,12 @@ def test_defaults_come_from_the_package_not_from_a_file_path(saved, monkeypatch)
     write, raw = saved
     del raw["model"]["loss_chunk"]
     path = write(raw)
-    from sft_jax import config, config_file
+    from sft_jax import config_file
 
     def refuse(*args, **kwargs):
         raise AssertionError("a config file was executed by path")
 
-    for module in (config, config_file):
-        monkeypatch.setattr(module, "load_config_file", refuse)
+    monkeypatch.setattr(config_file, "load_config_file", refuse)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if pathlib.Path(p or ".") != REPO])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", workdir.OldWorkdirWarning)

@@ -26,7 +26,7 @@ import numpy as np
 
 from configs.bench import cpu_small
 from sft_jax.bench import packed_data
-from sft_jax.model.attention import AttentionOptions, attend
+from sft_jax.model.attention import DENSE_MASK_IMPLEMENTATIONS, AttentionOptions, attend
 from sft_jax.model.decoder import attention_mask
 
 
@@ -48,7 +48,7 @@ def time_implementation(impl: str, inputs: tuple[jax.Array, ...], repeats: int) 
     q, k, v, segments, weights = inputs
 
     def loss(q, k, v, segments):  # the mask is built inside the jit, as in the train step
-        mask = attention_mask(segments)
+        mask = attention_mask(segments) if impl in DENSE_MASK_IMPLEMENTATIONS else None
         out = attend(q, k, v, mask, AttentionOptions(impl), segment_ids=segments)
         return jnp.sum(out * weights)
 

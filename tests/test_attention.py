@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from sft_jax.model.attention import (
+    DENSE_MASK_IMPLEMENTATIONS,
     AttentionOptions,
     attend,
     attention_mask,
@@ -20,7 +21,7 @@ from sft_jax.model.attention import (
     resolve_implementation,
     window_mask,
 )
-from sft_jax.model.blocked_attention import blocked_attention
+from sft_jax.model.blocked_attention import _block_mask, _block_mask_t, blocked_attention
 
 B, T, N, K, H = 2, 128, 4, 2, 16  # GQA: two query heads per kv head; T = one splash block
 WINDOW = 24
@@ -58,11 +59,14 @@ def inputs(seed: int = 0):
 
 
 def run(impl: str, q, k, v, segment_ids, window):
-    """attend() with the mask the model would build, and a weighted sum as a scalar loss."""
+    """attend() with the mask the model would build: the dense one only for the implementations
+    that read it (blocked and splash get None and build theirs from the segment ids)."""
     mask = attention_mask(segment_ids)
     local = None
     if window is not None:
         mask, local = window_mask(mask, jnp.arange(T), window), jnp.asarray(True)
+    if impl not in DENSE_MASK_IMPLEMENTATIONS:
+        mask = None
     options = AttentionOptions(impl, window=window, interpret=True)
     return attend(q, k, v, mask, options, segment_ids=segment_ids, local=local)
 
@@ -100,6 +104,50 @@ def test_splash_local_flag_selects_the_window_per_layer():
         want = naive_attention(q, k, v, seg, window)
         np.testing.assert_allclose(got[0, :120], want[0, :120], atol=TOL)
         np.testing.assert_allclose(got[1], want[1], atol=TOL)
+
+
+@pytest.mark.parametrize("window", [None, WINDOW])
+@pytest.mark.parametrize("block", [48, 64])
+def test_blocked_masks_from_segments_equal_the_dense_mask_reference(window, block):
+    """The blocked kernel, building each block's mask from segment ids and slots, equals the
+    reference fed the dense mask (`attention_mask`, `window_mask`) on packed rows with padding,
+    GQA heads, and a window passed as the traced per-layer bound the model uses: every block's
+    mask (forward, and the backward's transposed one) is exactly the dense mask's block, and the
+    outputs of every row (padding rows included: they attend to earlier padding, never a fully
+    masked row) and the gradients match the reference to float32 rounding."""
+    q, k, v = inputs(5)
+    seg = np.zeros((B, T), np.int32)
+    seg[0, :30], seg[0, 30:31], seg[0, 31:100] = 1, 2, 3  # a one-token example, then padding
+    seg[1, 8:70], seg[1, 70:128] = 1, 2  # leading padding
+    seg = jnp.asarray(seg)
+    mask = attention_mask(seg)
+    if window is not None:
+        mask = window_mask(mask, jnp.arange(T), window)
+    weights = jnp.asarray(np.random.default_rng(6).normal(size=(B, T, N, H)), jnp.float32)
+    bound = jnp.asarray(T if window is None else window, jnp.int32)
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        dense = np.asarray(mask[:, start:end, :end])
+        np.testing.assert_array_equal(_block_mask(seg, bound, start, end), dense)
+        transposed = _block_mask_t(seg, bound, start, end)[:, 0, :, 0]
+        np.testing.assert_array_equal(transposed, dense.transpose(0, 2, 1))
+
+    def blocked(q, k, v, local):
+        bound = None if window is None else jnp.where(local, window, T)
+        return blocked_attention(q, k, v, seg, scale=H**-0.5, window=bound, block=block)
+
+    want_fn = lambda q, k, v: grouped_attention(q, k, v, mask, scale=H**-0.5)
+    got_fn = jax.jit(lambda q, k, v: blocked(q, k, v, jnp.asarray(True)))
+    np.testing.assert_allclose(got_fn(q, k, v), want_fn(q, k, v), atol=TOL)
+    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
+    got = jax.grad(loss(got_fn), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(want_fn), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=TOL)
+    if window is not None:  # a global layer's bound (local False) drops the window
+        unwindowed = grouped_attention(q, k, v, attention_mask(seg), scale=H**-0.5)
+        got_global = blocked(q, k, v, jnp.asarray(False))
+        np.testing.assert_allclose(got_global, unwindowed, atol=TOL)
 
 
 def resolve(requested, platform, dtype="bfloat16", head_dim=64, softcap=None):
@@ -141,10 +189,9 @@ def test_blocked_attention_any_block_size_forward_and_gradient(block):
     the naive attention's outputs and gradients on packed rows with padding."""
     q, k, v = inputs()
     seg = jnp.asarray(packed_segments())
-    mask = attention_mask(seg)
     weights = jnp.asarray(np.random.default_rng(3).normal(size=(B, T, N, H)), jnp.float32)
     real = (seg > 0)[:, :, None, None]
-    got_fn = lambda q, k, v: blocked_attention(q, k, v, mask, scale=H**-0.5, block=block)
+    got_fn = lambda q, k, v: blocked_attention(q, k, v, seg, scale=H**-0.5, block=block)
     want_fn = lambda q, k, v: naive_attention(q, k, v, seg, None)
     loss = lambda fn: lambda q, k, v: jnp.sum(jnp.where(real, fn(q, k, v) * weights, 0.0))
     np.testing.assert_allclose(
@@ -160,22 +207,24 @@ def test_blocked_attention_in_bfloat16_stays_close_and_refuses_a_cache():
     q, k, v = (x.astype(jnp.bfloat16) for x in inputs())
     seg = jnp.asarray(packed_segments())
     mask = attention_mask(seg)
-    got = blocked_attention(q, k, v, mask, scale=H**-0.5)
+    got = blocked_attention(q, k, v, seg, scale=H**-0.5)
     want = grouped_attention(q, k, v, mask, scale=H**-0.5)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.float32(got), np.float32(want), atol=3e-2)
     weights = jnp.asarray(np.random.default_rng(4).normal(size=(B, T, N, H)), jnp.float32)
     real = (seg > 0)[:, :, None, None]
 
-    def grads(fn, *qkv):
-        loss = lambda q, k, v: jnp.sum(jnp.where(real, fn(q, k, v, mask, scale=0.25) * weights, 0))
+    def grads(fn, masking, *qkv):
+        out = lambda q, k, v: fn(q, k, v, masking, scale=0.25)
+        loss = lambda q, k, v: jnp.sum(jnp.where(real, out(q, k, v) * weights, 0))
         return jax.grad(loss, argnums=(0, 1, 2))(*qkv)
 
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]  # the same bf16 values, in float32
-    pairs = zip(grads(blocked_attention, q, k, v), grads(grouped_attention, *f32), strict=True)
+    blocked_grads = grads(blocked_attention, seg, q, k, v)
+    pairs = zip(blocked_grads, grads(grouped_attention, mask, *f32), strict=True)
     for got, want in pairs:
         assert got.dtype == jnp.bfloat16
         scale = float(jnp.abs(want).max())
         np.testing.assert_allclose(np.float32(got), np.float32(want), atol=2e-2 * scale)
     with pytest.raises(ValueError, match="S == T"):
-        blocked_attention(q[:, :1], k, v, mask[:, :1], scale=0.25)
+        blocked_attention(q[:, :1], k, v, seg[:, :1], scale=0.25)

@@ -162,9 +162,16 @@ GEMMA_LIKE = dict(
     local_layers=(True, False),
     local_rope_theta=500.0,
 )
+# Sliding-window layers without soft-capping: "auto" picks the blocked kernel on CPU, whose
+# window is a traced per-layer bound (the soft-capped GEMMA_LIKE runs the reference).
+SLIDING_BLOCKED = {**GEMMA_LIKE, "attn_softcap": None, "attention": "blocked"}
 
 
-@pytest.mark.parametrize("overrides", [{}, GEMMA_LIKE], ids=["llama", "gemma_sliding"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, GEMMA_LIKE, SLIDING_BLOCKED],
+    ids=["llama", "gemma_sliding", "sliding_blocked"],
+)
 def test_packed_row_equals_examples_run_alone(overrides):
     """Row 0 packs two examples and padding; rows 1 and 2 hold each example alone (trailing
     padding cannot reach earlier tokens causally, and one shape means one compile). With a
@@ -188,6 +195,23 @@ def test_packed_row_equals_examples_run_alone(overrides):
     # Leakage would show: the second example's logits differ when the first is visible.
     leaky = _forward(config, params, tokens, jnp.asarray(positions), jnp.ones_like(tokens))
     assert np.abs(leaky[0, 5:9] - logits[2, :4]).max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("attention", "dense"), [("blocked", False), ("reference", True), ("xla", True)]
+)
+def test_dense_mask_is_built_only_for_implementations_that_read_it(attention, dense):
+    """Training-path memory linear in T: with the blocked kernel (sliding-window layers too) the
+    forward holds no [B, T, T] array; the reference and xla still read the dense mask."""
+    overrides = {**SLIDING_BLOCKED, "attention": attention}
+    config = _config(**overrides)
+    params = _random_params(config)
+    tokens = jnp.zeros((3, 130), jnp.int32)  # longer than one block of the blocked kernel
+    segments = jnp.ones_like(tokens)
+    closed = jax.make_jaxpr(
+        lambda p: Transformer(config).apply({"params": p}, tokens, tokens, segments)
+    )(params)
+    assert ("[3,130,130]" in str(closed)) == dense
 
 
 def _remat_policies(config, params, tokens, positions, key: str = "policy") -> list:

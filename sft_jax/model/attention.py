@@ -120,6 +120,11 @@ def grouped_attention(
 # --------------------------------------------------------------------------------------------
 # Implementations of the attention core, chosen by `model.attention` (IMPLEMENTATIONS).
 
+# The implementations that read the dense [B, T, S] mask: the reference, and
+# jax.nn.dot_product_attention (xla, cudnn), which takes no segment ids. Blocked and splash build
+# their masks per block from segment ids, so the model builds no dense mask for them.
+DENSE_MASK_IMPLEMENTATIONS = ("reference", "xla", "cudnn")
+
 # Fastest correct implementation per platform for "auto"; measured, see docs/benchmarks.md.
 _AUTO_BY_PLATFORM = {"gpu": "cudnn", "tpu": "splash", "cpu": "blocked"}
 
@@ -200,7 +205,7 @@ def attend(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    mask: jax.Array,
+    mask: jax.Array | None,
     options: AttentionOptions,
     *,
     segment_ids: jax.Array | None = None,
@@ -209,26 +214,34 @@ def attend(
     """q [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H] with one resolved implementation.
 
     `mask` [B, T, S] is the full mask (causal, same segment and, on local layers, the window);
-    reference, xla, blocked and cudnn read it (blocked and cudnn also skip the blocks above the
-    diagonal: the mask is always causal in training). Splash never reads a dense mask:
-    it builds the causal (or local-window) block mask statically and takes `segment_ids`
-    [B, T]; on a model with local layers the traced per-layer flag `local` picks the windowed
-    kernel with `lax.cond`. Splash runs per device on `options.mesh`, split as `options.rules`
-    split batch and heads (sft_jax/model/splash_attention.py).
+    only DENSE_MASK_IMPLEMENTATIONS read it: the reference, and xla and cudnn through
+    `jax.nn.dot_product_attention`, which has no segment-id input, so on those paths the dense
+    mask (memory quadratic in T) is still built. Blocked and splash never read it (pass None):
+    they take `segment_ids` [B, T] and build each block's mask from them, and on a model with
+    local layers the traced per-layer flag `local` applies `options.window` (blocked: as a
+    traced window bound; splash: picking the windowed kernel with `lax.cond`). Blocked and
+    cudnn skip the blocks above the diagonal (the mask is always causal in training). Splash
+    runs per device on `options.mesh`, split as `options.rules` split batch and heads
+    (sft_jax/model/splash_attention.py).
     """
     implementation, softcap = options.implementation, options.softcap
     scale = q.shape[-1] ** -0.5 if options.scale is None else options.scale
+    if implementation in DENSE_MASK_IMPLEMENTATIONS and mask is None:
+        raise ValueError(f"{implementation} attention reads the dense mask; got none")
+    if implementation in ("blocked", "splash") and segment_ids is None:
+        raise ValueError(f"{implementation} attention needs segment_ids")
     if implementation == "reference":
         return grouped_attention(q, k, v, mask, scale=scale, softcap=softcap)
     if implementation == "blocked":
-        return blocked_attention(q, k, v, mask, scale=scale)
+        window = None
+        if local is not None and options.window is not None:  # no window on global layers
+            window = jnp.where(local, options.window, q.shape[1])
+        return blocked_attention(q, k, v, segment_ids, scale=scale, window=window)
     if implementation in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask[:, None], scale=scale, is_causal=True, implementation=implementation
         )
     if implementation == "splash":
-        if segment_ids is None:
-            raise ValueError("splash attention needs segment_ids")
         return splash_attention(
             q, k, v, segment_ids, scale=scale, softcap=softcap, local=local,
             window=options.window, mesh=options.mesh, rules=options.rules,

@@ -23,8 +23,10 @@ in passes over memory, and half of those scores lie above the causal diagonal. H
   recomputed probabilities are exactly 0 there (a float32 bias would be kept per block for the
   whole backward, see `_block_mask_t`).
 
-The mask is the same dense [B, T, S] mask the other implementations read (causal, same packed
-segment, the sliding window on local layers), so packing is honoured exactly. Scores, softmax and
+No dense [B, T, S] mask is read or built: each block makes its own from the segment ids and the
+slots (causal, same packed segment, and on local layers the sliding window), the same mask as
+`attention.attention_mask` (and `window_mask`), so packing is honoured exactly and attention
+memory stays linear in T apart from the block being computed. Scores, softmax and
 gradients are float32; the probability-value product runs in the value dtype (bf16 under mixed
 precision) with float32 accumulation. The measurements behind these choices, with their commands,
 are in docs/benchmarks.md ("Figures behind design choices", and the attention levers).
@@ -47,19 +49,26 @@ def blocked_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    mask: jax.Array,
+    segment_ids: jax.Array,
     *,
     scale: float,
+    window: jax.Array | int | None = None,
     block: int = BLOCK,
 ) -> jax.Array:
-    """q [B, T, N, H], k/v [B, T, K, H], causal mask [B, T, T] -> [B, T, N, H].
+    """q [B, T, N, H], k/v [B, T, K, H], segment_ids int [B, T] -> [B, T, N, H].
 
-    Keys and queries must be the same positions (training, no KV cache): the block skipping
-    relies on the mask being causal.
+    A query sees a key at or before its own slot with the same segment id (padding, segment 0,
+    sees earlier padding, as `attention.attention_mask` defines it, so no row is fully masked)
+    and, when `window` (an int or a traced int32 scalar, e.g. chosen per scanned layer) is given,
+    less than `window` slots behind it. Keys and queries must be the same positions (training,
+    no KV cache): the block skipping relies on the mask being causal.
     """
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"blocked attention needs S == T (got T={q.shape[1]}, S={k.shape[1]})")
-    return _attention(q, k, v, mask, scale, block)
+    if segment_ids.shape != q.shape[:2]:
+        raise ValueError(f"segment_ids {segment_ids.shape} must be [B, T] = {q.shape[:2]}")
+    limit = q.shape[1] if window is None else window  # q - k < T holds for every causal pair
+    return _attention(q, k, v, segment_ids, jnp.asarray(limit, jnp.int32), scale, block)
 
 
 def _group_queries(x: jax.Array, kv_heads: int) -> jax.Array:
@@ -89,13 +98,25 @@ def _rows(x: jax.Array, start: int, end: int) -> jax.Array:
     return x[:, :, :, start:end].reshape(b, kv, g * (end - start), last)
 
 
-def _block_bias(mask: jax.Array, groups: int, start: int, end: int) -> jax.Array:
+def _block_mask(segment_ids: jax.Array, limit: jax.Array, start: int, end: int) -> jax.Array:
+    """bool [B, end - start, end]: queries [start, end) against keys [0, end). The same mask as
+    `attention.window_mask(attention.attention_mask(segment_ids), ...)` restricted to the block,
+    made from [B, T] segment ids and slots, so no [B, T, S] array exists."""
+    q_slots = jnp.arange(start, end)[:, None]
+    k_slots = jnp.arange(end)[None, :]
+    slots = (k_slots <= q_slots) & (q_slots - k_slots < limit)
+    same = segment_ids[:, start:end, None] == segment_ids[:, None, :end]
+    return same & slots[None]
+
+
+def _block_bias(
+    segment_ids: jax.Array, limit: jax.Array, groups: int, start: int, end: int
+) -> jax.Array:
     """The block's additive mask [B, 1, G * (end - start), end] (0 where a query sees a key,
-    _MASKED elsewhere), rows laid out as `_rows`. Made from the bool mask per block, so XLA fuses
-    it into the add: no float32 copy of the [B, T, T] mask is ever held (the saved residual is
-    the bool mask that every layer shares)."""
-    b = mask.shape[0]
-    rows = mask[:, None, None, start:end, :end]
+    _MASKED elsewhere), rows laid out as `_rows`. Made per block from the segment ids, so XLA
+    fuses it into the add: no float32 (nor bool) copy of a [B, T, T] mask is ever held."""
+    b = segment_ids.shape[0]
+    rows = _block_mask(segment_ids, limit, start, end)[:, None, None]
     rows = jnp.broadcast_to(rows, (b, 1, groups, end - start, end)).reshape(b, 1, -1, end)
     return jnp.where(rows, 0.0, _MASKED).astype(jnp.float32)
 
@@ -112,18 +133,22 @@ def _grouped_inputs(q, k, v, scale):
     return _group_queries(scaled, k.shape[2]), _heads_first(k), _heads_first(v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention(q, k, v, mask, scale, block):
-    return _forward(q, k, v, mask, scale, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, segment_ids, limit, scale, block):
+    return _forward(q, k, v, segment_ids, limit, scale, block)[0]
 
 
-def _forward(q, k, v, mask, scale, block):
+def _forward(q, k, v, segment_ids, limit, scale, block):
     b, t, _, h = q.shape
     gq, gk, gv = _grouped_inputs(q, k, v, scale)
     groups = gq.shape[2]
     outs, lses = [], []
     for start, end in _blocks(t, block):
-        s = _scores(_rows(gq, start, end), gk[:, :, :end], _block_bias(mask, groups, start, end))
+        s = _scores(
+            _rows(gq, start, end),
+            gk[:, :, :end],
+            _block_bias(segment_ids, limit, groups, start, end),
+        )
         peak = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.exp(s - peak)
         total = jnp.sum(p, axis=-1, keepdims=True)
@@ -135,17 +160,21 @@ def _forward(q, k, v, mask, scale, block):
         lses.append((peak + jnp.log(total)).reshape(*shape, 1))
     out = jnp.concatenate(outs, axis=3)  # [B, K, G, T, H] float32
     lse = jnp.concatenate(lses, axis=3)
-    return _ungroup(out).astype(q.dtype), (q, k, v, mask, out, lse)
+    return _ungroup(out).astype(q.dtype), (q, k, v, segment_ids, limit, out, lse)
 
 
-def _block_mask_t(mask_t: jax.Array, start: int, end: int) -> jax.Array:
+def _block_mask_t(segment_ids: jax.Array, limit: jax.Array, start: int, end: int) -> jax.Array:
     """The block's bool mask transposed, [B, 1, end, 1, end - start] (keys, then heads of a
     group, then queries): the broadcast over heads is an outer axis, so the passes over the
     transposed blocks run along contiguous queries. A select, not an additive bias: XLA:CPU
     would hoist a float32 bias per block out of the layers (CSE) and keep them all alive
     through the backward (more temporary memory, docs/benchmarks.md); the bool select fuses
     into the exponential, computed from the segment ids there."""
-    return mask_t[:, None, :end, None, start:end]
+    k_slots = jnp.arange(end)[:, None]
+    q_slots = jnp.arange(start, end)[None, :]
+    slots = (k_slots <= q_slots) & (q_slots - k_slots < limit)
+    same = segment_ids[:, :end, None] == segment_ids[:, None, start:end]
+    return (same & slots[None])[:, None, :, None, :]
 
 
 def _query_stat_t(x: jax.Array, start: int, end: int) -> jax.Array:
@@ -164,12 +193,11 @@ def _backward(scale, block, residuals, d_out):
     dQ^T = K^T dS^T over keys transposed once per layer ([B, K, H, T], an optimization barrier
     keeps it a separate copy): every dot of the backward is an ordinary matmul.
     """
-    q, k, v, mask, out, lse = residuals
+    q, k, v, segment_ids, limit, out, lse = residuals
     t = q.shape[1]
     gq, gk, gv = _grouped_inputs(q, k, v, scale)
     grouped_d_out = _group_queries(d_out.astype(jnp.float32), k.shape[2])
     delta = jnp.sum(grouped_d_out * out, axis=-1, keepdims=True)  # rowsum(dO * O)
-    mask_t = jnp.swapaxes(mask, 1, 2)  # [B, S, T]
     keys_t = jax.lax.optimization_barrier(jnp.swapaxes(gk, 2, 3))  # [B, K, H, S]
     dk = jnp.zeros(gk.shape, jnp.float32)
     dv = jnp.zeros(gv.shape, jnp.float32)
@@ -179,7 +207,7 @@ def _backward(scale, block, residuals, d_out):
         q_cols, do_cols = gq[:, :, :, start:end], grouped_d_out[:, :, :, start:end]
         keys, values = gk[:, :, :end], gv[:, :, :end]
         s_t = f32("BKSH,BKGQH->BKSGQ", keys, q_cols)
-        s_t = jnp.where(_block_mask_t(mask_t, start, end), s_t, _MASKED)
+        s_t = jnp.where(_block_mask_t(segment_ids, limit, start, end), s_t, _MASKED)
         p_t = jnp.exp(s_t - _query_stat_t(lse, start, end))  # exactly 0 where masked
         dv = dv.at[:, :, :end].add(f32("BKSGQ,BKGQH->BKSH", p_t, do_cols))
         dp_t = f32("BKSH,BKGQH->BKSGQ", values, do_cols)
@@ -195,6 +223,7 @@ def _backward(scale, block, residuals, d_out):
         dq.astype(q.dtype),
         _heads_first(dk).astype(k.dtype),
         _heads_first(dv).astype(v.dtype),
+        None,  # segment ids and window: integers, no cotangent
         None,
     )
 

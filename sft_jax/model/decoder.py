@@ -13,7 +13,9 @@ Design choices and why:
   activation memory per layer.
 - Attention is packing-aware: a query sees a key only when it is not in the future of its row AND
   both carry the same segment id, and RoPE uses the per-example `positions` input, so a packed row
-  of several examples gives exactly each example's own logits.
+  of several examples gives exactly each example's own logits. The dense [B, T, T] mask is built
+  only for the implementations that read it (reference, xla, cudnn, and decoding); blocked and
+  splash take the segment ids, so their training memory stays linear in T.
 - Numerics follow Hugging Face: RMSNorm statistics and softmax in float32; logits in float32.
 - Per-layer differences (Gemma's sliding-window "local" layers with their own RoPE base) are data
   scanned alongside the weights (a per-layer `local` flag selecting precomputed masks and RoPE
@@ -45,6 +47,7 @@ import jax.numpy as jnp
 
 from sft_jax.lora.quant import Quantized, dequantize_array, einsum_dequantized
 from sft_jax.model.attention import (
+    DENSE_MASK_IMPLEMENTATIONS,
     AttentionOptions,
     apply_rope,
     attend,
@@ -293,7 +296,7 @@ class Attention(nn.Module):
     def __call__(
         self,
         x: jax.Array,
-        mask: jax.Array,
+        mask: jax.Array | None,
         cos: jax.Array,
         sin: jax.Array,
         cache: tuple[jax.Array, jax.Array] | None = None,
@@ -374,11 +377,12 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, layer: dict, ctx: dict):
         c = self.config
         x = pin_activations(c, x, decoding="index" in ctx)  # the carry remat saves
-        mask, cos, sin = ctx["mask"], ctx["cos"], ctx["sin"]
+        mask, cos, sin = ctx.get("mask"), ctx["cos"], ctx["sin"]
         local = None
         if "local" in layer:  # select this layer's mask and RoPE by data, not by branch
             local = layer["local"]
-            mask = jnp.where(local, ctx["local_mask"], mask)
+            if mask is not None:
+                mask = jnp.where(local, ctx["local_mask"], mask)
             if "local_cos" in ctx:
                 cos = jnp.where(local, ctx["local_cos"], cos)
                 sin = jnp.where(local, ctx["local_sin"], sin)
@@ -458,7 +462,12 @@ class Transformer(nn.Module):
         With `return_hidden`, the final-normed hidden states [B, T, D] (compute dtype) instead;
         `logits` turns (a selection of) them into logits.
         """
-        mask = attention_mask(segment_ids)  # computed once, broadcast to every layer
+        # The dense [B, T, T] mask only where the attention implementation reads it (computed
+        # once, broadcast to every layer); blocked and splash build theirs from segment_ids.
+        implementation = attention_options(self.config, tokens.shape[1]).implementation
+        mask = None
+        if implementation in DENSE_MASK_IMPLEMENTATIONS:
+            mask = attention_mask(segment_ids)
         slots = jnp.arange(tokens.shape[1])
         x, _ = self._layers(tokens, positions, mask, slots, {}, segment_ids=segment_ids)
         x = self.final_norm(x)
@@ -496,14 +505,17 @@ class Transformer(nn.Module):
             x = neftune_noise(x, segment_ids, c.neftune_alpha, self.make_rng("neftune"))
         x = pin_activations(c, x, decoding=index is not None)
         cos, sin = rope_tables(positions, rope_inv_freq(c))
-        ctx = {"mask": mask, "cos": cos, "sin": sin}
+        ctx = {"cos": cos, "sin": sin}
+        if mask is not None:
+            ctx["mask"] = mask
         if index is not None:
             ctx["index"] = index
-        if segment_ids is not None:  # training: splash attention reads segments, not the mask
+        if segment_ids is not None:  # training: blocked and splash read segments, not a mask
             ctx["segment_ids"] = segment_ids
         if c.has_local_layers:
             layer["local"] = jnp.asarray(c.local_layers)
-            ctx["local_mask"] = window_mask(mask, q_slots, c.sliding_window)
+            if mask is not None:
+                ctx["local_mask"] = window_mask(mask, q_slots, c.sliding_window)
             if c.local_rope_theta is not None:
                 local_freq = rope_inv_freq(c, local=True)
                 ctx["local_cos"], ctx["local_sin"] = rope_tables(positions, local_freq)

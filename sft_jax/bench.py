@@ -60,7 +60,7 @@ from sft_jax.training import sharding
 from sft_jax.training.host_memory import configure_host_allocator
 from sft_jax.training.preflight import check_train_batch
 from sft_jax.training.state import StateSpec, create_train_state, param_shardings
-from sft_jax.training.train_setup import make_placer, make_step_from_config
+from sft_jax.training.train_setup import make_placer, make_step_from_config, step_options
 
 PROMPT_LEN = (40, 300)  # inclusive ranges of the benchmark workload
 COMPLETION_LEN = (20, 200)
@@ -150,7 +150,7 @@ def build(config: Config, total_steps: int) -> tuple[Any, Any, Any, ModelConfig,
     mesh = _checked_mesh(config)
     spec = StateSpec.from_config(config, None, mesh, total_steps)
     state, shardings = create_train_state(spec)
-    step = make_step_from_config(config, shardings, mesh, total_steps)
+    step = make_step_from_config(config, shardings, mesh, total_steps, spec.model_config.vocab_size)
     place = make_placer(sharding.batch_sharding(mesh, config.mesh.rules))
     return state, step, place, spec.model_config, mesh
 
@@ -208,7 +208,7 @@ def memory_only(config: Config, workload: str) -> dict:
         **memory,
         "compile_s": round(compile_s, 3),
         "attention": attention_used(model_config, mesh.devices.flat[0].platform),
-        **settings(config, mesh, 0, 0),
+        **settings(config, mesh, model_config, 0, 0),
     }
 
 
@@ -307,11 +307,11 @@ def run_bench(config: Config, *, steps: int, warmup: int, cpu_peak: float, workl
         "attention": attention_used(model_config, mesh.devices.flat[0].platform),
         **memory,
     }
-    return {**measured, **settings(config, mesh, steps, warmup)}
+    return {**measured, **settings(config, mesh, model_config, steps, warmup)}
 
 
-def settings(config: Config, mesh: Any, steps: int, warmup: int) -> dict:
-    """The settings a result was measured under, recorded with it."""
+def settings(config: Config, mesh: Any, model_config: ModelConfig, steps: int, warmup: int) -> dict:
+    """The settings a result was measured under, recorded with it (the loss chunk resolved)."""
     return {
         "steps": steps,
         "warmup": warmup,
@@ -322,7 +322,7 @@ def settings(config: Config, mesh: Any, steps: int, warmup: int) -> dict:
         "param_dtype": config.model.param_dtype,
         "remat": config.model.remat,
         "scan_layers": config.model.scan_layers,
-        "loss_chunk": config.model.loss_chunk,
+        "loss_chunk": step_options(config, mesh, model_config.vocab_size).loss_chunk,
         "optim_state_dtype": config.optim.state_dtype,
         "devices": f"{mesh.devices.size} x {mesh.devices.flat[0].device_kind}",
         "jax": jax.__version__,

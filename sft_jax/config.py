@@ -370,7 +370,11 @@ def _run_checks(c: Config) -> list[tuple[str, bool, str]]:
     """The data, optimizer and training-loop keys."""
     return [
         ("data.seq_len", c.data.seq_len >= 8, "must be >= 8"),
-        ("model.loss_chunk", c.model.loss_chunk >= 0, "must be >= 0 (0: unchunked)"),
+        (
+            "model.loss_chunk",
+            c.model.loss_chunk >= -1,
+            "must be >= -1 (-1: automatic, 0: unchunked)",
+        ),
         ("data.pack_window", c.data.pack_window >= 1, "must be >= 1"),
         ("data.eval_fraction", 0.0 <= c.data.eval_fraction < 1.0, "must be in [0, 1)"),
         ("data.max_eval_examples", c.data.max_eval_examples >= 0, "must be >= 0"),
@@ -406,8 +410,8 @@ def _run_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("train.kl_to_base", c.train.kl_to_base >= 0, "must be >= 0 (0: off)"),
         (
             "train.kl_to_base",
-            c.train.kl_to_base == 0 or c.model.loss_chunk == 0,
-            "needs model.loss_chunk=0 (the KL is computed from whole logits)",
+            c.train.kl_to_base == 0 or c.model.loss_chunk <= 0,
+            "needs model.loss_chunk 0 or -1 (the KL is computed from whole logits)",
         ),
     ]
 

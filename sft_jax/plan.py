@@ -45,6 +45,7 @@ from sft_jax.model.attention import resolve_implementation
 from sft_jax.model.blocked_attention import BLOCK
 from sft_jax.model.decoder import ModelConfig
 from sft_jax.training import state
+from sft_jax.training.loss import resolve_loss_chunk
 from sft_jax.training.sharding import MESH_AXES
 
 GIB = 1024**3
@@ -214,6 +215,13 @@ def plan(
         softcap=model_config.attn_softcap,
         seq_len=config.data.seq_len,
     )
+    loss_chunk = resolve_loss_chunk(
+        config.model.loss_chunk,
+        rows=rows,
+        seq_len=config.data.seq_len,
+        vocab_size=model_config.vocab_size,
+        kl_to_base=config.train.kl_to_base > 0,
+    )
     act = activation_bytes(
         model_config,
         rows,
@@ -221,7 +229,7 @@ def plan(
         config.model.remat,
         mesh.shape["tensor"],
         attention,
-        config.model.loss_chunk,
+        loss_chunk,
     )
     if config.model.remat != "none":  # the rematerialised scan's own weight-gradient buffer
         act += result["grad_bytes"]
@@ -244,6 +252,7 @@ def plan(
         "device_bytes": int(device_memory_gib * GIB),
         "fits": total <= device_memory_gib * GIB * HEADROOM,
         "tokens_per_device_per_micro_batch": rows * config.data.seq_len,
+        "loss_chunk": loss_chunk,
     }
 
 
@@ -261,7 +270,12 @@ def format_plan(result: dict[str, Any], remat: str) -> str:
         f"  gradients   {gib(result['grad_bytes'])}  (exact)",
         f"  optimizer   {gib(result['optimizer_bytes'])}  (exact: Adam mu + nu)",
         f"  activations {gib(result['activation_bytes_estimate'])}  (estimate, "
-        f"{result['tokens_per_device_per_micro_batch']} tokens per device per micro-batch)",
+        f"{result['tokens_per_device_per_micro_batch']} tokens per device per micro-batch; "
+        + (
+            f"loss in pieces of {result['loss_chunk']} positions)"
+            if result["loss_chunk"]
+            else "whole logits)"
+        ),
         f"  total       {gib(result['total_bytes'])}  of {gib(result['device_bytes'])} per device",
         "  FITS (with 10% headroom)"
         if result["fits"]

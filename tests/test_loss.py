@@ -141,3 +141,31 @@ def test_chunked_never_builds_full_logits():
     chunked = grad(16).lower(params).compile().as_text()
     assert "f32[2,64,512]" in full
     assert "f32[2,64,512]" not in chunked and "f32[2,16,512]" in chunked
+
+
+def test_automatic_loss_chunk_keeps_small_logits_whole_and_cuts_large_ones():
+    from sft_jax.training.loss import (
+        AUTO_CHUNK,
+        MIN_AUTO_CHUNK,
+        PIECE_BYTES,
+        WHOLE_LOGITS_LIMIT,
+        resolve_loss_chunk,
+    )
+
+    resolve = lambda setting, rows, t, v, kl=False: resolve_loss_chunk(
+        setting, rows=rows, seq_len=t, vocab_size=v, kl_to_base=kl
+    )
+    assert resolve(0, 64, 131072, 262144) == 0  # explicit settings are used as given
+    assert resolve(96, 1, 512, 512) == 96
+    assert resolve(AUTO_CHUNK, 8, 512, 8192) == 0  # 128 MiB of logits: whole
+    limit_t = WHOLE_LOGITS_LIMIT // (4 * 8192)  # exactly at the limit: still whole
+    assert resolve(AUTO_CHUNK, 1, limit_t, 8192) == 0
+    chunk = resolve(AUTO_CHUNK, 1, 2 * limit_t, 8192)
+    assert chunk == PIECE_BYTES // (4 * 8192)  # a power of two that fills one piece
+    for rows, t, v in [(1, 32768, 128256), (4, 8192, 151936), (2, 4096, 262144), (3, 65536, 50000)]:
+        chunk = resolve(AUTO_CHUNK, rows, t, v)
+        assert chunk > 0 and chunk & (chunk - 1) == 0 and chunk <= t
+        assert rows * chunk * v * 4 <= PIECE_BYTES or chunk == MIN_AUTO_CHUNK
+    assert resolve(AUTO_CHUNK, 64, 200, 262144) == MIN_AUTO_CHUNK  # the floor: a short scan
+    assert resolve(AUTO_CHUNK, 640, 100, 262144) == 100  # a piece never exceeds the sequence
+    assert resolve(AUTO_CHUNK, 1, 32768, 128256, kl=True) == 0  # the KL reads whole logits

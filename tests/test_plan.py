@@ -201,3 +201,23 @@ def test_plan_is_within_a_factor_of_the_compiled_step_under_fsdp():
     that XLA kept each layer's activations for the whole batch on every device (ratio ~0.28)."""
     ratio = _plan_vs_xla((1, 8, 1), "none", 512, vocab_size=2048, hidden_size=128)
     assert 1 / PLAN_FACTOR < ratio < PLAN_FACTOR, ratio
+
+
+def test_long_sequences_plan_the_automatic_chunked_loss():
+    """At 32k tokens a 32k-vocabulary model's float32 logits take 4 GiB per row: the default
+    (automatic) loss chunk cuts them into pieces, and the plan counts only a piece's logits."""
+    raw = load_config_file("configs/tiny.py")
+    raw.model.arch.vocab_size = 32768
+    raw.model.arch.max_position_embeddings = 32768
+    raw.data.seq_len, raw.train.global_batch_size = 32768, 8
+    raw.mesh.data, raw.mesh.fsdp, raw.mesh.tensor = 8, 1, 1
+    automatic = plan(parse(raw), 8, 16.0)
+    raw.model.loss_chunk = 0
+    whole = plan(parse(raw), 8, 16.0)
+    assert automatic["loss_chunk"] == 1024 and whole["loss_chunk"] == 0
+    logits_saved = 2 * 4 * 32768 * (32768 - 1024)  # float32 logits and gradient, one row
+    saved = whole["activation_bytes_estimate"] - automatic["activation_bytes_estimate"]
+    assert saved == logits_saved
+    raw.data.seq_len = raw.model.arch.max_position_embeddings = 2048  # 256 MiB: whole
+    raw.model.loss_chunk = -1
+    assert plan(parse(raw), 8, 16.0)["loss_chunk"] == 0

@@ -33,7 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
     # lax.scan over layers (compiled once); False unrolls them (on XLA:CPU then remat recomputes
     # but saves almost no memory: docs/benchmarks.md, levers)
     m.scan_layers = True
-    m.loss_chunk = 0  # cross-entropy over chunks of this many tokens (no [B,T,V] logits); 0: off
+    # cross-entropy over pieces of this many positions (never the whole [B, T, V] logits);
+    # 0: whole logits; -1: automatic, whole unless a device's float32 logits for a micro-batch
+    # would exceed 1 GiB (long sequences, large vocabularies), then pieces of <= 128 MiB
+    m.loss_chunk = -1
     m.arch = a = ml_collections.ConfigDict()  # used only when path == "" (random init)
     a.vocab_size = 512  # embedding rows (at least the tokenizer's length)
     a.hidden_size = 64  # model width D

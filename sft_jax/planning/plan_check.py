@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from sft_jax import hf
 from sft_jax.config import Config
 from sft_jax.data.pack import PACKED_KEYS
 from sft_jax.model.decoder import ModelConfig
@@ -52,10 +53,14 @@ def abstract_train_state(
     return state_layout(StateSpec.from_config(config, model_config, mesh, SCHEDULE_STEPS))
 
 
-def compile_abstract_step(config: Config, mesh: Mesh, state: TrainState) -> Any:
-    """The train step compiled for an abstract state and batch (nothing allocated or run)."""
+def compile_abstract_step(
+    config: Config, mesh: Mesh, state: TrainState, model_config: ModelConfig | None = None
+) -> Any:
+    """The train step compiled for an abstract state and batch (nothing allocated or run);
+    `model_config`: the model `state` was laid out for, that of `config.model` unless given."""
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = make_step_from_config(config, shardings, mesh, SCHEDULE_STEPS)
+    vocab_size = (model_config or hf.build_model_config(config.model)).vocab_size
+    step = make_step_from_config(config, shardings, mesh, SCHEDULE_STEPS, vocab_size)
     batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
     shape = (config.train.global_batch_size, config.data.seq_len)
     batch = {

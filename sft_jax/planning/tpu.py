@@ -141,7 +141,7 @@ def step_cost(
     for layers in (1, 2):
         cfg, mc = _variant(config, model_config, layers)
         state = abstract_train_state(cfg, mesh, mc)
-        steps.append(_costs(compile_abstract_step(cfg, mesh, state)))
+        steps.append(_costs(compile_abstract_step(cfg, mesh, state, mc)))
         updates.append(_costs(jax.jit(apply_updates).lower(state, state.params).compile()))
     depth = model_config.num_layers - 1
     at_depth = lambda x: [a + depth * (b - a) for a, b in zip(*x, strict=True)]

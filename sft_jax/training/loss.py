@@ -11,6 +11,33 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+AUTO_CHUNK = -1  # model.loss_chunk's default: chunk only where the whole logits would not fit
+# Auto chunks when one device's float32 logits for a micro-batch would exceed this: with their
+# gradient that is twice as much, more than the rest of a small model's step at long context.
+WHOLE_LOGITS_LIMIT = 1 << 30
+# Auto's pieces hold at most this many bytes of float32 logits (and as many of their gradient),
+# but never fewer than MIN_AUTO_CHUNK positions, so the scan stays short.
+PIECE_BYTES = 128 << 20
+MIN_AUTO_CHUNK = 128
+
+
+def resolve_loss_chunk(
+    setting: int, *, rows: int, seq_len: int, vocab_size: int, kl_to_base: bool
+) -> int:
+    """Positions per cross-entropy piece for one device's micro-batch of `rows` x `seq_len`
+    (0: whole logits). `setting` is model.loss_chunk: >= 0 is used as given; AUTO_CHUNK keeps
+    the whole [rows, T, V] float32 logits when they take at most WHOLE_LOGITS_LIMIT bytes (the
+    single pass is the faster one), else cuts the sequence into pieces of the largest power of
+    two positions whose logits fit PIECE_BYTES. The KL to the base reads whole logits, so it
+    keeps them."""
+    if setting != AUTO_CHUNK:
+        return setting
+    per_position = 4 * vocab_size * max(rows, 1)
+    if kl_to_base or per_position * seq_len <= WHOLE_LOGITS_LIMIT:
+        return 0
+    chunk = 1 << max((PIECE_BYTES // per_position).bit_length() - 1, 0)
+    return min(max(chunk, MIN_AUTO_CHUNK), seq_len)
+
 
 def masked_cross_entropy(
     logits: jax.Array, targets: jax.Array, loss_mask: jax.Array

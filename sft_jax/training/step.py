@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding
 
 from sft_jax.data.pack import PACKED_KEYS
 from sft_jax.model.regularize import kl_to_base
-from sft_jax.training.loss import chunked_cross_entropy, masked_cross_entropy
+from sft_jax.training.loss import chunked_cross_entropy, masked_cross_entropy, resolve_loss_chunk
 from sft_jax.training.state import TrainState
 
 if TYPE_CHECKING:
@@ -60,14 +60,23 @@ class StepOptions:
     per combination (the schedule, a function, is passed beside them)."""
 
     micro_batches: int = 1  # train.micro_batches: the batch is accumulated in this many pieces
-    loss_chunk: int = 0  # model.loss_chunk: > 0 computes the loss over pieces of positions
+    loss_chunk: int = 0  # resolved model.loss_chunk: > 0 computes the loss over pieces
     kl_coef: float = 0.0  # train.kl_to_base: weight of the KL to the base model in the objective
 
     @classmethod
-    def from_config(cls, config: Config) -> StepOptions:
+    def from_config(cls, config: Config, *, rows_per_device: int, vocab_size: int) -> StepOptions:
+        """The options of `config` for micro-batches of `rows_per_device` rows on each device
+        (what an automatic model.loss_chunk is decided on) and a model of `vocab_size`."""
+        loss_chunk = resolve_loss_chunk(
+            config.model.loss_chunk,
+            rows=rows_per_device,
+            seq_len=config.data.seq_len,
+            vocab_size=vocab_size,
+            kl_to_base=config.train.kl_to_base > 0,
+        )
         return cls(
             micro_batches=config.train.micro_batches,
-            loss_chunk=config.model.loss_chunk,
+            loss_chunk=loss_chunk,
             kl_coef=config.train.kl_to_base,
         )
 
@@ -238,7 +247,7 @@ def make_train_step(
     incoming state: XLA writes the new params and optimizer state into the old buffers (input
     output aliasing), so a step holds one copy of the state, not two. Pass
     `loss_scale=np.float32(1.0)` unless injecting a fault. `options`: usually
-    `StepOptions.from_config(config)`."""
+    `sft_jax.training.train_setup.step_options(config, mesh, vocab_size)`."""
     replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     batch_shardings = {k: batch_sharding for k in PACKED_KEYS}
 

@@ -55,16 +55,25 @@ def print_data_stats(stats: dict[str, Any], steps: int, per_epoch: int) -> None:
     log(f"schedule: {steps} steps ({per_epoch} steps per epoch)")
 
 
+def step_options(config: Config, mesh: jax.sharding.Mesh, vocab_size: int) -> StepOptions:
+    """The step's static options for `config` on `mesh`: an automatic model.loss_chunk is
+    decided on one device's micro-batch (global rows / micro-batches / batch shards)."""
+    shards = sharding.batch_shards(mesh, config.mesh.rules)
+    micro = config.train.global_batch_size // config.train.micro_batches
+    rows = -(-micro // shards)
+    return StepOptions.from_config(config, rows_per_device=rows, vocab_size=vocab_size)
+
+
 def make_step_from_config(
-    config: Config, shardings: TrainState, mesh: jax.sharding.Mesh, steps: int
+    config: Config, shardings: TrainState, mesh: jax.sharding.Mesh, steps: int, vocab_size: int
 ) -> Any:
     """The jitted train step of `config` for a state placed as `shardings`, its schedule
-    stretched over `steps`: the one place training, the benchmark and the compile checks make it
-    (micro-batches, chunked loss, KL to the base)."""
+    stretched over `steps`, for a model of `vocab_size` tokens: the one place training, the
+    benchmark and the compile checks make it (micro-batches, chunked loss, KL to the base)."""
     return make_train_step(
         shardings,
         sharding.batch_sharding(mesh, config.mesh.rules),
-        options=StepOptions.from_config(config),
+        options=step_options(config, mesh, vocab_size),
         schedule=make_schedule(config.optim, steps),
     )
 
@@ -140,7 +149,7 @@ def setup(config: Config, workdir: str) -> tuple[Run, Any]:
         steps=steps,
         shardings=shardings,
         bundle=bundle,
-        train_step=make_step_from_config(config, shardings, mesh, steps),
+        train_step=make_step_from_config(config, shardings, mesh, steps, model.config.vocab_size),
         evaluator=evaluator,
         checkpointer=checkpointer,
         writer=writer,

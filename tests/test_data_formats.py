@@ -3,6 +3,7 @@
 import hashlib
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -405,3 +406,38 @@ def test_all_ones_mask_fails_before_training(tmp_path, stories_dir):
     c.data.train_on = "all_assistant"
     with pytest.raises(DataError, match="every token"):
         prepare_data(parse(c))
+
+
+def test_truncated_examples_are_named_in_a_warning(tmp_path, stories_dir, caplog):
+    """The default data.overlong cuts an example at seq_len: never silently. The warning names
+    the first cut examples (file:line, and a conversation's length) and says how to keep them
+    whole."""
+    from configs import base
+    from sft_jax.config import parse
+    from sft_jax.data import prepare_data
+
+    long_text = " ".join(["once upon a time there was a little dog"] * 40)
+    rows = [
+        {"prompt": "Tell me a story.", "completion": "The end."},
+        {"prompt": "Tell me a long story.", "completion": long_text},
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": long_text},
+            ]
+        },
+    ]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = base.get_config()
+    c.data.tokenizer = str(stories_dir)
+    c.data.train_files = str(path)
+    c.data.chat_template = "plain"
+    c.data.seq_len = 64
+    with caplog.at_level("WARNING"):
+        stats = prepare_data(parse(c)).stats
+    assert stats["truncated"] == 2
+    warned = [r.getMessage() for r in caplog.records if "cut at seq_len=64" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+    assert f"{path}:2 (over-long)" in warned[0] and "data.seq_len" in warned[0]
+    assert re.search(re.escape(f"{path}:3 (") + r"\d+ tokens\)", warned[0])

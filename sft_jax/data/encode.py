@@ -150,7 +150,8 @@ def _encode_rows(rows, tokenizer, settings):
             why = f"{row.source} (no completion token within seq_len={settings.seq_len})"
             counts = counts + TokenCounts(truncated=1, dropped=1, named_dropped=(why,))
         else:
-            counts = counts + TokenCounts(truncated=int(truncated))
+            named = (f"{row.source} (over-long)",) if truncated else ()
+            counts = counts + TokenCounts(truncated=int(truncated), named_truncated=named)
         out.append((k, [example] if example is not None else [], counts))
     return out
 

@@ -472,7 +472,13 @@ def log_named(counts: TokenCounts, seq_len: int, on_control_tokens: str) -> None
     """Names the first examples behind the summary's dropped / skipped / control-text counts,
     so a user can open them (each process names its own)."""
     how = {"warn": "trained as plain text", "keep": "kept as special tokens"}
+    cut = (
+        f"{counts.truncated} example(s) cut at seq_len={seq_len} (their ends are not trained; "
+        "a longer data.seq_len keeps them whole, data.overlong='split' cuts conversations at "
+        "turn ends)"
+    )
     for names, what in (
+        (counts.named_truncated, cut),
         (counts.named_dropped, f"{counts.dropped} example(s) dropped by data.overlong / seq_len"),
         (counts.named_skipped, "example(s) skipped as bad (data.on_bad_row='skip')"),
         (

@@ -88,13 +88,15 @@ NAMED = 5  # examples named per kind of loss in the data summary
 class TokenCounts:
     """What happened to examples on the way to tokens (all counted and printed before step 0), in
     examples: a split example one of whose pieces had to be cut counts once in `split` and once in
-    `truncated`, since tokens of it are lost. The first few examples dropped, skipped (as bad) or
-    holding special-token text are named ("source (why)") so the summary can point at them."""
+    `truncated`, since tokens of it are lost. The first few examples truncated, dropped, skipped
+    (as bad) or holding special-token text are named ("source (why)") so the summary can point at
+    them: a cut example loses its end, never silently."""
 
     truncated: int = 0
     split: int = 0
     dropped: int = 0
     control_text: int = 0
+    named_truncated: tuple[str, ...] = ()
     named_dropped: tuple[str, ...] = ()
     named_skipped: tuple[str, ...] = ()
     named_control: tuple[str, ...] = ()
@@ -326,6 +328,8 @@ def fit_length(
             name = source if len(pieces) == 1 else f"{source} (part {n + 1})"
             out.append(TokenizedExample(tokens[a:b], mask[a:b], name))
     counts = TokenCounts(truncated=int(cut), split=int(overlong == "split"))
+    if cut:
+        counts = counts + TokenCounts(named_truncated=(f"{source} ({len(tokens)} tokens)",))
     if not out:  # e.g. last_assistant with the last turn wholly past the cut
         why = f"{source} (no trained token within seq_len={seq_len})"
         counts = counts + TokenCounts(dropped=1, named_dropped=(why,))

@@ -1,6 +1,6 @@
 """Padding waste of each packing option on the CPU benchmark workload and on a real ShareGPT file.
 
-    python benchmarks/bench_data_packing.py [--sharegpt]
+    python benchmarks/bench_data_packing.py [--sharegpt] [--long]
 
 Workload 1 is exactly the data `python -m sft_jax.bench --config configs/bench/cpu_small.py`
 packs (the workload: prompts of 40-300 and completions of 20-200 random tokens, seq_len 512, the
@@ -8,7 +8,9 @@ bench's default 3 + 10 + 1 steps of 8 rows -> 1024 examples), plus a larger draw
 examples from the same distribution. Workload 2 (`--sharegpt`) is the 500 conversations of
 ../shared/assets/data-fastchat/dummy_conversation.json rendered with the Qwen3 tokenizer's template
 (last assistant turn trained, over-long conversations split at turn ends), as
-benchmarks/bench_tokenize.py does.
+benchmarks/bench_tokenize.py does. Workload 3 (`--long`) is long-context data packed into rows
+of 32768 and 131072 tokens: 20,000 seeded examples, 70% short (100-2,000 tokens) and 30% long
+(2,000-32,768, log-uniform), as agent traces and long documents mixed with chat give.
 
 For each (seq_len, pack_window, split) it prints rows, padding waste, two floors in rows and as
 padding (`whole_example_row_floor`, which no packing of whole examples can beat, and ceil(slots /
@@ -21,6 +23,8 @@ from __future__ import annotations
 import argparse
 import os
 import time
+
+import numpy as np
 
 from sft_jax.bench import example_count, synthetic_examples, to_tokenized
 from sft_jax.data import TokenizedExample, pack_examples, packing_stats, whole_example_row_floor
@@ -44,7 +48,7 @@ def report(name: str, examples: list[TokenizedExample], seq_len: int) -> None:
         seconds = time.perf_counter() - start
         stats = packing_stats(packed)
         print(
-            f"{name:<34} seq_len {seq_len:>4} window {window:>4} split {split!s:<5}: "
+            f"{name:<34} seq_len {seq_len:>6} window {window:>4} split {split!s:<5}: "
             f"{stats['rows']:>5} rows, padding {stats['padding_fraction']:6.2%} (floors: "
             f"{whole:>5} rows {padding(whole):6.2%} whole, {bound:>5} rows {padding(bound):6.2%} "
             f"split), {stats['continued_segments']:>4} continuation pieces, {seconds:5.2f} s",
@@ -65,9 +69,24 @@ def sharegpt(seq_len: int) -> list[TokenizedExample]:
     return encode_examples(convs, tokenizer, settings, num_workers=1)[0]
 
 
+def long_context(count: int, seed: int = 0) -> list[TokenizedExample]:
+    """Workload 3: a mix of short and long examples (lengths in tokens, loss on the second half)."""
+    rng = np.random.default_rng(seed)
+    short = rng.integers(100, 2001, size=count)
+    long = np.exp(rng.uniform(np.log(2000), np.log(32768), size=count)).astype(int)
+    lengths = np.where(rng.random(count) < 0.7, short, long)
+    examples = []
+    for i, n in enumerate(lengths):
+        mask = np.zeros(n, dtype=bool)
+        mask[n // 2 :] = True
+        examples.append(TokenizedExample(np.ones(n, np.int32), mask, f"long:{i + 1}"))
+    return examples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sharegpt", action="store_true", help="also the real ShareGPT file")
+    parser.add_argument("--long", action="store_true", help="also rows of 32k and 128k tokens")
     args = parser.parse_args()
     seq_len = 512
     bench_count = example_count(seq_len, (3 + 10 + 1) * 8, 512)
@@ -78,6 +97,10 @@ def main() -> None:
         for seq_len in (512, 1024, 2048):
             examples = sharegpt(seq_len)
             report(f"ShareGPT file ({len(examples)} ex.)", examples, seq_len)
+    if args.long:
+        examples = long_context(20_000)
+        for seq_len in (32768, 131072):
+            report(f"long context ({len(examples)} ex.)", examples, seq_len)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ _MASKED = -1e30
 # Load-balancing permutation of the sequence.
 
 
-def _balanced_index(length: int, n: int) -> np.ndarray:
+def balanced_order(length: int, n: int) -> np.ndarray:
     """Slot order that gives device i chunks i and 2n-1-i of 2n equal chunks."""
     if length % (2 * n):
         raise ValueError(f"sequence length {length} is not a multiple of 2 x {n} context devices")
@@ -69,12 +69,12 @@ def reorder_for_context(x: jax.Array, n: int, axis: int = 1) -> jax.Array:
     Apply it to everything per token (inputs, targets, masks, segment ids, positions): the
     attention reads positions as data, so the permuted sequence attends exactly as the original.
     """
-    return jnp.take(x, _balanced_index(x.shape[axis], n), axis=axis)
+    return jnp.take(x, balanced_order(x.shape[axis], n), axis=axis)
 
 
 def restore_order(x: jax.Array, n: int, axis: int = 1) -> jax.Array:
     """The inverse of `reorder_for_context`."""
-    return jnp.take(x, np.argsort(_balanced_index(x.shape[axis], n)), axis=axis)
+    return jnp.take(x, np.argsort(balanced_order(x.shape[axis], n)), axis=axis)
 
 
 # --------------------------------------------------------------------------------------------

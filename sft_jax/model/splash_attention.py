@@ -68,7 +68,7 @@ def splash_attention(
     if mesh is None or mesh.size == 1:
         return per_device(q, k, v, segment_ids, flag)
     spec = sharding.logical_to_spec(("batch", None, "heads", None), q.shape, mesh, rules)
-    repeats = kv_repeats(k.shape[2], _size(mesh, spec[2]))
+    repeats = kv_repeats(k.shape[2], axis_size(mesh, spec[2]))
     if repeats > 1:
         k, v = jnp.repeat(k, repeats, axis=2), jnp.repeat(v, repeats, axis=2)
     rows = PartitionSpec(spec[0], None)
@@ -88,7 +88,7 @@ def kv_repeats(kv_heads: int, head_shards: int) -> int:
     return head_shards // math.gcd(kv_heads, head_shards)
 
 
-def _size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+def axis_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
     """How many shards a PartitionSpec entry cuts its dimension into."""
     if axes is None:
         return 1

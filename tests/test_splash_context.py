@@ -1,0 +1,123 @@
+"""Splash attention under context parallelism (sft_jax/model/splash_context.py).
+
+In Pallas' interpreter on the 8 fake CPU devices: queries split along the sequence over a
+`context` axis (rows in the causally balanced order the train step gives them), keys and
+values gathered, equal to the reference attention on the unpermuted rows, forward and gradient,
+with packing and padding, GQA, a sliding window and soft-capping. Then compiled by the TPU
+compiler for v5e:2x4 (skipped without libtpu).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from configs import base
+from sft_jax.model.attention import attention_mask, grouped_attention, window_mask
+from sft_jax.model.context_attention import reorder_for_context, restore_order
+from sft_jax.model.splash_context import splash_context_attention
+from sft_jax.planning import tpu
+
+RULES = tuple(tuple(r) for r in base.get_config().mesh.rules)
+AXES = ("data", "fsdp", "tensor", "context")
+H = 16
+TOL = 2e-5
+
+
+def packed_segments(rows: int, t: int, seed: int) -> np.ndarray:
+    """A few examples of random lengths per row, padding (segment 0) ending the even rows."""
+    rng = np.random.default_rng(seed)
+    seg = np.zeros((rows, t), np.int32)
+    for r in range(rows):
+        cuts = np.sort(rng.choice(np.arange(16, t), size=4, replace=False))
+        end = t if r % 2 else cuts[-1]
+        for i, (a, b) in enumerate(zip([0, *cuts[:-1]], [*cuts[:-1], end], strict=True)):
+            seg[r, a:b] = i + 1
+    return seg
+
+
+# name: mesh (data, fsdp, tensor, context), rows, query heads, kv heads, window, softcap
+CASES = {
+    "context_8": ((1, 1, 1, 8), 1, 4, 2, None, None),
+    "data_x_context_gqa": ((2, 1, 1, 4), 2, 4, 1, None, None),
+    "tensor_x_context_window": ((1, 1, 2, 4), 2, 4, 2, 200, None),
+    "fsdp_x_context_softcap": ((1, 2, 1, 4), 2, 2, 2, None, 5.0),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_context_split_splash_equals_reference_forward_and_gradient(case):
+    shape, b, n, kv, window, softcap = CASES[case]
+    mesh = Mesh(np.asarray(jax.devices()[: np.prod(shape)]).reshape(shape), AXES)
+    ring = shape[3]
+    t = 2 * ring * 128  # each device: two balanced chunks of one splash block
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, H)), jnp.float32) for h in (n, kv, kv))
+    seg = jnp.asarray(packed_segments(b, t, seed=1))
+    mask = attention_mask(seg)
+    if window is not None:
+        mask = window_mask(mask, jnp.arange(t), window)
+    weights = jnp.asarray(rng.normal(size=(b, t, n, H)), jnp.float32)
+    real = (seg > 0)[:, :, None, None]  # padding rows' outputs are never trained
+    scale = H**-0.5
+
+    def split(q, k, v):
+        permute = lambda x: reorder_for_context(x, ring)
+        out = splash_context_attention(
+            permute(q), permute(k), permute(v), permute(seg), scale=scale, mesh=mesh,
+            rules=RULES, softcap=softcap, local=jnp.asarray(window is not None),
+            window=window, interpret=True,
+        )  # fmt: skip
+        return restore_order(out, ring)
+
+    def dense(q, k, v):
+        return grouped_attention(q, k, v, mask, scale=scale, softcap=softcap)
+
+    def loss(f):
+        def objective(q, k, v):
+            out = f(q, k, v)
+            return jnp.sum(jnp.where(real, out * weights, 0.0)), out
+
+        return jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True))
+
+    (_, got), got_grads = loss(split)(q, k, v)
+    (_, want), want_grads = loss(dense)(q, k, v)
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=TOL)
+    for name, a, w in zip("qkv", got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(a, w, atol=TOL, err_msg=f"d{name}")
+
+
+def test_a_length_the_split_cannot_tile_is_refused_with_the_reason():
+    mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(1, 1, 1, 4), AXES)
+    x = jnp.zeros((1, 1536, 2, H))
+    with pytest.raises(ValueError, match=r"multiple of 2 x 4 context devices x 128, got 1536"):
+        splash_context_attention(x, x, x, jnp.ones((1, 1536), jnp.int32), scale=1.0, mesh=mesh)
+
+
+def test_compiles_for_tpu_with_context_parallelism():
+    """The TPU compiler takes the kernel under shard_map over data x tensor x context, forward
+    and backward, bf16, at 8k and 16k tokens per row. Per chip it holds the local chunk and the
+    gathered keys and values: far from a [T, T] score matrix (16k: 2 GiB of float32 scores per
+    chip for these rows and local heads)."""
+    if tpu.libtpu_missing():
+        pytest.skip(f"no TPU compiler: {tpu.libtpu_missing()}")
+    devices = np.asarray(tpu.topology_devices("v5e:2x4")).reshape(1, 1, 2, 4)
+    mesh = Mesh(devices, AXES)
+    temporaries, (b, n, kv, h) = {}, (2, 8, 4, 128)
+    for t in (8192, 16384):
+        q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
+        k = jax.ShapeDtypeStruct((b, t, kv, h), jnp.bfloat16)
+        seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+        def objective(q, k, v, seg):
+            out = splash_context_attention(
+                q, k, v, seg, scale=0.1, mesh=mesh, rules=RULES, softcap=50.0,
+                local=jnp.asarray(True), window=4096,
+            )  # fmt: skip
+            return jnp.sum(out.astype(jnp.float32))
+
+        compiled = jax.jit(jax.grad(objective, argnums=(0, 1, 2))).lower(q, k, k, seg).compile()
+        memory = compiled.memory_analysis()
+        temporaries[t] = memory.temp_size_in_bytes + memory.output_size_in_bytes
+    assert temporaries[16384] < 64 * 2**20, temporaries

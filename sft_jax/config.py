@@ -180,6 +180,9 @@ class MeshSection:
     fsdp: int
     tensor: int
     rules: tuple[tuple[str, Any], ...]
+    # Last, with a default, so (data, fsdp, tensor, rules) built in code keep their meaning;
+    # configs set it in configs/base.py like every other key.
+    context: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,6 +357,29 @@ def _validate(c: Config) -> None:
     sizes = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(f"mesh sizes (data, fsdp, tensor) = {sizes}: each >= 1, at most one -1")
+    _validate_context(c)
+
+
+def _validate_context(c: Config) -> None:
+    """Context parallelism's constraints, before any device is touched: the sequence must cut
+    into 2 x context chunks (two per device, one early and one late, to balance the causal
+    work), and only ring attention (model.attention=auto) attends across a split sequence."""
+    n = c.mesh.context
+    if n < 1:
+        raise ConfigError(f"config key 'mesh.context' is {n}; it must be >= 1 (1: off)")
+    if n == 1:
+        return
+    if c.data.seq_len % (2 * n):
+        raise ConfigError(
+            f"data.seq_len={c.data.seq_len} must be a multiple of 2 x mesh.context = {2 * n}: "
+            "context parallelism cuts each row into two chunks per context device"
+        )
+    if c.model.attention != "auto":
+        raise ConfigError(
+            f"model.attention={c.model.attention!r} cannot run under mesh.context={n}: the "
+            "sequence is split over devices and only ring attention attends across the split; "
+            "use model.attention='auto' (it picks ring attention)"
+        )
 
 
 def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -58,16 +58,23 @@ BLOCKED_BACKWARD_BUFFERS = 3
 
 
 def planned_mesh(config: Config, devices: int) -> AbstractMesh:
-    """The config's (data, fsdp, tensor) mesh on `devices` devices, without the devices."""
+    """The config's (data, fsdp, context, tensor) mesh on `devices` devices, without the
+    devices."""
     sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
-    known = math.prod(s for s in sizes if s != -1)
+    context = config.mesh.context
+    known = math.prod(s for s in sizes if s != -1) * context
     if -1 in sizes:
         if devices % known:
-            raise ConfigError(f"mesh {tuple(sizes)} does not divide {devices} devices")
+            raise ConfigError(
+                f"mesh {tuple(sizes)} x context {context} does not divide {devices} devices"
+            )
         sizes[sizes.index(-1)] = devices // known
-    if math.prod(sizes) != devices:
-        raise ConfigError(f"mesh {tuple(sizes)} needs {math.prod(sizes)} devices, not {devices}")
-    return AbstractMesh(tuple(sizes), MESH_AXES)
+    if math.prod(sizes) * context != devices:
+        raise ConfigError(
+            f"mesh {tuple(sizes)} x context {context} needs {math.prod(sizes) * context} "
+            f"devices, not {devices}"
+        )
+    return AbstractMesh((sizes[0], sizes[1], context, sizes[2]), MESH_AXES)
 
 
 def _shards(spec: tuple, mesh: AbstractMesh) -> int:

@@ -53,7 +53,7 @@ TOL = 2e-5
 
 def cpu_mesh(data: int, fsdp: int, tensor: int) -> Mesh:
     devices = np.asarray(jax.devices()[: data * fsdp * tensor])
-    return Mesh(devices.reshape(data, fsdp, tensor), sharding.MESH_AXES)
+    return Mesh(devices.reshape(data, fsdp, 1, tensor), sharding.MESH_AXES)
 
 
 def packed_segments(rows: int, seed: int) -> np.ndarray:
@@ -219,7 +219,7 @@ def compile_forward_backward(model: Transformer, mesh: Mesh, lora_rank: int = 0)
 
 
 def tpu_mesh(devices, data: int, fsdp: int, tensor: int) -> Mesh:
-    return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), sharding.MESH_AXES)
+    return Mesh(np.asarray(devices).reshape(data, fsdp, 1, tensor), sharding.MESH_AXES)
 
 
 SPLASH_CALL = "tpu_custom_call"  # the Mosaic kernel's custom call in the lowered program

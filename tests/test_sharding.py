@@ -27,7 +27,7 @@ def mesh_cfg(data, fsdp, tensor) -> MeshSection:
 def test_mesh_fills_minus_one():
     assert jax.device_count() == 8
     mesh = make_mesh(mesh_cfg(-1, 2, 2))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
     assert batch_shards(mesh, RULES) == 4
 
 

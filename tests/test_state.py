@@ -86,7 +86,7 @@ def test_layout_needs_no_devices(case):
     """On an AbstractMesh (the plan's) the layout has the same shapes and specs as on devices."""
     config = _config(**CASES[case])
     on_devices = state_layout(StateSpec.from_config(config, None, make_mesh(config.mesh), 2))
-    abstract_mesh = AbstractMesh((2, 2, 2), MESH_AXES)
+    abstract_mesh = AbstractMesh((2, 2, 1, 2), MESH_AXES)
     abstract = state_layout(StateSpec.from_config(config, None, abstract_mesh, 2))
     arrays = lambda s: jax.tree.structure(s.replace(apply_fn=None, tx=None))  # two optimizers
     assert arrays(abstract) == arrays(on_devices)

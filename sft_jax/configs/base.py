@@ -167,11 +167,14 @@ def get_config() -> ml_collections.ConfigDict:
     ds.process_id = -1  # -1 = auto
     ds.initialization_timeout_s = 300  # a dead host fails the job instead of hanging it
     ds.expected_platform = ""  # "tpu" | "gpu" | "cpu": fail instead of silently falling back
-    # --- device mesh: sizes of (data, fsdp, tensor); one of them may be -1 (all remaining devices).
+    # --- device mesh: sizes of (data, fsdp, context, tensor); data, fsdp or tensor may be -1.
     c.mesh = ms = ml_collections.ConfigDict()
     ms.data = -1  # data-parallel size (-1: all remaining devices)
     ms.fsdp = 1  # fully sharded data-parallel size (parameters sharded too)
     ms.tensor = 1  # tensor-parallel size (heads and MLP split)
+    # context-parallel size: each row's sequence split over this many devices (ring attention);
+    # data.seq_len must be a multiple of 2 x context. Never -1.
+    ms.context = 1
     # logical axis -> mesh axes. A dimension is sharded only when its size divides evenly.
     ms.rules = (
         ("batch", ("data", "fsdp")),
@@ -182,7 +185,7 @@ def get_config() -> ml_collections.ConfigDict:
         ("mlp", "tensor"),
         ("head_dim", None),
         ("layers", None),
-        ("seq", None),
+        ("seq", "context"),
     )
 
     # --- fault injection, for tests of resume and preemption. All off (0 / False) by default.

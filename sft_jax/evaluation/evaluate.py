@@ -46,7 +46,9 @@ from sft_jax.data.templates import Stops, generation_stops
 from sft_jax.model.decode import cut_at_stop_text, greedy_generate
 from sft_jax.model.decoder import Transformer
 from sft_jax.training.loss import masked_cross_entropy
+from sft_jax.training.sharding import context_shards
 from sft_jax.training.state import TrainState, param_shardings
+from sft_jax.training.step import context_order, context_slots
 
 GENERATION_BATCH = 32  # prompts per generation call (rows of one compiled decode program)
 
@@ -54,12 +56,17 @@ GENERATION_BATCH = 32  # prompts per generation call (rows of one compiled decod
 
 
 def make_eval_step(apply_fn: Callable, param_shardings: Any, batch_sharding: NamedSharding):
-    """Jitted (params, batch) -> (loss sum, loss tokens, correctly predicted loss tokens)."""
+    """Jitted (params, batch) -> (loss sum, loss tokens, correctly predicted loss tokens).
+    Under context parallelism the rows are permuted as the train step permutes them (the sums
+    do not change)."""
+    context = context_shards(batch_sharding.mesh)
 
     def eval_step(params: Any, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-        logits = apply_fn(
-            {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
-        )
+        batch = context_order(batch, context)
+        slots = context_slots(batch["inputs"].shape[1], context)
+        permuted = {} if slots is None else {"slots": slots}  # rows in slot order: no argument
+        inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+        logits = apply_fn({"params": params}, *inputs, **permuted)
         loss_sum, tokens = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
         hits = (jnp.argmax(logits, axis=-1) == batch["targets"]) & batch["loss_mask"].astype(bool)
         return loss_sum, tokens, jnp.sum(hits.astype(jnp.float32))

@@ -19,7 +19,10 @@ import numpy as np
 
 from sft_jax.model.blocked_attention import blocked_attention
 from sft_jax.model.config import IMPLEMENTATIONS
+from sft_jax.model.context_attention import BLOCK as RING_BLOCK
+from sft_jax.model.context_attention import context_attention
 from sft_jax.model.splash_attention import SPLASH_BLOCK, splash_attention
+from sft_jax.training import sharding
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -137,15 +140,22 @@ def resolve_implementation(
     head_dim: int,
     softcap: float | None,
     seq_len: int | None = None,
+    context: int = 1,
 ) -> str:
     """The attention implementation to run: `requested`, or for "auto" the fastest correct one
     on `platform` ("cpu" | "gpu" | "tpu"), falling back to XLA (or, with logit soft-capping,
     which only the reference and splash implement, to the reference) where a fused kernel
     cannot run these settings. `seq_len` (when known) rules out splash on a length its blocks
     do not tile. An explicit request that cannot run raises ValueError saying why.
+
+    With the sequence split over `context` > 1 devices, "auto" is "ring" (ring attention, the
+    only one that attends across the split); an explicit choice is honoured (parameter init
+    traces the reference) and the config refuses one for training (sft_jax/config.py).
     """
     if requested not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention is {requested!r}; choose one of {IMPLEMENTATIONS}")
+    if requested == "auto" and context > 1:
+        return "ring"
     settings = (platform, dtype, head_dim, softcap, seq_len)
     if requested == "auto":
         choice = _AUTO_BY_PLATFORM.get(platform, "xla")
@@ -195,9 +205,9 @@ class AttentionOptions:
     implementation: str  # a resolved one (resolve_implementation): never "auto"
     scale: float | None = None  # scores' scale; None: head_dim ** -0.5
     softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
-    window: int | None = None  # the sliding window of local layers (splash's windowed kernel)
-    mesh: Mesh | None = None  # splash: the mesh it runs on per device
-    rules: Sequence = ()  # splash: logical-axis rules splitting batch and heads over `mesh`
+    window: int | None = None  # the sliding window of local layers (splash, ring: lax.cond)
+    mesh: Mesh | None = None  # splash, ring: the mesh they run on per device
+    rules: Sequence = ()  # splash, ring: logical-axis rules splitting batch and heads over `mesh`
     interpret: bool = False  # splash: run in Pallas' interpreter (tests)
 
 
@@ -210,6 +220,7 @@ def attend(
     *,
     segment_ids: jax.Array | None = None,
     local: jax.Array | None = None,
+    slots: jax.Array | None = None,
 ) -> jax.Array:
     """q [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H] with one resolved implementation.
 
@@ -222,13 +233,15 @@ def attend(
     traced window bound; splash: picking the windowed kernel with `lax.cond`). Blocked and
     cudnn skip the blocks above the diagonal (the mask is always causal in training). Splash
     runs per device on `options.mesh`, split as `options.rules` split batch and heads
-    (sft_jax/model/splash_attention.py).
+    (sft_jax/model/splash_attention.py). Ring (context parallelism) takes the segment ids and
+    `slots` [B, T], each token's slot in its unpermuted row, and masks by them exactly as the
+    dense mask does, whatever order the row is in (`ring_attention`).
     """
     implementation, softcap = options.implementation, options.softcap
     scale = q.shape[-1] ** -0.5 if options.scale is None else options.scale
     if implementation in DENSE_MASK_IMPLEMENTATIONS and mask is None:
         raise ValueError(f"{implementation} attention reads the dense mask; got none")
-    if implementation in ("blocked", "splash") and segment_ids is None:
+    if implementation in ("blocked", "splash", "ring") and segment_ids is None:
         raise ValueError(f"{implementation} attention needs segment_ids")
     if implementation == "reference":
         return grouped_attention(q, k, v, mask, scale=scale, softcap=softcap)
@@ -247,4 +260,50 @@ def attend(
             window=options.window, mesh=options.mesh, rules=options.rules,
             interpret=options.interpret,
         )  # fmt: skip
+    if implementation == "ring":
+        if slots is None:
+            raise ValueError("ring attention needs slots (each token's slot in its row)")
+        return ring_attention(q, k, v, segment_ids, slots, options, scale=scale, local=local)
     raise ValueError(f"unresolved attention implementation {implementation!r}")
+
+
+def ring_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    slots: jax.Array,
+    options: AttentionOptions,
+    *,
+    scale: float,
+    local: jax.Array | None = None,
+) -> jax.Array:
+    """Ring attention over `options.mesh`'s context axis (sft_jax/model/context_attention.py).
+
+    Its mask reads `slots` (the row's slot indices, permuted with the tokens) where the dense
+    path reads array order: same segment, key slot not after the query's, and on local layers
+    fewer than `options.window` slots behind, which is `attention_mask` and `window_mask`
+    exactly, padding included. (Per-example positions would mask real tokens the same, but let
+    padding, all at position 0, see later padding.) The ring takes a static window, so the
+    traced per-layer `local` flag picks the windowed or the global ring with `lax.cond`.
+    Batch and kv heads split as the rules split them, where they divide.
+    """
+    mesh, rules = options.mesh, options.rules
+    spec = sharding.logical_to_spec(("batch", None, "kv_heads", None), k.shape, mesh, rules)
+    heads = spec[2] if isinstance(spec[2], str) else None  # the ring splits heads over one axis
+    batch = (spec[0],) if isinstance(spec[0], str) else tuple(spec[0] or ())
+    local_t = q.shape[1] // sharding.context_shards(mesh)
+    run = lambda window: context_attention(
+        q, k, v, segment_ids, slots, mesh=mesh, context_axis=sharding.CONTEXT_AXIS,
+        batch_axes=batch, head_axis=heads, scale=scale, softcap=options.softcap,
+        window=window, block=ring_block(local_t),
+    )  # fmt: skip
+    if local is None or options.window is None:
+        return run(None)
+    return jax.lax.cond(local, lambda: run(options.window), lambda: run(None))
+
+
+def ring_block(local_len: int) -> int:
+    """The ring's tile: the largest divisor of a device's chunk up to the ring's default, so
+    any sequence length that splits over the context devices tiles."""
+    return max(b for b in range(1, min(RING_BLOCK, local_len) + 1) if local_len % b == 0)

@@ -274,6 +274,7 @@ def attention_options(c: ModelConfig, seq_len: int | None) -> AttentionOptions:
             head_dim=c.head_dim,
             softcap=c.attn_softcap,
             seq_len=seq_len,
+            context=_context_shards(c),
         )
     return AttentionOptions(
         implementation=impl,
@@ -283,6 +284,11 @@ def attention_options(c: ModelConfig, seq_len: int | None) -> AttentionOptions:
         mesh=c.mesh,
         rules=c.mesh_rules,
     )
+
+
+def _context_shards(c: ModelConfig) -> int:
+    """How many devices split each row's sequence (the mesh's context axis; 1 without one)."""
+    return 1 if c.mesh is None else int(dict(c.mesh.shape).get("context", 1))
 
 
 class Attention(nn.Module):
@@ -303,6 +309,7 @@ class Attention(nn.Module):
         index: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         local: jax.Array | None = None,
+        slots: jax.Array | None = None,
     ):
         c = self.config
         d, n, kv, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
@@ -323,9 +330,8 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
             cache = (k, v)
         seq_len = None if cache is not None else q.shape[1]
-        out = attend(
-            q, k, v, mask, attention_options(c, seq_len), segment_ids=segment_ids, local=local
-        )
+        options = attention_options(c, seq_len)
+        out = attend(q, k, v, mask, options, segment_ids=segment_ids, local=local, slots=slots)
         o_names = ("heads", "head_dim", "embed")
         return Einsum("BTNH,NHD->BTD", (n, h, d), o_names, **dt, name="o_proj")(out), cache
 
@@ -347,19 +353,22 @@ class Mlp(nn.Module):
 
 
 def pin_activations(c: ModelConfig, x: jax.Array, *, decoding: bool) -> jax.Array:
-    """x [B, T, D] constrained to `c.activation_sharding` (batch over the data-parallel axes).
+    """x [B, T, D] constrained to `c.activation_sharding` (batch over the data-parallel axes,
+    the sequence over the context axis).
 
     Without it, XLA's propagation follows the FSDP-sharded weights and each device holds every
     layer's activations for the whole batch (3-4x the memory, measured by
     sft_jax.planning.plan_check). Generation batches need not divide the mesh, so decoding is left
-    to propagation.
+    to propagation, as is a batch or sequence that does not divide its axes.
     """
     sharding = c.activation_sharding
     if sharding is None or decoding:
         return x
-    axes = sharding.spec[0]
-    shards = math.prod(sharding.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-    return x if x.shape[0] % shards else jax.lax.with_sharding_constraint(x, sharding)
+    for size, axes in zip(x.shape[:2], sharding.spec[:2], strict=True):
+        named = (axes,) if isinstance(axes, str) else (axes or ())
+        if size % math.prod(sharding.mesh.shape[a] for a in named):
+            return x
+    return jax.lax.with_sharding_constraint(x, sharding)
 
 
 class Block(nn.Module):
@@ -389,8 +398,9 @@ class Block(nn.Module):
         cache = (layer["k"], layer["v"]) if "k" in layer else None
         h = _norm(c, ("embed",), name="attn_norm")(x)
         h, cache = Attention(c, name="attn")(
-            h, mask, cos, sin, cache, ctx.get("index"), ctx.get("segment_ids"), local
-        )
+            h, mask, cos, sin, cache, ctx.get("index"), ctx.get("segment_ids"), local,
+            ctx.get("slots"),
+        )  # fmt: skip
         if c.sandwich_norms:
             h = _norm(c, ("embed",), name="post_attn_norm")(h)
         x = x + h
@@ -455,20 +465,26 @@ class Transformer(nn.Module):
         positions: jax.Array,
         segment_ids: jax.Array,
         *,
+        slots: jax.Array | None = None,
         return_hidden: bool = False,
     ) -> jax.Array:
         """tokens/positions/segment_ids: int32 [B, T] -> float32 logits [B, T, V].
 
         With `return_hidden`, the final-normed hidden states [B, T, D] (compute dtype) instead;
-        `logits` turns (a selection of) them into logits.
+        `logits` turns (a selection of) them into logits. `slots` int [T]: the slot each
+        position held in its row before the rows were permuted (context parallelism's load
+        balancing, sft_jax.training.step.context_order); None: the rows are in slot order. Only
+        ring attention takes a permuted row, since the others mask by array order.
         """
         # The dense [B, T, T] mask only where the attention implementation reads it (computed
-        # once, broadcast to every layer); blocked and splash build theirs from segment_ids.
+        # once, broadcast to every layer); blocked, splash and ring build theirs from data.
         implementation = attention_options(self.config, tokens.shape[1]).implementation
+        if slots is not None and implementation != "ring":
+            raise ValueError(f"{implementation} attention needs rows in slot order (no slots)")
         mask = None
         if implementation in DENSE_MASK_IMPLEMENTATIONS:
             mask = attention_mask(segment_ids)
-        slots = jnp.arange(tokens.shape[1])
+        slots = jnp.arange(tokens.shape[1]) if slots is None else slots
         x, _ = self._layers(tokens, positions, mask, slots, {}, segment_ids=segment_ids)
         x = self.final_norm(x)
         return x if return_hidden else self.logits(x)
@@ -510,8 +526,9 @@ class Transformer(nn.Module):
             ctx["mask"] = mask
         if index is not None:
             ctx["index"] = index
-        if segment_ids is not None:  # training: blocked and splash read segments, not a mask
+        if segment_ids is not None:  # training: blocked, splash, ring read segments, not a mask
             ctx["segment_ids"] = segment_ids
+            ctx["slots"] = jnp.broadcast_to(q_slots, tokens.shape)  # ring attention's mask
         if c.has_local_layers:
             layer["local"] = jnp.asarray(c.local_layers)
             if mask is not None:

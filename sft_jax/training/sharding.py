@@ -2,8 +2,14 @@
 
 Weights carry logical names (vocab, embed, heads, kv_heads, head_dim, mlp, layers) from the
 model; activations and batches use batch and seq. `config.mesh.rules` maps each name to mesh axes
-of the (data, fsdp, tensor) mesh. A dimension is sharded only when its size divides evenly by the
-mesh axes it maps to; otherwise it stays replicated (tiny test models on 8 devices rely on this).
+of the (data, fsdp, context, tensor) mesh. A dimension is sharded only when its size divides
+evenly by the mesh axes it maps to; otherwise it stays replicated (tiny test models on 8 devices
+rely on this).
+
+The context axis splits each row's sequence (context parallelism): activations are sharded along
+seq over it and attention becomes ring attention (sft_jax/model/context_attention.py). It sits
+next to tensor, the innermost axis, so on a TPU slice both stay on the nearest interconnect links:
+the ring passes keys and values every layer, and tensor parallelism reduces every layer.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sft_jax.config import ConfigError, MeshSection
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+CONTEXT_AXIS = "context"
 # Every logical name the model and the batches use; each needs a rule.
 LOGICAL_AXES = ("batch", "seq", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers")
 
@@ -58,27 +65,16 @@ def _hint(word: Any, choices: Sequence[str]) -> str:
 
 
 def make_mesh(cfg: MeshSection, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices; one size may be -1 for "the rest".
+    """A (data, fsdp, context, tensor) mesh over all devices; one of data, fsdp and tensor may
+    be -1 for "the rest" (context, the sequence split, is always explicit).
 
     Devices of several TPU slices (multi-slice: each device has a `slice_index`) form a hybrid
     mesh: `data` spans the slices over the data-centre network (DCN), so only the gradient
-    reduction crosses it, while fsdp and tensor (and the rest of data) stay inside a slice on
-    the fast interconnect (ICI); `mesh.data` must then be a multiple of the slice count."""
+    reduction crosses it, while fsdp, context and tensor (and the rest of data) stay inside a
+    slice on the fast interconnect (ICI); `mesh.data` must then be a multiple of the slice
+    count."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ConfigError(
-                f"mesh (data, fsdp, tensor) = {tuple(sizes)} does not fit {len(devices)} devices: "
-                f"{len(devices)} is not divisible by {known}"
-            )
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ConfigError(
-            f"mesh (data, fsdp, tensor) = {tuple(sizes)} needs {int(np.prod(sizes))} devices, "
-            f"but {len(devices)} are present; set one size to -1 to use all of them"
-        )
+    sizes = _mesh_sizes(cfg, len(devices))
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     if slices == 1:
         return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
@@ -87,9 +83,29 @@ def make_mesh(cfg: MeshSection, devices: Sequence[jax.Device] | None = None) -> 
             f"mesh.data={sizes[0]} on {slices} TPU slices: data parallelism spans the slices, "
             f"so mesh.data must be a multiple of {slices} (e.g. --config.mesh.data={slices})"
         )
-    ici = [sizes[0] // slices, sizes[1], sizes[2]]
-    grid = mesh_utils.create_hybrid_device_mesh(ici, [slices, 1, 1], devices)
+    ici = [sizes[0] // slices, *sizes[1:]]
+    grid = mesh_utils.create_hybrid_device_mesh(ici, [slices, 1, 1, 1], devices)
     return Mesh(grid, MESH_AXES)
+
+
+def _mesh_sizes(cfg: MeshSection, devices: int) -> list[int]:
+    """The sizes of MESH_AXES on `devices` devices, the -1 resolved; ConfigError if they do not
+    fit."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    known = int(np.prod([s for s in sizes if s != -1])) * cfg.context
+    shown = f"mesh (data, fsdp, tensor) = {tuple(sizes)} x context {cfg.context}"
+    if -1 in sizes:
+        if devices % known:
+            raise ConfigError(
+                f"{shown} does not fit {devices} devices: {devices} is not divisible by {known}"
+            )
+        sizes[sizes.index(-1)] = devices // known
+    if int(np.prod(sizes)) * cfg.context != devices:
+        raise ConfigError(
+            f"{shown} needs {int(np.prod(sizes)) * cfg.context} devices, but {devices} are "
+            "present; set one of data, fsdp, tensor to -1 to use all of them"
+        )
+    return [sizes[0], sizes[1], cfg.context, sizes[2]]
 
 
 def _mesh_axes_for(name: str | None, rules: dict[str, Any]) -> tuple[str, ...]:
@@ -138,13 +154,19 @@ def batch_sharding(mesh: Mesh, rules: Sequence) -> NamedSharding:
 
 
 def activation_sharding(mesh: Mesh, rules: Sequence) -> NamedSharding | None:
-    """Sharding of [B, T, D] activations: batch over the batch rule's axes; None when the batch
-    is not split. The model pins each layer's input and output to it, because XLA's sharding
-    propagation otherwise follows the FSDP-sharded weights and gathers activations instead."""
-    if batch_shards(mesh, rules) == 1:
+    """Sharding of [B, T, D] activations: batch over the batch rule's axes, the sequence over
+    the seq rule's (context parallelism); None when neither is split. The model pins each
+    layer's input and output to it, because XLA's sharding propagation otherwise follows the
+    FSDP-sharded weights and gathers activations instead."""
+    table = dict(rules)
+    batch, seq = _mesh_axes_for("batch", table), _mesh_axes_for("seq", table)
+    if _product(mesh, batch) == 1 and _product(mesh, seq) == 1:
         return None
-    axes = _mesh_axes_for("batch", dict(rules))
-    return NamedSharding(mesh, PartitionSpec(axes, None, None))
+    return NamedSharding(mesh, PartitionSpec(batch or None, seq or None, None))
+
+
+def _product(mesh: Mesh, axes: Sequence[str]) -> int:
+    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
 def pin_model_activations(model_config: Any, mesh: Mesh, rules: Sequence) -> Any:
@@ -161,8 +183,12 @@ def pin_model_activations(model_config: Any, mesh: Mesh, rules: Sequence) -> Any
 
 def batch_shards(mesh: Mesh, rules: Sequence) -> int:
     """How many ways the batch dimension is split (global batch must be a multiple of this)."""
-    axes = _mesh_axes_for("batch", dict(rules))
-    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    return _product(mesh, _mesh_axes_for("batch", dict(rules)))
+
+
+def context_shards(mesh: Mesh) -> int:
+    """How many ways each row's sequence is split (1: no context parallelism)."""
+    return int(dict(mesh.shape).get(CONTEXT_AXIS, 1))
 
 
 def follow_param_shardings(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:

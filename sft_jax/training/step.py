@@ -34,8 +34,10 @@ import optax
 from jax.sharding import NamedSharding
 
 from sft_jax.data.pack import PACKED_KEYS
+from sft_jax.model.context_attention import reorder_for_context
 from sft_jax.model.regularize import kl_to_base
 from sft_jax.training.loss import chunked_cross_entropy, masked_cross_entropy, resolve_loss_chunk
+from sft_jax.training.sharding import context_shards
 from sft_jax.training.state import TrainState
 
 if TYPE_CHECKING:
@@ -62,6 +64,7 @@ class StepOptions:
     micro_batches: int = 1  # train.micro_batches: the batch is accumulated in this many pieces
     loss_chunk: int = 0  # resolved model.loss_chunk: > 0 computes the loss over pieces
     kl_coef: float = 0.0  # train.kl_to_base: weight of the KL to the base model in the objective
+    context: int = 1  # the mesh's context axis: rows are permuted for it (make_train_step sets it)
 
     @classmethod
     def from_config(cls, config: Config, *, rows_per_device: int, vocab_size: int) -> StepOptions:
@@ -81,6 +84,24 @@ class StepOptions:
         )
 
 
+def context_order(batch: Batch, context: int) -> Batch:
+    """Every per-token array permuted along the sequence so that each of `context` devices gets
+    an early and a late chunk of every row, balancing the causal work of ring attention
+    (`reorder_for_context`). Masked sums over tokens (the loss, its count, token accuracy) do
+    not change; the model is told each position's slot (`context_slots`) and masks by it."""
+    if context == 1:
+        return batch
+    return {k: reorder_for_context(batch[k], context) for k in PACKED_KEYS}
+
+
+def context_slots(length: int, context: int) -> jax.Array | None:
+    """int [length]: the slot each position of a `context_order`ed row came from (None: rows in
+    slot order). The same permutation for every row, so micro-batching needs no copy of it."""
+    if context == 1:
+        return None
+    return reorder_for_context(jnp.arange(length)[None], context)[0]
+
+
 def loss_fn(
     params: Any, state: TrainState, batch: Batch, rng: jax.Array, options: StepOptions
 ) -> tuple[jax.Array, Any]:
@@ -94,7 +115,8 @@ def loss_fn(
     config enables it, draws from the "neftune" rng stream passed here.
 
     Only `params` is differentiated: with LoRA the base weights in `state.frozen` are constants
-    of the loss, so no weight-gradient matmul is ever formed for them. `options.loss_chunk` > 0
+    of the loss, so no weight-gradient matmul is ever formed for them. With `options.context` >
+    1 the batch is in `context_order` and the model gets its slots. `options.loss_chunk` > 0
     computes the loss over pieces of that many positions
     (sft_jax.training.loss.chunked_cross_entropy), never holding the [B, T, V] logits; the result is
     the same up to float rounding.
@@ -103,17 +125,18 @@ def loss_fn(
     loss_chunk, kl_coef = options.loss_chunk, options.kl_coef
     variables = model_variables(params, frozen)
     inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    slots = context_slots(batch["inputs"].shape[1], options.context)
     targets, mask = batch["targets"], batch["loss_mask"]
     rngs = {"dropout": rng, "neftune": jax.random.fold_in(rng, NEFTUNE_STREAM)}
     if loss_chunk <= 0:
-        logits = apply_fn(variables, *inputs, rngs=rngs)
+        logits = apply_fn(variables, *inputs, slots=slots, rngs=rngs)
         loss_sum, count = masked_cross_entropy(logits, targets, mask)
         if kl_coef <= 0:
             return loss_sum, (count, loss_sum, jnp.float32(0.0))
         base = {"params": frozen} if frozen is not None else {"params": state.reference}
-        kl = kl_to_base(logits, apply_fn(base, *inputs), mask)  # base: no noise, no dropout
+        kl = kl_to_base(logits, apply_fn(base, *inputs, slots=slots), mask)  # no noise, dropout
         return loss_sum + kl_coef * kl, (count, loss_sum, kl)
-    hidden = apply_fn(variables, *inputs, return_hidden=True, rngs=rngs)
+    hidden = apply_fn(variables, *inputs, slots=slots, return_hidden=True, rngs=rngs)
     # LM-head adapters (if targeted) draw dropout from their own key, the same for every piece.
     head_rng = jax.random.fold_in(rng, 1 << 30)
     logits_fn = lambda h: apply_fn(variables, h, method="logits", rngs={"dropout": head_rng})
@@ -214,6 +237,7 @@ def train_step(
     `nonfinite` (1.0 for a skipped step).
     """
     rng = jax.random.fold_in(state.rng, state.step)
+    batch = context_order(batch, options.context)  # once, before micro-batches split the rows
     grads, loss_sum, count, kl_sum = compute_grads(
         state, batch, rng, options, micro_batch_sharding=micro_batch_sharding
     )
@@ -247,7 +271,9 @@ def make_train_step(
     incoming state: XLA writes the new params and optimizer state into the old buffers (input
     output aliasing), so a step holds one copy of the state, not two. Pass
     `loss_scale=np.float32(1.0)` unless injecting a fault. `options`: usually
-    `sft_jax.training.train_setup.step_options(config, mesh, vocab_size)`."""
+    `sft_jax.training.train_setup.step_options(config, mesh, vocab_size)`; its `context` is
+    the mesh's."""
+    options = dataclasses.replace(options, context=context_shards(batch_sharding.mesh))
     replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     batch_shardings = {k: batch_sharding for k in PACKED_KEYS}
 

@@ -169,3 +169,32 @@ def test_automatic_loss_chunk_keeps_small_logits_whole_and_cuts_large_ones():
     assert resolve(AUTO_CHUNK, 64, 200, 262144) == MIN_AUTO_CHUNK  # the floor: a short scan
     assert resolve(AUTO_CHUNK, 640, 100, 262144) == 100  # a piece never exceeds the sequence
     assert resolve(AUTO_CHUNK, 1, 32768, 128256, kl=True) == 0  # the KL reads whole logits
+
+
+@pytest.mark.parametrize("shards,chunk", [(2, 4), (4, 3), (4, 16)])
+def test_chunked_loss_inside_context_parts_equals_the_plain_loss(shards, chunk):
+    """Pieces cut inside each of `shards` parts of the sequence (context parallelism), the last
+    piece of every part padded where `chunk` does not divide it: same sum, count and gradients
+    as the whole logits."""
+    from sft_jax.training.loss import chunked_cross_entropy
+
+    rng = np.random.default_rng(3)
+    b, t, d, v = 2, 24, 8, 32
+    hidden = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+    mask = jnp.asarray(rng.random((b, t)) < 0.7)
+
+    def plain(hidden, head):
+        return masked_cross_entropy(hidden @ head, targets, mask)
+
+    def chunked(hidden, head):
+        return chunked_cross_entropy(lambda h: h @ head, hidden, targets, mask, chunk, shards)
+
+    want, want_count = plain(hidden, head)
+    got, got_count = chunked(hidden, head)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert float(got_count) == float(want_count)
+    grad = lambda f: jax.grad(lambda h, w: f(h, w)[0], (0, 1))(hidden, head)
+    for a, w in zip(grad(chunked), grad(plain), strict=True):
+        np.testing.assert_allclose(a, w, atol=1e-5)

@@ -60,6 +60,7 @@ def chunked_cross_entropy(
     targets: jax.Array,
     loss_mask: jax.Array,
     chunk: int,
+    shards: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """`masked_cross_entropy(logits_fn(hidden), ...)` without ever holding the [B, T, V] logits.
 
@@ -70,22 +71,34 @@ def chunked_cross_entropy(
     recompute them piece by piece instead of storing them. The LM head's weight gradient
     accumulates across pieces in the scan. Costs one extra LM-head matmul (the recompute).
 
+    With the sequence split into `shards` (context parallelism: each device holds T / shards
+    positions of every row) the pieces are cut inside each device's part, so step p of the scan
+    takes positions [p * chunk, (p + 1) * chunk) of every part at once and stays on the devices
+    that hold them; pieces across the whole T would hand each step to one device in turn.
+
     logits_fn: final-normed hidden [B, C, D] -> float32 logits [B, C, V] (the model's LM head,
-    tied or not, with LoRA adapters if any). hidden [B, T, D]; T is padded to a multiple of
-    `chunk` with masked-out positions. Returns (loss sum, loss-token count), float32 scalars.
+    tied or not, with LoRA adapters if any). hidden [B, T, D]; each part is padded to a
+    multiple of `chunk` with masked-out positions. Returns (loss sum, loss-token count), float32
+    scalars.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     b, t = hidden.shape[:2]
-    chunk = min(chunk, t)
-    pad = -t % chunk
+    if t % shards:
+        raise ValueError(f"sequence length {t} does not split into {shards} parts")
+    part = t // shards
+    chunk = min(chunk, part)
+    pad = -part % chunk
+    pieces = (part + pad) // chunk
+
+    def to_pieces(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [pieces, B, shards * chunk, ...]
+        x = x.reshape(b, shards, part, *x.shape[2:])
+        if pad:
+            x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+        x = jnp.moveaxis(x.reshape(b, shards, pieces, chunk, *x.shape[3:]), 2, 0)
+        return x.reshape(pieces, b, shards * chunk, *x.shape[4:])
+
     mask = loss_mask.astype(jnp.float32)
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        mask = jnp.pad(mask, ((0, 0), (0, pad)))
-    pieces = (t + pad) // chunk
-    to_pieces = lambda x: jnp.swapaxes(x.reshape(b, pieces, chunk, *x.shape[2:]), 0, 1)
 
     @jax.checkpoint
     def piece_loss(h: jax.Array, tgt: jax.Array, m: jax.Array) -> jax.Array:

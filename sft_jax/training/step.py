@@ -67,13 +67,16 @@ class StepOptions:
     context: int = 1  # the mesh's context axis: rows are permuted for it (make_train_step sets it)
 
     @classmethod
-    def from_config(cls, config: Config, *, rows_per_device: int, vocab_size: int) -> StepOptions:
-        """The options of `config` for micro-batches of `rows_per_device` rows on each device
-        (what an automatic model.loss_chunk is decided on) and a model of `vocab_size`."""
+    def from_config(
+        cls, config: Config, *, rows_per_device: int, vocab_size: int, context: int = 1
+    ) -> StepOptions:
+        """The options of `config` for micro-batches of `rows_per_device` rows on each device,
+        each holding 1 / `context` of every row (what an automatic model.loss_chunk is decided
+        on), and a model of `vocab_size`."""
         loss_chunk = resolve_loss_chunk(
             config.model.loss_chunk,
             rows=rows_per_device,
-            seq_len=config.data.seq_len,
+            seq_len=config.data.seq_len // context,
             vocab_size=vocab_size,
             kl_to_base=config.train.kl_to_base > 0,
         )
@@ -140,7 +143,9 @@ def loss_fn(
     # LM-head adapters (if targeted) draw dropout from their own key, the same for every piece.
     head_rng = jax.random.fold_in(rng, 1 << 30)
     logits_fn = lambda h: apply_fn(variables, h, method="logits", rngs={"dropout": head_rng})
-    loss_sum, count = chunked_cross_entropy(logits_fn, hidden, targets, mask, loss_chunk)
+    loss_sum, count = chunked_cross_entropy(
+        logits_fn, hidden, targets, mask, loss_chunk, shards=options.context
+    )
     return loss_sum, (count, loss_sum, jnp.float32(0.0))
 
 

@@ -57,11 +57,17 @@ def print_data_stats(stats: dict[str, Any], steps: int, per_epoch: int) -> None:
 
 def step_options(config: Config, mesh: jax.sharding.Mesh, vocab_size: int) -> StepOptions:
     """The step's static options for `config` on `mesh`: an automatic model.loss_chunk is
-    decided on one device's micro-batch (global rows / micro-batches / batch shards)."""
+    decided on one device's micro-batch (global rows / micro-batches / batch shards, each row's
+    sequence split over the context axis)."""
     shards = sharding.batch_shards(mesh, config.mesh.rules)
     micro = config.train.global_batch_size // config.train.micro_batches
     rows = -(-micro // shards)
-    return StepOptions.from_config(config, rows_per_device=rows, vocab_size=vocab_size)
+    return StepOptions.from_config(
+        config,
+        rows_per_device=rows,
+        vocab_size=vocab_size,
+        context=sharding.context_shards(mesh),
+    )
 
 
 def make_step_from_config(

@@ -363,7 +363,7 @@ def _validate(c: Config) -> None:
 def _validate_context(c: Config) -> None:
     """Context parallelism's constraints, before any device is touched: the sequence must cut
     into 2 x context chunks (two per device, one early and one late, to balance the causal
-    work), and only ring attention (model.attention=auto) attends across a split sequence."""
+    work), and only ring attention and splash attend across a split sequence."""
     n = c.mesh.context
     if n < 1:
         raise ConfigError(f"config key 'mesh.context' is {n}; it must be >= 1 (1: off)")
@@ -374,11 +374,11 @@ def _validate_context(c: Config) -> None:
             f"data.seq_len={c.data.seq_len} must be a multiple of 2 x mesh.context = {2 * n}: "
             "context parallelism cuts each row into two chunks per context device"
         )
-    if c.model.attention != "auto":
+    if c.model.attention not in ("auto", "splash"):
         raise ConfigError(
             f"model.attention={c.model.attention!r} cannot run under mesh.context={n}: the "
-            "sequence is split over devices and only ring attention attends across the split; "
-            "use model.attention='auto' (it picks ring attention)"
+            "sequence is split over devices and only ring attention and splash (TPU) attend "
+            "across the split; use model.attention='auto' (it picks one of them)"
         )
 
 

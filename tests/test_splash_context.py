@@ -121,3 +121,32 @@ def test_compiles_for_tpu_with_context_parallelism():
         memory = compiled.memory_analysis()
         temporaries[t] = memory.temp_size_in_bytes + memory.output_size_in_bytes
     assert temporaries[16384] < 64 * 2**20, temporaries
+
+
+def test_auto_picks_splash_under_context_on_tpu_where_it_tiles_else_ring():
+    from sft_jax.model.attention import resolve_implementation
+
+    common = dict(platform="tpu", dtype="bfloat16", head_dim=128, softcap=None, context=4)
+    assert resolve_implementation("auto", seq_len=2048, **common) == "splash"
+    assert resolve_implementation("auto", seq_len=1536, **common) == "ring"  # 192-token chunks
+    with pytest.raises(ValueError, match=r"multiple of 2 x 4 x 128, got 1536"):
+        resolve_implementation("splash", seq_len=1536, **common)
+    cpu = {**common, "platform": "cpu"}
+    assert resolve_implementation("auto", seq_len=2048, **cpu) == "ring"
+
+
+def test_train_step_with_context_parallel_splash_compiles_for_tpu():
+    """The whole train step (the tiny model, bf16, packed rows permuted for the context axis)
+    compiled by the TPU compiler on v5e:2x4 with fsdp=2 x context=4: attention is splash."""
+    if tpu.libtpu_missing():
+        pytest.skip(f"no TPU compiler: {tpu.libtpu_missing()}")
+    from sft_jax import config as config_lib
+    from sft_jax.config_file import load_config_file
+
+    raw = load_config_file("configs/tiny.py")
+    raw.mesh.data, raw.mesh.fsdp, raw.mesh.tensor, raw.mesh.context = 1, 2, 1, 4
+    raw.data.seq_len = raw.model.arch.max_position_embeddings = 2048
+    raw.model.dtype = "bfloat16"
+    result = tpu.compile_for_topology(config_lib.parse(raw), "v5e:2x4")
+    assert result["attention"] == "splash" and result["fits"], result
+    assert result["mesh"] == {"data": 1, "fsdp": 2, "context": 4, "tensor": 1}

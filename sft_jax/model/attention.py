@@ -148,15 +148,28 @@ def resolve_implementation(
     cannot run these settings. `seq_len` (when known) rules out splash on a length its blocks
     do not tile. An explicit request that cannot run raises ValueError saying why.
 
-    With the sequence split over `context` > 1 devices, "auto" is "ring" (ring attention, the
-    only one that attends across the split); an explicit choice is honoured (parameter init
-    traces the reference) and the config refuses one for training (sft_jax/config.py).
+    With the sequence split over `context` > 1 devices only two attend across the split:
+    splash with gathered keys and values (sft_jax/model/splash_context.py), "auto"'s choice on
+    a TPU where splash can run and the length cuts into 2 x `context` chunks of whole splash
+    blocks, and otherwise "ring" (ring attention). Another explicit choice is honoured
+    (parameter init traces the reference) and the config refuses it for training
+    (sft_jax/config.py).
     """
     if requested not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention is {requested!r}; choose one of {IMPLEMENTATIONS}")
-    if requested == "auto" and context > 1:
-        return "ring"
     settings = (platform, dtype, head_dim, softcap, seq_len)
+    if context > 1 and requested in ("auto", "splash"):
+        why = _unsupported("splash", *settings)
+        if why is None and seq_len is not None and seq_len % (2 * context * SPLASH_BLOCK):
+            why = (
+                f"under mesh.context={context} splash needs seq_len a multiple of 2 x "
+                f"{context} x {SPLASH_BLOCK}, got {seq_len}"
+            )
+        if why is None:
+            return "splash"
+        if requested == "splash":
+            raise ValueError(f"model.attention='splash' cannot run here: {why}")
+        return "ring"
     if requested == "auto":
         choice = _AUTO_BY_PLATFORM.get(platform, "xla")
         if _unsupported(choice, *settings) is None:
@@ -254,6 +267,14 @@ def attend(
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask[:, None], scale=scale, is_causal=True, implementation=implementation
         )
+    if implementation == "splash" and options.mesh and sharding.context_shards(options.mesh) > 1:
+        from sft_jax.model.splash_context import splash_context_attention  # imports Pallas
+
+        return splash_context_attention(
+            q, k, v, segment_ids, scale=scale, mesh=options.mesh,
+            context_axis=sharding.CONTEXT_AXIS, rules=options.rules, softcap=softcap,
+            local=local, window=options.window, interpret=options.interpret,
+        )  # fmt: skip
     if implementation == "splash":
         return splash_attention(
             q, k, v, segment_ids, scale=scale, softcap=softcap, local=local,

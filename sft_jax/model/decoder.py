@@ -474,12 +474,14 @@ class Transformer(nn.Module):
         `logits` turns (a selection of) them into logits. `slots` int [T]: the slot each
         position held in its row before the rows were permuted (context parallelism's load
         balancing, sft_jax.training.step.context_order); None: the rows are in slot order. Only
-        ring attention takes a permuted row, since the others mask by array order.
+        ring attention (which masks by `slots`) and splash under context parallelism (whose
+        static mask is built for exactly that permutation) take a permuted row; the others mask
+        by array order.
         """
         # The dense [B, T, T] mask only where the attention implementation reads it (computed
         # once, broadcast to every layer); blocked, splash and ring build theirs from data.
         implementation = attention_options(self.config, tokens.shape[1]).implementation
-        if slots is not None and implementation != "ring":
+        if slots is not None and implementation not in ("ring", "splash"):
             raise ValueError(f"{implementation} attention needs rows in slot order (no slots)")
         mask = None
         if implementation in DENSE_MASK_IMPLEMENTATIONS:

@@ -17,7 +17,6 @@ sequence on a TPU.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -58,9 +57,11 @@ class _SlotMask(splash_attention_mask._ComputableMask):
         return hash((type(self), self.shape, self.window, self.q_sequence.tobytes()))
 
 
-@functools.lru_cache(maxsize=16)
 def _context_kernel(t, heads, shards, window, softcap, interpret):
-    """The whole sequence's kernel, its mask tables split into `shards` query shards."""
+    """The whole sequence's kernel, its mask tables split into `shards` query shards. Splash
+    caches the (slow, NumPy) processing of a mask by the mask's hash, so a retrace reuses the
+    tables; the kernel itself is rebuilt per trace, since its arrays belong to the trace that
+    made them."""
     mask = _SlotMask((t, t), balanced_order(t, shards), window)
     return splash.make_splash_mha(
         splash.MultiHeadMask([mask] * heads),

@@ -195,7 +195,7 @@ def _config(**overrides):
     "overrides,message",
     [
         ({"mesh.context": 4, "data.seq_len": 100}, r"multiple of 2 x mesh.context = 8"),
-        ({"mesh.context": 2, "model.attention": "splash"}, r"'splash' cannot run under mesh"),
+        ({"mesh.context": 2, "model.attention": "blocked"}, r"'blocked' cannot run under mesh"),
         ({"mesh.context": 0}, r"'mesh.context' is 0"),
     ],
 )

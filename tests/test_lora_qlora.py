@@ -71,7 +71,7 @@ def test_quantised_base_sharded_like_bf16_base(quant):
         assert shard.size * 8 == q.codes.size, (name, shard.shape, q.codes.shape)
     # The state's own sharding tree says the same (it is what the jitted step is given).
     q_spec = kernels(shardings.frozen)["['layers']['attn']['q_proj']['kernel']"].codes.spec
-    assert tuple(q_spec)[:3] == (None, "fsdp", "tensor")
+    assert tuple(q_spec)[:3] == (None, ("fsdp", "context"), "tensor")
 
 
 def test_per_layer_dequantisation_equals_whole_tree():

@@ -40,7 +40,7 @@ def test_impossible_mesh_fails_clearly(sizes):
 def test_rules_shard_only_divisible_dims():
     mesh = make_mesh(mesh_cfg(1, 4, 2))
     spec = logical_to_spec(("vocab", "embed"), (512, 64), mesh, RULES)
-    assert tuple(spec) == ("tensor", "fsdp")
+    assert tuple(spec) == ("tensor", ("fsdp", "context"))  # context is 1 here
     spec = logical_to_spec(("vocab", "embed"), (511, 6), mesh, RULES)
     assert tuple(spec) == (None, None)
     spec = logical_to_spec(("batch", "seq"), (8, 16), mesh, RULES)

@@ -114,7 +114,7 @@ def test_params_are_created_sharded():
     embedding = state.params["embed"][
         "embedding"
     ]  # [V=64, D=32]: vocab over tensor, embed over fsdp
-    assert embedding.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert embedding.sharding.spec == jax.sharding.PartitionSpec("tensor", ("fsdp", "context"))
     assert len(embedding.addressable_shards) == 8
     mu = state.opt_state[1][0].mu["embed"]["embedding"]
     assert mu.sharding.spec == embedding.sharding.spec

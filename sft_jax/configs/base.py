@@ -176,10 +176,12 @@ def get_config() -> ml_collections.ConfigDict:
     # data.seq_len must be a multiple of 2 x context. Never -1.
     ms.context = 1
     # logical axis -> mesh axes. A dimension is sharded only when its size divides evenly.
+    # Weights are sharded over context as over fsdp: devices that split a row's sequence would
+    # otherwise each hold a full copy of the parameters and optimizer state.
     ms.rules = (
         ("batch", ("data", "fsdp")),
         ("vocab", "tensor"),
-        ("embed", "fsdp"),
+        ("embed", ("fsdp", "context")),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
         ("mlp", "tensor"),

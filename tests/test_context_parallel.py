@@ -147,14 +147,14 @@ def test_a_permuted_row_needs_ring_attention(reference):
 # ----------------------------------------------------------------------------- the train step
 
 
-def run_steps(sizes, micro_batches: int = 1, steps: int = 3):
+def run_steps(sizes, micro_batches: int = 1, loss_chunk: int = 0, steps: int = 3):
     """Losses and gradient norms of `steps` train steps on a (data, fsdp, tensor, context) mesh."""
     mesh = context_mesh(*sizes)
     optim = OptimSection(**{**base.get_config().optim.to_dict(), "learning_rate": 1e-2})
     spec = StateSpec(MODEL, mesh, RULES, make_optimizer(optim, total_steps=10))
     state, shardings = create_train_state(spec)
     batch_sharding = sharding.batch_sharding(mesh, RULES)
-    options = step.StepOptions(micro_batches=micro_batches)
+    options = step.StepOptions(micro_batches=micro_batches, loss_chunk=loss_chunk)
     step_fn = step.make_train_step(
         shardings, batch_sharding, options=options, schedule=make_schedule(optim, 10)
     )
@@ -169,9 +169,10 @@ def run_steps(sizes, micro_batches: int = 1, steps: int = 3):
 
 def test_train_step_equals_single_device():
     """Loss (normalised by the global loss-token count) and gradient norm of each step, which
-    depend on every earlier update, equal the one-device run; with micro-batches too."""
+    depend on every earlier update, equal the one-device run; with micro-batches and the
+    chunked loss (pieces of the permuted sequence) too."""
     ref_losses, ref_norms, _ = run_steps((1, 1, 1, 1))
-    losses, norms, step_fn = run_steps((2, 1, 1, 4), micro_batches=2)
+    losses, norms, step_fn = run_steps((2, 1, 1, 4), micro_batches=2, loss_chunk=8)
     np.testing.assert_allclose(losses, ref_losses, rtol=TOL)
     np.testing.assert_allclose(norms, ref_norms, rtol=TOL)
     assert step_fn._cache_size() == 1

@@ -151,6 +151,20 @@ ROWS = {
     "recipe-gemma3_lora-v5e-8": (
         "gemma-3-1b", "configs/gemma3_lora.py", "v5e:2x4", 2048, 32, 4, [],
     ),
+    # Long context: one row of 32k-128k tokens split over a context axis (splash with gathered
+    # keys and values), weights sharded over it as over fsdp.
+    "llama-8b-full-32k-v5p-8": (
+        "llama-3.1-8b", FULL, "v5p:2x2x1", 32768, 1, 1, ["--config.mesh.context=4"],
+    ),
+    "llama-8b-full-64k-v5p-8": (
+        "llama-3.1-8b", FULL, "v5p:2x2x1", 65536, 1, 1, ["--config.mesh.context=4"],
+    ),
+    "llama-8b-full-128k-v5p-8": (
+        "llama-3.1-8b", FULL, "v5p:2x2x1", 131072, 1, 1, ["--config.mesh.context=4"],
+    ),
+    "llama-8b-full-128k-v5p-16": (
+        "llama-3.1-8b", FULL, "v5p:2x2x2", 131072, 1, 1, ["--config.mesh.context=8"],
+    ),
     "llama-8b-lora-2x-v5e-8": (
         "llama-3.1-8b", LORA, "v5e:2x4", 4096, 16, 1,
         ["--num_slices", "2", "--config.mesh.data=2"],

@@ -50,8 +50,8 @@ from sft_jax.training.sharding import MESH_AXES
 
 GIB = 1024**3
 HEADROOM = 0.9  # plan fits when its total is within 90% of the device (allocator slack)
-# Keep no [T, S] scores for the backward (blocked holds one block's scores at a time).
-FLASH_ATTENTION = ("cudnn", "splash", "blocked")
+# Keep no [T, S] scores for the backward (blocked and ring hold one block's scores at a time).
+FLASH_ATTENTION = ("cudnn", "splash", "blocked", "ring")
 # Float32 [.., S, block] score-sized buffers blocked attention's backward holds for its widest
 # query block (probabilities, their gradient before and after the softmax backward).
 BLOCKED_BACKWARD_BUFFERS = 3
@@ -124,9 +124,11 @@ def activation_bytes(
     tensor: int,
     attention: str,
     loss_chunk: int,
+    context: int = 1,
 ) -> int:
     """Estimated bytes the step holds for the backward pass on one device, for `rows` packed
-    rows of `seq_len` tokens (one micro-batch).
+    rows of `seq_len` tokens (one micro-batch), each row's sequence split over `context`
+    devices (context parallelism: every per-token term below is per local token).
 
     One layer's activations per token (compute dtype b bytes; heads and mlp divided by the
     tensor-parallel size): both norms' inputs and outputs, q, k, v and their float32 RoPE'd
@@ -138,7 +140,10 @@ def activation_bytes(
             activations while it is recomputed and differentiated;
       full: only each layer's input is kept, plus the recomputed layer's activations.
     Blocked attention (CPU) adds to that one layer's working set the float32 score blocks its
-    backward holds for the widest query block, S x `BLOCK` per query head and row.
+    backward holds for the widest query block, S x `BLOCK` per query head and row. Ring
+    attention keeps its float32 output and log-sum-exp per layer when nothing is
+    rematerialised (its custom VJP's residuals), and its backward holds, per local token, the
+    key/value chunk it passes on and the one arriving, with their float32 dK/dV accumulators.
     The loss adds the float32 logits and their gradient (2 x V x 4 bytes per token, or per
     token of one `loss_chunk` piece when chunked). `plan` adds, under remat, one more
     gradient-sized buffer (the rematerialised scan's weight gradients), and, where FSDP shards
@@ -155,7 +160,7 @@ def activation_bytes(
     """
     b = jnp.dtype(c.dtype).itemsize
     d, f, n, k, h = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
-    tokens = rows * seq_len
+    tokens = rows * seq_len / context
     heads = (n + 2 * k + n) * h / tensor  # q, k, v, attention output
     rope = 4 * (n + k) * h / tensor
     scores = 0 if attention in FLASH_ATTENTION else (4 + b) * n * seq_len / tensor
@@ -169,8 +174,14 @@ def activation_bytes(
     }[remat]
     if attention == "blocked":  # one layer's backward at a time: score blocks of S x block
         working += BLOCKED_BACKWARD_BUFFERS * 4 * n * min(BLOCK, seq_len) / tensor
+    if attention == "ring":
+        saved += 4 * n * (h + 1) / tensor if remat == "none" else 0  # output and lse, float32
+        working += 2 * 2 * k * h * (b + 4) / tensor  # two chunks of k, v and their dk, dv
+    if attention == "splash" and context > 1:  # the whole row's k, v gathered, and their grads
+        working += 4 * context * k * h * b / tensor
     vocab = c.vocab_size / tensor
-    loss_tokens = rows * min(loss_chunk, seq_len) if loss_chunk > 0 else tokens
+    # A chunked loss takes `loss_chunk` positions of each device's part of every row per piece.
+    loss_tokens = rows * min(loss_chunk, seq_len / context) if loss_chunk > 0 else tokens
     return int(tokens * (saved * c.num_layers + working) + 2 * 4 * vocab * loss_tokens)
 
 
@@ -221,11 +232,12 @@ def plan(
         head_dim=model_config.head_dim,
         softcap=model_config.attn_softcap,
         seq_len=config.data.seq_len,
+        context=mesh.shape["context"],
     )
     loss_chunk = resolve_loss_chunk(
         config.model.loss_chunk,
         rows=rows,
-        seq_len=config.data.seq_len,
+        seq_len=config.data.seq_len // mesh.shape["context"],
         vocab_size=model_config.vocab_size,
         kl_to_base=config.train.kl_to_base > 0,
     )
@@ -237,6 +249,7 @@ def plan(
         mesh.shape["tensor"],
         attention,
         loss_chunk,
+        mesh.shape["context"],
     )
     if config.model.remat != "none":  # the rematerialised scan's own weight-gradient buffer
         act += result["grad_bytes"]
@@ -258,7 +271,7 @@ def plan(
         "total_bytes": total,
         "device_bytes": int(device_memory_gib * GIB),
         "fits": total <= device_memory_gib * GIB * HEADROOM,
-        "tokens_per_device_per_micro_batch": rows * config.data.seq_len,
+        "tokens_per_device_per_micro_batch": rows * config.data.seq_len // mesh.shape["context"],
         "loss_chunk": loss_chunk,
     }
 

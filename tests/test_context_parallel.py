@@ -147,14 +147,14 @@ def test_a_permuted_row_needs_ring_attention(reference):
 # ----------------------------------------------------------------------------- the train step
 
 
-def run_steps(sizes, micro_batches: int = 1, steps: int = 3):
+def run_steps(sizes, micro_batches: int = 1, loss_chunk: int = 0, steps: int = 3):
     """Losses and gradient norms of `steps` train steps on a (data, fsdp, tensor, context) mesh."""
     mesh = context_mesh(*sizes)
     optim = OptimSection(**{**base.get_config().optim.to_dict(), "learning_rate": 1e-2})
     spec = StateSpec(MODEL, mesh, RULES, make_optimizer(optim, total_steps=10))
     state, shardings = create_train_state(spec)
     batch_sharding = sharding.batch_sharding(mesh, RULES)
-    options = step.StepOptions(micro_batches=micro_batches)
+    options = step.StepOptions(micro_batches=micro_batches, loss_chunk=loss_chunk)
     step_fn = step.make_train_step(
         shardings, batch_sharding, options=options, schedule=make_schedule(optim, 10)
     )
@@ -169,9 +169,10 @@ def run_steps(sizes, micro_batches: int = 1, steps: int = 3):
 
 def test_train_step_equals_single_device():
     """Loss (normalised by the global loss-token count) and gradient norm of each step, which
-    depend on every earlier update, equal the one-device run; with micro-batches too."""
+    depend on every earlier update, equal the one-device run; with micro-batches and the
+    chunked loss (pieces of the permuted sequence) too."""
     ref_losses, ref_norms, _ = run_steps((1, 1, 1, 1))
-    losses, norms, step_fn = run_steps((2, 1, 1, 4), micro_batches=2)
+    losses, norms, step_fn = run_steps((2, 1, 1, 4), micro_batches=2, loss_chunk=8)
     np.testing.assert_allclose(losses, ref_losses, rtol=TOL)
     np.testing.assert_allclose(norms, ref_norms, rtol=TOL)
     assert step_fn._cache_size() == 1
@@ -247,3 +248,30 @@ def test_demo_run_equals_the_unsharded_run(tmp_path):
     ref_rows = {row["metric"]: row for row in ref_summary["comparison"]}
     np.testing.assert_allclose(rows["eval_loss"]["after"], ref_rows["eval_loss"]["after"], 1e-5)
     assert summary["accuracy_after"] == ref_summary["accuracy_after"]
+
+
+# ----------------------------------------------------------------------------- the memory plan
+
+
+def test_plan_counts_activations_per_context_shard():
+    """A row split over c context devices leaves each device the activations of T / c tokens:
+    the estimate for (T, context c) is the one for (T / c, no context), and the plan of a
+    config with mesh.context=4 reports ring attention and a quarter of the tokens."""
+    from sft_jax.config import parse
+    from sft_jax.config_file import load_config_file
+    from sft_jax.plan import activation_bytes, plan
+
+    for remat in ("none", "full"):
+        split = activation_bytes(MODEL, 1, 4096, remat, 1, "ring", 0, context=4)
+        assert split == activation_bytes(MODEL, 1, 1024, remat, 1, "ring", 0)
+    raw = load_config_file("configs/tiny.py")
+    raw.data.seq_len, raw.train.global_batch_size, raw.mesh.data = 4096, 2, 2
+    plans = {}
+    for context in (1, 4):
+        raw.mesh.context = context
+        plans[context] = plan(parse(raw), devices=2 * context, device_memory_gib=1.0)
+    assert plans[4]["attention"] == "ring" and plans[4]["mesh"]["context"] == 4
+    assert plans[4]["tokens_per_device_per_micro_batch"] == 1024
+    assert plans[1]["tokens_per_device_per_micro_batch"] == 4096
+    ratio = plans[4]["activation_bytes_estimate"] / plans[1]["activation_bytes_estimate"]
+    assert 0.2 < ratio < 0.3, ratio

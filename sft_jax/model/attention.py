@@ -308,7 +308,14 @@ def ring_attention(
     padding, all at position 0, see later padding.) The ring takes a static window, so the
     traced per-layer `local` flag picks the windowed or the global ring with `lax.cond`.
     Batch and kv heads split as the rules split them, where they divide.
+
+    The segment ids and slots pass an optimization barrier with q first. They are the same in
+    every layer, so under the layers' `lax.scan` the gradient's partial evaluation hoists
+    everything computed from them alone out of the loop: every tile mask of every ring step,
+    broadcast over heads, held at once, quadratic in the local chunk (docs/benchmarks.md,
+    "Context-parallel attention"). Tied to q they stay per layer and per tile.
     """
+    segment_ids, slots, q = jax.lax.optimization_barrier((segment_ids, slots, q))
     mesh, rules = options.mesh, options.rules
     spec = sharding.logical_to_spec(("batch", None, "kv_heads", None), k.shape, mesh, rules)
     heads = spec[2] if isinstance(spec[2], str) else None  # the ring splits heads over one axis

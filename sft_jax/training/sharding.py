@@ -103,7 +103,7 @@ def _mesh_sizes(cfg: MeshSection, devices: int) -> list[int]:
     if int(np.prod(sizes)) * cfg.context != devices:
         raise ConfigError(
             f"{shown} needs {int(np.prod(sizes)) * cfg.context} devices, but {devices} are "
-            "present; set one of data, fsdp, tensor to -1 to use all of them"
+            "present; set one size to -1 to use all of them"
         )
     return [sizes[0], sizes[1], cfg.context, sizes[2]]
 

@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 
 BLOCK = 64  # query positions per block: the fastest size on CPU (docs/benchmarks.md)
-TILE = 512  # query and key positions per tile of the looped kernel
-LOOP_FROM = 4096  # sequences this long or longer take the looped kernel
+TILE = 128  # query and key positions per tile of the looped kernel
+LOOP_FROM = 0  # sequences this long or longer take the looped kernel
 # Additive mask: 0 where a query sees a key, this where it does not. Finite, so a score plus it
 # never overflows to -inf (no inf - inf); exp of it minus a row's maximum is exactly 0.
 _MASKED = -1e30
@@ -274,11 +274,16 @@ def _tile_inputs(q, k, v, segment_ids, scale, tile):
 
 
 def _key_tiles(i, limit, tile, segs):
-    """The key tiles query tile i may see: [lo, i] (causal, and the window's bound `limit`), and a
-    per-tile flag, False where no row's segment id range meets tile i's (packed examples apart)."""
-    lo = jnp.maximum(i * tile - limit + 1, 0) // tile
+    """The key tiles query tile i may see, as a loop range [lo, i + 1) and a per-tile flag.
+
+    Causal: none after tile i. The window's bound `limit`: none wholly `limit` slots behind the
+    tile's first query. Segments: the flag is False where no row's segment id range meets tile
+    i's, and the range starts at the first tile that meets (tile i meets itself), so on packed
+    rows (examples in contiguous runs) the loop walks only the tiles of the examples in tile i.
+    """
     low, high = jnp.min(segs, axis=-1), jnp.max(segs, axis=-1)  # [n, B]
     meets = jnp.any((low <= high[i]) & (low[i] <= high), axis=-1)  # [n]
+    lo = jnp.maximum(jnp.maximum(i * tile - limit + 1, 0) // tile, jnp.argmax(meets))
     return lo, i + 1, meets
 
 

@@ -23,6 +23,27 @@ in passes over memory, and half of those scores lie above the causal diagonal. H
   recomputed probabilities are exactly 0 there (a float32 bias would be kept per block for the
   whole backward, see `_block_mask_t`).
 
+Long sequences (T >= `LOOP_FROM`) take a looped version of the same kernel. The unrolled
+blocks above are independent of each other, so XLA:CPU schedules them freely and keeps every
+block's score temporaries alive at once: the step's temporary memory grows as T^2 (a chain of
+optimization barriers between the blocks did not change that). The looped kernel cuts queries
+and keys into [tile, tile] tiles and walks them with `lax.scan` over query tiles and
+`lax.fori_loop` over key tiles, which XLA cannot flatten, so only one tile's temporaries exist at
+a time (memory linear in T):
+
+- online softmax in the forward (running maximum, sum and output per query row, float32) and
+  the same transposed, recomputing backward as above, with dK and dV accumulated in place in the
+  loop's carry;
+- the key loop runs over [first tile that can be seen, i] only: nothing after the diagonal
+  (causal), nothing wholly outside the window (traced bound), and on packed rows nothing before
+  the first tile whose segment id range meets tile i's; tiles inside that range whose segment
+  ranges do not meet are skipped with `lax.cond`. Attention work then grows with T times the
+  example length, not T^2;
+- a sequence that is not a multiple of the tile is padded with a segment of its own, which real
+  queries never see, and cut back after.
+Below `LOOP_FROM` the unrolled kernel stays: it is the tuned path of the main CPU benchmark (T =
+512), where the two measured within noise of each other (docs/benchmarks.md, "Long context").
+
 No dense [B, T, S] mask is read or built: each block makes its own from the segment ids and the
 slots (causal, same packed segment, and on local layers the sliding window), the same mask as
 `attention.attention_mask` (and `window_mask`), so packing is honoured exactly and attention
@@ -40,8 +61,8 @@ import jax
 import jax.numpy as jnp
 
 BLOCK = 64  # query positions per block: the fastest size on CPU (docs/benchmarks.md)
-TILE = 128  # query and key positions per tile of the looped kernel
-LOOP_FROM = 0  # sequences this long or longer take the looped kernel
+TILE = 128  # query and key positions per tile of the looped kernel (docs/benchmarks.md)
+LOOP_FROM = 1024  # sequences this long or longer take the looped kernel (module docstring)
 # Additive mask: 0 where a query sees a key, this where it does not. Finite, so a score plus it
 # never overflows to -inf (no inf - inf); exp of it minus a row's maximum is exactly 0.
 _MASKED = -1e30
@@ -65,7 +86,8 @@ def blocked_attention(
     sees earlier padding, as `attention.attention_mask` defines it, so no row is fully masked)
     and, when `window` (an int or a traced int32 scalar, e.g. chosen per scanned layer) is given,
     less than `window` slots behind it. Keys and queries must be the same positions (training,
-    no KV cache): the block skipping relies on the mask being causal.
+    no KV cache): the block skipping relies on the mask being causal. `block` sizes the unrolled
+    kernel's query blocks, `tile` the looped kernel's tiles; T >= `loop_from` picks the looped one.
     """
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"blocked attention needs S == T (got T={q.shape[1]}, S={k.shape[1]})")
@@ -359,8 +381,12 @@ def _looped_backward(scale, tile, residuals, d_out):
     def query_tile(grads, xs):
         i = xs[-1]
         lo, hi, meets = _key_tiles(i, limit, tile, segs)
-        skip = lambda: (jnp.zeros(xs[0].shape[:2] + xs[0].shape[-1:] + xs[0].shape[2:4]),
-                        jnp.zeros(tk.shape[1:]), jnp.zeros(tv.shape[1:]))  # fmt: skip
+        b, kv, g, rows, h = xs[0].shape  # dq^T of the tile: [B, K, H, G, Q]
+        skip = lambda: (
+            jnp.zeros((b, kv, h, g, rows)),
+            jnp.zeros(tk.shape[1:]),
+            jnp.zeros(tv.shape[1:]),
+        )
 
         def body(j, carry):
             dq_i, dk, dv = carry

@@ -42,7 +42,7 @@ from sft_jax.cli import absl_help, wants_help
 from sft_jax.config import Config, ConfigError
 from sft_jax.config_file import config_from_argv
 from sft_jax.model.attention import resolve_implementation
-from sft_jax.model.blocked_attention import BLOCK
+from sft_jax.model.blocked_attention import BLOCK, LOOP_FROM, TILE
 from sft_jax.model.decoder import ModelConfig
 from sft_jax.training import state
 from sft_jax.training.sharding import MESH_AXES
@@ -130,7 +130,8 @@ def activation_bytes(
             activations while it is recomputed and differentiated;
       full: only each layer's input is kept, plus the recomputed layer's activations.
     Blocked attention (CPU) adds to that one layer's working set the float32 score blocks its
-    backward holds for the widest query block, S x `BLOCK` per query head and row.
+    backward holds for the widest query block, S x `BLOCK` per query head and row (from
+    `LOOP_FROM` tokens on, one `TILE` x `TILE` tile).
     The loss adds the float32 logits and their gradient (2 x V x 4 bytes per token, or per
     token of one `loss_chunk` piece when chunked). `plan` adds, under remat, one more
     gradient-sized buffer (the rematerialised scan's weight gradients), and, where FSDP shards
@@ -159,8 +160,10 @@ def activation_bytes(
         "dots_saveable": (dots, layer),
         "full": (b * d, layer),
     }[remat]
-    if attention == "blocked":  # one layer's backward at a time: score blocks of S x block
-        working += BLOCKED_BACKWARD_BUFFERS * 4 * n * min(BLOCK, seq_len) / tensor
+    if attention == "blocked":  # one layer's backward at a time: score blocks of S x block,
+        # or, on the looped path of long sequences, one tile x tile block per row
+        width = min(BLOCK, seq_len) if seq_len < LOOP_FROM else TILE * TILE / seq_len
+        working += BLOCKED_BACKWARD_BUFFERS * 4 * n * width / tensor
     vocab = c.vocab_size / tensor
     loss_tokens = rows * min(loss_chunk, seq_len) if loss_chunk > 0 else tokens
     return int(tokens * (saved * c.num_layers + working) + 2 * 4 * vocab * loss_tokens)

@@ -291,7 +291,7 @@ def _tile_inputs(q, k, v, segment_ids, scale, tile):
         _tiles_of(gq, tile, 3),
         _tiles_of(gk, tile, 2),
         _tiles_of(gv, tile, 2),
-        (_tiles_of(segment_ids, tile, 1)),
+        _tiles_of(segment_ids, tile, 1),
     )
 
 

@@ -42,7 +42,7 @@ from sft_jax.cli import absl_help, wants_help
 from sft_jax.config import Config, ConfigError
 from sft_jax.config_file import config_from_argv
 from sft_jax.model.attention import resolve_implementation
-from sft_jax.model.blocked_attention import BLOCK
+from sft_jax.model.blocked_attention import BLOCK, LOOP_FROM, TILE
 from sft_jax.model.decoder import ModelConfig
 from sft_jax.training import state
 from sft_jax.training.loss import resolve_loss_chunk
@@ -140,7 +140,8 @@ def activation_bytes(
             activations while it is recomputed and differentiated;
       full: only each layer's input is kept, plus the recomputed layer's activations.
     Blocked attention (CPU) adds to that one layer's working set the float32 score blocks its
-    backward holds for the widest query block, S x `BLOCK` per query head and row. Ring
+    backward holds for the widest query block, S x `BLOCK` per query head and row (from
+    `LOOP_FROM` tokens on, one `TILE` x `TILE` tile). Ring
     attention keeps its float32 output and log-sum-exp per layer when nothing is
     rematerialised (its custom VJP's residuals), and its backward holds, per local token, the
     key/value chunk it passes on and the one arriving, with their float32 dK/dV accumulators.
@@ -172,8 +173,10 @@ def activation_bytes(
         "dots_saveable": (dots, layer),
         "full": (b * d, layer),
     }[remat]
-    if attention == "blocked":  # one layer's backward at a time: score blocks of S x block
-        working += BLOCKED_BACKWARD_BUFFERS * 4 * n * min(BLOCK, seq_len) / tensor
+    if attention == "blocked":  # one layer's backward at a time: score blocks of S x block,
+        # or, on the looped path of long sequences, one tile x tile block per row
+        width = min(BLOCK, seq_len) if seq_len < LOOP_FROM else TILE * TILE / seq_len
+        working += BLOCKED_BACKWARD_BUFFERS * 4 * n * width / tensor
     if attention == "ring":
         saved += 4 * n * (h + 1) / tensor if remat == "none" else 0  # output and lse, float32
         working += 2 * 2 * k * h * (b + 4) / tensor  # two chunks of k, v and their dk, dv

@@ -23,6 +23,27 @@ in passes over memory, and half of those scores lie above the causal diagonal. H
   recomputed probabilities are exactly 0 there (a float32 bias would be kept per block for the
   whole backward, see `_block_mask_t`).
 
+Long sequences (T >= `LOOP_FROM`) take a looped version of the same kernel. The unrolled
+blocks above are independent of each other, so XLA:CPU schedules them freely and keeps every
+block's score temporaries alive at once: the step's temporary memory grows as T^2 (a chain of
+optimization barriers between the blocks did not change that). The looped kernel cuts queries
+and keys into [tile, tile] tiles and walks them with `lax.scan` over query tiles and
+`lax.fori_loop` over key tiles, which XLA cannot flatten, so only one tile's temporaries exist at
+a time (memory linear in T):
+
+- online softmax in the forward (running maximum, sum and output per query row, float32) and
+  the same transposed, recomputing backward as above, with dK and dV accumulated in place in the
+  loop's carry;
+- the key loop runs over [first tile that can be seen, i] only: nothing after the diagonal
+  (causal), nothing wholly outside the window (traced bound), and on packed rows nothing before
+  the first tile whose segment id range meets tile i's; tiles inside that range whose segment
+  ranges do not meet are skipped with `lax.cond`. Attention work then grows with T times the
+  example length, not T^2;
+- a sequence that is not a multiple of the tile is padded with a segment of its own, which real
+  queries never see, and cut back after.
+Below `LOOP_FROM` the unrolled kernel stays: it is the tuned path of the main CPU benchmark (T =
+512), where the two measured within noise of each other (docs/benchmarks.md, "Long context").
+
 No dense [B, T, S] mask is read or built: each block makes its own from the segment ids and the
 slots (causal, same packed segment, and on local layers the sliding window), the same mask as
 `attention.attention_mask` (and `window_mask`), so packing is honoured exactly and attention
@@ -40,6 +61,8 @@ import jax
 import jax.numpy as jnp
 
 BLOCK = 64  # query positions per block: the fastest size on CPU (docs/benchmarks.md)
+TILE = 128  # query and key positions per tile of the looped kernel (docs/benchmarks.md)
+LOOP_FROM = 1024  # sequences this long or longer take the looped kernel (module docstring)
 # Additive mask: 0 where a query sees a key, this where it does not. Finite, so a score plus it
 # never overflows to -inf (no inf - inf); exp of it minus a row's maximum is exactly 0.
 _MASKED = -1e30
@@ -54,6 +77,8 @@ def blocked_attention(
     scale: float,
     window: jax.Array | int | None = None,
     block: int = BLOCK,
+    tile: int = TILE,
+    loop_from: int = LOOP_FROM,
 ) -> jax.Array:
     """q [B, T, N, H], k/v [B, T, K, H], segment_ids int [B, T] -> [B, T, N, H].
 
@@ -61,14 +86,18 @@ def blocked_attention(
     sees earlier padding, as `attention.attention_mask` defines it, so no row is fully masked)
     and, when `window` (an int or a traced int32 scalar, e.g. chosen per scanned layer) is given,
     less than `window` slots behind it. Keys and queries must be the same positions (training,
-    no KV cache): the block skipping relies on the mask being causal.
+    no KV cache): the block skipping relies on the mask being causal. `block` sizes the unrolled
+    kernel's query blocks, `tile` the looped kernel's tiles; T >= `loop_from` picks the looped one.
     """
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"blocked attention needs S == T (got T={q.shape[1]}, S={k.shape[1]})")
     if segment_ids.shape != q.shape[:2]:
         raise ValueError(f"segment_ids {segment_ids.shape} must be [B, T] = {q.shape[:2]}")
     limit = q.shape[1] if window is None else window  # q - k < T holds for every causal pair
-    return _attention(q, k, v, segment_ids, jnp.asarray(limit, jnp.int32), scale, block)
+    limit = jnp.asarray(limit, jnp.int32)
+    if q.shape[1] >= loop_from:
+        return _looped(q, k, v, segment_ids, limit, scale, min(tile, q.shape[1]))
+    return _attention(q, k, v, segment_ids, limit, scale, block)
 
 
 def _group_queries(x: jax.Array, kv_heads: int) -> jax.Array:
@@ -229,3 +258,158 @@ def _backward(scale, block, residuals, d_out):
 
 
 _attention.defvjp(_forward, _backward)
+
+
+# --------------------------------------------------------------------------------------------
+# Long sequences: the same attention with its tiles walked by loops.
+
+
+def _tiles_of(x: jax.Array, tile: int, axis: int) -> jax.Array:
+    """x with `axis` (length n * tile) split, the tile index moved first: [n, ..., tile, ...]."""
+    shape = (*x.shape[:axis], x.shape[axis] // tile, tile, *x.shape[axis + 1 :])
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _looped(q, k, v, segment_ids, limit, scale, tile):
+    """`_looped_core` on a sequence padded to a multiple of `tile`. The padding is a segment of its
+    own (an id no real token has), so real queries never see it and its queries see themselves;
+    its outputs are cut off, and its gradients with them."""
+    t = q.shape[1]
+    pad = -t % tile
+    if pad:
+        widths = lambda x: [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
+        q, k, v = (jnp.pad(x, widths(x)) for x in (q, k, v))
+        pad_id = jnp.min(segment_ids) - 1
+        segment_ids = jnp.pad(segment_ids, widths(segment_ids), constant_values=pad_id)
+    return _looped_core(q, k, v, segment_ids, limit, scale, tile)[:, :t]
+
+
+def _tile_inputs(q, k, v, segment_ids, scale, tile):
+    """Queries [n, B, K, G, Q, H] (scaled), keys/values [n, B, K, Q, H], segment ids [n, B, Q]."""
+    gq, gk, gv = _grouped_inputs(q, k, v, scale)
+    return (
+        _tiles_of(gq, tile, 3),
+        _tiles_of(gk, tile, 2),
+        _tiles_of(gv, tile, 2),
+        _tiles_of(segment_ids, tile, 1),
+    )
+
+
+def _key_tiles(i, limit, tile, segs):
+    """The key tiles query tile i may see, as a loop range [lo, i + 1) and a per-tile flag.
+
+    Causal: none after tile i. The window's bound `limit`: none wholly `limit` slots behind the
+    tile's first query. Segments: the flag is False where no row's segment id range meets tile
+    i's, and the range starts at the first tile that meets (tile i meets itself), so on packed
+    rows (examples in contiguous runs) the loop walks only the tiles of the examples in tile i.
+    """
+    low, high = jnp.min(segs, axis=-1), jnp.max(segs, axis=-1)  # [n, B]
+    meets = jnp.any((low <= high[i]) & (low[i] <= high), axis=-1)  # [n]
+    lo = jnp.maximum(jnp.maximum(i * tile - limit + 1, 0) // tile, jnp.argmax(meets))
+    return lo, i + 1, meets
+
+
+def _tile_mask(seg_q, seg_k, limit, i, j, tile):
+    """bool [B, Q, S] of query tile i against key tile j: `_block_mask`'s rule on slots."""
+    q_slots = i * tile + jnp.arange(tile)[:, None]
+    k_slots = j * tile + jnp.arange(tile)[None, :]
+    slots = (k_slots <= q_slots) & (q_slots - k_slots < limit)
+    return (seg_q[:, :, None] == seg_k[:, None, :]) & slots[None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _looped_core(q, k, v, segment_ids, limit, scale, tile):
+    return _looped_forward(q, k, v, segment_ids, limit, scale, tile)[0]
+
+
+def _looped_forward(q, k, v, segment_ids, limit, scale, tile):
+    """Online softmax: per query tile, a running (max, sum, output) over its visible key tiles."""
+    tq, tk, tv, segs = _tile_inputs(q, k, v, segment_ids, scale, tile)
+    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+
+    def fold(j, state, q_i, i):
+        peak, total, acc = state  # [B, K, G, Q, 1] twice, [B, K, G, Q, H]
+        mask = _tile_mask(segs[i], segs[j], limit, i, j, tile)[:, None, None]
+        s = f32("BKGQH,BKSH->BKGQS", q_i, tk[j]) + jnp.where(mask, 0.0, _MASKED)
+        new_peak = jnp.maximum(peak, jnp.max(s, axis=-1, keepdims=True))
+        # A row whose tiles so far are all masked sums exp(0) = 1s here; its own diagonal key
+        # (visited last, j = i) then brings a real maximum, and exp(-1e30 - max) = 0 drops them.
+        p = jnp.exp(s - new_peak)
+        alpha = jnp.exp(peak - new_peak)
+        pv = f32("BKGQS,BKSH->BKGQH", p.astype(v.dtype), tv[j])
+        return new_peak, total * alpha + jnp.sum(p, -1, keepdims=True), acc * alpha + pv
+
+    def query_tile(_, xs):
+        q_i, i = xs
+        lo, hi, meets = _key_tiles(i, limit, tile, segs)
+        stat = jnp.full((*q_i.shape[:-1], 1), _MASKED, jnp.float32)
+        state = (stat, jnp.zeros_like(stat), jnp.zeros(q_i.shape, jnp.float32))
+        body = lambda j, st: jax.lax.cond(meets[j], lambda s: fold(j, s, q_i, i), lambda s: s, st)
+        peak, total, acc = jax.lax.fori_loop(lo, hi, body, state)
+        return None, (acc / total, (peak + jnp.log(total))[..., 0])
+
+    _, (out, lse) = jax.lax.scan(query_tile, None, (tq, jnp.arange(tq.shape[0])))
+    # out [n, B, K, G, Q, H] -> [B, n, Q, K, G, H] -> [B, T, N, H]
+    b, t, n, h = q.shape
+    result = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, t, n, h).astype(q.dtype)
+    return result, (q, k, v, segment_ids, limit, out, lse)
+
+
+def _looped_backward(scale, tile, residuals, d_out):
+    """Flash backward over the same tiles, held transposed (keys x queries) as in `_backward`, so
+    every dot is a plain matmul; dK and dV accumulate in place in the loop's carry."""
+    q, k, v, segment_ids, limit, out, lse = residuals
+    tq, tk, tv, segs = _tile_inputs(q, k, v, segment_ids, scale, tile)
+    t_do = _tiles_of(_group_queries(d_out.astype(jnp.float32), k.shape[2]), tile, 3)
+    delta = jnp.sum(t_do * out, axis=-1)  # [n, B, K, G, Q]
+    keys_t = jnp.swapaxes(tk, -1, -2)  # [n, B, K, H, S]
+    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+
+    def tile_grads(j, q_i, do_i, lse_i, delta_i, i):
+        mask_t = jnp.swapaxes(_tile_mask(segs[i], segs[j], limit, i, j, tile), 1, 2)
+        s_t = f32("BKSH,BKGQH->BKSGQ", tk[j], q_i)
+        s_t = jnp.where(mask_t[:, None, :, None], s_t, _MASKED)
+        p_t = jnp.exp(s_t - lse_i[:, :, None])  # exactly 0 where masked
+        dp_t = f32("BKSH,BKGQH->BKSGQ", tv[j], do_i)
+        ds_t = p_t * (dp_t - delta_i[:, :, None])
+        return (
+            f32("BKHS,BKSGQ->BKHGQ", keys_t[j], ds_t),
+            f32("BKSGQ,BKGQH->BKSH", ds_t, q_i),
+            f32("BKSGQ,BKGQH->BKSH", p_t, do_i),
+        )
+
+    def query_tile(grads, xs):
+        i = xs[-1]
+        lo, hi, meets = _key_tiles(i, limit, tile, segs)
+        b, kv, g, rows, h = xs[0].shape  # dq^T of the tile: [B, K, H, G, Q]
+        skip = lambda: (
+            jnp.zeros((b, kv, h, g, rows)),
+            jnp.zeros(tk.shape[1:]),
+            jnp.zeros(tv.shape[1:]),
+        )
+
+        def body(j, carry):
+            dq_i, dk, dv = carry
+            g_q, g_k, g_v = jax.lax.cond(meets[j], lambda: tile_grads(j, *xs), skip)
+            return dq_i + g_q, dk.at[j].add(g_k), dv.at[j].add(g_v)
+
+        dq_i, dk, dv = jax.lax.fori_loop(lo, hi, body, (skip()[0], *grads))
+        return (dk, dv), dq_i
+
+    zeros = jnp.zeros(tk.shape, jnp.float32)
+    xs = (tq, t_do, lse, delta, jnp.arange(tq.shape[0]))
+    (dk, dv), dq_t = jax.lax.scan(query_tile, (zeros, zeros), xs)
+    # dq_t [n, B, K, H, G, Q] -> [B, n, Q, K, G, H]; the scores used scaled queries (see _backward)
+    b, t, n, h = q.shape
+    dq = dq_t.transpose(1, 0, 5, 2, 4, 3).reshape(b, t, n, h) * scale
+    untile = lambda x: _heads_first(jnp.moveaxis(x, 0, 2).reshape(b, k.shape[2], t, h))
+    return (
+        dq.astype(q.dtype),
+        untile(dk).astype(k.dtype),
+        untile(dv).astype(v.dtype),
+        None,
+        None,
+    )
+
+
+_looped_core.defvjp(_looped_forward, _looped_backward)

@@ -1,0 +1,233 @@
+"""Mixture-of-experts feed-forward layer (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), a drop-in for the
+dense `Mlp` of sft_jax/model/decoder.py: x [B, T, D] in, y [B, T, D] out, plus router statistics.
+
+Dimension letters as in decoder.py, plus E experts, K experts chosen per token (top-k), N = B * T
+tokens and A = N * K (token, choice) assignments.
+
+Design choices and why:
+- Dropless routing with grouped matmuls: the A assignments are sorted by expert, so each expert's
+  tokens are one contiguous block, and `jax.lax.ragged_dot` multiplies every block by its own
+  expert's weights in one call. Work is proportional to N * K (not N * E, as dispatching every
+  token to every expert would be), no token is dropped for capacity, and shapes stay static.
+- Routing follows Hugging Face: logits in the compute dtype, softmax over experts in float32, top-k
+  of the probabilities; `norm_topk_prob` renormalises the k weights to sum 1 (Qwen3-MoE, OLMoE
+  with the flag, and Mixtral, whose softmax over the top-k logits is the same thing); without it
+  (Qwen2-MoE, OLMoE by default) the raw probabilities weight the experts.
+- Qwen2-MoE's shared expert is a dense gated MLP of its own width, scaled per token by
+  sigmoid(shared_expert_gate(x)), added to the routed output.
+- The router statistics are returned, not applied: the train step decides how to weight the
+  load-balancing and z losses. Per-expert counts and probability sums are returned as sums, so a
+  model can combine its layers exactly as `transformers`' `load_balancing_loss_func` does (sum
+  over layers, then normalise) with `load_balancing_loss`.
+
+Parameter tree (names are load-bearing for the future HF loader and sharding rules):
+
+    router/kernel [D, E]                                   ("embed", "expert")
+    experts/{gate_proj, up_proj} [E, D, F]                 ("expert", "embed", "mlp")
+    experts/down_proj [E, F, D]                            ("expert", "mlp", "embed")
+    shared_expert/{gate_proj, up_proj [D, Fs], down_proj [Fs, D]}/kernel   (shared expert only)
+    shared_expert_gate/kernel [D, 1]                       (shared expert only)
+
+HF's fused expert weights map as gate_up_proj [E, 2F, D] -> gate = [:, :F].T, up = [:, F:].T
+(transposed to [E, D, F]) and down_proj [E, D, F] -> transposed to [E, F, D].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from sft_jax.model.decoder import _ACTIVATIONS, _INIT_STD, Einsum, _param
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """The MoE layer's sizes and numerics (HF config field names where they exist)."""
+
+    hidden_size: int  # D
+    moe_intermediate_size: int  # F, each routed expert's width
+    num_experts: int  # E
+    num_experts_per_tok: int  # K
+    norm_topk_prob: bool = False  # renormalise the K routing weights to sum 1
+    shared_expert_intermediate_size: int = 0  # Fs; 0: no shared expert
+    mlp_activation: str = "silu"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                f"[1, num_experts={self.num_experts}]"
+            )
+
+
+@flax.struct.dataclass
+class MoeAux:
+    """Router statistics of one layer, over the unmasked tokens (a pytree: passes through jit and
+    scan).
+
+    `expert_counts` [E] and `router_prob_sum` [E] are sums and `tokens` the unmasked token count,
+    so several layers combine exactly as transformers does (see `load_balancing_loss`).
+    """
+
+    load_balancing_loss: jax.Array  # this layer's E * sum_e f_e * P_e
+    z_loss: jax.Array  # mean over tokens of logsumexp(router logits)^2
+    expert_counts: jax.Array  # [E] assignments per expert; sums to tokens * K
+    router_prob_sum: jax.Array  # [E] sum over tokens of the softmax probabilities
+    tokens: jax.Array  # number of unmasked tokens
+
+
+def load_balancing_loss(
+    expert_counts: jax.Array, router_prob_sum: jax.Array, tokens: jax.Array, num_experts: int
+) -> jax.Array:
+    """Switch/Mixtral load-balancing loss, E * sum_e f_e * P_e, as `transformers` computes it.
+
+    f_e = assignments to e per token (sums to K, not 1: transformers divides the top-k counts by
+    the token count) and P_e = mean router probability of e. Pass sums over layers (counts, prob
+    sums and tokens each summed) to get transformers' multi-layer value, which normalises the
+    totals rather than averaging per-layer losses.
+    """
+    tokens = jnp.maximum(tokens, 1.0)
+    return num_experts * jnp.sum((expert_counts / tokens) * (router_prob_sum / tokens))
+
+
+def route(
+    logits: jax.Array, k: int, norm_topk_prob: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(probs [N, E] float32, top-k weights [N, K] float32, top-k experts [N, K] int32).
+
+    Softmax in float32 whatever the logits' dtype, top-k of the probabilities (the same choice as
+    top-k of the logits), optionally renormalised: HF's TopKRouter classes.
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return probs, weights, experts.astype(jnp.int32)
+
+
+def router_aux(
+    logits: jax.Array, probs: jax.Array, experts: jax.Array, mask: jax.Array | None
+) -> MoeAux:
+    """The router statistics over the tokens where `mask` [N] is true (all when None).
+
+    Padding tokens are still routed (static shapes), but must not count towards balance: they
+    are excluded here, as transformers excludes them with the attention mask.
+    """
+    n, e = probs.shape
+    k = experts.shape[-1]
+    w = jnp.ones((n,), jnp.float32) if mask is None else mask.astype(jnp.float32)
+    counts = jnp.bincount(experts.reshape(-1), weights=jnp.repeat(w, k), length=e)
+    prob_sum = jnp.sum(probs * w[:, None], axis=0)
+    tokens = jnp.sum(w)
+    z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2
+    z_loss = jnp.sum(z * w) / jnp.maximum(tokens, 1.0)
+    return MoeAux(
+        load_balancing_loss=load_balancing_loss(counts, prob_sum, tokens, e),
+        z_loss=z_loss,
+        expert_counts=counts,
+        router_prob_sum=prob_sum,
+        tokens=tokens,
+    )
+
+
+def grouped_swiglu(
+    x: jax.Array,
+    experts: jax.Array,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+    activation: Any = nn.silu,
+) -> jax.Array:
+    """Each token's K expert outputs, [N, K, D], from x [N, D] and its experts [N, K].
+
+    The N * K assignments are sorted by expert (stable, so the order inside a group is the token
+    order), the per-expert counts are the ragged_dot group sizes, and the outputs are put back in
+    (token, choice) order by the inverse permutation: gathers, so gradients are scatter-adds.
+    """
+    n, k = experts.shape
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
+    xs = jnp.take(x, order // k, axis=0)  # [A, D], grouped by expert
+    h = activation(jax.lax.ragged_dot(xs, gate, group_sizes))
+    h = h * jax.lax.ragged_dot(xs, up, group_sizes)
+    ys = jax.lax.ragged_dot(h, down, group_sizes)  # [A, D]
+    inverse = jnp.argsort(order)
+    return jnp.take(ys, inverse, axis=0).reshape(n, k, -1)
+
+
+class Experts(nn.Module):
+    """E gated MLPs stored as stacked kernels, applied to each token's chosen experts."""
+
+    config: MoeConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, experts: jax.Array, weights: jax.Array) -> jax.Array:
+        """x [N, D], experts [N, K], weights [N, K] -> sum_k weights * expert_k(x), [N, D]."""
+        c = self.config
+        e, d, f = c.num_experts, c.hidden_size, c.moe_intermediate_size
+        init = nn.initializers.normal(_INIT_STD)
+        in_names, out_names = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
+        gate = _param(self, "gate_proj", init, (e, d, f), in_names, c.param_dtype)
+        up = _param(self, "up_proj", init, (e, d, f), in_names, c.param_dtype)
+        down = _param(self, "down_proj", init, (e, f, d), out_names, c.param_dtype)
+        dt = jnp.dtype(c.dtype)
+        ys = grouped_swiglu(
+            x.astype(dt),
+            experts,
+            gate.astype(dt),
+            up.astype(dt),
+            down.astype(dt),
+            _ACTIVATIONS[c.mlp_activation],
+        )
+        return jnp.sum(ys * weights.astype(dt)[..., None], axis=1)
+
+
+class SharedExpert(nn.Module):
+    """Qwen2-MoE's always-on expert: a dense gated MLP scaled by sigmoid(shared_expert_gate(x))."""
+
+    config: MoeConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        d, f = c.hidden_size, c.shared_expert_intermediate_size
+        dt = {"dtype": c.dtype, "param_dtype": c.param_dtype}
+        gate = Einsum("ND,DF->NF", (d, f), ("embed", "mlp"), **dt, name="gate_proj")(x)
+        up = Einsum("ND,DF->NF", (d, f), ("embed", "mlp"), **dt, name="up_proj")(x)
+        hidden = _ACTIVATIONS[c.mlp_activation](gate) * up
+        return Einsum("NF,FD->ND", (f, d), ("mlp", "embed"), **dt, name="down_proj")(hidden)
+
+
+class MoeMlp(nn.Module):
+    """The MoE feed-forward layer: routed experts (plus the shared expert when configured)."""
+
+    config: MoeConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, MoeAux]:
+        """x [B, T, D], mask [B, T] (true for real tokens; None: all) -> (y [B, T, D], aux).
+
+        The mask only affects the router statistics: every token gets its experts' output.
+        """
+        c = self.config
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        dt = {"dtype": c.dtype, "param_dtype": c.param_dtype}
+        router = Einsum("ND,DE->NE", (d, c.num_experts), ("embed", "expert"), **dt, name="router")
+        logits = router(flat)
+        probs, weights, experts = route(logits, c.num_experts_per_tok, c.norm_topk_prob)
+        y = Experts(c, name="experts")(flat, experts, weights)
+        if c.shared_expert_intermediate_size:
+            shared = SharedExpert(c, name="shared_expert")(flat)
+            gate = Einsum("ND,DO->NO", (d, 1), ("embed", None), **dt, name="shared_expert_gate")
+            y = y + jax.nn.sigmoid(gate(flat)) * shared
+        aux = router_aux(logits, probs, experts, None if mask is None else mask.reshape(-1))
+        return y.reshape(b, t, d), aux

@@ -35,14 +35,17 @@ HF's fused expert weights map as gate_up_proj [E, 2F, D] -> gate = [:, :F].T, up
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
 
 from sft_jax.model.decoder import _ACTIVATIONS, _INIT_STD, Einsum, _param
+from sft_jax.training.sharding import logical_to_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +61,10 @@ class MoeConfig:
     mlp_activation: str = "silu"
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # The mesh the layer runs on and its logical-axis rules (config.mesh.rules), as in
+    # ModelConfig: with more than one device each device routes its own tokens under shard_map.
+    mesh: Any = None
+    mesh_rules: tuple = ()
 
     def __post_init__(self) -> None:
         if not 0 < self.num_experts_per_tok <= self.num_experts:
@@ -170,7 +177,7 @@ class Experts(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, experts: jax.Array, weights: jax.Array) -> jax.Array:
-        """x [N, D], experts [N, K], weights [N, K] -> sum_k weights * expert_k(x), [N, D]."""
+        """x [B, T, D], experts [B, T, K], weights [B, T, K] -> sum_k weights * expert_k(x)."""
         c = self.config
         e, d, f = c.num_experts, c.hidden_size, c.moe_intermediate_size
         init = nn.initializers.normal(_INIT_STD)
@@ -179,15 +186,36 @@ class Experts(nn.Module):
         up = _param(self, "up_proj", init, (e, d, f), in_names, c.param_dtype)
         down = _param(self, "down_proj", init, (e, f, d), out_names, c.param_dtype)
         dt = jnp.dtype(c.dtype)
-        ys = grouped_swiglu(
-            x.astype(dt),
-            experts,
-            gate.astype(dt),
-            up.astype(dt),
-            down.astype(dt),
-            _ACTIVATIONS[c.mlp_activation],
-        )
-        return jnp.sum(ys * weights.astype(dt)[..., None], axis=1)
+        activation = _ACTIVATIONS[c.mlp_activation]
+
+        def per_device(x, experts, weights, gate, up, down):
+            b, t, _ = x.shape
+            ys = grouped_swiglu(
+                x.reshape(b * t, d), experts.reshape(b * t, -1), gate, up, down, activation
+            )
+            return jnp.sum(ys * weights.reshape(b * t, -1, 1), axis=1).reshape(b, t, d)
+
+        args = (x.astype(dt), experts, weights.astype(dt), gate.astype(dt), up.astype(dt))
+        args = (*args, down.astype(dt))
+        if c.mesh is None or c.mesh.size == 1:
+            return per_device(*args)
+        return _per_token_shard(per_device, c.mesh, c.mesh_rules, x.shape)(*args)
+
+
+def _per_token_shard(fn: Any, mesh: Mesh, rules: Sequence, shape: tuple[int, ...]) -> Any:
+    """`fn` under shard_map, tokens split as the batch and seq rules split activations and the
+    expert weights whole on every device.
+
+    Why: routing is per token, so each device can sort and group its own tokens. Left to XLA, the
+    global argsort gathers every token's assignment onto every device, and each device then runs
+    every token through the experts. The weights are gathered per layer like the dense MLP's
+    under FSDP (no expert parallelism yet); their gradients are summed over the token shards.
+    """
+    tokens = logical_to_spec(("batch", "seq", None), shape, mesh, rules)
+    whole = PartitionSpec()
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=(tokens, tokens, tokens, whole, whole, whole), out_specs=tokens
+    )
 
 
 class SharedExpert(nn.Module):
@@ -224,7 +252,9 @@ class MoeMlp(nn.Module):
         router = Einsum("ND,DE->NE", (d, c.num_experts), ("embed", "expert"), **dt, name="router")
         logits = router(flat)
         probs, weights, experts = route(logits, c.num_experts_per_tok, c.norm_topk_prob)
-        y = Experts(c, name="experts")(flat, experts, weights)
+        k = c.num_experts_per_tok
+        routed = Experts(c, name="experts")
+        y = routed(x, experts.reshape(b, t, k), weights.reshape(b, t, k)).reshape(b * t, d)
         if c.shared_expert_intermediate_size:
             shared = SharedExpert(c, name="shared_expert")(flat)
             gate = Einsum("ND,DO->NO", (d, 1), ("embed", None), **dt, name="shared_expert_gate")

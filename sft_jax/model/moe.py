@@ -35,14 +35,14 @@ HF's fused expert weights map as gate_up_proj [E, 2F, D] -> gate = [:, :F].T, up
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
 from typing import Any
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from sft_jax.model.decoder import _ACTIVATIONS, _INIT_STD, Einsum, _param
 from sft_jax.training.sharding import logical_to_spec
@@ -107,7 +107,8 @@ def load_balancing_loss(
 def route(
     logits: jax.Array, k: int, norm_topk_prob: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(probs [N, E] float32, top-k weights [N, K] float32, top-k experts [N, K] int32).
+    """(probs [..., E] float32, top-k weights [..., K] float32, top-k experts [..., K] int32)
+    from logits [..., E].
 
     Softmax in float32 whatever the logits' dtype, top-k of the probabilities (the same choice as
     top-k of the logits), optionally renormalised: HF's TopKRouter classes.
@@ -122,16 +123,20 @@ def route(
 def router_aux(
     logits: jax.Array, probs: jax.Array, experts: jax.Array, mask: jax.Array | None
 ) -> MoeAux:
-    """The router statistics over the tokens where `mask` [N] is true (all when None).
+    """The router statistics over the tokens where `mask` [...] is true (all when None), from
+    logits and probs [..., E] and the chosen experts [..., K] (any leading token dims).
 
     Padding tokens are still routed (static shapes), but must not count towards balance: they
     are excluded here, as transformers excludes them with the attention mask.
     """
-    n, e = probs.shape
-    k = experts.shape[-1]
-    w = jnp.ones((n,), jnp.float32) if mask is None else mask.astype(jnp.float32)
-    counts = jnp.bincount(experts.reshape(-1), weights=jnp.repeat(w, k), length=e)
-    prob_sum = jnp.sum(probs * w[:, None], axis=0)
+    e = probs.shape[-1]
+    w = jnp.ones(probs.shape[:-1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    tokens_axes = tuple(range(w.ndim))
+    # A one-hot sum rather than bincount: a reduction, so XLA keeps it split over the token
+    # shards (a scatter would gather every token's choices onto every device).
+    one_hot = jax.nn.one_hot(experts, e, dtype=jnp.float32) * w[..., None, None]
+    counts = jnp.sum(one_hot, axis=(*tokens_axes, w.ndim))
+    prob_sum = jnp.sum(probs * w[..., None], axis=tokens_axes)
     tokens = jnp.sum(w)
     z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2
     z_loss = jnp.sum(z * w) / jnp.maximum(tokens, 1.0)
@@ -196,26 +201,29 @@ class Experts(nn.Module):
             return jnp.sum(ys * weights.reshape(b * t, -1, 1), axis=1).reshape(b, t, d)
 
         args = (x.astype(dt), experts, weights.astype(dt), gate.astype(dt), up.astype(dt))
-        args = (*args, down.astype(dt))
-        if c.mesh is None or c.mesh.size == 1:
-            return per_device(*args)
-        return _per_token_shard(per_device, c.mesh, c.mesh_rules, x.shape)(*args)
+        return on_token_shards(per_device, c, x.shape, tokens_in=3, whole_in=3)(
+            *args, down.astype(dt)
+        )
 
 
-def _per_token_shard(fn: Any, mesh: Mesh, rules: Sequence, shape: tuple[int, ...]) -> Any:
-    """`fn` under shard_map, tokens split as the batch and seq rules split activations and the
-    expert weights whole on every device.
+def on_token_shards(
+    fn: Any, c: MoeConfig, shape: tuple[int, ...], tokens_in: int, whole_in: int = 0, outs: int = 1
+) -> Any:
+    """`fn` run per device under shard_map when `c.mesh` has several devices (else `fn` itself):
+    its first `tokens_in` arguments and its outputs [B, T, ...] split as the batch and seq rules
+    split activations, the next `whole_in` (the expert weights) whole on every device.
 
-    Why: routing is per token, so each device can sort and group its own tokens. Left to XLA, the
-    global argsort gathers every token's assignment onto every device, and each device then runs
-    every token through the experts. The weights are gathered per layer like the dense MLP's
-    under FSDP (no expert parallelism yet); their gradients are summed over the token shards.
+    Why: routing is per token, so each device can pick and group its own tokens' experts. Left to
+    XLA, top_k and the global argsort gather every token onto every device, which then runs every
+    token through the experts. The weights are gathered per layer like the dense MLP's under
+    FSDP (no expert parallelism yet); their gradients are summed over the token shards.
     """
-    tokens = logical_to_spec(("batch", "seq", None), shape, mesh, rules)
-    whole = PartitionSpec()
-    return jax.shard_map(
-        fn, mesh=mesh, in_specs=(tokens, tokens, tokens, whole, whole, whole), out_specs=tokens
-    )
+    if c.mesh is None or c.mesh.size == 1:
+        return fn
+    tokens = logical_to_spec(("batch", "seq", None), shape, c.mesh, c.mesh_rules)
+    in_specs = (tokens,) * tokens_in + (PartitionSpec(),) * whole_in
+    out_specs = tokens if outs == 1 else (tokens,) * outs
+    return jax.shard_map(fn, mesh=c.mesh, in_specs=in_specs, out_specs=out_specs)
 
 
 class SharedExpert(nn.Module):
@@ -228,10 +236,10 @@ class SharedExpert(nn.Module):
         c = self.config
         d, f = c.hidden_size, c.shared_expert_intermediate_size
         dt = {"dtype": c.dtype, "param_dtype": c.param_dtype}
-        gate = Einsum("ND,DF->NF", (d, f), ("embed", "mlp"), **dt, name="gate_proj")(x)
-        up = Einsum("ND,DF->NF", (d, f), ("embed", "mlp"), **dt, name="up_proj")(x)
+        gate = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **dt, name="gate_proj")(x)
+        up = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **dt, name="up_proj")(x)
         hidden = _ACTIVATIONS[c.mlp_activation](gate) * up
-        return Einsum("NF,FD->ND", (f, d), ("mlp", "embed"), **dt, name="down_proj")(hidden)
+        return Einsum("BTF,FD->BTD", (f, d), ("mlp", "embed"), **dt, name="down_proj")(hidden)
 
 
 class MoeMlp(nn.Module):
@@ -246,18 +254,15 @@ class MoeMlp(nn.Module):
         The mask only affects the router statistics: every token gets its experts' output.
         """
         c = self.config
-        b, t, d = x.shape
-        flat = x.reshape(b * t, d)
+        d, e = c.hidden_size, c.num_experts
         dt = {"dtype": c.dtype, "param_dtype": c.param_dtype}
-        router = Einsum("ND,DE->NE", (d, c.num_experts), ("embed", "expert"), **dt, name="router")
-        logits = router(flat)
-        probs, weights, experts = route(logits, c.num_experts_per_tok, c.norm_topk_prob)
-        k = c.num_experts_per_tok
-        routed = Experts(c, name="experts")
-        y = routed(x, experts.reshape(b, t, k), weights.reshape(b, t, k)).reshape(b * t, d)
+        logits = Einsum("BTD,DE->BTE", (d, e), ("embed", "expert"), **dt, name="router")(x)
+        routing = functools.partial(route, k=c.num_experts_per_tok, norm_topk_prob=c.norm_topk_prob)
+        probs, weights, experts = on_token_shards(routing, c, x.shape, 1, outs=3)(logits)
+        y = Experts(c, name="experts")(x, experts, weights)
         if c.shared_expert_intermediate_size:
-            shared = SharedExpert(c, name="shared_expert")(flat)
-            gate = Einsum("ND,DO->NO", (d, 1), ("embed", None), **dt, name="shared_expert_gate")
-            y = y + jax.nn.sigmoid(gate(flat)) * shared
-        aux = router_aux(logits, probs, experts, None if mask is None else mask.reshape(-1))
-        return y.reshape(b, t, d), aux
+            shared = SharedExpert(c, name="shared_expert")(x)
+            gate = Einsum("BTD,DO->BTO", (d, 1), ("embed", None), **dt, name="shared_expert_gate")
+            y = y + jax.nn.sigmoid(gate(x)) * shared
+        aux = router_aux(logits, probs, experts, mask)
+        return y, aux

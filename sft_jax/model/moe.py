@@ -15,6 +15,13 @@ Design choices and why:
   (Qwen2-MoE, OLMoE by default) the raw probabilities weight the experts.
 - Qwen2-MoE's shared expert is a dense gated MLP of its own width, scaled per token by
   sigmoid(shared_expert_gate(x)), added to the routed output.
+- On a mesh (`MoeConfig.mesh`, as ModelConfig carries it) routing and the grouped matmuls run
+  per device under shard_map over the token shards: each device sorts only its own tokens, where
+  XLA alone would gather every token's top_k and sort onto every device and run every token
+  through the experts there. Expert weights are gathered whole per layer, as FSDP gathers the
+  dense MLP's (no expert parallelism yet).
+- Tokens marked as padding by the mask still go through their experts (static shapes); they are
+  left out of the router statistics only, as transformers leaves them out with its attention mask.
 - The router statistics are returned, not applied: the train step decides how to weight the
   load-balancing and z losses. Per-expert counts and probability sums are returned as sums, so a
   model can combine its layers exactly as `transformers`' `load_balancing_loss_func` does (sum
@@ -200,10 +207,9 @@ class Experts(nn.Module):
             )
             return jnp.sum(ys * weights.reshape(b * t, -1, 1), axis=1).reshape(b, t, d)
 
-        args = (x.astype(dt), experts, weights.astype(dt), gate.astype(dt), up.astype(dt))
-        return on_token_shards(per_device, c, x.shape, tokens_in=3, whole_in=3)(
-            *args, down.astype(dt)
-        )
+        tokens = (x.astype(dt), experts, weights.astype(dt))
+        kernels = (gate.astype(dt), up.astype(dt), down.astype(dt))
+        return on_token_shards(per_device, c, x.shape, tokens_in=3, whole_in=3)(*tokens, *kernels)
 
 
 def on_token_shards(

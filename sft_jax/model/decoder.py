@@ -67,8 +67,8 @@ from sft_jax.model.config import (  # noqa: F401  (re-exported: the config lives
 from sft_jax.model.cpu_linear import cpu_linear, input_rank
 from sft_jax.model.regularize import neftune_noise
 
-_INIT_STD = 0.02  # Hugging Face `initializer_range` for every family here.
-_ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+INIT_STD = 0.02  # Hugging Face `initializer_range` for every family here.
+ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 # Per-layer activation checkpointing. "dots" saves the projection outputs (matmuls without batch
 # dims) and recomputes attention scores; "dots_saveable" also saves the batched attention dots.
 _REMAT_POLICIES = {
@@ -82,7 +82,7 @@ _REMAT_POLICIES = {
 # Modules.
 
 
-def _param(module: nn.Module, name: str, init: Any, shape: tuple, names: tuple, dtype: str):
+def named_param(module: nn.Module, name: str, init: Any, shape: tuple, names: tuple, dtype: str):
     """Creates a parameter carrying logical axis names (read by nn.get_partition_spec)."""
     return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.dtype(dtype))
 
@@ -135,8 +135,8 @@ class Einsum(nn.Module):
             h = x.astype(self.dtype)
             y = einsum_dequantized(self.equation, h, stored, self.dtype, out_dtype)
         else:
-            init = nn.initializers.normal(_INIT_STD)
-            kernel = _param(
+            init = nn.initializers.normal(INIT_STD)
+            kernel = named_param(
                 self, "kernel", init, self.kernel_shape, self.kernel_names, self.param_dtype
             )
             h, w = x.astype(self.dtype), kernel.astype(self.dtype)
@@ -146,7 +146,7 @@ class Einsum(nn.Module):
         if self.bias_names is not None:
             shape = self.kernel_shape[-len(self.bias_names) :]
             zeros = nn.initializers.zeros_init()
-            bias = _param(self, "bias", zeros, shape, self.bias_names, self.param_dtype)
+            bias = named_param(self, "bias", zeros, shape, self.bias_names, self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
 
@@ -207,7 +207,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.zeros_init() if self.offset else nn.initializers.ones_init()
-        scale = _param(self, "scale", init, (x.shape[-1],), self.names, self.param_dtype)
+        scale = named_param(self, "scale", init, (x.shape[-1],), self.names, self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         if self.offset:
@@ -227,8 +227,10 @@ class Embed(nn.Module):
     def setup(self) -> None:
         c = self.config
         shape = (c.vocab_size, c.hidden_size)
-        init = nn.initializers.normal(_INIT_STD)
-        self.embedding = _param(self, "embedding", init, shape, ("vocab", "embed"), c.param_dtype)
+        init = nn.initializers.normal(INIT_STD)
+        self.embedding = named_param(
+            self, "embedding", init, shape, ("vocab", "embed"), c.param_dtype
+        )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.dtype)  # [B, T, D]
@@ -348,7 +350,7 @@ class Mlp(nn.Module):
         dt = _einsum_fields(c)
         gate = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **dt, name="gate_proj")(x)
         up = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **dt, name="up_proj")(x)
-        hidden = _ACTIVATIONS[c.mlp_activation](gate) * up
+        hidden = ACTIVATIONS[c.mlp_activation](gate) * up
         return Einsum("BTF,FD->BTD", (f, d), ("mlp", "embed"), **dt, name="down_proj")(hidden)
 
 

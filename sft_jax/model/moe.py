@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from sft_jax.model.decoder import _ACTIVATIONS, _INIT_STD, Einsum, _param
+from sft_jax.model.decoder import ACTIVATIONS, INIT_STD, Einsum, named_param
 from sft_jax.training.sharding import logical_to_spec
 
 
@@ -192,13 +192,13 @@ class Experts(nn.Module):
         """x [B, T, D], experts [B, T, K], weights [B, T, K] -> sum_k weights * expert_k(x)."""
         c = self.config
         e, d, f = c.num_experts, c.hidden_size, c.moe_intermediate_size
-        init = nn.initializers.normal(_INIT_STD)
+        init = nn.initializers.normal(INIT_STD)
         in_names, out_names = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
-        gate = _param(self, "gate_proj", init, (e, d, f), in_names, c.param_dtype)
-        up = _param(self, "up_proj", init, (e, d, f), in_names, c.param_dtype)
-        down = _param(self, "down_proj", init, (e, f, d), out_names, c.param_dtype)
+        gate = named_param(self, "gate_proj", init, (e, d, f), in_names, c.param_dtype)
+        up = named_param(self, "up_proj", init, (e, d, f), in_names, c.param_dtype)
+        down = named_param(self, "down_proj", init, (e, f, d), out_names, c.param_dtype)
         dt = jnp.dtype(c.dtype)
-        activation = _ACTIVATIONS[c.mlp_activation]
+        activation = ACTIVATIONS[c.mlp_activation]
 
         def per_device(x, experts, weights, gate, up, down):
             b, t, _ = x.shape
@@ -244,7 +244,7 @@ class SharedExpert(nn.Module):
         dt = {"dtype": c.dtype, "param_dtype": c.param_dtype}
         gate = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **dt, name="gate_proj")(x)
         up = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **dt, name="up_proj")(x)
-        hidden = _ACTIVATIONS[c.mlp_activation](gate) * up
+        hidden = ACTIVATIONS[c.mlp_activation](gate) * up
         return Einsum("BTF,FD->BTD", (f, d), ("mlp", "embed"), **dt, name="down_proj")(hidden)
 
 

@@ -151,6 +151,11 @@ ROWS = {
     "recipe-gemma3_lora-v5e-8": (
         "gemma-3-1b", "configs/gemma3_lora.py", "v5e:2x4", 2048, 32, 4, [],
     ),
+    # Context parallelism: 32k-token rows split over 4 chips (ring attention), fsdp over 4.
+    "llama-8b-full-32k-context4-v5p-16": (
+        "llama-3.1-8b", FULL, "v5p:2x2x4", 32768, 4, 1,
+        ["--config.mesh.fsdp=4", "--config.mesh.context=4"],
+    ),
     "llama-8b-lora-2x-v5e-8": (
         "llama-3.1-8b", LORA, "v5e:2x4", 4096, 16, 1,
         ["--num_slices", "2", "--config.mesh.data=2"],

@@ -41,7 +41,7 @@ from sft_jax import hf
 from sft_jax.cli import absl_help, wants_help
 from sft_jax.config import Config, ConfigError
 from sft_jax.config_file import config_from_argv
-from sft_jax.model.attention import resolve_implementation
+from sft_jax.model.attention import resolve_implementation, ring_block
 from sft_jax.model.blocked_attention import BLOCK, LOOP_FROM, TILE
 from sft_jax.model.decoder import ModelConfig
 from sft_jax.training import state
@@ -55,6 +55,9 @@ FLASH_ATTENTION = ("cudnn", "splash", "blocked", "ring")
 # Float32 [.., S, block] score-sized buffers blocked attention's backward holds for its widest
 # query block (probabilities, their gradient before and after the softmax backward).
 BLOCKED_BACKWARD_BUFFERS = 3
+# Float32 [block, block] tiles per query head and row ring attention's backward holds for the
+# one tile it works on (scores, probabilities, their gradient before and after the softmax).
+RING_TILE_BUFFERS = 4
 
 
 def planned_mesh(config: Config, devices: int) -> AbstractMesh:
@@ -144,7 +147,8 @@ def activation_bytes(
     `LOOP_FROM` tokens on, one `TILE` x `TILE` tile). Ring
     attention keeps its float32 output and log-sum-exp per layer when nothing is
     rematerialised (its custom VJP's residuals), and its backward holds, per local token, the
-    key/value chunk it passes on and the one arriving, with their float32 dK/dV accumulators.
+    key/value chunk it passes on and the one arriving, with their float32 dK/dV accumulators,
+    and, whatever the length, `RING_TILE_BUFFERS` float32 tiles of [block, block] scores.
     The loss adds the float32 logits and their gradient (2 x V x 4 bytes per token, or per
     token of one `loss_chunk` piece when chunked). `plan` adds, under remat, one more
     gradient-sized buffer (the rematerialised scan's weight gradients), and, where FSDP shards
@@ -180,6 +184,8 @@ def activation_bytes(
     if attention == "ring":
         saved += 4 * n * (h + 1) / tensor if remat == "none" else 0  # output and lse, float32
         working += 2 * 2 * k * h * (b + 4) / tensor  # two chunks of k, v and their dk, dv
+        tile = ring_block(seq_len // context)  # one [tile, tile] of every row at a time
+        working += RING_TILE_BUFFERS * 4 * n * tile * tile / tensor / (seq_len / context)
     if attention == "splash" and context > 1:  # the whole row's k, v gathered, and their grads
         working += 4 * context * k * h * b / tensor
     vocab = c.vocab_size / tensor

@@ -273,5 +273,22 @@ def test_plan_counts_activations_per_context_shard():
     assert plans[4]["attention"] == "ring" and plans[4]["mesh"]["context"] == 4
     assert plans[4]["tokens_per_device_per_micro_batch"] == 1024
     assert plans[1]["tokens_per_device_per_micro_batch"] == 4096
+    # Not a quarter: the ring's fixed [512, 512] score tiles weigh on a model this small.
     ratio = plans[4]["activation_bytes_estimate"] / plans[1]["activation_bytes_estimate"]
-    assert 0.2 < ratio < 0.3, ratio
+    assert 0.25 < ratio < 0.5, ratio
+
+
+def test_plan_matches_the_compiled_context_parallel_step():
+    """The plan's total for a data x context mesh against XLA's memory analysis of the real
+    compiled step on the 8 local devices (tiny model, where the ring's fixed tiles count)."""
+    from sft_jax.config import parse
+    from sft_jax.config_file import load_config_file
+    from sft_jax.plan import plan
+    from sft_jax.planning.plan_check import compare
+
+    raw = load_config_file("configs/tiny.py")
+    raw.data.seq_len, raw.train.global_batch_size = 1024, 2
+    raw.mesh.data, raw.mesh.context = 2, 4
+    config = parse(raw)
+    ratio = compare(config, plan(config, devices=8, device_memory_gib=1.0))["ratio"]
+    assert 0.8 < ratio < 1.25, ratio

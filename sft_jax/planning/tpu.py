@@ -101,9 +101,11 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
     return list(desc.devices)
 
 
-def step_attention(model_config: ModelConfig, seq_len: int) -> str:
+def step_attention(model_config: ModelConfig, seq_len: int, context: int = 1) -> str:
     """The attention the compiled step uses: the model resolves `model.attention` for its
-    mesh's platform (TPU here, though traced on this host) at the step's sequence length."""
+    mesh's platform (TPU here, though traced on this host) at the step's sequence length,
+    and for its context axis (splash with gathered keys and values where its blocks tile, else
+    ring attention, XLA einsums whose flops XLA counts)."""
     return resolve_implementation(
         model_config.attention,
         platform="tpu",
@@ -111,6 +113,7 @@ def step_attention(model_config: ModelConfig, seq_len: int) -> str:
         head_dim=model_config.head_dim,
         softcap=model_config.attn_softcap,
         seq_len=seq_len,
+        context=context,
     )
 
 
@@ -181,7 +184,7 @@ def compile_for_topology(config: Config, topology: str, num_slices: int = 1) -> 
     mesh = sharding.make_mesh(config.mesh, devices)
     check_train_batch(config, mesh)
     model_config = hf.build_model_config(config.model)
-    attention = step_attention(model_config, config.data.seq_len)
+    attention = step_attention(model_config, config.data.seq_len, sharding.context_shards(mesh))
     per_chip = generation.devices_per_chip
     start = time.perf_counter()
     try:

@@ -162,9 +162,6 @@ ROWS = {
     "llama-8b-full-128k-v5p-8": (
         "llama-3.1-8b", FULL, "v5p:2x2x1", 131072, 1, 1, ["--config.mesh.context=4"],
     ),
-    "llama-8b-full-128k-v5p-16": (
-        "llama-3.1-8b", FULL, "v5p:2x2x2", 131072, 1, 1, ["--config.mesh.context=8"],
-    ),
     # 32k-token rows split over 4 chips, fsdp over 4 (measured with ring attention before auto
     # picked splash under a context axis on TPU).
     "llama-8b-full-32k-context4-v5p-16": (

@@ -166,14 +166,17 @@ def compiled_memory(compiled: Any) -> dict[str, int]:
     return {f"compiled_{n}_bytes": int(getattr(analysis, f"{n}_size_in_bytes")) for n in names}
 
 
-def attention_used(model_config: ModelConfig, platform: str) -> str:
-    """The attention implementation the model resolves to on this platform."""
+def attention_used(model_config: ModelConfig, config: Config, mesh: Any) -> str:
+    """The attention implementation the model resolves to on the mesh's platform, for the
+    config's sequence length and the mesh's context axis."""
     return resolve_implementation(
         model_config.attention,
-        platform=platform,
+        platform=mesh.devices.flat[0].platform,
         dtype=model_config.dtype,
         head_dim=model_config.head_dim,
         softcap=model_config.attn_softcap,
+        seq_len=config.data.seq_len,
+        context=sharding.context_shards(mesh),
     )
 
 
@@ -207,7 +210,7 @@ def memory_only(config: Config, workload: str) -> dict:
         "peak_bytes_estimate": peak,
         **memory,
         "compile_s": round(compile_s, 3),
-        "attention": attention_used(model_config, mesh.devices.flat[0].platform),
+        "attention": attention_used(model_config, config, mesh),
         **settings(config, mesh, model_config, 0, 0),
     }
 
@@ -304,7 +307,7 @@ def run_bench(config: Config, *, steps: int, warmup: int, cpu_peak: float, workl
         "trainable_params": trainable,
         "bytes_per_param": round(persistent / model_params, 3),
         "final_loss": round(loss, 4),
-        "attention": attention_used(model_config, mesh.devices.flat[0].platform),
+        "attention": attention_used(model_config, config, mesh),
         **memory,
     }
     return {**measured, **settings(config, mesh, model_config, steps, warmup)}

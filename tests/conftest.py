@@ -2,9 +2,9 @@
 cache, set before jax is imported anywhere.
 
 Compiling dominates the suite's time (each test builds and jits its own tiny programs), so
-XLA:CPU's LLVM code generation runs at optimisation level 0 (XLA_FLAGS): it halves compile time,
-and the tiny programs run about as fast. The HLO passes (fusion, buffer assignment, the memory
-figures the tests read) are the same at every level. A level already set in XLA_FLAGS is kept.
+XLA:CPU's LLVM code generation runs at optimisation level 0 (XLA_FLAGS), which about halves the
+tests' compile time; the tests that read compiled memory figures and HLO text pass at either
+level. A level already set in XLA_FLAGS is kept.
 
 The cache lets identical programs compile once per test session: each train run builds fresh
 jitted functions, so JAX's in-memory cache misses, and subprocesses (the CLI tests) start empty.

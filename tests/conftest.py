@@ -22,17 +22,20 @@ import tempfile
 import pytest
 
 
-def _with_xla_flag(flags: str, name: str, value: str) -> str:
-    """XLA_FLAGS with `--name=value` added unless the flag is already there (xdist workers
-    inherit the controller's environment and import this file again)."""
+def _with_xla_flag(flags: str, name: str, value: str, replace: bool) -> str:
+    """XLA_FLAGS with `--name=value`: replacing the flag's value when `replace`, else added only
+    when the flag is absent. Idempotent: pytest-xdist workers inherit the controller's
+    environment and import this file again."""
     if f"--{name}=" in flags:
-        return flags
+        if not replace:
+            return flags
+        flags = " ".join(f for f in flags.split() if not f.startswith(f"--{name}="))
     return f"{flags} --{name}={value}".strip()
 
 
 _flags = os.environ.get("XLA_FLAGS", "")
-_flags = _with_xla_flag(_flags, "xla_force_host_platform_device_count", "8")
-_flags = _with_xla_flag(_flags, "xla_backend_optimization_level", "0")
+_flags = _with_xla_flag(_flags, "xla_force_host_platform_device_count", "8", replace=True)
+_flags = _with_xla_flag(_flags, "xla_backend_optimization_level", "0", replace=False)
 os.environ["XLA_FLAGS"] = _flags
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -161,12 +161,13 @@ def test_template_that_drops_the_system_prompt_is_refused(shared_assets):
             "ran longer than",
             0.5,
         ),
+        # Time bounds the character and recursion limits always beat, even on a loaded machine
+        # (at 0.5 s, writing the 1 MiB took longer on 2 busy cores: the time limit fired first).
         (
             "{% for a in range(100000) %}{% for b in range(100000) %}xyz{% endfor %}{% endfor %}",
             "wrote more",
-            0.5,
+            120.0,
         ),
-        # A time bound the recursion limit always beats, even on a loaded machine.
         ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursed", 120.0),
     ],
 )

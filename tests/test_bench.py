@@ -55,6 +55,7 @@ def test_synthetic_examples_are_seeded_and_in_range():
     assert all(len(p) + len(c) <= 65 and len(c) >= 1 for p, c in short)
 
 
+@pytest.mark.slow  # a faster check of the same path stays in the default tier
 def test_bench_cli_prints_json_last():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [

@@ -73,7 +73,14 @@ def _flip_one_bit_of_one_saved_value(step_dir):
     assert np.isfinite(altered).all()
 
 
-@pytest.mark.parametrize("damage", ["truncate_arrays", "remove_commit_marker", "flip_one_bit"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param("truncate_arrays", marks=pytest.mark.slow),
+        "remove_commit_marker",
+        "flip_one_bit",
+    ],
+)
 def test_corrupt_latest_checkpoint_falls_back_to_previous(small_train, tmp_path, capsys, damage):
     cfg = config(small_train, checkpoint__every_steps=4, checkpoint__keep=3)
     train_and_evaluate(cfg, str(tmp_path))
@@ -157,6 +164,7 @@ def preempt_at(cfg_kwargs: dict, small_train: str, workdir, step: int, devices=N
         train_and_evaluate(cfg, str(workdir))
 
 
+@pytest.mark.slow  # the longest default test; CI's slow step runs it
 def test_restore_onto_other_meshes_and_device_counts(small_train, tmp_path, monkeypatch):
     """8-device data mesh -> preempted at 2 -> 1 device -> preempted at 4 -> (2, 2, 2) mesh:
     every loss equals the uninterrupted 8-device run's within 1e-5."""

@@ -221,6 +221,7 @@ def test_tiny_lora_trains_and_checkpoints_only_adapters(lora_run, tmp_path):
     assert _size(state_dir) < 0.25 * full_bytes, (_size(state_dir), full_bytes)
 
 
+@pytest.mark.slow  # end to end; PEFT parity of the export stays in the default tier
 def test_lora_resume_and_export(lora_run, tmp_path, stories_dir):
     from sft_jax.train import train_and_evaluate
 
@@ -250,6 +251,7 @@ def test_lora_resume_and_export(lora_run, tmp_path, stories_dir):
         create_train_state(StateSpec(run.model_config, mesh, rules, tx, bad.seed, lora=bad.lora))
 
 
+@pytest.mark.slow  # end to end; test_modules_to_save_match_peft stays in the default tier
 def test_modules_to_save_run_exports_merged_and_peft(tmp_path, stories_dir):
     """A run that also trains the (tied) embedding exports both ways with equal logits."""
     from sft_jax.train import train_and_evaluate

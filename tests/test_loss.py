@@ -95,7 +95,7 @@ def _assert_same(a, b):
         np.testing.assert_allclose(x, y, atol=1e-5)
 
 
-@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("tied", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_chunked_loss_and_grads_equal_unchunked(tied):
     """Chunks of 8 and of 7 positions (the last piece padded) over T = 20, with an untied LM
     head and with the tied embedding (whose gradient then sums lookup and head parts)."""

@@ -84,7 +84,10 @@ def test_cli_compiles_for_v5e_and_prints_every_field(capsys):
 
 @pytest.mark.parametrize(
     "mesh, lora",
-    [((2, 1, 2), {}), ((1, 4, 1), {"enabled": True, "base_quant": "nf4"})],
+    [
+        pytest.param((2, 1, 2), {}, marks=pytest.mark.slow),
+        ((1, 4, 1), {"enabled": True, "base_quant": "nf4"}),
+    ],
     ids=["data2-tensor2", "qlora-fsdp4"],
 )
 def test_step_compiles_over_meshes_and_lora(mesh, lora):
@@ -93,6 +96,7 @@ def test_step_compiles_over_meshes_and_lora(mesh, lora):
     assert 0 < memory["peak"] < 16 * 2**30
 
 
+@pytest.mark.slow  # test_step_compiles_over_meshes_and_lora compiles a mesh by default
 def test_two_slices_build_the_hybrid_mesh_and_compile():
     """Data parallelism spans the slices: each data index's devices all lie in one slice."""
     config = _small((2, -1, 1))

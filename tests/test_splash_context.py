@@ -135,6 +135,7 @@ def test_auto_picks_splash_under_context_on_tpu_where_it_tiles_else_ring():
     assert resolve_implementation("auto", seq_len=2048, **cpu) == "ring"
 
 
+@pytest.mark.slow  # the kernel's own TPU compile and interpreter checks stay in default
 def test_train_step_with_context_parallel_splash_compiles_for_tpu():
     """The whole train step (the tiny model, bf16, packed rows permuted for the context axis)
     compiled by the TPU compiler on v5e:2x4 with fsdp=2 x context=4: attention is splash."""

@@ -11,6 +11,7 @@ from sft_jax.config import ConfigError, MeshSection
 from sft_jax.model.decoder import Transformer
 from sft_jax.training.sharding import (
     LOGICAL_AXES,
+    activation_sharding,
     batch_shards,
     check_rules,
     logical_to_spec,
@@ -73,3 +74,21 @@ def test_rule_names_cover_every_logical_axis_of_the_model():
     names = {n for spec in jax.tree.leaves(nn.get_partition_spec(boxed)) for n in spec if n}
     assert names and names <= set(LOGICAL_AXES)
     check_rules(RULES)
+
+
+def test_a_hand_built_mesh_without_some_axis_takes_the_default_rules():
+    """API users build meshes by hand: one without the context axis (which the default rules
+    shard weights over) shards as if that axis had size 1."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, PartitionSpec
+
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(1, 4, 2), ("data", "fsdp", "tensor"))
+    assert tuple(logical_to_spec(("vocab", "embed"), (512, 64), mesh, RULES)) == ("tensor", "fsdp")
+    assert tuple(logical_to_spec(("batch", "seq"), (8, 16), mesh, RULES)) == (
+        ("data", "fsdp"),
+        None,
+    )
+    want = PartitionSpec(("data", "fsdp"), None, None)
+    assert activation_sharding(mesh, RULES).spec == want
+    assert batch_shards(mesh, RULES) == 4

@@ -119,15 +119,22 @@ def _mesh_axes_for(name: str | None, rules: dict[str, Any]) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+def _on_mesh(mesh: Mesh, axes: tuple[str, ...]) -> tuple[str, ...]:
+    """The axes the mesh has (a hand-built mesh may lack some the rules name)."""
+    return tuple(a for a in axes if a in mesh.shape)
+
+
 def logical_to_spec(
     logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Sequence
 ) -> PartitionSpec:
-    """PartitionSpec for one array: each dimension gets its rule's mesh axes if they divide it."""
+    """PartitionSpec for one array: each dimension gets its rule's mesh axes if they divide it.
+    Axes the mesh lacks are left out, so a mesh built by hand without some axis (say, no context
+    axis) takes the default rules as if that axis had size 1."""
     table = dict(rules)
     used: set[str] = set()
     spec = []
     for name, size in zip(logical, shape, strict=True):
-        axes = tuple(a for a in _mesh_axes_for(name, table) if a not in used)
+        axes = tuple(a for a in _on_mesh(mesh, _mesh_axes_for(name, table)) if a not in used)
         product = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
         if axes and product > 1 and size % product == 0:
             used.update(axes)
@@ -150,7 +157,8 @@ def param_shardings(logical_specs: Any, abstract_params: Any, mesh: Mesh, rules:
 def batch_sharding(mesh: Mesh, rules: Sequence) -> NamedSharding:
     """Sharding of [B, T] batch arrays: batch over its rule's axes, sequence replicated."""
     table = dict(rules)
-    return NamedSharding(mesh, PartitionSpec(_mesh_axes_for("batch", table) or None, None))
+    batch = _on_mesh(mesh, _mesh_axes_for("batch", table))
+    return NamedSharding(mesh, PartitionSpec(batch or None, None))
 
 
 def activation_sharding(mesh: Mesh, rules: Sequence) -> NamedSharding | None:
@@ -159,14 +167,15 @@ def activation_sharding(mesh: Mesh, rules: Sequence) -> NamedSharding | None:
     layer's input and output to it, because XLA's sharding propagation otherwise follows the
     FSDP-sharded weights and gathers activations instead."""
     table = dict(rules)
-    batch, seq = _mesh_axes_for("batch", table), _mesh_axes_for("seq", table)
+    batch = _on_mesh(mesh, _mesh_axes_for("batch", table))
+    seq = _on_mesh(mesh, _mesh_axes_for("seq", table))
     if _product(mesh, batch) == 1 and _product(mesh, seq) == 1:
         return None
     return NamedSharding(mesh, PartitionSpec(batch or None, seq or None, None))
 
 
 def _product(mesh: Mesh, axes: Sequence[str]) -> int:
-    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    return int(np.prod([mesh.shape[a] for a in _on_mesh(mesh, tuple(axes))])) if axes else 1
 
 
 def pin_model_activations(model_config: Any, mesh: Mesh, rules: Sequence) -> Any:

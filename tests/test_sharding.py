@@ -65,6 +65,15 @@ def test_rule_typos_fail_before_compute(rules, message):
         check_rules(rules)
 
 
+def test_a_rule_table_written_before_the_expert_axis_keeps_experts_replicated():
+    """Rule tables in users' configs and saved workdirs predate the expert axis: accepted, and
+    the expert dimension stays whole."""
+    old = tuple(r for r in RULES if r[0] != "expert")
+    check_rules(old)
+    mesh = make_mesh(mesh_cfg(-1, 2, 2))
+    assert tuple(logical_to_spec(("expert", "embed"), (8, 16), mesh, old)) == (None, "fsdp")
+
+
 def test_rule_names_cover_every_logical_axis_of_the_model():
     """LOGICAL_AXES is what check_rules demands: it must list every name the weights carry."""
     model = Transformer(tiny_model_config(num_layers=2))

@@ -185,6 +185,7 @@ def get_config() -> ml_collections.ConfigDict:
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
         ("mlp", "tensor"),
+        ("expert", None),  # a mixture-of-experts layer's expert dimension
         ("head_dim", None),
         ("layers", None),
         ("seq", "context"),

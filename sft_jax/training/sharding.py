@@ -29,7 +29,12 @@ from sft_jax.config import ConfigError, MeshSection
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 CONTEXT_AXIS = "context"
 # Every logical name the model and the batches use; each needs a rule.
-LOGICAL_AXES = ("batch", "seq", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers")
+LOGICAL_AXES = (
+    "batch", "seq", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "expert",
+)  # fmt: skip
+# Logical names added after rule tables were first written: a table without one (a user's own
+# config, a saved workdir) keeps them replicated instead of failing.
+LATER_AXES = ("expert",)
 
 
 def check_rules(rules: Sequence) -> None:
@@ -54,7 +59,7 @@ def check_rules(rules: Sequence) -> None:
                     f"config.mesh.rules: {name!r} maps to unknown mesh axis {axis!r}"
                     f"{_hint(axis, MESH_AXES)}; the mesh axes are {MESH_AXES}"
                 )
-    missing = [name for name in LOGICAL_AXES if name not in table]
+    missing = [name for name in LOGICAL_AXES if name not in table and name not in LATER_AXES]
     if missing:
         raise ConfigError(f"config.mesh.rules has no entry for {missing} (use None to replicate)")
 
@@ -110,6 +115,8 @@ def _mesh_sizes(cfg: MeshSection, devices: int) -> list[int]:
 
 def _mesh_axes_for(name: str | None, rules: dict[str, Any]) -> tuple[str, ...]:
     if name is None:
+        return ()
+    if name not in rules and name in LATER_AXES:
         return ()
     if name not in rules:
         raise ConfigError(f"logical axis '{name}' has no entry in config.mesh.rules")

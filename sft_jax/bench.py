@@ -150,7 +150,7 @@ def build(config: Config, total_steps: int) -> tuple[Any, Any, Any, ModelConfig,
     mesh = _checked_mesh(config)
     spec = StateSpec.from_config(config, None, mesh, total_steps)
     state, shardings = create_train_state(spec)
-    step = make_step_from_config(config, shardings, mesh, total_steps, spec.model_config.vocab_size)
+    step = make_step_from_config(config, shardings, mesh, total_steps, spec.model_config)
     place = make_placer(sharding.batch_sharding(mesh, config.mesh.rules))
     return state, step, place, spec.model_config, mesh
 
@@ -325,7 +325,7 @@ def settings(config: Config, mesh: Any, model_config: ModelConfig, steps: int, w
         "param_dtype": config.model.param_dtype,
         "remat": config.model.remat,
         "scan_layers": config.model.scan_layers,
-        "loss_chunk": step_options(config, mesh, model_config.vocab_size).loss_chunk,
+        "loss_chunk": step_options(config, mesh, model_config).loss_chunk,
         "optim_state_dtype": config.optim.state_dtype,
         "devices": f"{mesh.devices.size} x {mesh.devices.flat[0].device_kind}",
         "jax": jax.__version__,

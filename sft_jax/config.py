@@ -40,6 +40,11 @@ class ArchConfig:
     qk_norm: bool
     attention_bias: bool
     max_position_embeddings: int
+    # Mixture of experts (every layer; 0 experts: dense). HF config names.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +110,8 @@ class TrainSection:
     neftune_alpha: float
     kl_to_base: float
     host_allocator: str
+    router_aux_loss_coef: float
+    router_z_loss_coef: float
 
 
 GENERATION_MATCHES = ("exact", "contains", "regex")
@@ -434,6 +441,12 @@ def _run_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("train.loss_spike_factor", c.train.loss_spike_factor >= 0, "must be >= 0 (0: off)"),
         ("train.neftune_alpha", c.train.neftune_alpha >= 0, "must be >= 0 (0: off; paper: 5)"),
         ("train.kl_to_base", c.train.kl_to_base >= 0, "must be >= 0 (0: off)"),
+        (
+            "train.router_aux_loss_coef",
+            c.train.router_aux_loss_coef >= 0 or c.train.router_aux_loss_coef == -1,
+            "must be >= 0 (0: off) or -1 (the model's own, from its config.json)",
+        ),
+        ("train.router_z_loss_coef", c.train.router_z_loss_coef >= 0, "must be >= 0 (0: off)"),
         (
             "train.kl_to_base",
             c.train.kl_to_base == 0 or c.model.loss_chunk <= 0,

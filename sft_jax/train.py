@@ -111,7 +111,8 @@ def check_health(run: Run, done: int, metrics: dict, bar: tqdm) -> tuple[bool, E
 
 def log_step(run: Run, done: int, metrics: dict, interval: Interval, bar: tqdm) -> None:
     """Writes the training record of step `done` (no "kind") and starts a new interval."""
-    record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    # Scalars, and lists for per-expert metrics (metrics.jsonl keeps them; scalar sinks skip).
+    record = {k: v.tolist() if np.ndim(v) else float(v) for k, v in jax.device_get(metrics).items()}
     elapsed = max(time.time() - interval.start, 1e-9)
     record["tokens_per_s"] = interval.tokens / elapsed
     record["epoch"] = done / run.bundle.train_iter.steps_per_epoch

@@ -71,8 +71,8 @@ def reference():
     batch = packed_batch()
     params = model.init(jax.random.PRNGKey(0), *_inputs(batch))["params"]
     logits = jax.jit(model.apply)({"params": params}, *_inputs(batch))
-    (loss, (count, _, _)), grads = _loss_and_grads(model, params, batch, 1)
-    return params, batch, logits, loss, count, grads
+    (loss, parts), grads = _loss_and_grads(model, params, batch, 1)
+    return params, batch, logits, loss, parts.tokens, grads
 
 
 def _inputs(batch):
@@ -121,8 +121,8 @@ def test_logits_loss_and_grads_equal_unsharded(reference, sizes):
 
     logits = jax.jit(logits_fn)(params, batch)
     np.testing.assert_allclose(logits, ref_logits, atol=TOL, rtol=TOL)  # padding slots too
-    (loss, (count, _, _)), grads = _loss_and_grads(model, params, batch, context)
-    assert float(count) == float(ref_count) > 0
+    (loss, parts), grads = _loss_and_grads(model, params, batch, context)
+    assert float(parts.tokens) == float(ref_count) > 0
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=TOL)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
         np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL)

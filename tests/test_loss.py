@@ -84,8 +84,8 @@ def _packed_batch(rows: int = 3, length: int = 20, vocab: int = 64) -> dict[str,
 def _loss_and_grads(params, apply_fn, batch, chunk, frozen=None):
     state, options = model_only_state(apply_fn, frozen), step.StepOptions(loss_chunk=chunk)
     fn = lambda p: step.loss_fn(p, state, batch, jax.random.PRNGKey(0), options)
-    (loss_sum, (count, _, _)), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
-    return loss_sum, count, grads
+    (loss_sum, parts), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+    return loss_sum, parts.tokens, grads
 
 
 def _assert_same(a, b):

@@ -51,6 +51,12 @@ def get_config() -> ml_collections.ConfigDict:
     a.qk_norm = False  # RMSNorm on queries and keys per head (Qwen3, Gemma 3)
     a.attention_bias = False  # biases on the q/k/v projections (Qwen2)
     a.max_position_embeddings = 2048  # longest position the model is meant for
+    # Mixture of experts in every layer instead of the dense MLP (0: dense): experts, experts
+    # per token (top-k), each expert's width, and whether the k routing weights sum to 1.
+    a.num_experts = 0
+    a.num_experts_per_tok = 0
+    a.moe_intermediate_size = 0
+    a.norm_topk_prob = False
 
     # --- data: JSONL/JSON/Parquet/CSV files or saved HF dataset dirs; see docs/data.md.
     c.data = d = ml_collections.ConfigDict()
@@ -110,6 +116,12 @@ def get_config() -> ml_collections.ConfigDict:
     # for reuse instead of unmapping and re-faulting them every step (faster CPU steps, measured in
     # docs/benchmarks.md); system = leave it; auto = retain when the run is on the CPU.
     t.host_allocator = "auto"
+    # Mixture-of-experts models (ignored by dense ones): weight of the router's load-balancing
+    # loss (-1: the model's own router_aux_loss_coef from its config.json, as transformers adds
+    # it when output_router_logits is on; 0: off) and of the router z-loss (logsumexp of the
+    # router logits squared; 0: off). Both are logged, with each expert's share of the tokens.
+    t.router_aux_loss_coef = -1.0
+    t.router_z_loss_coef = 0.0
 
     # --- evaluation
     c.eval = e = ml_collections.ConfigDict()

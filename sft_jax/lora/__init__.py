@@ -5,7 +5,7 @@
     peft.py   PEFT adapter files both ways (adapter_config.json + adapter_model.safetensors)
     quant.py  blockwise int8 / NF4 storage of the frozen base (QLoRA)
 
-The model side is `sft_jax.model.decoder.Einsum` (the "lora" variable collection); the training side
+The model side is `sft_jax.model.layers.Einsum` (the "lora" variable collection); the training side
 is `sft_jax.training.state` (`state_layout` / `create_train_state`: frozen base + trainable
 adapters) and `sft_jax.training.optim` (LoRA+). See docs/lora.md.
 """

@@ -9,7 +9,7 @@ dimension that is at most 64 (even for NF4), so an array [..., n] is stored as
 Keeping the kernel's leading axes is what lets the codes be sharded like the kernel itself (the
 last axis's mesh axes move to the block axis, `quantized_specs`) and lets `nn.scan` slice one
 layer's codes off the leading L axis: the model dequantises inside each layer
-(`einsum_dequantized`, used by `sft_jax.model.decoder.Einsum`), so peak memory holds one layer's
+(`einsum_dequantized`, used by `sft_jax.model.layers.Einsum`), so peak memory holds one layer's
 dequantised weights, not the whole base. The dequantisation is rematerialised in the backward
 pass instead of being saved. NF4 levels are those of the QLoRA paper (two codes per byte).
 

@@ -81,6 +81,14 @@ class ModelConfig:
     mesh_rules: tuple = ()
     # NEFTune (train.neftune_alpha): uniform noise on the input embeddings while training.
     neftune_alpha: float = 0.0
+    # Mixture of experts (sft_jax/model/moe.py; HF config names). num_experts 0: every layer has
+    # the dense MLP; > 0: every layer has the MoE layer instead (one scanned layer for all).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # top-k
+    moe_intermediate_size: int = 0  # each routed expert's width
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert; 0: none
+    router_aux_loss_coef: float = 0.0  # the family's load-balancing loss weight (config.json)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -100,6 +108,36 @@ class ModelConfig:
             raise ValueError(f"local_layers has {len(self.local_layers)} entries, not num_layers")
         if any(self.local_layers) and not self.sliding_window:
             raise ValueError("local_layers are set but sliding_window is not")
+        if self.num_experts and not (
+            0 < self.num_experts_per_tok <= self.num_experts and self.moe_intermediate_size > 0
+        ):
+            raise ValueError(
+                f"num_experts={self.num_experts} needs 1 <= num_experts_per_tok "
+                f"({self.num_experts_per_tok}) <= num_experts and moe_intermediate_size > 0 "
+                f"({self.moe_intermediate_size})"
+            )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def moe_config(self) -> Any:
+        """The MoE layer's config (sft_jax.model.moe.MoeConfig) for this model's layers."""
+        from sft_jax.model.moe import MoeConfig
+
+        return MoeConfig(
+            hidden_size=self.hidden_size,
+            moe_intermediate_size=self.moe_intermediate_size,
+            num_experts=self.num_experts,
+            num_experts_per_tok=self.num_experts_per_tok,
+            norm_topk_prob=self.norm_topk_prob,
+            shared_expert_intermediate_size=self.shared_expert_intermediate_size,
+            mlp_activation=self.mlp_activation,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            mesh=self.mesh,
+            mesh_rules=self.mesh_rules,
+        )
 
     @property
     def has_local_layers(self) -> bool:
@@ -136,6 +174,10 @@ def model_config_from_arch(arch: ArchConfig, section: ModelSection) -> ModelConf
         qk_norm=arch.qk_norm,
         attention_bias=arch.attention_bias,
         max_position_embeddings=arch.max_position_embeddings,
+        num_experts=arch.num_experts,
+        num_experts_per_tok=arch.num_experts_per_tok,
+        moe_intermediate_size=arch.moe_intermediate_size,
+        norm_topk_prob=arch.norm_topk_prob,
         rope_scaling=None,
         dtype=section.dtype,
         param_dtype=section.param_dtype,

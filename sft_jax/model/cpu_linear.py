@@ -10,7 +10,7 @@ of docs/benchmarks.md (levers, and "Figures behind design choices"); the forward
 einsum, so inference and the forward's numerics are unchanged, and the gradients are the same
 sums in another order (tests/test_cpu_linear.py).
 
-`sft_jax.model.decoder.Einsum` uses it for its projection and, under LoRA, for both low-rank matmuls
+`sft_jax.model.layers.Einsum` uses it for its projection and, under LoRA, for both low-rank matmuls
 x @ a and (x a) @ b (their dB = (x a)^T dy had the same strided copy of the cotangent), on the
 CPU only. Inside the layers not under the remat policies that save
 projections (dots, dots_saveable): a custom VJP is opaque to them, so they would recompute the

@@ -32,6 +32,8 @@ Parameter tree (names are load-bearing: the HF loader, sharding rules, LoRA and 
     layers/attn/{q_norm, k_norm}/scale [L, H]    (qk_norm)
     layers/mlp/{gate_proj, up_proj [L, D, F], down_proj [L, F, D]}/kernel
     layers/{post_attn_norm, post_mlp_norm}/scale [L, D]   (sandwich_norms: Gemma 2/3)
+    layers/mlp/{router, experts, ...} instead of the dense mlp in a mixture-of-experts model:
+    MoeMlp's tree (sft_jax/model/moe.py) with the leading L axis.
     lm_head is absent when tie_embeddings (logits = h @ embedding.T).
     With norm_offset (Gemma) every norm scale is stored as HF stores it, w, and applied as 1 + w.
 """
@@ -45,7 +47,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sft_jax.lora.quant import Quantized, dequantize_array, einsum_dequantized
 from sft_jax.model.attention import (
     DENSE_MASK_IMPLEMENTATIONS,
     AttentionOptions,
@@ -64,11 +65,18 @@ from sft_jax.model.config import (  # noqa: F401  (re-exported: the config lives
     model_config_from_arch,
     with_section_options,
 )
-from sft_jax.model.cpu_linear import cpu_linear, input_rank
+from sft_jax.model.layers import (  # noqa: F401  (re-exported: public names of the decoder)
+    ACTIVATIONS,
+    INIT_STD,
+    Einsum,
+    RMSNorm,
+    lora_equations,
+    named_param,
+)
+from sft_jax.model.moe import MoeMlp
 from sft_jax.model.regularize import neftune_noise
 
-INIT_STD = 0.02  # Hugging Face `initializer_range` for every family here.
-ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+ROUTER_STATS = "router"  # intermediates key of a mixture-of-experts model's router statistics
 # Per-layer activation checkpointing. "dots" saves the projection outputs (matmuls without batch
 # dims) and recomputes attention scores; "dots_saveable" also saves the batched attention dots.
 _REMAT_POLICIES = {
@@ -80,139 +88,6 @@ _REMAT_POLICIES = {
 
 # --------------------------------------------------------------------------------------------
 # Modules.
-
-
-def named_param(module: nn.Module, name: str, init: Any, shape: tuple, names: tuple, dtype: str):
-    """Creates a parameter carrying logical axis names (read by nn.get_partition_spec)."""
-    return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.dtype(dtype))
-
-
-def lora_equations(equation: str, rank_letter: str = "R") -> tuple[str, str]:
-    """The two einsums of the low-rank path from a projection's own equation.
-
-    "BTD,DNH->BTNH" -> ("BTD,DR->BTR", "BTR,RNH->BTNH"): kernel letters shared with x are the
-    input dims (contracted by A), the others the output dims (produced by B).
-    """
-    inputs, out = equation.split("->")
-    x, kernel = inputs.split(",")
-    if rank_letter in equation:
-        raise ValueError(f"rank letter {rank_letter!r} already used in {equation!r}")
-    k_in = "".join(c for c in kernel if c in x)
-    k_out = "".join(c for c in kernel if c not in x)
-    batch = "".join(c for c in x if c not in kernel)
-    r = rank_letter
-    return f"{x},{k_in}{r}->{batch}{r}", f"{batch}{r},{r}{k_out}->{out}"
-
-
-class Einsum(nn.Module):
-    """A linear map as one einsum over an explicitly shaped kernel (plus an optional bias).
-
-    With a "lora" variable collection holding `a` [*in, R] and `b` [R, *out] for this module,
-    adds lora_scale * (x @ a) @ b (never forming W + a @ b, so W gets no weight gradient). With a
-    DoRA magnitude `m` [*out] as well, the output is m / ||W + s a b||_in * (x @ W + s x a b), the
-    norm a constant of the gradient as in PEFT: that norm needs the weight-sized product a @ b.
-    A QLoRA base passes the kernel as `sft_jax.lora.Quantized` codes: dequantised here, per
-    scanned layer, and rematerialised in the backward pass (`einsum_dequantized`).
-    """
-
-    equation: str
-    kernel_shape: tuple[int, ...]
-    kernel_names: tuple[str, ...]
-    bias_names: tuple[str, ...] | None = None  # bias over the trailing len(bias_names) out dims
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    out_dtype: str | None = None  # accumulate/return in this dtype (float32 logits)
-    lora_scale: float | None = None  # required when adapters are passed (never silently 0)
-    lora_dropout: float = 0.0
-    cpu_grad: bool = False  # weight gradient as one matmul over x^T (sft_jax/model/cpu_linear.py)
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        out_dtype = None if self.out_dtype is None else jnp.dtype(self.out_dtype)
-        stored = self.get_variable("params", "kernel")
-        if isinstance(stored, Quantized):  # QLoRA base: dequantised here, one layer at a time
-            kernel = stored
-            h = x.astype(self.dtype)
-            y = einsum_dequantized(self.equation, h, stored, self.dtype, out_dtype)
-        else:
-            init = nn.initializers.normal(INIT_STD)
-            kernel = named_param(
-                self, "kernel", init, self.kernel_shape, self.kernel_names, self.param_dtype
-            )
-            h, w = x.astype(self.dtype), kernel.astype(self.dtype)
-            y = self._project(self.equation, h, w, out_dtype)
-        if self.has_variable("lora", "a"):
-            y = self._lora(x, y, kernel)
-        if self.bias_names is not None:
-            shape = self.kernel_shape[-len(self.bias_names) :]
-            zeros = nn.initializers.zeros_init()
-            bias = named_param(self, "bias", zeros, shape, self.bias_names, self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
-
-    def _project(
-        self, equation: str, x: jax.Array, w: jax.Array, out_dtype: Any = None
-    ) -> jax.Array:
-        """einsum(equation, x, w), through `cpu_linear` when `cpu_grad` and it is a projection."""
-        n_in = input_rank(equation) if self.cpu_grad else None
-        if n_in:
-            return cpu_linear(x, w, n_in, out_dtype)
-        return jnp.einsum(equation, x, w, preferred_element_type=out_dtype)
-
-    def _lora(self, x: jax.Array, y: jax.Array, kernel: Any) -> jax.Array:
-        """y + the adapter term (LoRA), or the DoRA-rescaled sum, in the compute dtype."""
-        if self.lora_scale is None:
-            raise ValueError(
-                "LoRA adapters were passed (the 'lora' collection) but ModelConfig.lora_scale is "
-                "unset: build the config with sft_jax.training.state.lora_model_config, or load "
-                "the model with sft_jax.load, which takes the scale from the adapter's config"
-            )
-        a = self.get_variable("lora", "a").astype(self.dtype)  # [*in, R]
-        b = self.get_variable("lora", "b").astype(self.dtype)  # [R, *out]
-        down, up = lora_equations(self.equation)
-        h = x.astype(self.dtype)
-        if self.lora_dropout > 0 and self.has_rng("dropout"):  # training only
-            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.lora_dropout, h.shape)
-            h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0.0).astype(self.dtype)
-        # The scale multiplies the rank-R activations, not the [.., *out] product: one pass
-        # over R values per position, forward and backward, instead of one over the outputs.
-        scaled = self._project(down, h, a) * jnp.asarray(self.lora_scale, self.dtype)
-        low_rank = self._project(up, scaled, b)
-        if not self.has_variable("lora", "m"):
-            return y + low_rank.astype(y.dtype)
-        m = self.get_variable("lora", "m").astype(jnp.float32)  # [*out]
-        n_in = a.ndim - 1
-        rank = a.shape[-1]
-        w = (
-            dequantize_array(kernel, jnp.float32)
-            if isinstance(kernel, Quantized)
-            else kernel.astype(jnp.float32)
-        )
-        ab = a.reshape(-1, rank).astype(jnp.float32) @ b.reshape(rank, -1).astype(jnp.float32)
-        w = w + self.lora_scale * jax.lax.stop_gradient(ab.reshape(w.shape))
-        norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(w * w, axis=tuple(range(n_in)))))
-        return ((m / norm) * (y.astype(jnp.float32) + low_rank)).astype(y.dtype)
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm with HF numerics: statistics in float32. Llama casts back, then multiplies by w;
-    Gemma (`offset`) multiplies by (1 + w) in float32, then casts, and initialises w to zero."""
-
-    eps: float
-    names: tuple[str, ...]  # logical name of the normalised (last) axis
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    offset: bool = False
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        init = nn.initializers.zeros_init() if self.offset else nn.initializers.ones_init()
-        scale = named_param(self, "scale", init, (x.shape[-1],), self.names, self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        if self.offset:
-            return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
-        return normed.astype(self.dtype) * scale.astype(self.dtype)
 
 
 def _norm(c: ModelConfig, names: tuple[str, ...], name: str | None = None) -> RMSNorm:
@@ -379,7 +254,9 @@ class Block(nn.Module):
     `layer` holds this layer's slice of the scanned inputs: "local" (bool, when the model has
     sliding-window layers) and the KV cache "k"/"v" (when decoding). `ctx` is shared by all
     layers: the masks and RoPE tables (global, and "local_*" ones) and the cache write "index".
-    Returns (x, this layer's updated cache or None), the scan's (carry, per-layer output).
+    Returns (x, outputs), the scan's (carry, per-layer output): outputs holds this layer's
+    updated cache "k"/"v" when decoding and its router statistics "router" (a MoeAux) in a
+    mixture-of-experts model.
     """
 
     config: ModelConfig
@@ -406,11 +283,18 @@ class Block(nn.Module):
         if c.sandwich_norms:
             h = _norm(c, ("embed",), name="post_attn_norm")(h)
         x = x + h
-        h = Mlp(c, name="mlp")(_norm(c, ("embed",), name="mlp_norm")(x))
+        h = _norm(c, ("embed",), name="mlp_norm")(x)
+        out = {} if cache is None else {"k": cache[0], "v": cache[1]}
+        if c.is_moe:  # router statistics over real tokens (training), all tokens (decoding)
+            segment_ids = ctx.get("segment_ids")
+            real = None if segment_ids is None else segment_ids != 0
+            h, out["router"] = MoeMlp(c.moe_config(), name="mlp")(h, real)
+        else:
+            h = Mlp(c, name="mlp")(h)
         if c.sandwich_norms:
             h = _norm(c, ("embed",), name="post_mlp_norm")(h)
         x = pin_activations(c, x + h, decoding="index" in ctx)
-        return x, (None if cache is None else {"k": cache[0], "v": cache[1]})
+        return x, out
 
 
 def init_cache(config: ModelConfig, batch: int, length: int) -> dict[str, jax.Array]:
@@ -472,6 +356,9 @@ class Transformer(nn.Module):
     ) -> jax.Array:
         """tokens/positions/segment_ids: int32 [B, T] -> float32 logits [B, T, V].
 
+        A mixture-of-experts model also sows its per-layer router statistics (a MoeAux with a
+        leading layer axis) as intermediates[ROUTER_STATS] when applied with
+        mutable=["intermediates"]; otherwise they are dropped.
         With `return_hidden`, the final-normed hidden states [B, T, D] (compute dtype) instead;
         `logits` turns (a selection of) them into logits. `slots` int [T]: the slot each
         position held in its row before the rows were permuted (context parallelism's load
@@ -489,7 +376,9 @@ class Transformer(nn.Module):
         if implementation in DENSE_MASK_IMPLEMENTATIONS:
             mask = attention_mask(segment_ids)
         slots = jnp.arange(tokens.shape[1]) if slots is None else slots
-        x, _ = self._layers(tokens, positions, mask, slots, {}, segment_ids=segment_ids)
+        x, outputs = self._layers(tokens, positions, mask, slots, {}, segment_ids=segment_ids)
+        if "router" in outputs:  # per-layer MoeAux [L, ...]: read by the train step's loss
+            self.sow("intermediates", ROUTER_STATS, outputs["router"])
         x = self.final_norm(x)
         return x if return_hidden else self.logits(x)
 
@@ -513,8 +402,8 @@ class Transformer(nn.Module):
         mask = (k_slots[None, None, :] <= q_slots[None, :, None]) & (
             k_slots[None, None, :] >= starts[:, None, None]
         )
-        x, cache = self._layers(tokens, positions, mask, q_slots, {**cache}, index=index)
-        return self.final_norm(x), cache
+        x, outputs = self._layers(tokens, positions, mask, q_slots, {**cache}, index=index)
+        return self.final_norm(x), {"k": outputs["k"], "v": outputs["v"]}
 
     def _layers(self, tokens, positions, mask, q_slots, layer: dict, index=None, segment_ids=None):
         """Embeds and runs the scanned layers; builds the per-layer and shared scan inputs."""

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from sft_jax.model.decoder import ACTIVATIONS, INIT_STD, Einsum, named_param
+from sft_jax.model.layers import ACTIVATIONS, INIT_STD, Einsum, named_param
 from sft_jax.training.sharding import logical_to_spec
 
 
@@ -109,6 +109,19 @@ def load_balancing_loss(
     """
     tokens = jnp.maximum(tokens, 1.0)
     return num_experts * jnp.sum((expert_counts / tokens) * (router_prob_sum / tokens))
+
+
+def combine_layers(stacked: MoeAux) -> tuple[jax.Array, jax.Array]:
+    """(load-balancing loss, z-loss) of a whole model from its layers' statistics stacked along
+    a leading layer axis: the load-balancing loss of all layers' assignments together, as
+    transformers computes it from every layer's router logits at once, and the mean z-loss."""
+    balance = load_balancing_loss(
+        jnp.sum(stacked.expert_counts, axis=0),
+        jnp.sum(stacked.router_prob_sum, axis=0),
+        jnp.sum(stacked.tokens),
+        stacked.expert_counts.shape[-1],
+    )
+    return balance, jnp.mean(stacked.z_loss)
 
 
 def route(

@@ -59,8 +59,8 @@ def compile_abstract_step(
     """The train step compiled for an abstract state and batch (nothing allocated or run);
     `model_config`: the model `state` was laid out for, that of `config.model` unless given."""
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    vocab_size = (model_config or hf.build_model_config(config.model)).vocab_size
-    step = make_step_from_config(config, shardings, mesh, SCHEDULE_STEPS, vocab_size)
+    model_config = model_config or hf.build_model_config(config.model)
+    step = make_step_from_config(config, shardings, mesh, SCHEDULE_STEPS, model_config)
     batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
     shape = (config.train.global_batch_size, config.data.seq_len)
     batch = {

@@ -2,8 +2,8 @@
 
 It is composed of named pieces, each tested alone:
 
-    loss_fn        params, state, batch     -> (objective sum, (loss tokens, ...))   one forward
-    compute_grads  state, batch, options    -> summed grads over M micro-batches, loss sum, tokens
+    loss_fn        params, state, batch     -> (objective sum, LossParts)   one forward
+    compute_grads  state, batch, options    -> summed grads and LossParts over M micro-batches
     apply_updates  state, grads             -> new state (optax), grad norm
     keep_if_finite finite, new, old         -> new state, or old params/optimizer when not finite
 
@@ -28,6 +28,7 @@ import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -35,6 +36,8 @@ from jax.sharding import NamedSharding
 
 from sft_jax.data.pack import PACKED_KEYS
 from sft_jax.model.context_attention import reorder_for_context
+from sft_jax.model.decoder import ROUTER_STATS
+from sft_jax.model.moe import MoeAux, combine_layers
 from sft_jax.model.regularize import kl_to_base
 from sft_jax.training.loss import chunked_cross_entropy, masked_cross_entropy, resolve_loss_chunk
 from sft_jax.training.sharding import context_shards
@@ -42,6 +45,7 @@ from sft_jax.training.state import TrainState
 
 if TYPE_CHECKING:
     from sft_jax.config import Config
+    from sft_jax.model.config import ModelConfig
 
 Batch = dict[str, jax.Array]
 NEFTUNE_STREAM = 1 << 29  # fold_in offset of the NEFTune rng, apart from dropout's
@@ -65,26 +69,56 @@ class StepOptions:
     loss_chunk: int = 0  # resolved model.loss_chunk: > 0 computes the loss over pieces
     kl_coef: float = 0.0  # train.kl_to_base: weight of the KL to the base model in the objective
     context: int = 1  # the mesh's context axis: rows are permuted for it (make_train_step sets it)
+    # A mixture-of-experts model: its router statistics are collected (metrics), and the
+    # load-balancing and z losses weighted by these (train.router_aux_loss_coef, ...z_loss_coef).
+    router_stats: bool = False
+    router_aux_coef: float = 0.0
+    router_z_coef: float = 0.0
 
     @classmethod
     def from_config(
-        cls, config: Config, *, rows_per_device: int, vocab_size: int, context: int = 1
+        cls, config: Config, model: ModelConfig, *, rows_per_device: int, context: int = 1
     ) -> StepOptions:
-        """The options of `config` for micro-batches of `rows_per_device` rows on each device,
-        each holding 1 / `context` of every row (what an automatic model.loss_chunk is decided
-        on), and a model of `vocab_size`."""
+        """The options of `config` for `model` in micro-batches of `rows_per_device` rows on each
+        device, each holding 1 / `context` of every row (what an automatic model.loss_chunk is
+        decided on)."""
         loss_chunk = resolve_loss_chunk(
             config.model.loss_chunk,
             rows=rows_per_device,
             seq_len=config.data.seq_len // context,
-            vocab_size=vocab_size,
+            vocab_size=model.vocab_size,
             kl_to_base=config.train.kl_to_base > 0,
         )
+        aux_coef = config.train.router_aux_loss_coef
         return cls(
             micro_batches=config.train.micro_batches,
             loss_chunk=loss_chunk,
             kl_coef=config.train.kl_to_base,
+            router_stats=model.is_moe,
+            router_aux_coef=model.router_aux_loss_coef if aux_coef < 0 else aux_coef,
+            router_z_coef=config.train.router_z_loss_coef,
         )
+
+
+@flax.struct.dataclass
+class LossParts:
+    """What one forward measured besides the objective: sums over the (micro-)batch, so
+    micro-batches add up (`jax.tree.map(jnp.add, ...)`)."""
+
+    tokens: jax.Array  # loss tokens
+    cross_entropy: jax.Array  # summed over the loss tokens
+    kl: jax.Array  # summed KL to the base model (0 when off)
+    router: RouterTotals | None = None  # a mixture-of-experts model's router statistics
+
+
+@flax.struct.dataclass
+class RouterTotals:
+    """A mixture-of-experts model's router losses, weighted by loss tokens (so that micro-batches
+    combine as the cross-entropy does), and its per-layer expert assignment counts."""
+
+    balance: jax.Array  # loss tokens x the load-balancing loss over all layers
+    z: jax.Array  # loss tokens x the router z-loss (mean over layers)
+    expert_counts: jax.Array  # [L, E] (token, choice) assignments per layer and expert
 
 
 def context_order(batch: Batch, context: int) -> Batch:
@@ -107,15 +141,18 @@ def context_slots(length: int, context: int) -> jax.Array | None:
 
 def loss_fn(
     params: Any, state: TrainState, batch: Batch, rng: jax.Array, options: StepOptions
-) -> tuple[jax.Array, Any]:
-    """Summed objective of one (micro-)batch -> (sum, (loss tokens, cross-entropy sum, KL sum)).
+) -> tuple[jax.Array, LossParts]:
+    """Summed objective of one (micro-)batch -> (sum, LossParts).
 
     The model is `state.apply_fn` applied with `params` (state.params is not read, so the
     differentiated copy is the only one used). The objective is the masked cross-entropy sum,
     plus `options.kl_coef` times the summed KL to the base model
     (sft_jax.model.regularize.kl_to_base) when it is > 0: the base is the frozen weights under LoRA,
-    else `state.reference` (a copy of the initial parameters). NEFTune noise, when the model
-    config enables it, draws from the "neftune" rng stream passed here.
+    else `state.reference` (a copy of the initial parameters). A mixture-of-experts model adds
+    loss tokens x (router_aux_coef x load-balancing loss + router_z_coef x z-loss), so that after
+    the division by the loss tokens the objective is transformers' cross-entropy mean plus the
+    weighted router losses. NEFTune noise, when the model config enables it, draws from the
+    "neftune" rng stream passed here.
 
     Only `params` is differentiated: with LoRA the base weights in `state.frozen` are constants
     of the loss, so no weight-gradient matmul is ever formed for them. With `options.context` >
@@ -125,28 +162,46 @@ def loss_fn(
     the same up to float rounding.
     """
     apply_fn, frozen = state.apply_fn, state.frozen
-    loss_chunk, kl_coef = options.loss_chunk, options.kl_coef
     variables = model_variables(params, frozen)
     inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
     slots = context_slots(batch["inputs"].shape[1], options.context)
     targets, mask = batch["targets"], batch["loss_mask"]
     rngs = {"dropout": rng, "neftune": jax.random.fold_in(rng, NEFTUNE_STREAM)}
-    if loss_chunk <= 0:
-        logits = apply_fn(variables, *inputs, slots=slots, rngs=rngs)
+    forward = functools.partial(_forward, apply_fn, variables, inputs, options, slots=slots)
+    kl = jnp.float32(0.0)
+    if options.loss_chunk <= 0:
+        logits, router = forward(rngs=rngs)
         loss_sum, count = masked_cross_entropy(logits, targets, mask)
-        if kl_coef <= 0:
-            return loss_sum, (count, loss_sum, jnp.float32(0.0))
-        base = {"params": frozen} if frozen is not None else {"params": state.reference}
-        kl = kl_to_base(logits, apply_fn(base, *inputs, slots=slots), mask)  # no noise, dropout
-        return loss_sum + kl_coef * kl, (count, loss_sum, kl)
-    hidden = apply_fn(variables, *inputs, slots=slots, return_hidden=True, rngs=rngs)
-    # LM-head adapters (if targeted) draw dropout from their own key, the same for every piece.
-    head_rng = jax.random.fold_in(rng, 1 << 30)
-    logits_fn = lambda h: apply_fn(variables, h, method="logits", rngs={"dropout": head_rng})
-    loss_sum, count = chunked_cross_entropy(
-        logits_fn, hidden, targets, mask, loss_chunk, shards=options.context
-    )
-    return loss_sum, (count, loss_sum, jnp.float32(0.0))
+        if options.kl_coef > 0:
+            base = {"params": frozen} if frozen is not None else {"params": state.reference}
+            kl = kl_to_base(logits, apply_fn(base, *inputs, slots=slots), mask)  # no noise
+    else:
+        hidden, router = forward(rngs=rngs, return_hidden=True)
+        # LM-head adapters (if targeted) draw dropout from their own key, the same for every piece.
+        head_rng = jax.random.fold_in(rng, 1 << 30)
+        logits_fn = lambda h: apply_fn(variables, h, method="logits", rngs={"dropout": head_rng})
+        loss_sum, count = chunked_cross_entropy(
+            logits_fn, hidden, targets, mask, options.loss_chunk, shards=options.context
+        )
+    objective = loss_sum + options.kl_coef * kl
+    parts = LossParts(tokens=count, cross_entropy=loss_sum, kl=kl)
+    if router is not None:
+        balance, z_loss = combine_layers(router)
+        totals = RouterTotals(count * balance, count * z_loss, router.expert_counts)
+        objective += options.router_aux_coef * totals.balance + options.router_z_coef * totals.z
+        parts = parts.replace(router=totals)
+    return objective, parts
+
+
+def _forward(
+    apply_fn: Callable, variables: dict, inputs: tuple, options: StepOptions, **kwargs: Any
+) -> tuple[jax.Array, MoeAux | None]:
+    """The model applied to `inputs` -> (its output, the per-layer router statistics of a
+    mixture-of-experts model, which it sows as intermediates; None for a dense model)."""
+    if not options.router_stats:
+        return apply_fn(variables, *inputs, **kwargs), None
+    out, sown = apply_fn(variables, *inputs, mutable=["intermediates"], **kwargs)
+    return out, sown["intermediates"][ROUTER_STATS][0]
 
 
 def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
@@ -170,35 +225,38 @@ def compute_grads(
     options: StepOptions,
     *,
     micro_batch_sharding: Any = None,
-) -> tuple[Any, jax.Array, jax.Array, jax.Array]:
+) -> tuple[Any, LossParts]:
     """Gradient of the summed objective with respect to `state.params`, accumulated over
-    `options.micro_batches` micro-batches with a scan (constant memory) -> (grads,
-    cross-entropy sum, loss tokens, KL-to-base sum). `micro_batch_sharding` (a batch-key ->
-    sharding dict) pins each micro-batch's layout inside the scan."""
+    `options.micro_batches` micro-batches with a scan (constant memory) -> (grads, LossParts
+    summed over the micro-batches). `micro_batch_sharding` (a batch-key -> sharding dict) pins
+    each micro-batch's layout inside the scan."""
     params, micro_batches = state.params, options.micro_batches
     objective = functools.partial(loss_fn, state=state, options=options)
     value_and_grad = jax.value_and_grad(objective, has_aux=True)
     if micro_batches == 1:
-        (_, (count, loss_sum, kl)), grads = value_and_grad(params, batch=batch, rng=rng)
-        return grads, loss_sum, count, kl
+        (_, parts), grads = value_and_grad(params, batch=batch, rng=rng)
+        return grads, parts
 
     stacked = split_micro_batches(batch, micro_batches)
+    zero = jnp.float32(0.0)
+    parts_zero = LossParts(tokens=zero, cross_entropy=zero, kl=zero)
+    if options.router_stats:  # the counts' [L, E] shape, from tracing one micro-batch's forward
+        micro = jax.tree.map(lambda x: x[0], stacked)
+        parts = jax.eval_shape(lambda: objective(params, batch=micro, rng=rng)[1])
+        parts_zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), parts)
 
     def body(carry: tuple, micro: Batch) -> tuple[tuple, None]:
-        grads_acc, loss_acc, count_acc, kl_acc, index = carry
+        grads_acc, parts_acc, index = carry
         if micro_batch_sharding is not None:
             micro = jax.lax.with_sharding_constraint(micro, micro_batch_sharding)
-        (_, (count, loss_sum, kl)), grads = value_and_grad(
-            params, batch=micro, rng=jax.random.fold_in(rng, index)
-        )
+        (_, parts), grads = value_and_grad(params, batch=micro, rng=jax.random.fold_in(rng, index))
         grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-        return (grads_acc, loss_acc + loss_sum, count_acc + count, kl_acc + kl, index + 1), None
+        return (grads_acc, jax.tree.map(jnp.add, parts_acc, parts), index + 1), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    init = (zeros, jnp.float32(0.0), jnp.float32(0.0), jnp.float32(0.0), jnp.int32(0))
-    (grads, loss_sum, count, kl, _), _ = jax.lax.scan(body, init, stacked)
+    (grads, parts, _), _ = jax.lax.scan(body, (zeros, parts_zero, jnp.int32(0)), stacked)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    return grads, loss_sum, count, kl
+    return grads, parts
 
 
 def apply_updates(state: TrainState, grads: Any) -> tuple[TrainState, jax.Array]:
@@ -243,12 +301,13 @@ def train_step(
     """
     rng = jax.random.fold_in(state.rng, state.step)
     batch = context_order(batch, options.context)  # once, before micro-batches split the rows
-    grads, loss_sum, count, kl_sum = compute_grads(
+    grads, parts = compute_grads(
         state, batch, rng, options, micro_batch_sharding=micro_batch_sharding
     )
+    count = parts.tokens
     denominator = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denominator.astype(g.dtype) * loss_scale, grads)
-    loss = loss_sum / denominator * loss_scale
+    loss = parts.cross_entropy / denominator * loss_scale
     learning_rate = schedule(optimizer_count(state.opt_state, state.step))
     updated, grad_norm = apply_updates(state, grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -261,8 +320,27 @@ def train_step(
         "nonfinite": 1.0 - finite.astype(jnp.float32),
     }
     if options.kl_coef > 0:  # the gradient includes kl_coef * kl; "loss" stays the cross-entropy
-        metrics["kl_to_base"] = kl_sum / denominator
+        metrics["kl_to_base"] = parts.kl / denominator
+    if parts.router is not None:
+        metrics.update(router_metrics(parts.router, denominator))
     return keep_if_finite(finite, updated, state), metrics
+
+
+def router_metrics(totals: RouterTotals, loss_tokens: jax.Array) -> dict[str, jax.Array]:
+    """The router's health: its losses (before their weights), each expert's share of all
+    assignments ([E], summed over layers: uniform is 1 / E), and the most and least loaded
+    expert of any layer relative to that layer's mean (1 and 1: balanced; a max near E or a min
+    of 0: collapse onto a few experts, or experts no token reaches)."""
+    counts = totals.expert_counts  # [L, E]
+    per_layer_mean = jnp.maximum(jnp.mean(counts, axis=-1, keepdims=True), 1e-9)
+    relative = counts / per_layer_mean
+    return {
+        "router_balance_loss": totals.balance / loss_tokens,
+        "router_z_loss": totals.z / loss_tokens,
+        "expert_load": jnp.sum(counts, axis=0) / jnp.maximum(jnp.sum(counts), 1e-9),
+        "expert_load_max": jnp.max(relative),
+        "expert_load_min": jnp.min(relative),
+    }
 
 
 def make_train_step(

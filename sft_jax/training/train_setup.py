@@ -23,7 +23,7 @@ from sft_jax.data.pack import PACKED_KEYS
 from sft_jax.data.pipeline import format_stats, padding_line
 from sft_jax.evaluation.eval_loop import Evaluator
 from sft_jax.evaluation.evaluate import general_text_batches
-from sft_jax.model.decoder import Transformer, count_params
+from sft_jax.model.decoder import ModelConfig, Transformer, count_params
 from sft_jax.training import preflight, sharding
 from sft_jax.training.checkpoint import Checkpointer
 from sft_jax.training.faults import FaultInjector
@@ -55,31 +55,28 @@ def print_data_stats(stats: dict[str, Any], steps: int, per_epoch: int) -> None:
     log(f"schedule: {steps} steps ({per_epoch} steps per epoch)")
 
 
-def step_options(config: Config, mesh: jax.sharding.Mesh, vocab_size: int) -> StepOptions:
-    """The step's static options for `config` on `mesh`: an automatic model.loss_chunk is
-    decided on one device's micro-batch (global rows / micro-batches / batch shards, each row's
-    sequence split over the context axis)."""
+def step_options(config: Config, mesh: jax.sharding.Mesh, model: ModelConfig) -> StepOptions:
+    """The step's static options for `config` and `model` on `mesh`: an automatic
+    model.loss_chunk is decided on one device's micro-batch (global rows / micro-batches / batch
+    shards, each row's sequence split over the context axis)."""
     shards = sharding.batch_shards(mesh, config.mesh.rules)
     micro = config.train.global_batch_size // config.train.micro_batches
     rows = -(-micro // shards)
     return StepOptions.from_config(
-        config,
-        rows_per_device=rows,
-        vocab_size=vocab_size,
-        context=sharding.context_shards(mesh),
+        config, model, rows_per_device=rows, context=sharding.context_shards(mesh)
     )
 
 
 def make_step_from_config(
-    config: Config, shardings: TrainState, mesh: jax.sharding.Mesh, steps: int, vocab_size: int
+    config: Config, shardings: TrainState, mesh: jax.sharding.Mesh, steps: int, model: ModelConfig
 ) -> Any:
-    """The jitted train step of `config` for a state placed as `shardings`, its schedule
-    stretched over `steps`, for a model of `vocab_size` tokens: the one place training, the
-    benchmark and the compile checks make it (micro-batches, chunked loss, KL to the base)."""
+    """The jitted train step of `config` for `model` in a state placed as `shardings`, its
+    schedule stretched over `steps`: the one place training, the benchmark and the compile
+    checks make it (micro-batches, chunked loss, KL to the base, router losses)."""
     return make_train_step(
         shardings,
         sharding.batch_sharding(mesh, config.mesh.rules),
-        options=step_options(config, mesh, vocab_size),
+        options=step_options(config, mesh, model),
         schedule=make_schedule(config.optim, steps),
     )
 
@@ -155,7 +152,7 @@ def setup(config: Config, workdir: str) -> tuple[Run, Any]:
         steps=steps,
         shardings=shardings,
         bundle=bundle,
-        train_step=make_step_from_config(config, shardings, mesh, steps, model.config.vocab_size),
+        train_step=make_step_from_config(config, shardings, mesh, steps, model.config),
         evaluator=evaluator,
         checkpointer=checkpointer,
         writer=writer,

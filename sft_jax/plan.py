@@ -135,7 +135,9 @@ def activation_bytes(
 
     One layer's activations per token (compute dtype b bytes; heads and mlp divided by the
     tensor-parallel size): both norms' inputs and outputs, q, k, v and their float32 RoPE'd
-    copies, the attention output, o, gate, up, act(gate), act * up and down; with a non-flash
+    copies, the attention output, o, gate, up, act(gate), act * up and down (a mixture of
+    experts: over the K chosen experts' widths, plus the token's K gathered copies and outputs
+    and the router's logits and probabilities); with a non-flash
     attention (xla, reference) also the float32 scores and the probabilities, S per query and
     head. Then, per remat policy:
       none: every layer's activations are kept, plus one layer's worth of their gradients;
@@ -164,13 +166,17 @@ def activation_bytes(
     against XLA" and "TPU compiler", has the tables).
     """
     b = jnp.dtype(c.dtype).itemsize
-    d, f, n, k, h = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
+    d, f, n, k, h = c.hidden_size, c.active_mlp_width, c.num_heads, c.num_kv_heads, c.head_dim
     tokens = rows * seq_len / context
     heads = (n + 2 * k + n) * h / tensor  # q, k, v, attention output
     rope = 4 * (n + k) * h / tensor
     scores = 0 if attention in FLASH_ATTENTION else (4 + b) * n * seq_len / tensor
     layer = b * (6 * d + heads + 4 * f / tensor) + rope + scores
     dots = b * (2 * d + heads + 3 * f / tensor) + scores
+    if c.is_moe:  # each token's input gathered and output kept once per chosen expert, and
+        # the router's logits and float32 probabilities
+        routed = b * 2 * c.num_experts_per_tok * d + (b + 4) * c.num_experts
+        layer, dots = layer + routed, dots + routed
     saved, working = {
         "none": (layer, layer),
         "dots": (dots, layer),

@@ -121,6 +121,16 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def active_mlp_width(self) -> int:
+        """The feed-forward width one token passes through: F for the dense MLP; its K experts'
+        widths plus the shared expert's in a mixture of experts (what its flops and its
+        activations scale with, not the E experts it stores)."""
+        if not self.is_moe:
+            return self.intermediate_size
+        routed = self.num_experts_per_tok * self.moe_intermediate_size
+        return routed + self.shared_expert_intermediate_size
+
     def moe_config(self) -> Any:
         """The MoE layer's config (sft_jax.model.moe.MoeConfig) for this model's layers."""
         from sft_jax.model.moe import MoeConfig
@@ -145,17 +155,22 @@ class ModelConfig:
 
     @property
     def platform(self) -> str:
-        """ "cpu" | "gpu" | "tpu": where the model is compiled for (its mesh's devices). A
-        mesh without devices (an AbstractMesh: the memory plan's) names its platform when it
-        knows it, else it is this machine's."""
-        import jax
+        """ "cpu" | "gpu" | "tpu": where the model is compiled for (`mesh_platform`)."""
+        return mesh_platform(self.mesh)
 
-        if self.mesh is None:
-            return jax.default_backend()
-        if isinstance(self.mesh, jax.sharding.AbstractMesh):
-            device = self.mesh.abstract_device
-            return jax.default_backend() if device is None else device.platform
-        return self.mesh.devices.flat[0].platform
+
+def mesh_platform(mesh: Any) -> str:
+    """ "cpu" | "gpu" | "tpu": where a model on `mesh` is compiled for (its devices). A mesh
+    without devices (an AbstractMesh: the memory plan's) names its platform when it knows it,
+    else it is this machine's; so is no mesh (None)."""
+    import jax
+
+    if mesh is None:
+        return jax.default_backend()
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        device = mesh.abstract_device
+        return jax.default_backend() if device is None else device.platform
+    return mesh.devices.flat[0].platform
 
 
 def model_config_from_arch(arch: ArchConfig, section: ModelSection) -> ModelConfig:

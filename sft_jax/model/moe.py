@@ -6,9 +6,11 @@ tokens and A = N * K (token, choice) assignments.
 
 Design choices and why:
 - Dropless routing with grouped matmuls: the A assignments are sorted by expert, so each expert's
-  tokens are one contiguous block, and `jax.lax.ragged_dot` multiplies every block by its own
-  expert's weights in one call. Work is proportional to N * K (not N * E, as dispatching every
-  token to every expert would be), no token is dropped for capacity, and shapes stay static.
+  tokens are one contiguous block, and a grouped matmul (sft_jax/model/grouped_matmul.py:
+  `jax.lax.ragged_dot` on TPU and GPU, a blocked scan on the CPU, whose ragged_dot is dense)
+  multiplies every block by its own expert's weights. Work is proportional to N * K (not N * E,
+  as dispatching every token to every expert would be), no token is dropped for capacity, and
+  shapes stay static.
 - Routing follows Hugging Face: logits in the compute dtype, softmax over experts in float32, top-k
   of the probabilities; `norm_topk_prob` renormalises the k weights to sum 1 (Qwen3-MoE, OLMoE
   with the flag, and Mixtral, whose softmax over the top-k logits is the same thing); without it
@@ -51,6 +53,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from sft_jax.model.config import mesh_platform
+from sft_jax.model.grouped_matmul import grouped_matmul
 from sft_jax.model.layers import ACTIVATIONS, INIT_STD, Einsum, named_param
 from sft_jax.training.sharding import logical_to_spec
 
@@ -72,6 +76,11 @@ class MoeConfig:
     # ModelConfig: with more than one device each device routes its own tokens under shard_map.
     mesh: Any = None
     mesh_rules: tuple = ()
+
+    @property
+    def platform(self) -> str:
+        """Where the layer is compiled for: its grouped matmuls differ on the CPU."""
+        return mesh_platform(self.mesh)
 
     def __post_init__(self) -> None:
         if not 0 < self.num_experts_per_tok <= self.num_experts:
@@ -176,6 +185,7 @@ def grouped_swiglu(
     up: jax.Array,
     down: jax.Array,
     activation: Any = nn.silu,
+    platform: str = "cpu",
 ) -> jax.Array:
     """Each token's K expert outputs, [N, K, D], from x [N, D] and its experts [N, K].
 
@@ -188,9 +198,9 @@ def grouped_swiglu(
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)  # [A, D], grouped by expert
-    h = activation(jax.lax.ragged_dot(xs, gate, group_sizes))
-    h = h * jax.lax.ragged_dot(xs, up, group_sizes)
-    ys = jax.lax.ragged_dot(h, down, group_sizes)  # [A, D]
+    matmul = functools.partial(grouped_matmul, group_sizes=group_sizes, platform=platform)
+    h = activation(matmul(xs, gate)) * matmul(xs, up)
+    ys = matmul(h, down)  # [A, D]
     inverse = jnp.argsort(order)
     return jnp.take(ys, inverse, axis=0).reshape(n, k, -1)
 
@@ -216,7 +226,13 @@ class Experts(nn.Module):
         def per_device(x, experts, weights, gate, up, down):
             b, t, _ = x.shape
             ys = grouped_swiglu(
-                x.reshape(b * t, d), experts.reshape(b * t, -1), gate, up, down, activation
+                x.reshape(b * t, d),
+                experts.reshape(b * t, -1),
+                gate,
+                up,
+                down,
+                activation,
+                c.platform,
             )
             return jnp.sum(ys * weights.reshape(b * t, -1, 1), axis=1).reshape(b, t, d)
 

@@ -66,10 +66,13 @@ def tpu_generation(name_or_kind: str) -> TpuGeneration | None:
 
 def matmul_params(cfg: ModelConfig) -> int:
     """N of the MFU formula: weights that enter a matmul, the LM head included (also when tied,
-    since the logits matmul is computed either way); embeddings lookups, norms and biases not."""
+    since the logits matmul is computed either way); embeddings lookups, norms and biases not.
+    In a mixture of experts only the experts a token is routed to count (active parameters)."""
     d, h = cfg.hidden_size, cfg.head_dim
     attention = d * h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)  # q, o and k, v
-    mlp = 3 * d * cfg.intermediate_size  # gate, up, down
+    mlp = 3 * d * cfg.active_mlp_width  # gate, up, down of the experts a token goes through
+    if cfg.is_moe:  # the router, and the shared expert's gate
+        mlp += d * cfg.num_experts + (d if cfg.shared_expert_intermediate_size else 0)
     return cfg.num_layers * (attention + mlp) + d * cfg.vocab_size
 
 

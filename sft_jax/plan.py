@@ -44,6 +44,7 @@ from sft_jax.config_file import config_from_argv
 from sft_jax.model.attention import resolve_implementation, ring_block
 from sft_jax.model.blocked_attention import BLOCK, LOOP_FROM, TILE
 from sft_jax.model.decoder import ModelConfig
+from sft_jax.model.grouped_matmul import BLOCK_ROWS
 from sft_jax.training import state
 from sft_jax.training.loss import resolve_loss_chunk
 from sft_jax.training.sharding import MESH_AXES
@@ -137,7 +138,8 @@ def activation_bytes(
     tensor-parallel size): both norms' inputs and outputs, q, k, v and their float32 RoPE'd
     copies, the attention output, o, gate, up, act(gate), act * up and down (a mixture of
     experts: over the K chosen experts' widths, plus the token's K gathered copies and outputs
-    and the router's logits and probabilities); with a non-flash
+    and the router's logits and probabilities; on the CPU also each expert's rows padded to
+    whole blocks, sft_jax/model/grouped_matmul.py); with a non-flash
     attention (xla, reference) also the float32 scores and the probabilities, S per query and
     head. Then, per remat policy:
       none: every layer's activations are kept, plus one layer's worth of their gradients;
@@ -166,13 +168,19 @@ def activation_bytes(
     against XLA" and "TPU compiler", has the tables).
     """
     b = jnp.dtype(c.dtype).itemsize
-    d, f, n, k, h = c.hidden_size, c.active_mlp_width, c.num_heads, c.num_kv_heads, c.head_dim
+    d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    # MLP width per device: the routed experts run whole on each device for its own tokens
+    # (sft_jax/model/moe.py), the dense MLP and a shared expert are split by tensor parallelism.
+    f = c.intermediate_size / tensor
+    if c.is_moe:
+        routed = c.num_experts_per_tok * c.moe_intermediate_size
+        f = routed + c.shared_expert_intermediate_size / tensor
     tokens = rows * seq_len / context
     heads = (n + 2 * k + n) * h / tensor  # q, k, v, attention output
     rope = 4 * (n + k) * h / tensor
     scores = 0 if attention in FLASH_ATTENTION else (4 + b) * n * seq_len / tensor
-    layer = b * (6 * d + heads + 4 * f / tensor) + rope + scores
-    dots = b * (2 * d + heads + 3 * f / tensor) + scores
+    layer = b * (6 * d + heads + 4 * f) + rope + scores
+    dots = b * (2 * d + heads + 3 * f) + scores
     if c.is_moe:  # each token's input gathered and output kept once per chosen expert, and
         # the router's logits and float32 probabilities
         routed = b * 2 * c.num_experts_per_tok * d + (b + 4) * c.num_experts
@@ -197,7 +205,11 @@ def activation_bytes(
     vocab = c.vocab_size / tensor
     # A chunked loss takes `loss_chunk` positions of each device's part of every row per piece.
     loss_tokens = rows * min(loss_chunk, seq_len / context) if loss_chunk > 0 else tokens
-    return int(tokens * (saved * c.num_layers + working) + 2 * 4 * vocab * loss_tokens)
+    padding = 0
+    if c.is_moe and c.platform == "cpu":  # each expert's rows padded to whole blocks, per layer
+        per_layer = c.num_experts * BLOCK_ROWS * (2 * d + 3 * c.moe_intermediate_size) * b
+        padding = per_layer * (c.num_layers if remat == "none" else 1)
+    return int(tokens * (saved * c.num_layers + working) + 2 * 4 * vocab * loss_tokens + padding)
 
 
 def state_bytes(config: Config, model_config: ModelConfig, mesh: AbstractMesh) -> dict[str, int]:

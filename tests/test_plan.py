@@ -221,3 +221,11 @@ def test_long_sequences_plan_the_automatic_chunked_loss():
     raw.data.seq_len = raw.model.arch.max_position_embeddings = 2048  # 256 MiB: whole
     raw.model.loss_chunk = -1
     assert plan(parse(raw), 8, 16.0)["loss_chunk"] == 0
+
+
+def test_plan_is_within_a_factor_of_the_compiled_step_for_a_mixture_of_experts():
+    """8 experts, top-2: the plan counts the K chosen experts' activations per token, the
+    token's gathered copies and the CPU's padded expert blocks."""
+    moe = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128)
+    ratio = _plan_vs_xla((8, 1, 1), "full", 512, vocab_size=2048, hidden_size=128, **moe)
+    assert 1 / PLAN_FACTOR < ratio < PLAN_FACTOR, ratio

@@ -71,7 +71,10 @@ def test_a_rule_table_written_before_the_expert_axis_keeps_experts_replicated():
     old = tuple(r for r in RULES if r[0] != "expert")
     check_rules(old)
     mesh = make_mesh(mesh_cfg(-1, 2, 2))
-    assert tuple(logical_to_spec(("expert", "embed"), (8, 16), mesh, old)) == (None, ("fsdp", "context"))
+    assert tuple(logical_to_spec(("expert", "embed"), (8, 16), mesh, old)) == (
+        None,
+        ("fsdp", "context"),
+    )
 
 
 def test_rule_names_cover_every_logical_axis_of_the_model():

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from sft_jax.model.config import mesh_platform
-from sft_jax.model.grouped_matmul import grouped_matmul
+from sft_jax.model.grouped_matmul import GroupedRows
 from sft_jax.model.layers import ACTIVATIONS, INIT_STD, Einsum, named_param
 from sft_jax.training.sharding import logical_to_spec
 
@@ -198,9 +198,10 @@ def grouped_swiglu(
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)  # [A, D], grouped by expert
-    matmul = functools.partial(grouped_matmul, group_sizes=group_sizes, platform=platform)
-    h = activation(matmul(xs, gate)) * matmul(xs, up)
-    ys = matmul(h, down)  # [A, D]
+    layout = GroupedRows.make(group_sizes, xs.shape[0], platform)  # one layout, three matmuls
+    xs = layout.enter(xs)
+    h = activation(layout.matmul(xs, gate)) * layout.matmul(xs, up)
+    ys = layout.leave(layout.matmul(h, down))  # [A, D]
     inverse = jnp.argsort(order)
     return jnp.take(ys, inverse, axis=0).reshape(n, k, -1)
 

@@ -33,12 +33,13 @@ D, F, FS, E, K = 16, 8, 12, 8, 2
 UNUSED = (1, 6)  # experts no token picks: empty groups, devices with nothing to compute
 B, T = 8, 4
 
-# name: mesh (data, fsdp, tensor, context, expert)
+# name: mesh (data, fsdp, tensor, context, expert), the mesh axes of the expert dimension
 MESHES = {
-    "expert_8": (1, 1, 1, 1, 8),
-    "data_2_x_expert_4": (2, 1, 1, 1, 4),
-    "fsdp_2_x_expert_2_x_tensor_2": (1, 2, 2, 1, 2),
-    "expert_2_x_context_2_x_data_2": (2, 1, 1, 2, 2),
+    "expert_8": ((1, 1, 1, 1, 8), "expert"),
+    "data_2_x_expert_4": ((2, 1, 1, 1, 4), "expert"),
+    "fsdp_2_x_expert_2_x_tensor_2": ((1, 2, 2, 1, 2), "expert"),
+    "expert_2_x_context_2_x_data_2": ((2, 1, 1, 2, 2), "expert"),
+    "experts_over_fsdp_2_x_expert_2": ((2, 2, 1, 1, 2), ("fsdp", "expert")),
 }
 
 
@@ -87,17 +88,20 @@ def test_expert_parallel_equals_unsharded(name, shared):
     assert all(int(want[1][1].expert_counts[e]) == 0 for e in UNUSED)
     assert int(jnp.sum(want[1][1].expert_counts > 0)) >= 4  # routing is not degenerate
 
-    mesh = expert_mesh(MESHES[name])
-    ep = dict(mesh.shape)["expert"]
+    sizes, expert_axes = MESHES[name]
+    mesh = expert_mesh(sizes)
+    rules = (*RULES, ("expert", expert_axes))  # the last entry for a name wins
+    ep = expert_axes if isinstance(expert_axes, tuple) else (expert_axes,)
     specs = nn.get_partition_spec(variables)["params"]
-    shardings = param_shardings(specs, params, mesh, RULES)
+    shardings = param_shardings(specs, params, mesh, rules)
     gate = jax.device_put(params["experts"]["gate_proj"], shardings["experts"]["gate_proj"])
-    assert shardings["experts"]["gate_proj"].spec[0] == "expert"
-    assert {s.data.shape[0] for s in gate.addressable_shards} == {E // ep}  # E / ep per device
-    tokens = activation_sharding(mesh, RULES)
+    assert shardings["experts"]["gate_proj"].spec[0] == expert_axes
+    per_device = E // int(np.prod([mesh.shape[a] for a in ep]))
+    assert {s.data.shape[0] for s in gate.addressable_shards} == {per_device}
+    tokens = activation_sharding(mesh, rules)
     assert "expert" in tokens.spec[0]  # the expert axis splits the batch too
-    sharded = dataclasses.replace(cfg, mesh=mesh, mesh_rules=RULES)
-    assert expert_parallel_axes(sharded) == ("expert",)
+    sharded = dataclasses.replace(cfg, mesh=mesh, mesh_rules=rules)
+    assert expert_parallel_axes(sharded) == ep
     args = (
         jax.device_put(params, shardings),
         jax.device_put(x, tokens),
@@ -107,7 +111,7 @@ def test_expert_parallel_equals_unsharded(name, shared):
     jaxpr = str(jax.make_jaxpr(step)(*args))
     assert "all_gather" in jaxpr and "reduce_scatter" in jaxpr  # the expert-parallel path
     got = step(*args)
-    assert got[0][0]["experts"]["gate_proj"].sharding.spec[0] == "expert"
+    assert got[0][0]["experts"]["gate_proj"].sharding.spec[0] == expert_axes
     tol = dict(atol=1e-5, rtol=1e-5)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, **tol), got, want)
 

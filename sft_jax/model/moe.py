@@ -29,8 +29,10 @@ Design choices and why:
   collectives for the backward (the gather's gradient is a reduce-scatter and vice versa).
   Why not `jax.lax.ragged_all_to_all`, which sends each assignment only to its expert's device:
   XLA:CPU cannot run it (so no test here could check it), and a dropless receive buffer must
-  still hold the worst case, every gathered assignment. The all-gather moves ep x the tokens'
-  activations instead of K x the routed ones; both stay on the expert axis' near links.
+  still hold the worst case, every assignment of the group. The cost of the gather: each device
+  receives the group's other (ep - 1) token shards and sends as much back in the reduce-scatter,
+  where an all-to-all would move about K of its own shards' worth (its tokens' assignments);
+  both run on the expert axis' near links.
   Each expert's D and F dimensions are gathered whole on its devices at the shard_map boundary
   (fsdp, context and tensor split tokens, not one expert's matmul); their gradients are
   reduce-scattered back there.
@@ -66,7 +68,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from sft_jax.model.decoder import ACTIVATIONS, INIT_STD, Einsum, named_param
-from sft_jax.training.sharding import EXPERT_AXIS, logical_to_spec
+from sft_jax.training.sharding import EXPERT_AXIS, expert_shards, logical_to_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,7 +279,7 @@ def expert_parallel_axes(c: MoeConfig) -> tuple[str, ...]:
     """The mesh axes the experts are split over: those the rules give the expert dimension,
     when the mesh has an expert axis > 1 among them; () otherwise (the experts whole on every
     device, as without an expert axis, also when num_experts does not divide by the axes)."""
-    if c.mesh is None or dict(c.mesh.shape).get(EXPERT_AXIS, 1) == 1:
+    if c.mesh is None or expert_shards(c.mesh) == 1:
         return ()
     spec = logical_to_spec(("expert",), (c.num_experts,), c.mesh, c.mesh_rules)[0]
     axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)

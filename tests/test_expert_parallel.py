@@ -214,3 +214,17 @@ def test_expert_parallel_layer_compiles_for_tpu():
     text = compiled.as_text()
     assert "ragged-dot" in text
     assert "all-gather" in text and "reduce-scatter" in text
+
+
+def test_two_slices_keep_each_expert_group_inside_a_slice():
+    """On a multi-slice hybrid mesh only data spans the slices: the expert axis' every-layer
+    collectives stay on the slice's interconnect."""
+    if tpu.libtpu_missing():
+        pytest.skip(f"no TPU compiler: {tpu.libtpu_missing()}")
+    devices = tpu.topology_devices("v5p:2x2x1", num_slices=2)
+    mesh = make_mesh(MeshSection(2, -1, 1, RULES, expert=2), devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "expert": 2, "tensor": 1}
+    grid = mesh.devices  # [data, fsdp, context, expert, tensor]
+    assert {d.slice_index for d in grid.flat} == {0, 1}
+    for index in range(2):
+        assert len({d.slice_index for d in grid[index].flat}) == 1

@@ -32,10 +32,13 @@ Design choices and why:
   still hold the worst case, every assignment of the group. The cost of the gather: each device
   receives the group's other (ep - 1) token shards and sends as much back in the reduce-scatter,
   where an all-to-all would move about K of its own shards' worth (its tokens' assignments);
-  both run on the expert axis' near links.
+  both run on the expert axis' near links. Against gathering whole experts it trades each
+  layer's weight gathers (3 x E x D x F values) for token gathers, but with N tokens per device
+  its grouped buffers hold the group's ep x N x K assignment rows, ep x the whole-experts
+  path's (static shapes must fit the case where every token picks this device's experts).
   Each expert's D and F dimensions are gathered whole on its devices at the shard_map boundary
-  (fsdp, context and tensor split tokens, not one expert's matmul); their gradients are
-  reduce-scattered back there.
+  (inside the layer fsdp, context and tensor split tokens or nothing, never one expert's
+  matmul); their gradients are reduce-scattered back there.
 - Tokens marked as padding by the mask still go through their experts (static shapes); they are
   left out of the router statistics only, as transformers leaves them out with its attention mask.
 - The router statistics are returned, not applied: the train step decides how to weight the

@@ -20,9 +20,9 @@ mesh and shardings are exactly what they were before the axis existed.
 Axis order is device order: the later an axis, the closer its devices (neighbouring links on a
 TPU slice). Tensor is innermost (it reduces inside every layer's matmuls, on the critical path),
 expert next (every MoE layer gathers its group's tokens and reduce-scatters their outputs,
-forward and backward, with no compute to hide behind), then context (the ring's key and value
-passes overlap with the attention compute), then fsdp (weight gathers, prefetched a layer
-ahead) and data (one gradient reduction per step: it may span slices).
+forward and backward, and the layer's matmuls wait for them), then context (the ring passes
+keys and values while it computes), then fsdp (weight gathers, which do not depend on the
+previous layer's result) and data (one gradient reduction per step: it may span slices).
 """
 
 from __future__ import annotations

@@ -72,9 +72,9 @@ def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
     saved = read_config(workdir)
     raw = {**saved.raw, "lora": dataclasses.asdict(saved.lora)}
     model_config = hf.build_model_config(saved.model)
-    devices = np.asarray(jax.devices()).reshape(1, -1, 1, 1)
-    mesh = jax.sharding.Mesh(devices, sharding.MESH_AXES)
     rules = saved.mesh.rules
+    axes = tuple(a for a in sharding.MESH_AXES if a != sharding.EXPERT_AXIS)  # as make_mesh's
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(1, -1, 1, 1), axes)
     abstract, shardings = param_shardings(Transformer(model_config), mesh, rules)
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings

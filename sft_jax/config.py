@@ -187,9 +187,10 @@ class MeshSection:
     fsdp: int
     tensor: int
     rules: tuple[tuple[str, Any], ...]
-    # Last, with a default, so (data, fsdp, tensor, rules) built in code keep their meaning;
-    # configs set it in configs/base.py like every other key.
+    # Last, with defaults, so (data, fsdp, tensor, rules) built in code keep their meaning;
+    # configs set them in configs/base.py like every other key.
     context: int = 1
+    expert: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,6 +366,18 @@ def _validate(c: Config) -> None:
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(f"mesh sizes (data, fsdp, tensor) = {sizes}: each >= 1, at most one -1")
     _validate_context(c)
+    _validate_expert(c)
+
+
+def _validate_expert(c: Config) -> None:
+    """The expert axis is an explicit size (never -1: the experts must divide by it, so "the
+    rest of the devices" would rarely fit)."""
+    n = c.mesh.expert
+    if n < 1:
+        raise ConfigError(
+            f"config key 'mesh.expert' is {n}; it must be >= 1 (1: off; the number of devices "
+            "a mixture-of-experts layer's experts are split over)"
+        )
 
 
 def _validate_context(c: Config) -> None:

@@ -45,9 +45,8 @@ from sft_jax.model.attention import resolve_implementation, ring_block
 from sft_jax.model.blocked_attention import BLOCK, LOOP_FROM, TILE
 from sft_jax.model.decoder import ModelConfig
 from sft_jax.model.grouped_matmul import BLOCK_ROWS
-from sft_jax.training import state
+from sft_jax.training import sharding, state
 from sft_jax.training.loss import resolve_loss_chunk
-from sft_jax.training.sharding import MESH_AXES
 
 GIB = 1024**3
 HEADROOM = 0.9  # plan fits when its total is within 90% of the device (allocator slack)
@@ -62,23 +61,10 @@ RING_TILE_BUFFERS = 4
 
 
 def planned_mesh(config: Config, devices: int) -> AbstractMesh:
-    """The config's (data, fsdp, context, tensor) mesh on `devices` devices, without the
-    devices."""
-    sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
-    context = config.mesh.context
-    known = math.prod(s for s in sizes if s != -1) * context
-    if -1 in sizes:
-        if devices % known:
-            raise ConfigError(
-                f"mesh {tuple(sizes)} x context {context} does not divide {devices} devices"
-            )
-        sizes[sizes.index(-1)] = devices // known
-    if math.prod(sizes) * context != devices:
-        raise ConfigError(
-            f"mesh {tuple(sizes)} x context {context} needs {math.prod(sizes) * context} "
-            f"devices, not {devices}"
-        )
-    return AbstractMesh((sizes[0], sizes[1], context, sizes[2]), MESH_AXES)
+    """The config's mesh (the axes and sizes `sharding.make_mesh` gives it) on `devices`
+    devices, without the devices."""
+    shape = sharding.mesh_shape(config.mesh, devices)
+    return AbstractMesh(tuple(shape.values()), tuple(shape))
 
 
 def _shards(spec: tuple, mesh: AbstractMesh) -> int:
@@ -247,10 +233,7 @@ def plan(
     model_config = hf.build_model_config(config.model)
     mesh = planned_mesh(config, devices)
     result = state_bytes(config, model_config, mesh)
-    rules = dict(config.mesh.rules)
-    batch_axes = rules.get("batch") or ()
-    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
-    batch_split = math.prod(mesh.shape[a] for a in batch_axes)
+    batch_split = sharding.batch_shards(mesh, config.mesh.rules)
     rows = math.ceil(config.train.global_batch_size / config.train.micro_batches / batch_split)
     attention = resolve_implementation(
         model_config.attention,

@@ -49,11 +49,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 RULES = tuple(tuple(r) for r in base.get_config().mesh.rules)
 T, H = 128, 16  # one splash block; a small head dim keeps the interpreter quick
 TOL = 2e-5
+AXES = ("data", "fsdp", "context", "tensor")  # make_mesh's axes without an expert axis
 
 
 def cpu_mesh(data: int, fsdp: int, tensor: int) -> Mesh:
     devices = np.asarray(jax.devices()[: data * fsdp * tensor])
-    return Mesh(devices.reshape(data, fsdp, 1, tensor), sharding.MESH_AXES)
+    return Mesh(devices.reshape(data, fsdp, 1, tensor), AXES)
 
 
 def packed_segments(rows: int, seed: int) -> np.ndarray:
@@ -219,7 +220,7 @@ def compile_forward_backward(model: Transformer, mesh: Mesh, lora_rank: int = 0)
 
 
 def tpu_mesh(devices, data: int, fsdp: int, tensor: int) -> Mesh:
-    return Mesh(np.asarray(devices).reshape(data, fsdp, 1, tensor), sharding.MESH_AXES)
+    return Mesh(np.asarray(devices).reshape(data, fsdp, 1, tensor), AXES)
 
 
 SPLASH_CALL = "tpu_custom_call"  # the Mosaic kernel's custom call in the lowered program

@@ -20,7 +20,6 @@ from sft_jax.config import ConfigError, parse
 from sft_jax.config_file import load_config_file
 from sft_jax.model.decoder import Transformer
 from sft_jax.training.metrics import read_metrics
-from sft_jax.training.sharding import MESH_AXES
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -189,7 +188,9 @@ def _export_both_ways(workdir, cfg, tmp_path, stories_dir):
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / "ad" / name).is_file(), name
     run = export.load_workdir(str(workdir))
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1), MESH_AXES)
+    mesh = jax.sharding.Mesh(
+        np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1), ("data", "fsdp", "context", "tensor")
+    )
     rules = tuple(tuple(r) for r in cfg.mesh.rules)
     base = init_params(Transformer(run.model_config), "", mesh, rules, cfg.seed)
     export.export_hf(base, run.model_config, str(tmp_path / "base"), tokenizer_dir=str(stories_dir))

@@ -11,7 +11,7 @@ from sft_jax.config import parse
 from sft_jax.config_file import load_config_file
 from sft_jax.plan import plan
 from sft_jax.planning import plan_check
-from sft_jax.training.sharding import MESH_AXES, make_mesh
+from sft_jax.training.sharding import make_mesh
 from sft_jax.training.state import StateSpec, create_train_state, state_layout
 
 
@@ -86,7 +86,7 @@ def test_layout_needs_no_devices(case):
     """On an AbstractMesh (the plan's) the layout has the same shapes and specs as on devices."""
     config = _config(**CASES[case])
     on_devices = state_layout(StateSpec.from_config(config, None, make_mesh(config.mesh), 2))
-    abstract_mesh = AbstractMesh((2, 2, 1, 2), MESH_AXES)
+    abstract_mesh = AbstractMesh((2, 2, 1, 2), ("data", "fsdp", "context", "tensor"))
     abstract = state_layout(StateSpec.from_config(config, None, abstract_mesh, 2))
     arrays = lambda s: jax.tree.structure(s.replace(apply_fn=None, tx=None))  # two optimizers
     assert arrays(abstract) == arrays(on_devices)

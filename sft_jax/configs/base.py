@@ -179,7 +179,8 @@ def get_config() -> ml_collections.ConfigDict:
     ds.process_id = -1  # -1 = auto
     ds.initialization_timeout_s = 300  # a dead host fails the job instead of hanging it
     ds.expected_platform = ""  # "tpu" | "gpu" | "cpu": fail instead of silently falling back
-    # --- device mesh: sizes of (data, fsdp, context, tensor); data, fsdp or tensor may be -1.
+    # --- device mesh: sizes of (data, fsdp, context, expert, tensor); data, fsdp or tensor may
+    # be -1.
     c.mesh = ms = ml_collections.ConfigDict()
     ms.data = -1  # data-parallel size (-1: all remaining devices)
     ms.fsdp = 1  # fully sharded data-parallel size (parameters sharded too)
@@ -187,17 +188,22 @@ def get_config() -> ml_collections.ConfigDict:
     # context-parallel size: each row's sequence split over this many devices (ring attention);
     # data.seq_len must be a multiple of 2 x context. Never -1.
     ms.context = 1
+    # expert-parallel size: a mixture-of-experts layer's experts split over this many devices
+    # (num_experts must be a multiple of it, else they stay whole); for everything else these
+    # devices are data-parallel (batch rows split over them). Never -1.
+    ms.expert = 1
     # logical axis -> mesh axes. A dimension is sharded only when its size divides evenly.
-    # Weights are sharded over context as over fsdp: devices that split a row's sequence would
-    # otherwise each hold a full copy of the parameters and optimizer state.
+    # Weights are sharded over context and expert as over fsdp: devices that split a row's
+    # sequence or the batch would otherwise each hold a full copy of the parameters and optimizer
+    # state (an expert weight's embed dimension skips expert, which already splits its experts).
     ms.rules = (
-        ("batch", ("data", "fsdp")),
+        ("batch", ("data", "fsdp", "expert")),
         ("vocab", "tensor"),
-        ("embed", ("fsdp", "context")),
+        ("embed", ("fsdp", "context", "expert")),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
         ("mlp", "tensor"),
-        ("expert", None),  # a mixture-of-experts layer's expert dimension
+        ("expert", "expert"),  # a mixture-of-experts layer's expert dimension
         ("head_dim", None),
         ("layers", None),
         ("seq", "context"),

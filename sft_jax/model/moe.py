@@ -20,8 +20,27 @@ Design choices and why:
 - On a mesh (`MoeConfig.mesh`, as ModelConfig carries it) routing and the grouped matmuls run
   per device under shard_map over the token shards: each device sorts only its own tokens, where
   XLA alone would gather every token's top_k and sort onto every device and run every token
-  through the experts there. Expert weights are gathered whole per layer, as FSDP gathers the
-  dense MLP's (no expert parallelism yet).
+  through the experts there. Without an expert mesh axis the expert weights are gathered whole
+  per layer, as FSDP gathers the dense MLP's.
+- Expert parallelism (a mesh `expert` axis > 1 that the rules give the expert dimension; see
+  `expert_parallel_axes`): each device holds E / ep experts, and its expert group's tokens reach
+  it by an all-gather: the group's devices gather their token shards' (x, chosen experts,
+  weights), each runs the grouped matmuls only over the assignments to its own experts (the
+  others sort past its groups and are zeroed), and `psum_scatter` sums the partial outputs and
+  hands each device its own tokens back. Dropless with static shapes; shard_map transposes the
+  collectives for the backward (the gather's gradient is a reduce-scatter and vice versa).
+  Why not `jax.lax.ragged_all_to_all`, which sends each assignment only to its expert's device:
+  XLA:CPU cannot run it (so no test here could check it), and a dropless receive buffer must
+  still hold the worst case, every assignment of the group. The cost of the gather: each device
+  receives the group's other (ep - 1) token shards and sends as much back in the reduce-scatter,
+  where an all-to-all would move about K of its own shards' worth (its tokens' assignments);
+  both run on the expert axis' near links. Against gathering whole experts it trades each
+  layer's weight gathers (3 x E x D x F values) for token gathers, but with N tokens per device
+  its grouped buffers hold the group's ep x N x K assignment rows, ep x the whole-experts
+  path's (static shapes must fit the case where every token picks this device's experts).
+  Each expert's D and F dimensions are gathered whole on its devices at the shard_map boundary
+  (inside the layer fsdp, context and tensor split tokens or nothing, never one expert's
+  matmul); their gradients are reduce-scattered back there.
 - Tokens marked as padding by the mask still go through their experts (static shapes); they are
   left out of the router statistics only, as transformers leaves them out with its attention mask.
 - The router statistics are returned, not applied: the train step decides how to weight the
@@ -56,7 +75,7 @@ from jax.sharding import PartitionSpec
 from sft_jax.model.config import mesh_platform
 from sft_jax.model.grouped_matmul import GroupedRows
 from sft_jax.model.layers import ACTIVATIONS, INIT_STD, Einsum, named_param
-from sft_jax.training.sharding import logical_to_spec
+from sft_jax.training.sharding import EXPERT_AXIS, expert_shards, logical_to_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,12 +217,56 @@ def grouped_swiglu(
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)  # [A, D], grouped by expert
-    layout = GroupedRows.make(group_sizes, xs.shape[0], platform)  # one layout, three matmuls
-    xs = layout.enter(xs)
-    h = activation(layout.matmul(xs, gate)) * layout.matmul(xs, up)
-    ys = layout.leave(layout.matmul(h, down))  # [A, D]
+    ys = _swiglu_groups(xs, gate, up, down, group_sizes, activation, platform)  # [A, D]
     inverse = jnp.argsort(order)
     return jnp.take(ys, inverse, axis=0).reshape(n, k, -1)
+
+
+def local_grouped_swiglu(
+    x: jax.Array,
+    local: jax.Array,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+    activation: Any = nn.silu,
+    platform: str = "cpu",
+) -> jax.Array:
+    """`grouped_swiglu` over this device's experts only: [N, K, D] from x [N, D] and each
+    assignment's local expert index [N, K], zero for assignments whose index falls outside
+    [0, E_local) (their experts live on other devices).
+
+    Those assignments sort after the local groups. Rows past the last group are zeroed on the
+    way in and out of the grouped matmuls, so neither their outputs nor their gradients depend
+    on what a backend's ragged_dot leaves there.
+    """
+    n, k = local.shape
+    e = gate.shape[0]
+    flat = jnp.where((local >= 0) & (local < e), local, e).reshape(-1)  # e: another device's
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=e + 1)[:e].astype(jnp.int32)
+    grouped = (jnp.arange(n * k) < jnp.sum(group_sizes))[:, None]
+    xs = jnp.where(grouped, jnp.take(x, order // k, axis=0), 0)
+    ys = _swiglu_groups(xs, gate, up, down, group_sizes, activation, platform)
+    ys = jnp.where(grouped, ys, 0)
+    inverse = jnp.argsort(order)
+    return jnp.take(ys, inverse, axis=0).reshape(n, k, -1)
+
+
+def _swiglu_groups(
+    xs: jax.Array,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+    group_sizes: jax.Array,
+    activation: Any,
+    platform: str,
+) -> jax.Array:
+    """The gated MLP of each expert on its block of the grouped rows xs [A, D] -> [A, D], in
+    one grouped layout for the three matmuls (sft_jax/model/grouped_matmul.py)."""
+    layout = GroupedRows.make(group_sizes, xs.shape[0], platform)
+    xs = layout.enter(xs)
+    h = activation(layout.matmul(xs, gate)) * layout.matmul(xs, up)
+    return layout.leave(layout.matmul(h, down))
 
 
 class Experts(nn.Module):
@@ -223,6 +286,19 @@ class Experts(nn.Module):
         down = named_param(self, "down_proj", init, (e, f, d), out_names, c.param_dtype)
         dt = jnp.dtype(c.dtype)
         activation = ACTIVATIONS[c.mlp_activation]
+        tokens = (x.astype(dt), experts, weights.astype(dt))
+        kernels = (gate.astype(dt), up.astype(dt), down.astype(dt))
+        ep = expert_parallel_axes(c)
+        if ep:
+            per_device = functools.partial(
+                _expert_parallel,
+                activation=activation,
+                ep=ep,
+                gather=_token_axes(c, x.shape, ep),
+                platform=c.platform,
+            )
+            split = on_token_shards(per_device, c, x.shape, 3, 3, kernel_spec=PartitionSpec(ep))
+            return split(*tokens, *kernels)
 
         def per_device(x, experts, weights, gate, up, down):
             b, t, _ = x.shape
@@ -237,27 +313,91 @@ class Experts(nn.Module):
             )
             return jnp.sum(ys * weights.reshape(b * t, -1, 1), axis=1).reshape(b, t, d)
 
-        tokens = (x.astype(dt), experts, weights.astype(dt))
-        kernels = (gate.astype(dt), up.astype(dt), down.astype(dt))
-        return on_token_shards(per_device, c, x.shape, tokens_in=3, whole_in=3)(*tokens, *kernels)
+        return on_token_shards(per_device, c, x.shape, tokens_in=3, kernels_in=3)(*tokens, *kernels)
+
+
+def expert_parallel_axes(c: MoeConfig) -> tuple[str, ...]:
+    """The mesh axes the experts are split over: those the rules give the expert dimension,
+    when the mesh has an expert axis > 1 among them; () otherwise (the experts whole on every
+    device, as without an expert axis, also when num_experts does not divide by the axes)."""
+    if c.mesh is None or expert_shards(c.mesh) == 1:
+        return ()
+    spec = logical_to_spec(("expert",), (c.num_experts,), c.mesh, c.mesh_rules)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return axes if EXPERT_AXIS in axes else ()
+
+
+def _token_axes(c: MoeConfig, shape: tuple[int, ...], ep: tuple[str, ...]) -> tuple[str, ...]:
+    """The expert-parallel axes that split the tokens (the batch rule's, normally): a device's
+    expert group gathers its tokens over these. Tokens not split over an axis of `ep` (a batch
+    that does not divide) are whole on its devices already."""
+    spec = logical_to_spec(("batch", "seq", None), shape, c.mesh, c.mesh_rules)
+    split = {a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)}
+    return tuple(a for a in ep if a in split)
+
+
+def _expert_parallel(
+    x: jax.Array,
+    experts: jax.Array,
+    weights: jax.Array,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+    activation: Any,
+    ep: tuple[str, ...],
+    gather: tuple[str, ...],
+    platform: str,
+) -> jax.Array:
+    """One device's share of the expert-parallel layer (under shard_map): x [b, t, D], experts
+    and weights [b, t, K] are its token shard, gate/up/down its E / ep experts.
+
+    The expert group (the devices along `ep`) gathers its token shards over `gather`, each device
+    adds its own experts' outputs, and the partial outputs are summed over `ep` and split back
+    into the token shards: psum_scatter over `gather`, psum over the rest of `ep`.
+    """
+    b, t, d = x.shape
+    flat = [a.reshape(b * t, -1) for a in (x, experts, weights)]
+    if gather:
+        flat = [jax.lax.all_gather(a, gather, axis=0, tiled=True) for a in flat]
+    rest = tuple(a for a in ep if a not in gather)
+    if rest:
+        # Whole on those devices: marked as varying, so each device's gradient (its experts'
+        # share) is summed over them; the index gather below would not mark x so itself.
+        flat = [jax.lax.pcast(a, rest, to="varying") for a in flat]
+    x, experts, weights = flat
+    first = jax.lax.axis_index(ep) * gate.shape[0]  # this device's first expert
+    ys = local_grouped_swiglu(x, experts - first, gate, up, down, activation, platform)
+    y = jnp.sum(ys * weights[..., None], axis=1)  # [gathered tokens, D]
+    if rest:
+        y = jax.lax.psum(y, rest)
+    if gather:
+        y = jax.lax.psum_scatter(y, gather, scatter_dimension=0, tiled=True)
+    return y.reshape(b, t, d)
 
 
 def on_token_shards(
-    fn: Any, c: MoeConfig, shape: tuple[int, ...], tokens_in: int, whole_in: int = 0, outs: int = 1
+    fn: Any,
+    c: MoeConfig,
+    shape: tuple[int, ...],
+    tokens_in: int,
+    kernels_in: int = 0,
+    outs: int = 1,
+    kernel_spec: PartitionSpec | None = None,
 ) -> Any:
     """`fn` run per device under shard_map when `c.mesh` has several devices (else `fn` itself):
     its first `tokens_in` arguments and its outputs [B, T, ...] split as the batch and seq rules
-    split activations, the next `whole_in` (the expert weights) whole on every device.
+    split activations, the next `kernels_in` (the expert weights) by `kernel_spec`: whole on
+    every device when None, their expert dimension split under expert parallelism.
 
     Why: routing is per token, so each device can pick and group its own tokens' experts. Left to
     XLA, top_k and the global argsort gather every token onto every device, which then runs every
-    token through the experts. The weights are gathered per layer like the dense MLP's under
-    FSDP (no expert parallelism yet); their gradients are summed over the token shards.
+    token through the experts. Whole weights are gathered per layer like the dense MLP's under
+    FSDP; their gradients are summed over the token shards.
     """
     if c.mesh is None or c.mesh.size == 1:
         return fn
     tokens = logical_to_spec(("batch", "seq", None), shape, c.mesh, c.mesh_rules)
-    in_specs = (tokens,) * tokens_in + (PartitionSpec(),) * whole_in
+    in_specs = (tokens,) * tokens_in + (kernel_spec or PartitionSpec(),) * kernels_in
     out_specs = tokens if outs == 1 else (tokens,) * outs
     return jax.shard_map(fn, mesh=c.mesh, in_specs=in_specs, out_specs=out_specs)
 

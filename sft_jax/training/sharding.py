@@ -1,15 +1,28 @@
 """Device mesh and the one table that maps logical axis names to mesh axes.
 
-Weights carry logical names (vocab, embed, heads, kv_heads, head_dim, mlp, layers) from the
-model; activations and batches use batch and seq. `config.mesh.rules` maps each name to mesh axes
-of the (data, fsdp, context, tensor) mesh. A dimension is sharded only when its size divides
-evenly by the mesh axes it maps to; otherwise it stays replicated (tiny test models on 8 devices
-rely on this).
+Weights carry logical names (vocab, embed, heads, kv_heads, head_dim, mlp, layers, expert) from
+the model; activations and batches use batch and seq. `config.mesh.rules` maps each name to mesh
+axes of the (data, fsdp, context, expert, tensor) mesh. A dimension is sharded only when its size
+divides evenly by the mesh axes it maps to; otherwise it stays replicated (tiny test models on 8
+devices rely on this).
 
 The context axis splits each row's sequence (context parallelism): activations are sharded along
-seq over it and attention becomes ring attention (sft_jax/model/context_attention.py). It sits
-next to tensor, the innermost axis, so on a TPU slice both stay on the nearest interconnect links:
-the ring passes keys and values every layer, and tensor parallelism reduces every layer.
+seq over it and attention becomes ring attention (sft_jax/model/context_attention.py).
+
+The expert axis splits a mixture-of-experts layer's experts (expert parallelism, see
+sft_jax/model/moe.py): each device holds E / expert of them, and every MoE layer gathers the
+tokens of its expert group and scatters the outputs back, forward and backward. For everything
+else it is one more data-parallel axis: batch rows are split over it, and like fsdp and context
+it shards the embed dimension of the weights, so dense weights and their optimizer state are not
+held whole on each of its devices. A mesh has it only when `mesh.expert` > 1, so a dense model's
+mesh and shardings are exactly what they were before the axis existed.
+
+Axis order is device order: the later an axis, the closer its devices (neighbouring links on a
+TPU slice). Tensor is innermost (it reduces inside every layer's matmuls, on the critical path),
+expert next (every MoE layer gathers its group's tokens and reduce-scatters their outputs,
+forward and backward, and the layer's matmuls wait for them), then context (the ring passes
+keys and values while it computes), then fsdp (weight gathers, which do not depend on the
+previous layer's result) and data (one gradient reduction per step: it may span slices).
 """
 
 from __future__ import annotations
@@ -26,8 +39,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sft_jax.config import ConfigError, MeshSection
 
-MESH_AXES = ("data", "fsdp", "context", "tensor")
+# Every mesh axis, outermost first; a mesh built by make_mesh leaves out expert when it is 1.
+MESH_AXES = ("data", "fsdp", "context", "expert", "tensor")
 CONTEXT_AXIS = "context"
+EXPERT_AXIS = "expert"
 # Every logical name the model and the batches use; each needs a rule.
 LOGICAL_AXES = (
     "batch", "seq", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "expert",
@@ -70,47 +85,58 @@ def _hint(word: Any, choices: Sequence[str]) -> str:
 
 
 def make_mesh(cfg: MeshSection, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, context, tensor) mesh over all devices; one of data, fsdp and tensor may
-    be -1 for "the rest" (context, the sequence split, is always explicit).
+    """A (data, fsdp, context, [expert,] tensor) mesh over all devices (expert only when
+    `mesh.expert` > 1); one of data, fsdp and tensor may be -1 for "the rest" (context and
+    expert are always explicit).
 
     Devices of several TPU slices (multi-slice: each device has a `slice_index`) form a hybrid
     mesh: `data` spans the slices over the data-centre network (DCN), so only the gradient
-    reduction crosses it, while fsdp, context and tensor (and the rest of data) stay inside a
-    slice on the fast interconnect (ICI); `mesh.data` must then be a multiple of the slice
-    count."""
+    reduction crosses it, while fsdp, context, expert and tensor (and the rest of data) stay
+    inside a slice on the fast interconnect (ICI); `mesh.data` must then be a multiple of the
+    slice count."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = _mesh_sizes(cfg, len(devices))
+    shape = mesh_shape(cfg, len(devices))
+    sizes, axes = list(shape.values()), tuple(shape)
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     if slices == 1:
-        return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+        return Mesh(np.asarray(devices).reshape(sizes), axes)
     if sizes[0] % slices:
         raise ConfigError(
             f"mesh.data={sizes[0]} on {slices} TPU slices: data parallelism spans the slices, "
             f"so mesh.data must be a multiple of {slices} (e.g. --config.mesh.data={slices})"
         )
     ici = [sizes[0] // slices, *sizes[1:]]
-    grid = mesh_utils.create_hybrid_device_mesh(ici, [slices, 1, 1, 1], devices)
-    return Mesh(grid, MESH_AXES)
+    dcn = [slices] + [1] * (len(sizes) - 1)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    return Mesh(grid, axes)
 
 
-def _mesh_sizes(cfg: MeshSection, devices: int) -> list[int]:
-    """The sizes of MESH_AXES on `devices` devices, the -1 resolved; ConfigError if they do not
-    fit."""
+def mesh_shape(cfg: MeshSection, devices: int) -> dict[str, int]:
+    """{axis: size} of the mesh `make_mesh` builds on `devices` devices, in MESH_AXES order,
+    the -1 resolved; the expert axis only when `cfg.expert` > 1. ConfigError if the sizes do
+    not fit."""
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
-    known = int(np.prod([s for s in sizes if s != -1])) * cfg.context
+    explicit = cfg.context * cfg.expert
+    known = int(np.prod([s for s in sizes if s != -1])) * explicit
     shown = f"mesh (data, fsdp, tensor) = {tuple(sizes)} x context {cfg.context}"
+    if cfg.expert != 1:
+        shown += f" x expert {cfg.expert}"
     if -1 in sizes:
         if devices % known:
             raise ConfigError(
                 f"{shown} does not fit {devices} devices: {devices} is not divisible by {known}"
             )
         sizes[sizes.index(-1)] = devices // known
-    if int(np.prod(sizes)) * cfg.context != devices:
+    if int(np.prod(sizes)) * explicit != devices:
         raise ConfigError(
-            f"{shown} needs {int(np.prod(sizes)) * cfg.context} devices, but {devices} are "
+            f"{shown} needs {int(np.prod(sizes)) * explicit} devices, but {devices} are "
             "present; set one size to -1 to use all of them"
         )
-    return [sizes[0], sizes[1], cfg.context, sizes[2]]
+    shape = {"data": sizes[0], "fsdp": sizes[1], CONTEXT_AXIS: cfg.context}
+    if cfg.expert != 1:
+        shape[EXPERT_AXIS] = cfg.expert
+    shape["tensor"] = sizes[2]
+    return shape
 
 
 def _mesh_axes_for(name: str | None, rules: dict[str, Any]) -> tuple[str, ...]:
@@ -205,6 +231,11 @@ def batch_shards(mesh: Mesh, rules: Sequence) -> int:
 def context_shards(mesh: Mesh) -> int:
     """How many ways each row's sequence is split (1: no context parallelism)."""
     return int(dict(mesh.shape).get(CONTEXT_AXIS, 1))
+
+
+def expert_shards(mesh: Mesh) -> int:
+    """How many ways a mixture-of-experts layer's experts are split (1: no expert parallelism)."""
+    return int(dict(mesh.shape).get(EXPERT_AXIS, 1))
 
 
 def follow_param_shardings(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:

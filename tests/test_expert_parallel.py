@@ -1,0 +1,230 @@
+"""Expert parallelism: the MoE layer with its experts split over a mesh `expert` axis (each
+device holds E / ep experts; the token shards of an expert group are gathered, each device runs
+its own experts, the outputs are reduce-scattered back) equals the unsharded layer: outputs,
+router statistics and gradients, on meshes that combine expert with data, fsdp, tensor and
+context, with a shared expert, padding and experts that receive no token. Then the mesh and
+config plumbing of the axis, and a compile of the layer by the TPU compiler (skipped without
+libtpu)."""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from configs import base
+from sft_jax.config import ConfigError, MeshSection
+from sft_jax.model.moe import MoeConfig, MoeMlp, expert_parallel_axes
+from sft_jax.planning import tpu
+from sft_jax.training.sharding import (
+    activation_sharding,
+    batch_shards,
+    logical_to_spec,
+    make_mesh,
+    param_shardings,
+)
+
+RULES = tuple(tuple(r) for r in base.get_config().mesh.rules)
+D, F, FS, E, K = 16, 8, 12, 8, 2
+UNUSED = (1, 6)  # experts no token picks: empty groups, devices with nothing to compute
+B, T = 8, 4
+
+# name: mesh (data, fsdp, tensor, context, expert), the mesh axes of the expert dimension
+MESHES = {
+    "expert_8": ((1, 1, 1, 1, 8), "expert"),
+    "data_2_x_expert_4": ((2, 1, 1, 1, 4), "expert"),
+    "fsdp_2_x_expert_2_x_tensor_2": ((1, 2, 2, 1, 2), "expert"),
+    "expert_2_x_context_2_x_data_2": ((2, 1, 1, 2, 2), "expert"),
+    "experts_over_fsdp_2_x_expert_2": ((2, 2, 1, 1, 2), ("fsdp", "expert")),
+}
+
+
+def config(shared: int = FS, norm: bool = False) -> MoeConfig:
+    return MoeConfig(D, F, E, K, norm_topk_prob=norm, shared_expert_intermediate_size=shared)
+
+
+def setup(cfg: MoeConfig):
+    """Variables (boxed, for their logical names), plain parameters, x and a padding mask.
+
+    x is positive and the router's columns of UNUSED are negative, so no token picks those
+    experts; the router is scaled up so that routing differs between tokens."""
+    x = jnp.abs(jax.random.normal(jax.random.key(1), (B, T, D), jnp.float32))
+    variables = MoeMlp(cfg).init(jax.random.key(0), x)
+    params = nn.meta.unbox(variables)["params"]
+    router = params["router"]["kernel"] * 50.0
+    params["router"]["kernel"] = router.at[:, UNUSED].set(-1.0)
+    mask = np.ones((B, T), bool)
+    mask[0, -2:] = False  # right padding
+    mask[3, :1] = False  # left padding
+    return variables, params, x, jnp.asarray(mask)
+
+
+def run(cfg: MoeConfig, params: dict, x: jax.Array, mask: jax.Array):
+    """(gradients w.r.t. params and x, (y, aux)) of a loss on the output and the statistics."""
+
+    def loss(p, x):
+        y, aux = MoeMlp(cfg).apply({"params": p}, x, mask)
+        return jnp.sum(jnp.sin(y)) + aux.load_balancing_loss + aux.z_loss, (y, aux)
+
+    return jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+
+
+def expert_mesh(sizes: tuple[int, ...]):
+    data, fsdp, tensor, context, expert = sizes
+    cfg = MeshSection(data, fsdp, tensor, RULES, context=context, expert=expert)
+    return make_mesh(cfg, jax.devices()[: int(np.prod(sizes))])
+
+
+@pytest.mark.parametrize("shared", [FS, 0])
+@pytest.mark.parametrize("name", MESHES)
+def test_expert_parallel_equals_unsharded(name, shared):
+    cfg = config(shared, norm=shared == 0)
+    variables, params, x, mask = setup(cfg)
+    want = run(cfg, params, x, mask)
+    assert all(int(want[1][1].expert_counts[e]) == 0 for e in UNUSED)
+    assert int(jnp.sum(want[1][1].expert_counts > 0)) >= 4  # routing is not degenerate
+
+    sizes, expert_axes = MESHES[name]
+    mesh = expert_mesh(sizes)
+    rules = (*RULES, ("expert", expert_axes))  # the last entry for a name wins
+    ep = expert_axes if isinstance(expert_axes, tuple) else (expert_axes,)
+    specs = nn.get_partition_spec(variables)["params"]
+    shardings = param_shardings(specs, params, mesh, rules)
+    gate = jax.device_put(params["experts"]["gate_proj"], shardings["experts"]["gate_proj"])
+    assert shardings["experts"]["gate_proj"].spec[0] == expert_axes
+    per_device = E // int(np.prod([mesh.shape[a] for a in ep]))
+    assert {s.data.shape[0] for s in gate.addressable_shards} == {per_device}
+    tokens = activation_sharding(mesh, rules)
+    assert "expert" in tokens.spec[0]  # the expert axis splits the batch too
+    sharded = dataclasses.replace(cfg, mesh=mesh, mesh_rules=rules)
+    assert expert_parallel_axes(sharded) == ep
+    args = (
+        jax.device_put(params, shardings),
+        jax.device_put(x, tokens),
+        jax.device_put(mask, NamedSharding(mesh, PartitionSpec(*tokens.spec[:2]))),
+    )
+    step = jax.jit(functools.partial(run, sharded))
+    jaxpr = str(jax.make_jaxpr(step)(*args))
+    assert "all_gather" in jaxpr and "reduce_scatter" in jaxpr  # the expert-parallel path
+    got = step(*args)
+    assert got[0][0]["experts"]["gate_proj"].sharding.spec[0] == expert_axes
+    tol = dict(atol=1e-5, rtol=1e-5)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, **tol), got, want)
+
+
+def test_tokens_that_do_not_split_over_the_expert_axis_are_summed_not_scattered():
+    """A batch the batch axes do not divide stays whole on every device: each device runs its
+    experts on all tokens and the outputs are summed over the expert axis."""
+    cfg = config()
+    variables, params, x, mask = setup(cfg)
+    x, mask = x[:3], mask[:3]
+    want = run(cfg, params, x, mask)
+    mesh = expert_mesh((1, 1, 1, 1, 4))
+    assert tuple(logical_to_spec(("batch", "seq"), (3, T), mesh, RULES)) == (None, None)
+    shardings = param_shardings(nn.get_partition_spec(variables)["params"], params, mesh, RULES)
+    sharded = dataclasses.replace(cfg, mesh=mesh, mesh_rules=RULES)
+    step = jax.jit(functools.partial(run, sharded))
+    args = (jax.device_put(params, shardings), x, mask)
+    assert "psum" in str(jax.make_jaxpr(step)(*args))
+    got = step(*args)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5), got, want)
+
+
+def test_experts_that_do_not_divide_by_the_axis_stay_whole():
+    """6 experts on expert=4: replicated, the layer takes the whole-experts path."""
+    mesh = expert_mesh((1, 1, 1, 1, 4))
+    cfg = dataclasses.replace(config(0), num_experts=6, mesh=mesh, mesh_rules=RULES)
+    assert expert_parallel_axes(cfg) == ()
+    assert expert_parallel_axes(dataclasses.replace(cfg, num_experts=8)) == ("expert",)
+
+
+# --------------------------------------------------------------------------------------------
+# The mesh axis and its config key.
+
+
+def test_the_expert_axis_is_in_the_mesh_only_when_set():
+    dense = make_mesh(MeshSection(-1, 2, 1, RULES))
+    assert tuple(dense.shape) == ("data", "fsdp", "context", "tensor")
+    mesh = make_mesh(MeshSection(-1, 1, 2, RULES, expert=2))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "context": 1, "expert": 2, "tensor": 2}
+    assert batch_shards(mesh, RULES) == 4  # data-parallel for everything but the experts
+    # Dense weights shard their embed dimension over expert as over fsdp; an expert weight's
+    # embed skips it (its expert dimension took it).
+    spec = logical_to_spec(("vocab", "embed"), (64, 32), mesh, RULES)
+    assert tuple(spec) == ("tensor", ("fsdp", "context", "expert"))  # fsdp, context are 1
+    spec = logical_to_spec(("expert", "embed", "mlp"), (8, 32, 16), mesh, RULES)
+    assert tuple(spec) == ("expert", None, "tensor")
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ((1, 1, 1, 1, 3), r"x expert 3 needs 3 devices, but 8 are present"),
+        ((-1, 1, 1, 2, 3), r"x expert 3 does not fit 8 devices"),
+    ],
+)
+def test_a_mesh_the_expert_size_does_not_fit_fails_clearly(sizes, message):
+    data, fsdp, tensor, context, expert = sizes
+    with pytest.raises(ConfigError, match=message):
+        make_mesh(MeshSection(data, fsdp, tensor, RULES, context=context, expert=expert))
+
+
+@pytest.mark.parametrize("expert", [0, -1])
+def test_config_refuses_an_expert_size_below_one(expert):
+    from sft_jax import config as config_lib
+
+    raw = base.get_config()
+    raw.data.train_files = "train.jsonl"
+    raw.mesh.expert = expert
+    with pytest.raises(ConfigError, match=r"'mesh.expert' is -?\d+; it must be >= 1"):
+        config_lib.parse(raw)
+
+
+# --------------------------------------------------------------------------------------------
+# The TPU compiler.
+
+
+def test_expert_parallel_layer_compiles_for_tpu():
+    """Forward and backward of the expert-parallel layer (bf16, fsdp=2 x expert=2 on v5p:2x2x1)
+    compiled by the TPU compiler: ragged_dot lowers to its grouped matmul (the ragged-dot
+    custom calls), the token gathers and reduce-scatters to collectives."""
+    if tpu.libtpu_missing():
+        pytest.skip(f"no TPU compiler: {tpu.libtpu_missing()}")
+    devices = tpu.topology_devices("v5p:2x2x1")
+    mesh = make_mesh(MeshSection(1, 2, 1, RULES, expert=2), devices)
+    cfg = dataclasses.replace(
+        config(), dtype="bfloat16", param_dtype="bfloat16", mesh=mesh, mesh_rules=RULES
+    )
+    x = jax.ShapeDtypeStruct((4, 128, D), jnp.bfloat16)
+    variables = jax.eval_shape(lambda x: MoeMlp(cfg).init(jax.random.key(0), x), x)
+    params = nn.meta.unbox(variables)["params"]
+    shardings = param_shardings(nn.get_partition_spec(variables)["params"], params, mesh, RULES)
+    params = jax.tree.map(lambda a, s: a.update(sharding=s), params, shardings)
+    x = x.update(sharding=activation_sharding(mesh, RULES))
+
+    def loss(p, x):
+        y, aux = MoeMlp(cfg).apply({"params": p}, x)
+        return jnp.sum(y.astype(jnp.float32)) + aux.load_balancing_loss
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+    text = compiled.as_text()
+    assert "ragged-dot" in text
+    assert "all-gather" in text and "reduce-scatter" in text
+
+
+def test_two_slices_keep_each_expert_group_inside_a_slice():
+    """On a multi-slice hybrid mesh only data spans the slices: the expert axis' every-layer
+    collectives stay on the slice's interconnect."""
+    if tpu.libtpu_missing():
+        pytest.skip(f"no TPU compiler: {tpu.libtpu_missing()}")
+    devices = tpu.topology_devices("v5p:2x2x1", num_slices=2)
+    mesh = make_mesh(MeshSection(2, -1, 1, RULES, expert=2), devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "expert": 2, "tensor": 1}
+    grid = mesh.devices  # [data, fsdp, context, expert, tensor]
+    assert {d.slice_index for d in grid.flat} == {0, 1}
+    for index in range(2):
+        assert len({d.slice_index for d in grid[index].flat}) == 1

@@ -6,6 +6,7 @@ LoRA on the attention of a MoE model trains and exports for PEFT."""
 import functools
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     MixtralConfig,
     OlmoeConfig,
@@ -262,3 +264,265 @@ def test_train_objective_equals_transformers_loss(family, saved):
         float(out.loss) - AUX_COEF * float(out.aux_loss),
         rtol=1e-5,
     )
+
+
+# --- config.json as the Hub has it, and what is refused -------------------------------------
+
+SIZES = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+    num_experts_per_tok=2,
+)
+# Older field layouts still on the Hub (fields as in Qwen1.5-MoE-A2.7B, Qwen3-30B-A3B,
+# Mixtral-8x7B-v0.1 and OLMoE-1B-7B-0924, at tiny sizes): top-level rope_theta, Qwen3-MoE's
+# num_experts where transformers 5 writes num_local_experts.
+HUB_CONFIGS = {
+    "qwen2_moe": dict(
+        architectures=["Qwen2MoeForCausalLM"],
+        model_type="qwen2_moe",
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_experts=4,
+        rope_theta=1e6,
+        use_sliding_window=False,
+        sliding_window=32768,
+        max_window_layers=21,
+        decoder_sparse_step=1,
+        norm_topk_prob=False,
+        router_aux_loss_coef=0.001,
+    ),
+    "qwen3_moe": dict(
+        architectures=["Qwen3MoeForCausalLM"],
+        model_type="qwen3_moe",
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=8,
+        head_dim=32,
+        attention_bias=False,
+        rope_scaling=None,
+        rope_theta=1e6,
+        use_sliding_window=False,
+        sliding_window=None,
+        max_window_layers=48,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=True,
+        router_aux_loss_coef=0.001,
+    ),
+    "mixtral": dict(
+        architectures=["MixtralForCausalLM"],
+        model_type="mixtral",
+        intermediate_size=32,
+        num_local_experts=4,
+        rope_theta=1e6,
+        sliding_window=None,
+        router_aux_loss_coef=0.02,
+        output_router_logits=False,
+    ),
+    "olmoe": dict(
+        architectures=["OlmoeForCausalLM"],
+        model_type="olmoe",
+        intermediate_size=32,
+        num_experts=8,
+        clip_qkv=None,
+        attention_bias=False,
+        rope_scaling=None,
+        rope_theta=10000.0,
+        norm_topk_prob=False,
+        router_aux_loss_coef=0.01,
+    ),
+}
+# Fields transformers fills in with the family's defaults when config.json omits them.
+OPTIONAL = ("rope_theta", "norm_topk_prob", "router_aux_loss_coef", "decoder_sparse_step")
+
+
+def _write(path, fields):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(fields))
+    return str(path)
+
+
+def _config(path):
+    return hf.load_model_config(path, dtype="float32", param_dtype="float32", remat="none")
+
+
+@pytest.mark.parametrize("family", list(HUB_CONFIGS))
+@pytest.mark.parametrize("omit", [False, True])
+def test_hub_config_fields_read_as_transformers_reads_them(family, omit, tmp_path):
+    fields = {**SIZES, **HUB_CONFIGS[family]}
+    if omit:
+        fields = {k: v for k, v in fields.items() if k not in OPTIONAL}
+    path = _write(tmp_path, fields)
+    ours = _config(path)
+    theirs = AutoConfig.from_pretrained(path)
+    assert ours.num_experts == theirs.num_experts > 0
+    assert ours.num_experts_per_tok == theirs.num_experts_per_tok
+    width = getattr(theirs, "moe_intermediate_size", None) or theirs.intermediate_size
+    assert ours.moe_intermediate_size == width
+    assert ours.norm_topk_prob == getattr(theirs, "norm_topk_prob", True)  # Mixtral: always
+    assert ours.router_aux_loss_coef == theirs.router_aux_loss_coef
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+    assert ours.shared_expert_intermediate_size == getattr(
+        theirs, "shared_expert_intermediate_size", 0
+    )
+    assert ours.attention_bias == (family == "qwen2_moe")
+    assert ours.qk_norm == (family in ("qwen3_moe", "olmoe"))
+    assert ours.qk_norm_full == (family == "olmoe") and not ours.has_local_layers
+
+
+def test_mixtral_sliding_window_applies_to_every_layer(tmp_path):
+    fields = {**SIZES, **HUB_CONFIGS["mixtral"], "sliding_window": 8}
+    config = _config(_write(tmp_path, fields))
+    assert config.sliding_window == 8 and config.local_layers == (True, True)
+
+
+def test_expert_count_names_must_agree(tmp_path):
+    fields = {**SIZES, **HUB_CONFIGS["qwen3_moe"], "num_local_experts": 8}
+    assert _config(_write(tmp_path / "same", fields)).num_experts == 8
+    with pytest.raises(hf.ModelFileError, match=r"config\.json.*num_experts.*num_local_experts"):
+        _config(_write(tmp_path / "differ", {**fields, "num_local_experts": 4}))
+    del fields["num_experts"], fields["num_local_experts"]
+    with pytest.raises(hf.ModelFileError, match=r"config\.json.*'num_experts' is missing"):
+        _config(_write(tmp_path / "none", fields))
+
+
+def test_mlp_only_layers_beyond_the_last_layer_make_no_dense_layer(tmp_path):
+    fields = {**SIZES, **HUB_CONFIGS["qwen3_moe"], "mlp_only_layers": [2, 5]}
+    assert _config(_write(tmp_path, fields)).is_moe
+
+
+@pytest.mark.parametrize(
+    ("family", "fields", "named"),
+    [
+        ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),
+        ("qwen2_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step"),
+        ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 8}, "sliding"),
+        ("qwen2_moe", {"use_sliding_window": True}, "use_sliding_window"),
+        ("qwen2_moe", {"layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
+        ("qwen3_moe", {"attention_bias": True}, "attention_bias"),
+        ("qwen3_moe", {"hidden_act": "gelu"}, "hidden_act"),
+        ("olmoe", {"clip_qkv": 8.0}, "clip_qkv"),
+        ("olmoe", {"attention_bias": True}, "attention_bias"),
+        ("olmoe", {"head_dim": 32}, "head_dim"),
+        ("olmoe", {"sliding_window": 8}, "sliding_window"),
+        ("mixtral", {"router_jitter_noise": 0.01}, "router_jitter_noise"),
+        ("mixtral", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    ],
+)
+def test_unsupported_moe_features_fail_naming_file_and_field(family, fields, named, tmp_path):
+    path = _write(tmp_path, {**SIZES, **HUB_CONFIGS[family], **fields})
+    with pytest.raises(hf.UnsupportedModelError, match=rf"config\.json: .*{named}"):
+        _config(path)
+
+
+# --- random init exported as the family that computes it ------------------------------------
+
+RANDOM_INIT = {
+    "qwen3_moe": dict(qk_norm=True, head_dim=32, norm_topk_prob=True),
+    "qwen2_moe": dict(attention_bias=True, shared_expert_intermediate_size=48),
+    "mixtral": dict(norm_topk_prob=True, tie_embeddings=True),
+    "olmoe": dict(qk_norm=True, qk_norm_full=True),
+}
+
+
+def _moe_model_config(**fields):
+    from tests.helpers import tiny_model_config
+
+    base = dict(
+        vocab_size=128, hidden_size=64, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, router_aux_loss_coef=0.02, max_position_embeddings=256,
+    )  # fmt: skip
+    return tiny_model_config(**{**base, **fields})
+
+
+def _random_params(config, seed=0):
+    ids = jnp.zeros((1, 4), jnp.int32)
+    abstract = jax.eval_shape(Transformer(config).init, jax.random.PRNGKey(0), ids, ids, ids)
+    leaves, tree = jax.tree.flatten_with_path(nn.unbox(abstract["params"]))
+    rng = np.random.default_rng(seed)
+    out = []
+    for path, leaf in leaves:
+        name = jax.tree_util.keystr(path)
+        noise = rng.normal(size=leaf.shape).astype(np.float32)
+        out.append(noise * (1.0 if "router" in name else 0.1) + ("scale" in name))
+    return jax.tree.unflatten(tree, [jnp.asarray(x) for x in out])
+
+
+@pytest.mark.parametrize("family", list(RANDOM_INIT))
+def test_random_init_exports_as_its_family(family, tmp_path, stories_dir):
+    config = _moe_model_config(**RANDOM_INIT[family])
+    params = _random_params(config)
+    export_hf(params, config, str(tmp_path), tokenizer_dir=str(stories_dir))
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["architectures"] == [FAMILIES[family][2]]
+    back = _config(str(tmp_path))
+    fields = ("num_experts", "moe_intermediate_size", "norm_topk_prob", "qk_norm_full")
+    fields += ("shared_expert_intermediate_size", "router_aux_loss_coef", "tie_embeddings")
+    assert all(getattr(back, f) == getattr(config, f) for f in fields)
+    tokens = _tokens()
+    positions = np.broadcast_to(np.arange(12), tokens.shape)
+    ours = np.asarray(_apply(config, params, tokens, positions, np.ones_like(tokens)))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    np.testing.assert_allclose(_hf_logits(model, tokens), ours, atol=MODEL_TOL)
+
+
+def test_configs_no_family_computes_are_refused(stories_dir, tmp_path):
+    for fields in (dict(norm_topk_prob=False), dict(attention_bias=True)):
+        with pytest.raises(hf.UnsupportedModelError, match="no HF mixture-of-experts family"):
+            hf.hf_config_dict(_moe_model_config(**fields), bos_token_id=1, eos_token_id=2)
+
+
+# --- LoRA on the attention of a MoE checkpoint ----------------------------------------------
+
+
+def test_lora_on_attention_trains_and_exports_for_peft(tmp_path, stories_dir):
+    """A Qwen3-MoE checkpoint (the stories260K vocabulary) fine-tuned with LoRA on its attention
+    projections: the loss falls, router statistics are logged, and the PEFT adapter applied by
+    peft to the same checkpoint gives the logits of our merged model."""
+    import peft
+
+    from sft_jax import export
+    from sft_jax.config import parse
+    from sft_jax.config_file import load_config_file
+    from sft_jax.train import train_and_evaluate
+    from sft_jax.training.metrics import read_metrics
+
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    config = _hf_config("qwen3_moe", vocab_size=512, bos_token_id=1, eos_token_id=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(base_dir)
+    c = load_config_file("configs/tiny.py")
+    c.model.path = str(base_dir)
+    c.lora.update(
+        enabled=True, rank=4, base_dtype="float32", targets=("q_proj", "v_proj", "o_proj")
+    )
+    c.optim.learning_rate = 3e-2
+    c.train.update(max_steps=6, log_every=1)
+    c.eval.generate_examples = 0
+    c.checkpoint.every_steps = 0
+    workdir = tmp_path / "run"
+    train_and_evaluate(parse(c), str(workdir))
+    records = [r for r in read_metrics(str(workdir)) if "loss" in r and "kind" not in r]
+    assert records[-1]["loss"] < records[0]["loss"] - 0.1, [r["loss"] for r in records]
+    assert all(len(r["expert_load"]) == 8 for r in records)
+
+    assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "ad"), "--peft"]) == 0
+    adapter_config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert sorted(adapter_config["target_modules"]) == ["o_proj", "q_proj", "v_proj"]
+    run = export.load_workdir(str(workdir))
+    tokens = np.random.default_rng(0).integers(0, 512, size=(2, 12))
+    positions = np.broadcast_to(np.arange(12), tokens.shape)
+    ours = _apply(run.model_config, run.params, tokens, positions, np.ones_like(tokens))
+    model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
+    model = peft.PeftModel.from_pretrained(model, tmp_path / "ad").eval()
+    theirs = _hf_logits(model, tokens)
+    np.testing.assert_allclose(theirs, np.asarray(ours), atol=MODEL_TOL)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager").eval()
+    assert np.abs(_hf_logits(base, tokens) - theirs).max() > 1e-2  # the adapters changed it

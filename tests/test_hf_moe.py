@@ -526,3 +526,17 @@ def test_lora_on_attention_trains_and_exports_for_peft(tmp_path, stories_dir):
     np.testing.assert_allclose(theirs, np.asarray(ours), atol=MODEL_TOL)
     base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager").eval()
     assert np.abs(_hf_logits(base, tokens) - theirs).max() > 1e-2  # the adapters changed it
+
+
+def test_missing_expert_tensor_names_file_and_key(saved, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    path, _ = saved("mixtral")
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w3.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    config = _config(str(tmp_path))
+    for check in (hf.check_checkpoint, hf.load_params):
+        with pytest.raises(hf.ModelFileError, match=r"model\.safetensors.*experts\.3\.w3\.weight"):
+            check(str(tmp_path), config)

@@ -377,6 +377,11 @@ def test_hub_config_fields_read_as_transformers_reads_them(family, omit, tmp_pat
     assert ours.qk_norm_full == (family == "olmoe") and not ours.has_local_layers
 
 
+def test_qwen2_moe_without_qkv_bias(tmp_path):
+    path = _write(tmp_path, {**SIZES, **HUB_CONFIGS["qwen2_moe"], "qkv_bias": False})
+    assert not _config(path).attention_bias and not AutoConfig.from_pretrained(path).qkv_bias
+
+
 def test_mixtral_sliding_window_applies_to_every_layer(tmp_path):
     fields = {**SIZES, **HUB_CONFIGS["mixtral"], "sliding_window": 8}
     config = _config(_write(tmp_path, fields))

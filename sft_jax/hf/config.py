@@ -237,17 +237,16 @@ def _moe_fields(
     coef = raw.get("router_aux_loss_coef", aux_coef)
     if isinstance(coef, bool) or not isinstance(coef, int | float) or coef < 0:
         raise ModelFileError(f"{file}: field 'router_aux_loss_coef' must be >= 0, got {coef!r}")
+    if arch != "MixtralForCausalLM":  # Mixtral always renormalises; the others say so
+        norm_topk = bool(raw.get("norm_topk_prob", norm_topk))
     width = "intermediate_size" if arch in ("MixtralForCausalLM", "OlmoeForCausalLM") else None
+    shared = need("shared_expert_intermediate_size") if arch == "Qwen2MoeForCausalLM" else 0
     return {
         "num_experts": experts,
         "num_experts_per_tok": need("num_experts_per_tok"),
         "moe_intermediate_size": need(width or "moe_intermediate_size"),
-        "norm_topk_prob": norm_topk
-        if arch == "MixtralForCausalLM"
-        else bool(raw.get("norm_topk_prob", norm_topk)),
-        "shared_expert_intermediate_size": need("shared_expert_intermediate_size")
-        if arch == "Qwen2MoeForCausalLM"
-        else 0,
+        "norm_topk_prob": norm_topk,
+        "shared_expert_intermediate_size": shared,
         "router_aux_loss_coef": float(coef),
     }
 

@@ -3,6 +3,7 @@ logits, packed rows, KV-cache generation and the train objective against transfo
 checkpoint layout loads; exports load back in transformers; config.json parsing and refusals;
 LoRA on the attention of a MoE model trains and exports for PEFT."""
 
+import dataclasses
 import functools
 import json
 
@@ -177,6 +178,28 @@ def test_logits_packing_and_export_round_trip(family, saved, tmp_path, stories_d
         model.state_dict().items(), reloaded.state_dict().values(), strict=True
     ):
         assert torch.equal(x, y), name
+
+
+def test_mixtral_sliding_window_logits(tmp_path):
+    """Mixtral applies a sliding window (here 5, shorter than the input) to every layer."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        _hf_config("mixtral", sliding_window=5), attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.copy_((1.0 if "mlp.gate" in name else 0.1) * torch.randn_like(param))
+    model.save_pretrained(tmp_path)
+    config, params = _load(tmp_path)
+    assert config.local_layers == (True, True) and config.sliding_window == 5
+    tokens = _tokens()
+    positions = np.broadcast_to(np.arange(12), tokens.shape)
+    ours = np.asarray(_apply(config, params, tokens, positions, np.ones_like(tokens)))
+    np.testing.assert_allclose(ours, _hf_logits(model, tokens), atol=MODEL_TOL)
+    full = dataclasses.replace(config, sliding_window=None, local_layers=())
+    unwindowed = np.asarray(_apply(full, params, tokens, positions, np.ones_like(tokens)))
+    assert np.abs(unwindowed - ours)[:, 6:].max() > 1e-3  # the window matters here
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])

@@ -13,7 +13,9 @@ tokenizer directory.
 Why it is built this way:
 - config.json is the source checkpoint's own file when there is one (it already describes the
   architecture exactly, including fields we only validate), with dtype and tying updated; a
-  randomly initialised model gets a Llama (or Qwen2/Qwen3) config derived from ModelConfig.
+  randomly initialised model gets a Llama (or Qwen2/Qwen3, or for experts Mixtral, Qwen2-MoE,
+  Qwen3-MoE, OLMoE) config derived from ModelConfig. Expert weights are written one tensor per
+  expert, as the Hub checkpoints of each family are (Mixtral under its own names).
 - Weights go one leaf at a time: a leaf is copied to the host (gathered across processes on
   multi-host), split into its per-layer HF tensors and streamed into the shard files; only
   process 0 writes. The shard layout is planned from shapes before any bytes are written, so
@@ -99,7 +101,8 @@ def export_hf(
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(out_dir, exist_ok=True)
-    _write_weights(flat, model_config, out_dir, out_dtype, max_shard_bytes, writer)
+    layout = hf.export_layout(model_config, source_model_dir)
+    _write_weights(flat, model_config, out_dir, out_dtype, max_shard_bytes, writer, layout)
     if not writer:
         return
     tokenizer = _write_tokenizer(tokenizer_dir, out_dir, chat_template)
@@ -131,9 +134,15 @@ def _plan_shards(plan: list[hf.HfTensor], itemsize: int, limit: int) -> list[lis
 
 
 def _write_weights(
-    flat: dict, c: ModelConfig, out_dir: str, dtype: np.dtype, limit: int, writer: bool
+    flat: dict,
+    c: ModelConfig,
+    out_dir: str,
+    dtype: np.dtype,
+    limit: int,
+    writer: bool,
+    layout: hf.MoeLayout,
 ) -> None:
-    plan = hf.hf_tensor_plan(c)
+    plan = hf.hf_tensor_plan(c, layout)
     if set(flat) != {t.leaf for t in plan}:
         diff = sorted(set(flat) ^ {t.leaf for t in plan})
         raise ExportError(f"parameter tree does not match the model config: {diff}")
@@ -150,7 +159,7 @@ def _write_weights(
         if tensor.leaf not in current:  # plan order is leaf-grouped: each leaf fetched once
             current.clear()
             current[tensor.leaf] = _host_copy(flat[tensor.leaf])
-        return hf.to_hf_tensor(c, tensor, current[tensor.leaf]).astype(dtype)
+        return hf.to_hf_tensor(c, tensor, current[tensor.leaf], layout).astype(dtype)
 
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):

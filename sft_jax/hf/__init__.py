@@ -23,7 +23,9 @@ from sft_jax.hf.hub import (
 )
 from sft_jax.hf.params import (
     HfTensor,
+    MoeLayout,
     check_checkpoint,
+    export_layout,
     hf_tensor_plan,
     load_params,
     to_hf_tensor,
@@ -33,10 +35,12 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "HfTensor",
     "ModelFileError",
+    "MoeLayout",
     "UnsupportedModelError",
     "absolute_local_paths",
     "build_model_config",
     "check_checkpoint",
+    "export_layout",
     "hf_config_dict",
     "hf_tensor_plan",
     "load_model_config",

@@ -5,6 +5,11 @@ Only what the decoder in `sft_jax.model.decoder` computes exactly is accepted; a
 HF does, an o_proj bias) fails loudly with `UnsupportedModelError` rather than loading into wrong
 logits. Per-layer attention types come from `layer_types` when the file has it (transformers 5
 writes it), else from each family's documented default pattern.
+
+Mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) are read with transformers'
+defaults for the fields a file may omit, under either name of the expert count (`num_experts`,
+`num_local_experts`: transformers maps one to the other). Our decoder puts the MoE layer in
+every layer, so a config with dense layers among the sparse ones is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen3ForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "OlmoeForCausalLM",
 )
 _ARCH_BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
@@ -37,9 +46,22 @@ _ARCH_BY_MODEL_TYPE = {
     "qwen3": "Qwen3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
 }
 _GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+_QK_NORM_MOE = ("Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 _SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+# Mixture-of-experts families: transformers' defaults for (norm_topk_prob, router_aux_loss_coef)
+# when config.json omits them (Mixtral always renormalises its top-k weights).
+_MOE_DEFAULTS = {
+    "MixtralForCausalLM": (True, 0.001),
+    "Qwen2MoeForCausalLM": (False, 0.001),
+    "Qwen3MoeForCausalLM": (False, 0.001),
+    "OlmoeForCausalLM": (False, 0.01),
+}
 
 
 class UnsupportedModelError(ValueError):
@@ -93,6 +115,12 @@ def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) ->
     theta, scaling, local_theta = _rope(raw, arch, max_pos, unsupported)
     window, local_layers = _sliding(raw, arch, max_pos, num_layers, unsupported)
     gemma = arch in _GEMMA
+    moe = (
+        _moe_fields(raw, arch, file, num_layers, need, unsupported) if arch in _MOE_DEFAULTS else {}
+    )
+    head_dim = raw.get("head_dim") or hidden // heads
+    if arch == "OlmoeForCausalLM" and head_dim * heads != hidden:  # its q_norm spans hidden_size
+        raise unsupported(f"has head_dim={head_dim} with {heads} heads != hidden_size={hidden}")
     return ModelConfig(
         vocab_size=need("vocab_size"),
         hidden_size=hidden,
@@ -100,11 +128,12 @@ def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) ->
         num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=raw.get("num_key_value_heads") or heads,
-        head_dim=raw.get("head_dim") or hidden // heads,
+        head_dim=head_dim,
         rope_theta=float(theta),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(raw.get("tie_word_embeddings", gemma)),
-        qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
+        qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", *_QK_NORM_MOE),
+        qk_norm_full=arch == "OlmoeForCausalLM",
         attention_bias=attention_bias,
         max_position_embeddings=max_pos,
         rope_scaling=scaling,
@@ -125,6 +154,7 @@ def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) ->
         sliding_window=window,
         local_layers=local_layers,
         local_rope_theta=local_theta,
+        **moe,
     )
 
 
@@ -171,21 +201,71 @@ def _check_features(raw: dict, arch: str, unsupported: Callable) -> bool:
         raise unsupported("has MLP biases (mlp_bias=true)")
     if arch == "Qwen2ForCausalLM":
         return True  # Qwen2 always has q/k/v biases and never an o_proj bias.
-    if arch == "MistralForCausalLM":
-        return False  # Mistral's attention has no biases at all.
+    if arch == "Qwen2MoeForCausalLM":
+        return bool(raw.get("qkv_bias", True))  # q/k/v biases by default, never an o_proj bias
+    if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
+        return False  # Mistral's and Mixtral's attention have no biases at all.
     if raw.get("attention_bias", False):  # Llama, Qwen3, Gemma: then also an o_proj bias
         raise unsupported("has attention_bias=true, which includes an o_proj bias")
     return False
+
+
+def _moe_fields(
+    raw: dict, arch: str, file: str, num_layers: int, need: Callable, unsupported: Callable
+) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields; refuses what our every-layer MoE cannot run."""
+    counts = {k: raw[k] for k in ("num_experts", "num_local_experts") if raw.get(k) is not None}
+    if len(set(counts.values())) > 1:
+        raise ModelFileError(f"{file}: num_experts and num_local_experts disagree ({counts})")
+    if not counts:
+        raise ModelFileError(f"{file}: required field 'num_experts' is missing")
+    experts = need(next(iter(counts)))
+    norm_topk, aux_coef = _MOE_DEFAULTS[arch]
+    if arch.startswith("Qwen"):  # dense layers where (i + 1) % step != 0 or i in mlp_only_layers
+        step, dense = raw.get("decoder_sparse_step", 1), raw.get("mlp_only_layers") or []
+        if step != 1:
+            raise unsupported(f"has decoder_sparse_step={step} (dense layers among MoE layers)")
+        if any(i in dense for i in range(num_layers)):
+            raise unsupported(f"has mlp_only_layers={dense} (dense layers among MoE layers)")
+    if arch == "MixtralForCausalLM" and raw.get("router_jitter_noise"):
+        raise unsupported(
+            f"trains with router_jitter_noise={raw['router_jitter_noise']}, which we do not apply"
+            " (set it to 0 to fine-tune without it)"
+        )
+    if arch == "OlmoeForCausalLM" and raw.get("clip_qkv") is not None:
+        raise unsupported(f"clips q/k/v (clip_qkv={raw['clip_qkv']})")
+    coef = raw.get("router_aux_loss_coef", aux_coef)
+    if isinstance(coef, bool) or not isinstance(coef, int | float) or coef < 0:
+        raise ModelFileError(f"{file}: field 'router_aux_loss_coef' must be >= 0, got {coef!r}")
+    if arch != "MixtralForCausalLM":  # Mixtral always renormalises; the others say so
+        norm_topk = bool(raw.get("norm_topk_prob", norm_topk))
+    width = "intermediate_size" if arch in ("MixtralForCausalLM", "OlmoeForCausalLM") else None
+    shared = need("shared_expert_intermediate_size") if arch == "Qwen2MoeForCausalLM" else 0
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": need("num_experts_per_tok"),
+        "moe_intermediate_size": need(width or "moe_intermediate_size"),
+        "norm_topk_prob": norm_topk,
+        "shared_expert_intermediate_size": shared,
+        "router_aux_loss_coef": float(coef),
+    }
 
 
 def _sliding(
     raw: dict, arch: str, max_pos: int, num_layers: int, unsupported: Callable
 ) -> tuple[int | None, tuple[bool, ...]]:
     """(window, per-layer local flags); ((None, ()) when no layer's attention is cut."""
+    if arch == "Qwen2MoeForCausalLM":
+        types = raw.get("layer_types") or []
+        if raw.get("use_sliding_window") or any(t != "full_attention" for t in types):
+            raise unsupported("uses sliding-window attention (use_sliding_window, layer_types)")
+        return None, ()
     window = raw.get("sliding_window")
+    if arch == "OlmoeForCausalLM" and window is not None:  # applied by some kernels, not others
+        raise unsupported(f"sets sliding_window={window}")
     if window is None or window >= max_pos:
         return None, ()
-    if arch == "MistralForCausalLM":
+    if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
         return window, (True,) * num_layers  # Mistral applies any window to every layer.
     if arch in _GEMMA:
         types = raw.get("layer_types") or _gemma_layer_types(raw, arch, num_layers)
@@ -193,7 +273,8 @@ def _sliding(
             raise unsupported(f"has {len(types)} layer_types for {num_layers} layers")
         local = tuple(t == "sliding_attention" for t in types)
         return (window, local) if any(local) else (None, ())
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and raw.get("use_sliding_window"):
+    qwen = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+    if arch in qwen and raw.get("use_sliding_window"):
         raise unsupported(f"uses sliding-window attention (sliding_window={window})")
     return None, ()
 
@@ -224,7 +305,8 @@ def _rope(
         params.setdefault("rope_theta", raw.get("rope_theta", 1_000_000.0))
     if any(isinstance(v, dict) for v in params.values()):
         raise unsupported("has per-layer-type rope parameters")
-    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    default_theta = 1e6 if arch == "MixtralForCausalLM" else 10000.0  # transformers' defaults
+    theta = params.get("rope_theta", raw.get("rope_theta", default_theta))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in _SUPPORTED_ROPE_TYPES:
         raise unsupported(f"uses rope type {rope_type!r}")
@@ -248,13 +330,18 @@ def _rope(
 
 def hf_config_dict(c: ModelConfig, *, bos_token_id: Any, eos_token_id: Any) -> dict[str, Any]:
     """config.json for a model with no source checkpoint (random init): Llama, or Qwen2 (q/k/v
-    biases) or Qwen3 (q/k norm), the HF families whose computation equals that config."""
+    biases) or Qwen3 (q/k norm), the HF families whose computation equals that config; for a
+    mixture-of-experts config, the MoE family whose computation equals it (`_moe_family`)."""
     if c.norm_offset or c.sandwich_norms or c.has_local_layers or c.mlp_activation != "silu":
         raise UnsupportedModelError("only Llama-style configs can be exported without a source")
     if c.qk_norm and c.attention_bias:
         raise UnsupportedModelError("no HF family has both q/k norm and q/k/v-only biases")
+    if c.qk_norm_full and not c.is_moe:
+        raise UnsupportedModelError("no dense HF family normalises q/k over all heads")
     arch, model_type = "LlamaForCausalLM", "llama"
-    if c.qk_norm:
+    if c.is_moe:
+        arch, model_type = _moe_family(c)
+    elif c.qk_norm:
         arch, model_type = "Qwen3ForCausalLM", "qwen3"
     elif c.attention_bias:
         arch, model_type = "Qwen2ForCausalLM", "qwen2"
@@ -290,4 +377,52 @@ def hf_config_dict(c: ModelConfig, *, bos_token_id: Any, eos_token_id: Any) -> d
         "mlp_bias": False,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
+    } | (_moe_config_fields(c, arch) if c.is_moe else {})
+
+
+def _moe_family(c: ModelConfig) -> tuple[str, str]:
+    """(architecture, model_type) of the MoE family that computes what `c` does: q/k norm over
+    all heads is OLMoE, per head Qwen3-MoE, a shared expert Qwen2-MoE, plain routing with
+    renormalised top-k weights Mixtral."""
+    if c.qk_norm_full and not c.shared_expert_intermediate_size:
+        if c.head_dim * c.num_heads != c.hidden_size:
+            raise UnsupportedModelError("OLMoE needs head_dim * num_heads == hidden_size")
+        return "OlmoeForCausalLM", "olmoe"
+    if c.qk_norm and not c.qk_norm_full and not c.shared_expert_intermediate_size:
+        return "Qwen3MoeForCausalLM", "qwen3_moe"
+    if c.shared_expert_intermediate_size and not c.qk_norm:
+        return "Qwen2MoeForCausalLM", "qwen2_moe"
+    if not (c.qk_norm or c.attention_bias) and c.norm_topk_prob:
+        return "MixtralForCausalLM", "mixtral"
+    raise UnsupportedModelError(
+        "no HF mixture-of-experts family computes this config (q/k norm "
+        f"{'over all heads' if c.qk_norm_full else c.qk_norm}, attention_bias="
+        f"{c.attention_bias}, shared expert {c.shared_expert_intermediate_size}, "
+        f"norm_topk_prob={c.norm_topk_prob})"
+    )
+
+
+def _moe_config_fields(c: ModelConfig, arch: str) -> dict[str, Any]:
+    """The MoE fields of config.json, named as `arch` names them."""
+    fields: dict[str, Any] = {
+        "num_experts_per_tok": c.num_experts_per_tok,
+        "router_aux_loss_coef": c.router_aux_loss_coef,
+        "output_router_logits": False,
     }
+    if arch in ("MixtralForCausalLM", "OlmoeForCausalLM"):  # the expert width is intermediate_size
+        fields["intermediate_size"] = c.moe_intermediate_size
+    else:
+        fields["moe_intermediate_size"] = c.moe_intermediate_size
+        fields.update(decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False)
+    if arch == "MixtralForCausalLM":
+        fields.update(num_local_experts=c.num_experts, sliding_window=None, router_jitter_noise=0.0)
+    else:
+        fields.update(num_experts=c.num_experts, norm_topk_prob=c.norm_topk_prob)
+    if arch == "Qwen2MoeForCausalLM":
+        fields.update(
+            shared_expert_intermediate_size=c.shared_expert_intermediate_size,
+            qkv_bias=c.attention_bias,
+        )
+    if arch == "OlmoeForCausalLM":
+        fields["clip_qkv"] = None
+    return fields

@@ -5,11 +5,19 @@ kernels, per-layer tensors stacked on a leading L axis), casts it to the paramet
 it straight into its target sharding, so a model is never materialised whole on one device.
 Export walks the same table backwards: one leaf is copied to the host, split into its per-layer
 HF tensors, and streamed into the shard files (see `sft_jax.export`).
+
+Mixture-of-experts checkpoints come in several layouts (`MoeLayout`), told apart by their keys:
+the Hub's one tensor per expert (`mlp.experts.{e}.gate_proj.weight`; Mixtral's
+`block_sparse_moe.experts.{e}.w1/w3/w2.weight` with its router at `block_sparse_moe.gate`), and
+transformers 5's fused `experts.gate_up_proj` [E, 2F, D] / `experts.down_proj` [E, D, F] (what
+`save_pretrained(save_original_format=False)` writes). Every layout loads; export writes the
+family's Hub layout, which transformers and vLLM both read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sft_jax.hf.config import ModelFileError
+from sft_jax.hf.config import ModelFileError, hf_config_dict, read_config_json
 from sft_jax.hf.safetensors import Checkpoint
 from sft_jax.model.decoder import ModelConfig
 
@@ -31,14 +39,29 @@ def _identity(w: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class _Tensor:
-    """Where one leaf of our tree comes from: HF key ('{i}' = layer), its shape, and the
-    conversions HF -> ours (`convert`) and ours -> HF (`to_hf`) of one layer's slice."""
+    """Where one leaf of our tree comes from: HF key ('{i}' = layer, '{e}' = expert), its shape,
+    and the conversions HF -> ours (`convert`) and ours -> HF (`to_hf`, None: a layout we read
+    but never write) of one layer's (and expert's) slice."""
 
     key: str
     shape: tuple[int, ...]
     convert: Callable[[np.ndarray], np.ndarray] = _identity
-    to_hf: Callable[[np.ndarray], np.ndarray] = _identity
+    to_hf: Callable[[np.ndarray], np.ndarray] | None = _identity
     per_layer: bool = True
+    experts: int = 0  # > 0: one HF tensor per expert, stacked on the leaf's expert axis
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeLayout:
+    """How a checkpoint names its mixture-of-experts tensors (see the module docstring)."""
+
+    prefix: str = "mlp"  # "block_sparse_moe": Mixtral's Hub checkpoints
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # Mixtral: w1, w3, w2
+    fused: bool = False  # transformers 5's gate_up_proj [E, 2F, D] and down_proj [E, D, F]
+
+
+HUB_LAYOUT = MoeLayout()
+MIXTRAL_LAYOUT = MoeLayout("block_sparse_moe", ("w1", "w3", "w2"))
 
 
 def _linear(out_dims: tuple[int, ...], in_dims: tuple[int, ...], key: str) -> _Tensor:
@@ -52,8 +75,8 @@ def _linear(out_dims: tuple[int, ...], in_dims: tuple[int, ...], key: str) -> _T
     )
 
 
-def _tensor_specs(c: ModelConfig) -> dict[tuple[str, ...], _Tensor]:
-    """Our flattened param path -> HF tensor."""
+def _tensor_specs(c: ModelConfig, layout: MoeLayout = HUB_LAYOUT) -> dict[tuple[str, ...], _Tensor]:
+    """Our flattened param path -> HF tensor (`layout`: of the expert tensors, if any)."""
     d, f, n, kv, h = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
     layer = "model.layers.{i}."
     attn = layer + "self_attn."
@@ -69,14 +92,13 @@ def _tensor_specs(c: ModelConfig) -> dict[tuple[str, ...], _Tensor]:
         ("layers", "attn", "k_proj", "kernel"): _linear((kv, h), (d,), attn + "k_proj.weight"),
         ("layers", "attn", "v_proj", "kernel"): _linear((kv, h), (d,), attn + "v_proj.weight"),
         ("layers", "attn", "o_proj", "kernel"): _linear((d,), (n, h), attn + "o_proj.weight"),
-        ("layers", "mlp", "gate_proj", "kernel"): _linear(
-            (f,), (d,), layer + "mlp.gate_proj.weight"
-        ),
-        ("layers", "mlp", "up_proj", "kernel"): _linear((f,), (d,), layer + "mlp.up_proj.weight"),
-        ("layers", "mlp", "down_proj", "kernel"): _linear(
-            (d,), (f,), layer + "mlp.down_proj.weight"
-        ),
     }
+    if c.is_moe:
+        specs.update(_moe_specs(c, layout))
+    else:
+        specs.update(
+            {("layers", "mlp", *k): v for k, v in _mlp_specs(d, f, layer + "mlp.").items()}
+        )
     if c.sandwich_norms:
         for ours, theirs in (
             ("post_attn_norm", "post_attention_layernorm"),
@@ -91,9 +113,10 @@ def _tensor_specs(c: ModelConfig) -> dict[tuple[str, ...], _Tensor]:
                 lambda w, heads=heads: w.reshape(heads, h),
                 lambda b: b.reshape(-1),
             )
-    if c.qk_norm:
-        specs["layers", "attn", "q_norm", "scale"] = _Tensor(attn + "q_norm.weight", (h,))
-        specs["layers", "attn", "k_norm", "scale"] = _Tensor(attn + "k_norm.weight", (h,))
+    if c.qk_norm:  # per head (H), or over all heads (N*H, K*H: OLMoE)
+        q_width, k_width = (n * h, kv * h) if c.qk_norm_full else (h, h)
+        specs["layers", "attn", "q_norm", "scale"] = _Tensor(attn + "q_norm.weight", (q_width,))
+        specs["layers", "attn", "k_norm", "scale"] = _Tensor(attn + "k_norm.weight", (k_width,))
     if not c.tie_embeddings:
         specs["lm_head", "kernel"] = _linear((c.vocab_size,), (d,), "lm_head.weight")
         specs["lm_head", "kernel"] = dataclasses.replace(
@@ -102,16 +125,92 @@ def _tensor_specs(c: ModelConfig) -> dict[tuple[str, ...], _Tensor]:
     return specs
 
 
+def _mlp_specs(
+    d: int, f: int, prefix: str, names: tuple[str, str, str] = HUB_LAYOUT.names
+) -> dict[tuple[str, ...], _Tensor]:
+    """A gated MLP's three kernels (the dense MLP, an expert, Qwen2-MoE's shared expert) under
+    `prefix`, HF names `names` for our gate_proj, up_proj, down_proj."""
+    gate, up, down = names
+    return {
+        ("gate_proj", "kernel"): _linear((f,), (d,), f"{prefix}{gate}.weight"),
+        ("up_proj", "kernel"): _linear((f,), (d,), f"{prefix}{up}.weight"),
+        ("down_proj", "kernel"): _linear((d,), (f,), f"{prefix}{down}.weight"),
+    }
+
+
+def _moe_specs(c: ModelConfig, layout: MoeLayout) -> dict[tuple[str, ...], _Tensor]:
+    """The router, the experts (stacked [E, ...] leaves) and a shared expert, in `layout`."""
+    d, f, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
+    base = "model.layers.{i}." + layout.prefix + "."
+    mlp = ("layers", "mlp")
+    specs = {(*mlp, "router", "kernel"): _linear((e,), (d,), base + "gate.weight")}
+    experts = (*mlp, "experts")
+    if layout.fused:  # [E, 2F, D] (gate rows, then up rows) and [E, D, F]: read, never written
+        fused = base + "experts.gate_up_proj"
+        swap = lambda w: w.transpose(0, 2, 1)
+        specs[(*experts, "gate_proj")] = _Tensor(
+            fused, (e, 2 * f, d), lambda w: swap(w[:, :f]), None
+        )
+        specs[(*experts, "up_proj")] = _Tensor(fused, (e, 2 * f, d), lambda w: swap(w[:, f:]), None)
+        specs[(*experts, "down_proj")] = _Tensor(base + "experts.down_proj", (e, d, f), swap, swap)
+    else:
+        per_expert = _mlp_specs(d, f, base + "experts.{e}.", layout.names)
+        for (name, _), spec in per_expert.items():
+            specs[(*experts, name)] = dataclasses.replace(spec, experts=e)
+    if c.shared_expert_intermediate_size:  # Qwen2-MoE
+        fs = c.shared_expert_intermediate_size
+        shared = _mlp_specs(d, fs, "model.layers.{i}.mlp.shared_expert.")
+        specs.update({(*mlp, "shared_expert", *k): v for k, v in shared.items()})
+        gate = _linear((1,), (d,), "model.layers.{i}.mlp.shared_expert_gate.weight")
+        specs[(*mlp, "shared_expert_gate", "kernel")] = gate
+    return specs
+
+
+def _instances(spec: _Tensor, c: ModelConfig) -> list[tuple[str, int | None, int | None]]:
+    """(HF key, layer, expert) of every HF tensor behind one leaf."""
+    layers = range(c.num_layers) if spec.per_layer else [None]
+    experts = range(spec.experts) if spec.experts else [None]
+    return [(spec.key.format(i=i, e=e), i, e) for i in layers for e in experts]
+
+
+def checkpoint_layout(ckpt: Checkpoint) -> MoeLayout:
+    """The MoE layout of a checkpoint, from the names of its first layer's tensors."""
+    prefix = (
+        "block_sparse_moe" if "model.layers.0.block_sparse_moe.gate.weight" in ckpt.files else "mlp"
+    )
+    experts = f"model.layers.0.{prefix}.experts."
+    if experts + "gate_up_proj" in ckpt.files:
+        return MoeLayout(prefix, fused=True)
+    if experts + "0.w1.weight" in ckpt.files:
+        return MoeLayout(prefix, ("w1", "w3", "w2"))
+    return MoeLayout(prefix)
+
+
+def export_layout(config: ModelConfig, source_model_dir: str | None) -> MoeLayout:
+    """The layout an export writes: the Hub's for the family of the source checkpoint (or of
+    the config.json a random init is exported with) — Mixtral's own names for Mixtral."""
+    file = os.path.join(source_model_dir, "config.json") if source_model_dir else ""
+    if file and os.path.isfile(file):
+        raw = read_config_json(file)
+    elif config.is_moe:
+        raw = hf_config_dict(config, bos_token_id=None, eos_token_id=None)
+    else:
+        return HUB_LAYOUT
+    mixtral = raw.get("model_type") == "mixtral" or "MixtralForCausalLM" in (
+        raw.get("architectures") or []
+    )
+    return MIXTRAL_LAYOUT if mixtral else HUB_LAYOUT
+
+
 def check_checkpoint(path: str, config: ModelConfig) -> None:
     """Reads only the headers of `path`'s safetensors files: each one complete, every expected
     tensor present with its expected shape, nothing unexplained. Preflight runs this so that a
     broken model directory fails in one line before data is read; raises ModelFileError."""
     ckpt = Checkpoint(path)
-    specs = _tensor_specs(config)
+    specs = _tensor_specs(config, checkpoint_layout(ckpt))
     _check_keys(ckpt, specs, config, compare_tied=False)  # that comparison reads tensor data
     for spec in specs.values():
-        for i in range(config.num_layers) if spec.per_layer else [None]:
-            key = spec.key.format(i=i)
+        for key, _, _ in _instances(spec, config):
             if ckpt.files[key].shape(key) != spec.shape:
                 raise ModelFileError(
                     f"{ckpt.files[key].path}: tensor '{key}' has shape "
@@ -123,8 +222,7 @@ def _check_keys(ckpt: Checkpoint, specs: dict, c: ModelConfig, compare_tied: boo
     """Every expected tensor present, nothing unexplained left over."""
     expected = set()
     for spec in specs.values():
-        layers = range(c.num_layers) if spec.per_layer else [None]
-        expected.update(spec.key.format(i=i) for i in layers)
+        expected.update(key for key, _, _ in _instances(spec, c))
     missing = sorted(expected - set(ckpt.files))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -146,16 +244,25 @@ def _check_keys(ckpt: Checkpoint, specs: dict, c: ModelConfig, compare_tied: boo
         raise ModelFileError(f"{ckpt.files[key].path}: unexpected tensor '{key}'")
 
 
+def _read_layer(ckpt: Checkpoint, spec: _Tensor, i: int | None) -> np.ndarray:
+    """One layer's slice of a leaf (the whole leaf when not per-layer), experts stacked."""
+    if not spec.experts:
+        return spec.convert(ckpt.get(spec.key.format(i=i), spec.shape))
+    return np.stack(
+        [spec.convert(ckpt.get(spec.key.format(i=i, e=e), spec.shape)) for e in range(spec.experts)]
+    )
+
+
 def _read_leaf(ckpt: Checkpoint, spec: _Tensor, c: ModelConfig) -> np.ndarray:
     """One leaf on the host: converted, stacked over layers when per-layer, in param dtype."""
     dtype = jnp.dtype(c.param_dtype)
     if not spec.per_layer:
-        return np.ascontiguousarray(spec.convert(ckpt.get(spec.key, spec.shape)), dtype=dtype)
-    first = spec.convert(ckpt.get(spec.key.format(i=0), spec.shape))
+        return np.ascontiguousarray(_read_layer(ckpt, spec, None), dtype=dtype)
+    first = _read_layer(ckpt, spec, 0)
     out = np.empty((c.num_layers, *first.shape), dtype)  # filled in place: one host copy
     out[0] = first
     for i in range(1, c.num_layers):
-        out[i] = spec.convert(ckpt.get(spec.key.format(i=i), spec.shape))
+        out[i] = _read_layer(ckpt, spec, i)
     return out
 
 
@@ -166,7 +273,7 @@ def load_params(path: str, config: ModelConfig, shardings: Any = None) -> dict:
     as the parameters; each leaf is built on the host and placed directly into its sharding.
     """
     ckpt = Checkpoint(path)
-    specs = _tensor_specs(config)
+    specs = _tensor_specs(config, checkpoint_layout(ckpt))
     _check_keys(ckpt, specs, config)
     flat_shardings = None
     if shardings is not None:
@@ -192,20 +299,25 @@ class HfTensor:
     shape: tuple[int, ...]
     leaf: tuple[str, ...]  # our flattened param path
     layer: int | None  # index into the leaf's leading L axis, None for whole leaves
+    expert: int | None = None  # then index into the layer's expert axis
 
 
-def hf_tensor_plan(config: ModelConfig) -> list[HfTensor]:
+def hf_tensor_plan(config: ModelConfig, layout: MoeLayout = HUB_LAYOUT) -> list[HfTensor]:
     """Every HF tensor of the model, grouped by our leaf (so each leaf is fetched once)."""
     plan = []
-    for path, spec in _tensor_specs(config).items():
-        layers = range(config.num_layers) if spec.per_layer else [None]
-        for i in layers:
-            plan.append(HfTensor(spec.key.format(i=i), spec.shape, path, i))
+    for path, spec in _tensor_specs(config, layout).items():
+        if spec.to_hf is None:
+            raise ValueError(f"{layout} is a layout we read, not one we write")
+        for key, i, e in _instances(spec, config):
+            plan.append(HfTensor(key, spec.shape, path, i, e))
     return plan
 
 
-def to_hf_tensor(config: ModelConfig, tensor: HfTensor, leaf: np.ndarray) -> np.ndarray:
+def to_hf_tensor(
+    config: ModelConfig, tensor: HfTensor, leaf: np.ndarray, layout: MoeLayout = HUB_LAYOUT
+) -> np.ndarray:
     """The HF tensor `tensor` from its host leaf (the whole [L, ...] leaf when per-layer)."""
-    spec = _tensor_specs(config)[tensor.leaf]
+    spec = _tensor_specs(config, layout)[tensor.leaf]
     part = leaf if tensor.layer is None else leaf[tensor.layer]
+    part = part if tensor.expert is None else part[tensor.expert]
     return spec.to_hf(part)

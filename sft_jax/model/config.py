@@ -61,6 +61,9 @@ class ModelConfig:
     sliding_window: int | None = None  # a local layer's query sees keys less than this far back
     local_layers: tuple[bool, ...] = ()  # per layer: sliding window (empty: no local layers)
     local_rope_theta: float | None = None  # RoPE base of local layers (None: rope_theta, scaled)
+    # With qk_norm: one RMSNorm over all heads' queries (N*H) and keys (K*H) instead of one per
+    # head (H), as OLMoE does; its scales are then [N*H] and [K*H].
+    qk_norm_full: bool = False
     # LoRA (sft_jax/lora): used only when the "lora" variable collection is passed to apply.
     # alpha / r (or alpha / sqrt(r), rsLoRA); static, so jit-constant. None: applying adapters
     # is an error (a forgotten scale would otherwise silently give the base model).
@@ -106,6 +109,8 @@ class ModelConfig:
             raise ValueError(f"mlp_activation is {self.mlp_activation!r}; choose silu or gelu_tanh")
         if self.local_layers and len(self.local_layers) != self.num_layers:
             raise ValueError(f"local_layers has {len(self.local_layers)} entries, not num_layers")
+        if self.qk_norm_full and not self.qk_norm:
+            raise ValueError("qk_norm_full (the q/k norm over all heads) needs qk_norm")
         if any(self.local_layers) and not self.sliding_window:
             raise ValueError("local_layers are set but sliding_window is not")
         if self.num_experts and not (

@@ -1,4 +1,5 @@
-"""The Flax Linen decoder for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2/3).
+"""The Flax Linen decoder for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2/3) and
+its mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
 
 Dimension letters, used in einsum strings and shape comments:
 
@@ -29,7 +30,7 @@ Parameter tree (names are load-bearing: the HF loader, sharding rules, LoRA and 
     layers/attn_norm/scale [L, D]                layers/mlp_norm/scale [L, D]
     layers/attn/{q_proj [L, D, N, H], k_proj, v_proj [L, D, K, H], o_proj [L, N, H, D]}/kernel
     layers/attn/{q,k,v}_proj/bias [L, N|K, H]    (attention_bias)
-    layers/attn/{q_norm, k_norm}/scale [L, H]    (qk_norm)
+    layers/attn/{q_norm, k_norm}/scale [L, H]    (qk_norm; [L, N*H], [L, K*H] with qk_norm_full)
     layers/mlp/{gate_proj, up_proj [L, D, F], down_proj [L, F, D]}/kernel
     layers/{post_attn_norm, post_mlp_norm}/scale [L, D]   (sandwich_norms: Gemma 2/3)
     layers/mlp/{router, experts, ...} instead of the dense mlp in a mixture-of-experts model:
@@ -169,9 +170,10 @@ def _context_shards(c: ModelConfig) -> int:
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3,
-    Gemma 3). With a `cache` (k, v [B, S, K, H]) the new keys and values are written at slot
-    `index` and the queries attend over the whole cache; the updated cache is returned."""
+    """Grouped-query self-attention with optional q/k/v bias (Qwen2) and q/k RMSNorm (per head:
+    Qwen3, Gemma 3; over all heads: OLMoE). With a `cache` (k, v [B, S, K, H]) the new keys and
+    values are written at slot `index` and the queries attend over the whole cache; the updated
+    cache is returned."""
 
     config: ModelConfig
 
@@ -197,7 +199,11 @@ class Attention(nn.Module):
         q = Einsum("BTD,DNH->BTNH", (d, n, h), q_names, q_bias, **dt, name="q_proj")(x)
         k = Einsum("BTD,DKH->BTKH", (d, kv, h), kv_names, kv_bias, **dt, name="k_proj")(x)
         v = Einsum("BTD,DKH->BTKH", (d, kv, h), kv_names, kv_bias, **dt, name="v_proj")(x)
-        if c.qk_norm:  # Qwen3 / Gemma 3: per-head RMSNorm over H, before RoPE.
+        if c.qk_norm and c.qk_norm_full:  # OLMoE: one RMSNorm over all heads, before RoPE.
+            b, t = x.shape[:2]
+            q = _norm(c, ("heads",), name="q_norm")(q.reshape(b, t, n * h)).reshape(b, t, n, h)
+            k = _norm(c, ("kv_heads",), name="k_norm")(k.reshape(b, t, kv * h)).reshape(b, t, kv, h)
+        elif c.qk_norm:  # Qwen3 / Gemma 3: per-head RMSNorm over H, before RoPE.
             q = _norm(c, ("head_dim",), name="q_norm")(q)
             k = _norm(c, ("head_dim",), name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -108,6 +108,32 @@ MODELS = {
         "vocab_size": 151936,
         "attention_bias": False,
     },
+    "qwen3-30b-a3b": {  # Qwen/Qwen3-30B-A3B-Instruct-2507
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "hidden_act": "silu",
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "moe_intermediate_size": 768,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "router_aux_loss_coef": 0.001,
+        "max_position_embeddings": 262144,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000000.0,
+        "tie_word_embeddings": False,
+        "vocab_size": 151936,
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "sliding_window": None,
+    },
     "gemma-3-1b": {  # google/gemma-3-1b-it
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
@@ -136,6 +162,7 @@ MODELS = {
 
 FULL = "configs/qwen3_full.py"  # the full fine-tuning recipe (bf16 compute, fp32 Adam, remat full)
 LORA = "configs/llama31_8b_lora.py"  # the LoRA recipe (r=16 on every projection, bf16 base)
+MOE_LORA = "configs/qwen3_moe_lora.py"  # LoRA on a mixture of experts' attention, bf16 base
 # name: (model, config file, topology, seq_len, global batch rows, micro-batches, extra flags)
 ROWS = {
     "llama-1b-full-v5e-8": ("llama-3.2-1b", FULL, "v5e:2x4", 4096, 8, 1, []),
@@ -168,6 +195,17 @@ ROWS = {
         "llama-3.1-8b", FULL, "v5p:2x2x4", 32768, 4, 1,
         ["--config.mesh.fsdp=4", "--config.mesh.context=4"],
     ),
+    # Mixture of experts: Qwen3-30B-A3B. LoRA (attention) with FSDP, or with the experts split
+    # over an expert axis; full fine-tuning with FSDP on the smallest v5p slice that holds the
+    # float32 master weights and Adam moments (30.5B x 14 bytes).
+    "qwen3-30b-a3b-lora-v5p-8": (
+        "qwen3-30b-a3b", MOE_LORA, "v5p:2x2x1", 4096, 16, 4, [],
+    ),
+    "qwen3-30b-a3b-lora-expert4-v5p-8": (
+        "qwen3-30b-a3b", MOE_LORA, "v5p:2x2x1", 4096, 16, 4,
+        ["--config.mesh.fsdp=1", "--config.mesh.expert=4"],
+    ),
+    "qwen3-30b-a3b-full-v5p-16": ("qwen3-30b-a3b", FULL, "v5p:2x2x2", 4096, 16, 2, []),
     "llama-8b-lora-2x-v5e-8": (
         "llama-3.1-8b", LORA, "v5e:2x4", 4096, 16, 1,
         ["--num_slices", "2", "--config.mesh.data=2"],

@@ -115,10 +115,13 @@ def activation_bytes(
     attention: str,
     loss_chunk: int,
     context: int = 1,
+    expert: int = 1,
 ) -> int:
     """Estimated bytes the step holds for the backward pass on one device, for `rows` packed
     rows of `seq_len` tokens (one micro-batch), each row's sequence split over `context`
-    devices (context parallelism: every per-token term below is per local token).
+    devices (context parallelism: every per-token term below is per local token), the experts
+    of a mixture split over `expert` devices (expert parallelism: each device's grouped
+    buffers hold the assignments of its whole expert group's tokens, `expert` times its own).
 
     One layer's activations per token (compute dtype b bytes; heads and mlp divided by the
     tensor-parallel size): both norms' inputs and outputs, q, k, v and their float32 RoPE'd
@@ -158,8 +161,9 @@ def activation_bytes(
     # MLP width per device: the routed experts run whole on each device for its own tokens
     # (sft_jax/model/moe.py), the dense MLP and a shared expert are split by tensor parallelism.
     f = c.intermediate_size / tensor
+    group = expert if c.is_moe and c.num_experts % expert == 0 else 1
     if c.is_moe:
-        routed = c.num_experts_per_tok * c.moe_intermediate_size
+        routed = c.num_experts_per_tok * c.moe_intermediate_size * group
         f = routed + c.shared_expert_intermediate_size / tensor
     tokens = rows * seq_len / context
     heads = (n + 2 * k + n) * h / tensor  # q, k, v, attention output
@@ -169,7 +173,7 @@ def activation_bytes(
     dots = b * (2 * d + heads + 3 * f) + scores
     if c.is_moe:  # each token's input gathered and output kept once per chosen expert, and
         # the router's logits and float32 probabilities
-        routed = b * 2 * c.num_experts_per_tok * d + (b + 4) * c.num_experts
+        routed = b * 2 * c.num_experts_per_tok * d * group + (b + 4) * c.num_experts
         layer, dots = layer + routed, dots + routed
     saved, working = {
         "none": (layer, layer),
@@ -260,6 +264,7 @@ def plan(
         attention,
         loss_chunk,
         mesh.shape["context"],
+        dict(mesh.shape).get("expert", 1),
     )
     if config.model.remat != "none":  # the rematerialised scan's own weight-gradient buffer
         act += result["grad_bytes"]

@@ -1,10 +1,14 @@
 """Grouped matrix multiplication for the mixture-of-experts layer: rows sorted by group (expert),
 each group multiplied by its own matrix, `jax.lax.ragged_dot`'s contract.
 
-Why two implementations: on TPU (and GPU) `ragged_dot` compiles to a grouped matmul that does
-the work of the rows it has (the TPU compiler tiles the groups: flops = 2 x rows x D x F). XLA:CPU
-instead lowers it densely: every row times every group's matrix, then a select, so E times the
-flops and an [rows, E, F] temporary. On the CPU the rows are laid out with each group padded to
+Why three implementations: `jax.lax.ragged_dot` is lowered differently per backend. The TPU
+compiler tiles its forward and its gradient with respect to the rows by group (the rows' work),
+but computes its gradient with respect to the weights densely, every row against every group
+(E times the flops): fine for LoRA, where expert weights are frozen, ruinous for full
+fine-tuning. So on TPU the megablox Pallas kernels (gmm, and tgmm for the weight gradient) do
+all three. GPU keeps ragged_dot (its lowering is not measured here). XLA:CPU lowers even the
+forward densely: every row times every group's matrix, then a select, so E times the flops and
+an [rows, E, F] temporary. On the CPU the rows are laid out with each group padded to
 a multiple of `BLOCK_ROWS` rows and multiplied block by block with the block's own matrix (a
 scan over at most rows / BLOCK_ROWS + E blocks): at most E - 1 partial blocks of extra work, no
 dense temporary, and the same result (rows past the groups' total are zero, as in ragged_dot).
@@ -17,6 +21,7 @@ back once on the way out.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +38,7 @@ class GroupedRows:
     group_sizes: jax.Array  # int32 [G]
     rows: int
     blocked: bool
+    platform: str = "cpu"
     block: int = BLOCK_ROWS
     slot: jax.Array | None = None  # [rows]: padded position, or `padded_rows` past the groups
     block_group: jax.Array | None = None  # [blocks]
@@ -42,7 +48,7 @@ class GroupedRows:
         cls, group_sizes: jax.Array, rows: int, platform: str, block: int = BLOCK_ROWS
     ) -> GroupedRows:
         if platform != "cpu":
-            return cls(group_sizes, rows, blocked=False)
+            return cls(group_sizes, rows, blocked=False, platform=platform)
         groups = group_sizes.shape[0]
         block = max(1, min(block, rows))
         blocks = -(-rows // block) + groups  # sum over groups of ceil(size / block) <= this
@@ -58,7 +64,7 @@ class GroupedRows:
         )
         block_group = jnp.searchsorted(padded_ends, jnp.arange(blocks) * block, side="right")
         block_group = jnp.minimum(block_group, groups - 1)  # blocks past the end hold zeros
-        return cls(group_sizes, rows, True, block, slot, block_group)
+        return cls(group_sizes, rows, True, "cpu", block, slot, block_group)
 
     @property
     def padded_rows(self) -> int:
@@ -73,6 +79,8 @@ class GroupedRows:
 
     def matmul(self, x: jax.Array, w: jax.Array) -> jax.Array:
         """Rows in the layout [.., D] times their group's w [G, D, F] -> [.., F]."""
+        if self.platform == "tpu":
+            return tpu_grouped_matmul(x, w, self.group_sizes)
         if not self.blocked:
             return jax.lax.ragged_dot(x, w, self.group_sizes)
         blocks = x.reshape(-1, self.block, x.shape[-1])
@@ -134,6 +142,21 @@ def _blocked_backward(residuals, grad):
 
 
 _blocked_matmul.defvjp(_blocked_forward, _blocked_backward)
+
+
+def tpu_grouped_matmul(
+    x: jax.Array, w: jax.Array, group_sizes: jax.Array, interpret: bool = False
+) -> jax.Array:
+    """`grouped_matmul` on TPU: the megablox Pallas kernels (gmm forward and for the rows'
+    gradient, tgmm for the weights'), whose work is the rows' in every direction. Under
+    shard_map (a Pallas kernel on a mesh must be) the weights are marked device-varying like
+    the rows; `interpret` runs the kernels in Pallas' interpreter (tests on the CPU)."""
+    from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
+
+    rows, d = x.shape
+    tiling = (math.gcd(rows, 128), min(d, 128), min(w.shape[-1], 128))
+    w = _as_varying_as(w, x)
+    return megablox.gmm(x, w, group_sizes, x.dtype, tiling, interpret=interpret)
 
 
 def grouped_matmul(

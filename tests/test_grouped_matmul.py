@@ -1,6 +1,7 @@
 """The CPU's blocked grouped matmul against `jax.lax.ragged_dot` (values and gradients): groups
 of every size, empty groups, rows past the groups' total, blocks smaller and larger than groups."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,3 +102,42 @@ def test_tpu_weight_gradient_is_not_dense_over_groups():
     flops, text = weight_grad(lambda x, w, g: grouped_matmul(x, w, g, "tpu"))
     assert dense_flops > groups / 2 * useful
     assert flops < 1.5 * useful and "tpu_custom_call" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "sizes", [dict(data=2, fsdp=2, tensor=2), dict(data=2, fsdp=1, tensor=1, expert=4)]
+)
+def test_moe_layer_on_the_tpu_kernels_equals_the_unsharded_layer(monkeypatch, sizes):
+    """The MoE layer as it runs on TPU (megablox kernels, here interpreted, inside shard_map
+    without varying-axes checks) on token-sharded and expert-parallel meshes: the unsharded
+    layer's value and gradients (params and x)."""
+    from configs import base
+    from sft_jax.config import MeshSection
+    from sft_jax.model import grouped_matmul, moe
+    from sft_jax.training import sharding
+
+    rules = tuple(tuple(r) for r in base.get_config().mesh.rules)
+    kernel, calls = grouped_matmul.tpu_grouped_matmul, []
+
+    def interpreted(*args):
+        calls.append(args[0].shape)
+        return kernel(*args, interpret=True)
+
+    monkeypatch.setattr(grouped_matmul, "tpu_grouped_matmul", interpreted)
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 128))  # D, F: whole kernel tiles
+    params = nn.unbox(moe.MoeMlp(moe.MoeConfig(128, 128, 8, 2)).init(jax.random.PRNGKey(1), x))
+    params = jax.tree.map(lambda p: p * 5 if p.ndim == 2 else p, params)  # router off its init
+
+    def value_and_grads(mesh, platform):
+        monkeypatch.setattr(moe.MoeConfig, "platform", property(lambda self: platform))
+        config = moe.MoeConfig(128, 128, 8, 2, norm_topk_prob=True, mesh=mesh, mesh_rules=rules)
+        loss = lambda p, x: jnp.sum(moe.MoeMlp(config).apply(p, x)[0] ** 2)
+        return jax.jit(jax.value_and_grad(loss, (0, 1)))(params, x)
+
+    expert = sizes.pop("expert", 1)
+    mesh = sharding.make_mesh(MeshSection(**sizes, rules=rules, expert=expert))
+    ours, ref = value_and_grads(mesh, "tpu"), value_and_grads(None, "cpu")
+    assert len(calls) == 3  # the experts' gate, up and down projections went through the kernels
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4)

@@ -79,7 +79,7 @@ class GroupedRows:
 
     def matmul(self, x: jax.Array, w: jax.Array) -> jax.Array:
         """Rows in the layout [.., D] times their group's w [G, D, F] -> [.., F]."""
-        if self.platform == "tpu":
+        if self.platform == "tpu" and kernel_tiles(x.shape[0], x.shape[-1], w.shape[-1]):
             return tpu_grouped_matmul(x, w, self.group_sizes)
         if not self.blocked:
             return jax.lax.ragged_dot(x, w, self.group_sizes)
@@ -144,6 +144,18 @@ def _blocked_backward(residuals, grad):
 _blocked_matmul.defvjp(_blocked_forward, _blocked_backward)
 
 
+def kernel_tiles(rows: int, d: int, f: int) -> tuple[int, int, int] | None:
+    """The megablox tiling (rows, D, F) for these shapes, or None where the TPU kernels cannot
+    take them: their blocks must be whole (8, 128) tiles in both orientations (the gradient
+    with respect to the rows multiplies by the transposed weights with the same tiling), so D
+    and F multiples of 128 and rows of 8. Smaller shapes (a low-rank adapter's R) keep
+    ragged_dot."""
+    tm = math.gcd(rows, 128)
+    if d % 128 or f % 128 or tm % 8:
+        return None
+    return tm, 128, 128
+
+
 def tpu_grouped_matmul(
     x: jax.Array, w: jax.Array, group_sizes: jax.Array, interpret: bool = False
 ) -> jax.Array:
@@ -153,8 +165,7 @@ def tpu_grouped_matmul(
     the rows; `interpret` runs the kernels in Pallas' interpreter (tests on the CPU)."""
     from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
-    rows, d = x.shape
-    tiling = (math.gcd(rows, 128), min(d, 128), min(w.shape[-1], 128))
+    tiling = kernel_tiles(x.shape[0], x.shape[-1], w.shape[-1]) or (x.shape[0], *w.shape[1:])
     w = _as_varying_as(w, x)
     return megablox.gmm(x, w, group_sizes, x.dtype, tiling, interpret=interpret)
 

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -73,6 +74,19 @@ def _flip_one_bit_of_one_saved_value(step_dir):
     assert np.isfinite(altered).all()
 
 
+@pytest.fixture(scope="module")
+def finished_run(small_train, tmp_path_factory) -> pathlib.Path:
+    """An 8-step run with checkpoints at steps 4 and 8, trained once: each corruption test
+    damages its own copy."""
+    workdir = tmp_path_factory.mktemp("finished_run")
+    train_and_evaluate(corruption_config(small_train), str(workdir))
+    return workdir
+
+
+def corruption_config(small_train: str):
+    return config(small_train, checkpoint__every_steps=4, checkpoint__keep=3)
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -81,9 +95,11 @@ def _flip_one_bit_of_one_saved_value(step_dir):
         "flip_one_bit",
     ],
 )
-def test_corrupt_latest_checkpoint_falls_back_to_previous(small_train, tmp_path, capsys, damage):
-    cfg = config(small_train, checkpoint__every_steps=4, checkpoint__keep=3)
-    train_and_evaluate(cfg, str(tmp_path))
+def test_corrupt_latest_checkpoint_falls_back_to_previous(
+    small_train, finished_run, tmp_path, capsys, damage
+):
+    shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)
+    cfg = corruption_config(small_train)
     first = losses(tmp_path, run=0)
     latest = tmp_path / "checkpoints" / "8"
     if damage == "truncate_arrays":

@@ -15,19 +15,28 @@ from sft_jax.config import MeshSection
 from sft_jax.model.decoder import Transformer
 from sft_jax.training.optim import make_optimizer
 from sft_jax.training.sharding import make_mesh
-from sft_jax.training.state import StateSpec, create_train_state, lora_model_config
+from sft_jax.training.state import (
+    StateSpec,
+    create_train_state,
+    lora_model_config,
+    state_layout,
+)
 from tests.helpers import tiny_model_config
 
 # Last dims of 256 / 512 give 4 / 8 blocks of 64, divisible by fsdp=4 and tensor=2.
 MODEL = tiny_model_config(hidden_size=256, intermediate_size=512, vocab_size=128)
 
 
-def build(quant: str, mesh_shape=(1, 4, 2)):
+def state_spec(quant: str, mesh_shape=(1, 4, 2), model=MODEL) -> StateSpec:
     mesh = make_mesh(MeshSection(*mesh_shape, rules=RULES), jax.devices()[: np.prod(mesh_shape)])
     cfg = lora_cfg(base_quant=quant)
     cfg = dataclasses.replace(cfg, base_dtype="bfloat16")
     tx = make_optimizer(optim_cfg(), 10, cfg)
-    return create_train_state(StateSpec(MODEL, mesh, RULES, tx, lora=cfg))
+    return StateSpec(model, mesh, RULES, tx, lora=cfg)
+
+
+def build(quant: str, mesh_shape=(1, 4, 2)):
+    return create_train_state(state_spec(quant, mesh_shape))
 
 
 def kernels(frozen):
@@ -58,7 +67,7 @@ def per_layer_loss(state, b):
 def test_quantised_base_sharded_like_bf16_base(quant):
     """Codes and scales keep each kernel's mesh axes (the last axis's on the block axis): each
     of 8 devices holds a fraction, as for the bf16 base, instead of a replicated copy."""
-    plain, _ = build("none")
+    plain = state_layout(state_spec("none"))  # the bf16 base's placement, nothing allocated
     state, shardings = build(quant)
     for name, q in kernels(state.frozen).items():
         spec = tuple(kernels(plain.frozen)[name].sharding.spec)
@@ -94,12 +103,10 @@ def test_peak_memory_one_layer_of_dequantised_weights():
     model = tiny_model_config(
         hidden_size=256, intermediate_size=1024, num_layers=8, vocab_size=128, dtype="bfloat16"
     )
-    mesh = make_mesh(MeshSection(1, 1, 1, rules=RULES), jax.devices()[:1])
-    cfg = dataclasses.replace(lora_cfg(base_quant="nf4"), base_dtype="bfloat16")
-    tx = make_optimizer(optim_cfg(), 10, cfg)
-    state, _ = create_train_state(StateSpec(model, mesh, RULES, tx, lora=cfg))
+    spec = state_spec("nf4", (1, 1, 1), model)
+    state = state_layout(spec)  # compiled, never run: shapes and shardings are enough
     b = batch(rows=1, length=16)
-    apply = Transformer(lora_model_config(model, cfg)).apply
+    apply = Transformer(lora_model_config(model, spec.lora)).apply
     kernel_bytes = sum(
         int(np.prod(q.shape)) * 2 for q in kernels(state.frozen).values()
     )  # the bf16 layer kernels

@@ -81,11 +81,18 @@ def _packed_batch(rows: int = 3, length: int = 20, vocab: int = 64) -> dict[str,
     }
 
 
-def _loss_and_grads(params, apply_fn, batch, chunk, frozen=None):
-    state, options = model_only_state(apply_fn, frozen), step.StepOptions(loss_chunk=chunk)
-    fn = lambda p: step.loss_fn(p, state, batch, jax.random.PRNGKey(0), options)
-    (loss_sum, parts), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
-    return loss_sum, parts.tokens, grads
+def _loss_and_grads(params, apply_fn, batch, chunks, frozen=None):
+    """(loss sum, loss tokens, grads) for each loss chunk setting in `chunks`, all from one
+    jitted program: one compile instead of one per setting."""
+    state = model_only_state(apply_fn, frozen)
+
+    def one(p, chunk):
+        options = step.StepOptions(loss_chunk=chunk)
+        fn = lambda p: step.loss_fn(p, state, batch, jax.random.PRNGKey(0), options)
+        (loss_sum, parts), grads = jax.value_and_grad(fn, has_aux=True)(p)
+        return loss_sum, parts.tokens, grads
+
+    return jax.jit(lambda p: [one(p, chunk) for chunk in chunks])(params)
 
 
 def _assert_same(a, b):
@@ -104,9 +111,9 @@ def test_chunked_loss_and_grads_equal_unchunked(tied):
     batch = _packed_batch()
     params = model.init(jax.random.PRNGKey(1), *[batch[k] for k in PACKED_KEYS[:1]],
                         batch["positions"], batch["segment_ids"])["params"]  # fmt: skip
-    want = _loss_and_grads(params, model.apply, batch, 0)
-    for chunk in (8, 7, 64):
-        _assert_same(_loss_and_grads(params, model.apply, batch, chunk), want)
+    want, *chunked = _loss_and_grads(params, model.apply, batch, (0, 8, 7, 64))
+    for got in chunked:
+        _assert_same(got, want)
 
 
 def test_chunked_loss_with_lora():
@@ -123,8 +130,8 @@ def test_chunked_loss_with_lora():
     # B starts at zero; move it so the adapters actually change the logits.
     params = jax.tree.map(lambda x: x + 0.05, state.params)
     batch = _packed_batch()
-    want = _loss_and_grads(params, state.apply_fn, batch, 0, state.frozen)
-    _assert_same(_loss_and_grads(params, state.apply_fn, batch, 8, state.frozen), want)
+    want, got = _loss_and_grads(params, state.apply_fn, batch, (0, 8), state.frozen)
+    _assert_same(got, want)
 
 
 def test_chunked_never_builds_full_logits():

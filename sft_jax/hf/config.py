@@ -402,18 +402,18 @@ def hf_config_dict(c: ModelConfig, *, bos_token_id: Any, eos_token_id: Any) -> d
     """config.json for a model with no source checkpoint (random init): Llama, or Qwen2 (q/k/v
     biases) or Qwen3 (q/k norm), the HF families whose computation equals that config; for a
     mixture-of-experts config, the MoE family whose computation equals it (`_moe_family`)."""
-    if c.norm_offset or c.sandwich_norms or c.has_local_layers or c.mlp_activation != "silu":
-        raise UnsupportedModelError("only Llama-style configs can be exported without a source")
-    if c.qk_norm and c.attention_bias:
-        raise UnsupportedModelError("no HF family has both q/k norm and q/k/v-only biases")
-    if c.qk_norm_full and not c.is_moe:
-        raise UnsupportedModelError("no dense HF family normalises q/k over all heads")
     gpt_oss = (c.attention_sinks, c.o_proj_bias, c.router_bias, c.expert_bias, c.swiglu_limit)
     if any(gpt_oss) or (c.rope_scaling is not None and c.rope_scaling.rope_type == "yarn"):
         raise UnsupportedModelError(
             "gpt-oss features (attention sinks, o_proj/router/expert biases, clamped SwiGLU, "
             "YaRN) are exported only with their source checkpoint's config.json"
         )
+    if c.norm_offset or c.sandwich_norms or c.has_local_layers or c.mlp_activation != "silu":
+        raise UnsupportedModelError("only Llama-style configs can be exported without a source")
+    if c.qk_norm and c.attention_bias:
+        raise UnsupportedModelError("no HF family has both q/k norm and q/k/v-only biases")
+    if c.qk_norm_full and not c.is_moe:
+        raise UnsupportedModelError("no dense HF family normalises q/k over all heads")
     arch, model_type = "LlamaForCausalLM", "llama"
     if c.is_moe:
         arch, model_type = _moe_family(c)

@@ -7,11 +7,13 @@ import dataclasses
 import functools
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax.sharding import NamedSharding, PartitionSpec
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, GptOssConfig
@@ -32,8 +34,11 @@ from sft_jax.model.attention import (
 from sft_jax.model.blocked_attention import blocked_attention
 from sft_jax.model.decode import greedy_generate
 from sft_jax.model.decoder import Transformer, count_params
+from sft_jax.model.moe import MoeConfig, MoeMlp, expert_parallel_axes
 from sft_jax.training import step
+from sft_jax.training.sharding import activation_sharding, param_shardings
 from tests.helpers import model_only_state
+from tests.test_expert_parallel import RULES, expert_mesh, run
 
 MODEL_TOL = 1e-4
 AUX_COEF = 0.25
@@ -429,3 +434,42 @@ def test_random_init_with_gpt_oss_features_is_not_exported_without_its_source(sa
     config, _ = _load(saved[0])
     with pytest.raises(hf.UnsupportedModelError, match="gpt-oss features"):
         hf.hf_config_dict(config, bos_token_id=1, eos_token_id=2)
+
+
+# --- the gpt-oss expert layer on a mesh -----------------------------------------------------
+
+
+@pytest.mark.parametrize("sizes", [(1, 1, 1, 1, 8), (2, 1, 1, 1, 4), (2, 4, 1, 1, 1)])
+def test_biased_clamped_experts_on_a_mesh_equal_unsharded(sizes):
+    """Router and expert biases and the clamped SwiGLU under shard_map: split over an expert
+    axis (each device its experts' biases) and whole on every device; outputs, router
+    statistics and gradients (the biases' included) equal the single-device layer."""
+    cfg = MoeConfig(16, 8, 8, 2, norm_topk_prob=True, router_bias=True, expert_bias=True)
+    cfg = dataclasses.replace(cfg, swiglu_limit=0.3)
+    x = jax.random.normal(jax.random.key(1), (8, 4, 16), jnp.float32)
+    variables = MoeMlp(cfg).init(jax.random.key(0), x)
+    params = nn.meta.unbox(variables)["params"]
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    params = jax.tree.unflatten(
+        tree, [jax.random.normal(k, p.shape) * 0.5 for k, p in zip(keys, leaves, strict=True)]
+    )
+    mask = jnp.ones((8, 4), bool).at[0, -2:].set(False)
+    want = run(cfg, params, x, mask)
+    grads = want[0][0]["experts"]
+    assert set(grads) >= {"gate_bias", "up_bias", "down_bias"}
+    assert float(jnp.abs(grads["up_bias"]).max()) > 0
+
+    mesh = expert_mesh(sizes)
+    sharded = dataclasses.replace(cfg, mesh=mesh, mesh_rules=RULES)
+    assert bool(expert_parallel_axes(sharded)) == (sizes[-1] > 1)
+    shardings = param_shardings(nn.get_partition_spec(variables)["params"], params, mesh, RULES)
+    tokens = activation_sharding(mesh, RULES)
+    args = (
+        jax.device_put(params, shardings),
+        jax.device_put(x, tokens),
+        jax.device_put(mask, NamedSharding(mesh, PartitionSpec(*tokens.spec[:2]))),
+    )
+    got = jax.jit(functools.partial(run, sharded))(*args)
+    tol = dict(atol=1e-5, rtol=1e-5)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, **tol), got, want)

@@ -34,7 +34,13 @@ from sft_jax.model.attention import (
 from sft_jax.model.blocked_attention import blocked_attention
 from sft_jax.model.decode import greedy_generate
 from sft_jax.model.decoder import Transformer, count_params
-from sft_jax.model.moe import MoeConfig, MoeMlp, expert_parallel_axes
+from sft_jax.model.moe import (
+    MoeConfig,
+    MoeMlp,
+    clamped_swiglu,
+    expert_parallel_axes,
+    grouped_swiglu,
+)
 from sft_jax.training import step
 from sft_jax.training.sharding import activation_sharding, param_shardings
 from tests.helpers import model_only_state
@@ -473,3 +479,23 @@ def test_biased_clamped_experts_on_a_mesh_equal_unsharded(sizes):
     got = jax.jit(functools.partial(run, sharded))(*args)
     tol = dict(atol=1e-5, rtol=1e-5)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, **tol), got, want)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_grouped_biased_clamped_experts_equal_a_per_token_reference(platform):
+    """Both grouped layouts (the CPU's padded blocks; ragged_dot's rows, as TPU and GPU run
+    them, here by XLA:CPU's dense ragged_dot) add each row's own expert's biases."""
+    n, d, f, e, k = 37, 8, 6, 5, 2
+    keys = jax.random.split(jax.random.key(0), 8)
+    x = jax.random.normal(keys[0], (n, d))
+    experts = jax.random.randint(keys[1], (n, k), 0, e - 1)  # expert e - 1 gets no token
+    gate, up = (jax.random.normal(kk, (e, d, f)) for kk in keys[2:4])
+    down = jax.random.normal(keys[4], (e, f, d))
+    shapes = ((e, f), (e, f), (e, d))
+    biases = tuple(jax.random.normal(kk, s) for kk, s in zip(keys[5:], shapes, strict=True))
+    got = grouped_swiglu(x, experts, gate, up, down, None, platform, biases, (0.5, 1.702))
+    g = jnp.einsum("nd,nkdf->nkf", x, gate[experts]) + biases[0][experts]
+    u = jnp.einsum("nd,nkdf->nkf", x, up[experts]) + biases[1][experts]
+    h = clamped_swiglu(g, u, 0.5, 1.702)
+    want = jnp.einsum("nkf,nkfd->nkd", h, down[experts]) + biases[2][experts]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -229,7 +229,7 @@ def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     even value; each group of 32 values is scaled by 2 ** (scale - 127)."""
     codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], -1)
     values = _FP4_VALUES[codes]
-    values = np.ldexp(values, scales.astype(np.int32)[..., None] - 127)
+    np.ldexp(values, scales.astype(np.int32)[..., None] - 127, out=values)  # in place: no copy
     return values.reshape(*scales.shape[:-1], -1)
 
 

@@ -178,7 +178,8 @@ def xla_attention_with_sinks(
     zeros that every query sees, whose score q . 0 = 0 plus a per-head bias of the sink is the
     sink logit. Its value adds nothing to the output, only exp(sink) to the denominator, which
     is the sink's definition; the bias is [1, N, 1, S + 1], so nothing quadratic is added to
-    the dense mask this path reads. (Rescaling the output by the returned log-sum-exp instead
+    the dense mask this path reads; float32, so the sinks are not rounded to a bfloat16
+    compute dtype. (Rescaling the output by the returned log-sum-exp instead
     would be cheaper, but its gradient is not propagated.) The mask already holds causality,
     so is_causal is off: its rule would hide the extra key column."""
     b, t, n, _ = q.shape
@@ -189,7 +190,7 @@ def xla_attention_with_sinks(
         [jnp.zeros((n, k.shape[1]), jnp.float32), sinks[:, None].astype(jnp.float32)], axis=1
     )
     return jax.nn.dot_product_attention(
-        q, keys, values, bias=bias[None, :, None].astype(q.dtype), mask=mask[:, None], scale=scale,
+        q, keys, values, bias=bias[None, :, None], mask=mask[:, None], scale=scale,
         implementation="xla",
     )  # fmt: skip
 

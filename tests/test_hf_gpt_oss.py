@@ -22,6 +22,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from sft_jax import hf
 from sft_jax.export import export_hf
 from sft_jax.model.attention import (
+    AttentionOptions,
+    attend,
     attention_mask,
     grouped_attention,
     resolve_implementation,
@@ -43,6 +45,8 @@ from sft_jax.model.moe import (
 from sft_jax.training import step
 from sft_jax.training.sharding import activation_sharding, param_shardings
 from tests.helpers import model_only_state
+from tests.test_attention_tpu import T as SPLASH_T
+from tests.test_attention_tpu import cpu_mesh, packed_segments
 from tests.test_expert_parallel import RULES, expert_mesh, run
 
 MODEL_TOL = 1e-4
@@ -334,12 +338,60 @@ def test_implementations_without_sinks_are_refused_or_avoided():
     settings = dict(dtype="bfloat16", head_dim=64, softcap=None, seq_len=1024, sinks=True)
     assert resolve_implementation("auto", platform="cpu", **settings) == "blocked"
     assert resolve_implementation("auto", platform="gpu", **settings) == "xla"
-    assert resolve_implementation("auto", platform="tpu", **settings) == "xla"
-    for impl, platform in (("splash", "tpu"), ("cudnn", "gpu")):
-        with pytest.raises(ValueError, match=f"{impl} attention has no attention sinks"):
-            resolve_implementation(impl, platform=platform, **settings)
-    with pytest.raises(ValueError, match=r"mesh\.context=2.*sinks"):
-        resolve_implementation("auto", platform="tpu", context=2, **settings)
+    assert resolve_implementation("auto", platform="tpu", **settings) == "splash"
+    assert resolve_implementation("auto", platform="gpu", **{**settings, "sinks": False}) == "cudnn"
+    with pytest.raises(ValueError, match="cudnn attention has no attention sinks"):
+        resolve_implementation("cudnn", platform="gpu", **settings)
+    for requested in ("auto", "splash"):  # splash with gathered keys and the ring take none
+        with pytest.raises(ValueError, match=r"mesh\.context=2.*sinks"):
+            resolve_implementation(requested, platform="tpu", context=2, **settings)
+    q = jnp.zeros((1, 128, 4, 8))
+    options = AttentionOptions("cudnn")
+    with pytest.raises(ValueError, match="cudnn attention has no attention sinks"):
+        attend(
+            q, q[:, :, :2], q[:, :, :2], jnp.ones((1, 128, 128), bool), options, sinks=q[0, 0, :, 0]
+        )
+
+
+# name: mesh (data, fsdp, tensor), batch rows, query heads N, kv heads K, window
+SPLASH_CASES = {
+    "fsdp": ((1, 8, 1), 8, 4, 2, None),
+    "data_x_tensor_kv_heads_repeated": ((2, 1, 4), 2, 8, 2, None),
+    "fsdp_x_tensor_sliding_window": ((1, 4, 2), 4, 4, 2, 24),
+}
+
+
+@pytest.mark.parametrize("case", SPLASH_CASES)
+def test_sharded_splash_with_sinks_equals_reference(case):
+    """The TPU kernel's own sinks, in Pallas' interpreter on the fake CPU devices, under
+    shard_map (sinks split with the query heads): outputs and gradients, the sinks' summed over
+    the batch shards, equal the reference on packed rows."""
+    (data, fsdp, tensor), b, n, kv, window = SPLASH_CASES[case]
+    mesh = cpu_mesh(data, fsdp, tensor)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, SPLASH_T, h, 16)), jnp.float32) for h in (n, kv, kv))
+    sinks = jnp.asarray(2.0 * rng.normal(size=(n,)), jnp.float32)
+    seg = jnp.asarray(packed_segments(b, seed=1))
+    mask = attention_mask(seg)
+    if window is not None:
+        mask = window_mask(mask, jnp.arange(SPLASH_T), window)
+    weights = jnp.asarray(rng.normal(size=(b, SPLASH_T, n, 16)), jnp.float32)
+    real = (seg > 0)[:, :, None, None]  # padding rows' outputs are never trained
+
+    def loss(impl):
+        def f(q, k, v, sinks):
+            options = AttentionOptions(impl, window=window, mesh=mesh, rules=RULES, interpret=True)
+            local = None if window is None else jnp.asarray(True)
+            out = attend(q, k, v, mask, options, segment_ids=seg, local=local, sinks=sinks)
+            return jnp.sum(jnp.where(real, out * weights, 0.0)), out
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))
+
+    (_, got), got_grads = loss("splash")(q, k, v, sinks)
+    (_, want), want_grads = loss("reference")(q, k, v, sinks)
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=2e-5)
+    for name, a, w in zip(("q", "k", "v", "sinks"), got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(a, w, atol=2e-5, err_msg=f"d{name}")
 
 
 # --- weights: MXFP4, the layouts transformers writes, export --------------------------------

@@ -222,8 +222,9 @@ def resolve_implementation(
     on `platform` ("cpu" | "gpu" | "tpu"), falling back to XLA (or, with logit soft-capping,
     which only the reference and splash implement, to the reference) where a fused kernel
     cannot run these settings. `seq_len` (when known) rules out splash on a length its blocks
-    do not tile. `sinks` (gpt-oss's attention sinks) rule out splash, ring and cudnn, which
-    have no input for them: "auto" then picks XLA (blocked on the CPU), never dropping them.
+    do not tile. `sinks` (gpt-oss's attention sinks) rule out cudnn and, under context
+    parallelism, both splash with gathered keys and ring attention, which have no input for
+    them: "auto" then picks XLA on a GPU, never dropping them; a context split is refused.
     An explicit request that cannot run raises ValueError saying why.
 
     With the sequence split over `context` > 1 devices only two attend across the split:
@@ -275,7 +276,7 @@ def _unsupported(
     sinks: bool = False,
 ) -> str | None:
     """Why `impl` cannot run these settings, or None when it can."""
-    if sinks and impl in ("cudnn", "splash", "ring"):
+    if sinks and impl in ("cudnn", "ring"):
         return f"{impl} attention has no attention sinks (gpt-oss); use xla, blocked or reference"
     if impl == "xla" and softcap is not None:
         return "jax.nn.dot_product_attention has no logit soft-capping (Gemma 2); use reference"
@@ -337,11 +338,14 @@ def attend(
     (sft_jax/model/splash_attention.py). Ring (context parallelism) takes the segment ids and
     `slots` [B, T], each token's slot in its unpermuted row, and masks by them exactly as the
     dense mask does, whatever order the row is in (`ring_attention`). `sinks` [N]: gpt-oss's
-    per-head sink logits (see `grouped_attention`), taken by the reference, xla and blocked;
-    the others refuse them here too, as `resolve_implementation` does.
+    per-head sink logits (see `grouped_attention`), taken by the reference, xla, blocked and
+    splash (not under context parallelism); the others refuse them here too, as
+    `resolve_implementation` does.
     """
     implementation, softcap = options.implementation, options.softcap
-    if sinks is not None and implementation not in ("reference", "xla", "blocked"):
+    split = options.mesh is not None and sharding.context_shards(options.mesh) > 1
+    takes_sinks = ("reference", "xla", "blocked") + (() if split else ("splash",))
+    if sinks is not None and implementation not in takes_sinks:
         raise ValueError(f"{implementation} attention has no attention sinks (gpt-oss)")
     scale = q.shape[-1] ** -0.5 if options.scale is None else options.scale
     if implementation in DENSE_MASK_IMPLEMENTATIONS and mask is None:
@@ -373,7 +377,7 @@ def attend(
         return splash_attention(
             q, k, v, segment_ids, scale=scale, softcap=softcap, local=local,
             window=options.window, mesh=options.mesh, rules=options.rules,
-            interpret=options.interpret,
+            interpret=options.interpret, sinks=sinks,
         )  # fmt: skip
     if implementation == "ring":
         if slots is None:

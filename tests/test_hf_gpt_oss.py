@@ -1,7 +1,9 @@
 """gpt-oss from and to Hugging Face: logits, packed rows, KV-cache generation and the train
-objective against transformers; attention sinks in every implementation that takes them (and
-refused by those that cannot); YaRN RoPE as transformers computes it; the Hub's MXFP4 experts
-dequantized on import; exports load back in transformers."""
+objective against transformers; attention sinks in every implementation that takes them
+(reference, xla, blocked, splash in Pallas' interpreter) and refused by those that cannot; YaRN
+RoPE as transformers computes it; the Hub's MXFP4 experts dequantized on import as transformers
+dequantizes them; exports load back in transformers; the biased, clamped experts on meshes and
+in both grouped layouts; a full fine-tune; a TPU compile of a gpt-oss-shaped model."""
 
 import dataclasses
 import functools
@@ -34,7 +36,7 @@ from sft_jax.model.attention import (
 )
 from sft_jax.model.blocked_attention import blocked_attention
 from sft_jax.model.decode import greedy_generate
-from sft_jax.model.decoder import Transformer, count_params
+from sft_jax.model.decoder import RopeScaling, Transformer, count_params
 from sft_jax.model.moe import (
     MoeConfig,
     MoeMlp,
@@ -42,11 +44,19 @@ from sft_jax.model.moe import (
     expert_parallel_axes,
     grouped_swiglu,
 )
+from sft_jax.planning import tpu
 from sft_jax.training import step
 from sft_jax.training.sharding import activation_sharding, param_shardings
 from tests.helpers import model_only_state
+from tests.test_attention_tpu import (
+    SPLASH_CALL,
+    compile_forward_backward,
+    cpu_mesh,
+    packed_segments,
+    tpu_mesh,
+    tpu_model,
+)
 from tests.test_attention_tpu import T as SPLASH_T
-from tests.test_attention_tpu import cpu_mesh, packed_segments
 from tests.test_expert_parallel import RULES, expert_mesh, run
 
 MODEL_TOL = 1e-4
@@ -587,3 +597,38 @@ def test_full_fine_tune_trains_and_exports(tmp_path, stories_dir):
     np.testing.assert_allclose(_hf_logits(model.eval(), tokens), np.asarray(ours), atol=MODEL_TOL)
     base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager").eval()
     assert np.abs(_hf_logits(base, tokens) - np.asarray(ours)).max() > 1e-2  # it trained
+
+
+@pytest.fixture(scope="module")
+def v5e_devices() -> list:
+    if tpu.libtpu_missing():
+        pytest.skip(f"no TPU compiler: {tpu.libtpu_missing()}")
+    return tpu.topology_devices("v5e:2x2")
+
+
+def test_gpt_oss_model_compiles_splash_with_sinks_for_tpu(v5e_devices):
+    """A gpt-oss-shaped model (sinks, biases, alternating windows, YaRN, biased clamped
+    experts) compiles its train step for TPU v5e:2x2 with "auto" attention: splash with the
+    sinks, the experts on ragged_dot with their per-row biases (no TPU needed: libtpu's
+    compiler)."""
+    yarn = RopeScaling(4.0, original_max_position_embeddings=128, rope_type="yarn")
+    model = tpu_model(
+        tpu_mesh(v5e_devices, 2, 1, 2),
+        num_layers=2,
+        attention_bias=True,
+        o_proj_bias=True,
+        attention_sinks=True,
+        sliding_window=128,
+        local_layers=(True, False),
+        rope_scaling=dataclasses.replace(yarn, attention_factor=1.1),
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=128,
+        norm_topk_prob=True,
+        router_bias=True,
+        expert_bias=True,
+        swiglu_limit=7.0,
+    )
+    compiled, hlo = compile_forward_backward(model, model.config.mesh)
+    assert SPLASH_CALL in hlo and "ragged" in hlo
+    assert compiled.memory_analysis().temp_size_in_bytes > 0

@@ -175,6 +175,7 @@ def attention_used(model_config: ModelConfig, config: Config, mesh: Any) -> str:
         dtype=model_config.dtype,
         head_dim=model_config.head_dim,
         softcap=model_config.attn_softcap,
+        sinks=model_config.attention_sinks,
         seq_len=config.data.seq_len,
         context=sharding.context_shards(mesh),
     )

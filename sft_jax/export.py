@@ -15,7 +15,9 @@ Why it is built this way:
   architecture exactly, including fields we only validate), with dtype and tying updated; a
   randomly initialised model gets a Llama (or Qwen2/Qwen3, or for experts Mixtral, Qwen2-MoE,
   Qwen3-MoE, OLMoE) config derived from ModelConfig. Expert weights are written one tensor per
-  expert, as the Hub checkpoints of each family are (Mixtral under its own names).
+  expert, as the Hub checkpoints of each family are (Mixtral under its own names), except
+  gpt-oss's: fused per layer as transformers stores them, and dequantized (bfloat16 or the
+  export dtype, no quantization_config) where the Hub's checkpoints hold MXFP4.
 - Weights go one leaf at a time: a leaf is copied to the host (gathered across processes on
   multi-host), split into its per-layer HF tensors and streamed into the shard files; only
   process 0 writes. The shard layout is planned from shapes before any bytes are written, so
@@ -143,11 +145,12 @@ def _write_weights(
     layout: hf.MoeLayout,
 ) -> None:
     plan = hf.hf_tensor_plan(c, layout)
-    if set(flat) != {t.leaf for t in plan}:
-        diff = sorted(set(flat) ^ {t.leaf for t in plan})
+    leaves = {path for t in plan for path in t.leaves}
+    if set(flat) != leaves:
+        diff = sorted(set(flat) ^ leaves)
         raise ExportError(f"parameter tree does not match the model config: {diff}")
     if not writer:  # take part in the gathers, in the same leaf order as the writer
-        for path in dict.fromkeys(t.leaf for t in plan):
+        for path in dict.fromkeys(path for t in plan for path in t.leaves):
             _host_copy(flat[path])
         return
     shards = _plan_shards(plan, dtype.itemsize, limit)
@@ -158,8 +161,10 @@ def _write_weights(
         tensor = by_key[key]
         if tensor.leaf not in current:  # plan order is leaf-grouped: each leaf fetched once
             current.clear()
-            current[tensor.leaf] = _host_copy(flat[tensor.leaf])
-        return hf.to_hf_tensor(c, tensor, current[tensor.leaf], layout).astype(dtype)
+            for path in tensor.leaves:  # two for gpt-oss's interleaved experts
+                current[path] = _host_copy(flat[path])
+        joined = None if tensor.joins is None else current[tensor.joins]
+        return hf.to_hf_tensor(c, tensor, current[tensor.leaf], layout, joined).astype(dtype)
 
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
@@ -222,6 +227,8 @@ def _write_config(
         with open(source_file, encoding="utf-8") as f:
             config = json.load(f)
         config["tie_word_embeddings"] = c.tie_embeddings
+        # The weights are written dequantized (gpt-oss's MXFP4 experts included).
+        config.pop("quantization_config", None)
     else:
         config = hf.hf_config_dict(
             c, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id

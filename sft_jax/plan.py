@@ -245,6 +245,7 @@ def plan(
         dtype=model_config.dtype,
         head_dim=model_config.head_dim,
         softcap=model_config.attn_softcap,
+        sinks=model_config.attention_sinks,
         seq_len=config.data.seq_len,
         context=mesh.shape["context"],
     )

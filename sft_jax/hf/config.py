@@ -6,15 +6,20 @@ HF does, an o_proj bias) fails loudly with `UnsupportedModelError` rather than l
 logits. Per-layer attention types come from `layer_types` when the file has it (transformers 5
 writes it), else from each family's documented default pattern.
 
-Mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) are read with transformers'
-defaults for the fields a file may omit, under either name of the expert count (`num_experts`,
-`num_local_experts`: transformers maps one to the other). Our decoder puts the MoE layer in
-every layer, so a config with dense layers among the sparse ones is refused.
+Mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss) are read with
+transformers' defaults for the fields a file may omit, under either name of the expert count
+(`num_experts`, `num_local_experts`: transformers maps one to the other). Our decoder puts the
+MoE layer in every layer, so a config with dense layers among the sparse ones is refused.
+gpt-oss adds attention sinks, biases on all four attention projections, YaRN RoPE,
+sliding-window layers from `layer_types`, router and expert biases and its clamped SwiGLU; its
+Hub checkpoints' MXFP4 `quantization_config` is accepted because the loader dequantizes the
+experts (any other quantization is refused).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +43,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM",
     "OlmoeForCausalLM",
+    "GptOssForCausalLM",
 )
 _ARCH_BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
@@ -50,7 +56,9 @@ _ARCH_BY_MODEL_TYPE = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
+_GPT_OSS = "GptOssForCausalLM"
 _GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 _QK_NORM_MOE = ("Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 _SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
@@ -61,6 +69,7 @@ _MOE_DEFAULTS = {
     "Qwen2MoeForCausalLM": (False, 0.001),
     "Qwen3MoeForCausalLM": (False, 0.001),
     "OlmoeForCausalLM": (False, 0.01),
+    _GPT_OSS: (True, 0.001),  # a softmax over the top-k logits: renormalised top-k weights
 }
 
 
@@ -119,6 +128,8 @@ def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) ->
         _moe_fields(raw, arch, file, num_layers, need, unsupported) if arch in _MOE_DEFAULTS else {}
     )
     head_dim = raw.get("head_dim") or hidden // heads
+    if arch == _GPT_OSS and "head_dim" not in raw:
+        head_dim = 64  # GptOssConfig's default
     if arch == "OlmoeForCausalLM" and head_dim * heads != hidden:  # its q_norm spans hidden_size
         raise unsupported(f"has head_dim={head_dim} with {heads} heads != hidden_size={hidden}")
     return ModelConfig(
@@ -130,11 +141,13 @@ def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) ->
         num_kv_heads=raw.get("num_key_value_heads") or heads,
         head_dim=head_dim,
         rope_theta=float(theta),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5 if arch == _GPT_OSS else 1e-6)),
         tie_embeddings=bool(raw.get("tie_word_embeddings", gemma)),
         qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", *_QK_NORM_MOE),
         qk_norm_full=arch == "OlmoeForCausalLM",
         attention_bias=attention_bias,
+        o_proj_bias=attention_bias and arch == _GPT_OSS,
+        attention_sinks=arch == _GPT_OSS,
         max_position_embeddings=max_pos,
         rope_scaling=scaling,
         dtype=dtype,
@@ -199,6 +212,11 @@ def _check_features(raw: dict, arch: str, unsupported: Callable) -> bool:
             raise unsupported(f"uses hidden_act={act!r}")
     if raw.get("mlp_bias", False):
         raise unsupported("has MLP biases (mlp_bias=true)")
+    if arch == _GPT_OSS:
+        quant = raw.get("quantization_config")
+        if quant and quant.get("quant_method") != "mxfp4":
+            raise unsupported(f"is quantized with {quant.get('quant_method')!r} (only mxfp4 loads)")
+        return bool(raw.get("attention_bias", True))  # then all four projections have biases
     if arch == "Qwen2ForCausalLM":
         return True  # Qwen2 always has q/k/v biases and never an o_proj bias.
     if arch == "Qwen2MoeForCausalLM":
@@ -234,12 +252,21 @@ def _moe_fields(
         )
     if arch == "OlmoeForCausalLM" and raw.get("clip_qkv") is not None:
         raise unsupported(f"clips q/k/v (clip_qkv={raw['clip_qkv']})")
+    gpt_oss = {}
+    if arch == _GPT_OSS:  # biased router and experts, clamped SwiGLU (transformers' defaults)
+        limit, alpha = raw.get("swiglu_limit", 7.0), raw.get("swiglu_alpha", 1.702)
+        gpt_oss = dict(router_bias=True, expert_bias=True, swiglu_limit=float(limit))
+        gpt_oss["swiglu_alpha"] = float(alpha)
     coef = raw.get("router_aux_loss_coef", aux_coef)
     if isinstance(coef, bool) or not isinstance(coef, int | float) or coef < 0:
         raise ModelFileError(f"{file}: field 'router_aux_loss_coef' must be >= 0, got {coef!r}")
-    if arch != "MixtralForCausalLM":  # Mixtral always renormalises; the others say so
+    if arch not in ("MixtralForCausalLM", _GPT_OSS):  # these always renormalise
         norm_topk = bool(raw.get("norm_topk_prob", norm_topk))
-    width = "intermediate_size" if arch in ("MixtralForCausalLM", "OlmoeForCausalLM") else None
+    width = (
+        "intermediate_size"
+        if arch in ("MixtralForCausalLM", "OlmoeForCausalLM", _GPT_OSS)
+        else None
+    )
     shared = need("shared_expert_intermediate_size") if arch == "Qwen2MoeForCausalLM" else 0
     return {
         "num_experts": experts,
@@ -248,6 +275,7 @@ def _moe_fields(
         "norm_topk_prob": norm_topk,
         "shared_expert_intermediate_size": shared,
         "router_aux_loss_coef": float(coef),
+        **gpt_oss,
     }
 
 
@@ -260,14 +288,14 @@ def _sliding(
         if raw.get("use_sliding_window") or any(t != "full_attention" for t in types):
             raise unsupported("uses sliding-window attention (use_sliding_window, layer_types)")
         return None, ()
-    window = raw.get("sliding_window")
+    window = raw.get("sliding_window", 128 if arch == _GPT_OSS else None)
     if arch == "OlmoeForCausalLM" and window is not None:  # applied by some kernels, not others
         raise unsupported(f"sets sliding_window={window}")
     if window is None or window >= max_pos:
         return None, ()
     if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
         return window, (True,) * num_layers  # Mistral applies any window to every layer.
-    if arch in _GEMMA:
+    if arch in (*_GEMMA, _GPT_OSS):
         types = raw.get("layer_types") or _gemma_layer_types(raw, arch, num_layers)
         if len(types) != num_layers:
             raise unsupported(f"has {len(types)} layer_types for {num_layers} layers")
@@ -280,9 +308,10 @@ def _sliding(
 
 
 def _gemma_layer_types(raw: dict, arch: str, num_layers: int) -> list[str]:
-    """transformers' defaults: Gemma 2 alternates local/global; Gemma 3 has every
+    """transformers' defaults: Gemma 2 and gpt-oss alternate local/global; Gemma 3 has every
     `sliding_window_pattern`-th layer global."""
-    pattern = 2 if arch == "Gemma2ForCausalLM" else raw.get("sliding_window_pattern", 6)
+    alternate = arch in ("Gemma2ForCausalLM", _GPT_OSS)
+    pattern = 2 if alternate else raw.get("sliding_window_pattern", 6)
     return [
         "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)
     ]
@@ -294,6 +323,8 @@ def _rope(
     """(theta, scaling, local theta) from `rope_parameters` (transformers 5; per layer type for
     Gemma 3) or the older top-level fields (`rope_scaling`, `rope_local_base_freq`)."""
     params = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+    if arch == _GPT_OSS and not params:
+        params = dict(_GPT_OSS_ROPE)
     local_theta = None
     if arch == "Gemma3ForCausalLM":
         local = params.pop("sliding_attention", None) or {}
@@ -305,10 +336,10 @@ def _rope(
         params.setdefault("rope_theta", raw.get("rope_theta", 1_000_000.0))
     if any(isinstance(v, dict) for v in params.values()):
         raise unsupported("has per-layer-type rope parameters")
-    default_theta = 1e6 if arch == "MixtralForCausalLM" else 10000.0  # transformers' defaults
+    default_theta = {"MixtralForCausalLM": 1e6, _GPT_OSS: 150000.0}.get(arch, 10000.0)
     theta = params.get("rope_theta", raw.get("rope_theta", default_theta))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in _SUPPORTED_ROPE_TYPES:
+    if rope_type not in _SUPPORTED_ROPE_TYPES and not (rope_type == "yarn" and arch == _GPT_OSS):
         raise unsupported(f"uses rope type {rope_type!r}")
     factor = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
     if factor != 1.0:
@@ -317,6 +348,8 @@ def _rope(
         return theta, None, local_theta
     if rope_type == "linear":
         return theta, RopeScaling(float(params["factor"]), rope_type="linear"), local_theta
+    if rope_type == "yarn":
+        return theta, _yarn(params, max_pos), local_theta
     scaling = RopeScaling(
         factor=float(params["factor"]),
         low_freq_factor=float(params["low_freq_factor"]),
@@ -328,10 +361,53 @@ def _rope(
     return theta, scaling, local_theta
 
 
+# GptOssConfig's RoPE when config.json gives none.
+_GPT_OSS_ROPE = dict(
+    rope_type="yarn",
+    factor=32.0,
+    beta_fast=32.0,
+    beta_slow=1.0,
+    truncate=False,
+    original_max_position_embeddings=4096,
+)
+
+
+def _yarn(params: dict, max_pos: int) -> RopeScaling:
+    """YaRN's fields with transformers' defaults (modeling_rope_utils._compute_yarn_parameters):
+    beta_fast 32, beta_slow 1, truncate true; the attention factor from config.json, else from
+    mscale / mscale_all_dim when both are set, else 0.1 ln(factor) + 1."""
+    original = int(params["original_max_position_embeddings"])
+    factor = params.get("factor")
+    factor = float(max_pos / original if factor is None else factor)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = params.get("attention_factor")
+    m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+    if attention is None:
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    return RopeScaling(
+        factor=factor,
+        original_max_position_embeddings=original,
+        rope_type="yarn",
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        truncate=bool(params.get("truncate", True)),
+        attention_factor=float(attention),
+    )
+
+
 def hf_config_dict(c: ModelConfig, *, bos_token_id: Any, eos_token_id: Any) -> dict[str, Any]:
     """config.json for a model with no source checkpoint (random init): Llama, or Qwen2 (q/k/v
     biases) or Qwen3 (q/k norm), the HF families whose computation equals that config; for a
     mixture-of-experts config, the MoE family whose computation equals it (`_moe_family`)."""
+    gpt_oss = (c.attention_sinks, c.o_proj_bias, c.router_bias, c.expert_bias, c.swiglu_limit)
+    if any(gpt_oss) or (c.rope_scaling is not None and c.rope_scaling.rope_type == "yarn"):
+        raise UnsupportedModelError(
+            "gpt-oss features (attention sinks, o_proj/router/expert biases, clamped SwiGLU, "
+            "YaRN) are exported only with their source checkpoint's config.json"
+        )
     if c.norm_offset or c.sandwich_norms or c.has_local_layers or c.mlp_activation != "silu":
         raise UnsupportedModelError("only Llama-style configs can be exported without a source")
     if c.qk_norm and c.attention_bias:

@@ -12,6 +12,15 @@ the Hub's one tensor per expert (`mlp.experts.{e}.gate_proj.weight`; Mixtral's
 transformers 5's fused `experts.gate_up_proj` [E, 2F, D] / `experts.down_proj` [E, D, F] (what
 `save_pretrained(save_original_format=False)` writes). Every layout loads; export writes the
 family's Hub layout, which transformers and vLLM both read.
+
+gpt-oss stores each layer's experts fused: `experts.gate_up_proj` [E, D, 2F] with gate and up
+interleaved (even columns gate, odd up), `experts.down_proj` [E, F, D], and their biases; its
+router is `mlp.router` (weight and bias). The Hub's checkpoints hold the two expert matrices as
+MXFP4 (`*_blocks` [E, R, C/32, 16] uint8, two e2m1 values a byte, low nibble first, and
+`*_scales` [E, R, C/32] uint8, a power-of-two exponent biased by 127 per 32 values, rows R of
+the [E, R, C] matrix transformers transposes to [E, C, R]): they are dequantized on import,
+exactly (every MXFP4 value is a bfloat16), to the parameter dtype. Export writes them
+dequantized in the fused layout, which transformers loads without a quantization_config.
 """
 
 from __future__ import annotations
@@ -49,6 +58,11 @@ class _Tensor:
     to_hf: Callable[[np.ndarray], np.ndarray] | None = _identity
     per_layer: bool = True
     experts: int = 0  # > 0: one HF tensor per expert, stacked on the leaf's expert axis
+    # gpt-oss's fused tensors hold two leaves interleaved: `joins` names the other leaf, whose
+    # slice `to_hf` takes as a second argument; that leaf's own spec is `joined` (written here).
+    joins: tuple[str, ...] | None = None
+    joined: bool = False
+    mxfp4: bool = False  # `key` names MXFP4 blocks (shape: theirs), read with their scales
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +72,7 @@ class MoeLayout:
     prefix: str = "mlp"  # "block_sparse_moe": Mixtral's Hub checkpoints
     names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # Mixtral: w1, w3, w2
     fused: bool = False  # transformers 5's gate_up_proj [E, 2F, D] and down_proj [E, D, F]
+    mxfp4: bool = False  # gpt-oss's Hub checkpoints: expert matrices as MXFP4 blocks and scales
 
 
 HUB_LAYOUT = MoeLayout()
@@ -105,6 +120,10 @@ def _tensor_specs(c: ModelConfig, layout: MoeLayout = HUB_LAYOUT) -> dict[tuple[
             ("post_mlp_norm", "post_feedforward_layernorm"),
         ):
             specs["layers", ours, "scale"] = _Tensor(layer + theirs + ".weight", (d,))
+    if c.attention_sinks:
+        specs["layers", "attn", "sinks"] = _Tensor(attn + "sinks", (n,))
+    if c.o_proj_bias:
+        specs["layers", "attn", "o_proj", "bias"] = _Tensor(attn + "o_proj.bias", (d,))
     if c.attention_bias:
         for name, heads in (("q_proj", n), ("k_proj", kv), ("v_proj", kv)):
             specs["layers", "attn", name, "bias"] = _Tensor(
@@ -140,6 +159,8 @@ def _mlp_specs(
 
 def _moe_specs(c: ModelConfig, layout: MoeLayout) -> dict[tuple[str, ...], _Tensor]:
     """The router, the experts (stacked [E, ...] leaves) and a shared expert, in `layout`."""
+    if c.expert_bias:
+        return _gpt_oss_moe_specs(c, layout.mxfp4)
     d, f, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
     base = "model.layers.{i}." + layout.prefix + "."
     mlp = ("layers", "mlp")
@@ -166,6 +187,63 @@ def _moe_specs(c: ModelConfig, layout: MoeLayout) -> dict[tuple[str, ...], _Tens
     return specs
 
 
+def _interleave(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[..., F] and [..., F] -> [..., 2F] with a in the even and b in the odd columns."""
+    return np.stack([a, b], axis=-1).reshape(*a.shape[:-1], 2 * a.shape[-1])
+
+
+def _gpt_oss_moe_specs(c: ModelConfig, mxfp4: bool) -> dict[tuple[str, ...], _Tensor]:
+    """gpt-oss's router and fused experts (module docstring); `mxfp4`: the Hub's quantized
+    expert matrices, read only (export writes them dequantized)."""
+    d, f, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
+    base = "model.layers.{i}.mlp."
+    mlp, experts = ("layers", "mlp"), ("layers", "mlp", "experts")
+    even, odd = (lambda w: w[..., 0::2]), (lambda w: w[..., 1::2])
+    up, up_bias = (*experts, "up_proj"), (*experts, "up_bias")
+    if mxfp4:  # read as [E, R, C] matrices; transposed to transformers' [E, C, R] first
+        gate_up = _Tensor(
+            base + "experts.gate_up_proj_blocks", (e, 2 * f, d // 32, 16), even, None, mxfp4=True
+        )
+        down = _Tensor(
+            base + "experts.down_proj_blocks", (e, d, f // 32, 16), to_hf=None, mxfp4=True
+        )
+    else:
+        gate_up = _Tensor(base + "experts.gate_up_proj", (e, d, 2 * f), even, _interleave, joins=up)
+        down = _Tensor(base + "experts.down_proj", (e, f, d))
+    bias = _Tensor(base + "experts.gate_up_proj_bias", (e, 2 * f), even, _interleave, joins=up_bias)
+    return {
+        (*mlp, "router", "kernel"): _linear((e,), (d,), base + "router.weight"),
+        (*mlp, "router", "bias"): _Tensor(base + "router.bias", (e,)),
+        (*experts, "gate_proj"): gate_up,
+        up: dataclasses.replace(gate_up, convert=odd, joins=None, joined=True),
+        (*experts, "down_proj"): down,
+        (*experts, "gate_bias"): bias,
+        up_bias: dataclasses.replace(bias, convert=odd, joins=None, joined=True),
+        (*experts, "down_bias"): _Tensor(base + "experts.down_proj_bias", (e, d)),
+    }
+
+
+def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """MXFP4 blocks [..., G, 16] uint8 and scales [..., G] uint8 -> float32 [..., G * 32]
+    (transformers' integrations/mxfp4.py): each byte holds two e2m1 codes, the low nibble the
+    even value; each group of 32 values is scaled by 2 ** (scale - 127)."""
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], -1)
+    values = _FP4_VALUES[codes]
+    np.ldexp(values, scales.astype(np.int32)[..., None] - 127, out=values)  # in place: no copy
+    return values.reshape(*scales.shape[:-1], -1)
+
+
+# e2m1 code -> value: sign bit, then 2 exponent bits and 1 mantissa bit.
+_FP4_VALUES = np.array(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+    np.float32,
+)
+
+
+def _scales_key(key: str) -> str:
+    return key.removesuffix("_blocks") + "_scales"
+
+
 def _instances(spec: _Tensor, c: ModelConfig) -> list[tuple[str, int | None, int | None]]:
     """(HF key, layer, expert) of every HF tensor behind one leaf."""
     layers = range(c.num_layers) if spec.per_layer else [None]
@@ -179,6 +257,8 @@ def checkpoint_layout(ckpt: Checkpoint) -> MoeLayout:
         "block_sparse_moe" if "model.layers.0.block_sparse_moe.gate.weight" in ckpt.files else "mlp"
     )
     experts = f"model.layers.0.{prefix}.experts."
+    if experts + "gate_up_proj_blocks" in ckpt.files:
+        return MoeLayout(prefix, mxfp4=True)
     if experts + "gate_up_proj" in ckpt.files:
         return MoeLayout(prefix, fused=True)
     if experts + "0.w1.weight" in ckpt.files:
@@ -211,18 +291,27 @@ def check_checkpoint(path: str, config: ModelConfig) -> None:
     _check_keys(ckpt, specs, config, compare_tied=False)  # that comparison reads tensor data
     for spec in specs.values():
         for key, _, _ in _instances(spec, config):
-            if ckpt.files[key].shape(key) != spec.shape:
-                raise ModelFileError(
-                    f"{ckpt.files[key].path}: tensor '{key}' has shape "
-                    f"{ckpt.files[key].shape(key)}, expected {spec.shape} from config.json"
-                )
+            for name, shape in _stored(spec, key):
+                if ckpt.files[name].shape(name) != shape:
+                    raise ModelFileError(
+                        f"{ckpt.files[name].path}: tensor '{name}' has shape "
+                        f"{ckpt.files[name].shape(name)}, expected {shape} from config.json"
+                    )
+
+
+def _stored(spec: _Tensor, key: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(key, shape) of the stored tensors behind one HF tensor: MXFP4 adds its scales."""
+    if spec.mxfp4:
+        return [(key, spec.shape), (_scales_key(key), spec.shape[:-1])]
+    return [(key, spec.shape)]
 
 
 def _check_keys(ckpt: Checkpoint, specs: dict, c: ModelConfig, compare_tied: bool = True) -> None:
     """Every expected tensor present, nothing unexplained left over."""
     expected = set()
     for spec in specs.values():
-        expected.update(key for key, _, _ in _instances(spec, c))
+        for key, _, _ in _instances(spec, c):
+            expected.update(name for name, _ in _stored(spec, key))
     missing = sorted(expected - set(ckpt.files))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -246,6 +335,11 @@ def _check_keys(ckpt: Checkpoint, specs: dict, c: ModelConfig, compare_tied: boo
 
 def _read_layer(ckpt: Checkpoint, spec: _Tensor, i: int | None) -> np.ndarray:
     """One layer's slice of a leaf (the whole leaf when not per-layer), experts stacked."""
+    if spec.mxfp4:  # [E, R, C] dequantized, as transformers' [E, C, R]
+        key = spec.key.format(i=i)
+        blocks = ckpt.get(key, spec.shape)
+        scales = ckpt.get(_scales_key(key), spec.shape[:-1])
+        return spec.convert(np.swapaxes(dequantize_mxfp4(blocks, scales), -1, -2))
     if not spec.experts:
         return spec.convert(ckpt.get(spec.key.format(i=i), spec.shape))
     return np.stack(
@@ -300,24 +394,38 @@ class HfTensor:
     leaf: tuple[str, ...]  # our flattened param path
     layer: int | None  # index into the leaf's leading L axis, None for whole leaves
     expert: int | None = None  # then index into the layer's expert axis
+    joins: tuple[str, ...] | None = None  # a second leaf interleaved into it (gpt-oss)
+
+    @property
+    def leaves(self) -> tuple[tuple[str, ...], ...]:
+        """Every leaf this tensor is made from (one, or two for gpt-oss's fused experts)."""
+        return (self.leaf,) if self.joins is None else (self.leaf, self.joins)
 
 
 def hf_tensor_plan(config: ModelConfig, layout: MoeLayout = HUB_LAYOUT) -> list[HfTensor]:
     """Every HF tensor of the model, grouped by our leaf (so each leaf is fetched once)."""
     plan = []
     for path, spec in _tensor_specs(config, layout).items():
+        if spec.joined:  # written with the leaf it is interleaved with
+            continue
         if spec.to_hf is None:
             raise ValueError(f"{layout} is a layout we read, not one we write")
         for key, i, e in _instances(spec, config):
-            plan.append(HfTensor(key, spec.shape, path, i, e))
+            plan.append(HfTensor(key, spec.shape, path, i, e, spec.joins))
     return plan
 
 
 def to_hf_tensor(
-    config: ModelConfig, tensor: HfTensor, leaf: np.ndarray, layout: MoeLayout = HUB_LAYOUT
+    config: ModelConfig,
+    tensor: HfTensor,
+    leaf: np.ndarray,
+    layout: MoeLayout = HUB_LAYOUT,
+    joined: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The HF tensor `tensor` from its host leaf (the whole [L, ...] leaf when per-layer)."""
+    """The HF tensor `tensor` from its host leaf (the whole [L, ...] leaf when per-layer), and
+    from the leaf `tensor.joins` names (`joined`) when it interleaves two."""
     spec = _tensor_specs(config, layout)[tensor.leaf]
-    part = leaf if tensor.layer is None else leaf[tensor.layer]
-    part = part if tensor.expert is None else part[tensor.expert]
-    return spec.to_hf(part)
+    parts = [leaf] if joined is None else [leaf, joined]
+    parts = [p if tensor.layer is None else p[tensor.layer] for p in parts]
+    parts = [p if tensor.expert is None else p[tensor.expert] for p in parts]
+    return spec.to_hf(*parts)

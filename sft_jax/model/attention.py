@@ -27,7 +27,7 @@ from sft_jax.training import sharding
 if TYPE_CHECKING:
     from jax.sharding import Mesh
 
-    from sft_jax.model.config import ModelConfig
+    from sft_jax.model.config import ModelConfig, RopeScaling
 
 
 def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> np.ndarray:
@@ -45,6 +45,8 @@ def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> np.ndarray:
     s = None if local and config.local_rope_theta is not None else config.rope_scaling
     if s is not None and s.rope_type == "linear":
         inv_freq = inv_freq / s.factor
+    elif s is not None and s.rope_type == "yarn":
+        inv_freq = _yarn_inv_freq(inv_freq, s, theta, dim)
     elif s is not None:  # transformers.modeling_rope_utils._compute_llama3_parameters
         old_len = s.original_max_position_embeddings
         low_freq_wavelen = old_len / s.low_freq_factor
@@ -58,10 +60,44 @@ def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """cos, sin float32 [B, T, H/2] at each token's own position (per packed segment)."""
+def _yarn_inv_freq(inv_freq: np.ndarray, s: RopeScaling, theta: float, dim: int) -> np.ndarray:
+    """YaRN (transformers.modeling_rope_utils._compute_yarn_parameters): high frequencies (many
+    rotations over the original context) keep their value, low ones are divided by `factor`,
+    with a linear ramp between the dimensions where `beta_fast` and `beta_slow` rotations fit
+    into original_max_position_embeddings (rounded outwards when `truncate`)."""
+
+    def correction_dim(rotations: float) -> float:
+        length = s.original_max_position_embeddings
+        return dim * math.log(length / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp  # the share of the unscaled frequency
+    return inv_freq / s.factor * ramp + inv_freq * extrapolation
+
+
+def rope_attention_factor(config: ModelConfig, *, local: bool = False) -> float:
+    """The factor cos and sin are multiplied by: YaRN's attention factor, else 1."""
+    s = config.rope_scaling
+    if s is None or s.rope_type != "yarn" or (local and config.local_rope_theta is not None):
+        return 1.0
+    return s.attention_factor
+
+
+def rope_tables(
+    positions: jax.Array, inv_freq: np.ndarray, factor: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """cos, sin float32 [B, T, H/2] at each token's own position (per packed segment), times
+    `factor` (YaRN's attention factor; 1 leaves them untouched)."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    return jnp.cos(angles), jnp.sin(angles)
+    if factor == 1.0:
+        return jnp.cos(angles), jnp.sin(angles)
+    return jnp.cos(angles) * factor, jnp.sin(angles) * factor
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -100,12 +136,15 @@ def grouped_attention(
     *,
     scale: float | None = None,
     softcap: float | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """Grouped-query attention without materialising repeated kv heads.
 
     q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]. Query head n uses kv head
     n // G, as HF's `repeat_kv` does. Scores and softmax in float32; `softcap` (Gemma 2) squashes
-    the scaled scores before masking, as HF does.
+    the scaled scores before masking, as HF does. `sinks` [N] (gpt-oss): a learned logit per
+    query head that joins every query's softmax as one more column with no value, so a query
+    can attend to "nothing"; the probabilities of the real keys then sum to less than one.
     """
     b, t, n, h = q.shape
     kv = k.shape[2]
@@ -115,9 +154,45 @@ def grouped_attention(
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    else:
+        sink = jnp.broadcast_to(
+            _grouped_sinks(sinks, kv)[None, :, :, None, None], (b, *scores.shape[1:4], 1)
+        )
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)
+        probs = probs[..., :-1].astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
     return out.reshape(b, t, n, h)
+
+
+def _grouped_sinks(sinks: jax.Array, kv_heads: int) -> jax.Array:
+    """Sinks [N] as float32 [K, G]: query head n belongs to kv head n // G."""
+    return sinks.astype(jnp.float32).reshape(kv_heads, -1)
+
+
+def xla_attention_with_sinks(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sinks: jax.Array, scale: float
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` (XLA) with attention sinks [N]: one extra key and value of
+    zeros that every query sees, whose score q . 0 = 0 plus a per-head bias of the sink is the
+    sink logit. Its value adds nothing to the output, only exp(sink) to the denominator, which
+    is the sink's definition; the bias is [1, N, 1, S + 1], so nothing quadratic is added to
+    the dense mask this path reads; float32, so the sinks are not rounded to a bfloat16
+    compute dtype. (Rescaling the output by the returned log-sum-exp instead
+    would be cheaper, but its gradient is not propagated.) The mask already holds causality,
+    so is_causal is off: its rule would hide the extra key column."""
+    b, t, n, _ = q.shape
+    zero = jnp.zeros((b, 1, *k.shape[2:]), k.dtype)
+    keys, values = jnp.concatenate([k, zero], axis=1), jnp.concatenate([v, zero], axis=1)
+    mask = jnp.concatenate([mask, jnp.ones((b, t, 1), bool)], axis=-1)
+    bias = jnp.concatenate(
+        [jnp.zeros((n, k.shape[1]), jnp.float32), sinks[:, None].astype(jnp.float32)], axis=1
+    )
+    return jax.nn.dot_product_attention(
+        q, keys, values, bias=bias[None, :, None], mask=mask[:, None], scale=scale,
+        implementation="xla",
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,12 +216,16 @@ def resolve_implementation(
     softcap: float | None,
     seq_len: int | None = None,
     context: int = 1,
+    sinks: bool = False,
 ) -> str:
     """The attention implementation to run: `requested`, or for "auto" the fastest correct one
     on `platform` ("cpu" | "gpu" | "tpu"), falling back to XLA (or, with logit soft-capping,
     which only the reference and splash implement, to the reference) where a fused kernel
     cannot run these settings. `seq_len` (when known) rules out splash on a length its blocks
-    do not tile. An explicit request that cannot run raises ValueError saying why.
+    do not tile. `sinks` (gpt-oss's attention sinks) rule out cudnn and, under context
+    parallelism, both splash with gathered keys and ring attention, which have no input for
+    them: "auto" then picks XLA on a GPU, never dropping them; a context split is refused.
+    An explicit request that cannot run raises ValueError saying why.
 
     With the sequence split over `context` > 1 devices only two attend across the split:
     splash with gathered keys and values (sft_jax/model/splash_context.py), "auto"'s choice on
@@ -157,7 +236,13 @@ def resolve_implementation(
     """
     if requested not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention is {requested!r}; choose one of {IMPLEMENTATIONS}")
-    settings = (platform, dtype, head_dim, softcap, seq_len)
+    settings = (platform, dtype, head_dim, softcap, seq_len, sinks)
+    if context > 1 and sinks and requested in ("auto", "splash"):
+        raise ValueError(
+            f"model.attention={requested!r} cannot run under mesh.context={context}: only ring "
+            "attention and splash attend across a split sequence, and neither takes attention "
+            "sinks (gpt-oss); use mesh.context=1"
+        )
     if context > 1 and requested in ("auto", "splash"):
         why = _unsupported("splash", *settings)
         if why is None and seq_len is not None and seq_len % (2 * context * SPLASH_BLOCK):
@@ -188,8 +273,11 @@ def _unsupported(
     head_dim: int,
     softcap: float | None,
     seq_len: int | None = None,
+    sinks: bool = False,
 ) -> str | None:
     """Why `impl` cannot run these settings, or None when it can."""
+    if sinks and impl in ("cudnn", "ring"):
+        return f"{impl} attention has no attention sinks (gpt-oss); use xla, blocked or reference"
     if impl == "xla" and softcap is not None:
         return "jax.nn.dot_product_attention has no logit soft-capping (Gemma 2); use reference"
     if impl == "blocked" and softcap is not None:
@@ -234,6 +322,7 @@ def attend(
     segment_ids: jax.Array | None = None,
     local: jax.Array | None = None,
     slots: jax.Array | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """q [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H] with one resolved implementation.
 
@@ -248,21 +337,30 @@ def attend(
     runs per device on `options.mesh`, split as `options.rules` split batch and heads
     (sft_jax/model/splash_attention.py). Ring (context parallelism) takes the segment ids and
     `slots` [B, T], each token's slot in its unpermuted row, and masks by them exactly as the
-    dense mask does, whatever order the row is in (`ring_attention`).
+    dense mask does, whatever order the row is in (`ring_attention`). `sinks` [N]: gpt-oss's
+    per-head sink logits (see `grouped_attention`), taken by the reference, xla, blocked and
+    splash (not under context parallelism); the others refuse them here too, as
+    `resolve_implementation` does.
     """
     implementation, softcap = options.implementation, options.softcap
+    split = options.mesh is not None and sharding.context_shards(options.mesh) > 1
+    takes_sinks = ("reference", "xla", "blocked") + (() if split else ("splash",))
+    if sinks is not None and implementation not in takes_sinks:
+        raise ValueError(f"{implementation} attention has no attention sinks (gpt-oss)")
     scale = q.shape[-1] ** -0.5 if options.scale is None else options.scale
     if implementation in DENSE_MASK_IMPLEMENTATIONS and mask is None:
         raise ValueError(f"{implementation} attention reads the dense mask; got none")
     if implementation in ("blocked", "splash", "ring") and segment_ids is None:
         raise ValueError(f"{implementation} attention needs segment_ids")
     if implementation == "reference":
-        return grouped_attention(q, k, v, mask, scale=scale, softcap=softcap)
+        return grouped_attention(q, k, v, mask, scale=scale, softcap=softcap, sinks=sinks)
     if implementation == "blocked":
         window = None
         if local is not None and options.window is not None:  # no window on global layers
             window = jnp.where(local, options.window, q.shape[1])
-        return blocked_attention(q, k, v, segment_ids, scale=scale, window=window)
+        return blocked_attention(q, k, v, segment_ids, scale=scale, window=window, sinks=sinks)
+    if implementation == "xla" and sinks is not None:
+        return xla_attention_with_sinks(q, k, v, mask, sinks, scale)
     if implementation in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask[:, None], scale=scale, is_causal=True, implementation=implementation
@@ -279,7 +377,7 @@ def attend(
         return splash_attention(
             q, k, v, segment_ids, scale=scale, softcap=softcap, local=local,
             window=options.window, mesh=options.mesh, rules=options.rules,
-            interpret=options.interpret,
+            interpret=options.interpret, sinks=sinks,
         )  # fmt: skip
     if implementation == "ring":
         if slots is None:

@@ -44,6 +44,14 @@ a time (memory linear in T):
 Below `LOOP_FROM` the unrolled kernel stays: it is the tuned path of the main CPU benchmark (T =
 512), where the two measured within noise of each other (docs/benchmarks.md, "Long context").
 
+Attention sinks (gpt-oss: a learned logit per query head that joins every query's softmax
+denominator, with no value) seed the online softmax: the running maximum starts at the sink and
+the running sum at exp(sink - sink) = 1 (the unrolled blocks add the sink's term to their
+sum). The saved log-sum-exp then includes the sink, so the backward's recomputed probabilities
+are right as they are, and the sink's own gradient is -sum over queries of p_sink * rowsum(dO *
+O) (its value is zero), computed from the saved statistics outside the loops. Without sinks
+the kernels are unchanged (a static branch).
+
 No dense [B, T, S] mask is read or built: each block makes its own from the segment ids and the
 slots (causal, same packed segment, and on local layers the sliding window), the same mask as
 `attention.attention_mask` (and `window_mask`), so packing is honoured exactly and attention
@@ -76,6 +84,7 @@ def blocked_attention(
     *,
     scale: float,
     window: jax.Array | int | None = None,
+    sinks: jax.Array | None = None,
     block: int = BLOCK,
     tile: int = TILE,
     loop_from: int = LOOP_FROM,
@@ -88,6 +97,7 @@ def blocked_attention(
     less than `window` slots behind it. Keys and queries must be the same positions (training,
     no KV cache): the block skipping relies on the mask being causal. `block` sizes the unrolled
     kernel's query blocks, `tile` the looped kernel's tiles; T >= `loop_from` picks the looped one.
+    `sinks` [N]: per-head sink logits (module docstring), None: none.
     """
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"blocked attention needs S == T (got T={q.shape[1]}, S={k.shape[1]})")
@@ -95,9 +105,11 @@ def blocked_attention(
         raise ValueError(f"segment_ids {segment_ids.shape} must be [B, T] = {q.shape[:2]}")
     limit = q.shape[1] if window is None else window  # q - k < T holds for every causal pair
     limit = jnp.asarray(limit, jnp.int32)
+    if sinks is not None:  # [K, G] float32: query head n belongs to kv head n // G
+        sinks = sinks.astype(jnp.float32).reshape(k.shape[2], -1)
     if q.shape[1] >= loop_from:
-        return _looped(q, k, v, segment_ids, limit, scale, min(tile, q.shape[1]))
-    return _attention(q, k, v, segment_ids, limit, scale, block)
+        return _looped(q, k, v, segment_ids, limit, sinks, scale, min(tile, q.shape[1]))
+    return _attention(q, k, v, segment_ids, limit, sinks, scale, block)
 
 
 def _group_queries(x: jax.Array, kv_heads: int) -> jax.Array:
@@ -162,12 +174,31 @@ def _grouped_inputs(q, k, v, scale):
     return _group_queries(scaled, k.shape[2]), _heads_first(k), _heads_first(v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attention(q, k, v, segment_ids, limit, scale, block):
-    return _forward(q, k, v, segment_ids, limit, scale, block)[0]
+def _sink_rows(sinks: jax.Array, rows: int) -> jax.Array:
+    """Sinks [K, G] as a per-row statistic [1, K, G * rows, 1] in `_rows`' layout."""
+    kv, g = sinks.shape
+    return jnp.broadcast_to(sinks[:, :, None], (kv, g, rows)).reshape(1, kv, g * rows, 1)
 
 
-def _forward(q, k, v, segment_ids, limit, scale, block):
+def _untile_stat(x: jax.Array) -> jax.Array:
+    """A per-query statistic of the looped kernel, [n, B, K, G, Q], as [B, K, G, n * Q]."""
+    return jnp.moveaxis(x, 0, 3).reshape(*x.shape[1:4], -1)
+
+
+def _sink_grad(sinks: jax.Array, lse: jax.Array, delta: jax.Array) -> jax.Array:
+    """d loss / d sinks [K, G] from the per-query log-sum-exp (sink included) and rowsum(dO * O),
+    both [B, K, G, T] (trailing 1 allowed): the sink's probability p = exp(sink - lse) and its
+    value is zero, so its score gradient is p * (0 - delta), summed over batch and queries."""
+    lse, delta = lse.reshape(*lse.shape[:4]), delta.reshape(*delta.shape[:4])
+    return -jnp.sum(jnp.exp(sinks[None, :, :, None] - lse) * delta, axis=(0, 3))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _attention(q, k, v, segment_ids, limit, sinks, scale, block):
+    return _forward(q, k, v, segment_ids, limit, sinks, scale, block)[0]
+
+
+def _forward(q, k, v, segment_ids, limit, sinks, scale, block):
     b, t, _, h = q.shape
     gq, gk, gv = _grouped_inputs(q, k, v, scale)
     groups = gq.shape[2]
@@ -179,8 +210,13 @@ def _forward(q, k, v, segment_ids, limit, scale, block):
             _block_bias(segment_ids, limit, groups, start, end),
         )
         peak = jnp.max(s, axis=-1, keepdims=True)
+        if sinks is not None:
+            sink = _sink_rows(sinks, end - start)
+            peak = jnp.maximum(peak, sink)
         p = jnp.exp(s - peak)
         total = jnp.sum(p, axis=-1, keepdims=True)
+        if sinks is not None:
+            total = total + jnp.exp(sink - peak)
         pv = jnp.einsum(
             "BKQS,BKSH->BKQH", p.astype(v.dtype), gv[:, :, :end], preferred_element_type=jnp.float32
         )
@@ -189,7 +225,7 @@ def _forward(q, k, v, segment_ids, limit, scale, block):
         lses.append((peak + jnp.log(total)).reshape(*shape, 1))
     out = jnp.concatenate(outs, axis=3)  # [B, K, G, T, H] float32
     lse = jnp.concatenate(lses, axis=3)
-    return _ungroup(out).astype(q.dtype), (q, k, v, segment_ids, limit, out, lse)
+    return _ungroup(out).astype(q.dtype), (q, k, v, segment_ids, limit, sinks, out, lse)
 
 
 def _block_mask_t(segment_ids: jax.Array, limit: jax.Array, start: int, end: int) -> jax.Array:
@@ -222,7 +258,7 @@ def _backward(scale, block, residuals, d_out):
     dQ^T = K^T dS^T over keys transposed once per layer ([B, K, H, T], an optimization barrier
     keeps it a separate copy): every dot of the backward is an ordinary matmul.
     """
-    q, k, v, segment_ids, limit, out, lse = residuals
+    q, k, v, segment_ids, limit, sinks, out, lse = residuals
     t = q.shape[1]
     gq, gk, gv = _grouped_inputs(q, k, v, scale)
     grouped_d_out = _group_queries(d_out.astype(jnp.float32), k.shape[2])
@@ -254,6 +290,7 @@ def _backward(scale, block, residuals, d_out):
         _heads_first(dv).astype(v.dtype),
         None,  # segment ids and window: integers, no cotangent
         None,
+        None if sinks is None else _sink_grad(sinks, lse, delta),
     )
 
 
@@ -270,7 +307,7 @@ def _tiles_of(x: jax.Array, tile: int, axis: int) -> jax.Array:
     return jnp.moveaxis(x.reshape(shape), axis, 0)
 
 
-def _looped(q, k, v, segment_ids, limit, scale, tile):
+def _looped(q, k, v, segment_ids, limit, sinks, scale, tile):
     """`_looped_core` on a sequence padded to a multiple of `tile`. The padding is a segment of its
     own (an id no real token has), so real queries never see it and its queries see themselves;
     its outputs are cut off, and its gradients with them."""
@@ -281,7 +318,7 @@ def _looped(q, k, v, segment_ids, limit, scale, tile):
         q, k, v = (jnp.pad(x, widths(x)) for x in (q, k, v))
         pad_id = jnp.min(segment_ids) - 1
         segment_ids = jnp.pad(segment_ids, widths(segment_ids), constant_values=pad_id)
-    return _looped_core(q, k, v, segment_ids, limit, scale, tile)[:, :t]
+    return _looped_core(q, k, v, segment_ids, limit, sinks, scale, tile)[:, :t]
 
 
 def _tile_inputs(q, k, v, segment_ids, scale, tile):
@@ -317,12 +354,12 @@ def _tile_mask(seg_q, seg_k, limit, i, j, tile):
     return (seg_q[:, :, None] == seg_k[:, None, :]) & slots[None]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _looped_core(q, k, v, segment_ids, limit, scale, tile):
-    return _looped_forward(q, k, v, segment_ids, limit, scale, tile)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _looped_core(q, k, v, segment_ids, limit, sinks, scale, tile):
+    return _looped_forward(q, k, v, segment_ids, limit, sinks, scale, tile)[0]
 
 
-def _looped_forward(q, k, v, segment_ids, limit, scale, tile):
+def _looped_forward(q, k, v, segment_ids, limit, sinks, scale, tile):
     """Online softmax: per query tile, a running (max, sum, output) over its visible key tiles."""
     tq, tk, tv, segs = _tile_inputs(q, k, v, segment_ids, scale, tile)
     f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
@@ -344,6 +381,9 @@ def _looped_forward(q, k, v, segment_ids, limit, scale, tile):
         lo, hi, meets = _key_tiles(i, limit, tile, segs)
         stat = jnp.full((*q_i.shape[:-1], 1), _MASKED, jnp.float32)
         state = (stat, jnp.zeros_like(stat), jnp.zeros(q_i.shape, jnp.float32))
+        if sinks is not None:  # seeded with the sink: maximum the sink, sum exp(0) = 1
+            stat = jnp.broadcast_to(sinks[None, :, :, None, None], stat.shape)
+            state = (stat, jnp.ones_like(stat), state[2])
         body = lambda j, st: jax.lax.cond(meets[j], lambda s: fold(j, s, q_i, i), lambda s: s, st)
         peak, total, acc = jax.lax.fori_loop(lo, hi, body, state)
         return None, (acc / total, (peak + jnp.log(total))[..., 0])
@@ -352,13 +392,13 @@ def _looped_forward(q, k, v, segment_ids, limit, scale, tile):
     # out [n, B, K, G, Q, H] -> [B, n, Q, K, G, H] -> [B, T, N, H]
     b, t, n, h = q.shape
     result = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, t, n, h).astype(q.dtype)
-    return result, (q, k, v, segment_ids, limit, out, lse)
+    return result, (q, k, v, segment_ids, limit, sinks, out, lse)
 
 
 def _looped_backward(scale, tile, residuals, d_out):
     """Flash backward over the same tiles, held transposed (keys x queries) as in `_backward`, so
     every dot is a plain matmul; dK and dV accumulate in place in the loop's carry."""
-    q, k, v, segment_ids, limit, out, lse = residuals
+    q, k, v, segment_ids, limit, sinks, out, lse = residuals
     tq, tk, tv, segs = _tile_inputs(q, k, v, segment_ids, scale, tile)
     t_do = _tiles_of(_group_queries(d_out.astype(jnp.float32), k.shape[2]), tile, 3)
     delta = jnp.sum(t_do * out, axis=-1)  # [n, B, K, G, Q]
@@ -409,6 +449,7 @@ def _looped_backward(scale, tile, residuals, d_out):
         untile(dv).astype(v.dtype),
         None,
         None,
+        None if sinks is None else _sink_grad(sinks, _untile_stat(lse), _untile_stat(delta)),
     )
 
 

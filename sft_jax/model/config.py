@@ -20,13 +20,20 @@ ACTIVATIONS = ("silu", "gelu_tanh")
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Rescaling of the RoPE inverse frequencies: Llama-3 ("llama3") or "linear" (Gemma 3)."""
+    """Rescaling of the RoPE inverse frequencies: Llama-3 ("llama3"), "linear" (Gemma 3) or
+    YaRN ("yarn": gpt-oss), as transformers' modeling_rope_utils computes them."""
 
     factor: float
     low_freq_factor: float = 0.0  # llama3 only
     high_freq_factor: float = 0.0  # llama3 only
-    original_max_position_embeddings: int = 0  # llama3 only
+    original_max_position_embeddings: int = 0  # llama3, yarn
     rope_type: str = "llama3"
+    beta_fast: float = 32.0  # yarn: the ramp's bounds, in rotations over the original length
+    beta_slow: float = 1.0  # yarn
+    truncate: bool = True  # yarn: round the ramp's bounds to whole dimensions
+    # yarn: cos and sin are multiplied by this (so every score by its square); transformers
+    # derives it from factor (0.1 ln(factor) + 1) when config.json does not give it.
+    attention_factor: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +71,10 @@ class ModelConfig:
     # With qk_norm: one RMSNorm over all heads' queries (N*H) and keys (K*H) instead of one per
     # head (H), as OLMoE does; its scales are then [N*H] and [K*H].
     qk_norm_full: bool = False
+    # gpt-oss: a learned logit per query head in every softmax denominator (layers/attn/sinks
+    # [L, N]), and a bias on o_proj [L, D] (q/k/v biases are attention_bias).
+    attention_sinks: bool = False
+    o_proj_bias: bool = False
     # LoRA (sft_jax/lora): used only when the "lora" variable collection is passed to apply.
     # alpha / r (or alpha / sqrt(r), rsLoRA); static, so jit-constant. None: applying adapters
     # is an error (a forgotten scale would otherwise silently give the base model).
@@ -92,6 +103,11 @@ class ModelConfig:
     norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum 1
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert; 0: none
     router_aux_loss_coef: float = 0.0  # the family's load-balancing loss weight (config.json)
+    # gpt-oss's experts (moe.MoeConfig): router and expert biases, clamped SwiGLU (None: off).
+    router_bias: bool = False
+    expert_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -148,6 +164,10 @@ class ModelConfig:
             norm_topk_prob=self.norm_topk_prob,
             shared_expert_intermediate_size=self.shared_expert_intermediate_size,
             mlp_activation=self.mlp_activation,
+            router_bias=self.router_bias,
+            expert_bias=self.expert_bias,
+            swiglu_limit=self.swiglu_limit,
+            swiglu_alpha=self.swiglu_alpha,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             mesh=self.mesh,

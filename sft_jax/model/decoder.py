@@ -1,5 +1,5 @@
 """The Flax Linen decoder for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2/3) and
-its mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+its mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss).
 
 Dimension letters, used in einsum strings and shape comments:
 
@@ -30,6 +30,8 @@ Parameter tree (names are load-bearing: the HF loader, sharding rules, LoRA and 
     layers/attn_norm/scale [L, D]                layers/mlp_norm/scale [L, D]
     layers/attn/{q_proj [L, D, N, H], k_proj, v_proj [L, D, K, H], o_proj [L, N, H, D]}/kernel
     layers/attn/{q,k,v}_proj/bias [L, N|K, H]    (attention_bias)
+    layers/attn/o_proj/bias [L, D]               (o_proj_bias: gpt-oss)
+    layers/attn/sinks [L, N]                     (attention_sinks: gpt-oss)
     layers/attn/{q_norm, k_norm}/scale [L, H]    (qk_norm; [L, N*H], [L, K*H] with qk_norm_full)
     layers/mlp/{gate_proj, up_proj [L, D, F], down_proj [L, F, D]}/kernel
     layers/{post_attn_norm, post_mlp_norm}/scale [L, D]   (sandwich_norms: Gemma 2/3)
@@ -55,6 +57,7 @@ from sft_jax.model.attention import (
     attend,
     attention_mask,
     resolve_implementation,
+    rope_attention_factor,
     rope_inv_freq,
     rope_tables,
     window_mask,
@@ -153,6 +156,7 @@ def attention_options(c: ModelConfig, seq_len: int | None) -> AttentionOptions:
             softcap=c.attn_softcap,
             seq_len=seq_len,
             context=_context_shards(c),
+            sinks=c.attention_sinks,
         )
     return AttentionOptions(
         implementation=impl,
@@ -170,10 +174,10 @@ def _context_shards(c: ModelConfig) -> int:
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with optional q/k/v bias (Qwen2) and q/k RMSNorm (per head:
-    Qwen3, Gemma 3; over all heads: OLMoE). With a `cache` (k, v [B, S, K, H]) the new keys and
-    values are written at slot `index` and the queries attend over the whole cache; the updated
-    cache is returned."""
+    """Grouped-query self-attention with optional q/k/v bias (Qwen2), o_proj bias and attention
+    sinks (gpt-oss), and q/k RMSNorm (per head: Qwen3, Gemma 3; over all heads: OLMoE). With a
+    `cache` (k, v [B, S, K, H]) the new keys and values are written at slot `index` and the
+    queries attend over the whole cache; the updated cache is returned."""
 
     config: ModelConfig
 
@@ -214,9 +218,17 @@ class Attention(nn.Module):
             cache = (k, v)
         seq_len = None if cache is not None else q.shape[1]
         options = attention_options(c, seq_len)
-        out = attend(q, k, v, mask, options, segment_ids=segment_ids, local=local, slots=slots)
+        sinks = None
+        if c.attention_sinks:  # gpt-oss; HF initialises them as weights (normal, std 0.02)
+            init = nn.initializers.normal(INIT_STD)
+            sinks = named_param(self, "sinks", init, (n,), ("heads",), c.param_dtype)
+        out = attend(
+            q, k, v, mask, options, segment_ids=segment_ids, local=local, slots=slots, sinks=sinks
+        )
         o_names = ("heads", "head_dim", "embed")
-        return Einsum("BTNH,NHD->BTD", (n, h, d), o_names, **dt, name="o_proj")(out), cache
+        o_bias = ("embed",) if c.o_proj_bias else None
+        o_proj = Einsum("BTNH,NHD->BTD", (n, h, d), o_names, o_bias, **dt, name="o_proj")
+        return o_proj(out), cache
 
 
 class Mlp(nn.Module):
@@ -419,7 +431,7 @@ class Transformer(nn.Module):
             # Training only: the train step passes a "neftune" rng, evaluation does not.
             x = neftune_noise(x, segment_ids, c.neftune_alpha, self.make_rng("neftune"))
         x = pin_activations(c, x, decoding=index is not None)
-        cos, sin = rope_tables(positions, rope_inv_freq(c))
+        cos, sin = rope_tables(positions, rope_inv_freq(c), rope_attention_factor(c))
         ctx = {"cos": cos, "sin": sin}
         if mask is not None:
             ctx["mask"] = mask
@@ -434,7 +446,10 @@ class Transformer(nn.Module):
                 ctx["local_mask"] = window_mask(mask, q_slots, c.sliding_window)
             if c.local_rope_theta is not None:
                 local_freq = rope_inv_freq(c, local=True)
-                ctx["local_cos"], ctx["local_sin"] = rope_tables(positions, local_freq)
+                local_factor = rope_attention_factor(c, local=True)
+                ctx["local_cos"], ctx["local_sin"] = rope_tables(
+                    positions, local_freq, local_factor
+                )
         return self.layers(x, layer, ctx)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

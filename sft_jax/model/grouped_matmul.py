@@ -87,6 +87,19 @@ class GroupedRows:
         out = _blocked_matmul(blocks, _as_varying_as(w, x), self.block_group)
         return out.reshape(self.padded_rows, w.shape[-1])
 
+    def bias(self, b: jax.Array) -> jax.Array:
+        """Each row's group's bias, from b [G, F]: [rows, F] in the layout, to add to a matmul's
+        output. Rows past the groups get zeros; on the CPU a block's padding rows get its
+        group's bias, which `leave` drops with them."""
+        if self.blocked:
+            per_block = jnp.take(_as_varying_as(b, self.block_group), self.block_group, axis=0)
+            return jnp.repeat(per_block, self.block, axis=0)
+        groups = b.shape[0]
+        ends = jnp.cumsum(self.group_sizes)
+        group = jnp.searchsorted(ends, jnp.arange(self.rows), side="right")
+        rows = jnp.take(_as_varying_as(b, ends), jnp.minimum(group, groups - 1), axis=0)
+        return jnp.where((group < groups)[:, None], rows, jnp.zeros((), rows.dtype))
+
     def leave(self, y: jax.Array) -> jax.Array:
         """The layout's rows -> sorted rows [rows, F]; rows past the groups are zero."""
         if not self.blocked:

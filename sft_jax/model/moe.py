@@ -1,5 +1,6 @@
-"""Mixture-of-experts feed-forward layer (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), a drop-in for the
-dense `Mlp` of sft_jax/model/decoder.py: x [B, T, D] in, y [B, T, D] out, plus router statistics.
+"""Mixture-of-experts feed-forward layer (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss), a
+drop-in for the dense `Mlp` of sft_jax/model/decoder.py: x [B, T, D] in, y [B, T, D] out, plus
+router statistics.
 
 Dimension letters as in decoder.py, plus E experts, K experts chosen per token (top-k), N = B * T
 tokens and A = N * K (token, choice) assignments.
@@ -15,6 +16,8 @@ Design choices and why:
   of the probabilities; `norm_topk_prob` renormalises the k weights to sum 1 (Qwen3-MoE, OLMoE
   with the flag, and Mixtral, whose softmax over the top-k logits is the same thing); without it
   (Qwen2-MoE, OLMoE by default) the raw probabilities weight the experts.
+- gpt-oss adds biases to the router and to each expert's projections (added per grouped row,
+  `GroupedRows.bias`) and replaces act(gate) * up by its clamped SwiGLU (`clamped_swiglu`).
 - Qwen2-MoE's shared expert is a dense gated MLP of its own width, scaled per token by
   sigmoid(shared_expert_gate(x)), added to the routed output.
 - On a mesh (`MoeConfig.mesh`, as ModelConfig carries it) routing and the grouped matmuls run
@@ -51,8 +54,10 @@ Design choices and why:
 Parameter tree (names are load-bearing for the future HF loader and sharding rules):
 
     router/kernel [D, E]                                   ("embed", "expert")
+    router/bias [E]                                        (router_bias: gpt-oss)
     experts/{gate_proj, up_proj} [E, D, F]                 ("expert", "embed", "mlp")
     experts/down_proj [E, F, D]                            ("expert", "mlp", "embed")
+    experts/{gate_bias, up_bias [E, F], down_bias [E, D]}  (expert_bias: gpt-oss)
     shared_expert/{gate_proj, up_proj [D, Fs], down_proj [Fs, D]}/kernel   (shared expert only)
     shared_expert_gate/kernel [D, 1]                       (shared expert only)
 
@@ -89,6 +94,13 @@ class MoeConfig:
     norm_topk_prob: bool = False  # renormalise the K routing weights to sum 1
     shared_expert_intermediate_size: int = 0  # Fs; 0: no shared expert
     mlp_activation: str = "silu"
+    # gpt-oss: a bias on the router, biases on every expert's gate, up and down projections,
+    # and its clamped SwiGLU (`clamped_swiglu`) with this limit and alpha instead of
+    # mlp_activation(gate) * up. None: the plain gated MLP.
+    router_bias: bool = False
+    expert_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
     dtype: str = "float32"
     param_dtype: str = "float32"
     # The mesh the layer runs on and its logical-axis rules (config.mesh.rules), as in
@@ -100,6 +112,11 @@ class MoeConfig:
     def platform(self) -> str:
         """Where the layer is compiled for: its grouped matmuls differ on the CPU."""
         return mesh_platform(self.mesh)
+
+    @property
+    def clamp(self) -> tuple[float, float] | None:
+        """(limit, alpha) of gpt-oss's clamped SwiGLU, or None for the plain gated MLP."""
+        return None if self.swiglu_limit is None else (self.swiglu_limit, self.swiglu_alpha)
 
     def __post_init__(self) -> None:
         if not 0 < self.num_experts_per_tok <= self.num_experts:
@@ -159,7 +176,9 @@ def route(
     from logits [..., E].
 
     Softmax in float32 whatever the logits' dtype, top-k of the probabilities (the same choice as
-    top-k of the logits), optionally renormalised: HF's TopKRouter classes.
+    top-k of the logits), optionally renormalised: HF's TopKRouter classes. gpt-oss's router
+    (a softmax over the top-k logits) is the renormalised case: the top-k probabilities divided
+    by their sum are exactly that softmax.
     """
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, k)
@@ -205,8 +224,11 @@ def grouped_swiglu(
     down: jax.Array,
     activation: Any = nn.silu,
     platform: str = "cpu",
+    biases: tuple[jax.Array, ...] | None = None,
+    clamp: tuple[float, float] | None = None,
 ) -> jax.Array:
     """Each token's K expert outputs, [N, K, D], from x [N, D] and its experts [N, K].
+    `biases` (gate [E, F], up [E, F], down [E, D]) and `clamp` as in `_swiglu_groups`.
 
     The N * K assignments are sorted by expert (stable, so the order inside a group is the token
     order), the per-expert counts are the ragged_dot group sizes, and the outputs are put back in
@@ -217,7 +239,7 @@ def grouped_swiglu(
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)  # [A, D], grouped by expert
-    ys = _swiglu_groups(xs, gate, up, down, group_sizes, activation, platform)  # [A, D]
+    ys = _swiglu_groups(xs, gate, up, down, group_sizes, activation, platform, biases, clamp)
     inverse = jnp.argsort(order)
     return jnp.take(ys, inverse, axis=0).reshape(n, k, -1)
 
@@ -230,6 +252,8 @@ def local_grouped_swiglu(
     down: jax.Array,
     activation: Any = nn.silu,
     platform: str = "cpu",
+    biases: tuple[jax.Array, ...] | None = None,
+    clamp: tuple[float, float] | None = None,
 ) -> jax.Array:
     """`grouped_swiglu` over this device's experts only: [N, K, D] from x [N, D] and each
     assignment's local expert index [N, K], zero for assignments whose index falls outside
@@ -246,7 +270,7 @@ def local_grouped_swiglu(
     group_sizes = jnp.bincount(flat, length=e + 1)[:e].astype(jnp.int32)
     grouped = (jnp.arange(n * k) < jnp.sum(group_sizes))[:, None]
     xs = jnp.where(grouped, jnp.take(x, order // k, axis=0), 0)
-    ys = _swiglu_groups(xs, gate, up, down, group_sizes, activation, platform)
+    ys = _swiglu_groups(xs, gate, up, down, group_sizes, activation, platform, biases, clamp)
     ys = jnp.where(grouped, ys, 0)
     inverse = jnp.argsort(order)
     return jnp.take(ys, inverse, axis=0).reshape(n, k, -1)
@@ -260,13 +284,32 @@ def _swiglu_groups(
     group_sizes: jax.Array,
     activation: Any,
     platform: str,
+    biases: tuple[jax.Array, ...] | None = None,
+    clamp: tuple[float, float] | None = None,
 ) -> jax.Array:
     """The gated MLP of each expert on its block of the grouped rows xs [A, D] -> [A, D], in
-    one grouped layout for the three matmuls (sft_jax/model/grouped_matmul.py)."""
+    one grouped layout for the three matmuls (sft_jax/model/grouped_matmul.py). `biases`: each
+    expert's gate [E, F], up [E, F] and down [E, D] biases (gpt-oss), None: none. `clamp`:
+    (limit, alpha) of gpt-oss's clamped SwiGLU in place of activation(gate) * up."""
     layout = GroupedRows.make(group_sizes, xs.shape[0], platform)
     xs = layout.enter(xs)
-    h = activation(layout.matmul(xs, gate)) * layout.matmul(xs, up)
-    return layout.leave(layout.matmul(h, down))
+    g, u = layout.matmul(xs, gate), layout.matmul(xs, up)
+    if biases is not None:
+        g, u = g + layout.bias(biases[0]), u + layout.bias(biases[1])
+    h = activation(g) * u if clamp is None else clamped_swiglu(g, u, *clamp)
+    y = layout.matmul(h, down)
+    if biases is not None:
+        y = y + layout.bias(biases[2])
+    return layout.leave(y)
+
+
+def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float, alpha: float) -> jax.Array:
+    """gpt-oss's expert activation (transformers' GptOssExperts): the gate clamped from above
+    and the up projection on both sides at `limit`, then (up + 1) * gate * sigmoid(alpha *
+    gate). The clamps bound the activations the experts were trained with."""
+    gate = jnp.minimum(gate, limit)
+    up = jnp.clip(up, -limit, limit)
+    return (up + 1) * (gate * jax.nn.sigmoid(gate * alpha))
 
 
 class Experts(nn.Module):
@@ -288,6 +331,17 @@ class Experts(nn.Module):
         activation = ACTIVATIONS[c.mlp_activation]
         tokens = (x.astype(dt), experts, weights.astype(dt))
         kernels = (gate.astype(dt), up.astype(dt), down.astype(dt))
+        if c.expert_bias:  # gpt-oss; HF initialises them to zero
+            zeros = nn.initializers.zeros_init()
+            b_in, b_out = ("expert", "mlp"), ("expert", "embed")
+            kernels += tuple(
+                named_param(self, name, zeros, shape, names, c.param_dtype).astype(dt)
+                for name, shape, names in (
+                    ("gate_bias", (e, f), b_in),
+                    ("up_bias", (e, f), b_in),
+                    ("down_bias", (e, d), b_out),
+                )
+            )
         ep = expert_parallel_axes(c)
         if ep:
             per_device = functools.partial(
@@ -296,11 +350,14 @@ class Experts(nn.Module):
                 ep=ep,
                 gather=_token_axes(c, x.shape, ep),
                 platform=c.platform,
+                clamp=c.clamp,
             )
-            split = on_token_shards(per_device, c, x.shape, 3, 3, kernel_spec=PartitionSpec(ep))
+            split = on_token_shards(
+                per_device, c, x.shape, 3, len(kernels), kernel_spec=PartitionSpec(ep)
+            )
             return split(*tokens, *kernels)
 
-        def per_device(x, experts, weights, gate, up, down):
+        def per_device(x, experts, weights, gate, up, down, *biases):
             b, t, _ = x.shape
             ys = grouped_swiglu(
                 x.reshape(b * t, d),
@@ -310,10 +367,13 @@ class Experts(nn.Module):
                 down,
                 activation,
                 c.platform,
+                biases or None,
+                c.clamp,
             )
             return jnp.sum(ys * weights.reshape(b * t, -1, 1), axis=1).reshape(b, t, d)
 
-        return on_token_shards(per_device, c, x.shape, tokens_in=3, kernels_in=3)(*tokens, *kernels)
+        split = on_token_shards(per_device, c, x.shape, tokens_in=3, kernels_in=len(kernels))
+        return split(*tokens, *kernels)
 
 
 def expert_parallel_axes(c: MoeConfig) -> tuple[str, ...]:
@@ -343,17 +403,21 @@ def _expert_parallel(
     gate: jax.Array,
     up: jax.Array,
     down: jax.Array,
+    *biases: jax.Array,
     activation: Any,
     ep: tuple[str, ...],
     gather: tuple[str, ...],
     platform: str,
+    clamp: tuple[float, float] | None = None,
 ) -> jax.Array:
     """One device's share of the expert-parallel layer (under shard_map): x [b, t, D], experts
     and weights [b, t, K] are its token shard, gate/up/down its E / ep experts.
 
     The expert group (the devices along `ep`) gathers its token shards over `gather`, each device
     adds its own experts' outputs, and the partial outputs are summed over `ep` and split back
-    into the token shards: psum_scatter over `gather`, psum over the rest of `ep`.
+    into the token shards: psum_scatter over `gather`, psum over the rest of `ep`. `biases`
+    (gpt-oss: this device's experts' gate, up and down biases) and `clamp` as in
+    `_swiglu_groups`.
     """
     b, t, d = x.shape
     flat = [a.reshape(b * t, -1) for a in (x, experts, weights)]
@@ -366,7 +430,9 @@ def _expert_parallel(
         flat = [jax.lax.pcast(a, rest, to="varying") for a in flat]
     x, experts, weights = flat
     first = jax.lax.axis_index(ep) * gate.shape[0]  # this device's first expert
-    ys = local_grouped_swiglu(x, experts - first, gate, up, down, activation, platform)
+    ys = local_grouped_swiglu(
+        x, experts - first, gate, up, down, activation, platform, biases or None, clamp
+    )
     y = jnp.sum(ys * weights[..., None], axis=1)  # [gathered tokens, D]
     if rest:
         y = jax.lax.psum(y, rest)
@@ -436,7 +502,11 @@ class MoeMlp(nn.Module):
         c = self.config
         d, e = c.hidden_size, c.num_experts
         dt = {"dtype": c.dtype, "param_dtype": c.param_dtype}
-        logits = Einsum("BTD,DE->BTE", (d, e), ("embed", "expert"), **dt, name="router")(x)
+        router_bias = ("expert",) if c.router_bias else None  # gpt-oss
+        router = Einsum(
+            "BTD,DE->BTE", (d, e), ("embed", "expert"), router_bias, **dt, name="router"
+        )
+        logits = router(x)
         routing = functools.partial(route, k=c.num_experts_per_tok, norm_topk_prob=c.norm_topk_prob)
         probs, weights, experts = on_token_shards(routing, c, x.shape, 1, outs=3)(logits)
         y = Experts(c, name="experts")(x, experts, weights)

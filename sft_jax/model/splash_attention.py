@@ -13,6 +13,9 @@ r = a / gcd(K, a) times before the call, the fewest copies that make K * r divis
 local group size G / r stays whole because N = K * G is divisible by a. The copies are summed
 back by the gradient of the repeat.
 
+Attention sinks (gpt-oss: a learned logit per query head in every softmax denominator) are the
+kernel's own `sinks` input; under shard_map they split with the query heads.
+
 Masks are static block masks (causal, or causal within a sliding window); packed examples are
 kept apart by the kernel's segment ids. The per-layer `local` flag of models with sliding-window
 layers is data, so both kernels are compiled and `lax.cond` picks one per layer.
@@ -45,8 +48,10 @@ def splash_attention(
     mesh: Mesh | None = None,
     rules: Sequence = (),
     interpret: bool = False,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
-    """q [B, T, N, H], k/v [B, T, K, H], segment_ids [B, T] -> [B, T, N, H].
+    """q [B, T, N, H], k/v [B, T, K, H], segment_ids [B, T] -> [B, T, N, H]; `sinks` [N] or
+    None.
 
     On `mesh` (more than one device) the kernel runs under shard_map, batch and heads split as
     `rules` split them; without a mesh it runs as one call (one device). `local` (a traced bool)
@@ -59,27 +64,28 @@ def splash_attention(
     windowed = local is not None and window is not None
     flag = local if windowed else jnp.asarray(False)
 
-    def per_device(q, k, v, segment_ids, flag):
-        run = lambda w: _kernel(q, k, v, segment_ids, w, scale, softcap, interpret)
+    def per_device(q, k, v, segment_ids, flag, sinks):
+        run = lambda w: _kernel(q, k, v, segment_ids, w, scale, softcap, interpret, sinks)
         if not windowed:
             return run(None)
         return jax.lax.cond(flag, lambda: run(window), lambda: run(None))
 
     if mesh is None or mesh.size == 1:
-        return per_device(q, k, v, segment_ids, flag)
+        return per_device(q, k, v, segment_ids, flag, sinks)
     spec = sharding.logical_to_spec(("batch", None, "heads", None), q.shape, mesh, rules)
     repeats = kv_repeats(k.shape[2], axis_size(mesh, spec[2]))
     if repeats > 1:
         k, v = jnp.repeat(k, repeats, axis=2), jnp.repeat(v, repeats, axis=2)
     rows = PartitionSpec(spec[0], None)
+    heads = None if sinks is None else PartitionSpec(spec[2])  # sinks split as query heads
     sharded = jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(spec, spec, spec, rows, PartitionSpec()),
+        in_specs=(spec, spec, spec, rows, PartitionSpec(), heads),
         out_specs=spec,
         check_vma=False,  # the Pallas call carries no varying-axes annotations
     )
-    return sharded(q, k, v, segment_ids, flag)
+    return sharded(q, k, v, segment_ids, flag, sinks)
 
 
 def kv_repeats(kv_heads: int, head_shards: int) -> int:
@@ -95,9 +101,10 @@ def axis_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
     return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
-def _kernel(q, k, v, segment_ids, window, scale, softcap, interpret):
+def _kernel(q, k, v, segment_ids, window, scale, softcap, interpret, sinks=None):
     """One device's splash call over its rows and heads: static causal (or local-window) block
-    sparsity per head, packed segments through `SegmentIds`."""
+    sparsity per head, packed segments through `SegmentIds`, `sinks` [heads] (in units of the
+    scaled scores, as the queries are pre-scaled) or None."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     t, n = q.shape[1], q.shape[2]
@@ -114,10 +121,11 @@ def _kernel(q, k, v, segment_ids, window, scale, softcap, interpret):
     )
     to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, heads, H] -> [B, heads, T, H]
     segments = splash.SegmentIds(q=segment_ids, kv=segment_ids)
-    out = jax.vmap(kernel)(
+    call = lambda q, k, v, segments: kernel(q, k, v, segment_ids=segments, sinks=sinks)
+    out = jax.vmap(call)(
         to_heads_first(q * jnp.asarray(scale, q.dtype)),
         to_heads_first(k),
         to_heads_first(v),
-        segment_ids=segments,
+        segments,
     )
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)

@@ -112,6 +112,7 @@ def step_attention(model_config: ModelConfig, seq_len: int, context: int = 1) ->
         dtype=model_config.dtype,
         head_dim=model_config.head_dim,
         softcap=model_config.attn_softcap,
+        sinks=model_config.attention_sinks,
         seq_len=seq_len,
         context=context,
     )

@@ -224,8 +224,8 @@ def v5e_devices() -> list:
 def test_gpt_oss_model_compiles_splash_with_sinks_for_tpu(v5e_devices):
     """A gpt-oss-shaped model (sinks, biases, alternating windows, YaRN, biased clamped
     experts) compiles its train step for TPU v5e:2x2 with "auto" attention: splash with the
-    sinks, the experts on ragged_dot with their per-row biases (no TPU needed: libtpu's
-    compiler)."""
+    sinks, the experts on the grouped-matmul kernels with their per-row biases (no TPU needed:
+    libtpu's compiler)."""
     yarn = RopeScaling(4.0, original_max_position_embeddings=128, rope_type="yarn")
     model = tpu_model(
         tpu_mesh(v5e_devices, 2, 1, 2),
@@ -245,5 +245,5 @@ def test_gpt_oss_model_compiles_splash_with_sinks_for_tpu(v5e_devices):
         swiglu_limit=7.0,
     )
     compiled, hlo = compile_forward_backward(model, model.config.mesh)
-    assert SPLASH_CALL in hlo and "ragged" in hlo
+    assert SPLASH_CALL in hlo and "gmm" in hlo
     assert compiled.memory_analysis().temp_size_in_bytes > 0

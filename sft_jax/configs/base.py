@@ -51,12 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
     a.qk_norm = False  # RMSNorm on queries and keys per head (Qwen3, Gemma 3)
     a.attention_bias = False  # biases on the q/k/v projections (Qwen2)
     a.max_position_embeddings = 2048  # longest position the model is meant for
-    # Mixture of experts in every layer instead of the dense MLP (0: dense): experts, experts
-    # per token (top-k), each expert's width, and whether the k routing weights sum to 1.
-    a.num_experts = 0
-    a.num_experts_per_tok = 0
-    a.moe_intermediate_size = 0
-    a.norm_topk_prob = False
+    a.num_experts = 0  # mixture of experts in every layer instead of the dense MLP; 0: dense
+    a.num_experts_per_tok = 0  # experts each token is routed to (top-k)
+    a.moe_intermediate_size = 0  # each expert's MLP width
+    a.norm_topk_prob = False  # renormalise a token's k routing weights to sum to 1
 
     # --- data: JSONL/JSON/Parquet/CSV files or saved HF dataset dirs; see docs/data.md.
     c.data = d = ml_collections.ConfigDict()
@@ -120,8 +118,8 @@ def get_config() -> ml_collections.ConfigDict:
     # loss (-1: the model's own router_aux_loss_coef from its config.json, as transformers adds
     # it when output_router_logits is on; 0: off) and of the router z-loss (logsumexp of the
     # router logits squared; 0: off). Both are logged, with each expert's share of the tokens.
-    t.router_aux_loss_coef = -1.0
-    t.router_z_loss_coef = 0.0
+    t.router_aux_loss_coef = -1.0  # load-balancing loss weight (see above); -1: the model's
+    t.router_z_loss_coef = 0.0  # router z-loss weight (see above); 0: off
 
     # --- evaluation
     c.eval = e = ml_collections.ConfigDict()

@@ -72,6 +72,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from sft_jax.lora.quant import Quantized, dequantize_array
+from sft_jax.lora.tree import EXPERT_KERNELS
 from sft_jax.model.config import mesh_platform
 from sft_jax.model.grouped_matmul import GroupedRows
 from sft_jax.model.layers import ACTIVATIONS, INIT_STD, Einsum, named_param
@@ -91,6 +93,8 @@ class MoeConfig:
     mlp_activation: str = "silu"
     dtype: str = "float32"
     param_dtype: str = "float32"
+    lora_scale: float | None = None  # as ModelConfig: required when adapters are passed
+    lora_dropout: float = 0.0  # dropout on the adapters' input, only with a "dropout" rng
     # The mesh the layer runs on and its logical-axis rules (config.mesh.rules), as in
     # ModelConfig: with more than one device each device routes its own tokens under shard_map.
     mesh: Any = None
@@ -205,6 +209,7 @@ def grouped_swiglu(
     down: jax.Array,
     activation: Any = nn.silu,
     platform: str = "cpu",
+    lora: ExpertLora | None = None,
 ) -> jax.Array:
     """Each token's K expert outputs, [N, K, D], from x [N, D] and its experts [N, K].
 
@@ -217,7 +222,7 @@ def grouped_swiglu(
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)  # [A, D], grouped by expert
-    ys = _swiglu_groups(xs, gate, up, down, group_sizes, activation, platform)  # [A, D]
+    ys = _swiglu_groups(xs, gate, up, down, group_sizes, activation, platform, lora)  # [A, D]
     inverse = jnp.argsort(order)
     return jnp.take(ys, inverse, axis=0).reshape(n, k, -1)
 
@@ -230,6 +235,7 @@ def local_grouped_swiglu(
     down: jax.Array,
     activation: Any = nn.silu,
     platform: str = "cpu",
+    lora: ExpertLora | None = None,
 ) -> jax.Array:
     """`grouped_swiglu` over this device's experts only: [N, K, D] from x [N, D] and each
     assignment's local expert index [N, K], zero for assignments whose index falls outside
@@ -246,7 +252,7 @@ def local_grouped_swiglu(
     group_sizes = jnp.bincount(flat, length=e + 1)[:e].astype(jnp.int32)
     grouped = (jnp.arange(n * k) < jnp.sum(group_sizes))[:, None]
     xs = jnp.where(grouped, jnp.take(x, order // k, axis=0), 0)
-    ys = _swiglu_groups(xs, gate, up, down, group_sizes, activation, platform)
+    ys = _swiglu_groups(xs, gate, up, down, group_sizes, activation, platform, lora)
     ys = jnp.where(grouped, ys, 0)
     inverse = jnp.argsort(order)
     return jnp.take(ys, inverse, axis=0).reshape(n, k, -1)
@@ -260,17 +266,63 @@ def _swiglu_groups(
     group_sizes: jax.Array,
     activation: Any,
     platform: str,
+    lora: ExpertLora | None = None,
 ) -> jax.Array:
     """The gated MLP of each expert on its block of the grouped rows xs [A, D] -> [A, D], in
-    one grouped layout for the three matmuls (sft_jax/model/grouped_matmul.py)."""
+    one grouped layout for the three matmuls and their adapters
+    (sft_jax/model/grouped_matmul.py)."""
     layout = GroupedRows.make(group_sizes, xs.shape[0], platform)
     xs = layout.enter(xs)
-    h = activation(layout.matmul(xs, gate)) * layout.matmul(xs, up)
-    return layout.leave(layout.matmul(h, down))
+    g, u = layout.matmul(xs, gate), layout.matmul(xs, up)
+    if lora is not None and "gate_up_proj" in lora.adapters:
+        # One adapter over HF's fused gate_up_proj output [2F]: gate units first, then up.
+        fused = lora.term(layout, "gate_up_proj", xs)
+        g, u = g + fused[:, : gate.shape[-1]], u + fused[:, gate.shape[-1] :]
+    h = activation(g) * u
+    y = layout.matmul(h, down)
+    if lora is not None and "down_proj" in lora.adapters:
+        y = y + lora.term(layout, "down_proj", h)
+    return layout.leave(y)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertLora:
+    """The experts' LoRA adapters as the grouped matmuls use them (one device's experts):
+    `adapters` maps "gate_up_proj" to {a [E, D, R], b [E, R, 2F]} and "down_proj" to
+    {a [E, F, R], b [E, R, D]}, in the compute dtype.
+
+    Why this shape: transformers stores each layer's experts as fused parameters (gate_up_proj
+    [E, 2F, D], down_proj [E, D, F]) and PEFT adapts each with one rank-R adapter per expert
+    (`target_parameters`), so gate and up share one adapter whose output is split like the
+    fused weight. Each assignment row goes through its own expert's adapter in the base's
+    grouped layout (same padding, same blocks): scale * (x @ a_e) @ b_e, never W + a b.
+    """
+
+    adapters: dict
+    scale: float
+    dropout: float = 0.0
+    key: jax.Array | None = None  # training: dropout on the adapters' input rows
+
+    def term(self, layout: GroupedRows, name: str, rows: jax.Array) -> jax.Array:
+        """scale * (rows @ a_e) @ b_e of adapter `name` for rows in `layout` [.., in]."""
+        a, b = self.adapters[name]["a"], self.adapters[name]["b"]
+        if self.key is not None and self.dropout > 0:
+            key = jax.random.fold_in(self.key, list(EXPERT_KERNELS).index(name))
+            keep = jax.random.bernoulli(key, 1.0 - self.dropout, rows.shape)
+            rows = jnp.where(keep, rows / (1.0 - self.dropout), 0.0).astype(rows.dtype)
+        # Scaled at rank R, as Einsum does: one pass over R values per row, not over `out`.
+        low = layout.matmul(rows, a) * jnp.asarray(self.scale, rows.dtype)
+        return layout.matmul(low, b)
 
 
 class Experts(nn.Module):
-    """E gated MLPs stored as stacked kernels, applied to each token's chosen experts."""
+    """E gated MLPs stored as stacked kernels, applied to each token's chosen experts.
+
+    With a "lora" collection holding "gate_up_proj" and/or "down_proj" adapters ({a, b} per
+    expert, `ExpertLora`), adds them inside the grouped matmuls. A QLoRA base passes the kernels
+    as `Quantized` codes: dequantised here, one layer at a time, and recomputed in the backward
+    pass rather than saved.
+    """
 
     config: MoeConfig
 
@@ -279,15 +331,14 @@ class Experts(nn.Module):
         """x [B, T, D], experts [B, T, K], weights [B, T, K] -> sum_k weights * expert_k(x)."""
         c = self.config
         e, d, f = c.num_experts, c.hidden_size, c.moe_intermediate_size
-        init = nn.initializers.normal(INIT_STD)
         in_names, out_names = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
-        gate = named_param(self, "gate_proj", init, (e, d, f), in_names, c.param_dtype)
-        up = named_param(self, "up_proj", init, (e, d, f), in_names, c.param_dtype)
-        down = named_param(self, "down_proj", init, (e, f, d), out_names, c.param_dtype)
+        gate = self._kernel("gate_proj", (e, d, f), in_names)
+        up = self._kernel("up_proj", (e, d, f), in_names)
+        down = self._kernel("down_proj", (e, f, d), out_names)
         dt = jnp.dtype(c.dtype)
         activation = ACTIVATIONS[c.mlp_activation]
         tokens = (x.astype(dt), experts, weights.astype(dt))
-        kernels = (gate.astype(dt), up.astype(dt), down.astype(dt))
+        adapters, key = self._adapters(dt)
         ep = expert_parallel_axes(c)
         if ep:
             per_device = functools.partial(
@@ -296,24 +347,64 @@ class Experts(nn.Module):
                 ep=ep,
                 gather=_token_axes(c, x.shape, ep),
                 platform=c.platform,
+                make_lora=functools.partial(_device_lora, c, _rng_axes(c, x.shape, ep)),
             )
-            split = on_token_shards(per_device, c, x.shape, 3, 3, kernel_spec=PartitionSpec(ep))
-            return split(*tokens, *kernels)
-
-        def per_device(x, experts, weights, gate, up, down):
-            b, t, _ = x.shape
-            ys = grouped_swiglu(
-                x.reshape(b * t, d),
-                experts.reshape(b * t, -1),
-                gate,
-                up,
-                down,
-                activation,
-                c.platform,
+            split = on_token_shards(
+                per_device, c, x.shape, 3, 4, kernel_spec=PartitionSpec(ep), replicated_in=1
             )
-            return jnp.sum(ys * weights.reshape(b * t, -1, 1), axis=1).reshape(b, t, d)
+        else:
+            rng_axes = _rng_axes(c, x.shape, ())
 
-        return on_token_shards(per_device, c, x.shape, tokens_in=3, kernels_in=3)(*tokens, *kernels)
+            def per_device(x, experts, weights, gate, up, down, adapters, key):
+                b, t, _ = x.shape
+                lora = _device_lora(c, rng_axes, adapters, key)
+                ys = grouped_swiglu(
+                    x.reshape(b * t, d),
+                    experts.reshape(b * t, -1),
+                    gate,
+                    up,
+                    down,
+                    activation,
+                    c.platform,
+                    lora,
+                )
+                return jnp.sum(ys * weights.reshape(b * t, -1, 1), axis=1).reshape(b, t, d)
+
+            split = on_token_shards(per_device, c, x.shape, 3, 4, replicated_in=1)
+
+        def run(tokens, kernels, adapters, key):
+            dense = [dequantize_array(k, dt) if isinstance(k, Quantized) else k for k in kernels]
+            return split(*tokens, *[k.astype(dt) for k in dense], adapters, key)
+
+        if isinstance(gate, Quantized):  # keep only the codes for the backward, as Einsum does
+            run = jax.checkpoint(run)
+        return run(tokens, (gate, up, down), adapters, key)
+
+    def _kernel(self, name: str, shape: tuple[int, ...], names: tuple[str, ...]) -> Any:
+        """A stacked expert kernel: the stored `Quantized` codes of a QLoRA base as they are,
+        else the (created at init) parameter."""
+        if self.has_variable("params", name):
+            stored = self.get_variable("params", name)
+            if isinstance(stored, Quantized):
+                return stored
+        init = nn.initializers.normal(INIT_STD)
+        return named_param(self, name, init, shape, names, self.config.param_dtype)
+
+    def _adapters(self, dt: Any) -> tuple[dict, jax.Array | None]:
+        """The experts' adapters from the "lora" collection (cast to `dt`; {} without any) and
+        the dropout key (training with lora_dropout only)."""
+        names = [n for n in EXPERT_KERNELS if self.has_variable("lora", n)]
+        if not names:
+            return {}, None
+        if self.config.lora_scale is None:
+            raise ValueError(
+                "LoRA adapters were passed for the experts but MoeConfig.lora_scale is unset: "
+                "build the model config with sft_jax.training.state.lora_model_config"
+            )
+        cast = lambda ad: {k: ad[k].astype(dt) for k in ("a", "b")}
+        adapters = {n: cast(self.get_variable("lora", n)) for n in names}
+        training = self.config.lora_dropout > 0 and self.has_rng("dropout")
+        return adapters, self.make_rng("dropout") if training else None
 
 
 def expert_parallel_axes(c: MoeConfig) -> tuple[str, ...]:
@@ -336,6 +427,34 @@ def _token_axes(c: MoeConfig, shape: tuple[int, ...], ep: tuple[str, ...]) -> tu
     return tuple(a for a in ep if a in split)
 
 
+def _rng_axes(c: MoeConfig, shape: tuple[int, ...], ep: tuple[str, ...]) -> tuple[str, ...]:
+    """The mesh axes over which devices compute different assignment rows (the token shards'
+    axes, and the expert-parallel ones): the adapters' dropout key is folded with the device's
+    index over these, so no two devices draw the same mask for different rows, while devices
+    that compute the same rows (replicas along other axes) draw the same one."""
+    if c.mesh is None or c.mesh.size == 1:
+        return ()
+    spec = logical_to_spec(("batch", "seq", None), shape, c.mesh, c.mesh_rules)
+    split = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
+    return tuple(dict.fromkeys([*split, *ep]))
+
+
+def _device_key(key: jax.Array | None, axes: tuple[str, ...]) -> jax.Array | None:
+    """This device's dropout key (see `_rng_axes`); None stays None (no dropout)."""
+    if key is None or not axes:
+        return key
+    return jax.random.fold_in(key, jax.lax.axis_index(axes))
+
+
+def _device_lora(
+    c: MoeConfig, axes: tuple[str, ...], adapters: dict, key: jax.Array | None
+) -> ExpertLora | None:
+    """The `ExpertLora` of one device's adapters ({}: None, no LoRA); `axes`: `_rng_axes`."""
+    if not adapters:
+        return None
+    return ExpertLora(adapters, c.lora_scale, c.lora_dropout, _device_key(key, axes))
+
+
 def _expert_parallel(
     x: jax.Array,
     experts: jax.Array,
@@ -343,13 +462,17 @@ def _expert_parallel(
     gate: jax.Array,
     up: jax.Array,
     down: jax.Array,
+    adapters: dict,
+    key: jax.Array | None,
     activation: Any,
     ep: tuple[str, ...],
     gather: tuple[str, ...],
     platform: str,
+    make_lora: Any = None,
 ) -> jax.Array:
     """One device's share of the expert-parallel layer (under shard_map): x [b, t, D], experts
-    and weights [b, t, K] are its token shard, gate/up/down its E / ep experts.
+    and weights [b, t, K] are its token shard, gate/up/down (and `adapters`, {} without LoRA)
+    its E / ep experts. `make_lora`: (adapters, key) -> their `ExpertLora` (`_device_lora`).
 
     The expert group (the devices along `ep`) gathers its token shards over `gather`, each device
     adds its own experts' outputs, and the partial outputs are summed over `ep` and split back
@@ -366,7 +489,8 @@ def _expert_parallel(
         flat = [jax.lax.pcast(a, rest, to="varying") for a in flat]
     x, experts, weights = flat
     first = jax.lax.axis_index(ep) * gate.shape[0]  # this device's first expert
-    ys = local_grouped_swiglu(x, experts - first, gate, up, down, activation, platform)
+    lora = make_lora(adapters, key) if make_lora else None
+    ys = local_grouped_swiglu(x, experts - first, gate, up, down, activation, platform, lora)
     y = jnp.sum(ys * weights[..., None], axis=1)  # [gathered tokens, D]
     if rest:
         y = jax.lax.psum(y, rest)
@@ -383,11 +507,13 @@ def on_token_shards(
     kernels_in: int = 0,
     outs: int = 1,
     kernel_spec: PartitionSpec | None = None,
+    replicated_in: int = 0,
 ) -> Any:
     """`fn` run per device under shard_map when `c.mesh` has several devices (else `fn` itself):
     its first `tokens_in` arguments and its outputs [B, T, ...] split as the batch and seq rules
-    split activations, the next `kernels_in` (the expert weights) by `kernel_spec`: whole on
-    every device when None, their expert dimension split under expert parallelism.
+    split activations, the next `kernels_in` (the expert weights, their adapters) by
+    `kernel_spec`: whole on every device when None, their expert dimension split under expert
+    parallelism; the last `replicated_in` (a dropout key) the same on every device.
 
     Why: routing is per token, so each device can pick and group its own tokens' experts. Left to
     XLA, top_k and the global argsort gather every token onto every device, which then runs every
@@ -398,6 +524,7 @@ def on_token_shards(
         return fn
     tokens = logical_to_spec(("batch", "seq", None), shape, c.mesh, c.mesh_rules)
     in_specs = (tokens,) * tokens_in + (kernel_spec or PartitionSpec(),) * kernels_in
+    in_specs += (PartitionSpec(),) * replicated_in
     out_specs = tokens if outs == 1 else (tokens,) * outs
     return jax.shard_map(fn, mesh=c.mesh, in_specs=in_specs, out_specs=out_specs)
 
@@ -412,6 +539,7 @@ class SharedExpert(nn.Module):
         c = self.config
         d, f = c.hidden_size, c.shared_expert_intermediate_size
         dt = {"dtype": c.dtype, "param_dtype": c.param_dtype}
+        dt.update(lora_scale=c.lora_scale, lora_dropout=c.lora_dropout)  # LoRA targets them too
         gate = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **dt, name="gate_proj")(x)
         up = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **dt, name="up_proj")(x)
         hidden = ACTIVATIONS[c.mlp_activation](gate) * up

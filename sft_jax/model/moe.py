@@ -58,6 +58,10 @@ Parameter tree (names are load-bearing for the future HF loader and sharding rul
 
 HF's fused expert weights map as gate_up_proj [E, 2F, D] -> gate = [:, :F].T, up = [:, F:].T
 (transposed to [E, D, F]) and down_proj [E, D, F] -> transposed to [E, F, D].
+
+LoRA adapters of the experts (the "lora" collection, `ExpertLora`) follow those fused HF
+parameters, as PEFT adapts them: experts/gate_up_proj/{a [E, D, R], b [E, R, 2F]} and
+experts/down_proj/{a [E, F, R], b [E, R, D]}, split over the expert axis like the kernels.
 """
 
 from __future__ import annotations

@@ -412,8 +412,8 @@ def test_qlora_experts_are_quantized_and_train_only_adapters(saved_models):
 
 def test_lora_run_on_experts_trains_and_exports_for_peft(tmp_path, stories_dir):
     """A Qwen3-MoE checkpoint trained with adapters on the experts and q_proj (expert-parallel
-    mesh, adapter dropout, NF4 base): the loss falls, and the exported PEFT adapter applied by
-    peft to the original base gives the logits of our merged model (merged into that base)."""
+    mesh, adapter dropout, NF4 base): the loss falls; the exported PEFT adapter applied by peft
+    to the original base, and the merged HF export, give the logits of our merged model."""
     from sft_jax import export
     from sft_jax.config import parse
     from sft_jax.config_file import load_config_file
@@ -455,3 +455,8 @@ def test_lora_run_on_experts_trains_and_exports_for_peft(tmp_path, stories_dir):
     np.testing.assert_allclose(
         _peft_logits(base_dir, tmp_path / "ad", tokens), np.asarray(ours), atol=MODEL_TOL
     )
+    assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
+    np.testing.assert_allclose(_hf_logits(merged.eval(), tokens), np.asarray(ours), atol=MODEL_TOL)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager").eval()
+    assert np.abs(_hf_logits(base, tokens) - np.asarray(ours)).max() > 1e-2  # trained adapters

@@ -22,7 +22,8 @@ from sft_jax import lora
 from sft_jax.config import MeshSection
 from sft_jax.export import export_hf
 from sft_jax.model.decoder import Transformer
-from sft_jax.model.moe import ExpertLora, MoeConfig, MoeMlp, grouped_swiglu
+from sft_jax.model.expert_lora import ExpertLora
+from sft_jax.model.moe import MoeConfig, MoeMlp, grouped_swiglu
 from sft_jax.training.sharding import activation_sharding, make_mesh, param_shardings
 from tests.test_hf_moe import MODEL_TOL, _hf_logits, _load, _save_tiny
 

@@ -20,7 +20,7 @@ Mixture-of-experts layers keep their experts as stacked leaves ([L, E, D, F] gat
 up_proj, [L, E, F, D] down_proj) and are adapted per expert, as PEFT adapts transformers' fused
 expert parameters (`target_parameters`): one adapter over gate and up together (HF's fused
 gate_up_proj, output gate units then up units) and one over down, each with its own rank-R
-a/b per expert (sft_jax/model/moe.py `ExpertLora`):
+a/b per expert (sft_jax/model/expert_lora.py `ExpertLora`):
 
     adapters/layers/mlp/experts/gate_up_proj/{a [L, E, D, R], b [L, E, R, 2F]}
     adapters/layers/mlp/experts/down_proj/{a [L, E, F, R], b [L, E, R, D]}

@@ -59,8 +59,8 @@ Parameter tree (names are load-bearing for the future HF loader and sharding rul
 HF's fused expert weights map as gate_up_proj [E, 2F, D] -> gate = [:, :F].T, up = [:, F:].T
 (transposed to [E, D, F]) and down_proj [E, D, F] -> transposed to [E, F, D].
 
-LoRA adapters of the experts (the "lora" collection, `ExpertLora`) follow those fused HF
-parameters, as PEFT adapts them: experts/gate_up_proj/{a [E, D, R], b [E, R, 2F]} and
+LoRA adapters of the experts (the "lora" collection, sft_jax/model/expert_lora.py) follow those
+fused HF parameters, as PEFT adapts them: experts/gate_up_proj/{a [E, D, R], b [E, R, 2F]} and
 experts/down_proj/{a [E, F, R], b [E, R, D]}, split over the expert axis like the kernels.
 """
 
@@ -79,6 +79,7 @@ from jax.sharding import PartitionSpec
 from sft_jax.lora.quant import Quantized, dequantize_array
 from sft_jax.lora.tree import EXPERT_KERNELS
 from sft_jax.model.config import mesh_platform
+from sft_jax.model.expert_lora import ExpertLora, device_lora, rng_axes
 from sft_jax.model.grouped_matmul import GroupedRows
 from sft_jax.model.layers import ACTIVATIONS, INIT_STD, Einsum, named_param
 from sft_jax.training.sharding import EXPERT_AXIS, expert_shards, logical_to_spec
@@ -289,36 +290,6 @@ def _swiglu_groups(
     return layout.leave(y)
 
 
-@dataclasses.dataclass(frozen=True)
-class ExpertLora:
-    """The experts' LoRA adapters as the grouped matmuls use them (one device's experts):
-    `adapters` maps "gate_up_proj" to {a [E, D, R], b [E, R, 2F]} and "down_proj" to
-    {a [E, F, R], b [E, R, D]}, in the compute dtype.
-
-    Why this shape: transformers stores each layer's experts as fused parameters (gate_up_proj
-    [E, 2F, D], down_proj [E, D, F]) and PEFT adapts each with one rank-R adapter per expert
-    (`target_parameters`), so gate and up share one adapter whose output is split like the
-    fused weight. Each assignment row goes through its own expert's adapter in the base's
-    grouped layout (same padding, same blocks): scale * (x @ a_e) @ b_e, never W + a b.
-    """
-
-    adapters: dict
-    scale: float
-    dropout: float = 0.0
-    key: jax.Array | None = None  # training: dropout on the adapters' input rows
-
-    def term(self, layout: GroupedRows, name: str, rows: jax.Array) -> jax.Array:
-        """scale * (rows @ a_e) @ b_e of adapter `name` for rows in `layout` [.., in]."""
-        a, b = self.adapters[name]["a"], self.adapters[name]["b"]
-        if self.key is not None and self.dropout > 0:
-            key = jax.random.fold_in(self.key, list(EXPERT_KERNELS).index(name))
-            keep = jax.random.bernoulli(key, 1.0 - self.dropout, rows.shape)
-            rows = jnp.where(keep, rows / (1.0 - self.dropout), 0.0).astype(rows.dtype)
-        # Scaled at rank R, as Einsum does: one pass over R values per row, not over `out`.
-        low = layout.matmul(rows, a) * jnp.asarray(self.scale, rows.dtype)
-        return layout.matmul(low, b)
-
-
 class Experts(nn.Module):
     """E gated MLPs stored as stacked kernels, applied to each token's chosen experts.
 
@@ -344,6 +315,7 @@ class Experts(nn.Module):
         tokens = (x.astype(dt), experts, weights.astype(dt))
         adapters, key = self._adapters(dt)
         ep = expert_parallel_axes(c)
+        axes = rng_axes(c.mesh, c.mesh_rules, x.shape, ep)  # of the adapters' dropout
         if ep:
             per_device = functools.partial(
                 _expert_parallel,
@@ -351,17 +323,16 @@ class Experts(nn.Module):
                 ep=ep,
                 gather=_token_axes(c, x.shape, ep),
                 platform=c.platform,
-                make_lora=functools.partial(_device_lora, c, _rng_axes(c, x.shape, ep)),
+                make_lora=functools.partial(device_lora, c.lora_scale, c.lora_dropout, axes),
             )
             split = on_token_shards(
                 per_device, c, x.shape, 3, 4, kernel_spec=PartitionSpec(ep), replicated_in=1
             )
         else:
-            rng_axes = _rng_axes(c, x.shape, ())
 
             def per_device(x, experts, weights, gate, up, down, adapters, key):
                 b, t, _ = x.shape
-                lora = _device_lora(c, rng_axes, adapters, key)
+                lora = device_lora(c.lora_scale, c.lora_dropout, axes, adapters, key)
                 ys = grouped_swiglu(
                     x.reshape(b * t, d),
                     experts.reshape(b * t, -1),
@@ -431,34 +402,6 @@ def _token_axes(c: MoeConfig, shape: tuple[int, ...], ep: tuple[str, ...]) -> tu
     return tuple(a for a in ep if a in split)
 
 
-def _rng_axes(c: MoeConfig, shape: tuple[int, ...], ep: tuple[str, ...]) -> tuple[str, ...]:
-    """The mesh axes over which devices compute different assignment rows (the token shards'
-    axes, and the expert-parallel ones): the adapters' dropout key is folded with the device's
-    index over these, so no two devices draw the same mask for different rows, while devices
-    that compute the same rows (replicas along other axes) draw the same one."""
-    if c.mesh is None or c.mesh.size == 1:
-        return ()
-    spec = logical_to_spec(("batch", "seq", None), shape, c.mesh, c.mesh_rules)
-    split = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
-    return tuple(dict.fromkeys([*split, *ep]))
-
-
-def _device_key(key: jax.Array | None, axes: tuple[str, ...]) -> jax.Array | None:
-    """This device's dropout key (see `_rng_axes`); None stays None (no dropout)."""
-    if key is None or not axes:
-        return key
-    return jax.random.fold_in(key, jax.lax.axis_index(axes))
-
-
-def _device_lora(
-    c: MoeConfig, axes: tuple[str, ...], adapters: dict, key: jax.Array | None
-) -> ExpertLora | None:
-    """The `ExpertLora` of one device's adapters ({}: None, no LoRA); `axes`: `_rng_axes`."""
-    if not adapters:
-        return None
-    return ExpertLora(adapters, c.lora_scale, c.lora_dropout, _device_key(key, axes))
-
-
 def _expert_parallel(
     x: jax.Array,
     experts: jax.Array,
@@ -476,7 +419,7 @@ def _expert_parallel(
 ) -> jax.Array:
     """One device's share of the expert-parallel layer (under shard_map): x [b, t, D], experts
     and weights [b, t, K] are its token shard, gate/up/down (and `adapters`, {} without LoRA)
-    its E / ep experts. `make_lora`: (adapters, key) -> their `ExpertLora` (`_device_lora`).
+    its E / ep experts. `make_lora`: (adapters, key) -> their `ExpertLora` (`device_lora`).
 
     The expert group (the devices along `ep`) gathers its token shards over `gather`, each device
     adds its own experts' outputs, and the partial outputs are summed over `ep` and split back

@@ -156,9 +156,9 @@ def get_config() -> ml_collections.ConfigDict:
     lo.enabled = False  # train LoRA adapters instead of every weight
     lo.rank = 16  # adapter rank r
     lo.alpha = 32.0  # adapter scale alpha (applied as alpha / rank)
-    lo.targets = (
-        "*_proj",
-    )  # module-name globs: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
+    # Module-name globs: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj. A MoE layer's
+    # experts only when named: "experts", or "experts.gate_up_proj" / "experts.down_proj".
+    lo.targets = ("*_proj",)
     lo.rslora = False  # scale alpha / sqrt(rank) instead of alpha / rank
     lo.lr_ratio_b = 1.0  # LoRA+: learning rate of B = this x optim.learning_rate
     lo.base_dtype = "bfloat16"  # storage dtype of the frozen base weights

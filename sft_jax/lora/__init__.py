@@ -29,9 +29,11 @@ from sft_jax.lora.quant import (
 )
 from sft_jax.lora.tree import (
     ALL_LINEAR,
+    EXPERT_KERNELS,
     KERNELS,
     SAVEABLE_MODULES,
     SAVED,
+    adapted_kernel,
     adapter_specs,
     add_saved_modules,
     apply_variables,
@@ -52,11 +54,13 @@ from sft_jax.lora.tree import (
 
 __all__ = [
     "ALL_LINEAR",
+    "EXPERT_KERNELS",
     "KERNELS",
     "SAVEABLE_MODULES",
     "SAVED",
     "PeftAdapterConfig",
     "Quantized",
+    "adapted_kernel",
     "adapter_specs",
     "add_saved_modules",
     "apply_variables",

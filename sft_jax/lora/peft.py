@@ -6,6 +6,21 @@ Per layer i and adapted module, PEFT stores (HF Linear layout, in = product of o
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight          [out, R]
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_magnitude_vector  [out]   (DoRA)
 
+The shared expert of Qwen2-MoE is `mlp.shared_expert.{gate,up,down}_proj`. A MoE layer's experts
+are adapted as PEFT adapts transformers' fused expert parameters (`target_parameters`
+"mlp.experts.gate_up_proj" [E, 2F, D] and "mlp.experts.down_proj" [E, D, F], its ParamWrapper):
+one adapter per parameter, rank R per expert, stored as one Linear pair each,
+
+    ...layers.{i}.mlp.experts[.base_layer].lora_A.weight   [E * R, in]   row e * R + r
+    ...layers.{i}.mlp.experts[.base_layer].lora_B.weight   [out, R * E]  column r * E + e
+
+(in = D, out = 2F for gate_up_proj; in = F, out = D for down_proj). PEFT nests one wrapper per
+targeted parameter in the order the module defines them (gate_up_proj, then down_proj), and the
+inner one's keys gain ".base_layer": with both targeted, gate_up_proj's adapter is
+`experts.base_layer.lora_A`, down_proj's `experts.lora_A`; alone, either is `experts.lora_A`.
+PEFT refuses dropout (and DoRA) on parameters, so an adapter with expert parameters is written
+with lora_dropout 0 (dropout only acts in training; the adapter computes the same function).
+
 Rank, alpha, rsLoRA and DoRA travel in adapter_config.json and are read from it on import
 (`read_peft_config`, which also derives the scale); a run that continues from an adapter checks
 them against its config, since a mismatch would silently change the adapter's scale.
@@ -29,11 +44,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_jax.lora.tree import (
+    EXPERT_KERNELS,
+    EXPERTS,
     KERNELS,
     SAVEABLE,
     SAVED,
+    adapted_kernel,
     config_scale,
     get_path,
+    hf_module,
+    is_expert_path,
     saved_module_table,
     set_path,
 )
@@ -62,9 +82,13 @@ def to_peft_tensors(adapters: dict, tied_embeddings: bool = False) -> dict[str, 
     tensors = {}
     for path in _adapter_paths(adapters):
         ad = {k: np.asarray(v, np.float32) for k, v in get_path(adapters, path).items()}
+        if is_expert_path(path):
+            wrapped = tuple(get_path(adapters, path[:-1]))
+            tensors.update(_experts_to_peft(path, ad, wrapped))
+            continue
         layers, rank = ad["a"].shape[0], ad["a"].shape[-1]
         for layer in range(layers):
-            prefix = f"{PREFIX}.{layer}.{KERNELS[path[-1]][1]}"
+            prefix = f"{PREFIX}.{layer}.{hf_module(path)}"
             tensors[f"{prefix}.lora_A.weight"] = ad["a"][layer].reshape(-1, rank).T.copy()
             tensors[f"{prefix}.lora_B.weight"] = ad["b"][layer].reshape(rank, -1).T.copy()
             if "m" in ad:
@@ -74,6 +98,31 @@ def to_peft_tensors(adapters: dict, tied_embeddings: bool = False) -> dict[str, 
     if tied_embeddings and "embed_tokens" in adapters.get(SAVED, {}):
         embed = tensors[MODEL_PREFIX + SAVEABLE["embed_tokens"][1]]
         tensors[MODEL_PREFIX + SAVEABLE["lm_head"][1]] = embed
+    return tensors
+
+
+def _expert_prefix(path: tuple[str, ...], layer: int, wrapped: tuple[str, ...]) -> str:
+    """PEFT's module key of the experts' adapter `path[-1]` in `layer` when the adapters
+    `wrapped` are on the same experts: one ".base_layer" per wrapper outside it."""
+    order = [n for n in EXPERT_KERNELS if n in wrapped]  # HF's parameter order = nesting order
+    depth = len(order) - 1 - order.index(path[-1])
+    module = hf_module(path).rsplit(".", 1)[0]  # mlp.experts
+    return f"{PREFIX}.{layer}.{module}" + ".base_layer" * depth
+
+
+def _experts_to_peft(
+    path: tuple[str, ...], ad: dict[str, np.ndarray], wrapped: tuple[str, ...]
+) -> dict[str, np.ndarray]:
+    """PEFT tensors of one expert adapter: a [L, E, in, R] -> lora_A [E * R, in] (expert-major
+    rows), b [L, E, R, out] -> lora_B [out, R * E] (rank-major columns), per layer."""
+    tensors = {}
+    layers, experts, fan_in, rank = ad["a"].shape
+    for layer in range(layers):
+        prefix = _expert_prefix(path, layer, wrapped)
+        a = ad["a"][layer].transpose(0, 2, 1).reshape(experts * rank, fan_in)
+        b = ad["b"][layer].transpose(2, 1, 0).reshape(-1, rank * experts)
+        tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a)
+        tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b)
     return tensors
 
 
@@ -114,9 +163,22 @@ def _saved_from_peft(tensors: dict[str, np.ndarray], params: dict) -> dict[str, 
     return saved
 
 
-def _parse_name(name: str) -> tuple[int, str, str]:
-    """PEFT key -> (layer, our module name, a | b | m)."""
-    by_module = {v[1]: k for k, v in KERNELS.items()}
+def expert_parameters(target_parameters: tuple[str, ...]) -> tuple[str, ...]:
+    """The expert parameters (gate_up_proj, down_proj, in HF's order) that PEFT's
+    `target_parameters` adapt (PEFT matches them as suffixes of "model.layers.{i}.mlp.experts.
+    {name}"); anything else is refused, since sft_jax adapts no other parameter."""
+    found = set()
+    for target in target_parameters:
+        name = target.rsplit(".", 1)[-1]
+        if name not in EXPERT_KERNELS or not (target == name or target.endswith(f"experts.{name}")):
+            raise ValueError(f"target_parameters {target!r}: sft_jax adapts only the experts'")
+        found.add(name)
+    return tuple(n for n in EXPERT_KERNELS if n in found)
+
+
+def _parse_name(name: str, experts: tuple[str, ...]) -> tuple[int, tuple[str, ...], str]:
+    """PEFT key -> (layer, our adapter path, a | b | m); `experts`: the expert parameters the
+    adapter targets (`expert_parameters`), which tell its nested wrappers apart."""
     parts = name.split(".")
     kind = {"lora_A": "a", "lora_B": "b"}.get(parts[-2]) if parts[-1] == "weight" else None
     if parts[-1] == "lora_magnitude_vector":
@@ -124,40 +186,66 @@ def _parse_name(name: str) -> tuple[int, str, str]:
     if "layers" not in parts or kind is None:
         raise ValueError(f"unexpected PEFT tensor {name!r}")
     layer = int(parts[parts.index("layers") + 1])
-    module = by_module.get(".".join(parts[parts.index("layers") + 2 : -2]))
-    if module is None:
+    module = parts[parts.index("layers") + 2 : -2]
+    depth = 0
+    while module and module[-1] == "base_layer":
+        module, depth = module[:-1], depth + 1
+    group, *rest = module or [""]
+    path = ("layers", {"self_attn": "attn"}.get(group, group), *rest)
+    if path[-1] == EXPERTS and depth < len(experts):
+        return layer, (*path, experts[len(experts) - 1 - depth]), kind
+    if depth or path[-1] not in KERNELS:
         raise ValueError(f"PEFT tensor {name!r} targets a module sft_jax does not adapt")
-    return layer, module, kind
+    return layer, path, kind
+
+
+def _stack_layer(path: tuple[str, ...], parts: dict, params: dict) -> dict[str, np.ndarray]:
+    """One adapter's per-layer PEFT tensors as our stacked a, b (and m), shaped after the
+    kernel it adapts in `params`."""
+    try:
+        kernel, _, n_in = adapted_kernel(get_path(params, path[:-1]), path[-1])
+    except (KeyError, TypeError):
+        raise ValueError(f"PEFT adapter adapts {'/'.join(path)}, which this model lacks") from None
+    layers = kernel.shape[0]
+    if any(sorted(v) != list(range(layers)) for v in parts.values()):
+        raise ValueError(f"PEFT adapter for {'/'.join(path)} does not cover all {layers} layers")
+    if is_expert_path(path):
+        experts = kernel.shape[1]
+        a = [parts["a"][i].reshape(experts, -1, kernel.shape[2]) for i in range(layers)]
+        b = [parts["b"][i].reshape(parts["b"][i].shape[0], -1, experts) for i in range(layers)]
+        return {
+            "a": np.stack([x.transpose(0, 2, 1) for x in a]),
+            "b": np.stack([x.transpose(2, 1, 0) for x in b]),
+        }
+    in_shape, out_shape = kernel.shape[1 : 1 + n_in], kernel.shape[1 + n_in :]
+    ad = {
+        "a": np.stack([parts["a"][i].T.reshape(*in_shape, -1) for i in range(layers)]),
+        "b": np.stack([parts["b"][i].T.reshape(-1, *out_shape) for i in range(layers)]),
+    }
+    if "m" in parts:
+        ad["m"] = np.stack([parts["m"][i].reshape(out_shape) for i in range(layers)])
+    return ad
 
 
 def from_peft_tensors(
-    tensors: dict[str, np.ndarray], params: dict, dtype: Any = jnp.float32
+    tensors: dict[str, np.ndarray],
+    params: dict,
+    dtype: Any = jnp.float32,
+    target_parameters: tuple[str, ...] = (),
 ) -> dict:
-    """Inverse of `to_peft_tensors`, shaped after the kernels of `params`."""
+    """Inverse of `to_peft_tensors`, shaped after the kernels of `params`; `target_parameters`
+    as in the adapter's config (which expert parameters its `experts` keys adapt)."""
     tensors = dict(tensors)
     saved = _saved_from_peft(tensors, params)
+    experts = expert_parameters(tuple(target_parameters))
     per_path: dict[tuple[str, ...], dict[str, dict[int, np.ndarray]]] = {}
     for name, value in tensors.items():
-        layer, module, kind = _parse_name(name)
-        group = "attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-        parts = per_path.setdefault(("layers", group, module), {"a": {}, "b": {}})
+        layer, path, kind = _parse_name(name, experts)
+        parts = per_path.setdefault(path, {"a": {}, "b": {}})
         parts.setdefault(kind, {})[layer] = np.asarray(value)
     adapters: dict = {}
     for path, parts in per_path.items():
-        kernel = get_path(params, path)["kernel"]
-        n_in = KERNELS[path[-1]][0]
-        in_shape, out_shape = kernel.shape[1 : 1 + n_in], kernel.shape[1 + n_in :]
-        layers = kernel.shape[0]
-        if any(sorted(v) != list(range(layers)) for v in parts.values()):
-            raise ValueError(
-                f"PEFT adapter for {'/'.join(path)} does not cover all {layers} layers"
-            )
-        ad = {
-            "a": np.stack([parts["a"][i].T.reshape(*in_shape, -1) for i in range(layers)]),
-            "b": np.stack([parts["b"][i].T.reshape(-1, *out_shape) for i in range(layers)]),
-        }
-        if "m" in parts:
-            ad["m"] = np.stack([parts["m"][i].reshape(out_shape) for i in range(layers)])
+        ad = _stack_layer(path, parts, params)
         set_path(adapters, path, {k: jnp.asarray(v, dtype) for k, v in ad.items()})
     if saved:
         adapters[SAVED] = {k: jnp.asarray(v, dtype) for k, v in sorted(saved.items())}
@@ -181,15 +269,18 @@ def peft_config(
     saved = sorted(adapters.get(SAVED, {}))
     if "embed_tokens" in saved and tied_embeddings is None:
         raise ValueError("peft_config needs tied_embeddings when embed_tokens is a saved module")
+    parameters = sorted({hf_module(p) for p in paths if is_expert_path(p)})
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": rank,
         "lora_alpha": alpha,
-        "target_modules": sorted({p[-1] for p in paths}),
+        "target_modules": sorted({p[-1] for p in paths if not is_expert_path(p)}),
+        "target_parameters": parameters or None,
         "use_rslora": rslora,
         "use_dora": any("m" in get_path(adapters, p) for p in paths),
-        "lora_dropout": dropout,
+        # PEFT refuses dropout on parameters; it acts only in training (see the docstring).
+        "lora_dropout": 0.0 if parameters else dropout,
         "bias": "none",
         "fan_in_fan_out": False,
         "base_model_name_or_path": base,
@@ -225,6 +316,7 @@ class PeftAdapterConfig:
     rslora: bool
     dora: bool
     base: str  # base_model_name_or_path as written ("" when unset)
+    target_parameters: tuple[str, ...] = ()  # PEFT's, as written: the adapted expert parameters
 
     @property
     def scale(self) -> float:
@@ -257,6 +349,7 @@ def read_peft_config(adapter_dir: str) -> PeftAdapterConfig:
         rslora=bool(cfg.get("use_rslora", False)),
         dora=bool(cfg.get("use_dora", False)),
         base=cfg.get("base_model_name_or_path") or "",
+        target_parameters=tuple(cfg.get("target_parameters") or ()),
     )
 
 
@@ -286,7 +379,8 @@ def read_peft_adapter(
         raise ValueError(
             f"PEFT adapter {adapter_dir} does not match config.lora: " + "; ".join(problems)
         )
-    adapters = from_peft_tensors(load_file(os.path.join(adapter_dir, WEIGHTS_FILE)), params)
+    tensors = load_file(os.path.join(adapter_dir, WEIGHTS_FILE))
+    adapters = from_peft_tensors(tensors, params, target_parameters=cfg.target_parameters)
     has_m = any("m" in get_path(adapters, p) for p in _adapter_paths(adapters))
     if has_m != cfg.dora:
         raise ValueError(

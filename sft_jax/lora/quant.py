@@ -133,13 +133,16 @@ def _is_quantized(x: Any) -> bool:
 
 
 def quantize_kernels(params: dict, fmt: str, dtype: Any) -> dict:
-    """The base tree in `dtype`, with every layer kernel quantised when `fmt` is not "none"
-    (embeddings, norms and the LM head stay in `dtype`: as in QLoRA, only the linear layers of
-    the blocks are stored in 4 or 8 bits). Quantised from the original values, not from `dtype`."""
+    """The base tree in `dtype`, with every layer kernel (a mixture-of-experts layer's stacked
+    expert kernels included) quantised when `fmt` is not "none" (embeddings, norms and the LM
+    head stay in `dtype`: as in QLoRA, only the linear layers of the blocks are stored in 4 or 8
+    bits). Quantised from the original values, not from `dtype`."""
 
     def one(path: tuple, leaf: jax.Array) -> Any:
         keys = [str(getattr(p, "key", p)) for p in path]
-        if fmt != "none" and keys[0] == "layers" and keys[-1] == "kernel":
+        expert_kernel = keys[-2:-1] == ["experts"] and keys[-1].endswith("_proj")  # not biases
+        kernel = keys[-1] == "kernel" or expert_kernel
+        if fmt != "none" and keys[0] == "layers" and kernel:
             return quantize(leaf, fmt, dtype)
         return leaf.astype(dtype)
 

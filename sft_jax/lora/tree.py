@@ -16,6 +16,20 @@ materialising W + scale * a @ b). `merge` folds adapters into the kernels for ex
 conversion (sft_jax/lora/peft.py) maps each layer's a/b to `lora_A.weight` [R, in] and
 `lora_B.weight` [out, R]. DoRA adds a magnitude `m` [L, *out] per adapter (`init_magnitudes`).
 
+Mixture-of-experts layers keep their experts as stacked leaves ([L, E, D, F] gate_proj and
+up_proj, [L, E, F, D] down_proj) and are adapted per expert, as PEFT adapts transformers' fused
+expert parameters (`target_parameters`): one adapter over gate and up together (HF's fused
+gate_up_proj, output gate units then up units) and one over down, each with its own rank-R
+a/b per expert (sft_jax/model/expert_lora.py `ExpertLora`):
+
+    adapters/layers/mlp/experts/gate_up_proj/{a [L, E, D, R], b [L, E, R, 2F]}
+    adapters/layers/mlp/experts/down_proj/{a [L, E, F, R], b [L, E, R, D]}
+
+Targets name them explicitly ("experts", or "experts.gate_up_proj" / "experts.down_proj", also
+as PEFT's "mlp.experts.gate_up_proj"): module globs such as the default "*_proj" adapt the
+attention and dense (or shared-expert) projections only. DoRA on experts is refused, as PEFT
+refuses it on parameters.
+
 PEFT's `modules_to_save` (whole modules trained next to the adapters, e.g. the embedding a tiny
 model needs to learn a new stop token) are full float32 copies under the adapter tree's key
 "modules_to_save", keyed by HF module name (`add_saved_modules`):
@@ -36,17 +50,22 @@ import jax.numpy as jnp
 
 from sft_jax.lora.quant import dequantize
 
-# Kernels of the decoder: name -> (number of input dims after L, HF module path inside a layer).
+# Kernels of the decoder: module name -> number of input dims after L. Their HF names come from
+# their paths (`hf_module`): the shared expert's gate_proj is mlp.shared_expert.gate_proj.
 KERNELS = {
-    "q_proj": (1, "self_attn.q_proj"),
-    "k_proj": (1, "self_attn.k_proj"),
-    "v_proj": (1, "self_attn.v_proj"),
-    "o_proj": (2, "self_attn.o_proj"),
-    "gate_proj": (1, "mlp.gate_proj"),
-    "up_proj": (1, "mlp.up_proj"),
-    "down_proj": (1, "mlp.down_proj"),
+    "q_proj": 1,
+    "k_proj": 1,
+    "v_proj": 1,
+    "o_proj": 2,
+    "gate_proj": 1,
+    "up_proj": 1,
+    "down_proj": 1,
 }
 ALL_LINEAR = tuple(KERNELS)
+# Adapters of a MoE layer's experts (HF's fused expert parameters) -> the stacked expert leaves
+# [L, E, in, out] each one adapts; gate_up_proj's output is gate's and up's, concatenated.
+EXPERT_KERNELS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+EXPERTS = "experts"  # the parent of the expert leaves, and the target naming all their adapters
 SAVED = "modules_to_save"  # key of the trained full copies inside the adapter tree
 # HF module name -> (our param path, HF weight key after "base_model.model."; {i} = layer).
 # On a tied model "lm_head" names the shared embedding (`saved_module_table`).
@@ -87,19 +106,67 @@ def config_scale(cfg: Any) -> float:
     return lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
 
 
+def names_expert_adapter(pattern: str, name: str) -> bool:
+    """Whether target `pattern` names the experts' adapter `name` (gate_up_proj, down_proj):
+    "experts" names both; otherwise only a pattern that says "experts" (PEFT's parameter names
+    "mlp.experts.down_proj", "experts.gate_up_proj", "experts.*") or "gate_up_proj", which no
+    module shares. So module globs like "*_proj" or "down_proj" never reach the experts."""
+    if pattern == EXPERTS:
+        return True
+    if EXPERTS not in pattern:
+        return pattern == name == "gate_up_proj"
+    return any(fnmatch.fnmatchcase(f"{p}{EXPERTS}.{name}", pattern) for p in ("", "mlp."))
+
+
+def is_expert_path(path: tuple[str, ...]) -> bool:
+    """Whether an adapter path (as `target_paths` gives) is one of a MoE layer's experts."""
+    return len(path) > 1 and path[-2] == EXPERTS and path[-1] in EXPERT_KERNELS
+
+
+def hf_module(path: tuple[str, ...]) -> str:
+    """The HF name inside a layer of what the adapter at `path` adapts: a module
+    ("self_attn.q_proj", "mlp.shared_expert.gate_proj") or, for the experts, the parameter
+    PEFT's target_parameters names ("mlp.experts.gate_up_proj")."""
+    group, *rest = path[1:]
+    return ".".join([{"attn": "self_attn"}.get(group, group), *rest])
+
+
 def target_paths(params: dict, targets: tuple[str, ...]) -> list[tuple[str, ...]]:
     """Paths (without the trailing "kernel") of the layer kernels whose module name matches a
-    pattern in `targets` (fnmatch globs such as "*_proj" or exact names such as "q_proj")."""
+    pattern in `targets` (fnmatch globs such as "*_proj" or exact names such as "q_proj"), and
+    the experts' adapter paths (.../experts/gate_up_proj, .../experts/down_proj) that a target
+    names (`names_expert_adapter`)."""
     found = []
     for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
         keys = tuple(str(getattr(p, "key", p)) for p in path)
-        if keys[0] != "layers" or keys[-1] != "kernel" or keys[-2] not in KERNELS:
+        if keys[0] != "layers":
             continue
-        if any(fnmatch.fnmatchcase(keys[-2], pattern) for pattern in targets):
+        if keys[-2:] == (EXPERTS, "gate_proj"):  # one visit per MoE layer's experts
+            for name in EXPERT_KERNELS:
+                if any(names_expert_adapter(pattern, name) for pattern in targets):
+                    found.append((*keys[:-1], name))
+        elif keys[-1] == "kernel" and keys[-2] in KERNELS and _any_match(keys[-2], targets):
             found.append(keys[:-1])
     if not found:
-        raise ValueError(f"LoRA targets {targets} match no layer kernel; choose from {ALL_LINEAR}")
+        raise ValueError(
+            f"LoRA targets {targets} match no layer kernel; choose from {ALL_LINEAR} (and, on a "
+            f"mixture-of-experts model, {EXPERTS!r} or {EXPERTS}.{'/'.join(EXPERT_KERNELS)})"
+        )
     return found
+
+
+def _any_match(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def adapted_kernel(node: dict, name: str) -> tuple[Any, int, int]:
+    """(the base leaf adapter `name` is laid out after, its number of leading dims, its number
+    of input dims), `node` being the params of the module holding `name` (a layer's attn or mlp,
+    or a MoE layer's experts): [L, *in, *out] kernels lead with L, the experts [L, E, in, out]
+    with L and E (gate_up_proj follows gate_proj; its output is twice as wide)."""
+    if isinstance(node.get(name), dict):
+        return node[name]["kernel"], 1, KERNELS[name]
+    return node[EXPERT_KERNELS[name][0]], 2, 1
 
 
 def get_path(tree: dict, path: tuple[str, ...]) -> Any:
@@ -201,15 +268,16 @@ def init_adapters(
     adapters: dict = {}
     paths = target_paths(params, targets)
     for i, path in enumerate(paths):
-        kernel = get_path(params, path)["kernel"]
-        n_in = KERNELS[path[-1]][0]
-        layers, in_shape = kernel.shape[0], kernel.shape[1 : 1 + n_in]
-        out_shape = kernel.shape[1 + n_in :]
+        kernel, lead, n_in = adapted_kernel(get_path(params, path[:-1]), path[-1])
+        head, in_shape = kernel.shape[:lead], kernel.shape[lead : lead + n_in]
+        out_shape = kernel.shape[lead + n_in :]
+        if is_expert_path(path):  # gate_up_proj: gate's and up's outputs side by side
+            out_shape = (out_shape[0] * len(EXPERT_KERNELS[path[-1]]),)
         bound = 1.0 / math.sqrt(math.prod(in_shape))
         a = jax.random.uniform(
-            jax.random.fold_in(rng, i), (layers, *in_shape, rank), dtype, -bound, bound
+            jax.random.fold_in(rng, i), (*head, *in_shape, rank), dtype, -bound, bound
         )
-        b = jnp.zeros((layers, rank, *out_shape), dtype)
+        b = jnp.zeros((*head, rank, *out_shape), dtype)
         set_path(adapters, path, {"a": a, "b": b})
     return adapters
 
@@ -222,6 +290,11 @@ def make_adapters(params: dict, cfg: Any, rng: jax.Array, frozen: Any = None) ->
     init; `params` otherwise. The one place adapters are made: training, the memory plan and
     loading a run's checkpoint all trace this function."""
     adapters = init_adapters(params, tuple(cfg.targets), cfg.rank, rng)
+    if cfg.dora and any(is_expert_path(p) for p in target_paths(params, tuple(cfg.targets))):
+        raise ValueError(
+            "DoRA on experts is not supported (PEFT refuses DoRA on parameters too); target "
+            "the experts without lora.dora, or use DoRA on the other projections only"
+        )
     if cfg.dora:
         adapters = init_magnitudes(params if frozen is None else dequantize(frozen), adapters)
     return add_saved_modules(params, adapters, tuple(cfg.modules_to_save))
@@ -236,6 +309,25 @@ def delta(adapter: dict, scale: float) -> jax.Array:
     return scale * flat.reshape(*a.shape[:-1], *b.shape[2:])
 
 
+def expert_delta(adapter: dict, scale: float) -> jax.Array:
+    """scale * a_e @ b_e per expert in float32: [L, E, in, out] from a [L, E, in, R] and b
+    [L, E, R, out]."""
+    a, b = adapter["a"].astype(jnp.float32), adapter["b"].astype(jnp.float32)
+    return scale * jnp.einsum("leir,lero->leio", a, b)
+
+
+def merged_experts(experts: dict, adapters: dict, scale: float) -> dict:
+    """A MoE layer's expert leaves with their adapters' deltas added (gate_up_proj's split
+    between gate_proj and up_proj), in the leaves' dtypes."""
+    out = dict(experts)
+    for name, adapter in adapters.items():
+        leaves = EXPERT_KERNELS[name]
+        pieces = jnp.split(expert_delta(adapter, scale), len(leaves), axis=-1)
+        for leaf, piece in zip(leaves, pieces, strict=True):
+            out[leaf] = (experts[leaf].astype(jnp.float32) + piece).astype(experts[leaf].dtype)
+    return out
+
+
 def column_norm(kernel: jax.Array, n_in: int) -> jax.Array:
     """L2 norm over the input dims of a stacked kernel [L, *in, *out] -> [L, *out] (float32)."""
     w = kernel.astype(jnp.float32)
@@ -248,7 +340,7 @@ def init_magnitudes(params: dict, adapters: dict) -> dict:
 
     def visit(p: Any, ad: Any, name: str) -> Any:
         if "a" in ad:
-            return {**ad, "m": column_norm(p["kernel"], KERNELS[name][0])}
+            return {**ad, "m": column_norm(p["kernel"], KERNELS[name])}
         return {k: v if k == SAVED else visit(p[k], v, k) for k, v in ad.items()}
 
     return visit(params, adapters, "")
@@ -269,9 +361,11 @@ def merge(params: dict, adapters: dict, scale: float) -> dict:
     and the trained copies of saved modules (in the base leaves' dtypes)."""
 
     def visit(p: Any, ad: Any, name: str) -> Any:
+        if name == EXPERTS:
+            return merged_experts(p, ad, scale)
         if isinstance(ad, dict) and "a" in ad and "b" in ad:
             kernel = p["kernel"]
-            merged = merged_kernel(kernel, ad, scale, KERNELS[name][0])
+            merged = merged_kernel(kernel, ad, scale, KERNELS[name])
             return {**p, "kernel": merged.astype(kernel.dtype)}
         return {k: visit(p[k], ad[k], k) if k in ad else p[k] for k in p}
 
@@ -283,11 +377,13 @@ def merge(params: dict, adapters: dict, scale: float) -> dict:
     return with_saved_modules(merged, saved)
 
 
-def adapter_specs(kernel_spec: tuple, ndim: int, n_in: int) -> dict[str, tuple]:
-    """PartitionSpec entries of a, b and m from their kernel's [L, *in, *out] spec (ndim dims):
-    a follows the kernel on its input dims, b and m on its output dims; rank is replicated."""
+def adapter_specs(kernel_spec: tuple, ndim: int, n_in: int, lead: int = 1) -> dict[str, tuple]:
+    """PartitionSpec entries of a, b and m from their kernel's [*lead, *in, *out] spec (ndim
+    dims; `lead` leading dims: L, or L and E for the experts, `adapted_kernel`): a follows the
+    kernel on its leading and input dims, b and m on its leading and output dims; rank is
+    replicated."""
     spec = (tuple(kernel_spec) + (None,) * ndim)[:ndim]
-    head, ins, outs = spec[:1], spec[1 : 1 + n_in], spec[1 + n_in :]
+    head, ins, outs = spec[:lead], spec[lead : lead + n_in], spec[lead + n_in :]
     return {"a": (*head, *ins, None), "b": (*head, None, *outs), "m": (*head, *outs)}
 
 

@@ -172,6 +172,8 @@ class ModelConfig:
             param_dtype=self.param_dtype,
             mesh=self.mesh,
             mesh_rules=self.mesh_rules,
+            lora_scale=self.lora_scale,
+            lora_dropout=self.lora_dropout,
         )
 
     @property

@@ -63,6 +63,10 @@ Parameter tree (names are load-bearing for the future HF loader and sharding rul
 
 HF's fused expert weights map as gate_up_proj [E, 2F, D] -> gate = [:, :F].T, up = [:, F:].T
 (transposed to [E, D, F]) and down_proj [E, D, F] -> transposed to [E, F, D].
+
+LoRA adapters of the experts (the "lora" collection, sft_jax/model/expert_lora.py) follow those
+fused HF parameters, as PEFT adapts them: experts/gate_up_proj/{a [E, D, R], b [E, R, 2F]} and
+experts/down_proj/{a [E, F, R], b [E, R, D]}, split over the expert axis like the kernels.
 """
 
 from __future__ import annotations
@@ -77,7 +81,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from sft_jax.lora.quant import Quantized, dequantize_array
+from sft_jax.lora.tree import EXPERT_KERNELS
 from sft_jax.model.config import mesh_platform
+from sft_jax.model.expert_lora import ExpertLora, device_lora, rng_axes
 from sft_jax.model.grouped_matmul import GroupedRows
 from sft_jax.model.layers import ACTIVATIONS, INIT_STD, Einsum, named_param
 from sft_jax.training.sharding import EXPERT_AXIS, expert_shards, logical_to_spec
@@ -103,6 +110,8 @@ class MoeConfig:
     swiglu_alpha: float = 1.702
     dtype: str = "float32"
     param_dtype: str = "float32"
+    lora_scale: float | None = None  # as ModelConfig: required when adapters are passed
+    lora_dropout: float = 0.0  # dropout on the adapters' input, only with a "dropout" rng
     # The mesh the layer runs on and its logical-axis rules (config.mesh.rules), as in
     # ModelConfig: with more than one device each device routes its own tokens under shard_map.
     mesh: Any = None
@@ -226,6 +235,7 @@ def grouped_swiglu(
     platform: str = "cpu",
     biases: tuple[jax.Array, ...] | None = None,
     clamp: tuple[float, float] | None = None,
+    lora: ExpertLora | None = None,
 ) -> jax.Array:
     """Each token's K expert outputs, [N, K, D], from x [N, D] and its experts [N, K].
     `biases` (gate [E, F], up [E, F], down [E, D]) and `clamp` as in `_swiglu_groups`.
@@ -239,7 +249,9 @@ def grouped_swiglu(
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)  # [A, D], grouped by expert
-    ys = _swiglu_groups(xs, gate, up, down, group_sizes, activation, platform, biases, clamp)
+    ys = _swiglu_groups(
+        xs, gate, up, down, group_sizes, activation, platform, biases, clamp, lora
+    )  # [A, D]
     inverse = jnp.argsort(order)
     return jnp.take(ys, inverse, axis=0).reshape(n, k, -1)
 
@@ -254,6 +266,7 @@ def local_grouped_swiglu(
     platform: str = "cpu",
     biases: tuple[jax.Array, ...] | None = None,
     clamp: tuple[float, float] | None = None,
+    lora: ExpertLora | None = None,
 ) -> jax.Array:
     """`grouped_swiglu` over this device's experts only: [N, K, D] from x [N, D] and each
     assignment's local expert index [N, K], zero for assignments whose index falls outside
@@ -270,7 +283,7 @@ def local_grouped_swiglu(
     group_sizes = jnp.bincount(flat, length=e + 1)[:e].astype(jnp.int32)
     grouped = (jnp.arange(n * k) < jnp.sum(group_sizes))[:, None]
     xs = jnp.where(grouped, jnp.take(x, order // k, axis=0), 0)
-    ys = _swiglu_groups(xs, gate, up, down, group_sizes, activation, platform, biases, clamp)
+    ys = _swiglu_groups(xs, gate, up, down, group_sizes, activation, platform, biases, clamp, lora)
     ys = jnp.where(grouped, ys, 0)
     inverse = jnp.argsort(order)
     return jnp.take(ys, inverse, axis=0).reshape(n, k, -1)
@@ -286,18 +299,26 @@ def _swiglu_groups(
     platform: str,
     biases: tuple[jax.Array, ...] | None = None,
     clamp: tuple[float, float] | None = None,
+    lora: ExpertLora | None = None,
 ) -> jax.Array:
     """The gated MLP of each expert on its block of the grouped rows xs [A, D] -> [A, D], in
-    one grouped layout for the three matmuls (sft_jax/model/grouped_matmul.py). `biases`: each
-    expert's gate [E, F], up [E, F] and down [E, D] biases (gpt-oss), None: none. `clamp`:
-    (limit, alpha) of gpt-oss's clamped SwiGLU in place of activation(gate) * up."""
+    one grouped layout for the three matmuls and their adapters
+    (sft_jax/model/grouped_matmul.py). `biases`: each expert's gate [E, F], up [E, F] and down
+    [E, D] biases (gpt-oss), None: none. `clamp`: (limit, alpha) of gpt-oss's clamped SwiGLU in
+    place of activation(gate) * up. `lora`: the experts' adapters, None: none."""
     layout = GroupedRows.make(group_sizes, xs.shape[0], platform)
     xs = layout.enter(xs)
     g, u = layout.matmul(xs, gate), layout.matmul(xs, up)
+    if lora is not None and "gate_up_proj" in lora.adapters:
+        # One adapter over HF's fused gate_up_proj output [2F]: gate units first, then up.
+        fused = lora.term(layout, "gate_up_proj", xs)
+        g, u = g + fused[:, : gate.shape[-1]], u + fused[:, gate.shape[-1] :]
     if biases is not None:
         g, u = g + layout.bias(biases[0]), u + layout.bias(biases[1])
     h = activation(g) * u if clamp is None else clamped_swiglu(g, u, *clamp)
     y = layout.matmul(h, down)
+    if lora is not None and "down_proj" in lora.adapters:
+        y = y + lora.term(layout, "down_proj", h)
     if biases is not None:
         y = y + layout.bias(biases[2])
     return layout.leave(y)
@@ -313,7 +334,13 @@ def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float, alpha: float) -
 
 
 class Experts(nn.Module):
-    """E gated MLPs stored as stacked kernels, applied to each token's chosen experts."""
+    """E gated MLPs stored as stacked kernels, applied to each token's chosen experts.
+
+    With a "lora" collection holding "gate_up_proj" and/or "down_proj" adapters ({a, b} per
+    expert, `ExpertLora`), adds them inside the grouped matmuls. A QLoRA base passes the kernels
+    as `Quantized` codes: dequantised here, one layer at a time, and recomputed in the backward
+    pass rather than saved.
+    """
 
     config: MoeConfig
 
@@ -322,19 +349,18 @@ class Experts(nn.Module):
         """x [B, T, D], experts [B, T, K], weights [B, T, K] -> sum_k weights * expert_k(x)."""
         c = self.config
         e, d, f = c.num_experts, c.hidden_size, c.moe_intermediate_size
-        init = nn.initializers.normal(INIT_STD)
         in_names, out_names = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
-        gate = named_param(self, "gate_proj", init, (e, d, f), in_names, c.param_dtype)
-        up = named_param(self, "up_proj", init, (e, d, f), in_names, c.param_dtype)
-        down = named_param(self, "down_proj", init, (e, f, d), out_names, c.param_dtype)
+        gate = self._kernel("gate_proj", (e, d, f), in_names)
+        up = self._kernel("up_proj", (e, d, f), in_names)
+        down = self._kernel("down_proj", (e, f, d), out_names)
         dt = jnp.dtype(c.dtype)
         activation = ACTIVATIONS[c.mlp_activation]
         tokens = (x.astype(dt), experts, weights.astype(dt))
-        kernels = (gate.astype(dt), up.astype(dt), down.astype(dt))
+        biases = ()
         if c.expert_bias:  # gpt-oss; HF initialises them to zero
             zeros = nn.initializers.zeros_init()
             b_in, b_out = ("expert", "mlp"), ("expert", "embed")
-            kernels += tuple(
+            biases = tuple(
                 named_param(self, name, zeros, shape, names, c.param_dtype).astype(dt)
                 for name, shape, names in (
                     ("gate_bias", (e, f), b_in),
@@ -342,7 +368,9 @@ class Experts(nn.Module):
                     ("down_bias", (e, d), b_out),
                 )
             )
+        adapters, key = self._adapters(dt)
         ep = expert_parallel_axes(c)
+        axes = rng_axes(c.mesh, c.mesh_rules, x.shape, ep)  # of the adapters' dropout
         if ep:
             per_device = functools.partial(
                 _expert_parallel,
@@ -351,29 +379,65 @@ class Experts(nn.Module):
                 gather=_token_axes(c, x.shape, ep),
                 platform=c.platform,
                 clamp=c.clamp,
+                make_lora=functools.partial(device_lora, c.lora_scale, c.lora_dropout, axes),
             )
             split = on_token_shards(
-                per_device, c, x.shape, 3, len(kernels), kernel_spec=PartitionSpec(ep)
+                per_device, c, x.shape, 3, 5, kernel_spec=PartitionSpec(ep), replicated_in=1
             )
-            return split(*tokens, *kernels)
+        else:
 
-        def per_device(x, experts, weights, gate, up, down, *biases):
-            b, t, _ = x.shape
-            ys = grouped_swiglu(
-                x.reshape(b * t, d),
-                experts.reshape(b * t, -1),
-                gate,
-                up,
-                down,
-                activation,
-                c.platform,
-                biases or None,
-                c.clamp,
+            def per_device(x, experts, weights, gate, up, down, biases, adapters, key):
+                b, t, _ = x.shape
+                lora = device_lora(c.lora_scale, c.lora_dropout, axes, adapters, key)
+                ys = grouped_swiglu(
+                    x.reshape(b * t, d),
+                    experts.reshape(b * t, -1),
+                    gate,
+                    up,
+                    down,
+                    activation,
+                    c.platform,
+                    biases or None,
+                    c.clamp,
+                    lora,
+                )
+                return jnp.sum(ys * weights.reshape(b * t, -1, 1), axis=1).reshape(b, t, d)
+
+            split = on_token_shards(per_device, c, x.shape, 3, 5, replicated_in=1)
+
+        def run(tokens, kernels, biases, adapters, key):
+            dense = [dequantize_array(k, dt) if isinstance(k, Quantized) else k for k in kernels]
+            return split(*tokens, *[k.astype(dt) for k in dense], biases, adapters, key)
+
+        if isinstance(gate, Quantized):  # keep only the codes for the backward, as Einsum does
+            run = jax.checkpoint(run)
+        return run(tokens, (gate, up, down), biases, adapters, key)
+
+    def _kernel(self, name: str, shape: tuple[int, ...], names: tuple[str, ...]) -> Any:
+        """A stacked expert kernel: the stored `Quantized` codes of a QLoRA base as they are,
+        else the (created at init) parameter."""
+        if self.has_variable("params", name):
+            stored = self.get_variable("params", name)
+            if isinstance(stored, Quantized):
+                return stored
+        init = nn.initializers.normal(INIT_STD)
+        return named_param(self, name, init, shape, names, self.config.param_dtype)
+
+    def _adapters(self, dt: Any) -> tuple[dict, jax.Array | None]:
+        """The experts' adapters from the "lora" collection (cast to `dt`; {} without any) and
+        the dropout key (training with lora_dropout only)."""
+        names = [n for n in EXPERT_KERNELS if self.has_variable("lora", n)]
+        if not names:
+            return {}, None
+        if self.config.lora_scale is None:
+            raise ValueError(
+                "LoRA adapters were passed for the experts but MoeConfig.lora_scale is unset: "
+                "build the model config with sft_jax.training.state.lora_model_config"
             )
-            return jnp.sum(ys * weights.reshape(b * t, -1, 1), axis=1).reshape(b, t, d)
-
-        split = on_token_shards(per_device, c, x.shape, tokens_in=3, kernels_in=len(kernels))
-        return split(*tokens, *kernels)
+        cast = lambda ad: {k: ad[k].astype(dt) for k in ("a", "b")}
+        adapters = {n: cast(self.get_variable("lora", n)) for n in names}
+        training = self.config.lora_dropout > 0 and self.has_rng("dropout")
+        return adapters, self.make_rng("dropout") if training else None
 
 
 def expert_parallel_axes(c: MoeConfig) -> tuple[str, ...]:
@@ -403,15 +467,19 @@ def _expert_parallel(
     gate: jax.Array,
     up: jax.Array,
     down: jax.Array,
-    *biases: jax.Array,
+    biases: tuple[jax.Array, ...],
+    adapters: dict,
+    key: jax.Array | None,
     activation: Any,
     ep: tuple[str, ...],
     gather: tuple[str, ...],
     platform: str,
     clamp: tuple[float, float] | None = None,
+    make_lora: Any = None,
 ) -> jax.Array:
     """One device's share of the expert-parallel layer (under shard_map): x [b, t, D], experts
-    and weights [b, t, K] are its token shard, gate/up/down its E / ep experts.
+    and weights [b, t, K] are its token shard, gate/up/down (and `adapters`, {} without LoRA)
+    its E / ep experts. `make_lora`: (adapters, key) -> their `ExpertLora` (`device_lora`).
 
     The expert group (the devices along `ep`) gathers its token shards over `gather`, each device
     adds its own experts' outputs, and the partial outputs are summed over `ep` and split back
@@ -430,8 +498,9 @@ def _expert_parallel(
         flat = [jax.lax.pcast(a, rest, to="varying") for a in flat]
     x, experts, weights = flat
     first = jax.lax.axis_index(ep) * gate.shape[0]  # this device's first expert
+    lora = make_lora(adapters, key) if make_lora else None
     ys = local_grouped_swiglu(
-        x, experts - first, gate, up, down, activation, platform, biases or None, clamp
+        x, experts - first, gate, up, down, activation, platform, biases or None, clamp, lora
     )
     y = jnp.sum(ys * weights[..., None], axis=1)  # [gathered tokens, D]
     if rest:
@@ -449,11 +518,13 @@ def on_token_shards(
     kernels_in: int = 0,
     outs: int = 1,
     kernel_spec: PartitionSpec | None = None,
+    replicated_in: int = 0,
 ) -> Any:
     """`fn` run per device under shard_map when `c.mesh` has several devices (else `fn` itself):
     its first `tokens_in` arguments and its outputs [B, T, ...] split as the batch and seq rules
-    split activations, the next `kernels_in` (the expert weights) by `kernel_spec`: whole on
-    every device when None, their expert dimension split under expert parallelism.
+    split activations, the next `kernels_in` (the expert weights, their adapters) by
+    `kernel_spec`: whole on every device when None, their expert dimension split under expert
+    parallelism; the last `replicated_in` (a dropout key) the same on every device.
 
     Why: routing is per token, so each device can pick and group its own tokens' experts. Left to
     XLA, top_k and the global argsort gather every token onto every device, which then runs every
@@ -464,6 +535,7 @@ def on_token_shards(
         return fn
     tokens = logical_to_spec(("batch", "seq", None), shape, c.mesh, c.mesh_rules)
     in_specs = (tokens,) * tokens_in + (kernel_spec or PartitionSpec(),) * kernels_in
+    in_specs += (PartitionSpec(),) * replicated_in
     out_specs = tokens if outs == 1 else (tokens,) * outs
     # On TPU the grouped matmuls are Pallas kernels, whose outputs carry no varying-axes types.
     check_vma = c.platform != "tpu"
@@ -482,6 +554,7 @@ class SharedExpert(nn.Module):
         c = self.config
         d, f = c.hidden_size, c.shared_expert_intermediate_size
         dt = {"dtype": c.dtype, "param_dtype": c.param_dtype}
+        dt.update(lora_scale=c.lora_scale, lora_dropout=c.lora_dropout)  # LoRA targets them too
         gate = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **dt, name="gate_proj")(x)
         up = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **dt, name="up_proj")(x)
         hidden = ACTIVATIONS[c.mlp_activation](gate) * up

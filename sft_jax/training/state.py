@@ -178,15 +178,19 @@ def adapter_shardings(adapters: Any, base: Any, mesh: Mesh | AbstractMesh) -> An
     module's trained copy follows its frozen leaf. `base`: arrays or ShapeDtypeStructs with
     their shardings."""
 
-    def visit(ad: dict, p: dict, name: str) -> dict:
-        if "a" not in ad:
-            return {k: visit(v, p[k], k) for k, v in ad.items() if k != lora.SAVED}
-        kernel = p["kernel"]
-        n_in = lora.KERNELS[name][0]
-        specs = lora.adapter_specs(kernel.sharding.spec, len(kernel.shape), n_in)
+    def one(ad: dict, node: dict, name: str) -> dict:  # node: the params holding `name`
+        kernel, lead, n_in = lora.adapted_kernel(node, name)
+        specs = lora.adapter_specs(kernel.sharding.spec, len(kernel.shape), n_in, lead)
         return {k: NamedSharding(mesh, PartitionSpec(*specs[k])) for k in ad}
 
-    out = visit(adapters, base, "")
+    def visit(ad: dict, p: dict) -> dict:
+        return {
+            k: one(v, p, k) if "a" in v else visit(v, p[k])
+            for k, v in ad.items()
+            if k != lora.SAVED
+        }
+
+    out = visit(adapters, base)
     if lora.SAVED in adapters:
         table = lora.saved_module_table(base)
         leaf = lambda path: functools.reduce(lambda node, key: node[key], path, base)

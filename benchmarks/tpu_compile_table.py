@@ -206,6 +206,7 @@ ROWS = {
         ["--config.mesh.fsdp=1", "--config.mesh.expert=4"],
     ),
     "qwen3-30b-a3b-full-v5p-16": ("qwen3-30b-a3b", FULL, "v5p:2x2x2", 4096, 16, 2, []),
+    "qwen3-30b-a3b-full-v5p-32": ("qwen3-30b-a3b", FULL, "v5p:2x2x4", 4096, 32, 2, []),
     "llama-8b-lora-2x-v5e-8": (
         "llama-3.1-8b", LORA, "v5e:2x4", 4096, 16, 1,
         ["--num_slices", "2", "--config.mesh.data=2"],

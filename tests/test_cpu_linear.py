@@ -10,6 +10,7 @@ import pytest
 from configs import base
 from sft_jax.config import LoraSection, MeshSection, OptimSection
 from sft_jax.model import decoder as model_module
+from sft_jax.model import layers
 from sft_jax.model.cpu_linear import cpu_linear, input_rank
 from sft_jax.model.decoder import Transformer
 from sft_jax.training.optim import make_optimizer
@@ -83,7 +84,7 @@ def assert_same_grads_with_path_off(monkeypatch, loss, params, shapes):
         traced.append(args[1].shape)
         return cpu_linear(*args, **kwargs)
 
-    monkeypatch.setattr(model_module, "cpu_linear", counted)
+    monkeypatch.setattr(layers, "cpu_linear", counted)
     jax.make_jaxpr(loss)(params)
     assert set(traced) == shapes, traced  # the CPU without remat really takes the path
     monkeypatch.setattr(model_module, "_cpu_grad", lambda c, in_layers=True: False)
@@ -126,7 +127,7 @@ def test_remat_policies_that_save_projections_keep_the_plain_einsum(monkeypatch)
         traced.append(args[1].shape)
         return cpu_linear(*args, **kwargs)
 
-    monkeypatch.setattr(model_module, "cpu_linear", counted)
+    monkeypatch.setattr(layers, "cpu_linear", counted)
     for remat in ("dots", "dots_saveable"):
         config = dataclasses.replace(CONFIG, remat=remat, scan_layers=True)
         params = Transformer(config).init(jax.random.key(0), TOKENS, POSITIONS, SEGMENTS)

@@ -30,6 +30,7 @@ RECIPES = {
     "qwen3_full.py": ("data-fastchat/dummy_conversation.json", "qwen3_instruct_2507.jinja"),
     "qwen3_full.py:8b": ("data-fastchat/dummy_conversation.json", "qwen3.jinja"),
     "gemma3_lora.py": ("data-llamafactory/alpaca_en_demo.json", "gemma3.jinja"),
+    "qwen3_moe_lora.py": ("data-llamafactory/v1_sft_demo.jsonl", "qwen3_instruct_2507.jinja"),
 }
 LORA_LR = (1e-4, 2e-4)
 FULL_LR = (1e-5, 2e-5)
@@ -106,6 +107,9 @@ def tiny_version(name: str, tmp_path: pathlib.Path):
     # the family's tokenizer below (test_recipe_template_fits_its_family_tokenizer).
     raw.data.chat_template = "plain"
     raw.model.path = str(STORIES)
+    if "moe" in name:  # a random mixture of experts (stories260K's vocabulary) stands in
+        raw.model.path, raw.data.tokenizer = "", str(STORIES)
+        raw.model.arch.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     raw.data.seq_len = 256  # stories260K has 512 positions
     raw.data.max_eval_examples = 8
     raw.train.max_steps = 2

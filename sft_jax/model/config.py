@@ -152,30 +152,6 @@ class ModelConfig:
         routed = self.num_experts_per_tok * self.moe_intermediate_size
         return routed + self.shared_expert_intermediate_size
 
-    def moe_config(self) -> Any:
-        """The MoE layer's config (sft_jax.model.moe.MoeConfig) for this model's layers."""
-        from sft_jax.model.moe import MoeConfig
-
-        return MoeConfig(
-            hidden_size=self.hidden_size,
-            moe_intermediate_size=self.moe_intermediate_size,
-            num_experts=self.num_experts,
-            num_experts_per_tok=self.num_experts_per_tok,
-            norm_topk_prob=self.norm_topk_prob,
-            shared_expert_intermediate_size=self.shared_expert_intermediate_size,
-            mlp_activation=self.mlp_activation,
-            router_bias=self.router_bias,
-            expert_bias=self.expert_bias,
-            swiglu_limit=self.swiglu_limit,
-            swiglu_alpha=self.swiglu_alpha,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            mesh=self.mesh,
-            mesh_rules=self.mesh_rules,
-            lora_scale=self.lora_scale,
-            lora_dropout=self.lora_dropout,
-        )
-
     @property
     def has_local_layers(self) -> bool:
         return any(self.local_layers)

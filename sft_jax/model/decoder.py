@@ -77,7 +77,7 @@ from sft_jax.model.layers import (  # noqa: F401  (re-exported: public names of 
     lora_equations,
     named_param,
 )
-from sft_jax.model.moe import MoeMlp
+from sft_jax.model.moe import MoeConfig, MoeMlp
 from sft_jax.model.regularize import neftune_noise
 
 ROUTER_STATS = "router"  # intermediates key of a mixture-of-experts model's router statistics
@@ -306,7 +306,7 @@ class Block(nn.Module):
         if c.is_moe:  # router statistics over real tokens (training), all tokens (decoding)
             segment_ids = ctx.get("segment_ids")
             real = None if segment_ids is None else segment_ids != 0
-            h, out["router"] = MoeMlp(c.moe_config(), name="mlp")(h, real)
+            h, out["router"] = MoeMlp(MoeConfig.of_model(c), name="mlp")(h, real)
         else:
             h = Mlp(c, name="mlp")(h)
         if c.sandwich_norms:

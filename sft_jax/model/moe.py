@@ -83,7 +83,7 @@ from jax.sharding import PartitionSpec
 
 from sft_jax.lora.quant import Quantized, dequantize_array
 from sft_jax.lora.tree import EXPERT_KERNELS
-from sft_jax.model.config import mesh_platform
+from sft_jax.model.config import ModelConfig, mesh_platform
 from sft_jax.model.expert_lora import ExpertLora, device_lora, rng_axes
 from sft_jax.model.grouped_matmul import GroupedRows
 from sft_jax.model.layers import ACTIVATIONS, INIT_STD, Einsum, named_param
@@ -116,6 +116,29 @@ class MoeConfig:
     # ModelConfig: with more than one device each device routes its own tokens under shard_map.
     mesh: Any = None
     mesh_rules: tuple = ()
+
+    @classmethod
+    def of_model(cls, c: ModelConfig) -> MoeConfig:
+        """The MoE layer's config for the layers of a decoder configured by `c`."""
+        return cls(
+            hidden_size=c.hidden_size,
+            moe_intermediate_size=c.moe_intermediate_size,
+            num_experts=c.num_experts,
+            num_experts_per_tok=c.num_experts_per_tok,
+            norm_topk_prob=c.norm_topk_prob,
+            shared_expert_intermediate_size=c.shared_expert_intermediate_size,
+            mlp_activation=c.mlp_activation,
+            router_bias=c.router_bias,
+            expert_bias=c.expert_bias,
+            swiglu_limit=c.swiglu_limit,
+            swiglu_alpha=c.swiglu_alpha,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            mesh=c.mesh,
+            mesh_rules=c.mesh_rules,
+            lora_scale=c.lora_scale,
+            lora_dropout=c.lora_dropout,
+        )
 
     @property
     def platform(self) -> str:

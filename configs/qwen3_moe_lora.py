@@ -23,11 +23,15 @@ Hyperparameters: the usual LoRA settings (lr 2e-4, 3% warmup, cosine to 10% of t
 2 epochs, clip 1.0, alpha = 2 r, dropout 0.05). A step is 16 packed rows of 4096 tokens,
 accumulated as 4 micro-batches of 4 rows (one per chip).
 
-Mesh: FSDP over the 4 chips shards the frozen base (61 GB of bf16 weights, 15 GB per chip);
-`--config.mesh.expert=4 --config.mesh.fsdp=1` instead keeps 32 experts per chip and sends the
-tokens to them (expert parallelism). Memory per chip from the TPU compiler, for both, is in
-docs/benchmarks.md (TPU compiler) with the command that produced it:
+Mesh: FSDP over the 4 chips shards the frozen base (61 GB of bf16 weights, 15 GB per chip).
+Memory per chip, from the TPU compiler for v5p:2x2x1 (no TPU needed; dated, with the plan's
+estimate, in docs/benchmarks.md, "Mixture of experts"):
     python benchmarks/tpu_compile_table.py --rows qwen3-30b-a3b-lora-v5p-8
+18.84 of 95 GiB (parameters 14.31 + temporaries 4.53). `--config.mesh.expert=4
+--config.mesh.fsdp=1` keeps 32 experts per chip and brings the tokens to them instead (row
+qwen3-30b-a3b-lora-expert4-v5p-8: 19.56 GiB), but is slower at best on this model (its roofline
+is 2.6x FSDP's): prefer FSDP here. Full fine-tuning of this model (configs/qwen3_full.py with
+this model path) needs a v5p-32: 51.47 GiB per chip (row qwen3-30b-a3b-full-v5p-32).
 """
 
 from configs import llama31_8b_lora

@@ -412,6 +412,7 @@ def test_qlora_experts_are_quantized_and_train_only_adapters(saved_models):
     assert np.abs(got["experts"]["gate_up_proj"]["a"]).max() > 1e-4
 
 
+@pytest.mark.slow  # a whole run and both exports; the adapters' math is checked above
 def test_lora_run_on_experts_trains_and_exports_for_peft(tmp_path, stories_dir):
     """A Qwen3-MoE checkpoint trained with adapters on the experts and q_proj (expert-parallel
     mesh, adapter dropout, NF4 base): the loss falls; the exported PEFT adapter applied by peft

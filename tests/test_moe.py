@@ -74,10 +74,10 @@ def test_grouped_equals_per_expert_loop(norm, shared):
     def ref(p, x):
         return jnp.sum(reference(cfg, p, x) * cot)
 
-    y, _ = MoeMlp(cfg).apply({"params": params}, x)
+    y, _ = jax.jit(MoeMlp(cfg).apply)({"params": params}, x)
     np.testing.assert_allclose(y, reference(cfg, params, x), atol=1e-5, rtol=1e-5)
-    got = jax.grad(ours, argnums=(0, 1))(params, x)
-    want = jax.grad(ref, argnums=(0, 1))(params, x)
+    got = jax.jit(jax.grad(ours, argnums=(0, 1)))(params, x)
+    want = jax.jit(jax.grad(ref, argnums=(0, 1)))(params, x)
     assert float(jnp.abs(got[0]["router"]["kernel"]).sum()) > 0  # the router learns
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4), got, want)
 

@@ -170,6 +170,7 @@ def test_router_metrics_show_the_load_per_expert(model_and_params):
     assert float(metrics["router_balance_loss"]) > 0
 
 
+@pytest.mark.slow  # tests/test_hf_moe.py's greedy generation decodes MoE models by default
 def test_decoding_over_a_cache_gives_the_full_forward_logits(model_and_params):
     """Prefill then one token at a time through the MoE layers equals the full forward."""
     model, params = model_and_params

@@ -223,6 +223,7 @@ def test_long_sequences_plan_the_automatic_chunked_loss():
     assert plan(parse(raw), 8, 16.0)["loss_chunk"] == 0
 
 
+@pytest.mark.slow
 def test_plan_is_within_a_factor_of_the_compiled_step_for_a_mixture_of_experts():
     """8 experts, top-2: the plan counts the K chosen experts' activations per token, the
     token's gathered copies and the CPU's padded expert blocks."""

@@ -52,8 +52,9 @@ def _compile(config, topology="v5e:2x2", num_slices=1):
     )
 
 
-# Slow (over a minute): the CLI's whole compile and report. The default tier keeps the TPU
-# compile itself (the tests below) and the plan's fields without it (tests/test_plan.py).
+# The whole train step's TPU compiles take 20 s to over a minute each, so they run in the slow
+# step. The default tier compiles the model's forward and backward for TPU meshes
+# (tests/test_attention_tpu.py) and checks the plan's fields without compiling (tests/test_plan.py).
 @pytest.mark.slow
 def test_cli_compiles_for_v5e_and_prints_every_field(capsys):
     argv = ["plan", "--config", "configs/tiny.py", "--topology", "v5e:2x2", "--compile", *SMALL]
@@ -86,7 +87,7 @@ def test_cli_compiles_for_v5e_and_prints_every_field(capsys):
     "mesh, lora",
     [
         pytest.param((2, 1, 2), {}, marks=pytest.mark.slow),
-        ((1, 4, 1), {"enabled": True, "base_quant": "nf4"}),
+        pytest.param((1, 4, 1), {"enabled": True, "base_quant": "nf4"}, marks=pytest.mark.slow),
     ],
     ids=["data2-tensor2", "qlora-fsdp4"],
 )
@@ -96,7 +97,7 @@ def test_step_compiles_over_meshes_and_lora(mesh, lora):
     assert 0 < memory["peak"] < 16 * 2**30
 
 
-@pytest.mark.slow  # test_step_compiles_over_meshes_and_lora compiles a mesh by default
+@pytest.mark.slow
 def test_two_slices_build_the_hybrid_mesh_and_compile():
     """Data parallelism spans the slices: each data index's devices all lie in one slice."""
     config = _small((2, -1, 1))

@@ -278,6 +278,7 @@ def run_chromium(binary, tmp_path, *args):
     return done.stdout
 
 
+@pytest.mark.slow  # starts a browser; the page's HTML is checked by default above
 def test_page_renders_in_headless_chromium(restarted_run, tmp_path):
     binary = chromium_binary()
     if binary is None:

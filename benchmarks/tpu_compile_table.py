@@ -205,6 +205,13 @@ ROWS = {
         "qwen3-30b-a3b", MOE_LORA, "v5p:2x2x1", 4096, 16, 4,
         ["--config.mesh.fsdp=1", "--config.mesh.expert=4"],
     ),
+    "qwen3-30b-a3b-lora-expert4-a2a-v5p-8": (
+        "qwen3-30b-a3b", MOE_LORA, "v5p:2x2x1", 4096, 16, 4,
+        [
+            "--config.mesh.fsdp=1", "--config.mesh.expert=4",
+            "--config.model.moe_dispatch=all_to_all",
+        ],
+    ),
     "qwen3-30b-a3b-full-v5p-16": ("qwen3-30b-a3b", FULL, "v5p:2x2x2", 4096, 16, 2, []),
     "qwen3-30b-a3b-full-v5p-32": ("qwen3-30b-a3b", FULL, "v5p:2x2x4", 4096, 32, 2, []),
     "llama-8b-lora-2x-v5e-8": (

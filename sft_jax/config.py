@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from sft_jax.model.config import IMPLEMENTATIONS, REMAT_POLICIES
+from sft_jax.model.config import IMPLEMENTATIONS, MOE_DISPATCH, REMAT_POLICIES
 
 
 class ConfigError(ValueError):
@@ -57,6 +57,7 @@ class ModelSection:
     scan_layers: bool
     loss_chunk: int
     arch: ArchConfig
+    moe_dispatch: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,6 +341,7 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": REMAT_POLICIES,
     "model.attention": IMPLEMENTATIONS,
+    "model.moe_dispatch": MOE_DISPATCH,
     "optim.state_dtype": ("float32", "bfloat16"),
     "train.host_allocator": ("auto", "retain", "system"),
     "data.on_bad_row": ("error", "skip"),

@@ -14,11 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import base
 from sft_jax.config import ConfigError, MeshSection
-from sft_jax.model.moe import MoeConfig, MoeMlp, expert_parallel_axes
+from sft_jax.model import expert_dispatch
+from sft_jax.model.expert_dispatch import expert_parallel_axes
+from sft_jax.model.moe import MoeConfig, MoeMlp
 from sft_jax.planning import tpu
 from sft_jax.training.sharding import (
     activation_sharding,
@@ -79,10 +81,11 @@ def expert_mesh(sizes: tuple[int, ...]):
     return make_mesh(cfg, jax.devices()[: int(np.prod(sizes))])
 
 
+@pytest.mark.parametrize("dispatch", ["all_gather", "all_to_all"])
 @pytest.mark.parametrize("shared", [FS, 0])
 @pytest.mark.parametrize("name", MESHES)
-def test_expert_parallel_equals_unsharded(name, shared):
-    cfg = config(shared, norm=shared == 0)
+def test_expert_parallel_equals_unsharded(name, shared, dispatch):
+    cfg = dataclasses.replace(config(shared, norm=shared == 0), dispatch=dispatch)
     variables, params, x, mask = setup(cfg)
     want = run(cfg, params, x, mask)
     assert all(int(want[1][1].expert_counts[e]) == 0 for e in UNUSED)
@@ -109,7 +112,9 @@ def test_expert_parallel_equals_unsharded(name, shared):
     )
     step = jax.jit(functools.partial(run, sharded))
     jaxpr = str(jax.make_jaxpr(step)(*args))
-    assert "all_gather" in jaxpr and "reduce_scatter" in jaxpr  # the expert-parallel path
+    # The gather's outputs are reduce-scattered; the all-to-all sends them back (emulated on
+    # the CPU by all-gathers: no reduce-scatter).
+    assert "all_gather" in jaxpr and ("reduce_scatter" in jaxpr) == (dispatch == "all_gather")
     got = step(*args)
     assert got[0][0]["experts"]["gate_proj"].sharding.spec[0] == expert_axes
     tol = dict(atol=1e-5, rtol=1e-5)
@@ -132,6 +137,66 @@ def test_tokens_that_do_not_split_over_the_expert_axis_are_summed_not_scattered(
     assert "psum" in str(jax.make_jaxpr(step)(*args))
     got = step(*args)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5), got, want)
+
+
+def test_all_to_all_is_refused_where_the_tokens_do_not_split_over_the_expert_axis():
+    cfg = dataclasses.replace(config(), dispatch="all_to_all")
+    _, params, x, mask = setup(cfg)
+    mesh = expert_mesh((1, 1, 1, 1, 4))
+    sharded = dataclasses.replace(cfg, mesh=mesh, mesh_rules=RULES)
+    with pytest.raises(ValueError, match=r"all_to_all.*split over every expert-parallel"):
+        run(sharded, params, x[:3], mask[:3])
+
+
+@pytest.mark.parametrize(
+    ("group", "k", "platform", "chosen"),
+    [
+        (8, 8, "tpu", "all_gather"),  # Qwen3-MoE: K = 8, the gather moves less up to 8 devices
+        (16, 8, "tpu", "all_to_all"),
+        (4, 2, "gpu", "all_to_all"),  # Mixtral
+        (4, 2, "cpu", "all_gather"),  # the CPU only emulates the all-to-all
+    ],
+)
+def test_auto_dispatch_picks_the_exchange_that_moves_fewer_rows(group, k, platform, chosen):
+    mesh = expert_mesh((1, 1, 1, 1, min(group, 8)))
+    cfg = dataclasses.replace(config(0), num_experts=16, num_experts_per_tok=k)
+    cfg = dataclasses.replace(cfg, mesh=mesh, mesh_rules=RULES)
+    if group > 8:  # more devices than this host fakes: the choice reads only the axis sizes
+        cfg = dataclasses.replace(cfg, mesh=type("M", (), {"shape": {"expert": group}})())
+    ep, tokens = ("expert",), ("expert",)
+    assert expert_dispatch.choose_dispatch("auto", ep, tokens, cfg, platform) == chosen
+    assert expert_dispatch.choose_dispatch("auto", ep, (), cfg, platform) == "all_gather"
+
+
+def test_emulated_ragged_all_to_all_follows_the_collectives_definition():
+    """Device i sends rows [input_offsets[i][j], + send_sizes[i][j]) of its operand to device j,
+    where they land at output_offsets[i][j]; other output rows keep the given output."""
+    g, rows, cap = 4, 6, 12
+    rng = np.random.default_rng(0)
+    sizes = np.zeros((g, g), np.int32)
+    for i in range(g):  # each device sends all its rows, split at random over the devices
+        cuts = np.sort(rng.integers(0, rows + 1, g - 1))
+        sizes[i] = np.diff(np.concatenate([[0], cuts, [rows]]))
+    starts = np.cumsum(sizes, axis=1) - sizes
+    lands = np.cumsum(sizes, axis=0) - sizes
+    operand = np.arange(g * rows, dtype=np.float32).reshape(g * rows, 1) + 1
+    want = np.full((g, cap, 1), -1.0, np.float32)
+    for i in range(g):
+        for j in range(g):
+            chunk = operand[i * rows + starts[i, j] : i * rows + starts[i, j] + sizes[i, j]]
+            want[j, lands[i, j] : lands[i, j] + sizes[i, j]] = chunk
+    mesh = Mesh(np.asarray(jax.devices()[:g]), ("expert",))
+
+    def per_device(operand, start, size, land):
+        out = jnp.full((cap, 1), -1.0)
+        return expert_dispatch._emulated_ragged_all_to_all(
+            operand, out, start[0], size[0], land[0], ("expert",)
+        )
+
+    split = PartitionSpec("expert")
+    exchange = jax.shard_map(per_device, mesh=mesh, in_specs=(split,) * 4, out_specs=split)
+    got = jax.jit(exchange)(operand, starts, sizes, lands)
+    np.testing.assert_array_equal(np.asarray(got).reshape(g, cap, 1), want)
 
 
 def test_experts_that_do_not_divide_by_the_axis_stay_whole():
@@ -188,10 +253,12 @@ def test_config_refuses_an_expert_size_below_one(expert):
 # The TPU compiler.
 
 
-def test_expert_parallel_layer_compiles_for_tpu():
+@pytest.mark.parametrize("dispatch", ["all_gather", "all_to_all"])
+def test_expert_parallel_layer_compiles_for_tpu(dispatch):
     """Forward and backward of the expert-parallel layer (bf16, fsdp=2 x expert=2 on v5p:2x2x1)
     compiled by the TPU compiler: ragged_dot lowers to its grouped matmul (the ragged-dot
-    custom calls), the token gathers and reduce-scatters to collectives."""
+    custom calls), the token gathers and reduce-scatters, or the ragged all-to-alls (both ways,
+    in the forward and the backward), to collectives."""
     if tpu.libtpu_missing():
         pytest.skip(f"no TPU compiler: {tpu.libtpu_missing()}")
     devices = tpu.topology_devices("v5p:2x2x1")
@@ -199,6 +266,7 @@ def test_expert_parallel_layer_compiles_for_tpu():
     cfg = dataclasses.replace(
         config(), dtype="bfloat16", param_dtype="bfloat16", mesh=mesh, mesh_rules=RULES
     )
+    cfg = dataclasses.replace(cfg, dispatch=dispatch)
     x = jax.ShapeDtypeStruct((4, 128, D), jnp.bfloat16)
     variables = jax.eval_shape(lambda x: MoeMlp(cfg).init(jax.random.key(0), x), x)
     params = nn.meta.unbox(variables)["params"]
@@ -213,7 +281,11 @@ def test_expert_parallel_layer_compiles_for_tpu():
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
     text = compiled.as_text()
     assert "ragged-dot" in text
-    assert "all-gather" in text and "reduce-scatter" in text
+    if dispatch == "all_gather":
+        assert "all-gather" in text and "reduce-scatter" in text
+    else:
+        assert text.count("ragged-all-to-all(") >= 4, text.count("ragged-all-to-all(")
+        assert "reduce-scatter" not in text
 
 
 def test_two_slices_keep_each_expert_group_inside_a_slice():

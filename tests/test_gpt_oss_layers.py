@@ -155,12 +155,21 @@ def test_sharded_splash_with_sinks_equals_reference(case):
 # --- the gpt-oss expert layer on a mesh -----------------------------------------------------
 
 
-@pytest.mark.parametrize("sizes", [(1, 1, 1, 1, 8), (2, 1, 1, 1, 4), (2, 4, 1, 1, 1)])
-def test_biased_clamped_experts_on_a_mesh_equal_unsharded(sizes):
+@pytest.mark.parametrize(
+    ("sizes", "dispatch"),
+    [
+        ((1, 1, 1, 1, 8), "all_gather"),
+        ((2, 1, 1, 1, 4), "all_to_all"),
+        ((2, 4, 1, 1, 1), "auto"),
+    ],
+)
+def test_biased_clamped_experts_on_a_mesh_equal_unsharded(sizes, dispatch):
     """Router and expert biases and the clamped SwiGLU under shard_map: split over an expert
-    axis (each device its experts' biases) and whole on every device; outputs, router
-    statistics and gradients (the biases' included) equal the single-device layer."""
+    axis (each device its experts' biases; tokens gathered or sent all-to-all) and whole on every
+    device; outputs, router statistics and gradients (the biases' included) equal the
+    single-device layer."""
     cfg = MoeConfig(16, 8, 8, 2, norm_topk_prob=True, router_bias=True, expert_bias=True)
+    cfg = dataclasses.replace(cfg, dispatch=dispatch)
     cfg = dataclasses.replace(cfg, swiglu_limit=0.3)
     x = jax.random.normal(jax.random.key(1), (8, 4, 16), jnp.float32)
     variables = MoeMlp(cfg).init(jax.random.key(0), x)

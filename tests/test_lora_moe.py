@@ -216,10 +216,11 @@ def test_lora_dropout_acts_only_in_training():
     np.testing.assert_array_equal(dropped, apply(cfg, rngs={"dropout": jax.random.key(0)}))
 
 
-def test_expert_parallel_with_adapters_equals_unsharded():
+@pytest.mark.parametrize("dispatch", ["all_gather", "all_to_all"])
+def test_expert_parallel_with_adapters_equals_unsharded(dispatch):
     """Mesh expert=4 x data=2: adapters sharded over the expert axis like the kernels; outputs
-    and adapter gradients equal the unsharded layer's."""
-    cfg = moe_config(shared_expert_intermediate_size=FS)
+    and adapter gradients equal the unsharded layer's, whichever way the tokens travel."""
+    cfg = moe_config(shared_expert_intermediate_size=FS, dispatch=dispatch)
     variables, params, x = setup(cfg, b=8)
     adapters = layer_adapters(params, ("experts", "*_proj"))
 

@@ -37,6 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
     # 0: whole logits; -1: automatic, whole unless a device's float32 logits for a micro-batch
     # would exceed 1 GiB (long sequences, large vocabularies), then pieces of <= 128 MiB
     m.loss_chunk = -1
+    # mixture-of-experts under expert parallelism: how tokens reach their experts' devices:
+    # auto (the one moving fewer rows: all_to_all when the expert group exceeds the experts per
+    # token, on TPU and GPU) | all_gather | all_to_all; results are the same
+    m.moe_dispatch = "auto"
     m.arch = a = ml_collections.ConfigDict()  # used only when path == "" (random init)
     a.vocab_size = 512  # embedding rows (at least the tokenizer's length)
     a.hidden_size = 64  # model width D

@@ -16,6 +16,9 @@ REMAT_POLICIES = ("none", "dots", "dots_saveable", "full")  # model._REMAT_POLIC
 # Attention implementations (model.attention); attention.py implements them.
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "blocked", "reference")
 ACTIVATIONS = ("silu", "gelu_tanh")
+# How a mixture-of-experts layer's tokens reach experts split over devices (model.moe_dispatch);
+# expert_dispatch.py implements them.
+MOE_DISPATCH = ("auto", "all_gather", "all_to_all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +86,7 @@ class ModelConfig:
     # Performance levers (config keys model.attention, model.scan_layers); results never change.
     attention: str = "auto"  # auto | xla | cudnn | splash | blocked | reference (attention.py)
     scan_layers: bool = True  # False: the layer loop is unrolled (same parameter tree)
+    moe_dispatch: str = "auto"  # auto | all_gather | all_to_all (expert_dispatch.py)
     # Where [B, T, D] activations live: batch over the mesh's batch axes (sharding.py's
     # activation_sharding). None: left to XLA's propagation, which under FSDP keeps each layer's
     # activations for the whole batch on every device.
@@ -121,6 +125,8 @@ class ModelConfig:
             raise ValueError(f"remat is {self.remat!r}; choose one of {REMAT_POLICIES}")
         if self.attention not in IMPLEMENTATIONS:
             raise ValueError(f"attention is {self.attention!r}; choose one of {IMPLEMENTATIONS}")
+        if self.moe_dispatch not in MOE_DISPATCH:
+            raise ValueError(f"moe_dispatch is {self.moe_dispatch!r}; choose one of {MOE_DISPATCH}")
         if self.mlp_activation not in ACTIVATIONS:
             raise ValueError(f"mlp_activation is {self.mlp_activation!r}; choose silu or gelu_tanh")
         if self.local_layers and len(self.local_layers) != self.num_layers:
@@ -202,13 +208,20 @@ def model_config_from_arch(arch: ArchConfig, section: ModelSection) -> ModelConf
         remat=section.remat,
         attention=section.attention,
         scan_layers=section.scan_layers,
+        moe_dispatch=section.moe_dispatch,
     )
 
 
 def with_section_options(config: ModelConfig, section: ModelSection) -> ModelConfig:
     """`config` (e.g. read from a HF directory) with the run's performance options from the
-    model section: attention implementation and layer scan. They never change results."""
-    return dataclasses.replace(config, attention=section.attention, scan_layers=section.scan_layers)
+    model section: attention implementation, layer scan, expert dispatch. They never change
+    results."""
+    return dataclasses.replace(
+        config,
+        attention=section.attention,
+        scan_layers=section.scan_layers,
+        moe_dispatch=section.moe_dispatch,
+    )
 
 
 def count_params(params: Any) -> int:

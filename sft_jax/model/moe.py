@@ -25,25 +25,12 @@ Design choices and why:
   XLA alone would gather every token's top_k and sort onto every device and run every token
   through the experts there. Without an expert mesh axis the expert weights are gathered whole
   per layer, as FSDP gathers the dense MLP's.
-- Expert parallelism (a mesh `expert` axis > 1 that the rules give the expert dimension; see
-  `expert_parallel_axes`): each device holds E / ep experts, and its expert group's tokens reach
-  it by an all-gather: the group's devices gather their token shards' (x, chosen experts,
-  weights), each runs the grouped matmuls only over the assignments to its own experts (the
-  others sort past its groups and are zeroed), and `psum_scatter` sums the partial outputs and
-  hands each device its own tokens back. Dropless with static shapes; shard_map transposes the
-  collectives for the backward (the gather's gradient is a reduce-scatter and vice versa).
-  Why not `jax.lax.ragged_all_to_all`, which sends each assignment only to its expert's device:
-  XLA:CPU cannot run it (so no test here could check it), and a dropless receive buffer must
-  still hold the worst case, every assignment of the group. The cost of the gather: each device
-  receives the group's other (ep - 1) token shards and sends as much back in the reduce-scatter,
-  where an all-to-all would move about K of its own shards' worth (its tokens' assignments);
-  both run on the expert axis' near links. Against gathering whole experts it trades each
-  layer's weight gathers (3 x E x D x F values) for token gathers, but with N tokens per device
-  its grouped buffers hold the group's ep x N x K assignment rows, ep x the whole-experts
-  path's (static shapes must fit the case where every token picks this device's experts).
-  Each expert's D and F dimensions are gathered whole on its devices at the shard_map boundary
-  (inside the layer fsdp, context and tensor split tokens or nothing, never one expert's
-  matmul); their gradients are reduce-scattered back there.
+- Expert parallelism (a mesh `expert` axis > 1 that the rules give the expert dimension): each
+  device holds E / G experts of its group of G devices, and the assignments reach them by an
+  all-gather of the group's tokens or by a ragged all-to-all (`MoeConfig.dispatch`); how, and
+  when each moves less, is in sft_jax/model/expert_dispatch.py. Each expert's D and F
+  dimensions are gathered whole on its devices at the shard_map boundary; their gradients are
+  reduce-scattered back there.
 - Tokens marked as padding by the mask still go through their experts (static shapes); they are
   left out of the router statistics only, as transformers leaves them out with its attention mask.
 - The router statistics are returned, not applied: the train step decides how to weight the
@@ -84,10 +71,17 @@ from jax.sharding import PartitionSpec
 from sft_jax.lora.quant import Quantized, dequantize_array
 from sft_jax.lora.tree import EXPERT_KERNELS
 from sft_jax.model.config import ModelConfig, mesh_platform
+from sft_jax.model.expert_dispatch import (
+    all_to_all_dispatch,
+    choose_dispatch,
+    expert_parallel_axes,
+    gather_dispatch,
+    on_token_shards,
+    token_gather_axes,
+)
 from sft_jax.model.expert_lora import ExpertLora, device_lora, rng_axes
 from sft_jax.model.grouped_matmul import GroupedRows
 from sft_jax.model.layers import ACTIVATIONS, INIT_STD, Einsum, named_param
-from sft_jax.training.sharding import EXPERT_AXIS, expert_shards, logical_to_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +110,9 @@ class MoeConfig:
     # ModelConfig: with more than one device each device routes its own tokens under shard_map.
     mesh: Any = None
     mesh_rules: tuple = ()
+    # Under expert parallelism: how tokens reach their experts' devices (expert_dispatch.py):
+    # auto | all_gather | all_to_all. Results never change.
+    dispatch: str = "auto"
 
     @classmethod
     def of_model(cls, c: ModelConfig) -> MoeConfig:
@@ -138,6 +135,7 @@ class MoeConfig:
             mesh_rules=c.mesh_rules,
             lora_scale=c.lora_scale,
             lora_dropout=c.lora_dropout,
+            dispatch=c.moe_dispatch,
         )
 
     @property
@@ -394,39 +392,28 @@ class Experts(nn.Module):
         adapters, key = self._adapters(dt)
         ep = expert_parallel_axes(c)
         axes = rng_axes(c.mesh, c.mesh_rules, x.shape, ep)  # of the adapters' dropout
-        if ep:
-            per_device = functools.partial(
-                _expert_parallel,
-                activation=activation,
-                ep=ep,
-                gather=_token_axes(c, x.shape, ep),
-                platform=c.platform,
-                clamp=c.clamp,
-                make_lora=functools.partial(device_lora, c.lora_scale, c.lora_dropout, axes),
-            )
-            split = on_token_shards(
-                per_device, c, x.shape, 3, 5, kernel_spec=PartitionSpec(ep), replicated_in=1
-            )
-        else:
+        gather = token_gather_axes(c, x.shape, ep) if ep else ()
+        dispatch = choose_dispatch(c.dispatch, ep, gather, c, c.platform) if ep else None
 
-            def per_device(x, experts, weights, gate, up, down, biases, adapters, key):
-                b, t, _ = x.shape
-                lora = device_lora(c.lora_scale, c.lora_dropout, axes, adapters, key)
-                ys = grouped_swiglu(
-                    x.reshape(b * t, d),
-                    experts.reshape(b * t, -1),
-                    gate,
-                    up,
-                    down,
-                    activation,
-                    c.platform,
-                    biases or None,
-                    c.clamp,
-                    lora,
-                )
-                return jnp.sum(ys * weights.reshape(b * t, -1, 1), axis=1).reshape(b, t, d)
+        def per_device(x, experts, weights, gate, up, down, biases, adapters, key):
+            lora = device_lora(c.lora_scale, c.lora_dropout, axes, adapters, key)
+            weights_etc = dict(
+                gate=gate, up=up, down=down, activation=activation, platform=c.platform,
+                biases=biases or None, clamp=c.clamp, lora=lora,
+            )  # fmt: skip
+            local = functools.partial(local_grouped_swiglu, **weights_etc)
+            if dispatch == "all_to_all":
+                return all_to_all_dispatch(x, experts, weights, local, ep, len(gate), c.platform)
+            if dispatch == "all_gather":
+                return gather_dispatch(x, experts, weights, local, ep, gather, len(gate))
+            b, t, _ = x.shape
+            ys = grouped_swiglu(x.reshape(b * t, d), experts.reshape(b * t, -1), **weights_etc)
+            return jnp.sum(ys * weights.reshape(b * t, -1, 1), axis=1).reshape(b, t, d)
 
-            split = on_token_shards(per_device, c, x.shape, 3, 5, replicated_in=1)
+        kernel_spec = PartitionSpec(ep) if ep else None
+        split = on_token_shards(
+            per_device, c, x.shape, 3, 5, kernel_spec=kernel_spec, replicated_in=1
+        )
 
         def run(tokens, kernels, biases, adapters, key):
             dense = [dequantize_array(k, dt) if isinstance(k, Quantized) else k for k in kernels]
@@ -461,110 +448,6 @@ class Experts(nn.Module):
         adapters = {n: cast(self.get_variable("lora", n)) for n in names}
         training = self.config.lora_dropout > 0 and self.has_rng("dropout")
         return adapters, self.make_rng("dropout") if training else None
-
-
-def expert_parallel_axes(c: MoeConfig) -> tuple[str, ...]:
-    """The mesh axes the experts are split over: those the rules give the expert dimension,
-    when the mesh has an expert axis > 1 among them; () otherwise (the experts whole on every
-    device, as without an expert axis, also when num_experts does not divide by the axes)."""
-    if c.mesh is None or expert_shards(c.mesh) == 1:
-        return ()
-    spec = logical_to_spec(("expert",), (c.num_experts,), c.mesh, c.mesh_rules)[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-    return axes if EXPERT_AXIS in axes else ()
-
-
-def _token_axes(c: MoeConfig, shape: tuple[int, ...], ep: tuple[str, ...]) -> tuple[str, ...]:
-    """The expert-parallel axes that split the tokens (the batch rule's, normally): a device's
-    expert group gathers its tokens over these. Tokens not split over an axis of `ep` (a batch
-    that does not divide) are whole on its devices already."""
-    spec = logical_to_spec(("batch", "seq", None), shape, c.mesh, c.mesh_rules)
-    split = {a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)}
-    return tuple(a for a in ep if a in split)
-
-
-def _expert_parallel(
-    x: jax.Array,
-    experts: jax.Array,
-    weights: jax.Array,
-    gate: jax.Array,
-    up: jax.Array,
-    down: jax.Array,
-    biases: tuple[jax.Array, ...],
-    adapters: dict,
-    key: jax.Array | None,
-    activation: Any,
-    ep: tuple[str, ...],
-    gather: tuple[str, ...],
-    platform: str,
-    clamp: tuple[float, float] | None = None,
-    make_lora: Any = None,
-) -> jax.Array:
-    """One device's share of the expert-parallel layer (under shard_map): x [b, t, D], experts
-    and weights [b, t, K] are its token shard, gate/up/down (and `adapters`, {} without LoRA)
-    its E / ep experts. `make_lora`: (adapters, key) -> their `ExpertLora` (`device_lora`).
-
-    The expert group (the devices along `ep`) gathers its token shards over `gather`, each device
-    adds its own experts' outputs, and the partial outputs are summed over `ep` and split back
-    into the token shards: psum_scatter over `gather`, psum over the rest of `ep`. `biases`
-    (gpt-oss: this device's experts' gate, up and down biases) and `clamp` as in
-    `_swiglu_groups`.
-    """
-    b, t, d = x.shape
-    flat = [a.reshape(b * t, -1) for a in (x, experts, weights)]
-    if gather:
-        flat = [jax.lax.all_gather(a, gather, axis=0, tiled=True) for a in flat]
-    rest = tuple(a for a in ep if a not in gather)
-    if rest:
-        # Whole on those devices: marked as varying, so each device's gradient (its experts'
-        # share) is summed over them; the index gather below would not mark x so itself.
-        flat = [jax.lax.pcast(a, rest, to="varying") for a in flat]
-    x, experts, weights = flat
-    first = jax.lax.axis_index(ep) * gate.shape[0]  # this device's first expert
-    lora = make_lora(adapters, key) if make_lora else None
-    ys = local_grouped_swiglu(
-        x, experts - first, gate, up, down, activation, platform, biases or None, clamp, lora
-    )
-    y = jnp.sum(ys * weights[..., None], axis=1)  # [gathered tokens, D]
-    if rest:
-        y = jax.lax.psum(y, rest)
-    if gather:
-        y = jax.lax.psum_scatter(y, gather, scatter_dimension=0, tiled=True)
-    return y.reshape(b, t, d)
-
-
-def on_token_shards(
-    fn: Any,
-    c: MoeConfig,
-    shape: tuple[int, ...],
-    tokens_in: int,
-    kernels_in: int = 0,
-    outs: int = 1,
-    kernel_spec: PartitionSpec | None = None,
-    replicated_in: int = 0,
-) -> Any:
-    """`fn` run per device under shard_map when `c.mesh` has several devices (else `fn` itself):
-    its first `tokens_in` arguments and its outputs [B, T, ...] split as the batch and seq rules
-    split activations, the next `kernels_in` (the expert weights, their adapters) by
-    `kernel_spec`: whole on every device when None, their expert dimension split under expert
-    parallelism; the last `replicated_in` (a dropout key) the same on every device.
-
-    Why: routing is per token, so each device can pick and group its own tokens' experts. Left to
-    XLA, top_k and the global argsort gather every token onto every device, which then runs every
-    token through the experts. Whole weights are gathered per layer like the dense MLP's under
-    FSDP; their gradients are summed over the token shards.
-    """
-    if c.mesh is None or c.mesh.size == 1:
-        return fn
-    tokens = logical_to_spec(("batch", "seq", None), shape, c.mesh, c.mesh_rules)
-    in_specs = (tokens,) * tokens_in + (kernel_spec or PartitionSpec(),) * kernels_in
-    in_specs += (PartitionSpec(),) * replicated_in
-    out_specs = tokens if outs == 1 else (tokens,) * outs
-    # On TPU the grouped matmuls are Pallas kernels, whose outputs carry no varying-axes types.
-    check_vma = c.platform != "tpu"
-    return jax.shard_map(
-        fn, mesh=c.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma
-    )
 
 
 class SharedExpert(nn.Module):

@@ -380,6 +380,15 @@ def _validate_expert(c: Config) -> None:
             f"config key 'mesh.expert' is {n}; it must be >= 1 (1: off; the number of devices "
             "a mixture-of-experts layer's experts are split over)"
         )
+    if n > 1 and c.model.moe_dispatch == "all_to_all":
+        batch_axes = dict(c.mesh.rules).get("batch") or ()
+        batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+        if "expert" not in batch_axes:
+            raise ConfigError(
+                "model.moe_dispatch='all_to_all' needs the batch split over the expert axis, but "
+                f"mesh.rules gives batch {batch_axes}; add 'expert' to the batch rule (as the "
+                "default rules do) or use moe_dispatch='auto'"
+            )
 
 
 def _validate_context(c: Config) -> None:

@@ -139,13 +139,27 @@ def test_tokens_that_do_not_split_over_the_expert_axis_are_summed_not_scattered(
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5), got, want)
 
 
-def test_all_to_all_is_refused_where_the_tokens_do_not_split_over_the_expert_axis():
+def test_tokens_whole_over_the_expert_axis_are_gathered_even_when_all_to_all_is_asked():
+    """A batch the expert axis does not divide (the init trace, one prompt) can only be gathered;
+    the config refuses all_to_all with rules that never split the batch over the axis."""
+    from sft_jax import config as config_lib
+
     cfg = dataclasses.replace(config(), dispatch="all_to_all")
-    _, params, x, mask = setup(cfg)
     mesh = expert_mesh((1, 1, 1, 1, 4))
     sharded = dataclasses.replace(cfg, mesh=mesh, mesh_rules=RULES)
-    with pytest.raises(ValueError, match=r"all_to_all.*split over every expert-parallel"):
-        run(sharded, params, x[:3], mask[:3])
+    ep = ("expert",)
+    assert expert_dispatch.choose_dispatch("all_to_all", ep, (), sharded, "tpu") == "all_gather"
+    _, params, x, mask = setup(cfg)
+    want = run(cfg, params, x[:3], mask[:3])
+    got = run(sharded, params, x[:3], mask[:3])
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5), got, want)
+
+    raw = base.get_config()
+    raw.data.train_files = "train.jsonl"
+    raw.mesh.expert, raw.model.moe_dispatch = 2, "all_to_all"
+    raw.mesh.rules = [("batch", ("data", "fsdp")), *[r for r in raw.mesh.rules if r[0] != "batch"]]
+    with pytest.raises(ConfigError, match=r"all_to_all' needs the batch split over the expert"):
+        config_lib.parse(raw)
 
 
 @pytest.mark.parametrize(

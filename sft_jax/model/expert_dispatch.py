@@ -73,24 +73,23 @@ def token_gather_axes(c: Any, shape: tuple[int, ...], ep: tuple[str, ...]) -> tu
 def choose_dispatch(
     method: str, ep: tuple[str, ...], gather: tuple[str, ...], c: Any, platform: str
 ) -> str:
-    """ "all_gather" or "all_to_all" for the layer of MoeConfig `c` (see the module docstring).
+    """The dispatch, "all_gather" or "all_to_all", for the layer of MoeConfig `c` (see the
+    module docstring).
 
-    The all-to-all needs the tokens split over every expert-parallel axis (each assignment has
-    one sender); an explicit "all_to_all" that cannot hold is refused rather than replaced."""
+    The all-to-all needs the tokens split over every expert-parallel axis (each assignment then
+    has one sender). Tokens whole over one of them (a batch the axes do not divide: the one-row
+    trace that initialises the parameters, one prompt generating) can only be gathered, so they
+    are, whatever `method` says; the results are the same. The config refuses "all_to_all" with
+    rules that never split the batch over the expert axis."""
     if method not in MOE_DISPATCH:
         raise ValueError(f"moe_dispatch is {method!r}; choose one of {MOE_DISPATCH}")
-    splits_all = set(gather) == set(ep)
-    if method == "all_to_all" and not splits_all:
-        raise ValueError(
-            f"moe_dispatch='all_to_all' needs the tokens split over every expert-parallel mesh "
-            f"axis {ep}, but the batch splits only over {gather} (a batch the axes do not "
-            "divide); use 'auto' or 'all_gather'"
-        )
+    if set(gather) != set(ep):
+        return "all_gather"
     if method != "auto":
         return method
     group = math.prod(c.mesh.shape[a] for a in ep) if ep else 1
     cheaper = group > c.num_experts_per_tok
-    return "all_to_all" if splits_all and cheaper and platform != "cpu" else "all_gather"
+    return "all_to_all" if cheaper and platform != "cpu" else "all_gather"
 
 
 def gather_dispatch(

@@ -108,9 +108,9 @@ def _merged_lora(saved: Any, model: Any, mesh: Any, checkpointer: Any, step: int
     rules, c = saved.mesh.rules, saved.lora
     base = init_params(model, saved.model.path, mesh, rules, saved.raw["seed"])
     adapters = checkpointer.restore_params(step, adapter_layout(base, base, c, mesh))
-    scale = lora.config_scale(c)
+    scale, oft = lora.config_scale(c), lora.oft_spec(c)
     out_shardings = jax.tree.map(lambda x: x.sharding, base)
-    merged = jax.jit(lambda p, a: lora.merge(p, a, scale), out_shardings=out_shardings)
+    merged = jax.jit(lambda p, a: lora.merge(p, a, scale, oft), out_shardings=out_shardings)
     return merged(base, adapters), adapters
 
 
@@ -172,7 +172,8 @@ def load_peft(
     base_dir = resolve_peft_base(adapter_dir, config.base if base is None else base)
     run = load_hf(base_dir, param_dtype=param_dtype)
     adapters = lora.read_peft_adapter(adapter_dir, run.params)
-    merged = jax.jit(lambda p, a: lora.merge(p, a, config.scale))(run.params, adapters)
+    merge = lambda p, a: lora.merge(p, a, config.scale, config.oft)
+    merged = jax.jit(merge)(run.params, adapters)
     has_tokenizer = any(os.path.isfile(os.path.join(adapter_dir, n)) for n in _TOKENIZER_MARKERS)
     return dataclasses.replace(
         run,

@@ -170,6 +170,13 @@ class LoraSection:
     dora: bool
     base_quant: str
     modules_to_save: tuple[str, ...]
+    method: str
+    oft_block_size: int
+    oft_block_share: bool
+    oft_coft: bool
+    oft_eps: float
+    oft_cayley_neumann: bool
+    oft_neumann_terms: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,6 +357,7 @@ _CHOICES = {
     "distributed.expected_platform": ("", "cpu", "gpu", "tpu"),
     "lora.base_dtype": ("float32", "bfloat16"),
     "lora.base_quant": ("none", "int8", "nf4"),
+    "lora.method": ("lora", "oft"),
     "logging.wandb_mode": ("online", "offline"),
 }
 
@@ -503,11 +511,26 @@ def _eval_and_output_checks(c: Config) -> list[tuple[str, bool, str]]:
             set(c.lora.modules_to_save) <= set(SAVEABLE_LORA_MODULES),
             f"entries must be among {SAVEABLE_LORA_MODULES}",
         ),
+        *_oft_checks(c.lora),
         (
             "logging.wandb_project",
             not c.logging.wandb or bool(c.logging.wandb_project),
             "must name a W&B project when logging.wandb is true",
         ),
+    ]
+
+
+def _oft_checks(lo: LoraSection) -> list[tuple[str, bool, str]]:
+    """OFT's own keys, and the LoRA-only ones it has no use for (never silently ignored)."""
+    oft = lo.method == "oft"
+    only_lora = "is LoRA's; OFT (lora.method='oft') has no"
+    return [
+        ("lora.oft_block_size", lo.oft_block_size >= 2, "must be >= 2"),
+        ("lora.oft_eps", lo.oft_eps > 0, "must be > 0"),
+        ("lora.oft_neumann_terms", lo.oft_neumann_terms >= 1, "must be >= 1"),
+        ("lora.dora", not (oft and lo.dora), f"{only_lora} magnitudes"),
+        ("lora.dropout", not (oft and lo.dropout > 0), f"{only_lora} adapter-input dropout"),
+        ("lora.lr_ratio_b", not (oft and lo.lr_ratio_b != 1.0), f"{only_lora} B matrix"),
     ]
 
 

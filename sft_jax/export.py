@@ -260,16 +260,20 @@ def export_peft(run: TrainedModel, out_dir: str) -> None:
     if run.adapters is None or run.lora is None:
         raise ExportError("--peft needs a LoRA run (lora.enabled in its config.json)")
     c = run.lora
-    config = lora.peft_config(
-        run.adapters,
-        rank=c["rank"],
-        alpha=c["alpha"],
-        rslora=c["rslora"],
-        dropout=c.get("dropout", 0.0),
-        base=run.source_model_dir,
-        tied_embeddings=run.model_config.tie_embeddings,
-    )
-    adapters = jax.device_get(run.adapters)
+    adapters = jax.device_get(lora.oft_projected(run.adapters, lora.oft_spec(c)))
+    if c.get("method", "lora") == "oft":
+        tied = run.model_config.tie_embeddings
+        config = lora.oft_peft_config(adapters, c, base=run.source_model_dir, tied_embeddings=tied)
+    else:
+        config = lora.peft_config(
+            adapters,
+            rank=c["rank"],
+            alpha=c["alpha"],
+            rslora=c["rslora"],
+            dropout=c.get("dropout", 0.0),
+            base=run.source_model_dir,
+            tied_embeddings=run.model_config.tie_embeddings,
+        )
     if jax.process_index() != 0:
         return
     lora.write_peft_adapter(out_dir, adapters, config)

@@ -277,9 +277,9 @@ def make_inference_params(
     _, shardings = param_shardings(model, mesh, config.mesh.rules)
     if not config.lora.enabled:
         return (lambda state: state.params), shardings
-    scale = lora.config_scale(config.lora)
+    scale, oft = lora.config_scale(config.lora), lora.oft_spec(config.lora)
     merge = jax.jit(
-        lambda frozen, adapters: lora.merge(lora.dequantize(frozen), adapters, scale),
+        lambda frozen, adapters: lora.merge(lora.dequantize(frozen), adapters, scale, oft),
         out_shardings=shardings,
     )
     return (lambda state: merge(state.frozen, state.params)), shardings

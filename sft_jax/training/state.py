@@ -164,13 +164,15 @@ def lora_model_config(model_config: ModelConfig, cfg: LoraSection) -> ModelConfi
 @dataclasses.dataclass(frozen=True)
 class LoraApply:
     """`apply_fn` of a LoRA state: the model's apply after moving the trained copies of saved
-    modules (`lora.modules_to_save`) from the "lora" collection into "params". A frozen
-    dataclass, so two states built alike compare equal (apply_fn is static in jit)."""
+    modules (`lora.modules_to_save`) from the "lora" collection into "params" (and, for OFT,
+    turning its vectors into rotations per `oft`). A frozen dataclass, so two states built
+    alike compare equal (apply_fn is static in jit)."""
 
     model: Transformer
+    oft: lora.OftSpec | None = None
 
     def __call__(self, variables: dict, *args: Any, **kwargs: Any) -> Any:
-        return self.model.apply(lora.apply_variables(variables), *args, **kwargs)
+        return self.model.apply(lora.apply_variables(variables, self.oft), *args, **kwargs)
 
 
 def adapter_shardings(adapters: Any, base: Any, mesh: Mesh | AbstractMesh) -> Any:
@@ -185,7 +187,7 @@ def adapter_shardings(adapters: Any, base: Any, mesh: Mesh | AbstractMesh) -> An
 
     def visit(ad: dict, p: dict) -> dict:
         return {
-            k: one(v, p, k) if "a" in v else visit(v, p[k])
+            k: one(v, p, k) if "a" in v or lora.oft.PARAM in v else visit(v, p[k])
             for k, v in ad.items()
             if k != lora.SAVED
         }
@@ -258,7 +260,8 @@ def _layout(spec: StateSpec, base: Any) -> TrainState:
     if spec.uses_lora:
         frozen = frozen_layout(base, spec.lora, spec.mesh)
         params = adapter_layout(base, frozen, spec.lora, spec.mesh)
-        apply_fn = LoraApply(Transformer(lora_model_config(spec.model.config, spec.lora)))
+        model = Transformer(lora_model_config(spec.model.config, spec.lora))
+        apply_fn = LoraApply(model, lora.oft_spec(spec.lora))
     opt_state = jax.eval_shape(spec.tx.init, params)
     opt_shardings = sharding.follow_param_shardings(
         opt_state, params, _sharding_tree(params), spec.mesh
@@ -290,6 +293,8 @@ def _lora_adapters(base: Any, frozen: Any, spec: StateSpec, layout: Any) -> Any:
         make = lambda params, rng, frozen: lora.make_adapters(params, cfg, rng, frozen)
         return jax.jit(make, out_shardings=shardings)(base, _adapter_rng(spec.seed), frozen)
     flags = {"rank": cfg.rank, "alpha": cfg.alpha, "rslora": cfg.rslora, "dora": cfg.dora}
+    if cfg.method == "oft":
+        flags = {"oft_spec": lora.oft_spec(cfg)}
     try:
         adapters = lora.read_peft_adapter(cfg.init_from, base, **flags)
     except (ValueError, OSError) as e:

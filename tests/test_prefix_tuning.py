@@ -1,0 +1,131 @@
+"""Prefix tuning and prompt tuning against PEFT 0.21: an exported adapter gives PEFT's logits
+(prompt tuning: on the real tokens), it reads back as written, a packed row's logits equal its
+examples' run alone, and KV-cache generation continues as the full forward predicts."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+from safetensors.numpy import save_file
+from test_export import BASE, MODEL_TOL, _random_params, _tokens
+from transformers import AutoModelForCausalLM
+
+from sft_jax import export
+from sft_jax.lora import prefix as lora_prefix
+from sft_jax.model.decode import generate
+from sft_jax.model.decoder import Transformer
+from sft_jax.model.prefix import with_prompt_prefix
+
+P = 3
+
+
+def _adapters(method, params, seed=1):
+    rng = jax.random.PRNGKey(seed)
+    if method == "prompt":  # random directions of the embeddings' scale, not vocabulary rows
+        return {lora_prefix.PROMPT: 0.5 * jax.random.normal(rng, (P, BASE.hidden_size))}
+    c = BASE
+    return lora_prefix.init_prefix(c.num_layers, P, c.num_kv_heads, c.head_dim, rng)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(config, variables, tokens, positions, segment_ids):
+    model = Transformer(config)
+    return model.apply(with_prompt_prefix(model, variables), tokens, positions, segment_ids)
+
+
+def _logits(variables, tokens):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return np.asarray(
+        _apply(BASE, variables, jnp.asarray(tokens), positions, jnp.ones_like(tokens))
+    )
+
+
+def _write(adapter_dir, adapters, base):
+    os.makedirs(adapter_dir, exist_ok=True)
+    save_file(
+        lora_prefix.to_peft_tensors(adapters),
+        os.path.join(adapter_dir, "adapter_model.safetensors"),
+        {"format": "pt"},
+    )
+    import json
+
+    config = lora_prefix.peft_config(adapters, BASE, base=base)
+    with open(os.path.join(adapter_dir, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def _peft_logits(base_dir, adapter_dir, tokens):
+    model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
+    model = peft.PeftModel.from_pretrained(model, adapter_dir).eval()
+    with torch.no_grad():
+        ids = torch.from_numpy(tokens)
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().numpy()
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_peft_export_matches_peft(method, tmp_path, stories_dir):
+    params = _random_params(BASE)
+    adapters = _adapters(method, params)
+    base = str(tmp_path / "base")
+    export.export_hf(params, BASE, base, tokenizer_dir=str(stories_dir))
+    _write(str(tmp_path / "adapter"), adapters, base)
+    tokens = _tokens()
+    ours = _logits({"params": params, "lora": adapters}, tokens)
+    theirs = _peft_logits(base, tmp_path / "adapter", tokens)
+    if method == "prompt":  # PEFT's logits include the virtual tokens' positions
+        theirs = theirs[:, P:]
+    np.testing.assert_allclose(theirs, ours, atol=MODEL_TOL)
+    plain = _logits({"params": params}, tokens)
+    assert np.abs(plain - ours).max() > 1e-2  # the prefix changed the logits
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    c = BASE
+    back = lora_prefix.from_peft_tensors(tensors, method, c.num_layers, c.num_kv_heads, c.head_dim)
+    assert jax.tree.structure(back) == jax.tree.structure(adapters)
+    for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_packed_row_equals_examples_alone(method):
+    """Two examples packed in one row (positions restart, segments 1 and 2, then padding) give
+    the logits each gives alone: each sees the prefix and only its own tokens."""
+    params = _random_params(BASE)
+    variables = {"params": params, "lora": _adapters(method, params)}
+    rng = np.random.default_rng(3)
+    first, second = rng.integers(1, 512, 5), rng.integers(1, 512, 4)
+    row = np.concatenate([first, second, [0, 0, 0]])[None]
+    positions = np.concatenate([np.arange(5), np.arange(4), np.zeros(3, int)])[None]
+    segments = np.concatenate([np.ones(5, int), 2 * np.ones(4, int), np.zeros(3, int)])[None]
+    packed = np.asarray(
+        _apply(BASE, variables, jnp.asarray(row), jnp.asarray(positions), jnp.asarray(segments))
+    )
+    np.testing.assert_allclose(packed[0, :5], _logits(variables, first[None])[0], atol=1e-5)
+    np.testing.assert_allclose(packed[0, 5:9], _logits(variables, second[None])[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_kv_cache_generation_follows_the_full_forward(method):
+    """Greedy generation with the prefix (prompts of two lengths, so rows are left-padded)
+    emits, at every step, the argmax of the full forward over prompt + generated tokens."""
+    params = _random_params(BASE)
+    variables = {"params": params, "lora": _adapters(method, params)}
+    prefix = with_prompt_prefix(Transformer(BASE), variables)["lora"]
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(1, 512, 6).tolist(), rng.integers(1, 512, 3).tolist()]
+    outs = generate(
+        Transformer(BASE), params, prompts, max_new_tokens=5, stop_ids=[], prefix=prefix
+    )
+    plain = generate(Transformer(BASE), params, prompts, max_new_tokens=5, stop_ids=[])
+    assert outs != plain  # the prefix is used
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert len(out) == 5
+        full = np.asarray(prompt + out)[None]
+        predicted = _logits(variables, full)[0].argmax(-1)
+        assert predicted[len(prompt) - 1 : -1].tolist() == out

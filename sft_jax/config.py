@@ -177,6 +177,7 @@ class LoraSection:
     oft_eps: float
     oft_cayley_neumann: bool
     oft_neumann_terms: int
+    num_virtual_tokens: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,7 +358,7 @@ _CHOICES = {
     "distributed.expected_platform": ("", "cpu", "gpu", "tpu"),
     "lora.base_dtype": ("float32", "bfloat16"),
     "lora.base_quant": ("none", "int8", "nf4"),
-    "lora.method": ("lora", "oft"),
+    "lora.method": ("lora", "oft", "prefix", "prompt"),
     "logging.wandb_mode": ("online", "offline"),
 }
 
@@ -401,6 +402,11 @@ def _validate_context(c: Config) -> None:
         raise ConfigError(
             f"data.seq_len={c.data.seq_len} must be a multiple of 2 x mesh.context = {2 * n}: "
             "context parallelism cuts each row into two chunks per context device"
+        )
+    if c.lora.enabled and c.lora.method in ("prefix", "prompt"):
+        raise ConfigError(
+            f"lora.method={c.lora.method!r} cannot run under mesh.context={n}: its prefix "
+            "attention masks rows in slot order, which context parallelism permutes"
         )
     if c.model.attention not in ("auto", "splash"):
         raise ConfigError(
@@ -521,16 +527,24 @@ def _eval_and_output_checks(c: Config) -> list[tuple[str, bool, str]]:
 
 
 def _oft_checks(lo: LoraSection) -> list[tuple[str, bool, str]]:
-    """OFT's own keys, and the LoRA-only ones it has no use for (never silently ignored)."""
-    oft = lo.method == "oft"
-    only_lora = "is LoRA's; OFT (lora.method='oft') has no"
+    """OFT's, prefix and prompt tuning's own keys, and the LoRA-only ones they have no use for
+    (never silently ignored)."""
+    other = lo.method != "lora"
+    only_lora = f"is LoRA's; lora.method={lo.method!r} has no"
+    prefix = lo.method in ("prefix", "prompt")
     return [
         ("lora.oft_block_size", lo.oft_block_size >= 2, "must be >= 2"),
         ("lora.oft_eps", lo.oft_eps > 0, "must be > 0"),
         ("lora.oft_neumann_terms", lo.oft_neumann_terms >= 1, "must be >= 1"),
-        ("lora.dora", not (oft and lo.dora), f"{only_lora} magnitudes"),
-        ("lora.dropout", not (oft and lo.dropout > 0), f"{only_lora} adapter-input dropout"),
-        ("lora.lr_ratio_b", not (oft and lo.lr_ratio_b != 1.0), f"{only_lora} B matrix"),
+        ("lora.num_virtual_tokens", lo.num_virtual_tokens >= 1, "must be >= 1"),
+        ("lora.dora", not (other and lo.dora), f"{only_lora} magnitudes"),
+        ("lora.dropout", not (other and lo.dropout > 0), f"{only_lora} adapter-input dropout"),
+        ("lora.lr_ratio_b", not (other and lo.lr_ratio_b != 1.0), f"{only_lora} B matrix"),
+        (
+            "lora.modules_to_save",
+            not (prefix and lo.modules_to_save),
+            f"is not supported with lora.method={lo.method!r}",
+        ),
     ]
 
 

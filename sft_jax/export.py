@@ -261,7 +261,9 @@ def export_peft(run: TrainedModel, out_dir: str) -> None:
         raise ExportError("--peft needs a LoRA run (lora.enabled in its config.json)")
     c = run.lora
     adapters = jax.device_get(lora.oft_projected(run.adapters, lora.oft_spec(c)))
-    if c.get("method", "lora") == "oft":
+    if c.get("method", "lora") in lora.prefix.PEFT_TYPES:
+        config = lora.prefix.peft_config(adapters, run.model_config, base=run.source_model_dir)
+    elif c.get("method", "lora") == "oft":
         tied = run.model_config.tie_embeddings
         config = lora.oft_peft_config(adapters, c, base=run.source_model_dir, tied_embeddings=tied)
     else:
@@ -363,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
             export_peft(run, args.out)
             print(f"exported the LoRA adapter of step {run.step} of {source_dir} to {args.out}")
             return 0
+        if "prefix_k" in run.params.get("layers", {}).get("attn", {}):
+            raise ExportError(
+                "a prefix- or prompt-tuned model has no merged form (its prefix is not a "
+                "weight): export the run with --peft, or use the PEFT adapter as it is"
+            )
         export_hf(
             run.params,
             run.model_config,

@@ -155,7 +155,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora = lo = ml_collections.ConfigDict()
     lo.enabled = False  # train LoRA adapters instead of every weight
     # lora: low-rank A, B (rank, alpha, dora, rslora, dropout, lr_ratio_b); oft: orthogonal
-    # fine-tuning, a trained block-diagonal rotation of each target's input (the oft_* keys).
+    # fine-tuning, a trained block-diagonal rotation of each target's input (the oft_* keys);
+    # prefix: trained per-layer key/value prefix; prompt: trained virtual input tokens.
     lo.method = "lora"
     lo.rank = 16  # adapter rank r
     lo.alpha = 32.0  # adapter scale alpha (applied as alpha / rank)
@@ -178,6 +179,7 @@ def get_config() -> ml_collections.ConfigDict:
     lo.oft_eps = 6e-5  # COFT radius (PEFT's eps), only with oft_coft
     lo.oft_cayley_neumann = True  # Neumann-series Cayley (PEFT's default); False: exact inverse
     lo.oft_neumann_terms = 5  # terms of that series (PEFT's num_cayley_neumann_terms)
+    lo.num_virtual_tokens = 20  # prefix / prompt tuning: P prefix slots or virtual tokens
 
     # --- multi-process runs: detected on TPU VMs, SLURM, GKE JobSet; explicit flags otherwise.
     c.distributed = ds = ml_collections.ConfigDict()

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.lora import oft
+from sft_jax.lora import oft, prefix
 from sft_jax.lora.tree import (
     EXPERT_KERNELS,
     EXPERTS,
@@ -369,7 +369,10 @@ def write_peft_adapter(out_dir: str, adapters: dict, config: dict[str, Any]) -> 
     from safetensors.numpy import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    tensors = to_peft_tensors(adapters, config.get("ensure_weight_tying", False))
+    if prefix.method_of(adapters):  # prefix / prompt tuning: PEFT's one prompt_embeddings
+        tensors = prefix.to_peft_tensors(adapters)
+    else:
+        tensors = to_peft_tensors(adapters, config.get("ensure_weight_tying", False))
     save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), {"format": "pt"})
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
@@ -389,11 +392,12 @@ class PeftAdapterConfig:
     base: str  # base_model_name_or_path as written ("" when unset)
     target_parameters: tuple[str, ...] = ()  # PEFT's, as written: the adapted expert parameters
     oft: oft.OftSpec | None = None  # an OFT adapter's rotation settings; None: LoRA
+    method: str = "lora"  # lora | oft | prefix | prompt (config.lora.method's names)
 
     @property
     def scale(self) -> float:
-        """LoRA's scale; an OFT adapter has none (1.0, unused by its merge)."""
-        return 1.0 if self.oft is not None else config_scale(self)
+        """LoRA's scale; the other methods have none (1.0, unused by their merge)."""
+        return 1.0 if self.method != "lora" else config_scale(self)
 
 
 def _oft_config(path: str, cfg: dict) -> PeftAdapterConfig:
@@ -407,7 +411,7 @@ def _oft_config(path: str, cfg: dict) -> PeftAdapterConfig:
         coft_eps=float(cfg.get("eps", 6e-5)) if cfg.get("coft", False) else None,
     )
     base = cfg.get("base_model_name_or_path") or ""
-    return PeftAdapterConfig(rank=1, alpha=1.0, rslora=False, dora=False, base=base, oft=spec)
+    return PeftAdapterConfig(1, 1.0, False, False, base, oft=spec, method="oft")
 
 
 def read_peft_config(adapter_dir: str) -> PeftAdapterConfig:
@@ -424,9 +428,16 @@ def read_peft_config(adapter_dir: str) -> PeftAdapterConfig:
         raise ValueError(f"{path}: expected a JSON object")
     if cfg.get("peft_type", "LORA") == "OFT":
         return _oft_config(path, cfg)
+    method = prefix.method_of_config(cfg)
+    if method is not None:
+        if cfg.get("num_transformer_submodules", 1) != 1:
+            raise ValueError(f"{path}: a decoder-only prefix has one transformer submodule")
+        base = cfg.get("base_model_name_or_path") or ""
+        return PeftAdapterConfig(1, 1.0, False, False, base, method=method)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(
-            f"{path}: peft_type is {cfg['peft_type']!r}; only 'LORA' and 'OFT' are supported"
+            f"{path}: peft_type is {cfg['peft_type']!r}; only 'LORA', 'OFT', 'PREFIX_TUNING' "
+            "and 'PROMPT_TUNING' are supported"
         )
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
@@ -453,21 +464,27 @@ def read_peft_adapter(
     rslora: bool | None = None,
     dora: bool | None = None,
     oft_spec: oft.OftSpec | None = None,
+    method: str | None = None,
 ) -> dict:
     """A PEFT adapter directory -> adapter tree shaped after `params`. Rank, alpha, rsLoRA and
     DoRA (OFT: its rotation settings) come from its adapter_config.json (`read_peft_config`);
     the ones given here (a run's config.lora) must match it, since a mismatch would silently
-    change the adapter's scale or rotations. An OFT adapter is read only with `oft_spec`."""
+    change the adapter's scale or rotations. `method` (config.lora.method), when given, must
+    be the adapter's."""
     from safetensors.numpy import load_file
 
     cfg = read_peft_config(adapter_dir)
-    asked = "oft" if oft_spec is not None else "lora" if rank is not None else None
-    found = "oft" if cfg.oft is not None else "lora"
+    asked = method or ("oft" if oft_spec is not None else "lora" if rank is not None else None)
+    found = cfg.method
     if asked not in (None, found):
         raise ValueError(
             f"PEFT adapter {adapter_dir} is a {found.upper()} adapter but config.lora.method is "
             f"{asked!r}"
         )
+    tensors = load_file(os.path.join(adapter_dir, WEIGHTS_FILE))
+    if found in prefix.PEFT_TYPES:
+        layers, _, kv_heads, head_dim = params["layers"]["attn"]["k_proj"]["kernel"].shape
+        return prefix.from_peft_tensors(tensors, found, layers, kv_heads, head_dim)
     want: dict[str, Any] = {"OFT settings": oft_spec}
     got: dict[str, Any] = {"OFT settings": cfg.oft}
     if found == "lora":
@@ -483,7 +500,6 @@ def read_peft_adapter(
         raise ValueError(
             f"PEFT adapter {adapter_dir} does not match config.lora: " + "; ".join(problems)
         )
-    tensors = load_file(os.path.join(adapter_dir, WEIGHTS_FILE))
     adapters = from_peft_tensors(tensors, params, target_parameters=cfg.target_parameters)
     has_m = any("m" in get_path(adapters, p) for p in _adapter_paths(adapters))
     if has_m != cfg.dora:

@@ -52,6 +52,29 @@ def init_prompt(embedding: jax.Array, tokens: int, rng: jax.Array) -> dict:
     return {PROMPT: jnp.take(embedding, ids, axis=0).astype(jnp.float32)}
 
 
+def make_prefix_adapters(params: dict, method: str, tokens: int, rng: jax.Array) -> dict:
+    """The adapter tree a prefix ("prefix") or prompt ("prompt") tuning run starts from, shaped
+    after the model's parameters (k_proj [L, D, K, H], the embedding [V, D])."""
+    if method == "prompt":
+        return init_prompt(params["embed"]["embedding"], tokens, rng)
+    layers, _, kv_heads, head_dim = params["layers"]["attn"]["k_proj"]["kernel"].shape
+    return init_prefix(layers, tokens, kv_heads, head_dim, rng)
+
+
+def with_prefix(params: dict, adapters: dict) -> dict:
+    """`params` with a prefix tree's K/V added at layers/attn (where the model also reads them
+    from the "params" collection): the inference tree of a prefix-tuned model, which no weight
+    merge can express. A prompt tree must first become its prefix (`with_prompt_prefix`)."""
+    if method_of(adapters) != "prefix":
+        raise ValueError(
+            "prompt tuning's virtual tokens become a prefix only through the model "
+            "(sft_jax.model.prefix.with_prompt_prefix)"
+        )
+    layers = dict(params["layers"])
+    layers["attn"] = {**layers["attn"], **adapters["layers"]["attn"]}
+    return {**params, "layers": layers}
+
+
 def method_of(adapters: dict) -> str | None:
     """ "prefix", "prompt" or None (no prefix-style adapter in the tree)."""
     if PROMPT in adapters:

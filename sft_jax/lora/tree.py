@@ -48,7 +48,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sft_jax.lora import oft
+from sft_jax.lora import oft, prefix
 from sft_jax.lora.quant import dequantize
 
 # Kernels of the decoder: module name -> number of input dims after L. Their HF names come from
@@ -314,6 +314,8 @@ def make_adapters(params: dict, cfg: Any, rng: jax.Array, frozen: Any = None) ->
     (stored, maybe quantised) base `frozen` when given, so the model equals the base exactly at
     init; `params` otherwise. The one place adapters are made: training, the memory plan and
     loading a run's checkpoint all trace this function."""
+    if getattr(cfg, "method", "lora") in prefix.PEFT_TYPES:  # prefix / prompt tuning
+        return prefix.make_prefix_adapters(params, cfg.method, cfg.num_virtual_tokens, rng)
     if getattr(cfg, "method", "lora") == "oft":
         adapters = init_oft(params, tuple(cfg.targets), cfg.oft_block_size, cfg.oft_block_share)
         return add_saved_modules(params, adapters, tuple(cfg.modules_to_save))
@@ -388,6 +390,8 @@ def merge(params: dict, adapters: dict, scale: float, oft_spec: oft.OftSpec | No
     """A new parameter tree with W + scale * a @ b (DoRA: rescaled) in every adapted kernel,
     or blockdiag(R) W for OFT (rotations per `oft_spec`), and the trained copies of saved
     modules (in the base leaves' dtypes)."""
+    if prefix.method_of(adapters):  # no weight merge: the K/V join the tree (`with_prefix`)
+        return prefix.with_prefix(params, adapters)
     adapters = oft.rotations(adapters, oft_spec)
 
     def visit(p: Any, ad: Any, name: str) -> Any:

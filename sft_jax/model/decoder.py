@@ -224,8 +224,9 @@ class Attention(nn.Module):
         if c.attention_sinks:  # gpt-oss; HF initialises them as weights (normal, std 0.02)
             init = nn.initializers.normal(INIT_STD)
             sinks = named_param(self, "sinks", init, (n,), ("heads",), c.param_dtype)
-        if self.has_variable("lora", PREFIX_K):  # prefix / prompt tuning's per-layer K/V
-            prefix = (self.get_variable("lora", PREFIX_K), self.get_variable("lora", PREFIX_V))
+        held = [n for n in ("lora", "params") if self.has_variable(n, PREFIX_K)]
+        if held:  # prefix / prompt tuning's per-layer K/V (sft_jax/model/prefix.py)
+            prefix = (self.get_variable(held[0], PREFIX_K), self.get_variable(held[0], PREFIX_V))
             out = prefix_attention(q, k, v, mask, prefix, options, sinks)
         else:
             out = attend(

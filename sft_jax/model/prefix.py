@@ -9,11 +9,12 @@ the example, so the model computes them once per forward (`Transformer.prompt_ca
 positions 0..P-1) and uses them as the same prefix: the real tokens' logits are PEFT's.
 
 The prefix arrives in the "lora" variable collection as `prefix_k` / `prefix_v` [L, P, K, H]
-under layers/attn (scanned like the weights). Every row, and every packed example in a row,
-sees the whole prefix and, through the usual mask, only its own tokens; positions (which
-restart per packed example) are all shifted by P, so a packed row's logits equal those of its
-examples run alone. Attention with a prefix runs the reference (dense-mask) attention over the
-P + S keys, whatever implementation is configured.
+under layers/attn (scanned like the weights), or, in an inference tree (evaluation, loading a
+run), at the same place in "params" (`sft_jax.lora.prefix.with_prefix`). Every row, and every
+packed example in a row, sees the whole prefix and, through the usual mask, only its own
+tokens; positions (which restart per packed example) are all shifted by P, so a packed row's
+logits equal those of its examples run alone. Attention with a prefix runs the reference
+(dense-mask) attention over the P + S keys, whatever implementation is configured.
 """
 
 from __future__ import annotations
@@ -28,9 +29,20 @@ from sft_jax.model.attention import AttentionOptions, grouped_attention
 
 
 def prefix_length(variables: Any) -> int:
-    """P of the prefix in a model's variables (0 without one)."""
-    attn = variables.get("lora", {}).get("layers", {}).get("attn", {})
-    return int(attn[PREFIX_K].shape[1]) if PREFIX_K in attn else 0
+    """P of the prefix in a model's variables (0 without one): in the "lora" collection
+    (training), or in "params" (an inference tree, `sft_jax.lora.prefix.with_prefix`)."""
+    for collection in ("lora", "params"):
+        attn = variables.get(collection, {}).get("layers", {}).get("attn", {})
+        if PREFIX_K in attn:
+            return int(attn[PREFIX_K].shape[1])
+    return 0
+
+
+def prefix_tree(model: Any, params: dict, adapters: dict) -> dict:
+    """The prefix tree of prefix- or prompt-tuning adapters (prompt: its virtual tokens' K/V,
+    computed by `model` from `params`)."""
+    variables = with_prompt_prefix(model, {"params": params, "lora": adapters})
+    return variables["lora"]
 
 
 def with_prompt_prefix(model: Any, variables: dict) -> dict:

@@ -129,3 +129,63 @@ def test_kv_cache_generation_follows_the_full_forward(method):
         full = np.asarray(prompt + out)[None]
         predicted = _logits(variables, full)[0].argmax(-1)
         assert predicted[len(prompt) - 1 : -1].tolist() == out
+
+
+@pytest.mark.slow  # end to end: train, evaluate, export PEFT, continue from it
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_tiny_run_trains_and_exports_peft(method, tmp_path, stories_dir):
+    from sft_jax.config import parse
+    from sft_jax.config_file import load_config_file
+    from sft_jax.train import train_and_evaluate
+    from sft_jax.training.metrics import read_metrics
+    from sft_jax.training.optim import make_optimizer
+    from sft_jax.training.state import StateSpec, create_train_state, init_params
+
+    c = load_config_file("configs/tiny.py")
+    c.lora.enabled = True
+    c.lora.method = method
+    c.lora.num_virtual_tokens = 4
+    c.lora.base_dtype = "float32"
+    c.optim.learning_rate = 1e-1
+    c.train.max_steps = 10
+    c.train.log_every = 1
+    workdir = tmp_path / "run"
+    summary = train_and_evaluate(parse(c), str(workdir))
+    # The held-out loss (evaluated on the base + prefix tree) falls; train losses are too noisy
+    # over 10 different batches of a random tiny model.
+    before, after = (summary["comparison"][0][k] for k in ("before", "after"))
+    assert after < before - 0.02, (before, after)
+    assert len([r for r in read_metrics(str(workdir)) if "loss" in r]) == 10
+    assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "merged")]) == 2
+    assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "ad"), "--peft"]) == 0
+    run = export.load_workdir(str(workdir))
+    mesh = jax.sharding.Mesh(
+        np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1), ("data", "fsdp", "context", "tensor")
+    )
+    cfg = parse(c)
+    rules = tuple(tuple(r) for r in cfg.mesh.rules)
+    base = init_params(Transformer(run.model_config), "", mesh, rules, cfg.seed)
+    export.export_hf(base, run.model_config, str(tmp_path / "base"), tokenizer_dir=str(stories_dir))
+    tokens = _tokens()
+    theirs = _peft_logits(tmp_path / "base", tmp_path / "ad", tokens)
+    theirs = theirs[:, 4:] if method == "prompt" else theirs
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    ours = Transformer(run.model_config).apply(  # the loaded run's inference tree
+        {"params": run.params}, jnp.asarray(tokens), positions, jnp.ones_like(positions)
+    )
+    np.testing.assert_allclose(theirs, np.asarray(ours), atol=MODEL_TOL)
+    from sft_jax.api import load_peft  # the PEFT adapter loaded back onto its base
+
+    loaded = load_peft(str(tmp_path / "ad"), base=str(tmp_path / "base"))
+    again = Transformer(loaded.model_config).apply(
+        {"params": loaded.params}, jnp.asarray(tokens), positions, jnp.ones_like(positions)
+    )
+    np.testing.assert_allclose(theirs, np.asarray(again), atol=MODEL_TOL)
+    c.lora.init_from = str(tmp_path / "ad")
+    cfg = parse(c)
+    tx = make_optimizer(cfg.optim, 10, cfg.lora)
+    state, _ = create_train_state(
+        StateSpec(run.model_config, mesh, rules, tx, cfg.seed, lora=cfg.lora)
+    )
+    for a, b in zip(jax.tree.leaves(run.adapters), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -225,6 +225,8 @@ class Attention(nn.Module):
             init = nn.initializers.normal(INIT_STD)
             sinks = named_param(self, "sinks", init, (n,), ("heads",), c.param_dtype)
         held = [n for n in ("lora", "params") if self.has_variable(n, PREFIX_K)]
+        if held and c.has_local_layers:  # HF's window would let the prefix slide out
+            raise ValueError("prefix and prompt tuning on sliding-window layers is not supported")
         if held:  # prefix / prompt tuning's per-layer K/V (sft_jax/model/prefix.py)
             prefix = (self.get_variable(held[0], PREFIX_K), self.get_variable(held[0], PREFIX_V))
             out = prefix_attention(q, k, v, mask, prefix, options, sinks)

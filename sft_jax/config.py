@@ -143,6 +143,8 @@ class CheckpointSection:
     keep_best: int
     async_save: bool
     rewind_to_best: bool
+    rewind_rule: str
+    rewind_tolerance: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,6 +361,7 @@ _CHOICES = {
     "lora.base_dtype": ("float32", "bfloat16"),
     "lora.base_quant": ("none", "int8", "nf4"),
     "lora.method": ("lora", "oft", "prefix", "prompt"),
+    "checkpoint.rewind_rule": ("eval_loss", "retention"),
     "logging.wandb_mode": ("online", "offline"),
 }
 
@@ -498,6 +501,14 @@ def _eval_and_output_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("checkpoint.every_minutes", c.checkpoint.every_minutes >= 0, "must be >= 0 (0: off)"),
         ("checkpoint.keep", c.checkpoint.keep >= 1, "must be >= 1"),
         ("checkpoint.keep_best", c.checkpoint.keep_best >= 0, "must be >= 0 (0: off)"),
+        ("checkpoint.rewind_tolerance", c.checkpoint.rewind_tolerance >= 0, "must be >= 0"),
+        (
+            "checkpoint.rewind_rule",
+            c.checkpoint.rewind_rule != "retention"
+            or (c.checkpoint.rewind_to_best and bool(c.eval.general_text_files)),
+            "'retention' needs checkpoint.rewind_to_best and eval.general_text_files (the "
+            "general text whose loss measures retention)",
+        ),
         ("faults.kill_at_step", c.faults.kill_at_step >= 0, "must be >= 0 (0: off)"),
         ("faults.sigterm_at_step", c.faults.sigterm_at_step >= 0, "must be >= 0 (0: off)"),
         ("faults.nan_at_step", c.faults.nan_at_step >= 0, "must be >= 0 (0: off)"),

@@ -344,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--step",
         default=None,
-        help="checkpoint step (default latest), or 'best': the step with the lowest eval loss "
-        "found by checkpoint.rewind_to_best (summary.json's best_step)",
+        help="checkpoint step (default latest), or 'best': the kept checkpoint chosen by "
+        "checkpoint.rewind_to_best under checkpoint.rewind_rule (summary.json's best_step)",
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     parser.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")

@@ -150,6 +150,11 @@ def get_config() -> ml_collections.ConfigDict:
     k.keep_best = 0  # also keep this many checkpoints with the lowest eval loss (eval at each save)
     k.async_save = True  # write checkpoints in the background while training goes on
     k.rewind_to_best = False  # at the end, evaluate kept checkpoints; summary names the best step
+    # How rewind_to_best ranks them. eval_loss: the lowest validation loss. retention: the lowest
+    # validation loss among checkpoints whose general-text loss (eval.general_text_files) is at
+    # most rewind_tolerance above the base model's (else the one closest to it).
+    k.rewind_rule = "eval_loss"
+    k.rewind_tolerance = 0.05  # retention rule: allowed rise of the general-text loss, in nats
 
     # --- LoRA: adapters are a separate, trainable tree; the base weights are frozen constants.
     c.lora = lo = ml_collections.ConfigDict()

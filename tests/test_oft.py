@@ -274,6 +274,14 @@ def test_tiny_oft_run_trains_and_exports(tmp_path, stories_dir):
         merged_logits = merged(input_ids=torch.from_numpy(tokens)).logits.numpy()
     peft_logits = _peft_logits(tmp_path / "base", tmp_path / "ad", tokens)
     np.testing.assert_allclose(merged_logits, peft_logits, atol=MODEL_TOL)
+    from sft_jax.api import load_peft  # the PEFT adapter merged onto its base by sft_jax
+
+    loaded = load_peft(str(tmp_path / "ad"), base=str(tmp_path / "base"))
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    again = Transformer(loaded.model_config).apply(
+        {"params": loaded.params}, jnp.asarray(tokens), positions, jnp.ones_like(positions)
+    )
+    np.testing.assert_allclose(np.asarray(again), peft_logits, atol=MODEL_TOL)
     c.lora.init_from = str(tmp_path / "ad")
     cfg = parse(c)
     tx = make_optimizer(cfg.optim, 10, cfg.lora)

@@ -189,3 +189,14 @@ def test_tiny_run_trains_and_exports_peft(method, tmp_path, stories_dir):
     )
     for a, b in zip(jax.tree.leaves(run.adapters), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sliding_window_models_are_refused():
+    import dataclasses
+
+    config = dataclasses.replace(BASE, sliding_window=4, local_layers=(True, False))
+    params = _random_params(config)
+    variables = {"params": params, "lora": _adapters("prefix", params)}
+    tokens = jnp.asarray(_tokens())
+    with pytest.raises(ValueError, match="sliding-window"):
+        _apply(config, variables, tokens, jnp.zeros_like(tokens), jnp.ones_like(tokens))

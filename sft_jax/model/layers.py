@@ -75,7 +75,7 @@ class Einsum(nn.Module):
         if self.has_variable("lora", PARAM):  # else the base would run silently
             raise ValueError(
                 "OFT vectors reached the model unrotated: pass the variables through "
-                "sft_jax.lora.apply_variables(variables, oft=spec)"
+                "sft_jax.lora.apply_variables(variables, oft_spec)"
             )
         if self.has_variable("lora", ROTATION):
             x = self._rotate(x)

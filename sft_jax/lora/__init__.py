@@ -1,9 +1,11 @@
-"""LoRA family as pure transforms of the parameter tree: LoRA, rsLoRA, DoRA, LoRA+, QLoRA, OFT.
+"""LoRA family as pure transforms of the parameter tree: LoRA, rsLoRA, DoRA, LoRA+, QLoRA, OFT,
+and prefix / prompt tuning.
 
     tree.py   adapters (`make_adapters`: the one adapter maker; init, merge, delta, DoRA
               magnitudes, shardings of a/b/m; `config_scale`: a config's LoRA scale)
     peft.py   PEFT adapter files both ways (adapter_config.json + adapter_model.safetensors)
     oft.py    OFT (orthogonal fine-tuning): Cayley / Neumann rotations of each kernel's input
+    prefix.py prefix and prompt tuning trees (the model side: sft_jax/model/prefix.py), PEFT files
     quant.py  blockwise int8 / NF4 storage of the frozen base (QLoRA)
 
 The model side is `sft_jax.model.layers.Einsum` (the "lora" variable collection); the training side

@@ -37,6 +37,11 @@ model needs to learn a new stop token) are full float32 copies under the adapter
     adapters/modules_to_save/{embed_tokens [V, D], norm [D], input_layernorm [L, D], ...}
 
 `with_saved_modules` puts them in place of the frozen leaves, for the forward and for `merge`.
+
+The other methods of `lora.method` keep the same paths with their own leaves: OFT a vector
+`oft_r` [L, blocks, b (b - 1) / 2] per targeted kernel (sft_jax/lora/oft.py), prefix tuning
+layers/attn/{prefix_k, prefix_v} [L, P, K, H] and prompt tuning prompt_embeddings [P, D]
+(sft_jax/lora/prefix.py); `make_adapters` and `merge` dispatch on them.
 """
 
 from __future__ import annotations

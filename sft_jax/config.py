@@ -180,6 +180,8 @@ class LoraSection:
     oft_cayley_neumann: bool
     oft_neumann_terms: int
     num_virtual_tokens: int
+    prefix_projection: bool
+    prefix_hidden_size: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -548,6 +550,13 @@ def _oft_checks(lo: LoraSection) -> list[tuple[str, bool, str]]:
         ("lora.oft_eps", lo.oft_eps > 0, "must be > 0"),
         ("lora.oft_neumann_terms", lo.oft_neumann_terms >= 1, "must be >= 1"),
         ("lora.num_virtual_tokens", lo.num_virtual_tokens >= 1, "must be >= 1"),
+        ("lora.prefix_hidden_size", lo.prefix_hidden_size >= 0, "must be >= 0 (0: K x H)"),
+        (
+            "lora.prefix_projection",
+            not (lo.prefix_projection and (lo.method != "prefix" or lo.init_from)),
+            "needs lora.method='prefix' and no lora.init_from (PEFT saves only the K/V its "
+            "encoder gives, not the encoder)",
+        ),
         ("lora.dora", not (other and lo.dora), f"{only_lora} magnitudes"),
         ("lora.dropout", not (other and lo.dropout > 0), f"{only_lora} adapter-input dropout"),
         ("lora.lr_ratio_b", not (other and lo.lr_ratio_b != 1.0), f"{only_lora} B matrix"),

@@ -132,9 +132,9 @@ def test_kv_cache_generation_follows_the_full_forward(method):
 
 
 @pytest.mark.slow  # end to end: train, evaluate, export PEFT, continue from it
-@pytest.mark.parametrize("method", ["prefix", "prompt"])
+@pytest.mark.parametrize("method", ["prefix", "prompt", "projection"])
 def test_tiny_run_trains_and_exports_peft(method, tmp_path, stories_dir):
-    from sft_jax.config import parse
+    from sft_jax.config import ConfigError, parse
     from sft_jax.config_file import load_config_file
     from sft_jax.train import train_and_evaluate
     from sft_jax.training.metrics import read_metrics
@@ -143,7 +143,8 @@ def test_tiny_run_trains_and_exports_peft(method, tmp_path, stories_dir):
 
     c = load_config_file("configs/tiny.py")
     c.lora.enabled = True
-    c.lora.method = method
+    c.lora.method = "prefix" if method == "projection" else method
+    c.lora.prefix_projection = method == "projection"
     c.lora.num_virtual_tokens = 4
     c.lora.base_dtype = "float32"
     c.optim.learning_rate = 1e-1
@@ -181,6 +182,11 @@ def test_tiny_run_trains_and_exports_peft(method, tmp_path, stories_dir):
         {"params": loaded.params}, jnp.asarray(tokens), positions, jnp.ones_like(positions)
     )
     np.testing.assert_allclose(theirs, np.asarray(again), atol=MODEL_TOL)
+    if method == "projection":  # PEFT saved the K/V, not the encoder: no continuing from it
+        c.lora.init_from = str(tmp_path / "ad")
+        with pytest.raises(ConfigError, match="prefix_projection"):
+            parse(c)
+        return
     c.lora.init_from = str(tmp_path / "ad")
     cfg = parse(c)
     tx = make_optimizer(cfg.optim, 10, cfg.lora)
@@ -200,3 +206,41 @@ def test_sliding_window_models_are_refused():
     tokens = jnp.asarray(_tokens())
     with pytest.raises(ValueError, match="sliding-window"):
         _apply(config, variables, tokens, jnp.zeros_like(tokens), jnp.ones_like(tokens))
+
+
+def test_prefix_projection_matches_peft_training_model(tmp_path, stories_dir):
+    """With prefix_projection, our encoder's K/V give the logits of PEFT's model in training
+    mode (its PrefixEncoder MLP) on the same weights, and the exported adapter (the K/V, as
+    PEFT saves) gives them too."""
+    params = _random_params(BASE)
+    c, hidden = BASE, 24
+    adapters = lora_prefix.make_prefix_adapters(params, "prefix", P, jax.random.PRNGKey(2), hidden)
+    enc = adapters[lora_prefix.ENCODER]
+    base = str(tmp_path / "base")
+    export.export_hf(params, BASE, base, tokenizer_dir=str(stories_dir))
+    tokens = _tokens()
+    ours = _logits({"params": params, "lora": adapters}, tokens)
+    model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager")
+    config = peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=True,
+        encoder_hidden_size=hidden,
+    )  # fmt: skip
+    model = peft.get_peft_model(model, config)
+    encoder = model.prompt_encoder["default"]
+    weights = {
+        "embedding.weight": enc["embedding"],
+        "transform.0.weight": enc["w1"].T,
+        "transform.0.bias": enc["b1"],
+        "transform.2.weight": enc["w2"].reshape(hidden, -1).T,
+        "transform.2.bias": enc["b2"].reshape(-1),
+    }
+    encoder.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
+    with torch.no_grad():
+        ids = torch.from_numpy(tokens)
+        theirs = model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=MODEL_TOL)
+    _write(str(tmp_path / "adapter"), adapters, base)
+    np.testing.assert_allclose(
+        _peft_logits(base, tmp_path / "adapter", tokens), ours, atol=MODEL_TOL
+    )
+    assert c.num_kv_heads * c.head_dim != hidden  # the encoder's width is its own

@@ -185,6 +185,8 @@ def get_config() -> ml_collections.ConfigDict:
     lo.oft_cayley_neumann = True  # Neumann-series Cayley (PEFT's default); False: exact inverse
     lo.oft_neumann_terms = 5  # terms of that series (PEFT's num_cayley_neumann_terms)
     lo.num_virtual_tokens = 20  # prefix / prompt tuning: P prefix slots or virtual tokens
+    lo.prefix_projection = False  # prefix tuning: train K/V through PEFT's tanh-MLP encoder
+    lo.prefix_hidden_size = 0  # that encoder's hidden width; 0: kv_heads x head_dim (PEFT's)
 
     # --- multi-process runs: detected on TPU VMs, SLURM, GKE JobSet; explicit flags otherwise.
     c.distributed = ds = ml_collections.ConfigDict()

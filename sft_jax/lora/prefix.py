@@ -8,12 +8,21 @@ The model side is sft_jax/model/prefix.py. The trees:
 A prompt tree becomes the prefix tree of its virtual tokens' keys and values before each
 forward (`Transformer.prompt_cache`, done by `sft_jax.model.prefix.with_prompt_prefix`).
 
+With `lora.prefix_projection`, prefix tuning trains PEFT's reparametrisation instead of the K/V
+themselves: an embedding [P, K * H] through a two-layer tanh MLP (hidden width E, PEFT's
+`encoder_hidden_size`) whose output is the K/V,
+
+    adapters/prefix_encoder/{embedding [P, KH], w1 [KH, E], b1 [E], w2 [E, L, 2, K, H], b2}
+
+turned into the prefix tree before each forward (`prefix_kv`); what is exported (as by PEFT,
+which saves the K/V its encoder gives) is that K/V.
+
 PEFT stores both as one tensor `prompt_embeddings` in adapter_model.safetensors: prompt tuning
 [P, D]; prefix tuning the flattened past_key_values [P, L * 2 * K * H] (per virtual token: layer
 by layer, key then value, kv-head by kv-head; PEFT's token_dim is K * H and its
 num_attention_heads K for grouped-query models). PEFT's `prefix_projection` (an MLP
-reparametrisation used while training) is not reproduced: the K/V are trained directly, which
-is PEFT's default, and what PEFT saves either way.
+reparametrisation used while training) is optional here (`lora.prefix_projection`); PEFT
+saves the K/V either way, so an exported adapter always loads as a plain prefix.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ PREFIX_K = "prefix_k"  # the per-layer prefix keys [L, P, K, H] (layers/attn in 
 PREFIX_V = "prefix_v"  # and values
 PROMPT = "prompt_embeddings"  # prompt tuning's trained virtual token embeddings [P, D]
 PEFT_KEY = "prompt_embeddings"  # PEFT's tensor name, for both methods
+ENCODER = "prefix_encoder"  # prefix tuning's MLP reparametrisation (prefix_projection)
 PEFT_TYPES = {"prefix": "PREFIX_TUNING", "prompt": "PROMPT_TUNING"}
 
 
@@ -45,6 +55,38 @@ def init_prefix(layers: int, tokens: int, kv_heads: int, head_dim: int, rng: jax
     }
 
 
+def init_encoder(
+    layers: int, tokens: int, kv_heads: int, head_dim: int, hidden: int, rng: jax.Array
+) -> dict:
+    """PEFT's prefix encoder as initialised by torch: the embedding N(0, 1), each Linear's
+    weight and bias U(+-1/sqrt(fan_in))."""
+    width = kv_heads * head_dim
+    ke, k1, kb1, k2, kb2 = jax.random.split(rng, 5)
+    uniform = lambda key, shape, fan_in: jax.random.uniform(
+        key, shape, jnp.float32, -(fan_in**-0.5), fan_in**-0.5
+    )
+    out = (layers, 2, kv_heads, head_dim)
+    encoder = {
+        "embedding": jax.random.normal(ke, (tokens, width), jnp.float32),
+        "w1": uniform(k1, (width, hidden), width),
+        "b1": uniform(kb1, (hidden,), width),
+        "w2": uniform(k2, (hidden, *out), hidden),
+        "b2": uniform(kb2, out, hidden),
+    }
+    return {ENCODER: encoder}
+
+
+def prefix_kv(adapters: dict) -> dict:
+    """The prefix tree of a prefix-tuning tree: as is, or the K/V its encoder gives
+    (tanh(e w1 + b1) w2 + b2 per virtual token)."""
+    if ENCODER not in adapters:
+        return adapters
+    enc = adapters[ENCODER]
+    hidden = jnp.tanh(enc["embedding"] @ enc["w1"] + enc["b1"])  # [P, E]
+    kv = jnp.einsum("pe,elskh->lspkh", hidden, enc["w2"]) + enc["b2"][:, :, None]
+    return {"layers": {"attn": {PREFIX_K: kv[:, 0], PREFIX_V: kv[:, 1]}}}
+
+
 def init_prompt(embedding: jax.Array, tokens: int, rng: jax.Array) -> dict:
     """Virtual tokens [P, D] initialised as the embeddings of P random vocabulary tokens (PEFT's
     SAMPLE_VOCAB init): inputs the model already reads like words."""
@@ -52,12 +94,18 @@ def init_prompt(embedding: jax.Array, tokens: int, rng: jax.Array) -> dict:
     return {PROMPT: jnp.take(embedding, ids, axis=0).astype(jnp.float32)}
 
 
-def make_prefix_adapters(params: dict, method: str, tokens: int, rng: jax.Array) -> dict:
+def make_prefix_adapters(
+    params: dict, method: str, tokens: int, rng: jax.Array, projection: int | None = None
+) -> dict:
     """The adapter tree a prefix ("prefix") or prompt ("prompt") tuning run starts from, shaped
-    after the model's parameters (k_proj [L, D, K, H], the embedding [V, D])."""
+    after the model's parameters (k_proj [L, D, K, H], the embedding [V, D]); `projection`:
+    the hidden width of prefix tuning's encoder (0: K x H, PEFT's default), None: no encoder."""
     if method == "prompt":
         return init_prompt(params["embed"]["embedding"], tokens, rng)
     layers, _, kv_heads, head_dim = params["layers"]["attn"]["k_proj"]["kernel"].shape
+    if projection is not None:
+        hidden = projection or kv_heads * head_dim
+        return init_encoder(layers, tokens, kv_heads, head_dim, hidden, rng)
     return init_prefix(layers, tokens, kv_heads, head_dim, rng)
 
 
@@ -70,6 +118,7 @@ def with_prefix(params: dict, adapters: dict) -> dict:
             "prompt tuning's virtual tokens become a prefix only through the model "
             "(sft_jax.model.prefix.with_prompt_prefix)"
         )
+    adapters = prefix_kv(adapters)
     layers = dict(params["layers"])
     layers["attn"] = {**layers["attn"], **adapters["layers"]["attn"]}
     return {**params, "layers": layers}
@@ -79,6 +128,8 @@ def method_of(adapters: dict) -> str | None:
     """ "prefix", "prompt" or None (no prefix-style adapter in the tree)."""
     if PROMPT in adapters:
         return "prompt"
+    if ENCODER in adapters:
+        return "prefix"
     if PREFIX_K in adapters.get("layers", {}).get("attn", {}):
         return "prefix"
     return None
@@ -88,7 +139,7 @@ def to_peft_tensors(adapters: dict) -> dict[str, np.ndarray]:
     """PEFT's `prompt_embeddings` of a prefix or prompt tree (float32)."""
     if method_of(adapters) == "prompt":
         return {PEFT_KEY: np.asarray(adapters[PROMPT], np.float32)}
-    attn = adapters["layers"]["attn"]
+    attn = prefix_kv(adapters)["layers"]["attn"]
     k, v = (np.asarray(attn[n], np.float32) for n in (PREFIX_K, PREFIX_V))  # [L, P, K, H]
     both = np.stack([k, v], axis=1).transpose(2, 0, 1, 3, 4)  # [P, L, 2, K, H]
     return {PEFT_KEY: np.ascontiguousarray(both.reshape(both.shape[0], -1))}
@@ -124,6 +175,7 @@ def peft_config(adapters: dict, model: Any, *, base: str) -> dict[str, Any]:
         "peft_type": PEFT_TYPES[method],
         "task_type": "CAUSAL_LM",
         "num_virtual_tokens": int(to_peft_tensors(adapters)[PEFT_KEY].shape[0]),
+        # PEFT saves the K/V an encoder gives, never the encoder: the file is a plain prefix.
         "num_layers": model.num_layers,
         "num_transformer_submodules": 1,
         "base_model_name_or_path": base,

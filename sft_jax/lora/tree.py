@@ -320,7 +320,8 @@ def make_adapters(params: dict, cfg: Any, rng: jax.Array, frozen: Any = None) ->
     init; `params` otherwise. The one place adapters are made: training, the memory plan and
     loading a run's checkpoint all trace this function."""
     if getattr(cfg, "method", "lora") in prefix.PEFT_TYPES:  # prefix / prompt tuning
-        return prefix.make_prefix_adapters(params, cfg.method, cfg.num_virtual_tokens, rng)
+        hidden = cfg.prefix_hidden_size if cfg.prefix_projection else None
+        return prefix.make_prefix_adapters(params, cfg.method, cfg.num_virtual_tokens, rng, hidden)
     if getattr(cfg, "method", "lora") == "oft":
         adapters = init_oft(params, tuple(cfg.targets), cfg.oft_block_size, cfg.oft_block_share)
         return add_saved_modules(params, adapters, tuple(cfg.modules_to_save))

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sft_jax.lora.prefix import PREFIX_K, PREFIX_V, PROMPT
+from sft_jax.lora.prefix import ENCODER, PREFIX_K, PREFIX_V, PROMPT, prefix_kv
 from sft_jax.model.attention import AttentionOptions, grouped_attention
 
 
@@ -48,8 +48,11 @@ def prefix_tree(model: Any, params: dict, adapters: dict) -> dict:
 def with_prompt_prefix(model: Any, variables: dict) -> dict:
     """`variables` with a prompt-tuning tree's virtual tokens (the "lora" collection's
     prompt_embeddings) replaced by their per-layer keys and values, computed by `model` (a
-    Transformer) from `variables["params"]`: the prefix the model then attends to."""
+    Transformer) from `variables["params"]`: the prefix the model then attends to. A prefix
+    encoder (prefix_projection) is replaced by the K/V it gives."""
     adapters = variables.get("lora")
+    if isinstance(adapters, dict) and ENCODER in adapters:
+        return {**variables, "lora": prefix_kv(adapters)}
     if not isinstance(adapters, dict) or PROMPT not in adapters:
         return variables
     virtual = adapters[PROMPT]

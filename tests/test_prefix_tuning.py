@@ -244,3 +244,32 @@ def test_prefix_projection_matches_peft_training_model(tmp_path, stories_dir):
         _peft_logits(base, tmp_path / "adapter", tokens), ours, atol=MODEL_TOL
     )
     assert c.num_kv_heads * c.head_dim != hidden  # the encoder's width is its own
+
+
+@pytest.mark.slow  # builds two train states
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_train_state_on_an_nf4_base(method):
+    """Prefix and prompt tuning over a QLoRA (NF4) base: the state's forward equals the plain
+    model's on the dequantised base with the same prefix, and only the prefix gets gradients."""
+    from test_lora_model import MODEL, RULES, batch, lora_cfg, optim_cfg
+
+    from sft_jax import lora
+    from sft_jax.config import MeshSection
+    from sft_jax.training.optim import make_optimizer
+    from sft_jax.training.sharding import make_mesh
+    from sft_jax.training.state import StateSpec, create_train_state
+
+    cfg = lora_cfg(method=method, base_quant="nf4", num_virtual_tokens=P)
+    mesh = make_mesh(MeshSection(-1, 1, 1, rules=RULES), jax.devices()[:1])
+    tx = make_optimizer(optim_cfg(), 10, cfg)
+    state, _ = create_train_state(StateSpec(MODEL, mesh, RULES, tx, lora=cfg))
+    b = batch()
+    inputs = (b["inputs"], b["positions"], b["segment_ids"])
+    ours = state.apply_fn({"params": state.frozen, "lora": state.params}, *inputs)
+    model = Transformer(MODEL)
+    base = lora.dequantize(state.frozen)
+    plain = model.apply(with_prompt_prefix(model, {"params": base, "lora": state.params}), *inputs)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(plain), atol=1e-4)
+    loss = lambda a: jnp.mean(state.apply_fn({"params": state.frozen, "lora": a}, *inputs) ** 2)
+    grads = jax.grad(loss)(state.params)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))

@@ -35,6 +35,7 @@ import numpy as np
 from sft_jax import hf, lora
 from sft_jax.model import decode
 from sft_jax.model.decoder import ModelConfig, Transformer
+from sft_jax.model.prefix import prefix_tree
 from sft_jax.workdir import LoadError, is_workdir, open_checkpoint, read_config
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -103,14 +104,13 @@ def _merged_lora(saved: Any, model: Any, mesh: Any, checkpointer: Any, step: int
     run's seed) at its stored precision, the adapters restored from `step` into the layout
     training gave them (`sft_jax.training.state.adapter_layout`) and merged in at the run's
     scale."""
-    from sft_jax.training.state import adapter_layout, init_params
+    from sft_jax.training.state import adapter_layout, inference_merge, init_params
 
     rules, c = saved.mesh.rules, saved.lora
     base = init_params(model, saved.model.path, mesh, rules, saved.raw["seed"])
     adapters = checkpointer.restore_params(step, adapter_layout(base, base, c, mesh))
-    scale = lora.config_scale(c)
     out_shardings = jax.tree.map(lambda x: x.sharding, base)
-    merged = jax.jit(lambda p, a: lora.merge(p, a, scale), out_shardings=out_shardings)
+    merged, _ = inference_merge(model, c, out_shardings, mesh)
     return merged(base, adapters), adapters
 
 
@@ -172,7 +172,9 @@ def load_peft(
     base_dir = resolve_peft_base(adapter_dir, config.base if base is None else base)
     run = load_hf(base_dir, param_dtype=param_dtype)
     adapters = lora.read_peft_adapter(adapter_dir, run.params)
-    merged = jax.jit(lambda p, a: lora.merge(p, a, config.scale))(run.params, adapters)
+    model = Transformer(run.model_config)  # prompt tuning: its virtual tokens' K/V
+    merge = lambda p, a: lora.merge(p, prefix_tree(model, p, a), config.scale, config.oft)
+    merged = jax.jit(merge)(run.params, adapters)
     has_tokenizer = any(os.path.isfile(os.path.join(adapter_dir, n)) for n in _TOKENIZER_MARKERS)
     return dataclasses.replace(
         run,

@@ -144,6 +144,8 @@ class CheckpointSection:
     keep_best: int
     async_save: bool
     rewind_to_best: bool
+    rewind_rule: str
+    rewind_tolerance: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +173,16 @@ class LoraSection:
     dora: bool
     base_quant: str
     modules_to_save: tuple[str, ...]
+    method: str
+    oft_block_size: int
+    oft_block_share: bool
+    oft_coft: bool
+    oft_eps: float
+    oft_cayley_neumann: bool
+    oft_neumann_terms: int
+    num_virtual_tokens: int
+    prefix_projection: bool
+    prefix_hidden_size: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,6 +364,8 @@ _CHOICES = {
     "distributed.expected_platform": ("", "cpu", "gpu", "tpu"),
     "lora.base_dtype": ("float32", "bfloat16"),
     "lora.base_quant": ("none", "int8", "nf4"),
+    "lora.method": ("lora", "oft", "prefix", "prompt"),
+    "checkpoint.rewind_rule": ("eval_loss", "retention"),
     "logging.wandb_mode": ("online", "offline"),
 }
 
@@ -404,6 +418,11 @@ def _validate_context(c: Config) -> None:
         raise ConfigError(
             f"data.seq_len={c.data.seq_len} must be a multiple of 2 x mesh.context = {2 * n}: "
             "context parallelism cuts each row into two chunks per context device"
+        )
+    if c.lora.enabled and c.lora.method in ("prefix", "prompt"):
+        raise ConfigError(
+            f"lora.method={c.lora.method!r} cannot run under mesh.context={n}: its prefix "
+            "attention masks rows in slot order, which context parallelism permutes"
         )
     if c.model.attention not in ("auto", "splash"):
         raise ConfigError(
@@ -495,6 +514,14 @@ def _eval_and_output_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("checkpoint.every_minutes", c.checkpoint.every_minutes >= 0, "must be >= 0 (0: off)"),
         ("checkpoint.keep", c.checkpoint.keep >= 1, "must be >= 1"),
         ("checkpoint.keep_best", c.checkpoint.keep_best >= 0, "must be >= 0 (0: off)"),
+        ("checkpoint.rewind_tolerance", c.checkpoint.rewind_tolerance >= 0, "must be >= 0"),
+        (
+            "checkpoint.rewind_rule",
+            c.checkpoint.rewind_rule != "retention"
+            or (c.checkpoint.rewind_to_best and bool(c.eval.general_text_files)),
+            "'retention' needs checkpoint.rewind_to_best and eval.general_text_files (the "
+            "general text whose loss measures retention)",
+        ),
         ("faults.kill_at_step", c.faults.kill_at_step >= 0, "must be >= 0 (0: off)"),
         ("faults.sigterm_at_step", c.faults.sigterm_at_step >= 0, "must be >= 0 (0: off)"),
         ("faults.nan_at_step", c.faults.nan_at_step >= 0, "must be >= 0 (0: off)"),
@@ -514,10 +541,40 @@ def _eval_and_output_checks(c: Config) -> list[tuple[str, bool, str]]:
             set(c.lora.modules_to_save) <= set(SAVEABLE_LORA_MODULES),
             f"entries must be among {SAVEABLE_LORA_MODULES}",
         ),
+        *_oft_checks(c.lora),
         (
             "logging.wandb_project",
             not c.logging.wandb or bool(c.logging.wandb_project),
             "must name a W&B project when logging.wandb is true",
+        ),
+    ]
+
+
+def _oft_checks(lo: LoraSection) -> list[tuple[str, bool, str]]:
+    """OFT's, prefix and prompt tuning's own keys, and the LoRA-only ones they have no use for
+    (never silently ignored)."""
+    other = lo.method != "lora"
+    only_lora = f"is LoRA's; lora.method={lo.method!r} has no"
+    prefix = lo.method in ("prefix", "prompt")
+    return [
+        ("lora.oft_block_size", lo.oft_block_size >= 2, "must be >= 2"),
+        ("lora.oft_eps", lo.oft_eps > 0, "must be > 0"),
+        ("lora.oft_neumann_terms", lo.oft_neumann_terms >= 1, "must be >= 1"),
+        ("lora.num_virtual_tokens", lo.num_virtual_tokens >= 1, "must be >= 1"),
+        ("lora.prefix_hidden_size", lo.prefix_hidden_size >= 0, "must be >= 0 (0: K x H)"),
+        (
+            "lora.prefix_projection",
+            not (lo.prefix_projection and (lo.method != "prefix" or lo.init_from)),
+            "needs lora.method='prefix' and no lora.init_from (PEFT saves only the K/V its "
+            "encoder gives, not the encoder)",
+        ),
+        ("lora.dora", not (other and lo.dora), f"{only_lora} magnitudes"),
+        ("lora.dropout", not (other and lo.dropout > 0), f"{only_lora} adapter-input dropout"),
+        ("lora.lr_ratio_b", not (other and lo.lr_ratio_b != 1.0), f"{only_lora} B matrix"),
+        (
+            "lora.modules_to_save",
+            not (prefix and lo.modules_to_save),
+            f"is not supported with lora.method={lo.method!r}",
         ),
     ]
 

@@ -260,16 +260,22 @@ def export_peft(run: TrainedModel, out_dir: str) -> None:
     if run.adapters is None or run.lora is None:
         raise ExportError("--peft needs a LoRA run (lora.enabled in its config.json)")
     c = run.lora
-    config = lora.peft_config(
-        run.adapters,
-        rank=c["rank"],
-        alpha=c["alpha"],
-        rslora=c["rslora"],
-        dropout=c.get("dropout", 0.0),
-        base=run.source_model_dir,
-        tied_embeddings=run.model_config.tie_embeddings,
-    )
-    adapters = jax.device_get(run.adapters)
+    adapters = jax.device_get(lora.oft_projected(run.adapters, lora.oft_spec(c)))
+    if c.get("method", "lora") in lora.prefix.PEFT_TYPES:
+        config = lora.prefix.peft_config(adapters, run.model_config, base=run.source_model_dir)
+    elif c.get("method", "lora") == "oft":
+        tied = run.model_config.tie_embeddings
+        config = lora.oft_peft_config(adapters, c, base=run.source_model_dir, tied_embeddings=tied)
+    else:
+        config = lora.peft_config(
+            adapters,
+            rank=c["rank"],
+            alpha=c["alpha"],
+            rslora=c["rslora"],
+            dropout=c.get("dropout", 0.0),
+            base=run.source_model_dir,
+            tied_embeddings=run.model_config.tie_embeddings,
+        )
     if jax.process_index() != 0:
         return
     lora.write_peft_adapter(out_dir, adapters, config)
@@ -338,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--step",
         default=None,
-        help="checkpoint step (default latest), or 'best': the step with the lowest eval loss "
-        "found by checkpoint.rewind_to_best (summary.json's best_step)",
+        help="checkpoint step (default latest), or 'best': the kept checkpoint chosen by "
+        "checkpoint.rewind_to_best under checkpoint.rewind_rule (summary.json's best_step)",
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     parser.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
@@ -359,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
             export_peft(run, args.out)
             print(f"exported the LoRA adapter of step {run.step} of {source_dir} to {args.out}")
             return 0
+        if "prefix_k" in run.params.get("layers", {}).get("attn", {}):
+            raise ExportError(
+                "a prefix- or prompt-tuned model has no merged form (its prefix is not a "
+                "weight): export the run with --peft, or use the PEFT adapter as it is"
+            )
         export_hf(
             run.params,
             run.model_config,

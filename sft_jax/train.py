@@ -293,7 +293,7 @@ def finish(
             "eval_loss": run.loop.best_eval_loss,
         }
     if config.checkpoint.rewind_to_best and evaluator.has_validation:
-        summary.update(evaluator.rewind(state, run.checkpointer))
+        summary.update(evaluator.rewind(state, run.checkpointer, before.get("general_loss")))
     params = evaluator.inference_params(state)
     generation = evaluator.final_generation(params, done)
     if generation is not None:

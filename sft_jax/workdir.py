@@ -121,8 +121,8 @@ def open_checkpoint(workdir: str, step: int | None = None) -> tuple[Any, int]:
 
 
 def best_step(workdir: str) -> int:
-    """The step with the lowest eval loss among the kept checkpoints (summary.json's
-    best_step, written when checkpoint.rewind_to_best ranked them); LoadError when unnamed."""
+    """The kept checkpoint the run rewound to (summary.json's best_step, written when
+    checkpoint.rewind_to_best ranked them by checkpoint.rewind_rule); LoadError when unnamed."""
     path = os.path.join(workdir, SUMMARY_FILE)
     best = None
     if os.path.exists(path):

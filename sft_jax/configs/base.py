@@ -154,10 +154,19 @@ def get_config() -> ml_collections.ConfigDict:
     k.keep_best = 0  # also keep this many checkpoints with the lowest eval loss (eval at each save)
     k.async_save = True  # write checkpoints in the background while training goes on
     k.rewind_to_best = False  # at the end, evaluate kept checkpoints; summary names the best step
+    # How rewind_to_best ranks them. eval_loss: the lowest validation loss. retention: the lowest
+    # validation loss among checkpoints whose general-text loss (eval.general_text_files) is at
+    # most rewind_tolerance above the base model's (else the one closest to it).
+    k.rewind_rule = "eval_loss"
+    k.rewind_tolerance = 0.05  # retention rule: allowed rise of the general-text loss, in nats
 
     # --- LoRA: adapters are a separate, trainable tree; the base weights are frozen constants.
     c.lora = lo = ml_collections.ConfigDict()
     lo.enabled = False  # train LoRA adapters instead of every weight
+    # lora: low-rank A, B (rank, alpha, dora, rslora, dropout, lr_ratio_b); oft: orthogonal
+    # fine-tuning, a trained block-diagonal rotation of each target's input (the oft_* keys);
+    # prefix: trained per-layer key/value prefix; prompt: trained virtual input tokens.
+    lo.method = "lora"
     lo.rank = 16  # adapter rank r
     lo.alpha = 32.0  # adapter scale alpha (applied as alpha / rank)
     # Module-name globs: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj. A MoE layer's
@@ -173,6 +182,15 @@ def get_config() -> ml_collections.ConfigDict:
     # PEFT modules_to_save: HF module names trained in full next to the adapters (embed_tokens,
     # lm_head, norm, input_layernorm, post_attention_layernorm, q_norm, k_norm, ...)
     lo.modules_to_save = ()
+    lo.oft_block_size = 32  # OFT rotation block size b (PEFT adjusts it to divide each input)
+    lo.oft_block_share = False  # OFT: one rotation block shared by all blocks of a module
+    lo.oft_coft = False  # constrained OFT: each block's generator kept within oft_eps
+    lo.oft_eps = 6e-5  # COFT radius (PEFT's eps), only with oft_coft
+    lo.oft_cayley_neumann = True  # Neumann-series Cayley (PEFT's default); False: exact inverse
+    lo.oft_neumann_terms = 5  # terms of that series (PEFT's num_cayley_neumann_terms)
+    lo.num_virtual_tokens = 20  # prefix / prompt tuning: P prefix slots or virtual tokens
+    lo.prefix_projection = False  # prefix tuning: train K/V through PEFT's tanh-MLP encoder
+    lo.prefix_hidden_size = 0  # that encoder's hidden width; 0: kv_heads x head_dim (PEFT's)
 
     # --- multi-process runs: detected on TPU VMs, SLURM, GKE JobSet; explicit flags otherwise.
     c.distributed = ds = ml_collections.ConfigDict()

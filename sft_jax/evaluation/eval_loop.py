@@ -24,7 +24,8 @@ Records written to metrics.jsonl (every one also has "step", "time" and "run", t
   and regex_unmatched_references with the regex rule.
 * `"kind": "general_after"` -- the forgetting check on eval.general_text_files after training:
   general_loss, general_perplexity, general_token_accuracy, general_tokens.
-* `"kind": "rewind"` -- "eval_losses": {step: eval loss} of every kept checkpoint, at the best.
+* `"kind": "rewind"` -- "eval_losses": {step: eval loss} of every kept checkpoint (and, under
+  the retention rule, "general_losses"), at the chosen step.
 
 A restarted run reads the baseline back (`read_baseline`) instead of measuring a trained model,
 so its summary still compares with the model before fine-tuning. summary.json gets
@@ -48,6 +49,7 @@ from sft_jax.config import Config
 from sft_jax.console import log
 from sft_jax.data import DataBundle, EvalPrompt
 from sft_jax.data.templates import ChatTemplate, generation_stops
+from sft_jax.evaluation import rewind as rewind_rule
 from sft_jax.evaluation.evaluate import (
     GENERATION_BATCH,
     evaluate_loss,
@@ -231,12 +233,16 @@ class Evaluator:
             self.writer.write(step, {"kind": "general_after", "run": self.run_number, **result})
         return result
 
-    def rewind(self, state: Any, checkpointer: Checkpointer) -> dict[str, Any]:
-        """Evaluates every kept checkpoint on the validation data -> best step and its loss.
+    def rewind(
+        self, state: Any, checkpointer: Checkpointer, base_general_loss: float | None = None
+    ) -> dict[str, Any]:
+        """Evaluates every kept checkpoint on the validation data (and, under the "retention"
+        rule, on the general text) -> the step `checkpoint.rewind_rule` chooses
+        (sft_jax/evaluation/rewind.py; `base_general_loss`: the baseline's general_loss).
 
-        Final checkpoints often overshoot; `python -m sft_jax.export --step <best_step>` exports
-        the best one instead of the last. Ties go to the earlier step. `checkpointer` is the
-        training one: its pending save must commit before the kept steps are listed.
+        Final checkpoints often overshoot; `python -m sft_jax.export --step best` exports the
+        chosen one instead of the last. `checkpointer` is the training one: its pending save
+        must commit before the kept steps are listed.
         """
         checkpointer.wait()
         abstract = jax.tree.map(
@@ -245,21 +251,42 @@ class Evaluator:
         # A fresh manager: the training one has a StandardSave handler registered for `state`,
         # which refuses the partial PyTreeRestore that `restore_params` (shared with export) uses.
         c = self.config.checkpoint
+        retention = c.rewind_rule == "retention"
         reader = Checkpointer(self.workdir, keep=c.keep, keep_best=c.keep_best, async_save=False)
-        losses: dict[str, float] = {}
+        trajectory: list[dict[str, Any]] = []
         try:
             for step in reader.all_steps():
                 params = reader.restore_params(step, abstract)
                 params = self.inference_params(state.replace(params=params))
-                losses[str(step)] = self.validation_loss(params)["eval_loss"]
+                point = {"step": int(step), "eval_loss": self.validation_loss(params)["eval_loss"]}
+                general = self.general_text_loss(params) if retention else None
+                if general is not None:
+                    point["general_loss"] = general["general_loss"]
+                trajectory.append(point)
         finally:
             reader.close()
-        best = min(losses, key=lambda k: (losses[k], int(k)))
+        decision = rewind_rule.choose(
+            trajectory,
+            c.rewind_rule,
+            base_general_loss=base_general_loss if retention else None,
+            tolerance=c.rewind_tolerance,
+        )
+        best = decision["chosen_step"]
+        losses = {str(p["step"]): p["eval_loss"] for p in trajectory}
         record = {"kind": "rewind", "run": self.run_number, "eval_losses": losses}
-        self.writer.write(int(best), record)
-        loss = losses[best]
-        log(f"rewind: best kept checkpoint is step {best} (eval loss {loss:.4f}) of {losses}")
-        return {"best_step": int(best), "best_eval_loss": losses[best], "kept_eval_losses": losses}
+        if retention:
+            record["general_losses"] = {str(p["step"]): p["general_loss"] for p in trajectory}
+        self.writer.write(best, record)
+        log(f"rewind: chose kept checkpoint {best} ({decision['reason']}) of {trajectory}")
+        result = {
+            "best_step": best,
+            "best_eval_loss": losses[str(best)],
+            "kept_eval_losses": losses,
+            "rewind": decision,
+        }
+        if retention:
+            result["kept_general_losses"] = record["general_losses"]
+        return result
 
     def _write_validation(self, params: Any, step: int) -> dict[str, float]:
         result = self.validation_loss(params)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from sft_jax import data, lora
+from sft_jax import data
 from sft_jax.config import Config
 from sft_jax.data import EvalPrompt
 from sft_jax.data.pack import PACKED_KEYS
@@ -47,7 +47,7 @@ from sft_jax.model.decode import cut_at_stop_text, greedy_generate
 from sft_jax.model.decoder import Transformer
 from sft_jax.training.loss import masked_cross_entropy
 from sft_jax.training.sharding import context_shards
-from sft_jax.training.state import TrainState, param_shardings
+from sft_jax.training.state import TrainState, inference_merge, param_shardings
 from sft_jax.training.step import context_order, context_slots
 
 GENERATION_BATCH = 32  # prompts per generation call (rows of one compiled decode program)
@@ -272,14 +272,11 @@ def make_inference_params(
 
     Full fine-tuning: `state.params`. LoRA: the frozen base (dequantised) with the adapters
     merged in, jitted into the base's shardings, so evaluation and generation run the plain
-    model; the merged tree is in `lora.base_dtype` and lives only while it is used.
+    model; the merged tree is in `lora.base_dtype` and lives only while it is used (prefix and
+    prompt tuning: the base with the prefix K/V added, `inference_merge`).
     """
     _, shardings = param_shardings(model, mesh, config.mesh.rules)
     if not config.lora.enabled:
         return (lambda state: state.params), shardings
-    scale = lora.config_scale(config.lora)
-    merge = jax.jit(
-        lambda frozen, adapters: lora.merge(lora.dequantize(frozen), adapters, scale),
-        out_shardings=shardings,
-    )
+    merge, shardings = inference_merge(model, config.lora, shardings, mesh)
     return (lambda state: merge(state.frozen, state.params)), shardings

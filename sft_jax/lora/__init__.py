@@ -1,8 +1,11 @@
-"""LoRA family as pure transforms of the parameter tree: LoRA, rsLoRA, DoRA, LoRA+, QLoRA.
+"""LoRA family as pure transforms of the parameter tree: LoRA, rsLoRA, DoRA, LoRA+, QLoRA, OFT,
+and prefix / prompt tuning.
 
     tree.py   adapters (`make_adapters`: the one adapter maker; init, merge, delta, DoRA
               magnitudes, shardings of a/b/m; `config_scale`: a config's LoRA scale)
     peft.py   PEFT adapter files both ways (adapter_config.json + adapter_model.safetensors)
+    oft.py    OFT (orthogonal fine-tuning): Cayley / Neumann rotations of each kernel's input
+    prefix.py prefix and prompt tuning trees (the model side: sft_jax/model/prefix.py), PEFT files
     quant.py  blockwise int8 / NF4 storage of the frozen base (QLoRA)
 
 The model side is `sft_jax.model.layers.Einsum` (the "lora" variable collection); the training side
@@ -10,9 +13,13 @@ is `sft_jax.training.state` (`state_layout` / `create_train_state`: frozen base 
 adapters) and `sft_jax.training.optim` (LoRA+). See docs/lora.md.
 """
 
+from sft_jax.lora.oft import OftSpec, rotations
+from sft_jax.lora.oft import projected as oft_projected
+from sft_jax.lora.oft import spec_of as oft_spec
 from sft_jax.lora.peft import (
     PeftAdapterConfig,
     from_peft_tensors,
+    oft_peft_config,
     peft_config,
     read_peft_adapter,
     read_peft_config,
@@ -43,6 +50,7 @@ from sft_jax.lora.tree import (
     delta,
     init_adapters,
     init_magnitudes,
+    init_oft,
     lora_scale,
     make_adapters,
     merge,
@@ -58,6 +66,7 @@ __all__ = [
     "KERNELS",
     "SAVEABLE_MODULES",
     "SAVED",
+    "OftSpec",
     "PeftAdapterConfig",
     "Quantized",
     "adapted_kernel",
@@ -73,16 +82,21 @@ __all__ = [
     "from_peft_tensors",
     "init_adapters",
     "init_magnitudes",
+    "init_oft",
     "lora_scale",
     "make_adapters",
     "merge",
     "merged_kernel",
+    "oft_peft_config",
+    "oft_projected",
+    "oft_spec",
     "peft_config",
     "quantize",
     "quantize_kernels",
     "quantized_specs",
     "read_peft_adapter",
     "read_peft_config",
+    "rotations",
     "saved_module_table",
     "target_paths",
     "to_peft_tensors",

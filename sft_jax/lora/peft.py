@@ -21,6 +21,13 @@ inner one's keys gain ".base_layer": with both targeted, gate_up_proj's adapter 
 PEFT refuses dropout (and DoRA) on parameters, so an adapter with expert parameters is written
 with lora_dropout 0 (dropout only acts in training; the adapter computes the same function).
 
+OFT (sft_jax/lora/oft.py) stores one vector per module and layer, as PEFT's OFT does:
+
+    base_model.model.model.layers.{i}.self_attn.q_proj.oft_R.weight          [blocks, n]
+
+with peft_type "OFT" and its settings (oft_block_size, block_share, coft, eps,
+use_cayley_neumann, num_cayley_neumann_terms) in adapter_config.json (`oft_peft_config`).
+
 Rank, alpha, rsLoRA and DoRA travel in adapter_config.json and are read from it on import
 (`read_peft_config`, which also derives the scale); a run that continues from an adapter checks
 them against its config, since a mismatch would silently change the adapter's scale.
@@ -43,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sft_jax.lora import oft, prefix
 from sft_jax.lora.tree import (
     EXPERT_KERNELS,
     EXPERTS,
@@ -64,13 +72,17 @@ _PEFT_MODULE_NAME = {"norm": "model.norm"}  # a suffix that matches the final no
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _SUFFIX = {"a": "lora_A.weight", "b": "lora_B.weight", "m": "lora_magnitude_vector"}
+OFT_SUFFIX = "oft_R.weight"
+# The PEFT version whose OFT parametrisation (the Neumann series as changed in 0.18) is written;
+# PEFT warns on a Neumann adapter that names none.
+OFT_PEFT_VERSION = "0.21.0"
 
 
 def _adapter_paths(adapters: dict) -> list[tuple[str, ...]]:
     paths = []
     for path, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]:
         keys = tuple(str(getattr(p, "key", p)) for p in path)
-        if keys[-1] == "a":
+        if keys[-1] in ("a", oft.PARAM):
             paths.append(keys[:-1])
     return paths
 
@@ -85,6 +97,11 @@ def to_peft_tensors(adapters: dict, tied_embeddings: bool = False) -> dict[str, 
         if is_expert_path(path):
             wrapped = tuple(get_path(adapters, path[:-1]))
             tensors.update(_experts_to_peft(path, ad, wrapped))
+            continue
+        if oft.PARAM in ad:
+            for layer in range(ad[oft.PARAM].shape[0]):
+                key = f"{PREFIX}.{layer}.{hf_module(path)}.{OFT_SUFFIX}"
+                tensors[key] = ad[oft.PARAM][layer].copy()
             continue
         layers, rank = ad["a"].shape[0], ad["a"].shape[-1]
         for layer in range(layers):
@@ -180,7 +197,8 @@ def _parse_name(name: str, experts: tuple[str, ...]) -> tuple[int, tuple[str, ..
     """PEFT key -> (layer, our adapter path, a | b | m); `experts`: the expert parameters the
     adapter targets (`expert_parameters`), which tell its nested wrappers apart."""
     parts = name.split(".")
-    kind = {"lora_A": "a", "lora_B": "b"}.get(parts[-2]) if parts[-1] == "weight" else None
+    kinds = {"lora_A": "a", "lora_B": "b", "oft_R": oft.PARAM}
+    kind = kinds.get(parts[-2]) if parts[-1] == "weight" else None
     if parts[-1] == "lora_magnitude_vector":
         kind, parts = "m", [*parts, "weight"]  # align module slicing below
     if "layers" not in parts or kind is None:
@@ -209,6 +227,8 @@ def _stack_layer(path: tuple[str, ...], parts: dict, params: dict) -> dict[str, 
     layers = kernel.shape[0]
     if any(sorted(v) != list(range(layers)) for v in parts.values()):
         raise ValueError(f"PEFT adapter for {'/'.join(path)} does not cover all {layers} layers")
+    if oft.PARAM in parts:
+        return {oft.PARAM: _oft_stack(path, parts[oft.PARAM], kernel, n_in)}
     if is_expert_path(path):
         experts = kernel.shape[1]
         a = [parts["a"][i].reshape(experts, -1, kernel.shape[2]) for i in range(layers)]
@@ -227,6 +247,22 @@ def _stack_layer(path: tuple[str, ...], parts: dict, params: dict) -> dict[str, 
     return ad
 
 
+def _oft_stack(
+    path: tuple[str, ...], per_layer: dict[int, np.ndarray], kernel: Any, n_in: int
+) -> np.ndarray:
+    """One OFT module's per-layer vectors [blocks, n] stacked, checked against its kernel's
+    input width (blocks x b = in, or one shared block with b dividing in)."""
+    vec = np.stack([per_layer[i] for i in range(len(per_layer))])
+    fan_in = int(np.prod(kernel.shape[1 : 1 + n_in]))
+    b = oft.block_size(vec.shape[-1])
+    if fan_in % b or vec.shape[1] not in (1, fan_in // b):
+        raise ValueError(
+            f"PEFT OFT tensors of {'/'.join(path)} ({vec.shape[1]} blocks of {b}) do not fit "
+            f"its {fan_in} input features"
+        )
+    return vec
+
+
 def from_peft_tensors(
     tensors: dict[str, np.ndarray],
     params: dict,
@@ -241,7 +277,7 @@ def from_peft_tensors(
     per_path: dict[tuple[str, ...], dict[str, dict[int, np.ndarray]]] = {}
     for name, value in tensors.items():
         layer, path, kind = _parse_name(name, experts)
-        parts = per_path.setdefault(path, {"a": {}, "b": {}})
+        parts = per_path.setdefault(path, {} if kind == oft.PARAM else {"a": {}, "b": {}})
         parts.setdefault(kind, {})[layer] = np.asarray(value)
     adapters: dict = {}
     for path, parts in per_path.items():
@@ -292,13 +328,51 @@ def peft_config(
     }
 
 
+def oft_peft_config(
+    adapters: dict, cfg: Any, *, base: str, tied_embeddings: bool | None = None
+) -> dict[str, Any]:
+    """The adapter_config.json of an OFT adapter tree; `cfg`: its run's LoRA section (or that
+    section as a dict) for the OFT settings. PEFT's OFTConfig cannot re-tie an LM head, so a
+    trained tied embedding is refused."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
+    saved = sorted(adapters.get(SAVED, {}))
+    if "embed_tokens" in saved and tied_embeddings is not False:
+        raise ValueError(
+            "an OFT adapter with a trained tied embedding cannot be written for PEFT (its "
+            "OFTConfig has no ensure_weight_tying); untie it or leave embed_tokens frozen"
+        )
+    return {
+        "peft_type": "OFT",
+        "task_type": "CAUSAL_LM",
+        "peft_version": OFT_PEFT_VERSION,
+        "r": 0,
+        "oft_block_size": int(get("oft_block_size")),
+        "target_modules": sorted({p[-1] for p in _adapter_paths(adapters)}),
+        "module_dropout": 0.0,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "init_weights": True,
+        "coft": bool(get("oft_coft")),
+        "eps": float(get("oft_eps")),
+        "block_share": bool(get("oft_block_share")),
+        "use_cayley_neumann": bool(get("oft_cayley_neumann")),
+        "num_cayley_neumann_terms": int(get("oft_neumann_terms")),
+        "base_model_name_or_path": base,
+        "inference_mode": True,
+        "modules_to_save": [_PEFT_MODULE_NAME.get(m, m) for m in saved] or None,
+    }
+
+
 def write_peft_adapter(out_dir: str, adapters: dict, config: dict[str, Any]) -> None:
     """Writes adapter_config.json and adapter_model.safetensors (metadata format "pt"); a tied
     trained embedding (config ensure_weight_tying) also as lm_head.weight."""
     from safetensors.numpy import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    tensors = to_peft_tensors(adapters, config.get("ensure_weight_tying", False))
+    if prefix.method_of(adapters):  # prefix / prompt tuning: PEFT's one prompt_embeddings
+        tensors = prefix.to_peft_tensors(adapters)
+    else:
+        tensors = to_peft_tensors(adapters, config.get("ensure_weight_tying", False))
     save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), {"format": "pt"})
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
@@ -317,10 +391,27 @@ class PeftAdapterConfig:
     dora: bool
     base: str  # base_model_name_or_path as written ("" when unset)
     target_parameters: tuple[str, ...] = ()  # PEFT's, as written: the adapted expert parameters
+    oft: oft.OftSpec | None = None  # an OFT adapter's rotation settings; None: LoRA
+    method: str = "lora"  # lora | oft | prefix | prompt (config.lora.method's names)
 
     @property
     def scale(self) -> float:
-        return config_scale(self)
+        """LoRA's scale; the other methods have none (1.0, unused by their merge)."""
+        return 1.0 if self.method != "lora" else config_scale(self)
+
+
+def _oft_config(path: str, cfg: dict) -> PeftAdapterConfig:
+    """An OFT adapter_config.json: its rotation settings (sizes come from the tensors).
+    Settings PEFT's Linear OFT honours that sft_jax does not reproduce are refused."""
+    if cfg.get("bias", "none") != "none" or cfg.get("fan_in_fan_out", False):
+        raise ValueError(f"{path}: OFT with bias training or fan_in_fan_out is not supported")
+    neumann = bool(cfg.get("use_cayley_neumann", True))
+    spec = oft.OftSpec(
+        neumann_terms=int(cfg.get("num_cayley_neumann_terms", 5)) if neumann else 0,
+        coft_eps=float(cfg.get("eps", 6e-5)) if cfg.get("coft", False) else None,
+    )
+    base = cfg.get("base_model_name_or_path") or ""
+    return PeftAdapterConfig(1, 1.0, False, False, base, oft=spec, method="oft")
 
 
 def read_peft_config(adapter_dir: str) -> PeftAdapterConfig:
@@ -335,8 +426,19 @@ def read_peft_config(adapter_dir: str) -> PeftAdapterConfig:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: expected a JSON object")
+    if cfg.get("peft_type", "LORA") == "OFT":
+        return _oft_config(path, cfg)
+    method = prefix.method_of_config(cfg)
+    if method is not None:
+        if cfg.get("num_transformer_submodules", 1) != 1:
+            raise ValueError(f"{path}: a decoder-only prefix has one transformer submodule")
+        base = cfg.get("base_model_name_or_path") or ""
+        return PeftAdapterConfig(1, 1.0, False, False, base, method=method)
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: peft_type is {cfg['peft_type']!r}; only 'LORA' is supported")
+        raise ValueError(
+            f"{path}: peft_type is {cfg['peft_type']!r}; only 'LORA', 'OFT', 'PREFIX_TUNING' "
+            "and 'PROMPT_TUNING' are supported"
+        )
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
             raise ValueError(f"{path}: '{key}' (per-module ranks or alphas) is not supported")
@@ -361,15 +463,34 @@ def read_peft_adapter(
     alpha: float | None = None,
     rslora: bool | None = None,
     dora: bool | None = None,
+    oft_spec: oft.OftSpec | None = None,
+    method: str | None = None,
 ) -> dict:
     """A PEFT adapter directory -> adapter tree shaped after `params`. Rank, alpha, rsLoRA and
-    DoRA come from its adapter_config.json (`read_peft_config`); the ones given here (a run's
-    config.lora) must match it, since a mismatch would silently change the adapter's scale."""
+    DoRA (OFT: its rotation settings) come from its adapter_config.json (`read_peft_config`);
+    the ones given here (a run's config.lora) must match it, since a mismatch would silently
+    change the adapter's scale or rotations. `method` (config.lora.method), when given, must
+    be the adapter's."""
     from safetensors.numpy import load_file
 
     cfg = read_peft_config(adapter_dir)
-    want = {"r": rank, "lora_alpha": alpha, "use_rslora": rslora, "use_dora": dora}
-    got = {"r": cfg.rank, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora, "use_dora": cfg.dora}
+    asked = method or ("oft" if oft_spec is not None else "lora" if rank is not None else None)
+    found = cfg.method
+    if asked not in (None, found):
+        raise ValueError(
+            f"PEFT adapter {adapter_dir} is a {found.upper()} adapter but config.lora.method is "
+            f"{asked!r}"
+        )
+    tensors = load_file(os.path.join(adapter_dir, WEIGHTS_FILE))
+    if found in prefix.PEFT_TYPES:
+        layers, _, kv_heads, head_dim = params["layers"]["attn"]["k_proj"]["kernel"].shape
+        return prefix.from_peft_tensors(tensors, found, layers, kv_heads, head_dim)
+    want: dict[str, Any] = {"OFT settings": oft_spec}
+    got: dict[str, Any] = {"OFT settings": cfg.oft}
+    if found == "lora":
+        want = {"r": rank, "lora_alpha": alpha, "use_rslora": rslora, "use_dora": dora}
+        got = {"r": cfg.rank, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora}
+        got["use_dora"] = cfg.dora
     problems = [
         f"{k} is {got[k]!r} there but {want[k]!r} here"
         for k in want
@@ -379,7 +500,6 @@ def read_peft_adapter(
         raise ValueError(
             f"PEFT adapter {adapter_dir} does not match config.lora: " + "; ".join(problems)
         )
-    tensors = load_file(os.path.join(adapter_dir, WEIGHTS_FILE))
     adapters = from_peft_tensors(tensors, params, target_parameters=cfg.target_parameters)
     has_m = any("m" in get_path(adapters, p) for p in _adapter_paths(adapters))
     if has_m != cfg.dora:

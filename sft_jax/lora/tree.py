@@ -37,6 +37,11 @@ model needs to learn a new stop token) are full float32 copies under the adapter
     adapters/modules_to_save/{embed_tokens [V, D], norm [D], input_layernorm [L, D], ...}
 
 `with_saved_modules` puts them in place of the frozen leaves, for the forward and for `merge`.
+
+The other methods of `lora.method` keep the same paths with their own leaves: OFT a vector
+`oft_r` [L, blocks, b (b - 1) / 2] per targeted kernel (sft_jax/lora/oft.py), prefix tuning
+layers/attn/{prefix_k, prefix_v} [L, P, K, H] and prompt tuning prompt_embeddings [P, D]
+(sft_jax/lora/prefix.py); `make_adapters` and `merge` dispatch on them.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sft_jax.lora import oft, prefix
 from sft_jax.lora.quant import dequantize
 
 # Kernels of the decoder: module name -> number of input dims after L. Their HF names come from
@@ -247,11 +253,16 @@ def with_saved_modules(params: dict, saved: dict) -> dict:
     return out
 
 
-def apply_variables(variables: dict) -> dict:
+def apply_variables(variables: dict, oft_spec: oft.OftSpec | None = None) -> dict:
     """Model variables of a LoRA forward: the "lora" collection's saved modules (if any) moved
-    into "params", so the model reads them where it reads the frozen weights."""
+    into "params", so the model reads them where it reads the frozen weights, and OFT vectors
+    turned into their rotation blocks (`oft.rotations`, per `oft_spec`)."""
     adapters = variables.get("lora")
-    if not isinstance(adapters, dict) or SAVED not in adapters:
+    if not isinstance(adapters, dict):
+        return variables
+    adapters = oft.rotations(adapters, oft_spec)
+    variables = {**variables, "lora": adapters}
+    if SAVED not in adapters:
         return variables
     rest = {k: v for k, v in adapters.items() if k != SAVED}
     return {
@@ -282,6 +293,25 @@ def init_adapters(
     return adapters
 
 
+def init_oft(params: dict, targets: tuple[str, ...], size: int, share: bool) -> dict:
+    """OFT: a zero vector `oft_r` [L, blocks, b (b - 1) / 2] per targeted kernel (R = I, so
+    the model is the base at init; sft_jax/lora/oft.py). PEFT's OFT adapts modules, not
+    parameters, so a MoE layer's experts are refused."""
+    adapters: dict = {}
+    for path in target_paths(params, targets):
+        if is_expert_path(path):
+            raise ValueError(
+                "OFT on experts is not supported (PEFT's OFT adapts modules, not the experts' "
+                "fused parameters); target the attention and dense projections only"
+            )
+        kernel, lead, n_in = adapted_kernel(get_path(params, path[:-1]), path[-1])
+        fan_in = math.prod(kernel.shape[lead : lead + n_in])
+        set_path(
+            adapters, path, {oft.PARAM: oft.init_vector(fan_in, size, kernel.shape[:lead], share)}
+        )
+    return adapters
+
+
 def make_adapters(params: dict, cfg: Any, rng: jax.Array, frozen: Any = None) -> dict:
     """The adapter tree a LoRA run starts from, for config `cfg` (`targets`, `rank`, `dora`,
     `modules_to_save`): A random and B zero per targeted kernel, DoRA's m = ||W||, and the
@@ -289,6 +319,12 @@ def make_adapters(params: dict, cfg: Any, rng: jax.Array, frozen: Any = None) ->
     (stored, maybe quantised) base `frozen` when given, so the model equals the base exactly at
     init; `params` otherwise. The one place adapters are made: training, the memory plan and
     loading a run's checkpoint all trace this function."""
+    if getattr(cfg, "method", "lora") in prefix.PEFT_TYPES:  # prefix / prompt tuning
+        hidden = cfg.prefix_hidden_size if cfg.prefix_projection else None
+        return prefix.make_prefix_adapters(params, cfg.method, cfg.num_virtual_tokens, rng, hidden)
+    if getattr(cfg, "method", "lora") == "oft":
+        adapters = init_oft(params, tuple(cfg.targets), cfg.oft_block_size, cfg.oft_block_share)
+        return add_saved_modules(params, adapters, tuple(cfg.modules_to_save))
     adapters = init_adapters(params, tuple(cfg.targets), cfg.rank, rng)
     if cfg.dora and any(is_expert_path(p) for p in target_paths(params, tuple(cfg.targets))):
         raise ValueError(
@@ -356,13 +392,21 @@ def merged_kernel(kernel: jax.Array, adapter: dict, scale: float, n_in: int) -> 
     return merged
 
 
-def merge(params: dict, adapters: dict, scale: float) -> dict:
+def merge(params: dict, adapters: dict, scale: float, oft_spec: oft.OftSpec | None = None) -> dict:
     """A new parameter tree with W + scale * a @ b (DoRA: rescaled) in every adapted kernel,
-    and the trained copies of saved modules (in the base leaves' dtypes)."""
+    or blockdiag(R) W for OFT (rotations per `oft_spec`), and the trained copies of saved
+    modules (in the base leaves' dtypes)."""
+    if prefix.method_of(adapters):  # no weight merge: the K/V join the tree (`with_prefix`)
+        return prefix.with_prefix(params, adapters)
+    adapters = oft.rotations(adapters, oft_spec)
 
     def visit(p: Any, ad: Any, name: str) -> Any:
         if name == EXPERTS:
             return merged_experts(p, ad, scale)
+        if isinstance(ad, dict) and oft.ROTATION in ad:
+            kernel = p["kernel"]
+            merged = oft.rotate_kernel(kernel, ad[oft.ROTATION], KERNELS[name])
+            return {**p, "kernel": merged.astype(kernel.dtype)}
         if isinstance(ad, dict) and "a" in ad and "b" in ad:
             kernel = p["kernel"]
             merged = merged_kernel(kernel, ad, scale, KERNELS[name])
@@ -384,7 +428,12 @@ def adapter_specs(kernel_spec: tuple, ndim: int, n_in: int, lead: int = 1) -> di
     replicated."""
     spec = (tuple(kernel_spec) + (None,) * ndim)[:ndim]
     head, ins, outs = spec[:lead], spec[lead : lead + n_in], spec[lead + n_in :]
-    return {"a": (*head, *ins, None), "b": (*head, None, *outs), "m": (*head, *outs)}
+    return {
+        "a": (*head, *ins, None),
+        "b": (*head, None, *outs),
+        "m": (*head, *outs),
+        oft.PARAM: (*head, None, None),  # OFT's vector: small, replicated
+    }
 
 
 def count(adapters: dict) -> int:

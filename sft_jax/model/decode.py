@@ -48,13 +48,16 @@ def generate(
     top_p: float = 1.0,
     rng: jax.Array | None = None,
     batch_size: int = 16,
+    prefix: dict | None = None,
 ) -> list[list[int]]:
     """Continuation of each prompt: only the new ids, cut before the first stop id or sequence.
 
     `params` is the unboxed parameter tree (possibly sharded). `stop_ids` may be empty (always
     generate `max_new_tokens`); None entries (a tokenizer without EOS) are ignored.
     `stop_sequences` are multi-token stops (an end of turn the tokenizer splits). `rng` seeds
-    sampling (default key 0); it is unused when temperature is 0.
+    sampling (default key 0); it is unused when temperature is 0. `prefix`: a prefix-tuning
+    tree (sft_jax/model/prefix.py; prompt tuning's after `with_prompt_prefix`) passed as the
+    "lora" collection, its K/V attended to before every row's cache.
     """
     if max_new_tokens < 0 or batch_size < 1 or temperature < 0 or not 0 <= top_p <= 1:
         raise ValueError(
@@ -70,13 +73,14 @@ def generate(
     sequences = tuple(tuple(int(t) for t in q) for q in stop_sequences if len(q) > 1)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     rows = min(batch_size, len(prompts))
+    variables = {"params": params} if prefix is None else {"params": params, "lora": prefix}
     outputs: list[list[int]] = []
     for chunk_index, start in enumerate(range(0, len(prompts), rows)):
         chunk = prompts[start : start + rows]
         sampling = (temperature, top_p, jax.random.fold_in(rng, chunk_index))
         outputs.extend(
             _generate_chunk(
-                model, params, chunk, rows, max_new_tokens, (stops, sequences), sampling
+                model, variables, chunk, rows, max_new_tokens, (stops, sequences), sampling
             )
         )
     return outputs
@@ -117,7 +121,7 @@ def _bucket(n: int, size: int) -> int:
 
 def _generate_chunk(
     model: Transformer,
-    params: Any,
+    variables: Any,
     prompts: list[list[int]],
     rows: int,
     max_new_tokens: int,
@@ -145,7 +149,7 @@ def _generate_chunk(
     temperature, top_p, key = sampling
     out = _decode(
         model,
-        params,
+        variables,
         jnp.asarray(tokens),
         jnp.asarray(starts),
         jnp.asarray(done),
@@ -198,7 +202,7 @@ def _step_logits(module: Transformer, tokens, positions, starts, cache, index):
 @functools.partial(jax.jit, static_argnums=0)
 def _decode(
     model: Transformer,
-    params: Any,
+    variables: Any,
     tokens: jax.Array,
     starts: jax.Array,
     done: jax.Array,
@@ -221,7 +225,7 @@ def _decode(
         match = (tail[:, None, :] == stop_seqs[None]) | (stop_seqs[None] == -1)  # [B, Q, L]
         return hit | jnp.any(jnp.all(match, axis=-1), axis=-1)
 
-    apply = functools.partial(model.apply, {"params": params}, method=_step_logits)
+    apply = functools.partial(model.apply, variables, method=_step_logits)
     cache = init_cache(model.config, rows, length + out.shape[1])
     positions = jnp.maximum(jnp.arange(length)[None, :] - starts[:, None], 0)
     logits, cache = apply(tokens, positions, starts, cache, jnp.int32(0))

@@ -43,6 +43,7 @@ Parameter tree (names are load-bearing: the HF loader, sharding rules, LoRA and 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -78,6 +79,7 @@ from sft_jax.model.layers import (  # noqa: F401  (re-exported: public names of 
     named_param,
 )
 from sft_jax.model.moe import MoeConfig, MoeMlp
+from sft_jax.model.prefix import PREFIX_K, PREFIX_V, prefix_attention, prefix_length
 from sft_jax.model.regularize import neftune_noise
 
 ROUTER_STATS = "router"  # intermediates key of a mixture-of-experts model's router statistics
@@ -222,9 +224,17 @@ class Attention(nn.Module):
         if c.attention_sinks:  # gpt-oss; HF initialises them as weights (normal, std 0.02)
             init = nn.initializers.normal(INIT_STD)
             sinks = named_param(self, "sinks", init, (n,), ("heads",), c.param_dtype)
-        out = attend(
-            q, k, v, mask, options, segment_ids=segment_ids, local=local, slots=slots, sinks=sinks
-        )
+        held = [n for n in ("lora", "params") if self.has_variable(n, PREFIX_K)]
+        if held and c.has_local_layers:  # HF's window would let the prefix slide out
+            raise ValueError("prefix and prompt tuning on sliding-window layers is not supported")
+        if held:  # prefix / prompt tuning's per-layer K/V (sft_jax/model/prefix.py)
+            prefix = (self.get_variable(held[0], PREFIX_K), self.get_variable(held[0], PREFIX_V))
+            out = prefix_attention(q, k, v, mask, prefix, options, sinks)
+        else:
+            out = attend(
+                q, k, v, mask, options, segment_ids=segment_ids, local=local, slots=slots,
+                sinks=sinks,
+            )  # fmt: skip
         o_names = ("heads", "head_dim", "embed")
         o_bias = ("embed",) if c.o_proj_bias else None
         o_proj = Einsum("BTNH,NHD->BTD", (n, h, d), o_names, o_bias, **dt, name="o_proj")
@@ -391,8 +401,10 @@ class Transformer(nn.Module):
         if slots is not None and implementation not in ("ring", "splash"):
             raise ValueError(f"{implementation} attention needs rows in slot order (no slots)")
         mask = None
-        if implementation in DENSE_MASK_IMPLEMENTATIONS:
+        prefix = prefix_length(self.variables)  # prefix tuning: P shared K/V before every row
+        if implementation in DENSE_MASK_IMPLEMENTATIONS or prefix:
             mask = attention_mask(segment_ids)
+        positions = positions + prefix  # as HF places tokens after P cached prefix slots
         slots = jnp.arange(tokens.shape[1]) if slots is None else slots
         x, outputs = self._layers(tokens, positions, mask, slots, {}, segment_ids=segment_ids)
         if "router" in outputs:  # per-layer MoeAux [L, ...]: read by the train step's loss
@@ -420,13 +432,32 @@ class Transformer(nn.Module):
         mask = (k_slots[None, None, :] <= q_slots[None, :, None]) & (
             k_slots[None, None, :] >= starts[:, None, None]
         )
+        positions = positions + prefix_length(self.variables)
         x, outputs = self._layers(tokens, positions, mask, q_slots, {**cache}, index=index)
         return self.final_norm(x), {"k": outputs["k"], "v": outputs["v"]}
 
-    def _layers(self, tokens, positions, mask, q_slots, layer: dict, index=None, segment_ids=None):
-        """Embeds and runs the scanned layers; builds the per-layer and shared scan inputs."""
+    def prompt_cache(self, virtual: jax.Array) -> dict[str, jax.Array]:
+        """Prompt tuning: the keys and values {"k", "v": [L, P, K, H]} of the virtual token
+        embeddings `virtual` [P, D] at positions 0..P-1 (sft_jax/model/prefix.py: as they
+        come first and attention is causal, they are the same before every example)."""
         c = self.config
-        x = self.embed(tokens)
+        p = virtual.shape[0]
+        x = virtual[None].astype(c.dtype)
+        if c.embed_scale:  # HF scales inputs_embeds, virtual tokens included
+            x = x * jnp.asarray(c.hidden_size**0.5, dtype=c.dtype)
+        positions = jnp.arange(p)[None]
+        mask = jnp.tril(jnp.ones((1, p, p), bool))
+        cache = init_cache(dataclasses.replace(c, dtype="float32"), 1, p)
+        _, outputs = self._layers(None, positions, mask, positions[0], cache, index=0, x=x)
+        return {"k": outputs["k"][:, 0], "v": outputs["v"][:, 0]}
+
+    def _layers(
+        self, tokens, positions, mask, q_slots, layer: dict, index=None, segment_ids=None, x=None
+    ):
+        """Embeds (unless given `x` [B, T, D]) and runs the scanned layers; builds the
+        per-layer and shared scan inputs."""
+        c = self.config
+        x = self.embed(tokens) if x is None else x
         if c.neftune_alpha > 0 and segment_ids is not None and self.has_rng("neftune"):
             # Training only: the train step passes a "neftune" rng, evaluation does not.
             x = neftune_noise(x, segment_ids, c.neftune_alpha, self.make_rng("neftune"))

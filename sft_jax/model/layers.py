@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sft_jax.lora.oft import PARAM, ROTATION, rotate_input
 from sft_jax.lora.quant import Quantized, dequantize_array, einsum_dequantized
 from sft_jax.model.cpu_linear import cpu_linear, input_rank
 
@@ -51,7 +52,9 @@ class Einsum(nn.Module):
     DoRA magnitude `m` [*out] as well, the output is m / ||W + s a b||_in * (x @ W + s x a b), the
     norm a constant of the gradient as in PEFT: that norm needs the weight-sized product a @ b.
     A QLoRA base passes the kernel as `sft_jax.lora.Quantized` codes: dequantised here, per
-    scanned layer, and rematerialised in the backward pass (`einsum_dequantized`).
+    scanned layer, and rematerialised in the backward pass (`einsum_dequantized`). With OFT
+    rotation blocks `oft_rotation` [blocks, b, b] (sft_jax/lora/oft.py) the input is rotated
+    first, y = (x blockdiag(R)) W: the frozen kernel, quantised or not, is used as is.
     """
 
     equation: str
@@ -69,6 +72,13 @@ class Einsum(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         out_dtype = None if self.out_dtype is None else jnp.dtype(self.out_dtype)
         stored = self.get_variable("params", "kernel")
+        if self.has_variable("lora", PARAM):  # else the base would run silently
+            raise ValueError(
+                "OFT vectors reached the model unrotated: pass the variables through "
+                "sft_jax.lora.apply_variables(variables, oft_spec)"
+            )
+        if self.has_variable("lora", ROTATION):
+            x = self._rotate(x)
         if isinstance(stored, Quantized):  # QLoRA base: dequantised here, one layer at a time
             kernel = stored
             h = x.astype(self.dtype)
@@ -88,6 +98,15 @@ class Einsum(nn.Module):
             bias = named_param(self, "bias", zeros, shape, self.bias_names, self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
+
+    def _rotate(self, x: jax.Array) -> jax.Array:
+        """x with its input dims (the kernel letters it shares, trailing in kernel order)
+        rotated by OFT's blocks."""
+        x_letters, kernel_letters = self.equation.split("->")[0].split(",")
+        k_in = "".join(c for c in kernel_letters if c in x_letters)
+        if not x_letters.endswith(k_in):
+            raise ValueError(f"OFT needs the input dims trailing in {self.equation!r}")
+        return rotate_input(x, self.get_variable("lora", ROTATION), len(k_in))
 
     def _project(
         self, equation: str, x: jax.Array, w: jax.Array, out_dtype: Any = None

@@ -39,6 +39,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 from sft_jax import hf, lora
 from sft_jax.config import Config, ConfigError, LoraSection
 from sft_jax.model.decoder import ModelConfig, Transformer
+from sft_jax.model.prefix import PREFIX_K, PREFIX_V, prefix_tree, with_prompt_prefix
 from sft_jax.training import sharding
 from sft_jax.training.optim import make_optimizer
 
@@ -161,16 +162,40 @@ def lora_model_config(model_config: ModelConfig, cfg: LoraSection) -> ModelConfi
     return dataclasses.replace(model_config, lora_scale=scale, lora_dropout=cfg.dropout)
 
 
+def inference_merge(
+    model: Transformer, cfg: Any, shardings: Any, mesh: Mesh | AbstractMesh
+) -> tuple[Callable[[Any, Any], Any], Any]:
+    """(jitted (base or frozen base, adapters) -> the tree the plain model runs, its shardings)
+    for a LoRA-family run `cfg`: LoRA, DoRA and OFT merged into the kernels (dequantised
+    first); prefix and prompt tuning's K/V added to the tree (`lora.prefix.with_prefix`;
+    prompt tuning's computed from its virtual tokens by `model`), replicated. `shardings`:
+    the base's."""
+    scale, oft = lora.config_scale(cfg), lora.oft_spec(cfg)
+    if cfg.method in lora.prefix.PEFT_TYPES:
+        rep = NamedSharding(mesh, PartitionSpec())
+        prefix = {"layers": {"attn": {PREFIX_K: rep, PREFIX_V: rep}}}
+        shardings = lora.prefix.with_prefix(shardings, prefix)
+
+    def merge(base: Any, adapters: Any) -> Any:
+        base = lora.dequantize(base)
+        return lora.merge(base, prefix_tree(model, base, adapters), scale, oft)
+
+    return jax.jit(merge, out_shardings=shardings), shardings
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraApply:
     """`apply_fn` of a LoRA state: the model's apply after moving the trained copies of saved
-    modules (`lora.modules_to_save`) from the "lora" collection into "params". A frozen
-    dataclass, so two states built alike compare equal (apply_fn is static in jit)."""
+    modules (`lora.modules_to_save`) from the "lora" collection into "params" (and, for OFT,
+    turning its vectors into rotations per `oft`). A frozen dataclass, so two states built
+    alike compare equal (apply_fn is static in jit)."""
 
     model: Transformer
+    oft: lora.OftSpec | None = None
 
     def __call__(self, variables: dict, *args: Any, **kwargs: Any) -> Any:
-        return self.model.apply(lora.apply_variables(variables), *args, **kwargs)
+        variables = with_prompt_prefix(self.model, lora.apply_variables(variables, self.oft))
+        return self.model.apply(variables, *args, **kwargs)
 
 
 def adapter_shardings(adapters: Any, base: Any, mesh: Mesh | AbstractMesh) -> Any:
@@ -185,11 +210,13 @@ def adapter_shardings(adapters: Any, base: Any, mesh: Mesh | AbstractMesh) -> An
 
     def visit(ad: dict, p: dict) -> dict:
         return {
-            k: one(v, p, k) if "a" in v else visit(v, p[k])
+            k: one(v, p, k) if "a" in v or lora.oft.PARAM in v else visit(v, p[k])
             for k, v in ad.items()
             if k != lora.SAVED
         }
 
+    if lora.prefix.method_of(adapters):  # prefix / prompt tuning: small, replicated
+        return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), adapters)
     out = visit(adapters, base)
     if lora.SAVED in adapters:
         table = lora.saved_module_table(base)
@@ -258,7 +285,8 @@ def _layout(spec: StateSpec, base: Any) -> TrainState:
     if spec.uses_lora:
         frozen = frozen_layout(base, spec.lora, spec.mesh)
         params = adapter_layout(base, frozen, spec.lora, spec.mesh)
-        apply_fn = LoraApply(Transformer(lora_model_config(spec.model.config, spec.lora)))
+        model = Transformer(lora_model_config(spec.model.config, spec.lora))
+        apply_fn = LoraApply(model, lora.oft_spec(spec.lora))
     opt_state = jax.eval_shape(spec.tx.init, params)
     opt_shardings = sharding.follow_param_shardings(
         opt_state, params, _sharding_tree(params), spec.mesh
@@ -290,6 +318,8 @@ def _lora_adapters(base: Any, frozen: Any, spec: StateSpec, layout: Any) -> Any:
         make = lambda params, rng, frozen: lora.make_adapters(params, cfg, rng, frozen)
         return jax.jit(make, out_shardings=shardings)(base, _adapter_rng(spec.seed), frozen)
     flags = {"rank": cfg.rank, "alpha": cfg.alpha, "rslora": cfg.rslora, "dora": cfg.dora}
+    if cfg.method != "lora":
+        flags = {"method": cfg.method, "oft_spec": lora.oft_spec(cfg)}
     try:
         adapters = lora.read_peft_adapter(cfg.init_from, base, **flags)
     except (ValueError, OSError) as e:

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 from sft_jax.config import ModelSection
+from sft_jax.hf import families
+from sft_jax.hf.errors import ModelFileError, UnsupportedModelError
 from sft_jax.model.config import (
     ModelConfig,
     RopeScaling,
@@ -39,6 +41,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen3ForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration",  # its text_config (sft_jax.hf.families)
     "MixtralForCausalLM",
     "Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM",
@@ -73,16 +76,6 @@ _MOE_DEFAULTS = {
 }
 
 
-class UnsupportedModelError(ValueError):
-    """The checkpoint's architecture or one of its features is not implemented by our decoder."""
-
-
-class ModelFileError(ValueError):
-    """A file of the model directory is unreadable, incomplete or inconsistent (config.json that
-    is not JSON or lacks a field, a truncated safetensors file, a missing tensor): bad input,
-    reported in one line naming the file, like bad data."""
-
-
 def read_config_json(file: str) -> dict[str, Any]:
     """`file` parsed as a JSON object, else ModelFileError naming the file and the position."""
     try:
@@ -101,7 +94,7 @@ def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) ->
     """Reads `path/config.json`; raises UnsupportedModelError for anything we cannot reproduce
     and ModelFileError for a file that is not a usable config."""
     file = os.path.join(path, "config.json")
-    raw = read_config_json(file)
+    raw = families.text_config(read_config_json(file), file)
     arch = _architecture(raw, file)
 
     def unsupported(why: str) -> UnsupportedModelError:

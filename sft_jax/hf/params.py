@@ -36,6 +36,7 @@ import numpy as np
 from flax import traverse_util
 
 from sft_jax.hf.config import ModelFileError, hf_config_dict, read_config_json
+from sft_jax.hf.families import is_gemma3_multimodal
 from sft_jax.hf.safetensors import Checkpoint
 from sft_jax.model.decoder import ModelConfig
 
@@ -67,12 +68,20 @@ class _Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class MoeLayout:
-    """How a checkpoint names its mixture-of-experts tensors (see the module docstring)."""
+    """How a checkpoint names its tensors: its mixture-of-experts tensors (see the module
+    docstring), and where the language model sits in a multimodal checkpoint."""
 
     prefix: str = "mlp"  # "block_sparse_moe": Mixtral's Hub checkpoints
     names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # Mixtral: w1, w3, w2
     fused: bool = False  # transformers 5's gate_up_proj [E, 2F, D] and down_proj [E, D, F]
     mxfp4: bool = False  # gpt-oss's Hub checkpoints: expert matrices as MXFP4 blocks and scales
+    # Gemma 3's multimodal checkpoints: the language model under "model.language_model." (or
+    # the older "language_model.model.", with its head at "language_model.lm_head.weight"), and
+    # the other modules' tensors (`copied`: key prefixes), which import skips and export copies
+    # through from the source checkpoint untouched.
+    model: str = "model."
+    lm_head: str = "lm_head.weight"
+    copied: tuple[str, ...] = ()
 
 
 HUB_LAYOUT = MoeLayout()
@@ -141,7 +150,16 @@ def _tensor_specs(c: ModelConfig, layout: MoeLayout = HUB_LAYOUT) -> dict[tuple[
         specs["lm_head", "kernel"] = dataclasses.replace(
             specs["lm_head", "kernel"], per_layer=False
         )
+    if layout.model != HUB_LAYOUT.model:  # a multimodal checkpoint's language model
+        specs = {k: dataclasses.replace(v, key=_renamed(v.key, layout)) for k, v in specs.items()}
     return specs
+
+
+def _renamed(key: str, layout: MoeLayout) -> str:
+    """A language-model key ("model.*", "lm_head.weight") as `layout` names it."""
+    if key == HUB_LAYOUT.lm_head:
+        return layout.lm_head
+    return layout.model + key.removeprefix(HUB_LAYOUT.model)
 
 
 def _mlp_specs(
@@ -251,27 +269,49 @@ def _instances(spec: _Tensor, c: ModelConfig) -> list[tuple[str, int | None, int
     return [(spec.key.format(i=i, e=e), i, e) for i in layers for e in experts]
 
 
+# Gemma 3's multimodal layouts: transformers 5's, and the one its Hub checkpoints were first
+# published in (transformers maps it on load); told apart by where the embedding is.
+_MULTIMODAL_LAYOUTS = (
+    MoeLayout(
+        model="model.language_model.",
+        copied=("model.vision_tower.", "model.multi_modal_projector."),
+    ),
+    MoeLayout(
+        model="language_model.model.",
+        lm_head="language_model.lm_head.weight",
+        copied=("vision_tower.", "multi_modal_projector."),
+    ),
+)
+
+
 def checkpoint_layout(ckpt: Checkpoint) -> MoeLayout:
-    """The MoE layout of a checkpoint, from the names of its first layer's tensors."""
-    prefix = (
-        "block_sparse_moe" if "model.layers.0.block_sparse_moe.gate.weight" in ckpt.files else "mlp"
-    )
-    experts = f"model.layers.0.{prefix}.experts."
+    """The layout of a checkpoint, from the names of its embedding and first layer's tensors."""
+    base = HUB_LAYOUT
+    for multimodal in _MULTIMODAL_LAYOUTS:
+        if multimodal.model + "embed_tokens.weight" in ckpt.files:
+            base = multimodal
+    layer = base.model + "layers.0."
+    prefix = "block_sparse_moe" if layer + "block_sparse_moe.gate.weight" in ckpt.files else "mlp"
+    base = dataclasses.replace(base, prefix=prefix)
+    experts = f"{layer}{prefix}.experts."
     if experts + "gate_up_proj_blocks" in ckpt.files:
-        return MoeLayout(prefix, mxfp4=True)
+        return dataclasses.replace(base, mxfp4=True)
     if experts + "gate_up_proj" in ckpt.files:
-        return MoeLayout(prefix, fused=True)
+        return dataclasses.replace(base, fused=True)
     if experts + "0.w1.weight" in ckpt.files:
-        return MoeLayout(prefix, ("w1", "w3", "w2"))
-    return MoeLayout(prefix)
+        return dataclasses.replace(base, names=("w1", "w3", "w2"))
+    return base
 
 
 def export_layout(config: ModelConfig, source_model_dir: str | None) -> MoeLayout:
     """The layout an export writes: the Hub's for the family of the source checkpoint (or of
-    the config.json a random init is exported with) — Mixtral's own names for Mixtral."""
+    the config.json a random init is exported with) — Mixtral's own names for Mixtral; a Gemma 3
+    multimodal source's own layout, whose other modules `copied_tensors` carries over."""
     file = os.path.join(source_model_dir, "config.json") if source_model_dir else ""
     if file and os.path.isfile(file):
         raw = read_config_json(file)
+        if is_gemma3_multimodal(raw):  # the language model where the source has it
+            return checkpoint_layout(Checkpoint(source_model_dir))
     elif config.is_moe:
         raw = hf_config_dict(config, bos_token_id=None, eos_token_id=None)
     else:
@@ -282,13 +322,22 @@ def export_layout(config: ModelConfig, source_model_dir: str | None) -> MoeLayou
     return MIXTRAL_LAYOUT if mixtral else HUB_LAYOUT
 
 
+def is_multimodal(model_dir: str | None) -> bool:
+    """Whether `model_dir`'s config.json is a multimodal model whose language model we load
+    (Gemma 3's Gemma3ForConditionalGeneration): its PEFT adapters then name that model's
+    modules."""
+    file = os.path.join(model_dir, "config.json") if model_dir else ""
+    return bool(file) and os.path.isfile(file) and is_gemma3_multimodal(read_config_json(file))
+
+
 def check_checkpoint(path: str, config: ModelConfig) -> None:
     """Reads only the headers of `path`'s safetensors files: each one complete, every expected
     tensor present with its expected shape, nothing unexplained. Preflight runs this so that a
     broken model directory fails in one line before data is read; raises ModelFileError."""
     ckpt = Checkpoint(path)
-    specs = _tensor_specs(config, checkpoint_layout(ckpt))
-    _check_keys(ckpt, specs, config, compare_tied=False)  # that comparison reads tensor data
+    layout = checkpoint_layout(ckpt)
+    specs = _tensor_specs(config, layout)
+    _check_keys(ckpt, specs, config, layout, compare_tied=False)  # that reads tensor data
     for spec in specs.values():
         for key, _, _ in _instances(spec, config):
             for name, shape in _stored(spec, key):
@@ -306,8 +355,11 @@ def _stored(spec: _Tensor, key: str) -> list[tuple[str, tuple[int, ...]]]:
     return [(key, spec.shape)]
 
 
-def _check_keys(ckpt: Checkpoint, specs: dict, c: ModelConfig, compare_tied: bool = True) -> None:
-    """Every expected tensor present, nothing unexplained left over."""
+def _check_keys(
+    ckpt: Checkpoint, specs: dict, c: ModelConfig, layout: MoeLayout, compare_tied: bool = True
+) -> None:
+    """Every expected tensor present, nothing unexplained left over (a multimodal checkpoint's
+    other modules are not ours to check)."""
     expected = set()
     for spec in specs.values():
         for key, _, _ in _instances(spec, c):
@@ -317,13 +369,13 @@ def _check_keys(ckpt: Checkpoint, specs: dict, c: ModelConfig, compare_tied: boo
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ModelFileError(f"{ckpt.name}: missing tensor '{missing[0]}'{more}")
     for key in sorted(set(ckpt.files) - expected):
-        if key.endswith(_IGNORED_SUFFIXES):
+        if key.endswith(_IGNORED_SUFFIXES) or (layout.copied and key.startswith(layout.copied)):
             continue
-        if key == "lm_head.weight" and c.tie_embeddings:
+        if key == layout.lm_head and c.tie_embeddings:
             if not compare_tied:
                 continue
             shape = (c.vocab_size, c.hidden_size)
-            embedding = ckpt.get("model.embed_tokens.weight", shape)
+            embedding = ckpt.get(layout.model + "embed_tokens.weight", shape)
             if np.array_equal(ckpt.get(key, shape), embedding):
                 continue  # a tied model saved with its (identical) head: harmless.
             raise ModelFileError(
@@ -367,8 +419,9 @@ def load_params(path: str, config: ModelConfig, shardings: Any = None) -> dict:
     as the parameters; each leaf is built on the host and placed directly into its sharding.
     """
     ckpt = Checkpoint(path)
-    specs = _tensor_specs(config, checkpoint_layout(ckpt))
-    _check_keys(ckpt, specs, config)
+    layout = checkpoint_layout(ckpt)
+    specs = _tensor_specs(config, layout)
+    _check_keys(ckpt, specs, config, layout)
     flat_shardings = None
     if shardings is not None:
         flat_shardings = traverse_util.flatten_dict(shardings)
@@ -429,3 +482,17 @@ def to_hf_tensor(
     parts = [p if tensor.layer is None else p[tensor.layer] for p in parts]
     parts = [p if tensor.expert is None else p[tensor.expert] for p in parts]
     return spec.to_hf(*parts)
+
+
+def copied_tensors(
+    source_model_dir: str | None, layout: MoeLayout
+) -> tuple[dict[str, tuple[tuple[int, ...], np.dtype]], Callable[[str], np.ndarray]]:
+    """The source checkpoint's tensors an export copies through untouched (a multimodal model's
+    vision tower and projector: `layout.copied`), as key -> (shape, stored dtype), and a reader
+    of their stored values (so their bytes are the source's)."""
+    if not layout.copied or not source_model_dir:
+        return {}, lambda key: np.zeros(())
+    ckpt = Checkpoint(source_model_dir)
+    keys = sorted(k for k in ckpt.files if k.startswith(layout.copied))
+    info = {k: (ckpt.files[k].shape(k), ckpt.files[k].dtype(k)) for k in keys}
+    return info, lambda key: ckpt.get(key, info[key][0])

@@ -30,6 +30,11 @@ Saved modules (`modules_to_save`) are stored as PEFT stores them, whole, under t
 input_layernorm.weight`, `base_model.model.lm_head.weight`, ...). A trained tied embedding is
 written once, as embed_tokens, with `ensure_weight_tying` so that PEFT ties the LM head to it;
 on import a tied lm_head.weight (which PEFT itself also writes) is read as the embedding.
+
+On a multimodal base (Gemma 3's `Gemma3ForConditionalGeneration`) the language model's modules
+are `model.language_model.*`: export (`language_model=True`) writes the keys there and targets
+them with a regular expression, so PEFT leaves the vision tower's q/k/v projections alone;
+import reads those keys and refuses an adapter on any other module of the base.
 """
 
 from __future__ import annotations
@@ -60,9 +65,12 @@ from sft_jax.lora.tree import (
 
 PREFIX = "base_model.model.model.layers"
 MODEL_PREFIX = "base_model.model."
+_TEXT_MODEL = "base_model.model.model."
+_LANGUAGE_MODEL = "base_model.model.model.language_model."  # Gemma 3's multimodal base
 _PEFT_MODULE_NAME = {"norm": "model.norm"}  # a suffix that matches the final norm only
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+_TEXT_PARTS = ["base_model", "model", "model"]  # what precedes "layers" in an adapter's key
 _SUFFIX = {"a": "lora_A.weight", "b": "lora_B.weight", "m": "lora_magnitude_vector"}
 
 
@@ -75,10 +83,23 @@ def _adapter_paths(adapters: dict) -> list[tuple[str, ...]]:
     return paths
 
 
-def to_peft_tensors(adapters: dict, tied_embeddings: bool = False) -> dict[str, np.ndarray]:
+def to_peft_tensors(
+    adapters: dict, tied_embeddings: bool = False, language_model: bool = False
+) -> dict[str, np.ndarray]:
     """PEFT state dict of an adapter tree (see the module docstring), float32 numpy. With
     `tied_embeddings`, a saved embedding is also written as lm_head.weight, as PEFT does (its
-    loader then expects that key)."""
+    loader then expects that key); with `language_model`, keys of a multimodal base's language
+    model."""
+    tensors = _text_model_tensors(adapters, tied_embeddings)
+    if not language_model:
+        return tensors
+    return {
+        _LANGUAGE_MODEL + k.removeprefix(_TEXT_MODEL) if k.startswith(_TEXT_MODEL) else k: v
+        for k, v in tensors.items()
+    }
+
+
+def _text_model_tensors(adapters: dict, tied_embeddings: bool) -> dict[str, np.ndarray]:
     tensors = {}
     for path in _adapter_paths(adapters):
         ad = {k: np.asarray(v, np.float32) for k, v in get_path(adapters, path).items()}
@@ -163,6 +184,26 @@ def _saved_from_peft(tensors: dict[str, np.ndarray], params: dict) -> dict[str, 
     return saved
 
 
+def _from_language_model(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A multimodal base's language-model keys as a text model's; an adapter on any of its
+    other modules (the vision tower, the projector) is refused: sft_jax loads none of them."""
+    if not any(k.startswith(_LANGUAGE_MODEL) for k in tensors):
+        return dict(tensors)
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith(_LANGUAGE_MODEL):
+            out[_TEXT_MODEL + key.removeprefix(_LANGUAGE_MODEL)] = value
+        elif key.startswith(_TEXT_MODEL):
+            module = key.removeprefix(_TEXT_MODEL).split(".")[0]
+            raise ValueError(
+                f"PEFT tensor {key!r} adapts the base's {module}; sft_jax fine-tunes only the "
+                "language model of a multimodal model"
+            )
+        else:
+            out[key] = value
+    return out
+
+
 def expert_parameters(target_parameters: tuple[str, ...]) -> tuple[str, ...]:
     """The expert parameters (gate_up_proj, down_proj, in HF's order) that PEFT's
     `target_parameters` adapt (PEFT matches them as suffixes of "model.layers.{i}.mlp.experts.
@@ -183,7 +224,7 @@ def _parse_name(name: str, experts: tuple[str, ...]) -> tuple[int, tuple[str, ..
     kind = {"lora_A": "a", "lora_B": "b"}.get(parts[-2]) if parts[-1] == "weight" else None
     if parts[-1] == "lora_magnitude_vector":
         kind, parts = "m", [*parts, "weight"]  # align module slicing below
-    if "layers" not in parts or kind is None:
+    if "layers" not in parts or kind is None or parts[: parts.index("layers")] != _TEXT_PARTS:
         raise ValueError(f"unexpected PEFT tensor {name!r}")
     layer = int(parts[parts.index("layers") + 1])
     module = parts[parts.index("layers") + 2 : -2]
@@ -235,7 +276,7 @@ def from_peft_tensors(
 ) -> dict:
     """Inverse of `to_peft_tensors`, shaped after the kernels of `params`; `target_parameters`
     as in the adapter's config (which expert parameters its `experts` keys adapt)."""
-    tensors = dict(tensors)
+    tensors = _from_language_model(tensors)
     saved = _saved_from_peft(tensors, params)
     experts = expert_parameters(tuple(target_parameters))
     per_path: dict[tuple[str, ...], dict[str, dict[int, np.ndarray]]] = {}
@@ -261,21 +302,31 @@ def peft_config(
     dropout: float,
     base: str,
     tied_embeddings: bool | None = None,
+    language_model: bool = False,
 ) -> dict[str, Any]:
     """The adapter_config.json that `peft.PeftModel.from_pretrained` reads. `tied_embeddings`
     (the base's tie_word_embeddings) is needed only when the embedding is a saved module: PEFT
-    must then re-tie its LM head to the trained copy (ensure_weight_tying)."""
+    must then re-tie its LM head to the trained copy (ensure_weight_tying). `language_model`:
+    the base is multimodal; target_modules is then a regular expression over its language
+    model's modules only (PEFT full-matches a string against each module name)."""
     paths = _adapter_paths(adapters)
     saved = sorted(adapters.get(SAVED, {}))
     if "embed_tokens" in saved and tied_embeddings is None:
         raise ValueError("peft_config needs tied_embeddings when embed_tokens is a saved module")
     parameters = sorted({hf_module(p) for p in paths if is_expert_path(p)})
+    modules: Any = sorted({p[-1] for p in paths if not is_expert_path(p)})
+    names = dict(_PEFT_MODULE_NAME)
+    if language_model:
+        if parameters:
+            raise ValueError("a multimodal base's experts are not adapted by sft_jax")
+        modules = rf"model\.language_model\.layers\.\d+\..*\.({'|'.join(modules)})"
+        names["norm"] = "language_model.norm"
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": rank,
         "lora_alpha": alpha,
-        "target_modules": sorted({p[-1] for p in paths if not is_expert_path(p)}),
+        "target_modules": modules,
         "target_parameters": parameters or None,
         "use_rslora": rslora,
         "use_dora": any("m" in get_path(adapters, p) for p in paths),
@@ -286,19 +337,23 @@ def peft_config(
         "base_model_name_or_path": base,
         "inference_mode": True,
         # PEFT matches these as name suffixes: "norm" would also catch every layer norm.
-        "modules_to_save": [_PEFT_MODULE_NAME.get(m, m) for m in saved] or None,
+        "modules_to_save": [names.get(m, m) for m in saved] or None,
         # A trained tied embedding must stay tied to the LM head when PEFT loads it.
         "ensure_weight_tying": bool(tied_embeddings) and "embed_tokens" in saved,
     }
 
 
-def write_peft_adapter(out_dir: str, adapters: dict, config: dict[str, Any]) -> None:
+def write_peft_adapter(
+    out_dir: str, adapters: dict, config: dict[str, Any], language_model: bool = False
+) -> None:
     """Writes adapter_config.json and adapter_model.safetensors (metadata format "pt"); a tied
-    trained embedding (config ensure_weight_tying) also as lm_head.weight."""
+    trained embedding (config ensure_weight_tying) also as lm_head.weight; `language_model`:
+    keys of a multimodal base's language model (as `peft_config` was told)."""
     from safetensors.numpy import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    tensors = to_peft_tensors(adapters, config.get("ensure_weight_tying", False))
+    tied = config.get("ensure_weight_tying", False)
+    tensors = to_peft_tensors(adapters, tied, language_model)
     save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), {"format": "pt"})
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)

@@ -1,0 +1,384 @@
+"""Families beyond the Llama core, from and to Hugging Face: Gemma 3's multimodal checkpoints
+(text-only fine-tuning of their language model). Each against transformers on tiny random
+models built from configs: logits, packed rows, KV-cache greedy generation, config.json as the
+Hub writes it, export loaded back by transformers, LoRA merged and as a PEFT adapter."""
+
+import dataclasses
+import functools
+import json
+
+import jax
+import numpy as np
+import peft
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+from transformers import (
+    AutoConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
+    SiglipVisionConfig,
+)
+
+from sft_jax import hf, lora
+from sft_jax.api import TrainedModel
+from sft_jax.export import export_hf, export_peft
+from sft_jax.model.decode import greedy_generate
+from sft_jax.model.decoder import Transformer, count_params
+
+MODEL_TOL = 1e-4
+VOCAB = 128
+
+
+def _perturb(model, seed=0):
+    """Weights off their init: norms around 1 (Gemma's are stored as w, applied as 1 + w, so
+    around 0 would do too, but not all equal), everything else small and random."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            else:
+                param.copy_(0.1 * torch.randn_like(param))
+    return model.eval()
+
+
+def _load(path, param_dtype="float32"):
+    config = hf.load_model_config(str(path), dtype="float32", param_dtype=param_dtype, remat="none")
+    return config, hf.load_params(str(path), config)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(config, variables, tokens, positions, segment_ids):
+    return Transformer(config).apply(variables, tokens, positions, segment_ids)
+
+
+def _ours(config, params, tokens, positions=None, segments=None, adapters=None):
+    positions = (
+        np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+        if positions is None
+        else positions
+    )
+    segments = np.ones_like(tokens) if segments is None else segments
+    variables = {"params": params} if adapters is None else {"params": params, "lora": adapters}
+    return np.asarray(_apply(config, variables, tokens, positions, segments))
+
+
+def _hf_logits(model, tokens, positions=None):
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.from_numpy(np.asarray(tokens)),
+            position_ids=None if positions is None else torch.from_numpy(np.asarray(positions)),
+        )
+    return out.logits.float().numpy()
+
+
+def _tokens(batch=2, length=12, seed=0):
+    return np.random.default_rng(seed).integers(1, VOCAB, size=(batch, length))
+
+
+def _check_logits_and_packing(config, params, model):
+    """Logits equal transformers' (row 1 at offset positions); a packed row gives each example
+    transformers' logits for it alone."""
+    tokens = _tokens()
+    positions = np.stack([np.arange(12), np.arange(12) + 37])
+    ours = _ours(config, params, tokens, positions)
+    expected = _hf_logits(model, tokens, positions)
+    assert np.abs(expected).max() > 0.5
+    np.testing.assert_allclose(ours, expected, atol=MODEL_TOL)
+    a, b = tokens[0, :7], tokens[1, :5]
+    packed = np.concatenate([a, b])[None]
+    packed_pos = np.concatenate([np.arange(7), np.arange(5)])[None]
+    segments = np.asarray([[1] * 7 + [2] * 5])
+    logits = _ours(config, params, packed, packed_pos, segments)
+    np.testing.assert_allclose(logits[:, :7], _hf_logits(model, a[None]), atol=MODEL_TOL)
+    np.testing.assert_allclose(logits[:, 7:], _hf_logits(model, b[None]), atol=MODEL_TOL)
+    return tokens, positions, ours
+
+
+def _check_greedy(config, params, model):
+    """KV-cache greedy generation: token for token transformers' greedy generate."""
+    prompts = [[5, 17, 99, 3, 42], [7, 8]]
+    ours = greedy_generate(Transformer(config), params, prompts, max_new_tokens=6, stop_ids=[])
+    for prompt, generated in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([prompt]), do_sample=False, max_new_tokens=6, min_new_tokens=6
+            )
+        assert generated == out[0, len(prompt) :].tolist()
+
+
+def _random_adapters(params, rank=4, seed=1):
+    adapters = lora.init_adapters(params, lora.ALL_LINEAR, rank, jax.random.PRNGKey(0))
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    noisy = [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    return jax.tree.unflatten(tree, noisy)
+
+
+# --- Gemma 3 multimodal (Gemma3ForConditionalGeneration) -------------------------------------
+
+GEMMA3_TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    sliding_window=5,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0},
+    },
+    query_pre_attn_scalar=24,
+    final_logit_softcapping=3.0,  # ignored by Gemma3ForConditionalGeneration
+    pad_token_id=0,
+)
+SIGLIP = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=7,
+)
+
+
+def _gemma3_multimodal(seed=0):
+    config = Gemma3Config(
+        text_config=Gemma3TextConfig(**GEMMA3_TEXT),
+        vision_config=SiglipVisionConfig(**SIGLIP),
+        mm_tokens_per_image=4,
+    )
+    torch.manual_seed(seed)
+    return _perturb(Gemma3ForConditionalGeneration(config), seed)
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    """(directory, model): a tiny Gemma3ForConditionalGeneration as transformers saves it (the
+    Hub's language_model.model.* layout), and (directory, _) in transformers 5's own
+    (model.language_model.*)."""
+    model = _gemma3_multimodal()
+    hub = tmp_path_factory.mktemp("gemma3_hub")
+    model.save_pretrained(hub)
+    own = tmp_path_factory.mktemp("gemma3_own")
+    model.save_pretrained(own, save_original_format=False)
+    return hub, own, model
+
+
+def _keys(path):
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return set(json.loads(index.read_text())["weight_map"])
+    with safe_open(str(path / "model.safetensors"), "np") as f:
+        return set(f.keys())
+
+
+def _stored(path):
+    """key -> (dtype name, raw bytes) of every tensor of a checkpoint directory."""
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        raw = file.read_bytes()
+        size = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + size])
+        header.pop("__metadata__", None)
+        for key, entry in header.items():
+            begin, end = entry["data_offsets"]
+            out[key] = (entry["dtype"], raw[8 + size + begin : 8 + size + end])
+    return out
+
+
+def _vision_keys(keys):
+    return {k for k in keys if "vision_tower" in k or "multi_modal_projector" in k}
+
+
+@pytest.mark.parametrize("layout", ["hub", "own"])
+def test_gemma3_multimodal_logits_packing_export(layout, gemma3, tmp_path, stories_dir):
+    """The language model of a Gemma3ForConditionalGeneration checkpoint (either layout) loads:
+    logits and packed rows equal transformers'; the export (sharded) keeps the source's layout,
+    copies the vision tower and projector byte for byte, and loads back in transformers as
+    Gemma3ForConditionalGeneration with the same logits and every tensor equal."""
+    hub, own, model = gemma3
+    path = hub if layout == "hub" else own
+    keys = _keys(path)
+    assert ("language_model.model.embed_tokens.weight" in keys) == (layout == "hub")
+    assert ("model.language_model.embed_tokens.weight" in keys) == (layout == "own")
+    config, params = _load(path)
+    hf.check_checkpoint(str(path), config)
+    assert (
+        config.tie_embeddings and config.norm_offset and config.local_layers == (True, False, True)
+    )
+    assert config.query_scale == 24
+    assert config.final_softcap is None  # in text_config, but the multimodal class ignores it
+    assert count_params(params) == model.model.language_model.num_parameters()
+    tokens, positions, ours = _check_logits_and_packing(config, params, model)
+
+    out = tmp_path / "out"
+    export_hf(
+        params,
+        config,
+        str(out),
+        tokenizer_dir=str(stories_dir),
+        source_model_dir=str(path),
+        max_shard_bytes=64 * 1024,
+    )
+    assert len(list(out.glob("*.safetensors"))) > 1
+    assert _keys(out) == keys
+    source, exported = _stored(path), _stored(out)
+    vision = _vision_keys(keys)
+    assert len(vision) > 10 and all(exported[k] == source[k] for k in vision)
+    written = json.loads((out / "config.json").read_text())
+    original = json.loads((path / "config.json").read_text())
+    assert written["architectures"] == ["Gemma3ForConditionalGeneration"]
+    assert written["vision_config"] == original["vision_config"]
+    assert written["text_config"] == original["text_config"]
+    reloaded = Gemma3ForConditionalGeneration.from_pretrained(out).eval()
+    np.testing.assert_allclose(_hf_logits(reloaded, tokens, positions), ours, atol=MODEL_TOL)
+    for (name, x), y in zip(
+        model.state_dict().items(), reloaded.state_dict().values(), strict=True
+    ):
+        assert torch.equal(x, y), name
+
+
+def test_gemma3_multimodal_bf16_vision_stays_as_stored(gemma3, tmp_path, stories_dir):
+    """A bfloat16 source exported in float32: the language model is written in float32, the
+    vision tower and projector stay the source's bfloat16 bytes."""
+    _, _, model = gemma3
+    src = tmp_path / "src"
+    model.to(torch.bfloat16).save_pretrained(src)
+    model.to(torch.float32)
+    config, params = _load(src)
+    out = tmp_path / "out"
+    export_hf(params, config, str(out), tokenizer_dir=str(stories_dir), source_model_dir=str(src))
+    source, exported = _stored(src), _stored(out)
+    assert exported["language_model.model.norm.weight"][0] == "F32"
+    for key in _vision_keys(source):
+        assert exported[key] == source[key] and source[key][0] == "BF16", key
+
+
+def test_gemma3_multimodal_greedy_generation(gemma3):
+    hub, _, model = gemma3
+    config, params = _load(hub)
+    _check_greedy(config, params, model)
+
+
+def test_gemma3_multimodal_hub_config_read_as_transformers_reads_it(tmp_path):
+    """A config.json as gemma-3-4b-it's (tiny sizes): text_config gives only a few fields, the
+    rest are Gemma3TextConfig's defaults; every field we use equals transformers' reading."""
+    fields = {
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": "gemma3",
+        "boi_token_index": 255999,
+        "eoi_token_index": 256000,
+        "eos_token_id": [1, 106],
+        "image_token_index": 262144,
+        "mm_tokens_per_image": 256,
+        "text_config": {
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "model_type": "gemma3_text",
+            "num_hidden_layers": 8,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "sliding_window": 1024,
+        },
+        "torch_dtype": "bfloat16",
+        "vision_config": {"model_type": "siglip_vision_model", **SIGLIP},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    ours = hf.load_model_config(str(tmp_path), dtype="float32", param_dtype="float32", remat="none")
+    theirs = AutoConfig.from_pretrained(tmp_path).text_config
+    assert ours.vocab_size == theirs.vocab_size == 262_208
+    assert (ours.num_heads, ours.num_kv_heads, ours.head_dim) == (
+        theirs.num_attention_heads,
+        theirs.num_key_value_heads,
+        theirs.head_dim,
+    )
+    assert ours.max_position_embeddings == theirs.max_position_embeddings
+    assert ours.rms_norm_eps == theirs.rms_norm_eps
+    assert ours.query_scale == theirs.query_pre_attn_scalar
+    assert ours.sliding_window == theirs.sliding_window == 1024
+    assert ours.local_layers == tuple(t == "sliding_attention" for t in theirs.layer_types)
+    full, local = (
+        theirs.rope_parameters["full_attention"],
+        theirs.rope_parameters["sliding_attention"],
+    )
+    assert ours.rope_theta == full["rope_theta"] and ours.local_rope_theta == local["rope_theta"]
+    assert ours.rope_scaling.rope_type == "linear" and ours.rope_scaling.factor == full["factor"]
+    assert ours.tie_embeddings and ours.final_softcap is None
+
+
+def test_gemma3_multimodal_refusals(tmp_path):
+    base = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"}
+    for fields, match in (
+        ({"text_config": {"model_type": "llama"}}, "text_config of model_type 'llama'"),
+        ({"tie_word_embeddings": False}, "untied LM head"),
+    ):
+        (tmp_path / "config.json").write_text(json.dumps({**base, **fields}))
+        with pytest.raises(hf.UnsupportedModelError, match=match) as info:
+            hf.load_model_config(
+                str(tmp_path), dtype="float32", param_dtype="float32", remat="none"
+            )
+        assert "config.json" in str(info.value)
+
+
+def _trained(config, params, path, adapters, stories_dir, scale):
+    merged = jax.jit(lambda p, a: lora.merge(p, a, scale))(params, adapters)
+    return TrainedModel(
+        params=merged,
+        model_config=config,
+        step=None,
+        tokenizer_dir=str(stories_dir),
+        source_model_dir=str(path),
+        chat_template=None,
+        adapters=adapters,
+        lora={"rank": 4, "alpha": 8.0, "rslora": False},
+    )
+
+
+def test_gemma3_multimodal_lora_merged_and_peft(gemma3, tmp_path, stories_dir):
+    """LoRA on the language model: our forward with adapters equals PEFT's on the multimodal
+    base; the PEFT export targets the language model only (the vision tower's q/k/v stay
+    plain) and reads back identically; the merged export loads as the multimodal class with
+    the same logits and the vision tensors untouched; an adapter on the vision tower is
+    refused."""
+    hub, _, _ = gemma3
+    config, params = _load(hub)
+    adapters = _random_adapters(params)
+    scale = lora.lora_scale(8.0, 4, False)
+    tokens = _tokens()
+    ours = _ours(dataclasses.replace(config, lora_scale=scale), params, tokens, adapters=adapters)
+    assert np.abs(ours - _ours(config, params, tokens)).max() > 1e-2
+    run = _trained(config, params, hub, adapters, stories_dir, scale)
+
+    export_peft(run, str(tmp_path / "adapter"))
+    base = Gemma3ForConditionalGeneration.from_pretrained(hub).eval()
+    with_peft = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    adapted = {n for n, m in with_peft.named_modules() if hasattr(m, "lora_A")}
+    assert adapted and all("language_model" in n for n in adapted)
+    assert len(adapted) == 7 * config.num_layers
+    np.testing.assert_allclose(_hf_logits(with_peft, tokens), ours, atol=MODEL_TOL)
+    back = lora.read_peft_adapter(str(tmp_path / "adapter"), params)
+    for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    export_hf(
+        run.params, config, str(tmp_path / "merged"), tokenizer_dir=str(stories_dir),
+        source_model_dir=str(hub),
+    )  # fmt: skip
+    merged = Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    np.testing.assert_allclose(_hf_logits(merged, tokens), ours, atol=MODEL_TOL)
+    source, exported = _stored(hub), _stored(tmp_path / "merged")
+    assert all(exported[k] == source[k] for k in _vision_keys(source))
+
+    tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    key = "base_model.model.model.vision_tower.encoder.layers.0.self_attn.q_proj.lora_A.weight"
+    tensors[key] = np.zeros((4, 32), np.float32)
+    save_file(tensors, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="adapts the base's vision_tower"):
+        lora.read_peft_adapter(str(tmp_path / "adapter"), params)

@@ -1,7 +1,8 @@
 """Families beyond the Llama core, from and to Hugging Face: Gemma 3's multimodal checkpoints
-(text-only fine-tuning of their language model). Each against transformers on tiny random
-models built from configs: logits, packed rows, KV-cache greedy generation, config.json as the
-Hub writes it, export loaded back by transformers, LoRA merged and as a PEFT adapter."""
+(text-only fine-tuning of their language model), SmolLM3 (NoPE layers). Each against
+transformers on tiny random models built from configs: logits, packed rows, KV-cache greedy
+generation, config.json as the Hub writes it, export loaded back by transformers, LoRA merged
+and as a PEFT adapter."""
 
 import dataclasses
 import functools
@@ -16,10 +17,12 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
     SiglipVisionConfig,
+    SmolLM3Config,
 )
 
 from sft_jax import hf, lora
@@ -382,3 +385,188 @@ def test_gemma3_multimodal_lora_merged_and_peft(gemma3, tmp_path, stories_dir):
     save_file(tensors, str(tmp_path / "adapter" / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="adapts the base's vision_tower"):
         lora.read_peft_adapter(str(tmp_path / "adapter"), params)
+
+
+# --- decoder-only families (AutoModelForCausalLM) ---------------------------------------------
+
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=0,
+)
+# Each family with what sets it apart, and what our config must show of it.
+FAMILIES = {
+    "smollm3": (  # default NoPE pattern: every 4th layer; untied head
+        SmolLM3Config,
+        dict(
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4}, tie_word_embeddings=False
+        ),
+        lambda c: c.nope_layers == (False, False, False, True) and not c.has_local_layers,
+    ),
+    "smollm3_windows": (  # explicit NoPE layers, sliding windows on them (shorter than inputs)
+        SmolLM3Config,
+        dict(no_rope_layers=[1, 0, 0, 1], use_sliding_window=True, sliding_window=5),
+        lambda c: (
+            c.nope_layers == (False, True, True, False)
+            and c.local_layers == (False, True, True, False)
+            and c.sliding_window == 5
+            and c.tie_embeddings
+        ),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def family_model(tmp_path_factory):
+    """family -> (its directory, the transformers model): each saved once."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            config_cls, fields, _ = FAMILIES[family]
+            config = config_cls(**{**TINY, **fields})
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+            model = _perturb(model)
+            path = tmp_path_factory.mktemp(family)
+            model.save_pretrained(path)
+            cache[family] = (path, model)
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_logits_packing_export(family, family_model, tmp_path, stories_dir):
+    """Logits and packed rows equal transformers'; the export (sharded) loads back in
+    transformers with the same logits and every tensor equal."""
+    path, model = family_model(family)
+    config, params = _load(path)
+    assert FAMILIES[family][2](config)
+    assert count_params(params) == model.num_parameters()
+    tokens, positions, ours = _check_logits_and_packing(config, params, model)
+    out = tmp_path / "out"
+    export_hf(
+        params,
+        config,
+        str(out),
+        tokenizer_dir=str(stories_dir),
+        source_model_dir=str(path),
+        max_shard_bytes=64 * 1024,
+    )
+    assert _keys(out) == _keys(path)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    np.testing.assert_allclose(_hf_logits(reloaded, tokens, positions), ours, atol=MODEL_TOL)
+    for (name, x), y in zip(
+        model.state_dict().items(), reloaded.state_dict().values(), strict=True
+    ):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_greedy_generation(family, family_model):
+    path, model = family_model(family)
+    config, params = _load(path)
+    _check_greedy(config, params, model)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_lora_peft_and_merged(family, family_model, tmp_path, stories_dir):
+    """Our forward with adapters equals PEFT's on the base; the adapter reads back identically;
+    the merged export loads in transformers with the same logits."""
+    path, _ = family_model(family)
+    config, params = _load(path)
+    adapters = _random_adapters(params)
+    scale = lora.lora_scale(8.0, 4, False)
+    tokens = _tokens()
+    ours = _ours(dataclasses.replace(config, lora_scale=scale), params, tokens, adapters=adapters)
+    assert np.abs(ours - _ours(config, params, tokens)).max() > 1e-2
+    run = _trained(config, params, path, adapters, stories_dir, scale)
+    export_peft(run, str(tmp_path / "adapter"))
+    base = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    with_peft = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    np.testing.assert_allclose(_hf_logits(with_peft, tokens), ours, atol=MODEL_TOL)
+    back = lora.read_peft_adapter(str(tmp_path / "adapter"), params)
+    for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(a, b)
+    merged_dir = tmp_path / "merged"
+    export_hf(
+        run.params, config, str(merged_dir), tokenizer_dir=str(stories_dir),
+        source_model_dir=str(path),
+    )  # fmt: skip
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, attn_implementation="eager").eval()
+    np.testing.assert_allclose(_hf_logits(merged, tokens), ours, atol=MODEL_TOL)
+
+
+def test_smollm3_nope_layers_matter(family_model):
+    """The NoPE flags change the logits (the test models would not catch a dropped flag
+    otherwise)."""
+    path, _ = family_model("smollm3")
+    config, params = _load(path)
+    tokens = _tokens()
+    rotated = dataclasses.replace(config, nope_layers=())
+    assert np.abs(_ours(config, params, tokens) - _ours(rotated, params, tokens)).max() > 1e-3
+
+
+def _write_config(path, fields):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(fields))
+    return hf.load_model_config(str(path), dtype="float32", param_dtype="float32", remat="none")
+
+
+SIZES = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},  # transformers' defaults: every 4th layer NoPE, theta 2e6, tied
+        {"no_rope_layer_interval": 3, "rope_theta": 5e6, "tie_word_embeddings": False},
+        {"no_rope_layers": [1, 1, 0, 1, 1, 0, 1, 1, 1], "use_sliding_window": False},
+        {"use_sliding_window": True, "sliding_window": 16},
+        {"use_sliding_window": True, "sliding_window": 16, "layer_types": ["full_attention"] * 8},
+    ],
+)
+def test_smollm3_config_read_as_transformers_reads_it(fields, tmp_path):
+    """As SmolLM3-3B's config.json has it (top-level rope_theta, rope_scaling null), at tiny
+    sizes, with fields omitted or set."""
+    raw = {"architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3", **SIZES}
+    ours = _write_config(tmp_path, {**raw, "rope_scaling": None, **fields})
+    theirs = AutoConfig.from_pretrained(tmp_path)
+    flags = theirs.no_rope_layers[: theirs.num_hidden_layers]
+    assert ours.nope_layers == tuple(not f for f in flags)
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+    assert ours.tie_embeddings == theirs.tie_word_embeddings
+    sliding = tuple(
+        theirs.use_sliding_window and t == "sliding_attention" for t in theirs.layer_types
+    )
+    assert ours.local_layers == (sliding if any(sliding) else ())
+    assert ours.sliding_window == (theirs.sliding_window if any(sliding) else None)
+
+
+def test_smollm3_refusals(tmp_path):
+    raw = {"architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3", **SIZES}
+    for fields, match in (
+        ({"no_rope_layers": [1, 0]}, "no_rope_layers"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope type 'yarn'"),
+        ({"attention_bias": True}, "attention_bias"),
+    ):
+        with pytest.raises(hf.UnsupportedModelError, match=match) as info:
+            _write_config(tmp_path, {**raw, **fields})
+        assert "config.json" in str(info.value)

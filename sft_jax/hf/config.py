@@ -47,6 +47,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen3MoeForCausalLM",
     "OlmoeForCausalLM",
     "GptOssForCausalLM",
+    *families.ARCHITECTURES,
 )
 _ARCH_BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
@@ -60,6 +61,7 @@ _ARCH_BY_MODEL_TYPE = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
+    **families.ARCH_BY_MODEL_TYPE,
 }
 _GPT_OSS = "GptOssForCausalLM"
 _GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
@@ -94,7 +96,7 @@ def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) ->
     """Reads `path/config.json`; raises UnsupportedModelError for anything we cannot reproduce
     and ModelFileError for a file that is not a usable config."""
     file = os.path.join(path, "config.json")
-    raw = families.text_config(read_config_json(file), file)
+    raw = families.normalized(read_config_json(file), file)
     arch = _architecture(raw, file)
 
     def unsupported(why: str) -> UnsupportedModelError:
@@ -125,7 +127,7 @@ def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) ->
         head_dim = 64  # GptOssConfig's default
     if arch == "OlmoeForCausalLM" and head_dim * heads != hidden:  # its q_norm spans hidden_size
         raise unsupported(f"has head_dim={head_dim} with {heads} heads != hidden_size={hidden}")
-    return ModelConfig(
+    config = ModelConfig(
         vocab_size=need("vocab_size"),
         hidden_size=hidden,
         intermediate_size=need("intermediate_size"),
@@ -162,6 +164,7 @@ def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) ->
         local_rope_theta=local_theta,
         **moe,
     )
+    return families.refined(config, raw, arch, unsupported)
 
 
 def build_model_config(section: ModelSection) -> ModelConfig:
@@ -401,7 +404,13 @@ def hf_config_dict(c: ModelConfig, *, bos_token_id: Any, eos_token_id: Any) -> d
             "gpt-oss features (attention sinks, o_proj/router/expert biases, clamped SwiGLU, "
             "YaRN) are exported only with their source checkpoint's config.json"
         )
-    if c.norm_offset or c.sandwich_norms or c.has_local_layers or c.mlp_activation != "silu":
+    if (
+        c.norm_offset
+        or c.sandwich_norms
+        or c.has_local_layers
+        or c.mlp_activation != "silu"
+        or (families.needs_source(c))
+    ):
         raise UnsupportedModelError("only Llama-style configs can be exported without a source")
     if c.qk_norm and c.attention_bias:
         raise UnsupportedModelError("no HF family has both q/k norm and q/k/v-only biases")

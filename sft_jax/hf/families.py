@@ -12,9 +12,22 @@ the same multimodal class.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from sft_jax.hf.errors import ModelFileError, UnsupportedModelError
+from sft_jax.model.config import ModelConfig
+
+SMOLLM3 = "SmolLM3ForCausalLM"
+# The architectures this module reads (config.py accepts them), and their model types.
+ARCHITECTURES: tuple[str, ...] = (SMOLLM3,)
+ARCH_BY_MODEL_TYPE: dict[str, str] = {"smollm3": SMOLLM3}
+# transformers' defaults for fields config.json may omit, where they differ from config.py's
+# (Llama's) defaults.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    SMOLLM3: {"rope_theta": 2_000_000.0, "tie_word_embeddings": True},
+}
 
 GEMMA3_MULTIMODAL = "Gemma3ForConditionalGeneration"
 # Gemma3TextConfig's defaults for the fields config.json may omit (transformers'
@@ -41,10 +54,23 @@ def is_gemma3_multimodal(raw: dict) -> bool:
     )
 
 
-def text_config(raw: dict, file: str) -> dict:
+def _arch(raw: dict) -> str | None:
+    for name in raw.get("architectures") or []:
+        if name in ARCHITECTURES:
+            return name
+    return None if raw.get("architectures") else ARCH_BY_MODEL_TYPE.get(raw.get("model_type"))
+
+
+def normalized(raw: dict, file: str) -> dict:
     """The config.json fields of the language model to fine-tune: a Gemma 3 multimodal file's
     `text_config` as a Gemma3ForCausalLM config; a Gemma 3 text file with Gemma3TextConfig's
-    defaults filled in; any other file as it is."""
+    defaults filled in; this module's families with their defaults; any other file as it is."""
+    arch = _arch(raw)
+    if arch in _DEFAULTS:
+        defaults = dict(_DEFAULTS[arch])
+        if (raw.get("rope_parameters") or {}).get("rope_theta") is not None:
+            defaults.pop("rope_theta", None)  # transformers 5's own field wins
+        return {**defaults, **raw}
     if raw.get("model_type") == "gemma3_text" or "Gemma3ForCausalLM" in (
         raw.get("architectures") or []
     ):
@@ -71,3 +97,47 @@ def text_config(raw: dict, file: str) -> dict:
         # transformers' multimodal class never applies it (only Gemma3ForCausalLM does).
         "final_logit_softcapping": None,
     }
+
+
+def refined(config: ModelConfig, raw: dict, arch: str, unsupported: Callable) -> ModelConfig:
+    """`config` (read by config.py's common path) with what sets this module's families apart;
+    other families' configs unchanged."""
+    if arch == SMOLLM3:
+        return _smollm3(config, raw, unsupported)
+    return config
+
+
+def needs_source(c: ModelConfig) -> bool:
+    """Whether `c` computes something only its source checkpoint's config.json describes (no
+    config.json is derived for it from ModelConfig alone)."""
+    return any(c.nope_layers)
+
+
+def _smollm3(c: ModelConfig, raw: dict, unsupported: Callable) -> ModelConfig:
+    """SmolLM3's NoPE layers: `no_rope_layers[i]` is 1 where layer i applies RoPE, 0 where it
+    does not; without it every `no_rope_layer_interval`-th layer (default 4) is NoPE. Sliding
+    windows only with `use_sliding_window`, on the layers `layer_types` names (by default the
+    NoPE layers), as SmolLM3Config derives them."""
+    n = c.num_layers
+    flags = raw.get("no_rope_layers")
+    if flags is None:
+        interval = raw.get("no_rope_layer_interval", 4)
+        flags = [int((i + 1) % interval != 0) for i in range(n)]
+    if not isinstance(flags, list) or len(flags) < n:
+        raise unsupported(f"has no_rope_layers={flags!r}, not one flag per layer ({n})")
+    nope = tuple(not flag for flag in flags[:n])
+    window = raw.get("sliding_window")
+    local: tuple[bool, ...] = ()
+    if raw.get("use_sliding_window") and window is not None and window < c.max_position_embeddings:
+        types = raw.get("layer_types") or [
+            "sliding_attention" if not flags[i] else "full_attention" for i in range(n)
+        ]
+        if len(types) != n:
+            raise unsupported(f"has {len(types)} layer_types for {n} layers")
+        local = tuple(t == "sliding_attention" for t in types)
+    return dataclasses.replace(
+        c,
+        nope_layers=nope if any(nope) else (),
+        sliding_window=window if any(local) else None,
+        local_layers=local if any(local) else (),
+    )

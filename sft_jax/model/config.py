@@ -68,6 +68,7 @@ class ModelConfig:
     sliding_window: int | None = None  # a local layer's query sees keys less than this far back
     local_layers: tuple[bool, ...] = ()  # per layer: sliding window (empty: no local layers)
     local_rope_theta: float | None = None  # RoPE base of local layers (None: rope_theta, scaled)
+    nope_layers: tuple[bool, ...] = ()  # per layer: no RoPE (SmolLM3's NoPE layers); empty: none
     # With qk_norm: one RMSNorm over all heads' queries (N*H) and keys (K*H) instead of one per
     # head (H), as OLMoE does; its scales are then [N*H] and [K*H].
     qk_norm_full: bool = False
@@ -125,6 +126,8 @@ class ModelConfig:
             raise ValueError(f"mlp_activation is {self.mlp_activation!r}; choose silu or gelu_tanh")
         if self.local_layers and len(self.local_layers) != self.num_layers:
             raise ValueError(f"local_layers has {len(self.local_layers)} entries, not num_layers")
+        if self.nope_layers and len(self.nope_layers) != self.num_layers:
+            raise ValueError(f"nope_layers has {len(self.nope_layers)} entries, not num_layers")
         if self.qk_norm_full and not self.qk_norm:
             raise ValueError("qk_norm_full (the q/k norm over all heads) needs qk_norm")
         if any(self.local_layers) and not self.sliding_window:

@@ -18,9 +18,10 @@ Design choices and why:
   only for the implementations that read it (reference, xla, cudnn, and decoding); blocked and
   splash take the segment ids, so their training memory stays linear in T.
 - Numerics follow Hugging Face: RMSNorm statistics and softmax in float32; logits in float32.
-- Per-layer differences (Gemma's sliding-window "local" layers with their own RoPE base) are data
-  scanned alongside the weights (a per-layer `local` flag selecting precomputed masks and RoPE
-  tables), not Python branches, so the scan still compiles one layer.
+- Per-layer differences (Gemma's sliding-window "local" layers with their own RoPE base, SmolLM3's
+  NoPE layers) are data scanned alongside the weights (per-layer `local` and `nope` flags
+  selecting precomputed masks and RoPE tables), not Python branches, so the scan still compiles
+  one layer.
 - Generation uses the same layers through `Transformer.decode`: a KV cache [L, B, S, K, H] enters
   the scan as per-layer input and leaves it as per-layer output; training never builds one.
 
@@ -270,8 +271,9 @@ class Block(nn.Module):
     """One pre-norm decoder layer; the scan carry is the residual stream x [B, T, D].
 
     `layer` holds this layer's slice of the scanned inputs: "local" (bool, when the model has
-    sliding-window layers) and the KV cache "k"/"v" (when decoding). `ctx` is shared by all
-    layers: the masks and RoPE tables (global, and "local_*" ones) and the cache write "index".
+    sliding-window layers), "nope" (bool, when it has layers without RoPE) and the KV cache
+    "k"/"v" (when decoding). `ctx` is shared by all layers: the masks and RoPE tables (global,
+    and "local_*" ones) and the cache write "index".
     Returns (x, outputs), the scan's (carry, per-layer output): outputs holds this layer's
     updated cache "k"/"v" when decoding and its router statistics "router" (a MoeAux) in a
     mixture-of-experts model.
@@ -292,6 +294,9 @@ class Block(nn.Module):
             if "local_cos" in ctx:
                 cos = jnp.where(local, ctx["local_cos"], cos)
                 sin = jnp.where(local, ctx["local_sin"], sin)
+        if "nope" in layer:  # a NoPE layer: cos 1 and sin 0 rotate by nothing, exactly
+            cos = jnp.where(layer["nope"], 1.0, cos)
+            sin = jnp.where(layer["nope"], 0.0, sin)
         cache = (layer["k"], layer["v"]) if "k" in layer else None
         h = _norm(c, ("embed",), name="attn_norm")(x)
         h, cache = Attention(c, name="attn")(
@@ -440,6 +445,8 @@ class Transformer(nn.Module):
         if segment_ids is not None:  # training: blocked, splash, ring read segments, not a mask
             ctx["segment_ids"] = segment_ids
             ctx["slots"] = jnp.broadcast_to(q_slots, tokens.shape)  # ring attention's mask
+        if any(c.nope_layers):
+            layer["nope"] = jnp.asarray(c.nope_layers)
         if c.has_local_layers:
             layer["local"] = jnp.asarray(c.local_layers)
             if mask is not None:

@@ -1,5 +1,6 @@
 """Families beyond the Llama core, from and to Hugging Face: Gemma 3's multimodal checkpoints
-(text-only fine-tuning of their language model), SmolLM3 (NoPE layers). Each against
+(text-only fine-tuning of their language model), SmolLM3 (NoPE layers), OLMo 2/3 (post-norm
+layers, q/k norm over all heads, OLMo 3's sliding windows and YaRN). Each against
 transformers on tiny random models built from configs: logits, packed rows, KV-cache greedy
 generation, config.json as the Hub writes it, export loaded back by transformers, LoRA merged
 and as a PEFT adapter."""
@@ -21,6 +22,8 @@ from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
+    Olmo2Config,
+    Olmo3Config,
     SiglipVisionConfig,
     SmolLM3Config,
 )
@@ -421,6 +424,33 @@ FAMILIES = {
             and c.tie_embeddings
         ),
     ),
+    "olmo2": (
+        Olmo2Config,
+        dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
+        lambda c: c.qk_norm_full and not c.pre_norms and c.sandwich_norms,
+    ),
+    "olmo3": (  # sliding layers 0-2 (window shorter than inputs), YaRN on the full layer
+        Olmo3Config,
+        dict(
+            sliding_window=5,
+            rope_parameters={
+                "full_attention": {
+                    "rope_type": "yarn",
+                    "rope_theta": 5e5,
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                    "attention_factor": 1.2,
+                },
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        ),
+        lambda c: (
+            c.local_layers == (True, True, True, False)
+            and c.local_rope_theta == 1e4
+            and c.rope_scaling.rope_type == "yarn"
+            and not c.pre_norms
+        ),
+    ),
 }
 
 
@@ -569,4 +599,73 @@ def test_smollm3_refusals(tmp_path):
     ):
         with pytest.raises(hf.UnsupportedModelError, match=match) as info:
             _write_config(tmp_path, {**raw, **fields})
+        assert "config.json" in str(info.value)
+
+
+OLMO_HUB = {  # as OLMo-2-1124-7B's and Olmo-3-7B's config.json have them, at tiny sizes
+    "olmo2": dict(
+        architectures=["Olmo2ForCausalLM"],
+        model_type="olmo2",
+        rope_theta=500000,
+        rope_scaling=None,
+        rms_norm_eps=1e-6,
+        attention_bias=False,
+        tie_word_embeddings=False,
+    ),
+    "olmo3": dict(
+        architectures=["Olmo3ForCausalLM"],
+        model_type="olmo3",
+        rope_theta=500000,
+        rope_scaling={
+            "attention_factor": 1.2079441541679836,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "factor": 8.0,
+            "original_max_position_embeddings": 32,
+            "rope_type": "yarn",
+        },
+        sliding_window=16,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"] + ["sliding_attention"] * 4,
+        rms_norm_eps=1e-6,
+        attention_bias=False,
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(OLMO_HUB))
+@pytest.mark.parametrize("omit", [False, True])
+def test_olmo_config_read_as_transformers_reads_it(family, omit, tmp_path):
+    raw = {**SIZES, **OLMO_HUB[family]}
+    if omit:  # transformers' defaults: eps 1e-5, OLMo 3's window 4096 and layer pattern
+        raw = {
+            k: v
+            for k, v in raw.items()
+            if k not in ("rms_norm_eps", "sliding_window", "layer_types", "rope_theta")
+        }
+    ours = _write_config(tmp_path, raw)
+    theirs = AutoConfig.from_pretrained(tmp_path)
+    assert ours.rms_norm_eps == theirs.rms_norm_eps
+    assert ours.qk_norm_full and not ours.pre_norms and not ours.tie_embeddings
+    if family == "olmo2":
+        assert ours.rope_theta == theirs.rope_parameters["rope_theta"] and not ours.local_layers
+        return
+    full = theirs.rope_parameters["full_attention"]
+    sliding = theirs.rope_parameters["sliding_attention"]
+    assert ours.local_layers == tuple(t == "sliding_attention" for t in theirs.layer_types)
+    assert ours.sliding_window == theirs.sliding_window
+    assert ours.rope_theta == full["rope_theta"] and ours.local_rope_theta == sliding["rope_theta"]
+    assert ours.rope_scaling.factor == full["factor"] and sliding["rope_type"] == "default"
+    assert ours.rope_scaling.attention_factor == full["attention_factor"]
+    assert ours.rope_scaling.original_max_position_embeddings == 32
+
+
+def test_olmo_refusals(tmp_path):
+    for fields, match in (
+        ({**OLMO_HUB["olmo2"], "attention_bias": True}, "attention_bias"),
+        ({**OLMO_HUB["olmo2"], "sliding_window": 16}, "sliding_window"),
+        ({**OLMO_HUB["olmo3"], "layer_types": ["full_attention"]}, "1 layer_types for 8 layers"),
+        ({**OLMO_HUB["olmo2"], "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),
+    ):
+        with pytest.raises(hf.UnsupportedModelError, match=match) as info:
+            _write_config(tmp_path, {**SIZES, **fields})
         assert "config.json" in str(info.value)

@@ -335,7 +335,8 @@ def _rope(
     default_theta = {"MixtralForCausalLM": 1e6, _GPT_OSS: 150000.0}.get(arch, 10000.0)
     theta = params.get("rope_theta", raw.get("rope_theta", default_theta))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in _SUPPORTED_ROPE_TYPES and not (rope_type == "yarn" and arch == _GPT_OSS):
+    yarn = (_GPT_OSS, *families.YARN_ARCHITECTURES)
+    if rope_type not in _SUPPORTED_ROPE_TYPES and not (rope_type == "yarn" and arch in yarn):
         raise unsupported(f"uses rope type {rope_type!r}")
     factor = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
     if factor != 1.0:

@@ -19,15 +19,19 @@ from typing import Any
 from sft_jax.hf.errors import ModelFileError, UnsupportedModelError
 from sft_jax.model.config import ModelConfig
 
-SMOLLM3 = "SmolLM3ForCausalLM"
+SMOLLM3, OLMO2, OLMO3 = "SmolLM3ForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"
 # The architectures this module reads (config.py accepts them), and their model types.
-ARCHITECTURES: tuple[str, ...] = (SMOLLM3,)
-ARCH_BY_MODEL_TYPE: dict[str, str] = {"smollm3": SMOLLM3}
+ARCHITECTURES: tuple[str, ...] = (SMOLLM3, OLMO2, OLMO3)
+ARCH_BY_MODEL_TYPE: dict[str, str] = {"smollm3": SMOLLM3, "olmo2": OLMO2, "olmo3": OLMO3}
+YARN_ARCHITECTURES = (OLMO3,)  # besides gpt-oss: families whose YaRN RoPE config.py reads
 # transformers' defaults for fields config.json may omit, where they differ from config.py's
 # (Llama's) defaults.
 _DEFAULTS: dict[str, dict[str, Any]] = {
     SMOLLM3: {"rope_theta": 2_000_000.0, "tie_word_embeddings": True},
+    OLMO2: {"rms_norm_eps": 1e-5},
+    OLMO3: {"rms_norm_eps": 1e-5},
 }
+_OLMO3_THETA = 500_000.0  # Olmo3Config.default_theta
 
 GEMMA3_MULTIMODAL = "Gemma3ForConditionalGeneration"
 # Gemma3TextConfig's defaults for the fields config.json may omit (transformers'
@@ -70,7 +74,8 @@ def normalized(raw: dict, file: str) -> dict:
         defaults = dict(_DEFAULTS[arch])
         if (raw.get("rope_parameters") or {}).get("rope_theta") is not None:
             defaults.pop("rope_theta", None)  # transformers 5's own field wins
-        return {**defaults, **raw}
+        raw = {**defaults, **raw}
+        return _olmo3_rope(raw, file) if arch == OLMO3 else raw
     if raw.get("model_type") == "gemma3_text" or "Gemma3ForCausalLM" in (
         raw.get("architectures") or []
     ):
@@ -104,13 +109,15 @@ def refined(config: ModelConfig, raw: dict, arch: str, unsupported: Callable) ->
     other families' configs unchanged."""
     if arch == SMOLLM3:
         return _smollm3(config, raw, unsupported)
+    if arch in (OLMO2, OLMO3):
+        return _olmo(config, raw, arch, unsupported)
     return config
 
 
 def needs_source(c: ModelConfig) -> bool:
     """Whether `c` computes something only its source checkpoint's config.json describes (no
     config.json is derived for it from ModelConfig alone)."""
-    return any(c.nope_layers)
+    return any(c.nope_layers) or not c.pre_norms
 
 
 def _smollm3(c: ModelConfig, raw: dict, unsupported: Callable) -> ModelConfig:
@@ -140,4 +147,61 @@ def _smollm3(c: ModelConfig, raw: dict, unsupported: Callable) -> ModelConfig:
         nope_layers=nope if any(nope) else (),
         sliding_window=window if any(local) else None,
         local_layers=local if any(local) else (),
+    )
+
+
+def _olmo3_rope(raw: dict, file: str) -> dict:
+    """OLMo 3's RoPE per layer type as Olmo3Config reads it: `rope_parameters` per layer type,
+    else the top-level fields, `rope_scaling` (YaRN on the long-context models) scaling only the
+    full-attention layers. The full layers' RoPE becomes the file's flat RoPE for config.py;
+    the sliding layers' is kept aside (`_sliding_rope`) for `_olmo`. As in transformers, a
+    top-level rope_theta sets the full layers' base only; the sliding layers keep the default
+    unless rope_parameters gives theirs."""
+    params = raw.get("rope_parameters") or {}
+    if params and not all(isinstance(params.get(t), dict | None) for t in params):
+        raise UnsupportedModelError(
+            f"{file}: Olmo3ForCausalLM with rope_parameters not per layer type"
+        )
+    full = dict(params.get("full_attention") or {"rope_type": "default"})
+    full.update(raw.get("rope_scaling") or {})
+    full.setdefault("rope_theta", raw.get("rope_theta", _OLMO3_THETA))
+    sliding = dict(params.get("sliding_attention") or {"rope_type": "default"})
+    sliding.setdefault("rope_theta", _OLMO3_THETA)
+    out = {k: v for k, v in raw.items() if k not in ("rope_scaling", "rope_theta")}
+    return {**out, "rope_parameters": full, "_sliding_rope": sliding}
+
+
+def _olmo(c: ModelConfig, raw: dict, arch: str, unsupported: Callable) -> ModelConfig:
+    """OLMo 2/3: norms after attention and after the MLP only (no input norms), q/k RMSNorm over
+    all heads (N*H, K*H) before RoPE; OLMo 3 adds sliding-window layers (`layer_types`, by
+    default three sliding then one full; window 4096) with their own, unscaled RoPE."""
+    c = dataclasses.replace(
+        c, sandwich_norms=True, pre_norms=False, qk_norm=True, qk_norm_full=True
+    )
+    if raw.get("clip_qkv") is not None:
+        raise unsupported(f"clips q/k/v (clip_qkv={raw['clip_qkv']})")
+    if arch == OLMO2:
+        if raw.get("sliding_window") is not None or raw.get("layer_types"):
+            raise unsupported("sets sliding_window or layer_types, which Olmo2 never applies")
+        return c
+    n = c.num_layers
+    types = raw.get("layer_types") or [
+        "sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(n)
+    ]
+    if len(types) != n:
+        raise unsupported(f"has {len(types)} layer_types for {n} layers")
+    local = tuple(t == "sliding_attention" for t in types)
+    if not any(local):
+        return c
+    window = raw.get("sliding_window", 4096)
+    sliding = raw["_sliding_rope"]
+    if window is None or sliding.get("rope_type", "default") != "default":
+        raise unsupported(
+            f"has sliding_attention layers with sliding_window={window!r} and RoPE {sliding}"
+        )
+    return dataclasses.replace(
+        c,
+        sliding_window=int(window),
+        local_layers=local,
+        local_rope_theta=float(sliding["rope_theta"]),
     )

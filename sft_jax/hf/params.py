@@ -150,6 +150,8 @@ def _tensor_specs(c: ModelConfig, layout: MoeLayout = HUB_LAYOUT) -> dict[tuple[
         specs["lm_head", "kernel"] = dataclasses.replace(
             specs["lm_head", "kernel"], per_layer=False
         )
+    if not c.pre_norms:  # OLMo 2/3: only the sandwich's post norms
+        del specs["layers", "attn_norm", "scale"], specs["layers", "mlp_norm", "scale"]
     if layout.model != HUB_LAYOUT.model:  # a multimodal checkpoint's language model
         specs = {k: dataclasses.replace(v, key=_renamed(v.key, layout)) for k, v in specs.items()}
     return specs

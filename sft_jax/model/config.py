@@ -62,6 +62,7 @@ class ModelConfig:
     embed_scale: bool = False  # embeddings times sqrt(hidden_size), in the compute dtype
     mlp_activation: str = "silu"  # "silu" | "gelu_tanh"
     sandwich_norms: bool = False  # extra norms after attention and after the MLP
+    pre_norms: bool = True  # False: no norm before attention and MLP (OLMo 2/3: only the post)
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     query_scale: float | None = None  # scores scaled by query_scale**-0.5 (else head_dim**-0.5)
@@ -128,6 +129,8 @@ class ModelConfig:
             raise ValueError(f"local_layers has {len(self.local_layers)} entries, not num_layers")
         if self.nope_layers and len(self.nope_layers) != self.num_layers:
             raise ValueError(f"nope_layers has {len(self.nope_layers)} entries, not num_layers")
+        if not (self.pre_norms or self.sandwich_norms):
+            raise ValueError("pre_norms=False (post-norm layers) needs sandwich_norms")
         if self.qk_norm_full and not self.qk_norm:
             raise ValueError("qk_norm_full (the q/k norm over all heads) needs qk_norm")
         if any(self.local_layers) and not self.sliding_window:

@@ -35,7 +35,8 @@ Parameter tree (names are load-bearing: the HF loader, sharding rules, LoRA and 
     layers/attn/sinks [L, N]                     (attention_sinks: gpt-oss)
     layers/attn/{q_norm, k_norm}/scale [L, H]    (qk_norm; [L, N*H], [L, K*H] with qk_norm_full)
     layers/mlp/{gate_proj, up_proj [L, D, F], down_proj [L, F, D]}/kernel
-    layers/{post_attn_norm, post_mlp_norm}/scale [L, D]   (sandwich_norms: Gemma 2/3)
+    layers/{post_attn_norm, post_mlp_norm}/scale [L, D]   (sandwich_norms: Gemma 2/3, OLMo 2/3)
+    (no attn_norm, mlp_norm without pre_norms: OLMo 2/3 normalise only the sublayers' outputs)
     layers/mlp/{router, experts, ...} instead of the dense mlp in a mixture-of-experts model:
     MoeMlp's tree (sft_jax/model/moe.py) with the leading L axis.
     lm_head is absent when tie_embeddings (logits = h @ embedding.T).
@@ -268,7 +269,8 @@ def pin_activations(c: ModelConfig, x: jax.Array, *, decoding: bool) -> jax.Arra
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer; the scan carry is the residual stream x [B, T, D].
+    """One decoder layer (pre-norm; post-norm without pre_norms); the scan carry is the
+    residual stream x [B, T, D].
 
     `layer` holds this layer's slice of the scanned inputs: "local" (bool, when the model has
     sliding-window layers), "nope" (bool, when it has layers without RoPE) and the KV cache
@@ -298,7 +300,7 @@ class Block(nn.Module):
             cos = jnp.where(layer["nope"], 1.0, cos)
             sin = jnp.where(layer["nope"], 0.0, sin)
         cache = (layer["k"], layer["v"]) if "k" in layer else None
-        h = _norm(c, ("embed",), name="attn_norm")(x)
+        h = _norm(c, ("embed",), name="attn_norm")(x) if c.pre_norms else x
         h, cache = Attention(c, name="attn")(
             h, mask, cos, sin, cache, ctx.get("index"), ctx.get("segment_ids"), local,
             ctx.get("slots"),
@@ -306,7 +308,7 @@ class Block(nn.Module):
         if c.sandwich_norms:
             h = _norm(c, ("embed",), name="post_attn_norm")(h)
         x = x + h
-        h = _norm(c, ("embed",), name="mlp_norm")(x)
+        h = _norm(c, ("embed",), name="mlp_norm")(x) if c.pre_norms else x
         out = {} if cache is None else {"k": cache[0], "v": cache[1]}
         if c.is_moe:  # router statistics over real tokens (training), all tokens (decoding)
             segment_ids = ctx.get("segment_ids")

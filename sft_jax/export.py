@@ -170,9 +170,9 @@ def _write_weights(
         tensor = by_key[key]
         if tensor.leaf not in current:  # plan order is leaf-grouped: each leaf fetched once
             current.clear()
-            for path in tensor.leaves:  # two for gpt-oss's interleaved experts
+            for path in tensor.leaves:  # several for fused tensors (gpt-oss, Phi-3)
                 current[path] = _host_copy(flat[path])
-        joined = None if tensor.joins is None else current[tensor.joins]
+        joined = tuple(current[path] for path in tensor.joins)
         return hf.to_hf_tensor(c, tensor, current[tensor.leaf], layout, joined).astype(dtype)
 
     weight_map, total = {}, 0
@@ -270,6 +270,7 @@ def export_peft(run: TrainedModel, out_dir: str) -> None:
         raise ExportError("--peft needs a LoRA run (lora.enabled in its config.json)")
     c = run.lora
     multimodal = hf.is_multimodal(run.source_model_dir)  # keys of its language model
+    fused = hf.export_layout(run.model_config, run.source_model_dir or None).fused_proj
     config = lora.peft_config(
         run.adapters,
         rank=c["rank"],
@@ -279,11 +280,12 @@ def export_peft(run: TrainedModel, out_dir: str) -> None:
         base=run.source_model_dir,
         tied_embeddings=run.model_config.tie_embeddings,
         language_model=multimodal,
+        fused=fused,
     )
     adapters = jax.device_get(run.adapters)
     if jax.process_index() != 0:
         return
-    lora.write_peft_adapter(out_dir, adapters, config, language_model=multimodal)
+    lora.write_peft_adapter(out_dir, adapters, config, language_model=multimodal, fused=fused)
     tokenizer = _write_tokenizer(run.tokenizer_dir, out_dir, run.chat_template)
     _write_generation_config(out_dir, (run.source_model_dir, run.tokenizer_dir), tokenizer)
 

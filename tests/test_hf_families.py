@@ -1,6 +1,7 @@
 """Families beyond the Llama core, from and to Hugging Face: Gemma 3's multimodal checkpoints
 (text-only fine-tuning of their language model), SmolLM3 (NoPE layers), OLMo 2/3 (post-norm
-layers, q/k norm over all heads, OLMo 3's sliding windows and YaRN). Each against
+layers, q/k norm over all heads, OLMo 3's sliding windows and YaRN), Phi-3/4 (fused projections,
+LongRoPE, partial rotary factor). Each against
 transformers on tiny random models built from configs: logits, packed rows, KV-cache greedy
 generation, config.json as the Hub writes it, export loaded back by transformers, LoRA merged
 and as a PEFT adapter."""
@@ -24,6 +25,7 @@ from transformers import (
     Gemma3TextConfig,
     Olmo2Config,
     Olmo3Config,
+    Phi3Config,
     SiglipVisionConfig,
     SmolLM3Config,
 )
@@ -81,17 +83,25 @@ def _hf_logits(model, tokens, positions=None):
     return out.logits.float().numpy()
 
 
+def _hf_rows(model, tokens, positions):
+    """transformers' logits for each row run alone: LongRoPE picks its factors per sequence
+    here, per call (by the whole batch's largest position) there."""
+    rows = [_hf_logits(model, tokens[i : i + 1], positions[i : i + 1]) for i in range(len(tokens))]
+    return np.concatenate(rows)
+
+
 def _tokens(batch=2, length=12, seed=0):
     return np.random.default_rng(seed).integers(1, VOCAB, size=(batch, length))
 
 
 def _check_logits_and_packing(config, params, model):
-    """Logits equal transformers' (row 1 at offset positions); a packed row gives each example
-    transformers' logits for it alone."""
+    """Logits equal transformers' (row 1 at offset positions, past a LongRoPE model's original
+    context where row 0 is not); a packed row gives each example transformers' logits for it
+    alone."""
     tokens = _tokens()
     positions = np.stack([np.arange(12), np.arange(12) + 37])
     ours = _ours(config, params, tokens, positions)
-    expected = _hf_logits(model, tokens, positions)
+    expected = _hf_rows(model, tokens, positions)
     assert np.abs(expected).max() > 0.5
     np.testing.assert_allclose(ours, expected, atol=MODEL_TOL)
     a, b = tokens[0, :7], tokens[1, :5]
@@ -245,7 +255,7 @@ def test_gemma3_multimodal_logits_packing_export(layout, gemma3, tmp_path, stori
     assert written["vision_config"] == original["vision_config"]
     assert written["text_config"] == original["text_config"]
     reloaded = Gemma3ForConditionalGeneration.from_pretrained(out).eval()
-    np.testing.assert_allclose(_hf_logits(reloaded, tokens, positions), ours, atol=MODEL_TOL)
+    np.testing.assert_allclose(_hf_rows(reloaded, tokens, positions), ours, atol=MODEL_TOL)
     for (name, x), y in zip(
         model.state_dict().items(), reloaded.state_dict().values(), strict=True
     ):
@@ -451,6 +461,41 @@ FAMILIES = {
             and not c.pre_norms
         ),
     ),
+    "phi3": (  # LongRoPE: original context 8, so 12-token rows take the long factors
+        Phi3Config,
+        dict(
+            max_position_embeddings=32,
+            original_max_position_embeddings=8,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 1e4,
+                "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 3.6],
+                "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 8.0, 11.0, 15.0],
+            },
+        ),
+        lambda c: (
+            c.rope_scaling.rope_type == "longrope"
+            and c.rope_scaling.original_max_position_embeddings == 8
+            and abs(c.rope_scaling.attention_factor - (1 + np.log(4) / np.log(8)) ** 0.5) < 1e-12
+        ),
+    ),
+    "phi4_mini": (  # partial rotary factor 0.75 (12 of 16 dims), a window on every layer
+        Phi3Config,
+        dict(
+            partial_rotary_factor=0.75,
+            sliding_window=5,
+            max_position_embeddings=64,
+            original_max_position_embeddings=16,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 1e4,
+                "short_factor": [1.0, 1.2, 1.5, 2.0, 2.6, 3.0],
+                "long_factor": [1.0, 2.0, 3.0, 5.0, 7.0, 9.0],
+            },
+            tie_word_embeddings=True,
+        ),
+        lambda c: c.rotary_dim == 12 and c.local_layers == (True,) * 4 and c.tie_embeddings,
+    ),
 }
 
 
@@ -494,7 +539,7 @@ def test_family_logits_packing_export(family, family_model, tmp_path, stories_di
     )
     assert _keys(out) == _keys(path)
     reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    np.testing.assert_allclose(_hf_logits(reloaded, tokens, positions), ours, atol=MODEL_TOL)
+    np.testing.assert_allclose(_hf_rows(reloaded, tokens, positions), ours, atol=MODEL_TOL)
     for (name, x), y in zip(
         model.state_dict().items(), reloaded.state_dict().values(), strict=True
     ):
@@ -668,4 +713,108 @@ def test_olmo_refusals(tmp_path):
     ):
         with pytest.raises(hf.UnsupportedModelError, match=match) as info:
             _write_config(tmp_path, {**SIZES, **fields})
+        assert "config.json" in str(info.value)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_phi3_peft_fused_adapter_imports_exactly(dora, family_model, tmp_path):
+    """An adapter PEFT itself made on Phi-3's fused qkv_proj / gate_up_proj (rank r, shared A)
+    imports as our split adapters with PEFT's logits; a partly adapted fused module cannot be
+    exported (PEFT adapts it whole)."""
+    path, _ = family_model("phi3")
+    config, params = _load(path)
+    base = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=dora)
+    model = peft.get_peft_model(base, peft_config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(
+                    (1.0 if "magnitude" in name else 0.0) * param + 0.1 * torch.randn_like(param)
+                )
+    model.eval().save_pretrained(tmp_path / "adapter")
+    adapters = lora.read_peft_adapter(str(tmp_path / "adapter"), params, dora=dora)
+    assert set(adapters["layers"]["attn"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    scale = lora.lora_scale(8.0, 4, False)
+    tokens = _tokens()
+    ours = _ours(dataclasses.replace(config, lora_scale=scale), params, tokens, adapters=adapters)
+    np.testing.assert_allclose(_hf_logits(model, tokens), ours, atol=MODEL_TOL)
+    partial = {k: v for k, v in adapters["layers"]["attn"].items() if k != "v_proj"}
+    with pytest.raises(ValueError, match=r"v_proj of .* is not adapted here"):
+        lora.to_peft_tensors({"layers": {"attn": partial}}, fused=True)
+
+
+SHORT, LONG = [1.0 + 0.1 * i for i in range(8)], [1.0 + 2.0 * i for i in range(8)]
+PHI3_HUB = {  # as the Hub's Phi-3/4 config.json files have them, at tiny sizes
+    "phi3_mini_4k": dict(sliding_window=2047, max_position_embeddings=4096, rope_scaling=None),
+    "phi3_mini_128k": dict(  # the old "su" type
+        sliding_window=262144,
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        rope_scaling={"type": "su", "short_factor": SHORT, "long_factor": LONG},
+    ),
+    "phi3_5_mini": dict(
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        rope_scaling={"type": "longrope", "short_factor": SHORT, "long_factor": LONG},
+    ),
+    "phi4_mini": dict(
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        partial_rotary_factor=0.75,
+        rope_scaling={"type": "longrope", "short_factor": SHORT[:6], "long_factor": LONG[:6]},
+        tie_word_embeddings=True,
+    ),
+    "phi4": dict(max_position_embeddings=16384, rope_theta=250000, rope_scaling=None),
+}
+
+
+@pytest.mark.parametrize("name", list(PHI3_HUB))
+def test_phi3_config_read_as_transformers_reads_it(name, tmp_path):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from sft_jax.model.attention import rope_inv_freq
+
+    raw = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", **SIZES, **PHI3_HUB[name]}
+    ours = _write_config(tmp_path, raw)
+    if (raw["rope_scaling"] or {}).get("type") == "su":
+        # transformers 5 validates before it renames "su" to "longrope", and refuses the file;
+        # it is LongRoPE (what transformers 4 read): compare with the renamed file.
+        raw["rope_scaling"] = {**raw["rope_scaling"], "type": "longrope"}
+        assert _write_config(tmp_path / "renamed", raw) == ours
+        tmp_path = tmp_path / "renamed"
+    theirs = AutoConfig.from_pretrained(tmp_path)
+    rope = theirs.rope_parameters
+    assert ours.rope_theta == rope["rope_theta"] and ours.rms_norm_eps == theirs.rms_norm_eps
+    assert ours.rotary_dim == int(16 * rope["partial_rotary_factor"])
+    assert ours.tie_embeddings == theirs.tie_word_embeddings
+    window = theirs.sliding_window
+    assert ours.local_layers == ((True,) * 8 if window and window < 4096 else ())
+    if rope["rope_type"] == "default":
+        assert ours.rope_scaling is None
+        return
+    short, attention = ROPE_INIT_FUNCTIONS["longrope"](theirs, None)
+    original = rope["original_max_position_embeddings"]
+    long, _ = ROPE_INIT_FUNCTIONS["longrope"](theirs, None, seq_len=original + 1)
+    assert ours.rope_scaling.original_max_position_embeddings == original
+    assert ours.rope_scaling.attention_factor == pytest.approx(attention, rel=1e-12)
+    np.testing.assert_allclose(rope_inv_freq(ours), short.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(rope_inv_freq(ours, long=True), long.numpy(), rtol=1e-6)
+
+
+def test_phi3_refusals(tmp_path):
+    raw = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", **SIZES}
+    for fields, error, match in (
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, hf.UnsupportedModelError, "linear"),
+        (
+            {"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": LONG}},
+            hf.ModelFileError,
+            "short_factor must be a list of 8 numbers",
+        ),
+        ({"attention_bias": True}, hf.UnsupportedModelError, "attention_bias"),
+    ):
+        with pytest.raises(error, match=match) as info:
+            _write_config(tmp_path, {**raw, **fields})
         assert "config.json" in str(info.value)

@@ -21,14 +21,13 @@ from sft_jax.hf.hub import (
     resolve_config_hub_ids,
     resolve_model_dir,
 )
+from sft_jax.hf.multimodal import copied_tensors, is_multimodal
 from sft_jax.hf.params import (
     HfTensor,
     MoeLayout,
     check_checkpoint,
-    copied_tensors,
     export_layout,
     hf_tensor_plan,
-    is_multimodal,
     load_params,
     to_hf_tensor,
 )

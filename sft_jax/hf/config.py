@@ -41,7 +41,6 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen3ForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
-    "Gemma3ForConditionalGeneration",  # its text_config (sft_jax.hf.families)
     "MixtralForCausalLM",
     "Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM",
@@ -405,13 +404,7 @@ def hf_config_dict(c: ModelConfig, *, bos_token_id: Any, eos_token_id: Any) -> d
             "gpt-oss features (attention sinks, o_proj/router/expert biases, clamped SwiGLU, "
             "YaRN) are exported only with their source checkpoint's config.json"
         )
-    if (
-        c.norm_offset
-        or c.sandwich_norms
-        or c.has_local_layers
-        or c.mlp_activation != "silu"
-        or (families.needs_source(c))
-    ):
+    if families.needs_source(c):
         raise UnsupportedModelError("only Llama-style configs can be exported without a source")
     if c.qk_norm and c.attention_bias:
         raise UnsupportedModelError("no HF family has both q/k norm and q/k/v-only biases")

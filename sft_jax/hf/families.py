@@ -8,21 +8,36 @@ load (sft_jax.hf.params finds them under `model.language_model.` or the older
 `language_model.model.`), and an export copies the vision tower and projector through from the
 source checkpoint untouched, under the source's config.json, so transformers loads it back as
 the same multimodal class.
+
+The dense families here differ from Llama by a few features, each read as transformers reads
+its config: SmolLM3's NoPE layers (`nope_layers`), OLMo 2/3's post-norm layers with q/k norm
+over all heads (and OLMo 3's sliding-window layers with their own RoPE), Phi-3/4's LongRoPE,
+partial rotary factor and all-layer sliding window (its fused projections are a checkpoint
+layout: sft_jax.hf.layout). `normalized` fills in a family's defaults before config.py's
+common path; `refined` adds the family's features to its result.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
 from sft_jax.hf.errors import ModelFileError, UnsupportedModelError
-from sft_jax.model.config import ModelConfig
+from sft_jax.model.config import ModelConfig, RopeScaling
 
+GEMMA3_MULTIMODAL = "Gemma3ForConditionalGeneration"
 SMOLLM3, OLMO2, OLMO3 = "SmolLM3ForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"
-# The architectures this module reads (config.py accepts them), and their model types.
-ARCHITECTURES: tuple[str, ...] = (SMOLLM3, OLMO2, OLMO3)
-ARCH_BY_MODEL_TYPE: dict[str, str] = {"smollm3": SMOLLM3, "olmo2": OLMO2, "olmo3": OLMO3}
+PHI3 = "Phi3ForCausalLM"
+# The architectures this module reads (config.py lists them), and their model types.
+ARCHITECTURES: tuple[str, ...] = (GEMMA3_MULTIMODAL, SMOLLM3, OLMO2, OLMO3, PHI3)
+ARCH_BY_MODEL_TYPE: dict[str, str] = {
+    "smollm3": SMOLLM3,
+    "olmo2": OLMO2,
+    "olmo3": OLMO3,
+    "phi3": PHI3,
+}
 YARN_ARCHITECTURES = (OLMO3,)  # besides gpt-oss: families whose YaRN RoPE config.py reads
 # transformers' defaults for fields config.json may omit, where they differ from config.py's
 # (Llama's) defaults.
@@ -30,10 +45,10 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     SMOLLM3: {"rope_theta": 2_000_000.0, "tie_word_embeddings": True},
     OLMO2: {"rms_norm_eps": 1e-5},
     OLMO3: {"rms_norm_eps": 1e-5},
+    PHI3: {"rms_norm_eps": 1e-5, "original_max_position_embeddings": 4096},
 }
 _OLMO3_THETA = 500_000.0  # Olmo3Config.default_theta
 
-GEMMA3_MULTIMODAL = "Gemma3ForConditionalGeneration"
 # Gemma3TextConfig's defaults for the fields config.json may omit (transformers'
 # configuration_gemma3.py); the Hub's multimodal files give only a few of them.
 GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
@@ -75,6 +90,8 @@ def normalized(raw: dict, file: str) -> dict:
         if (raw.get("rope_parameters") or {}).get("rope_theta") is not None:
             defaults.pop("rope_theta", None)  # transformers 5's own field wins
         raw = {**defaults, **raw}
+        if arch == PHI3:
+            return _phi3_rope(raw, file)
         return _olmo3_rope(raw, file) if arch == OLMO3 else raw
     if raw.get("model_type") == "gemma3_text" or "Gemma3ForCausalLM" in (
         raw.get("architectures") or []
@@ -111,13 +128,18 @@ def refined(config: ModelConfig, raw: dict, arch: str, unsupported: Callable) ->
         return _smollm3(config, raw, unsupported)
     if arch in (OLMO2, OLMO3):
         return _olmo(config, raw, arch, unsupported)
+    if arch == PHI3:
+        return _phi3(config, raw)
     return config
 
 
 def needs_source(c: ModelConfig) -> bool:
     """Whether `c` computes something only its source checkpoint's config.json describes (no
-    config.json is derived for it from ModelConfig alone)."""
-    return any(c.nope_layers) or not c.pre_norms
+    config.json is derived for it from ModelConfig alone): anything but a Llama-style layer."""
+    if c.norm_offset or c.sandwich_norms or c.has_local_layers or c.mlp_activation != "silu":
+        return True
+    longrope = c.rope_scaling is not None and c.rope_scaling.rope_type == "longrope"
+    return any(c.nope_layers) or not c.pre_norms or longrope or c.partial_rotary_factor != 1.0
 
 
 def _smollm3(c: ModelConfig, raw: dict, unsupported: Callable) -> ModelConfig:
@@ -205,3 +227,61 @@ def _olmo(c: ModelConfig, raw: dict, arch: str, unsupported: Callable) -> ModelC
         local_layers=local,
         local_rope_theta=float(sliding["rope_theta"]),
     )
+
+
+def _phi3_rope(raw: dict, file: str) -> dict:
+    """Phi-3/4's RoPE as Phi3Config reads it: `rope_scaling` (or else `rope_parameters`), its
+    theta and partial_rotary_factor defaulting to the top-level fields; the older types "su"
+    and "yarn" are LongRoPE; only "default" and "longrope" are valid. The file's flat RoPE for
+    config.py becomes the unscaled one; LongRoPE and the partial factor are kept aside
+    (`_phi3_rope`) for `_phi3`."""
+    rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
+    rope.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    rope.setdefault("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    rope["rope_type"] = "longrope" if kind in ("su", "yarn") else kind
+    if rope["rope_type"] not in ("default", "longrope"):
+        raise UnsupportedModelError(f"{file}: {PHI3} uses rope type {kind!r}")
+    heads = raw.get("num_attention_heads") or 1
+    head_dim = raw.get("head_dim") or (raw.get("hidden_size") or 0) // heads
+    half = int(head_dim * rope["partial_rotary_factor"]) // 2
+    for name in ("short_factor", "long_factor") if rope["rope_type"] == "longrope" else ():
+        factors = rope.get(name)
+        if not isinstance(factors, list) or len(factors) != half:
+            raise ModelFileError(
+                f"{file}: rope_scaling's {name} must be a list of {half} numbers (half the "
+                f"rotated head dims), got {factors!r}"
+            )
+    drop = ("rope_scaling", "rope_parameters", "partial_rotary_factor", "rope_theta")
+    out = {k: v for k, v in raw.items() if k not in drop}
+    flat = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
+    return {**out, "rope_parameters": flat, "_phi3_rope": rope}
+
+
+def _phi3(c: ModelConfig, raw: dict) -> ModelConfig:
+    """Phi-3/4: LongRoPE (transformers' _compute_longrope_parameters: the attention factor from
+    config.json, else sqrt(1 + ln(factor) / ln(original)) with factor max_position_embeddings /
+    original_max_position_embeddings when unset; the top-level original_max_position_embeddings
+    wins over rope_scaling's), the partial rotary factor, and a sliding window on every layer
+    when it is shorter than max_position_embeddings (as Mistral's)."""
+    rope = raw["_phi3_rope"]
+    c = dataclasses.replace(c, partial_rotary_factor=float(rope["partial_rotary_factor"]))
+    window = raw.get("sliding_window")
+    if window is not None and window < c.max_position_embeddings:
+        c = dataclasses.replace(c, sliding_window=window, local_layers=(True,) * c.num_layers)
+    if rope["rope_type"] != "longrope":
+        return c
+    original = int(raw["original_max_position_embeddings"])
+    factor = rope.get("factor") or c.max_position_embeddings / original
+    attention = rope.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    scaling = RopeScaling(
+        factor=float(factor),
+        original_max_position_embeddings=original,
+        rope_type="longrope",
+        attention_factor=float(attention),
+        short_factor=tuple(float(x) for x in rope["short_factor"]),
+        long_factor=tuple(float(x) for x in rope["long_factor"]),
+    )
+    return dataclasses.replace(c, rope_scaling=scaling)

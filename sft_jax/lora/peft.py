@@ -35,6 +35,9 @@ On a multimodal base (Gemma 3's `Gemma3ForConditionalGeneration`) the language m
 are `model.language_model.*`: export (`language_model=True`) writes the keys there and targets
 them with a regular expression, so PEFT leaves the vision tower's q/k/v projections alone;
 import reads those keys and refuses an adapter on any other module of the base.
+
+A base with fused projections (Phi-3's qkv_proj and gate_up_proj) has its adapters fused on
+export and split on import (sft_jax.lora.fused).
 """
 
 from __future__ import annotations
@@ -48,6 +51,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sft_jax.lora.fused import (
+    FUSED,
+    check_patterns,
+    fuse_peft_tensors,
+    fused_config,
+    split_fused,
+)
 from sft_jax.lora.tree import (
     EXPERT_KERNELS,
     EXPERTS,
@@ -84,13 +94,18 @@ def _adapter_paths(adapters: dict) -> list[tuple[str, ...]]:
 
 
 def to_peft_tensors(
-    adapters: dict, tied_embeddings: bool = False, language_model: bool = False
+    adapters: dict,
+    tied_embeddings: bool = False,
+    language_model: bool = False,
+    fused: bool = False,
 ) -> dict[str, np.ndarray]:
     """PEFT state dict of an adapter tree (see the module docstring), float32 numpy. With
     `tied_embeddings`, a saved embedding is also written as lm_head.weight, as PEFT does (its
     loader then expects that key); with `language_model`, keys of a multimodal base's language
-    model."""
+    model; with `fused`, adapters of a base with fused projections (Phi-3: sft_jax.lora.fused)."""
     tensors = _text_model_tensors(adapters, tied_embeddings)
+    if fused:
+        tensors = fuse_peft_tensors(tensors)
     if not language_model:
         return tensors
     return {
@@ -235,7 +250,7 @@ def _parse_name(name: str, experts: tuple[str, ...]) -> tuple[int, tuple[str, ..
     path = ("layers", {"self_attn": "attn"}.get(group, group), *rest)
     if path[-1] == EXPERTS and depth < len(experts):
         return layer, (*path, experts[len(experts) - 1 - depth]), kind
-    if depth or path[-1] not in KERNELS:
+    if depth or (path[-1] not in KERNELS and path[-1] not in FUSED):
         raise ValueError(f"PEFT tensor {name!r} targets a module sft_jax does not adapt")
     return layer, path, kind
 
@@ -273,9 +288,11 @@ def from_peft_tensors(
     params: dict,
     dtype: Any = jnp.float32,
     target_parameters: tuple[str, ...] = (),
+    rank: int | None = None,
 ) -> dict:
     """Inverse of `to_peft_tensors`, shaped after the kernels of `params`; `target_parameters`
-    as in the adapter's config (which expert parameters its `experts` keys adapt)."""
+    as in the adapter's config (which expert parameters its `experts` keys adapt); `rank` its r
+    (fused adapters of rank 3r / 2r that are block-diagonal split back into rank-r ones)."""
     tensors = _from_language_model(tensors)
     saved = _saved_from_peft(tensors, params)
     experts = expert_parameters(tuple(target_parameters))
@@ -284,6 +301,7 @@ def from_peft_tensors(
         layer, path, kind = _parse_name(name, experts)
         parts = per_path.setdefault(path, {"a": {}, "b": {}})
         parts.setdefault(kind, {})[layer] = np.asarray(value)
+    per_path = split_fused(per_path, params, rank)
     adapters: dict = {}
     for path, parts in per_path.items():
         ad = _stack_layer(path, parts, params)
@@ -303,12 +321,14 @@ def peft_config(
     base: str,
     tied_embeddings: bool | None = None,
     language_model: bool = False,
+    fused: bool = False,
 ) -> dict[str, Any]:
     """The adapter_config.json that `peft.PeftModel.from_pretrained` reads. `tied_embeddings`
     (the base's tie_word_embeddings) is needed only when the embedding is a saved module: PEFT
     must then re-tie its LM head to the trained copy (ensure_weight_tying). `language_model`:
     the base is multimodal; target_modules is then a regular expression over its language
-    model's modules only (PEFT full-matches a string against each module name)."""
+    model's modules only (PEFT full-matches a string against each module name). `fused`: the
+    base fuses q/k/v and gate/up (Phi-3), so are the adapters (sft_jax.lora.fused)."""
     paths = _adapter_paths(adapters)
     saved = sorted(adapters.get(SAVED, {}))
     if "embed_tokens" in saved and tied_embeddings is None:
@@ -321,7 +341,7 @@ def peft_config(
             raise ValueError("a multimodal base's experts are not adapted by sft_jax")
         modules = rf"model\.language_model\.layers\.\d+\..*\.({'|'.join(modules)})"
         names["norm"] = "language_model.norm"
-    return {
+    config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": rank,
@@ -341,19 +361,25 @@ def peft_config(
         # A trained tied embedding must stay tied to the LM head when PEFT loads it.
         "ensure_weight_tying": bool(tied_embeddings) and "embed_tokens" in saved,
     }
+    return fused_config(config, rank, alpha, rslora) if fused else config
 
 
 def write_peft_adapter(
-    out_dir: str, adapters: dict, config: dict[str, Any], language_model: bool = False
+    out_dir: str,
+    adapters: dict,
+    config: dict[str, Any],
+    language_model: bool = False,
+    fused: bool = False,
 ) -> None:
     """Writes adapter_config.json and adapter_model.safetensors (metadata format "pt"); a tied
     trained embedding (config ensure_weight_tying) also as lm_head.weight; `language_model`:
-    keys of a multimodal base's language model (as `peft_config` was told)."""
+    keys of a multimodal base's language model, `fused`: fused projections (as `peft_config`
+    was told)."""
     from safetensors.numpy import save_file
 
     os.makedirs(out_dir, exist_ok=True)
     tied = config.get("ensure_weight_tying", False)
-    tensors = to_peft_tensors(adapters, tied, language_model)
+    tensors = to_peft_tensors(adapters, tied, language_model, fused)
     save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), {"format": "pt"})
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
@@ -380,8 +406,8 @@ class PeftAdapterConfig:
 
 def read_peft_config(adapter_dir: str) -> PeftAdapterConfig:
     """adapter_config.json of a LoRA adapter; missing r / lora_alpha take PEFT's defaults (8).
-    Per-module ranks or alphas (rank_pattern / alpha_pattern) are refused: one scale is applied
-    to every module here, so they would silently change the adapter."""
+    Per-module ranks or alphas (rank_pattern / alpha_pattern) are refused, since one scale is
+    applied to every module here, except the scale-preserving ones of fused modules."""
     path = os.path.join(adapter_dir, CONFIG_FILE)
     with open(path, encoding="utf-8") as f:
         try:
@@ -392,9 +418,7 @@ def read_peft_config(adapter_dir: str) -> PeftAdapterConfig:
         raise ValueError(f"{path}: expected a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type is {cfg['peft_type']!r}; only 'LORA' is supported")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
-            raise ValueError(f"{path}: '{key}' (per-module ranks or alphas) is not supported")
+    check_patterns(cfg, path)  # only the fused modules' scale-preserving ones
     rank, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
         raise ValueError(f"{path}: 'r' must be a positive integer and 'lora_alpha' a number")
@@ -435,7 +459,9 @@ def read_peft_adapter(
             f"PEFT adapter {adapter_dir} does not match config.lora: " + "; ".join(problems)
         )
     tensors = load_file(os.path.join(adapter_dir, WEIGHTS_FILE))
-    adapters = from_peft_tensors(tensors, params, target_parameters=cfg.target_parameters)
+    adapters = from_peft_tensors(
+        tensors, params, target_parameters=cfg.target_parameters, rank=cfg.rank
+    )
     has_m = any("m" in get_path(adapters, p) for p in _adapter_paths(adapters))
     if has_m != cfg.dora:
         raise ValueError(

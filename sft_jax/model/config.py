@@ -20,20 +20,25 @@ ACTIVATIONS = ("silu", "gelu_tanh")
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Rescaling of the RoPE inverse frequencies: Llama-3 ("llama3"), "linear" (Gemma 3) or
-    YaRN ("yarn": gpt-oss), as transformers' modeling_rope_utils computes them."""
+    """Rescaling of the RoPE inverse frequencies: Llama-3 ("llama3"), "linear" (Gemma 3), YaRN
+    ("yarn": gpt-oss, OLMo 3) or LongRoPE ("longrope": Phi-3/4), as transformers'
+    modeling_rope_utils computes them."""
 
     factor: float
     low_freq_factor: float = 0.0  # llama3 only
     high_freq_factor: float = 0.0  # llama3 only
-    original_max_position_embeddings: int = 0  # llama3, yarn
+    original_max_position_embeddings: int = 0  # llama3, yarn, longrope
     rope_type: str = "llama3"
     beta_fast: float = 32.0  # yarn: the ramp's bounds, in rotations over the original length
     beta_slow: float = 1.0  # yarn
     truncate: bool = True  # yarn: round the ramp's bounds to whole dimensions
-    # yarn: cos and sin are multiplied by this (so every score by its square); transformers
-    # derives it from factor (0.1 ln(factor) + 1) when config.json does not give it.
+    # yarn, longrope: cos and sin are multiplied by this (so every score by its square);
+    # transformers derives it from factor when config.json does not give it.
     attention_factor: float = 1.0
+    # longrope: per-frequency divisors of the inverse frequencies; the long ones when a forward
+    # call's largest position is beyond original_max_position_embeddings, else the short ones.
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +75,8 @@ class ModelConfig:
     local_layers: tuple[bool, ...] = ()  # per layer: sliding window (empty: no local layers)
     local_rope_theta: float | None = None  # RoPE base of local layers (None: rope_theta, scaled)
     nope_layers: tuple[bool, ...] = ()  # per layer: no RoPE (SmolLM3's NoPE layers); empty: none
+    # RoPE rotates the first int(head_dim * factor) dims of each head only (Phi-4-mini: 0.75).
+    partial_rotary_factor: float = 1.0
     # With qk_norm: one RMSNorm over all heads' queries (N*H) and keys (K*H) instead of one per
     # head (H), as OLMoE does; its scales are then [N*H] and [K*H].
     qk_norm_full: bool = False
@@ -117,8 +124,11 @@ class ModelConfig:
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                 f"({self.num_kv_heads}) for grouped-query attention"
             )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+        if self.head_dim % 2 or self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            raise ValueError(
+                f"head_dim ({self.head_dim}) and its rotated part ({self.rotary_dim}) must be "
+                "even and positive for RoPE"
+            )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat is {self.remat!r}; choose one of {REMAT_POLICIES}")
         if self.attention not in IMPLEMENTATIONS:
@@ -157,6 +167,11 @@ class ModelConfig:
             return self.intermediate_size
         routed = self.num_experts_per_tok * self.moe_intermediate_size
         return routed + self.shared_expert_intermediate_size
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many dims of each head RoPE rotates (HF: int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def has_local_layers(self) -> bool:

@@ -58,6 +58,7 @@ from sft_jax.model.attention import (
     apply_rope,
     attend,
     attention_mask,
+    longrope_tables,
     resolve_implementation,
     rope_attention_factor,
     rope_inv_freq,
@@ -439,6 +440,8 @@ class Transformer(nn.Module):
             x = neftune_noise(x, segment_ids, c.neftune_alpha, self.make_rng("neftune"))
         x = pin_activations(c, x, decoding=index is not None)
         cos, sin = rope_tables(positions, rope_inv_freq(c), rope_attention_factor(c))
+        if c.rope_scaling is not None and c.rope_scaling.rope_type == "longrope":  # Phi-3
+            cos, sin = longrope_tables(c, positions, segment_ids, cos, sin)
         ctx = {"cos": cos, "sin": sin}
         if mask is not None:
             ctx["mask"] = mask

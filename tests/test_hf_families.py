@@ -525,6 +525,7 @@ def test_family_logits_packing_export(family, family_model, tmp_path, stories_di
     transformers with the same logits and every tensor equal."""
     path, model = family_model(family)
     config, params = _load(path)
+    hf.check_checkpoint(str(path), config)  # preflight: every tensor, nothing left over
     assert FAMILIES[family][2](config)
     assert count_params(params) == model.num_parameters()
     tokens, positions, ours = _check_logits_and_packing(config, params, model)
@@ -818,3 +819,54 @@ def test_phi3_refusals(tmp_path):
         with pytest.raises(error, match=match) as info:
             _write_config(tmp_path, {**raw, **fields})
         assert "config.json" in str(info.value)
+
+
+def _saved_for_run(family, path):
+    """A tiny model of `family` with the stories tokenizer's 512 ids, saved for model.path."""
+    if family == "gemma3":
+        text = Gemma3TextConfig(**{**GEMMA3_TEXT, "vocab_size": 512})
+        config = Gemma3Config(
+            text_config=text, vision_config=SiglipVisionConfig(**SIGLIP), mm_tokens_per_image=4
+        )
+        torch.manual_seed(0)
+        model = _perturb(Gemma3ForConditionalGeneration(config))
+    else:
+        config_cls, fields, _ = FAMILIES[family]
+        config = config_cls(**{**TINY, **fields, "vocab_size": 512})
+        torch.manual_seed(0)
+        model = _perturb(AutoModelForCausalLM.from_config(config, attn_implementation="eager"))
+    model.save_pretrained(path)
+    return type(model)
+
+
+@pytest.mark.slow  # end to end: a LoRA run on the family's checkpoint, both exports
+@pytest.mark.parametrize("family", ["gemma3", "phi3", "olmo3"])
+def test_lora_run_on_family_exports_merged_and_peft(family, tmp_path):
+    """A LoRA run with model.path a family's checkpoint trains; its merged export (found
+    through the run's model.path) loads in transformers as the source's class, with the
+    vision tower copied untouched; its PEFT export on the source gives the merged logits."""
+    from sft_jax import export
+    from sft_jax.config import parse
+    from sft_jax.config_file import load_config_file
+    from sft_jax.train import train_and_evaluate
+
+    model_cls = _saved_for_run(family, tmp_path / "base")
+    c = load_config_file("configs/tiny.py")
+    c.model.path = str(tmp_path / "base")
+    c.lora.enabled, c.lora.rank, c.lora.base_dtype = True, 2, "float32"
+    c.optim.learning_rate = 3e-2
+    c.train.max_steps, c.data.max_eval_examples = 2, 8
+    train_and_evaluate(parse(c), str(tmp_path / "run"))
+    workdir = str(tmp_path / "run")
+    assert export.main(["--workdir", workdir, "--out", str(tmp_path / "merged")]) == 0
+    assert export.main(["--workdir", workdir, "--out", str(tmp_path / "ad"), "--peft"]) == 0
+    merged = model_cls.from_pretrained(tmp_path / "merged").eval()
+    base = model_cls.from_pretrained(tmp_path / "base")
+    tokens = _tokens() * 3
+    with_peft = peft.PeftModel.from_pretrained(base, tmp_path / "ad").eval()
+    np.testing.assert_allclose(_hf_logits(merged, tokens), _hf_logits(with_peft, tokens), atol=1e-4)
+    plain = model_cls.from_pretrained(tmp_path / "base").eval()
+    assert np.abs(_hf_logits(merged, tokens) - _hf_logits(plain, tokens)).max() > 1e-4
+    if family == "gemma3":
+        source, exported = _stored(tmp_path / "base"), _stored(tmp_path / "merged")
+        assert all(exported[k] == source[k] for k in _vision_keys(source))

@@ -870,3 +870,55 @@ def test_lora_run_on_family_exports_merged_and_peft(family, tmp_path):
     if family == "gemma3":
         source, exported = _stored(tmp_path / "base"), _stored(tmp_path / "merged")
         assert all(exported[k] == source[k] for k in _vision_keys(source))
+
+
+@pytest.mark.slow  # compiles ring attention
+def test_new_layer_features_under_context_parallelism():
+    """NoPE layers, post-norm layers with q/k norm over all heads, a partial rotary factor and
+    LongRoPE (some packed segments past the original context, some not, rows permuted for load
+    balancing) give the unsharded model's logits with rows split over 8 context shards."""
+    from sft_jax.model.config import RopeScaling
+    from sft_jax.model.context_attention import restore_order
+    from sft_jax.training import sharding, step
+    from tests.helpers import tiny_model_config
+    from tests.test_context_parallel import RULES, TOL, T, context_mesh, packed_batch
+
+    scaling = RopeScaling(
+        factor=4.0,
+        original_max_position_embeddings=8,
+        rope_type="longrope",
+        attention_factor=1.2,
+        short_factor=(1.0, 1.5, 2.0),
+        long_factor=(2.0, 4.0, 8.0),
+    )
+    config = tiny_model_config(
+        head_dim=8,
+        partial_rotary_factor=0.75,
+        rope_scaling=scaling,
+        nope_layers=(False, True),
+        pre_norms=False,
+        sandwich_norms=True,
+        qk_norm=True,
+        qk_norm_full=True,
+    )
+    batch = packed_batch()
+    lengths = [np.bincount(np.asarray(s))[1:] for s in batch["segment_ids"]]
+    assert max(max(x) for x in lengths) > 8 and min(min(x[x > 0]) for x in lengths) <= 8
+    inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    model = Transformer(dataclasses.replace(config, attention="reference"))
+    params = model.init(jax.random.PRNGKey(0), *inputs)["params"]
+    params = jax.tree.map(
+        lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(1), x.shape), params
+    )
+    expected = jax.jit(model.apply)({"params": params}, *inputs)
+    mesh = context_mesh(1, 1, 1, 8)
+    sharded = Transformer(sharding.pin_model_activations(config, mesh, RULES))
+
+    def logits_fn(p, b):
+        b = step.context_order(b, 8)
+        out = sharded.apply({"params": p}, b["inputs"], b["positions"], b["segment_ids"],
+                            slots=step.context_slots(T, 8))  # fmt: skip
+        return restore_order(out, 8)
+
+    logits = jax.jit(logits_fn)(params, batch)
+    np.testing.assert_allclose(logits, expected, atol=TOL, rtol=TOL)

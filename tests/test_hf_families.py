@@ -11,6 +11,7 @@ import functools
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -922,3 +923,27 @@ def test_new_layer_features_under_context_parallelism():
 
     logits = jax.jit(logits_fn)(params, batch)
     np.testing.assert_allclose(logits, expected, atol=TOL, rtol=TOL)
+
+
+def test_olmo2_norm_numerics_in_bfloat16():
+    """OLMo 2's RMSNorm multiplies by its weight in float32 and casts once; so does ours with
+    norm_scale_float32 (Llama's casts first, then multiplies in bfloat16: other roundings)."""
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    from sft_jax.model.layers import RMSNorm
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 64, 256)).astype(np.float32)
+    w = (1 + 0.3 * rng.normal(size=(256,))).astype(np.float32)
+    torch_norm = Olmo2RMSNorm(256, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        torch_norm.weight.copy_(torch.from_numpy(w))
+        expected = torch_norm(torch.from_numpy(x).to(torch.bfloat16)).float().numpy()
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+
+    def ours(scale_float32):
+        norm = RMSNorm(1e-6, ("embed",), "bfloat16", "bfloat16", scale_float32=scale_float32)
+        return np.asarray(norm.apply({"params": {"scale": wb}}, xb), np.float32)
+
+    assert (ours(True) != expected).mean() < 1e-3
+    assert (ours(False) != expected).mean() > 0.05

@@ -195,11 +195,11 @@ def _olmo3_rope(raw: dict, file: str) -> dict:
 
 def _olmo(c: ModelConfig, raw: dict, arch: str, unsupported: Callable) -> ModelConfig:
     """OLMo 2/3: norms after attention and after the MLP only (no input norms), q/k RMSNorm over
-    all heads (N*H, K*H) before RoPE; OLMo 3 adds sliding-window layers (`layer_types`, by
-    default three sliding then one full; window 4096) with their own, unscaled RoPE."""
-    c = dataclasses.replace(
-        c, sandwich_norms=True, pre_norms=False, qk_norm=True, qk_norm_full=True
-    )
+    all heads (N*H, K*H) before RoPE, every norm multiplying by its weight in float32; OLMo 3
+    adds sliding-window layers (`layer_types`, by default three sliding then one full; window
+    4096) with their own, unscaled RoPE."""
+    olmo = dict(sandwich_norms=True, pre_norms=False, qk_norm=True, qk_norm_full=True)
+    c = dataclasses.replace(c, **olmo, norm_scale_float32=True)  # Olmo2RMSNorm's numerics
     if raw.get("clip_qkv") is not None:
         raise unsupported(f"clips q/k/v (clip_qkv={raw['clip_qkv']})")
     if arch == OLMO2:

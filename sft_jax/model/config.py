@@ -35,8 +35,9 @@ class RopeScaling:
     # yarn, longrope: cos and sin are multiplied by this (so every score by its square);
     # transformers derives it from factor when config.json does not give it.
     attention_factor: float = 1.0
-    # longrope: per-frequency divisors of the inverse frequencies; the long ones when a forward
-    # call's largest position is beyond original_max_position_embeddings, else the short ones.
+    # longrope: per-frequency divisors of the inverse frequencies; the long ones where a
+    # sequence's largest position is beyond original_max_position_embeddings, else the short
+    # ones (attention.longrope_tables).
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
 
@@ -68,6 +69,7 @@ class ModelConfig:
     mlp_activation: str = "silu"  # "silu" | "gelu_tanh"
     sandwich_norms: bool = False  # extra norms after attention and after the MLP
     pre_norms: bool = True  # False: no norm before attention and MLP (OLMo 2/3: only the post)
+    norm_scale_float32: bool = False  # norms multiply by w in float32, then cast (OLMo 2/3)
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     query_scale: float | None = None  # scores scaled by query_scale**-0.5 (else head_dim**-0.5)

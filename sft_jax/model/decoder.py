@@ -98,7 +98,15 @@ _REMAT_POLICIES = {
 
 
 def _norm(c: ModelConfig, names: tuple[str, ...], name: str | None = None) -> RMSNorm:
-    return RMSNorm(c.rms_norm_eps, names, c.dtype, c.param_dtype, c.norm_offset, name=name)
+    return RMSNorm(
+        c.rms_norm_eps,
+        names,
+        c.dtype,
+        c.param_dtype,
+        c.norm_offset,
+        c.norm_scale_float32,
+        name=name,
+    )
 
 
 class Embed(nn.Module):

@@ -435,6 +435,18 @@ FAMILIES = {
             and c.tie_embeddings
         ),
     ),
+    "smollm3_yarn": (  # YaRN (SmolLM3's long-context setting) with the NoPE layers
+        SmolLM3Config,
+        dict(
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 1e4,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        ),
+        lambda c: c.rope_scaling.rope_type == "yarn" and c.rope_scaling.attention_factor > 1,
+    ),
     "olmo2": (
         Olmo2Config,
         dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
@@ -641,7 +653,7 @@ def test_smollm3_refusals(tmp_path):
     raw = {"architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3", **SIZES}
     for fields, match in (
         ({"no_rope_layers": [1, 0]}, "no_rope_layers"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope type 'yarn'"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic'"),
         ({"attention_bias": True}, "attention_bias"),
     ):
         with pytest.raises(hf.UnsupportedModelError, match=match) as info:

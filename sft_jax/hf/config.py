@@ -372,7 +372,7 @@ def _yarn(params: dict, max_pos: int) -> RopeScaling:
     """YaRN's fields with transformers' defaults (modeling_rope_utils._compute_yarn_parameters):
     beta_fast 32, beta_slow 1, truncate true; the attention factor from config.json, else from
     mscale / mscale_all_dim when both are set, else 0.1 ln(factor) + 1."""
-    original = int(params["original_max_position_embeddings"])
+    original = int(params.get("original_max_position_embeddings") or max_pos)  # as transformers
     factor = params.get("factor")
     factor = float(max_pos / original if factor is None else factor)
 

@@ -38,7 +38,7 @@ ARCH_BY_MODEL_TYPE: dict[str, str] = {
     "olmo3": OLMO3,
     "phi3": PHI3,
 }
-YARN_ARCHITECTURES = (OLMO3,)  # besides gpt-oss: families whose YaRN RoPE config.py reads
+YARN_ARCHITECTURES = (OLMO3, SMOLLM3)  # besides gpt-oss: families whose YaRN config.py reads
 # transformers' defaults for fields config.json may omit, where they differ from config.py's
 # (Llama's) defaults.
 _DEFAULTS: dict[str, dict[str, Any]] = {

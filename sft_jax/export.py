@@ -104,7 +104,8 @@ def export_hf(
     if writer:
         os.makedirs(out_dir, exist_ok=True)
     layout = hf.export_layout(model_config, source_model_dir)
-    _write_weights(flat, model_config, out_dir, out_dtype, max_shard_bytes, writer, layout)
+    copied = hf.copied_tensors(source_model_dir, layout) if writer else ({}, None)
+    _write_weights(flat, model_config, out_dir, out_dtype, max_shard_bytes, writer, layout, copied)
     if not writer:
         return
     tokenizer = _write_tokenizer(tokenizer_dir, out_dir, chat_template)
@@ -121,16 +122,16 @@ def _host_copy(leaf: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
 
 
-def _plan_shards(plan: list[hf.HfTensor], itemsize: int, limit: int) -> list[list[hf.HfTensor]]:
-    """Consecutive groups of tensors of at most `limit` bytes (a bigger tensor gets its own)."""
-    shards: list[list[hf.HfTensor]] = [[]]
+def _plan_shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """Consecutive groups of tensors (key -> bytes) of at most `limit` bytes (a bigger tensor
+    gets its own)."""
+    shards: list[list[str]] = [[]]
     size = 0
-    for tensor in plan:
-        nbytes = int(np.prod(tensor.shape)) * itemsize
+    for key, nbytes in sizes.items():
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
-        shards[-1].append(tensor)
+        shards[-1].append(key)
         size += nbytes
     return shards
 
@@ -143,7 +144,10 @@ def _write_weights(
     limit: int,
     writer: bool,
     layout: hf.MoeLayout,
+    copied: tuple[dict, Any],
 ) -> None:
+    """Our tensors in `dtype`, then the source's `copied` ones (hf.copied_tensors: key ->
+    (shape, stored dtype), and their reader) byte for byte in their own dtype."""
     plan = hf.hf_tensor_plan(c, layout)
     leaves = {path for t in plan for path in t.leaves}
     if set(flat) != leaves:
@@ -153,27 +157,32 @@ def _write_weights(
         for path in dict.fromkeys(path for t in plan for path in t.leaves):
             _host_copy(flat[path])
         return
-    shards = _plan_shards(plan, dtype.itemsize, limit)
+    copied_info, read_copied = copied
+    entry = {t.key: (t.shape, dtype) for t in plan} | copied_info
+    sizes = {key: int(np.prod(shape)) * np.dtype(dt).itemsize for key, (shape, dt) in entry.items()}
+    shards = _plan_shards(sizes, limit)
     current: dict[tuple[str, ...], np.ndarray] = {}
     by_key = {t.key: t for t in plan}
 
     def produce(key: str) -> np.ndarray:
+        if key in copied_info:
+            return read_copied(key)
         tensor = by_key[key]
         if tensor.leaf not in current:  # plan order is leaf-grouped: each leaf fetched once
             current.clear()
-            for path in tensor.leaves:  # two for gpt-oss's interleaved experts
+            for path in tensor.leaves:  # several for fused tensors (gpt-oss, Phi-3)
                 current[path] = _host_copy(flat[path])
-        joined = None if tensor.joins is None else current[tensor.joins]
+        joined = tuple(current[path] for path in tensor.joins)
         return hf.to_hf_tensor(c, tensor, current[tensor.leaf], layout, joined).astype(dtype)
 
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        entries = [(t.key, t.shape, dtype) for t in shard]
+        entries = [(key, *entry[key]) for key in shard]
         write_safetensors(os.path.join(out_dir, name), entries, produce, {"format": "pt"})
-        for t in shard:
-            weight_map[t.key] = name
-            total += int(np.prod(t.shape)) * dtype.itemsize
+        for key in shard:
+            weight_map[key] = name
+            total += sizes[key]
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     _write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
 
@@ -260,10 +269,19 @@ def export_peft(run: TrainedModel, out_dir: str) -> None:
     if run.adapters is None or run.lora is None:
         raise ExportError("--peft needs a LoRA run (lora.enabled in its config.json)")
     c = run.lora
+    multimodal = hf.is_multimodal(run.source_model_dir)  # keys of its language model
+    fused = hf.export_layout(run.model_config, run.source_model_dir or None).fused_proj
+    method = c.get("method", "lora")
+    if method == "oft" and (multimodal or fused):
+        raise ExportError(
+            "--peft of an OFT run is not supported for a multimodal checkpoint or one with fused "
+            "projections (qkv_proj, gate_up_proj): PEFT's OFT rotates a fused module's input "
+            "once, ours per projection; export it merged instead"
+        )
     adapters = jax.device_get(lora.oft_projected(run.adapters, lora.oft_spec(c)))
-    if c.get("method", "lora") in lora.prefix.PEFT_TYPES:
+    if method in lora.prefix.PEFT_TYPES:
         config = lora.prefix.peft_config(adapters, run.model_config, base=run.source_model_dir)
-    elif c.get("method", "lora") == "oft":
+    elif method == "oft":
         tied = run.model_config.tie_embeddings
         config = lora.oft_peft_config(adapters, c, base=run.source_model_dir, tied_embeddings=tied)
     else:
@@ -275,10 +293,12 @@ def export_peft(run: TrainedModel, out_dir: str) -> None:
             dropout=c.get("dropout", 0.0),
             base=run.source_model_dir,
             tied_embeddings=run.model_config.tie_embeddings,
+            language_model=multimodal,
+            fused=fused,
         )
     if jax.process_index() != 0:
         return
-    lora.write_peft_adapter(out_dir, adapters, config)
+    lora.write_peft_adapter(out_dir, adapters, config, language_model=multimodal, fused=fused)
     tokenizer = _write_tokenizer(run.tokenizer_dir, out_dir, run.chat_template)
     _write_generation_config(out_dir, (run.source_model_dir, run.tokenizer_dir), tokenizer)
 

@@ -21,6 +21,7 @@ from sft_jax.hf.hub import (
     resolve_config_hub_ids,
     resolve_model_dir,
 )
+from sft_jax.hf.multimodal import copied_tensors, is_multimodal
 from sft_jax.hf.params import (
     HfTensor,
     MoeLayout,
@@ -40,9 +41,11 @@ __all__ = [
     "absolute_local_paths",
     "build_model_config",
     "check_checkpoint",
+    "copied_tensors",
     "export_layout",
     "hf_config_dict",
     "hf_tensor_plan",
+    "is_multimodal",
     "load_model_config",
     "load_params",
     "looks_like_hub_id",

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 from sft_jax.config import ModelSection
+from sft_jax.hf import families
+from sft_jax.hf.errors import ModelFileError, UnsupportedModelError
 from sft_jax.model.config import (
     ModelConfig,
     RopeScaling,
@@ -44,6 +46,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen3MoeForCausalLM",
     "OlmoeForCausalLM",
     "GptOssForCausalLM",
+    *families.ARCHITECTURES,
 )
 _ARCH_BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
@@ -57,6 +60,7 @@ _ARCH_BY_MODEL_TYPE = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
+    **families.ARCH_BY_MODEL_TYPE,
 }
 _GPT_OSS = "GptOssForCausalLM"
 _GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
@@ -71,16 +75,6 @@ _MOE_DEFAULTS = {
     "OlmoeForCausalLM": (False, 0.01),
     _GPT_OSS: (True, 0.001),  # a softmax over the top-k logits: renormalised top-k weights
 }
-
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint's architecture or one of its features is not implemented by our decoder."""
-
-
-class ModelFileError(ValueError):
-    """A file of the model directory is unreadable, incomplete or inconsistent (config.json that
-    is not JSON or lacks a field, a truncated safetensors file, a missing tensor): bad input,
-    reported in one line naming the file, like bad data."""
 
 
 def read_config_json(file: str) -> dict[str, Any]:
@@ -101,7 +95,7 @@ def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) ->
     """Reads `path/config.json`; raises UnsupportedModelError for anything we cannot reproduce
     and ModelFileError for a file that is not a usable config."""
     file = os.path.join(path, "config.json")
-    raw = read_config_json(file)
+    raw = families.normalized(read_config_json(file), file)
     arch = _architecture(raw, file)
 
     def unsupported(why: str) -> UnsupportedModelError:
@@ -132,7 +126,7 @@ def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) ->
         head_dim = 64  # GptOssConfig's default
     if arch == "OlmoeForCausalLM" and head_dim * heads != hidden:  # its q_norm spans hidden_size
         raise unsupported(f"has head_dim={head_dim} with {heads} heads != hidden_size={hidden}")
-    return ModelConfig(
+    config = ModelConfig(
         vocab_size=need("vocab_size"),
         hidden_size=hidden,
         intermediate_size=need("intermediate_size"),
@@ -169,6 +163,7 @@ def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) ->
         local_rope_theta=local_theta,
         **moe,
     )
+    return families.refined(config, raw, arch, unsupported)
 
 
 def build_model_config(section: ModelSection) -> ModelConfig:
@@ -339,7 +334,8 @@ def _rope(
     default_theta = {"MixtralForCausalLM": 1e6, _GPT_OSS: 150000.0}.get(arch, 10000.0)
     theta = params.get("rope_theta", raw.get("rope_theta", default_theta))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in _SUPPORTED_ROPE_TYPES and not (rope_type == "yarn" and arch == _GPT_OSS):
+    yarn = (_GPT_OSS, *families.YARN_ARCHITECTURES)
+    if rope_type not in _SUPPORTED_ROPE_TYPES and not (rope_type == "yarn" and arch in yarn):
         raise unsupported(f"uses rope type {rope_type!r}")
     factor = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
     if factor != 1.0:
@@ -376,7 +372,7 @@ def _yarn(params: dict, max_pos: int) -> RopeScaling:
     """YaRN's fields with transformers' defaults (modeling_rope_utils._compute_yarn_parameters):
     beta_fast 32, beta_slow 1, truncate true; the attention factor from config.json, else from
     mscale / mscale_all_dim when both are set, else 0.1 ln(factor) + 1."""
-    original = int(params["original_max_position_embeddings"])
+    original = int(params.get("original_max_position_embeddings") or max_pos)  # as transformers
     factor = params.get("factor")
     factor = float(max_pos / original if factor is None else factor)
 
@@ -408,7 +404,7 @@ def hf_config_dict(c: ModelConfig, *, bos_token_id: Any, eos_token_id: Any) -> d
             "gpt-oss features (attention sinks, o_proj/router/expert biases, clamped SwiGLU, "
             "YaRN) are exported only with their source checkpoint's config.json"
         )
-    if c.norm_offset or c.sandwich_norms or c.has_local_layers or c.mlp_activation != "silu":
+    if families.needs_source(c):
         raise UnsupportedModelError("only Llama-style configs can be exported without a source")
     if c.qk_norm and c.attention_bias:
         raise UnsupportedModelError("no HF family has both q/k norm and q/k/v-only biases")

@@ -26,7 +26,6 @@ dequantized in the fused layout, which transformers loads without a quantization
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sft_jax.hf.config import ModelFileError, hf_config_dict, read_config_json
+from sft_jax.hf.config import ModelFileError
+from sft_jax.hf.layout import (  # noqa: F401  (re-exported: where each layout is told apart)
+    HUB_LAYOUT,
+    MIXTRAL_LAYOUT,
+    MoeLayout,
+    checkpoint_layout,
+    export_layout,
+)
 from sft_jax.hf.safetensors import Checkpoint
 from sft_jax.model.decoder import ModelConfig
 
@@ -58,25 +64,12 @@ class _Tensor:
     to_hf: Callable[[np.ndarray], np.ndarray] | None = _identity
     per_layer: bool = True
     experts: int = 0  # > 0: one HF tensor per expert, stacked on the leaf's expert axis
-    # gpt-oss's fused tensors hold two leaves interleaved: `joins` names the other leaf, whose
-    # slice `to_hf` takes as a second argument; that leaf's own spec is `joined` (written here).
-    joins: tuple[str, ...] | None = None
+    # Fused tensors hold several leaves (gpt-oss's gate and up interleaved, Phi-3's q/k/v and
+    # gate/up concatenated): `joins` names the other leaves, whose slices `to_hf` takes as
+    # further arguments; their own specs are `joined` (written with this one).
+    joins: tuple[tuple[str, ...], ...] = ()
     joined: bool = False
     mxfp4: bool = False  # `key` names MXFP4 blocks (shape: theirs), read with their scales
-
-
-@dataclasses.dataclass(frozen=True)
-class MoeLayout:
-    """How a checkpoint names its mixture-of-experts tensors (see the module docstring)."""
-
-    prefix: str = "mlp"  # "block_sparse_moe": Mixtral's Hub checkpoints
-    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # Mixtral: w1, w3, w2
-    fused: bool = False  # transformers 5's gate_up_proj [E, 2F, D] and down_proj [E, D, F]
-    mxfp4: bool = False  # gpt-oss's Hub checkpoints: expert matrices as MXFP4 blocks and scales
-
-
-HUB_LAYOUT = MoeLayout()
-MIXTRAL_LAYOUT = MoeLayout("block_sparse_moe", ("w1", "w3", "w2"))
 
 
 def _linear(out_dims: tuple[int, ...], in_dims: tuple[int, ...], key: str) -> _Tensor:
@@ -141,7 +134,50 @@ def _tensor_specs(c: ModelConfig, layout: MoeLayout = HUB_LAYOUT) -> dict[tuple[
         specs["lm_head", "kernel"] = dataclasses.replace(
             specs["lm_head", "kernel"], per_layer=False
         )
+    if layout.fused_proj:
+        specs.update(_fused_specs(c))
+    if not c.pre_norms:  # OLMo 2/3: only the sandwich's post norms
+        del specs["layers", "attn_norm", "scale"], specs["layers", "mlp_norm", "scale"]
+    if layout.model != HUB_LAYOUT.model:  # a multimodal checkpoint's language model
+        specs = {k: dataclasses.replace(v, key=_renamed(v.key, layout)) for k, v in specs.items()}
     return specs
+
+
+def _fused_specs(c: ModelConfig) -> dict[tuple[str, ...], _Tensor]:
+    """Phi-3's qkv_proj [(N+2K)H, D] (rows q, k, v) and gate_up_proj [2F, D] (rows gate, up):
+    each leaf reads its rows; export concatenates them again."""
+    d, f, n, kv, h = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
+    attn, mlp = ("layers", "attn"), ("layers", "mlp")
+    groups = {
+        "model.layers.{i}.self_attn.qkv_proj.weight": [
+            ((*attn, "q_proj", "kernel"), (n, h)),
+            ((*attn, "k_proj", "kernel"), (kv, h)),
+            ((*attn, "v_proj", "kernel"), (kv, h)),
+        ],
+        "model.layers.{i}.mlp.gate_up_proj.weight": [
+            ((*mlp, "gate_proj", "kernel"), (f,)),
+            ((*mlp, "up_proj", "kernel"), (f,)),
+        ],
+    }
+    specs = {}
+    for key, parts in groups.items():
+        ends = np.cumsum([int(np.prod(dims)) for _, dims in parts]).tolist()
+        shape = (ends[-1], d)
+        fuse = lambda *kernels: np.concatenate([k.reshape(d, -1).T for k in kernels])
+        for j, (path, dims) in enumerate(parts):
+            lo, hi = ([0, *ends])[j], ends[j]
+            rows = lambda w, lo=lo, hi=hi, dims=dims: w[lo:hi].T.reshape(d, *dims)
+            others = tuple(p for p, _ in parts[1:]) if j == 0 else ()
+            specs[path] = _Tensor(key, shape, rows, fuse if j == 0 else None, joins=others)
+            specs[path] = dataclasses.replace(specs[path], joined=j > 0)
+    return specs
+
+
+def _renamed(key: str, layout: MoeLayout) -> str:
+    """A language-model key ("model.*", "lm_head.weight") as `layout` names it."""
+    if key == HUB_LAYOUT.lm_head:
+        return layout.lm_head
+    return layout.model + key.removeprefix(HUB_LAYOUT.model)
 
 
 def _mlp_specs(
@@ -208,17 +244,21 @@ def _gpt_oss_moe_specs(c: ModelConfig, mxfp4: bool) -> dict[tuple[str, ...], _Te
             base + "experts.down_proj_blocks", (e, d, f // 32, 16), to_hf=None, mxfp4=True
         )
     else:
-        gate_up = _Tensor(base + "experts.gate_up_proj", (e, d, 2 * f), even, _interleave, joins=up)
+        gate_up = _Tensor(
+            base + "experts.gate_up_proj", (e, d, 2 * f), even, _interleave, joins=(up,)
+        )
         down = _Tensor(base + "experts.down_proj", (e, f, d))
-    bias = _Tensor(base + "experts.gate_up_proj_bias", (e, 2 * f), even, _interleave, joins=up_bias)
+    bias = _Tensor(
+        base + "experts.gate_up_proj_bias", (e, 2 * f), even, _interleave, joins=(up_bias,)
+    )
     return {
         (*mlp, "router", "kernel"): _linear((e,), (d,), base + "router.weight"),
         (*mlp, "router", "bias"): _Tensor(base + "router.bias", (e,)),
         (*experts, "gate_proj"): gate_up,
-        up: dataclasses.replace(gate_up, convert=odd, joins=None, joined=True),
+        up: dataclasses.replace(gate_up, convert=odd, joins=(), joined=True),
         (*experts, "down_proj"): down,
         (*experts, "gate_bias"): bias,
-        up_bias: dataclasses.replace(bias, convert=odd, joins=None, joined=True),
+        up_bias: dataclasses.replace(bias, convert=odd, joins=(), joined=True),
         (*experts, "down_bias"): _Tensor(base + "experts.down_proj_bias", (e, d)),
     }
 
@@ -251,44 +291,14 @@ def _instances(spec: _Tensor, c: ModelConfig) -> list[tuple[str, int | None, int
     return [(spec.key.format(i=i, e=e), i, e) for i in layers for e in experts]
 
 
-def checkpoint_layout(ckpt: Checkpoint) -> MoeLayout:
-    """The MoE layout of a checkpoint, from the names of its first layer's tensors."""
-    prefix = (
-        "block_sparse_moe" if "model.layers.0.block_sparse_moe.gate.weight" in ckpt.files else "mlp"
-    )
-    experts = f"model.layers.0.{prefix}.experts."
-    if experts + "gate_up_proj_blocks" in ckpt.files:
-        return MoeLayout(prefix, mxfp4=True)
-    if experts + "gate_up_proj" in ckpt.files:
-        return MoeLayout(prefix, fused=True)
-    if experts + "0.w1.weight" in ckpt.files:
-        return MoeLayout(prefix, ("w1", "w3", "w2"))
-    return MoeLayout(prefix)
-
-
-def export_layout(config: ModelConfig, source_model_dir: str | None) -> MoeLayout:
-    """The layout an export writes: the Hub's for the family of the source checkpoint (or of
-    the config.json a random init is exported with) — Mixtral's own names for Mixtral."""
-    file = os.path.join(source_model_dir, "config.json") if source_model_dir else ""
-    if file and os.path.isfile(file):
-        raw = read_config_json(file)
-    elif config.is_moe:
-        raw = hf_config_dict(config, bos_token_id=None, eos_token_id=None)
-    else:
-        return HUB_LAYOUT
-    mixtral = raw.get("model_type") == "mixtral" or "MixtralForCausalLM" in (
-        raw.get("architectures") or []
-    )
-    return MIXTRAL_LAYOUT if mixtral else HUB_LAYOUT
-
-
 def check_checkpoint(path: str, config: ModelConfig) -> None:
     """Reads only the headers of `path`'s safetensors files: each one complete, every expected
     tensor present with its expected shape, nothing unexplained. Preflight runs this so that a
     broken model directory fails in one line before data is read; raises ModelFileError."""
     ckpt = Checkpoint(path)
-    specs = _tensor_specs(config, checkpoint_layout(ckpt))
-    _check_keys(ckpt, specs, config, compare_tied=False)  # that comparison reads tensor data
+    layout = checkpoint_layout(ckpt)
+    specs = _tensor_specs(config, layout)
+    _check_keys(ckpt, specs, config, layout, compare_tied=False)  # that reads tensor data
     for spec in specs.values():
         for key, _, _ in _instances(spec, config):
             for name, shape in _stored(spec, key):
@@ -306,8 +316,11 @@ def _stored(spec: _Tensor, key: str) -> list[tuple[str, tuple[int, ...]]]:
     return [(key, spec.shape)]
 
 
-def _check_keys(ckpt: Checkpoint, specs: dict, c: ModelConfig, compare_tied: bool = True) -> None:
-    """Every expected tensor present, nothing unexplained left over."""
+def _check_keys(
+    ckpt: Checkpoint, specs: dict, c: ModelConfig, layout: MoeLayout, compare_tied: bool = True
+) -> None:
+    """Every expected tensor present, nothing unexplained left over (a multimodal checkpoint's
+    other modules are not ours to check)."""
     expected = set()
     for spec in specs.values():
         for key, _, _ in _instances(spec, c):
@@ -317,13 +330,13 @@ def _check_keys(ckpt: Checkpoint, specs: dict, c: ModelConfig, compare_tied: boo
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ModelFileError(f"{ckpt.name}: missing tensor '{missing[0]}'{more}")
     for key in sorted(set(ckpt.files) - expected):
-        if key.endswith(_IGNORED_SUFFIXES):
+        if key.endswith(_IGNORED_SUFFIXES) or (layout.copied and key.startswith(layout.copied)):
             continue
-        if key == "lm_head.weight" and c.tie_embeddings:
+        if key == layout.lm_head and c.tie_embeddings:
             if not compare_tied:
                 continue
             shape = (c.vocab_size, c.hidden_size)
-            embedding = ckpt.get("model.embed_tokens.weight", shape)
+            embedding = ckpt.get(layout.model + "embed_tokens.weight", shape)
             if np.array_equal(ckpt.get(key, shape), embedding):
                 continue  # a tied model saved with its (identical) head: harmless.
             raise ModelFileError(
@@ -367,8 +380,9 @@ def load_params(path: str, config: ModelConfig, shardings: Any = None) -> dict:
     as the parameters; each leaf is built on the host and placed directly into its sharding.
     """
     ckpt = Checkpoint(path)
-    specs = _tensor_specs(config, checkpoint_layout(ckpt))
-    _check_keys(ckpt, specs, config)
+    layout = checkpoint_layout(ckpt)
+    specs = _tensor_specs(config, layout)
+    _check_keys(ckpt, specs, config, layout)
     flat_shardings = None
     if shardings is not None:
         flat_shardings = traverse_util.flatten_dict(shardings)
@@ -394,19 +408,19 @@ class HfTensor:
     leaf: tuple[str, ...]  # our flattened param path
     layer: int | None  # index into the leaf's leading L axis, None for whole leaves
     expert: int | None = None  # then index into the layer's expert axis
-    joins: tuple[str, ...] | None = None  # a second leaf interleaved into it (gpt-oss)
+    joins: tuple[tuple[str, ...], ...] = ()  # further leaves fused into it (gpt-oss, Phi-3)
 
     @property
     def leaves(self) -> tuple[tuple[str, ...], ...]:
-        """Every leaf this tensor is made from (one, or two for gpt-oss's fused experts)."""
-        return (self.leaf,) if self.joins is None else (self.leaf, self.joins)
+        """Every leaf this tensor is made from (several for a fused tensor)."""
+        return (self.leaf, *self.joins)
 
 
 def hf_tensor_plan(config: ModelConfig, layout: MoeLayout = HUB_LAYOUT) -> list[HfTensor]:
     """Every HF tensor of the model, grouped by our leaf (so each leaf is fetched once)."""
     plan = []
     for path, spec in _tensor_specs(config, layout).items():
-        if spec.joined:  # written with the leaf it is interleaved with
+        if spec.joined:  # written with the leaf it is fused with
             continue
         if spec.to_hf is None:
             raise ValueError(f"{layout} is a layout we read, not one we write")
@@ -420,12 +434,12 @@ def to_hf_tensor(
     tensor: HfTensor,
     leaf: np.ndarray,
     layout: MoeLayout = HUB_LAYOUT,
-    joined: np.ndarray | None = None,
+    joined: tuple[np.ndarray, ...] = (),
 ) -> np.ndarray:
     """The HF tensor `tensor` from its host leaf (the whole [L, ...] leaf when per-layer), and
-    from the leaf `tensor.joins` names (`joined`) when it interleaves two."""
+    from the leaves `tensor.joins` names (`joined`) when it fuses several."""
     spec = _tensor_specs(config, layout)[tensor.leaf]
-    parts = [leaf] if joined is None else [leaf, joined]
+    parts = [leaf, *joined]
     parts = [p if tensor.layer is None else p[tensor.layer] for p in parts]
     parts = [p if tensor.expert is None else p[tensor.expert] for p in parts]
     return spec.to_hf(*parts)

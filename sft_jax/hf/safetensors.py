@@ -71,6 +71,12 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.entries[key]["shape"])
 
+    def dtype(self, key: str) -> np.dtype:
+        name = self.entries[key]["dtype"]
+        if name not in DTYPES:
+            raise ValueError(f"{self.path}: tensor '{key}' has unsupported dtype {name}")
+        return DTYPES[name]
+
     def get(self, key: str) -> np.ndarray:
         entry = self.entries[key]
         if entry["dtype"] not in DTYPES:

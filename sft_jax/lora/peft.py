@@ -37,6 +37,14 @@ Saved modules (`modules_to_save`) are stored as PEFT stores them, whole, under t
 input_layernorm.weight`, `base_model.model.lm_head.weight`, ...). A trained tied embedding is
 written once, as embed_tokens, with `ensure_weight_tying` so that PEFT ties the LM head to it;
 on import a tied lm_head.weight (which PEFT itself also writes) is read as the embedding.
+
+On a multimodal base (Gemma 3's `Gemma3ForConditionalGeneration`) the language model's modules
+are `model.language_model.*`: export (`language_model=True`) writes the keys there and targets
+them with a regular expression, so PEFT leaves the vision tower's q/k/v projections alone;
+import reads those keys and refuses an adapter on any other module of the base.
+
+A base with fused projections (Phi-3's qkv_proj and gate_up_proj) has its adapters fused on
+export and split on import (sft_jax.lora.fused).
 """
 
 from __future__ import annotations
@@ -51,6 +59,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_jax.lora import oft, prefix
+from sft_jax.lora.fused import (
+    FUSED,
+    check_patterns,
+    fuse_peft_tensors,
+    fused_config,
+    split_fused,
+)
 from sft_jax.lora.tree import (
     EXPERT_KERNELS,
     EXPERTS,
@@ -68,9 +83,12 @@ from sft_jax.lora.tree import (
 
 PREFIX = "base_model.model.model.layers"
 MODEL_PREFIX = "base_model.model."
+_TEXT_MODEL = "base_model.model.model."
+_LANGUAGE_MODEL = "base_model.model.model.language_model."  # Gemma 3's multimodal base
 _PEFT_MODULE_NAME = {"norm": "model.norm"}  # a suffix that matches the final norm only
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+_TEXT_PARTS = ["base_model", "model", "model"]  # what precedes "layers" in an adapter's key
 _SUFFIX = {"a": "lora_A.weight", "b": "lora_B.weight", "m": "lora_magnitude_vector"}
 OFT_SUFFIX = "oft_R.weight"
 # The PEFT version whose OFT parametrisation (the Neumann series as changed in 0.18) is written;
@@ -87,10 +105,28 @@ def _adapter_paths(adapters: dict) -> list[tuple[str, ...]]:
     return paths
 
 
-def to_peft_tensors(adapters: dict, tied_embeddings: bool = False) -> dict[str, np.ndarray]:
+def to_peft_tensors(
+    adapters: dict,
+    tied_embeddings: bool = False,
+    language_model: bool = False,
+    fused: bool = False,
+) -> dict[str, np.ndarray]:
     """PEFT state dict of an adapter tree (see the module docstring), float32 numpy. With
     `tied_embeddings`, a saved embedding is also written as lm_head.weight, as PEFT does (its
-    loader then expects that key)."""
+    loader then expects that key); with `language_model`, keys of a multimodal base's language
+    model; with `fused`, adapters of a base with fused projections (Phi-3: sft_jax.lora.fused)."""
+    tensors = _text_model_tensors(adapters, tied_embeddings)
+    if fused:
+        tensors = fuse_peft_tensors(tensors)
+    if not language_model:
+        return tensors
+    return {
+        _LANGUAGE_MODEL + k.removeprefix(_TEXT_MODEL) if k.startswith(_TEXT_MODEL) else k: v
+        for k, v in tensors.items()
+    }
+
+
+def _text_model_tensors(adapters: dict, tied_embeddings: bool) -> dict[str, np.ndarray]:
     tensors = {}
     for path in _adapter_paths(adapters):
         ad = {k: np.asarray(v, np.float32) for k, v in get_path(adapters, path).items()}
@@ -180,6 +216,26 @@ def _saved_from_peft(tensors: dict[str, np.ndarray], params: dict) -> dict[str, 
     return saved
 
 
+def _from_language_model(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A multimodal base's language-model keys as a text model's; an adapter on any of its
+    other modules (the vision tower, the projector) is refused: sft_jax loads none of them."""
+    if not any(k.startswith(_LANGUAGE_MODEL) for k in tensors):
+        return dict(tensors)
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith(_LANGUAGE_MODEL):
+            out[_TEXT_MODEL + key.removeprefix(_LANGUAGE_MODEL)] = value
+        elif key.startswith(_TEXT_MODEL):
+            module = key.removeprefix(_TEXT_MODEL).split(".")[0]
+            raise ValueError(
+                f"PEFT tensor {key!r} adapts the base's {module}; sft_jax fine-tunes only the "
+                "language model of a multimodal model"
+            )
+        else:
+            out[key] = value
+    return out
+
+
 def expert_parameters(target_parameters: tuple[str, ...]) -> tuple[str, ...]:
     """The expert parameters (gate_up_proj, down_proj, in HF's order) that PEFT's
     `target_parameters` adapt (PEFT matches them as suffixes of "model.layers.{i}.mlp.experts.
@@ -201,7 +257,7 @@ def _parse_name(name: str, experts: tuple[str, ...]) -> tuple[int, tuple[str, ..
     kind = kinds.get(parts[-2]) if parts[-1] == "weight" else None
     if parts[-1] == "lora_magnitude_vector":
         kind, parts = "m", [*parts, "weight"]  # align module slicing below
-    if "layers" not in parts or kind is None:
+    if "layers" not in parts or kind is None or parts[: parts.index("layers")] != _TEXT_PARTS:
         raise ValueError(f"unexpected PEFT tensor {name!r}")
     layer = int(parts[parts.index("layers") + 1])
     module = parts[parts.index("layers") + 2 : -2]
@@ -212,7 +268,7 @@ def _parse_name(name: str, experts: tuple[str, ...]) -> tuple[int, tuple[str, ..
     path = ("layers", {"self_attn": "attn"}.get(group, group), *rest)
     if path[-1] == EXPERTS and depth < len(experts):
         return layer, (*path, experts[len(experts) - 1 - depth]), kind
-    if depth or path[-1] not in KERNELS:
+    if depth or (path[-1] not in KERNELS and path[-1] not in FUSED):
         raise ValueError(f"PEFT tensor {name!r} targets a module sft_jax does not adapt")
     return layer, path, kind
 
@@ -268,10 +324,12 @@ def from_peft_tensors(
     params: dict,
     dtype: Any = jnp.float32,
     target_parameters: tuple[str, ...] = (),
+    rank: int | None = None,
 ) -> dict:
     """Inverse of `to_peft_tensors`, shaped after the kernels of `params`; `target_parameters`
-    as in the adapter's config (which expert parameters its `experts` keys adapt)."""
-    tensors = dict(tensors)
+    as in the adapter's config (which expert parameters its `experts` keys adapt); `rank` its r
+    (fused adapters of rank 3r / 2r that are block-diagonal split back into rank-r ones)."""
+    tensors = _from_language_model(tensors)
     saved = _saved_from_peft(tensors, params)
     experts = expert_parameters(tuple(target_parameters))
     per_path: dict[tuple[str, ...], dict[str, dict[int, np.ndarray]]] = {}
@@ -279,6 +337,7 @@ def from_peft_tensors(
         layer, path, kind = _parse_name(name, experts)
         parts = per_path.setdefault(path, {} if kind == oft.PARAM else {"a": {}, "b": {}})
         parts.setdefault(kind, {})[layer] = np.asarray(value)
+    per_path = split_fused(per_path, params, rank)
     adapters: dict = {}
     for path, parts in per_path.items():
         ad = _stack_layer(path, parts, params)
@@ -297,21 +356,33 @@ def peft_config(
     dropout: float,
     base: str,
     tied_embeddings: bool | None = None,
+    language_model: bool = False,
+    fused: bool = False,
 ) -> dict[str, Any]:
     """The adapter_config.json that `peft.PeftModel.from_pretrained` reads. `tied_embeddings`
     (the base's tie_word_embeddings) is needed only when the embedding is a saved module: PEFT
-    must then re-tie its LM head to the trained copy (ensure_weight_tying)."""
+    must then re-tie its LM head to the trained copy (ensure_weight_tying). `language_model`:
+    the base is multimodal; target_modules is then a regular expression over its language
+    model's modules only (PEFT full-matches a string against each module name). `fused`: the
+    base fuses q/k/v and gate/up (Phi-3), so are the adapters (sft_jax.lora.fused)."""
     paths = _adapter_paths(adapters)
     saved = sorted(adapters.get(SAVED, {}))
     if "embed_tokens" in saved and tied_embeddings is None:
         raise ValueError("peft_config needs tied_embeddings when embed_tokens is a saved module")
     parameters = sorted({hf_module(p) for p in paths if is_expert_path(p)})
-    return {
+    modules: Any = sorted({p[-1] for p in paths if not is_expert_path(p)})
+    names = dict(_PEFT_MODULE_NAME)
+    if language_model:
+        if parameters:
+            raise ValueError("a multimodal base's experts are not adapted by sft_jax")
+        modules = rf"model\.language_model\.layers\.\d+\..*\.({'|'.join(modules)})"
+        names["norm"] = "language_model.norm"
+    config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": rank,
         "lora_alpha": alpha,
-        "target_modules": sorted({p[-1] for p in paths if not is_expert_path(p)}),
+        "target_modules": modules,
         "target_parameters": parameters or None,
         "use_rslora": rslora,
         "use_dora": any("m" in get_path(adapters, p) for p in paths),
@@ -322,10 +393,11 @@ def peft_config(
         "base_model_name_or_path": base,
         "inference_mode": True,
         # PEFT matches these as name suffixes: "norm" would also catch every layer norm.
-        "modules_to_save": [_PEFT_MODULE_NAME.get(m, m) for m in saved] or None,
+        "modules_to_save": [names.get(m, m) for m in saved] or None,
         # A trained tied embedding must stay tied to the LM head when PEFT loads it.
         "ensure_weight_tying": bool(tied_embeddings) and "embed_tokens" in saved,
     }
+    return fused_config(config, rank, alpha, rslora) if fused else config
 
 
 def oft_peft_config(
@@ -363,16 +435,25 @@ def oft_peft_config(
     }
 
 
-def write_peft_adapter(out_dir: str, adapters: dict, config: dict[str, Any]) -> None:
+def write_peft_adapter(
+    out_dir: str,
+    adapters: dict,
+    config: dict[str, Any],
+    language_model: bool = False,
+    fused: bool = False,
+) -> None:
     """Writes adapter_config.json and adapter_model.safetensors (metadata format "pt"); a tied
-    trained embedding (config ensure_weight_tying) also as lm_head.weight."""
+    trained embedding (config ensure_weight_tying) also as lm_head.weight; `language_model`:
+    keys of a multimodal base's language model, `fused`: fused projections (as `peft_config`
+    was told)."""
     from safetensors.numpy import save_file
 
     os.makedirs(out_dir, exist_ok=True)
     if prefix.method_of(adapters):  # prefix / prompt tuning: PEFT's one prompt_embeddings
         tensors = prefix.to_peft_tensors(adapters)
     else:
-        tensors = to_peft_tensors(adapters, config.get("ensure_weight_tying", False))
+        tied = config.get("ensure_weight_tying", False)
+        tensors = to_peft_tensors(adapters, tied, language_model, fused)
     save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), {"format": "pt"})
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
@@ -416,8 +497,8 @@ def _oft_config(path: str, cfg: dict) -> PeftAdapterConfig:
 
 def read_peft_config(adapter_dir: str) -> PeftAdapterConfig:
     """adapter_config.json of a LoRA adapter; missing r / lora_alpha take PEFT's defaults (8).
-    Per-module ranks or alphas (rank_pattern / alpha_pattern) are refused: one scale is applied
-    to every module here, so they would silently change the adapter."""
+    Per-module ranks or alphas (rank_pattern / alpha_pattern) are refused, since one scale is
+    applied to every module here, except the scale-preserving ones of fused modules."""
     path = os.path.join(adapter_dir, CONFIG_FILE)
     with open(path, encoding="utf-8") as f:
         try:
@@ -439,9 +520,7 @@ def read_peft_config(adapter_dir: str) -> PeftAdapterConfig:
             f"{path}: peft_type is {cfg['peft_type']!r}; only 'LORA', 'OFT', 'PREFIX_TUNING' "
             "and 'PROMPT_TUNING' are supported"
         )
-    for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
-            raise ValueError(f"{path}: '{key}' (per-module ranks or alphas) is not supported")
+    check_patterns(cfg, path)  # only the fused modules' scale-preserving ones
     rank, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
         raise ValueError(f"{path}: 'r' must be a positive integer and 'lora_alpha' a number")
@@ -500,7 +579,9 @@ def read_peft_adapter(
         raise ValueError(
             f"PEFT adapter {adapter_dir} does not match config.lora: " + "; ".join(problems)
         )
-    adapters = from_peft_tensors(tensors, params, target_parameters=cfg.target_parameters)
+    adapters = from_peft_tensors(
+        tensors, params, target_parameters=cfg.target_parameters, rank=cfg.rank
+    )
     has_m = any("m" in get_path(adapters, p) for p in _adapter_paths(adapters))
     if has_m != cfg.dora:
         raise ValueError(

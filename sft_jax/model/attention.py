@@ -30,20 +30,23 @@ if TYPE_CHECKING:
     from sft_jax.model.config import ModelConfig, RopeScaling
 
 
-def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> np.ndarray:
+def rope_inv_freq(config: ModelConfig, *, local: bool = False, long: bool = False) -> np.ndarray:
     """float32 [H/2] inverse frequencies, rescaled when `rope_scaling` is set.
 
     Computed in float64 on the host (a trace-time constant) and rounded once, which matches
     transformers' float32 computation to within an ulp. `local`: the unscaled frequencies of
-    Gemma 3's sliding-window layers, at their own base `local_rope_theta`.
+    Gemma 3's sliding-window layers, at their own base `local_rope_theta`. `long`: LongRoPE's
+    long-context frequencies (else its short ones). [rotary_dim/2] with a partial rotary factor.
     """
-    dim = config.head_dim
+    dim = config.rotary_dim
     theta = config.rope_theta
     if local and config.local_rope_theta is not None:
         theta = config.local_rope_theta
     inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     s = None if local and config.local_rope_theta is not None else config.rope_scaling
-    if s is not None and s.rope_type == "linear":
+    if s is not None and s.rope_type == "longrope":  # _compute_longrope_parameters
+        inv_freq = inv_freq / np.asarray(s.long_factor if long else s.short_factor, np.float64)
+    elif s is not None and s.rope_type == "linear":
         inv_freq = inv_freq / s.factor
     elif s is not None and s.rope_type == "yarn":
         inv_freq = _yarn_inv_freq(inv_freq, s, theta, dim)
@@ -82,9 +85,10 @@ def _yarn_inv_freq(inv_freq: np.ndarray, s: RopeScaling, theta: float, dim: int)
 
 
 def rope_attention_factor(config: ModelConfig, *, local: bool = False) -> float:
-    """The factor cos and sin are multiplied by: YaRN's attention factor, else 1."""
+    """The factor cos and sin are multiplied by: YaRN's or LongRoPE's attention factor, else 1."""
     s = config.rope_scaling
-    if s is None or s.rope_type != "yarn" or (local and config.local_rope_theta is not None):
+    scaled = s is not None and s.rope_type in ("yarn", "longrope")
+    if not scaled or (local and config.local_rope_theta is not None):
         return 1.0
     return s.attention_factor
 
@@ -100,12 +104,46 @@ def rope_tables(
     return jnp.cos(angles) * factor, jnp.sin(angles) * factor
 
 
+def longrope_tables(
+    config: ModelConfig,
+    positions: jax.Array,
+    segment_ids: jax.Array | None,
+    cos: jax.Array,
+    sin: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """LongRoPE's cos, sin: the short-factor tables (`cos`, `sin`) where a token's sequence stays
+    within original_max_position_embeddings, the long-factor ones where it goes beyond.
+
+    transformers picks one set per forward call, by the call's largest position; we pick per
+    sequence (a packed segment; a row when decoding, `segment_ids` None), which is its choice
+    for each sequence run alone, prompt and generation steps included (a step past the
+    original length switches to the long factors; the cached keys keep theirs, as in
+    transformers). Padding sits at position 0.
+    """
+    s = config.rope_scaling
+    long_cos, long_sin = rope_tables(
+        positions, rope_inv_freq(config, long=True), rope_attention_factor(config)
+    )
+    if segment_ids is None:
+        last = jnp.max(positions, axis=1, keepdims=True)
+    else:  # each segment's largest position, whatever the order of the row's slots
+        b, t = positions.shape
+        ids = (jnp.arange(b)[:, None] * (t + 1) + segment_ids).reshape(-1)
+        top = jax.ops.segment_max(positions.reshape(-1), ids, num_segments=b * (t + 1))
+        last = top[ids].reshape(b, t)
+    use_long = (last >= s.original_max_position_embeddings)[..., None]
+    return jnp.where(use_long, long_cos, cos), jnp.where(use_long, long_sin, sin)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates x [B, T, heads, H] in HF "rotate_half" layout (pairs (i, i + H/2)), in float32."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    """Rotates x [B, T, heads, H] in HF "rotate_half" layout (pairs (i, i + R/2)), in float32;
+    R = 2 * cos.shape[-1] is H, or fewer with a partial rotary factor (the rest passes through,
+    as HF's Phi-3 does)."""
+    rotary = 2 * cos.shape[-1]
+    x1, x2 = jnp.split(x[..., :rotary].astype(jnp.float32), 2, axis=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return out if rotary == x.shape[-1] else jnp.concatenate([out, x[..., rotary:]], axis=-1)
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:

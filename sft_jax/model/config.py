@@ -23,20 +23,26 @@ MOE_DISPATCH = ("auto", "all_gather", "all_to_all")
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Rescaling of the RoPE inverse frequencies: Llama-3 ("llama3"), "linear" (Gemma 3) or
-    YaRN ("yarn": gpt-oss), as transformers' modeling_rope_utils computes them."""
+    """Rescaling of the RoPE inverse frequencies: Llama-3 ("llama3"), "linear" (Gemma 3), YaRN
+    ("yarn": gpt-oss, OLMo 3) or LongRoPE ("longrope": Phi-3/4), as transformers'
+    modeling_rope_utils computes them."""
 
     factor: float
     low_freq_factor: float = 0.0  # llama3 only
     high_freq_factor: float = 0.0  # llama3 only
-    original_max_position_embeddings: int = 0  # llama3, yarn
+    original_max_position_embeddings: int = 0  # llama3, yarn, longrope
     rope_type: str = "llama3"
     beta_fast: float = 32.0  # yarn: the ramp's bounds, in rotations over the original length
     beta_slow: float = 1.0  # yarn
     truncate: bool = True  # yarn: round the ramp's bounds to whole dimensions
-    # yarn: cos and sin are multiplied by this (so every score by its square); transformers
-    # derives it from factor (0.1 ln(factor) + 1) when config.json does not give it.
+    # yarn, longrope: cos and sin are multiplied by this (so every score by its square);
+    # transformers derives it from factor when config.json does not give it.
     attention_factor: float = 1.0
+    # longrope: per-frequency divisors of the inverse frequencies; the long ones where a
+    # sequence's largest position is beyond original_max_position_embeddings, else the short
+    # ones (attention.longrope_tables).
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +71,17 @@ class ModelConfig:
     embed_scale: bool = False  # embeddings times sqrt(hidden_size), in the compute dtype
     mlp_activation: str = "silu"  # "silu" | "gelu_tanh"
     sandwich_norms: bool = False  # extra norms after attention and after the MLP
+    pre_norms: bool = True  # False: no norm before attention and MLP (OLMo 2/3: only the post)
+    norm_scale_float32: bool = False  # norms multiply by w in float32, then cast (OLMo 2/3)
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     query_scale: float | None = None  # scores scaled by query_scale**-0.5 (else head_dim**-0.5)
     sliding_window: int | None = None  # a local layer's query sees keys less than this far back
     local_layers: tuple[bool, ...] = ()  # per layer: sliding window (empty: no local layers)
     local_rope_theta: float | None = None  # RoPE base of local layers (None: rope_theta, scaled)
+    nope_layers: tuple[bool, ...] = ()  # per layer: no RoPE (SmolLM3's NoPE layers); empty: none
+    # RoPE rotates the first int(head_dim * factor) dims of each head only (Phi-4-mini: 0.75).
+    partial_rotary_factor: float = 1.0
     # With qk_norm: one RMSNorm over all heads' queries (N*H) and keys (K*H) instead of one per
     # head (H), as OLMoE does; its scales are then [N*H] and [K*H].
     qk_norm_full: bool = False
@@ -119,8 +130,11 @@ class ModelConfig:
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                 f"({self.num_kv_heads}) for grouped-query attention"
             )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+        if self.head_dim % 2 or self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            raise ValueError(
+                f"head_dim ({self.head_dim}) and its rotated part ({self.rotary_dim}) must be "
+                "even and positive for RoPE"
+            )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat is {self.remat!r}; choose one of {REMAT_POLICIES}")
         if self.attention not in IMPLEMENTATIONS:
@@ -131,6 +145,10 @@ class ModelConfig:
             raise ValueError(f"mlp_activation is {self.mlp_activation!r}; choose silu or gelu_tanh")
         if self.local_layers and len(self.local_layers) != self.num_layers:
             raise ValueError(f"local_layers has {len(self.local_layers)} entries, not num_layers")
+        if self.nope_layers and len(self.nope_layers) != self.num_layers:
+            raise ValueError(f"nope_layers has {len(self.nope_layers)} entries, not num_layers")
+        if not (self.pre_norms or self.sandwich_norms):
+            raise ValueError("pre_norms=False (post-norm layers) needs sandwich_norms")
         if self.qk_norm_full and not self.qk_norm:
             raise ValueError("qk_norm_full (the q/k norm over all heads) needs qk_norm")
         if any(self.local_layers) and not self.sliding_window:
@@ -157,6 +175,11 @@ class ModelConfig:
             return self.intermediate_size
         routed = self.num_experts_per_tok * self.moe_intermediate_size
         return routed + self.shared_expert_intermediate_size
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many dims of each head RoPE rotates (HF: int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def has_local_layers(self) -> bool:

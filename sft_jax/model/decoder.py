@@ -18,9 +18,10 @@ Design choices and why:
   only for the implementations that read it (reference, xla, cudnn, and decoding); blocked and
   splash take the segment ids, so their training memory stays linear in T.
 - Numerics follow Hugging Face: RMSNorm statistics and softmax in float32; logits in float32.
-- Per-layer differences (Gemma's sliding-window "local" layers with their own RoPE base) are data
-  scanned alongside the weights (a per-layer `local` flag selecting precomputed masks and RoPE
-  tables), not Python branches, so the scan still compiles one layer.
+- Per-layer differences (Gemma's sliding-window "local" layers with their own RoPE base, SmolLM3's
+  NoPE layers) are data scanned alongside the weights (per-layer `local` and `nope` flags
+  selecting precomputed masks and RoPE tables), not Python branches, so the scan still compiles
+  one layer.
 - Generation uses the same layers through `Transformer.decode`: a KV cache [L, B, S, K, H] enters
   the scan as per-layer input and leaves it as per-layer output; training never builds one.
 
@@ -34,7 +35,8 @@ Parameter tree (names are load-bearing: the HF loader, sharding rules, LoRA and 
     layers/attn/sinks [L, N]                     (attention_sinks: gpt-oss)
     layers/attn/{q_norm, k_norm}/scale [L, H]    (qk_norm; [L, N*H], [L, K*H] with qk_norm_full)
     layers/mlp/{gate_proj, up_proj [L, D, F], down_proj [L, F, D]}/kernel
-    layers/{post_attn_norm, post_mlp_norm}/scale [L, D]   (sandwich_norms: Gemma 2/3)
+    layers/{post_attn_norm, post_mlp_norm}/scale [L, D]   (sandwich_norms: Gemma 2/3, OLMo 2/3)
+    (no attn_norm, mlp_norm without pre_norms: OLMo 2/3 normalise only the sublayers' outputs)
     layers/mlp/{router, experts, ...} instead of the dense mlp in a mixture-of-experts model:
     MoeMlp's tree (sft_jax/model/moe.py) with the leading L axis.
     lm_head is absent when tie_embeddings (logits = h @ embedding.T).
@@ -57,6 +59,7 @@ from sft_jax.model.attention import (
     apply_rope,
     attend,
     attention_mask,
+    longrope_tables,
     resolve_implementation,
     rope_attention_factor,
     rope_inv_freq,
@@ -97,7 +100,15 @@ _REMAT_POLICIES = {
 
 
 def _norm(c: ModelConfig, names: tuple[str, ...], name: str | None = None) -> RMSNorm:
-    return RMSNorm(c.rms_norm_eps, names, c.dtype, c.param_dtype, c.norm_offset, name=name)
+    return RMSNorm(
+        c.rms_norm_eps,
+        names,
+        c.dtype,
+        c.param_dtype,
+        c.norm_offset,
+        c.norm_scale_float32,
+        name=name,
+    )
 
 
 class Embed(nn.Module):
@@ -277,11 +288,13 @@ def pin_activations(c: ModelConfig, x: jax.Array, *, decoding: bool) -> jax.Arra
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer; the scan carry is the residual stream x [B, T, D].
+    """One decoder layer (pre-norm; post-norm without pre_norms); the scan carry is the
+    residual stream x [B, T, D].
 
     `layer` holds this layer's slice of the scanned inputs: "local" (bool, when the model has
-    sliding-window layers) and the KV cache "k"/"v" (when decoding). `ctx` is shared by all
-    layers: the masks and RoPE tables (global, and "local_*" ones) and the cache write "index".
+    sliding-window layers), "nope" (bool, when it has layers without RoPE) and the KV cache
+    "k"/"v" (when decoding). `ctx` is shared by all layers: the masks and RoPE tables (global,
+    and "local_*" ones) and the cache write "index".
     Returns (x, outputs), the scan's (carry, per-layer output): outputs holds this layer's
     updated cache "k"/"v" when decoding and its router statistics "router" (a MoeAux) in a
     mixture-of-experts model.
@@ -302,8 +315,11 @@ class Block(nn.Module):
             if "local_cos" in ctx:
                 cos = jnp.where(local, ctx["local_cos"], cos)
                 sin = jnp.where(local, ctx["local_sin"], sin)
+        if "nope" in layer:  # a NoPE layer: cos 1 and sin 0 rotate by nothing, exactly
+            cos = jnp.where(layer["nope"], 1.0, cos)
+            sin = jnp.where(layer["nope"], 0.0, sin)
         cache = (layer["k"], layer["v"]) if "k" in layer else None
-        h = _norm(c, ("embed",), name="attn_norm")(x)
+        h = _norm(c, ("embed",), name="attn_norm")(x) if c.pre_norms else x
         h, cache = Attention(c, name="attn")(
             h, mask, cos, sin, cache, ctx.get("index"), ctx.get("segment_ids"), local,
             ctx.get("slots"),
@@ -311,7 +327,7 @@ class Block(nn.Module):
         if c.sandwich_norms:
             h = _norm(c, ("embed",), name="post_attn_norm")(h)
         x = x + h
-        h = _norm(c, ("embed",), name="mlp_norm")(x)
+        h = _norm(c, ("embed",), name="mlp_norm")(x) if c.pre_norms else x
         out = {} if cache is None else {"k": cache[0], "v": cache[1]}
         if c.is_moe:  # router statistics over real tokens (training), all tokens (decoding)
             segment_ids = ctx.get("segment_ids")
@@ -463,6 +479,8 @@ class Transformer(nn.Module):
             x = neftune_noise(x, segment_ids, c.neftune_alpha, self.make_rng("neftune"))
         x = pin_activations(c, x, decoding=index is not None)
         cos, sin = rope_tables(positions, rope_inv_freq(c), rope_attention_factor(c))
+        if c.rope_scaling is not None and c.rope_scaling.rope_type == "longrope":  # Phi-3
+            cos, sin = longrope_tables(c, positions, segment_ids, cos, sin)
         ctx = {"cos": cos, "sin": sin}
         if mask is not None:
             ctx["mask"] = mask
@@ -471,6 +489,8 @@ class Transformer(nn.Module):
         if segment_ids is not None:  # training: blocked, splash, ring read segments, not a mask
             ctx["segment_ids"] = segment_ids
             ctx["slots"] = jnp.broadcast_to(q_slots, tokens.shape)  # ring attention's mask
+        if any(c.nope_layers):
+            layer["nope"] = jnp.asarray(c.nope_layers)
         if c.has_local_layers:
             layer["local"] = jnp.asarray(c.local_layers)
             if mask is not None:

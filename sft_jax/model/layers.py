@@ -154,13 +154,15 @@ class Einsum(nn.Module):
 
 class RMSNorm(nn.Module):
     """RMSNorm with HF numerics: statistics in float32. Llama casts back, then multiplies by w;
-    Gemma (`offset`) multiplies by (1 + w) in float32, then casts, and initialises w to zero."""
+    Gemma (`offset`) multiplies by (1 + w) in float32, then casts, and initialises w to zero;
+    OLMo 2/3 (`scale_float32`) multiply by w in float32, then cast."""
 
     eps: float
     names: tuple[str, ...]  # logical name of the normalised (last) axis
     dtype: str = "float32"
     param_dtype: str = "float32"
     offset: bool = False
+    scale_float32: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -170,4 +172,6 @@ class RMSNorm(nn.Module):
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         if self.offset:
             return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+        if self.scale_float32:
+            return (normed * scale.astype(jnp.float32)).astype(self.dtype)
         return normed.astype(self.dtype) * scale.astype(self.dtype)

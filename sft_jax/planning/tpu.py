@@ -123,6 +123,7 @@ def _variant(config: Config, model_config: ModelConfig, layers: int) -> tuple[Co
     analysis to count once)."""
     local = model_config.local_layers[:layers] if model_config.local_layers else ()
     mc = dataclasses.replace(model_config, num_layers=layers, scan_layers=False, local_layers=local)
+    mc = dataclasses.replace(mc, nope_layers=model_config.nope_layers[:layers])
     rows = config.train.global_batch_size // config.train.micro_batches
     train = dataclasses.replace(config.train, global_batch_size=rows, micro_batches=1)
     return dataclasses.replace(config, train=train), mc

@@ -36,9 +36,9 @@ from sft_jax.data.pack import (
     split_into_gaps,
     whole_example_row_floor,
 )
-from sft_jax.data.pipeline import DataBundle, check_trainable, prepare_data, read_splits, split_rows
+from sft_jax.data.pipeline import DataBundle, check_trainable, prepare_data, read_splits
 from sft_jax.data.render import render_conversation
-from sft_jax.data.shards import ShardPlan, shard_plan
+from sft_jax.data.shards import ShardPlan, shard_plan, split_rows
 from sft_jax.data.source import DataError, expand_files, iter_records
 from sft_jax.data.templates import BUILTIN_TEMPLATES, ChatTemplate, load_chat_template
 from sft_jax.data.tokenize import (

@@ -1,0 +1,195 @@
+"""The tokenisation cache: cached and uncached preparation give bitwise-equal batches, statistics,
+eval data and resumed positions; the key holds exactly what changes an encoding; corrupt or
+partial parts are detected, removed and encoded again; processes write their parts in parallel."""
+
+import dataclasses
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+from test_data_shards import demo_config, prepare_as_processes
+
+from sft_jax.data import prepare_data
+from sft_jax.data.cache import MARKER
+
+STEPS = 12
+
+
+def with_data(config, **data):
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, **data))
+
+
+def batches(bundle, steps=STEPS):
+    return [next(bundle.train_iter) for _ in range(steps)]
+
+
+def assert_same(a, b):
+    """Two bundles give the same batches, statistics, eval batches and eval prompts."""
+    assert a.stats == b.stats
+    for x, y in zip(batches(a), batches(b), strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key].dtype == y[key].dtype
+            np.testing.assert_array_equal(x[key], y[key])
+    assert len(a.eval_batches) == len(b.eval_batches)
+    for x, y in zip(a.eval_batches, b.eval_batches, strict=True):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    assert a.eval_prompts == b.eval_prompts
+    assert (a.template is None) == (b.template is None)
+
+
+def parts(cache) -> list[pathlib.Path]:
+    return sorted(pathlib.Path(cache).glob("*/part-*"))
+
+
+def test_cached_equals_uncached_and_is_reused(tmp_path, caplog):
+    config = demo_config(tmp_path, eval_fraction=0.1, eval_files="")
+    cache = tmp_path / "cache"
+    plain = prepare_data(config)
+    first = prepare_data(config, cache_dir=str(cache))
+    assert len(parts(cache)) == 1
+    assert_same(plain, first)
+    again = prepare_data(with_data(config, cache_dir=str(cache)))  # the config key, a hit
+    assert len(parts(cache)) == 1
+    assert_same(prepare_data(config), again)
+    off = prepare_data(with_data(config, cache_dir="off"), cache_dir=str(tmp_path / "unused"))
+    assert not (tmp_path / "unused").exists()
+    assert_same(prepare_data(config), off)
+
+
+def test_resume_from_cached_equals_uncached(tmp_path):
+    config = demo_config(tmp_path)
+    cache = str(tmp_path / "cache")
+    prepare_data(config, cache_dir=cache)  # builds the cache
+    reference = prepare_data(config)
+    expected = batches(reference, 2 * STEPS)
+    resumed = prepare_data(config, cache_dir=cache)
+    batches(resumed, 5)
+    state = json.loads(json.dumps(resumed.train_iter.get_state()))
+    restarted = prepare_data(config, cache_dir=cache)
+    restarted.train_iter.set_state(state)
+    for x, y in zip(batches(restarted, 2 * STEPS - 5), expected[5:], strict=True):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_key_changes_with_encoding_options_only(tmp_path):
+    """Options that only select, mix, pack or order records reuse the parts; options that change
+    an encoding, and the data's contents at the same size, encode again."""
+    config = demo_config(tmp_path, eval_fraction=0.1, eval_files="")
+    cache = str(tmp_path / "cache")
+    prepare_data(config, cache_dir=cache)
+    keys = lambda: sorted(p.name for p in pathlib.Path(cache).iterdir())
+    assert len(keys()) == 1
+    reused = [
+        {"pack_window": 7, "pack_split": True, "prefetch": 2},
+        {"shards": 2},
+        {"max_eval_examples": 5},
+    ]
+    for change in reused:
+        changed = with_data(config, **change)
+        assert_same(prepare_data(changed), prepare_data(changed, cache_dir=cache))
+        assert len(keys()) == 1, change
+    reseeded = dataclasses.replace(config, seed=config.seed + 1)
+    before = len(parts(cache))
+    assert_same(prepare_data(reseeded), prepare_data(reseeded, cache_dir=cache))
+    assert len(keys()) == 1
+    # Another seed holds out other records: only those lacking a generation prompt are encoded.
+    assert len(parts(cache)) == before + 1
+    for change in [{"seq_len": 64}, {"train_on": "all"}, {"overlong": "drop"}]:
+        changed = with_data(config, **change)
+        n = len(keys())
+        assert_same(prepare_data(changed), prepare_data(changed, cache_dir=cache))
+        assert len(keys()) == n + 1, change
+    path = pathlib.Path(config.data.train_files)
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace("a", "b", 1), encoding="utf-8")  # same size, other contents
+    n = len(keys())
+    assert_same(prepare_data(config), prepare_data(config, cache_dir=cache))
+    assert len(keys()) == n + 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_marker", "tmp_only"])
+def test_corrupt_or_partial_parts_are_rebuilt(tmp_path, damage):
+    config = demo_config(tmp_path, n_train=120)
+    cache = str(tmp_path / "cache")
+    reference = prepare_data(config)
+    prepare_data(config, cache_dir=cache)
+    (part,) = parts(cache)
+    tokens = part / "tokens.npy"
+    if damage == "truncate":
+        tokens.write_bytes(tokens.read_bytes()[:-7])
+    elif damage == "flip":
+        raw = bytearray(tokens.read_bytes())
+        raw[-3] ^= 0xFF
+        tokens.write_bytes(bytes(raw))
+    elif damage == "no_marker":
+        (part / MARKER).unlink()
+    else:  # an interrupted write: the temporary directory was never renamed into place
+        part.rename(part.parent / ".tmp-interrupted")
+        (part.parent / ".tmp-interrupted" / MARKER).unlink()
+    rebuilt = prepare_data(config, cache_dir=cache)
+    assert_same(reference, rebuilt)
+    (new,) = parts(cache)
+    assert new != part or damage == "tmp_only"
+    assert (new / MARKER).exists()
+
+
+def test_processes_write_parts_in_parallel_and_share_them(tmp_path):
+    """Two processes each encode their own shard into a part of one cache; one process with
+    both (virtual) shards then finds everything there and encodes nothing."""
+    config = with_data(demo_config(tmp_path, shards=2), cache_dir=str(tmp_path / "cache"))
+    two = prepare_as_processes(config, 2)
+    assert len(parts(tmp_path / "cache")) == 2
+    (one,) = prepare_as_processes(config, 1)
+    assert len(parts(tmp_path / "cache")) == 2  # nothing new was encoded
+    uncached = with_data(config, cache_dir="off")
+    reference = prepare_as_processes(uncached, 2)
+    for cached, plain in zip(two, reference, strict=True):
+        assert_same(cached, plain)
+    assert_same(one, prepare_as_processes(uncached, 1)[0])
+
+
+def test_bad_rows_skipped_the_same_way(tmp_path):
+    config = demo_config(tmp_path, n_train=60, on_bad_row="skip", eval_fraction=0.2)
+    lines = pathlib.Path(config.data.train_files).read_text(encoding="utf-8").splitlines()
+    lines[3] = "{not json"
+    lines[10] = json.dumps({"prompt": "x", "completion": ""})  # empty answer: skipped
+    pathlib.Path(config.data.train_files).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cache = str(tmp_path / "cache")
+    plain = prepare_data(config)
+    assert plain.stats["skipped"] == 2
+    assert_same(plain, prepare_data(config, cache_dir=cache))
+    assert_same(prepare_data(config), prepare_data(config, cache_dir=cache))
+
+
+@pytest.mark.slow
+def test_conversations_cached_equal_uncached(tmp_path, shared_assets):
+    """ShareGPT conversations with the Qwen3 template, split at turn ends, held-out prompts."""
+    src = shared_assets / "data-fastchat" / "dummy_conversation.json"
+    data = tmp_path / "conv.json"
+    shutil.copy(src, data)
+    config = demo_config(tmp_path)
+    config = dataclasses.replace(
+        with_data(
+            config,
+            train_files=str(data),
+            tokenizer=str(shared_assets / "tok-qwen3"),
+            chat_template="tokenizer",
+            train_on="last_assistant",
+            overlong="split",
+            seq_len=256,
+            eval_fraction=0.05,
+            eval_files="",
+            max_eval_examples=16,
+        ),
+        train=dataclasses.replace(config.train, global_batch_size=4),
+    )
+    cache = str(tmp_path / "cache")
+    plain = prepare_data(config)
+    assert plain.template is not None and plain.eval_prompts
+    assert_same(plain, prepare_data(config, cache_dir=cache))
+    assert_same(prepare_data(config), prepare_data(config, cache_dir=cache))

@@ -12,7 +12,7 @@ import pytest
 from test_data_shards import demo_config, prepare_as_processes
 
 from sft_jax.data import prepare_data
-from sft_jax.data.cache import MARKER
+from sft_jax.data.cache_store import MARKER
 
 STEPS = 12
 

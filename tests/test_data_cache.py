@@ -45,6 +45,11 @@ def parts(cache) -> list[pathlib.Path]:
     return sorted(pathlib.Path(cache).glob("*/part-*"))
 
 
+def forget_prepared(cache) -> None:
+    """Removes the prepared (packed) entries, so the next start assembles from the parts."""
+    shutil.rmtree(pathlib.Path(cache) / "prepared", ignore_errors=True)
+
+
 def test_cached_equals_uncached_and_is_reused(tmp_path, caplog):
     config = demo_config(tmp_path, eval_fraction=0.1, eval_files="")
     cache = tmp_path / "cache"
@@ -82,7 +87,7 @@ def test_key_changes_with_encoding_options_only(tmp_path):
     config = demo_config(tmp_path, eval_fraction=0.1, eval_files="")
     cache = str(tmp_path / "cache")
     prepare_data(config, cache_dir=cache)
-    keys = lambda: sorted(p.name for p in pathlib.Path(cache).iterdir())
+    keys = lambda: sorted(p.name for p in pathlib.Path(cache).iterdir() if p.name != "prepared")
     assert len(keys()) == 1
     reused = [
         {"pack_window": 7, "pack_split": True, "prefetch": 2},
@@ -118,24 +123,42 @@ def test_corrupt_or_partial_parts_are_rebuilt(tmp_path, damage):
     cache = str(tmp_path / "cache")
     reference = prepare_data(config)
     prepare_data(config, cache_dir=cache)
+    forget_prepared(cache)
     (part,) = parts(cache)
-    tokens = part / "tokens.npy"
-    if damage == "truncate":
-        tokens.write_bytes(tokens.read_bytes()[:-7])
-    elif damage == "flip":
-        raw = bytearray(tokens.read_bytes())
-        raw[-3] ^= 0xFF
-        tokens.write_bytes(bytes(raw))
-    elif damage == "no_marker":
-        (part / MARKER).unlink()
-    else:  # an interrupted write: the temporary directory was never renamed into place
-        part.rename(part.parent / ".tmp-interrupted")
-        (part.parent / ".tmp-interrupted" / MARKER).unlink()
+    break_dir(part, damage)
     rebuilt = prepare_data(config, cache_dir=cache)
     assert_same(reference, rebuilt)
     (new,) = parts(cache)
     assert new != part or damage == "tmp_only"
     assert (new / MARKER).exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_marker"])
+def test_corrupt_prepared_rows_are_rebuilt(tmp_path, damage):
+    config = demo_config(tmp_path, n_train=120)
+    cache = str(tmp_path / "cache")
+    reference = prepare_data(config)
+    prepare_data(config, cache_dir=cache)
+    (prepared,) = (pathlib.Path(cache) / "prepared").iterdir()
+    break_dir(prepared, damage, "shard0.inputs.npy")
+    assert_same(reference, prepare_data(config, cache_dir=cache))
+    assert (prepared / MARKER).exists()  # written again
+    assert_same(prepare_data(config), prepare_data(config, cache_dir=cache))
+
+
+def break_dir(directory: pathlib.Path, damage: str, file: str = "tokens.npy") -> None:
+    target = directory / file
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:-7])
+    elif damage == "flip":
+        raw = bytearray(target.read_bytes())
+        raw[-3] ^= 0xFF
+        target.write_bytes(bytes(raw))
+    elif damage == "no_marker":
+        (directory / MARKER).unlink()
+    else:  # an interrupted write: the temporary directory was never renamed into place
+        directory.rename(directory.parent / ".tmp-interrupted")
+        (directory.parent / ".tmp-interrupted" / MARKER).unlink()
 
 
 def test_processes_write_parts_in_parallel_and_share_them(tmp_path):

@@ -31,6 +31,7 @@ whichever part holds it, encoding only what no part has.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,6 +39,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 from etils import epath
 
 from sft_jax.data.cache_store import (
@@ -47,7 +49,15 @@ from sft_jax.data.cache_store import (
     TEXT,
     UNPARSEABLE,
     RecordStore,
+    concat,
     digest_file,
+    npy_array,
+    npy_bytes,
+    prompt_from_json,
+    prompt_json,
+    read_verified,
+    remove,
+    write_verified,
 )
 from sft_jax.data.encode import (
     Encoded,
@@ -77,6 +87,7 @@ from sft_jax.data.source import (
     lazy_records,
 )
 from sft_jax.data.templates import load_chat_template
+from sft_jax.data.tokenize import TokenizedExample
 
 logger = logging.getLogger(__name__)
 
@@ -136,29 +147,37 @@ ENCODING_OPTIONS = (
 )
 
 
-def encode_cached(
-    config: Any,
-    tokenizer: Any,
-    tokenizer_dir: str,
-    plan: ShardPlan,
-    cache_dir: str,
-    prepare: Callable[[Sequence[Example]], tuple[EncodeSettings, int]],
-) -> EncodedSplits:
-    """The own shards' and held-out examples, from the cache; records no part holds are read,
-    parsed and encoded (`prepare(examples)` gives the settings and worker count) and added to the
-    cache as one new part per mixture group. The selection of records is `read_splits`'s."""
+def group_roots(
+    config: Any, tokenizer: Any, tokenizer_dir: str, cache_dir: str
+) -> list[epath.Path]:
+    """Each mixture group's key directory (hashes the data files and the tokenizer's files)."""
     dc = config.data
     common = {
         "tokenizer": tokenizer_identity(tokenizer_dir),
         "template": _template_identity(dc.chat_template, tokenizer),
         "options": {name: getattr(dc, name) for name in ENCODING_OPTIONS},
     }
+    return [
+        epath.Path(cache_dir) / encoding_key({**common, "files": files_identity(expand_files(p))})
+        for p, _ in parse_mixture(dc.train_files)
+    ]
+
+
+def encode_cached(
+    config: Any,
+    tokenizer: Any,
+    roots: list[epath.Path],
+    plan: ShardPlan,
+    prepare: Callable[[Sequence[Example]], tuple[EncodeSettings, int]],
+) -> EncodedSplits:
+    """The own shards' and held-out examples, from the cache (`roots`: `group_roots`); records no
+    part holds are read, parsed and encoded (`prepare(examples)` gives the settings and worker
+    count) and added to the cache as one new part per mixture group. The selection of records
+    is `read_splits`'s."""
+    dc = config.data
     entries = parse_mixture(dc.train_files)
     stores, positions, held = [], [], []
-    for pattern, _ in entries:
-        root = epath.Path(cache_dir) / encoding_key(
-            {**common, "files": files_identity(expand_files(pattern))}
-        )
+    for (pattern, _), root in zip(entries, roots, strict=True):
         store = RecordStore(root, _record_count(root, pattern))
         train, held_out = split_positions(
             store.num_records, dc.eval_fraction, config.seed, hold_out=not dc.eval_files
@@ -325,3 +344,79 @@ def _template_identity(spec: str, tokenizer: Any) -> str:
         return load_chat_template(spec, tokenizer).source
     except DataError as error:
         return f"unloadable {spec!r}: {error}"
+
+
+def prepared_key(config: Any, roots: list[epath.Path], plan: ShardPlan) -> str:
+    """The key of a process's prepared data (packed rows, eval data, counts): the encodings'
+    keys and every option that selects, mixes or packs records for this process's shards."""
+    dc = config.data
+    eval_files = files_identity(expand_files(dc.eval_files)) if dc.eval_files else []
+    return encoding_key(
+        {
+            "groups": [r.name for r in roots],
+            "train_files": dc.train_files,  # the mixture weights
+            "seed": config.seed,
+            "plan": [plan.num_shards, plan.first, plan.count],
+            "eval": [dc.eval_fraction, dc.max_eval_examples, eval_files],
+            "pack": [dc.pack_window, dc.pack_split],
+        }
+    )
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What `save_prepared` keeps of a process's prepared data."""
+
+    shards: list[dict[str, np.ndarray]]
+    eval_examples: list[TokenizedExample]
+    eval_prompts: list[EvalPrompt]
+    meta: dict[str, Any]  # JSON: counts and flags, the caller's
+
+
+def save_prepared(cache_dir: str, key: str, prepared: Prepared) -> None:
+    """Keeps the packed rows and eval data under `<cache_dir>/prepared/<key>` (verified)."""
+    files = {
+        f"shard{i}.{name}.npy": npy_bytes(array)
+        for i, shard in enumerate(prepared.shards)
+        for name, array in shard.items()
+    }
+    examples = prepared.eval_examples
+    lengths = np.asarray([len(e.tokens) for e in examples], np.int64)
+    files["eval_starts.npy"] = npy_bytes(np.concatenate([[0], np.cumsum(lengths)]))
+    files["eval_tokens.npy"] = npy_bytes(concat([e.tokens for e in examples], np.int32))
+    files["eval_mask.npy"] = npy_bytes(concat([e.loss_mask for e in examples], bool))
+    meta = {
+        **prepared.meta,
+        "sources": [e.source for e in examples],
+        "prompts": [prompt_json(p) for p in prepared.eval_prompts],
+        "shard_keys": sorted({name for shard in prepared.shards for name in shard}),
+    }
+    files["meta.json"] = json.dumps(meta).encode("utf-8")
+    counts = {"shards": len(prepared.shards), "eval_examples": len(examples)}
+    write_verified(epath.Path(cache_dir) / "prepared", key, files, counts)
+
+
+def load_prepared(cache_dir: str, key: str) -> Prepared | None:
+    """The prepared data saved under `key`, or None (absent; damaged ones are removed)."""
+    directory = epath.Path(cache_dir) / "prepared" / key
+    if not directory.exists():
+        return None
+    try:
+        marker, data = read_verified(directory)
+        meta = json.loads(data["meta.json"])
+        shards = [
+            {name: npy_array(data[f"shard{i}.{name}.npy"]) for name in meta["shard_keys"]}
+            for i in range(marker["shards"])
+        ]
+        starts = npy_array(data["eval_starts.npy"]).tolist()
+        tokens, mask = npy_array(data["eval_tokens.npy"]), npy_array(data["eval_mask.npy"])
+        examples = [
+            TokenizedExample(tokens[a:b], mask[a:b], source)
+            for a, b, source in zip(starts, starts[1:], meta["sources"], strict=True)
+        ]
+        prompts = [prompt_from_json(p) for p in meta["prompts"]]
+    except (OSError, ValueError, KeyError) as error:
+        logger.warning("data cache: ignoring and removing %s: %s", directory, error)
+        remove(directory)
+        return None
+    return Prepared(shards, examples, prompts, meta)

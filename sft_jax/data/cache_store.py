@@ -104,12 +104,12 @@ class RecordStore:
             part = read_part(directory)
         except (OSError, ValueError, KeyError) as error:
             logger.warning("data cache: ignoring and removing %s: %s", directory, error)
-            _remove(directory)
+            remove(directory)
             return
         records = part.arrays["records"]
         if len(records) and (records.min() < 0 or records.max() >= self.num_records):
             logger.warning("data cache: %s holds records beyond the data; removed", directory)
-            _remove(directory)
+            remove(directory)
             return
         index = len(self.parts)
         self.parts.append(part)
@@ -205,8 +205,8 @@ def write_part(
         ).reshape(len(encoded), len(_COUNTS)),
         "record_pieces": np.concatenate([[0], np.cumsum(per_record)]).astype(np.int64),
         "piece_starts": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        "tokens": _concat([p.tokens for p in pieces], np.int32),
-        "loss_mask": _concat([p.loss_mask for p in pieces], bool),
+        "tokens": concat([p.tokens for p in pieces], np.int32),
+        "loss_mask": concat([p.loss_mask for p in pieces], bool),
         "eval_done": np.asarray([pos in prompts for pos in positions], bool),
     }
     named = {}
@@ -217,7 +217,7 @@ def write_part(
     meta = {
         "named": named,
         "prompts": {
-            str(i): _prompt_json(prompts[pos]) for i, pos in enumerate(positions) if pos in prompts
+            str(i): prompt_json(prompts[pos]) for i, pos in enumerate(positions) if pos in prompts
         },
     }
     files = {f"{name}.npy": npy_bytes(value) for name, value in arrays.items()}
@@ -288,15 +288,15 @@ def read_part(directory: epath.Path) -> Part:
         raise ValueError("array lengths do not match the marker's counts")
     meta = json.loads(data["meta.json"])
     named = {int(i): lists for i, lists in meta["named"].items()}
-    prompts = {int(i): _prompt_from_json(v) for i, v in meta["prompts"].items()}
+    prompts = {int(i): prompt_from_json(v) for i, v in meta["prompts"].items()}
     return Part(arrays, sources, named, prompts)
 
 
-def _prompt_json(prompt: EvalPrompt | None) -> list[Any] | None:
+def prompt_json(prompt: EvalPrompt | None) -> list[Any] | None:
     return None if prompt is None else [list(prompt.prompt_ids), prompt.reference, prompt.source]
 
 
-def _prompt_from_json(value: list[Any] | None) -> EvalPrompt | None:
+def prompt_from_json(value: list[Any] | None) -> EvalPrompt | None:
     return None if value is None else EvalPrompt([int(i) for i in value[0]], value[1], value[2])
 
 
@@ -310,11 +310,11 @@ def npy_array(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def _concat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
+def concat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
     return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
 
 
-def _remove(directory: epath.Path) -> None:
+def remove(directory: epath.Path) -> None:
     try:
         directory.rmtree()
     except OSError as error:  # another process may be removing it too

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from sft_jax.config import Config, ConfigError
-from sft_jax.data.cache import encode_cached
+from sft_jax.data import cache
 from sft_jax.data.control import control_strings
 from sft_jax.data.encode import (
     EncodedSplits,
@@ -295,21 +295,51 @@ def _prepare_local(
     config: Config, tokenizer: Any, plan: ShardPlan, cache_dir: str | None = None
 ) -> _Local:
     """Encodes (through the tokenisation cache when `cache_dir` is set), mixes and packs the own
-    shards; encodes the eval examples."""
-    if cache_dir:
-        encoded = encode_cached(
-            config,
-            tokenizer,
-            tokenizer_path(config),
-            plan,
-            cache_dir,
-            lambda examples: (
-                encode_settings(config, tokenizer, examples),
-                num_workers(config, len(examples)),
-            ),
+    shards; encodes the eval examples. With a cache, a restart with the same data, encoding,
+    seed, shards and packing loads this process's prepared rows instead (cache.py)."""
+    if not cache_dir:
+        return _pack_local(config, plan, _encode_uncached(config, tokenizer, plan))
+    roots = cache.group_roots(config, tokenizer, tokenizer_path(config), cache_dir)
+    key = cache.prepared_key(config, roots, plan)
+    hit = cache.load_prepared(cache_dir, key)
+    if hit is not None:
+        for named in hit.meta["named"]:
+            counts = TokenCounts(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in named.items()}
+            )
+            log_named(counts, config.data.seq_len, config.data.on_control_tokens)
+        has_template = hit.meta["template"]
+        template = (
+            load_chat_template(config.data.chat_template, tokenizer) if has_template else None
         )
-    else:
-        encoded = _encode_uncached(config, tokenizer, plan)
+        counts = ProcessCounts.from_vector(hit.meta["counts"])
+        return _Local(
+            hit.shards,
+            counts,
+            hit.eval_examples,
+            hit.eval_prompts,
+            hit.meta["skipped_eval"],
+            template,
+        )
+
+    def prepare(examples: Sequence[Example]) -> tuple[EncodeSettings, int]:
+        return encode_settings(config, tokenizer, examples), num_workers(config, len(examples))
+
+    encoded = cache.encode_cached(config, tokenizer, roots, plan, prepare)
+    local = _pack_local(config, plan, encoded)
+    meta = {
+        "counts": local.counts.to_vector(),
+        "skipped_eval": local.skipped_eval,
+        "template": local.template is not None,
+        "named": [dataclasses.asdict(c) for c in encoded.counts],
+    }
+    prepared = cache.Prepared(local.shards, local.eval_examples, local.eval_prompts, meta)
+    cache.save_prepared(cache_dir, key, prepared)
+    return local
+
+
+def _pack_local(config: Config, plan: ShardPlan, encoded: EncodedSplits) -> _Local:
+    """Mixes and packs the own shards' encoded examples; the counts to agree on."""
     shards, summed, min_rows, mixture = [], np.zeros(len(_SUMMED), np.int64), None, None
     for slot, shard in enumerate(plan.local):
         log_named(encoded.counts[slot], config.data.seq_len, config.data.on_control_tokens)

@@ -65,20 +65,45 @@ def phase(name: str, data_file: str, cache_dir: str) -> dict:
 
         load_tokenizer(str(ASSETS / "tok-qwen3"))
         return {"seconds": time.perf_counter() - start}
-    from sft_jax.data import prepare_data
+    from sft_jax.data import cache as cache_module
+    from sft_jax.data import pipeline
 
+    timings: dict[str, float] = {}
+    for module, function in [
+        (pipeline, "load_tokenizer"),
+        (cache_module, "group_roots"),  # hashing the data and tokenizer files
+        (cache_module, "load_prepared"),
+        (cache_module, "encode_cached"),
+        (pipeline, "_pack_local"),
+    ]:
+        _time_calls(module, function, timings)
     seed = 1 if name == "reseed" else 0
     cache = "off" if name == "uncached" else cache_dir
     start = time.perf_counter()
-    bundle = prepare_data(config_for(data_file, cache, seed))
+    bundle = pipeline.prepare_data(config_for(data_file, cache, seed))
     seconds = time.perf_counter() - start
     batch = next(bundle.train_iter)
     return {
         "seconds": seconds,
+        "parts_s": {k: round(v, 2) for k, v in timings.items()},
         "rows": bundle.stats["rows"],
         "examples": bundle.stats["examples"],
         "first_batch_sum": int(batch["inputs"].astype("int64").sum()),
     }
+
+
+def _time_calls(module, function: str, timings: dict[str, float]) -> None:
+    """Adds the seconds spent in `module.function` to timings[function]."""
+    inner = getattr(module, function)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            timings[function] = timings.get(function, 0.0) + time.perf_counter() - start
+
+    setattr(module, function, timed)
 
 
 def du(path: str) -> int:

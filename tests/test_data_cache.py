@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from test_data_shards import demo_config, prepare_as_processes
 
+from sft_jax.data import cache as cache_module
 from sft_jax.data import prepare_data
 from sft_jax.data.cache_store import MARKER
 
@@ -45,18 +46,28 @@ def parts(cache) -> list[pathlib.Path]:
     return sorted(pathlib.Path(cache).glob("*/part-*"))
 
 
+def no_encoding(monkeypatch) -> None:
+    """From here on, any start that would read or encode records (not load prepared rows) fails."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("encoded although the prepared rows should have been loaded")
+
+    monkeypatch.setattr(cache_module, "encode_cached", fail)
+
+
 def forget_prepared(cache) -> None:
     """Removes the prepared (packed) entries, so the next start assembles from the parts."""
     shutil.rmtree(pathlib.Path(cache) / "prepared", ignore_errors=True)
 
 
-def test_cached_equals_uncached_and_is_reused(tmp_path, caplog):
+def test_cached_equals_uncached_and_is_reused(tmp_path, monkeypatch):
     config = demo_config(tmp_path, eval_fraction=0.1, eval_files="")
     cache = tmp_path / "cache"
     plain = prepare_data(config)
     first = prepare_data(config, cache_dir=str(cache))
     assert len(parts(cache)) == 1
     assert_same(plain, first)
+    no_encoding(monkeypatch)
     again = prepare_data(with_data(config, cache_dir=str(cache)))  # the config key, a hit
     assert len(parts(cache)) == 1
     assert_same(prepare_data(config), again)
@@ -65,11 +76,12 @@ def test_cached_equals_uncached_and_is_reused(tmp_path, caplog):
     assert_same(prepare_data(config), off)
 
 
-def test_resume_from_cached_equals_uncached(tmp_path):
+def test_resume_from_cached_equals_uncached(tmp_path, monkeypatch):
     config = demo_config(tmp_path)
     cache = str(tmp_path / "cache")
     prepare_data(config, cache_dir=cache)  # builds the cache
     reference = prepare_data(config)
+    no_encoding(monkeypatch)
     expected = batches(reference, 2 * STEPS)
     resumed = prepare_data(config, cache_dir=cache)
     batches(resumed, 5)

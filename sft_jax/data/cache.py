@@ -77,6 +77,7 @@ from sft_jax.data.formats import (
     read_examples,
 )
 from sft_jax.data.mixture import parse_mixture
+from sft_jax.data.paths import is_url
 from sft_jax.data.render import TokenCounts
 from sft_jax.data.shards import ShardPlan, held_out_shares, shard_positions, split_positions
 from sft_jax.data.source import (
@@ -328,8 +329,12 @@ def _record_count(root: epath.Path, pattern: str) -> int:
             logger.warning("data cache: unreadable %s (%s); counting again", path, error)
     count = len(lazy_records(pattern))
     root.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"records": count, "files": pattern})
+    if is_url(path):  # one object: written whole or not at all
+        path.write_text(text)
+        return count
     tmp = root / f".tmp-{uuid.uuid4().hex}.json"
-    tmp.write_text(json.dumps({"records": count, "files": pattern}))
+    tmp.write_text(text)
     try:
         tmp.rename(path)
     except FileExistsError:  # another process recorded it first (the same count)
@@ -412,7 +417,7 @@ def load_prepared(cache_dir: str, key: str) -> Prepared | None:
         tokens, mask = npy_array(data["eval_tokens.npy"]), npy_array(data["eval_mask.npy"])
         examples = [
             TokenizedExample(tokens[a:b], mask[a:b], source)
-            for a, b, source in zip(starts, starts[1:], meta["sources"], strict=True)
+            for a, b, source in zip(starts[:-1], starts[1:], meta["sources"], strict=True)
         ]
         prompts = [prompt_from_json(p) for p in meta["prompts"]]
     except (OSError, ValueError, KeyError) as error:

@@ -24,6 +24,7 @@ import numpy as np
 from etils import epath
 
 from sft_jax.data.encode import Encoded, EvalPrompt
+from sft_jax.data.paths import is_url
 from sft_jax.data.render import NAMED, TokenCounts
 from sft_jax.data.tokenize import TokenizedExample
 
@@ -100,6 +101,8 @@ class RecordStore:
                     self._add(directory)
 
     def _add(self, directory: epath.Path) -> None:
+        if is_url(directory) and not (directory / MARKER).exists():
+            return  # in an object store, a part being written by another process has no marker yet
         try:
             part = read_part(directory)
         except (OSError, ValueError, KeyError) as error:
@@ -230,41 +233,55 @@ def write_part(
 def write_verified(
     root: epath.Path, name: str, files: dict[str, bytes], counts: dict[str, int]
 ) -> epath.Path:
-    """Writes `files` into a temporary directory under `root`, then the completion marker (the
-    counts and every file's size and blake2b digest), then renames the directory to `name`. If
-    another process put `name` there first, its directory is kept (same key, same contents)."""
+    """Writes `files`, then the completion marker (the counts and every file's size and blake2b
+    digest), into `root / name`. Locally into a temporary directory first, renamed into place
+    (if another process put `name` there first, its directory is kept: same key, same
+    contents). An object store has no directory rename; there each file is one atomic object,
+    and the marker, written last, is what makes the directory count."""
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
+    final = root / name
+    remote = is_url(final)
+    target = final if remote else root / f".tmp-{uuid.uuid4().hex}"
+    target.mkdir(parents=True, exist_ok=True)
     for file, data in files.items():
-        (tmp / file).write_bytes(data)
+        (target / file).write_bytes(data)
     digests = {
         f: [len(d), hashlib.blake2b(d, digest_size=20).hexdigest()] for f, d in files.items()
     }
     marker = {"version": CACHE_VERSION, **counts, "files": digests}
-    (tmp / MARKER).write_text(json.dumps(marker))
-    final = root / name
+    (target / MARKER).write_text(json.dumps(marker))
+    if remote:
+        return final
     try:
-        tmp.rename(final)
-    except (FileExistsError, OSError):
+        target.rename(final)
+    except OSError:  # FileExistsError, or ENOTEMPTY from os.rename
         if not (final / MARKER).exists():
             raise
-        tmp.rmtree()
+        target.rmtree()
     return final
 
 
-def read_verified(directory: epath.Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+def read_verified(directory: epath.Path) -> tuple[dict[str, Any], dict[str, bytes | np.ndarray]]:
     """(marker, file contents) of a directory `write_verified` wrote; ValueError when its marker
-    is missing or of another version, or a file does not match its size and digest."""
+    is missing or of another version, or a file does not match its size and digest. A local
+    .npy file comes back as a read-only memory-mapped array (verified by a streaming digest
+    first): a restart then maps a few hundred MB of packed rows instead of copying them into
+    fresh memory, which costs seconds on a loaded host. Others come back as bytes."""
     marker_path = directory / MARKER
     if not marker_path.exists():
         raise ValueError("no completion marker (an interrupted write)")
     marker = json.loads(marker_path.read_text())
     if marker.get("version") != CACHE_VERSION:
         raise ValueError(f"cache version {marker.get('version')}, not {CACHE_VERSION}")
-    data: dict[str, bytes] = {}
+    data: dict[str, bytes | np.ndarray] = {}
     for file, (size, digest) in marker["files"].items():
-        raw = (directory / file).read_bytes()
+        path = directory / file
+        if file.endswith(".npy") and not is_url(path):
+            if os.path.getsize(path) != size or digest_file(path) != digest:
+                raise ValueError(f"{file} does not match its recorded size and digest")
+            data[file] = np.load(os.fspath(path), mmap_mode="r", allow_pickle=False)
+            continue
+        raw = path.read_bytes()
         if len(raw) != size or hashlib.blake2b(raw, digest_size=20).hexdigest() != digest:
             raise ValueError(f"{file} does not match its recorded size and digest")
         data[file] = raw
@@ -306,7 +323,10 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def npy_array(data: bytes) -> np.ndarray:
+def npy_array(data: bytes | np.ndarray) -> np.ndarray:
+    """An array from `read_verified`: already one (memory-mapped), or .npy bytes."""
+    if isinstance(data, np.ndarray):
+        return data
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 

@@ -4,6 +4,7 @@ partial parts are detected, removed and encoded again; processes write their par
 
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 
@@ -145,6 +146,13 @@ def test_corrupt_or_partial_parts_are_rebuilt(tmp_path, damage):
     (new,) = parts(cache)
     assert new != part or damage == "tmp_only"
     assert (new / MARKER).exists()
+    if damage == "tmp_only":  # kept while it may be another process's write; a day later, gone
+        stale = part.parent / ".tmp-interrupted"
+        assert stale.exists()
+        os.utime(stale, (0, 0))
+        forget_prepared(cache)
+        prepare_data(config, cache_dir=cache)
+        assert not stale.exists()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no_marker"])

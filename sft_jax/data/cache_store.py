@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -99,6 +100,8 @@ class RecordStore:
             for directory in sorted(self.root.iterdir()):
                 if directory.name.startswith("part-"):
                     self._add(directory)
+                elif directory.name.startswith(".tmp-") and _stale(directory):
+                    remove(directory)  # left by a write that was killed
 
     def _add(self, directory: epath.Path) -> None:
         if is_url(directory) and not (directory / MARKER).exists():
@@ -334,8 +337,18 @@ def concat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
     return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
 
 
+_STALE_SECONDS = 24 * 3600  # a temporary directory this old is not another process's write
+
+
+def _stale(path: epath.Path) -> bool:
+    try:
+        return time.time() - path.stat().mtime > _STALE_SECONDS
+    except OSError:
+        return False
+
+
 def remove(directory: epath.Path) -> None:
     try:
-        directory.rmtree()
+        directory.rmtree() if directory.is_dir() else directory.unlink()
     except OSError as error:  # another process may be removing it too
         logger.warning("data cache: could not remove %s: %s", directory, error)

@@ -15,8 +15,8 @@ each pays its imports as a real start does:
     uncached  (with --uncached) data.cache_dir="off": today's path without a cache
     tokenizer (floor) loading the tokenizer alone, which every start pays
 
-Prints seconds, packed rows and the cache's size per phase, and checks that the restart's
-first batches equal the first start's.
+Prints seconds (and where they went), the phase's peak resident memory, packed rows and the
+cache's size per phase, and checks that the restart's first batch equals the first start's.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 import tempfile
@@ -86,6 +87,7 @@ def phase(name: str, data_file: str, cache_dir: str) -> dict:
     return {
         "seconds": seconds,
         "parts_s": {k: round(v, 2) for k, v in timings.items()},
+        "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "rows": bundle.stats["rows"],
         "examples": bundle.stats["examples"],
         "first_batch_sum": int(batch["inputs"].astype("int64").sum()),

@@ -238,3 +238,20 @@ def test_conversations_cached_equal_uncached(tmp_path, shared_assets):
     assert plain.template is not None and plain.eval_prompts
     assert_same(plain, prepare_data(config, cache_dir=cache))
     assert_same(prepare_data(config), prepare_data(config, cache_dir=cache))
+
+
+def test_unwritable_cache_does_not_stop_the_run(tmp_path, monkeypatch, caplog):
+    """A full disk (or no permission) where the cache goes: the run prepares the same data, with
+    a warning, and nothing half-written is left to be trusted."""
+    from sft_jax.data import cache_store
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_store, "write_verified", full)
+    monkeypatch.setattr(cache_module, "write_verified", full)
+    config = demo_config(tmp_path, n_train=120, eval_fraction=0.1, eval_files="")
+    cache = str(tmp_path / "cache")
+    assert_same(prepare_data(config), prepare_data(config, cache_dir=cache))
+    assert "No space left on device" in caplog.text
+    assert not parts(cache) and not (pathlib.Path(cache) / "prepared").exists()

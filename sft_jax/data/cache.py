@@ -328,17 +328,20 @@ def _record_count(root: epath.Path, pattern: str) -> int:
         except (ValueError, KeyError, TypeError) as error:
             logger.warning("data cache: unreadable %s (%s); counting again", path, error)
     count = len(lazy_records(pattern))
-    root.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"records": count, "files": pattern})
-    if is_url(path):  # one object: written whole or not at all
-        path.write_text(text)
-        return count
-    tmp = root / f".tmp-{uuid.uuid4().hex}.json"
-    tmp.write_text(text)
     try:
-        tmp.rename(path)
-    except FileExistsError:  # another process recorded it first (the same count)
-        tmp.unlink()
+        root.mkdir(parents=True, exist_ok=True)
+        if is_url(path):  # one object: written whole or not at all
+            path.write_text(text)
+            return count
+        tmp = root / f".tmp-{uuid.uuid4().hex}.json"
+        tmp.write_text(text)
+        try:
+            tmp.rename(path)
+        except FileExistsError:  # another process recorded it first (the same count)
+            tmp.unlink()
+    except OSError as error:  # the cache only saves time: the run goes on without it
+        logger.warning("data cache: cannot write to %s (%s); not cached", root, error)
     return count
 
 
@@ -398,7 +401,10 @@ def save_prepared(cache_dir: str, key: str, prepared: Prepared) -> None:
     }
     files["meta.json"] = json.dumps(meta).encode("utf-8")
     counts = {"shards": len(prepared.shards), "eval_examples": len(examples)}
-    write_verified(epath.Path(cache_dir) / "prepared", key, files, counts)
+    try:
+        write_verified(epath.Path(cache_dir) / "prepared", key, files, counts)
+    except OSError as error:  # the cache only saves time: the run goes on without it
+        logger.warning("data cache: cannot write to %s (%s); not cached", cache_dir, error)
 
 
 def load_prepared(cache_dir: str, key: str) -> Prepared | None:

@@ -117,6 +117,10 @@ class RecordStore:
             logger.warning("data cache: %s holds records beyond the data; removed", directory)
             remove(directory)
             return
+        self._add_part(part)
+
+    def _add_part(self, part: Part) -> None:
+        records = part.arrays["records"]
         index = len(self.parts)
         self.parts.append(part)
         local = np.arange(len(records))
@@ -186,19 +190,26 @@ class RecordStore:
         encoded: Sequence[Encoded],
         prompts: dict[int, EvalPrompt | None],
     ) -> None:
-        """Adds a part holding these records (`prompts`: by position, for held-out ones)."""
-        directory = write_part(self.root, positions, kinds, encoded, prompts)
+        """Adds a part holding these records (`prompts`: by position, for held-out ones). If it
+        cannot be written (a full disk, no permission), the run goes on with it in memory: the
+        cache only saves time, so failing to write it must not stop training."""
+        files, counts = part_files(positions, kinds, encoded, prompts)
+        try:
+            directory = write_verified(self.root, f"part-{uuid.uuid4().hex}", files, counts)
+        except OSError as error:
+            logger.warning("data cache: cannot write to %s (%s); not cached", self.root, error)
+            self._add_part(part_from(counts, files))
+            return
         self._add(directory)
 
 
-def write_part(
-    root: epath.Path,
+def part_files(
     positions: Sequence[int],
     kinds: Sequence[int],
     encoded: Sequence[Encoded],
     prompts: dict[int, EvalPrompt | None],
-) -> epath.Path:
-    """Writes one part into a temporary directory, marker last, then renames it into place."""
+) -> tuple[dict[str, bytes], dict[str, int]]:
+    """One part's files and counts (`write_verified` writes them, `part_from` reads them)."""
     pieces = [piece for e in encoded for piece in e.pieces]
     lengths = np.asarray([len(p.tokens) for p in pieces], np.int64)
     per_record = np.asarray([len(e.pieces) for e in encoded], np.int64)
@@ -230,7 +241,7 @@ def write_part(
     files["sources.bin"] = "\0".join(p.source for p in pieces).encode("utf-8", "surrogateescape")
     files["meta.json"] = json.dumps(meta).encode("utf-8")
     counts = {"records": len(positions), "pieces": len(pieces), "tokens": int(lengths.sum())}
-    return write_verified(root, f"part-{uuid.uuid4().hex}", files, counts)
+    return files, counts
 
 
 def write_verified(
@@ -293,7 +304,11 @@ def read_verified(directory: epath.Path) -> tuple[dict[str, Any], dict[str, byte
 
 def read_part(directory: epath.Path) -> Part:
     """Loads and verifies one part: its marker, every file's size and digest, array shapes."""
-    marker, data = read_verified(directory)
+    return part_from(*read_verified(directory))
+
+
+def part_from(marker: dict[str, Any], data: dict[str, bytes | np.ndarray]) -> Part:
+    """A part from its marker's counts and its files' contents; ValueError if they disagree."""
     arrays = {name: npy_array(data[f"{name}.npy"]) for name in _ARRAYS}
     n, pieces = marker["records"], marker["pieces"]
     sources = data["sources.bin"].decode("utf-8", "surrogateescape").split("\0") if pieces else []

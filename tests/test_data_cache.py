@@ -255,3 +255,21 @@ def test_unwritable_cache_does_not_stop_the_run(tmp_path, monkeypatch, caplog):
     assert_same(prepare_data(config), prepare_data(config, cache_dir=cache))
     assert "No space left on device" in caplog.text
     assert not parts(cache) and not (pathlib.Path(cache) / "prepared").exists()
+
+
+def test_weighted_mixture_cached_equals_uncached(tmp_path, monkeypatch):
+    """Each mixture group has its own key directory; held-out shares are capped across groups."""
+    config = demo_config(tmp_path, eval_fraction=0.2, eval_files="", max_eval_examples=7)
+    other = tmp_path / "other.jsonl"
+    lines = pathlib.Path(config.data.train_files).read_text(encoding="utf-8").splitlines()
+    other.write_text("\n".join(lines[100:160]) + "\n", encoding="utf-8")
+    config = with_data(config, train_files=f"{config.data.train_files}:0.7,{other}:0.3")
+    cache = str(tmp_path / "cache")
+    assert_same(prepare_data(config), prepare_data(config, cache_dir=cache))
+    assert len([p for p in pathlib.Path(cache).iterdir() if p.name != "prepared"]) == 2
+    n = len(parts(cache))
+    forget_prepared(cache)
+    assert_same(prepare_data(config), prepare_data(config, cache_dir=cache))
+    assert len(parts(cache)) == n  # every record came from the parts
+    no_encoding(monkeypatch)
+    assert_same(prepare_data(config), prepare_data(config, cache_dir=cache))

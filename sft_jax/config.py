@@ -81,6 +81,7 @@ class DataSection:
     shards: int
     pack_split: bool
     prefetch: int
+    cache_dir: str
 
 
 @dataclasses.dataclass(frozen=True)

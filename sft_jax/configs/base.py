@@ -81,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
     d.shards = 0  # data shards, each read and tokenised by one process; 0 = one per process
     d.pack_split = False  # cut examples into the gaps best fit leaves (<1% padding; docs/data.md)
     d.prefetch = 2  # batches gathered ahead on a background thread; 0 = off
+    d.cache_dir = ""  # tokenisation cache: "" = workdir/data_cache, "off", or a shared directory
 
     # --- optimizer: clip -> AdamW (no decay on norms/biases) with warmup + cosine to a floor.
     c.optim = o = ml_collections.ConfigDict()

@@ -8,6 +8,9 @@ Each stage is its own module so that new file formats, record formats and chat t
     render.py     conversations -> tokens + loss mask by turn-by-turn prefix rendering
     tokenize.py   prompt/completion rows -> tokens with an exact completion mask (fast path)
     encode.py     any examples -> TokenizedExamples on worker processes; eval prompts
+    cache.py      the tokenisation cache: per-record encodings and prepared rows, keyed by contents
+    cache_store.py  its files: verified (digest + marker) directories, parts of records
+    paths.py      local paths, or gs:// and other object stores through etils.epath
     mixture.py    weighted mixtures of files
     pack.py       best-fit-decreasing packing with segment ids and per-segment positions
     shards.py     which records each data shard holds; agreeing on counts across processes
@@ -36,9 +39,9 @@ from sft_jax.data.pack import (
     split_into_gaps,
     whole_example_row_floor,
 )
-from sft_jax.data.pipeline import DataBundle, check_trainable, prepare_data, read_splits, split_rows
+from sft_jax.data.pipeline import DataBundle, check_trainable, prepare_data, read_splits
 from sft_jax.data.render import render_conversation
-from sft_jax.data.shards import ShardPlan, shard_plan
+from sft_jax.data.shards import ShardPlan, shard_plan, split_rows
 from sft_jax.data.source import DataError, expand_files, iter_records
 from sft_jax.data.templates import BUILTIN_TEMPLATES, ChatTemplate, load_chat_template
 from sft_jax.data.tokenize import (

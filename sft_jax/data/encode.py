@@ -66,6 +66,23 @@ class EncodeSettings:
     control: tuple[str, ...] = ()  # the tokenizer's special-token texts (control.py)
 
 
+@dataclasses.dataclass
+class EncodedSplits:
+    """A process's encoded data, ready to mix and pack: per own shard and mixture group the
+    training examples, per own shard what happened to them, and the held-out examples."""
+
+    train: list[list[list[TokenizedExample]]]  # [own shard][mixture group] -> examples
+    counts: list[TokenCounts]  # per own shard
+    skipped: list[int]  # per own shard: records skipped as bad
+    skipped_unassigned: int  # skipped training records not counted per shard
+    weights: list[float] | None  # mixture weights
+    eval_examples: list[TokenizedExample]
+    eval_prompts: list[EvalPrompt]
+    skipped_eval: int
+    template: ChatTemplate | None  # the chat template, when some example is a conversation
+    not_only_text: bool  # some example is not plain text
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalPrompt:
     """A held-out generation prompt: token ids up to the answer, and the reference answer."""
@@ -113,9 +130,56 @@ def _worker_chunk(chunk: list[Example]) -> tuple[list[TokenizedExample], TokenCo
 def _encode_chunk(
     chunk: list[Example], tokenizer: Any, settings: EncodeSettings
 ) -> tuple[list[TokenizedExample], TokenCounts, int]:
-    """One chunk, all three kinds; results are put back in chunk order."""
-    slots: list[list[TokenizedExample]] = [[] for _ in chunk]
-    counts, skipped = TokenCounts(), 0
+    """One chunk, all three kinds; results are put back in chunk order. Counts are summed kind
+    by kind (rows, texts, skipped conversations, conversations), which orders the named ones."""
+    each, order = _encode_each(chunk, tokenizer, settings)
+    counts = TokenCounts()
+    for k in order:
+        counts = counts + each[k].counts
+    return [ex for result in each for ex in result.pieces], counts, sum(r.skipped for r in each)
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """One example's encoding: its pieces (none when dropped or skipped), what happened to it,
+    and whether it was skipped as bad (on_bad_row="skip"; its reason is in counts)."""
+
+    pieces: list[TokenizedExample]
+    counts: TokenCounts
+    skipped: bool = False
+
+
+def encode_each(
+    examples: Sequence[Example], tokenizer: Any, settings: EncodeSettings, *, num_workers: int
+) -> list[Encoded]:
+    """Like `encode_examples`, per example (in input order): the tokenisation cache keeps each
+    record's encoding on its own, so any later selection of records can be assembled from it."""
+    chunks = [list(examples[i : i + _CHUNK]) for i in range(0, len(examples), _CHUNK)]
+    if num_workers <= 1 or len(chunks) <= 1:
+        results = [_encode_each(c, tokenizer, settings)[0] for c in chunks]
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(
+            num_workers,
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(tokenizer, settings),
+        ) as pool:
+            results = list(pool.map(_worker_each, chunks))
+    return [result for part in results for result in part]
+
+
+def _worker_each(chunk: list[Example]) -> list[Encoded]:
+    return _encode_each(chunk, _WORKER["tokenizer"], _WORKER["settings"])[0]
+
+
+def _encode_each(
+    chunk: list[Example], tokenizer: Any, settings: EncodeSettings
+) -> tuple[list[Encoded], list[int]]:
+    """Per example of the chunk, its encoding; and the order in which `_encode_chunk` sums their
+    counts (rows, texts, skipped conversations, conversations)."""
+    each = [Encoded([], TokenCounts()) for _ in chunk]
+    order: list[int] = []
     rows = [(k, e) for k, e in enumerate(chunk) if isinstance(e, Row)]
     texts = [(k, e) for k, e in enumerate(chunk) if isinstance(e, Text)]
     convs = [(k, e) for k, e in enumerate(chunk) if isinstance(e, Conversation)]
@@ -124,12 +188,17 @@ def _encode_chunk(
         _encode_texts(texts, tokenizer, settings),
     ):
         for k, pieces, c in part:
-            slots[k], counts = pieces, counts + c
-    conv_results, skipped, named = _encode_conversations(convs, tokenizer, settings)
-    counts = counts + named
+            each[k] = Encoded(pieces, c)
+            order.append(k)
+    conv_results, skipped = _encode_conversations(convs, tokenizer, settings)
+    for n, (k, error) in enumerate(skipped):
+        named = (error,) if n < NAMED else ()
+        each[k] = Encoded([], TokenCounts(named_skipped=named), skipped=True)
+        order.append(k)
     for k, pieces, c in conv_results:
-        slots[k], counts = pieces, counts + c
-    return [ex for slot in slots for ex in slot], counts, skipped
+        each[k] = Encoded(pieces, c)
+        order.append(k)
+    return each, order
 
 
 def _encode_rows(rows, tokenizer, settings):
@@ -191,7 +260,8 @@ def _encode_texts(texts, tokenizer, settings):
 def _encode_conversations(convs, tokenizer, settings):
     """Render, tokenise the batch, fit lengths; a conversation that fails to render or trains no
     token is skipped (counted, the first few named) or raised per on_bad_row.
-    Returns (per conversation: (index, pieces, counts), skipped, counts naming the skipped)."""
+    Returns (per kept conversation: (index, pieces, counts), per skipped one: (index, error);
+    render failures first, then those that train no token)."""
     kept, rendered, errors = [], [], []
     for k, conv in convs:
         try:
@@ -210,7 +280,7 @@ def _encode_conversations(convs, tokenizer, settings):
         except DataError as error:
             if settings.on_bad_row == "error":
                 raise
-            errors.append(str(error))
+            errors.append((k, str(error)))
     kept, tokenized, untrained = _tokenize_kept(kept, rendered, tokenizer, settings)
     errors += untrained
     out = []
@@ -220,13 +290,13 @@ def _encode_conversations(convs, tokenizer, settings):
         )
         fields = conversation_fields(conv.messages, conv.tools)
         out.append((k, pieces, counts + _control_counts(conv.source, fields, settings)))
-    return out, len(errors), TokenCounts(named_skipped=tuple(errors[:NAMED]))
+    return out, errors
 
 
 def _tokenize_kept(kept, rendered, tokenizer, settings):
     """tokenize_rendered on the whole batch (fast); when it refuses one conversation (no token
     trained) and on_bad_row is "skip", again one by one to drop and count only the refused ones.
-    Returns (kept, tokenized, messages of the skipped)."""
+    Returns (kept, tokenized, (index, message) of the skipped)."""
     sources = [conv.source for _, conv in kept]
 
     def tokenize(batch: list, names: list) -> list:
@@ -249,7 +319,7 @@ def _tokenize_kept(kept, rendered, tokenizer, settings):
             tokenized += tokenize([one], [source])
             survivors.append(item)
         except DataError as error:
-            errors.append(str(error))
+            errors.append((item[0], str(error)))
     return survivors, tokenized, errors
 
 

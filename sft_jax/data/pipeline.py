@@ -30,8 +30,15 @@ import jax
 import numpy as np
 
 from sft_jax.config import Config, ConfigError
+from sft_jax.data import cache
 from sft_jax.data.control import control_strings
-from sft_jax.data.encode import EncodeSettings, EvalPrompt, encode_examples, encode_held_out
+from sft_jax.data.encode import (
+    EncodedSplits,
+    EncodeSettings,
+    EvalPrompt,
+    encode_examples,
+    encode_held_out,
+)
 from sft_jax.data.formats import (
     Conversation,
     Example,
@@ -41,10 +48,17 @@ from sft_jax.data.formats import (
     read_examples,
 )
 from sft_jax.data.loader import TrainIterator, eval_batches, shard_seed
-from sft_jax.data.mixture import mix, mixture_counts, parse_mixture, proportional_counts
+from sft_jax.data.mixture import mix, mixture_counts, parse_mixture
 from sft_jax.data.pack import pack_examples, packing_stats, whole_example_row_floor
 from sft_jax.data.render import TokenCounts
-from sft_jax.data.shards import ShardPlan, agree, shard_plan, shard_positions
+from sft_jax.data.shards import (
+    ShardPlan,
+    agree,
+    held_out_shares,
+    shard_plan,
+    shard_positions,
+    split_positions,
+)
 from sft_jax.data.source import DataError, Record, SkipCounter, lazy_records
 from sft_jax.data.templates import ChatTemplate, load_chat_template
 from sft_jax.data.tokenize import TokenizedExample, load_tokenizer
@@ -101,40 +115,38 @@ class Splits:
         return self.skipped_train + self.skipped_eval
 
 
-def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Deterministic held-out split of `fraction` of the rows (at least one when fraction > 0)."""
-    order = np.random.default_rng(seed).permutation(len(rows))
-    n_eval = max(1, round(fraction * len(rows))) if fraction > 0 else 0
-    held = {int(i) for i in order[:n_eval]}
-    train = [r for i, r in enumerate(rows) if i not in held]
-    return train, [r for i, r in enumerate(rows) if i in held]
-
-
 def read_splits(
     config: Config, plan: ShardPlan | None = None, errors: list[DataError] | None = None
 ) -> Splits:
     """Reads the records of every mixture group and parses only those of the shards in `plan`
     (default: all data as one shard) plus the eval records (a file, or a fraction of each group:
-    the held-out positions are drawn from all records, so every process holds out the same).
-    Skipped rows' errors are appended to `errors` when given (audit lists them)."""
+    the held-out positions are drawn from all records, so every process holds out the same;
+    `held_out_shares` caps them). Skipped rows' errors are appended to `errors` when given
+    (audit lists them)."""
     dc = config.data
     plan = plan or ShardPlan(1, 0, 1)
     spec = FormatSpec.parse(dc.format, dc.field_map, dc.ignore_fields)
     train: list[list[list[Example]]] = [[] for _ in plan.local]
-    held: list[_HeldOut] = []
+    held: list[list[tuple[str, bytes | Record]]] = []
+    trained: list[int] = []
     train_skips = SkipCounter(dc.on_bad_row, errors)
     eval_skips = SkipCounter(dc.on_bad_row, errors)
     for pattern, _ in parse_mixture(dc.train_files):
         records = lazy_records(pattern)
-        positions: list[int] = list(range(len(records)))
-        held_positions: list[int] = []
-        if not dc.eval_files:
-            positions, held_positions = split_rows(positions, dc.eval_fraction, config.seed)
-        held.append(_HeldOut([records[i] for i in held_positions], len(positions)))
+        positions, held_positions = split_positions(
+            len(records), dc.eval_fraction, config.seed, hold_out=not dc.eval_files
+        )
+        held.append([records[i] for i in held_positions])
+        trained.append(len(positions))
         for slot, shard in enumerate(plan.local):
             mine = shard_positions(positions, shard, plan.num_shards)
             train[slot].append(parse_selected(records, mine, spec, train_skips))
-    evals = _cap_held_out(held, dc.max_eval_examples, plan, spec, train, train_skips, eval_skips)
+    shares = held_out_shares([len(h) for h in held], trained, dc.max_eval_examples, plan)
+    evals: list[Example] = []
+    for g, (group, share) in enumerate(zip(held, shares, strict=True)):
+        evals.extend(parse_selected(group, range(share.keep), spec, eval_skips))
+        for slot, extra in enumerate(share.extra):
+            train[slot][g].extend(parse_selected(group, extra, spec, train_skips))
     skipped_eval = eval_skips.finish()
     if dc.eval_files:
         evals, skipped_eval = read_examples(
@@ -143,42 +155,6 @@ def read_splits(
     entries = parse_mixture(dc.train_files)
     weights = [w for _, w in entries] if entries[0][1] is not None else None
     return Splits(train, weights, evals[: dc.max_eval_examples], train_skips.finish(), skipped_eval)
-
-
-@dataclasses.dataclass
-class _HeldOut:
-    """One mixture group's held-out records (file order) and how many training positions the
-    group has (held-out records beyond the eval cap are dealt to the shards after those)."""
-
-    records: list[tuple[str, bytes | Record]]
-    trained: int
-
-
-def _cap_held_out(
-    held: list[_HeldOut],
-    cap: int,
-    plan: ShardPlan,
-    spec: FormatSpec,
-    train: list[list[list[Example]]],
-    train_skips: SkipCounter,
-    eval_skips: SkipCounter,
-) -> list[Example]:
-    """The eval examples: at most `cap` held-out records, each group's share in proportion to its
-    held-out count (the first ones in file order), so the eval set is not mostly the first group.
-    The records beyond a group's share are not lost: they are appended to the own shards' training
-    examples of that group, dealt round-robin as if they came after its training positions. All
-    of it depends only on the record counts, so every process and shard plan agrees."""
-    sizes = [len(h.records) for h in held]
-    cap = max(cap, 0)
-    keep = sizes if sum(sizes) <= cap else proportional_counts(cap, sizes)
-    evals: list[Example] = []
-    for g, (group, k) in enumerate(zip(held, keep, strict=True)):
-        evals.extend(parse_selected(group.records, range(k), spec, eval_skips))
-        for slot, shard in enumerate(plan.local):
-            first = k + (shard - group.trained) % plan.num_shards
-            mine = range(first, len(group.records), plan.num_shards)
-            train[slot][g].extend(parse_selected(group.records, mine, spec, train_skips))
-    return evals
 
 
 def tokenizer_path(config: Config) -> str:
@@ -264,11 +240,13 @@ def prepare_data(
     process_index: int | None = None,
     process_count: int | None = None,
     exchange: Callable[[Sequence[int], int], np.ndarray] = agree,
+    cache_dir: str | None = None,
 ) -> DataBundle:
     """Reads, tokenises, mixes and packs this process's train shards and the (replicated) eval
     data; returns iterators and global statistics. `process_index` / `process_count` default to
     JAX's; tests pass them, and an in-memory `exchange` in place of the collective `agree`, to
-    build several processes' views in one process."""
+    build several processes' views in one process. `cache_dir` is where the tokenisation cache
+    goes when data.cache_dir is "" (the trainer passes its workdir's data_cache; None: no cache)."""
     dc = config.data
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
@@ -276,7 +254,8 @@ def prepare_data(
     plan = shard_plan(dc.shards, index, count)
     groups = len(parse_mixture(dc.train_files))
     try:
-        local, failure = _prepare_local(config, tokenizer, plan), None
+        cache = resolve_cache_dir(dc.cache_dir, cache_dir)
+        local, failure = _prepare_local(config, tokenizer, plan, cache), None
     except DataError as error:
         local, failure = None, error
     counts = local.counts if local else ProcessCounts.failure(groups)
@@ -305,17 +284,69 @@ def prepare_data(
     return DataBundle(train_iter, eval_data, local.eval_prompts, tokenizer, stats, local.template)
 
 
-def _prepare_local(config: Config, tokenizer: Any, plan: ShardPlan) -> _Local:
-    """Reads, encodes, mixes and packs the own shards; encodes the eval examples."""
-    splits = read_splits(config, plan)
-    everything = [e for g in splits.train_groups for e in g] + splits.eval
-    settings = encode_settings(config, tokenizer, everything)
-    workers = num_workers(config, len(everything))
+def resolve_cache_dir(configured: str, default: str | None) -> str | None:
+    """data.cache_dir: "" = `default` (the workdir's), "off" = no cache, else that directory."""
+    if configured == "off":
+        return None
+    return configured or default
+
+
+def _prepare_local(
+    config: Config, tokenizer: Any, plan: ShardPlan, cache_dir: str | None = None
+) -> _Local:
+    """Encodes (through the tokenisation cache when `cache_dir` is set), mixes and packs the own
+    shards; encodes the eval examples. With a cache, a restart with the same data, encoding,
+    seed, shards and packing loads this process's prepared rows instead (cache.py)."""
+    if not cache_dir:
+        return _pack_local(config, plan, _encode_uncached(config, tokenizer, plan))
+    roots = cache.group_roots(config, tokenizer, tokenizer_path(config), cache_dir)
+    key = cache.prepared_key(config, roots, plan)
+    hit = cache.load_prepared(cache_dir, key)
+    if hit is not None:
+        for named in hit.meta["named"]:
+            counts = TokenCounts(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in named.items()}
+            )
+            log_named(counts, config.data.seq_len, config.data.on_control_tokens)
+        has_template = hit.meta["template"]
+        template = (
+            load_chat_template(config.data.chat_template, tokenizer) if has_template else None
+        )
+        counts = ProcessCounts.from_vector(hit.meta["counts"])
+        return _Local(
+            hit.shards,
+            counts,
+            hit.eval_examples,
+            hit.eval_prompts,
+            hit.meta["skipped_eval"],
+            template,
+        )
+
+    def prepare(examples: Sequence[Example]) -> tuple[EncodeSettings, int]:
+        return encode_settings(config, tokenizer, examples), num_workers(config, len(examples))
+
+    encoded = cache.encode_cached(config, tokenizer, roots, plan, prepare)
+    local = _pack_local(config, plan, encoded)
+    meta = {
+        "counts": local.counts.to_vector(),
+        "skipped_eval": local.skipped_eval,
+        "template": local.template is not None,
+        "named": [dataclasses.asdict(c) for c in encoded.counts],
+    }
+    prepared = cache.Prepared(local.shards, local.eval_examples, local.eval_prompts, meta)
+    cache.save_prepared(cache_dir, key, prepared)
+    return local
+
+
+def _pack_local(config: Config, plan: ShardPlan, encoded: EncodedSplits) -> _Local:
+    """Mixes and packs the own shards' encoded examples; the counts to agree on."""
     shards, summed, min_rows, mixture = [], np.zeros(len(_SUMMED), np.int64), None, None
     for slot, shard in enumerate(plan.local):
+        log_named(encoded.counts[slot], config.data.seq_len, config.data.on_control_tokens)
         packed, shard_counts, shard_mixture = _build_shard(
-            splits.train[slot], splits.weights, shard, plan, config, tokenizer, settings, workers
+            encoded.train[slot], encoded.weights, shard, plan, config
         )
+        shard_counts.update(_token_counts(encoded.counts[slot]), skipped=encoded.skipped[slot])
         shards.append(packed)
         summed += [shard_counts[k] for k in _SUMMED]
         rows = shard_counts["rows"]
@@ -325,40 +356,64 @@ def _prepare_local(config: Config, tokenizer: Any, plan: ShardPlan) -> _Local:
             if mixture is None
             else [a + b for a, b in zip(mixture, shard_mixture, strict=True)]
         )
-    summed[_SUMMED.index("skipped")] += splits.skipped_train
-    eval_examples, prompts, eval_skipped = encode_held_out(splits.eval, tokenizer, settings)
-    not_only_text = not all(isinstance(e, Text) for e in everything)
+    summed[_SUMMED.index("skipped")] += encoded.skipped_unassigned
     counts = ProcessCounts(
-        dict(zip(_SUMMED, summed.tolist(), strict=True)), min_rows, not_only_text, False, mixture
+        dict(zip(_SUMMED, summed.tolist(), strict=True)),
+        min_rows,
+        encoded.not_only_text,
+        False,
+        mixture,
     )
     return _Local(
         shards,
         counts,
+        encoded.eval_examples,
+        encoded.eval_prompts,
+        encoded.skipped_eval,
+        encoded.template,
+    )
+
+
+def _encode_uncached(config: Config, tokenizer: Any, plan: ShardPlan) -> EncodedSplits:
+    """Reads and parses the own shards' and the eval records, and encodes them."""
+    splits = read_splits(config, plan)
+    everything = [e for g in splits.train_groups for e in g] + splits.eval
+    settings = encode_settings(config, tokenizer, everything)
+    workers = num_workers(config, len(everything))
+    train, slot_counts, slot_skipped = [], [], []
+    for groups in splits.train:
+        encoded, counts, skipped = [], TokenCounts(), 0
+        for group in groups:
+            examples, c, s = encode_examples(group, tokenizer, settings, num_workers=workers)
+            encoded.append(examples)
+            counts, skipped = counts + c, skipped + s
+        train.append(encoded)
+        slot_counts.append(counts)
+        slot_skipped.append(skipped)
+    eval_examples, prompts, eval_skipped = encode_held_out(splits.eval, tokenizer, settings)
+    return EncodedSplits(
+        train,
+        slot_counts,
+        slot_skipped,
+        splits.skipped_train,
+        splits.weights,
         eval_examples,
         prompts,
         splits.skipped_eval + eval_skipped,
         settings.template,
+        not all(isinstance(e, Text) for e in everything),
     )
 
 
 def _build_shard(
-    groups: list[list[Example]],
+    encoded: list[list[TokenizedExample]],
     weights: list[float] | None,
     shard: int,
     plan: ShardPlan,
     config: Config,
-    tokenizer: Any,
-    settings: EncodeSettings,
-    workers: int,
 ) -> tuple[dict[str, np.ndarray], dict[str, int], list[int]]:
-    """One shard: encode each mixture group, mix, pack -> (packed rows, counts, mixture)."""
+    """One shard: mix its encoded mixture groups, pack -> (packed rows, counts, mixture)."""
     dc = config.data
-    encoded, counts, skipped = [], TokenCounts(), 0
-    for group in groups:
-        examples, c, s = encode_examples(group, tokenizer, settings, num_workers=workers)
-        encoded.append(examples)
-        counts, skipped = counts + c, skipped + s
-    log_named(counts, dc.seq_len, dc.on_control_tokens)
     key = shard_seed(config.seed, shard, plan.num_shards)
     empty = [i for i, g in enumerate(encoded) if weights and weights[i] > 0 and not g]
     if empty:
@@ -375,16 +430,20 @@ def _build_shard(
     shard_counts = {
         **stats,
         "examples": len(train),
-        "skipped": skipped,
-        "truncated": counts.truncated,
-        "split": counts.split,
-        "dropped": counts.dropped,
-        "control_text": counts.control_text,
         "row_floor": whole_example_row_floor(slots, dc.seq_len),
         "row_floor_split": -(-sum(slots) // dc.seq_len),
     }
     sizes = [len(g) for g in encoded]
     return packed, shard_counts, mixture_counts(sizes, weights) if weights else sizes
+
+
+def _token_counts(counts: TokenCounts) -> dict[str, int]:
+    return {
+        "truncated": counts.truncated,
+        "split": counts.split,
+        "dropped": counts.dropped,
+        "control_text": counts.control_text,
+    }
 
 
 def _global_stats(

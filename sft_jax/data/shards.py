@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sft_jax.data.mixture import proportional_counts
 from sft_jax.data.source import DataError
 
 _LOW_BITS = 31  # counts travel as two int32 halves: JAX without x64 has no int64 collectives
@@ -53,6 +54,52 @@ def shard_plan(configured: int, process_index: int, process_count: int) -> Shard
 def shard_positions(positions: Sequence[int], shard: int, num_shards: int) -> Sequence[int]:
     """The round-robin share of `positions` (a group's training records) that `shard` owns."""
     return positions[shard::num_shards]
+
+
+def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic held-out split of `fraction` of the rows (at least one when fraction > 0)."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_eval = max(1, round(fraction * len(rows))) if fraction > 0 else 0
+    held = {int(i) for i in order[:n_eval]}
+    train = [r for i, r in enumerate(rows) if i not in held]
+    return train, [r for i, r in enumerate(rows) if i in held]
+
+
+def split_positions(
+    count: int, fraction: float, seed: int, *, hold_out: bool
+) -> tuple[list[int], list[int]]:
+    """A group's record positions -> (training positions, held-out positions), in file order;
+    nothing is held out when there are eval files (`hold_out` False)."""
+    positions = list(range(count))
+    return split_rows(positions, fraction, seed) if hold_out else (positions, [])
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOutShare:
+    """A group's held-out records as used: the first `keep` (in file order) are evaluated on; the
+    rest are trained on, `extra[slot]` (indices into the held-out list) by each own shard."""
+
+    keep: int
+    extra: list[range]
+
+
+def held_out_shares(
+    held: Sequence[int], trained: Sequence[int], cap: int, plan: ShardPlan
+) -> list[HeldOutShare]:
+    """At most `cap` held-out records are evaluated on, each group's share in proportion to its
+    held-out count `held[g]` (the first ones in file order), so the eval set is not mostly the
+    first group. The records beyond a group's share are not lost: they are dealt round-robin to
+    the shards as if they came after the group's `trained[g]` training positions. All of it
+    depends only on the record counts, so every process and shard plan agrees."""
+    cap = max(cap, 0)
+    keep = list(held) if sum(held) <= cap else proportional_counts(cap, held)
+    return [
+        HeldOutShare(
+            k,
+            [range(k + (s - t) % plan.num_shards, n, plan.num_shards) for s in plan.local],
+        )
+        for n, t, k in zip(held, trained, keep, strict=True)
+    ]
 
 
 def agree(local: Sequence[int], process_count: int) -> np.ndarray:

@@ -19,12 +19,13 @@ Bad input never passes silently: every problem is a `DataError` whose message st
 from __future__ import annotations
 
 import codecs
-import glob
 import json
 import logging
 import os
 from collections.abc import Iterator
 from typing import Any
+
+from sft_jax.data.paths import glob_files, is_url, isdir, isfile, open_binary, open_text
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class SkipCounter:
 def iter_records(path: str) -> Iterator[tuple[str, Record]]:
     """(source, record dict or DataError) for every record of one file, in file order."""
     lower = path.lower()
-    if os.path.isdir(path):
+    if isdir(path):
         yield from _arrow_records(path, _load_hf_dataset(path))
     elif lower.endswith(".parquet"):
         yield from _arrow_records(path, _load_parquet(path))
@@ -100,7 +101,7 @@ def lazy_records(files: str) -> list[tuple[str, bytes | Record]]:
     for path in expand_files(files):
         lower = path.lower()
         plain_jsonl = not (
-            os.path.isdir(path)
+            isdir(path)
             or lower.endswith((".parquet", ".csv"))
             or (lower.endswith(".json") and not _looks_like_jsonl(path))
         )
@@ -129,13 +130,13 @@ def expand_files(files: str) -> list[str]:
         raise DataError("no data files given (the file list is empty)")
     paths: list[str] = []
     for pattern in patterns:
-        if os.path.isfile(pattern):  # Literal first: a file name may contain "[" or "*".
+        if isfile(pattern):  # Literal first: a file name may contain "[" or "*".
             matches = [pattern]
         elif any(c in pattern for c in "*?["):
-            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            matches = glob_files(pattern)
             if not matches:
                 raise DataError(f"data file pattern {pattern!r} matches no file")
-        elif os.path.isdir(pattern):
+        elif isdir(pattern):
             if not is_hf_dataset_dir(pattern):
                 raise DataError(
                     f"data file {pattern!r} is a directory but not a saved Hugging Face dataset "
@@ -157,7 +158,7 @@ def field_error(source: str, field: str | None, message: str, kind: type = DataE
 def _jsonl_records(path: str) -> Iterator[tuple[str, bytes]]:
     """Yields ("path:line", raw bytes) for every non-blank line; decoding happens per line so that a
     broken byte is reported at its own line instead of failing the whole file."""
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         for number, raw in enumerate(f, start=1):
             if number == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8) :]
@@ -236,7 +237,7 @@ def _field_with_invalid_unicode(record: Any) -> str | None:
 def is_hf_dataset_dir(path: str) -> bool:
     """A `datasets.Dataset.save_to_disk` (or DatasetDict) directory."""
     names = ("dataset_info.json", "state.json", "dataset_dict.json")
-    return any(os.path.isfile(os.path.join(path, n)) for n in names)
+    return any(isfile(os.path.join(path, n)) for n in names)
 
 
 def _load_hf_dataset(path: str) -> Any:
@@ -257,6 +258,9 @@ def _load_parquet(path: str) -> Any:
     import pyarrow.parquet as pq
 
     try:
+        if is_url(path):
+            with open_binary(path) as f:
+                return pq.read_table(f)
         return pq.read_table(path)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
         raise DataError(f"{path}: cannot read as Parquet: {e}") from e
@@ -297,7 +301,7 @@ def _csv_records(path: str) -> Iterator[tuple[str, Record]]:
     """
     import csv
 
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+    with open_text(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -321,14 +325,14 @@ def _csv_records(path: str) -> Iterator[tuple[str, Record]]:
 
 def _looks_like_jsonl(path: str) -> bool:
     """A .json file whose first non-blank character is "{" holds JSON Lines, not a list."""
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         head = f.read(4096).lstrip(codecs.BOM_UTF8).lstrip()
     return head.startswith(b"{")
 
 
 def _json_list_records(path: str) -> Iterator[tuple[str, Record]]:
     """A JSON array of objects, decoded element by element so each record gets its line number."""
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         data = f.read()
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8) :]

@@ -127,7 +127,7 @@ def setup(config: Config, workdir: str) -> tuple[Run, Any]:
     mesh = preflight.run(config, workdir)
     if config.logging.wandb:  # a missing wandb fails before data and compute
         import_wandb()
-    bundle = data.prepare_data(config)
+    bundle = data.prepare_data(config, cache_dir=os.path.join(workdir, "data_cache"))
     general = general_text_batches(config, bundle.tokenizer)  # bad files fail here, like data
     steps = total_steps(config, bundle.train_iter.steps_per_epoch)
     print_data_stats(bundle.stats, steps, bundle.train_iter.steps_per_epoch)

@@ -1,0 +1,155 @@
+"""The data stage: first start against restart with the tokenisation cache, on real ShareGPT data.
+
+    python benchmarks/bench_data_cache.py --copies 600
+
+Replicates the 500 conversations of ../shared/assets/data-fastchat/dummy_conversation.json
+`--copies` times into one JSON list in a temporary directory (600 -> 300,000 conversations) and
+times `prepare_data` (Qwen3 tokenizer and its template, train_on=last_assistant, overlong=split,
+seq_len 2048, 5% held out, data.num_workers automatic) in a fresh Python process per phase, so
+each pays its imports as a real start does:
+
+    first     empty cache: read, parse, encode, write the cache's parts, pack, keep prepared rows
+    restart   the same config again: the prepared rows are loaded (a restart or resume)
+    reseed    another seed: the encodings are reused from the parts; the held-out records and the
+              order change, so selection, mixing and packing run again
+    uncached  (with --uncached) data.cache_dir="off": today's path without a cache
+    tokenizer (floor) loading the tokenizer alone, which every start pays
+
+Prints seconds (and where they went), the phase's peak resident memory, packed rows and the
+cache's size per phase, and checks that the restart's first batch equals the first start's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ASSETS = REPO.parent / "shared" / "assets"
+
+
+def config_for(data_file: str, cache_dir: str, seed: int):
+    from sft_jax.config import parse
+    from sft_jax.config_file import load_config_file
+
+    config = parse(load_config_file(str(REPO / "configs" / "tiny.py")))
+    data = dataclasses.replace(
+        config.data,
+        train_files=data_file,
+        eval_files="",
+        eval_fraction=0.05,
+        tokenizer=str(ASSETS / "tok-qwen3"),
+        chat_template="tokenizer",
+        train_on="last_assistant",
+        overlong="split",
+        seq_len=2048,
+        num_workers=0,
+        prefetch=0,
+        cache_dir=cache_dir,
+    )
+    return dataclasses.replace(config, data=data, seed=seed)
+
+
+def phase(name: str, data_file: str, cache_dir: str) -> dict:
+    """One phase, in this (fresh) process."""
+    start = time.perf_counter()
+    if name == "tokenizer":
+        from sft_jax.data import load_tokenizer
+
+        load_tokenizer(str(ASSETS / "tok-qwen3"))
+        return {"seconds": time.perf_counter() - start}
+    from sft_jax.data import cache as cache_module
+    from sft_jax.data import pipeline
+
+    timings: dict[str, float] = {}
+    for module, function in [
+        (pipeline, "load_tokenizer"),
+        (cache_module, "group_roots"),  # hashing the data and tokenizer files
+        (cache_module, "load_prepared"),
+        (cache_module, "encode_cached"),
+        (pipeline, "_pack_local"),
+    ]:
+        _time_calls(module, function, timings)
+    seed = 1 if name == "reseed" else 0
+    cache = "off" if name == "uncached" else cache_dir
+    start = time.perf_counter()
+    bundle = pipeline.prepare_data(config_for(data_file, cache, seed))
+    seconds = time.perf_counter() - start
+    batch = next(bundle.train_iter)
+    return {
+        "seconds": seconds,
+        "parts_s": {k: round(v, 2) for k, v in timings.items()},
+        "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "rows": bundle.stats["rows"],
+        "examples": bundle.stats["examples"],
+        "first_batch_sum": int(batch["inputs"].astype("int64").sum()),
+    }
+
+
+def _time_calls(module, function: str, timings: dict[str, float]) -> None:
+    """Adds the seconds spent in `module.function` to timings[function]."""
+    inner = getattr(module, function)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            timings[function] = timings.get(function, 0.0) + time.perf_counter() - start
+
+    setattr(module, function, timed)
+
+
+def du(path: str) -> int:
+    return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--copies", type=int, default=600)
+    parser.add_argument("--uncached", action="store_true")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        print(json.dumps(phase(args.phase, args.data, args.cache)))
+        return
+    source = ASSETS / "data-fastchat" / "dummy_conversation.json"
+    conversations = json.loads(source.read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory() as tmp:
+        data_file = os.path.join(tmp, "conversations.json")
+        with open(data_file, "w", encoding="utf-8") as f:
+            json.dump(conversations * args.copies, f, indent=1)
+        cache_dir = os.path.join(tmp, "cache")
+        size = os.path.getsize(data_file)
+        print(f"{len(conversations) * args.copies:,} conversations, {size / 2**20:.0f} MiB JSON")
+        phases = ["first", "restart", "reseed", "tokenizer"] + (
+            ["uncached"] if args.uncached else []
+        )
+        results = {}
+        for name in phases:
+            command = [sys.executable, __file__, "--phase", name, "--data", data_file]
+            out = subprocess.run(
+                [*command, "--cache", cache_dir], check=True, capture_output=True, text=True
+            )
+            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            cache_mib = du(cache_dir) / 2**20 if os.path.isdir(cache_dir) else 0.0
+            extra = {k: v for k, v in results[name].items() if k != "seconds"}
+            print(
+                f"{name:>9}: {results[name]['seconds']:8.1f} s  cache {cache_mib:6.0f} MiB  {extra}"
+            )
+        same = results["first"]["first_batch_sum"] == results["restart"]["first_batch_sum"]
+        print(f"restart's first batch equals the first start's: {same}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""The tokenisation cache's files: verified directories and the parts of records they hold.
+
+Every directory is written by `write_verified`: files into a temporary directory, then a completion
+marker (`COMPLETE.json`: counts and each file's size and blake2b digest), then a rename into
+place. `read_verified` trusts nothing else: a missing marker (an interrupted write), a file of
+another size or digest (truncated, flipped bytes) is a ValueError, and the caller removes the
+directory and encodes again. Only plain file operations are used, through etils.epath, so the
+cache can live wherever the workdir does. What the parts mean is in cache.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from sft_jax.data.encode import Encoded, EvalPrompt
+from sft_jax.data.paths import is_url
+from sft_jax.data.render import NAMED, TokenCounts
+from sft_jax.data.tokenize import TokenizedExample
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+MARKER = "COMPLETE.json"
+_BLOCK = 1 << 20
+# Record kinds (what formats.parse_record made of the record).
+ROW, TEXT, CONVERSATION, UNPARSEABLE = 0, 1, 2, 3
+_COUNTS = ("truncated", "split", "dropped", "control_text")
+_NAMED = ("named_truncated", "named_dropped", "named_skipped", "named_control")
+_ARRAYS = (
+    "records",
+    "kinds",
+    "skipped",
+    "counts",
+    "record_pieces",
+    "piece_starts",
+    "tokens",
+    "loss_mask",
+    "eval_done",
+)
+
+
+def digest_file(path: str | os.PathLike) -> str:
+    """blake2b of every byte of one file, read in 1 MiB blocks."""
+    h = hashlib.blake2b(digest_size=20)
+    with epath.Path(path).open("rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclasses.dataclass
+class Part:
+    """One part's arrays (see `_ARRAYS`), piece sources and sparse per-record extras."""
+
+    arrays: dict[str, np.ndarray]
+    sources: list[str]
+    named: dict[int, dict[str, list[str]]]  # local record index -> named_* lists
+    prompts: dict[int, EvalPrompt | None]  # local index -> prompt, for records with eval_done
+
+    def __post_init__(self) -> None:  # plain lists: per-piece indexing in Python is faster
+        self.starts = self.arrays["piece_starts"].tolist()
+        self.tokens, self.mask = self.arrays["tokens"], self.arrays["loss_mask"]
+
+
+@dataclasses.dataclass
+class Selection:
+    """What a list of records yields: pieces in order, summed counts, skips, and the kinds seen."""
+
+    pieces: list[TokenizedExample]
+    counts: TokenCounts
+    skipped: int
+    kinds: set[int]
+    prompts: list[EvalPrompt]
+
+
+class RecordStore:
+    """The parts of one key directory, with a lookup from record position to (part, index)."""
+
+    def __init__(self, root: str | os.PathLike, num_records: int):
+        self.root = epath.Path(root)
+        self.num_records = num_records
+        self.parts: list[Part] = []
+        self._part = np.full(num_records, -1, np.int64)
+        self._local = np.zeros(num_records, np.int64)
+        self._eval_part = np.full(num_records, -1, np.int64)
+        self._eval_local = np.zeros(num_records, np.int64)
+        if self.root.exists():
+            for directory in sorted(self.root.iterdir()):
+                if directory.name.startswith("part-"):
+                    self._add(directory)
+                elif directory.name.startswith(".tmp-") and _stale(directory):
+                    remove(directory)  # left by a write that was killed
+
+    def _add(self, directory: epath.Path) -> None:
+        if is_url(directory) and not (directory / MARKER).exists():
+            return  # in an object store, a part being written by another process has no marker yet
+        try:
+            part = read_part(directory)
+        except (OSError, ValueError, KeyError) as error:
+            logger.warning("data cache: ignoring and removing %s: %s", directory, error)
+            remove(directory)
+            return
+        records = part.arrays["records"]
+        if len(records) and (records.min() < 0 or records.max() >= self.num_records):
+            logger.warning("data cache: %s holds records beyond the data; removed", directory)
+            remove(directory)
+            return
+        self._add_part(part)
+
+    def _add_part(self, part: Part) -> None:
+        records = part.arrays["records"]
+        index = len(self.parts)
+        self.parts.append(part)
+        local = np.arange(len(records))
+        self._part[records], self._local[records] = index, local
+        done = part.arrays["eval_done"]
+        self._eval_part[records[done]], self._eval_local[records[done]] = index, local[done]
+
+    def missing(self, positions: Sequence[int], eval_positions: Sequence[int]) -> list[int]:
+        """Sorted positions no part holds (or, for the held-out ones, holds without a prompt)."""
+        train = np.asarray(positions, np.int64)
+        held = np.asarray(eval_positions, np.int64)
+        need = set(train[self._part[train] < 0].tolist())
+        need |= set(held[self._eval_part[held] < 0].tolist())
+        return sorted(need)
+
+    def select(self, positions: Sequence[int], *, held_out: bool = False) -> Selection:
+        """The records at `positions`, in that order (all must be present: `missing` first).
+        Vectorised per part: a restart assembles a few hundred thousand records in well under
+        a second."""
+        table = (self._eval_part, self._eval_local) if held_out else (self._part, self._local)
+        pos = np.asarray(positions, np.int64)
+        part_of, local = table[0][pos], table[1][pos]
+        if (part_of < 0).any():
+            raise KeyError(f"record {pos[part_of < 0][0]} is not in the data cache {self.root}")
+        counts, skipped, kinds = np.zeros(len(_COUNTS), np.int64), 0, set()
+        first, number = np.zeros(len(pos), np.int64), np.zeros(len(pos), np.int64)
+        extras: list[tuple[int, int, int]] = []  # (order, part, local) with names or a prompt
+        for p in np.unique(part_of).tolist():
+            where = part_of == p
+            mine, a, part = local[where], self.parts[p].arrays, self.parts[p]
+            kinds |= set(np.unique(a["kinds"][mine]).tolist())
+            skipped += int(a["skipped"][mine].sum())
+            counts += a["counts"][mine].sum(axis=0, dtype=np.int64)
+            first[where] = a["record_pieces"][mine]
+            number[where] = a["record_pieces"][mine + 1] - first[where]
+            special = set(part.named) | (set(part.prompts) if held_out else set())
+            if special:
+                hits = np.flatnonzero(where)[np.isin(mine, list(special))]
+                extras += [(int(o), p, int(local[o])) for o in hits]
+        piece_part = np.repeat(part_of, number)
+        ends = np.cumsum(number)
+        piece = np.repeat(first - (ends - number), number) + np.arange(
+            int(ends[-1]) if len(ends) else 0
+        )
+        pieces = []
+        for p, k in zip(piece_part.tolist(), piece.tolist(), strict=True):
+            part = self.parts[p]
+            lo, hi = part.starts[k], part.starts[k + 1]
+            pieces.append(TokenizedExample(part.tokens[lo:hi], part.mask[lo:hi], part.sources[k]))
+        named: dict[str, list[str]] = {name: [] for name in _NAMED}
+        prompts: list[EvalPrompt] = []
+        for _, p, i in sorted(extras):
+            for name, values in self.parts[p].named.get(i, {}).items():
+                named[name].extend(values)
+            if held_out and self.parts[p].prompts.get(i) is not None:
+                prompts.append(self.parts[p].prompts[i])
+        total = TokenCounts(
+            **dict(zip(_COUNTS, counts.tolist(), strict=True)),
+            **{name: tuple(values[:NAMED]) for name, values in named.items()},
+        )
+        return Selection(pieces, total, skipped, kinds, prompts)
+
+    def write(
+        self,
+        positions: Sequence[int],
+        kinds: Sequence[int],
+        encoded: Sequence[Encoded],
+        prompts: dict[int, EvalPrompt | None],
+    ) -> None:
+        """Adds a part holding these records (`prompts`: by position, for held-out ones). If it
+        cannot be written (a full disk, no permission), the run goes on with it in memory: the
+        cache only saves time, so failing to write it must not stop training."""
+        files, counts = part_files(positions, kinds, encoded, prompts)
+        try:
+            directory = write_verified(self.root, f"part-{uuid.uuid4().hex}", files, counts)
+        except OSError as error:
+            logger.warning("data cache: cannot write to %s (%s); not cached", self.root, error)
+            self._add_part(part_from(counts, files))
+            return
+        self._add(directory)
+
+
+def part_files(
+    positions: Sequence[int],
+    kinds: Sequence[int],
+    encoded: Sequence[Encoded],
+    prompts: dict[int, EvalPrompt | None],
+) -> tuple[dict[str, bytes], dict[str, int]]:
+    """One part's files and counts (`write_verified` writes them, `part_from` reads them)."""
+    pieces = [piece for e in encoded for piece in e.pieces]
+    lengths = np.asarray([len(p.tokens) for p in pieces], np.int64)
+    per_record = np.asarray([len(e.pieces) for e in encoded], np.int64)
+    arrays = {
+        "records": np.asarray(positions, np.int64),
+        "kinds": np.asarray(kinds, np.int8),
+        "skipped": np.asarray([e.skipped for e in encoded], bool),
+        "counts": np.asarray(
+            [[getattr(e.counts, c) for c in _COUNTS] for e in encoded], np.int32
+        ).reshape(len(encoded), len(_COUNTS)),
+        "record_pieces": np.concatenate([[0], np.cumsum(per_record)]).astype(np.int64),
+        "piece_starts": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        "tokens": concat([p.tokens for p in pieces], np.int32),
+        "loss_mask": concat([p.loss_mask for p in pieces], bool),
+        "eval_done": np.asarray([pos in prompts for pos in positions], bool),
+    }
+    named = {}
+    for i, e in enumerate(encoded):
+        lists = {name: list(getattr(e.counts, name)) for name in _NAMED if getattr(e.counts, name)}
+        if lists:
+            named[str(i)] = lists
+    meta = {
+        "named": named,
+        "prompts": {
+            str(i): prompt_json(prompts[pos]) for i, pos in enumerate(positions) if pos in prompts
+        },
+    }
+    files = {f"{name}.npy": npy_bytes(value) for name, value in arrays.items()}
+    files["sources.bin"] = "\0".join(p.source for p in pieces).encode("utf-8", "surrogateescape")
+    files["meta.json"] = json.dumps(meta).encode("utf-8")
+    counts = {"records": len(positions), "pieces": len(pieces), "tokens": int(lengths.sum())}
+    return files, counts
+
+
+def write_verified(
+    root: epath.Path, name: str, files: dict[str, bytes], counts: dict[str, int]
+) -> epath.Path:
+    """Writes `files`, then the completion marker (the counts and every file's size and blake2b
+    digest), into `root / name`. Locally into a temporary directory first, renamed into place
+    (if another process put `name` there first, its directory is kept: same key, same
+    contents). An object store has no directory rename; there each file is one atomic object,
+    and the marker, written last, is what makes the directory count."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    remote = is_url(final)
+    target = final if remote else root / f".tmp-{uuid.uuid4().hex}"
+    target.mkdir(parents=True, exist_ok=True)
+    for file, data in files.items():
+        (target / file).write_bytes(data)
+    digests = {
+        f: [len(d), hashlib.blake2b(d, digest_size=20).hexdigest()] for f, d in files.items()
+    }
+    marker = {"version": CACHE_VERSION, **counts, "files": digests}
+    (target / MARKER).write_text(json.dumps(marker))
+    if remote:
+        return final
+    try:
+        target.rename(final)
+    except OSError:  # FileExistsError, or ENOTEMPTY from os.rename
+        if not (final / MARKER).exists():
+            raise
+        target.rmtree()
+    return final
+
+
+def read_verified(directory: epath.Path) -> tuple[dict[str, Any], dict[str, bytes | np.ndarray]]:
+    """(marker, file contents) of a directory `write_verified` wrote; ValueError when its marker
+    is missing or of another version, or a file does not match its size and digest. A local
+    .npy file comes back as a read-only memory-mapped array (verified by a streaming digest
+    first): a restart then maps a few hundred MB of packed rows instead of copying them into
+    fresh memory, which costs seconds on a loaded host. Others come back as bytes."""
+    marker_path = directory / MARKER
+    if not marker_path.exists():
+        raise ValueError("no completion marker (an interrupted write)")
+    marker = json.loads(marker_path.read_text())
+    if marker.get("version") != CACHE_VERSION:
+        raise ValueError(f"cache version {marker.get('version')}, not {CACHE_VERSION}")
+    data: dict[str, bytes | np.ndarray] = {}
+    for file, (size, digest) in marker["files"].items():
+        path = directory / file
+        if file.endswith(".npy") and not is_url(path):
+            if os.path.getsize(path) != size or digest_file(path) != digest:
+                raise ValueError(f"{file} does not match its recorded size and digest")
+            data[file] = np.load(os.fspath(path), mmap_mode="r", allow_pickle=False)
+            continue
+        raw = path.read_bytes()
+        if len(raw) != size or hashlib.blake2b(raw, digest_size=20).hexdigest() != digest:
+            raise ValueError(f"{file} does not match its recorded size and digest")
+        data[file] = raw
+    return marker, data
+
+
+def read_part(directory: epath.Path) -> Part:
+    """Loads and verifies one part: its marker, every file's size and digest, array shapes."""
+    return part_from(*read_verified(directory))
+
+
+def part_from(marker: dict[str, Any], data: dict[str, bytes | np.ndarray]) -> Part:
+    """A part from its marker's counts and its files' contents; ValueError if they disagree."""
+    arrays = {name: npy_array(data[f"{name}.npy"]) for name in _ARRAYS}
+    n, pieces = marker["records"], marker["pieces"]
+    sources = data["sources.bin"].decode("utf-8", "surrogateescape").split("\0") if pieces else []
+    shapes_ok = (
+        len(arrays["records"]) == n
+        and len(arrays["record_pieces"]) == n + 1
+        and len(arrays["piece_starts"]) == pieces + 1
+        and len(sources) == pieces
+        and len(arrays["tokens"]) == marker["tokens"] == len(arrays["loss_mask"])
+    )
+    if not shapes_ok:
+        raise ValueError("array lengths do not match the marker's counts")
+    meta = json.loads(data["meta.json"])
+    named = {int(i): lists for i, lists in meta["named"].items()}
+    prompts = {int(i): prompt_from_json(v) for i, v in meta["prompts"].items()}
+    return Part(arrays, sources, named, prompts)
+
+
+def prompt_json(prompt: EvalPrompt | None) -> list[Any] | None:
+    return None if prompt is None else [list(prompt.prompt_ids), prompt.reference, prompt.source]
+
+
+def prompt_from_json(value: list[Any] | None) -> EvalPrompt | None:
+    return None if value is None else EvalPrompt([int(i) for i in value[0]], value[1], value[2])
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def npy_array(data: bytes | np.ndarray) -> np.ndarray:
+    """An array from `read_verified`: already one (memory-mapped), or .npy bytes."""
+    if isinstance(data, np.ndarray):
+        return data
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def concat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
+
+
+_STALE_SECONDS = 24 * 3600  # a temporary directory this old is not another process's write
+
+
+def _stale(path: epath.Path) -> bool:
+    try:
+        return time.time() - path.stat().mtime > _STALE_SECONDS
+    except OSError:
+        return False
+
+
+def remove(directory: epath.Path) -> None:
+    try:
+        directory.rmtree() if directory.is_dir() else directory.unlink()
+    except OSError as error:  # another process may be removing it too
+        logger.warning("data cache: could not remove %s: %s", directory, error)

@@ -1,0 +1,175 @@
+"""Stability-plasticity frontier per fine-tuning method on the demo task.
+
+    python benchmarks/forgetting_pareto.py [--steps 40] [--save_every 8] [--out /tmp/pareto]
+        [--methods full,lora,dora,oft,prefix] [--png docs/forgetting_pareto.png]
+
+Trains configs/demo.py (real stories260K, bundled question-answering data, CPU) with full
+fine-tuning, LoRA, DoRA, OFT and prefix tuning at a few learning rates each, for the same steps
+and data order. Every `save_every` steps a checkpoint is kept; at the end the run's rewind
+(checkpoint.rewind_rule "retention") measures every kept checkpoint on the validation split (the
+task) and on the general stories (sft_jax/assets/general: the retention), so each run yields a
+trajectory in the task-vs-retention plane, read back by the run report (sft_jax/report/tradeoff.py).
+
+Prints, and writes to --out: a markdown table (pareto.md) and JSON (pareto.json) with per run the
+final and the rewound checkpoint's validation loss and general-text perplexity, and the
+stability-plasticity plot (validation loss vs general-text perplexity, one colour per method,
+all its learning rates, the rewound checkpoints ringed) to --png. The adapters train alone (no
+modules_to_save), so the frozen embedding is the same for every PEFT method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any
+
+from sft_jax.config import parse
+from sft_jax.config_file import load_config_file
+from sft_jax.report.data import load_run
+from sft_jax.report.tradeoff import Tradeoff, draw, finish_axes, tradeoff_of
+from sft_jax.train import train_and_evaluate
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# (method, learning rates): around each method's usual rate on this tiny model (full fine-tuning
+# 3e-3 in configs/demo.py, LoRA 1e-2 in configs/demo_lora.py); OFT and prefix tuning move the
+# model through a rotation / a few key-value slots and take larger rates.
+METHODS: dict[str, tuple[float, ...]] = {
+    "full": (3e-4, 1e-3, 3e-3),
+    "lora": (1e-3, 3e-3, 1e-2),
+    "dora": (1e-3, 3e-3, 1e-2),
+    "oft": (1e-3, 3e-3, 1e-2),
+    "prefix": (3e-3, 1e-2, 3e-2),
+}
+COLORS = {"full": "tab:red", "lora": "tab:blue", "dora": "tab:cyan", "oft": "tab:green",
+          "prefix": "tab:purple"}  # fmt: skip
+
+
+def config_for(method: str, lr: float, steps: int, save_every: int) -> Any:
+    """configs/demo.py shortened, with kept checkpoints and the retention rewind."""
+    c = load_config_file(str(REPO / "configs" / "demo.py"))
+    c.optim.learning_rate = lr
+    c.train.max_steps = steps
+    c.train.progress_bar = False
+    c.train.log_every = save_every
+    c.eval.every_steps = 0  # the rewind measures every kept checkpoint itself
+    c.eval.generate_examples = 0  # the task metric here is the validation loss
+    c.eval.samples = 0
+    c.checkpoint.every_steps = save_every
+    c.checkpoint.keep = steps // save_every + 1
+    c.checkpoint.async_save = False
+    c.checkpoint.rewind_to_best = True
+    c.checkpoint.rewind_rule = "retention"
+    if method != "full":
+        c.lora.enabled = True
+        c.lora.base_dtype = "float32"
+        c.lora.method = "lora" if method == "dora" else method
+        c.lora.dora = method == "dora"
+    return c
+
+
+def row_of(method: str, lr: float, tradeoff: Tradeoff, wall_s: float) -> dict[str, Any]:
+    """The table's row: base, final and rewound points (perplexity = exp(loss))."""
+    last = tradeoff.points[-1]
+    chosen = next(p for p in tradeoff.points if p["step"] == tradeoff.chosen_step)
+    # Area-free frontier summary: the best validation loss reached while general-text perplexity
+    # stays within 2x of the base model's (log 2 nats of general loss).
+    base_general = tradeoff.base["general_loss"] if tradeoff.base else math.nan
+    within = [p["eval_loss"] for p in tradeoff.points if p["general_loss"] <= base_general + 0.6932]
+    return {
+        "method": method,
+        "lr": lr,
+        "base_eval_loss": tradeoff.base["eval_loss"] if tradeoff.base else None,
+        "base_general_ppl": math.exp(base_general),
+        "final_step": last["step"],
+        "final_eval_loss": last["eval_loss"],
+        "final_general_ppl": math.exp(last["general_loss"]),
+        "rewound_step": chosen["step"],
+        "rewound_eval_loss": chosen["eval_loss"],
+        "rewound_general_ppl": math.exp(chosen["general_loss"]),
+        "best_eval_loss_within_2x_ppl": min(within) if within else None,
+        "wall_s": round(wall_s, 1),
+        "trajectory": tradeoff.points,
+    }
+
+
+def fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| method | lr | final step: val loss | final: general ppl | rewound step | rewound: "
+        "val loss | rewound: general ppl | best val loss with general ppl <= 2x base | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['lr']:g} | {r['final_step']}: {fmt(r['final_eval_loss'])} "
+            f"| {fmt(r['final_general_ppl'], 2)} | {r['rewound_step']} "
+            f"| {fmt(r['rewound_eval_loss'])} | {fmt(r['rewound_general_ppl'], 2)} "
+            f"| {fmt(r['best_eval_loss_within_2x_ppl'])} | {r['wall_s']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(runs: list[tuple[str, float, Tradeoff]], path: str) -> None:
+    """All runs on one chart: a method's colour for all its learning rates (dotted, dashed,
+    solid from the lowest rate up)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.5, 5.0), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    losses = []
+    for method, lr, tradeoff in runs:
+        rates = sorted({rate for m, rate, _ in runs if m == method})
+        style = ("-", "--", ":")[min(len(rates) - 1 - rates.index(lr), 2)]
+        draw(axes, tradeoff, f"{method} lr {lr:g}", COLORS.get(method), annotate=False,
+             linestyle=style)  # fmt: skip
+        losses += [p["eval_loss"] for p in tradeoff.points]
+        losses += [tradeoff.base["eval_loss"]] if tradeoff.base else []
+    finish_axes(axes, "Stability-plasticity on the demo task (stories260K)", losses)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--save_every", type=int, default=8)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--out", default="/tmp/forgetting_pareto")
+    parser.add_argument("--png", default=None, help="default OUT/forgetting_pareto.png")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rows, runs = [], []
+    for method in [m for m in args.methods.split(",") if m]:
+        for lr in METHODS[method]:
+            workdir = os.path.join(args.out, f"{method}_lr{lr:g}")
+            started = time.perf_counter()
+            train_and_evaluate(parse(config_for(method, lr, args.steps, args.save_every)), workdir)
+            tradeoff = tradeoff_of(load_run(workdir))
+            if tradeoff is None or not tradeoff.points or tradeoff.chosen_step is None:
+                raise RuntimeError(f"{workdir}: no retention trajectory in summary.json")
+            rows.append(row_of(method, lr, tradeoff, time.perf_counter() - started))
+            runs.append((method, lr, tradeoff))
+            print(f"{method} lr {lr:g}: {json.dumps(rows[-1]['trajectory'])}", flush=True)
+    table = markdown(rows)
+    png = args.png or os.path.join(args.out, "forgetting_pareto.png")
+    plot(runs, png)
+    with open(os.path.join(args.out, "pareto.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "pareto.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(table)
+    print(f"plot: {png}")
+
+
+if __name__ == "__main__":  # the data pipeline's worker processes re-import this module
+    main()

@@ -42,6 +42,7 @@ def test_rewind_trajectory_is_charted_with_base_and_choice(tmp_path):
     write_run(tmp_path, baseline=BASELINE, summary=rewind_summary(), general_after=8.0)
     got = report_tradeoff.tradeoff_of(report.load_run(str(tmp_path)))
     assert got.source == "rewind" and got.chosen_step == 4
+    assert abs(got.limit_general_loss - 1.693) < 1e-9
     assert got.base == {"eval_loss": 9.24, "general_loss": 1.643}
     assert [(p["step"], p["eval_loss"], p["general_loss"]) for p in got.points] == [
         (4, 2.0, 1.66),
@@ -57,7 +58,7 @@ def test_without_a_rewind_the_end_of_the_run_is_the_point(tmp_path):
     summary = {"steps": 12, "stopped": "finished", "eval_loss": 0.25}
     write_run(tmp_path, baseline=BASELINE, summary=summary, general_after=8.0)
     got = report_tradeoff.tradeoff_of(report.load_run(str(tmp_path)))
-    assert got.source == "final" and got.chosen_step is None
+    assert got.source == "final" and got.chosen_step is None and got.limit_general_loss is None
     assert got.points == [{"step": 12, "eval_loss": 0.25, "general_loss": 8.0}]
     assert [c.filename for c in report.make_charts(report.load_run(str(tmp_path)))][-1] == (
         "tradeoff.png"

@@ -39,6 +39,8 @@ class Tradeoff:
     base: dict[str, float] | None  # the base model's {"eval_loss", "general_loss"}
     chosen_step: int | None  # the rewind's choice, None without a rewind
     source: str  # "rewind" (kept checkpoints) or "final" (the end of the run only)
+    # the retention rule's bound: base general loss + checkpoint.rewind_tolerance (else None)
+    limit_general_loss: float | None = None
 
 
 def _point(step: Any, eval_loss: Any, general_loss: Any) -> dict[str, float] | None:
@@ -82,7 +84,16 @@ def tradeoff_of(data: RunData) -> Tradeoff | None:
                 points += [point] if point is not None else []
     if not points and base is None:
         return None
-    return Tradeoff(points=points, base=base, chosen_step=chosen, source=source)
+    limit = None
+    rewind = (data.summary or {}).get("rewind")
+    if source == "rewind" and isinstance(rewind, dict):
+        base_general, tolerance = (
+            number(rewind.get("base_general_loss")),
+            number(rewind.get("tolerance")),
+        )
+        if base_general is not None and tolerance is not None:
+            limit = base_general + tolerance
+    return Tradeoff(points, base, chosen, source, limit)
 
 
 def draw(
@@ -122,8 +133,15 @@ def finish_axes(axes: Any, title: str, all_losses: list[float]) -> None:
     """Log perplexity axis (forgetting multiplies it), log validation loss when it spans more
     than two decades, labels, and a legend that names the markers."""
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     axes.set_xscale("log")
+    plain = FuncFormatter(
+        lambda value, _: f"{value:,.{0 if value >= 10 or value.is_integer() else 1}f}"
+    )
+    axes.xaxis.set_major_formatter(plain)  # 5.2, 40, 1,000: not 4 x 10^1
+    low, high = axes.get_xlim()
+    axes.xaxis.set_minor_formatter(plain if high / low < 20 else NullFormatter())
     finite = [v for v in all_losses if v > 0 and math.isfinite(v)]
     if finite and max(finite) / min(finite) > 100:
         axes.set_yscale("log")
@@ -151,6 +169,9 @@ def plot_tradeoff(tradeoff: Tradeoff) -> bytes:
     axes = figure.add_subplot()
     label = "kept checkpoints (step)" if tradeoff.source == "rewind" else "end of training"
     draw(axes, tradeoff, label)
+    if tradeoff.limit_general_loss is not None:
+        axes.axvline(math.exp(tradeoff.limit_general_loss), color="0.5", linestyle=":",
+                     label="retention rule's limit (rewind_tolerance)")  # fmt: skip
     losses = [p["eval_loss"] for p in tradeoff.points]
     losses += [tradeoff.base["eval_loss"]] if tradeoff.base else []
     finish_axes(axes, "Stability-plasticity: task vs retention", losses)

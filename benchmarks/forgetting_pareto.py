@@ -49,6 +49,10 @@ COLORS = {"full": "tab:red", "lora": "tab:blue", "dora": "tab:cyan", "oft": "tab
           "prefix": "tab:purple"}  # fmt: skip
 
 
+def workdir_of(out: str, method: str, lr: float) -> str:
+    return os.path.join(out, f"{method}_lr{lr:g}")
+
+
 def config_for(method: str, lr: float, steps: int, save_every: int) -> Any:
     """configs/demo.py shortened, with kept checkpoints and the retention rewind."""
     c = load_config_file(str(REPO / "configs" / "demo.py"))
@@ -117,6 +121,31 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+FRONTIER_RATIOS = (1.25, 2.0, 10.0)  # general-text perplexity at most this many times the base's
+
+
+def frontier(rows: list[dict[str, Any]]) -> str:
+    """Per method, over all its learning rates and kept checkpoints: the lowest validation loss
+    reached while general-text perplexity stays within each FRONTIER_RATIOS x the base model's
+    (the stability-plasticity frontier read at a few retention budgets; "-": none within)."""
+    head = " | ".join(f"val loss at general ppl <= {r:g}x base" for r in FRONTIER_RATIOS)
+    lines = [f"| method | {head} |", "|---" * (len(FRONTIER_RATIOS) + 1) + "|"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for ratio in FRONTIER_RATIOS:
+            best = [
+                (p["eval_loss"], r["lr"], p["step"])
+                for r in rows
+                if r["method"] == method
+                for p in r["trajectory"]
+                if math.exp(p["general_loss"]) <= ratio * r["base_general_ppl"]
+            ]
+            got = min(best) if best else None
+            cells.append("-" if got is None else f"{got[0]:.4f} (lr {got[1]:g}, step {got[2]})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(runs: list[tuple[str, float, Tradeoff]], path: str) -> None:
     """All runs on one chart: a method's colour for all its learning rates (dotted, dashed,
     solid from the lowest rate up)."""
@@ -146,12 +175,29 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default="/tmp/forgetting_pareto")
     parser.add_argument("--png", default=None, help="default OUT/forgetting_pareto.png")
+    parser.add_argument(
+        "--tables_only", action="store_true", help="re-read OUT/pareto.json: tables and plot"
+    )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    png = args.png or os.path.join(args.out, "forgetting_pareto.png")
+    if args.tables_only:
+        with open(os.path.join(args.out, "pareto.json")) as f:
+            rows = json.load(f)
+        runs = [
+            (
+                r["method"],
+                r["lr"],
+                tradeoff_of(load_run(workdir_of(args.out, r["method"], r["lr"]))),
+            )
+            for r in rows
+        ]
+        report(rows, runs, args.out, png)
+        return
     rows, runs = [], []
     for method in [m for m in args.methods.split(",") if m]:
         for lr in METHODS[method]:
-            workdir = os.path.join(args.out, f"{method}_lr{lr:g}")
+            workdir = workdir_of(args.out, method, lr)
             started = time.perf_counter()
             train_and_evaluate(parse(config_for(method, lr, args.steps, args.save_every)), workdir)
             tradeoff = tradeoff_of(load_run(workdir))
@@ -160,14 +206,19 @@ def main() -> None:
             rows.append(row_of(method, lr, tradeoff, time.perf_counter() - started))
             runs.append((method, lr, tradeoff))
             print(f"{method} lr {lr:g}: {json.dumps(rows[-1]['trajectory'])}", flush=True)
-    table = markdown(rows)
-    png = args.png or os.path.join(args.out, "forgetting_pareto.png")
-    plot(runs, png)
-    with open(os.path.join(args.out, "pareto.md"), "w") as f:
-        f.write(table + "\n")
     with open(os.path.join(args.out, "pareto.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    print(table)
+    report(rows, runs, args.out, png)
+
+
+def report(rows: list[dict[str, Any]], runs: list, out: str, png: str) -> None:
+    """Prints the per-run table and the frontier table, writes them to OUT/pareto.md, and draws
+    the plot to `png`."""
+    tables = markdown(rows) + "\n\n" + frontier(rows)
+    plot(runs, png)
+    with open(os.path.join(out, "pareto.md"), "w") as f:
+        f.write(tables + "\n")
+    print(tables)
     print(f"plot: {png}")
 
 

@@ -1,12 +1,16 @@
 """The report's stability-plasticity chart, from synthetic workdirs: the rewind's kept checkpoints
-(summary.json "rewind"), the end of a run only (general_after), and a run without general text."""
+(summary.json "rewind"), the end of a run only (general_after), a run without general text, and
+(slow) a real tiny run with the retention rewind."""
 
 import json
 import pathlib
 
+import pytest
+
 from sft_jax import report
 from sft_jax.report import tradeoff as report_tradeoff
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 TITLE = "Stability-plasticity: validation loss vs general-text perplexity"
 BASELINE = {"eval_loss": 9.24, "eval_perplexity": 10328.0, "general_loss": 1.643}
 
@@ -77,3 +81,26 @@ def test_a_run_without_general_text_says_so_instead_of_an_empty_chart(tmp_path):
     page = pathlib.Path(report.build_report(str(tmp_path))).read_text()
     assert "No stability-plasticity chart: the run has no general-text evaluation" in page
     assert f'alt="{TITLE}"' not in page and not (tmp_path / "report" / "tradeoff.png").exists()
+
+
+@pytest.mark.slow
+def test_chart_of_a_real_tiny_run_with_the_retention_rewind(tmp_path):
+    """About 30 s on 2 cores: what the training run writes (baseline, summary.json's rewind) is
+    what the chart reads."""
+    from sft_jax.assets import asset_path
+    from sft_jax.config import parse
+    from sft_jax.config_file import load_config_file
+    from sft_jax.train import train_and_evaluate
+
+    raw = load_config_file(str(REPO / "configs" / "tiny.py"))
+    raw.train.max_steps, raw.eval.every_steps, raw.eval.generate_examples = 4, 0, 0
+    raw.eval.general_text_files = asset_path("general/stories.txt")
+    raw.checkpoint.every_steps, raw.checkpoint.keep = 2, 3
+    raw.checkpoint.rewind_to_best, raw.checkpoint.rewind_rule = True, "retention"
+    summary = train_and_evaluate(parse(raw), str(tmp_path))
+    got = report_tradeoff.tradeoff_of(report.load_run(str(tmp_path)))
+    assert got.source == "rewind" and [p["step"] for p in got.points] == [2, 4]
+    assert got.chosen_step == summary["best_step"] and got.base is not None
+    assert got.limit_general_loss == pytest.approx(got.base["general_loss"] + 0.05)
+    page = pathlib.Path(report.build_report(str(tmp_path))).read_text()
+    assert f'alt="{TITLE}"' in page and (tmp_path / "report" / "tradeoff.png").exists()

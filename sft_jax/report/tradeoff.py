@@ -129,9 +129,10 @@ def draw(
     return color
 
 
-def finish_axes(axes: Any, title: str, all_losses: list[float]) -> None:
+def finish_axes(axes: Any, title: str, all_losses: list[float], *, outside: bool = False) -> None:
     """Log perplexity axis (forgetting multiplies it), log validation loss when it spans more
-    than two decades, labels, and a legend that names the markers."""
+    than two decades, labels, and a legend that names the markers (right of the axes when
+    `outside`: many curves)."""
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
@@ -156,7 +157,8 @@ def finish_axes(axes: Any, title: str, all_losses: list[float]) -> None:
         Line2D([], [], marker="o", color="0.3", fillstyle="none", linestyle="none",
                markersize=10, markeredgewidth=2, label="rewound (chosen) checkpoint"),
     ]  # fmt: skip
-    axes.legend(handles=handles, fontsize="small")
+    where = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if outside else {}
+    axes.legend(handles=handles, fontsize="small", **where)
 
 
 def plot_tradeoff(tradeoff: Tradeoff) -> bytes:

@@ -2,10 +2,11 @@
 
 Writes W/report/*.png (matplotlib, Agg) and one self-contained HTML page (default
 W/report/index.html; the PNGs are embedded as base64, no external URL) with the training and
-validation loss, learning rate, gradient norm and tokens/s over steps, the before/after table of
-summary.json, the eval records over steps, and sample generations. The workdir's files are read
-by sft_jax/workdir.py and cleaned up by sft_jax/report/data.py, the page is
-sft_jax/report/page.py; this module draws the charts.
+validation loss, learning rate, gradient norm and tokens/s over steps, the stability-plasticity
+chart (validation loss vs general-text perplexity per checkpoint, sft_jax/report/tradeoff.py), the
+before/after table of summary.json, the eval records over steps, and sample generations. The
+workdir's files are read by sft_jax/workdir.py and cleaned up by sft_jax/report/data.py, the page
+is sft_jax/report/page.py; this module draws the charts.
 
 The charts keep their axes honest: validation curves start at the step-0 baseline (the model
 before training), rates (accuracy) are drawn on 0..1, and other quantities from 0, so a move from
@@ -29,6 +30,7 @@ from sft_jax.report.data import (
     validation_points,
 )
 from sft_jax.report.page import Chart, render_html
+from sft_jax.report.tradeoff import NO_GENERAL_TEXT_NOTE, plot_tradeoff, tradeoff_of
 
 __all__ = ["build_report", "load_run", "main", "make_charts"]
 
@@ -95,9 +97,9 @@ def plot(title: str, ylabel: str, lines: list[Line], restarts: list[int], axis: 
 
 
 def make_charts(data: RunData) -> list[Chart]:
-    """Loss (train and validation), learning rate, gradient norm, tokens/s, and validation token
-    accuracy; each only when some record has it. Validation starts at the step-0 baseline;
-    restarts are dotted vertical lines."""
+    """Loss (train and validation), learning rate, gradient norm, tokens/s, validation token
+    accuracy, and the stability-plasticity chart; each only when some record has it. Validation
+    starts at the step-0 baseline; restarts are dotted vertical lines."""
     restarts = [r["step"] for r in restarts_of(data)]
     validation = validation_points(data)
     with_baseline = bool(validation) and validation[0].get("kind") == "baseline"
@@ -120,6 +122,10 @@ def make_charts(data: RunData) -> list[Chart]:
         lines = [line for line in lines if line[1]]
         if lines:
             charts.append(Chart(title, filename, plot(title, ylabel, lines, restarts, axis)))
+    tradeoff = tradeoff_of(data)
+    if tradeoff is not None:
+        title = "Stability-plasticity: validation loss vs general-text perplexity"
+        charts.append(Chart(title, "tradeoff.png", plot_tradeoff(tradeoff)))
     return charts
 
 
@@ -130,6 +136,8 @@ def build_report(workdir: str, out: str | None = None) -> str:
         raise FileNotFoundError(f"workdir not found: {workdir}")
     data = load_run(workdir)
     charts = make_charts(data)
+    if (data.train or data.evals) and tradeoff_of(data) is None:
+        data.notes.append(NO_GENERAL_TEXT_NOTE)
     report_dir = os.path.join(workdir, "report")
     os.makedirs(report_dir, exist_ok=True)
     for chart in charts:
@@ -146,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sft_jax.report",
         description="Writes WORKDIR/report/*.png and a self-contained HTML page of a run: loss, "
-        "learning rate, gradient norm, tokens/s, evaluation tables and sample generations.",
+        "learning rate, gradient norm, tokens/s, validation loss vs general-text perplexity, "
+        "evaluation tables and sample generations.",
     )
     parser.add_argument("--workdir", required=True, help="the run's workdir (metrics.jsonl, ...)")
     parser.add_argument("--out", default=None, help="HTML file (default WORKDIR/report/index.html)")

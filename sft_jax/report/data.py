@@ -30,6 +30,8 @@ class RunData:
     config: dict[str, Any] | None
     baseline: dict[str, Any] | None  # the "before" metrics of a `kind: baseline` record
     notes: list[str]  # what is missing or unreadable, said on the page
+    # `general_after` records: the forgetting check on eval.general_text_files after training
+    general: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -80,6 +82,7 @@ def load_run(workdir: str) -> RunData:
         config=config,
         baseline=next((r["before"] for r in records if isinstance(r.get("before"), dict)), None),
         notes=notes,
+        general=[r for r in records if record_kind(r) == "general_after"],
     )
     if records and not data.train:
         notes.append("No training records yet (one is logged every train.log_every steps).")

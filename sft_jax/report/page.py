@@ -80,7 +80,10 @@ CURVES_NOTE = (
     "<p>Validation curves start at step 0, the model before training. Rate axes (accuracy) run "
     "from 0 to 1; loss uses a log axis when it spans more than two decades (labelled so). "
     "Tokens/s counts real (non-padding) tokens over each logging interval; the first interval "
-    "after each start includes compilation. Dotted lines mark restarts.</p>"
+    "after each start includes compilation. Dotted lines mark restarts. The stability-plasticity "
+    "chart puts each measured checkpoint at its general-text perplexity (forgetting) and "
+    "validation loss (the task): the star is the base model, the ring the checkpoint the rewind "
+    "chose; lower left is better.</p>"
 )
 
 

@@ -11,7 +11,7 @@ from sft_jax import hf
 from sft_jax.config import parse
 from sft_jax.config_file import load_config_file
 from sft_jax.model.decoder import Transformer
-from sft_jax.plan import plan
+from sft_jax.plan import format_plan, plan
 from sft_jax.training.sharding import make_mesh
 from sft_jax.training.state import init_params
 
@@ -221,6 +221,16 @@ def test_long_sequences_plan_the_automatic_chunked_loss():
     raw.data.seq_len = raw.model.arch.max_position_embeddings = 2048  # 256 MiB: whole
     raw.model.loss_chunk = -1
     assert plan(parse(raw), 8, 16.0)["loss_chunk"] == 0
+
+
+def test_mixture_of_experts_full_fine_tuning_on_tpu_is_planned_with_a_caution():
+    raw = load_config_file("configs/bench/cpu_moe.py")
+    raw.mesh.data, raw.mesh.fsdp = 1, 8
+    full = plan(parse(raw), 8, 95.0, platform="tpu")
+    assert "1.25x" in full["caution"] and full["caution"] in format_plan(full, "none")
+    assert plan(parse(raw), 8, 95.0, platform="cpu")["caution"] == ""
+    raw.lora.enabled = True
+    assert plan(parse(raw), 8, 95.0, platform="tpu")["caution"] == ""
 
 
 @pytest.mark.slow

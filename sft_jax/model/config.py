@@ -8,6 +8,8 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
+from sft_jax.model.hybrid import LinearAttention, layer_period
+
 if TYPE_CHECKING:
     from sft_jax.config import ArchConfig, ModelSection
 
@@ -108,6 +110,14 @@ class ModelConfig:
     expert_bias: bool = False
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
+    # Hybrid linear attention (Qwen3.5; sft_jax/model/hybrid.py): per layer "full_attention" or
+    # "linear_attention" (empty: every layer full attention), the Gated DeltaNet layers' shape,
+    # a sigmoid gate on the attention output from q_proj (its kernel [D, N, 2H]: per head the
+    # query, then the gate), and RoPE on only the first `rotary_dim` dims of a head (None: all).
+    layer_types: tuple[str, ...] = ()
+    linear_attention: LinearAttention | None = None
+    attn_output_gate: bool = False
+    rotary_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -137,6 +147,29 @@ class ModelConfig:
                 f"({self.num_experts_per_tok}) <= num_experts and moe_intermediate_size > 0 "
                 f"({self.moe_intermediate_size})"
             )
+        self._check_hybrid()
+
+    def _check_hybrid(self) -> None:
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries, not num_layers")
+        if self.layer_types:
+            layer_period(self.layer_types)
+        if "linear_attention" in self.layer_types and self.linear_attention is None:
+            raise ValueError("linear_attention layers need ModelConfig.linear_attention")
+        if self.rotary_dim is not None and not 0 < self.rotary_dim <= self.head_dim:
+            raise ValueError(f"rotary_dim {self.rotary_dim} must be in (0, head_dim]")
+        if self.rotary_dim is not None and self.rotary_dim % 2:
+            raise ValueError(f"rotary_dim ({self.rotary_dim}) must be even for RoPE")
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Whether some layers are linear attention (the decoder then scans `layer_period`)."""
+        return "linear_attention" in self.layer_types
+
+    @property
+    def period(self) -> tuple[str, ...]:
+        """The layer types one scanned block runs (one full-attention layer when not hybrid)."""
+        return layer_period(self.layer_types) if self.is_hybrid else ("full_attention",)
 
     @property
     def is_moe(self) -> bool:

@@ -225,7 +225,7 @@ def _write_config(
     source_file = os.path.join(source, "config.json") if source else ""
     if source_file and os.path.isfile(source_file):
         with open(source_file, encoding="utf-8") as f:
-            config = json.load(f)
+            config = hf.text_only_config(json.load(f))  # Qwen3.5: its language model only
         config["tie_word_embeddings"] = c.tie_embeddings
         # The weights are written dequantized (gpt-oss's MXFP4 experts included).
         config.pop("quantization_config", None)

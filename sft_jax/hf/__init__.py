@@ -30,6 +30,7 @@ from sft_jax.hf.params import (
     load_params,
     to_hf_tensor,
 )
+from sft_jax.hf.qwen35 import text_only_config
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -49,5 +50,6 @@ __all__ = [
     "read_config_json",
     "resolve_config_hub_ids",
     "resolve_model_dir",
+    "text_only_config",
     "to_hf_tensor",
 ]

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sft_jax.config import ModelSection
+from sft_jax.hf import qwen35
 from sft_jax.model.config import (
     ModelConfig,
     RopeScaling,
@@ -44,6 +45,8 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen3MoeForCausalLM",
     "OlmoeForCausalLM",
     "GptOssForCausalLM",
+    *qwen35.DENSE,  # Qwen3.5 (hybrid linear attention) is read by sft_jax/hf/qwen35.py
+    *qwen35.MOE,
 )
 _ARCH_BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
@@ -102,6 +105,10 @@ def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) ->
     and ModelFileError for a file that is not a usable config."""
     file = os.path.join(path, "config.json")
     raw = read_config_json(file)
+    if qwen35.is_qwen35(raw):
+        fields = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
+        error = lambda why: UnsupportedModelError(f"{file}: Qwen3.5 {why}")
+        return qwen35.load_qwen35_config(raw, file, error, **fields)
     arch = _architecture(raw, file)
 
     def unsupported(why: str) -> UnsupportedModelError:

@@ -38,8 +38,14 @@ from flax import traverse_util
 from sft_jax.hf.config import ModelFileError, hf_config_dict, read_config_json
 from sft_jax.hf.safetensors import Checkpoint
 from sft_jax.model.decoder import ModelConfig
+from sft_jax.model.hybrid import LINEAR
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed
+# Qwen3.5's Hub checkpoints: the vision tower and the multi-token-prediction head, which text-only
+# fine-tuning leaves out (transformers' Qwen3_5ForCausalLM ignores them too); the language model
+# sits under this prefix instead of "model." (sft_jax/hf/qwen35.py).
+_HYBRID_IGNORED_PREFIXES = ("model.visual.", "mtp.")
+_LANGUAGE_MODEL = "model.language_model."
 
 
 def _identity(w: np.ndarray) -> np.ndarray:
@@ -63,6 +69,13 @@ class _Tensor:
     joins: tuple[str, ...] | None = None
     joined: bool = False
     mxfp4: bool = False  # `key` names MXFP4 blocks (shape: theirs), read with their scales
+    # A hybrid model's sub-layer: leaf index s holds HF layer s * period + offset.
+    period: int = 1
+    offset: int = 0
+
+    def hf_layers(self, num_layers: int) -> range:
+        """The HF layer indices behind the leaf's leading axis, in order."""
+        return range(self.offset, num_layers, self.period)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +105,8 @@ def _linear(out_dims: tuple[int, ...], in_dims: tuple[int, ...], key: str) -> _T
 
 def _tensor_specs(c: ModelConfig, layout: MoeLayout = HUB_LAYOUT) -> dict[tuple[str, ...], _Tensor]:
     """Our flattened param path -> HF tensor (`layout`: of the expert tensors, if any)."""
+    if c.is_hybrid:
+        return _hybrid_specs(c, layout)
     d, f, n, kv, h = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
     layer = "model.layers.{i}."
     attn = layer + "self_attn."
@@ -103,7 +118,9 @@ def _tensor_specs(c: ModelConfig, layout: MoeLayout = HUB_LAYOUT) -> dict[tuple[
         ("final_norm", "scale"): _Tensor("model.norm.weight", (d,), per_layer=False),
         ("layers", "attn_norm", "scale"): _Tensor(layer + "input_layernorm.weight", (d,)),
         ("layers", "mlp_norm", "scale"): _Tensor(layer + mlp_norm + ".weight", (d,)),
-        ("layers", "attn", "q_proj", "kernel"): _linear((n, h), (d,), attn + "q_proj.weight"),
+        ("layers", "attn", "q_proj", "kernel"): _linear(
+            (n, 2 * h if c.attn_output_gate else h), (d,), attn + "q_proj.weight"
+        ),
         ("layers", "attn", "k_proj", "kernel"): _linear((kv, h), (d,), attn + "k_proj.weight"),
         ("layers", "attn", "v_proj", "kernel"): _linear((kv, h), (d,), attn + "v_proj.weight"),
         ("layers", "attn", "o_proj", "kernel"): _linear((d,), (n, h), attn + "o_proj.weight"),
@@ -142,6 +159,63 @@ def _tensor_specs(c: ModelConfig, layout: MoeLayout = HUB_LAYOUT) -> dict[tuple[
             specs["lm_head", "kernel"], per_layer=False
         )
     return specs
+
+
+def _hybrid_specs(c: ModelConfig, layout: MoeLayout) -> dict[tuple[str, ...], _Tensor]:
+    """A hybrid model's tree (layers/layer_{j}/... per sub-layer j of the period): each
+    sub-layer's leaves are the plain layer's, with a linear-attention layer's `linear_attn`
+    in place of `attn`, reading every period-th HF layer from j."""
+    plain = _tensor_specs(dataclasses.replace(c, layer_types=(), linear_attention=None), layout)
+    period = c.period
+    specs = {path: spec for path, spec in plain.items() if path[0] != "layers"}
+    for j, kind in enumerate(period):
+        at = {"period": len(period), "offset": j}
+        for path, spec in plain.items():
+            if path[0] == "layers" and not (kind == LINEAR and path[1] == "attn"):
+                specs["layers", f"layer_{j}", *path[1:]] = dataclasses.replace(spec, **at)
+        if kind == LINEAR:
+            for path, spec in _linear_attention_specs(c).items():
+                specs["layers", f"layer_{j}", "linear_attn", *path] = dataclasses.replace(
+                    spec, **at
+                )
+    return specs
+
+
+def _linear_attention_specs(c: ModelConfig) -> dict[tuple[str, ...], _Tensor]:
+    """A Gated DeltaNet layer's leaves (sft_jax/model/gated_deltanet.py) and their HF tensors;
+    the conv1d weight [P, 1, K] is ours [K, P]."""
+    la, d = c.linear_attention, c.hidden_size
+    n, k, p = la.num_value_heads, la.conv_kernel, la.conv_dim
+    base = "model.layers.{i}.linear_attn."
+    specs = {
+        (name, "kernel"): _linear((width,), (d,), f"{base}{name}.weight")
+        for name, width in (
+            ("in_proj_qkv", p), ("in_proj_z", la.value_dim), ("in_proj_b", n), ("in_proj_a", n)
+        )
+    }  # fmt: skip
+    specs["out_proj", "kernel"] = _linear((d,), (la.value_dim,), base + "out_proj.weight")
+    specs["conv1d",] = _Tensor(
+        base + "conv1d.weight", (p, 1, k), lambda w: w[:, 0, :].T, lambda w: w.T[:, None, :]
+    )
+    specs["A_log",] = _Tensor(base + "A_log", (n,))
+    specs["dt_bias",] = _Tensor(base + "dt_bias", (n,))
+    specs["norm",] = _Tensor(base + "norm.weight", (la.value_head_dim,))
+    return specs
+
+
+def _checkpoint_specs(ckpt: Checkpoint, c: ModelConfig) -> dict[tuple[str, ...], _Tensor]:
+    """The specs of `c` as `ckpt` names its tensors: a Qwen3.5 Hub checkpoint keeps the
+    language model under model.language_model."""
+    specs = _tensor_specs(c, checkpoint_layout(ckpt))
+    if not (c.is_hybrid and _LANGUAGE_MODEL + "embed_tokens.weight" in ckpt.files):
+        return specs
+    rename = lambda key: _LANGUAGE_MODEL + key.removeprefix("model.")
+    return {
+        path: dataclasses.replace(
+            spec, key=rename(spec.key) if spec.key.startswith("model.") else spec.key
+        )
+        for path, spec in specs.items()
+    }
 
 
 def _mlp_specs(
@@ -245,10 +319,10 @@ def _scales_key(key: str) -> str:
 
 
 def _instances(spec: _Tensor, c: ModelConfig) -> list[tuple[str, int | None, int | None]]:
-    """(HF key, layer, expert) of every HF tensor behind one leaf."""
-    layers = range(c.num_layers) if spec.per_layer else [None]
+    """(HF key, index on the leaf's layer axis, expert) of every HF tensor behind one leaf."""
+    layers = enumerate(spec.hf_layers(c.num_layers)) if spec.per_layer else [(None, None)]
     experts = range(spec.experts) if spec.experts else [None]
-    return [(spec.key.format(i=i, e=e), i, e) for i in layers for e in experts]
+    return [(spec.key.format(i=i, e=e), s, e) for s, i in layers for e in experts]
 
 
 def checkpoint_layout(ckpt: Checkpoint) -> MoeLayout:
@@ -287,7 +361,7 @@ def check_checkpoint(path: str, config: ModelConfig) -> None:
     tensor present with its expected shape, nothing unexplained. Preflight runs this so that a
     broken model directory fails in one line before data is read; raises ModelFileError."""
     ckpt = Checkpoint(path)
-    specs = _tensor_specs(config, checkpoint_layout(ckpt))
+    specs = _checkpoint_specs(ckpt, config)
     _check_keys(ckpt, specs, config, compare_tied=False)  # that comparison reads tensor data
     for spec in specs.values():
         for key, _, _ in _instances(spec, config):
@@ -318,6 +392,8 @@ def _check_keys(ckpt: Checkpoint, specs: dict, c: ModelConfig, compare_tied: boo
         raise ModelFileError(f"{ckpt.name}: missing tensor '{missing[0]}'{more}")
     for key in sorted(set(ckpt.files) - expected):
         if key.endswith(_IGNORED_SUFFIXES):
+            continue
+        if c.is_hybrid and key.startswith(_HYBRID_IGNORED_PREFIXES):
             continue
         if key == "lm_head.weight" and c.tie_embeddings:
             if not compare_tied:
@@ -352,11 +428,12 @@ def _read_leaf(ckpt: Checkpoint, spec: _Tensor, c: ModelConfig) -> np.ndarray:
     dtype = jnp.dtype(c.param_dtype)
     if not spec.per_layer:
         return np.ascontiguousarray(_read_layer(ckpt, spec, None), dtype=dtype)
-    first = _read_layer(ckpt, spec, 0)
-    out = np.empty((c.num_layers, *first.shape), dtype)  # filled in place: one host copy
+    layers = spec.hf_layers(c.num_layers)
+    first = _read_layer(ckpt, spec, layers[0])
+    out = np.empty((len(layers), *first.shape), dtype)  # filled in place: one host copy
     out[0] = first
-    for i in range(1, c.num_layers):
-        out[i] = _read_layer(ckpt, spec, i)
+    for s, i in enumerate(layers[1:], start=1):
+        out[s] = _read_layer(ckpt, spec, i)
     return out
 
 
@@ -367,7 +444,7 @@ def load_params(path: str, config: ModelConfig, shardings: Any = None) -> dict:
     as the parameters; each leaf is built on the host and placed directly into its sharding.
     """
     ckpt = Checkpoint(path)
-    specs = _tensor_specs(config, checkpoint_layout(ckpt))
+    specs = _checkpoint_specs(ckpt, config)
     _check_keys(ckpt, specs, config)
     flat_shardings = None
     if shardings is not None:

@@ -37,7 +37,7 @@ def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> np.ndarray:
     transformers' float32 computation to within an ulp. `local`: the unscaled frequencies of
     Gemma 3's sliding-window layers, at their own base `local_rope_theta`.
     """
-    dim = config.head_dim
+    dim = config.rotary_dim or config.head_dim  # partial rotary (Qwen3.5): the first dims
     theta = config.rope_theta
     if local and config.local_rope_theta is not None:
         theta = config.local_rope_theta
@@ -101,7 +101,11 @@ def rope_tables(
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates x [B, T, heads, H] in HF "rotate_half" layout (pairs (i, i + H/2)), in float32."""
+    """Rotates x [B, T, heads, H] in HF "rotate_half" layout (pairs (i, i + H/2)), in float32.
+    Tables narrower than H/2 (partial rotary) rotate only the first 2 * their width dims."""
+    rotated = 2 * cos.shape[-1]
+    if rotated < x.shape[-1]:
+        return jnp.concatenate([apply_rope(x[..., :rotated], cos, sin), x[..., rotated:]], -1)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

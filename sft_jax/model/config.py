@@ -156,6 +156,8 @@ class ModelConfig:
             layer_period(self.layer_types)
         if "linear_attention" in self.layer_types and self.linear_attention is None:
             raise ValueError("linear_attention layers need ModelConfig.linear_attention")
+        if "linear_attention" in self.layer_types and any(self.local_layers):
+            raise ValueError("a hybrid (linear attention) model has no sliding-window layers")
         if self.rotary_dim is not None and not 0 < self.rotary_dim <= self.head_dim:
             raise ValueError(f"rotary_dim {self.rotary_dim} must be in (0, head_dim]")
         if self.rotary_dim is not None and self.rotary_dim % 2:

@@ -69,6 +69,8 @@ from sft_jax.model.config import (  # noqa: F401  (re-exported: the config lives
     model_config_from_arch,
     with_section_options,
 )
+from sft_jax.model.gated_deltanet import DeltaState, GatedDeltaNet, init_delta_state
+from sft_jax.model.hybrid import LINEAR
 from sft_jax.model.layers import (  # noqa: F401  (re-exported: public names of the decoder)
     ACTIVATIONS,
     INIT_STD,
@@ -200,7 +202,11 @@ class Attention(nn.Module):
         q_bias = ("heads", "head_dim") if c.attention_bias else None
         kv_bias = ("kv_heads", "head_dim") if c.attention_bias else None
         q_names, kv_names = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
-        q = Einsum("BTD,DNH->BTNH", (d, n, h), q_names, q_bias, **dt, name="q_proj")(x)
+        q_width = 2 * h if c.attn_output_gate else h  # Qwen3.5: per head the query, then a gate
+        q = Einsum("BTD,DNH->BTNH", (d, n, q_width), q_names, q_bias, **dt, name="q_proj")(x)
+        gate = None
+        if c.attn_output_gate:
+            q, gate = jnp.split(q, 2, axis=-1)
         k = Einsum("BTD,DKH->BTKH", (d, kv, h), kv_names, kv_bias, **dt, name="k_proj")(x)
         v = Einsum("BTD,DKH->BTKH", (d, kv, h), kv_names, kv_bias, **dt, name="v_proj")(x)
         if c.qk_norm and c.qk_norm_full:  # OLMoE: one RMSNorm over all heads, before RoPE.
@@ -225,6 +231,8 @@ class Attention(nn.Module):
         out = attend(
             q, k, v, mask, options, segment_ids=segment_ids, local=local, slots=slots, sinks=sinks
         )
+        if gate is not None:
+            out = out * jax.nn.sigmoid(gate.astype(out.dtype))
         o_names = ("heads", "head_dim", "embed")
         o_bias = ("embed",) if c.o_proj_bias else None
         o_proj = Einsum("BTNH,NHD->BTD", (n, h, d), o_names, o_bias, **dt, name="o_proj")
@@ -275,9 +283,12 @@ class Block(nn.Module):
     Returns (x, outputs), the scan's (carry, per-layer output): outputs holds this layer's
     updated cache "k"/"v" when decoding and its router statistics "router" (a MoeAux) in a
     mixture-of-experts model.
+    `linear`: a Gated DeltaNet layer (hybrid models) in place of attention; its decoding state
+    is "conv"/"state" in `layer` and in the outputs, and it resets at ctx["linear_segments"].
     """
 
     config: ModelConfig
+    linear: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, layer: dict, ctx: dict):
@@ -292,17 +303,23 @@ class Block(nn.Module):
             if "local_cos" in ctx:
                 cos = jnp.where(local, ctx["local_cos"], cos)
                 sin = jnp.where(local, ctx["local_sin"], sin)
-        cache = (layer["k"], layer["v"]) if "k" in layer else None
         h = _norm(c, ("embed",), name="attn_norm")(x)
-        h, cache = Attention(c, name="attn")(
-            h, mask, cos, sin, cache, ctx.get("index"), ctx.get("segment_ids"), local,
-            ctx.get("slots"),
-        )  # fmt: skip
+        if self.linear:
+            state = DeltaState(layer["conv"], layer["state"]) if "conv" in layer else None
+            mixer = GatedDeltaNet(c, _cpu_grad(c), name="linear_attn")
+            h, state = mixer(h, ctx.get("linear_segments", ctx.get("segment_ids")), state)
+            out = {} if state is None else state._asdict()
+        else:
+            cache = (layer["k"], layer["v"]) if "k" in layer else None
+            h, cache = Attention(c, name="attn")(
+                h, mask, cos, sin, cache, ctx.get("index"), ctx.get("segment_ids"), local,
+                ctx.get("slots"),
+            )  # fmt: skip
+            out = {} if cache is None else {"k": cache[0], "v": cache[1]}
         if c.sandwich_norms:
             h = _norm(c, ("embed",), name="post_attn_norm")(h)
         x = x + h
         h = _norm(c, ("embed",), name="mlp_norm")(x)
-        out = {} if cache is None else {"k": cache[0], "v": cache[1]}
         if c.is_moe:  # router statistics over real tokens (training), all tokens (decoding)
             segment_ids = ctx.get("segment_ids")
             real = None if segment_ids is None else segment_ids != 0
@@ -315,11 +332,42 @@ class Block(nn.Module):
         return x, out
 
 
-def init_cache(config: ModelConfig, batch: int, length: int) -> dict[str, jax.Array]:
-    """An empty KV cache {"k", "v": [L, B, S, K, H]} in the compute dtype, for `decode`."""
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
-    zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
-    return {"k": zeros, "v": zeros}
+class HybridBlock(nn.Module):
+    """One period of a hybrid model's layers (`ModelConfig.period`, sft_jax/model/hybrid.py says
+    why), scanned like a Block: sub-layer j is `layer_{j}`, with its own parameters and its own
+    slice `layer_{j}` of the scanned inputs and outputs (its cache when decoding)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, layer: dict, ctx: dict):
+        outputs = {}
+        for j, kind in enumerate(self.config.period):
+            name = f"layer_{j}"
+            block = Block(self.config, linear=kind == LINEAR, name=name)
+            x, outputs[name] = block(x, layer.get(name, {}), ctx)
+        return x, outputs
+
+
+def init_cache(config: ModelConfig, batch: int, length: int) -> dict[str, Any]:
+    """An empty KV cache {"k", "v": [L, B, S, K, H]} in the compute dtype, for `decode`. A
+    hybrid model's is per sub-layer of its period, `layer_{j}`: {"k", "v"} [L/P, B, S, K, H],
+    or a linear-attention layer's DeltaState fields {"conv", "state"} with leading L/P."""
+    kv_shape = (batch, length, config.num_kv_heads, config.head_dim)
+    if not config.is_hybrid:
+        zeros = jnp.zeros((config.num_layers, *kv_shape), jnp.dtype(config.dtype))
+        return {"k": zeros, "v": zeros}
+    steps = config.num_layers // len(config.period)
+    stack = lambda a: jnp.zeros((steps, *a.shape), a.dtype)
+    cache = {}
+    for j, kind in enumerate(config.period):
+        if kind == LINEAR:
+            state = init_delta_state(config.linear_attention, batch, config.dtype)._asdict()
+            cache[f"layer_{j}"] = {k: stack(v) for k, v in state.items()}
+        else:
+            kv = jnp.zeros(kv_shape, jnp.dtype(config.dtype))
+            cache[f"layer_{j}"] = {"k": stack(kv), "v": stack(kv)}
+    return cache
 
 
 class Transformer(nn.Module):
@@ -334,19 +382,20 @@ class Transformer(nn.Module):
     def setup(self) -> None:
         c = self.config
         dt = {"dtype": c.dtype, "param_dtype": c.param_dtype}
-        block = Block
+        block = HybridBlock if c.is_hybrid else Block
+        steps = c.num_layers // len(c.period)  # scan steps: layers, or periods of a hybrid
         if c.remat != "none":
             # A rolled scan keeps XLA from merging the backward's recomputation into the forward;
             # unrolled, only prevent_cse does. Even then XLA:CPU keeps most activations of
             # unrolled layers alive: remat's memory saving needs scan_layers (docs/benchmarks.md).
-            block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+            block = nn.remat(block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
         scanned = nn.scan(
             block,
             variable_axes={"params": 0, "lora": 0},  # "lora": adapters, only when passed
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast),
-            length=c.num_layers,
-            unroll=1 if c.scan_layers else c.num_layers,
+            length=steps,
+            unroll=1 if c.scan_layers else steps,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         self.embed = Embed(c)
@@ -395,6 +444,10 @@ class Transformer(nn.Module):
             mask = attention_mask(segment_ids)
         slots = jnp.arange(tokens.shape[1]) if slots is None else slots
         x, outputs = self._layers(tokens, positions, mask, slots, {}, segment_ids=segment_ids)
+        if self.config.is_hybrid and self.config.is_moe:  # [L/P] per sub-layer -> [L], in order
+            per_sub = [outputs[f"layer_{j}"]["router"] for j in range(len(self.config.period))]
+            interleave = lambda *xs: jnp.stack(xs, 1).reshape(-1, *xs[0].shape[1:])
+            outputs = {"router": jax.tree.map(interleave, *per_sub)}
         if "router" in outputs:  # per-layer MoeAux [L, ...]: read by the train step's loss
             self.sow("intermediates", ROUTER_STATS, outputs["router"])
         x = self.final_norm(x)
@@ -405,25 +458,33 @@ class Transformer(nn.Module):
         tokens: jax.Array,
         positions: jax.Array,
         starts: jax.Array,
-        cache: dict[str, jax.Array],
+        cache: dict[str, Any],
         index: jax.Array,
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    ) -> tuple[jax.Array, dict[str, Any]]:
         """One generation step over a KV cache -> (final-normed hidden [B, T, D], new cache).
 
         tokens/positions [B, T] occupy cache slots index .. index + T - 1 of every row; a row's
         real tokens start at slot starts[b] (prompts are right-aligned), so a query sees the
         slots in [starts[b], its own slot]. Prefill is T = prompt buffer length, then T = 1.
         """
-        length = cache["k"].shape[2]
+        kv = [cache] if "k" in cache else [v for v in cache.values() if "k" in v]  # hybrid
+        length = kv[0]["k"].shape[2] if kv else 1  # 1: no attention layer reads the mask
         q_slots = index + jnp.arange(tokens.shape[1])
         k_slots = jnp.arange(length)
         mask = (k_slots[None, None, :] <= q_slots[None, :, None]) & (
             k_slots[None, None, :] >= starts[:, None, None]
         )
-        x, outputs = self._layers(tokens, positions, mask, q_slots, {**cache}, index=index)
-        return self.final_norm(x), {"k": outputs["k"], "v": outputs["v"]}
+        # Linear-attention layers: a row's left padding is a run of its own (no state from it).
+        segments = (q_slots[None, :] >= starts[:, None]).astype(jnp.int32)
+        x, outputs = self._layers(
+            tokens, positions, mask, q_slots, {**cache}, index=index, linear_segments=segments
+        )
+        return self.final_norm(x), {k: outputs[k] for k in cache}
 
-    def _layers(self, tokens, positions, mask, q_slots, layer: dict, index=None, segment_ids=None):
+    def _layers(
+        self, tokens, positions, mask, q_slots, layer: dict, index=None, segment_ids=None,
+        linear_segments=None,
+    ):  # fmt: skip
         """Embeds and runs the scanned layers; builds the per-layer and shared scan inputs."""
         c = self.config
         x = self.embed(tokens)
@@ -437,6 +498,8 @@ class Transformer(nn.Module):
             ctx["mask"] = mask
         if index is not None:
             ctx["index"] = index
+        if linear_segments is not None and c.is_hybrid:
+            ctx["linear_segments"] = linear_segments
         if segment_ids is not None:  # training: blocked, splash, ring read segments, not a mask
             ctx["segment_ids"] = segment_ids
             ctx["slots"] = jnp.broadcast_to(q_slots, tokens.shape)  # ring attention's mask

@@ -272,7 +272,7 @@ def export_peft(run: TrainedModel, out_dir: str) -> None:
     adapters = jax.device_get(run.adapters)
     if jax.process_index() != 0:
         return
-    lora.write_peft_adapter(out_dir, adapters, config)
+    lora.write_peft_adapter(out_dir, adapters, config, len(run.model_config.period))
     tokenizer = _write_tokenizer(run.tokenizer_dir, out_dir, run.chat_template)
     _write_generation_config(out_dir, (run.source_model_dir, run.tokenizer_dir), tokenizer)
 

@@ -3,6 +3,7 @@ packed rows, KV-cache generation against transformers on tiny random models; the
 multimodal checkpoint loads its language model; exports load back in transformers; config.json
 parsing and refusals."""
 
+import dataclasses
 import functools
 import json
 
@@ -13,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3_5Config, Qwen3_5TextConfig
 from transformers.models.qwen3_5 import Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration
 
-from sft_jax import hf
+from sft_jax import hf, lora
 from sft_jax.export import export_hf
 from sft_jax.model.decode import greedy_generate
 from sft_jax.model.decoder import Transformer, count_params
@@ -217,3 +218,46 @@ def test_default_layer_types_follow_full_attention_interval(tmp_path):
     assert config.period == ("linear_attention", "full_attention")
     expected = Qwen3_5TextConfig(**{**TINY, "full_attention_interval": 2}).layer_types
     assert config.layer_types == tuple(expected)
+
+
+def test_lora_exports_for_peft_with_peft_names_and_logits(saved, tmp_path):
+    """LoRA on every projection (attention's and the Gated DeltaNet's): the PEFT export names
+    each HF layer's module as PEFT does, loads in `peft` on the transformers model with our
+    logits, and imports back to the same adapters."""
+    import peft
+
+    path, _ = saved
+    config, params = _load(path)
+    rank, alpha = 4, 8.0
+    adapters = lora.init_adapters(params, lora.ALL_LINEAR, rank, jax.random.PRNGKey(0))
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    noisy = [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    adapters = jax.tree.unflatten(tree, noisy)
+    peft_config = lora.peft_config(
+        adapters, rank=rank, alpha=alpha, rslora=False, dropout=0.0, base=str(path)
+    )
+    assert {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "q_proj"} <= set(
+        peft_config["target_modules"]
+    )
+    out = str(tmp_path / "adapter")
+    lora.write_peft_adapter(out, adapters, peft_config, period=len(config.period))
+    names = set(lora.to_peft_tensors(adapters, period=len(config.period)))
+    prefix = "base_model.model.model.layers"
+    assert f"{prefix}.6.linear_attn.in_proj_qkv.lora_A.weight" in names
+    assert f"{prefix}.7.self_attn.q_proj.lora_B.weight" in names
+    assert not any(f"{prefix}.7.linear_attn" in n or f"{prefix}.6.self_attn" in n for n in names)
+
+    tokens = _tokens(seed=4)
+    lora_config = dataclasses.replace(config, lora_scale=alpha / rank)
+    positions = np.tile(np.arange(20), (2, 1))
+    ours = Transformer(lora_config).apply(
+        {"params": params, "lora": adapters}, tokens, positions, np.ones_like(tokens)
+    )
+    base = AutoModelForCausalLM.from_pretrained(path)
+    model = peft.PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        expected = model(input_ids=torch.from_numpy(tokens)).logits.float().numpy()
+    np.testing.assert_allclose(np.asarray(ours), expected, atol=MODEL_TOL)
+    back = lora.read_peft_adapter(out, params)
+    jax.tree.map(np.testing.assert_array_equal, back, adapters)

@@ -49,9 +49,11 @@ from sft_jax.lora.tree import (
     KERNELS,
     SAVEABLE,
     SAVED,
+    SUBLAYER,
     adapted_kernel,
     config_scale,
     get_path,
+    hf_layer,
     hf_module,
     is_expert_path,
     saved_module_table,
@@ -75,20 +77,23 @@ def _adapter_paths(adapters: dict) -> list[tuple[str, ...]]:
     return paths
 
 
-def to_peft_tensors(adapters: dict, tied_embeddings: bool = False) -> dict[str, np.ndarray]:
+def to_peft_tensors(
+    adapters: dict, tied_embeddings: bool = False, period: int = 1
+) -> dict[str, np.ndarray]:
     """PEFT state dict of an adapter tree (see the module docstring), float32 numpy. With
     `tied_embeddings`, a saved embedding is also written as lm_head.weight, as PEFT does (its
-    loader then expects that key)."""
+    loader then expects that key). `period`: the layers a hybrid model scans as one block (its
+    layers/layer_{j} leaves hold HF layers s * period + j)."""
     tensors = {}
     for path in _adapter_paths(adapters):
         ad = {k: np.asarray(v, np.float32) for k, v in get_path(adapters, path).items()}
         if is_expert_path(path):
             wrapped = tuple(get_path(adapters, path[:-1]))
-            tensors.update(_experts_to_peft(path, ad, wrapped))
+            tensors.update(_experts_to_peft(path, ad, wrapped, period))
             continue
         layers, rank = ad["a"].shape[0], ad["a"].shape[-1]
         for layer in range(layers):
-            prefix = f"{PREFIX}.{layer}.{hf_module(path)}"
+            prefix = f"{PREFIX}.{hf_layer(path, layer, period)}.{hf_module(path)}"
             tensors[f"{prefix}.lora_A.weight"] = ad["a"][layer].reshape(-1, rank).T.copy()
             tensors[f"{prefix}.lora_B.weight"] = ad["b"][layer].reshape(rank, -1).T.copy()
             if "m" in ad:
@@ -111,14 +116,14 @@ def _expert_prefix(path: tuple[str, ...], layer: int, wrapped: tuple[str, ...]) 
 
 
 def _experts_to_peft(
-    path: tuple[str, ...], ad: dict[str, np.ndarray], wrapped: tuple[str, ...]
+    path: tuple[str, ...], ad: dict[str, np.ndarray], wrapped: tuple[str, ...], period: int
 ) -> dict[str, np.ndarray]:
     """PEFT tensors of one expert adapter: a [L, E, in, R] -> lora_A [E * R, in] (expert-major
     rows), b [L, E, R, out] -> lora_B [out, R * E] (rank-major columns), per layer."""
     tensors = {}
     layers, experts, fan_in, rank = ad["a"].shape
     for layer in range(layers):
-        prefix = _expert_prefix(path, layer, wrapped)
+        prefix = _expert_prefix(path, hf_layer(path, layer, period), wrapped)
         a = ad["a"][layer].transpose(0, 2, 1).reshape(experts * rank, fan_in)
         b = ad["b"][layer].transpose(2, 1, 0).reshape(-1, rank * experts)
         tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a)
@@ -238,9 +243,12 @@ def from_peft_tensors(
     tensors = dict(tensors)
     saved = _saved_from_peft(tensors, params)
     experts = expert_parameters(tuple(target_parameters))
+    period = sum(k.startswith(SUBLAYER) for k in params.get("layers", {}))  # hybrid: its period
     per_path: dict[tuple[str, ...], dict[str, dict[int, np.ndarray]]] = {}
     for name, value in tensors.items():
         layer, path, kind = _parse_name(name, experts)
+        if period:  # HF layer i is entry i // period of layers/layer_{i % period}
+            path, layer = (path[0], f"{SUBLAYER}{layer % period}", *path[1:]), layer // period
         parts = per_path.setdefault(path, {"a": {}, "b": {}})
         parts.setdefault(kind, {})[layer] = np.asarray(value)
     adapters: dict = {}
@@ -292,13 +300,16 @@ def peft_config(
     }
 
 
-def write_peft_adapter(out_dir: str, adapters: dict, config: dict[str, Any]) -> None:
+def write_peft_adapter(
+    out_dir: str, adapters: dict, config: dict[str, Any], period: int = 1
+) -> None:
     """Writes adapter_config.json and adapter_model.safetensors (metadata format "pt"); a tied
-    trained embedding (config ensure_weight_tying) also as lm_head.weight."""
+    trained embedding (config ensure_weight_tying) also as lm_head.weight. `period`: as in
+    `to_peft_tensors` (a hybrid model's `ModelConfig.period` length)."""
     from safetensors.numpy import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    tensors = to_peft_tensors(adapters, config.get("ensure_weight_tying", False))
+    tensors = to_peft_tensors(adapters, config.get("ensure_weight_tying", False), period)
     save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), {"format": "pt"})
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)

@@ -261,3 +261,55 @@ def test_lora_exports_for_peft_with_peft_names_and_logits(saved, tmp_path):
     np.testing.assert_allclose(np.asarray(ours), expected, atol=MODEL_TOL)
     back = lora.read_peft_adapter(out, params)
     jax.tree.map(np.testing.assert_array_equal, back, adapters)
+
+
+@pytest.mark.slow
+def test_qwen35_moe_logits_packing_export_and_generation(tmp_path, stories_dir):
+    """Qwen3.5-MoE: the hybrid with the mixture-of-experts layer (plus its gated shared
+    expert) in every layer; router statistics come out per layer, in HF layer order."""
+    from transformers.models.qwen3_5_moe import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+
+    fields = {k: v for k, v in TINY.items() if k != "intermediate_size"}
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
+    hf_config = Qwen3_5MoeTextConfig(**fields, **moe, shared_expert_intermediate_size=40)
+    model = _randomise(Qwen3_5MoeForCausalLM(hf_config), seed=2)
+    model.save_pretrained(tmp_path / "moe")
+    config, params = _load(tmp_path / "moe")
+    assert config.is_moe and config.is_hybrid and config.shared_expert_intermediate_size == 40
+    assert count_params(params) == model.num_parameters()
+    tokens = _tokens(seed=5)
+    positions = np.tile(np.arange(20), (2, 1))
+    ours = np.asarray(_apply(config, params, tokens, positions, np.ones_like(tokens)))
+    np.testing.assert_allclose(ours, _hf_logits(model, tokens), atol=MODEL_TOL)
+
+    a, b = tokens[0, :12], tokens[1, :8]
+    packed = np.concatenate([a, b])[None]
+    segments = np.asarray([[1] * 12 + [2] * 8])
+    pos = np.concatenate([np.arange(12), np.arange(8)])[None]
+    logits = np.asarray(_apply(config, params, packed, pos, segments))
+    np.testing.assert_allclose(logits[:, :12], _hf_logits(model, a[None]), atol=MODEL_TOL)
+    np.testing.assert_allclose(logits[:, 12:], _hf_logits(model, b[None]), atol=MODEL_TOL)
+
+    _, sown = Transformer(config).apply(
+        {"params": params}, tokens, positions, np.ones_like(tokens), mutable=["intermediates"]
+    )
+    stats = jax.tree.leaves(sown["intermediates"])
+    assert all(x.shape[0] == config.num_layers for x in stats)
+
+    out = tmp_path / "out"
+    export_hf(
+        params, config, str(out), tokenizer_dir=str(stories_dir),
+        source_model_dir=str(tmp_path / "moe"),
+    )  # fmt: skip
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    np.testing.assert_allclose(_hf_logits(reloaded, tokens), ours, atol=MODEL_TOL)
+
+    prompt = [5, 17, 99, 3, 42]
+    (generated,) = greedy_generate(
+        Transformer(config), params, [prompt], max_new_tokens=6, stop_ids=[]
+    )
+    with torch.no_grad():
+        expected = model.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=6, min_new_tokens=6
+        )
+    assert generated == expected[0, len(prompt) :].tolist()

@@ -313,3 +313,47 @@ def test_qwen35_moe_logits_packing_export_and_generation(tmp_path, stories_dir):
             torch.tensor([prompt]), do_sample=False, max_new_tokens=6, min_new_tokens=6
         )
     assert generated == expected[0, len(prompt) :].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_sizes", [(1, 8, 1), (1, 1, 8), (2, 2, 2)])
+def test_hybrid_train_step_on_a_mesh_equals_one_device(mesh_sizes):
+    """The train step of a hybrid model (packed batches: linear-attention resets inside rows)
+    gives the same losses and gradient norms under FSDP, tensor and mixed meshes."""
+    from sft_jax.config import MeshSection
+    from sft_jax.model.hybrid import LinearAttention
+    from sft_jax.training.optim import make_optimizer, make_schedule
+    from sft_jax.training.sharding import batch_sharding, make_mesh
+    from sft_jax.training.state import StateSpec, create_train_state
+    from sft_jax.training.step import StepOptions, make_train_step
+    from tests.helpers import tiny_model_config
+    from tests.test_step import RULES, optim_cfg, packed_batch
+
+    config = tiny_model_config(
+        num_layers=4,
+        layer_types=("linear_attention", "full_attention") * 2,
+        linear_attention=LinearAttention(2, 4, 8, 8, chunk_size=8),
+        attn_output_gate=True,
+        rotary_dim=4,
+        qk_norm=True,
+        norm_offset=True,
+    )
+
+    def run(sizes, devices):
+        mesh = make_mesh(MeshSection(*sizes, rules=RULES), devices)
+        tx = make_optimizer(optim_cfg(), total_steps=10)
+        state, shardings = create_train_state(StateSpec(config, mesh, RULES, tx))
+        sharding = batch_sharding(mesh, RULES)
+        step_fn = make_train_step(
+            shardings, sharding, options=StepOptions(), schedule=make_schedule(optim_cfg(), 10)
+        )
+        out = []
+        for i in range(2):
+            batch = {k: jax.device_put(v, sharding) for k, v in packed_batch(seed=i).items()}
+            state, metrics = step_fn(state, batch, np.float32(1.0))
+            out.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+        return np.asarray(out)
+
+    reference = run((1, 1, 1), jax.devices()[:1])
+    assert np.all(np.isfinite(reference))
+    np.testing.assert_allclose(run(mesh_sizes, jax.devices()[:8]), reference, rtol=1e-5)

@@ -2,7 +2,8 @@
 
 Modules: `config` (config.json parsing, family features, what is unsupported and why), `params`
 (the tensor name/layout table, import into target shardings, the export plan) and `safetensors`
-(bf16-capable reader and streaming writer), `hub` (hub ids -> local snapshot directories).
+(bf16-capable reader and streaming writer), `hub` (hub ids -> local snapshot directories),
+`qwen35` (Qwen3.5's config.json and its multimodal wrapper).
 `sft_jax.export` writes whole HF directories.
 """
 

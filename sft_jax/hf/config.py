@@ -14,6 +14,8 @@ gpt-oss adds attention sinks, biases on all four attention projections, YaRN RoP
 sliding-window layers from `layer_types`, router and expert biases and its clamped SwiGLU; its
 Hub checkpoints' MXFP4 `quantization_config` is accepted because the loader dequantizes the
 experts (any other quantization is refused).
+
+Qwen3.5 (dense and MoE; hybrid linear attention) is read by its own module, sft_jax/hf/qwen35.py.
 """
 
 from __future__ import annotations

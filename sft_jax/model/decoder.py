@@ -1,5 +1,6 @@
-"""The Flax Linen decoder for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2/3) and
-its mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss).
+"""The Flax Linen decoder for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2/3), its
+mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss) and the hybrid
+linear-attention Qwen3.5 (dense and MoE).
 
 Dimension letters, used in einsum strings and shape comments:
 
@@ -23,6 +24,9 @@ Design choices and why:
   tables), not Python branches, so the scan still compiles one layer.
 - Generation uses the same layers through `Transformer.decode`: a KV cache [L, B, S, K, H] enters
   the scan as per-layer input and leaves it as per-layer output; training never builds one.
+- Hybrid models (Qwen3.5: Gated DeltaNet linear-attention layers among full-attention ones) scan
+  the repeating period of their `layer_types` as one `HybridBlock` (sft_jax/model/hybrid.py says
+  why); a linear-attention layer carries a recurrent and a conv state instead of a KV cache.
 
 Parameter tree (names are load-bearing: the HF loader, sharding rules, LoRA and checkpoints use it):
 
@@ -39,6 +43,15 @@ Parameter tree (names are load-bearing: the HF loader, sharding rules, LoRA and 
     MoeMlp's tree (sft_jax/model/moe.py) with the leading L axis.
     lm_head is absent when tie_embeddings (logits = h @ embedding.T).
     With norm_offset (Gemma) every norm scale is stored as HF stores it, w, and applied as 1 + w.
+
+A hybrid model (`ModelConfig.layer_types` with linear attention) has the same leaves one level
+down, per sub-layer j of its period P, each stacked over the L/P periods (HF layer s * P + j):
+
+    layers/layer_{j}/{attn_norm, mlp_norm, mlp, attn}/...          (a full-attention sub-layer)
+    layers/layer_{j}/{attn_norm, mlp_norm, mlp, linear_attn}/...   (a linear-attention one:
+                                                   GatedDeltaNet's tree, gated_deltanet.py)
+    With attn_output_gate (Qwen3.5) q_proj/kernel is [.., D, N, 2H]: per head the query, then
+    the gate of the attention output.
 """
 
 from __future__ import annotations
@@ -69,7 +82,7 @@ from sft_jax.model.config import (  # noqa: F401  (re-exported: the config lives
     model_config_from_arch,
     with_section_options,
 )
-from sft_jax.model.gated_deltanet import DeltaState, GatedDeltaNet, init_delta_state
+from sft_jax.model.gated_deltanet import DeltaState, GatedDeltaNet, init_hybrid_cache
 from sft_jax.model.hybrid import LINEAR
 from sft_jax.model.layers import (  # noqa: F401  (re-exported: public names of the decoder)
     ACTIVATIONS,
@@ -350,24 +363,13 @@ class HybridBlock(nn.Module):
 
 
 def init_cache(config: ModelConfig, batch: int, length: int) -> dict[str, Any]:
-    """An empty KV cache {"k", "v": [L, B, S, K, H]} in the compute dtype, for `decode`. A
-    hybrid model's is per sub-layer of its period, `layer_{j}`: {"k", "v"} [L/P, B, S, K, H],
-    or a linear-attention layer's DeltaState fields {"conv", "state"} with leading L/P."""
-    kv_shape = (batch, length, config.num_kv_heads, config.head_dim)
-    if not config.is_hybrid:
-        zeros = jnp.zeros((config.num_layers, *kv_shape), jnp.dtype(config.dtype))
-        return {"k": zeros, "v": zeros}
-    steps = config.num_layers // len(config.period)
-    stack = lambda a: jnp.zeros((steps, *a.shape), a.dtype)
-    cache = {}
-    for j, kind in enumerate(config.period):
-        if kind == LINEAR:
-            state = init_delta_state(config.linear_attention, batch, config.dtype)._asdict()
-            cache[f"layer_{j}"] = {k: stack(v) for k, v in state.items()}
-        else:
-            kv = jnp.zeros(kv_shape, jnp.dtype(config.dtype))
-            cache[f"layer_{j}"] = {"k": stack(kv), "v": stack(kv)}
-    return cache
+    """An empty KV cache {"k", "v": [L, B, S, K, H]} in the compute dtype, for `decode`; a hybrid
+    model's per sub-layer (`init_hybrid_cache`)."""
+    if config.is_hybrid:
+        return init_hybrid_cache(config, batch, length)
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
+    return {"k": zeros, "v": zeros}
 
 
 class Transformer(nn.Module):

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_jax.model.config import ModelConfig
-from sft_jax.model.hybrid import LinearAttention
+from sft_jax.model.hybrid import LINEAR, LinearAttention
 from sft_jax.model.layers import Einsum, named_param
 
 
@@ -62,6 +62,20 @@ def init_delta_state(la: LinearAttention, batch: int, dtype: str) -> DeltaState:
     conv = jnp.zeros((batch, la.conv_kernel - 1, la.conv_dim), jnp.dtype(dtype))
     state = jnp.zeros((batch, la.num_value_heads, la.key_head_dim, la.value_head_dim), jnp.float32)
     return DeltaState(conv, state)
+
+
+def init_hybrid_cache(config: ModelConfig, batch: int, length: int) -> dict[str, dict]:
+    """A hybrid model's empty decoding cache, per sub-layer `layer_{j}` of its period, each
+    leaf stacked over the L/P periods: a full-attention layer's KV cache {"k", "v"}
+    [L/P, B, S, K, H], a linear-attention layer's DeltaState fields {"conv", "state"}."""
+    steps = config.num_layers // len(config.period)
+    kv = jnp.zeros((steps, batch, length, config.num_kv_heads, config.head_dim), config.dtype)
+    delta = init_delta_state(config.linear_attention, batch, config.dtype)._asdict()
+    delta = {k: jnp.zeros((steps, *v.shape), v.dtype) for k, v in delta.items()}
+    return {
+        f"layer_{j}": delta if kind == LINEAR else {"k": kv, "v": kv}
+        for j, kind in enumerate(config.period)
+    }
 
 
 def segment_runs(segment_ids: jax.Array) -> jax.Array:

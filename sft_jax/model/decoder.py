@@ -441,6 +441,8 @@ class Transformer(nn.Module):
         implementation = attention_options(self.config, tokens.shape[1]).implementation
         if slots is not None and implementation not in ("ring", "splash"):
             raise ValueError(f"{implementation} attention needs rows in slot order (no slots)")
+        if slots is not None and self.config.is_hybrid:  # a recurrence over array order
+            raise ValueError("linear attention (a hybrid model) needs rows in slot order")
         mask = None
         if implementation in DENSE_MASK_IMPLEMENTATIONS:
             mask = attention_mask(segment_ids)

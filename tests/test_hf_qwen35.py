@@ -334,7 +334,7 @@ def test_hybrid_train_step_on_a_mesh_equals_one_device(mesh_sizes):
         layer_types=("linear_attention", "full_attention") * 2,
         linear_attention=LinearAttention(2, 4, 8, 8, chunk_size=8),
         attn_output_gate=True,
-        rotary_dim=4,
+        partial_rotary_factor=0.5,
         qk_norm=True,
         norm_offset=True,
     )

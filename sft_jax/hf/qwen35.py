@@ -122,7 +122,7 @@ def load_qwen35_config(
         layer_types=tuple(types),
         linear_attention=linear,
         attn_output_gate=True,
-        rotary_dim=int(head_dim * float(factor)),
+        partial_rotary_factor=float(factor),
         **fields,
         **section,
     )

@@ -37,7 +37,7 @@ def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> np.ndarray:
     transformers' float32 computation to within an ulp. `local`: the unscaled frequencies of
     Gemma 3's sliding-window layers, at their own base `local_rope_theta`.
     """
-    dim = config.rotary_dim or config.head_dim  # partial rotary (Qwen3.5): the first dims
+    dim = config.rotary_dim  # partial rotary (Qwen3.5): only the first dims rotate
     theta = config.rope_theta
     if local and config.local_rope_theta is not None:
         theta = config.local_rope_theta

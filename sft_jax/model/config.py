@@ -70,6 +70,8 @@ class ModelConfig:
     sliding_window: int | None = None  # a local layer's query sees keys less than this far back
     local_layers: tuple[bool, ...] = ()  # per layer: sliding window (empty: no local layers)
     local_rope_theta: float | None = None  # RoPE base of local layers (None: rope_theta, scaled)
+    # RoPE rotates the first int(head_dim * factor) dims of each head only (Qwen3.5: 0.25).
+    partial_rotary_factor: float = 1.0
     # With qk_norm: one RMSNorm over all heads' queries (N*H) and keys (K*H) instead of one per
     # head (H), as OLMoE does; its scales are then [N*H] and [K*H].
     qk_norm_full: bool = False
@@ -112,12 +114,11 @@ class ModelConfig:
     swiglu_alpha: float = 1.702
     # Hybrid linear attention (Qwen3.5; sft_jax/model/hybrid.py): per layer "full_attention" or
     # "linear_attention" (empty: every layer full attention), the Gated DeltaNet layers' shape,
-    # a sigmoid gate on the attention output from q_proj (its kernel [D, N, 2H]: per head the
-    # query, then the gate), and RoPE on only the first `rotary_dim` dims of a head (None: all).
+    # and a sigmoid gate on the attention output from q_proj (its kernel [D, N, 2H]: per head the
+    # query, then the gate).
     layer_types: tuple[str, ...] = ()
     linear_attention: LinearAttention | None = None
     attn_output_gate: bool = False
-    rotary_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -158,10 +159,16 @@ class ModelConfig:
             raise ValueError("linear_attention layers need ModelConfig.linear_attention")
         if "linear_attention" in self.layer_types and any(self.local_layers):
             raise ValueError("a hybrid (linear attention) model has no sliding-window layers")
-        if self.rotary_dim is not None and not 0 < self.rotary_dim <= self.head_dim:
-            raise ValueError(f"rotary_dim {self.rotary_dim} must be in (0, head_dim]")
-        if self.rotary_dim is not None and self.rotary_dim % 2:
-            raise ValueError(f"rotary_dim ({self.rotary_dim}) must be even for RoPE")
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            raise ValueError(
+                f"head_dim ({self.head_dim}) and its rotated part ({self.rotary_dim}) must be "
+                "even and positive for RoPE"
+            )
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many dims of each head RoPE rotates (HF: int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def is_hybrid(self) -> bool:

@@ -234,7 +234,7 @@ def _write_config(
     source_file = os.path.join(source, "config.json") if source else ""
     if source_file and os.path.isfile(source_file):
         with open(source_file, encoding="utf-8") as f:
-            config = json.load(f)
+            config = hf.text_only_config(json.load(f))  # Qwen3.5: its language model only
         config["tie_word_embeddings"] = c.tie_embeddings
         # The weights are written dequantized (gpt-oss's MXFP4 experts included).
         config.pop("quantization_config", None)
@@ -298,7 +298,10 @@ def export_peft(run: TrainedModel, out_dir: str) -> None:
         )
     if jax.process_index() != 0:
         return
-    lora.write_peft_adapter(out_dir, adapters, config, language_model=multimodal, fused=fused)
+    period = len(run.model_config.period)  # a hybrid model's layers per scanned block
+    lora.write_peft_adapter(
+        out_dir, adapters, config, language_model=multimodal, fused=fused, period=period
+    )
     tokenizer = _write_tokenizer(run.tokenizer_dir, out_dir, run.chat_template)
     _write_generation_config(out_dir, (run.source_model_dir, run.tokenizer_dir), tokenizer)
 

@@ -2,7 +2,8 @@
 
 Modules: `config` (config.json parsing, family features, what is unsupported and why), `params`
 (the tensor name/layout table, import into target shardings, the export plan) and `safetensors`
-(bf16-capable reader and streaming writer), `hub` (hub ids -> local snapshot directories).
+(bf16-capable reader and streaming writer), `hub` (hub ids -> local snapshot directories),
+`qwen35` (Qwen3.5's config.json and its multimodal wrapper).
 `sft_jax.export` writes whole HF directories.
 """
 
@@ -31,6 +32,7 @@ from sft_jax.hf.params import (
     load_params,
     to_hf_tensor,
 )
+from sft_jax.hf.qwen35 import text_only_config
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -52,5 +54,6 @@ __all__ = [
     "read_config_json",
     "resolve_config_hub_ids",
     "resolve_model_dir",
+    "text_only_config",
     "to_hf_tensor",
 ]

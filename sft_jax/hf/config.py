@@ -14,6 +14,8 @@ gpt-oss adds attention sinks, biases on all four attention projections, YaRN RoP
 sliding-window layers from `layer_types`, router and expert biases and its clamped SwiGLU; its
 Hub checkpoints' MXFP4 `quantization_config` is accepted because the loader dequantizes the
 experts (any other quantization is refused).
+
+Qwen3.5 (dense and MoE; hybrid linear attention) is read by its own module, sft_jax/hf/qwen35.py.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sft_jax.config import ModelSection
-from sft_jax.hf import families
+from sft_jax.hf import families, qwen35
 from sft_jax.hf.errors import ModelFileError, UnsupportedModelError
 from sft_jax.model.config import (
     ModelConfig,
@@ -47,6 +49,8 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "OlmoeForCausalLM",
     "GptOssForCausalLM",
     *families.ARCHITECTURES,
+    *qwen35.DENSE,  # Qwen3.5 (hybrid linear attention) is read by sft_jax/hf/qwen35.py
+    *qwen35.MOE,
 )
 _ARCH_BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
@@ -95,7 +99,12 @@ def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) ->
     """Reads `path/config.json`; raises UnsupportedModelError for anything we cannot reproduce
     and ModelFileError for a file that is not a usable config."""
     file = os.path.join(path, "config.json")
-    raw = families.normalized(read_config_json(file), file)
+    raw = read_config_json(file)
+    if qwen35.is_qwen35(raw):
+        fields = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
+        error = lambda why: UnsupportedModelError(f"{file}: Qwen3.5 {why}")
+        return qwen35.load_qwen35_config(raw, file, error, **fields)
+    raw = families.normalized(raw, file)
     arch = _architecture(raw, file)
 
     def unsupported(why: str) -> UnsupportedModelError:

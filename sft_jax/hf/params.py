@@ -44,8 +44,13 @@ from sft_jax.hf.layout import (  # noqa: F401  (re-exported: where each layout i
 )
 from sft_jax.hf.safetensors import Checkpoint
 from sft_jax.model.decoder import ModelConfig
+from sft_jax.model.hybrid import LINEAR
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed
+# Qwen3.5's Hub checkpoints: the vision tower and the multi-token-prediction head, which text-only
+# fine-tuning leaves out (transformers' Qwen3_5ForCausalLM ignores them too); its language model
+# sits under model.language_model., as a multimodal layout (sft_jax/hf/layout.py) names it.
+_HYBRID_IGNORED_PREFIXES = ("model.visual.", "mtp.")
 
 
 def _identity(w: np.ndarray) -> np.ndarray:
@@ -70,6 +75,13 @@ class _Tensor:
     joins: tuple[tuple[str, ...], ...] = ()
     joined: bool = False
     mxfp4: bool = False  # `key` names MXFP4 blocks (shape: theirs), read with their scales
+    # A hybrid model's sub-layer: leaf index s holds HF layer s * period + offset.
+    period: int = 1
+    offset: int = 0
+
+    def hf_layers(self, num_layers: int) -> range:
+        """The HF layer indices behind the leaf's leading axis, in order."""
+        return range(self.offset, num_layers, self.period)
 
 
 def _linear(out_dims: tuple[int, ...], in_dims: tuple[int, ...], key: str) -> _Tensor:
@@ -85,6 +97,8 @@ def _linear(out_dims: tuple[int, ...], in_dims: tuple[int, ...], key: str) -> _T
 
 def _tensor_specs(c: ModelConfig, layout: MoeLayout = HUB_LAYOUT) -> dict[tuple[str, ...], _Tensor]:
     """Our flattened param path -> HF tensor (`layout`: of the expert tensors, if any)."""
+    if c.is_hybrid:
+        return _hybrid_specs(c, layout)
     d, f, n, kv, h = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
     layer = "model.layers.{i}."
     attn = layer + "self_attn."
@@ -96,7 +110,9 @@ def _tensor_specs(c: ModelConfig, layout: MoeLayout = HUB_LAYOUT) -> dict[tuple[
         ("final_norm", "scale"): _Tensor("model.norm.weight", (d,), per_layer=False),
         ("layers", "attn_norm", "scale"): _Tensor(layer + "input_layernorm.weight", (d,)),
         ("layers", "mlp_norm", "scale"): _Tensor(layer + mlp_norm + ".weight", (d,)),
-        ("layers", "attn", "q_proj", "kernel"): _linear((n, h), (d,), attn + "q_proj.weight"),
+        ("layers", "attn", "q_proj", "kernel"): _linear(
+            (n, 2 * h if c.attn_output_gate else h), (d,), attn + "q_proj.weight"
+        ),
         ("layers", "attn", "k_proj", "kernel"): _linear((kv, h), (d,), attn + "k_proj.weight"),
         ("layers", "attn", "v_proj", "kernel"): _linear((kv, h), (d,), attn + "v_proj.weight"),
         ("layers", "attn", "o_proj", "kernel"): _linear((d,), (n, h), attn + "o_proj.weight"),
@@ -178,6 +194,49 @@ def _renamed(key: str, layout: MoeLayout) -> str:
     if key == HUB_LAYOUT.lm_head:
         return layout.lm_head
     return layout.model + key.removeprefix(HUB_LAYOUT.model)
+
+
+def _hybrid_specs(c: ModelConfig, layout: MoeLayout) -> dict[tuple[str, ...], _Tensor]:
+    """A hybrid model's tree (layers/layer_{j}/... per sub-layer j of the period): each
+    sub-layer's leaves are the plain layer's, with a linear-attention layer's `linear_attn`
+    in place of `attn`, reading every period-th HF layer from j."""
+    plain = _tensor_specs(dataclasses.replace(c, layer_types=(), linear_attention=None), layout)
+    period = c.period
+    specs = {path: spec for path, spec in plain.items() if path[0] != "layers"}
+    for j, kind in enumerate(period):
+        at = {"period": len(period), "offset": j}
+        for path, spec in plain.items():
+            if path[0] == "layers" and not (kind == LINEAR and path[1] == "attn"):
+                specs["layers", f"layer_{j}", *path[1:]] = dataclasses.replace(spec, **at)
+        if kind == LINEAR:
+            for path, spec in _linear_attention_specs(c).items():
+                key = _renamed(spec.key, layout)  # a multimodal checkpoint's language model
+                specs["layers", f"layer_{j}", "linear_attn", *path] = dataclasses.replace(
+                    spec, key=key, **at
+                )
+    return specs
+
+
+def _linear_attention_specs(c: ModelConfig) -> dict[tuple[str, ...], _Tensor]:
+    """A Gated DeltaNet layer's leaves (sft_jax/model/gated_deltanet.py) and their HF tensors;
+    the conv1d weight [P, 1, K] is ours [K, P]."""
+    la, d = c.linear_attention, c.hidden_size
+    n, k, p = la.num_value_heads, la.conv_kernel, la.conv_dim
+    base = "model.layers.{i}.linear_attn."
+    specs = {
+        (name, "kernel"): _linear((width,), (d,), f"{base}{name}.weight")
+        for name, width in (
+            ("in_proj_qkv", p), ("in_proj_z", la.value_dim), ("in_proj_b", n), ("in_proj_a", n)
+        )
+    }  # fmt: skip
+    specs["out_proj", "kernel"] = _linear((d,), (la.value_dim,), base + "out_proj.weight")
+    specs["conv1d",] = _Tensor(
+        base + "conv1d.weight", (p, 1, k), lambda w: w[:, 0, :].T, lambda w: w.T[:, None, :]
+    )
+    specs["A_log",] = _Tensor(base + "A_log", (n,))
+    specs["dt_bias",] = _Tensor(base + "dt_bias", (n,))
+    specs["norm",] = _Tensor(base + "norm.weight", (la.value_head_dim,))
+    return specs
 
 
 def _mlp_specs(
@@ -285,10 +344,10 @@ def _scales_key(key: str) -> str:
 
 
 def _instances(spec: _Tensor, c: ModelConfig) -> list[tuple[str, int | None, int | None]]:
-    """(HF key, layer, expert) of every HF tensor behind one leaf."""
-    layers = range(c.num_layers) if spec.per_layer else [None]
+    """(HF key, index on the leaf's layer axis, expert) of every HF tensor behind one leaf."""
+    layers = enumerate(spec.hf_layers(c.num_layers)) if spec.per_layer else [(None, None)]
     experts = range(spec.experts) if spec.experts else [None]
-    return [(spec.key.format(i=i, e=e), i, e) for i in layers for e in experts]
+    return [(spec.key.format(i=i, e=e), s, e) for s, i in layers for e in experts]
 
 
 def check_checkpoint(path: str, config: ModelConfig) -> None:
@@ -332,6 +391,8 @@ def _check_keys(
     for key in sorted(set(ckpt.files) - expected):
         if key.endswith(_IGNORED_SUFFIXES) or (layout.copied and key.startswith(layout.copied)):
             continue
+        if c.is_hybrid and key.startswith(_HYBRID_IGNORED_PREFIXES):
+            continue
         if key == layout.lm_head and c.tie_embeddings:
             if not compare_tied:
                 continue
@@ -365,11 +426,12 @@ def _read_leaf(ckpt: Checkpoint, spec: _Tensor, c: ModelConfig) -> np.ndarray:
     dtype = jnp.dtype(c.param_dtype)
     if not spec.per_layer:
         return np.ascontiguousarray(_read_layer(ckpt, spec, None), dtype=dtype)
-    first = _read_layer(ckpt, spec, 0)
-    out = np.empty((c.num_layers, *first.shape), dtype)  # filled in place: one host copy
+    layers = spec.hf_layers(c.num_layers)
+    first = _read_layer(ckpt, spec, layers[0])
+    out = np.empty((len(layers), *first.shape), dtype)  # filled in place: one host copy
     out[0] = first
-    for i in range(1, c.num_layers):
-        out[i] = _read_layer(ckpt, spec, i)
+    for s, i in enumerate(layers[1:], start=1):
+        out[s] = _read_layer(ckpt, spec, i)
     return out
 
 

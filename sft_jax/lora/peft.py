@@ -72,9 +72,11 @@ from sft_jax.lora.tree import (
     KERNELS,
     SAVEABLE,
     SAVED,
+    SUBLAYER,
     adapted_kernel,
     config_scale,
     get_path,
+    hf_layer,
     hf_module,
     is_expert_path,
     saved_module_table,
@@ -110,12 +112,15 @@ def to_peft_tensors(
     tied_embeddings: bool = False,
     language_model: bool = False,
     fused: bool = False,
+    period: int = 1,
 ) -> dict[str, np.ndarray]:
     """PEFT state dict of an adapter tree (see the module docstring), float32 numpy. With
     `tied_embeddings`, a saved embedding is also written as lm_head.weight, as PEFT does (its
     loader then expects that key); with `language_model`, keys of a multimodal base's language
-    model; with `fused`, adapters of a base with fused projections (Phi-3: sft_jax.lora.fused)."""
-    tensors = _text_model_tensors(adapters, tied_embeddings)
+    model; with `fused`, adapters of a base with fused projections (Phi-3: sft_jax.lora.fused).
+    `period`: the layers a hybrid model scans as one block (its layers/layer_{j} leaves hold HF
+    layers s * period + j)."""
+    tensors = _text_model_tensors(adapters, tied_embeddings, period)
     if fused:
         tensors = fuse_peft_tensors(tensors)
     if not language_model:
@@ -126,22 +131,24 @@ def to_peft_tensors(
     }
 
 
-def _text_model_tensors(adapters: dict, tied_embeddings: bool) -> dict[str, np.ndarray]:
+def _text_model_tensors(
+    adapters: dict, tied_embeddings: bool, period: int = 1
+) -> dict[str, np.ndarray]:
     tensors = {}
     for path in _adapter_paths(adapters):
         ad = {k: np.asarray(v, np.float32) for k, v in get_path(adapters, path).items()}
         if is_expert_path(path):
             wrapped = tuple(get_path(adapters, path[:-1]))
-            tensors.update(_experts_to_peft(path, ad, wrapped))
+            tensors.update(_experts_to_peft(path, ad, wrapped, period))
             continue
         if oft.PARAM in ad:
             for layer in range(ad[oft.PARAM].shape[0]):
-                key = f"{PREFIX}.{layer}.{hf_module(path)}.{OFT_SUFFIX}"
+                key = f"{PREFIX}.{hf_layer(path, layer, period)}.{hf_module(path)}.{OFT_SUFFIX}"
                 tensors[key] = ad[oft.PARAM][layer].copy()
             continue
         layers, rank = ad["a"].shape[0], ad["a"].shape[-1]
         for layer in range(layers):
-            prefix = f"{PREFIX}.{layer}.{hf_module(path)}"
+            prefix = f"{PREFIX}.{hf_layer(path, layer, period)}.{hf_module(path)}"
             tensors[f"{prefix}.lora_A.weight"] = ad["a"][layer].reshape(-1, rank).T.copy()
             tensors[f"{prefix}.lora_B.weight"] = ad["b"][layer].reshape(rank, -1).T.copy()
             if "m" in ad:
@@ -164,14 +171,14 @@ def _expert_prefix(path: tuple[str, ...], layer: int, wrapped: tuple[str, ...]) 
 
 
 def _experts_to_peft(
-    path: tuple[str, ...], ad: dict[str, np.ndarray], wrapped: tuple[str, ...]
+    path: tuple[str, ...], ad: dict[str, np.ndarray], wrapped: tuple[str, ...], period: int
 ) -> dict[str, np.ndarray]:
     """PEFT tensors of one expert adapter: a [L, E, in, R] -> lora_A [E * R, in] (expert-major
     rows), b [L, E, R, out] -> lora_B [out, R * E] (rank-major columns), per layer."""
     tensors = {}
     layers, experts, fan_in, rank = ad["a"].shape
     for layer in range(layers):
-        prefix = _expert_prefix(path, layer, wrapped)
+        prefix = _expert_prefix(path, hf_layer(path, layer, period), wrapped)
         a = ad["a"][layer].transpose(0, 2, 1).reshape(experts * rank, fan_in)
         b = ad["b"][layer].transpose(2, 1, 0).reshape(-1, rank * experts)
         tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a)
@@ -332,9 +339,12 @@ def from_peft_tensors(
     tensors = _from_language_model(tensors)
     saved = _saved_from_peft(tensors, params)
     experts = expert_parameters(tuple(target_parameters))
+    period = sum(k.startswith(SUBLAYER) for k in params.get("layers", {}))  # hybrid: its period
     per_path: dict[tuple[str, ...], dict[str, dict[int, np.ndarray]]] = {}
     for name, value in tensors.items():
         layer, path, kind = _parse_name(name, experts)
+        if period:  # HF layer i is entry i // period of layers/layer_{i % period}
+            path, layer = (path[0], f"{SUBLAYER}{layer % period}", *path[1:]), layer // period
         parts = per_path.setdefault(path, {} if kind == oft.PARAM else {"a": {}, "b": {}})
         parts.setdefault(kind, {})[layer] = np.asarray(value)
     per_path = split_fused(per_path, params, rank)
@@ -441,11 +451,13 @@ def write_peft_adapter(
     config: dict[str, Any],
     language_model: bool = False,
     fused: bool = False,
+    period: int = 1,
 ) -> None:
     """Writes adapter_config.json and adapter_model.safetensors (metadata format "pt"); a tied
     trained embedding (config ensure_weight_tying) also as lm_head.weight; `language_model`:
     keys of a multimodal base's language model, `fused`: fused projections (as `peft_config`
-    was told)."""
+    was told), `period`: as in `to_peft_tensors` (a hybrid model's `ModelConfig.period`
+    length)."""
     from safetensors.numpy import save_file
 
     os.makedirs(out_dir, exist_ok=True)
@@ -453,7 +465,7 @@ def write_peft_adapter(
         tensors = prefix.to_peft_tensors(adapters)
     else:
         tied = config.get("ensure_weight_tying", False)
-        tensors = to_peft_tensors(adapters, tied, language_model, fused)
+        tensors = to_peft_tensors(adapters, tied, language_model, fused, period)
     save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), {"format": "pt"})
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)

@@ -66,11 +66,18 @@ KERNELS = {
     "gate_proj": 1,
     "up_proj": 1,
     "down_proj": 1,
+    # Gated DeltaNet (Qwen3.5's linear attention, layers/layer_{j}/linear_attn).
+    "in_proj_qkv": 1,
+    "in_proj_z": 1,
+    "in_proj_b": 1,
+    "in_proj_a": 1,
+    "out_proj": 1,
 }
 ALL_LINEAR = tuple(KERNELS)
 # Adapters of a MoE layer's experts (HF's fused expert parameters) -> the stacked expert leaves
 # [L, E, in, out] each one adapts; gate_up_proj's output is gate's and up's, concatenated.
 EXPERT_KERNELS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+SUBLAYER = "layer_"  # a hybrid model's sub-layers: layers/layer_{j} (sft_jax/model/hybrid.py)
 EXPERTS = "experts"  # the parent of the expert leaves, and the target naming all their adapters
 SAVED = "modules_to_save"  # key of the trained full copies inside the adapter tree
 # HF module name -> (our param path, HF weight key after "base_model.model."; {i} = layer).
@@ -129,11 +136,27 @@ def is_expert_path(path: tuple[str, ...]) -> bool:
     return len(path) > 1 and path[-2] == EXPERTS and path[-1] in EXPERT_KERNELS
 
 
+def split_sublayer(path: tuple[str, ...]) -> tuple[int, tuple[str, ...]]:
+    """(j, the path without it) for a hybrid model's sub-layer path ("layers", "layer_{j}",
+    ...), whose leaves hold HF layers s * period + j; (0, path) for any other path."""
+    if len(path) > 1 and path[0] == "layers" and path[1].startswith(SUBLAYER):
+        index = path[1][len(SUBLAYER) :]
+        if index.isdigit():
+            return int(index), (path[0], *path[2:])
+    return 0, path
+
+
+def hf_layer(path: tuple[str, ...], index: int, period: int) -> int:
+    """The HF layer of entry `index` on the layer axis of the leaf at `path` (a hybrid model
+    scans periods of `period` layers; 1 otherwise)."""
+    return index * period + split_sublayer(path)[0]
+
+
 def hf_module(path: tuple[str, ...]) -> str:
     """The HF name inside a layer of what the adapter at `path` adapts: a module
-    ("self_attn.q_proj", "mlp.shared_expert.gate_proj") or, for the experts, the parameter
-    PEFT's target_parameters names ("mlp.experts.gate_up_proj")."""
-    group, *rest = path[1:]
+    ("self_attn.q_proj", "mlp.shared_expert.gate_proj", "linear_attn.in_proj_qkv") or, for
+    the experts, the parameter PEFT's target_parameters names ("mlp.experts.gate_up_proj")."""
+    group, *rest = split_sublayer(path)[1][1:]
     return ".".join([{"attn": "self_attn"}.get(group, group), *rest])
 
 

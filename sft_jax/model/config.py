@@ -8,6 +8,8 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
+from sft_jax.model.hybrid import LinearAttention, layer_period
+
 if TYPE_CHECKING:
     from sft_jax.config import ArchConfig, ModelSection
 
@@ -80,7 +82,8 @@ class ModelConfig:
     local_layers: tuple[bool, ...] = ()  # per layer: sliding window (empty: no local layers)
     local_rope_theta: float | None = None  # RoPE base of local layers (None: rope_theta, scaled)
     nope_layers: tuple[bool, ...] = ()  # per layer: no RoPE (SmolLM3's NoPE layers); empty: none
-    # RoPE rotates the first int(head_dim * factor) dims of each head only (Phi-4-mini: 0.75).
+    # RoPE rotates the first int(head_dim * factor) dims of each head only (Phi-4-mini: 0.75,
+    # Qwen3.5: 0.25).
     partial_rotary_factor: float = 1.0
     # With qk_norm: one RMSNorm over all heads' queries (N*H) and keys (K*H) instead of one per
     # head (H), as OLMoE does; its scales are then [N*H] and [K*H].
@@ -123,6 +126,13 @@ class ModelConfig:
     expert_bias: bool = False
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
+    # Hybrid linear attention (Qwen3.5; sft_jax/model/hybrid.py): per layer "full_attention" or
+    # "linear_attention" (empty: every layer full attention), the Gated DeltaNet layers' shape,
+    # and a sigmoid gate on the attention output from q_proj (its kernel [D, N, 2H]: per head the
+    # query, then the gate).
+    layer_types: tuple[str, ...] = ()
+    linear_attention: LinearAttention | None = None
+    attn_output_gate: bool = False
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -161,6 +171,32 @@ class ModelConfig:
                 f"({self.num_experts_per_tok}) <= num_experts and moe_intermediate_size > 0 "
                 f"({self.moe_intermediate_size})"
             )
+        self._check_hybrid()
+
+    def _check_hybrid(self) -> None:
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries, not num_layers")
+        if self.layer_types:
+            layer_period(self.layer_types)
+        if "linear_attention" in self.layer_types and self.linear_attention is None:
+            raise ValueError("linear_attention layers need ModelConfig.linear_attention")
+        if "linear_attention" in self.layer_types and any(self.local_layers):
+            raise ValueError("a hybrid (linear attention) model has no sliding-window layers")
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many dims of each head RoPE rotates (HF: int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Whether some layers are linear attention (the decoder then scans `layer_period`)."""
+        return "linear_attention" in self.layer_types
+
+    @property
+    def period(self) -> tuple[str, ...]:
+        """The layer types one scanned block runs (one full-attention layer when not hybrid)."""
+        return layer_period(self.layer_types) if self.is_hybrid else ("full_attention",)
 
     @property
     def is_moe(self) -> bool:
@@ -175,11 +211,6 @@ class ModelConfig:
             return self.intermediate_size
         routed = self.num_experts_per_tok * self.moe_intermediate_size
         return routed + self.shared_expert_intermediate_size
-
-    @property
-    def rotary_dim(self) -> int:
-        """How many dims of each head RoPE rotates (HF: int(head_dim * partial_rotary_factor))."""
-        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def has_local_layers(self) -> bool:

@@ -1,5 +1,6 @@
-"""The Flax Linen decoder for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2/3) and
-its mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss).
+"""The Flax Linen decoder for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2/3), its
+mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss) and the hybrid
+linear-attention Qwen3.5 (dense and MoE).
 
 Dimension letters, used in einsum strings and shape comments:
 
@@ -24,6 +25,9 @@ Design choices and why:
   one layer.
 - Generation uses the same layers through `Transformer.decode`: a KV cache [L, B, S, K, H] enters
   the scan as per-layer input and leaves it as per-layer output; training never builds one.
+- Hybrid models (Qwen3.5: Gated DeltaNet linear-attention layers among full-attention ones) scan
+  the repeating period of their `layer_types` as one `HybridBlock` (sft_jax/model/hybrid.py says
+  why); a linear-attention layer carries a recurrent and a conv state instead of a KV cache.
 
 Parameter tree (names are load-bearing: the HF loader, sharding rules, LoRA and checkpoints use it):
 
@@ -41,6 +45,15 @@ Parameter tree (names are load-bearing: the HF loader, sharding rules, LoRA and 
     MoeMlp's tree (sft_jax/model/moe.py) with the leading L axis.
     lm_head is absent when tie_embeddings (logits = h @ embedding.T).
     With norm_offset (Gemma) every norm scale is stored as HF stores it, w, and applied as 1 + w.
+
+A hybrid model (`ModelConfig.layer_types` with linear attention) has the same leaves one level
+down, per sub-layer j of its period P, each stacked over the L/P periods (HF layer s * P + j):
+
+    layers/layer_{j}/{attn_norm, mlp_norm, mlp, attn}/...          (a full-attention sub-layer)
+    layers/layer_{j}/{attn_norm, mlp_norm, mlp, linear_attn}/...   (a linear-attention one:
+                                                   GatedDeltaNet's tree, gated_deltanet.py)
+    With attn_output_gate (Qwen3.5) q_proj/kernel is [.., D, N, 2H]: per head the query, then
+    the gate of the attention output.
 """
 
 from __future__ import annotations
@@ -73,6 +86,8 @@ from sft_jax.model.config import (  # noqa: F401  (re-exported: the config lives
     model_config_from_arch,
     with_section_options,
 )
+from sft_jax.model.gated_deltanet import DeltaState, GatedDeltaNet, init_hybrid_cache
+from sft_jax.model.hybrid import LINEAR
 from sft_jax.model.layers import (  # noqa: F401  (re-exported: public names of the decoder)
     ACTIVATIONS,
     INIT_STD,
@@ -213,7 +228,11 @@ class Attention(nn.Module):
         q_bias = ("heads", "head_dim") if c.attention_bias else None
         kv_bias = ("kv_heads", "head_dim") if c.attention_bias else None
         q_names, kv_names = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
-        q = Einsum("BTD,DNH->BTNH", (d, n, h), q_names, q_bias, **dt, name="q_proj")(x)
+        q_width = 2 * h if c.attn_output_gate else h  # Qwen3.5: per head the query, then a gate
+        q = Einsum("BTD,DNH->BTNH", (d, n, q_width), q_names, q_bias, **dt, name="q_proj")(x)
+        gate = None
+        if c.attn_output_gate:
+            q, gate = jnp.split(q, 2, axis=-1)
         k = Einsum("BTD,DKH->BTKH", (d, kv, h), kv_names, kv_bias, **dt, name="k_proj")(x)
         v = Einsum("BTD,DKH->BTKH", (d, kv, h), kv_names, kv_bias, **dt, name="v_proj")(x)
         if c.qk_norm and c.qk_norm_full:  # OLMoE: one RMSNorm over all heads, before RoPE.
@@ -246,6 +265,8 @@ class Attention(nn.Module):
                 q, k, v, mask, options, segment_ids=segment_ids, local=local, slots=slots,
                 sinks=sinks,
             )  # fmt: skip
+        if gate is not None:
+            out = out * jax.nn.sigmoid(gate.astype(out.dtype))
         o_names = ("heads", "head_dim", "embed")
         o_bias = ("embed",) if c.o_proj_bias else None
         o_proj = Einsum("BTNH,NHD->BTD", (n, h, d), o_names, o_bias, **dt, name="o_proj")
@@ -298,9 +319,12 @@ class Block(nn.Module):
     Returns (x, outputs), the scan's (carry, per-layer output): outputs holds this layer's
     updated cache "k"/"v" when decoding and its router statistics "router" (a MoeAux) in a
     mixture-of-experts model.
+    `linear`: a Gated DeltaNet layer (hybrid models) in place of attention; its decoding state
+    is "conv"/"state" in `layer` and in the outputs, and it resets at ctx["linear_segments"].
     """
 
     config: ModelConfig
+    linear: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, layer: dict, ctx: dict):
@@ -318,17 +342,23 @@ class Block(nn.Module):
         if "nope" in layer:  # a NoPE layer: cos 1 and sin 0 rotate by nothing, exactly
             cos = jnp.where(layer["nope"], 1.0, cos)
             sin = jnp.where(layer["nope"], 0.0, sin)
-        cache = (layer["k"], layer["v"]) if "k" in layer else None
         h = _norm(c, ("embed",), name="attn_norm")(x) if c.pre_norms else x
-        h, cache = Attention(c, name="attn")(
-            h, mask, cos, sin, cache, ctx.get("index"), ctx.get("segment_ids"), local,
-            ctx.get("slots"),
-        )  # fmt: skip
+        if self.linear:
+            state = DeltaState(layer["conv"], layer["state"]) if "conv" in layer else None
+            mixer = GatedDeltaNet(c, _cpu_grad(c), name="linear_attn")
+            h, state = mixer(h, ctx.get("linear_segments", ctx.get("segment_ids")), state)
+            out = {} if state is None else state._asdict()
+        else:
+            cache = (layer["k"], layer["v"]) if "k" in layer else None
+            h, cache = Attention(c, name="attn")(
+                h, mask, cos, sin, cache, ctx.get("index"), ctx.get("segment_ids"), local,
+                ctx.get("slots"),
+            )  # fmt: skip
+            out = {} if cache is None else {"k": cache[0], "v": cache[1]}
         if c.sandwich_norms:
             h = _norm(c, ("embed",), name="post_attn_norm")(h)
         x = x + h
         h = _norm(c, ("embed",), name="mlp_norm")(x) if c.pre_norms else x
-        out = {} if cache is None else {"k": cache[0], "v": cache[1]}
         if c.is_moe:  # router statistics over real tokens (training), all tokens (decoding)
             segment_ids = ctx.get("segment_ids")
             real = None if segment_ids is None else segment_ids != 0
@@ -341,8 +371,28 @@ class Block(nn.Module):
         return x, out
 
 
-def init_cache(config: ModelConfig, batch: int, length: int) -> dict[str, jax.Array]:
-    """An empty KV cache {"k", "v": [L, B, S, K, H]} in the compute dtype, for `decode`."""
+class HybridBlock(nn.Module):
+    """One period of a hybrid model's layers (`ModelConfig.period`, sft_jax/model/hybrid.py says
+    why), scanned like a Block: sub-layer j is `layer_{j}`, with its own parameters and its own
+    slice `layer_{j}` of the scanned inputs and outputs (its cache when decoding)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, layer: dict, ctx: dict):
+        outputs = {}
+        for j, kind in enumerate(self.config.period):
+            name = f"layer_{j}"
+            block = Block(self.config, linear=kind == LINEAR, name=name)
+            x, outputs[name] = block(x, layer.get(name, {}), ctx)
+        return x, outputs
+
+
+def init_cache(config: ModelConfig, batch: int, length: int) -> dict[str, Any]:
+    """An empty KV cache {"k", "v": [L, B, S, K, H]} in the compute dtype, for `decode`; a hybrid
+    model's per sub-layer (`init_hybrid_cache`)."""
+    if config.is_hybrid:
+        return init_hybrid_cache(config, batch, length)
     shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
     zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
     return {"k": zeros, "v": zeros}
@@ -360,19 +410,20 @@ class Transformer(nn.Module):
     def setup(self) -> None:
         c = self.config
         dt = {"dtype": c.dtype, "param_dtype": c.param_dtype}
-        block = Block
+        block = HybridBlock if c.is_hybrid else Block
+        steps = c.num_layers // len(c.period)  # scan steps: layers, or periods of a hybrid
         if c.remat != "none":
             # A rolled scan keeps XLA from merging the backward's recomputation into the forward;
             # unrolled, only prevent_cse does. Even then XLA:CPU keeps most activations of
             # unrolled layers alive: remat's memory saving needs scan_layers (docs/benchmarks.md).
-            block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+            block = nn.remat(block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
         scanned = nn.scan(
             block,
             variable_axes={"params": 0, "lora": 0},  # "lora": adapters, only when passed
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast),
-            length=c.num_layers,
-            unroll=1 if c.scan_layers else c.num_layers,
+            length=steps,
+            unroll=1 if c.scan_layers else steps,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         self.embed = Embed(c)
@@ -416,6 +467,8 @@ class Transformer(nn.Module):
         implementation = attention_options(self.config, tokens.shape[1]).implementation
         if slots is not None and implementation not in ("ring", "splash"):
             raise ValueError(f"{implementation} attention needs rows in slot order (no slots)")
+        if slots is not None and self.config.is_hybrid:  # a recurrence over array order
+            raise ValueError("linear attention (a hybrid model) needs rows in slot order")
         mask = None
         prefix = prefix_length(self.variables)  # prefix tuning: P shared K/V before every row
         if implementation in DENSE_MASK_IMPLEMENTATIONS or prefix:
@@ -423,6 +476,10 @@ class Transformer(nn.Module):
         positions = positions + prefix  # as HF places tokens after P cached prefix slots
         slots = jnp.arange(tokens.shape[1]) if slots is None else slots
         x, outputs = self._layers(tokens, positions, mask, slots, {}, segment_ids=segment_ids)
+        if self.config.is_hybrid and self.config.is_moe:  # [L/P] per sub-layer -> [L], in order
+            per_sub = [outputs[f"layer_{j}"]["router"] for j in range(len(self.config.period))]
+            interleave = lambda *xs: jnp.stack(xs, 1).reshape(-1, *xs[0].shape[1:])
+            outputs = {"router": jax.tree.map(interleave, *per_sub)}
         if "router" in outputs:  # per-layer MoeAux [L, ...]: read by the train step's loss
             self.sow("intermediates", ROUTER_STATS, outputs["router"])
         x = self.final_norm(x)
@@ -433,24 +490,29 @@ class Transformer(nn.Module):
         tokens: jax.Array,
         positions: jax.Array,
         starts: jax.Array,
-        cache: dict[str, jax.Array],
+        cache: dict[str, Any],
         index: jax.Array,
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    ) -> tuple[jax.Array, dict[str, Any]]:
         """One generation step over a KV cache -> (final-normed hidden [B, T, D], new cache).
 
         tokens/positions [B, T] occupy cache slots index .. index + T - 1 of every row; a row's
         real tokens start at slot starts[b] (prompts are right-aligned), so a query sees the
         slots in [starts[b], its own slot]. Prefill is T = prompt buffer length, then T = 1.
         """
-        length = cache["k"].shape[2]
+        kv = [cache] if "k" in cache else [v for v in cache.values() if "k" in v]  # hybrid
+        length = kv[0]["k"].shape[2] if kv else 1  # 1: no attention layer reads the mask
         q_slots = index + jnp.arange(tokens.shape[1])
         k_slots = jnp.arange(length)
         mask = (k_slots[None, None, :] <= q_slots[None, :, None]) & (
             k_slots[None, None, :] >= starts[:, None, None]
         )
         positions = positions + prefix_length(self.variables)
-        x, outputs = self._layers(tokens, positions, mask, q_slots, {**cache}, index=index)
-        return self.final_norm(x), {"k": outputs["k"], "v": outputs["v"]}
+        # Linear-attention layers: a row's left padding is a run of its own (no state from it).
+        segments = (q_slots[None, :] >= starts[:, None]).astype(jnp.int32)
+        x, outputs = self._layers(
+            tokens, positions, mask, q_slots, {**cache}, index=index, linear_segments=segments
+        )
+        return self.final_norm(x), {k: outputs[k] for k in cache}
 
     def prompt_cache(self, virtual: jax.Array) -> dict[str, jax.Array]:
         """Prompt tuning: the keys and values {"k", "v": [L, P, K, H]} of the virtual token
@@ -468,8 +530,9 @@ class Transformer(nn.Module):
         return {"k": outputs["k"][:, 0], "v": outputs["v"][:, 0]}
 
     def _layers(
-        self, tokens, positions, mask, q_slots, layer: dict, index=None, segment_ids=None, x=None
-    ):
+        self, tokens, positions, mask, q_slots, layer: dict, index=None, segment_ids=None,
+        linear_segments=None, x=None,
+    ):  # fmt: skip
         """Embeds (unless given `x` [B, T, D]) and runs the scanned layers; builds the
         per-layer and shared scan inputs."""
         c = self.config
@@ -486,6 +549,8 @@ class Transformer(nn.Module):
             ctx["mask"] = mask
         if index is not None:
             ctx["index"] = index
+        if linear_segments is not None and c.is_hybrid:
+            ctx["linear_segments"] = linear_segments
         if segment_ids is not None:  # training: blocked, splash, ring read segments, not a mask
             ctx["segment_ids"] = segment_ids
             ctx["slots"] = jnp.broadcast_to(q_slots, tokens.shape)  # ring attention's mask

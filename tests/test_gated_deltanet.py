@@ -1,0 +1,171 @@
+"""Gated DeltaNet (sft_jax/model/gated_deltanet.py): the chunked and recurrent forms of the delta
+rule equal each other and transformers' torch reference; packed rows equal their examples run
+alone (state and convolution reset at segment boundaries); gradients agree between the forms;
+decoding token by token with the carried state equals the full forward."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_model_config
+from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
+
+from sft_jax.model.gated_deltanet import (
+    GatedDeltaNet,
+    chunked_delta_rule,
+    init_delta_state,
+    recurrent_delta_rule,
+    segment_runs,
+)
+from sft_jax.model.hybrid import LinearAttention
+
+B, T, M, N, HK, HV = 2, 37, 2, 4, 8, 6
+
+
+def inputs(seed: int = 0, t: int = T):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(B, t, M, HK)).astype(np.float32)
+    k = rng.normal(size=(B, t, M, HK)).astype(np.float32)
+    v = rng.normal(size=(B, t, N, HV)).astype(np.float32)
+    g = -rng.uniform(0.01, 1.5, size=(B, t, N)).astype(np.float32)
+    beta = rng.uniform(0.05, 0.95, size=(B, t, N)).astype(np.float32)
+    return q, k, v, g, beta
+
+
+def test_chunked_equals_recurrent_equals_transformers():
+    q, k, v, g, beta = inputs()
+    state = np.random.default_rng(1).normal(size=(B, N, HK, HV)).astype(np.float32)
+    torch_args = [torch.from_numpy(x) for x in (q, k, v, g, beta)]
+    kw = dict(initial_state=torch.from_numpy(state), output_final_state=True)
+    kw["use_qk_l2norm_in_kernel"] = True
+    ref_chunk, ref_chunk_s = hf.torch_chunk_gated_delta_rule(*torch_args, chunk_size=16, **kw)
+    ref_rec, ref_rec_s = hf.torch_recurrent_gated_delta_rule(*torch_args, **kw)
+    args = [jnp.asarray(x) for x in (q, k, v, g, beta)]
+    ours_rec, rec_s = recurrent_delta_rule(*args, state=jnp.asarray(state))
+    for chunk in (8, 16, 64):  # shorter than, dividing and longer than nothing in particular
+        ours, s = chunked_delta_rule(*args, state=jnp.asarray(state), chunk_size=chunk)
+        np.testing.assert_allclose(ours, ours_rec, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(s, rec_s, atol=1e-4, rtol=1e-4)
+    for ref, ref_s in ((ref_chunk, ref_chunk_s), (ref_rec, ref_rec_s)):
+        np.testing.assert_allclose(ours_rec, ref.numpy(), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(rec_s, ref_s.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def packed_segments(lengths, t):
+    seg = np.zeros((t,), np.int32)
+    start = 0
+    for i, n in enumerate(lengths):
+        seg[start : start + n] = i + 1
+        start += n
+    return seg
+
+
+@pytest.mark.parametrize("form", ["chunked", "recurrent"])
+def test_packed_rows_equal_each_example_alone(form):
+    """Three examples in one row (the boundaries fall inside and between chunks of 8): each one's
+    outputs equal the example run alone from a zero state."""
+    q, k, v, g, beta = inputs(2)
+    lengths = (11, 16, 7)
+    seg = np.stack([packed_segments(lengths, T)] * B)
+    runs = segment_runs(jnp.asarray(seg))
+    rule = {"chunked": lambda *a, **kw: chunked_delta_rule(*a, chunk_size=8, **kw)}.get(
+        form, recurrent_delta_rule
+    )
+    packed, _ = rule(*[jnp.asarray(x) for x in (q, k, v, g, beta)], runs=runs)
+    start = 0
+    for n in lengths:
+        part = [jnp.asarray(x[:, start : start + n]) for x in (q, k, v, g, beta)]
+        alone, _ = rule(*part)
+        np.testing.assert_allclose(packed[:, start : start + n], alone, atol=1e-5, rtol=1e-5)
+        start += n
+
+
+@pytest.mark.slow
+def test_gradients_are_finite_and_equal_between_forms():
+    args = [jnp.asarray(x) for x in inputs(3)]
+    seg = jnp.asarray(np.stack([packed_segments((20, 12), T)] * B))
+    runs = segment_runs(seg)
+    weights = jnp.asarray(np.random.default_rng(4).normal(size=(B, T, N, HV)), jnp.float32)
+
+    def loss(rule, *a):
+        out, s = rule(*a, runs=runs)
+        return jnp.sum(out * weights) + jnp.sum(s)
+
+    chunked = lambda *a, **kw: chunked_delta_rule(*a, chunk_size=8, **kw)
+    grads_c = jax.grad(lambda *a: loss(chunked, *a), argnums=(0, 1, 2, 3, 4))(*args)
+    grads_r = jax.grad(lambda *a: loss(recurrent_delta_rule, *a), argnums=(0, 1, 2, 3, 4))(*args)
+    for gc, gr in zip(grads_c, grads_r, strict=True):
+        assert np.all(np.isfinite(gc)) and float(jnp.max(jnp.abs(gc))) > 0
+        np.testing.assert_allclose(gc, gr, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def layer():
+    config = tiny_model_config(
+        linear_attention=LinearAttention(2, 4, 8, 6, conv_kernel=4, chunk_size=8)
+    )
+    module = GatedDeltaNet(config)
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(B, T, config.hidden_size)), jnp.float32)
+    params = nn.unbox(module.init(jax.random.PRNGKey(0), x)["params"])
+    # Off init: a gated norm that is not all ones, a non-trivial conv.
+    params["norm"] = params["norm"] + 0.3 * jnp.arange(params["norm"].shape[0])
+    params["conv1d"] = params["conv1d"] * 20
+    return module, params, x
+
+
+def test_layer_packed_rows_reset_state_and_convolution(layer):
+    module, params, x = layer
+    lengths = (2, 13, 9, 13)  # a 2-token example: shorter than the conv kernel
+    seg = jnp.asarray(np.stack([packed_segments(lengths, T)] * B))
+    apply = jax.jit(lambda x, seg=None: module.apply({"params": params}, x, seg))
+    packed, _ = apply(x, seg)
+    start = 0
+    for n in lengths:
+        alone, _ = apply(x[:, start : start + n])
+        np.testing.assert_allclose(packed[:, start : start + n], alone, atol=1e-5, rtol=1e-5)
+        start += n
+
+
+def test_layer_decoding_token_by_token_equals_full_forward(layer):
+    module, params, x = layer
+    apply = jax.jit(lambda x, cache=None: module.apply({"params": params}, x, cache=cache))
+    full, _ = apply(x)
+    cache = init_delta_state(module.config.linear_attention, B, "float32")
+    prefix = 10  # a prefill of 10 tokens, then one token at a time
+    out, cache = apply(x[:, :prefix], cache)
+    outs = [out]
+    for t in range(prefix, T):
+        out, cache = apply(x[:, t : t + 1], cache)
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_matches_transformers(layer):
+    """Our layer with transformers' weights == Qwen3_5GatedDeltaNet (fp32, no cache)."""
+    module, params, x = layer
+    c, la = module.config, module.config.linear_attention
+    hf_config = hf.Qwen3_5TextConfig(
+        hidden_size=c.hidden_size,
+        linear_num_key_heads=la.num_key_heads,
+        linear_num_value_heads=la.num_value_heads,
+        linear_key_head_dim=la.key_head_dim,
+        linear_value_head_dim=la.value_head_dim,
+        linear_conv_kernel_dim=la.conv_kernel,
+        rms_norm_eps=c.rms_norm_eps,
+        num_hidden_layers=1,
+        layer_types=["linear_attention"],
+    )
+    ref = hf.Qwen3_5GatedDeltaNet(hf_config, 0).eval()
+    p = jax.tree.map(lambda a: torch.from_numpy(np.array(a)), params)
+    with torch.no_grad():
+        for name in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"):
+            getattr(ref, name).weight.copy_(p[name]["kernel"].T)
+        ref.conv1d.weight.copy_(p["conv1d"].T[:, None, :])
+        ref.A_log.copy_(p["A_log"])
+        ref.dt_bias.copy_(p["dt_bias"])
+        ref.norm.weight.copy_(p["norm"])
+        expected = ref(torch.from_numpy(np.array(x))).numpy()
+    ours, _ = module.apply({"params": params}, x)
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=1e-4)

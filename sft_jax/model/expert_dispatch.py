@@ -132,7 +132,7 @@ def all_to_all_dispatch(
     apply_local: LocalExperts,
     ep: tuple[str, ...],
     experts_per_device: int,
-    platform: str,
+    emulate: bool,
 ) -> jax.Array:
     """One device's share of the all-to-all dispatch (under shard_map; tokens split over every
     axis of `ep`): its assignments sorted by expert go to their experts' devices, come back as
@@ -151,11 +151,11 @@ def all_to_all_dispatch(
     local = (sorted_experts - destination * experts_per_device)[:, None]
     # Rows past what arrives keep the index experts_per_device: no local expert, zero output.
     unused = jnp.full((capacity, 1), experts_per_device, local.dtype)
-    received_local = _ragged_all_to_all(local, unused, *there, ep, platform)
+    received_local = _ragged_all_to_all(local, unused, *there, ep, emulate)
     sent = jnp.take(x.reshape(n, d), order // k, axis=0)  # [rows, D], grouped by expert
-    received = _exchange(sent, there, back, capacity, ep, platform)
+    received = _exchange(sent, there, back, capacity, ep, emulate)
     outputs = apply_local(received, received_local)[:, 0]  # [capacity, D]
-    returned = _exchange(outputs, back, there, rows, ep, platform)
+    returned = _exchange(outputs, back, there, rows, ep, emulate)
     per_choice = jnp.take(returned, jnp.argsort(order), axis=0).reshape(n, k, d)
     y = jnp.sum(per_choice * weights.reshape(n, k, 1), axis=1)
     return y.reshape(b, t, d)
@@ -185,25 +185,25 @@ def _exchange(
     reverse: tuple,
     out_rows: int,
     ep: tuple[str, ...],
-    platform: str,
+    emulate: bool,
 ) -> jax.Array:
     """`rows` sent by `plan` into a zero buffer of `out_rows` rows; differentiable: the
     cotangent of each received row is sent back by `reverse` to the row it came from (the
     plans cover every sent row, so this is the exact transpose)."""
     out = jnp.zeros((out_rows, *rows.shape[1:]), rows.dtype)
-    return _ragged_all_to_all(rows, out, *plan, ep, platform)
+    return _ragged_all_to_all(rows, out, *plan, ep, emulate)
 
 
-def _exchange_fwd(rows, plan, reverse, out_rows, ep, platform):
-    return _exchange(rows, plan, reverse, out_rows, ep, platform), (rows.shape[0], plan, reverse)
+def _exchange_fwd(rows, plan, reverse, out_rows, ep, emulate):
+    return _exchange(rows, plan, reverse, out_rows, ep, emulate), (rows.shape[0], plan, reverse)
 
 
-def _exchange_bwd(out_rows, ep, platform, residual, cotangent):
+def _exchange_bwd(out_rows, ep, emulate, residual, cotangent):
     del out_rows
     in_rows, plan, reverse = residual
     del plan  # the plans are integer offsets: no cotangent
     back = jnp.zeros((in_rows, *cotangent.shape[1:]), cotangent.dtype)
-    return _ragged_all_to_all(cotangent, back, *reverse, ep, platform), None, None
+    return _ragged_all_to_all(cotangent, back, *reverse, ep, emulate), None, None
 
 
 _exchange.defvjp(_exchange_fwd, _exchange_bwd)
@@ -217,10 +217,11 @@ def _ragged_all_to_all(
     output_offsets: jax.Array,
     recv_sizes: jax.Array,
     ep: tuple[str, ...],
-    platform: str,
+    emulate: bool,
 ) -> jax.Array:
-    """jax.lax.ragged_all_to_all over `ep`, emulated on the CPU (which cannot run it)."""
-    if platform == "cpu":
+    """jax.lax.ragged_all_to_all over `ep`, emulated where `emulate` (devices of the CPU, which
+    cannot run it)."""
+    if emulate:
         return _emulated_ragged_all_to_all(
             operand, output, input_offsets, send_sizes, output_offsets, ep
         )

@@ -394,6 +394,7 @@ class Experts(nn.Module):
         axes = rng_axes(c.mesh, c.mesh_rules, x.shape, ep)  # of the adapters' dropout
         gather = token_gather_axes(c, x.shape, ep) if ep else ()
         dispatch = choose_dispatch(c.dispatch, ep, gather, c, c.platform) if ep else None
+        emulate = mesh_platform(c.mesh) == "cpu"  # the CPU cannot run ragged_all_to_all
 
         def per_device(x, experts, weights, gate, up, down, biases, adapters, key):
             lora = device_lora(c.lora_scale, c.lora_dropout, axes, adapters, key)
@@ -403,7 +404,7 @@ class Experts(nn.Module):
             )  # fmt: skip
             local = functools.partial(local_grouped_swiglu, **weights_etc)
             if dispatch == "all_to_all":
-                return all_to_all_dispatch(x, experts, weights, local, ep, len(gate), c.platform)
+                return all_to_all_dispatch(x, experts, weights, local, ep, len(gate), emulate)
             if dispatch == "all_gather":
                 return gather_dispatch(x, experts, weights, local, ep, gather, len(gate))
             b, t, _ = x.shape

@@ -146,6 +146,7 @@ class CheckpointSection:
     async_save: bool
     rewind_to_best: bool
     rewind_rule: str
+    rewind_metric: str
     rewind_tolerance: float
 
 
@@ -366,7 +367,8 @@ _CHOICES = {
     "lora.base_dtype": ("float32", "bfloat16"),
     "lora.base_quant": ("none", "int8", "nf4"),
     "lora.method": ("lora", "oft", "prefix", "prompt"),
-    "checkpoint.rewind_rule": ("eval_loss", "retention"),
+    "checkpoint.rewind_rule": ("task", "eval_loss", "retention", "knee"),
+    "checkpoint.rewind_metric": ("eval_loss", "generation"),
     "logging.wandb_mode": ("online", "offline"),
 }
 
@@ -522,6 +524,19 @@ def _eval_and_output_checks(c: Config) -> list[tuple[str, bool, str]]:
             or (c.checkpoint.rewind_to_best and bool(c.eval.general_text_files)),
             "'retention' needs checkpoint.rewind_to_best and eval.general_text_files (the "
             "general text whose loss measures retention)",
+        ),
+        (
+            "checkpoint.rewind_rule",
+            c.checkpoint.rewind_rule != "knee"
+            or (c.checkpoint.rewind_to_best and bool(c.eval.general_text_files)),
+            "'knee' needs checkpoint.rewind_to_best and eval.general_text_files (its second "
+            "axis is the general-text loss)",
+        ),
+        (
+            "checkpoint.rewind_metric",
+            c.checkpoint.rewind_metric != "generation" or c.eval.generate_examples > 0,
+            "'generation' needs eval.generate_examples > 0 (held-out prompts to score each "
+            "kept checkpoint on)",
         ),
         ("faults.kill_at_step", c.faults.kill_at_step >= 0, "must be >= 0 (0: off)"),
         ("faults.sigterm_at_step", c.faults.sigterm_at_step >= 0, "must be >= 0 (0: off)"),

@@ -58,6 +58,20 @@ def test_rewind_trajectory_is_charted_with_base_and_choice(tmp_path):
     assert png.startswith(b"\x89PNG") and len(png) > 10000
 
 
+def test_a_rewind_by_generation_score_charts_that_score(tmp_path):
+    summary = rewind_summary()
+    summary["rewind"].update(metric="generation", generation_match="exact")
+    for point, score in zip(summary["rewind"]["trajectory"], (0.4, 0.9, 1.0), strict=True):
+        point["generation"] = score
+    baseline = {**BASELINE, "generation_exact": 0.0}
+    write_run(tmp_path, baseline=baseline, summary=summary)
+    got = report_tradeoff.tradeoff_of(report.load_run(str(tmp_path)))
+    assert got.metric == "generation" and got.base["generation"] == 0.0
+    assert [p["generation"] for p in got.points] == [0.4, 0.9]
+    png = report_tradeoff.plot_tradeoff(got)
+    assert png.startswith(b"\x89PNG")
+
+
 def test_without_a_rewind_the_end_of_the_run_is_the_point(tmp_path):
     summary = {"steps": 12, "stopped": "finished", "eval_loss": 0.25}
     write_run(tmp_path, baseline=BASELINE, summary=summary, general_after=8.0)

@@ -43,6 +43,49 @@ def test_retention_rule_takes_the_best_task_loss_within_tolerance():
         choose([], "retention", base_general_loss=1.0)
 
 
+def test_task_rule_by_generation_score_takes_the_highest():
+    points = [{**p, "generation": g} for p, g in zip(TRAJECTORY, (0.1, 0.6, 0.6, 0.9), strict=True)]
+    decision = choose(points, "task", metric="generation")
+    assert decision["chosen_step"] == 8 and decision["metric"] == "generation"
+    assert "highest generation score" in decision["reason"]
+    assert choose(points[:3], "task", metric="generation")["chosen_step"] == 4  # tie: earlier
+    within = choose(points, "retention", metric="generation", base_general_loss=4.98, tolerance=0.1)
+    assert within["chosen_step"] == 4  # steps 6 and 8 score higher but forgot too much
+    with pytest.raises(ValueError, match="generation score at every point"):
+        choose(TRAJECTORY, "task", metric="generation")
+    with pytest.raises(ValueError, match="rewind metric"):
+        choose(TRAJECTORY, "task", metric="bleu")
+
+
+def test_knee_rule_takes_the_front_point_nearest_the_ideal_corner():
+    # Step 8 is dominated by step 6 (worse on both axes); of the front 2, 4, 6 scaled to [0, 1]
+    # on both axes, step 4 sits at (0.625, 0.2), nearer (0, 0) than 2 at (1, 0) or 6 at (0, 1).
+    decision = choose(TRAJECTORY, "knee")
+    assert decision["chosen_step"] == 4 and decision["rule"] == "knee"
+    assert [p["pareto"] for p in decision["trajectory"]] == [True, True, True, False]
+    one = [{"step": 3, "eval_loss": 1.0, "general_loss": 2.0}]
+    assert choose(one, "knee")["chosen_step"] == 3
+    # Without a general-text loss at every point the knee is undefined: the task rule, said so.
+    partial = choose([*TRAJECTORY, {"step": 10, "eval_loss": 0.1}], "knee")
+    assert partial["chosen_step"] == 10 and "no general-text loss" in partial["reason"]
+
+
+def test_rewind_metric_and_knee_rule_config_checks(small_train):
+    raw = _tiny(small_train, rewind_metric="generation", rewind_to_best=True)
+    raw.eval.generate_examples = 0
+    with pytest.raises(ConfigError, match=r"checkpoint\.rewind_metric.*generate_examples"):
+        parse(raw)
+    raw.checkpoint.rewind_metric = "bleu"
+    with pytest.raises(ConfigError, match=r"checkpoint\.rewind_metric"):
+        parse(raw)
+    raw.checkpoint.rewind_metric = "eval_loss"
+    raw.checkpoint.rewind_rule = "knee"
+    with pytest.raises(ConfigError, match=r"checkpoint\.rewind_rule.*general_text_files"):
+        parse(raw)
+    raw.eval.general_text_files = GENERAL
+    assert parse(raw).checkpoint.rewind_rule == "knee"
+
+
 def _tiny(small_train, **checkpoint):
     raw = load_config_file(str(REPO / "configs" / "tiny.py"))
     raw.data.train_files = small_train
@@ -83,6 +126,7 @@ def test_run_records_trajectory_and_exports_the_choice(small_train, tmp_path):
         rewind_tolerance=0.02,
     )
     raw.eval.general_text_files = GENERAL
+    raw.eval.generate_examples, raw.eval.max_new_tokens = 4, 4
     summary = train_and_evaluate(parse(raw), str(tmp_path))
     decision = summary["rewind"]
     records = read_metrics(str(tmp_path))
@@ -101,6 +145,11 @@ def test_run_records_trajectory_and_exports_the_choice(small_train, tmp_path):
     )
     assert summary["best_step"] == decision["chosen_step"] == expected["chosen_step"]
     assert summary["kept_general_losses"] == {str(s): p["general_loss"] for s, p in points.items()}
+    # The generation score is part of every point; the last one's is the final generation's.
+    final_generation = next(r for r in records if r.get("kind") == "generation_after")
+    assert points[8]["generation"] == final_generation["accuracy"]
+    assert summary["kept_generation_scores"] == {str(s): p["generation"] for s, p in points.items()}
+    assert decision["generation_match"] == "exact"
     best = resolve_step(str(tmp_path), "best")
     assert best == summary["best_step"]
     assert load_workdir(str(tmp_path), best).step == best

@@ -155,10 +155,16 @@ def get_config() -> ml_collections.ConfigDict:
     k.keep_best = 0  # also keep this many checkpoints with the lowest eval loss (eval at each save)
     k.async_save = True  # write checkpoints in the background while training goes on
     k.rewind_to_best = False  # at the end, evaluate kept checkpoints; summary names the best step
-    # How rewind_to_best ranks them. eval_loss: the lowest validation loss. retention: the lowest
-    # validation loss among checkpoints whose general-text loss (eval.general_text_files) is at
-    # most rewind_tolerance above the base model's (else the one closest to it).
-    k.rewind_rule = "eval_loss"
+    # Each kept checkpoint is measured on validation loss, on the generation score (when
+    # eval.generate_examples > 0) and on general-text loss (when eval.general_text_files is set).
+    # How rewind_to_best ranks them. task: the best rewind_metric ("eval_loss" is its former
+    # name). retention: the best rewind_metric among checkpoints whose general-text loss is at
+    # most rewind_tolerance above the base model's (else the one closest to it). knee: the knee
+    # of the Pareto front of rewind_metric and general-text loss. See sft_jax/evaluation/rewind.py.
+    k.rewind_rule = "task"
+    # The task metric: eval_loss (lowest validation loss) | generation (highest fraction of
+    # held-out prompts answered right under the first rule of eval.match).
+    k.rewind_metric = "eval_loss"
     k.rewind_tolerance = 0.05  # retention rule: allowed rise of the general-text loss, in nats
 
     # --- LoRA: adapters are a separate, trainable tree; the base weights are frozen constants.

@@ -24,8 +24,9 @@ Records written to metrics.jsonl (every one also has "step", "time" and "run", t
   and regex_unmatched_references with the regex rule.
 * `"kind": "general_after"` -- the forgetting check on eval.general_text_files after training:
   general_loss, general_perplexity, general_token_accuracy, general_tokens.
-* `"kind": "rewind"` -- "eval_losses": {step: eval loss} of every kept checkpoint (and, under
-  the retention rule, "general_losses"), at the chosen step.
+* `"kind": "rewind"` -- "eval_losses": {step: eval loss} of every kept checkpoint, with
+  "generation_scores" (the first rule of eval.match) when eval.generate_examples is on and
+  "general_losses" when eval.general_text_files is set, at the chosen step.
 
 A restarted run reads the baseline back (`read_baseline`) instead of measuring a trained model,
 so its summary still compares with the model before fine-tuning. summary.json gets
@@ -236,9 +237,10 @@ class Evaluator:
     def rewind(
         self, state: Any, checkpointer: Checkpointer, base_general_loss: float | None = None
     ) -> dict[str, Any]:
-        """Evaluates every kept checkpoint on the validation data (and, under the "retention"
-        rule, on the general text) -> the step `checkpoint.rewind_rule` chooses
-        (sft_jax/evaluation/rewind.py; `base_general_loss`: the baseline's general_loss).
+        """Evaluates every kept checkpoint on the task (validation loss, and the generation
+        score when eval.generate_examples is on) and on retention (the general text, when
+        eval.general_text_files is set), whatever the rule -> the step `checkpoint.rewind_rule`
+        chooses (sft_jax/evaluation/rewind.py; `base_general_loss`: the baseline's general_loss).
 
         Final checkpoints often overshoot; `python -m sft_jax.export --step best` exports the
         chosen one instead of the last. `checkpointer` is the training one: its pending save
@@ -251,42 +253,54 @@ class Evaluator:
         # A fresh manager: the training one has a StandardSave handler registered for `state`,
         # which refuses the partial PyTreeRestore that `restore_params` (shared with export) uses.
         c = self.config.checkpoint
-        retention = c.rewind_rule == "retention"
         reader = Checkpointer(self.workdir, keep=c.keep, keep_best=c.keep_best, async_save=False)
-        trajectory: list[dict[str, Any]] = []
         try:
-            for step in reader.all_steps():
-                params = reader.restore_params(step, abstract)
-                params = self.inference_params(state.replace(params=params))
-                point = {"step": int(step), "eval_loss": self.validation_loss(params)["eval_loss"]}
-                general = self.general_text_loss(params) if retention else None
-                if general is not None:
-                    point["general_loss"] = general["general_loss"]
-                trajectory.append(point)
+            trajectory = [
+                self._measure_kept(reader, step, abstract, state) for step in reader.all_steps()
+            ]
         finally:
             reader.close()
         decision = rewind_rule.choose(
             trajectory,
             c.rewind_rule,
-            base_general_loss=base_general_loss if retention else None,
+            metric=c.rewind_metric,
+            base_general_loss=base_general_loss,
             tolerance=c.rewind_tolerance,
         )
+        if any("generation" in p for p in trajectory):
+            decision["generation_match"] = self.config.eval.matches[0]
         best = decision["chosen_step"]
-        losses = {str(p["step"]): p["eval_loss"] for p in trajectory}
-        record = {"kind": "rewind", "run": self.run_number, "eval_losses": losses}
-        if retention:
-            record["general_losses"] = {str(p["step"]): p["general_loss"] for p in trajectory}
+        record: dict[str, Any] = {"kind": "rewind", "run": self.run_number}
+        result: dict[str, Any] = {"best_step": best}
+        for key, name in (("eval_loss", "eval_losses"), ("generation", "generation_scores"),
+                          ("general_loss", "general_losses")):  # fmt: skip
+            values = {str(p["step"]): p[key] for p in trajectory if key in p}
+            if values:
+                record[name] = values
+                result[f"kept_{name}"] = values
+        result["best_eval_loss"] = record["eval_losses"][str(best)]
         self.writer.write(best, record)
         log(f"rewind: chose kept checkpoint {best} ({decision['reason']}) of {trajectory}")
-        result = {
-            "best_step": best,
-            "best_eval_loss": losses[str(best)],
-            "kept_eval_losses": losses,
-            "rewind": decision,
+        return {**result, "rewind": decision}
+
+    def _measure_kept(
+        self, reader: Checkpointer, step: int, abstract: Any, state: Any
+    ) -> dict[str, Any]:
+        """One kept checkpoint's trajectory point: step, eval_loss, and generation (the first
+        rule of eval.match) and general_loss where those evaluations are on."""
+        params = reader.restore_params(step, abstract)
+        params = self.inference_params(state.replace(params=params))
+        point: dict[str, Any] = {
+            "step": int(step),
+            "eval_loss": self.validation_loss(params)["eval_loss"],
         }
-        if retention:
-            result["kept_general_losses"] = record["general_losses"]
-        return result
+        generated = self.generation_scores(params)
+        if generated is not None:
+            point["generation"] = generated["accuracy"]
+        general = self.general_text_loss(params)
+        if general is not None:
+            point["general_loss"] = general["general_loss"]
+        return point
 
     def _write_validation(self, params: Any, step: int) -> dict[str, float]:
         result = self.validation_loss(params)

@@ -4,11 +4,13 @@ Fine-tuning buys task skill (validation loss falls) at the cost of general abili
 general text, eval.general_text_files, rises). One loss curve over steps hides that cost; this
 chart puts each measured checkpoint at (general-text perplexity, validation loss), so the
 trajectory from the base model (a star) shows what each step of progress cost, and the checkpoint
-the rewind chose (checkpoint.rewind_rule) is ringed. Lower left is better on both axes.
+the rewind chose (checkpoint.rewind_rule) is ringed. Lower left is better on both axes. When the
+rewind ranked by generation score (checkpoint.rewind_metric "generation"), the task axis is that
+score instead (higher is better).
 
 Where the points come from, most detailed first:
-- summary.json's "rewind" entry (checkpoint.rewind_to_best with rewind_rule "retention"): every
-  kept checkpoint measured on both axes, and the chosen step;
+- summary.json's "rewind" entry (checkpoint.rewind_to_best with eval.general_text_files set):
+  every kept checkpoint measured on both axes, and the chosen step;
 - otherwise the end of the run: the last validation record and the `general_after` record at the
   same step (the forgetting check after training);
 - the base model: the `baseline` record's eval_loss and general_loss.
@@ -35,19 +37,27 @@ NO_GENERAL_TEXT_NOTE = (
 class Tradeoff:
     """A run's trajectory in the task-vs-retention plane (losses in nats)."""
 
-    points: list[dict[str, float]]  # [{"step", "eval_loss", "general_loss"}] by step
-    base: dict[str, float] | None  # the base model's {"eval_loss", "general_loss"}
+    # [{"step", "eval_loss", "general_loss"}, plus "generation" when measured] by step
+    points: list[dict[str, float]]
+    base: dict[str, float] | None  # the base model's {"eval_loss", "general_loss"(, "generation")}
     chosen_step: int | None  # the rewind's choice, None without a rewind
     source: str  # "rewind" (kept checkpoints) or "final" (the end of the run only)
     # the retention rule's bound: base general loss + checkpoint.rewind_tolerance (else None)
     limit_general_loss: float | None = None
+    metric: str = "eval_loss"  # the task axis: "eval_loss" or "generation" (the rewind's metric)
 
 
-def _point(step: Any, eval_loss: Any, general_loss: Any) -> dict[str, float] | None:
+def _point(
+    step: Any, eval_loss: Any, general_loss: Any, generation: Any = None
+) -> dict[str, float] | None:
     values = [number(step), number(eval_loss), number(general_loss)]
     if any(v is None or not math.isfinite(v) for v in values):
         return None
-    return {"step": int(values[0]), "eval_loss": values[1], "general_loss": values[2]}
+    point = {"step": int(values[0]), "eval_loss": values[1], "general_loss": values[2]}
+    score = number(generation)
+    if score is not None and math.isfinite(score):
+        point["generation"] = score
+    return point
 
 
 def rewind_points(summary: dict[str, Any] | None) -> tuple[list[dict[str, float]], int | None]:
@@ -59,7 +69,9 @@ def rewind_points(summary: dict[str, Any] | None) -> tuple[list[dict[str, float]
     points = []
     for p in rewind.get("trajectory") or []:
         if isinstance(p, dict):
-            point = _point(p.get("step"), p.get("eval_loss"), p.get("general_loss"))
+            point = _point(
+                p.get("step"), p.get("eval_loss"), p.get("general_loss"), p.get("generation")
+            )
             if point is not None:
                 points.append(point)
     return sorted(points, key=lambda p: p["step"]), None if chosen is None else int(chosen)
@@ -84,7 +96,7 @@ def tradeoff_of(data: RunData) -> Tradeoff | None:
                 points += [point] if point is not None else []
     if not points and base is None:
         return None
-    limit = None
+    limit, metric = None, "eval_loss"
     rewind = (data.summary or {}).get("rewind")
     if source == "rewind" and isinstance(rewind, dict):
         base_general, tolerance = (
@@ -93,7 +105,15 @@ def tradeoff_of(data: RunData) -> Tradeoff | None:
         )
         if base_general is not None and tolerance is not None:
             limit = base_general + tolerance
-    return Tradeoff(points, base, chosen, source, limit)
+        if rewind.get("metric") == "generation" and all("generation" in p for p in points):
+            metric = "generation"
+            before = data.baseline or {}
+            score = number(before.get(f"generation_{rewind.get('generation_match')}"))
+            if base is not None and score is not None:
+                base["generation"] = score
+            elif base is not None:
+                base = None  # no base point on the generation axis
+    return Tradeoff(points, base, chosen, source, limit, metric)
 
 
 def draw(
@@ -105,21 +125,21 @@ def draw(
     annotate: bool = True,
     linestyle: str = "-",
 ) -> Any:
-    """One trajectory on matplotlib `axes`: x general-text perplexity, y validation loss; the
-    base model a star, the rewind's choice ringed, points labelled by step when `annotate`.
-    Returns the line's colour."""
+    """One trajectory on matplotlib `axes`: x general-text perplexity, y the task metric
+    (`tradeoff.metric`: validation loss or generation score); the base model a star, the
+    rewind's choice ringed, points labelled by step when `annotate`. Returns the line's colour."""
     xs = [math.exp(p["general_loss"]) for p in tradeoff.points]
-    ys = [p["eval_loss"] for p in tradeoff.points]
+    ys = [p[tradeoff.metric] for p in tradeoff.points]
     if tradeoff.base is not None:
         xs.insert(0, math.exp(tradeoff.base["general_loss"]))
-        ys.insert(0, tradeoff.base["eval_loss"])
+        ys.insert(0, tradeoff.base[tradeoff.metric])
     (line,) = axes.plot(xs, ys, marker="o", markersize=3, color=color, label=label,
                       linestyle=linestyle)  # fmt: skip
     color = line.get_color()
     if tradeoff.base is not None:
         axes.plot(xs[:1], ys[:1], marker="*", markersize=13, color="black", linestyle="none")
     for p in tradeoff.points:
-        x, y = math.exp(p["general_loss"]), p["eval_loss"]
+        x, y = math.exp(p["general_loss"]), p[tradeoff.metric]
         if p["step"] == tradeoff.chosen_step:
             axes.plot([x], [y], marker="o", markersize=11, fillstyle="none", color=color,
                       markeredgewidth=2, linestyle="none")  # fmt: skip
@@ -129,7 +149,14 @@ def draw(
     return color
 
 
-def finish_axes(axes: Any, title: str, all_losses: list[float], *, outside: bool = False) -> None:
+def finish_axes(
+    axes: Any,
+    title: str,
+    all_losses: list[float],
+    *,
+    outside: bool = False,
+    metric: str = "eval_loss",
+) -> None:
     """Log perplexity axis (forgetting multiplies it), log validation loss when it spans more
     than two decades, labels, and a legend that names the markers (right of the axes when
     `outside`: many curves)."""
@@ -144,11 +171,15 @@ def finish_axes(axes: Any, title: str, all_losses: list[float], *, outside: bool
     low, high = axes.get_xlim()
     axes.xaxis.set_minor_formatter(plain if high / low < 20 else NullFormatter())
     finite = [v for v in all_losses if v > 0 and math.isfinite(v)]
-    if finite and max(finite) / min(finite) > 100:
+    if metric == "eval_loss" and finite and max(finite) / min(finite) > 100:
         axes.set_yscale("log")
     axes.set_title(title)
     axes.set_xlabel("general-text perplexity (retention; log scale; lower = less forgetting)")
-    axes.set_ylabel("validation loss (task; lower = better)")
+    axes.set_ylabel(
+        "validation loss (task; lower = better)"
+        if metric == "eval_loss"
+        else "generation score (task; higher = better)"
+    )
     axes.grid(alpha=0.3, which="both")
     handles, _ = axes.get_legend_handles_labels()
     handles += [
@@ -174,9 +205,10 @@ def plot_tradeoff(tradeoff: Tradeoff) -> bytes:
     if tradeoff.limit_general_loss is not None:
         axes.axvline(math.exp(tradeoff.limit_general_loss), color="0.5", linestyle=":",
                      label="retention rule's limit (rewind_tolerance)")  # fmt: skip
-    losses = [p["eval_loss"] for p in tradeoff.points]
-    losses += [tradeoff.base["eval_loss"]] if tradeoff.base else []
-    finish_axes(axes, "Stability-plasticity: task vs retention", losses)
+    values = [p[tradeoff.metric] for p in tradeoff.points]
+    values += [tradeoff.base[tradeoff.metric]] if tradeoff.base else []
+    title = "Stability-plasticity: task vs retention"
+    finish_axes(axes, title, values, metric=tradeoff.metric)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")

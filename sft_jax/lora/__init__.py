@@ -3,7 +3,8 @@ and prefix / prompt tuning.
 
     tree.py   adapters (`make_adapters`: the one adapter maker; init, merge, delta, DoRA
               magnitudes, shardings of a/b/m; `config_scale`: a config's LoRA scale)
-    peft.py   PEFT adapter files both ways (adapter_config.json + adapter_model.safetensors)
+    peft.py   PEFT adapter files both ways (adapter_config.json + adapter_model.safetensors);
+              peft_oft.py: OFT's tensors and config, peft_common.py: what the methods share
     oft.py    OFT (orthogonal fine-tuning): Cayley / Neumann rotations of each kernel's input
     prefix.py prefix and prompt tuning trees (the model side: sft_jax/model/prefix.py), PEFT files
     quant.py  blockwise int8 / NF4 storage of the frozen base (QLoRA)
@@ -19,13 +20,13 @@ from sft_jax.lora.oft import spec_of as oft_spec
 from sft_jax.lora.peft import (
     PeftAdapterConfig,
     from_peft_tensors,
-    oft_peft_config,
     peft_config,
     read_peft_adapter,
     read_peft_config,
     to_peft_tensors,
     write_peft_adapter,
 )
+from sft_jax.lora.peft_oft import oft_peft_config
 from sft_jax.lora.quant import (
     Quantized,
     dequantize,

@@ -21,12 +21,9 @@ inner one's keys gain ".base_layer": with both targeted, gate_up_proj's adapter 
 PEFT refuses dropout (and DoRA) on parameters, so an adapter with expert parameters is written
 with lora_dropout 0 (dropout only acts in training; the adapter computes the same function).
 
-OFT (sft_jax/lora/oft.py) stores one vector per module and layer, as PEFT's OFT does:
-
-    base_model.model.model.layers.{i}.self_attn.q_proj.oft_R.weight          [blocks, n]
-
-with peft_type "OFT" and its settings (oft_block_size, block_share, coft, eps,
-use_cayley_neumann, num_cayley_neumann_terms) in adapter_config.json (`oft_peft_config`).
+OFT adapters (sft_jax/lora/oft.py) are converted in sft_jax/lora/peft_oft.py; what every method
+shares (key prefixes, file names, saved modules, `PeftAdapterConfig`) is in
+sft_jax/lora/peft_common.py.
 
 Rank, alpha, rsLoRA and DoRA travel in adapter_config.json and are read from it on import
 (`read_peft_config`, which also derives the scale); a run that continues from an adapter checks
@@ -49,12 +46,10 @@ export and split on import (sft_jax.lora.fused).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -66,6 +61,22 @@ from sft_jax.lora.fused import (
     fused_config,
     split_fused,
 )
+from sft_jax.lora.peft_common import (
+    CONFIG_FILE,
+    LANGUAGE_MODEL,
+    MODEL_PREFIX,
+    PEFT_MODULE_NAME,
+    PREFIX,
+    TEXT_MODEL,
+    TEXT_PARTS,
+    WEIGHTS_FILE,
+    PeftAdapterConfig,
+    adapter_paths,
+    from_language_model,
+    saved_from_peft,
+    saved_to_peft,
+)
+from sft_jax.lora.peft_oft import oft_adapter_config, oft_stack, oft_to_peft
 from sft_jax.lora.tree import (
     EXPERT_KERNELS,
     EXPERTS,
@@ -74,37 +85,12 @@ from sft_jax.lora.tree import (
     SAVED,
     SUBLAYER,
     adapted_kernel,
-    config_scale,
     get_path,
     hf_layer,
     hf_module,
     is_expert_path,
-    saved_module_table,
     set_path,
 )
-
-PREFIX = "base_model.model.model.layers"
-MODEL_PREFIX = "base_model.model."
-_TEXT_MODEL = "base_model.model.model."
-_LANGUAGE_MODEL = "base_model.model.model.language_model."  # Gemma 3's multimodal base
-_PEFT_MODULE_NAME = {"norm": "model.norm"}  # a suffix that matches the final norm only
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-_TEXT_PARTS = ["base_model", "model", "model"]  # what precedes "layers" in an adapter's key
-_SUFFIX = {"a": "lora_A.weight", "b": "lora_B.weight", "m": "lora_magnitude_vector"}
-OFT_SUFFIX = "oft_R.weight"
-# The PEFT version whose OFT parametrisation (the Neumann series as changed in 0.18) is written;
-# PEFT warns on a Neumann adapter that names none.
-OFT_PEFT_VERSION = "0.21.0"
-
-
-def _adapter_paths(adapters: dict) -> list[tuple[str, ...]]:
-    paths = []
-    for path, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]:
-        keys = tuple(str(getattr(p, "key", p)) for p in path)
-        if keys[-1] in ("a", oft.PARAM):
-            paths.append(keys[:-1])
-    return paths
 
 
 def to_peft_tensors(
@@ -126,7 +112,7 @@ def to_peft_tensors(
     if not language_model:
         return tensors
     return {
-        _LANGUAGE_MODEL + k.removeprefix(_TEXT_MODEL) if k.startswith(_TEXT_MODEL) else k: v
+        LANGUAGE_MODEL + k.removeprefix(TEXT_MODEL) if k.startswith(TEXT_MODEL) else k: v
         for k, v in tensors.items()
     }
 
@@ -135,16 +121,14 @@ def _text_model_tensors(
     adapters: dict, tied_embeddings: bool, period: int = 1
 ) -> dict[str, np.ndarray]:
     tensors = {}
-    for path in _adapter_paths(adapters):
+    for path in adapter_paths(adapters):
         ad = {k: np.asarray(v, np.float32) for k, v in get_path(adapters, path).items()}
         if is_expert_path(path):
             wrapped = tuple(get_path(adapters, path[:-1]))
             tensors.update(_experts_to_peft(path, ad, wrapped, period))
             continue
         if oft.PARAM in ad:
-            for layer in range(ad[oft.PARAM].shape[0]):
-                key = f"{PREFIX}.{hf_layer(path, layer, period)}.{hf_module(path)}.{OFT_SUFFIX}"
-                tensors[key] = ad[oft.PARAM][layer].copy()
+            tensors.update(oft_to_peft(path, ad, period))
             continue
         layers, rank = ad["a"].shape[0], ad["a"].shape[-1]
         for layer in range(layers):
@@ -154,7 +138,7 @@ def _text_model_tensors(
             if "m" in ad:
                 tensors[f"{prefix}.lora_magnitude_vector"] = ad["m"][layer].reshape(-1).copy()
     for name, value in adapters.get(SAVED, {}).items():
-        tensors.update(_saved_to_peft(name, np.asarray(value, np.float32)))
+        tensors.update(saved_to_peft(name, np.asarray(value, np.float32)))
     if tied_embeddings and "embed_tokens" in adapters.get(SAVED, {}):
         embed = tensors[MODEL_PREFIX + SAVEABLE["embed_tokens"][1]]
         tensors[MODEL_PREFIX + SAVEABLE["lm_head"][1]] = embed
@@ -186,63 +170,6 @@ def _experts_to_peft(
     return tensors
 
 
-def _saved_to_peft(name: str, value: np.ndarray) -> dict[str, np.ndarray]:
-    """One saved module's PEFT tensors (HF layouts, one tensor per layer)."""
-    key = MODEL_PREFIX + SAVEABLE[name][1]
-    if "{i}" in key:
-        return {key.format(i=i): value[i].copy() for i in range(value.shape[0])}
-    if name == "lm_head":
-        return {key: value.T.copy()}  # our kernel [D, V] -> HF Linear weight [V, D]
-    return {key: value}
-
-
-def _saved_from_peft(tensors: dict[str, np.ndarray], params: dict) -> dict[str, np.ndarray]:
-    """Saved-module tensors of a PEFT state dict (removed from `tensors`), as our leaves."""
-    tied = "lm_head" not in params
-    saved: dict[str, np.ndarray] = {}
-    for name, (path, key) in saved_module_table(params).items():
-        key = MODEL_PREFIX + key
-        if tied and name == "lm_head":
-            value = tensors.pop(
-                MODEL_PREFIX + SAVEABLE["lm_head"][1], None
-            )  # the tied copy PEFT writes; embed_tokens wins
-            if value is not None and "embed_tokens" not in saved:
-                saved["embed_tokens"] = value
-            continue
-        if "{i}" in key:
-            layers = get_path(params, path).shape[0]
-            found = [tensors.pop(key.format(i=i), None) for i in range(layers)]
-            if all(v is None for v in found):
-                continue
-            if any(v is None for v in found):
-                raise ValueError(f"PEFT adapter saves {name} for only some of {layers} layers")
-            saved[name] = np.stack(found)
-        elif key in tensors:
-            value = tensors.pop(key)
-            saved[name] = value.T if name == "lm_head" else value
-    return saved
-
-
-def _from_language_model(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A multimodal base's language-model keys as a text model's; an adapter on any of its
-    other modules (the vision tower, the projector) is refused: sft_jax loads none of them."""
-    if not any(k.startswith(_LANGUAGE_MODEL) for k in tensors):
-        return dict(tensors)
-    out = {}
-    for key, value in tensors.items():
-        if key.startswith(_LANGUAGE_MODEL):
-            out[_TEXT_MODEL + key.removeprefix(_LANGUAGE_MODEL)] = value
-        elif key.startswith(_TEXT_MODEL):
-            module = key.removeprefix(_TEXT_MODEL).split(".")[0]
-            raise ValueError(
-                f"PEFT tensor {key!r} adapts the base's {module}; sft_jax fine-tunes only the "
-                "language model of a multimodal model"
-            )
-        else:
-            out[key] = value
-    return out
-
-
 def expert_parameters(target_parameters: tuple[str, ...]) -> tuple[str, ...]:
     """The expert parameters (gate_up_proj, down_proj, in HF's order) that PEFT's
     `target_parameters` adapt (PEFT matches them as suffixes of "model.layers.{i}.mlp.experts.
@@ -264,7 +191,7 @@ def _parse_name(name: str, experts: tuple[str, ...]) -> tuple[int, tuple[str, ..
     kind = kinds.get(parts[-2]) if parts[-1] == "weight" else None
     if parts[-1] == "lora_magnitude_vector":
         kind, parts = "m", [*parts, "weight"]  # align module slicing below
-    if "layers" not in parts or kind is None or parts[: parts.index("layers")] != _TEXT_PARTS:
+    if "layers" not in parts or kind is None or parts[: parts.index("layers")] != TEXT_PARTS:
         raise ValueError(f"unexpected PEFT tensor {name!r}")
     layer = int(parts[parts.index("layers") + 1])
     module = parts[parts.index("layers") + 2 : -2]
@@ -291,7 +218,7 @@ def _stack_layer(path: tuple[str, ...], parts: dict, params: dict) -> dict[str, 
     if any(sorted(v) != list(range(layers)) for v in parts.values()):
         raise ValueError(f"PEFT adapter for {'/'.join(path)} does not cover all {layers} layers")
     if oft.PARAM in parts:
-        return {oft.PARAM: _oft_stack(path, parts[oft.PARAM], kernel, n_in)}
+        return {oft.PARAM: oft_stack(path, parts[oft.PARAM], kernel, n_in)}
     if is_expert_path(path):
         experts = kernel.shape[1]
         a = [parts["a"][i].reshape(experts, -1, kernel.shape[2]) for i in range(layers)]
@@ -310,22 +237,6 @@ def _stack_layer(path: tuple[str, ...], parts: dict, params: dict) -> dict[str, 
     return ad
 
 
-def _oft_stack(
-    path: tuple[str, ...], per_layer: dict[int, np.ndarray], kernel: Any, n_in: int
-) -> np.ndarray:
-    """One OFT module's per-layer vectors [blocks, n] stacked, checked against its kernel's
-    input width (blocks x b = in, or one shared block with b dividing in)."""
-    vec = np.stack([per_layer[i] for i in range(len(per_layer))])
-    fan_in = int(np.prod(kernel.shape[1 : 1 + n_in]))
-    b = oft.block_size(vec.shape[-1])
-    if fan_in % b or vec.shape[1] not in (1, fan_in // b):
-        raise ValueError(
-            f"PEFT OFT tensors of {'/'.join(path)} ({vec.shape[1]} blocks of {b}) do not fit "
-            f"its {fan_in} input features"
-        )
-    return vec
-
-
 def from_peft_tensors(
     tensors: dict[str, np.ndarray],
     params: dict,
@@ -336,8 +247,8 @@ def from_peft_tensors(
     """Inverse of `to_peft_tensors`, shaped after the kernels of `params`; `target_parameters`
     as in the adapter's config (which expert parameters its `experts` keys adapt); `rank` its r
     (fused adapters of rank 3r / 2r that are block-diagonal split back into rank-r ones)."""
-    tensors = _from_language_model(tensors)
-    saved = _saved_from_peft(tensors, params)
+    tensors = from_language_model(tensors)
+    saved = saved_from_peft(tensors, params)
     experts = expert_parameters(tuple(target_parameters))
     period = sum(k.startswith(SUBLAYER) for k in params.get("layers", {}))  # hybrid: its period
     per_path: dict[tuple[str, ...], dict[str, dict[int, np.ndarray]]] = {}
@@ -375,13 +286,13 @@ def peft_config(
     the base is multimodal; target_modules is then a regular expression over its language
     model's modules only (PEFT full-matches a string against each module name). `fused`: the
     base fuses q/k/v and gate/up (Phi-3), so are the adapters (sft_jax.lora.fused)."""
-    paths = _adapter_paths(adapters)
+    paths = adapter_paths(adapters)
     saved = sorted(adapters.get(SAVED, {}))
     if "embed_tokens" in saved and tied_embeddings is None:
         raise ValueError("peft_config needs tied_embeddings when embed_tokens is a saved module")
     parameters = sorted({hf_module(p) for p in paths if is_expert_path(p)})
     modules: Any = sorted({p[-1] for p in paths if not is_expert_path(p)})
-    names = dict(_PEFT_MODULE_NAME)
+    names = dict(PEFT_MODULE_NAME)
     if language_model:
         if parameters:
             raise ValueError("a multimodal base's experts are not adapted by sft_jax")
@@ -408,41 +319,6 @@ def peft_config(
         "ensure_weight_tying": bool(tied_embeddings) and "embed_tokens" in saved,
     }
     return fused_config(config, rank, alpha, rslora) if fused else config
-
-
-def oft_peft_config(
-    adapters: dict, cfg: Any, *, base: str, tied_embeddings: bool | None = None
-) -> dict[str, Any]:
-    """The adapter_config.json of an OFT adapter tree; `cfg`: its run's LoRA section (or that
-    section as a dict) for the OFT settings. PEFT's OFTConfig cannot re-tie an LM head, so a
-    trained tied embedding is refused."""
-    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
-    saved = sorted(adapters.get(SAVED, {}))
-    if "embed_tokens" in saved and tied_embeddings is not False:
-        raise ValueError(
-            "an OFT adapter with a trained tied embedding cannot be written for PEFT (its "
-            "OFTConfig has no ensure_weight_tying); untie it or leave embed_tokens frozen"
-        )
-    return {
-        "peft_type": "OFT",
-        "task_type": "CAUSAL_LM",
-        "peft_version": OFT_PEFT_VERSION,
-        "r": 0,
-        "oft_block_size": int(get("oft_block_size")),
-        "target_modules": sorted({p[-1] for p in _adapter_paths(adapters)}),
-        "module_dropout": 0.0,
-        "fan_in_fan_out": False,
-        "bias": "none",
-        "init_weights": True,
-        "coft": bool(get("oft_coft")),
-        "eps": float(get("oft_eps")),
-        "block_share": bool(get("oft_block_share")),
-        "use_cayley_neumann": bool(get("oft_cayley_neumann")),
-        "num_cayley_neumann_terms": int(get("oft_neumann_terms")),
-        "base_model_name_or_path": base,
-        "inference_mode": True,
-        "modules_to_save": [_PEFT_MODULE_NAME.get(m, m) for m in saved] or None,
-    }
 
 
 def write_peft_adapter(
@@ -472,41 +348,6 @@ def write_peft_adapter(
         f.write("\n")
 
 
-@dataclasses.dataclass(frozen=True)
-class PeftAdapterConfig:
-    """What an adapter_config.json says about the adapter's shape and scale. The scale is
-    derived here, never passed separately, so an adapter cannot be applied at scale 0 (the base)
-    by forgetting it."""
-
-    rank: int
-    alpha: float
-    rslora: bool
-    dora: bool
-    base: str  # base_model_name_or_path as written ("" when unset)
-    target_parameters: tuple[str, ...] = ()  # PEFT's, as written: the adapted expert parameters
-    oft: oft.OftSpec | None = None  # an OFT adapter's rotation settings; None: LoRA
-    method: str = "lora"  # lora | oft | prefix | prompt (config.lora.method's names)
-
-    @property
-    def scale(self) -> float:
-        """LoRA's scale; the other methods have none (1.0, unused by their merge)."""
-        return 1.0 if self.method != "lora" else config_scale(self)
-
-
-def _oft_config(path: str, cfg: dict) -> PeftAdapterConfig:
-    """An OFT adapter_config.json: its rotation settings (sizes come from the tensors).
-    Settings PEFT's Linear OFT honours that sft_jax does not reproduce are refused."""
-    if cfg.get("bias", "none") != "none" or cfg.get("fan_in_fan_out", False):
-        raise ValueError(f"{path}: OFT with bias training or fan_in_fan_out is not supported")
-    neumann = bool(cfg.get("use_cayley_neumann", True))
-    spec = oft.OftSpec(
-        neumann_terms=int(cfg.get("num_cayley_neumann_terms", 5)) if neumann else 0,
-        coft_eps=float(cfg.get("eps", 6e-5)) if cfg.get("coft", False) else None,
-    )
-    base = cfg.get("base_model_name_or_path") or ""
-    return PeftAdapterConfig(1, 1.0, False, False, base, oft=spec, method="oft")
-
-
 def read_peft_config(adapter_dir: str) -> PeftAdapterConfig:
     """adapter_config.json of a LoRA adapter; missing r / lora_alpha take PEFT's defaults (8).
     Per-module ranks or alphas (rank_pattern / alpha_pattern) are refused, since one scale is
@@ -520,7 +361,7 @@ def read_peft_config(adapter_dir: str) -> PeftAdapterConfig:
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: expected a JSON object")
     if cfg.get("peft_type", "LORA") == "OFT":
-        return _oft_config(path, cfg)
+        return oft_adapter_config(path, cfg)
     method = prefix.method_of_config(cfg)
     if method is not None:
         if cfg.get("num_transformer_submodules", 1) != 1:
@@ -594,7 +435,7 @@ def read_peft_adapter(
     adapters = from_peft_tensors(
         tensors, params, target_parameters=cfg.target_parameters, rank=cfg.rank
     )
-    has_m = any("m" in get_path(adapters, p) for p in _adapter_paths(adapters))
+    has_m = any("m" in get_path(adapters, p) for p in adapter_paths(adapters))
     if has_m != cfg.dora:
         raise ValueError(
             f"{os.path.join(adapter_dir, CONFIG_FILE)}: use_dora is {cfg.dora} but "

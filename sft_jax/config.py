@@ -182,6 +182,9 @@ class LoraSection:
     oft_eps: float
     oft_cayley_neumann: bool
     oft_neumann_terms: int
+    boft_block_size: int
+    boft_block_num: int
+    boft_n_butterfly_factor: int
     num_virtual_tokens: int
     prefix_projection: bool
     prefix_hidden_size: int
@@ -366,7 +369,7 @@ _CHOICES = {
     "distributed.expected_platform": ("", "cpu", "gpu", "tpu"),
     "lora.base_dtype": ("float32", "bfloat16"),
     "lora.base_quant": ("none", "int8", "nf4"),
-    "lora.method": ("lora", "oft", "prefix", "prompt"),
+    "lora.method": ("lora", "oft", "boft", "prefix", "prompt"),
     "checkpoint.rewind_rule": ("task", "eval_loss", "retention", "knee"),
     "checkpoint.rewind_metric": ("eval_loss", "generation"),
     "logging.wandb_mode": ("online", "offline"),
@@ -576,6 +579,20 @@ def _oft_checks(lo: LoraSection) -> list[tuple[str, bool, str]]:
         ("lora.oft_block_size", lo.oft_block_size >= 2, "must be >= 2"),
         ("lora.oft_eps", lo.oft_eps > 0, "must be > 0"),
         ("lora.oft_neumann_terms", lo.oft_neumann_terms >= 1, "must be >= 1"),
+        ("lora.boft_block_size", lo.boft_block_size >= 0, "must be >= 0"),
+        ("lora.boft_block_num", lo.boft_block_num >= 0, "must be >= 0"),
+        (
+            "lora.boft_block_size",
+            (lo.boft_block_size == 0) != (lo.boft_block_num == 0),
+            "exactly one of lora.boft_block_size and lora.boft_block_num must be non-zero (as "
+            "PEFT's BOFTConfig)",
+        ),
+        (
+            "lora.boft_n_butterfly_factor",
+            lo.boft_n_butterfly_factor == 1,
+            "must be 1: sft_jax implements BOFT as PEFT computes it without its CUDA extension "
+            "(one block-diagonal factor); more factors are not supported",
+        ),
         ("lora.num_virtual_tokens", lo.num_virtual_tokens >= 1, "must be >= 1"),
         ("lora.prefix_hidden_size", lo.prefix_hidden_size >= 0, "must be >= 0 (0: K x H)"),
         (

@@ -272,18 +272,19 @@ def export_peft(run: TrainedModel, out_dir: str) -> None:
     multimodal = hf.is_multimodal(run.source_model_dir)  # keys of its language model
     fused = hf.export_layout(run.model_config, run.source_model_dir or None).fused_proj
     method = c.get("method", "lora")
-    if method == "oft" and (multimodal or fused):
+    if method in ("oft", "boft") and (multimodal or fused):
         raise ExportError(
-            "--peft of an OFT run is not supported for a multimodal checkpoint or one with fused "
-            "projections (qkv_proj, gate_up_proj): PEFT's OFT rotates a fused module's input "
-            "once, ours per projection; export it merged instead"
+            f"--peft of an {method.upper()} run is not supported for a multimodal checkpoint or "
+            "one with fused projections (qkv_proj, gate_up_proj): PEFT rotates a fused module's "
+            "input once, ours per projection; export it merged instead"
         )
     adapters = jax.device_get(lora.oft_projected(run.adapters, lora.oft_spec(c)))
     if method in lora.prefix.PEFT_TYPES:
         config = lora.prefix.peft_config(adapters, run.model_config, base=run.source_model_dir)
-    elif method == "oft":
+    elif method in ("oft", "boft"):
         tied = run.model_config.tie_embeddings
-        config = lora.oft_peft_config(adapters, c, base=run.source_model_dir, tied_embeddings=tied)
+        write_config = lora.oft_peft_config if method == "oft" else lora.boft_peft_config
+        config = write_config(adapters, c, base=run.source_model_dir, tied_embeddings=tied)
     else:
         config = lora.peft_config(
             adapters,

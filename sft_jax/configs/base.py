@@ -172,7 +172,9 @@ def get_config() -> ml_collections.ConfigDict:
     lo.enabled = False  # train LoRA adapters instead of every weight
     # lora: low-rank A, B (rank, alpha, dora, rslora, dropout, lr_ratio_b); oft: orthogonal
     # fine-tuning, a trained block-diagonal rotation of each target's input (the oft_* keys);
-    # prefix: trained per-layer key/value prefix; prompt: trained virtual input tokens.
+    # boft: PEFT's butterfly OFT in its single-factor form, exact Cayley blocks and a trained
+    # output scale (the boft_* keys); prefix: trained per-layer key/value prefix; prompt: trained
+    # virtual input tokens.
     lo.method = "lora"
     lo.rank = 16  # adapter rank r
     lo.alpha = 32.0  # adapter scale alpha (applied as alpha / rank)
@@ -195,6 +197,10 @@ def get_config() -> ml_collections.ConfigDict:
     lo.oft_eps = 6e-5  # COFT radius (PEFT's eps), only with oft_coft
     lo.oft_cayley_neumann = True  # Neumann-series Cayley (PEFT's default); False: exact inverse
     lo.oft_neumann_terms = 5  # terms of that series (PEFT's num_cayley_neumann_terms)
+    lo.boft_block_size = 4  # BOFT block size (PEFT's default); must divide every target's input
+    lo.boft_block_num = 0  # BOFT blocks per module instead of a size (one of the two is 0)
+    # BOFT butterfly factors: only 1 (PEFT's CPU form; more need PEFT's CUDA extension)
+    lo.boft_n_butterfly_factor = 1
     lo.num_virtual_tokens = 20  # prefix / prompt tuning: P prefix slots or virtual tokens
     lo.prefix_projection = False  # prefix tuning: train K/V through PEFT's tanh-MLP encoder
     lo.prefix_hidden_size = 0  # that encoder's hidden width; 0: kv_heads x head_dim (PEFT's)

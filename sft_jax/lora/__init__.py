@@ -1,5 +1,5 @@
 """LoRA family as pure transforms of the parameter tree: LoRA, rsLoRA, DoRA, LoRA+, QLoRA, OFT,
-and prefix / prompt tuning.
+BOFT, and prefix / prompt tuning.
 
     tree.py   adapters (`make_adapters`: the one adapter maker; init, merge, delta, DoRA
               magnitudes, shardings of a/b/m; `config_scale`: a config's LoRA scale)
@@ -26,7 +26,7 @@ from sft_jax.lora.peft import (
     to_peft_tensors,
     write_peft_adapter,
 )
-from sft_jax.lora.peft_oft import oft_peft_config
+from sft_jax.lora.peft_oft import boft_peft_config, oft_peft_config
 from sft_jax.lora.quant import (
     Quantized,
     dequantize,
@@ -74,6 +74,7 @@ __all__ = [
     "adapter_specs",
     "add_saved_modules",
     "apply_variables",
+    "boft_peft_config",
     "column_norm",
     "config_scale",
     "count",

@@ -16,6 +16,16 @@ at every forward; here the projection is applied in the forward with a straight-
 gradient, so the function is PEFT's and only the stored value differs until export, which
 writes the projected vector).
 
+BOFT (`lora.method` "boft", PEFT's butterfly OFT) as PEFT computes it without its CUDA extension,
+which is on CPU always: PEFT then sets boft_n_butterfly_factor to 1, so the rotation is one
+block-diagonal factor (the butterfly permutations are the identity), each block the exact Cayley
+transform of 0.5 (A - A^T) of a stored full b x b matrix A (`boft_R` [1, blocks, b, b]), and the
+output is scaled per output feature by a trained `boft_s` [out, 1] (ones at init). That skew
+matrix is exactly an OFT vector's (its upper triangle) under the exact Cayley transform, so BOFT
+reuses everything above: its modules hold `oft_r` and `boft_s` [L, *out] (`SCALE`), and the spec
+is `BOFT_SPEC`. Butterfly factors above 1 (computed by PEFT only through its CUDA extension) are
+refused. PEFT requires the block size to divide each input (no adjustment): `boft_block`.
+
 In the adapter tree an OFT module holds `oft_r` [L, blocks, n] (blocks = 1 when shared).
 `rotations` turns each into `oft_rotation` [L, blocks, b, b] once per forward (outside the layer
 scan); `sft_jax.model.layers.Einsum` rotates its input with it and `rotate_kernel` folds it into
@@ -33,6 +43,7 @@ import jax.numpy as jnp
 
 PARAM = "oft_r"  # the stored (trained) vector of each OFT module in the adapter tree
 ROTATION = "oft_rotation"  # its rotation blocks, made by `rotations` for the forward and merge
+SCALE = "boft_s"  # BOFT's trained scale of each output feature [L, *out]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +55,15 @@ class OftSpec:
     coft_eps: float | None = None
 
 
+BOFT_SPEC = OftSpec(neumann_terms=0)  # BOFT's blocks: the exact Cayley transform, no COFT
+
+
 def spec_of(cfg: Any) -> OftSpec | None:
     """The OftSpec of a LoRA config section (or a saved run's section as a dict); None unless
-    its `method` is "oft"."""
+    its `method` is "oft" or "boft"."""
     get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    if get("method", "lora") == "boft":
+        return BOFT_SPEC
     if get("method", "lora") != "oft":
         return None
     terms = get("oft_neumann_terms", 5) if get("oft_cayley_neumann", True) else 0
@@ -74,6 +90,21 @@ def adjust_block_size(in_features: int, size: int) -> int:
     while lower > 1 and in_features % lower:
         lower -= 1
     return lower if size - lower <= higher - size else higher
+
+
+def boft_block(in_features: int, size: int, num: int) -> int:
+    """BOFT's block size for a module with `in_features` inputs: `size`, or in / `num` when
+    the block count is given instead (exactly one of them is non-zero, as in PEFT); either must
+    divide the input, which PEFT refuses to adjust."""
+    if (size == 0) == (num == 0):
+        raise ValueError("BOFT needs exactly one of boft_block_size and boft_block_num non-zero")
+    given, what = (size, "boft_block_size") if size else (num, "boft_block_num")
+    if in_features % given:
+        raise ValueError(
+            f"{what} {given} does not divide a targeted module's {in_features} input features "
+            "(PEFT's BOFT requires it to)"
+        )
+    return size or in_features // num
 
 
 def init_vector(in_features: int, size: int, layers: tuple[int, ...], share: bool) -> jax.Array:
@@ -175,6 +206,13 @@ def rotate_input(x: jax.Array, rot: jax.Array, n_in: int) -> jax.Array:
     flat = x.reshape(*shape[: len(shape) - n_in], -1, b).astype(jnp.float32)
     rot = jnp.broadcast_to(rot.astype(jnp.float32), (flat.shape[-2], b, b))
     return jnp.einsum("...rk,rkc->...rc", flat, rot).reshape(shape).astype(x.dtype)
+
+
+def scale_kernel(kernel: jax.Array, scale: jax.Array, n_in: int) -> jax.Array:
+    """BOFT's merge of its output scale: each output feature's column of a stacked kernel
+    [L, *in, *out] times scale [L, *out] (float32)."""
+    shape = (scale.shape[0], *(1,) * n_in, *scale.shape[1:])
+    return kernel.astype(jnp.float32) * scale.astype(jnp.float32).reshape(shape)
 
 
 def rotate_kernel(kernel: jax.Array, rot: jax.Array, n_in: int) -> jax.Array:

@@ -76,7 +76,14 @@ from sft_jax.lora.peft_common import (
     saved_from_peft,
     saved_to_peft,
 )
-from sft_jax.lora.peft_oft import oft_adapter_config, oft_stack, oft_to_peft
+from sft_jax.lora.peft_oft import (
+    BOFT_KEYS,
+    boft_adapter_config,
+    boft_from_peft,
+    oft_adapter_config,
+    oft_stack,
+    oft_to_peft,
+)
 from sft_jax.lora.tree import (
     EXPERT_KERNELS,
     EXPERTS,
@@ -191,6 +198,8 @@ def _parse_name(name: str, experts: tuple[str, ...]) -> tuple[int, tuple[str, ..
     kind = kinds.get(parts[-2]) if parts[-1] == "weight" else None
     if parts[-1] == "lora_magnitude_vector":
         kind, parts = "m", [*parts, "weight"]  # align module slicing below
+    if parts[-1] in BOFT_KEYS:
+        kind, parts = BOFT_KEYS[parts[-1]], [*parts, "weight"]
     if "layers" not in parts or kind is None or parts[: parts.index("layers")] != TEXT_PARTS:
         raise ValueError(f"unexpected PEFT tensor {name!r}")
     layer = int(parts[parts.index("layers") + 1])
@@ -217,6 +226,8 @@ def _stack_layer(path: tuple[str, ...], parts: dict, params: dict) -> dict[str, 
     layers = kernel.shape[0]
     if any(sorted(v) != list(range(layers)) for v in parts.values()):
         raise ValueError(f"PEFT adapter for {'/'.join(path)} does not cover all {layers} layers")
+    if any(kind in parts for kind in BOFT_KEYS.values()):
+        return boft_from_peft(path, parts, kernel, n_in)
     if oft.PARAM in parts:
         return {oft.PARAM: oft_stack(path, parts[oft.PARAM], kernel, n_in)}
     if is_expert_path(path):
@@ -256,7 +267,8 @@ def from_peft_tensors(
         layer, path, kind = _parse_name(name, experts)
         if period:  # HF layer i is entry i // period of layers/layer_{i % period}
             path, layer = (path[0], f"{SUBLAYER}{layer % period}", *path[1:]), layer // period
-        parts = per_path.setdefault(path, {} if kind == oft.PARAM else {"a": {}, "b": {}})
+        rotation = kind == oft.PARAM or kind in BOFT_KEYS.values()
+        parts = per_path.setdefault(path, {} if rotation else {"a": {}, "b": {}})
         parts.setdefault(kind, {})[layer] = np.asarray(value)
     per_path = split_fused(per_path, params, rank)
     adapters: dict = {}
@@ -362,6 +374,8 @@ def read_peft_config(adapter_dir: str) -> PeftAdapterConfig:
         raise ValueError(f"{path}: expected a JSON object")
     if cfg.get("peft_type", "LORA") == "OFT":
         return oft_adapter_config(path, cfg)
+    if cfg.get("peft_type") == "BOFT":
+        return boft_adapter_config(path, cfg)
     method = prefix.method_of_config(cfg)
     if method is not None:
         if cfg.get("num_transformer_submodules", 1) != 1:
@@ -370,8 +384,8 @@ def read_peft_config(adapter_dir: str) -> PeftAdapterConfig:
         return PeftAdapterConfig(1, 1.0, False, False, base, method=method)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(
-            f"{path}: peft_type is {cfg['peft_type']!r}; only 'LORA', 'OFT', 'PREFIX_TUNING' "
-            "and 'PROMPT_TUNING' are supported"
+            f"{path}: peft_type is {cfg['peft_type']!r}; only 'LORA', 'OFT', 'BOFT', "
+            "'PREFIX_TUNING' and 'PROMPT_TUNING' are supported"
         )
     check_patterns(cfg, path)  # only the fused modules' scale-preserving ones
     rank, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)

@@ -1,10 +1,21 @@
-"""OFT adapters in PEFT's format (sft_jax/lora/oft.py holds the math): one vector per module and
-layer, as PEFT's OFT stores it,
+"""OFT and BOFT adapters in PEFT's format (sft_jax/lora/oft.py holds the math). OFT: one vector
+per module and layer, as PEFT's OFT stores it,
 
     base_model.model.model.layers.{i}.self_attn.q_proj.oft_R.weight          [blocks, n]
 
 with peft_type "OFT" and its settings (oft_block_size, block_share, coft, eps,
 use_cayley_neumann, num_cayley_neumann_terms) in adapter_config.json (`oft_peft_config`).
+
+BOFT: per module and layer a full matrix per block and butterfly factor, and the output scale,
+
+    base_model.model.model.layers.{i}.self_attn.q_proj.boft_R    [factors, blocks, b, b]
+    base_model.model.model.layers.{i}.self_attn.q_proj.boft_s    [out, 1]
+
+PEFT uses only the skew part 0.5 (A - A^T) of each matrix: export writes that skew matrix of the
+stored vector (so A = S), import keeps the upper triangle of 0.5 (A - A^T), which is the same
+rotation. Only one factor is read or written (see sft_jax/lora/oft.py): PEFT itself builds one
+on a machine without its CUDA extension, whatever boft_n_butterfly_factor says.
+
 sft_jax/lora/peft.py dispatches here by the tree's leaves and the config's peft_type.
 """
 
@@ -27,17 +38,59 @@ OFT_SUFFIX = "oft_R.weight"
 # The PEFT version whose OFT parametrisation (the Neumann series as changed in 0.18) is written;
 # PEFT warns on a Neumann adapter that names none.
 OFT_PEFT_VERSION = "0.21.0"
+BOFT_KEYS = {"boft_R": "boft_R", "boft_s": oft.SCALE}  # PEFT's BOFT tensors -> parsed kinds
 
 
 def oft_to_peft(
     path: tuple[str, ...], ad: dict[str, np.ndarray], period: int
 ) -> dict[str, np.ndarray]:
-    """PEFT tensors of one OFT module: its stacked vectors [L, blocks, n], one per layer."""
+    """PEFT tensors of one OFT module (its stacked vectors [L, blocks, n], one per layer), or
+    of one BOFT module (with `boft_s`: the skew matrices and the scale, see the docstring)."""
     tensors = {}
     for layer in range(ad[oft.PARAM].shape[0]):
-        key = f"{PREFIX}.{hf_layer(path, layer, period)}.{hf_module(path)}.{OFT_SUFFIX}"
-        tensors[key] = ad[oft.PARAM][layer].copy()
+        module = f"{PREFIX}.{hf_layer(path, layer, period)}.{hf_module(path)}"
+        if oft.SCALE not in ad:
+            tensors[f"{module}.{OFT_SUFFIX}"] = ad[oft.PARAM][layer].copy()
+            continue
+        skew = np.asarray(oft.skew(ad[oft.PARAM][layer]), np.float32)
+        tensors[f"{module}.boft_R"] = skew[None]  # one butterfly factor
+        tensors[f"{module}.boft_s"] = ad[oft.SCALE][layer].reshape(-1, 1).copy()
     return tensors
+
+
+def boft_from_peft(
+    path: tuple[str, ...], parts: dict[str, dict[int, np.ndarray]], kernel: Any, n_in: int
+) -> dict[str, np.ndarray]:
+    """One BOFT module's per-layer boft_R [factors, blocks, b, b] and boft_s [out, 1] as our
+    stacked `oft_r` [L, blocks, n] and `boft_s` [L, *out], checked against its kernel."""
+    layers = kernel.shape[0]
+    if set(parts) != set(BOFT_KEYS.values()):
+        raise ValueError(f"PEFT BOFT adapter of {'/'.join(path)} lacks boft_R or boft_s")
+    matrices = np.stack([parts["boft_R"][i] for i in range(layers)]).astype(np.float32)
+    if matrices.ndim != 5 or matrices.shape[-1] != matrices.shape[-2]:
+        raise ValueError(f"PEFT boft_R of {'/'.join(path)} is not [factors, blocks, b, b]")
+    if matrices.shape[1] != 1:
+        raise ValueError(
+            f"PEFT BOFT adapter of {'/'.join(path)} has {matrices.shape[1]} butterfly factors: "
+            "only one is supported (PEFT's form without its CUDA extension; an adapter trained "
+            "with boft_n_butterfly_factor > 1 on a GPU has more)"
+        )
+    skew = 0.5 * (matrices[:, 0] - np.swapaxes(matrices[:, 0], -1, -2))
+    b = skew.shape[-1]
+    rows, cols = np.triu_indices(b, 1)
+    vec = skew[..., rows, cols]
+    fan_in = int(np.prod(kernel.shape[1 : 1 + n_in]))
+    out_shape = kernel.shape[1 + n_in :]
+    if vec.shape[1] * b != fan_in:
+        raise ValueError(
+            f"PEFT BOFT tensors of {'/'.join(path)} ({vec.shape[1]} blocks of {b}) do not fit "
+            f"its {fan_in} input features"
+        )
+    scales = [parts[oft.SCALE][i] for i in range(layers)]
+    if any(x.size != int(np.prod(out_shape)) for x in scales):
+        raise ValueError(f"PEFT boft_s of {'/'.join(path)} does not fit its output features")
+    scale = np.stack([x.reshape(out_shape) for x in scales]).astype(np.float32)
+    return {oft.PARAM: vec, oft.SCALE: scale}
 
 
 def oft_stack(
@@ -103,3 +156,43 @@ def oft_adapter_config(path: str, cfg: dict) -> PeftAdapterConfig:
     )
     base = cfg.get("base_model_name_or_path") or ""
     return PeftAdapterConfig(1, 1.0, False, False, base, oft=spec, method="oft")
+
+
+def boft_peft_config(
+    adapters: dict, cfg: Any, *, base: str, tied_embeddings: bool | None = None
+) -> dict[str, Any]:
+    """The adapter_config.json of a BOFT adapter tree; `cfg`: its run's LoRA section (or that
+    section as a dict) for the block size or count. One butterfly factor (see the docstring);
+    a trained tied embedding is refused (BOFTConfig cannot re-tie an LM head either)."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
+    saved = sorted(adapters.get(SAVED, {}))
+    if "embed_tokens" in saved and tied_embeddings is not False:
+        raise ValueError(
+            "a BOFT adapter with a trained tied embedding cannot be written for PEFT (its "
+            "BOFTConfig has no ensure_weight_tying); untie it or leave embed_tokens frozen"
+        )
+    return {
+        "peft_type": "BOFT",
+        "task_type": "CAUSAL_LM",
+        "boft_block_size": int(get("boft_block_size")),
+        "boft_block_num": int(get("boft_block_num")),
+        "boft_n_butterfly_factor": 1,
+        "target_modules": sorted({p[-1] for p in adapter_paths(adapters)}),
+        "boft_dropout": 0.0,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "init_weights": True,
+        "base_model_name_or_path": base,
+        "inference_mode": True,
+        "modules_to_save": [PEFT_MODULE_NAME.get(m, m) for m in saved] or None,
+    }
+
+
+def boft_adapter_config(path: str, cfg: dict) -> PeftAdapterConfig:
+    """A BOFT adapter_config.json (sizes and the factor count come from the tensors).
+    Settings PEFT's Linear BOFT honours that sft_jax does not reproduce are refused;
+    boft_dropout acts in training only, so it is read and ignored."""
+    if cfg.get("bias", "none") != "none" or cfg.get("fan_in_fan_out", False):
+        raise ValueError(f"{path}: BOFT with bias training or fan_in_fan_out is not supported")
+    base = cfg.get("base_model_name_or_path") or ""
+    return PeftAdapterConfig(1, 1.0, False, False, base, oft=oft.BOFT_SPEC, method="boft")

@@ -39,9 +39,10 @@ model needs to learn a new stop token) are full float32 copies under the adapter
 `with_saved_modules` puts them in place of the frozen leaves, for the forward and for `merge`.
 
 The other methods of `lora.method` keep the same paths with their own leaves: OFT a vector
-`oft_r` [L, blocks, b (b - 1) / 2] per targeted kernel (sft_jax/lora/oft.py), prefix tuning
-layers/attn/{prefix_k, prefix_v} [L, P, K, H] and prompt tuning prompt_embeddings [P, D]
-(sft_jax/lora/prefix.py); `make_adapters` and `merge` dispatch on them.
+`oft_r` [L, blocks, b (b - 1) / 2] per targeted kernel (BOFT also `boft_s` [L, *out];
+sft_jax/lora/oft.py), prefix tuning layers/attn/{prefix_k, prefix_v} [L, P, K, H] and prompt
+tuning prompt_embeddings [P, D] (sft_jax/lora/prefix.py); `make_adapters` and `merge` dispatch
+on them.
 """
 
 from __future__ import annotations
@@ -335,6 +336,25 @@ def init_oft(params: dict, targets: tuple[str, ...], size: int, share: bool) -> 
     return adapters
 
 
+def init_boft(params: dict, targets: tuple[str, ...], size: int, num: int) -> dict:
+    """BOFT (PEFT's single-factor form, sft_jax/lora/oft.py): a zero OFT vector and a unit
+    output scale `boft_s` [L, *out] per targeted kernel, so the model is the base at init."""
+    adapters: dict = {}
+    for path in target_paths(params, targets):
+        if is_expert_path(path):
+            raise ValueError(
+                "BOFT on experts is not supported (PEFT's BOFT adapts modules, not the experts' "
+                "fused parameters); target the attention and dense projections only"
+            )
+        kernel, lead, n_in = adapted_kernel(get_path(params, path[:-1]), path[-1])
+        fan_in = math.prod(kernel.shape[lead : lead + n_in])
+        b = oft.boft_block(fan_in, size, num)
+        head, out_shape = kernel.shape[:lead], kernel.shape[lead + n_in :]
+        vector = jnp.zeros((*head, fan_in // b, b * (b - 1) // 2), jnp.float32)
+        set_path(adapters, path, {oft.PARAM: vector, oft.SCALE: jnp.ones((*head, *out_shape))})
+    return adapters
+
+
 def make_adapters(params: dict, cfg: Any, rng: jax.Array, frozen: Any = None) -> dict:
     """The adapter tree a LoRA run starts from, for config `cfg` (`targets`, `rank`, `dora`,
     `modules_to_save`): A random and B zero per targeted kernel, DoRA's m = ||W||, and the
@@ -347,6 +367,9 @@ def make_adapters(params: dict, cfg: Any, rng: jax.Array, frozen: Any = None) ->
         return prefix.make_prefix_adapters(params, cfg.method, cfg.num_virtual_tokens, rng, hidden)
     if getattr(cfg, "method", "lora") == "oft":
         adapters = init_oft(params, tuple(cfg.targets), cfg.oft_block_size, cfg.oft_block_share)
+        return add_saved_modules(params, adapters, tuple(cfg.modules_to_save))
+    if getattr(cfg, "method", "lora") == "boft":
+        adapters = init_boft(params, tuple(cfg.targets), cfg.boft_block_size, cfg.boft_block_num)
         return add_saved_modules(params, adapters, tuple(cfg.modules_to_save))
     adapters = init_adapters(params, tuple(cfg.targets), cfg.rank, rng)
     if cfg.dora and any(is_expert_path(p) for p in target_paths(params, tuple(cfg.targets))):
@@ -417,8 +440,8 @@ def merged_kernel(kernel: jax.Array, adapter: dict, scale: float, n_in: int) -> 
 
 def merge(params: dict, adapters: dict, scale: float, oft_spec: oft.OftSpec | None = None) -> dict:
     """A new parameter tree with W + scale * a @ b (DoRA: rescaled) in every adapted kernel,
-    or blockdiag(R) W for OFT (rotations per `oft_spec`), and the trained copies of saved
-    modules (in the base leaves' dtypes)."""
+    or blockdiag(R) W for OFT (rotations per `oft_spec`; BOFT: then its output scale), and the
+    trained copies of saved modules (in the base leaves' dtypes)."""
     if prefix.method_of(adapters):  # no weight merge: the K/V join the tree (`with_prefix`)
         return prefix.with_prefix(params, adapters)
     adapters = oft.rotations(adapters, oft_spec)
@@ -429,6 +452,8 @@ def merge(params: dict, adapters: dict, scale: float, oft_spec: oft.OftSpec | No
         if isinstance(ad, dict) and oft.ROTATION in ad:
             kernel = p["kernel"]
             merged = oft.rotate_kernel(kernel, ad[oft.ROTATION], KERNELS[name])
+            if oft.SCALE in ad:  # BOFT
+                merged = oft.scale_kernel(merged, ad[oft.SCALE], KERNELS[name])
             return {**p, "kernel": merged.astype(kernel.dtype)}
         if isinstance(ad, dict) and "a" in ad and "b" in ad:
             kernel = p["kernel"]
@@ -456,6 +481,7 @@ def adapter_specs(kernel_spec: tuple, ndim: int, n_in: int, lead: int = 1) -> di
         "b": (*head, None, *outs),
         "m": (*head, *outs),
         oft.PARAM: (*head, None, None),  # OFT's vector: small, replicated
+        oft.SCALE: (*head, *outs),  # BOFT's output scale
     }
 
 

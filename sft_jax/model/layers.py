@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sft_jax.lora.oft import PARAM, ROTATION, rotate_input
+from sft_jax.lora.oft import PARAM, ROTATION, SCALE, rotate_input
 from sft_jax.lora.quant import Quantized, dequantize_array, einsum_dequantized
 from sft_jax.model.cpu_linear import cpu_linear, input_rank
 
@@ -54,7 +54,8 @@ class Einsum(nn.Module):
     A QLoRA base passes the kernel as `sft_jax.lora.Quantized` codes: dequantised here, per
     scanned layer, and rematerialised in the backward pass (`einsum_dequantized`). With OFT
     rotation blocks `oft_rotation` [blocks, b, b] (sft_jax/lora/oft.py) the input is rotated
-    first, y = (x blockdiag(R)) W: the frozen kernel, quantised or not, is used as is.
+    first, y = (x blockdiag(R)) W: the frozen kernel, quantised or not, is used as is; BOFT's
+    output scale `boft_s` [*out] then multiplies each output feature (before the bias, as PEFT).
     """
 
     equation: str
@@ -92,6 +93,8 @@ class Einsum(nn.Module):
             y = self._project(self.equation, h, w, out_dtype)
         if self.has_variable("lora", "a"):
             y = self._lora(x, y, kernel)
+        if self.has_variable("lora", SCALE):  # BOFT: [*out], the trailing dims of y
+            y = y * self.get_variable("lora", SCALE).astype(y.dtype)
         if self.bias_names is not None:
             shape = self.kernel_shape[-len(self.bias_names) :]
             zeros = nn.initializers.zeros_init()

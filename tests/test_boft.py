@@ -1,0 +1,196 @@
+"""BOFT (PEFT's butterfly OFT in the single-factor form PEFT computes without its CUDA extension)
+against PEFT 0.21 on tiny random models: an exported adapter gives PEFT's logits (merged =
+unmerged, biases included), an adapter PEFT itself made (full, non-skew boft_R and a random
+boft_s) imports to PEFT's logits, the tree reads back as written, and what is not supported is
+refused with a message naming it."""
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+from test_export import BASE, MODEL_TOL, _random_params, _tokens
+from transformers import AutoModelForCausalLM
+
+from sft_jax import export, lora
+from sft_jax.config import ConfigError, parse
+from sft_jax.config_file import load_config_file
+from sft_jax.lora import oft
+from sft_jax.model.decoder import Transformer
+
+BIASED = dataclasses.replace(BASE, attention_bias=True, tie_embeddings=False)
+
+
+def _random_boft(params, size=8, num=0, seed=1):
+    """A BOFT tree with random rotations and output scales around 1."""
+    adapters = lora.tree.init_boft(params, lora.ALL_LINEAR, size, num)
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(
+        tree, [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply(config, spec, variables, tokens):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    variables = lora.apply_variables(variables, spec)
+    return Transformer(config).apply(variables, tokens, positions, jnp.ones_like(tokens))
+
+
+def _peft_logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(tokens)).logits.float().numpy()
+
+
+def _peft_model(base_dir, adapter_dir):
+    model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
+    return peft.PeftModel.from_pretrained(model, adapter_dir).eval()
+
+
+@pytest.mark.parametrize(
+    ("config", "size", "num"),
+    [pytest.param(BASE, 8, 0, marks=pytest.mark.slow), (BIASED, 0, 4)],  # about 9 s each
+    ids=["size8", "bias-num4"],
+)
+def test_peft_export_matches_peft(config, size, num, tmp_path, stories_dir):
+    """Ours (rotated input, scaled output) = PEFT's forward on the written adapter = our merged
+    model, and the adapter reads back as written."""
+    params = _random_params(config)
+    adapters = _random_boft(params, size, num)
+    base = str(tmp_path / "base")
+    export.export_hf(params, config, base, tokenizer_dir=str(stories_dir))
+    keys = {"boft_block_size": size, "boft_block_num": num}
+    tied = config.tie_embeddings
+    peft_config = lora.boft_peft_config(adapters, keys, base=base, tied_embeddings=tied)
+    lora.write_peft_adapter(str(tmp_path / "adapter"), adapters, peft_config)
+    tokens = _tokens()
+    spec = oft.BOFT_SPEC
+    ours = np.asarray(_apply(config, spec, {"params": params, "lora": adapters}, tokens))
+    theirs = _peft_logits(_peft_model(base, tmp_path / "adapter"), tokens)
+    np.testing.assert_allclose(theirs, ours, atol=MODEL_TOL)
+    plain = np.asarray(_apply(config, None, {"params": params}, tokens))
+    assert np.abs(plain - theirs).max() > 1e-2  # the adapter changed the logits
+    merged = lora.merge(params, adapters, 1.0, spec)
+    merged_logits = np.asarray(_apply(config, None, {"params": merged}, tokens))
+    np.testing.assert_allclose(merged_logits, ours, atol=MODEL_TOL)
+    back = lora.read_peft_adapter(str(tmp_path / "adapter"), params, method="boft")
+    assert jax.tree.structure(back) == jax.tree.structure(adapters)
+    for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(back), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
+    with pytest.raises(ValueError, match=r"BOFT adapter but config\.lora\.method is 'oft'"):
+        lora.read_peft_adapter(str(tmp_path / "adapter"), params, method="oft")
+
+
+def test_import_of_a_peft_made_adapter_gives_peft_logits(tmp_path, stories_dir):
+    """PEFT's own BOFT with random (not skew-symmetric) boft_R and random boft_s, asked for two
+    butterfly factors: without its CUDA extension PEFT builds one, and so does the import."""
+    params = _random_params(BASE)
+    base = str(tmp_path / "base")
+    export.export_hf(params, BASE, base, tokenizer_dir=str(stories_dir))
+    model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager")
+    config = peft.BOFTConfig(
+        boft_block_size=8,
+        boft_n_butterfly_factor=2,
+        target_modules=list(lora.ALL_LINEAR),
+        init_weights=False,
+    )
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="CUDA extension"):
+        model = peft.get_peft_model(model, config).eval()
+    tokens = _tokens()
+    theirs = _peft_logits(model, tokens)
+    model.save_pretrained(tmp_path / "adapter")
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert written["boft_n_butterfly_factor"] == 2  # the config says 2, the tensors hold one
+    cfg = lora.read_peft_config(str(tmp_path / "adapter"))
+    assert cfg.method == "boft" and cfg.oft == oft.BOFT_SPEC
+    adapters = lora.read_peft_adapter(str(tmp_path / "adapter"), params)
+    ours = np.asarray(_apply(BASE, cfg.oft, {"params": params, "lora": adapters}, tokens))
+    np.testing.assert_allclose(ours, theirs, atol=MODEL_TOL)
+    plain = np.asarray(_apply(BASE, None, {"params": params}, tokens))
+    assert np.abs(plain - theirs).max() > 1e-2
+
+
+def test_unsupported_boft_adapters_are_refused(tmp_path, stories_dir):
+    params = _random_params(BASE)
+    adapters = _random_boft(params)
+    keys = {"boft_block_size": 8, "boft_block_num": 0}
+    config = lora.boft_peft_config(adapters, keys, base="", tied_embeddings=True)
+    adapter = tmp_path / "adapter"
+    lora.write_peft_adapter(str(adapter), adapters, config)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    two = {k: np.concatenate([v, v]) if k.endswith("boft_R") else v for k, v in tensors.items()}
+    save_file(two, adapter / "adapter_model.safetensors", {"format": "pt"})
+    with pytest.raises(ValueError, match="2 butterfly factors: only one is supported"):
+        lora.read_peft_adapter(str(adapter), params)
+    save_file(tensors, adapter / "adapter_model.safetensors", {"format": "pt"})
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "bias": "boft_only"}))
+    with pytest.raises(ValueError, match="BOFT with bias training"):
+        lora.read_peft_config(str(adapter))
+    with pytest.raises(ValueError, match="boft_block_size 7 does not divide"):
+        lora.tree.init_boft(params, lora.ALL_LINEAR, 7, 0)
+    with pytest.raises(ValueError, match="trained tied embedding"):
+        saved = lora.add_saved_modules(params, adapters, ("embed_tokens",))
+        lora.boft_peft_config(saved, keys, base="", tied_embeddings=True)
+
+
+def test_config_checks_name_the_boft_fields():
+    c = load_config_file("configs/tiny.py")
+    c.lora.enabled, c.lora.method = True, "boft"
+    c.lora.boft_n_butterfly_factor = 2
+    with pytest.raises(ConfigError, match=r"lora\.boft_n_butterfly_factor.*CUDA extension"):
+        parse(c)
+    c.lora.boft_n_butterfly_factor = 1
+    c.lora.boft_block_num = 4
+    with pytest.raises(ConfigError, match=r"lora\.boft_block_size.*exactly one"):
+        parse(c)
+    c.lora.boft_block_size = 0
+    assert parse(c).lora.boft_block_num == 4
+    c.lora.dropout = 0.1
+    with pytest.raises(ConfigError, match=r"lora\.dropout"):
+        parse(c)
+
+
+@pytest.mark.slow  # end to end: train, checkpoint, export merged and PEFT, load the PEFT adapter
+def test_tiny_boft_run_trains_and_exports(tmp_path, stories_dir):
+    from sft_jax.api import load_peft
+    from sft_jax.train import train_and_evaluate
+    from sft_jax.training.metrics import read_metrics
+    from sft_jax.training.state import init_params
+
+    c = load_config_file("configs/tiny.py")
+    c.lora.enabled, c.lora.method = True, "boft"
+    c.lora.boft_block_size, c.lora.base_dtype = 4, "float32"  # 4 divides 172 (MLP width)
+    c.optim.learning_rate = 3e-2
+    c.train.max_steps, c.train.log_every = 10, 1
+    workdir = tmp_path / "run"
+    train_and_evaluate(parse(c), str(workdir))
+    losses = [r["loss"] for r in read_metrics(str(workdir)) if "loss" in r]
+    assert max(losses[-3:]) < losses[0] - 0.05, losses
+    assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "merged")]) == 0
+    assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "ad"), "--peft"]) == 0
+    run = export.load_workdir(str(workdir))
+    scales = [x for p, x in jax.tree_util.tree_leaves_with_path(run.adapters) if "boft_s" in str(p)]
+    assert scales and max(float(jnp.abs(x - 1).max()) for x in scales) > 1e-3  # trained
+    mesh = jax.sharding.Mesh(
+        np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1), ("data", "fsdp", "context", "tensor")
+    )
+    cfg = parse(c)
+    rules = tuple(tuple(r) for r in cfg.mesh.rules)
+    base = init_params(Transformer(run.model_config), "", mesh, rules, cfg.seed)
+    export.export_hf(base, run.model_config, str(tmp_path / "base"), tokenizer_dir=str(stories_dir))
+    tokens = _tokens()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    merged_logits = _peft_logits(merged, tokens)
+    peft_logits = _peft_logits(_peft_model(tmp_path / "base", tmp_path / "ad"), tokens)
+    np.testing.assert_allclose(merged_logits, peft_logits, atol=MODEL_TOL)
+    loaded = load_peft(str(tmp_path / "ad"), base=str(tmp_path / "base"))
+    again = _apply(loaded.model_config, None, {"params": loaded.params}, tokens)
+    np.testing.assert_allclose(np.asarray(again), peft_logits, atol=MODEL_TOL)

@@ -68,8 +68,9 @@ def test_a_rewind_by_generation_score_charts_that_score(tmp_path):
     got = report_tradeoff.tradeoff_of(report.load_run(str(tmp_path)))
     assert got.metric == "generation" and got.base["generation"] == 0.0
     assert [p["generation"] for p in got.points] == [0.4, 0.9]
-    png = report_tradeoff.plot_tradeoff(got)
-    assert png.startswith(b"\x89PNG")
+    page = pathlib.Path(report.build_report(str(tmp_path))).read_text()
+    assert 'alt="Stability-plasticity: generation score vs general-text perplexity"' in page
+    assert (tmp_path / "report" / "tradeoff.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_without_a_rewind_the_end_of_the_run_is_the_point(tmp_path):

@@ -124,7 +124,8 @@ def make_charts(data: RunData) -> list[Chart]:
             charts.append(Chart(title, filename, plot(title, ylabel, lines, restarts, axis)))
     tradeoff = tradeoff_of(data)
     if tradeoff is not None:
-        title = "Stability-plasticity: validation loss vs general-text perplexity"
+        task = "validation loss" if tradeoff.metric == "eval_loss" else "generation score"
+        title = f"Stability-plasticity: {task} vs general-text perplexity"
         charts.append(Chart(title, "tradeoff.png", plot_tradeoff(tradeoff)))
     return charts
 

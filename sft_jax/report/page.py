@@ -82,8 +82,9 @@ CURVES_NOTE = (
     "Tokens/s counts real (non-padding) tokens over each logging interval; the first interval "
     "after each start includes compilation. Dotted lines mark restarts. The stability-plasticity "
     "chart puts each measured checkpoint at its general-text perplexity (forgetting) and "
-    "validation loss (the task): the star is the base model, the ring the checkpoint the rewind "
-    "chose; lower left is better.</p>"
+    "validation loss (the task; the generation score, higher better, when the rewind ranked by "
+    "it): the star is the base model, the ring the checkpoint the rewind chose; lower left is "
+    "better.</p>"
 )
 
 

@@ -163,7 +163,8 @@ def test_tiny_boft_run_trains_and_exports(tmp_path, stories_dir):
     from sft_jax.api import load_peft
     from sft_jax.train import train_and_evaluate
     from sft_jax.training.metrics import read_metrics
-    from sft_jax.training.state import init_params
+    from sft_jax.training.optim import make_optimizer
+    from sft_jax.training.state import StateSpec, create_train_state, init_params
 
     c = load_config_file("configs/tiny.py")
     c.lora.enabled, c.lora.method = True, "boft"
@@ -194,3 +195,12 @@ def test_tiny_boft_run_trains_and_exports(tmp_path, stories_dir):
     loaded = load_peft(str(tmp_path / "ad"), base=str(tmp_path / "base"))
     again = _apply(loaded.model_config, None, {"params": loaded.params}, tokens)
     np.testing.assert_allclose(np.asarray(again), peft_logits, atol=MODEL_TOL)
+    c.lora.init_from = str(tmp_path / "ad")  # a run continues from the PEFT adapter
+    cfg = parse(c)
+    tx = make_optimizer(cfg.optim, 10, cfg.lora)
+    state, _ = create_train_state(
+        StateSpec(run.model_config, mesh, rules, tx, cfg.seed, lora=cfg.lora)
+    )
+    assert jax.tree.structure(state.params) == jax.tree.structure(run.adapters)
+    for a, b in zip(jax.tree.leaves(run.adapters), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)

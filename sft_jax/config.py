@@ -587,12 +587,7 @@ def _oft_checks(lo: LoraSection) -> list[tuple[str, bool, str]]:
             "exactly one of lora.boft_block_size and lora.boft_block_num must be non-zero (as "
             "PEFT's BOFTConfig)",
         ),
-        (
-            "lora.boft_n_butterfly_factor",
-            lo.boft_n_butterfly_factor == 1,
-            "must be 1: sft_jax implements BOFT as PEFT computes it without its CUDA extension "
-            "(one block-diagonal factor); more factors are not supported",
-        ),
+        ("lora.boft_n_butterfly_factor", lo.boft_n_butterfly_factor >= 1, "must be >= 1"),
         ("lora.num_virtual_tokens", lo.num_virtual_tokens >= 1, "must be >= 1"),
         ("lora.prefix_hidden_size", lo.prefix_hidden_size >= 0, "must be >= 0 (0: K x H)"),
         (

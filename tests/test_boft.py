@@ -1,8 +1,10 @@
-"""BOFT (PEFT's butterfly OFT in the single-factor form PEFT computes without its CUDA extension)
-against PEFT 0.21 on tiny random models: an exported adapter gives PEFT's logits (merged =
-unmerged, biases included), an adapter PEFT itself made (full, non-skew boft_R and a random
-boft_s) imports to PEFT's logits, the tree reads back as written, and what is not supported is
-refused with a message naming it."""
+"""BOFT (PEFT's butterfly OFT) against PEFT 0.21 on tiny random models: an exported adapter gives
+PEFT's logits (merged = unmerged, biases included), an adapter PEFT itself made (full, non-skew
+boft_R and a random boft_s) imports to PEFT's logits, the tree reads back as written, and what
+is not supported is refused with a message naming it. PEFT computes more than one butterfly
+factor only through its CUDA extension (a batched block diagonal, `fbd_cuda`); the tests with
+factors give PEFT that block diagonal in torch (`peft_butterfly`), so its own code computes
+them on CPU."""
 
 import dataclasses
 import functools
@@ -27,9 +29,25 @@ from sft_jax.model.decoder import Transformer
 BIASED = dataclasses.replace(BASE, attention_bias=True, tie_embeddings=False)
 
 
-def _random_boft(params, size=8, num=0, seed=1):
+class _BlockDiagonal:
+    """What PEFT's CUDA extension computes: [F, D, b, b] -> [F, D b, D b] block diagonals."""
+
+    @staticmethod
+    def forward(blocks):
+        return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
+
+
+@pytest.fixture
+def peft_butterfly(monkeypatch):
+    """PEFT's BOFT with its extension 'loaded', so it builds and computes butterfly factors."""
+    from peft.tuners.boft import layer
+
+    monkeypatch.setattr(layer, "get_fbd_cuda", lambda: _BlockDiagonal)
+
+
+def _random_boft(params, size=8, num=0, factors=1, seed=1):
     """A BOFT tree with random rotations and output scales around 1."""
-    adapters = lora.tree.init_boft(params, lora.ALL_LINEAR, size, num)
+    adapters = lora.tree.init_boft(params, lora.ALL_LINEAR, size, num, factors)
     leaves, tree = jax.tree.flatten(adapters)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
     return jax.tree.unflatten(
@@ -54,16 +72,37 @@ def _peft_model(base_dir, adapter_dir):
     return peft.PeftModel.from_pretrained(model, adapter_dir).eval()
 
 
+def test_butterfly_permutations_are_peft_s():
+    from peft.tuners.boft.layer import BOFTLayer
+
+    for blocks, b, factors in [(8, 8, 1), (16, 4, 2), (16, 4, 3), (12, 8, 3), (4, 24, 2)]:
+        ours = oft.butterfly_perms(blocks, b, factors)
+        for i in range(factors):
+            theirs = BOFTLayer.block_butterfly_perm(
+                None, blocks * b, blocks // 2**i, b // 2, factors - 1
+            )
+            np.testing.assert_array_equal(ours[i], theirs.numpy(), err_msg=str((blocks, b, i)))
+    with pytest.raises(ValueError, match="boft_n_butterfly_factor 3 does not fit"):
+        oft.boft_block(96, 0, 6, 3)  # 6 blocks do not pair up twice
+
+
 @pytest.mark.parametrize(
-    ("config", "size", "num"),
-    [pytest.param(BASE, 8, 0, marks=pytest.mark.slow), (BIASED, 0, 4)],  # about 9 s each
-    ids=["size8", "bias-num4"],
+    ("config", "size", "num", "factors"),
+    [
+        pytest.param(BASE, 8, 0, 1, marks=pytest.mark.slow),  # about 9 s each
+        (BIASED, 0, 4, 1),
+        pytest.param(BASE, 4, 0, 2, marks=pytest.mark.slow),
+        (BIASED, 0, 8, 3),
+    ],
+    ids=["size8", "bias-num4", "size4-2factors", "bias-num8-3factors"],
 )
-def test_peft_export_matches_peft(config, size, num, tmp_path, stories_dir):
+def test_peft_export_matches_peft(config, size, num, factors, request, tmp_path, stories_dir):
     """Ours (rotated input, scaled output) = PEFT's forward on the written adapter = our merged
     model, and the adapter reads back as written."""
+    if factors > 1:
+        request.getfixturevalue("peft_butterfly")
     params = _random_params(config)
-    adapters = _random_boft(params, size, num)
+    adapters = _random_boft(params, size, num, factors)
     base = str(tmp_path / "base")
     export.export_hf(params, config, base, tokenizer_dir=str(stories_dir))
     keys = {"boft_block_size": size, "boft_block_num": num}
@@ -88,9 +127,13 @@ def test_peft_export_matches_peft(config, size, num, tmp_path, stories_dir):
         lora.read_peft_adapter(str(tmp_path / "adapter"), params, method="oft")
 
 
-def test_import_of_a_peft_made_adapter_gives_peft_logits(tmp_path, stories_dir):
+@pytest.mark.parametrize("extension", [False, True], ids=["cpu-fallback", "butterfly"])
+def test_import_of_a_peft_made_adapter_gives_peft_logits(extension, request, tmp_path, stories_dir):
     """PEFT's own BOFT with random (not skew-symmetric) boft_R and random boft_s, asked for two
-    butterfly factors: without its CUDA extension PEFT builds one, and so does the import."""
+    butterfly factors: without its CUDA extension PEFT builds one (and warns), with it two; the
+    import follows the tensors either way."""
+    if extension:
+        request.getfixturevalue("peft_butterfly")
     params = _random_params(BASE)
     base = str(tmp_path / "base")
     export.export_hf(params, BASE, base, tokenizer_dir=str(stories_dir))
@@ -102,16 +145,22 @@ def test_import_of_a_peft_made_adapter_gives_peft_logits(tmp_path, stories_dir):
         init_weights=False,
     )
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="CUDA extension"):
+    if extension:
         model = peft.get_peft_model(model, config).eval()
+    else:
+        with pytest.warns(UserWarning, match="CUDA extension"):
+            model = peft.get_peft_model(model, config).eval()
     tokens = _tokens()
     theirs = _peft_logits(model, tokens)
     model.save_pretrained(tmp_path / "adapter")
     written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert written["boft_n_butterfly_factor"] == 2  # the config says 2, the tensors hold one
+    assert written["boft_n_butterfly_factor"] == 2  # the tensors hold 2 only with the extension
     cfg = lora.read_peft_config(str(tmp_path / "adapter"))
     assert cfg.method == "boft" and cfg.oft == oft.BOFT_SPEC
     adapters = lora.read_peft_adapter(str(tmp_path / "adapter"), params)
+    factors = {x.shape[1] for p, x in jax.tree_util.tree_leaves_with_path(adapters)
+               if "oft_r" in str(p)}  # fmt: skip
+    assert factors == {2 if extension else 1}
     ours = np.asarray(_apply(BASE, cfg.oft, {"params": params, "lora": adapters}, tokens))
     np.testing.assert_allclose(ours, theirs, atol=MODEL_TOL)
     plain = np.asarray(_apply(BASE, None, {"params": params}, tokens))
@@ -126,9 +175,13 @@ def test_unsupported_boft_adapters_are_refused(tmp_path, stories_dir):
     adapter = tmp_path / "adapter"
     lora.write_peft_adapter(str(adapter), adapters, config)
     tensors = load_file(adapter / "adapter_model.safetensors")
-    two = {k: np.concatenate([v, v]) if k.endswith("boft_R") else v for k, v in tensors.items()}
-    save_file(two, adapter / "adapter_model.safetensors", {"format": "pt"})
-    with pytest.raises(ValueError, match="2 butterfly factors: only one is supported"):
+    five = {k: np.concatenate([v] * 5) if k.endswith("boft_R") else v for k, v in tensors.items()}
+    save_file(five, adapter / "adapter_model.safetensors", {"format": "pt"})
+    with pytest.raises(ValueError, match="boft_n_butterfly_factor 5 does not fit"):
+        lora.read_peft_adapter(str(adapter), params)  # 8 blocks cannot pair up 4 times
+    partial = {k: v for k, v in tensors.items() if not k.endswith("down_proj.boft_s")}
+    save_file(partial, adapter / "adapter_model.safetensors", {"format": "pt"})
+    with pytest.raises(ValueError, match="lacks boft_R or boft_s"):
         lora.read_peft_adapter(str(adapter), params)
     save_file(tensors, adapter / "adapter_model.safetensors", {"format": "pt"})
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "bias": "boft_only"}))
@@ -144,8 +197,8 @@ def test_unsupported_boft_adapters_are_refused(tmp_path, stories_dir):
 def test_config_checks_name_the_boft_fields():
     c = load_config_file("configs/tiny.py")
     c.lora.enabled, c.lora.method = True, "boft"
-    c.lora.boft_n_butterfly_factor = 2
-    with pytest.raises(ConfigError, match=r"lora\.boft_n_butterfly_factor.*CUDA extension"):
+    c.lora.boft_n_butterfly_factor = 0
+    with pytest.raises(ConfigError, match=r"lora\.boft_n_butterfly_factor.*>= 1"):
         parse(c)
     c.lora.boft_n_butterfly_factor = 1
     c.lora.boft_block_num = 4
@@ -204,3 +257,40 @@ def test_tiny_boft_run_trains_and_exports(tmp_path, stories_dir):
     assert jax.tree.structure(state.params) == jax.tree.structure(run.adapters)
     for a, b in zip(jax.tree.leaves(run.adapters), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
+
+
+@pytest.mark.slow  # builds and compiles a train state
+def test_boft_state_with_butterfly_factors_starts_at_base_and_learns():
+    """A BOFT train state with two butterfly factors equals the base at init; one gradient step
+    moves the vectors and scales, and the forward equals the merged model's."""
+    from test_lora_model import MODEL, RULES, batch, lora_cfg, optim_cfg
+
+    from sft_jax.config import MeshSection
+    from sft_jax.training.optim import make_optimizer
+    from sft_jax.training.sharding import make_mesh
+    from sft_jax.training.state import StateSpec, create_train_state
+
+    cfg = lora_cfg(method="boft", boft_block_size=4, boft_n_butterfly_factor=2)
+    mesh = make_mesh(MeshSection(-1, 1, 1, rules=RULES), jax.devices()[:1])
+    state, _ = create_train_state(
+        StateSpec(MODEL, mesh, RULES, make_optimizer(optim_cfg(), 10, cfg), lora=cfg)
+    )
+    b = batch()
+
+    def run(adapters):
+        variables = {"params": state.frozen, "lora": adapters}
+        return state.apply_fn(variables, b["inputs"], b["positions"], b["segment_ids"])
+
+    plain = Transformer(MODEL).apply(
+        {"params": state.frozen}, b["inputs"], b["positions"], b["segment_ids"]
+    )
+    np.testing.assert_allclose(run(state.params), plain, atol=1e-5)
+    grads = jax.grad(lambda a: jnp.mean(run(a) ** 2))(state.params)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+    moved = jax.tree.map(lambda x, g: x - 0.5 * g / (jnp.abs(g).max() + 1e-12), state.params, grads)
+    merged = lora.merge(state.frozen, moved, 1.0, lora.oft_spec(cfg))
+    theirs = Transformer(MODEL).apply(
+        {"params": merged}, b["inputs"], b["positions"], b["segment_ids"]
+    )
+    np.testing.assert_allclose(run(moved), theirs, atol=1e-4)
+    assert np.abs(np.asarray(run(moved) - plain)).max() > 1e-3

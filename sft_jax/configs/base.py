@@ -174,8 +174,8 @@ def get_config() -> ml_collections.ConfigDict:
     lo.enabled = False  # train LoRA adapters instead of every weight
     # lora: low-rank A, B (rank, alpha, dora, rslora, dropout, lr_ratio_b); oft: orthogonal
     # fine-tuning, a trained block-diagonal rotation of each target's input (the oft_* keys);
-    # boft: PEFT's butterfly OFT in its single-factor form, exact Cayley blocks and a trained
-    # output scale (the boft_* keys); prefix: trained per-layer key/value prefix; prompt: trained
+    # boft: PEFT's butterfly OFT, rotations of permuted blocks and a trained output scale (the
+    # boft_* keys); prefix: trained per-layer key/value prefix; prompt: trained
     # virtual input tokens.
     lo.method = "lora"
     lo.rank = 16  # adapter rank r
@@ -201,7 +201,7 @@ def get_config() -> ml_collections.ConfigDict:
     lo.oft_neumann_terms = 5  # terms of that series (PEFT's num_cayley_neumann_terms)
     lo.boft_block_size = 4  # BOFT block size (PEFT's default); must divide every target's input
     lo.boft_block_num = 0  # BOFT blocks per module instead of a size (one of the two is 0)
-    # BOFT butterfly factors: only 1 (PEFT's CPU form; more need PEFT's CUDA extension)
+    # BOFT butterfly factors (1: block-diagonal; PEFT computes more only with its CUDA extension)
     lo.boft_n_butterfly_factor = 1
     lo.num_virtual_tokens = 20  # prefix / prompt tuning: P prefix slots or virtual tokens
     lo.prefix_projection = False  # prefix tuning: train K/V through PEFT's tanh-MLP encoder

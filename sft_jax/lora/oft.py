@@ -16,15 +16,16 @@ at every forward; here the projection is applied in the forward with a straight-
 gradient, so the function is PEFT's and only the stored value differs until export, which
 writes the projected vector).
 
-BOFT (`lora.method` "boft", PEFT's butterfly OFT) as PEFT computes it without its CUDA extension,
-which is on CPU always: PEFT then sets boft_n_butterfly_factor to 1, so the rotation is one
-block-diagonal factor (the butterfly permutations are the identity), each block the exact Cayley
-transform of 0.5 (A - A^T) of a stored full b x b matrix A (`boft_R` [1, blocks, b, b]), and the
-output is scaled per output feature by a trained `boft_s` [out, 1] (ones at init). That skew
+BOFT (`lora.method` "boft", PEFT's butterfly OFT): the input is rotated by M = B_{F-1} ... B_0,
+F = boft_n_butterfly_factor factors, each B_i = P_i blockdiag(R_i) P_i^T with PEFT's butterfly
+permutation P_i (`butterfly_perms`; the identity for F = 1) and blocks R_i the exact Cayley
+transform of 0.5 (A - A^T) of stored full b x b matrices A (`boft_R` [F, blocks, b, b]); the
+output is then scaled per output feature by a trained `boft_s` [out, 1] (ones at init). That skew
 matrix is exactly an OFT vector's (its upper triangle) under the exact Cayley transform, so BOFT
-reuses everything above: its modules hold `oft_r` and `boft_s` [L, *out] (`SCALE`), and the spec
-is `BOFT_SPEC`. Butterfly factors above 1 (computed by PEFT only through its CUDA extension) are
-refused. PEFT requires the block size to divide each input (no adjustment): `boft_block`.
+reuses the code above: its modules hold `oft_r` [L, F, blocks, n] and `boft_s` [L, *out]
+(`SCALE`), and the spec is `BOFT_SPEC`. PEFT computes F > 1 only with its CUDA extension (a
+batched block diagonal); without it (on CPU always) it warns and builds F = 1 whatever the config
+says. PEFT requires the block size to divide each input (no adjustment): `boft_block`.
 
 In the adapter tree an OFT module holds `oft_r` [L, blocks, n] (blocks = 1 when shared).
 `rotations` turns each into `oft_rotation` [L, blocks, b, b] once per forward (outside the layer
@@ -40,6 +41,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PARAM = "oft_r"  # the stored (trained) vector of each OFT module in the adapter tree
 ROTATION = "oft_rotation"  # its rotation blocks, made by `rotations` for the forward and merge
@@ -92,10 +94,11 @@ def adjust_block_size(in_features: int, size: int) -> int:
     return lower if size - lower <= higher - size else higher
 
 
-def boft_block(in_features: int, size: int, num: int) -> int:
+def boft_block(in_features: int, size: int, num: int, factors: int = 1) -> int:
     """BOFT's block size for a module with `in_features` inputs: `size`, or in / `num` when
     the block count is given instead (exactly one of them is non-zero, as in PEFT); either must
-    divide the input, which PEFT refuses to adjust."""
+    divide the input, which PEFT refuses to adjust, and with F > 1 butterfly factors the
+    blocks must pair up F - 1 times (PEFT's checks, its messages)."""
     if (size == 0) == (num == 0):
         raise ValueError("BOFT needs exactly one of boft_block_size and boft_block_num non-zero")
     given, what = (size, "boft_block_size") if size else (num, "boft_block_num")
@@ -104,7 +107,38 @@ def boft_block(in_features: int, size: int, num: int) -> int:
             f"{what} {given} does not divide a targeted module's {in_features} input features "
             "(PEFT's BOFT requires it to)"
         )
-    return size or in_features // num
+    b = size or in_features // num
+    pairs = 2 ** (factors - 1)
+    blocks = in_features // b
+    if factors > 1 and (blocks % pairs or blocks % 2 or b % 2 or in_features < b * pairs):
+        raise ValueError(
+            f"boft_n_butterfly_factor {factors} does not fit a module of {in_features} input "
+            f"features in {blocks} blocks of {b}: the block count must be a multiple of "
+            f"{pairs} and even, the block size even"
+        )
+    return b
+
+
+def butterfly_perm(n: int, blocks: int, half: int, butterfly: bool) -> np.ndarray:
+    """PEFT's `block_butterfly_perm(n, blocks, half, ...)`: within each of `blocks` groups of n
+    indices, the runs of `half` indices reordered even runs first, then odd ones; the identity
+    without butterfly factors."""
+    if not butterfly:
+        return np.arange(n)
+    if blocks * half * 2 > n:
+        raise ValueError(f"BOFT: {blocks} blocks of {2 * half} exceed {n} input features")
+    size = n // blocks
+    runs = np.concatenate([np.arange(0, size / half, 2), np.arange(1, size / half, 2)])
+    order = np.concatenate([np.arange(int(p * half), int(p * half + half)) for p in runs])
+    return np.concatenate([start + order for start in range(0, n, size)])
+
+
+def butterfly_perms(blocks: int, b: int, factors: int) -> np.ndarray:
+    """[factors, blocks * b] PEFT's permutation of each butterfly factor i (its boft_P[i])."""
+    n = blocks * b
+    return np.stack(
+        [butterfly_perm(n, blocks // 2**i, b // 2, factors > 1) for i in range(factors)]
+    )
 
 
 def init_vector(in_features: int, size: int, layers: tuple[int, ...], share: bool) -> jax.Array:
@@ -206,6 +240,38 @@ def rotate_input(x: jax.Array, rot: jax.Array, n_in: int) -> jax.Array:
     flat = x.reshape(*shape[: len(shape) - n_in], -1, b).astype(jnp.float32)
     rot = jnp.broadcast_to(rot.astype(jnp.float32), (flat.shape[-2], b, b))
     return jnp.einsum("...rk,rkc->...rc", flat, rot).reshape(shape).astype(x.dtype)
+
+
+def butterfly_input(x: jax.Array, rot: jax.Array, n_in: int) -> jax.Array:
+    """x [..., *in] times BOFT's M (see the module docstring), rot [F, blocks, b, b]: per factor
+    from the last, x P_i = x[inverse of P_i's perm], the blocks, then P_i^T = x[perm]."""
+    factors, blocks, b = rot.shape[0], rot.shape[1], rot.shape[-1]
+    shape = x.shape
+    flat = x.reshape(*shape[: len(shape) - n_in], blocks * b)
+    perms = butterfly_perms(blocks, b, factors)
+    for i in reversed(range(factors)):
+        if factors > 1:
+            flat = flat[..., np.argsort(perms[i])]
+        flat = rotate_input(flat, rot[i], 1)
+        if factors > 1:
+            flat = flat[..., perms[i]]
+    return flat.reshape(shape)
+
+
+def butterfly_kernel(kernel: jax.Array, rot: jax.Array, n_in: int) -> jax.Array:
+    """M @ W for a stacked kernel [L, *in, *out] and rot [L, F, blocks, b, b] in float32, the
+    merged kernel whose plain forward equals `butterfly_input`'s: per factor from the first,
+    P_i^T W = W[inverse perm], the blocks, then P_i = rows[perm]."""
+    layers, factors, blocks, b = rot.shape[:3] + rot.shape[-1:]
+    w = kernel.astype(jnp.float32).reshape(layers, blocks * b, -1)
+    perms = butterfly_perms(blocks, b, factors)
+    for i in range(factors):
+        if factors > 1:
+            w = w[:, np.argsort(perms[i])]
+        w = rotate_kernel(w, rot[:, i], 1)
+        if factors > 1:
+            w = w[:, perms[i]]
+    return w.reshape(kernel.shape)
 
 
 def scale_kernel(kernel: jax.Array, scale: jax.Array, n_in: int) -> jax.Array:

@@ -13,8 +13,9 @@ BOFT: per module and layer a full matrix per block and butterfly factor, and the
 
 PEFT uses only the skew part 0.5 (A - A^T) of each matrix: export writes that skew matrix of the
 stored vector (so A = S), import keeps the upper triangle of 0.5 (A - A^T), which is the same
-rotation. Only one factor is read or written (see sft_jax/lora/oft.py): PEFT itself builds one
-on a machine without its CUDA extension, whatever boft_n_butterfly_factor says.
+rotation. PEFT without its CUDA extension (on CPU always) builds one factor whatever
+boft_n_butterfly_factor says, so an adapter of more factors loads in PEFT only where that
+extension builds; sft_jax reads and writes any number.
 
 sft_jax/lora/peft.py dispatches here by the tree's leaves and the config's peft_type.
 """
@@ -32,7 +33,7 @@ from sft_jax.lora.peft_common import (
     PeftAdapterConfig,
     adapter_paths,
 )
-from sft_jax.lora.tree import SAVED, hf_layer, hf_module
+from sft_jax.lora.tree import SAVED, get_path, hf_layer, hf_module
 
 OFT_SUFFIX = "oft_R.weight"
 # The PEFT version whose OFT parametrisation (the Neumann series as changed in 0.18) is written;
@@ -52,8 +53,8 @@ def oft_to_peft(
         if oft.SCALE not in ad:
             tensors[f"{module}.{OFT_SUFFIX}"] = ad[oft.PARAM][layer].copy()
             continue
-        skew = np.asarray(oft.skew(ad[oft.PARAM][layer]), np.float32)
-        tensors[f"{module}.boft_R"] = skew[None]  # one butterfly factor
+        skew = np.asarray(oft.skew(ad[oft.PARAM][layer]), np.float32)  # [F, blocks, b, b]
+        tensors[f"{module}.boft_R"] = skew
         tensors[f"{module}.boft_s"] = ad[oft.SCALE][layer].reshape(-1, 1).copy()
     return tensors
 
@@ -62,30 +63,26 @@ def boft_from_peft(
     path: tuple[str, ...], parts: dict[str, dict[int, np.ndarray]], kernel: Any, n_in: int
 ) -> dict[str, np.ndarray]:
     """One BOFT module's per-layer boft_R [factors, blocks, b, b] and boft_s [out, 1] as our
-    stacked `oft_r` [L, blocks, n] and `boft_s` [L, *out], checked against its kernel."""
+    stacked `oft_r` [L, factors, blocks, n] and `boft_s` [L, *out], checked against its
+    kernel."""
     layers = kernel.shape[0]
     if set(parts) != set(BOFT_KEYS.values()):
         raise ValueError(f"PEFT BOFT adapter of {'/'.join(path)} lacks boft_R or boft_s")
     matrices = np.stack([parts["boft_R"][i] for i in range(layers)]).astype(np.float32)
     if matrices.ndim != 5 or matrices.shape[-1] != matrices.shape[-2]:
         raise ValueError(f"PEFT boft_R of {'/'.join(path)} is not [factors, blocks, b, b]")
-    if matrices.shape[1] != 1:
-        raise ValueError(
-            f"PEFT BOFT adapter of {'/'.join(path)} has {matrices.shape[1]} butterfly factors: "
-            "only one is supported (PEFT's form without its CUDA extension; an adapter trained "
-            "with boft_n_butterfly_factor > 1 on a GPU has more)"
-        )
-    skew = 0.5 * (matrices[:, 0] - np.swapaxes(matrices[:, 0], -1, -2))
+    skew = 0.5 * (matrices - np.swapaxes(matrices, -1, -2))
     b = skew.shape[-1]
     rows, cols = np.triu_indices(b, 1)
     vec = skew[..., rows, cols]
     fan_in = int(np.prod(kernel.shape[1 : 1 + n_in]))
     out_shape = kernel.shape[1 + n_in :]
-    if vec.shape[1] * b != fan_in:
+    if vec.shape[2] * b != fan_in:
         raise ValueError(
-            f"PEFT BOFT tensors of {'/'.join(path)} ({vec.shape[1]} blocks of {b}) do not fit "
+            f"PEFT BOFT tensors of {'/'.join(path)} ({vec.shape[2]} blocks of {b}) do not fit "
             f"its {fan_in} input features"
         )
+    oft.boft_block(fan_in, b, 0, vec.shape[1])  # its factors fit the blocks
     scales = [parts[oft.SCALE][i] for i in range(layers)]
     if any(x.size != int(np.prod(out_shape)) for x in scales):
         raise ValueError(f"PEFT boft_s of {'/'.join(path)} does not fit its output features")
@@ -162,8 +159,8 @@ def boft_peft_config(
     adapters: dict, cfg: Any, *, base: str, tied_embeddings: bool | None = None
 ) -> dict[str, Any]:
     """The adapter_config.json of a BOFT adapter tree; `cfg`: its run's LoRA section (or that
-    section as a dict) for the block size or count. One butterfly factor (see the docstring);
-    a trained tied embedding is refused (BOFTConfig cannot re-tie an LM head either)."""
+    section as a dict) for the block size or count (the butterfly factors are the tree's); a
+    trained tied embedding is refused (BOFTConfig cannot re-tie an LM head either)."""
     get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
     saved = sorted(adapters.get(SAVED, {}))
     if "embed_tokens" in saved and tied_embeddings is not False:
@@ -176,7 +173,7 @@ def boft_peft_config(
         "task_type": "CAUSAL_LM",
         "boft_block_size": int(get("boft_block_size")),
         "boft_block_num": int(get("boft_block_num")),
-        "boft_n_butterfly_factor": 1,
+        "boft_n_butterfly_factor": _factors(adapters),
         "target_modules": sorted({p[-1] for p in adapter_paths(adapters)}),
         "boft_dropout": 0.0,
         "fan_in_fan_out": False,
@@ -186,6 +183,14 @@ def boft_peft_config(
         "inference_mode": True,
         "modules_to_save": [PEFT_MODULE_NAME.get(m, m) for m in saved] or None,
     }
+
+
+def _factors(adapters: dict) -> int:
+    """The butterfly factors of a BOFT tree's vectors [L, factors, blocks, n] (one count)."""
+    counts = {int(get_path(adapters, p)[oft.PARAM].shape[-3]) for p in adapter_paths(adapters)}
+    if len(counts) != 1:
+        raise ValueError(f"a BOFT tree's modules have {sorted(counts)} butterfly factors")
+    return counts.pop()
 
 
 def boft_adapter_config(path: str, cfg: dict) -> PeftAdapterConfig:

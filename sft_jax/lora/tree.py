@@ -39,7 +39,8 @@ model needs to learn a new stop token) are full float32 copies under the adapter
 `with_saved_modules` puts them in place of the frozen leaves, for the forward and for `merge`.
 
 The other methods of `lora.method` keep the same paths with their own leaves: OFT a vector
-`oft_r` [L, blocks, b (b - 1) / 2] per targeted kernel (BOFT also `boft_s` [L, *out];
+`oft_r` [L, blocks, b (b - 1) / 2] per targeted kernel (BOFT [L, factors, blocks, n] and
+`boft_s` [L, *out];
 sft_jax/lora/oft.py), prefix tuning layers/attn/{prefix_k, prefix_v} [L, P, K, H] and prompt
 tuning prompt_embeddings [P, D] (sft_jax/lora/prefix.py); `make_adapters` and `merge` dispatch
 on them.
@@ -336,9 +337,11 @@ def init_oft(params: dict, targets: tuple[str, ...], size: int, share: bool) -> 
     return adapters
 
 
-def init_boft(params: dict, targets: tuple[str, ...], size: int, num: int) -> dict:
-    """BOFT (PEFT's single-factor form, sft_jax/lora/oft.py): a zero OFT vector and a unit
-    output scale `boft_s` [L, *out] per targeted kernel, so the model is the base at init."""
+def init_boft(
+    params: dict, targets: tuple[str, ...], size: int, num: int, factors: int = 1
+) -> dict:
+    """BOFT (sft_jax/lora/oft.py): zero OFT vectors [L, factors, blocks, n] and a unit output
+    scale `boft_s` [L, *out] per targeted kernel, so the model is the base at init."""
     adapters: dict = {}
     for path in target_paths(params, targets):
         if is_expert_path(path):
@@ -348,9 +351,9 @@ def init_boft(params: dict, targets: tuple[str, ...], size: int, num: int) -> di
             )
         kernel, lead, n_in = adapted_kernel(get_path(params, path[:-1]), path[-1])
         fan_in = math.prod(kernel.shape[lead : lead + n_in])
-        b = oft.boft_block(fan_in, size, num)
+        b = oft.boft_block(fan_in, size, num, factors)
         head, out_shape = kernel.shape[:lead], kernel.shape[lead + n_in :]
-        vector = jnp.zeros((*head, fan_in // b, b * (b - 1) // 2), jnp.float32)
+        vector = jnp.zeros((*head, factors, fan_in // b, b * (b - 1) // 2), jnp.float32)
         set_path(adapters, path, {oft.PARAM: vector, oft.SCALE: jnp.ones((*head, *out_shape))})
     return adapters
 
@@ -369,7 +372,8 @@ def make_adapters(params: dict, cfg: Any, rng: jax.Array, frozen: Any = None) ->
         adapters = init_oft(params, tuple(cfg.targets), cfg.oft_block_size, cfg.oft_block_share)
         return add_saved_modules(params, adapters, tuple(cfg.modules_to_save))
     if getattr(cfg, "method", "lora") == "boft":
-        adapters = init_boft(params, tuple(cfg.targets), cfg.boft_block_size, cfg.boft_block_num)
+        size, num = cfg.boft_block_size, cfg.boft_block_num
+        adapters = init_boft(params, tuple(cfg.targets), size, num, cfg.boft_n_butterfly_factor)
         return add_saved_modules(params, adapters, tuple(cfg.modules_to_save))
     adapters = init_adapters(params, tuple(cfg.targets), cfg.rank, rng)
     if cfg.dora and any(is_expert_path(p) for p in target_paths(params, tuple(cfg.targets))):
@@ -451,9 +455,11 @@ def merge(params: dict, adapters: dict, scale: float, oft_spec: oft.OftSpec | No
             return merged_experts(p, ad, scale)
         if isinstance(ad, dict) and oft.ROTATION in ad:
             kernel = p["kernel"]
-            merged = oft.rotate_kernel(kernel, ad[oft.ROTATION], KERNELS[name])
             if oft.SCALE in ad:  # BOFT
+                merged = oft.butterfly_kernel(kernel, ad[oft.ROTATION], KERNELS[name])
                 merged = oft.scale_kernel(merged, ad[oft.SCALE], KERNELS[name])
+            else:
+                merged = oft.rotate_kernel(kernel, ad[oft.ROTATION], KERNELS[name])
             return {**p, "kernel": merged.astype(kernel.dtype)}
         if isinstance(ad, dict) and "a" in ad and "b" in ad:
             kernel = p["kernel"]
@@ -480,7 +486,7 @@ def adapter_specs(kernel_spec: tuple, ndim: int, n_in: int, lead: int = 1) -> di
         "a": (*head, *ins, None),
         "b": (*head, None, *outs),
         "m": (*head, *outs),
-        oft.PARAM: (*head, None, None),  # OFT's vector: small, replicated
+        oft.PARAM: (*head, None, None),  # OFT's vector (BOFT's has a factor axis): replicated
         oft.SCALE: (*head, *outs),  # BOFT's output scale
     }
 

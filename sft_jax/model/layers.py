@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sft_jax.lora.oft import PARAM, ROTATION, SCALE, rotate_input
+from sft_jax.lora.oft import PARAM, ROTATION, SCALE, butterfly_input, rotate_input
 from sft_jax.lora.quant import Quantized, dequantize_array, einsum_dequantized
 from sft_jax.model.cpu_linear import cpu_linear, input_rank
 
@@ -109,7 +109,10 @@ class Einsum(nn.Module):
         k_in = "".join(c for c in kernel_letters if c in x_letters)
         if not x_letters.endswith(k_in):
             raise ValueError(f"OFT needs the input dims trailing in {self.equation!r}")
-        return rotate_input(x, self.get_variable("lora", ROTATION), len(k_in))
+        rot = self.get_variable("lora", ROTATION)
+        if self.has_variable("lora", SCALE):  # BOFT: butterfly factors [F, blocks, b, b]
+            return butterfly_input(x, rot, len(k_in))
+        return rotate_input(x, rot, len(k_in))
 
     def _project(
         self, equation: str, x: jax.Array, w: jax.Array, out_dtype: Any = None

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from sft_jax.hf.config import hf_config_dict, read_config_json
+from sft_jax.hf.config import read_config_json
+from sft_jax.hf.config_export import hf_config_dict
 from sft_jax.hf.families import PHI3, is_gemma3_multimodal
 from sft_jax.hf.safetensors import Checkpoint
 from sft_jax.model.config import ModelConfig

@@ -15,7 +15,8 @@ sliding-window layers from `layer_types`, router and expert biases and its clamp
 Hub checkpoints' MXFP4 `quantization_config` is accepted because the loader dequantizes the
 experts (any other quantization is refused).
 
-Qwen3.5 (dense and MoE; hybrid linear attention) is read by its own module, sft_jax/hf/qwen35.py.
+Qwen3.5 (dense and MoE; hybrid linear attention) is read by its own module, sft_jax/hf/qwen35.py,
+and so is Gemma 4 (sft_jax/hf/gemma4.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sft_jax.config import ModelSection
-from sft_jax.hf import families, qwen35
+from sft_jax.hf import families, gemma4, qwen35
 from sft_jax.hf.errors import ModelFileError, UnsupportedModelError
 from sft_jax.model.config import (
     ModelConfig,
@@ -51,6 +52,8 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     *families.ARCHITECTURES,
     *qwen35.DENSE,  # Qwen3.5 (hybrid linear attention) is read by sft_jax/hf/qwen35.py
     *qwen35.MOE,
+    gemma4.CAUSAL_LM,  # Gemma 4 is read by sft_jax/hf/gemma4.py
+    gemma4.MULTIMODAL,
 )
 _ARCH_BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
@@ -104,6 +107,10 @@ def load_model_config(path: str, *, dtype: str, param_dtype: str, remat: str) ->
         fields = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
         error = lambda why: UnsupportedModelError(f"{file}: Qwen3.5 {why}")
         return qwen35.load_qwen35_config(raw, file, error, **fields)
+    if gemma4.is_gemma4(raw):
+        fields = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
+        error = lambda why: UnsupportedModelError(f"{file}: Gemma 4 {why}")
+        return gemma4.load_gemma4_config(raw, file, error, **fields)
     raw = families.normalized(raw, file)
     arch = _architecture(raw, file)
 

@@ -42,8 +42,10 @@ from sft_jax.hf.layout import (  # noqa: F401  (re-exported: where each layout i
     checkpoint_layout,
     export_layout,
 )
+from sft_jax.hf.mxfp4 import dequantize_mxfp4, scales_key
 from sft_jax.hf.safetensors import Checkpoint
 from sft_jax.model.decoder import ModelConfig
+from sft_jax.model.gemma4_config import first_shared_layer, layer_view
 from sft_jax.model.hybrid import LINEAR
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed
@@ -99,6 +101,8 @@ def _tensor_specs(c: ModelConfig, layout: MoeLayout = HUB_LAYOUT) -> dict[tuple[
     """Our flattened param path -> HF tensor (`layout`: of the expert tensors, if any)."""
     if c.is_hybrid:
         return _hybrid_specs(c, layout)
+    if c.gemma4 is not None:
+        return _gemma4_specs(c, layout)
     d, f, n, kv, h = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
     layer = "model.layers.{i}."
     attn = layer + "self_attn."
@@ -217,6 +221,51 @@ def _hybrid_specs(c: ModelConfig, layout: MoeLayout) -> dict[tuple[str, ...], _T
     return specs
 
 
+def _gemma4_specs(c: ModelConfig, layout: MoeLayout) -> dict[tuple[str, ...], _Tensor]:
+    """Gemma 4's tree (sft_jax/model/gemma4.py): layer j's leaves (layers/layer_{j}) read HF
+    layer j with that layer's own head shape and MLP width; a K/V-sharing layer has no key or
+    value projection or k_norm, a full layer with k_eq_v no v_proj."""
+    g, d, p, n = c.gemma4, c.hidden_size, c.gemma4.per_layer_input_size, c.num_layers
+    specs, layer = {}, "model.layers.{i}."
+    dropped = {"k_proj", "v_proj", "k_norm"}
+    for j in range(n):
+        plain = _tensor_specs(dataclasses.replace(layer_view(c, j), gemma4=None))
+        at = {"period": n, "offset": j}
+        skip = dropped if j >= first_shared_layer(c) else set()
+        if g.k_eq_v and not c.local_layers[j]:
+            skip = skip | {"v_proj"}
+        for path, spec in plain.items():
+            if path[0] != "layers":
+                specs[path] = spec
+            elif not (path[1] == "attn" and path[2] in skip):
+                specs["layers", f"layer_{j}", *path[1:]] = dataclasses.replace(spec, **at)
+        ours = {("layer_scalar",): _Tensor(layer + "layer_scalar", (1,))}
+        if p:
+            ours["per_layer_input_gate", "kernel"] = _linear(
+                (p,), (d,), layer + "per_layer_input_gate.weight"
+            )
+            ours["per_layer_projection", "kernel"] = _linear(
+                (d,), (p,), layer + "per_layer_projection.weight"
+            )
+            ours["post_per_layer_norm", "scale"] = _Tensor(
+                layer + "post_per_layer_input_norm.weight", (d,)
+            )
+        for path, spec in ours.items():
+            specs["layers", f"layer_{j}", *path] = dataclasses.replace(spec, **at)
+    if p:
+        whole = {"per_layer": False}
+        base = ("per_layer_inputs",)
+        table = "model.embed_tokens_per_layer.weight"
+        specs[(*base, "embedding")] = _Tensor(table, (g.per_layer_vocab_size, n * p), **whole)
+        proj = _linear((n * p,), (d,), "model.per_layer_model_projection.weight")
+        specs[(*base, "projection", "kernel")] = dataclasses.replace(proj, **whole)
+        norm = "model.per_layer_projection_norm.weight"
+        specs[(*base, "norm", "scale")] = _Tensor(norm, (p,), **whole)
+    if layout.model != HUB_LAYOUT.model:  # a multimodal checkpoint's language model
+        specs = {k: dataclasses.replace(v, key=_renamed(v.key, layout)) for k, v in specs.items()}
+    return specs
+
+
 def _linear_attention_specs(c: ModelConfig) -> dict[tuple[str, ...], _Tensor]:
     """A Gated DeltaNet layer's leaves (sft_jax/model/gated_deltanet.py) and their HF tensors;
     the conv1d weight [P, 1, K] is ours [K, P]."""
@@ -322,27 +371,6 @@ def _gpt_oss_moe_specs(c: ModelConfig, mxfp4: bool) -> dict[tuple[str, ...], _Te
     }
 
 
-def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """MXFP4 blocks [..., G, 16] uint8 and scales [..., G] uint8 -> float32 [..., G * 32]
-    (transformers' integrations/mxfp4.py): each byte holds two e2m1 codes, the low nibble the
-    even value; each group of 32 values is scaled by 2 ** (scale - 127)."""
-    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], -1)
-    values = _FP4_VALUES[codes]
-    np.ldexp(values, scales.astype(np.int32)[..., None] - 127, out=values)  # in place: no copy
-    return values.reshape(*scales.shape[:-1], -1)
-
-
-# e2m1 code -> value: sign bit, then 2 exponent bits and 1 mantissa bit.
-_FP4_VALUES = np.array(
-    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
-    np.float32,
-)
-
-
-def _scales_key(key: str) -> str:
-    return key.removesuffix("_blocks") + "_scales"
-
-
 def _instances(spec: _Tensor, c: ModelConfig) -> list[tuple[str, int | None, int | None]]:
     """(HF key, index on the leaf's layer axis, expert) of every HF tensor behind one leaf."""
     layers = enumerate(spec.hf_layers(c.num_layers)) if spec.per_layer else [(None, None)]
@@ -371,7 +399,7 @@ def check_checkpoint(path: str, config: ModelConfig) -> None:
 def _stored(spec: _Tensor, key: str) -> list[tuple[str, tuple[int, ...]]]:
     """(key, shape) of the stored tensors behind one HF tensor: MXFP4 adds its scales."""
     if spec.mxfp4:
-        return [(key, spec.shape), (_scales_key(key), spec.shape[:-1])]
+        return [(key, spec.shape), (scales_key(key), spec.shape[:-1])]
     return [(key, spec.shape)]
 
 
@@ -412,7 +440,7 @@ def _read_layer(ckpt: Checkpoint, spec: _Tensor, i: int | None) -> np.ndarray:
     if spec.mxfp4:  # [E, R, C] dequantized, as transformers' [E, C, R]
         key = spec.key.format(i=i)
         blocks = ckpt.get(key, spec.shape)
-        scales = ckpt.get(_scales_key(key), spec.shape[:-1])
+        scales = ckpt.get(scales_key(key), spec.shape[:-1])
         return spec.convert(np.swapaxes(dequantize_mxfp4(blocks, scales), -1, -2))
     if not spec.experts:
         return spec.convert(ckpt.get(spec.key.format(i=i), spec.shape))

@@ -85,6 +85,12 @@ from sft_jax.model.config import (  # noqa: F401  (re-exported: the config lives
     with_section_options,
 )
 from sft_jax.model.gated_deltanet import DeltaState, GatedDeltaNet, init_hybrid_cache
+from sft_jax.model.gemma4 import (
+    Gemma4Stack,
+    PerLayerInputs,
+    gemma4_context,
+    init_gemma4_cache,
+)
 from sft_jax.model.hybrid import LINEAR
 from sft_jax.model.layers import (  # noqa: F401  (re-exported: public names of the decoder)
     ACTIVATIONS,
@@ -202,6 +208,8 @@ def init_cache(config: ModelConfig, batch: int, length: int) -> dict[str, Any]:
     model's per sub-layer (`init_hybrid_cache`)."""
     if config.is_hybrid:
         return init_hybrid_cache(config, batch, length)
+    if config.gemma4 is not None:
+        return init_gemma4_cache(config, batch, length)
     shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
     zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
     return {"k": zeros, "v": zeros}
@@ -220,6 +228,8 @@ class Transformer(nn.Module):
         c = self.config
         dt = {"dtype": c.dtype, "param_dtype": c.param_dtype}
         block = HybridBlock if c.is_hybrid else Block
+        if c.gemma4 is not None:
+            block = Gemma4Stack
         steps = c.num_layers // len(c.period)  # scan steps: layers, or periods of a hybrid
         if c.remat != "none":
             # A rolled scan keeps XLA from merging the backward's recomputation into the forward;
@@ -238,6 +248,8 @@ class Transformer(nn.Module):
         self.embed = Embed(c)
         self.layers = scanned(c)
         self.final_norm = rms_norm(c, ("embed",))
+        if c.gemma4 is not None and c.gemma4.per_layer_input_size:
+            self.per_layer_inputs = PerLayerInputs(c)
         if not c.tie_embeddings:
             shape, names = (c.hidden_size, c.vocab_size), ("embed", "vocab")
             self.lm_head = Einsum(
@@ -363,10 +375,14 @@ class Transformer(nn.Module):
         if segment_ids is not None:  # training: blocked, splash, ring read segments, not a mask
             ctx["segment_ids"] = segment_ids
             ctx["slots"] = jnp.broadcast_to(q_slots, tokens.shape)  # ring attention's mask
+        if c.gemma4 is not None:  # full layers' RoPE, per-layer inputs
+            per_layer = getattr(self, "per_layer_inputs", None)
+            ctx.update(gemma4_context(c, per_layer, tokens, x, positions))
         if any(c.nope_layers):
             layer["nope"] = jnp.asarray(c.nope_layers)
         if c.has_local_layers:
-            layer["local"] = jnp.asarray(c.local_layers)
+            if c.gemma4 is None:  # Gemma 4's layers know their type (one scan step runs all)
+                layer["local"] = jnp.asarray(c.local_layers)
             if mask is not None:
                 ctx["local_mask"] = window_mask(mask, q_slots, c.sliding_window)
             if c.local_rope_theta is not None:

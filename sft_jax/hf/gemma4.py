@@ -75,18 +75,24 @@ def load_gemma4_config(
     text = raw.get("text_config") if is_gemma4_multimodal(raw) else raw
     if not isinstance(text, dict):
         raise unsupported(f"needs 'text_config' a JSON object in {file}")
-    where = f"{file}: text_config" if text is not raw else file
+    where = "text_config." if text is not raw else ""  # messages name fields as f"{where}{key}"
     text = {**_DEFAULTS, **text}
 
     def need(key: str) -> int:
         value = text.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise unsupported(f"needs '{key}' a positive integer in {where}, got {value!r}")
+            raise unsupported(f"needs field '{where}{key}' a positive integer, got {value!r}")
         return value
 
     _refuse_features(text, where, unsupported)
     num_layers = need("num_hidden_layers")
     types = _layer_types(text, num_layers, where, unsupported)
+    shared = text.get("num_kv_shared_layers") or 0
+    if set(types[num_layers - shared :]) - set(types[: num_layers - shared]):
+        raise unsupported(
+            f"has field '{where}num_kv_shared_layers'={shared}: a layer sharing keys and values "
+            "needs an earlier layer of its type to read them from"
+        )
     heads, kv_heads, head_dim = (
         need("num_attention_heads"),
         need("num_key_value_heads"),
@@ -100,7 +106,7 @@ def load_gemma4_config(
         global_kv_heads=global_kv or kv_heads,
         global_rotary_factor=float(full_rope.get("partial_rotary_factor", 1.0)),
         global_rope_factor=float(full_rope.get("factor", 1.0)),
-        kv_shared_layers=int(text.get("num_kv_shared_layers") or 0),
+        kv_shared_layers=int(shared),
         k_eq_v=bool(text.get("attention_k_eq_v", False)),
         double_wide_mlp=bool(text.get("use_double_wide_mlp", False)),
         per_layer_input_size=per_layer,
@@ -137,22 +143,24 @@ def load_gemma4_config(
             **section,
         )
     except ValueError as e:
-        raise unsupported(f"{where}: {e}") from None
+        raise unsupported(f"is a config our decoder cannot run: {e}") from None
 
 
 def _refuse_features(text: dict, where: str, unsupported: Callable) -> None:
     act = text.get("hidden_activation") or text.get("hidden_act")
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise unsupported(f"uses hidden_activation={act!r} ({where})")
+        raise unsupported(f"uses field '{where}hidden_activation'={act!r}")
     if text.get("enable_moe_block"):
         raise unsupported(
-            f"has enable_moe_block=true ({where}): its router (with per-expert scales) runs "
+            f"has field '{where}enable_moe_block'=true: its router (with per-expert scales) runs "
             "beside the dense MLP, which sft_jax/model/moe.py does not compute"
         )
     if text.get("use_bidirectional_attention") == "all":
-        raise unsupported(f"has use_bidirectional_attention='all' ({where}): we attend causally")
+        raise unsupported(
+            f"has field '{where}use_bidirectional_attention'='all' (we attend causally)"
+        )
     if text.get("attention_bias"):
-        raise unsupported(f"has attention_bias=true ({where})")
+        raise unsupported(f"has field '{where}attention_bias'=true")
 
 
 def _layer_types(text: dict, num_layers: int, where: str, unsupported: Callable) -> list[str]:
@@ -164,7 +172,7 @@ def _layer_types(text: dict, num_layers: int, where: str, unsupported: Callable)
     types = list(types)
     if len(types) != num_layers or set(types) - {SLIDING, FULL}:
         raise unsupported(
-            f"{where}: field 'layer_types' must name {num_layers} layers as {SLIDING!r} or "
+            f"field '{where}layer_types' must name {num_layers} layers as {SLIDING!r} or "
             f"{FULL!r}, got {types}"
         )
     types[-1] = FULL
@@ -189,7 +197,7 @@ def _full_layer_shape(
         or set(dict(next(iter(full), ()))) - {"head_dim", "num_key_value_heads"}
     ):
         raise unsupported(
-            f"{where}: field 'per_layer_config' overrides more than the full-attention layers' "
+            f"field '{where}per_layer_config' overrides more than the full-attention layers' "
             f"head_dim and num_key_value_heads, alike in all of them ({overrides})"
         )
     shape = dict(next(iter(full), ()))
@@ -202,7 +210,7 @@ def _rope(text: dict, where: str, unsupported: Callable) -> tuple[dict, dict]:
     local, full = params.get(SLIDING) or {}, params.get(FULL) or {}
     if local.get("rope_type", "default") != "default" or "rope_theta" not in local:
         raise unsupported(
-            f"{where}: field 'rope_parameters' must give {SLIDING!r} a default RoPE with a "
+            f"field '{where}rope_parameters' must give {SLIDING!r} a default RoPE with a "
             f"rope_theta, got {local}"
         )
     if (
@@ -210,7 +218,7 @@ def _rope(text: dict, where: str, unsupported: Callable) -> tuple[dict, dict]:
         or "rope_theta" not in full
     ):
         raise unsupported(
-            f"{where}: field 'rope_parameters' must give {FULL!r} a default or proportional "
+            f"field '{where}rope_parameters' must give {FULL!r} a default or proportional "
             f"RoPE with a rope_theta, got {full}"
         )
     if full.get("rope_type", "default") == "default":

@@ -347,3 +347,48 @@ def test_unsupported_configs_fail_naming_file_and_field(fields, named, tmp_path)
     with pytest.raises(hf.UnsupportedModelError) as info:
         hf.load_model_config(str(tmp_path), dtype="float32", param_dtype="float32", remat="none")
     assert "config.json" in str(info.value) and named in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_sizes", [(8, 1, 1), (2, 2, 2)])
+def test_train_step_on_a_mesh_equals_one_device(mesh_sizes):
+    """The train step of a Gemma 4 model (packed batches; per-layer inputs, K/V sharing, full
+    layers of another head shape) gives the same losses and gradient norms under FSDP and a
+    mixed mesh as on one device: its parameters (some axes unnamed) shard and train."""
+    from sft_jax.config import MeshSection
+    from sft_jax.model.gemma4_config import Gemma4Features
+    from sft_jax.training.optim import make_optimizer, make_schedule
+    from sft_jax.training.sharding import batch_sharding, make_mesh
+    from sft_jax.training.state import StateSpec, create_train_state
+    from sft_jax.training.step import StepOptions, make_train_step
+    from tests.helpers import tiny_model_config
+    from tests.test_step import RULES, optim_cfg, packed_batch
+
+    features = Gemma4Features(
+        global_head_dim=16, global_kv_heads=2, global_rotary_factor=0.25, kv_shared_layers=2,
+        double_wide_mlp=True, per_layer_input_size=4, per_layer_vocab_size=64,
+    )  # fmt: skip
+    config = tiny_model_config(
+        num_layers=4, local_layers=(True, False, True, False), sliding_window=5,
+        local_rope_theta=10000.0, qk_norm=True, sandwich_norms=True, embed_scale=True,
+        norm_scale_float32=True, mlp_activation="gelu_tanh", query_scale=1.0, gemma4=features,
+    )  # fmt: skip
+
+    def run(sizes, devices):
+        mesh = make_mesh(MeshSection(*sizes, rules=RULES), devices)
+        tx = make_optimizer(optim_cfg(), total_steps=10)
+        state, shardings = create_train_state(StateSpec(config, mesh, RULES, tx))
+        sharding = batch_sharding(mesh, RULES)
+        step_fn = make_train_step(
+            shardings, sharding, options=StepOptions(), schedule=make_schedule(optim_cfg(), 10)
+        )
+        out = []
+        for i in range(2):
+            batch = {k: jax.device_put(v, sharding) for k, v in packed_batch(seed=i).items()}
+            state, metrics = step_fn(state, batch, np.float32(1.0))
+            out.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+        return np.asarray(out)
+
+    reference = run((1, 1, 1), jax.devices()[:1])
+    assert np.all(np.isfinite(reference))
+    np.testing.assert_allclose(run(mesh_sizes, jax.devices()[:8]), reference, rtol=1e-5)

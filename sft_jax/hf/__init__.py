@@ -2,9 +2,10 @@
 
 Modules: `config` (config.json parsing, family features, what is unsupported and why),
 `config_export` (config.json for a random init), `params`
-(the tensor name/layout table, import into target shardings, the export plan) and `safetensors`
+(the tensor name/layout table, import into target shardings, the export plan; `tensor_spec` one
+entry of it, `mxfp4` gpt-oss's dequantization) and `safetensors`
 (bf16-capable reader and streaming writer), `hub` (hub ids -> local snapshot directories),
-`qwen35` (Qwen3.5's config.json and its multimodal wrapper).
+`qwen35` (Qwen3.5's config.json and its multimodal wrapper), `gemma4` (Gemma 4's config.json).
 `sft_jax.export` writes whole HF directories.
 """
 

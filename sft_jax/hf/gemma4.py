@@ -72,7 +72,7 @@ def load_gemma4_config(
 ) -> ModelConfig:
     """ModelConfig of a Gemma 4 config.json (`section`: dtype, param_dtype, remat);
     `unsupported(why)` builds the error for what our decoder does not compute."""
-    text = raw.get("text_config") if is_gemma4_multimodal(raw) else raw
+    text = (raw.get("text_config") or {}) if is_gemma4_multimodal(raw) else raw
     if not isinstance(text, dict):
         raise unsupported(f"needs 'text_config' a JSON object in {file}")
     where = "text_config." if text is not raw else ""  # messages name fields as f"{where}{key}"
@@ -85,33 +85,8 @@ def load_gemma4_config(
         return value
 
     _refuse_features(text, where, unsupported)
-    num_layers = need("num_hidden_layers")
-    types = _layer_types(text, num_layers, where, unsupported)
-    shared = text.get("num_kv_shared_layers") or 0
-    if set(types[num_layers - shared :]) - set(types[: num_layers - shared]):
-        raise unsupported(
-            f"has field '{where}num_kv_shared_layers'={shared}: a layer sharing keys and values "
-            "needs an earlier layer of its type to read them from"
-        )
-    heads, kv_heads, head_dim = (
-        need("num_attention_heads"),
-        need("num_key_value_heads"),
-        need("head_dim"),
-    )
-    global_head_dim, global_kv = _full_layer_shape(text, types, where, unsupported)
+    types = _layer_types(text, need("num_hidden_layers"), where, unsupported)
     local_rope, full_rope = _rope(text, where, unsupported)
-    per_layer = text.get("hidden_size_per_layer_input") or 0
-    features = Gemma4Features(
-        global_head_dim=global_head_dim or need("global_head_dim"),
-        global_kv_heads=global_kv or kv_heads,
-        global_rotary_factor=float(full_rope.get("partial_rotary_factor", 1.0)),
-        global_rope_factor=float(full_rope.get("factor", 1.0)),
-        kv_shared_layers=int(shared),
-        k_eq_v=bool(text.get("attention_k_eq_v", False)),
-        double_wide_mlp=bool(text.get("use_double_wide_mlp", False)),
-        per_layer_input_size=per_layer,
-        per_layer_vocab_size=need("vocab_size_per_layer_input") if per_layer else 0,
-    )
     softcap = text.get("final_logit_softcapping")
     tied = raw if text is not raw and "tie_word_embeddings" in raw else text
     try:
@@ -119,10 +94,10 @@ def load_gemma4_config(
             vocab_size=need("vocab_size"),
             hidden_size=need("hidden_size"),
             intermediate_size=need("intermediate_size"),
-            num_layers=num_layers,
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
+            num_layers=len(types),
+            num_heads=need("num_attention_heads"),
+            num_kv_heads=need("num_key_value_heads"),
+            head_dim=need("head_dim"),
             rope_theta=float(full_rope["rope_theta"]),
             local_rope_theta=float(local_rope["rope_theta"]),
             rms_norm_eps=float(text["rms_norm_eps"]),
@@ -139,11 +114,40 @@ def load_gemma4_config(
             query_scale=1.0,  # no score scaling: transformers' Gemma4TextAttention.scaling = 1
             sliding_window=need("sliding_window") if SLIDING in types else None,
             local_layers=tuple(t == SLIDING for t in types),
-            gemma4=features,
+            gemma4=_features(text, types, full_rope, where, need, unsupported),
             **section,
         )
     except ValueError as e:
         raise unsupported(f"is a config our decoder cannot run: {e}") from None
+
+
+def _features(
+    text: dict, types: list[str], full_rope: dict, where: str, need: Callable,
+    unsupported: Callable,
+) -> Gemma4Features:  # fmt: skip
+    """What Gemma 4 adds to the layer (Gemma4Features), with the fields' checks."""
+    shared = text.get("num_kv_shared_layers") or 0
+    first = len(types) - shared
+    if not isinstance(shared, int) or not 0 <= shared <= len(types):
+        raise unsupported(f"has field '{where}num_kv_shared_layers'={shared!r}")
+    if set(types[first:]) - set(types[:first]):
+        raise unsupported(
+            f"has field '{where}num_kv_shared_layers'={shared}: a layer sharing keys and values "
+            "needs an earlier layer of its type to read them from"
+        )
+    global_head_dim, global_kv = _full_layer_shape(text, types, where, unsupported)
+    per_layer = text.get("hidden_size_per_layer_input") or 0
+    return Gemma4Features(
+        global_head_dim=global_head_dim or need("global_head_dim"),
+        global_kv_heads=global_kv or need("num_key_value_heads"),
+        global_rotary_factor=float(full_rope.get("partial_rotary_factor", 1.0)),
+        global_rope_factor=float(full_rope.get("factor", 1.0)),
+        kv_shared_layers=shared,
+        k_eq_v=bool(text.get("attention_k_eq_v", False)),
+        double_wide_mlp=bool(text.get("use_double_wide_mlp", False)),
+        per_layer_input_size=per_layer and need("hidden_size_per_layer_input"),
+        per_layer_vocab_size=need("vocab_size_per_layer_input") if per_layer else 0,
+    )
 
 
 def _refuse_features(text: dict, where: str, unsupported: Callable) -> None:

@@ -286,7 +286,8 @@ def test_lora_peft_names_logits_and_round_trip(saved, loaded, tmp_path):
 def test_multimodal_checkpoint_loads_language_model_and_exports_as_itself(tmp_path, stories_dir):
     """Gemma4ForConditionalGeneration (how the Hub ships Gemma 4): its language model loads
     with the wrapper's text logits; the export is the same class, the vision and audio towers
-    and their embedders copied byte for byte, and loads back with equal logits."""
+    and their embedders copied byte for byte, and loads back with equal logits; PEFT adapters
+    name the language model's modules only."""
     from transformers import Gemma4AudioConfig, Gemma4VisionConfig
 
     text = {k: v for k, v in TINY.items() if k not in ("bos_token_id", "eos_token_id")}
@@ -323,6 +324,26 @@ def test_multimodal_checkpoint_loads_language_model_and_exports_as_itself(tmp_pa
     for name, value in model.state_dict().items():
         assert torch.equal(value, state[name]), name
     np.testing.assert_allclose(_hf_logits(reloaded, tokens), ours, atol=MODEL_TOL)
+
+    # PEFT adapters on the language model only (the towers' q/k/v stay plain), our logits.
+    import peft
+
+    adapters = _random_adapters(params)
+    peft_config = lora.peft_config(
+        adapters, rank=4, alpha=8.0, rslora=False, dropout=0.0, base=str(tmp_path / "hub"),
+        language_model=True,
+    )  # fmt: skip
+    adapter = str(tmp_path / "adapter")
+    period = len(ours_config.period)
+    lora.write_peft_adapter(adapter, adapters, peft_config, language_model=True, period=period)
+    with_peft = peft.PeftModel.from_pretrained(model, adapter).eval()
+    adapted = {n for n, m in with_peft.named_modules() if hasattr(m, "lora_A")}
+    assert adapted and all("language_model" in n for n in adapted)
+    lora_config = dataclasses.replace(ours_config, lora_scale=2.0)
+    expected = _apply(lora_config, params, tokens, positions, np.ones_like(tokens), adapters)
+    np.testing.assert_allclose(_hf_logits(with_peft, tokens), expected, atol=MODEL_TOL)
+    back = lora.read_peft_adapter(adapter, params)
+    jax.tree.map(np.testing.assert_array_equal, back, adapters)
 
 
 @pytest.mark.parametrize(

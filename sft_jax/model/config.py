@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from sft_jax.config import ArchConfig, ModelSection
 
 # jax is imported where it is used, so config.py can read the choices below without loading it.
-REMAT_POLICIES = ("none", "dots", "dots_saveable", "full")  # model._REMAT_POLICIES implements them
+REMAT_POLICIES = ("none", "dots", "dots_saveable", "full")  # sublayers.CHECKPOINT_POLICIES
 # Attention implementations (model.attention); attention.py implements them.
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "blocked", "reference")
 ACTIVATIONS = ("silu", "gelu_tanh")

@@ -1,6 +1,6 @@
 """The Flax Linen decoder for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2/3), its
-mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss) and the hybrid
-linear-attention Qwen3.5 (dense and MoE).
+mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss), the hybrid
+linear-attention Qwen3.5 (dense and MoE) and Gemma 4 (text).
 
 The sub-layers (embedding, attention, MLP) are in sft_jax/model/sublayers.py; this module stacks
 them into layers, scans the layers and holds the KV cache and the LM head.
@@ -31,6 +31,8 @@ Design choices and why:
 - Hybrid models (Qwen3.5: Gated DeltaNet linear-attention layers among full-attention ones) scan
   the repeating period of their `layer_types` as one `HybridBlock` (sft_jax/model/hybrid.py says
   why); a linear-attention layer carries a recurrent and a conv state instead of a KV cache.
+- Gemma 4, whose layers differ in shape and share keys and values, scans all its layers as one
+  block (`Gemma4Stack`; sft_jax/model/gemma4.py has its layers and parameter tree).
 
 Parameter tree (names are load-bearing: the HF loader, sharding rules, LoRA and checkpoints use it):
 
@@ -104,6 +106,7 @@ from sft_jax.model.moe import MoeConfig, MoeMlp
 from sft_jax.model.prefix import prefix_length
 from sft_jax.model.regularize import neftune_noise
 from sft_jax.model.sublayers import (
+    CHECKPOINT_POLICIES,
     Attention,
     Embed,
     Mlp,
@@ -114,13 +117,6 @@ from sft_jax.model.sublayers import (
 )
 
 ROUTER_STATS = "router"  # intermediates key of a mixture-of-experts model's router statistics
-# Per-layer activation checkpointing. "dots" saves the projection outputs (matmuls without batch
-# dims) and recomputes attention scores; "dots_saveable" also saves the batched attention dots.
-_REMAT_POLICIES = {
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "full": jax.checkpoint_policies.nothing_saveable,
-}
 
 
 class Block(nn.Module):
@@ -231,11 +227,13 @@ class Transformer(nn.Module):
         if c.gemma4 is not None:
             block = Gemma4Stack
         steps = c.num_layers // len(c.period)  # scan steps: layers, or periods of a hybrid
-        if c.remat != "none":
+        if c.remat != "none" and c.gemma4 is None:  # Gemma4Stack checkpoints each layer
             # A rolled scan keeps XLA from merging the backward's recomputation into the forward;
             # unrolled, only prevent_cse does. Even then XLA:CPU keeps most activations of
             # unrolled layers alive: remat's memory saving needs scan_layers (docs/benchmarks.md).
-            block = nn.remat(block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+            block = nn.remat(
+                block, policy=CHECKPOINT_POLICIES[c.remat], prevent_cse=not c.scan_layers
+            )
         scanned = nn.scan(
             block,
             variable_axes={"params": 0, "lora": 0},  # "lora": adapters, only when passed

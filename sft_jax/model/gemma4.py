@@ -44,6 +44,7 @@ from sft_jax.model.gemma4_config import first_shared_layer, layer_view
 from sft_jax.model.layers import ACTIVATIONS, INIT_STD, Einsum, RMSNorm, named_param
 from sft_jax.model.prefix import PREFIX_K
 from sft_jax.model.sublayers import (
+    CHECKPOINT_POLICIES,
     Mlp,
     attention_options,
     einsum_fields,
@@ -193,10 +194,14 @@ class Gemma4Stack(nn.Module):
         first = first_shared_layer(c)
         stored: dict[bool, KV] = {}  # by layer type (local or not): the latest layer's K/V
         outputs = {}
+        layer_cls = Gemma4Layer
+        if c.remat != "none":  # per layer, not the whole stack (one scan step holds all)
+            policy = CHECKPOINT_POLICIES[c.remat]
+            layer_cls = nn.remat(Gemma4Layer, policy=policy, prevent_cse=True)
         for j, local in enumerate(c.local_layers):
             name = f"layer_{j}"
             shared = stored[local] if j >= first else None
-            block = Gemma4Layer(layer_view(c, j), j, name=name)
+            block = layer_cls(layer_view(c, j), j, name=name)
             x, outputs[name], kv = block(x, layer.get(name, {}), ctx, shared)
             if j < first:
                 stored[local] = kv

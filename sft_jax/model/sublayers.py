@@ -22,6 +22,15 @@ from sft_jax.model.config import ModelConfig
 from sft_jax.model.layers import ACTIVATIONS, INIT_STD, Einsum, RMSNorm, named_param
 from sft_jax.model.prefix import PREFIX_K, PREFIX_V, prefix_attention
 
+# Per-layer activation checkpointing (ModelConfig.remat). "dots" saves the projection outputs
+# (matmuls without batch dims) and recomputes attention scores; "dots_saveable" also saves the
+# batched attention dots.
+CHECKPOINT_POLICIES = {
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
 # --------------------------------------------------------------------------------------------
 # Modules.
 

@@ -103,8 +103,9 @@ def _tokens(batch=2, length=14, seed=0):
 
 
 def test_config_read_as_transformers_reads_it(saved, loaded):
-    _, model = saved
+    path, model = saved
     config, params = loaded
+    hf.check_checkpoint(str(path), config)  # preflight: every tensor and shape as expected
     reference = model.config
     g = config.gemma4
     assert config.local_layers == tuple(t == SLIDING for t in reference.layer_types)
@@ -135,6 +136,7 @@ def test_config_without_per_layer_config_derives_the_full_layers_shape(tmp_path)
         "attention_k_eq_v": True,
         "num_global_key_value_heads": 1,
         "global_head_dim": 32,
+        "use_bidirectional_attention": "vision",  # only image tokens: text stays causal
     }
     (tmp_path / "config.json").write_text(json.dumps(raw))
     config = hf.load_model_config(

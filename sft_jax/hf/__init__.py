@@ -1,9 +1,11 @@
 """Hugging Face in and out: `config.json` <-> ModelConfig, safetensors <-> our parameter tree.
 
-Modules: `config` (config.json parsing, family features, what is unsupported and why), `params`
-(the tensor name/layout table, import into target shardings, the export plan) and `safetensors`
+Modules: `config` (config.json parsing, family features, what is unsupported and why),
+`config_export` (config.json for a random init), `params`
+(the tensor name/layout table, import into target shardings, the export plan; `tensor_spec` one
+entry of it, `mxfp4` gpt-oss's dequantization) and `safetensors`
 (bf16-capable reader and streaming writer), `hub` (hub ids -> local snapshot directories),
-`qwen35` (Qwen3.5's config.json and its multimodal wrapper).
+`qwen35` (Qwen3.5's config.json and its multimodal wrapper), `gemma4` (Gemma 4's config.json).
 `sft_jax.export` writes whole HF directories.
 """
 
@@ -12,10 +14,10 @@ from sft_jax.hf.config import (
     ModelFileError,
     UnsupportedModelError,
     build_model_config,
-    hf_config_dict,
     load_model_config,
     read_config_json,
 )
+from sft_jax.hf.config_export import hf_config_dict
 from sft_jax.hf.hub import (
     absolute_local_paths,
     looks_like_hub_id,

@@ -8,8 +8,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from sft_jax.hf.config import hf_config_dict, read_config_json
+from sft_jax.hf.config import read_config_json
+from sft_jax.hf.config_export import hf_config_dict
 from sft_jax.hf.families import PHI3, is_gemma3_multimodal
+from sft_jax.hf.gemma4 import MULTIMODAL_MODULES, is_gemma4_multimodal
 from sft_jax.hf.safetensors import Checkpoint
 from sft_jax.model.config import ModelConfig
 
@@ -37,12 +39,13 @@ HUB_LAYOUT = MoeLayout()
 MIXTRAL_LAYOUT = MoeLayout("block_sparse_moe", ("w1", "w3", "w2"))
 
 
-# Gemma 3's multimodal layouts: transformers 5's, and the one its Hub checkpoints were first
-# published in (transformers maps it on load); told apart by where the embedding is.
+# Gemma 3's multimodal layouts (the first also Gemma 4's, with its towers): transformers 5's,
+# and the one Gemma 3's Hub checkpoints were first published in (transformers maps it on load);
+# told apart by where the embedding is.
 _MULTIMODAL_LAYOUTS = (
     MoeLayout(
         model="model.language_model.",
-        copied=("model.vision_tower.", "model.multi_modal_projector."),
+        copied=("model.vision_tower.", "model.multi_modal_projector.", *MULTIMODAL_MODULES),
     ),
     MoeLayout(
         model="language_model.model.",
@@ -79,7 +82,7 @@ def export_layout(config: ModelConfig, source_model_dir: str | None) -> MoeLayou
     file = os.path.join(source_model_dir, "config.json") if source_model_dir else ""
     if file and os.path.isfile(file):
         raw = read_config_json(file)
-        if is_gemma3_multimodal(raw):  # the language model where the source has it
+        if is_gemma3_multimodal(raw) or is_gemma4_multimodal(raw):  # where the source has it
             return checkpoint_layout(Checkpoint(source_model_dir))
         if PHI3 in (raw.get("architectures") or []) or raw.get("model_type") == "phi3":
             return MoeLayout(fused_proj=True)  # Phi-3's fused projections

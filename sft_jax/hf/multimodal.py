@@ -1,5 +1,6 @@
 """What an export of a multimodal checkpoint's language model carries over from its source:
-the other modules' tensors (Gemma 3's vision tower and projector), copied byte for byte, and
+the other modules' tensors (Gemma 3's vision tower and projector, Gemma 4's vision and audio
+towers and their embedders), copied byte for byte, and
 whether PEFT adapters on it name the language model's modules."""
 
 from __future__ import annotations
@@ -11,16 +12,20 @@ import numpy as np
 
 from sft_jax.hf.config import read_config_json
 from sft_jax.hf.families import is_gemma3_multimodal
+from sft_jax.hf.gemma4 import is_gemma4_multimodal
 from sft_jax.hf.layout import MoeLayout
 from sft_jax.hf.safetensors import Checkpoint
 
 
 def is_multimodal(model_dir: str | None) -> bool:
     """Whether `model_dir`'s config.json is a multimodal model whose language model we load
-    (Gemma 3's Gemma3ForConditionalGeneration): its PEFT adapters then name that model's
-    modules."""
+    (Gemma3ForConditionalGeneration, Gemma4ForConditionalGeneration): its PEFT adapters then
+    name that model's modules."""
     file = os.path.join(model_dir, "config.json") if model_dir else ""
-    return bool(file) and os.path.isfile(file) and is_gemma3_multimodal(read_config_json(file))
+    if not file or not os.path.isfile(file):
+        return False
+    raw = read_config_json(file)
+    return is_gemma3_multimodal(raw) or is_gemma4_multimodal(raw)
 
 
 def copied_tensors(

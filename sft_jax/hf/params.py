@@ -26,7 +26,6 @@ dequantized in the fused layout, which transformers loads without a quantization
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -42,8 +41,11 @@ from sft_jax.hf.layout import (  # noqa: F401  (re-exported: where each layout i
     checkpoint_layout,
     export_layout,
 )
+from sft_jax.hf.mxfp4 import dequantize_mxfp4, scales_key
 from sft_jax.hf.safetensors import Checkpoint
+from sft_jax.hf.tensor_spec import TensorSpec, linear_spec
 from sft_jax.model.decoder import ModelConfig
+from sft_jax.model.gemma4_config import first_shared_layer, layer_view
 from sft_jax.model.hybrid import LINEAR
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed
@@ -53,69 +55,31 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints sav
 _HYBRID_IGNORED_PREFIXES = ("model.visual.", "mtp.")
 
 
-def _identity(w: np.ndarray) -> np.ndarray:
-    return w
-
-
-@dataclasses.dataclass(frozen=True)
-class _Tensor:
-    """Where one leaf of our tree comes from: HF key ('{i}' = layer, '{e}' = expert), its shape,
-    and the conversions HF -> ours (`convert`) and ours -> HF (`to_hf`, None: a layout we read
-    but never write) of one layer's (and expert's) slice."""
-
-    key: str
-    shape: tuple[int, ...]
-    convert: Callable[[np.ndarray], np.ndarray] = _identity
-    to_hf: Callable[[np.ndarray], np.ndarray] | None = _identity
-    per_layer: bool = True
-    experts: int = 0  # > 0: one HF tensor per expert, stacked on the leaf's expert axis
-    # Fused tensors hold several leaves (gpt-oss's gate and up interleaved, Phi-3's q/k/v and
-    # gate/up concatenated): `joins` names the other leaves, whose slices `to_hf` takes as
-    # further arguments; their own specs are `joined` (written with this one).
-    joins: tuple[tuple[str, ...], ...] = ()
-    joined: bool = False
-    mxfp4: bool = False  # `key` names MXFP4 blocks (shape: theirs), read with their scales
-    # A hybrid model's sub-layer: leaf index s holds HF layer s * period + offset.
-    period: int = 1
-    offset: int = 0
-
-    def hf_layers(self, num_layers: int) -> range:
-        """The HF layer indices behind the leaf's leading axis, in order."""
-        return range(self.offset, num_layers, self.period)
-
-
-def _linear(out_dims: tuple[int, ...], in_dims: tuple[int, ...], key: str) -> _Tensor:
-    """A torch Linear [prod(out), prod(in)] as our kernel [*in, *out]."""
-    o, i = int(np.prod(out_dims)), int(np.prod(in_dims))
-    return _Tensor(
-        key,
-        (o, i),
-        lambda w: w.T.reshape(*in_dims, *out_dims),
-        lambda k: k.reshape(i, o).T,
-    )
-
-
-def _tensor_specs(c: ModelConfig, layout: MoeLayout = HUB_LAYOUT) -> dict[tuple[str, ...], _Tensor]:
+def _tensor_specs(
+    c: ModelConfig, layout: MoeLayout = HUB_LAYOUT
+) -> dict[tuple[str, ...], TensorSpec]:
     """Our flattened param path -> HF tensor (`layout`: of the expert tensors, if any)."""
     if c.is_hybrid:
         return _hybrid_specs(c, layout)
+    if c.gemma4 is not None:
+        return _gemma4_specs(c, layout)
     d, f, n, kv, h = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
     layer = "model.layers.{i}."
     attn = layer + "self_attn."
     mlp_norm = "pre_feedforward_layernorm" if c.sandwich_norms else "post_attention_layernorm"
     specs = {
-        ("embed", "embedding"): _Tensor(
+        ("embed", "embedding"): TensorSpec(
             "model.embed_tokens.weight", (c.vocab_size, d), per_layer=False
         ),
-        ("final_norm", "scale"): _Tensor("model.norm.weight", (d,), per_layer=False),
-        ("layers", "attn_norm", "scale"): _Tensor(layer + "input_layernorm.weight", (d,)),
-        ("layers", "mlp_norm", "scale"): _Tensor(layer + mlp_norm + ".weight", (d,)),
-        ("layers", "attn", "q_proj", "kernel"): _linear(
+        ("final_norm", "scale"): TensorSpec("model.norm.weight", (d,), per_layer=False),
+        ("layers", "attn_norm", "scale"): TensorSpec(layer + "input_layernorm.weight", (d,)),
+        ("layers", "mlp_norm", "scale"): TensorSpec(layer + mlp_norm + ".weight", (d,)),
+        ("layers", "attn", "q_proj", "kernel"): linear_spec(
             (n, 2 * h if c.attn_output_gate else h), (d,), attn + "q_proj.weight"
         ),
-        ("layers", "attn", "k_proj", "kernel"): _linear((kv, h), (d,), attn + "k_proj.weight"),
-        ("layers", "attn", "v_proj", "kernel"): _linear((kv, h), (d,), attn + "v_proj.weight"),
-        ("layers", "attn", "o_proj", "kernel"): _linear((d,), (n, h), attn + "o_proj.weight"),
+        ("layers", "attn", "k_proj", "kernel"): linear_spec((kv, h), (d,), attn + "k_proj.weight"),
+        ("layers", "attn", "v_proj", "kernel"): linear_spec((kv, h), (d,), attn + "v_proj.weight"),
+        ("layers", "attn", "o_proj", "kernel"): linear_spec((d,), (n, h), attn + "o_proj.weight"),
     }
     if c.is_moe:
         specs.update(_moe_specs(c, layout))
@@ -128,14 +92,14 @@ def _tensor_specs(c: ModelConfig, layout: MoeLayout = HUB_LAYOUT) -> dict[tuple[
             ("post_attn_norm", "post_attention_layernorm"),
             ("post_mlp_norm", "post_feedforward_layernorm"),
         ):
-            specs["layers", ours, "scale"] = _Tensor(layer + theirs + ".weight", (d,))
+            specs["layers", ours, "scale"] = TensorSpec(layer + theirs + ".weight", (d,))
     if c.attention_sinks:
-        specs["layers", "attn", "sinks"] = _Tensor(attn + "sinks", (n,))
+        specs["layers", "attn", "sinks"] = TensorSpec(attn + "sinks", (n,))
     if c.o_proj_bias:
-        specs["layers", "attn", "o_proj", "bias"] = _Tensor(attn + "o_proj.bias", (d,))
+        specs["layers", "attn", "o_proj", "bias"] = TensorSpec(attn + "o_proj.bias", (d,))
     if c.attention_bias:
         for name, heads in (("q_proj", n), ("k_proj", kv), ("v_proj", kv)):
-            specs["layers", "attn", name, "bias"] = _Tensor(
+            specs["layers", "attn", name, "bias"] = TensorSpec(
                 attn + f"{name}.bias",
                 (heads * h,),
                 lambda w, heads=heads: w.reshape(heads, h),
@@ -143,10 +107,10 @@ def _tensor_specs(c: ModelConfig, layout: MoeLayout = HUB_LAYOUT) -> dict[tuple[
             )
     if c.qk_norm:  # per head (H), or over all heads (N*H, K*H: OLMoE)
         q_width, k_width = (n * h, kv * h) if c.qk_norm_full else (h, h)
-        specs["layers", "attn", "q_norm", "scale"] = _Tensor(attn + "q_norm.weight", (q_width,))
-        specs["layers", "attn", "k_norm", "scale"] = _Tensor(attn + "k_norm.weight", (k_width,))
+        specs["layers", "attn", "q_norm", "scale"] = TensorSpec(attn + "q_norm.weight", (q_width,))
+        specs["layers", "attn", "k_norm", "scale"] = TensorSpec(attn + "k_norm.weight", (k_width,))
     if not c.tie_embeddings:
-        specs["lm_head", "kernel"] = _linear((c.vocab_size,), (d,), "lm_head.weight")
+        specs["lm_head", "kernel"] = linear_spec((c.vocab_size,), (d,), "lm_head.weight")
         specs["lm_head", "kernel"] = dataclasses.replace(
             specs["lm_head", "kernel"], per_layer=False
         )
@@ -159,7 +123,7 @@ def _tensor_specs(c: ModelConfig, layout: MoeLayout = HUB_LAYOUT) -> dict[tuple[
     return specs
 
 
-def _fused_specs(c: ModelConfig) -> dict[tuple[str, ...], _Tensor]:
+def _fused_specs(c: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
     """Phi-3's qkv_proj [(N+2K)H, D] (rows q, k, v) and gate_up_proj [2F, D] (rows gate, up):
     each leaf reads its rows; export concatenates them again."""
     d, f, n, kv, h = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
@@ -184,7 +148,7 @@ def _fused_specs(c: ModelConfig) -> dict[tuple[str, ...], _Tensor]:
             lo, hi = ([0, *ends])[j], ends[j]
             rows = lambda w, lo=lo, hi=hi, dims=dims: w[lo:hi].T.reshape(d, *dims)
             others = tuple(p for p, _ in parts[1:]) if j == 0 else ()
-            specs[path] = _Tensor(key, shape, rows, fuse if j == 0 else None, joins=others)
+            specs[path] = TensorSpec(key, shape, rows, fuse if j == 0 else None, joins=others)
             specs[path] = dataclasses.replace(specs[path], joined=j > 0)
     return specs
 
@@ -196,7 +160,7 @@ def _renamed(key: str, layout: MoeLayout) -> str:
     return layout.model + key.removeprefix(HUB_LAYOUT.model)
 
 
-def _hybrid_specs(c: ModelConfig, layout: MoeLayout) -> dict[tuple[str, ...], _Tensor]:
+def _hybrid_specs(c: ModelConfig, layout: MoeLayout) -> dict[tuple[str, ...], TensorSpec]:
     """A hybrid model's tree (layers/layer_{j}/... per sub-layer j of the period): each
     sub-layer's leaves are the plain layer's, with a linear-attention layer's `linear_attn`
     in place of `attn`, reading every period-th HF layer from j."""
@@ -217,58 +181,107 @@ def _hybrid_specs(c: ModelConfig, layout: MoeLayout) -> dict[tuple[str, ...], _T
     return specs
 
 
-def _linear_attention_specs(c: ModelConfig) -> dict[tuple[str, ...], _Tensor]:
+def _gemma4_specs(c: ModelConfig, layout: MoeLayout) -> dict[tuple[str, ...], TensorSpec]:
+    """Gemma 4's tree (sft_jax/model/gemma4.py): layer j's leaves (layers/layer_{j}) read HF
+    layer j with that layer's own head shape and MLP width; a K/V-sharing layer has no key or
+    value projection or k_norm, a full layer with k_eq_v no v_proj."""
+    g, d, p, n = c.gemma4, c.hidden_size, c.gemma4.per_layer_input_size, c.num_layers
+    specs, layer = {}, "model.layers.{i}."
+    dropped = {"k_proj", "v_proj", "k_norm"}
+    for j in range(n):
+        plain = _tensor_specs(dataclasses.replace(layer_view(c, j), gemma4=None))
+        at = {"period": n, "offset": j}
+        skip = dropped if j >= first_shared_layer(c) else set()
+        if g.k_eq_v and not c.local_layers[j]:
+            skip = skip | {"v_proj"}
+        for path, spec in plain.items():
+            if path[0] != "layers":
+                specs[path] = spec
+            elif not (path[1] == "attn" and path[2] in skip):
+                specs["layers", f"layer_{j}", *path[1:]] = dataclasses.replace(spec, **at)
+        ours = {("layer_scalar",): TensorSpec(layer + "layer_scalar", (1,))}
+        if p:
+            ours["per_layer_input_gate", "kernel"] = linear_spec(
+                (p,), (d,), layer + "per_layer_input_gate.weight"
+            )
+            ours["per_layer_projection", "kernel"] = linear_spec(
+                (d,), (p,), layer + "per_layer_projection.weight"
+            )
+            ours["post_per_layer_norm", "scale"] = TensorSpec(
+                layer + "post_per_layer_input_norm.weight", (d,)
+            )
+        for path, spec in ours.items():
+            specs["layers", f"layer_{j}", *path] = dataclasses.replace(spec, **at)
+    if p:
+        whole = {"per_layer": False}
+        base = ("per_layer_inputs",)
+        table = "model.embed_tokens_per_layer.weight"
+        specs[(*base, "embedding")] = TensorSpec(table, (g.per_layer_vocab_size, n * p), **whole)
+        proj = linear_spec((n * p,), (d,), "model.per_layer_model_projection.weight")
+        specs[(*base, "projection", "kernel")] = dataclasses.replace(proj, **whole)
+        norm = "model.per_layer_projection_norm.weight"
+        specs[(*base, "norm", "scale")] = TensorSpec(norm, (p,), **whole)
+    if layout.model != HUB_LAYOUT.model:  # a multimodal checkpoint's language model
+        specs = {k: dataclasses.replace(v, key=_renamed(v.key, layout)) for k, v in specs.items()}
+    return specs
+
+
+def _linear_attention_specs(c: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
     """A Gated DeltaNet layer's leaves (sft_jax/model/gated_deltanet.py) and their HF tensors;
     the conv1d weight [P, 1, K] is ours [K, P]."""
     la, d = c.linear_attention, c.hidden_size
     n, k, p = la.num_value_heads, la.conv_kernel, la.conv_dim
     base = "model.layers.{i}.linear_attn."
     specs = {
-        (name, "kernel"): _linear((width,), (d,), f"{base}{name}.weight")
+        (name, "kernel"): linear_spec((width,), (d,), f"{base}{name}.weight")
         for name, width in (
             ("in_proj_qkv", p), ("in_proj_z", la.value_dim), ("in_proj_b", n), ("in_proj_a", n)
         )
     }  # fmt: skip
-    specs["out_proj", "kernel"] = _linear((d,), (la.value_dim,), base + "out_proj.weight")
-    specs["conv1d",] = _Tensor(
+    specs["out_proj", "kernel"] = linear_spec((d,), (la.value_dim,), base + "out_proj.weight")
+    specs["conv1d",] = TensorSpec(
         base + "conv1d.weight", (p, 1, k), lambda w: w[:, 0, :].T, lambda w: w.T[:, None, :]
     )
-    specs["A_log",] = _Tensor(base + "A_log", (n,))
-    specs["dt_bias",] = _Tensor(base + "dt_bias", (n,))
-    specs["norm",] = _Tensor(base + "norm.weight", (la.value_head_dim,))
+    specs["A_log",] = TensorSpec(base + "A_log", (n,))
+    specs["dt_bias",] = TensorSpec(base + "dt_bias", (n,))
+    specs["norm",] = TensorSpec(base + "norm.weight", (la.value_head_dim,))
     return specs
 
 
 def _mlp_specs(
     d: int, f: int, prefix: str, names: tuple[str, str, str] = HUB_LAYOUT.names
-) -> dict[tuple[str, ...], _Tensor]:
+) -> dict[tuple[str, ...], TensorSpec]:
     """A gated MLP's three kernels (the dense MLP, an expert, Qwen2-MoE's shared expert) under
     `prefix`, HF names `names` for our gate_proj, up_proj, down_proj."""
     gate, up, down = names
     return {
-        ("gate_proj", "kernel"): _linear((f,), (d,), f"{prefix}{gate}.weight"),
-        ("up_proj", "kernel"): _linear((f,), (d,), f"{prefix}{up}.weight"),
-        ("down_proj", "kernel"): _linear((d,), (f,), f"{prefix}{down}.weight"),
+        ("gate_proj", "kernel"): linear_spec((f,), (d,), f"{prefix}{gate}.weight"),
+        ("up_proj", "kernel"): linear_spec((f,), (d,), f"{prefix}{up}.weight"),
+        ("down_proj", "kernel"): linear_spec((d,), (f,), f"{prefix}{down}.weight"),
     }
 
 
-def _moe_specs(c: ModelConfig, layout: MoeLayout) -> dict[tuple[str, ...], _Tensor]:
+def _moe_specs(c: ModelConfig, layout: MoeLayout) -> dict[tuple[str, ...], TensorSpec]:
     """The router, the experts (stacked [E, ...] leaves) and a shared expert, in `layout`."""
     if c.expert_bias:
         return _gpt_oss_moe_specs(c, layout.mxfp4)
     d, f, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
     base = "model.layers.{i}." + layout.prefix + "."
     mlp = ("layers", "mlp")
-    specs = {(*mlp, "router", "kernel"): _linear((e,), (d,), base + "gate.weight")}
+    specs = {(*mlp, "router", "kernel"): linear_spec((e,), (d,), base + "gate.weight")}
     experts = (*mlp, "experts")
     if layout.fused:  # [E, 2F, D] (gate rows, then up rows) and [E, D, F]: read, never written
         fused = base + "experts.gate_up_proj"
         swap = lambda w: w.transpose(0, 2, 1)
-        specs[(*experts, "gate_proj")] = _Tensor(
+        specs[(*experts, "gate_proj")] = TensorSpec(
             fused, (e, 2 * f, d), lambda w: swap(w[:, :f]), None
         )
-        specs[(*experts, "up_proj")] = _Tensor(fused, (e, 2 * f, d), lambda w: swap(w[:, f:]), None)
-        specs[(*experts, "down_proj")] = _Tensor(base + "experts.down_proj", (e, d, f), swap, swap)
+        specs[(*experts, "up_proj")] = TensorSpec(
+            fused, (e, 2 * f, d), lambda w: swap(w[:, f:]), None
+        )
+        specs[(*experts, "down_proj")] = TensorSpec(
+            base + "experts.down_proj", (e, d, f), swap, swap
+        )
     else:
         per_expert = _mlp_specs(d, f, base + "experts.{e}.", layout.names)
         for (name, _), spec in per_expert.items():
@@ -277,7 +290,7 @@ def _moe_specs(c: ModelConfig, layout: MoeLayout) -> dict[tuple[str, ...], _Tens
         fs = c.shared_expert_intermediate_size
         shared = _mlp_specs(d, fs, "model.layers.{i}.mlp.shared_expert.")
         specs.update({(*mlp, "shared_expert", *k): v for k, v in shared.items()})
-        gate = _linear((1,), (d,), "model.layers.{i}.mlp.shared_expert_gate.weight")
+        gate = linear_spec((1,), (d,), "model.layers.{i}.mlp.shared_expert_gate.weight")
         specs[(*mlp, "shared_expert_gate", "kernel")] = gate
     return specs
 
@@ -287,7 +300,7 @@ def _interleave(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.stack([a, b], axis=-1).reshape(*a.shape[:-1], 2 * a.shape[-1])
 
 
-def _gpt_oss_moe_specs(c: ModelConfig, mxfp4: bool) -> dict[tuple[str, ...], _Tensor]:
+def _gpt_oss_moe_specs(c: ModelConfig, mxfp4: bool) -> dict[tuple[str, ...], TensorSpec]:
     """gpt-oss's router and fused experts (module docstring); `mxfp4`: the Hub's quantized
     expert matrices, read only (export writes them dequantized)."""
     d, f, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
@@ -296,54 +309,33 @@ def _gpt_oss_moe_specs(c: ModelConfig, mxfp4: bool) -> dict[tuple[str, ...], _Te
     even, odd = (lambda w: w[..., 0::2]), (lambda w: w[..., 1::2])
     up, up_bias = (*experts, "up_proj"), (*experts, "up_bias")
     if mxfp4:  # read as [E, R, C] matrices; transposed to transformers' [E, C, R] first
-        gate_up = _Tensor(
+        gate_up = TensorSpec(
             base + "experts.gate_up_proj_blocks", (e, 2 * f, d // 32, 16), even, None, mxfp4=True
         )
-        down = _Tensor(
+        down = TensorSpec(
             base + "experts.down_proj_blocks", (e, d, f // 32, 16), to_hf=None, mxfp4=True
         )
     else:
-        gate_up = _Tensor(
+        gate_up = TensorSpec(
             base + "experts.gate_up_proj", (e, d, 2 * f), even, _interleave, joins=(up,)
         )
-        down = _Tensor(base + "experts.down_proj", (e, f, d))
-    bias = _Tensor(
+        down = TensorSpec(base + "experts.down_proj", (e, f, d))
+    bias = TensorSpec(
         base + "experts.gate_up_proj_bias", (e, 2 * f), even, _interleave, joins=(up_bias,)
     )
     return {
-        (*mlp, "router", "kernel"): _linear((e,), (d,), base + "router.weight"),
-        (*mlp, "router", "bias"): _Tensor(base + "router.bias", (e,)),
+        (*mlp, "router", "kernel"): linear_spec((e,), (d,), base + "router.weight"),
+        (*mlp, "router", "bias"): TensorSpec(base + "router.bias", (e,)),
         (*experts, "gate_proj"): gate_up,
         up: dataclasses.replace(gate_up, convert=odd, joins=(), joined=True),
         (*experts, "down_proj"): down,
         (*experts, "gate_bias"): bias,
         up_bias: dataclasses.replace(bias, convert=odd, joins=(), joined=True),
-        (*experts, "down_bias"): _Tensor(base + "experts.down_proj_bias", (e, d)),
+        (*experts, "down_bias"): TensorSpec(base + "experts.down_proj_bias", (e, d)),
     }
 
 
-def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """MXFP4 blocks [..., G, 16] uint8 and scales [..., G] uint8 -> float32 [..., G * 32]
-    (transformers' integrations/mxfp4.py): each byte holds two e2m1 codes, the low nibble the
-    even value; each group of 32 values is scaled by 2 ** (scale - 127)."""
-    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], -1)
-    values = _FP4_VALUES[codes]
-    np.ldexp(values, scales.astype(np.int32)[..., None] - 127, out=values)  # in place: no copy
-    return values.reshape(*scales.shape[:-1], -1)
-
-
-# e2m1 code -> value: sign bit, then 2 exponent bits and 1 mantissa bit.
-_FP4_VALUES = np.array(
-    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
-    np.float32,
-)
-
-
-def _scales_key(key: str) -> str:
-    return key.removesuffix("_blocks") + "_scales"
-
-
-def _instances(spec: _Tensor, c: ModelConfig) -> list[tuple[str, int | None, int | None]]:
+def _instances(spec: TensorSpec, c: ModelConfig) -> list[tuple[str, int | None, int | None]]:
     """(HF key, index on the leaf's layer axis, expert) of every HF tensor behind one leaf."""
     layers = enumerate(spec.hf_layers(c.num_layers)) if spec.per_layer else [(None, None)]
     experts = range(spec.experts) if spec.experts else [None]
@@ -368,10 +360,10 @@ def check_checkpoint(path: str, config: ModelConfig) -> None:
                     )
 
 
-def _stored(spec: _Tensor, key: str) -> list[tuple[str, tuple[int, ...]]]:
+def _stored(spec: TensorSpec, key: str) -> list[tuple[str, tuple[int, ...]]]:
     """(key, shape) of the stored tensors behind one HF tensor: MXFP4 adds its scales."""
     if spec.mxfp4:
-        return [(key, spec.shape), (_scales_key(key), spec.shape[:-1])]
+        return [(key, spec.shape), (scales_key(key), spec.shape[:-1])]
     return [(key, spec.shape)]
 
 
@@ -407,12 +399,12 @@ def _check_keys(
         raise ModelFileError(f"{ckpt.files[key].path}: unexpected tensor '{key}'")
 
 
-def _read_layer(ckpt: Checkpoint, spec: _Tensor, i: int | None) -> np.ndarray:
+def _read_layer(ckpt: Checkpoint, spec: TensorSpec, i: int | None) -> np.ndarray:
     """One layer's slice of a leaf (the whole leaf when not per-layer), experts stacked."""
     if spec.mxfp4:  # [E, R, C] dequantized, as transformers' [E, C, R]
         key = spec.key.format(i=i)
         blocks = ckpt.get(key, spec.shape)
-        scales = ckpt.get(_scales_key(key), spec.shape[:-1])
+        scales = ckpt.get(scales_key(key), spec.shape[:-1])
         return spec.convert(np.swapaxes(dequantize_mxfp4(blocks, scales), -1, -2))
     if not spec.experts:
         return spec.convert(ckpt.get(spec.key.format(i=i), spec.shape))
@@ -421,7 +413,7 @@ def _read_layer(ckpt: Checkpoint, spec: _Tensor, i: int | None) -> np.ndarray:
     )
 
 
-def _read_leaf(ckpt: Checkpoint, spec: _Tensor, c: ModelConfig) -> np.ndarray:
+def _read_leaf(ckpt: Checkpoint, spec: TensorSpec, c: ModelConfig) -> np.ndarray:
     """One leaf on the host: converted, stacked over layers when per-layer, in param dtype."""
     dtype = jnp.dtype(c.param_dtype)
     if not spec.per_layer:

@@ -185,7 +185,7 @@ def write_safetensors(
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for key, shape, dtype in entries:
-            tensor = np.ascontiguousarray(produce(key), dtype=dtype)
+            tensor = np.asarray(produce(key), dtype=dtype, order="C")  # 0-d stays 0-d
             if tensor.shape != tuple(shape):
                 raise ValueError(f"tensor '{key}' has shape {tensor.shape}, expected {shape}")
             f.write(tensor.tobytes())

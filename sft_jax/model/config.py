@@ -8,13 +8,14 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
+from sft_jax.model.gemma4_config import Gemma4Features, check_kv_sharing, layer_types
 from sft_jax.model.hybrid import LinearAttention, layer_period
 
 if TYPE_CHECKING:
     from sft_jax.config import ArchConfig, ModelSection
 
 # jax is imported where it is used, so config.py can read the choices below without loading it.
-REMAT_POLICIES = ("none", "dots", "dots_saveable", "full")  # model._REMAT_POLICIES implements them
+REMAT_POLICIES = ("none", "dots", "dots_saveable", "full")  # sublayers.CHECKPOINT_POLICIES
 # Attention implementations (model.attention); attention.py implements them.
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "blocked", "reference")
 ACTIVATIONS = ("silu", "gelu_tanh")
@@ -133,6 +134,9 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()
     linear_attention: LinearAttention | None = None
     attn_output_gate: bool = False
+    # Gemma 4 (sft_jax/model/gemma4_config.py): per-layer head shapes, K/V sharing, per-layer
+    # inputs; its layer types are `local_layers`. None: not Gemma 4.
+    gemma4: Gemma4Features | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -172,6 +176,16 @@ class ModelConfig:
                 f"({self.moe_intermediate_size})"
             )
         self._check_hybrid()
+        self._check_gemma4()
+
+    def _check_gemma4(self) -> None:
+        if self.gemma4 is None:
+            return
+        if len(self.local_layers) != self.num_layers:
+            raise ValueError("a Gemma 4 config names every layer's type in local_layers")
+        if self.layer_types or self.is_moe:
+            raise ValueError("Gemma 4 here has no linear-attention or mixture-of-experts layers")
+        check_kv_sharing(self)
 
     def _check_hybrid(self) -> None:
         if self.layer_types and len(self.layer_types) != self.num_layers:
@@ -195,7 +209,10 @@ class ModelConfig:
 
     @property
     def period(self) -> tuple[str, ...]:
-        """The layer types one scanned block runs (one full-attention layer when not hybrid)."""
+        """The layer types one scanned block runs (one full-attention layer when not hybrid;
+        every layer for Gemma 4, sft_jax/model/gemma4_config.py says why)."""
+        if self.gemma4 is not None:
+            return layer_types(self)
         return layer_period(self.layer_types) if self.is_hybrid else ("full_attention",)
 
     @property

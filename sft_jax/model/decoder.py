@@ -1,6 +1,9 @@
 """The Flax Linen decoder for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2/3), its
-mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss) and the hybrid
-linear-attention Qwen3.5 (dense and MoE).
+mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss), the hybrid
+linear-attention Qwen3.5 (dense and MoE) and Gemma 4 (text).
+
+The sub-layers (embedding, attention, MLP) are in sft_jax/model/sublayers.py; this module stacks
+them into layers, scans the layers and holds the KV cache and the LM head.
 
 Dimension letters, used in einsum strings and shape comments:
 
@@ -28,6 +31,8 @@ Design choices and why:
 - Hybrid models (Qwen3.5: Gated DeltaNet linear-attention layers among full-attention ones) scan
   the repeating period of their `layer_types` as one `HybridBlock` (sft_jax/model/hybrid.py says
   why); a linear-attention layer carries a recurrent and a conv state instead of a KV cache.
+- Gemma 4, whose layers differ in shape and share keys and values, scans all its layers as one
+  block (`Gemma4Stack`; sft_jax/model/gemma4.py has its layers and parameter tree).
 
 Parameter tree (names are load-bearing: the HF loader, sharding rules, LoRA and checkpoints use it):
 
@@ -59,7 +64,6 @@ down, per sub-layer j of its period P, each stacked over the L/P periods (HF lay
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -68,12 +72,8 @@ import jax.numpy as jnp
 
 from sft_jax.model.attention import (
     DENSE_MASK_IMPLEMENTATIONS,
-    AttentionOptions,
-    apply_rope,
-    attend,
     attention_mask,
     longrope_tables,
-    resolve_implementation,
     rope_attention_factor,
     rope_inv_freq,
     rope_tables,
@@ -87,6 +87,12 @@ from sft_jax.model.config import (  # noqa: F401  (re-exported: the config lives
     with_section_options,
 )
 from sft_jax.model.gated_deltanet import DeltaState, GatedDeltaNet, init_hybrid_cache
+from sft_jax.model.gemma4 import (
+    Gemma4Stack,
+    PerLayerInputs,
+    gemma4_context,
+    init_gemma4_cache,
+)
 from sft_jax.model.hybrid import LINEAR
 from sft_jax.model.layers import (  # noqa: F401  (re-exported: public names of the decoder)
     ACTIVATIONS,
@@ -97,215 +103,20 @@ from sft_jax.model.layers import (  # noqa: F401  (re-exported: public names of 
     named_param,
 )
 from sft_jax.model.moe import MoeConfig, MoeMlp
-from sft_jax.model.prefix import PREFIX_K, PREFIX_V, prefix_attention, prefix_length
+from sft_jax.model.prefix import prefix_length
 from sft_jax.model.regularize import neftune_noise
+from sft_jax.model.sublayers import (
+    CHECKPOINT_POLICIES,
+    Attention,
+    Embed,
+    Mlp,
+    attention_options,
+    cpu_grad,
+    pin_activations,
+    rms_norm,
+)
 
 ROUTER_STATS = "router"  # intermediates key of a mixture-of-experts model's router statistics
-# Per-layer activation checkpointing. "dots" saves the projection outputs (matmuls without batch
-# dims) and recomputes attention scores; "dots_saveable" also saves the batched attention dots.
-_REMAT_POLICIES = {
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "full": jax.checkpoint_policies.nothing_saveable,
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Modules.
-
-
-def _norm(c: ModelConfig, names: tuple[str, ...], name: str | None = None) -> RMSNorm:
-    return RMSNorm(
-        c.rms_norm_eps,
-        names,
-        c.dtype,
-        c.param_dtype,
-        c.norm_offset,
-        c.norm_scale_float32,
-        name=name,
-    )
-
-
-class Embed(nn.Module):
-    """Token embedding; `attend` is the tied LM head (h @ embedding.T)."""
-
-    config: ModelConfig
-
-    def setup(self) -> None:
-        c = self.config
-        shape = (c.vocab_size, c.hidden_size)
-        init = nn.initializers.normal(INIT_STD)
-        self.embedding = named_param(
-            self, "embedding", init, shape, ("vocab", "embed"), c.param_dtype
-        )
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.dtype)  # [B, T, D]
-        if self.config.embed_scale:  # Gemma; HF rounds sqrt(D) to the activation dtype first
-            x = x * jnp.asarray(self.config.hidden_size**0.5, dtype=self.config.dtype)
-        return x
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        table = self.embedding.astype(self.config.dtype)
-        return jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
-
-
-def _cpu_grad(c: ModelConfig, in_layers: bool = True) -> bool:
-    """Projections take their weight gradient as one matmul over x^T on the CPU (why, and why
-    only there: sft_jax/model/cpu_linear.py). In the layers only with remat none or full: the custom
-    VJP hides a projection from the dots / dots_saveable policies, which would then recompute
-    it instead of saving it (full remat saves nothing in a layer anyway)."""
-    if in_layers and c.remat not in ("none", "full"):
-        return False
-    return c.platform == "cpu"
-
-
-def _einsum_fields(c: ModelConfig) -> dict[str, Any]:
-    """The Einsum settings every block projection shares."""
-    return {
-        "dtype": c.dtype,
-        "param_dtype": c.param_dtype,
-        "lora_scale": c.lora_scale,
-        "lora_dropout": c.lora_dropout,
-        "cpu_grad": _cpu_grad(c),
-    }
-
-
-def attention_options(c: ModelConfig, seq_len: int | None) -> AttentionOptions:
-    """How a layer attends: `c.attention` resolved for this platform and `seq_len` (training and
-    prefill), or, decoding over a cache (`seq_len` None, T != S), the plain masked reference."""
-    impl = "reference"
-    if seq_len is not None:
-        impl = resolve_implementation(
-            c.attention,
-            platform=c.platform,
-            dtype=c.dtype,
-            head_dim=c.head_dim,
-            softcap=c.attn_softcap,
-            seq_len=seq_len,
-            context=_context_shards(c),
-            sinks=c.attention_sinks,
-        )
-    return AttentionOptions(
-        implementation=impl,
-        scale=None if c.query_scale is None else c.query_scale**-0.5,
-        softcap=c.attn_softcap,
-        window=c.sliding_window if c.has_local_layers else None,
-        mesh=c.mesh,
-        rules=c.mesh_rules,
-    )
-
-
-def _context_shards(c: ModelConfig) -> int:
-    """How many devices split each row's sequence (the mesh's context axis; 1 without one)."""
-    return 1 if c.mesh is None else int(dict(c.mesh.shape).get("context", 1))
-
-
-class Attention(nn.Module):
-    """Grouped-query self-attention with optional q/k/v bias (Qwen2), o_proj bias and attention
-    sinks (gpt-oss), and q/k RMSNorm (per head: Qwen3, Gemma 3; over all heads: OLMoE). With a
-    `cache` (k, v [B, S, K, H]) the new keys and values are written at slot `index` and the
-    queries attend over the whole cache; the updated cache is returned."""
-
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        mask: jax.Array | None,
-        cos: jax.Array,
-        sin: jax.Array,
-        cache: tuple[jax.Array, jax.Array] | None = None,
-        index: jax.Array | None = None,
-        segment_ids: jax.Array | None = None,
-        local: jax.Array | None = None,
-        slots: jax.Array | None = None,
-    ):
-        c = self.config
-        d, n, kv, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        dt = _einsum_fields(c)
-        q_bias = ("heads", "head_dim") if c.attention_bias else None
-        kv_bias = ("kv_heads", "head_dim") if c.attention_bias else None
-        q_names, kv_names = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
-        q_width = 2 * h if c.attn_output_gate else h  # Qwen3.5: per head the query, then a gate
-        q = Einsum("BTD,DNH->BTNH", (d, n, q_width), q_names, q_bias, **dt, name="q_proj")(x)
-        gate = None
-        if c.attn_output_gate:
-            q, gate = jnp.split(q, 2, axis=-1)
-        k = Einsum("BTD,DKH->BTKH", (d, kv, h), kv_names, kv_bias, **dt, name="k_proj")(x)
-        v = Einsum("BTD,DKH->BTKH", (d, kv, h), kv_names, kv_bias, **dt, name="v_proj")(x)
-        if c.qk_norm and c.qk_norm_full:  # OLMoE: one RMSNorm over all heads, before RoPE.
-            b, t = x.shape[:2]
-            q = _norm(c, ("heads",), name="q_norm")(q.reshape(b, t, n * h)).reshape(b, t, n, h)
-            k = _norm(c, ("kv_heads",), name="k_norm")(k.reshape(b, t, kv * h)).reshape(b, t, kv, h)
-        elif c.qk_norm:  # Qwen3 / Gemma 3: per-head RMSNorm over H, before RoPE.
-            q = _norm(c, ("head_dim",), name="q_norm")(q)
-            k = _norm(c, ("head_dim",), name="k_norm")(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            start = (0, index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
-            cache = (k, v)
-        seq_len = None if cache is not None else q.shape[1]
-        options = attention_options(c, seq_len)
-        sinks = None
-        if c.attention_sinks:  # gpt-oss; HF initialises them as weights (normal, std 0.02)
-            init = nn.initializers.normal(INIT_STD)
-            sinks = named_param(self, "sinks", init, (n,), ("heads",), c.param_dtype)
-        held = [n for n in ("lora", "params") if self.has_variable(n, PREFIX_K)]
-        if held and c.has_local_layers:  # HF's window would let the prefix slide out
-            raise ValueError("prefix and prompt tuning on sliding-window layers is not supported")
-        if held:  # prefix / prompt tuning's per-layer K/V (sft_jax/model/prefix.py)
-            prefix = (self.get_variable(held[0], PREFIX_K), self.get_variable(held[0], PREFIX_V))
-            out = prefix_attention(q, k, v, mask, prefix, options, sinks)
-        else:
-            out = attend(
-                q, k, v, mask, options, segment_ids=segment_ids, local=local, slots=slots,
-                sinks=sinks,
-            )  # fmt: skip
-        if gate is not None:
-            out = out * jax.nn.sigmoid(gate.astype(out.dtype))
-        o_names = ("heads", "head_dim", "embed")
-        o_bias = ("embed",) if c.o_proj_bias else None
-        o_proj = Einsum("BTNH,NHD->BTD", (n, h, d), o_names, o_bias, **dt, name="o_proj")
-        return o_proj(out), cache
-
-
-class Mlp(nn.Module):
-    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU, or GeGLU with tanh-gelu (Gemma)."""
-
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = self.config
-        d, f = c.hidden_size, c.intermediate_size
-        dt = _einsum_fields(c)
-        gate = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **dt, name="gate_proj")(x)
-        up = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **dt, name="up_proj")(x)
-        hidden = ACTIVATIONS[c.mlp_activation](gate) * up
-        return Einsum("BTF,FD->BTD", (f, d), ("mlp", "embed"), **dt, name="down_proj")(hidden)
-
-
-def pin_activations(c: ModelConfig, x: jax.Array, *, decoding: bool) -> jax.Array:
-    """x [B, T, D] constrained to `c.activation_sharding` (batch over the data-parallel axes,
-    the sequence over the context axis).
-
-    Without it, XLA's propagation follows the FSDP-sharded weights and each device holds every
-    layer's activations for the whole batch (3-4x the memory, measured by
-    sft_jax.planning.plan_check). Generation batches need not divide the mesh, so decoding is left
-    to propagation, as is a batch or sequence that does not divide its axes.
-    """
-    sharding = c.activation_sharding
-    if sharding is None or decoding:
-        return x
-    for size, axes in zip(x.shape[:2], sharding.spec[:2], strict=True):
-        named = (axes,) if isinstance(axes, str) else (axes or ())
-        if size % math.prod(sharding.mesh.shape[a] for a in named):
-            return x
-    return jax.lax.with_sharding_constraint(x, sharding)
 
 
 class Block(nn.Module):
@@ -342,10 +153,10 @@ class Block(nn.Module):
         if "nope" in layer:  # a NoPE layer: cos 1 and sin 0 rotate by nothing, exactly
             cos = jnp.where(layer["nope"], 1.0, cos)
             sin = jnp.where(layer["nope"], 0.0, sin)
-        h = _norm(c, ("embed",), name="attn_norm")(x) if c.pre_norms else x
+        h = rms_norm(c, ("embed",), name="attn_norm")(x) if c.pre_norms else x
         if self.linear:
             state = DeltaState(layer["conv"], layer["state"]) if "conv" in layer else None
-            mixer = GatedDeltaNet(c, _cpu_grad(c), name="linear_attn")
+            mixer = GatedDeltaNet(c, cpu_grad(c), name="linear_attn")
             h, state = mixer(h, ctx.get("linear_segments", ctx.get("segment_ids")), state)
             out = {} if state is None else state._asdict()
         else:
@@ -356,9 +167,9 @@ class Block(nn.Module):
             )  # fmt: skip
             out = {} if cache is None else {"k": cache[0], "v": cache[1]}
         if c.sandwich_norms:
-            h = _norm(c, ("embed",), name="post_attn_norm")(h)
+            h = rms_norm(c, ("embed",), name="post_attn_norm")(h)
         x = x + h
-        h = _norm(c, ("embed",), name="mlp_norm")(x) if c.pre_norms else x
+        h = rms_norm(c, ("embed",), name="mlp_norm")(x) if c.pre_norms else x
         if c.is_moe:  # router statistics over real tokens (training), all tokens (decoding)
             segment_ids = ctx.get("segment_ids")
             real = None if segment_ids is None else segment_ids != 0
@@ -366,7 +177,7 @@ class Block(nn.Module):
         else:
             h = Mlp(c, name="mlp")(h)
         if c.sandwich_norms:
-            h = _norm(c, ("embed",), name="post_mlp_norm")(h)
+            h = rms_norm(c, ("embed",), name="post_mlp_norm")(h)
         x = pin_activations(c, x + h, decoding="index" in ctx)
         return x, out
 
@@ -393,6 +204,8 @@ def init_cache(config: ModelConfig, batch: int, length: int) -> dict[str, Any]:
     model's per sub-layer (`init_hybrid_cache`)."""
     if config.is_hybrid:
         return init_hybrid_cache(config, batch, length)
+    if config.gemma4 is not None:
+        return init_gemma4_cache(config, batch, length)
     shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
     zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
     return {"k": zeros, "v": zeros}
@@ -411,12 +224,16 @@ class Transformer(nn.Module):
         c = self.config
         dt = {"dtype": c.dtype, "param_dtype": c.param_dtype}
         block = HybridBlock if c.is_hybrid else Block
+        if c.gemma4 is not None:
+            block = Gemma4Stack
         steps = c.num_layers // len(c.period)  # scan steps: layers, or periods of a hybrid
-        if c.remat != "none":
+        if c.remat != "none" and c.gemma4 is None:  # Gemma4Stack checkpoints each layer
             # A rolled scan keeps XLA from merging the backward's recomputation into the forward;
             # unrolled, only prevent_cse does. Even then XLA:CPU keeps most activations of
             # unrolled layers alive: remat's memory saving needs scan_layers (docs/benchmarks.md).
-            block = nn.remat(block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+            block = nn.remat(
+                block, policy=CHECKPOINT_POLICIES[c.remat], prevent_cse=not c.scan_layers
+            )
         scanned = nn.scan(
             block,
             variable_axes={"params": 0, "lora": 0},  # "lora": adapters, only when passed
@@ -428,7 +245,9 @@ class Transformer(nn.Module):
         )
         self.embed = Embed(c)
         self.layers = scanned(c)
-        self.final_norm = _norm(c, ("embed",))
+        self.final_norm = rms_norm(c, ("embed",))
+        if c.gemma4 is not None and c.gemma4.per_layer_input_size:
+            self.per_layer_inputs = PerLayerInputs(c)
         if not c.tie_embeddings:
             shape, names = (c.hidden_size, c.vocab_size), ("embed", "vocab")
             self.lm_head = Einsum(
@@ -437,7 +256,7 @@ class Transformer(nn.Module):
                 names,
                 **dt,
                 out_dtype="float32",
-                cpu_grad=_cpu_grad(c, in_layers=False),
+                cpu_grad=cpu_grad(c, in_layers=False),
             )
 
     def __call__(
@@ -554,10 +373,14 @@ class Transformer(nn.Module):
         if segment_ids is not None:  # training: blocked, splash, ring read segments, not a mask
             ctx["segment_ids"] = segment_ids
             ctx["slots"] = jnp.broadcast_to(q_slots, tokens.shape)  # ring attention's mask
+        if c.gemma4 is not None:  # full layers' RoPE, per-layer inputs
+            per_layer = getattr(self, "per_layer_inputs", None)
+            ctx.update(gemma4_context(c, per_layer, tokens, x, positions))
         if any(c.nope_layers):
             layer["nope"] = jnp.asarray(c.nope_layers)
         if c.has_local_layers:
-            layer["local"] = jnp.asarray(c.local_layers)
+            if c.gemma4 is None:  # Gemma 4's layers know their type (one scan step runs all)
+                layer["local"] = jnp.asarray(c.local_layers)
             if mask is not None:
                 ctx["local_mask"] = window_mask(mask, q_slots, c.sliding_window)
             if c.local_rope_theta is not None:

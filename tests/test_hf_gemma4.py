@@ -440,3 +440,10 @@ def test_train_step_on_a_mesh_equals_one_device(mesh_sizes):
     reference = run((1, 1, 1), jax.devices()[:1])
     assert np.all(np.isfinite(reference))
     np.testing.assert_allclose(run(mesh_sizes, jax.devices()[:8]), reference, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_prefix_and_prompt_tuning_are_refused(loaded, method):
+    _, params = loaded
+    with pytest.raises(ValueError, match="same attention layer"):
+        lora.prefix.make_prefix_adapters(params, method, 4, jax.random.key(0))

@@ -99,7 +99,15 @@ def make_prefix_adapters(
 ) -> dict:
     """The adapter tree a prefix ("prefix") or prompt ("prompt") tuning run starts from, shaped
     after the model's parameters (k_proj [L, D, K, H], the embedding [V, D]); `projection`:
-    the hidden width of prefix tuning's encoder (0: K x H, PEFT's default), None: no encoder."""
+    the hidden width of prefix tuning's encoder (0: K x H, PEFT's default), None: no encoder.
+    Both need one uniform attention layer scanned over depth (prompt tuning's virtual tokens
+    become such a prefix too), which hybrid and Gemma 4 models do not have."""
+    if "attn" not in params["layers"]:
+        raise ValueError(
+            f"lora.method={method!r} needs every layer to be the same attention layer; this "
+            "model's layers differ (a hybrid linear-attention model or Gemma 4): use "
+            "lora.method='lora', 'oft' or 'boft'"
+        )
     if method == "prompt":
         return init_prompt(params["embed"]["embedding"], tokens, rng)
     layers, _, kv_heads, head_dim = params["layers"]["attn"]["k_proj"]["kernel"].shape

@@ -117,7 +117,7 @@ def pack_examples(
         bins = best_fit_decreasing(sizes, seq_len)
         window_rows = [[Piece(int(chunk[i]), 0, sizes[i]) for i in b] for b in bins]
         rows.extend(split_into_gaps(window_rows, seq_len) if split else window_rows)
-    return _fill(examples, rows, seq_len)
+    return fill_rows(examples, rows, seq_len)
 
 
 class Piece(NamedTuple):
@@ -183,7 +183,7 @@ def _place(
         piece = Piece(piece.example, piece.start + take, piece.length - take)
 
 
-def _fill(
+def fill_rows(
     examples: list[TokenizedExample], rows: list[list[Piece]], seq_len: int
 ) -> dict[str, np.ndarray]:
     shape = (len(rows), seq_len)

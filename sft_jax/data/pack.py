@@ -74,7 +74,7 @@ def whole_example_row_floor(sizes: Sequence[int], capacity: int, max_k: int = 32
     three, a third more than their volume); where the padding is at it, the lengths cause the
     padding, not the packer.
     """
-    if not sizes:
+    if len(sizes) == 0:
         return 0
     s = np.asarray(sizes, np.int64)
     best = -(-int(s.sum()) // capacity)

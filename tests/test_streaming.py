@@ -9,6 +9,7 @@ import pytest
 
 from sft_jax.data import TokenizedExample
 from sft_jax.data.loader import TrainIterator
+from sft_jax.data.pack import row_floor_from_terms, row_floor_terms, whole_example_row_floor
 from sft_jax.data.source import DataError
 from sft_jax.data.stream import (
     ListExamples,
@@ -88,7 +89,15 @@ def test_an_epoch_places_every_slot_of_every_example_once(split):
     count = count_epoch(source, settings(split=split), [0])
     assert count.rows == len(rows)
     assert count.real_tokens == int(np.count_nonzero(batch["segment_ids"]))
+    slots = [len(e.tokens) - 1 for e in exs]
+    assert count.row_floor == whole_example_row_floor(slots, SEQ)
     assert stream.epoch == 1 and not stream.carry
+
+
+def test_row_floor_terms_add_up_over_windows():
+    sizes = np.random.default_rng(5).integers(1, SEQ + 1, 300)
+    parts = [row_floor_terms(sizes[a : a + 64], SEQ) for a in range(0, 300, 64)]
+    assert row_floor_from_terms(sum(parts), SEQ) == whole_example_row_floor(sizes, SEQ)
 
 
 def test_carried_rows_fill_better_than_packing_each_window_alone():

@@ -42,7 +42,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from sft_jax.data.loader import Batch, _Prefetcher, shard_seed
-from sft_jax.data.pack import PACKED_KEYS, Piece, best_fit_decreasing, fill_rows, split_into_gaps
+from sft_jax.data.pack import (
+    PACKED_KEYS,
+    Piece,
+    best_fit_decreasing,
+    fill_rows,
+    row_floor_from_terms,
+    row_floor_terms,
+    split_into_gaps,
+)
 from sft_jax.data.source import DataError
 from sft_jax.data.tokenize import TokenizedExample
 
@@ -59,6 +67,7 @@ _STATE_KEYS = (
     "buffer",
     "split",
 )
+_FLOOR_K = 32  # dual feasible functions tried by the whole-example row floor
 _CARRY_GAP = 8  # a row is carried when at least seq_len / _CARRY_GAP of it is padding
 
 
@@ -298,26 +307,25 @@ class EpochCount:
     rows: int
     real_tokens: int
     continued_segments: int
-    slots_per_example: np.ndarray  # int32 [examples], for pack.whole_example_row_floor
+    row_floor: int  # pack.whole_example_row_floor of the examples' slots
 
 
 def count_epoch(source: ExampleSource, settings: StreamSettings, key: list[int]) -> EpochCount:
     """Runs the shard's stream through its first epoch, counting rows and tokens."""
     stream = ShardStream(source, settings, key)
     rows = real = continued = 0
-    slots: list[np.ndarray] = []
-    while True:
+    terms = np.zeros(_FLOOR_K + 1, np.int64)
+    while stream.epoch == 0:
         stream.pack_window()
+        slots = []
         for row in stream.pending:
             rows += 1
             real += sum(p.length for p in row)
             continued += sum(1 for p in row if p.start > 0)
-            slots.append(np.asarray([p.length for p in row if p.start == 0], np.int32))
+            slots += [p.length for p in row if p.start == 0]
+        terms += row_floor_terms(slots, settings.seq_len, _FLOOR_K)
         stream.pending.clear()
-        if stream.epoch > 0:
-            break
-    sizes = np.concatenate(slots) if slots else np.zeros(0, np.int32)
-    return EpochCount(rows, real, continued, sizes)
+    return EpochCount(rows, real, continued, row_floor_from_terms(terms, settings.seq_len))
 
 
 class StreamIterator:

@@ -30,7 +30,6 @@ from sft_jax.data.encode import EncodeSettings
 from sft_jax.data.formats import Example
 from sft_jax.data.loader import shard_seed
 from sft_jax.data.mixture import parse_mixture
-from sft_jax.data.pack import whole_example_row_floor
 from sft_jax.data.pipeline import (
     _SUMMED,
     ProcessCounts,
@@ -159,7 +158,6 @@ def prepare_local(config: Config, tokenizer: Any, plan: ShardPlan, cache_dir: st
 def _count(source: CachedExamples, settings: StreamSettings, key: list[int]) -> dict[str, int]:
     """A shard's counts for the statistics, from its first epoch (sizes only) and its masks."""
     epoch = count_epoch(source, settings, key)
-    slots = epoch.slots_per_example
     return {
         "rows": epoch.rows,
         "slots": epoch.rows * settings.seq_len,
@@ -167,8 +165,8 @@ def _count(source: CachedExamples, settings: StreamSettings, key: list[int]) -> 
         "loss_tokens": source.loss_tokens(),
         "continued_segments": epoch.continued_segments,
         "examples": len(source),
-        "row_floor": whole_example_row_floor(slots, settings.seq_len),
-        "row_floor_split": -(-int(slots.sum()) // settings.seq_len),
+        "row_floor": epoch.row_floor,
+        "row_floor_split": -(-epoch.real_tokens // settings.seq_len),
     }
 
 

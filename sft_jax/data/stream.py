@@ -265,7 +265,8 @@ class ShardStream:
             "block": self.block,
             "offset": self.offset,
             "buffer": list(self.buffer),
-            "rng": [str(rng["state"]["state"]), str(rng["state"]["inc"])],
+            "rng": [str(rng["state"][k]) for k in ("state", "inc")]
+            + [rng["has_uint32"], rng["uinteger"]],
             "carry": list(self.carry),
             "pending": [[list(p) for p in row] for row in self.pending],
         }
@@ -274,7 +275,9 @@ class ShardStream:
         self.epoch, self.block, self.offset = state["epoch"], state["block"], state["offset"]
         self.rng = np.random.default_rng([*self._key, self.epoch])
         rng = self.rng.bit_generator.state
-        rng["state"] = {"state": int(state["rng"][0]), "inc": int(state["rng"][1])}
+        saved = state["rng"]
+        rng["state"] = {"state": int(saved[0]), "inc": int(saved[1])}
+        rng["has_uint32"], rng["uinteger"] = int(saved[2]), int(saved[3])
         self.rng.bit_generator.state = rng
         self.buffer, self.carry = [int(i) for i in state["buffer"]], list(state["carry"])
         self.pending = collections.deque(

@@ -234,3 +234,22 @@ def test_mapped_examples_read_a_back_to_back_store_like_a_list():
     np.testing.assert_array_equal(odd.example(3).tokens, exs[7].tokens)
     picked = MappedExamples(starts, tokens, mask, np.asarray([5, 2]))
     np.testing.assert_array_equal(picked.example(1).loss_mask, exs[2].loss_mask)
+
+
+def test_released_mapped_pages_read_back_the_same(tmp_path):
+    exs = examples(20)
+    arrays = {
+        "starts": np.concatenate([[0], np.cumsum([len(e.tokens) for e in exs])]),
+        "tokens": np.concatenate([e.tokens for e in exs]),
+        "mask": np.concatenate([e.loss_mask for e in exs]),
+    }
+    for name, array in arrays.items():
+        np.save(tmp_path / f"{name}.npy", array)
+    mapped = [np.load(tmp_path / f"{name}.npy", mmap_mode="r") for name in arrays]
+    source = MappedExamples(*mapped, range(20))
+    before = [source.example(i) for i in range(20)]
+    assert source.loss_tokens() == ListExamples(exs).loss_tokens()  # releases as it goes
+    source.release()
+    for i, ex in enumerate(before):
+        np.testing.assert_array_equal(source.example(i).tokens, ex.tokens)
+        np.testing.assert_array_equal(source.example(i).loss_mask, exs[i].loss_mask)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import mmap
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -68,6 +69,7 @@ _STATE_KEYS = (
     "split",
 )
 _FLOOR_K = 32  # dual feasible functions tried by the whole-example row floor
+_RELEASE_EVERY = 64  # batches (or counting windows) between releases of mapped pages
 _CARRY_GAP = 8  # a row is carried when at least seq_len / _CARRY_GAP of it is padding
 
 
@@ -85,6 +87,21 @@ class ExampleSource(Protocol):
     def loss_tokens(self) -> int:
         """Trained targets over all examples (loss_mask[1:] set), for the statistics."""
         ...
+
+    def release(self) -> None:
+        """Drops memory-mapped pages read so far from this process's resident memory."""
+        ...
+
+
+def release_mapped(*arrays: Any) -> None:
+    """Unmaps the resident pages of memory-mapped arrays (np.load(mmap_mode="r")) from this
+    process. They are clean file pages: the next read faults them in again from the page cache,
+    so nothing is lost, but without this a pass over a large cache would leave all of it mapped
+    into the process, counted in its RSS (and a container's memory limit) though reclaimable."""
+    for array in arrays:
+        mapping = getattr(array, "_mmap", None)
+        if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
 
 
 class ListExamples:
@@ -104,6 +121,9 @@ class ListExamples:
 
     def loss_tokens(self) -> int:
         return sum(int(np.count_nonzero(e.loss_mask[1:])) for e in self._examples)
+
+    def release(self) -> None:
+        pass  # nothing is mapped
 
 
 class MappedExamples:
@@ -147,7 +167,11 @@ class MappedExamples:
             j = self._piece(np.arange(lo, min(lo + chunk, len(self))))
             for a, b in zip(self._starts[j].tolist(), self._starts[j + 1].tolist(), strict=True):
                 total += int(np.count_nonzero(self._mask[a + 1 : b]))
+            self.release()
         return total
+
+    def release(self) -> None:
+        release_mapped(self._starts, self._tokens, self._mask)
 
 
 @dataclasses.dataclass
@@ -316,10 +340,13 @@ class EpochCount:
 def count_epoch(source: ExampleSource, settings: StreamSettings, key: list[int]) -> EpochCount:
     """Runs the shard's stream through its first epoch, counting rows and tokens."""
     stream = ShardStream(source, settings, key)
-    rows = real = continued = 0
+    rows = real = continued = windows = 0
     terms = np.zeros(_FLOOR_K + 1, np.int64)
     while stream.epoch == 0:
         stream.pack_window()
+        windows += 1
+        if windows % _RELEASE_EVERY == 0:
+            source.release()
         slots = []
         for row in stream.pending:
             rows += 1
@@ -328,6 +355,7 @@ def count_epoch(source: ExampleSource, settings: StreamSettings, key: list[int])
             slots += [p.length for p in row if p.start == 0]
         terms += row_floor_terms(slots, settings.seq_len, _FLOOR_K)
         stream.pending.clear()
+    source.release()
     return EpochCount(rows, real, continued, row_floor_from_terms(terms, settings.seq_len))
 
 
@@ -388,6 +416,7 @@ class StreamIterator:
         self._prefetch = prefetch
         self._prefetcher: _Prefetcher | None = None
         self._consumed: dict | None = None  # shard states after the last batch handed out
+        self._batches = 0  # read since the start (for releasing mapped pages now and then)
 
     def steps_for_epochs(self, epochs: float) -> int:
         """Global steps that show the smallest shard's first-epoch rows `epochs` times."""
@@ -412,6 +441,10 @@ class StreamIterator:
 
     def _next_batch(self) -> Batch:
         parts = [st.fill(st.rows(self._shard_batch)) for st in self._shards.values()]
+        self._batches += 1
+        if self._batches % _RELEASE_EVERY == 0:
+            for stream in self._shards.values():
+                stream.source.release()
         return {key: np.concatenate([p[key] for p in parts]) for key in PACKED_KEYS}
 
     def _local_state(self) -> dict:

@@ -43,9 +43,11 @@ from sft_jax.data.pipeline import (
 from sft_jax.data.render import TokenCounts
 from sft_jax.data.shards import ShardPlan, agree
 from sft_jax.data.source import DataError
-from sft_jax.data.stream import StreamIterator, StreamSettings, count_epoch
+from sft_jax.data.stream import StreamIterator, StreamSettings, count_epoch, release_mapped
 from sft_jax.data.templates import load_chat_template
 from sft_jax.data.tokenize import TokenizedExample
+
+_RELEASE_EXAMPLES = 1 << 16  # examples counted between releases of mapped pages
 
 
 class CachedExamples:
@@ -78,9 +80,16 @@ class CachedExamples:
         for p in np.unique(self._part_of).tolist():
             part = self._parts[p]
             starts = part.arrays["piece_starts"]
-            for k in self._piece[self._part_of == p].tolist():
+            for n, k in enumerate(self._piece[self._part_of == p].tolist(), start=1):
                 total += int(np.count_nonzero(part.mask[int(starts[k]) + 1 : int(starts[k + 1])]))
+                if n % _RELEASE_EXAMPLES == 0:
+                    self.release()
+        self.release()
         return total
+
+    def release(self) -> None:
+        for part in self._parts:
+            release_mapped(part.arrays["piece_starts"], part.tokens, part.mask)
 
 
 def stream_settings(config: Config) -> StreamSettings:

@@ -12,8 +12,9 @@ shards (`stream.MappedExamples`, each shard a round-robin `range`): the sizes-on
 over the first epoch (`count_epoch`) and loss-token count the pipeline runs at start, then
 `--steps` global batches of 8 rows of 512 tokens (`StreamIterator`, window 512, buffer 4096,
 no prefetch). A thread samples /proc/self/status every 50 ms: `anon` is the process's own memory
-(heap: Python objects, numpy arrays), `file` the memory-mapped corpus pages it has touched (page
-cache mapped in; clean, so the kernel reclaims them under pressure), `peak` VmHWM (both).
+(heap: Python objects, numpy arrays), `file` the memory-mapped corpus pages mapped into it (clean
+page-cache pages; the sources release them after counting and every 64 batches,
+`stream.release_mapped`), `peak` VmHWM (both, and the shared libraries).
 
 `--in_memory_rows` measures the default path for comparison (every example packed up front by
 `pack_examples`, rows held by `TrainIterator`) at that many rows. `--train_steps` runs

@@ -88,6 +88,7 @@ def test_two_streaming_processes_resume_like_one_uninterrupted(tmp_path):
     assert killed.returncode != 0, logs()
     finished = two()
     assert finished.returncode == 0, logs()
+    assert [s["resumed_from"] for s in starts(tmp_path / "two")] == [0, 4]
     one, resumed = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(one) == list(range(1, 9)) and {5, 6, 7, 8} <= set(resumed)
     for step in one:

@@ -159,9 +159,15 @@ def prepare_local(config: Config, tokenizer: Any, plan: ShardPlan, cache_dir: st
         False,
         mixture,
     )
-    local = _Local([], process, encoded.eval_examples, encoded.eval_prompts, encoded.skipped_eval)
-    local.template, local.sources = template, sources
-    return local
+    return _Local(
+        [],
+        process,
+        encoded.eval_examples,
+        encoded.eval_prompts,
+        encoded.skipped_eval,
+        template,
+        sources,
+    )
 
 
 def _count(source: CachedExamples, settings: StreamSettings, key: list[int]) -> dict[str, int]:

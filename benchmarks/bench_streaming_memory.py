@@ -16,8 +16,11 @@ no prefetch). A thread samples /proc/self/status every 50 ms: `anon` is the proc
 page-cache pages; the sources release them after counting and every 64 batches,
 `stream.release_mapped`), `peak` VmHWM (both, and the shared libraries).
 
-`--in_memory_rows` measures the default path for comparison (every example packed up front by
-`pack_examples`, rows held by `TrainIterator`) at that many rows. `--train_steps` runs
+`--index_rows` measures what the pipeline holds per record besides the stream (the cache opened
+as a `RecordStore`, the selected positions, each shard's `CachedExamples` arrays; the corpus
+linked in as one verified cache part). `--in_memory_rows` measures the default path for
+comparison (every example packed up front by `pack_examples`, rows held by `TrainIterator`) at
+that many rows. `--train_steps` runs
 `python -m sft_jax.bench --config configs/bench/cpu_small.py` (the CPU workload's real train step)
 for the rate the step consumes tokens at, beside the input pipeline's rate. Prints one JSON line
 per measurement; figures go in docs/benchmarks.md with the command, date and machine load.
@@ -196,6 +199,88 @@ def measure_in_memory(directory: str, steps: int) -> dict:
     }
 
 
+def write_cache_part(directory: str) -> str:
+    """The corpus as one verified tokenisation-cache part (links to its arrays, one record per
+    example), so `measure_index` can open it as a restart opens the cache."""
+    from sft_jax.data.cache_store import MARKER, digest_file
+
+    starts = np.load(os.path.join(directory, "piece_starts.npy"), mmap_mode="r")
+    rows = len(starts) - 1
+    part = os.path.join(directory, "cache", "part-0")
+    if os.path.exists(os.path.join(part, MARKER)):
+        return os.path.dirname(part)
+    os.makedirs(part, exist_ok=True)
+    arrays = {
+        "records": np.arange(rows, dtype=np.int64),
+        "kinds": np.zeros(rows, np.int8),
+        "skipped": np.zeros(rows, bool),
+        "counts": np.zeros((rows, 4), np.int32),
+        "record_pieces": np.arange(rows + 1, dtype=np.int64),
+        "eval_done": np.zeros(rows, bool),
+    }
+    for name, array in arrays.items():
+        np.save(os.path.join(part, f"{name}.npy"), array)
+    for name in ("piece_starts", "tokens", "loss_mask"):
+        os.link(os.path.join(directory, f"{name}.npy"), os.path.join(part, f"{name}.npy"))
+    with open(os.path.join(part, "sources.bin"), "wb") as f:
+        f.write("\0".join(f"train.jsonl:{i + 1}" for i in range(rows)).encode())
+    with open(os.path.join(part, "meta.json"), "w") as f:
+        json.dump({"named": {}, "prompts": {}}, f)
+    files = {
+        name: [os.path.getsize(os.path.join(part, name)), digest_file(os.path.join(part, name))]
+        for name in sorted(os.listdir(part))
+    }
+    marker = {"version": 1, "records": rows, "pieces": rows, "tokens": int(starts[-1])}
+    with open(os.path.join(part, MARKER), "w") as f:
+        json.dump({**marker, "files": files}, f)
+    return os.path.dirname(part)
+
+
+def measure_index(directory: str, steps: int) -> dict:
+    """What the pipeline holds per record besides the stream: the cache opened (RecordStore),
+    the records selected for two shards, and each shard's `CachedExamples` arrays, as
+    `stream_prepare.prepare_local` builds them; then `steps` streamed batches."""
+    from sft_jax.data.cache_store import RecordStore
+    from sft_jax.data.shards import shard_positions, split_positions
+    from sft_jax.data.stream import StreamIterator, StreamSettings
+    from sft_jax.data.stream_prepare import CachedExamples
+
+    root = write_cache_part(directory)
+    baseline = Sampler.read()
+    sampler = Sampler()
+    rows = len(np.load(os.path.join(directory, "piece_starts.npy"), mmap_mode="r")) - 1
+    store = RecordStore(root, rows)
+    positions, _ = split_positions(rows, 0.0, 0, hold_out=True)
+    sources = []
+    for shard in range(SHARDS):
+        mine = list(shard_positions(positions, shard, SHARDS))
+        store.select(mine, pieces=False)
+        part_of, piece = store.piece_index(mine)
+        sources.append(CachedExamples(store.parts, part_of, piece))
+    del positions, mine
+    selected = Sampler.read()
+    it = StreamIterator(
+        sources,
+        StreamSettings(SEQ_LEN, WINDOW, BUFFER),
+        global_batch_size=BATCH,
+        seed=0,
+        rows_per_shard=1,
+        loss_tokens=0,
+    )
+    for _ in range(steps):
+        next(it)
+    peak = sampler.stop()
+    return {
+        "mode": "index",
+        "rows": rows,
+        "baseline_anon_mib": mib(baseline["RssAnon"]),
+        "selected_anon_mib": mib(selected["RssAnon"]),
+        "peak_anon_mib": mib(peak["RssAnon"]),
+        "peak_rss_mib": mib(peak["VmHWM"]),
+        "anon_bytes_per_record": round((peak["RssAnon"] - baseline["RssAnon"]) * 1024 / rows),
+    }
+
+
 def train_step_rate(steps: int) -> dict:
     """The CPU workload's train step, through sft_jax.bench (its last line is JSON)."""
     config = os.path.join(REPO, "configs", "bench", "cpu_small.py")
@@ -212,7 +297,11 @@ def train_step_rate(steps: int) -> dict:
 
 
 def child(mode: str, directory: str, steps: int) -> None:
-    measure = measure_streaming if mode == "streaming" else measure_in_memory
+    measure = {
+        "streaming": measure_streaming,
+        "in_memory": measure_in_memory,
+        "index": measure_index,
+    }[mode]
     print(json.dumps(measure(directory, steps)), flush=True)
 
 
@@ -222,6 +311,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--dir", required=True)
     parser.add_argument("--in_memory_rows", type=int, default=0)
+    parser.add_argument("--index_rows", default="")
     parser.add_argument("--train_steps", type=int, default=0)
     parser.add_argument("--child", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -231,6 +321,7 @@ def main() -> None:
     runs = [("streaming", int(n)) for n in args.rows.split(",") if n]
     if args.in_memory_rows:
         runs.append(("in_memory", args.in_memory_rows))
+    runs += [("index", int(n)) for n in args.index_rows.split(",") if n]
     for mode, rows in runs:
         directory = os.path.join(args.dir, str(rows))
         t0 = time.perf_counter()

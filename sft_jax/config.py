@@ -82,6 +82,8 @@ class DataSection:
     pack_split: bool
     prefetch: int
     cache_dir: str
+    streaming: bool
+    stream_buffer: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,6 +465,12 @@ def _run_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("data.num_workers", c.data.num_workers >= 0, "must be >= 0 (0 = automatic)"),
         ("data.shards", c.data.shards >= 0, "must be >= 0 (0 = one per process)"),
         ("data.prefetch", c.data.prefetch >= 0, "must be >= 0 (0: no prefetch thread)"),
+        ("data.stream_buffer", c.data.stream_buffer >= 1, "must be >= 1"),
+        (
+            "data.streaming",
+            not (c.data.streaming and c.data.cache_dir == "off"),
+            "reads the tokenisation cache: data.cache_dir must not be 'off'",
+        ),
         ("optim.learning_rate", 0 < c.optim.learning_rate < 3.4e38, "must be in (0, 3.4e38)"),
         ("optim.warmup_steps", c.optim.warmup_steps >= -1, "must be >= 0 (-1: warmup_ratio)"),
         ("optim.warmup_ratio", 0.0 <= c.optim.warmup_ratio < 1.0, "must be in [0, 1)"),

@@ -82,6 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
     d.pack_split = False  # cut examples into the gaps best fit leaves (<1% padding; docs/data.md)
     d.prefetch = 2  # batches gathered ahead on a background thread; 0 = off
     d.cache_dir = ""  # tokenisation cache: "" = workdir/data_cache, "off", or a shared directory
+    d.streaming = False  # stream rows from the cache: memory bounded by buffer + window, not data
+    d.stream_buffer = 4096  # examples in the streaming shuffle buffer (data.streaming)
 
     # --- optimizer: clip -> AdamW (no decay on norms/biases) with warmup + cosine to a floor.
     c.optim = o = ml_collections.ConfigDict()

@@ -175,6 +175,31 @@ def encode_cached(
     part holds are read, parsed and encoded (`prepare(examples)` gives the settings and worker
     count) and added to the cache as one new part per mixture group. The selection of records
     is `read_splits`'s."""
+    s = encode_selected(config, tokenizer, roots, plan, prepare)
+    return assemble(config, tokenizer, s.stores, s.train, s.eval, s.spec, prepare, s.entries)
+
+
+@dataclasses.dataclass
+class Selected:
+    """The cache's stores and the positions a process trains (per own shard and mixture group)
+    and evaluates on (per group), all encoded; `assemble` (or streaming) reads them."""
+
+    stores: list[RecordStore]
+    train: list[list[list[int]]]  # [slot][group] -> record positions
+    eval: list[list[int]]  # [group] -> record positions
+    spec: FormatSpec
+    entries: list[tuple[str, float | None]]
+
+
+def encode_selected(
+    config: Any,
+    tokenizer: Any,
+    roots: list[epath.Path],
+    plan: ShardPlan,
+    prepare: Callable[[Sequence[Example]], tuple[EncodeSettings, int]],
+) -> Selected:
+    """`encode_cached` up to reading the encoded records: selects them and encodes any that no
+    part holds."""
     dc = config.data
     entries = parse_mixture(dc.train_files)
     stores, positions, held = [], [], []
@@ -211,10 +236,10 @@ def encode_cached(
                 prepare,
                 dc.on_bad_row,
             )
-    return _assemble(config, tokenizer, stores, train_sel, eval_sel, spec, prepare, entries)
+    return Selected(stores, train_sel, eval_sel, spec, entries)
 
 
-def _assemble(
+def assemble(
     config, tokenizer, stores, train_sel, eval_sel, spec, prepare, entries
 ) -> EncodedSplits:
     """EncodedSplits from the stores' records at the selected positions."""

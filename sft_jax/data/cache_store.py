@@ -11,6 +11,7 @@ cache can live wherever the workdir does. What the parts mean is in cache.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -69,9 +70,14 @@ class Part:
     named: dict[int, dict[str, list[str]]]  # local record index -> named_* lists
     prompts: dict[int, EvalPrompt | None]  # local index -> prompt, for records with eval_done
 
-    def __post_init__(self) -> None:  # plain lists: per-piece indexing in Python is faster
-        self.starts = self.arrays["piece_starts"].tolist()
+    def __post_init__(self) -> None:
         self.tokens, self.mask = self.arrays["tokens"], self.arrays["loss_mask"]
+
+    @functools.cached_property
+    def starts(self) -> list[int]:
+        """Piece starts as a plain list: per-piece indexing in Python is faster. Built when
+        first used: a streamed run reads the memory-mapped array instead."""
+        return self.arrays["piece_starts"].tolist()
 
 
 @dataclasses.dataclass
@@ -136,10 +142,13 @@ class RecordStore:
         need |= set(held[self._eval_part[held] < 0].tolist())
         return sorted(need)
 
-    def select(self, positions: Sequence[int], *, held_out: bool = False) -> Selection:
+    def select(
+        self, positions: Sequence[int], *, held_out: bool = False, pieces: bool = True
+    ) -> Selection:
         """The records at `positions`, in that order (all must be present: `missing` first).
         Vectorised per part: a restart assembles a few hundred thousand records in well under
-        a second."""
+        a second. `pieces=False` leaves the pieces out (streaming reads them through
+        `piece_index` instead of holding one object per example)."""
         table = (self._eval_part, self._eval_local) if held_out else (self._part, self._local)
         pos = np.asarray(positions, np.int64)
         part_of, local = table[0][pos], table[1][pos]
@@ -160,16 +169,13 @@ class RecordStore:
             if special:
                 hits = np.flatnonzero(where)[np.isin(mine, list(special))]
                 extras += [(int(o), p, int(local[o])) for o in hits]
-        piece_part = np.repeat(part_of, number)
-        ends = np.cumsum(number)
-        piece = np.repeat(first - (ends - number), number) + np.arange(
-            int(ends[-1]) if len(ends) else 0
-        )
-        pieces = []
-        for p, k in zip(piece_part.tolist(), piece.tolist(), strict=True):
+        piece_part, piece = _pieces_of(part_of, first, number)
+        examples = []
+        chosen = zip(piece_part.tolist(), piece.tolist(), strict=True) if pieces else ()
+        for p, k in chosen:
             part = self.parts[p]
             lo, hi = part.starts[k], part.starts[k + 1]
-            pieces.append(TokenizedExample(part.tokens[lo:hi], part.mask[lo:hi], part.sources[k]))
+            examples.append(TokenizedExample(part.tokens[lo:hi], part.mask[lo:hi], part.sources[k]))
         named: dict[str, list[str]] = {name: [] for name in _NAMED}
         prompts: list[EvalPrompt] = []
         for _, p, i in sorted(extras):
@@ -181,7 +187,23 @@ class RecordStore:
             **dict(zip(_COUNTS, counts.tolist(), strict=True)),
             **{name: tuple(values[:NAMED]) for name, values in named.items()},
         )
-        return Selection(pieces, total, skipped, kinds, prompts)
+        return Selection(examples, total, skipped, kinds, prompts)
+
+    def piece_index(self, positions: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(part, piece within the part) of every piece of the records at `positions`, in
+        order, as arrays (int32, int64): what `select` reads, without reading it."""
+        pos = np.asarray(positions, np.int64)
+        part_of, local = self._part[pos], self._local[pos]
+        if (part_of < 0).any():
+            raise KeyError(f"record {pos[part_of < 0][0]} is not in the data cache {self.root}")
+        first, number = np.zeros(len(pos), np.int64), np.zeros(len(pos), np.int64)
+        for p in np.unique(part_of).tolist():
+            where = part_of == p
+            bounds = self.parts[p].arrays["record_pieces"]
+            first[where] = bounds[local[where]]
+            number[where] = bounds[local[where] + 1] - first[where]
+        piece_part, piece = _pieces_of(part_of, first, number)
+        return piece_part.astype(np.int32), piece
 
     def write(
         self,
@@ -201,6 +223,18 @@ class RecordStore:
             self._add_part(part_from(counts, files))
             return
         self._add(directory)
+
+
+def _pieces_of(
+    part_of: np.ndarray, first: np.ndarray, number: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Records (part, first piece, piece count) -> each piece's (part, index in the part)."""
+    piece_part = np.repeat(part_of, number)
+    ends = np.cumsum(number)
+    piece = np.repeat(first - (ends - number), number) + np.arange(
+        int(ends[-1]) if len(ends) else 0
+    )
+    return piece_part, piece
 
 
 def part_files(

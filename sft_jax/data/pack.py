@@ -74,16 +74,31 @@ def whole_example_row_floor(sizes: Sequence[int], capacity: int, max_k: int = 32
     three, a third more than their volume); where the padding is at it, the lengths cause the
     padding, not the packer.
     """
-    if not sizes:
+    if len(sizes) == 0:
         return 0
+    return row_floor_from_terms(row_floor_terms(sizes, capacity, max_k), capacity)
+
+
+def row_floor_terms(sizes: Sequence[int], capacity: int, max_k: int = 32) -> np.ndarray:
+    """The bound's sums, int64 [max_k + 1]: the total size, then for each k the numerator of
+    sum u_k (times k * capacity). Terms of disjoint sets of items add up, so a stream of items
+    (stream.count_epoch) can be bounded window by window without keeping every size."""
     s = np.asarray(sizes, np.int64)
-    best = -(-int(s.sum()) // capacity)
+    terms = np.zeros(max_k + 1, np.int64)
+    terms[0] = s.sum()
     for k in range(1, max_k + 1):
         steps, exact = np.divmod((k + 1) * s, capacity)
         whole = exact == 0
         # sum of u_k = (sum of steps off the exact points) / k + (sum of exact sizes) / capacity
-        num = int(steps[~whole].sum()) * capacity + int(s[whole].sum()) * k
-        best = max(best, -(-num // (k * capacity)))
+        terms[k] = int(steps[~whole].sum()) * capacity + int(s[whole].sum()) * k
+    return terms
+
+
+def row_floor_from_terms(terms: np.ndarray, capacity: int) -> int:
+    """whole_example_row_floor from (summed) `row_floor_terms`."""
+    best = -(-int(terms[0]) // capacity)
+    for k in range(1, len(terms)):
+        best = max(best, -(-int(terms[k]) // (k * capacity)))
     return best
 
 
@@ -117,7 +132,7 @@ def pack_examples(
         bins = best_fit_decreasing(sizes, seq_len)
         window_rows = [[Piece(int(chunk[i]), 0, sizes[i]) for i in b] for b in bins]
         rows.extend(split_into_gaps(window_rows, seq_len) if split else window_rows)
-    return _fill(examples, rows, seq_len)
+    return fill_rows(examples, rows, seq_len)
 
 
 class Piece(NamedTuple):
@@ -183,7 +198,7 @@ def _place(
         piece = Piece(piece.example, piece.start + take, piece.length - take)
 
 
-def _fill(
+def fill_rows(
     examples: list[TokenizedExample], rows: list[list[Piece]], seq_len: int
 ) -> dict[str, np.ndarray]:
     shape = (len(rows), seq_len)

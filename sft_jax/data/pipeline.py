@@ -87,7 +87,7 @@ _SUMMED = (
 class DataBundle:
     """Everything the loop needs from the data section, prepared before any compute."""
 
-    train_iter: TrainIterator
+    train_iter: TrainIterator  # or stream.StreamIterator (data.streaming), which acts the same
     eval_batches: list[dict[str, np.ndarray]]
     eval_prompts: list[EvalPrompt]
     tokenizer: Any
@@ -232,6 +232,7 @@ class _Local:
     eval_prompts: list[EvalPrompt]
     skipped_eval: int
     template: ChatTemplate | None = None
+    sources: list[Any] | None = None  # with data.streaming: the own shards' example sources
 
 
 def prepare_data(
@@ -255,7 +256,12 @@ def prepare_data(
     groups = len(parse_mixture(dc.train_files))
     try:
         cache = resolve_cache_dir(dc.cache_dir, cache_dir)
-        local, failure = _prepare_local(config, tokenizer, plan, cache), None
+        prepare = _prepare_local
+        if dc.streaming:  # imported here: stream_prepare builds on this module
+            from sft_jax.data import stream_prepare
+
+            prepare = stream_prepare.prepare_local
+        local, failure = prepare(config, tokenizer, plan, cache), None
     except DataError as error:
         local, failure = None, error
     counts = local.counts if local else ProcessCounts.failure(groups)
@@ -270,16 +276,19 @@ def prepare_data(
     only_text = not any(c.not_only_text for c in gathered)
     check_trainable(stats, dc.train_on, only_text=only_text)
     logger.info("data statistics: %s", format_stats(stats))
-    train_iter = TrainIterator(
-        local.shards,
-        global_batch_size=config.train.global_batch_size,
-        seed=config.seed,
-        first_shard=plan.first,
-        num_shards=plan.num_shards,
-        rows_per_shard=stats["rows_per_shard"],
-        loss_tokens=stats["loss_tokens"],
-        prefetch=dc.prefetch,
-    )
+    if dc.streaming:
+        train_iter = stream_prepare.stream_iterator(config, local, plan, stats, count)
+    else:
+        train_iter = TrainIterator(
+            local.shards,
+            global_batch_size=config.train.global_batch_size,
+            seed=config.seed,
+            first_shard=plan.first,
+            num_shards=plan.num_shards,
+            rows_per_shard=stats["rows_per_shard"],
+            loss_tokens=stats["loss_tokens"],
+            prefetch=dc.prefetch,
+        )
     eval_data = held_out_batches(local.eval_examples, config, index, count)
     return DataBundle(train_iter, eval_data, local.eval_prompts, tokenizer, stats, local.template)
 

@@ -1,0 +1,220 @@
+"""The data stage with `data.streaming`: this process's shards as sources over the tokenisation
+cache, counted, and streamed by stream.StreamIterator.
+
+pipeline.prepare_data calls `prepare_local` in place of packing everything: the records are
+selected and (once) encoded exactly as without streaming (cache.encode_selected), but the training
+examples are never assembled into memory: each own shard becomes a `CachedExamples` source, two
+small arrays naming each example's part and piece in the memory-mapped cache, whose tokens are
+read when a packed row is handed out. A sizes-only pass over each shard's first epoch
+(stream.count_epoch) gives the rows, tokens and padding the statistics report and the epoch
+length the step count uses; the eval data is encoded and packed whole, as without streaming
+(data.max_eval_examples caps it).
+
+Not streamed (yet): weighted mixtures (data.train_files with ':weight'), which draw a seeded
+sample of every group; they are refused with a message.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from sft_jax.config import Config
+from sft_jax.data import cache
+from sft_jax.data.cache_store import CONVERSATION, TEXT, UNPARSEABLE, Part
+from sft_jax.data.encode import EncodeSettings
+from sft_jax.data.formats import Example
+from sft_jax.data.loader import shard_seed
+from sft_jax.data.mixture import parse_mixture
+from sft_jax.data.pipeline import (
+    _SUMMED,
+    ProcessCounts,
+    _Local,
+    _token_counts,
+    encode_settings,
+    log_named,
+    num_workers,
+    tokenizer_path,
+)
+from sft_jax.data.render import TokenCounts
+from sft_jax.data.shards import ShardPlan, agree
+from sft_jax.data.source import DataError
+from sft_jax.data.stream import StreamIterator, StreamSettings, count_epoch, release_mapped
+from sft_jax.data.templates import load_chat_template
+from sft_jax.data.tokenize import TokenizedExample
+
+_RELEASE_EXAMPLES = 1 << 16  # examples counted between releases of mapped pages
+
+
+class CachedExamples:
+    """A shard's examples in the cache's parts: example i is piece `piece[i]` of part
+    `part_of[i]`, read from the part's memory-mapped arrays when asked for."""
+
+    def __init__(self, parts: Sequence[Part], part_of: np.ndarray, piece: np.ndarray):
+        self._parts, self._part_of, self._piece = parts, part_of, piece
+
+    def __len__(self) -> int:
+        return len(self._piece)
+
+    def sizes(self, indices: np.ndarray) -> np.ndarray:
+        part_of, piece = self._part_of[indices], self._piece[indices]
+        out = np.zeros(len(piece), np.int64)
+        for p in np.unique(part_of).tolist():
+            where = part_of == p
+            starts = self._parts[p].arrays["piece_starts"]
+            out[where] = starts[piece[where] + 1] - starts[piece[where]]
+        return out
+
+    def example(self, index: int) -> TokenizedExample:
+        part, k = self._parts[int(self._part_of[index])], int(self._piece[index])
+        lo, hi = part.arrays["piece_starts"][k : k + 2].tolist()
+        tokens, mask = np.asarray(part.tokens[lo:hi]), np.asarray(part.mask[lo:hi])
+        return TokenizedExample(tokens, mask, part.sources[k])
+
+    def loss_tokens(self) -> int:
+        total = 0
+        for p in np.unique(self._part_of).tolist():
+            part = self._parts[p]
+            starts = part.arrays["piece_starts"]
+            for n, k in enumerate(self._piece[self._part_of == p].tolist(), start=1):
+                total += int(np.count_nonzero(part.mask[int(starts[k]) + 1 : int(starts[k + 1])]))
+                if n % _RELEASE_EXAMPLES == 0:
+                    self.release()
+        self.release()
+        return total
+
+    def release(self) -> None:
+        for part in self._parts:
+            release_mapped(part.arrays["piece_starts"], part.tokens, part.mask)
+
+
+def stream_settings(config: Config) -> StreamSettings:
+    dc = config.data
+    return StreamSettings(dc.seq_len, dc.pack_window, dc.stream_buffer, dc.pack_split)
+
+
+def prepare_local(config: Config, tokenizer: Any, plan: ShardPlan, cache_dir: str | None) -> _Local:
+    """This process's streamed shards (`_Local.sources`), their counts and the eval data."""
+    dc = config.data
+    if not cache_dir:
+        raise DataError(
+            "data.streaming reads the tokenisation cache: give a workdir or data.cache_dir"
+        )
+    entries = parse_mixture(dc.train_files)
+    if entries[0][1] is not None:
+        raise DataError(
+            f"data.streaming does not stream weighted mixtures ({dc.train_files!r}): drop the "
+            "':weight's of data.train_files, or set data.streaming=False"
+        )
+    roots = cache.group_roots(config, tokenizer, tokenizer_path(config), cache_dir)
+
+    def prepare(examples: Sequence[Example]) -> tuple[EncodeSettings, int]:
+        return encode_settings(config, tokenizer, examples), num_workers(config, len(examples))
+
+    s = cache.encode_selected(config, tokenizer, roots, plan, prepare)
+    no_train = [[[] for _ in entries] for _ in plan.local]
+    encoded = cache.assemble(
+        config, tokenizer, s.stores, no_train, s.eval, s.spec, prepare, entries
+    )
+    parts = [part for store in s.stores for part in store.parts]
+    first_part = np.cumsum([0] + [len(store.parts) for store in s.stores])
+    settings = stream_settings(config)
+    sources, kinds, summed, min_rows = [], set(), np.zeros(len(_SUMMED), np.int64), None
+    mixture = [0] * len(entries)
+    for slot, shard in enumerate(plan.local):
+        part_of, piece, counts, skipped = [], [], TokenCounts(), 0
+        for g, (store, chosen) in enumerate(zip(s.stores, s.train[slot], strict=True)):
+            selection = store.select(chosen, pieces=False)
+            p, k = store.piece_index(chosen)
+            part_of.append(p + first_part[g])
+            piece.append(k)
+            counts, skipped = counts + selection.counts, skipped + selection.skipped
+            kinds |= selection.kinds
+            mixture[g] += len(k)
+        source = CachedExamples(parts, np.concatenate(part_of), np.concatenate(piece))
+        log_named(counts, dc.seq_len, dc.on_control_tokens)
+        if not len(source):
+            raise DataError(
+                f"data shard {shard} of {plan.num_shards} has no examples ({dc.train_files}); "
+                "use fewer data shards or more data"
+            )
+        shard_counts = _count(source, settings, shard_seed(config.seed, shard, plan.num_shards))
+        shard_counts.update(_token_counts(counts), skipped=skipped)
+        summed += [shard_counts[k] for k in _SUMMED]
+        min_rows = min(shard_counts["rows"], min_rows or shard_counts["rows"])
+        sources.append(source)
+    kinds.discard(UNPARSEABLE)
+    template = encoded.template
+    if template is None and CONVERSATION in kinds:
+        template = load_chat_template(dc.chat_template, tokenizer)
+    not_only_text = encoded.not_only_text or bool(kinds - {TEXT})
+    process = ProcessCounts(
+        dict(zip(_SUMMED, summed.tolist(), strict=True)),
+        min_rows or 0,
+        not_only_text,
+        False,
+        mixture,
+    )
+    return _Local(
+        [],
+        process,
+        encoded.eval_examples,
+        encoded.eval_prompts,
+        encoded.skipped_eval,
+        template,
+        sources,
+    )
+
+
+def _count(source: CachedExamples, settings: StreamSettings, key: list[int]) -> dict[str, int]:
+    """A shard's counts for the statistics, from its first epoch (sizes only) and its masks."""
+    epoch = count_epoch(source, settings, key)
+    return {
+        "rows": epoch.rows,
+        "slots": epoch.rows * settings.seq_len,
+        "real_tokens": epoch.real_tokens,
+        "loss_tokens": source.loss_tokens(),
+        "continued_segments": epoch.continued_segments,
+        "examples": len(source),
+        "row_floor": epoch.row_floor,
+        "row_floor_split": -(-epoch.real_tokens // settings.seq_len),
+    }
+
+
+def stream_iterator(
+    config: Config, local: _Local, plan: ShardPlan, stats: dict[str, Any], process_count: int
+) -> StreamIterator:
+    """The streamed training iterator over this process's shards (global epoch length and loss
+    tokens from `stats`; with several processes its state gathers every process's shards)."""
+    return StreamIterator(
+        local.sources,
+        stream_settings(config),
+        global_batch_size=config.train.global_batch_size,
+        seed=config.seed,
+        rows_per_shard=stats["rows_per_shard"],
+        loss_tokens=stats["loss_tokens"],
+        first_shard=plan.first,
+        num_shards=plan.num_shards,
+        prefetch=config.data.prefetch,
+        gather=gather_states if process_count > 1 else None,
+    )
+
+
+def gather_states(local: dict) -> dict:
+    """Every process's shard states merged into one dict (a collective: every process calls it
+    when a checkpoint is saved). JSON bytes travel as one padded uint8 allgather."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(local).encode("utf-8"), np.uint8)
+    sizes = agree([len(data)], jax.process_count())[:, 0]
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: len(data)] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    merged: dict = {}
+    for row, size in zip(gathered, sizes.tolist(), strict=True):
+        merged.update(json.loads(row[:size].tobytes()))
+    return merged

@@ -68,10 +68,11 @@ def phase(name: str, data_file: str, cache_dir: str) -> dict:
         return {"seconds": time.perf_counter() - start}
     from sft_jax.data import cache as cache_module
     from sft_jax.data import pipeline
+    from sft_jax.data import tokenize as tokenize_module
 
     timings: dict[str, float] = {}
     for module, function in [
-        (pipeline, "load_tokenizer"),
+        (tokenize_module, "load_tokenizer"),  # only when the data stage uses the tokenizer
         (cache_module, "group_roots"),  # hashing the data and tokenizer files
         (cache_module, "load_prepared"),
         (cache_module, "encode_cached"),
@@ -84,8 +85,11 @@ def phase(name: str, data_file: str, cache_dir: str) -> dict:
     bundle = pipeline.prepare_data(config_for(data_file, cache, seed))
     seconds = time.perf_counter() - start
     batch = next(bundle.train_iter)
+    start = time.perf_counter()
+    len(bundle.tokenizer)  # what the trainer's vocabulary check pays next, if not yet loaded
     return {
         "seconds": seconds,
+        "tokenizer_after_s": round(time.perf_counter() - start, 2),
         "parts_s": {k: round(v, 2) for k, v in timings.items()},
         "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "rows": bundle.stats["rows"],

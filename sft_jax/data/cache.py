@@ -79,7 +79,6 @@ from sft_jax.data.formats import (
     read_examples,
 )
 from sft_jax.data.mixture import parse_mixture
-from sft_jax.data.paths import is_url
 from sft_jax.data.render import TokenCounts
 from sft_jax.data.shards import ShardPlan, held_out_shares, shard_positions, split_positions
 from sft_jax.data.source import (
@@ -91,6 +90,7 @@ from sft_jax.data.source import (
 )
 from sft_jax.data.templates import BUILTIN_TEMPLATES, NAMED_TEMPLATES, load_chat_template
 from sft_jax.data.tokenize import TokenizedExample
+from sft_jax.paths import is_url
 
 logger = logging.getLogger(__name__)
 

@@ -309,6 +309,8 @@ def _prepare_local(
             )
             log_named(counts, config.data.seq_len, config.data.on_control_tokens)
         template = _saved_template(hit.meta, config.data.chat_template, tokenizer)
+        if isinstance(tokenizer, LazyTokenizer):  # its length is fixed by the key, as the template
+            tokenizer.length = hit.meta.get("tokenizer_length")
         counts = ProcessCounts.from_vector(hit.meta["counts"])
         return _Local(
             hit.shards,
@@ -329,6 +331,7 @@ def _prepare_local(
         "skipped_eval": local.skipped_eval,
         "template": local.template is not None,
         "template_def": dataclasses.asdict(local.template) if local.template else None,
+        "tokenizer_length": len(tokenizer),
         "named": [dataclasses.asdict(c) for c in encoded.counts],
     }
     prepared = cache.Prepared(local.shards, local.eval_examples, local.eval_prompts, meta)

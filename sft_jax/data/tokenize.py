@@ -92,12 +92,14 @@ class LazyTokenizer:
     Building it imports transformers and torch, seconds of a start; a restart whose prepared rows
     come from the tokenisation cache needs no tokenizer in the data stage (the cache key hashes
     the tokenizer's files, the chat template is kept with the rows), so `prepare_data` hands this
-    out and only what encodes, decodes or checks the vocabulary pays the load. The directory is
+    out and only what encodes or decodes pays the load. `length`, when set (the prepared rows
+    record it), answers len() without loading: the trainer's vocabulary check. The directory is
     checked at once, so a missing tokenizer still fails before anything is read."""
 
     def __init__(self, path: str):
         check_tokenizer_dir(path)
         self.path = path
+        self.length: int | None = None
         self._tokenizer: transformers.PreTrainedTokenizerBase | None = None
 
     @property
@@ -115,6 +117,8 @@ class LazyTokenizer:
         return getattr(self.load(), name)
 
     def __len__(self) -> int:
+        if self._tokenizer is None and self.length is not None:
+            return self.length
         return len(self.load())
 
     def __call__(self, *args, **kwargs):

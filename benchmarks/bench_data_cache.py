@@ -16,7 +16,11 @@ each pays its imports as a real start does:
     tokenizer (floor) loading the tokenizer alone, which every start pays
 
 Prints seconds (and where they went), the phase's peak resident memory, packed rows and the
-cache's size per phase, and checks that the restart's first batch equals the first start's.
+cache's size per phase, and checks that the restart's first batch equals the first start's. A
+restart builds no tokenizer in `prepare_data`; `vocab_check_s` and `tokenizer_on_first_use_s` are
+what the trainer's vocabulary check and the first generation pay afterwards. One phase runs alone
+with `--phase NAME --data FILE --cache DIR` (a kept cache: restarts measured again without
+paying the first start again).
 """
 
 from __future__ import annotations

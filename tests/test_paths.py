@@ -160,6 +160,9 @@ def test_workdir_on_gcs_trains_resumes_and_reads_back(small_train, tmp_path, gcs
     assert log.count("--- start") == 2 and "resumed from checkpoint at step 2" in log
     assert json.loads(paths.read_text(f"{workdir}/summary.json"))["steps"] == STEPS
     assert not paths.exists(f"{workdir}/train.lock")
+    events = paths.listdir(f"{workdir}/tensorboard")  # each start's, uploaded when it ended
+    assert len(events) == 2 and all(name.startswith("events.out") for name in events)
+    assert len(paths.listdir(f"{workdir}/data_cache")) >= 2  # a key directory and prepared/
     page = report.build_report(workdir)
     assert page == f"{workdir}/report/index.html" and "<html" in paths.read_text(page)
     out = tmp_path / "hf"

@@ -3,8 +3,11 @@ training workdir on gs:// work through etils.epath, tested against a local GCS e
 (gcp-storage-emulator + gcsfs, the test extras; skipped when they are not installed)."""
 
 import json
+import os
 import pathlib
 import socket
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -132,6 +135,31 @@ def test_append_and_lock_objects_on_gcs(gcs):
     assert not paths.create_exclusive(f"{gcs}/run/lock", "two")
     assert paths.read_text(f"{gcs}/run/lock") == "one"
     assert sorted(paths.listdir(f"{gcs}/run")) == ["lock", "metrics.jsonl"]
+
+
+@pytest.mark.slow
+def test_workdir_lock_object_on_gcs(gcs):
+    """The workdir lock in a bucket: a live holder on this host refuses a start, a dead one's
+    lock is recovered, and release deletes the object."""
+    from sft_jax.training.workdir_lock import WorkdirBusyError, WorkdirLock, _pid_start
+
+    lock_url = f"{gcs}/run/train.lock"
+    live = os.getppid()
+    holder = {"host": socket.gethostname(), "pid": live, "pid_start": _pid_start(live)}
+    paths.write_text(lock_url, json.dumps({**holder, "token": "theirs"}))
+    with pytest.raises(WorkdirBusyError, match="in use by another training run"):
+        WorkdirLock(f"{gcs}/run").acquire()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    holder = {"host": socket.gethostname(), "pid": dead.pid, "pid_start": "1"}
+    paths.write_text(lock_url, json.dumps({**holder, "token": "theirs"}))
+    lock = WorkdirLock(f"{gcs}/run", heartbeat_s=0.05)
+    lock.acquire()
+    assert json.loads(paths.read_text(lock_url))["token"] == lock.token
+    time.sleep(0.3)  # the heartbeat rewrites the object with a growing beat
+    assert json.loads(paths.read_text(lock_url)).get("beat", 0) >= 1
+    lock.release()
+    assert not paths.exists(lock_url)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import io
 import os
+import sys
 import time
 from typing import IO, Any
 
@@ -174,7 +175,7 @@ class AppendFile:
         if self.remote:
             with contextlib.suppress(FileNotFoundError):
                 self._chunks.append(read_text(path))
-            atexit.register(self.flush)
+            atexit.register(self._flush_at_exit)
 
     def append(self, text: str) -> None:
         if not self.remote:
@@ -198,7 +199,15 @@ class AppendFile:
     def close(self) -> None:
         self.flush()
         if self.remote:
-            atexit.unregister(self.flush)
+            atexit.unregister(self._flush_at_exit)
+
+    def _flush_at_exit(self) -> None:
+        """The last upload of a file nobody closed (a crash): the store's client may already be
+        shutting down then, so a failure is one line on stderr, not a traceback."""
+        try:
+            self.flush()
+        except Exception as e:  # anything the store's client raises at exit
+            print(f"warning: could not write the last lines of {self.path}: {e}", file=sys.stderr)
 
 
 def listdir(path: str) -> list[str]:

@@ -135,6 +135,13 @@ def test_append_and_lock_objects_on_gcs(gcs):
     assert not paths.create_exclusive(f"{gcs}/run/lock", "two")
     assert paths.read_text(f"{gcs}/run/lock") == "one"
     assert sorted(paths.listdir(f"{gcs}/run")) == ["lock", "metrics.jsonl"]
+    from sft_jax.training import preflight  # data patterns in a bucket pass preflight
+
+    assert preflight._matches(f"{gcs}/run/metrics.jsonl") and preflight._matches(
+        f"{gcs}/run/*.jsonl"
+    )
+    assert not preflight._matches(f"{gcs}/run/none*.jsonl")
+    assert not preflight._matches(f"{gcs}/run/none.jsonl")
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax import hf, lora
+from sft_jax import hf, lora, paths
 from sft_jax.model import decode
 from sft_jax.model.decoder import ModelConfig, Transformer
 from sft_jax.model.prefix import prefix_tree
@@ -277,13 +277,13 @@ def load(path: str, *, adapter: str | None = None, step: int | None = None) -> L
     model to call and generate with. `adapter`: a PEFT adapter to merge into the HF directory
     `path`. Parameters and compute are float32 for an HF directory or adapter; a workdir keeps
     its training config's dtypes."""
-    if os.path.isfile(os.path.join(path, lora.peft.CONFIG_FILE)):
+    if paths.isfile(paths.join(path, lora.peft.CONFIG_FILE)):  # a workdir may be on gs://
         if adapter is not None:
             raise LoadError(f"{path} is a PEFT adapter itself; pass its base as the path")
         run = load_peft(path)
         return from_trained(run, _generation_dir(path, run.source_model_dir))
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
+    config_file = paths.join(path, "config.json")
+    if not paths.isfile(config_file):
         raise LoadError(f"{path}: no config.json or adapter_config.json: not a model to load")
     if is_workdir(path):
         if adapter is not None:

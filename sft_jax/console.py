@@ -17,12 +17,13 @@ they look like every other line.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 
 import jax
 from tqdm import tqdm
+
+from sft_jax import paths
 
 _run_log: list = [None]  # the open train.log, if any
 _pending: list[str] = []  # lines logged before train.log opened
@@ -54,8 +55,7 @@ def _keep(line: str) -> None:
     if _run_log[0] is None:
         _pending.append(line)
     else:
-        _run_log[0].write(line + "\n")
-        _run_log[0].flush()
+        _run_log[0].append(line + "\n")
 
 
 def open_run_log(workdir: str) -> None:
@@ -64,10 +64,9 @@ def open_run_log(workdir: str) -> None:
     if jax.process_index() != 0:
         _pending.clear()
         return
-    f = open(os.path.join(workdir, "train.log"), "a", encoding="utf-8")  # noqa: SIM115
-    f.write(f"--- start {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n")
-    f.writelines(line + "\n" for line in _pending)
-    f.flush()
+    f = paths.AppendFile(paths.join(workdir, "train.log"))
+    start = f"--- start {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n"
+    f.append(start + "".join(line + "\n" for line in _pending))
     _pending.clear()
     _run_log[0] = f
 

@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         return _ended(f"{message} (exit {EXIT_ABORTED})", EXIT_ABORTED)
     finally:
         watcher.close()
+    console.close_run_log()  # a workdir in a bucket: train.log's last lines are uploaded now
     return EXIT_OK
 
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import warnings
 from typing import Any
 
+from sft_jax import paths
 from sft_jax.config import LoraSection, MeshSection, ModelSection
 
 CONFIG_FILE = "config.json"
@@ -56,8 +56,8 @@ def is_workdir(path: str) -> bool:
     not a JSON object is a ModelFileError naming it."""
     from sft_jax import hf
 
-    file = os.path.join(path, CONFIG_FILE)
-    return os.path.isfile(file) and isinstance(hf.read_config_json(file).get("model"), dict)
+    file = paths.join(path, CONFIG_FILE)
+    return paths.isfile(file) and isinstance(hf.read_config_json(file).get("model"), dict)
 
 
 def read_config(workdir: str) -> SavedConfig:
@@ -66,8 +66,8 @@ def read_config(workdir: str) -> SavedConfig:
     from sft_jax import hf
     from sft_jax.config import ConfigError, parse_section
 
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = paths.join(workdir, CONFIG_FILE)
+    if not paths.isfile(path):
         raise LoadError(f"{path} not found: not a training workdir")
     raw = hf.read_config_json(path)  # not a JSON object: one line naming the file
     missing: list[str] = []
@@ -114,7 +114,7 @@ def open_checkpoint(workdir: str, step: int | None = None) -> tuple[Any, int]:
 
     checkpointer = Checkpointer(workdir, keep=1, async_save=False)
     step = checkpointer.latest_step() if step is None else step
-    if step is None or not os.path.isdir(os.path.join(checkpointer.directory, str(step))):
+    if step is None or not paths.isdir(paths.join(checkpointer.directory, str(step))):
         which = "" if step is None else f" for step {step}"
         raise LoadError(f"no checkpoint{which} in {checkpointer.directory}")
     return checkpointer, step
@@ -123,11 +123,10 @@ def open_checkpoint(workdir: str, step: int | None = None) -> tuple[Any, int]:
 def best_step(workdir: str) -> int:
     """The kept checkpoint the run rewound to (summary.json's best_step, written when
     checkpoint.rewind_to_best ranked them by checkpoint.rewind_rule); LoadError when unnamed."""
-    path = os.path.join(workdir, SUMMARY_FILE)
+    path = paths.join(workdir, SUMMARY_FILE)
     best = None
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            best = json.load(f).get("best_step")
+    if paths.exists(path):
+        best = json.loads(paths.read_text(path)).get("best_step")
     if best is None:
         raise LoadError(
             f"{path} names no best_step: train with "
@@ -143,12 +142,12 @@ def best_step(workdir: str) -> int:
 
 def read_records(workdir: str, notes: list[str]) -> list[dict[str, Any]]:
     """The JSON objects of metrics.jsonl in file order; unreadable lines are noted and skipped."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
+    path = paths.join(workdir, METRICS_FILE)
+    if not paths.exists(path):
         notes.append(f"{METRICS_FILE} not found: the run has not logged anything yet.")
         return []
     records, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with paths.open_text(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -173,12 +172,11 @@ def read_records(workdir: str, notes: list[str]) -> list[dict[str, Any]]:
 def read_json(workdir: str, name: str, notes: list[str]) -> dict[str, Any] | None:
     """The JSON object in `workdir/name` (summary.json, config.json); None when absent, and
     when unreadable or not an object, with a note."""
-    path = os.path.join(workdir, name)
-    if not os.path.exists(path):
+    path = paths.join(workdir, name)
+    if not paths.exists(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
+        value = json.loads(paths.read_text(path))
     except (OSError, json.JSONDecodeError) as e:
         notes.append(f"{name} is unreadable ({e}); shown without it.")
         return None

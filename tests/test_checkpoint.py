@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from sft_jax import paths
 from sft_jax.config import parse
 from sft_jax.config_file import load_config_file
 from sft_jax.train import main, train_and_evaluate
@@ -285,7 +286,7 @@ def test_unwritable_checkpoint_directory_fails_in_preflight(
                 raise OSError(errno.EROFS, "Read-only file system", str(path))
             return real_open(path, *args, **kwargs)
 
-        monkeypatch.setattr(preflight, "open", read_only, raising=False)  # shadows the builtin
+        monkeypatch.setattr(paths, "open", read_only, raising=False)  # shadows the builtin
     else:
         os.chmod(tmp_path / "checkpoints", 0o555)
     try:

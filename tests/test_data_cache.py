@@ -208,7 +208,17 @@ def test_bad_rows_skipped_the_same_way(tmp_path):
     plain = prepare_data(config)
     assert plain.stats["skipped"] == 2
     assert_same(plain, prepare_data(config, cache_dir=cache))
-    assert_same(prepare_data(config), prepare_data(config, cache_dir=cache))
+    restarted = prepare_data(config, cache_dir=cache)
+    # The restart's data stage builds no tokenizer: the template comes with the prepared rows.
+    assert not restarted.tokenizer.loaded and restarted.template == plain.template
+    assert_same(prepare_data(config), restarted)
+    # The trainer's vocabulary check reads the recorded length; decoding builds the tokenizer.
+    assert len(restarted.tokenizer) == len(plain.tokenizer) and not restarted.tokenizer.loaded
+    assert restarted.tokenizer.decode([1, 2]) == plain.tokenizer.decode([1, 2])
+    assert restarted.tokenizer.loaded
+    chatml = with_data(config, chat_template="chatml")  # another template: another key
+    assert_same(prepare_data(chatml), prepare_data(chatml, cache_dir=cache))
+    assert len([p for p in pathlib.Path(cache).iterdir() if p.name != "prepared"]) == 2
 
 
 @pytest.mark.slow
@@ -237,7 +247,17 @@ def test_conversations_cached_equal_uncached(tmp_path, shared_assets):
     plain = prepare_data(config)
     assert plain.template is not None and plain.eval_prompts
     assert_same(plain, prepare_data(config, cache_dir=cache))
-    assert_same(prepare_data(config), prepare_data(config, cache_dir=cache))
+    restarted = prepare_data(config, cache_dir=cache)
+    # The restart's data stage builds no tokenizer: the template comes with the prepared rows.
+    assert not restarted.tokenizer.loaded and restarted.template == plain.template
+    assert_same(prepare_data(config), restarted)
+    # The trainer's vocabulary check reads the recorded length; decoding builds the tokenizer.
+    assert len(restarted.tokenizer) == len(plain.tokenizer) and not restarted.tokenizer.loaded
+    assert restarted.tokenizer.decode([1, 2]) == plain.tokenizer.decode([1, 2])
+    assert restarted.tokenizer.loaded
+    chatml = with_data(config, chat_template="chatml")  # another template: another key
+    assert_same(prepare_data(chatml), prepare_data(chatml, cache_dir=cache))
+    assert len([p for p in pathlib.Path(cache).iterdir() if p.name != "prepared"]) == 2
 
 
 def test_unwritable_cache_does_not_stop_the_run(tmp_path, monkeypatch, caplog):

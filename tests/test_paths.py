@@ -1,16 +1,21 @@
-"""The path layer: local paths behave as before; data files and the tokenisation cache on gs://
-work through etils.epath, tested against a local GCS emulator (gcp-storage-emulator + gcsfs,
-the test extras; skipped when they are not installed)."""
+"""The path layer: local paths behave as before; data files, the tokenisation cache and a whole
+training workdir on gs:// work through etils.epath, tested against a local GCS emulator
+(gcp-storage-emulator + gcsfs, the test extras; skipped when they are not installed)."""
 
+import json
+import os
 import pathlib
 import socket
+import subprocess
+import time
 
 import numpy as np
 import pytest
 from test_data_cache import assert_same, no_encoding, with_data
 from test_data_shards import demo_config
 
-from sft_jax.data import expand_files, paths, prepare_data
+from sft_jax import paths
+from sft_jax.data import expand_files, prepare_data
 from sft_jax.data.cache_store import MARKER
 from sft_jax.data.source import DataError, iter_records
 
@@ -32,6 +37,39 @@ def test_local_paths_unchanged(tmp_path):
         expand_files(str(tmp_path / "*.parquet"))
 
 
+def test_workdir_files_locally(tmp_path, monkeypatch):
+    """The workdir's operations on a local directory: join, exclusive create, append."""
+    assert paths.join(str(tmp_path), "a", "b") == str(tmp_path / "a" / "b")
+    assert paths.join("gs://bucket/run/", "metrics.jsonl") == "gs://bucket/run/metrics.jsonl"
+    assert paths.absolute("gs://bucket/run") == "gs://bucket/run"
+    lock = str(tmp_path / "lock")
+    assert paths.create_exclusive(lock, "one") and not paths.create_exclusive(lock, "two")
+    assert paths.read_text(lock) == "one"
+    log = paths.AppendFile(str(tmp_path / "log"))
+    log.append("a\n")
+    log.append("b\n")
+    assert (tmp_path / "log").read_text() == "a\nb\n"  # locally every append is on disk
+
+
+def appended(url: str, flush_s: float) -> tuple[str, str]:
+    """(the object after a first and a second append, after close) with `flush_s`."""
+    log = paths.AppendFile(url)
+    log.flush_s = flush_s
+    log.append("a\n")
+    log.append("b\n")
+    middle = paths.read_text(url)
+    log.close()
+    return middle, paths.read_text(url)
+
+
+_HOST = [""]
+
+
+def gcs_host() -> str:
+    """host:port of the emulator the `gcs` fixture started."""
+    return _HOST[0]
+
+
 @pytest.fixture
 def gcs(monkeypatch):
     """A GCS emulator on 127.0.0.1 with bucket "test"; gs:// paths reach it through gcsfs."""
@@ -45,6 +83,7 @@ def gcs(monkeypatch):
     server = server_module.create_server("127.0.0.1", port, in_memory=True, default_bucket="test")
     server.start()
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    _HOST[0] = f"127.0.0.1:{port}"
     import fsspec
 
     fsspec.filesystem("gs").clear_instance_cache()  # no client bound to an earlier emulator
@@ -82,3 +121,87 @@ def test_data_and_cache_on_gcs(tmp_path, gcs, monkeypatch):
     assert len(markers) == 1
     no_encoding(monkeypatch)  # the restart reads the bucket's prepared rows
     assert_same(prepare_data(config), prepare_data(remote), sources=False)
+
+
+@pytest.mark.slow
+def test_append_and_lock_objects_on_gcs(gcs):
+    """An object cannot be appended to: it is rewritten whole, at the first append, then at most
+    every flush_s, and on close; a later writer keeps what is there. The lock object is created
+    once."""
+    url = f"{gcs}/run/metrics.jsonl"
+    assert appended(url, flush_s=3600) == ("a\n", "a\nb\n")
+    assert appended(url, flush_s=0) == ("a\nb\na\nb\n", "a\nb\na\nb\n")
+    assert paths.create_exclusive(f"{gcs}/run/lock", "one")
+    assert not paths.create_exclusive(f"{gcs}/run/lock", "two")
+    assert paths.read_text(f"{gcs}/run/lock") == "one"
+    assert sorted(paths.listdir(f"{gcs}/run")) == ["lock", "metrics.jsonl"]
+    from sft_jax.training import preflight  # data patterns in a bucket pass preflight
+
+    assert preflight._matches(f"{gcs}/run/metrics.jsonl") and preflight._matches(
+        f"{gcs}/run/*.jsonl"
+    )
+    assert not preflight._matches(f"{gcs}/run/none*.jsonl")
+    assert not preflight._matches(f"{gcs}/run/none.jsonl")
+
+
+@pytest.mark.slow
+def test_workdir_lock_object_on_gcs(gcs):
+    """The workdir lock in a bucket: a live holder on this host refuses a start, a dead one's
+    lock is recovered, and release deletes the object."""
+    from sft_jax.training.workdir_lock import WorkdirBusyError, WorkdirLock, _pid_start
+
+    lock_url = f"{gcs}/run/train.lock"
+    live = os.getppid()
+    holder = {"host": socket.gethostname(), "pid": live, "pid_start": _pid_start(live)}
+    paths.write_text(lock_url, json.dumps({**holder, "token": "theirs"}))
+    with pytest.raises(WorkdirBusyError, match="in use by another training run"):
+        WorkdirLock(f"{gcs}/run").acquire()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    holder = {"host": socket.gethostname(), "pid": dead.pid, "pid_start": "1"}
+    paths.write_text(lock_url, json.dumps({**holder, "token": "theirs"}))
+    lock = WorkdirLock(f"{gcs}/run", heartbeat_s=0.05)
+    lock.acquire()
+    assert json.loads(paths.read_text(lock_url))["token"] == lock.token
+    time.sleep(0.3)  # the heartbeat rewrites the object with a growing beat
+    assert json.loads(paths.read_text(lock_url)).get("beat", 0) >= 1
+    lock.release()
+    assert not paths.exists(lock_url)
+
+
+@pytest.mark.slow
+def test_workdir_on_gcs_trains_resumes_and_reads_back(small_train, tmp_path, gcs, monkeypatch):
+    """--workdir gs://...: a run preempted at step 2 resumes from its checkpoint in the bucket
+    and logs the same losses as a local run; its lock is gone; export, the report and
+    sft_jax.load read it back from the bucket."""
+    from test_faults import STEPS, flags, train_records
+
+    import sft_jax
+    from sft_jax import export, report
+    from sft_jax.train import main
+
+    # Orbax writes arrays with TensorStore, which reaches the emulator through these.
+    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", f"http://{gcs_host()}")
+    monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+    workdir = f"{gcs}/run"
+    assert main(["train", *flags(small_train, workdir, "--config.faults.sigterm_at_step=2")]) == 42
+    assert main(["train", *flags(small_train, workdir)]) == 0
+    assert main(["train", *flags(small_train, tmp_path / "local")]) == 0
+    remote, local = train_records(workdir), train_records(tmp_path / "local")
+    assert sorted(remote) == list(range(1, STEPS + 1))
+    for step, record in remote.items():
+        assert record["loss"] == local[step]["loss"], step
+    log = paths.read_text(f"{workdir}/train.log")
+    assert log.count("--- start") == 2 and "resumed from checkpoint at step 2" in log
+    assert json.loads(paths.read_text(f"{workdir}/summary.json"))["steps"] == STEPS
+    assert not paths.exists(f"{workdir}/train.lock")
+    events = paths.listdir(f"{workdir}/tensorboard")  # each start's, uploaded when it ended
+    assert len(events) == 2 and all(name.startswith("events.out") for name in events)
+    assert len(paths.listdir(f"{workdir}/data_cache")) >= 2  # a key directory and prepared/
+    page = report.build_report(workdir)
+    assert page == f"{workdir}/report/index.html" and "<html" in paths.read_text(page)
+    out = tmp_path / "hf"
+    assert export.main(["--workdir", workdir, "--out", str(out)]) == 0
+    assert (out / "config.json").is_file()
+    loaded = sft_jax.load(workdir)
+    assert loaded.run.step == STEPS

@@ -11,7 +11,8 @@ data shards), and everything after encoding (mixing, packing, order), is recompu
 per-record entries at every start, so only options that change a record's encoding are in the key:
 
     the data files' paths, sizes and contents (streaming blake2b of every byte), the tokenizer's
-    files (contents), the resolved chat template's source, data.format / field_map /
+    files (contents), the chat template's source (a file's or built-in's; the tokenizer's own
+    is in its files), data.format / field_map /
     ignore_fields / train_on / seq_len / overlong / on_bad_row / on_control_tokens, and
     CACHE_VERSION (raised whenever the encoding code changes what it produces).
 
@@ -42,6 +43,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from sft_jax.assets import asset_path
 from sft_jax.data.cache_store import (
     CACHE_VERSION,
     CONVERSATION,
@@ -77,7 +79,6 @@ from sft_jax.data.formats import (
     read_examples,
 )
 from sft_jax.data.mixture import parse_mixture
-from sft_jax.data.paths import is_url
 from sft_jax.data.render import TokenCounts
 from sft_jax.data.shards import ShardPlan, held_out_shares, shard_positions, split_positions
 from sft_jax.data.source import (
@@ -87,8 +88,9 @@ from sft_jax.data.source import (
     expand_files,
     lazy_records,
 )
-from sft_jax.data.templates import load_chat_template
+from sft_jax.data.templates import BUILTIN_TEMPLATES, NAMED_TEMPLATES, load_chat_template
 from sft_jax.data.tokenize import TokenizedExample
+from sft_jax.paths import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -148,14 +150,13 @@ ENCODING_OPTIONS = (
 )
 
 
-def group_roots(
-    config: Any, tokenizer: Any, tokenizer_dir: str, cache_dir: str
-) -> list[epath.Path]:
-    """Each mixture group's key directory (hashes the data files and the tokenizer's files)."""
+def group_roots(config: Any, tokenizer_dir: str, cache_dir: str) -> list[epath.Path]:
+    """Each mixture group's key directory (hashes the data files and the tokenizer's files; no
+    tokenizer is built, so a restart that finds its prepared rows never loads one)."""
     dc = config.data
     common = {
         "tokenizer": tokenizer_identity(tokenizer_dir),
-        "template": _template_identity(dc.chat_template, tokenizer),
+        "template": _template_identity(dc.chat_template),
         "options": {name: getattr(dc, name) for name in ENCODING_OPTIONS},
     }
     return [
@@ -370,12 +371,19 @@ def _record_count(root: epath.Path, pattern: str) -> int:
     return count
 
 
-def _template_identity(spec: str, tokenizer: Any) -> str:
-    """The resolved template's source (a file or built-in's text, or the tokenizer's template),
-    or a marker when it does not load with this tokenizer (then no record can use it)."""
+def _template_identity(spec: str) -> str:
+    """The template's source (a file or built-in's text); "tokenizer" for the tokenizer's own,
+    which its hashed files hold. Whether the template loads with the tokenizer (its end of turn
+    one token) follows from the two, so that needs no tokenizer here."""
+    if spec == "tokenizer":
+        return spec
+    if spec in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[spec]
+    path = asset_path(NAMED_TEMPLATES[spec]) if spec in NAMED_TEMPLATES else spec
     try:
-        return load_chat_template(spec, tokenizer).source
-    except DataError as error:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as error:
         return f"unloadable {spec!r}: {error}"
 
 

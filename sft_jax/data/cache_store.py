@@ -26,9 +26,9 @@ import numpy as np
 from etils import epath
 
 from sft_jax.data.encode import Encoded, EvalPrompt
-from sft_jax.data.paths import is_url
 from sft_jax.data.render import NAMED, TokenCounts
 from sft_jax.data.tokenize import TokenizedExample
+from sft_jax.paths import is_url
 
 logger = logging.getLogger(__name__)
 

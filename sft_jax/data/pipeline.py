@@ -61,7 +61,7 @@ from sft_jax.data.shards import (
 )
 from sft_jax.data.source import DataError, Record, SkipCounter, lazy_records
 from sft_jax.data.templates import ChatTemplate, load_chat_template
-from sft_jax.data.tokenize import TokenizedExample, load_tokenizer
+from sft_jax.data.tokenize import LazyTokenizer, TokenizedExample
 
 logger = logging.getLogger(__name__)
 _AUTO_WORKERS_MIN_EXAMPLES = 4096  # below this, spawning workers costs more than it saves
@@ -251,7 +251,7 @@ def prepare_data(
     dc = config.data
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
-    tokenizer = load_tokenizer(tokenizer_path(config))
+    tokenizer = LazyTokenizer(tokenizer_path(config))  # built when first used: not on a restart
     plan = shard_plan(dc.shards, index, count)
     groups = len(parse_mixture(dc.train_files))
     try:
@@ -308,7 +308,7 @@ def _prepare_local(
     seed, shards and packing loads this process's prepared rows instead (cache.py)."""
     if not cache_dir:
         return _pack_local(config, plan, _encode_uncached(config, tokenizer, plan))
-    roots = cache.group_roots(config, tokenizer, tokenizer_path(config), cache_dir)
+    roots = cache.group_roots(config, tokenizer_path(config), cache_dir)
     key = cache.prepared_key(config, roots, plan)
     hit = cache.load_prepared(cache_dir, key)
     if hit is not None:
@@ -317,10 +317,9 @@ def _prepare_local(
                 **{k: tuple(v) if isinstance(v, list) else v for k, v in named.items()}
             )
             log_named(counts, config.data.seq_len, config.data.on_control_tokens)
-        has_template = hit.meta["template"]
-        template = (
-            load_chat_template(config.data.chat_template, tokenizer) if has_template else None
-        )
+        template = _saved_template(hit.meta, config.data.chat_template, tokenizer)
+        if isinstance(tokenizer, LazyTokenizer):  # its length is fixed by the key, as the template
+            tokenizer.length = hit.meta.get("tokenizer_length")
         counts = ProcessCounts.from_vector(hit.meta["counts"])
         return _Local(
             hit.shards,
@@ -340,11 +339,25 @@ def _prepare_local(
         "counts": local.counts.to_vector(),
         "skipped_eval": local.skipped_eval,
         "template": local.template is not None,
+        "template_def": dataclasses.asdict(local.template) if local.template else None,
+        "tokenizer_length": len(tokenizer),
         "named": [dataclasses.asdict(c) for c in encoded.counts],
     }
     prepared = cache.Prepared(local.shards, local.eval_examples, local.eval_prompts, meta)
     cache.save_prepared(cache_dir, key, prepared)
     return local
+
+
+def _saved_template(meta: dict[str, Any], spec: str, tokenizer: Any) -> ChatTemplate | None:
+    """The chat template kept with prepared rows (its source and the tokenizer's special-token
+    strings, fixed by the key); prepared rows saved without it load it with the tokenizer."""
+    if not meta["template"]:
+        return None
+    saved = meta.get("template_def")
+    if saved is None:
+        return load_chat_template(spec, tokenizer)
+    variables = tuple((name, value) for name, value in saved["variables"])
+    return ChatTemplate(saved["name"], saved["source"], variables)
 
 
 def _pack_local(config: Config, plan: ShardPlan, encoded: EncodedSplits) -> _Local:

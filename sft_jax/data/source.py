@@ -25,7 +25,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from sft_jax.data.paths import glob_files, is_url, isdir, isfile, open_binary, open_text
+from sft_jax.paths import glob_files, is_url, isdir, isfile, open_binary, open_text
 
 logger = logging.getLogger(__name__)
 

@@ -57,9 +57,8 @@ class TokenizedExample:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
-def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
-    """Loads a Hugging Face tokenizer from a local directory (never the network); needs an EOS id,
-    because every example ends with EOS so the model learns to stop."""
+def check_tokenizer_dir(path: str) -> None:
+    """DataError unless `path` is a directory holding tokenizer files (no tokenizer is built)."""
     if not path:
         raise DataError("no tokenizer directory given (set data.tokenizer or model.path)")
     if not os.path.isdir(path):
@@ -69,6 +68,12 @@ def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
         raise DataError(
             f"no tokenizer files in {path!r}: expected one of {', '.join(TOKENIZER_FILES)}"
         )
+
+
+def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
+    """Loads a Hugging Face tokenizer from a local directory (never the network); needs an EOS id,
+    because every example ends with EOS so the model learns to stop."""
+    check_tokenizer_dir(path)
     import transformers  # Deferred: importing transformers costs seconds.
 
     try:
@@ -78,6 +83,46 @@ def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer in {path!r} has no eos_token; examples must end with EOS")
     return tokenizer
+
+
+class LazyTokenizer:
+    """The tokenizer of `path`, built by `load_tokenizer` on first use (any attribute, len() or
+    call), then that tokenizer's answers.
+
+    Building it imports transformers and torch, seconds of a start; a restart whose prepared rows
+    come from the tokenisation cache needs no tokenizer in the data stage (the cache key hashes
+    the tokenizer's files, the chat template is kept with the rows), so `prepare_data` hands this
+    out and only what encodes or decodes pays the load. `length`, when set (the prepared rows
+    record it), answers len() without loading: the trainer's vocabulary check. The directory is
+    checked at once, so a missing tokenizer still fails before anything is read."""
+
+    def __init__(self, path: str):
+        check_tokenizer_dir(path)
+        self.path = path
+        self.length: int | None = None
+        self._tokenizer: transformers.PreTrainedTokenizerBase | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._tokenizer is not None
+
+    def load(self) -> transformers.PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.path)
+        return self._tokenizer
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # private and protocol lookups (pickle, copy) stay on the proxy
+            raise AttributeError(name)
+        return getattr(self.load(), name)
+
+    def __len__(self) -> int:
+        if self._tokenizer is None and self.length is not None:
+            return self.length
+        return len(self.load())
+
+    def __call__(self, *args, **kwargs):
+        return self.load()(*args, **kwargs)
 
 
 def tokenize_rows(

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +45,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from sft_jax import paths
 from sft_jax.config import Config
 from sft_jax.console import log
 from sft_jax.data import DataBundle, EvalPrompt
@@ -317,10 +317,10 @@ class Evaluator:
 
 def read_baseline(workdir: str) -> dict[str, float] | None:
     """The "before" metrics of the first baseline record in metrics.jsonl; None if there is none."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = paths.join(workdir, "metrics.jsonl")
+    if not paths.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
+    with paths.open_text(path, encoding="utf-8") as f:
         for line in f:
             if '"baseline"' in line:
                 record = json.loads(line)

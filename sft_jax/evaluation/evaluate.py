@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from sft_jax import data
+from sft_jax import data, paths
 from sft_jax.config import Config
 from sft_jax.data import EvalPrompt
 from sft_jax.data.pack import PACKED_KEYS
@@ -230,8 +230,7 @@ def read_general_texts(files: str) -> list[data.Text]:
 
 def _paragraphs(path: str) -> list[data.Text]:
     """Blank-line-separated documents of a plain text file, each named path:first line."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = paths.read_text(path).splitlines()  # local, or gs:// like the data files
     texts, block, start = [], [], 0
     for number, line in enumerate([*lines, ""], start=1):
         if line.strip():

@@ -27,6 +27,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from sft_jax import paths
 from sft_jax.config import ModelSection
 from sft_jax.hf import families, gemma4, qwen35
 from sft_jax.hf.errors import ModelFileError, UnsupportedModelError
@@ -87,7 +88,7 @@ _MOE_DEFAULTS = {
 def read_config_json(file: str) -> dict[str, Any]:
     """`file` parsed as a JSON object, else ModelFileError naming the file and the position."""
     try:
-        with open(file, encoding="utf-8") as f:
+        with paths.open_text(file, encoding="utf-8") as f:  # a workdir's may be on gs://
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise ModelFileError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None

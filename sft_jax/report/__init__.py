@@ -22,6 +22,7 @@ import math
 import os
 import sys
 
+from sft_jax import paths
 from sft_jax.report.data import (
     RunData,
     load_run,
@@ -133,21 +134,20 @@ def make_charts(data: RunData) -> list[Chart]:
 def build_report(workdir: str, out: str | None = None) -> str:
     """Writes the PNGs into workdir/report/ and the HTML page to `out` (default
     workdir/report/index.html); returns the page's path."""
-    if not os.path.isdir(workdir):
+    if not paths.isdir(workdir):
         raise FileNotFoundError(f"workdir not found: {workdir}")
     data = load_run(workdir)
     charts = make_charts(data)
     if (data.train or data.evals) and tradeoff_of(data) is None:
         data.notes.append(NO_GENERAL_TEXT_NOTE)
-    report_dir = os.path.join(workdir, "report")
-    os.makedirs(report_dir, exist_ok=True)
+    report_dir = paths.join(workdir, "report")
+    paths.makedirs(report_dir)
     for chart in charts:
-        with open(os.path.join(report_dir, chart.filename), "wb") as f:
-            f.write(chart.png)
-    out = out or os.path.join(report_dir, "index.html")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(render_html(data, charts))
+        paths.write_bytes(paths.join(report_dir, chart.filename), chart.png)
+    out = out or paths.join(report_dir, "index.html")
+    if not paths.is_url(out):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    paths.write_text(out, render_html(data, charts))
     return out
 
 

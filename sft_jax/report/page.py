@@ -16,10 +16,10 @@ import dataclasses
 import datetime
 import html
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
+from sft_jax import paths
 from sft_jax.report.chat import chat_turns, explain_sample
 from sft_jax.report.data import (
     RunData,
@@ -344,7 +344,7 @@ def summary_section(data: RunData) -> str:
 
 def render_html(data: RunData, charts: list[Chart]) -> str:
     """The whole page: no scripts, no external resources (charts are data: URIs)."""
-    title = f"Run report: {os.path.abspath(data.workdir)}"
+    title = f"Run report: {paths.absolute(data.workdir)}"
     made = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     figures = "".join(
         f'<figure><img alt="{html.escape(c.title)}" src="data:image/png;base64,'

@@ -36,7 +36,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shutil
 import sys
 import time
 from typing import Any, NoReturn
@@ -47,6 +46,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from sft_jax import paths
 from sft_jax.config import ConfigError
 from sft_jax.training.faults import SaveFailed, tree_is_finite
 from sft_jax.training.optim import schedule_steps
@@ -64,7 +64,7 @@ class Checkpointer:
     """Saves and restores (train state, data position, loop counters, config) in a workdir."""
 
     def __init__(self, workdir: str, *, keep: int, async_save: bool, keep_best: int = 0):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = paths.join(paths.absolute(workdir), "checkpoints")
         self.corrupt_directory = self.directory + ".corrupt"
         keep_policy: policies.PreservationPolicy = policies.LatestN(n=keep)
         if keep_best > 0:
@@ -136,14 +136,14 @@ class Checkpointer:
 
     def committed_steps(self) -> list[int]:
         """Steps whose save committed (`commit_success.txt`), read from the directory."""
-        if not os.path.isdir(self.directory):
+        if not paths.isdir(self.directory):
             return []
-        names = os.listdir(self.directory)
+        names = paths.listdir(self.directory)
         steps = [int(n) for n in names if n.isdigit()]
-        return sorted(s for s in steps if os.path.exists(self._commit_marker(s)))
+        return sorted(s for s in steps if paths.exists(self._commit_marker(s)))
 
     def _commit_marker(self, step: int) -> str:
-        return os.path.join(self.directory, str(step), COMMIT_MARKER)
+        return paths.join(self.directory, str(step), COMMIT_MARKER)
 
     def _storage_failure(self, step: int, error: Exception) -> NoReturn:
         """Re-raises `error` as SaveFailed when the file system refused a write, else as is."""
@@ -167,9 +167,9 @@ class Checkpointer:
         """
         failures: list[tuple[int, str]] = []
         for step in reversed(self.all_steps()):
-            path = os.path.join(self.directory, str(step))
+            path = paths.join(self.directory, str(step))
             try:
-                if not os.path.exists(os.path.join(path, COMMIT_MARKER)):
+                if not paths.exists(paths.join(path, COMMIT_MARKER)):
                     raise FileNotFoundError(f"no {COMMIT_MARKER}: the save never committed")
                 state, data_state, loop = self.restore(step, target, shardings)
             except Exception as e:  # any failure to read a step makes it unusable
@@ -203,11 +203,11 @@ class Checkpointer:
     def _quarantine(self, steps: list[int]) -> None:
         """Moves broken step directories to `checkpoints.corrupt/<step>-<time>` (process 0)."""
         if jax.process_index() == 0:
-            os.makedirs(self.corrupt_directory, exist_ok=True)
+            paths.makedirs(self.corrupt_directory)
             for step in steps:
-                source = os.path.join(self.directory, str(step))
-                target = os.path.join(self.corrupt_directory, f"{step}-{int(time.time())}")
-                shutil.move(source, target)
+                source = paths.join(self.directory, str(step))
+                target = paths.join(self.corrupt_directory, f"{step}-{int(time.time())}")
+                paths.move(source, target)
                 _warn(f"moved unreadable checkpoint {source} to {target}")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
@@ -280,8 +280,8 @@ class Checkpointer:
         docstring). Steps saved before checksums existed get only the finiteness check."""
         if not tree_is_finite(arrays):
             raise ValueError(f"step {step} holds NaN or Inf, which no save writes: corrupt data")
-        path = os.path.join(self.directory, str(step), "integrity")
-        if not os.path.exists(path):
+        path = paths.join(self.directory, str(step), "integrity")
+        if not paths.exists(path):
             return
         saved = self._manager.restore(
             step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore())

@@ -2,7 +2,9 @@
 and mirrored to TensorBoard event files and Weights & Biases when `config.logging` says so.
 
 A restarted run appends to the same file; each record carries its step, so readers can keep the
-last record per (step, kind) if a step was logged twice around a restart.
+last record per (step, kind) if a step was logged twice around a restart. In an object store
+(workdir gs://...), which cannot append, the file is one object rewritten whole by
+`paths.AppendFile` (at most every few seconds, and when the writer closes).
 
 Record kinds (`record_kind`): training records have no "kind"; eval records have "kind": "eval"
 (older ones: no kind but an "eval_loss"); everything else names its kind ("start", "samples",
@@ -19,12 +21,15 @@ import json
 import math
 import os
 import secrets
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 
+from sft_jax import paths
 from sft_jax.config import ConfigError, LoggingSection
 
 # Fields that identify a record rather than measure anything; never logged as scalars.
@@ -74,11 +79,17 @@ class TensorBoardBackend:
     The writer opens on the first record: when that is a resumed start, TensorBoard is told to
     discard the steps after the restored checkpoint that the interrupted run had logged
     (`purge_step`), so curves show each step once.
+
+    A `logdir` in an object store gets this start's event file when the writer closes: it is
+    written in a local temporary directory meanwhile (tensorboardX would upload the whole file at
+    every flush, more often than a store lets one object be replaced), so a start killed outright
+    leaves no events there; metrics.jsonl has every record.
     """
 
     def __init__(self, logdir: str):
         self.logdir = logdir
         self.writer = None
+        self.staging = tempfile.mkdtemp(prefix="sft_jax_tb_") if paths.is_url(logdir) else None
 
     def write(self, step: int, record: dict[str, Any], walltime: float) -> None:
         if self.writer is None:
@@ -89,7 +100,10 @@ class TensorBoardBackend:
             # tensorboardX names files by the second and opens them "wb": the nanosecond suffix
             # keeps a restart within the same second from erasing the earlier file, in order.
             self.writer = SummaryWriter(
-                self.logdir, purge_step=purge, flush_secs=30, filename_suffix=f".{time.time_ns()}"
+                self.staging or self.logdir,
+                purge_step=purge,
+                flush_secs=30,
+                filename_suffix=f".{time.time_ns()}",
             )
         kind = record_kind(record)
         for field, value in scalars(record):
@@ -103,6 +117,12 @@ class TensorBoardBackend:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.staging is not None:  # the event files go to the store now (class docstring)
+            for name in sorted(os.listdir(self.staging)):
+                with open(os.path.join(self.staging, name), "rb") as f:
+                    paths.write_bytes(paths.join(self.logdir, name), f.read())
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
 
 
 def _markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -145,14 +165,14 @@ class WandbBackend:
         wandb: Any,
     ):
         self.wandb = wandb
-        run_id = _persistent_run_id(os.path.join(workdir, WANDB_ID_FILE))
+        run_id = _persistent_run_id(paths.join(workdir, WANDB_ID_FILE))
         self.run = wandb.init(
             project=logging.wandb_project,
             entity=logging.wandb_entity or None,
-            name=logging.wandb_run_name or os.path.basename(os.path.abspath(workdir)),
+            name=logging.wandb_run_name or paths.basename(paths.absolute(workdir)),
             id=run_id,
             resume="allow",
-            dir=workdir,
+            dir=None if paths.is_url(workdir) else workdir,  # W&B's own files are local
             config=run_config,
             mode=logging.wandb_mode,
         )
@@ -183,14 +203,12 @@ class WandbBackend:
 
 def _persistent_run_id(path: str) -> str:
     """The run id stored at `path`, or a new one written there before W&B sees it."""
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            run_id = f.read().strip()
+    if paths.exists(path):
+        run_id = paths.read_text(path).strip()
         if run_id:
             return run_id
     run_id = secrets.token_hex(6)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(run_id + "\n")
+    paths.write_text(path, run_id + "\n")
     return run_id
 
 
@@ -205,31 +223,33 @@ class MetricsWriter:
         logging: LoggingSection | None = None,
         run_config: dict[str, Any] | None = None,
     ):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = paths.join(workdir, "metrics.jsonl")
         self.enabled = jax.process_index() == 0
+        self.file = paths.AppendFile(self.path) if self.enabled else None
         self.backends: list[TensorBoardBackend | WandbBackend] = []
         # Checked on every process, so that a multi-host job fails everywhere alike.
         wandb = import_wandb() if logging is not None and logging.wandb else None
         if not self.enabled or logging is None:
             return
         if logging.tensorboard:
-            self.backends.append(TensorBoardBackend(os.path.join(workdir, "tensorboard")))
+            self.backends.append(TensorBoardBackend(paths.join(workdir, "tensorboard")))
         if wandb is not None:
             self.backends.append(WandbBackend(workdir, logging, run_config, wandb))
 
     def write(self, step: int, record: dict[str, Any]) -> None:
-        if not self.enabled:
+        if self.file is None:
             return
         clean = {"step": int(step), "time": round(time.time(), 3)}
         for key, value in record.items():
             clean[key] = _plain(value)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(clean) + "\n")
+        self.file.append(json.dumps(clean) + "\n")
         for backend in self.backends:
             backend.write(clean["step"], clean, clean["time"])
 
     def close(self) -> None:
-        """Flushes and closes every backend; safe to call twice."""
+        """Flushes metrics.jsonl and closes every backend; safe to call twice."""
+        if self.file is not None:
+            self.file.close()
         backends, self.backends = self.backends, []
         for backend in backends:
             backend.close()
@@ -252,6 +272,5 @@ def _plain(value: Any) -> Any:
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """All records of a run, in file order."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = paths.read_text(paths.join(workdir, "metrics.jsonl"))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

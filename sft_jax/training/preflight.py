@@ -13,7 +13,7 @@ import socket
 
 import jax
 
-from sft_jax import hf
+from sft_jax import hf, paths
 from sft_jax.config import Config, ConfigError
 from sft_jax.data.mixture import parse_mixture
 from sft_jax.data.source import DataError
@@ -27,20 +27,15 @@ def check_workdir(workdir: str) -> None:
     The probe file is named per host and process: every process of a multi-process run probes
     the same shared workdir at the same moment, and a shared name let one process delete another's
     probe mid-check (a spurious "not writable" that left the other processes waiting forever).
+    A workdir in an object store (gs://bucket/run) is probed the same way, through sft_jax.paths.
     """
-    if "://" in workdir:
-        raise ConfigError(
-            f"workdir '{workdir}' is a URL: the trainer writes with local file APIs; mount the "
-            "bucket on every host (gcsfuse, or a Filestore share) and pass the mounted path, "
-            "e.g. --workdir /mnt/shared/run (docs/tpu_pod.md)"
-        )
     try:
-        os.makedirs(workdir, exist_ok=True)
+        paths.makedirs(workdir)
         _probe_write(workdir)
-    except OSError as e:
+    except (OSError, ImportError) as e:  # ImportError: no fsspec backend (pip install gcsfs)
         raise ConfigError(f"workdir '{workdir}' is not writable: {e}") from e
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(checkpoints):  # a resumed run saves there: find out now, not at step N
+    checkpoints = paths.join(workdir, "checkpoints")
+    if paths.isdir(checkpoints):  # a resumed run saves there: find out now, not at step N
         try:
             _probe_write(checkpoints)
         except OSError as e:
@@ -49,10 +44,9 @@ def check_workdir(workdir: str) -> None:
 
 def _probe_write(directory: str) -> None:
     """Creates and removes a file in `directory` (OSError when the file system refuses)."""
-    probe = os.path.join(directory, f".write_probe.{socket.gethostname()}.{os.getpid()}")
-    with open(probe, "w") as f:
-        f.write("ok")
-    os.remove(probe)
+    probe = paths.join(directory, f".write_probe.{socket.gethostname()}.{os.getpid()}")
+    paths.write_text(probe, "ok")
+    paths.remove(probe)
 
 
 def check_model(config: Config) -> None:
@@ -85,8 +79,16 @@ def check_inputs(config: Config) -> None:
         except DataError as e:
             raise ConfigError(f"data.{key}: {e}") from e
         for pattern, _weight in entries:
-            if not os.path.exists(pattern) and not glob.glob(pattern, recursive=True):
+            if not _matches(pattern):
                 raise ConfigError(f"data.{key}: '{pattern}' matches no file or directory")
+
+
+def _matches(pattern: str) -> bool:
+    """Whether a data pattern names an existing file or directory, or its glob matches any."""
+    if not paths.is_url(pattern):
+        return os.path.exists(pattern) or bool(glob.glob(pattern, recursive=True))
+    wildcard = any(c in pattern for c in "*?[")
+    return paths.exists(pattern) or (wildcard and bool(paths.glob_files(pattern)))
 
 
 def check_batch_layout(config: Config, mesh: jax.sharding.Mesh) -> None:

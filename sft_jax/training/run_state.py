@@ -9,11 +9,10 @@ one argument.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
-from sft_jax import data
+from sft_jax import data, paths
 from sft_jax.config import Config
 from sft_jax.evaluation.eval_loop import Evaluator
 from sft_jax.training.checkpoint import Checkpointer
@@ -88,8 +87,7 @@ class Run:
 
 def next_run_number(workdir: str) -> int:
     """0 for a fresh workdir, else one more than the starts recorded in metrics.jsonl."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = paths.join(workdir, "metrics.jsonl")
+    if not paths.exists(path):
         return 0
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if '"kind": "start"' in line)
+    return sum(1 for line in paths.read_text(path).splitlines() if '"kind": "start"' in line)

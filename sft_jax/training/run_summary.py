@@ -14,22 +14,20 @@ import shlex
 import sys
 from typing import Any
 
+from sft_jax import paths
 from sft_jax.config import Config
 from sft_jax.console import log
 from sft_jax.evaluation import eval_loop
 
 
 def write_summary(workdir: str, summary: dict[str, Any]) -> None:
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    paths.write_text(paths.join(workdir, "summary.json"), json.dumps(summary, indent=2))
 
 
 def read_finished_summary(workdir: str, step: int) -> dict[str, Any] | None:
     """summary.json of a run that already finished at `step`, or None (then finish runs again)."""
-    path = os.path.join(workdir, "summary.json")
     try:
-        with open(path, encoding="utf-8") as f:
-            summary = json.load(f)
+        summary = json.loads(paths.read_text(paths.join(workdir, "summary.json")))
     except (OSError, ValueError):
         return None
     return summary if isinstance(summary, dict) and summary.get("steps") == step else None
@@ -69,7 +67,7 @@ def next_steps(workdir: str, step: int, lora: bool) -> list[str]:
     """Where the run's files are and the commands that use them, with this workdir filled in."""
     prog = "sft-jax " if os.path.basename(sys.argv[0]) == "sft-jax" else "python -m sft_jax."
     w = shlex.quote(workdir)
-    export = f"{prog}export --workdir {w} --out {shlex.quote(os.path.join(workdir, 'hf'))}"
+    export = f"{prog}export --workdir {w} --out {shlex.quote(paths.join(workdir, 'hf'))}"
     return [
         f"outputs in {workdir}:",
         f"  train.log (this record), metrics.jsonl, summary.json, config.json, "

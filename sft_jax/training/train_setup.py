@@ -9,14 +9,13 @@ workdir) fails here, before compute, so a run that leaves `setup` only fails fro
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 from typing import Any
 
 import jax
 import numpy as np
 
-from sft_jax import console, data, hf
+from sft_jax import console, data, hf, paths
 from sft_jax.config import Config, ConfigError, to_dict
 from sft_jax.console import log
 from sft_jax.data.pack import PACKED_KEYS
@@ -127,7 +126,7 @@ def setup(config: Config, workdir: str) -> tuple[Run, Any]:
     mesh = preflight.run(config, workdir)
     if config.logging.wandb:  # a missing wandb fails before data and compute
         import_wandb()
-    bundle = data.prepare_data(config, cache_dir=os.path.join(workdir, "data_cache"))
+    bundle = data.prepare_data(config, cache_dir=paths.join(workdir, "data_cache"))
     general = general_text_batches(config, bundle.tokenizer)  # bad files fail here, like data
     steps = total_steps(config, bundle.train_iter.steps_per_epoch)
     print_data_stats(bundle.stats, steps, bundle.train_iter.steps_per_epoch)
@@ -163,6 +162,5 @@ def setup(config: Config, workdir: str) -> tuple[Run, Any]:
         place=place,
     )
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(run.resolved, f, indent=2)
+        paths.write_text(paths.join(workdir, "config.json"), json.dumps(run.resolved, indent=2))
     return run, state

@@ -30,6 +30,15 @@ start recovers it when the holder is provably gone:
 
 Taking over renames the stale file aside first, so of two starts recovering at once only one
 succeeds; a file that turns out to be another start's fresh lock is linked back.
+
+A workdir in an object store (gs://bucket/run) has no links, renames or mtimes to touch; there
+the lock is an object created with the precondition "does not exist yet" (Cloud Storage's
+ifGenerationMatch=0, `paths.create_exclusive`), so of two starts one creates it; the holder's
+heartbeat rewrites it with a growing "beat", which is what a start on another host watches; the
+same-host checks are as above. Taking over a stale lock deletes it and creates a new one: two
+requests, so two starts recovering the same stale lock at the same moment can both pass (the
+same limitation as gcsfuse above), and a store that ignores the precondition (some emulators)
+only has the look before the create.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from sft_jax import console
+from sft_jax import console, paths
 from sft_jax.config import ConfigError
 
 LOCK_NAME = "train.lock"
@@ -81,7 +90,10 @@ class WorkdirLock:
         stale_s: float = STALE_S,
         poll_s: float = 1.0,
     ):
-        self.path = os.path.join(workdir, LOCK_NAME)
+        self.path = paths.join(workdir, LOCK_NAME)
+        self.remote = paths.is_url(workdir)
+        self.beat = 0  # how often an object-store lock was rewritten by its heartbeat
+        self._info: dict[str, Any] = {}
         self.heartbeat_s, self.stale_s, self.poll_s = heartbeat_s, stale_s, poll_s
         self.token = uuid.uuid4().hex
         self.held = False
@@ -118,7 +130,7 @@ class WorkdirLock:
             self._beat.join(timeout=5)
         with contextlib.suppress(OSError):
             if (self._read(self.path) or {}).get("token") == self.token:
-                os.remove(self.path)
+                paths.remove(self.path)
 
     def _create(self) -> bool:
         """One atomic attempt to create the lock file with our identity -> whether it worked."""
@@ -131,6 +143,9 @@ class WorkdirLock:
             "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         }
         text = json.dumps(info)
+        if self.remote:
+            self._info = info
+            return paths.create_exclusive(self.path, text)
         tmp = f"{self.path}.{self.token}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
@@ -165,7 +180,11 @@ class WorkdirLock:
                 if (self._read(self.path) or {}).get("token") != self.token:
                     console.warn(f"the workdir lock {self.path} was taken over by another start")
                     return
-                os.utime(self.path)
+                if self.remote:  # an object has no mtime to touch: its content changes instead
+                    self.beat += 1
+                    paths.write_text(self.path, json.dumps({**self._info, "beat": self.beat}))
+                else:
+                    os.utime(self.path)
 
     # ----------------------------------------------------------------- judging a holder
 
@@ -173,8 +192,7 @@ class WorkdirLock:
     def _read(path: str) -> dict[str, Any] | None:
         """The lock's JSON; {} when unreadable (being written, or garbage); None when absent."""
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            text = paths.read_text(path, errors="replace")
         except FileNotFoundError:
             return None
         try:
@@ -202,6 +220,11 @@ class WorkdirLock:
         return "alive", f"process {pid} is running on this host"
 
     def _snapshot(self) -> tuple | None:
+        if self.remote:
+            try:
+                return (paths.read_text(self.path, errors="replace"),)
+            except FileNotFoundError:
+                return None
         try:
             with open(self.path, "rb") as f:
                 st = os.fstat(f.fileno())
@@ -231,6 +254,12 @@ class WorkdirLock:
     def _take_over(self, holder: dict[str, Any], why: str) -> None:
         """Moves a stale lock aside (one racing start wins); puts back a lock that turns out to
         be another start's fresh one."""
+        if self.remote:  # no rename: delete it if it is still the stale one (module docstring)
+            if (self._read(self.path) or {}).get("token") == holder.get("token"):
+                with contextlib.suppress(FileNotFoundError):
+                    paths.remove(self.path)
+                console.warn(f"recovered the stale workdir lock of {_describe(holder)} ({why})")
+            return
         aside = f"{self.path}.stale-{self.token}"
         try:
             os.rename(self.path, aside)

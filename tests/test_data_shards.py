@@ -36,7 +36,7 @@ from sft_jax.data import (
     split_into_gaps,
 )
 from sft_jax.data.pack import MIN_SPLIT_PIECE, Piece
-from sft_jax.data.pipeline import ProcessCounts
+from sft_jax.data.prepared import ProcessCounts
 from sft_jax.data.shards import agree
 from sft_jax.data.source import lazy_records
 

@@ -28,7 +28,8 @@ from sft_jax.console import route_logging
 from sft_jax.data.audit import audit, summary
 from sft_jax.data.encode import encode_examples
 from sft_jax.data.pack import pack_examples
-from sft_jax.data.pipeline import encode_settings, read_splits, tokenizer_path
+from sft_jax.data.pipeline import read_splits
+from sft_jax.data.prepared import encode_settings, tokenizer_path
 from sft_jax.data.source import DataError
 from sft_jax.data.tokenize import load_tokenizer
 from sft_jax.hf.hub import resolve_model_dir

@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from sft_jax.config import Config, ConfigError
-from sft_jax.data import cache
-from sft_jax.data.control import control_strings
+from sft_jax.config import Config
+from sft_jax.data import cache, stream_prepare
 from sft_jax.data.encode import (
     EncodedSplits,
     EncodeSettings,
@@ -40,7 +38,6 @@ from sft_jax.data.encode import (
     encode_held_out,
 )
 from sft_jax.data.formats import (
-    Conversation,
     Example,
     FormatSpec,
     Text,
@@ -50,6 +47,16 @@ from sft_jax.data.formats import (
 from sft_jax.data.loader import TrainIterator, eval_batches, shard_seed
 from sft_jax.data.mixture import mix, mixture_counts, parse_mixture
 from sft_jax.data.pack import pack_examples, packing_stats, whole_example_row_floor
+from sft_jax.data.prepared import (
+    SUMMED,
+    LocalData,
+    ProcessCounts,
+    encode_settings,
+    log_named,
+    num_workers,
+    token_counts,
+    tokenizer_path,
+)
 from sft_jax.data.render import TokenCounts
 from sft_jax.data.shards import (
     ShardPlan,
@@ -64,23 +71,6 @@ from sft_jax.data.templates import ChatTemplate, load_chat_template
 from sft_jax.data.tokenize import LazyTokenizer, TokenizedExample
 
 logger = logging.getLogger(__name__)
-_AUTO_WORKERS_MIN_EXAMPLES = 4096  # below this, spawning workers costs more than it saves
-# ProcessCounts.summed: per-process counts that are summed over processes.
-_SUMMED = (
-    "rows",
-    "slots",
-    "real_tokens",
-    "loss_tokens",
-    "continued_segments",
-    "examples",
-    "skipped",
-    "truncated",
-    "split",
-    "dropped",
-    "control_text",
-    "row_floor",
-    "row_floor_split",
-)
 
 
 @dataclasses.dataclass
@@ -157,84 +147,6 @@ def read_splits(
     return Splits(train, weights, evals[: dc.max_eval_examples], train_skips.finish(), skipped_eval)
 
 
-def tokenizer_path(config: Config) -> str:
-    """Where the tokenizer comes from: data.tokenizer, else model.path (the model's own)."""
-    path = config.data.tokenizer or config.model.path
-    if not path:
-        raise ConfigError("set data.tokenizer (or model.path, whose tokenizer is then used)")
-    return path
-
-
-def encode_settings(config: Config, tokenizer: Any, examples: Sequence[Example]) -> EncodeSettings:
-    """The chat template is loaded only when some example is a conversation, so prompt/completion
-    data works with a tokenizer that has no template (stories260K)."""
-    dc = config.data
-    template: ChatTemplate | None = None
-    if any(isinstance(e, Conversation) for e in examples):
-        template = load_chat_template(dc.chat_template, tokenizer)
-    return EncodeSettings(
-        template,
-        dc.train_on,
-        dc.seq_len,
-        dc.overlong,
-        dc.on_bad_row,
-        dc.on_control_tokens,
-        control_strings(tokenizer),
-    )
-
-
-def num_workers(config: Config, n_examples: int) -> int:
-    """data.num_workers, or with 0 ("auto") all cores once the dataset is large enough."""
-    if config.data.num_workers > 0:
-        return config.data.num_workers
-    if n_examples < _AUTO_WORKERS_MIN_EXAMPLES:
-        return 1
-    return min(16, len(os.sched_getaffinity(0)))
-
-
-@dataclasses.dataclass
-class ProcessCounts:
-    """What one process tells every other one about its preparation. It travels as one int vector
-    (`to_vector`, through the `exchange`), of the same length on every process: summed counts,
-    then min rows, the two flags, then the mixture."""
-
-    summed: dict[str, int]  # each of _SUMMED, over the own shards
-    min_rows: int  # packed rows of the smallest own shard
-    not_only_text: bool  # some example is not plain text (a loss mask of all ones is suspect)
-    failed: bool  # this process's preparation raised a DataError
-    mixture: list[int]  # examples per mixture group, over the own shards
-
-    @classmethod
-    def failure(cls, groups: int) -> ProcessCounts:
-        """A failed process's counts: all zero, with the failure flag set."""
-        return cls(dict.fromkeys(_SUMMED, 0), 0, False, True, [0] * groups)
-
-    def to_vector(self) -> list[int]:
-        summed = [self.summed[k] for k in _SUMMED]
-        flags = [int(self.not_only_text), int(self.failed)]
-        return [*summed, self.min_rows, *flags, *self.mixture]
-
-    @classmethod
-    def from_vector(cls, vector: Sequence[int]) -> ProcessCounts:
-        n = len(_SUMMED)
-        summed = {k: int(v) for k, v in zip(_SUMMED, vector[:n], strict=True)}
-        flags = bool(vector[n + 1]), bool(vector[n + 2])
-        return cls(summed, int(vector[n]), *flags, [int(x) for x in vector[n + 3 :]])
-
-
-@dataclasses.dataclass
-class _Local:
-    """What one process prepared: its packed shards, eval data, and counts to agree on."""
-
-    shards: list[dict[str, np.ndarray]]
-    counts: ProcessCounts
-    eval_examples: list[TokenizedExample]
-    eval_prompts: list[EvalPrompt]
-    skipped_eval: int
-    template: ChatTemplate | None = None
-    sources: list[Any] | None = None  # with data.streaming: the own shards' example sources
-
-
 def prepare_data(
     config: Config,
     *,
@@ -257,9 +169,7 @@ def prepare_data(
     try:
         cache = resolve_cache_dir(dc.cache_dir, cache_dir)
         prepare = _prepare_local
-        if dc.streaming:  # imported here: stream_prepare builds on this module
-            from sft_jax.data import stream_prepare
-
+        if dc.streaming:
             prepare = stream_prepare.prepare_local
         local, failure = prepare(config, tokenizer, plan, cache), None
     except DataError as error:
@@ -302,7 +212,7 @@ def resolve_cache_dir(configured: str, default: str | None) -> str | None:
 
 def _prepare_local(
     config: Config, tokenizer: Any, plan: ShardPlan, cache_dir: str | None = None
-) -> _Local:
+) -> LocalData:
     """Encodes (through the tokenisation cache when `cache_dir` is set), mixes and packs the own
     shards; encodes the eval examples. With a cache, a restart with the same data, encoding,
     seed, shards and packing loads this process's prepared rows instead (cache.py)."""
@@ -321,7 +231,7 @@ def _prepare_local(
         if isinstance(tokenizer, LazyTokenizer):  # its length is fixed by the key, as the template
             tokenizer.length = hit.meta.get("tokenizer_length")
         counts = ProcessCounts.from_vector(hit.meta["counts"])
-        return _Local(
+        return LocalData(
             hit.shards,
             counts,
             hit.eval_examples,
@@ -360,17 +270,17 @@ def _saved_template(meta: dict[str, Any], spec: str, tokenizer: Any) -> ChatTemp
     return ChatTemplate(saved["name"], saved["source"], variables)
 
 
-def _pack_local(config: Config, plan: ShardPlan, encoded: EncodedSplits) -> _Local:
+def _pack_local(config: Config, plan: ShardPlan, encoded: EncodedSplits) -> LocalData:
     """Mixes and packs the own shards' encoded examples; the counts to agree on."""
-    shards, summed, min_rows, mixture = [], np.zeros(len(_SUMMED), np.int64), None, None
+    shards, summed, min_rows, mixture = [], np.zeros(len(SUMMED), np.int64), None, None
     for slot, shard in enumerate(plan.local):
         log_named(encoded.counts[slot], config.data.seq_len, config.data.on_control_tokens)
         packed, shard_counts, shard_mixture = _build_shard(
             encoded.train[slot], encoded.weights, shard, plan, config
         )
-        shard_counts.update(_token_counts(encoded.counts[slot]), skipped=encoded.skipped[slot])
+        shard_counts.update(token_counts(encoded.counts[slot]), skipped=encoded.skipped[slot])
         shards.append(packed)
-        summed += [shard_counts[k] for k in _SUMMED]
+        summed += [shard_counts[k] for k in SUMMED]
         rows = shard_counts["rows"]
         min_rows = rows if min_rows is None else min(min_rows, rows)
         mixture = (
@@ -378,15 +288,15 @@ def _pack_local(config: Config, plan: ShardPlan, encoded: EncodedSplits) -> _Loc
             if mixture is None
             else [a + b for a, b in zip(mixture, shard_mixture, strict=True)]
         )
-    summed[_SUMMED.index("skipped")] += encoded.skipped_unassigned
+    summed[SUMMED.index("skipped")] += encoded.skipped_unassigned
     counts = ProcessCounts(
-        dict(zip(_SUMMED, summed.tolist(), strict=True)),
+        dict(zip(SUMMED, summed.tolist(), strict=True)),
         min_rows,
         encoded.not_only_text,
         False,
         mixture,
     )
-    return _Local(
+    return LocalData(
         shards,
         counts,
         encoded.eval_examples,
@@ -459,20 +369,11 @@ def _build_shard(
     return packed, shard_counts, mixture_counts(sizes, weights) if weights else sizes
 
 
-def _token_counts(counts: TokenCounts) -> dict[str, int]:
-    return {
-        "truncated": counts.truncated,
-        "split": counts.split,
-        "dropped": counts.dropped,
-        "control_text": counts.control_text,
-    }
-
-
 def _global_stats(
-    gathered: list[ProcessCounts], plan: ShardPlan, local: _Local, train_files: str
+    gathered: list[ProcessCounts], plan: ShardPlan, local: LocalData, train_files: str
 ) -> dict[str, Any]:
     """Statistics over all shards of all processes, from every process's agreed counts."""
-    stats: dict[str, Any] = {k: sum(c.summed[k] for c in gathered) for k in _SUMMED}
+    stats: dict[str, Any] = {k: sum(c.summed[k] for c in gathered) for k in SUMMED}
     if stats["rows"] == 0:
         raise DataError(f"no trainable examples in {train_files}")
     rows_per_shard = min(c.min_rows for c in gathered)
@@ -547,29 +448,6 @@ def format_stats(stats: dict[str, Any]) -> str:
         "{packing_efficiency:.2%} ({continued_segments} split pieces), mixture {mixture}; "
         "{eval_examples} eval examples"
     ).format(**stats)
-
-
-def log_named(counts: TokenCounts, seq_len: int, on_control_tokens: str) -> None:
-    """Names the first examples behind the summary's dropped / skipped / control-text counts,
-    so a user can open them (each process names its own)."""
-    how = {"warn": "trained as plain text", "keep": "kept as special tokens"}
-    cut = (
-        f"{counts.truncated} example(s) cut at seq_len={seq_len} (their ends are not trained; "
-        "a longer data.seq_len keeps them whole, data.overlong='split' cuts conversations at "
-        "turn ends)"
-    )
-    for names, what in (
-        (counts.named_truncated, cut),
-        (counts.named_dropped, f"{counts.dropped} example(s) dropped by data.overlong / seq_len"),
-        (counts.named_skipped, "example(s) skipped as bad (data.on_bad_row='skip')"),
-        (
-            counts.named_control,
-            f"{counts.control_text} example(s) hold special-token text, "
-            f"{how.get(on_control_tokens, on_control_tokens)} (data.on_control_tokens)",
-        ),
-    ):
-        if names:
-            logger.warning("%s; first: %s", what, "; ".join(names))
 
 
 def padding_line(stats: dict[str, Any]) -> str:

@@ -30,14 +30,14 @@ from sft_jax.data.encode import EncodeSettings
 from sft_jax.data.formats import Example
 from sft_jax.data.loader import shard_seed
 from sft_jax.data.mixture import parse_mixture
-from sft_jax.data.pipeline import (
-    _SUMMED,
+from sft_jax.data.prepared import (
+    SUMMED,
+    LocalData,
     ProcessCounts,
-    _Local,
-    _token_counts,
     encode_settings,
     log_named,
     num_workers,
+    token_counts,
     tokenizer_path,
 )
 from sft_jax.data.render import TokenCounts
@@ -97,8 +97,10 @@ def stream_settings(config: Config) -> StreamSettings:
     return StreamSettings(dc.seq_len, dc.pack_window, dc.stream_buffer, dc.pack_split)
 
 
-def prepare_local(config: Config, tokenizer: Any, plan: ShardPlan, cache_dir: str | None) -> _Local:
-    """This process's streamed shards (`_Local.sources`), their counts and the eval data."""
+def prepare_local(
+    config: Config, tokenizer: Any, plan: ShardPlan, cache_dir: str | None
+) -> LocalData:
+    """This process's streamed shards (`LocalData.sources`), their counts and the eval data."""
     dc = config.data
     if not cache_dir:
         raise DataError(
@@ -110,7 +112,7 @@ def prepare_local(config: Config, tokenizer: Any, plan: ShardPlan, cache_dir: st
             f"data.streaming does not stream weighted mixtures ({dc.train_files!r}): drop the "
             "':weight's of data.train_files, or set data.streaming=False"
         )
-    roots = cache.group_roots(config, tokenizer, tokenizer_path(config), cache_dir)
+    roots = cache.group_roots(config, tokenizer_path(config), cache_dir)
 
     def prepare(examples: Sequence[Example]) -> tuple[EncodeSettings, int]:
         return encode_settings(config, tokenizer, examples), num_workers(config, len(examples))
@@ -123,7 +125,7 @@ def prepare_local(config: Config, tokenizer: Any, plan: ShardPlan, cache_dir: st
     parts = [part for store in s.stores for part in store.parts]
     first_part = np.cumsum([0] + [len(store.parts) for store in s.stores])
     settings = stream_settings(config)
-    sources, kinds, summed, min_rows = [], set(), np.zeros(len(_SUMMED), np.int64), None
+    sources, kinds, summed, min_rows = [], set(), np.zeros(len(SUMMED), np.int64), None
     mixture = [0] * len(entries)
     for slot, shard in enumerate(plan.local):
         part_of, piece, counts, skipped = [], [], TokenCounts(), 0
@@ -143,8 +145,8 @@ def prepare_local(config: Config, tokenizer: Any, plan: ShardPlan, cache_dir: st
                 "use fewer data shards or more data"
             )
         shard_counts = _count(source, settings, shard_seed(config.seed, shard, plan.num_shards))
-        shard_counts.update(_token_counts(counts), skipped=skipped)
-        summed += [shard_counts[k] for k in _SUMMED]
+        shard_counts.update(token_counts(counts), skipped=skipped)
+        summed += [shard_counts[k] for k in SUMMED]
         min_rows = min(shard_counts["rows"], min_rows or shard_counts["rows"])
         sources.append(source)
     kinds.discard(UNPARSEABLE)
@@ -153,13 +155,13 @@ def prepare_local(config: Config, tokenizer: Any, plan: ShardPlan, cache_dir: st
         template = load_chat_template(dc.chat_template, tokenizer)
     not_only_text = encoded.not_only_text or bool(kinds - {TEXT})
     process = ProcessCounts(
-        dict(zip(_SUMMED, summed.tolist(), strict=True)),
+        dict(zip(SUMMED, summed.tolist(), strict=True)),
         min_rows or 0,
         not_only_text,
         False,
         mixture,
     )
-    return _Local(
+    return LocalData(
         [],
         process,
         encoded.eval_examples,
@@ -186,7 +188,7 @@ def _count(source: CachedExamples, settings: StreamSettings, key: list[int]) -> 
 
 
 def stream_iterator(
-    config: Config, local: _Local, plan: ShardPlan, stats: dict[str, Any], process_count: int
+    config: Config, local: LocalData, plan: ShardPlan, stats: dict[str, Any], process_count: int
 ) -> StreamIterator:
     """The streamed training iterator over this process's shards (global epoch length and loss
     tokens from `stats`; with several processes its state gathers every process's shards)."""

@@ -19,8 +19,9 @@ per-record entries at every start, so only options that change a record's encodi
 A seed, shard count, pack setting, batch size or learning-rate change reuses the cache; a change
 of any of the above encodes again (into another key directory).
 
-Layout: `<cache_dir>/<key>/part-<id>/`, each part a set of numpy arrays plus `sources.bin` and
-`meta.json`, written into a temporary directory that is renamed into place, with a completion
+Layout: `<cache_dir>/<key>/part-<id>/`, each part a set of numpy arrays (its records in position
+order; each piece's source as an id into a table of names and a line number) plus `meta.json`
+(that table, the sparse named lists and prompts), written into a temporary directory that is renamed into place, with a completion
 marker (`COMPLETE.json`: counts and the blake2b digest of every file) written last. A part is
 trusted only when its marker is there and every file matches its digest; anything else (a
 truncated file, flipped bytes, no marker) is logged, removed and encoded again. Parts are
@@ -80,7 +81,12 @@ from sft_jax.data.formats import (
 )
 from sft_jax.data.mixture import parse_mixture
 from sft_jax.data.render import TokenCounts
-from sft_jax.data.shards import ShardPlan, held_out_shares, shard_positions, split_positions
+from sft_jax.data.shards import (
+    ShardPlan,
+    held_out_shares,
+    shard_positions,
+    split_position_arrays,
+)
 from sft_jax.data.source import (
     DataError,
     SkipCounter,
@@ -186,8 +192,8 @@ class Selected:
     and evaluates on (per group), all encoded; `assemble` (or streaming) reads them."""
 
     stores: list[RecordStore]
-    train: list[list[list[int]]]  # [slot][group] -> record positions
-    eval: list[list[int]]  # [group] -> record positions
+    train: list[list[np.ndarray]]  # [slot][group] -> record positions (int64)
+    eval: list[np.ndarray]  # [group] -> record positions (int64)
     spec: FormatSpec
     entries: list[tuple[str, float | None]]
 
@@ -206,7 +212,7 @@ def encode_selected(
     stores, positions, held = [], [], []
     for (pattern, _), root in zip(entries, roots, strict=True):
         store = RecordStore(root, _record_count(root, pattern))
-        train, held_out = split_positions(
+        train, held_out = split_position_arrays(
             store.num_records, dc.eval_fraction, config.seed, hold_out=not dc.eval_files
         )
         stores.append(store)
@@ -215,23 +221,25 @@ def encode_selected(
     shares = held_out_shares(
         [len(h) for h in held], [len(t) for t in positions], dc.max_eval_examples, plan
     )
-    train_sel = [[[] for _ in entries] for _ in plan.local]  # [slot][group] -> positions
+    train_sel: list[list[Any]] = [[None for _ in entries] for _ in plan.local]
     eval_sel = []
     for g, share in enumerate(shares):
         for slot, shard in enumerate(plan.local):
-            mine = list(shard_positions(positions[g], shard, plan.num_shards))
-            train_sel[slot][g] = mine + [held[g][i] for i in share.extra[slot]]
+            mine = shard_positions(positions[g], shard, plan.num_shards)
+            extra = held[g][np.asarray(share.extra[slot], np.int64)]
+            train_sel[slot][g] = np.concatenate([mine, extra])
         eval_sel.append(held[g][: share.keep])
     spec = FormatSpec.parse(dc.format, dc.field_map, dc.ignore_fields)
     for g, (pattern, _) in enumerate(entries):
-        wanted = [p for slot in train_sel for p in slot[g]]
-        missing = stores[g].missing(wanted, eval_sel[g])
+        wanted = np.concatenate([slot[g] for slot in train_sel])
+        missing = stores[g].missing(wanted, eval_sel[g]).tolist()
+        del wanted
         if missing:
             _encode_missing(
                 stores[g],
                 pattern,
                 missing,
-                set(eval_sel[g]),
+                set(eval_sel[g].tolist()),
                 spec,
                 tokenizer,
                 prepare,

@@ -20,15 +20,15 @@ A seed, shard count, pack setting, batch size or learning-rate change reuses the
 of any of the above encodes again (into another key directory).
 
 Layout: `<cache_dir>/<key>/part-<id>/`, each part a set of numpy arrays (its records in position
-order; each piece's source as an id into a table of names and a line number) plus `meta.json`
-(that table, the sparse named lists and prompts), written into a temporary directory that is renamed into place, with a completion
-marker (`COMPLETE.json`: counts and the blake2b digest of every file) written last. A part is
-trusted only when its marker is there and every file matches its digest; anything else (a
-truncated file, flipped bytes, no marker) is logged, removed and encoded again. Parts are
-sparse: a process encodes the records it needs (its own data shards and the held-out records)
-and writes them as one part, so the processes of a multi-host run write their parts in parallel,
-with no coordination, and a later run with other shards or another seed finds each record in
-whichever part holds it, encoding only what no part has.
+order; each piece's source as an id into a table of names and a line number) plus `meta.json` (that
+table, the sparse named lists and prompts), written into a temporary directory that is renamed into
+place, with a completion marker (`COMPLETE.json`: counts and the blake2b digest of every file)
+written last. A part is trusted only when its marker is there and every file matches its digest;
+anything else (a truncated file, flipped bytes, no marker) is logged, removed and encoded again.
+Parts are sparse: a process encodes the records it needs (its own data shards and the held-out
+records) and writes them as one part, so the processes of a multi-host run write their parts in
+parallel, with no coordination, and a later run with other shards or another seed finds each record
+in whichever part holds it, encoding only what no part has.
 """
 
 from __future__ import annotations
@@ -231,9 +231,9 @@ def encode_selected(
         eval_sel.append(held[g][: share.keep])
     spec = FormatSpec.parse(dc.format, dc.field_map, dc.ignore_fields)
     for g, (pattern, _) in enumerate(entries):
-        wanted = np.concatenate([slot[g] for slot in train_sel])
-        missing = stores[g].missing(wanted, eval_sel[g]).tolist()
-        del wanted
+        need = [stores[g].missing(slot[g], []) for slot in train_sel]
+        need.append(stores[g].missing([], eval_sel[g]))
+        missing = np.unique(np.concatenate(need)).tolist()
         if missing:
             _encode_missing(
                 stores[g],

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 CACHE_VERSION = 2
 MARKER = "COMPLETE.json"
 _BLOCK = 1 << 20
+_LOOKUP = 1 << 20  # records looked up at a time by `RecordStore.missing`
 # Record kinds (what formats.parse_record made of the record).
 ROW, TEXT, CONVERSATION, UNPARSEABLE = 0, 1, 2, 3
 _COUNTS = ("truncated", "split", "dropped", "control_text")
@@ -163,11 +164,13 @@ class RecordStore:
 
     def missing(self, positions: Sequence[int], eval_positions: Sequence[int]) -> np.ndarray:
         """Sorted positions no part holds (or, for the held-out ones, holds without a prompt)."""
-        train = np.asarray(positions, np.int64)
-        held = np.asarray(eval_positions, np.int64)
-        need_train = train[self.locate(train)[0] < 0]
-        need_held = held[self.locate(held, held_out=True)[0] < 0]
-        return np.unique(np.concatenate([need_train, need_held]))
+        need = [np.zeros(0, np.int64)]
+        for chosen, held_out in ((positions, False), (eval_positions, True)):
+            chosen = np.asarray(chosen, np.int64)
+            for lo in range(0, len(chosen), _LOOKUP):  # in blocks: temporaries stay small
+                block = chosen[lo : lo + _LOOKUP]
+                need.append(block[self.locate(block, held_out=held_out)[0] < 0])
+        return np.unique(np.concatenate(need))
 
     def select(
         self, positions: Sequence[int], *, held_out: bool = False, pieces: bool = True

@@ -79,12 +79,11 @@ def split_position_arrays(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`split_positions` as int64 arrays (the held-out draw of `split_rows`, without a Python
     object per record): the streamed data stage selects millions of records through them."""
-    if not hold_out:
-        return np.arange(count, dtype=np.int64), np.zeros(0, np.int64)
-    order = np.random.default_rng(seed).permutation(count)
     n_eval = max(1, round(fraction * count)) if fraction > 0 else 0
+    if not hold_out or not n_eval:
+        return np.arange(count, dtype=np.int64), np.zeros(0, np.int64)
     held = np.zeros(count, bool)
-    held[order[:n_eval]] = True
+    held[np.random.default_rng(seed).permutation(count)[:n_eval]] = True
     return np.flatnonzero(~held).astype(np.int64), np.flatnonzero(held).astype(np.int64)
 
 

@@ -93,9 +93,10 @@ class CachedExamples:
         return total
 
     def release(self) -> None:
+        """Unmaps the pages read so far of the index and of every part's arrays."""
         release_mapped(self._part_of, self._piece)
         for part in self._parts:
-            release_mapped(part.arrays["piece_starts"], part.tokens, part.mask)
+            release_mapped(*part.arrays.values())
 
 
 def stream_settings(config: Config) -> StreamSettings:
@@ -210,7 +211,9 @@ def shard_index(
                 examples += len(piece)
             per_group.append(examples)
         part_of, piece = _mapped(part_file, np.int32), _mapped(piece_file, np.int64)
-    return ShardIndex(CachedExamples(parts, part_of, piece), counts, skipped, kinds, per_group)
+    source = CachedExamples(parts, part_of, piece)
+    source.release()  # the lookups read every selected record's entries
+    return ShardIndex(source, counts, skipped, kinds, per_group)
 
 
 def _mapped(file: Any, dtype: Any) -> np.ndarray:

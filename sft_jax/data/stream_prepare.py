@@ -209,6 +209,8 @@ def shard_index(
                 part_file.write((part_of + first_part[g]).astype(np.int32).tobytes())
                 piece_file.write(piece.astype(np.int64).tobytes())
                 examples += len(piece)
+                for part in store.parts:  # the lookups' pages: read once, not kept mapped
+                    release_mapped(*part.arrays.values())
             per_group.append(examples)
         part_of, piece = _mapped(part_file, np.int32), _mapped(piece_file, np.int64)
     source = CachedExamples(parts, part_of, piece)

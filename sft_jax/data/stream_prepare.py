@@ -4,8 +4,8 @@ cache, counted, and streamed by stream.StreamIterator.
 pipeline.prepare_data calls `prepare_local` in place of packing everything: the records are
 selected and (once) encoded exactly as without streaming (cache.encode_selected), but the training
 examples are never assembled into memory: each own shard becomes a `CachedExamples` source, two
-small arrays naming each example's part and piece in the memory-mapped cache, whose tokens are
-read when a packed row is handed out. A sizes-only pass over each shard's first epoch
+memory-mapped arrays naming each example's part and piece in the memory-mapped cache, whose tokens
+are read when a packed row is handed out. A sizes-only pass over each shard's first epoch
 (stream.count_epoch) gives the rows, tokens and padding the statistics report and the epoch
 length the step count uses; the eval data is encoded and packed whole, as without streaming
 (data.max_eval_examples caps it).

@@ -100,6 +100,8 @@ from sft_jax.paths import is_url
 
 logger = logging.getLogger(__name__)
 
+_ENCODE_RECORDS = 1 << 17  # records encoded and written as one part at a time
+
 # Files a tokenizer directory may hold that change tokenisation (a model directory also holds
 # weights, which are not hashed).
 _TOKENIZER_PREFIXES = (
@@ -303,10 +305,20 @@ def assemble(
 def _encode_missing(
     store, pattern, missing, held_out, spec, tokenizer, prepare, on_bad_row
 ) -> None:
-    """Reads the group's records, parses and encodes those at `missing`, and adds them as a part
-    (with generation prompts for those in `held_out`)."""
+    """Reads the group's records, parses and encodes those at `missing`, and adds them as parts
+    of `_ENCODE_RECORDS` records each (with generation prompts for those in `held_out`), so the
+    encoded records held at once are bounded, not the whole of a large dataset."""
     records = lazy_records(pattern)
     skips = SkipCounter(on_bad_row)
+    for lo in range(0, len(missing), _ENCODE_RECORDS):
+        chunk = missing[lo : lo + _ENCODE_RECORDS]
+        _encode_part(store, records, chunk, held_out, spec, tokenizer, prepare, skips)
+    skips.finish()
+    logger.info("data cache: encoded %d records of %s into %s", len(missing), pattern, store.root)
+
+
+def _encode_part(store, records, missing, held_out, spec, tokenizer, prepare, skips) -> None:
+    """Parses and encodes the records at `missing` and writes them as one part."""
     parsed: dict[int, Example] = {}
     for position in missing:
         source, item = records[position]
@@ -317,7 +329,6 @@ def _encode_missing(
             parsed[position] = parse_record(record, source, spec)
         except DataError as error:
             skips.bad(error)
-    skips.finish()
     examples = list(parsed.values())
     settings, workers = prepare(examples)
     encoded = dict(
@@ -345,7 +356,6 @@ def _encode_missing(
         [encoded.get(p, unparseable) for p in missing],
         prompts,
     )
-    logger.info("data cache: encoded %d records of %s into %s", len(missing), pattern, store.root)
 
 
 def _kind(example: Example) -> int:

@@ -26,9 +26,9 @@ place, with a completion marker (`COMPLETE.json`: counts and the blake2b digest 
 written last. A part is trusted only when its marker is there and every file matches its digest;
 anything else (a truncated file, flipped bytes, no marker) is logged, removed and encoded again.
 Parts are sparse: a process encodes the records it needs (its own data shards and the held-out
-records) and writes them as one part, so the processes of a multi-host run write their parts in
-parallel, with no coordination, and a later run with other shards or another seed finds each record
-in whichever part holds it, encoding only what no part has.
+records) and writes them as parts (of at most `_ENCODE_RECORDS` records), so the processes of a
+multi-host run write their parts in parallel, with no coordination, and a later run with other
+shards or another seed finds each record in whichever part holds it, encoding only what no part has.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def encode_cached(
 ) -> EncodedSplits:
     """The own shards' and held-out examples, from the cache (`roots`: `group_roots`); records no
     part holds are read, parsed and encoded (`prepare(examples)` gives the settings and worker
-    count) and added to the cache as one new part per mixture group. The selection of records
+    count) and added to the cache as new parts of each mixture group. The selection of records
     is `read_splits`'s."""
     s = encode_selected(config, tokenizer, roots, plan, prepare)
     return assemble(config, tokenizer, s.stores, s.train, s.eval, s.spec, prepare, s.entries)

@@ -104,3 +104,12 @@ def test_locate_and_missing_search_the_sorted_records(tmp_path, held_out):
         np.testing.assert_array_equal(part_of, [0, 0, -1, 0])
         np.testing.assert_array_equal(local[part_of >= 0], [0, 9, 3])
     assert store.missing([0, 10, 11], []).tolist() == [10, 11]
+
+
+def test_index_files_fall_back_to_the_temporary_directory(tmp_path):
+    """A cache directory that takes no new file (here: none) does not stop the index."""
+    write_part(tmp_path / "cache", 10)
+    store = RecordStore(tmp_path / "cache", 10)
+    index = stream_prepare.shard_index([store], [np.arange(10)], str(tmp_path / "absent"))
+    assert len(index.source) == 14 and index.per_group == [14]
+    assert index.source.example(13).source == "train.jsonl:10"

@@ -194,10 +194,7 @@ def shard_index(
     first_part = np.cumsum([0] + [len(store.parts) for store in stores]).tolist()
     directory = None if is_url(cache_dir) else os.fspath(cache_dir)
     counts, skipped, kinds, per_group = TokenCounts(), 0, set(), []
-    with (
-        tempfile.TemporaryFile(dir=directory) as part_file,
-        tempfile.TemporaryFile(dir=directory) as piece_file,
-    ):
+    with _index_file(directory) as part_file, _index_file(directory) as piece_file:
         for g, (store, positions) in enumerate(zip(stores, chosen, strict=True)):
             positions, examples = np.asarray(positions, np.int64), 0
             for lo in range(0, len(positions), _INDEX_RECORDS):
@@ -216,6 +213,15 @@ def shard_index(
     source = CachedExamples(parts, part_of, piece)
     source.release()  # the lookups read every selected record's entries
     return ShardIndex(source, counts, skipped, kinds, per_group)
+
+
+def _index_file(directory: str | None) -> Any:
+    """An unnamed temporary file beside the cache; in the system's temporary directory when the
+    cache's directory takes no new file (the cache only saves time: it must not stop training)."""
+    try:
+        return tempfile.TemporaryFile(dir=directory)
+    except OSError:
+        return tempfile.TemporaryFile()
 
 
 def _mapped(file: Any, dtype: Any) -> np.ndarray:

@@ -202,11 +202,11 @@ def measure_in_memory(directory: str, steps: int) -> dict:
 def write_cache_part(directory: str) -> str:
     """The corpus as one verified tokenisation-cache part (links to its arrays, one record per
     example), so `measure_index` can open it as a restart opens the cache."""
-    from sft_jax.data.cache_store import MARKER, digest_file
+    from sft_jax.data.cache_store import CACHE_VERSION, MARKER, digest_file
 
     starts = np.load(os.path.join(directory, "piece_starts.npy"), mmap_mode="r")
     rows = len(starts) - 1
-    part = os.path.join(directory, "cache", "part-0")
+    part = os.path.join(directory, f"cache-v{CACHE_VERSION}", "part-0")
     if os.path.exists(os.path.join(part, MARKER)):
         return os.path.dirname(part)
     os.makedirs(part, exist_ok=True)
@@ -217,20 +217,20 @@ def write_cache_part(directory: str) -> str:
         "counts": np.zeros((rows, 4), np.int32),
         "record_pieces": np.arange(rows + 1, dtype=np.int64),
         "eval_done": np.zeros(rows, bool),
+        "source_files": np.zeros(rows, np.int32),  # "train.jsonl:<line>"
+        "source_lines": np.arange(1, rows + 1, dtype=np.int64),
     }
     for name, array in arrays.items():
         np.save(os.path.join(part, f"{name}.npy"), array)
     for name in ("piece_starts", "tokens", "loss_mask"):
         os.link(os.path.join(directory, f"{name}.npy"), os.path.join(part, f"{name}.npy"))
-    with open(os.path.join(part, "sources.bin"), "wb") as f:
-        f.write("\0".join(f"train.jsonl:{i + 1}" for i in range(rows)).encode())
     with open(os.path.join(part, "meta.json"), "w") as f:
-        json.dump({"named": {}, "prompts": {}}, f)
+        json.dump({"source_names": ["train.jsonl"], "named": {}, "prompts": {}}, f)
     files = {
         name: [os.path.getsize(os.path.join(part, name)), digest_file(os.path.join(part, name))]
         for name in sorted(os.listdir(part))
     }
-    marker = {"version": 1, "records": rows, "pieces": rows, "tokens": int(starts[-1])}
+    marker = {"version": CACHE_VERSION, "records": rows, "pieces": rows, "tokens": int(starts[-1])}
     with open(os.path.join(part, MARKER), "w") as f:
         json.dump({**marker, "files": files}, f)
     return os.path.dirname(part)
@@ -241,22 +241,20 @@ def measure_index(directory: str, steps: int) -> dict:
     the records selected for two shards, and each shard's `CachedExamples` arrays, as
     `stream_prepare.prepare_local` builds them; then `steps` streamed batches."""
     from sft_jax.data.cache_store import RecordStore
-    from sft_jax.data.shards import shard_positions, split_positions
+    from sft_jax.data.shards import shard_positions, split_position_arrays
     from sft_jax.data.stream import StreamIterator, StreamSettings
-    from sft_jax.data.stream_prepare import CachedExamples
+    from sft_jax.data.stream_prepare import shard_index
 
     root = write_cache_part(directory)
     baseline = Sampler.read()
     sampler = Sampler()
     rows = len(np.load(os.path.join(directory, "piece_starts.npy"), mmap_mode="r")) - 1
     store = RecordStore(root, rows)
-    positions, _ = split_positions(rows, 0.0, 0, hold_out=True)
+    positions, _ = split_position_arrays(rows, 0.0, 0, hold_out=True)
     sources = []
     for shard in range(SHARDS):
-        mine = list(shard_positions(positions, shard, SHARDS))
-        store.select(mine, pieces=False)
-        part_of, piece = store.piece_index(mine)
-        sources.append(CachedExamples(store.parts, part_of, piece))
+        mine = shard_positions(positions, shard, SHARDS)
+        sources.append(shard_index([store], [mine], directory).source)
     del positions, mine
     selected = Sampler.read()
     it = StreamIterator(

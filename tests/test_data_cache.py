@@ -293,3 +293,14 @@ def test_weighted_mixture_cached_equals_uncached(tmp_path, monkeypatch):
     assert len(parts(cache)) == n  # every record came from the parts
     no_encoding(monkeypatch)
     assert_same(prepare_data(config), prepare_data(config, cache_dir=cache))
+
+
+def test_first_encode_in_parts_of_bounded_size_equals_uncached(tmp_path, monkeypatch):
+    """The first start encodes and writes the missing records a bounded number at a time: many
+    parts, the same data as without the cache (held-out prompts included)."""
+    monkeypatch.setattr(cache_module, "_ENCODE_RECORDS", 7)
+    config = demo_config(tmp_path, eval_fraction=0.1, eval_files="")
+    cache = tmp_path / "cache"
+    chunked = prepare_data(config, cache_dir=str(cache))
+    assert len(parts(cache)) > 1
+    assert_same(prepare_data(config), chunked)

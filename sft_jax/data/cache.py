@@ -19,15 +19,16 @@ per-record entries at every start, so only options that change a record's encodi
 A seed, shard count, pack setting, batch size or learning-rate change reuses the cache; a change
 of any of the above encodes again (into another key directory).
 
-Layout: `<cache_dir>/<key>/part-<id>/`, each part a set of numpy arrays plus `sources.bin` and
-`meta.json`, written into a temporary directory that is renamed into place, with a completion
-marker (`COMPLETE.json`: counts and the blake2b digest of every file) written last. A part is
-trusted only when its marker is there and every file matches its digest; anything else (a
-truncated file, flipped bytes, no marker) is logged, removed and encoded again. Parts are
-sparse: a process encodes the records it needs (its own data shards and the held-out records)
-and writes them as one part, so the processes of a multi-host run write their parts in parallel,
-with no coordination, and a later run with other shards or another seed finds each record in
-whichever part holds it, encoding only what no part has.
+Layout: `<cache_dir>/<key>/part-<id>/`, each part a set of numpy arrays (its records in position
+order; each piece's source as an id into a table of names and a line number) plus `meta.json` (that
+table, the sparse named lists and prompts), written into a temporary directory that is renamed into
+place, with a completion marker (`COMPLETE.json`: counts and the blake2b digest of every file)
+written last. A part is trusted only when its marker is there and every file matches its digest;
+anything else (a truncated file, flipped bytes, no marker) is logged, removed and encoded again.
+Parts are sparse: a process encodes the records it needs (its own data shards and the held-out
+records) and writes them as parts (of at most `_ENCODE_RECORDS` records), so the processes of a
+multi-host run write their parts in parallel, with no coordination, and a later run with other
+shards or another seed finds each record in whichever part holds it, encoding only what no part has.
 """
 
 from __future__ import annotations
@@ -80,7 +81,12 @@ from sft_jax.data.formats import (
 )
 from sft_jax.data.mixture import parse_mixture
 from sft_jax.data.render import TokenCounts
-from sft_jax.data.shards import ShardPlan, held_out_shares, shard_positions, split_positions
+from sft_jax.data.shards import (
+    ShardPlan,
+    held_out_shares,
+    shard_positions,
+    split_position_arrays,
+)
 from sft_jax.data.source import (
     DataError,
     SkipCounter,
@@ -93,6 +99,8 @@ from sft_jax.data.tokenize import TokenizedExample
 from sft_jax.paths import is_url
 
 logger = logging.getLogger(__name__)
+
+_ENCODE_RECORDS = 1 << 17  # records encoded and written as one part at a time
 
 # Files a tokenizer directory may hold that change tokenisation (a model directory also holds
 # weights, which are not hashed).
@@ -174,7 +182,7 @@ def encode_cached(
 ) -> EncodedSplits:
     """The own shards' and held-out examples, from the cache (`roots`: `group_roots`); records no
     part holds are read, parsed and encoded (`prepare(examples)` gives the settings and worker
-    count) and added to the cache as one new part per mixture group. The selection of records
+    count) and added to the cache as new parts of each mixture group. The selection of records
     is `read_splits`'s."""
     s = encode_selected(config, tokenizer, roots, plan, prepare)
     return assemble(config, tokenizer, s.stores, s.train, s.eval, s.spec, prepare, s.entries)
@@ -186,8 +194,8 @@ class Selected:
     and evaluates on (per group), all encoded; `assemble` (or streaming) reads them."""
 
     stores: list[RecordStore]
-    train: list[list[list[int]]]  # [slot][group] -> record positions
-    eval: list[list[int]]  # [group] -> record positions
+    train: list[list[np.ndarray]]  # [slot][group] -> record positions (int64)
+    eval: list[np.ndarray]  # [group] -> record positions (int64)
     spec: FormatSpec
     entries: list[tuple[str, float | None]]
 
@@ -206,7 +214,7 @@ def encode_selected(
     stores, positions, held = [], [], []
     for (pattern, _), root in zip(entries, roots, strict=True):
         store = RecordStore(root, _record_count(root, pattern))
-        train, held_out = split_positions(
+        train, held_out = split_position_arrays(
             store.num_records, dc.eval_fraction, config.seed, hold_out=not dc.eval_files
         )
         stores.append(store)
@@ -215,23 +223,25 @@ def encode_selected(
     shares = held_out_shares(
         [len(h) for h in held], [len(t) for t in positions], dc.max_eval_examples, plan
     )
-    train_sel = [[[] for _ in entries] for _ in plan.local]  # [slot][group] -> positions
+    train_sel: list[list[Any]] = [[None for _ in entries] for _ in plan.local]
     eval_sel = []
     for g, share in enumerate(shares):
         for slot, shard in enumerate(plan.local):
-            mine = list(shard_positions(positions[g], shard, plan.num_shards))
-            train_sel[slot][g] = mine + [held[g][i] for i in share.extra[slot]]
+            mine = shard_positions(positions[g], shard, plan.num_shards)
+            extra = held[g][np.asarray(share.extra[slot], np.int64)]
+            train_sel[slot][g] = np.concatenate([mine, extra])
         eval_sel.append(held[g][: share.keep])
     spec = FormatSpec.parse(dc.format, dc.field_map, dc.ignore_fields)
     for g, (pattern, _) in enumerate(entries):
-        wanted = [p for slot in train_sel for p in slot[g]]
-        missing = stores[g].missing(wanted, eval_sel[g])
+        need = [stores[g].missing(slot[g], []) for slot in train_sel]
+        need.append(stores[g].missing([], eval_sel[g]))
+        missing = np.unique(np.concatenate(need)).tolist()
         if missing:
             _encode_missing(
                 stores[g],
                 pattern,
                 missing,
-                set(eval_sel[g]),
+                set(eval_sel[g].tolist()),
                 spec,
                 tokenizer,
                 prepare,
@@ -295,10 +305,20 @@ def assemble(
 def _encode_missing(
     store, pattern, missing, held_out, spec, tokenizer, prepare, on_bad_row
 ) -> None:
-    """Reads the group's records, parses and encodes those at `missing`, and adds them as a part
-    (with generation prompts for those in `held_out`)."""
+    """Reads the group's records, parses and encodes those at `missing`, and adds them as parts
+    of `_ENCODE_RECORDS` records each (with generation prompts for those in `held_out`), so the
+    encoded records held at once are bounded, not the whole of a large dataset."""
     records = lazy_records(pattern)
     skips = SkipCounter(on_bad_row)
+    for lo in range(0, len(missing), _ENCODE_RECORDS):
+        chunk = missing[lo : lo + _ENCODE_RECORDS]
+        _encode_part(store, records, chunk, held_out, spec, tokenizer, prepare, skips)
+    skips.finish()
+    logger.info("data cache: encoded %d records of %s into %s", len(missing), pattern, store.root)
+
+
+def _encode_part(store, records, missing, held_out, spec, tokenizer, prepare, skips) -> None:
+    """Parses and encodes the records at `missing` and writes them as one part."""
     parsed: dict[int, Example] = {}
     for position in missing:
         source, item = records[position]
@@ -309,7 +329,6 @@ def _encode_missing(
             parsed[position] = parse_record(record, source, spec)
         except DataError as error:
             skips.bad(error)
-    skips.finish()
     examples = list(parsed.values())
     settings, workers = prepare(examples)
     encoded = dict(
@@ -337,7 +356,6 @@ def _encode_missing(
         [encoded.get(p, unparseable) for p in missing],
         prompts,
     )
-    logger.info("data cache: encoded %d records of %s into %s", len(missing), pattern, store.root)
 
 
 def _kind(example: Example) -> int:

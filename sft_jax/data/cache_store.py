@@ -32,9 +32,10 @@ from sft_jax.paths import is_url
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 MARKER = "COMPLETE.json"
 _BLOCK = 1 << 20
+_LOOKUP = 1 << 20  # records looked up at a time by `RecordStore.missing`
 # Record kinds (what formats.parse_record made of the record).
 ROW, TEXT, CONVERSATION, UNPARSEABLE = 0, 1, 2, 3
 _COUNTS = ("truncated", "split", "dropped", "control_text")
@@ -49,6 +50,8 @@ _ARRAYS = (
     "tokens",
     "loss_mask",
     "eval_done",
+    "source_files",
+    "source_lines",
 )
 
 
@@ -63,15 +66,28 @@ def digest_file(path: str | os.PathLike) -> str:
 
 @dataclasses.dataclass
 class Part:
-    """One part's arrays (see `_ARRAYS`), piece sources and sparse per-record extras."""
+    """One part's arrays (see `_ARRAYS`), its table of source names and sparse per-record extras.
+    A piece's source ("path:line") is kept as two numbers, an id into `names` and the line (-1
+    when the name has no line), so opening a part holds no Python object per piece."""
 
     arrays: dict[str, np.ndarray]
-    sources: list[str]
+    names: list[str]
     named: dict[int, dict[str, list[str]]]  # local record index -> named_* lists
     prompts: dict[int, EvalPrompt | None]  # local index -> prompt, for records with eval_done
 
     def __post_init__(self) -> None:
         self.tokens, self.mask = self.arrays["tokens"], self.arrays["loss_mask"]
+
+    def source(self, piece: int) -> str:
+        """The source name of one piece."""
+        return self.sources_of(np.asarray([piece]))[0]
+
+    def sources_of(self, pieces: np.ndarray) -> list[str]:
+        """The source names of the pieces at `pieces`."""
+        files = self.arrays["source_files"][pieces].tolist()
+        lines = self.arrays["source_lines"][pieces].tolist()
+        names = self.names
+        return [names[f] if n < 0 else f"{names[f]}:{n}" for f, n in zip(files, lines, strict=True)]
 
     @functools.cached_property
     def starts(self) -> list[int]:
@@ -92,16 +108,14 @@ class Selection:
 
 
 class RecordStore:
-    """The parts of one key directory, with a lookup from record position to (part, index)."""
+    """The parts of one key directory, with a lookup from record position to (part, index).
+    Each part's record positions are sorted (`write` sorts them), so the lookup is a binary
+    search in its memory-mapped `records` array: no table per record is held."""
 
     def __init__(self, root: str | os.PathLike, num_records: int):
         self.root = epath.Path(root)
         self.num_records = num_records
         self.parts: list[Part] = []
-        self._part = np.full(num_records, -1, np.int64)
-        self._local = np.zeros(num_records, np.int64)
-        self._eval_part = np.full(num_records, -1, np.int64)
-        self._eval_local = np.zeros(num_records, np.int64)
         if self.root.exists():
             for directory in sorted(self.root.iterdir()):
                 if directory.name.startswith("part-"):
@@ -119,28 +133,44 @@ class RecordStore:
             remove(directory)
             return
         records = part.arrays["records"]
-        if len(records) and (records.min() < 0 or records.max() >= self.num_records):
+        if len(records) and (records[0] < 0 or records[-1] >= self.num_records):
             logger.warning("data cache: %s holds records beyond the data; removed", directory)
             remove(directory)
             return
-        self._add_part(part)
-
-    def _add_part(self, part: Part) -> None:
-        records = part.arrays["records"]
-        index = len(self.parts)
+        if not _sorted(records):
+            logger.warning("data cache: %s holds unsorted records; removed", directory)
+            remove(directory)
+            return
         self.parts.append(part)
-        local = np.arange(len(records))
-        self._part[records], self._local[records] = index, local
-        done = part.arrays["eval_done"]
-        self._eval_part[records[done]], self._eval_local[records[done]] = index, local[done]
 
-    def missing(self, positions: Sequence[int], eval_positions: Sequence[int]) -> list[int]:
+    def locate(
+        self, positions: Sequence[int] | np.ndarray, *, held_out: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(part, index in the part) of each record at `positions`; part -1 where no part holds
+        it (for `held_out`, no part holds it with its prompt). A later part wins, as it was
+        written later."""
+        pos = np.asarray(positions, np.int64)
+        part_of, local = np.full(len(pos), -1, np.int32), np.zeros(len(pos), np.int64)
+        for p, part in enumerate(self.parts):
+            records = part.arrays["records"]
+            if not len(records):
+                continue
+            at = np.minimum(np.searchsorted(records, pos), len(records) - 1)
+            hit = records[at] == pos
+            if held_out:
+                hit &= part.arrays["eval_done"][at]
+            part_of[hit], local[hit] = p, at[hit]
+        return part_of, local
+
+    def missing(self, positions: Sequence[int], eval_positions: Sequence[int]) -> np.ndarray:
         """Sorted positions no part holds (or, for the held-out ones, holds without a prompt)."""
-        train = np.asarray(positions, np.int64)
-        held = np.asarray(eval_positions, np.int64)
-        need = set(train[self._part[train] < 0].tolist())
-        need |= set(held[self._eval_part[held] < 0].tolist())
-        return sorted(need)
+        need = [np.zeros(0, np.int64)]
+        for chosen, held_out in ((positions, False), (eval_positions, True)):
+            chosen = np.asarray(chosen, np.int64)
+            for lo in range(0, len(chosen), _LOOKUP):  # in blocks: temporaries stay small
+                block = chosen[lo : lo + _LOOKUP]
+                need.append(block[self.locate(block, held_out=held_out)[0] < 0])
+        return np.unique(np.concatenate(need))
 
     def select(
         self, positions: Sequence[int], *, held_out: bool = False, pieces: bool = True
@@ -149,9 +179,8 @@ class RecordStore:
         Vectorised per part: a restart assembles a few hundred thousand records in well under
         a second. `pieces=False` leaves the pieces out (streaming reads them through
         `piece_index` instead of holding one object per example)."""
-        table = (self._eval_part, self._eval_local) if held_out else (self._part, self._local)
         pos = np.asarray(positions, np.int64)
-        part_of, local = table[0][pos], table[1][pos]
+        part_of, local = self.locate(pos, held_out=held_out)
         if (part_of < 0).any():
             raise KeyError(f"record {pos[part_of < 0][0]} is not in the data cache {self.root}")
         counts, skipped, kinds = np.zeros(len(_COUNTS), np.int64), 0, set()
@@ -170,12 +199,14 @@ class RecordStore:
                 hits = np.flatnonzero(where)[np.isin(mine, list(special))]
                 extras += [(int(o), p, int(local[o])) for o in hits]
         piece_part, piece = _pieces_of(part_of, first, number)
-        examples = []
-        chosen = zip(piece_part.tolist(), piece.tolist(), strict=True) if pieces else ()
-        for p, k in chosen:
+        examples: list[Any] = [None] * len(piece) if pieces else []
+        for p in np.unique(piece_part).tolist() if pieces else ():
+            at = np.flatnonzero(piece_part == p)
             part = self.parts[p]
-            lo, hi = part.starts[k], part.starts[k + 1]
-            examples.append(TokenizedExample(part.tokens[lo:hi], part.mask[lo:hi], part.sources[k]))
+            names, starts = part.sources_of(piece[at]), part.starts
+            for i, k, name in zip(at.tolist(), piece[at].tolist(), names, strict=True):
+                lo, hi = starts[k], starts[k + 1]
+                examples[i] = TokenizedExample(part.tokens[lo:hi], part.mask[lo:hi], name)
         named: dict[str, list[str]] = {name: [] for name in _NAMED}
         prompts: list[EvalPrompt] = []
         for _, p, i in sorted(extras):
@@ -193,7 +224,7 @@ class RecordStore:
         """(part, piece within the part) of every piece of the records at `positions`, in
         order, as arrays (int32, int64): what `select` reads, without reading it."""
         pos = np.asarray(positions, np.int64)
-        part_of, local = self._part[pos], self._local[pos]
+        part_of, local = self.locate(pos)
         if (part_of < 0).any():
             raise KeyError(f"record {pos[part_of < 0][0]} is not in the data cache {self.root}")
         first, number = np.zeros(len(pos), np.int64), np.zeros(len(pos), np.int64)
@@ -214,13 +245,17 @@ class RecordStore:
     ) -> None:
         """Adds a part holding these records (`prompts`: by position, for held-out ones). If it
         cannot be written (a full disk, no permission), the run goes on with it in memory: the
-        cache only saves time, so failing to write it must not stop training."""
+        cache only saves time, so failing to write it must not stop training. The records are
+        written in position order (`locate` searches them)."""
+        order = np.argsort(np.asarray(positions, np.int64), kind="stable").tolist()
+        positions = [int(positions[i]) for i in order]
+        kinds, encoded = [kinds[i] for i in order], [encoded[i] for i in order]
         files, counts = part_files(positions, kinds, encoded, prompts)
         try:
             directory = write_verified(self.root, f"part-{uuid.uuid4().hex}", files, counts)
         except OSError as error:
             logger.warning("data cache: cannot write to %s (%s); not cached", self.root, error)
-            self._add_part(part_from(counts, files))
+            self.parts.append(part_from(counts, files))
             return
         self._add(directory)
 
@@ -235,6 +270,32 @@ def _pieces_of(
         int(ends[-1]) if len(ends) else 0
     )
     return piece_part, piece
+
+
+def _sorted(records: np.ndarray) -> bool:
+    """Whether a part's record positions ascend (read in blocks: they are memory-mapped)."""
+    block = 1 << 20
+    for lo in range(0, max(len(records) - 1, 0), block):
+        chunk = np.asarray(records[lo : lo + block + 1])
+        if (chunk[1:] <= chunk[:-1]).any():
+            return False
+    return True
+
+
+def split_sources(sources: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Source names -> (table of distinct names without their line, id into it, line or -1).
+    "path:line" is split at its last colon when the rest is a line number written plainly;
+    any other name is kept whole."""
+    table: dict[str, int] = {}
+    ids, lines = np.zeros(len(sources), np.int32), np.full(len(sources), -1, np.int64)
+    for i, source in enumerate(sources):
+        name, colon, line = source.rpartition(":")
+        if colon and line.isdigit() and line.isascii() and str(int(line)) == line:
+            lines[i] = int(line)
+        else:
+            name = source
+        ids[i] = table.setdefault(name, len(table))
+    return list(table), ids, lines
 
 
 def part_files(
@@ -260,19 +321,22 @@ def part_files(
         "loss_mask": concat([p.loss_mask for p in pieces], bool),
         "eval_done": np.asarray([pos in prompts for pos in positions], bool),
     }
+    names, arrays["source_files"], arrays["source_lines"] = split_sources(
+        [p.source for p in pieces]
+    )
     named = {}
     for i, e in enumerate(encoded):
         lists = {name: list(getattr(e.counts, name)) for name in _NAMED if getattr(e.counts, name)}
         if lists:
             named[str(i)] = lists
     meta = {
+        "source_names": names,
         "named": named,
         "prompts": {
             str(i): prompt_json(prompts[pos]) for i, pos in enumerate(positions) if pos in prompts
         },
     }
     files = {f"{name}.npy": npy_bytes(value) for name, value in arrays.items()}
-    files["sources.bin"] = "\0".join(p.source for p in pieces).encode("utf-8", "surrogateescape")
     files["meta.json"] = json.dumps(meta).encode("utf-8")
     counts = {"records": len(positions), "pieces": len(pieces), "tokens": int(lengths.sum())}
     return files, counts
@@ -345,20 +409,21 @@ def part_from(marker: dict[str, Any], data: dict[str, bytes | np.ndarray]) -> Pa
     """A part from its marker's counts and its files' contents; ValueError if they disagree."""
     arrays = {name: npy_array(data[f"{name}.npy"]) for name in _ARRAYS}
     n, pieces = marker["records"], marker["pieces"]
-    sources = data["sources.bin"].decode("utf-8", "surrogateescape").split("\0") if pieces else []
+    meta = json.loads(data["meta.json"])
+    names = meta["source_names"]
+    ids = arrays["source_files"]
     shapes_ok = (
         len(arrays["records"]) == n
         and len(arrays["record_pieces"]) == n + 1
         and len(arrays["piece_starts"]) == pieces + 1
-        and len(sources) == pieces
+        and len(ids) == pieces == len(arrays["source_lines"])
         and len(arrays["tokens"]) == marker["tokens"] == len(arrays["loss_mask"])
     )
     if not shapes_ok:
         raise ValueError("array lengths do not match the marker's counts")
-    meta = json.loads(data["meta.json"])
     named = {int(i): lists for i, lists in meta["named"].items()}
     prompts = {int(i): prompt_from_json(v) for i, v in meta["prompts"].items()}
-    return Part(arrays, sources, named, prompts)
+    return Part(arrays, names, named, prompts)
 
 
 def prompt_json(prompt: EvalPrompt | None) -> list[Any] | None:

@@ -70,8 +70,21 @@ def split_positions(
 ) -> tuple[list[int], list[int]]:
     """A group's record positions -> (training positions, held-out positions), in file order;
     nothing is held out when there are eval files (`hold_out` False)."""
-    positions = list(range(count))
-    return split_rows(positions, fraction, seed) if hold_out else (positions, [])
+    train, held = split_position_arrays(count, fraction, seed, hold_out=hold_out)
+    return train.tolist(), held.tolist()
+
+
+def split_position_arrays(
+    count: int, fraction: float, seed: int, *, hold_out: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """`split_positions` as int64 arrays (the held-out draw of `split_rows`, without a Python
+    object per record): the streamed data stage selects millions of records through them."""
+    n_eval = max(1, round(fraction * count)) if fraction > 0 else 0
+    if not hold_out or not n_eval:
+        return np.arange(count, dtype=np.int64), np.zeros(0, np.int64)
+    held = np.zeros(count, bool)
+    held[np.random.default_rng(seed).permutation(count)[:n_eval]] = True
+    return np.flatnonzero(~held).astype(np.int64), np.flatnonzero(held).astype(np.int64)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,8 +4,8 @@ cache, counted, and streamed by stream.StreamIterator.
 pipeline.prepare_data calls `prepare_local` in place of packing everything: the records are
 selected and (once) encoded exactly as without streaming (cache.encode_selected), but the training
 examples are never assembled into memory: each own shard becomes a `CachedExamples` source, two
-small arrays naming each example's part and piece in the memory-mapped cache, whose tokens are
-read when a packed row is handed out. A sizes-only pass over each shard's first epoch
+memory-mapped arrays naming each example's part and piece in the memory-mapped cache, whose tokens
+are read when a packed row is handed out. A sizes-only pass over each shard's first epoch
 (stream.count_epoch) gives the rows, tokens and padding the statistics report and the epoch
 length the step count uses; the eval data is encoded and packed whole, as without streaming
 (data.max_eval_examples caps it).
@@ -16,7 +16,10 @@ sample of every group; they are refused with a message.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +28,7 @@ import numpy as np
 
 from sft_jax.config import Config
 from sft_jax.data import cache
-from sft_jax.data.cache_store import CONVERSATION, TEXT, UNPARSEABLE, Part
+from sft_jax.data.cache_store import CONVERSATION, TEXT, UNPARSEABLE, Part, RecordStore
 from sft_jax.data.encode import EncodeSettings
 from sft_jax.data.formats import Example
 from sft_jax.data.loader import shard_seed
@@ -46,8 +49,10 @@ from sft_jax.data.source import DataError
 from sft_jax.data.stream import StreamIterator, StreamSettings, count_epoch, release_mapped
 from sft_jax.data.templates import load_chat_template
 from sft_jax.data.tokenize import TokenizedExample
+from sft_jax.paths import is_url
 
 _RELEASE_EXAMPLES = 1 << 16  # examples counted between releases of mapped pages
+_INDEX_RECORDS = 1 << 18  # records looked up at a time when a shard's index is built
 
 
 class CachedExamples:
@@ -73,7 +78,7 @@ class CachedExamples:
         part, k = self._parts[int(self._part_of[index])], int(self._piece[index])
         lo, hi = part.arrays["piece_starts"][k : k + 2].tolist()
         tokens, mask = np.asarray(part.tokens[lo:hi]), np.asarray(part.mask[lo:hi])
-        return TokenizedExample(tokens, mask, part.sources[k])
+        return TokenizedExample(tokens, mask, part.source(k))
 
     def loss_tokens(self) -> int:
         total = 0
@@ -88,8 +93,10 @@ class CachedExamples:
         return total
 
     def release(self) -> None:
+        """Unmaps the pages read so far of the index and of every part's arrays."""
+        release_mapped(self._part_of, self._piece)
         for part in self._parts:
-            release_mapped(part.arrays["piece_starts"], part.tokens, part.mask)
+            release_mapped(*part.arrays.values())
 
 
 def stream_settings(config: Config) -> StreamSettings:
@@ -122,22 +129,14 @@ def prepare_local(
     encoded = cache.assemble(
         config, tokenizer, s.stores, no_train, s.eval, s.spec, prepare, entries
     )
-    parts = [part for store in s.stores for part in store.parts]
-    first_part = np.cumsum([0] + [len(store.parts) for store in s.stores])
     settings = stream_settings(config)
     sources, kinds, summed, min_rows = [], set(), np.zeros(len(SUMMED), np.int64), None
     mixture = [0] * len(entries)
     for slot, shard in enumerate(plan.local):
-        part_of, piece, counts, skipped = [], [], TokenCounts(), 0
-        for g, (store, chosen) in enumerate(zip(s.stores, s.train[slot], strict=True)):
-            selection = store.select(chosen, pieces=False)
-            p, k = store.piece_index(chosen)
-            part_of.append(p + first_part[g])
-            piece.append(k)
-            counts, skipped = counts + selection.counts, skipped + selection.skipped
-            kinds |= selection.kinds
-            mixture[g] += len(k)
-        source = CachedExamples(parts, np.concatenate(part_of), np.concatenate(piece))
+        index = shard_index(s.stores, s.train[slot], cache_dir)
+        source, counts, skipped = index.source, index.counts, index.skipped
+        kinds |= index.kinds
+        mixture = [m + n for m, n in zip(mixture, index.per_group, strict=True)]
         log_named(counts, dc.seq_len, dc.on_control_tokens)
         if not len(source):
             raise DataError(
@@ -170,6 +169,67 @@ def prepare_local(
         template,
         sources,
     )
+
+
+@dataclasses.dataclass
+class ShardIndex:
+    """One shard's examples in the cache (`source`) and what selecting its records counted."""
+
+    source: CachedExamples
+    counts: TokenCounts
+    skipped: int
+    kinds: set[int]
+    per_group: list[int]  # examples of each mixture group
+
+
+def shard_index(
+    stores: Sequence[RecordStore], chosen: Sequence[np.ndarray], cache_dir: str
+) -> ShardIndex:
+    """A shard's `CachedExamples` over the records `chosen[g]` of each group's store. The
+    records are looked up `_INDEX_RECORDS` at a time and the two per-example arrays written to
+    unlinked files beside the cache and memory-mapped, so neither building nor holding the
+    index costs memory per record (with the cache in an object store, the system's temporary
+    directory holds them)."""
+    parts = [part for store in stores for part in store.parts]
+    first_part = np.cumsum([0] + [len(store.parts) for store in stores]).tolist()
+    directory = None if is_url(cache_dir) else os.fspath(cache_dir)
+    counts, skipped, kinds, per_group = TokenCounts(), 0, set(), []
+    with _index_file(directory) as part_file, _index_file(directory) as piece_file:
+        for g, (store, positions) in enumerate(zip(stores, chosen, strict=True)):
+            positions, examples = np.asarray(positions, np.int64), 0
+            for lo in range(0, len(positions), _INDEX_RECORDS):
+                block = positions[lo : lo + _INDEX_RECORDS]
+                selection = store.select(block, pieces=False)
+                counts, skipped = counts + selection.counts, skipped + selection.skipped
+                kinds |= selection.kinds
+                part_of, piece = store.piece_index(block)
+                part_file.write((part_of + first_part[g]).astype(np.int32).tobytes())
+                piece_file.write(piece.astype(np.int64).tobytes())
+                examples += len(piece)
+                for part in store.parts:  # the lookups' pages: read once, not kept mapped
+                    release_mapped(*part.arrays.values())
+            per_group.append(examples)
+        part_of, piece = _mapped(part_file, np.int32), _mapped(piece_file, np.int64)
+    source = CachedExamples(parts, part_of, piece)
+    source.release()  # the lookups read every selected record's entries
+    return ShardIndex(source, counts, skipped, kinds, per_group)
+
+
+def _index_file(directory: str | None) -> Any:
+    """An unnamed temporary file beside the cache; in the system's temporary directory when the
+    cache's directory takes no new file (the cache only saves time: it must not stop training)."""
+    try:
+        return tempfile.TemporaryFile(dir=directory)
+    except OSError:
+        return tempfile.TemporaryFile()
+
+
+def _mapped(file: Any, dtype: Any) -> np.ndarray:
+    """The array written to `file`, memory-mapped read-only (the mapping outlives the file)."""
+    file.flush()
+    if not file.tell():
+        return np.zeros(0, dtype)
+    return np.memmap(file, dtype, mode="r")
 
 
 def _count(source: CachedExamples, settings: StreamSettings, key: list[int]) -> dict[str, int]:

@@ -18,6 +18,7 @@ from sft_jax.model.gated_deltanet import (
     init_delta_state,
     recurrent_delta_rule,
     segment_runs,
+    unit_lower_inverse,
 )
 from sft_jax.model.hybrid import LinearAttention
 
@@ -169,3 +170,16 @@ def test_layer_matches_transformers(layer):
         expected = ref(torch.from_numpy(np.array(x))).numpy()
     ours, _ = module.apply({"params": params}, x)
     np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("size", [1, 5, 8, 64])
+def test_unit_lower_inverse_equals_the_inverse(size):
+    """The block inverse the chunked form uses instead of a triangular solve, at a power of two
+    and not; entries of both signs and of size near 1, as the delta rule's system has. The
+    inverse's entries grow into the thousands at 64, so the bound is relative to the largest
+    (float32 forward substitution is off by the same amount)."""
+    rng = np.random.default_rng(size)
+    strict = np.tril(rng.uniform(-1, 1, size=(3, 2, size, size)), -1).astype(np.float32)
+    expected = np.linalg.inv(strict.astype(np.float64) + np.eye(size))
+    got = unit_lower_inverse(jnp.asarray(strict))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())

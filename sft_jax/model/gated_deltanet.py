@@ -12,7 +12,7 @@ gated by SiLU(z) and projected back.
 
 Two forms of the same recurrence:
 - `chunked_delta_rule` (training, prefill): the sequence in blocks of C tokens; inside a block
-  every token is computed at once (the UT transform: one triangular solve per block), and a
+  every token is computed at once (the UT transform: one unit-triangular inverse per block), and a
   `lax.scan` carries S from block to block. Memory is linear in T and the work is matmuls.
 - `recurrent_delta_rule` (one token at a time; the reference and the decoding step).
 
@@ -38,6 +38,7 @@ channels and split them apart, so tensor-sharding those axes would only move dat
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -157,6 +158,40 @@ def recurrent_delta_rule(q, k, v, g, beta, runs=None, state=None):
     return out.transpose(1, 0, 2, 3).astype(dtype), s
 
 
+def unit_lower_inverse(strict: jax.Array) -> jax.Array:
+    """(I + L)^-1 for strictly lower-triangular L [..., C, C], by block inversion: the inverses
+    of the diagonal blocks double in size each step,
+
+        [[A, 0], [X, B]]^-1 = [[A^-1, 0], [-B^-1 X A^-1, B^-1]],
+
+    so the work is log2(C) rounds of batched matmuls. Why not `solve_triangular`: on CPU it is
+    a LAPACK call that waits for its own batch threads inside XLA's thread pool, and with 8
+    host devices scanning over layers and blocks every pool thread ends up waiting: the step
+    never finishes. No powers of L are formed, so nothing cancels beyond what a substitution
+    does."""
+    length = strict.shape[-1]
+    width = 1 << (length - 1).bit_length()  # padded to a power of two: the padding's rows are I's
+    strict = jnp.pad(strict, [(0, 0)] * (strict.ndim - 2) + [(0, width - length)] * 2)
+    lead = strict.shape[:-2]
+    # Full float32 products even where the default is one bfloat16 pass (TPU): the blocks are
+    # small, and an inverse's error reaches every token of the block.
+    matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+    blocks = jnp.ones((*lead, width, 1, 1), strict.dtype)  # [..., C/s, s, s]: diagonal blocks
+    size = 1
+    while size < width:
+        n = width // (2 * size)
+        tiles = strict.reshape(*lead, n, 2, size, n, 2, size)
+        pairs = jnp.diagonal(tiles, axis1=-6, axis2=-3)  # [..., 2, s, 2, s, n]
+        off = jnp.moveaxis(pairs[..., 1, :, 0, :, :], -1, -3)  # [..., n, s, s]: X
+        upper, lower = blocks[..., 0::2, :, :], blocks[..., 1::2, :, :]
+        corner = -matmul(matmul(lower, off), upper)
+        top = jnp.concatenate([upper, jnp.zeros_like(upper)], axis=-1)
+        bottom = jnp.concatenate([corner, lower], axis=-1)
+        blocks = jnp.concatenate([top, bottom], axis=-2)
+        size *= 2
+    return blocks[..., 0, :length, :length]
+
+
 def chunked_delta_rule(q, k, v, g, beta, runs=None, state=None, chunk_size: int = 64):
     """`recurrent_delta_rule` computed in blocks of `chunk_size` tokens (module docstring); the
     same arguments and results."""
@@ -188,10 +223,9 @@ def chunked_delta_rule(q, k, v, g, beta, runs=None, state=None, chunk_size: int 
     decay = jnp.where(live, jnp.exp(diff), 0.0)
     k_beta, v_beta = k * beta[..., None], v * beta[..., None]
     system = jnp.einsum("...ik,...jk->...ij", k_beta, k) * decay * np.tril(np.ones((c, c)), -1)
-    lhs = system + np.eye(c, dtype=np.float32)
-    solve = lambda rhs: jax.scipy.linalg.solve_triangular(lhs, rhs, lower=True)
-    u = solve(v_beta)  # the corrected values, before the incoming state's share
-    w = solve(k_beta * (jnp.exp(cum) * first)[..., None])  # what reads the incoming state
+    inverse = unit_lower_inverse(system)  # (I + system)^-1
+    u = inverse @ v_beta  # the corrected values, before the incoming state's share
+    w = inverse @ (k_beta * (jnp.exp(cum) * first)[..., None])  # what reads the incoming state
     attn = jnp.einsum("...ik,...jk->...ij", q, k) * decay
     q_in = q * (jnp.exp(cum) * first)[..., None]
     k_out = k * (jnp.exp(cum[..., -1:] - cum) * last)[..., None]

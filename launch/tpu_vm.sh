@@ -6,9 +6,9 @@
 #       [--spot] [--keep] [--dry-run] -- --config configs/x.py --workdir /mnt/shared/run
 #
 # --dry-run prints the gcloud commands instead of running them. --keep leaves the TPU running.
-# The workdir must be one directory every worker sees at the same path (a Filestore share or a
-# Cloud Storage FUSE mount on each worker; launch/README.md shows both): the trainer writes
-# checkpoints and metrics through local file APIs, so a gs:// workdir is refused.
+# The workdir must be one directory every worker sees at the same path: a gs:// URL (the trainer
+# writes it through Cloud Storage itself), a Filestore share, or a Cloud Storage FUSE mount on
+# each worker (launch/README.md shows each).
 set -euo pipefail
 name=""; zone=""; type=""; version="v2-alpha-tpuv5"; queued=0; spot=0; keep=0; dry_run=0
 while [ $# -gt 0 ]; do
@@ -29,20 +29,6 @@ if [ -z "$name" ] || [ -z "$zone" ] || [ -z "$type" ] || [ $# -eq 0 ]; then
   echo "usage: $0 --name NAME --zone ZONE --type TYPE [...] -- TRAIN_ARGS" >&2
   exit 2
 fi
-prev=""
-for a in "$@"; do
-  workdir=""
-  case "$a" in --workdir=*) workdir="${a#--workdir=}" ;; esac
-  [ "$prev" = "--workdir" ] && workdir="$a"
-  case "$workdir" in
-    gs://*)
-      echo "--workdir $workdir: gs:// paths are not supported (the trainer uses local file APIs);" \
-        "mount the bucket on every worker (gcsfuse) or use a Filestore share, and pass the" \
-        "mounted path, e.g. --workdir /mnt/shared/run (see launch/README.md)" >&2
-      exit 2 ;;
-  esac
-  prev="$a"
-done
 # In dry-run mode print each command shell-quoted, so it can be pasted as is.
 run() { if [ "$dry_run" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi; }
 spot_flag=""; [ "$spot" = 1 ] && spot_flag="--spot"

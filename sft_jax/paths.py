@@ -211,10 +211,17 @@ class AppendFile:
 
 
 def listdir(path: str) -> list[str]:
-    """The names in a directory (on a store: under the prefix `path/`)."""
+    """The names in a directory (on a store: under the prefix `path/`).
+
+    On a store the listing is asked for afresh: fsspec keeps every listing of a process for good,
+    and the workdir's objects are also written by other hosts and by TensorStore (the
+    checkpoints), which that cache never hears of."""
     if not is_url(path):
         return os.listdir(path)
-    return [p.name for p in epath.Path(path).iterdir()]
+    import fsspec
+
+    fs, location = fsspec.core.url_to_fs(path)
+    return [basename(p) for p in fs.ls(location, detail=False, refresh=True)]
 
 
 def move(source: str, target: str) -> None:

@@ -2,6 +2,7 @@
 training workdir on gs:// work through etils.epath, tested against a local GCS emulator
 (gcp-storage-emulator + gcsfs, the test extras; skipped when they are not installed)."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -70,6 +71,32 @@ def gcs_host() -> str:
     return _HOST[0]
 
 
+def _with_generation_headers(server_module) -> None:
+    """Makes the emulator's downloads carry x-goog-generation as Cloud Storage's do: TensorStore
+    (Orbax's OCDBT manifests) reads an object's generation from them to replace it
+    conditionally, and fails with "Malformed StorageGeneration" without them."""
+    from gcp_storage_emulator.handlers import objects
+
+    original = objects.download
+    if getattr(original, "with_generation", False):
+        return
+
+    def download(request, response, storage, *args, **kwargs):
+        with contextlib.suppress(Exception):  # absent: the original answers 404
+            params = request.params
+            obj = storage.get_file_obj(params["bucket_name"], params["object_id"])
+            response["x-goog-generation"] = obj["generation"]
+            response["x-goog-metageneration"] = obj["metageneration"]
+        return original(request, response, storage, *args, **kwargs)
+
+    download.with_generation = True
+    objects.download = download  # objects.get calls it by name; the route table holds it too
+    for _, handlers in server_module.HANDLERS:
+        for method, handler in list(handlers.items()):
+            if handler is original:
+                handlers[method] = download
+
+
 @pytest.fixture
 def gcs(monkeypatch):
     """A GCS emulator on 127.0.0.1 with bucket "test"; gs:// paths reach it through gcsfs."""
@@ -77,6 +104,7 @@ def gcs(monkeypatch):
     monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     server_module = pytest.importorskip("gcp_storage_emulator.server")
     pytest.importorskip("gcsfs")
+    _with_generation_headers(server_module)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -8,13 +8,14 @@
 #
 # --pvc: a ReadWriteMany PersistentVolumeClaim every pod mounts at --mount-path (default
 # /workdir): Filestore, or a Cloud Storage FUSE PersistentVolume (then add --gcsfuse, which
-# asks GKE for the FUSE sidecar). The trainer writes through local file APIs, so --workdir must
-# lie under --mount-path; a gs:// workdir is refused. --hf-token-secret: a Secret whose key KEY
-# (default "token") becomes HF_TOKEN in every pod (gated Hub models); the token itself never
-# appears in the manifest. Exit code 42 (preempted, checkpoint saved) is retried by the JobSet
-# restart policy; the run resumes from its last checkpoint in the workdir. The policy retries any
-# failure up to --max-restarts: after 44 (a checkpoint could not be written: disk full or
-# read-only) fix the volume first, or each retry fails again at its first save.
+# asks GKE for the FUSE sidecar). --workdir must lie under --mount-path, or be a gs:// URL that
+# every pod writes through Cloud Storage itself (the volume is mounted all the same).
+# --hf-token-secret: a Secret whose key KEY (default "token") becomes HF_TOKEN in every pod
+# (gated Hub models); the token itself never appears in the manifest. Exit code 42 (preempted,
+# checkpoint saved) is retried by the JobSet restart policy; the run resumes from its last
+# checkpoint in the workdir. The policy retries any failure up to --max-restarts: after 44 (a
+# checkpoint could not be written: disk full or read-only) fix the volume first, or each retry
+# fails again at its first save.
 set -euo pipefail
 NAME=""; IMAGE=""; ACCELERATOR=""; TOPOLOGY=""; HOSTS=""; CHIPS_PER_HOST=4; MAX_RESTARTS=3
 PVC=""; MOUNT_PATH="/workdir"; gcsfuse=0; hf_secret=""; dry_run=0
@@ -45,7 +46,7 @@ case "$MOUNT_PATH" in
   *) echo "--mount-path must be an absolute path, not '$MOUNT_PATH'" >&2; exit 2 ;;
 esac
 
-# The workdir: every pod must see the same files, so it has to be on the mounted volume.
+# The workdir: every pod must see the same files, so it is on the mounted volume or in a bucket.
 workdir=""
 prev=""
 for a in "$@"; do
@@ -55,11 +56,7 @@ for a in "$@"; do
 done
 case "$workdir" in
   "") echo "missing --workdir in the training arguments" >&2; exit 2 ;;
-  gs://*)
-    echo "--workdir $workdir: gs:// paths are not supported (the trainer uses local file APIs);" \
-      "put the bucket behind a Cloud Storage FUSE PersistentVolume (--pvc ... --gcsfuse) and" \
-      "pass a path under --mount-path $MOUNT_PATH" >&2
-    exit 2 ;;
+  gs://?*) ;;
   "$MOUNT_PATH"/?*) ;;
   *)
     echo "--workdir $workdir is not under --mount-path $MOUNT_PATH: the pods would each write" \

@@ -368,6 +368,8 @@ def test_random_init_with_gpt_oss_features_is_not_exported_without_its_source(sa
 # --- training --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # end to end; the objective, the export round trip and the layers' gradients
+# (tests/test_gpt_oss_layers.py) stay in the default tier
 def test_full_fine_tune_trains_and_exports(tmp_path, stories_dir):
     """A gpt-oss checkpoint (the stories260K vocabulary) fine-tuned in full on the default
     mesh of the test devices: the loss falls, router statistics are logged, and the export of

@@ -510,6 +510,8 @@ def test_configs_no_family_computes_are_refused(stories_dir, tmp_path):
 # --- LoRA on the attention of a MoE checkpoint ----------------------------------------------
 
 
+@pytest.mark.slow  # end to end; a MoE run logging its router (tests/test_moe_model.py) and
+# PEFT parity on MoE checkpoints (tests/test_lora_moe.py) stay in the default tier
 def test_lora_on_attention_trains_and_exports_for_peft(tmp_path, stories_dir):
     """A Qwen3-MoE checkpoint (the stories260K vocabulary) fine-tuned with LoRA on its attention
     projections: the loss falls, router statistics are logged, and the PEFT adapter applied by

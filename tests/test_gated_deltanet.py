@@ -3,6 +3,8 @@ rule equal each other and transformers' torch reference; packed rows equal their
 alone (state and convolution reset at segment boundaries); gradients agree between the forms;
 decoding token by token with the carried state equals the full forward."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,10 @@ from sft_jax.model.gated_deltanet import (
 from sft_jax.model.hybrid import LinearAttention
 
 B, T, M, N, HK, HV = 2, 37, 2, 4, 8, 6
+# Jitted once for the module: each form op by op (a scan of many small steps) runs far slower
+# than its compile.
+recurrent = jax.jit(recurrent_delta_rule)
+chunked = jax.jit(chunked_delta_rule, static_argnames="chunk_size")
 
 
 def inputs(seed: int = 0, t: int = T):
@@ -44,9 +50,9 @@ def test_chunked_equals_recurrent_equals_transformers():
     ref_chunk, ref_chunk_s = hf.torch_chunk_gated_delta_rule(*torch_args, chunk_size=16, **kw)
     ref_rec, ref_rec_s = hf.torch_recurrent_gated_delta_rule(*torch_args, **kw)
     args = [jnp.asarray(x) for x in (q, k, v, g, beta)]
-    ours_rec, rec_s = recurrent_delta_rule(*args, state=jnp.asarray(state))
+    ours_rec, rec_s = recurrent(*args, state=jnp.asarray(state))
     for chunk in (8, 16, 64):  # shorter than, dividing and longer than nothing in particular
-        ours, s = chunked_delta_rule(*args, state=jnp.asarray(state), chunk_size=chunk)
+        ours, s = chunked(*args, state=jnp.asarray(state), chunk_size=chunk)
         np.testing.assert_allclose(ours, ours_rec, atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(s, rec_s, atol=1e-4, rtol=1e-4)
     for ref, ref_s in ((ref_chunk, ref_chunk_s), (ref_rec, ref_rec_s)):
@@ -71,9 +77,7 @@ def test_packed_rows_equal_each_example_alone(form):
     lengths = (11, 16, 7)
     seg = np.stack([packed_segments(lengths, T)] * B)
     runs = segment_runs(jnp.asarray(seg))
-    rule = {"chunked": lambda *a, **kw: chunked_delta_rule(*a, chunk_size=8, **kw)}.get(
-        form, recurrent_delta_rule
-    )
+    rule = {"chunked": functools.partial(chunked, chunk_size=8)}.get(form, recurrent)
     packed, _ = rule(*[jnp.asarray(x) for x in (q, k, v, g, beta)], runs=runs)
     start = 0
     for n in lengths:
@@ -109,7 +113,7 @@ def layer():
     )
     module = GatedDeltaNet(config)
     x = jnp.asarray(np.random.default_rng(5).normal(size=(B, T, config.hidden_size)), jnp.float32)
-    params = nn.unbox(module.init(jax.random.PRNGKey(0), x)["params"])
+    params = nn.unbox(jax.jit(module.init)(jax.random.PRNGKey(0), x)["params"])
     # Off init: a gated norm that is not all ones, a non-trivial conv.
     params["norm"] = params["norm"] + 0.3 * jnp.arange(params["norm"].shape[0])
     params["conv1d"] = params["conv1d"] * 20
@@ -168,7 +172,7 @@ def test_layer_matches_transformers(layer):
         ref.dt_bias.copy_(p["dt_bias"])
         ref.norm.weight.copy_(p["norm"])
         expected = ref(torch.from_numpy(np.array(x))).numpy()
-    ours, _ = module.apply({"params": params}, x)
+    ours, _ = jax.jit(module.apply)({"params": params}, x)
     np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=1e-4)
 
 

@@ -78,16 +78,18 @@ def test_blocked_and_xla_sinks_equal_the_reference(window, kernel):
     )
     xla = loss(lambda q, k, v, s: xla_attention_with_sinks(q, k, v, mask, s, 0.3))
     args = (q, k, v, sinks)
-    expected = jax.grad(reference, argnums=(0, 1, 2, 3))(*args)
+    # Jitted: the blocked kernels' loops op by op run far slower than their compile.
+    value = lambda f: jax.jit(f)(*args)
+    grad = lambda f: jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))(*args)
+    expected = grad(reference)
     no_sinks = grouped_attention(q, k, v, mask, scale=0.3)
     assert (
         float(jnp.abs(no_sinks - grouped_attention(q, k, v, mask, scale=0.3, sinks=sinks)).max())
         > 0.1
     )
     for other in (blocked, xla):
-        np.testing.assert_allclose(other(*args), reference(*args), rtol=1e-5)
-        grads = jax.grad(other, argnums=(0, 1, 2, 3))(*args)
-        for got, want in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(value(other), value(reference), rtol=1e-5)
+        for got, want in zip(grad(other), expected, strict=True):
             np.testing.assert_allclose(got, want, atol=1e-5)
 
 

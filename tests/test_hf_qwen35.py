@@ -251,7 +251,7 @@ def test_lora_exports_for_peft_with_peft_names_and_logits(saved, tmp_path):
     tokens = _tokens(seed=4)
     lora_config = dataclasses.replace(config, lora_scale=alpha / rank)
     positions = np.tile(np.arange(20), (2, 1))
-    ours = Transformer(lora_config).apply(
+    ours = jax.jit(Transformer(lora_config).apply)(
         {"params": params, "lora": adapters}, tokens, positions, np.ones_like(tokens)
     )
     base = AutoModelForCausalLM.from_pretrained(path)

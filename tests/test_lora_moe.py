@@ -145,8 +145,8 @@ def test_expert_adapters_equal_per_expert_loop():
         return jnp.sum(y * cot)
 
     np.testing.assert_allclose(ours(adapters, x), ref(adapters, x), rtol=1e-5)
-    got = jax.grad(ours, argnums=(0, 1))(adapters, x)
-    want = jax.grad(ref, argnums=(0, 1))(adapters, x)
+    got = jax.jit(jax.grad(ours, argnums=(0, 1)))(adapters, x)
+    want = jax.jit(jax.grad(ref, argnums=(0, 1)))(adapters, x)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5), got, want)
     assert np.abs(got[0]["experts"]["gate_up_proj"]["a"]).max() > 1e-3
     fresh = lora.init_adapters(
@@ -247,7 +247,7 @@ def test_expert_parallel_with_adapters_equals_unsharded(dispatch):
             lambda _: NamedSharding(mesh, PartitionSpec()), adapters["shared_expert"]
         ),
     }
-    want = run(cfg, adapters, x)
+    want = jax.jit(functools.partial(run, cfg))(adapters, x)
     step = jax.jit(functools.partial(run, sharded))
     args = (jax.device_put(adapters, ad_specs), jax.device_put(x, activation_sharding(mesh, RULES)))
     assert "all_gather" in str(jax.make_jaxpr(step)(*args))  # the expert-parallel path

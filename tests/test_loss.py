@@ -109,7 +109,7 @@ def test_chunked_loss_and_grads_equal_unchunked(tied):
     config = tiny_model_config(tie_embeddings=tied)
     model = Transformer(config)
     batch = _packed_batch()
-    params = model.init(jax.random.PRNGKey(1), *[batch[k] for k in PACKED_KEYS[:1]],
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), *[batch[k] for k in PACKED_KEYS[:1]],
                         batch["positions"], batch["segment_ids"])["params"]  # fmt: skip
     want, *chunked = _loss_and_grads(params, model.apply, batch, (0, 8, 7, 64))
     for got in chunked:
@@ -139,7 +139,7 @@ def test_chunked_never_builds_full_logits():
     config = tiny_model_config(vocab_size=512)
     model = Transformer(config)
     batch = _packed_batch(rows=2, length=64, vocab=512)
-    params = model.init(jax.random.PRNGKey(1), batch["inputs"], batch["positions"],
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), batch["inputs"], batch["positions"],
                         batch["segment_ids"])["params"]  # fmt: skip
     state = model_only_state(model.apply)
     grad = lambda c: jax.jit(jax.grad(lambda p: step.loss_fn(

@@ -27,7 +27,7 @@ def tiny(norm: bool = True, shared: int = 0, experts: int = E) -> MoeConfig:
 
 def init(cfg: MoeConfig, x: jax.Array, seed: int = 0) -> dict:
     """Plain-array parameters, with a router scaled up so that routing differs between tokens."""
-    params = nn.meta.unbox(MoeMlp(cfg).init(jax.random.key(seed), x))["params"]
+    params = nn.meta.unbox(jax.jit(MoeMlp(cfg).init)(jax.random.key(seed), x))["params"]
     params["router"]["kernel"] = params["router"]["kernel"] * 50.0
     return params
 
@@ -87,7 +87,7 @@ def test_unused_experts_give_empty_groups():
     cfg = tiny(True, 0, experts=8)
     x = inputs(1, 2)  # 2 tokens x 2 choices: at most 4 of 8 experts used
     params = init(cfg, x)
-    y, aux = MoeMlp(cfg).apply({"params": params}, x)
+    y, aux = jax.jit(MoeMlp(cfg).apply)({"params": params}, x)
     assert int((aux.expert_counts == 0).sum()) >= 4
     np.testing.assert_allclose(y, reference(cfg, params, x), atol=1e-5, rtol=1e-5)
 
@@ -174,7 +174,7 @@ def test_matches_transformers_block(family, norm):
     x = np.random.default_rng(0).standard_normal((2, 7, D)).astype(np.float32)
     with torch.no_grad():
         want = block(torch.from_numpy(x)).numpy()
-    got, aux = MoeMlp(cfg).apply({"params": hf_to_flax(block)}, jnp.asarray(x))
+    got, aux = jax.jit(MoeMlp(cfg).apply)({"params": hf_to_flax(block)}, jnp.asarray(x))
     assert int((aux.expert_counts > 0).sum()) >= E - 1  # the routing really spreads
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
@@ -204,7 +204,7 @@ def test_load_balancing_loss_matches_transformers(masked):
     x = inputs(3, 5)
     params = init(cfg, x)
     mask = masks(3, 5) if masked else None
-    _, aux = MoeMlp(cfg).apply({"params": params}, x, mask if masked else None)
+    _, aux = jax.jit(MoeMlp(cfg).apply)({"params": params}, x, mask if masked else None)
     logits = np.asarray(x.reshape(-1, D) @ params["router"]["kernel"])
     np.testing.assert_allclose(
         aux.load_balancing_loss, hf_load_balancing_loss([logits], mask), 1e-5
@@ -236,8 +236,8 @@ def test_counts_cover_unmasked_tokens():
     x = inputs(3, 5)
     params = init(cfg, x)
     mask = masks(3, 5)
-    y_all, aux_all = MoeMlp(cfg).apply({"params": params}, x)
-    y, aux = MoeMlp(cfg).apply({"params": params}, x, jnp.asarray(mask))
+    y_all, aux_all = jax.jit(MoeMlp(cfg).apply)({"params": params}, x)
+    y, aux = jax.jit(MoeMlp(cfg).apply)({"params": params}, x, jnp.asarray(mask))
     assert float(aux_all.expert_counts.sum()) == 15 * K
     assert float(aux.expert_counts.sum()) == mask.sum() * K
     assert float(aux.tokens) == mask.sum()
@@ -260,7 +260,7 @@ def test_sharded_equals_unsharded(expert_axes, on_mesh):
     cfg = tiny(True, FS, experts=8)
     x = inputs(8, 4)
     mask = jnp.asarray(np.tile(masks(2, 4), (4, 1)))
-    variables = MoeMlp(cfg).init(jax.random.key(0), x)
+    variables = jax.jit(MoeMlp(cfg).init)(jax.random.key(0), x)
     params = nn.meta.unbox(variables)["params"]
     params["router"]["kernel"] = params["router"]["kernel"] * 50.0
 
@@ -271,7 +271,7 @@ def test_sharded_equals_unsharded(expert_axes, on_mesh):
 
         return jax.grad(loss, argnums=(0, 1), has_aux=True)(p, x)
 
-    want = run(cfg, params, x, mask)
+    want = jax.jit(functools.partial(run, cfg))(params, x, mask)
     rules = (*RULES, ("expert", expert_axes))
     mesh = make_mesh(MeshSection(data=2, fsdp=4, tensor=1, rules=rules))
     specs = nn.get_partition_spec(variables)["params"]

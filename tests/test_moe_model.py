@@ -2,6 +2,7 @@
 through the layer scan into the train step's objective and metrics, packing and decoding."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -20,13 +21,16 @@ MOE = dict(
     router_aux_loss_coef=0.01, num_layers=L,
 )  # fmt: skip
 T = 16
+# Jitted once for the module: the MoE model op by op runs far slower than its compile.
+loss_fn = jax.jit(step.loss_fn, static_argnums=4)
+compute_grads = jax.jit(step.compute_grads, static_argnums=3)
 
 
 @pytest.fixture(scope="module")
 def model_and_params():
     model = Transformer(tiny_model_config(**MOE))
     ids = jnp.zeros((1, T), jnp.int32)
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), ids, ids, ids + 1)["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), ids, ids, ids + 1)["params"])
     # Routers off their init so that experts differ in load and the statistics are not flat.
     params = jax.tree_util.tree_map_with_path(
         lambda path, p: p * 40 if "router" in jax.tree_util.keystr(path) else p, params
@@ -50,6 +54,7 @@ def batch(seed: int = 0, rows: int = 4) -> dict[str, jax.Array]:
     return {k: jnp.asarray(v) for k, v in out.items()}
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def router_stats(model, params, b):
     inputs = (b["inputs"], b["positions"], b["segment_ids"])
     logits, sown = model.apply({"params": params}, *inputs, mutable=["intermediates"])
@@ -86,12 +91,13 @@ def test_packed_row_gives_each_example_its_own_logits(model_and_params):
     """Routing is per token, so packing changes nothing: each example alone gives the logits
     it has in the packed row."""
     model, params = model_and_params
+    apply = jax.jit(model.apply)
     b = batch(rows=1)
-    packed = model.apply({"params": params}, b["inputs"], b["positions"], b["segment_ids"])
+    packed = apply({"params": params}, b["inputs"], b["positions"], b["segment_ids"])
     seg = np.asarray(b["segment_ids"][0])
     for s in (1, 2):
         idx = np.flatnonzero(seg == s)
-        alone = model.apply(
+        alone = apply(
             {"params": params},
             b["inputs"][:, idx],
             b["positions"][:, idx],
@@ -109,8 +115,8 @@ def test_objective_adds_the_weighted_router_losses(model_and_params, loss_chunk)
     rng = jax.random.PRNGKey(0)
     base = step.StepOptions(loss_chunk=loss_chunk, router_stats=True)
     weighted = dataclasses.replace(base, router_aux_coef=0.01, router_z_coef=0.001)
-    plain, parts = step.loss_fn(params, state, b, rng, base)
-    objective, _ = step.loss_fn(params, state, b, rng, weighted)
+    plain, parts = loss_fn(params, state, b, rng, base)
+    objective, _ = loss_fn(params, state, b, rng, weighted)
     _, stats = router_stats(model, params, b)
     balance, z = combine_layers(stats)
     count = float(parts.tokens)
@@ -130,7 +136,9 @@ def test_router_loss_gradient_reaches_the_router(model_and_params):
     model, params = model_and_params
     b, state = batch(), model_only_state(model.apply)
     options = step.StepOptions(router_stats=True)
-    grad = lambda o: jax.grad(lambda p: step.loss_fn(p, state, b, jax.random.PRNGKey(0), o)[0])
+    grad = lambda o: jax.jit(
+        jax.grad(lambda p: step.loss_fn(p, state, b, jax.random.PRNGKey(0), o)[0])
+    )
     plain = grad(options)(params)["layers"]["mlp"]["router"]["kernel"]
     options = dataclasses.replace(options, router_aux_coef=1.0)
     weighted = grad(options)(params)["layers"]["mlp"]["router"]["kernel"]
@@ -145,9 +153,9 @@ def test_micro_batches_sum_the_statistics(model_and_params):
     b, state = batch(rows=4), model_only_state(model.apply)
     state = state.replace(params=params)
     rng = jax.random.PRNGKey(0)
-    _, one = step.compute_grads(state, b, rng, step.StepOptions(router_stats=True))
+    _, one = compute_grads(state, b, rng, step.StepOptions(router_stats=True))
     options = step.StepOptions(micro_batches=2, router_stats=True)
-    _, two = step.compute_grads(state, b, rng, options)
+    _, two = compute_grads(state, b, rng, options)
     np.testing.assert_allclose(float(one.cross_entropy), float(two.cross_entropy), rtol=1e-5)
     assert float(one.tokens) == float(two.tokens)
     np.testing.assert_allclose(one.router.expert_counts, two.router.expert_counts)
@@ -156,9 +164,7 @@ def test_micro_batches_sum_the_statistics(model_and_params):
 def test_router_metrics_show_the_load_per_expert(model_and_params):
     model, params = model_and_params
     b, state = batch(), model_only_state(model.apply)
-    _, parts = step.loss_fn(
-        params, state, b, jax.random.PRNGKey(0), step.StepOptions(router_stats=True)
-    )
+    _, parts = loss_fn(params, state, b, jax.random.PRNGKey(0), step.StepOptions(router_stats=True))
     metrics = step.router_metrics(parts.router, parts.tokens)
     load = np.asarray(metrics["expert_load"])
     assert load.shape == (E,)

@@ -92,7 +92,7 @@ def test_neftune_noise_only_in_training():
     for alpha in (0.0, 5.0):
         state, shardings, bs, schedule = _step_setup(tiny_model_config(neftune_alpha=alpha))
         inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
-        logits[alpha] = np.asarray(state.apply_fn({"params": state.params}, *inputs))
+        logits[alpha] = np.asarray(jax.jit(state.apply_fn)({"params": state.params}, *inputs))
         step = make_train_step(shardings, bs, options=StepOptions(), schedule=schedule)
         _, metrics = step(state, batch, np.float32(1.0))  # the state is donated here
         losses[alpha] = float(metrics["loss"])

@@ -8,10 +8,13 @@ language model (its tensors under `model.language_model.`) and an export is that
 the towers' tensors copied through from the source (sft_jax/hf/layout.py). `Gemma4ForCausalLM`
 files (model_type "gemma4_text") load and export as themselves.
 
-What our decoder does not compute is refused here, naming the file and the field: the
-mixture-of-experts block (`enable_moe_block`: a router with its own scales beside the dense
-MLP, which sft_jax/model/moe.py does not have), bidirectional attention over all tokens,
-attention biases, another activation or RoPE type.
+The mixture-of-experts block (`enable_moe_block`: `num_experts`, `top_k_experts`,
+`moe_intermediate_size`) runs sft_jax/model/moe.py's layer beside the dense MLP, its top-k
+weights renormalised as Gemma4TextRouter does; transformers computes no load-balancing loss
+for it, so its coefficient stays 0.
+
+What our decoder does not compute is refused here, naming the file and the field:
+bidirectional attention over all tokens, attention biases, another activation or RoPE type.
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ def load_gemma4_config(
             sliding_window=need("sliding_window") if SLIDING in types else None,
             local_layers=tuple(t == SLIDING for t in types),
             gemma4=_features(text, types, full_rope, where, need, unsupported),
+            **_moe_fields(text, need),
             **section,
         )
     except ValueError as e:
@@ -150,15 +154,22 @@ def _features(
     )
 
 
+def _moe_fields(text: dict, need: Callable) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields of `enable_moe_block` (none without it)."""
+    if not text.get("enable_moe_block"):
+        return {}
+    return {
+        "num_experts": need("num_experts"),
+        "num_experts_per_tok": need("top_k_experts"),
+        "moe_intermediate_size": need("moe_intermediate_size"),
+        "norm_topk_prob": True,
+    }
+
+
 def _refuse_features(text: dict, where: str, unsupported: Callable) -> None:
     act = text.get("hidden_activation") or text.get("hidden_act")
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise unsupported(f"uses field '{where}hidden_activation'={act!r}")
-    if text.get("enable_moe_block"):
-        raise unsupported(
-            f"has field '{where}enable_moe_block'=true: its router (with per-expert scales) runs "
-            "beside the dense MLP, which sft_jax/model/moe.py does not compute"
-        )
     if text.get("use_bidirectional_attention") == "all":
         raise unsupported(
             f"has field '{where}use_bidirectional_attention'='all' (we attend causally)"

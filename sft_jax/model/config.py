@@ -183,8 +183,10 @@ class ModelConfig:
             return
         if len(self.local_layers) != self.num_layers:
             raise ValueError("a Gemma 4 config names every layer's type in local_layers")
-        if self.layer_types or self.is_moe:
-            raise ValueError("Gemma 4 here has no linear-attention or mixture-of-experts layers")
+        if self.layer_types or self.shared_expert_intermediate_size or self.expert_bias:
+            raise ValueError(
+                "Gemma 4 here has no linear-attention layers, shared or biased experts"
+            )
         check_kv_sharing(self)
 
     def _check_hybrid(self) -> None:

@@ -2,8 +2,9 @@
 config read as transformers reads it; logits, packed rows and KV-cache greedy generation equal
 transformers' with per-layer inputs, K/V sharing, double-wide MLPs, sliding and full layers of
 different head shapes; exports (Gemma4ForCausalLM, and Gemma4ForConditionalGeneration with its
-towers copied through) load back in transformers; LoRA round-trips through PEFT; what we do not
-compute is refused naming the file and the field."""
+towers copied through) load back in transformers; LoRA round-trips through PEFT; the
+mixture-of-experts block (its router's own scales, experts beside the dense MLP) from and to
+transformers; what we do not compute is refused naming the file and the field."""
 
 import dataclasses
 import functools
@@ -46,6 +47,10 @@ TINY = dict(
     eos_token_id=None,
 )
 
+# The mixture-of-experts block (enable_moe_block): 4 experts, 2 per token, beside the dense MLP.
+MOE = dict(TINY, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=12)
+MOE_SCALES = ("layernorm_1.weight", "layernorm_2.weight", "router.scale", "per_expert_scale")
+
 
 def _randomise(model, seed=0):
     """Weights off init: norm scales around 1 (applied as w), layer scalars not 1."""
@@ -54,7 +59,7 @@ def _randomise(model, seed=0):
         for name, value in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith("layer_scalar"):
                 value.copy_(0.5 + torch.rand_like(value))
-            elif name.endswith("norm.weight"):
+            elif name.endswith(("norm.weight", *MOE_SCALES)):
                 value.copy_(1.0 + 0.3 * torch.randn_like(value))
             elif value.is_floating_point() and "inv_freq" not in name and "embed_scale" not in name:
                 value.copy_(0.15 * torch.randn_like(value))
@@ -376,7 +381,7 @@ def test_multimodal_checkpoint_loads_language_model_and_exports_as_itself(tmp_pa
 @pytest.mark.parametrize(
     ("fields", "named"),
     [
-        ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2}, "enable_moe_block"),
+        ({"enable_moe_block": True, "num_experts": 4, "moe_intermediate_size": 8}, "top_k_experts"),
         ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention"),
         ({"attention_bias": True}, "attention_bias"),
         ({"hidden_activation": "silu"}, "hidden_activation"),
@@ -447,3 +452,69 @@ def test_prefix_and_prompt_tuning_are_refused(loaded, method):
     _, params = loaded
     with pytest.raises(ValueError, match="same attention layer"):
         lora.prefix.make_prefix_adapters(params, method, 4, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def moe_saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gemma4_moe")
+    model = _randomise(Gemma4ForCausalLM(Gemma4TextConfig(**MOE)), seed=3)
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def moe_loaded(moe_saved):
+    return _load(moe_saved[0])
+
+
+def test_moe_block_logits_match_transformers(moe_saved, moe_loaded):
+    """enable_moe_block: the router on the residual stream with its own scales, the experts on
+    their own pre-norm, both outputs normed and summed; every tensor read, as many parameters
+    (and one layer_scalar per layer) as transformers has."""
+    path, model = moe_saved
+    config, params = moe_loaded
+    hf.check_checkpoint(str(path), config)
+    assert (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size) == (
+        4, 2, 12
+    )  # fmt: skip
+    assert count_params(params) == model.num_parameters() + config.num_layers
+    assert params["layers"]["layer_1"]["moe"]["experts"]["gate_proj"].shape == (1, 4, 32, 12)
+    tokens = _tokens(seed=3)
+    positions = np.stack([np.arange(14), np.arange(14) + 9])
+    ours = _apply(config, params, tokens, positions, np.ones_like(tokens))
+    expected = _hf_logits(model, tokens, positions)
+    assert np.abs(expected).max() > 0.5
+    np.testing.assert_allclose(ours, expected, atol=MODEL_TOL)
+
+
+@pytest.mark.slow  # another compile; an export and a transformers reload
+def test_moe_block_packing_and_export(moe_saved, moe_loaded, tmp_path, stories_dir):
+    """A packed row gives each example its own logits (routing is per token; the router
+    statistics leave padding out); the export (router scales, fused experts, the three extra
+    norms) loads back in transformers tensor for tensor."""
+    path, model = moe_saved
+    config, params = moe_loaded
+    tokens = _tokens(seed=5)
+    a, b = tokens[0, :9], tokens[1, 2:12]
+    packed = np.concatenate([a, b, [0]])[None]
+    positions = np.concatenate([np.arange(9), np.arange(10), [0]])[None]
+    segments = np.asarray([[1] * 9 + [2] * 10 + [0]])
+    logits, state = jax.jit(
+        lambda p, t, q, s: Transformer(config).apply(
+            {"params": p}, t, q, s, mutable=["intermediates"]
+        )
+    )(params, packed, positions, segments)
+    np.testing.assert_allclose(logits[:, :9], _hf_logits(model, a[None]), atol=MODEL_TOL)
+    np.testing.assert_allclose(logits[:, 9:19], _hf_logits(model, b[None]), atol=MODEL_TOL)
+    (router,) = state["intermediates"]["router"]
+    assert router.expert_counts.shape == (config.num_layers, 4)
+    np.testing.assert_array_equal(router.tokens, np.full(config.num_layers, 19.0))
+    np.testing.assert_array_equal(router.expert_counts.sum(-1), np.full(config.num_layers, 38.0))
+
+    out = tmp_path / "out"
+    export_hf(params, config, str(out), tokenizer_dir=str(stories_dir), source_model_dir=str(path))
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    for (name, x), y in zip(
+        model.state_dict().items(), reloaded.state_dict().values(), strict=True
+    ):
+        assert torch.equal(x, y), name

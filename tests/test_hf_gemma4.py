@@ -518,3 +518,43 @@ def test_moe_block_packing_and_export(moe_saved, moe_loaded, tmp_path, stories_d
         model.state_dict().items(), reloaded.state_dict().values(), strict=True
     ):
         assert torch.equal(x, y), name
+
+
+@pytest.mark.slow  # compiles the forward with adapters; loads PEFT
+def test_moe_block_lora_on_experts_matches_peft(moe_saved, moe_loaded, tmp_path):
+    """LoRA on the experts (PEFT's target_parameters "experts.gate_up_proj" and
+    "experts.down_proj": Gemma 4 keeps them in the layer, not under mlp) and on every
+    projection: our logits equal PEFT's on the transformers model; the adapter reads back."""
+    import peft
+
+    path, _ = moe_saved
+    config, params = moe_loaded
+    adapters = lora.init_adapters(params, (*lora.ALL_LINEAR, "experts"), 4, jax.random.PRNGKey(0))
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    adapters = jax.tree.unflatten(
+        tree, [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    )
+    assert set(adapters["layers"]["layer_0"]["moe"]["experts"]) == {"gate_up_proj", "down_proj"}
+    peft_config = lora.peft_config(
+        adapters, rank=4, alpha=8.0, rslora=False, dropout=0.0, base=str(path)
+    )
+    assert peft_config["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+    out = str(tmp_path / "adapter")
+    period = len(config.period)
+    lora.write_peft_adapter(out, adapters, peft_config, period=period)
+
+    tokens = _tokens(seed=6)
+    lora_config = dataclasses.replace(config, lora_scale=8.0 / 4)
+    positions = np.tile(np.arange(14), (2, 1))
+    ours = _apply(lora_config, params, tokens, positions, np.ones_like(tokens), adapters)
+    no_experts = jax.tree.map(lambda x: x, adapters)
+    for j in range(config.num_layers):
+        del no_experts["layers"][f"layer_{j}"]["moe"]
+    without = _apply(lora_config, params, tokens, positions, np.ones_like(tokens), no_experts)
+    assert np.abs(ours - without).max() > 1e-2  # the experts' adapters change the logits
+    base = AutoModelForCausalLM.from_pretrained(path)
+    with_peft = peft.PeftModel.from_pretrained(base, out).eval()
+    np.testing.assert_allclose(_hf_logits(with_peft, tokens), ours, atol=MODEL_TOL)
+    back = lora.read_peft_adapter(out, params)
+    jax.tree.map(np.testing.assert_array_equal, back, adapters)

@@ -208,7 +208,12 @@ def _parse_name(name: str, experts: tuple[str, ...]) -> tuple[int, tuple[str, ..
     while module and module[-1] == "base_layer":
         module, depth = module[:-1], depth + 1
     group, *rest = module or [""]
-    path = ("layers", {"self_attn": "attn"}.get(group, group), *rest)
+    # Gemma 4's experts sit directly in the layer (ours: moe/experts, beside its dense mlp).
+    path = (
+        "layers",
+        *{"self_attn": ["attn"], EXPERTS: ["moe", EXPERTS]}.get(group, [group]),
+        *rest,
+    )
     if path[-1] == EXPERTS and depth < len(experts):
         return layer, (*path, experts[len(experts) - 1 - depth]), kind
     if depth or (path[-1] not in KERNELS and path[-1] not in FUSED):

@@ -553,6 +553,10 @@ def test_moe_block_lora_on_experts_matches_peft(moe_saved, moe_loaded, tmp_path)
         del no_experts["layers"][f"layer_{j}"]["moe"]
     without = _apply(lora_config, params, tokens, positions, np.ones_like(tokens), no_experts)
     assert np.abs(ours - without).max() > 1e-2  # the experts' adapters change the logits
+    merged = lora.merge(params, adapters, 8.0 / 4)  # what a merged export writes
+    np.testing.assert_allclose(
+        _apply(config, merged, tokens, positions, np.ones_like(tokens)), ours, atol=MODEL_TOL
+    )
     base = AutoModelForCausalLM.from_pretrained(path)
     with_peft = peft.PeftModel.from_pretrained(base, out).eval()
     np.testing.assert_allclose(_hf_logits(with_peft, tokens), ours, atol=MODEL_TOL)

@@ -403,11 +403,14 @@ def test_unsupported_configs_fail_naming_file_and_field(fields, named, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh_sizes", [(8, 1, 1), (2, 2, 2)])
-def test_train_step_on_a_mesh_equals_one_device(mesh_sizes):
+@pytest.mark.parametrize(
+    ("mesh_sizes", "experts"), [((8, 1, 1), 0), ((2, 2, 2), 0), ((2, 2, 2), 4)]
+)
+def test_train_step_on_a_mesh_equals_one_device(mesh_sizes, experts):
     """The train step of a Gemma 4 model (packed batches; per-layer inputs, K/V sharing, full
-    layers of another head shape) gives the same losses and gradient norms under FSDP and a
-    mixed mesh as on one device: its parameters (some axes unnamed) shard and train."""
+    layers of another head shape; with `experts`, the mixture-of-experts block) gives the same
+    losses and gradient norms under FSDP and a mixed mesh as on one device: its parameters
+    (some axes unnamed) shard and train."""
     from sft_jax.config import MeshSection
     from sft_jax.model.gemma4_config import Gemma4Features
     from sft_jax.training.optim import make_optimizer, make_schedule
@@ -425,6 +428,8 @@ def test_train_step_on_a_mesh_equals_one_device(mesh_sizes):
         num_layers=4, local_layers=(True, False, True, False), sliding_window=5,
         local_rope_theta=10000.0, qk_norm=True, sandwich_norms=True, embed_scale=True,
         norm_scale_float32=True, mlp_activation="gelu_tanh", query_scale=1.0, gemma4=features,
+        num_experts=experts, num_experts_per_tok=2 if experts else 0,
+        moe_intermediate_size=12 if experts else 0, norm_topk_prob=bool(experts),
     )  # fmt: skip
 
     def run(sizes, devices):
@@ -444,7 +449,14 @@ def test_train_step_on_a_mesh_equals_one_device(mesh_sizes):
 
     reference = run((1, 1, 1), jax.devices()[:1])
     assert np.all(np.isfinite(reference))
-    np.testing.assert_allclose(run(mesh_sizes, jax.devices()[:8]), reference, rtol=1e-5)
+    actual = run(mesh_sizes, jax.devices()[:8])
+    if experts:  # a near-uniform router at init: after an update a near tie in the top-k can
+        # flip between shardings, so only the losses and the first step's gradients are exact
+        np.testing.assert_allclose(actual[:, 0], reference[:, 0], rtol=1e-5)
+        np.testing.assert_allclose(actual[0], reference[0], rtol=1e-5)
+        np.testing.assert_allclose(actual, reference, rtol=1e-2)
+    else:
+        np.testing.assert_allclose(actual, reference, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt"])

@@ -532,6 +532,21 @@ def test_moe_block_packing_and_export(moe_saved, moe_loaded, tmp_path, stories_d
         assert torch.equal(x, y), name
 
 
+@pytest.mark.slow  # compiles prefill and decode steps
+def test_moe_block_greedy_generation_matches_transformers(moe_saved, moe_loaded):
+    """Decoding routes each new token; the router statistics stay out of the KV cache."""
+    _, model = moe_saved
+    config, params = moe_loaded
+    prompts = [[5, 17, 90, 3, 42, 11, 2, 80, 64, 33, 1], [7, 8]]
+    ours = greedy_generate(Transformer(config), params, prompts, max_new_tokens=8, stop_ids=[])
+    for prompt, generated in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([prompt]), do_sample=False, max_new_tokens=8, min_new_tokens=8
+            )
+        assert generated == out[0, len(prompt) :].tolist()
+
+
 @pytest.mark.slow  # compiles the forward with adapters; loads PEFT
 def test_moe_block_lora_on_experts_matches_peft(moe_saved, moe_loaded, tmp_path):
     """LoRA on the experts (PEFT's target_parameters "experts.gate_up_proj" and

@@ -225,11 +225,13 @@ class ModelConfig:
     def active_mlp_width(self) -> int:
         """The feed-forward width one token passes through: F for the dense MLP; its K experts'
         widths plus the shared expert's in a mixture of experts (what its flops and its
-        activations scale with, not the E experts it stores)."""
+        activations scale with, not the E experts it stores); Gemma 4's dense MLP runs beside
+        its experts."""
         if not self.is_moe:
             return self.intermediate_size
         routed = self.num_experts_per_tok * self.moe_intermediate_size
-        return routed + self.shared_expert_intermediate_size
+        dense = self.intermediate_size if self.gemma4 is not None else 0
+        return routed + self.shared_expert_intermediate_size + dense
 
     @property
     def has_local_layers(self) -> bool:

@@ -315,14 +315,18 @@ def test_lora_peft_names_logits_and_round_trip(saved, loaded, tmp_path):
 
 
 @pytest.mark.slow
-def test_multimodal_checkpoint_loads_language_model_and_exports_as_itself(tmp_path, stories_dir):
-    """Gemma4ForConditionalGeneration (how the Hub ships Gemma 4): its language model loads
-    with the wrapper's text logits; the export is the same class, the vision and audio towers
-    and their embedders copied byte for byte, and loads back with equal logits; PEFT adapters
-    name the language model's modules only."""
+@pytest.mark.parametrize("fields", [TINY, MOE], ids=["dense", "moe"])
+def test_multimodal_checkpoint_loads_language_model_and_exports_as_itself(
+    fields, tmp_path, stories_dir
+):
+    """Gemma4ForConditionalGeneration (how the Hub ships Gemma 4, the 26B-A4B with its
+    mixture-of-experts block too): its language model loads with the wrapper's text logits;
+    the export is the same class, the vision and audio towers and their embedders copied byte
+    for byte, and loads back with equal logits; PEFT adapters name the language model's modules
+    only."""
     from transformers import Gemma4AudioConfig, Gemma4VisionConfig
 
-    text = {k: v for k, v in TINY.items() if k not in ("bos_token_id", "eos_token_id")}
+    text = {k: v for k, v in fields.items() if k not in ("bos_token_id", "eos_token_id")}
     vision = Gemma4VisionConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2, head_dim=8, patch_size=4, position_embedding_size=64,

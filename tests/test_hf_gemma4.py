@@ -267,8 +267,8 @@ def test_per_layer_remat_gives_the_same_gradients(loaded):
     )
 
 
-def _random_adapters(params, seed=0):
-    adapters = lora.init_adapters(params, lora.ALL_LINEAR, 4, jax.random.PRNGKey(seed))
+def _random_adapters(params, seed=0, targets=lora.ALL_LINEAR):
+    adapters = lora.init_adapters(params, targets, 4, jax.random.PRNGKey(seed))
     leaves, tree = jax.tree.flatten(adapters)
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
     noisy = [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
@@ -323,7 +323,7 @@ def test_multimodal_checkpoint_loads_language_model_and_exports_as_itself(
     mixture-of-experts block too): its language model loads with the wrapper's text logits;
     the export is the same class, the vision and audio towers and their embedders copied byte
     for byte, and loads back with equal logits; PEFT adapters name the language model's modules
-    only."""
+    only (and parameters: its experts')."""
     from transformers import Gemma4AudioConfig, Gemma4VisionConfig
 
     text = {k: v for k, v in fields.items() if k not in ("bos_token_id", "eos_token_id")}
@@ -364,7 +364,8 @@ def test_multimodal_checkpoint_loads_language_model_and_exports_as_itself(
     # PEFT adapters on the language model only (the towers' q/k/v stay plain), our logits.
     import peft
 
-    adapters = _random_adapters(params)
+    experts = ("experts",) if fields.get("enable_moe_block") else ()
+    adapters = _random_adapters(params, targets=(*lora.ALL_LINEAR, *experts))
     peft_config = lora.peft_config(
         adapters, rank=4, alpha=8.0, rslora=False, dropout=0.0, base=str(tmp_path / "hub"),
         language_model=True,
@@ -560,12 +561,7 @@ def test_moe_block_lora_on_experts_matches_peft(moe_saved, moe_loaded, tmp_path)
 
     path, _ = moe_saved
     config, params = moe_loaded
-    adapters = lora.init_adapters(params, (*lora.ALL_LINEAR, "experts"), 4, jax.random.PRNGKey(0))
-    leaves, tree = jax.tree.flatten(adapters)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    adapters = jax.tree.unflatten(
-        tree, [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    )
+    adapters = _random_adapters(params, targets=(*lora.ALL_LINEAR, "experts"))
     assert set(adapters["layers"]["layer_0"]["moe"]["experts"]) == {"gate_up_proj", "down_proj"}
     peft_config = lora.peft_config(
         adapters, rank=4, alpha=8.0, rslora=False, dropout=0.0, base=str(path)

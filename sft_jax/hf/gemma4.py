@@ -15,13 +15,18 @@ for it, so its coefficient stays 0.
 
 What our decoder does not compute is refused here, naming the file and the field:
 bidirectional attention over all tokens, attention biases, another activation or RoPE type.
+`gemma4_moe_specs` names the block's tensors for sft_jax/hf/params.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
+from sft_jax.hf.tensor_spec import TensorSpec, linear_spec
 from sft_jax.model.config import ModelConfig
 from sft_jax.model.gemma4_config import FULL, SLIDING, Gemma4Features
 
@@ -239,3 +244,34 @@ def _rope(text: dict, where: str, unsupported: Callable) -> tuple[dict, dict]:
     if full.get("rope_type", "default") == "default":
         full = {"rope_theta": full["rope_theta"]}  # every frequency rotates, unscaled
     return local, full
+
+
+def gemma4_moe_specs(c: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
+    """One Gemma 4 layer's mixture-of-experts block (relative to layers/layer_{j}): its router
+    with its scales, its experts fused as transformers stores them (gate_up_proj [E, 2F, D],
+    gate rows then up rows; down_proj [E, D, F]) and its three norms."""
+    d, f, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
+    layer = "model.layers.{i}."
+    swap = lambda w: w.transpose(0, 2, 1)
+    fuse = lambda gate, up: np.concatenate([swap(gate), swap(up)], axis=1)
+    up = ("moe", "experts", "up_proj")
+    gate_up = TensorSpec(
+        layer + "experts.gate_up_proj", (e, 2 * f, d), lambda w: swap(w[:, :f]), fuse, joins=(up,)
+    )
+    specs = {
+        ("moe", "router", "kernel"): linear_spec((e,), (d,), layer + "router.proj.weight"),
+        ("moe", "router_scale"): TensorSpec(layer + "router.scale", (d,)),
+        ("moe", "per_expert_scale"): TensorSpec(layer + "router.per_expert_scale", (e,)),
+        ("moe", "experts", "gate_proj"): gate_up,
+        up: dataclasses.replace(gate_up, convert=lambda w: swap(w[:, f:]), joins=(), joined=True),
+        ("moe", "experts", "down_proj"): TensorSpec(
+            layer + "experts.down_proj", (e, d, f), swap, swap
+        ),
+    }
+    for ours, theirs in (
+        ("moe_norm", "pre_feedforward_layernorm_2"),
+        ("post_mlp_norm_1", "post_feedforward_layernorm_1"),
+        ("post_moe_norm", "post_feedforward_layernorm_2"),
+    ):
+        specs[ours, "scale"] = TensorSpec(f"{layer}{theirs}.weight", (d,))
+    return specs

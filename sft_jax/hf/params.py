@@ -34,6 +34,7 @@ import numpy as np
 from flax import traverse_util
 
 from sft_jax.hf.config import ModelFileError
+from sft_jax.hf.gemma4 import gemma4_moe_specs
 from sft_jax.hf.layout import (  # noqa: F401  (re-exported: where each layout is told apart)
     HUB_LAYOUT,
     MIXTRAL_LAYOUT,
@@ -211,7 +212,7 @@ def _gemma4_specs(c: ModelConfig, layout: MoeLayout) -> dict[tuple[str, ...], Te
                 layer + "post_per_layer_input_norm.weight", (d,)
             )
         if c.is_moe:
-            ours.update(_gemma4_moe_specs(c))
+            ours.update(gemma4_moe_specs(c))
         for path, spec in ours.items():
             joins = tuple(("layers", f"layer_{j}", *other) for other in spec.joins)
             specs["layers", f"layer_{j}", *path] = dataclasses.replace(spec, joins=joins, **at)
@@ -226,37 +227,6 @@ def _gemma4_specs(c: ModelConfig, layout: MoeLayout) -> dict[tuple[str, ...], Te
         specs[(*base, "norm", "scale")] = TensorSpec(norm, (p,), **whole)
     if layout.model != HUB_LAYOUT.model:  # a multimodal checkpoint's language model
         specs = {k: dataclasses.replace(v, key=_renamed(v.key, layout)) for k, v in specs.items()}
-    return specs
-
-
-def _gemma4_moe_specs(c: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
-    """One Gemma 4 layer's mixture-of-experts block (relative to layers/layer_{j}): its router
-    with its scales, its experts fused as transformers stores them (gate_up_proj [E, 2F, D],
-    gate rows then up rows; down_proj [E, D, F]) and its three norms."""
-    d, f, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
-    layer = "model.layers.{i}."
-    swap = lambda w: w.transpose(0, 2, 1)
-    fuse = lambda gate, up: np.concatenate([swap(gate), swap(up)], axis=1)
-    up = ("moe", "experts", "up_proj")
-    gate_up = TensorSpec(
-        layer + "experts.gate_up_proj", (e, 2 * f, d), lambda w: swap(w[:, :f]), fuse, joins=(up,)
-    )
-    specs = {
-        ("moe", "router", "kernel"): linear_spec((e,), (d,), layer + "router.proj.weight"),
-        ("moe", "router_scale"): TensorSpec(layer + "router.scale", (d,)),
-        ("moe", "per_expert_scale"): TensorSpec(layer + "router.per_expert_scale", (e,)),
-        ("moe", "experts", "gate_proj"): gate_up,
-        up: dataclasses.replace(gate_up, convert=lambda w: swap(w[:, f:]), joins=(), joined=True),
-        ("moe", "experts", "down_proj"): TensorSpec(
-            layer + "experts.down_proj", (e, d, f), swap, swap
-        ),
-    }
-    for ours, theirs in (
-        ("moe_norm", "pre_feedforward_layernorm_2"),
-        ("post_mlp_norm_1", "post_feedforward_layernorm_1"),
-        ("post_moe_norm", "post_feedforward_layernorm_2"),
-    ):
-        specs[ours, "scale"] = TensorSpec(f"{layer}{theirs}.weight", (d,))
     return specs
 
 

@@ -8,17 +8,25 @@ language model (its tensors under `model.language_model.`) and an export is that
 the towers' tensors copied through from the source (sft_jax/hf/layout.py). `Gemma4ForCausalLM`
 files (model_type "gemma4_text") load and export as themselves.
 
-What our decoder does not compute is refused here, naming the file and the field: the
-mixture-of-experts block (`enable_moe_block`: a router with its own scales beside the dense
-MLP, which sft_jax/model/moe.py does not have), bidirectional attention over all tokens,
-attention biases, another activation or RoPE type.
+The mixture-of-experts block (`enable_moe_block`: `num_experts`, `top_k_experts`,
+`moe_intermediate_size`) runs sft_jax/model/moe.py's layer beside the dense MLP, its top-k
+weights renormalised as Gemma4TextRouter does; transformers computes no load-balancing loss
+for it, so its coefficient stays 0.
+
+What our decoder does not compute is refused here, naming the file and the field:
+bidirectional attention over all tokens, attention biases, another activation or RoPE type.
+`gemma4_moe_specs` names the block's tensors for sft_jax/hf/params.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
+from sft_jax.hf.tensor_spec import TensorSpec, linear_spec
 from sft_jax.model.config import ModelConfig
 from sft_jax.model.gemma4_config import FULL, SLIDING, Gemma4Features
 
@@ -115,6 +123,7 @@ def load_gemma4_config(
             sliding_window=need("sliding_window") if SLIDING in types else None,
             local_layers=tuple(t == SLIDING for t in types),
             gemma4=_features(text, types, full_rope, where, need, unsupported),
+            **_moe_fields(text, need),
             **section,
         )
     except ValueError as e:
@@ -150,15 +159,22 @@ def _features(
     )
 
 
+def _moe_fields(text: dict, need: Callable) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields of `enable_moe_block` (none without it)."""
+    if not text.get("enable_moe_block"):
+        return {}
+    return {
+        "num_experts": need("num_experts"),
+        "num_experts_per_tok": need("top_k_experts"),
+        "moe_intermediate_size": need("moe_intermediate_size"),
+        "norm_topk_prob": True,
+    }
+
+
 def _refuse_features(text: dict, where: str, unsupported: Callable) -> None:
     act = text.get("hidden_activation") or text.get("hidden_act")
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise unsupported(f"uses field '{where}hidden_activation'={act!r}")
-    if text.get("enable_moe_block"):
-        raise unsupported(
-            f"has field '{where}enable_moe_block'=true: its router (with per-expert scales) runs "
-            "beside the dense MLP, which sft_jax/model/moe.py does not compute"
-        )
     if text.get("use_bidirectional_attention") == "all":
         raise unsupported(
             f"has field '{where}use_bidirectional_attention'='all' (we attend causally)"
@@ -228,3 +244,34 @@ def _rope(text: dict, where: str, unsupported: Callable) -> tuple[dict, dict]:
     if full.get("rope_type", "default") == "default":
         full = {"rope_theta": full["rope_theta"]}  # every frequency rotates, unscaled
     return local, full
+
+
+def gemma4_moe_specs(c: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
+    """One Gemma 4 layer's mixture-of-experts block (relative to layers/layer_{j}): its router
+    with its scales, its experts fused as transformers stores them (gate_up_proj [E, 2F, D],
+    gate rows then up rows; down_proj [E, D, F]) and its three norms."""
+    d, f, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
+    layer = "model.layers.{i}."
+    swap = lambda w: w.transpose(0, 2, 1)
+    fuse = lambda gate, up: np.concatenate([swap(gate), swap(up)], axis=1)
+    up = ("moe", "experts", "up_proj")
+    gate_up = TensorSpec(
+        layer + "experts.gate_up_proj", (e, 2 * f, d), lambda w: swap(w[:, :f]), fuse, joins=(up,)
+    )
+    specs = {
+        ("moe", "router", "kernel"): linear_spec((e,), (d,), layer + "router.proj.weight"),
+        ("moe", "router_scale"): TensorSpec(layer + "router.scale", (d,)),
+        ("moe", "per_expert_scale"): TensorSpec(layer + "router.per_expert_scale", (e,)),
+        ("moe", "experts", "gate_proj"): gate_up,
+        up: dataclasses.replace(gate_up, convert=lambda w: swap(w[:, f:]), joins=(), joined=True),
+        ("moe", "experts", "down_proj"): TensorSpec(
+            layer + "experts.down_proj", (e, d, f), swap, swap
+        ),
+    }
+    for ours, theirs in (
+        ("moe_norm", "pre_feedforward_layernorm_2"),
+        ("post_mlp_norm_1", "post_feedforward_layernorm_1"),
+        ("post_moe_norm", "post_feedforward_layernorm_2"),
+    ):
+        specs[ours, "scale"] = TensorSpec(f"{layer}{theirs}.weight", (d,))
+    return specs

@@ -34,6 +34,7 @@ import numpy as np
 from flax import traverse_util
 
 from sft_jax.hf.config import ModelFileError
+from sft_jax.hf.gemma4 import gemma4_moe_specs
 from sft_jax.hf.layout import (  # noqa: F401  (re-exported: where each layout is told apart)
     HUB_LAYOUT,
     MIXTRAL_LAYOUT,
@@ -189,7 +190,7 @@ def _gemma4_specs(c: ModelConfig, layout: MoeLayout) -> dict[tuple[str, ...], Te
     specs, layer = {}, "model.layers.{i}."
     dropped = {"k_proj", "v_proj", "k_norm"}
     for j in range(n):
-        plain = _tensor_specs(dataclasses.replace(layer_view(c, j), gemma4=None))
+        plain = _tensor_specs(dataclasses.replace(layer_view(c, j), gemma4=None, num_experts=0))
         at = {"period": n, "offset": j}
         skip = dropped if j >= first_shared_layer(c) else set()
         if g.k_eq_v and not c.local_layers[j]:
@@ -210,8 +211,11 @@ def _gemma4_specs(c: ModelConfig, layout: MoeLayout) -> dict[tuple[str, ...], Te
             ours["post_per_layer_norm", "scale"] = TensorSpec(
                 layer + "post_per_layer_input_norm.weight", (d,)
             )
+        if c.is_moe:
+            ours.update(gemma4_moe_specs(c))
         for path, spec in ours.items():
-            specs["layers", f"layer_{j}", *path] = dataclasses.replace(spec, **at)
+            joins = tuple(("layers", f"layer_{j}", *other) for other in spec.joins)
+            specs["layers", f"layer_{j}", *path] = dataclasses.replace(spec, joins=joins, **at)
     if p:
         whole = {"per_layer": False}
         base = ("per_layer_inputs",)

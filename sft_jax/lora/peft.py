@@ -38,7 +38,8 @@ on import a tied lm_head.weight (which PEFT itself also writes) is read as the e
 On a multimodal base (Gemma 3's `Gemma3ForConditionalGeneration`) the language model's modules
 are `model.language_model.*`: export (`language_model=True`) writes the keys there and targets
 them with a regular expression, so PEFT leaves the vision tower's q/k/v projections alone;
-import reads those keys and refuses an adapter on any other module of the base.
+import reads those keys and refuses an adapter on any other module of the base. Its experts
+are adapted only in Gemma 4 (parameters `experts.*`, a name no tower has).
 
 A base with fused projections (Phi-3's qkv_proj and gate_up_proj) has its adapters fused on
 export and split on import (sft_jax.lora.fused).
@@ -208,7 +209,12 @@ def _parse_name(name: str, experts: tuple[str, ...]) -> tuple[int, tuple[str, ..
     while module and module[-1] == "base_layer":
         module, depth = module[:-1], depth + 1
     group, *rest = module or [""]
-    path = ("layers", {"self_attn": "attn"}.get(group, group), *rest)
+    # Gemma 4's experts sit directly in the layer (ours: moe/experts, beside its dense mlp).
+    path = (
+        "layers",
+        *{"self_attn": ["attn"], EXPERTS: ["moe", EXPERTS]}.get(group, [group]),
+        *rest,
+    )
     if path[-1] == EXPERTS and depth < len(experts):
         return layer, (*path, experts[len(experts) - 1 - depth]), kind
     if depth or (path[-1] not in KERNELS and path[-1] not in FUSED):
@@ -306,7 +312,7 @@ def peft_config(
     modules: Any = sorted({p[-1] for p in paths if not is_expert_path(p)})
     names = dict(PEFT_MODULE_NAME)
     if language_model:
-        if parameters:
+        if any(not p.startswith(f"{EXPERTS}.") for p in parameters):  # tested: Gemma 4's only
             raise ValueError("a multimodal base's experts are not adapted by sft_jax")
         modules = rf"model\.language_model\.layers\.\d+\..*\.({'|'.join(modules)})"
         names["norm"] = "language_model.norm"

@@ -157,9 +157,10 @@ def hf_layer(path: tuple[str, ...], index: int, period: int) -> int:
 def hf_module(path: tuple[str, ...]) -> str:
     """The HF name inside a layer of what the adapter at `path` adapts: a module
     ("self_attn.q_proj", "mlp.shared_expert.gate_proj", "linear_attn.in_proj_qkv") or, for
-    the experts, the parameter PEFT's target_parameters names ("mlp.experts.gate_up_proj")."""
+    the experts, the parameter PEFT's target_parameters names ("mlp.experts.gate_up_proj";
+    Gemma 4's experts, our moe/experts beside its dense mlp, are the layer's "experts")."""
     group, *rest = split_sublayer(path)[1][1:]
-    return ".".join([{"attn": "self_attn"}.get(group, group), *rest])
+    return ".".join([*{"attn": ["self_attn"], "moe": []}.get(group, [group]), *rest])
 
 
 def target_paths(params: dict, targets: tuple[str, ...]) -> list[tuple[str, ...]]:

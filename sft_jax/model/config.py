@@ -183,8 +183,10 @@ class ModelConfig:
             return
         if len(self.local_layers) != self.num_layers:
             raise ValueError("a Gemma 4 config names every layer's type in local_layers")
-        if self.layer_types or self.is_moe:
-            raise ValueError("Gemma 4 here has no linear-attention or mixture-of-experts layers")
+        if self.layer_types or self.shared_expert_intermediate_size or self.expert_bias:
+            raise ValueError(
+                "Gemma 4 here has no linear-attention layers, shared or biased experts"
+            )
         check_kv_sharing(self)
 
     def _check_hybrid(self) -> None:
@@ -223,11 +225,13 @@ class ModelConfig:
     def active_mlp_width(self) -> int:
         """The feed-forward width one token passes through: F for the dense MLP; its K experts'
         widths plus the shared expert's in a mixture of experts (what its flops and its
-        activations scale with, not the E experts it stores)."""
+        activations scale with, not the E experts it stores); Gemma 4's dense MLP runs beside
+        its experts."""
         if not self.is_moe:
             return self.intermediate_size
         routed = self.num_experts_per_tok * self.moe_intermediate_size
-        return routed + self.shared_expert_intermediate_size
+        dense = self.intermediate_size if self.gemma4 is not None else 0
+        return routed + self.shared_expert_intermediate_size + dense
 
     @property
     def has_local_layers(self) -> bool:

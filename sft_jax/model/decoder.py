@@ -299,6 +299,8 @@ class Transformer(nn.Module):
             per_sub = [outputs[f"layer_{j}"]["router"] for j in range(len(self.config.period))]
             interleave = lambda *xs: jnp.stack(xs, 1).reshape(-1, *xs[0].shape[1:])
             outputs = {"router": jax.tree.map(interleave, *per_sub)}
+        if self.config.gemma4 is not None and "router" in outputs:  # one scan step: [1, L, ...]
+            outputs = {"router": jax.tree.map(lambda r: r[0], outputs["router"])}
         if "router" in outputs:  # per-layer MoeAux [L, ...]: read by the train step's loss
             self.sow("intermediates", ROUTER_STATS, outputs["router"])
         x = self.final_norm(x)

@@ -15,6 +15,10 @@ differences, each as transformers computes it:
   embedding, normalised and averaged, give each layer a [P] vector per token; the layer adds
   proj(gelu(gate(x)) * that vector), normalised, to its output. Both parts are per token.
 - Every layer's output is multiplied by its `layer_scalar`.
+- With `enable_moe_block` (ModelConfig.num_experts > 0) a mixture-of-experts block runs beside
+  the dense MLP: sft_jax/model/moe.py's layer with Gemma 4's router (`MoeConfig.gemma4_router`),
+  routing on the residual stream while its experts read their own pre-norm of it; each output
+  is normed, and their sum goes through the post-MLP norm.
 
 Parameter tree (beside decoder.py's embed, final_norm, lm_head; layer j of L under
 layers/layer_{j}, each leaf with a leading axis of 1):
@@ -27,6 +31,8 @@ layers/layer_{j}, each leaf with a leading axis of 1):
     layers/layer_{j}/{per_layer_input_gate [1, D, P], per_layer_projection [1, P, D]}/kernel,
         layers/layer_{j}/post_per_layer_norm/scale [1, D]     (with per-layer inputs)
     layers/layer_{j}/layer_scalar [1, 1]
+    layers/layer_{j}/moe/... (sft_jax/model/moe.py's tree with Gemma 4's router scales), and
+        layers/layer_{j}/{moe_norm, post_mlp_norm_1, post_moe_norm}/scale [1, D]   (with experts)
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from sft_jax.model.attention import apply_rope, attend, rope_tables
 from sft_jax.model.config import ModelConfig
 from sft_jax.model.gemma4_config import first_shared_layer, layer_view
 from sft_jax.model.layers import ACTIVATIONS, INIT_STD, Einsum, RMSNorm, named_param
+from sft_jax.model.moe import MoeAux, MoeConfig, MoeMlp
 from sft_jax.model.prefix import PREFIX_K
 from sft_jax.model.sublayers import (
     CHECKPOINT_POLICIES,
@@ -145,8 +152,9 @@ class Gemma4Attention(nn.Module):
 
 
 class Gemma4Layer(nn.Module):
-    """One Gemma 4 decoder layer (Gemma4TextDecoderLayer) without the mixture-of-experts
-    block; `config` is its `layer_view`, `index` its layer number j."""
+    """One Gemma 4 decoder layer (Gemma4TextDecoderLayer), with the mixture-of-experts block
+    beside the dense MLP when the config has experts; `config` is its `layer_view`, `index` its
+    layer number j."""
 
     config: ModelConfig
     index: int
@@ -166,6 +174,8 @@ class Gemma4Layer(nn.Module):
         out = {} if cache is None else {"k": kv[0], "v": kv[1]}
         x = x + rms_norm(c, ("embed",), name="post_attn_norm")(h)
         h = Mlp(c, name="mlp")(rms_norm(c, ("embed",), name="mlp_norm")(x))
+        if c.is_moe:
+            h, out["router"] = self._moe(x, h, ctx)
         x = x + rms_norm(c, ("embed",), name="post_mlp_norm")(h)
         if c.gemma4.per_layer_input_size:
             d, p = c.hidden_size, c.gemma4.per_layer_input_size
@@ -180,11 +190,24 @@ class Gemma4Layer(nn.Module):
         x = pin_activations(c, x * scalar.astype(c.dtype), decoding=decoding)
         return x, out, kv
 
+    def _moe(self, x: jax.Array, dense: jax.Array, ctx: dict) -> tuple[jax.Array, MoeAux]:
+        """The mixture-of-experts block beside the dense MLP (`enable_moe_block`): the router
+        reads the residual stream x, the experts their own pre-norm of it; the two outputs are
+        each normed and summed (then normed again by the caller's post_mlp_norm)."""
+        c = self.config
+        segment_ids = ctx.get("segment_ids")
+        real = None if segment_ids is None else segment_ids != 0
+        experts_in = rms_norm(c, ("embed",), name="moe_norm")(x)
+        y, aux = MoeMlp(MoeConfig.of_model(c), name="moe")(x, real, experts_in)
+        dense = rms_norm(c, ("embed",), name="post_mlp_norm_1")(dense)
+        return dense + rms_norm(c, ("embed",), name="post_moe_norm")(y), aux
+
 
 class Gemma4Stack(nn.Module):
     """All of a Gemma 4 model's layers as one scan step (the decoder's block for Gemma 4):
     layer j is `layer_{j}`; a K/V-sharing layer gets the keys and values of the last earlier
-    layer of its type. Returns (x, per-layer outputs: the updated caches when decoding)."""
+    layer of its type. Returns (x, per-layer outputs: the updated caches when decoding, and
+    with the mixture-of-experts block "router", every layer's MoeAux stacked [L, ...])."""
 
     config: ModelConfig
 
@@ -193,7 +216,7 @@ class Gemma4Stack(nn.Module):
         c = self.config
         first = first_shared_layer(c)
         stored: dict[bool, KV] = {}  # by layer type (local or not): the latest layer's K/V
-        outputs = {}
+        outputs, routers = {}, []
         layer_cls = Gemma4Layer
         if c.remat != "none":  # per layer, not the whole stack (one scan step holds all)
             policy = CHECKPOINT_POLICIES[c.remat]
@@ -203,8 +226,12 @@ class Gemma4Stack(nn.Module):
             shared = stored[local] if j >= first else None
             block = layer_cls(layer_view(c, j), j, name=name)
             x, outputs[name], kv = block(x, layer.get(name, {}), ctx, shared)
+            if "router" in outputs[name]:
+                routers.append(outputs[name].pop("router"))
             if j < first:
                 stored[local] = kv
+        if routers:  # the decoder sows them, [1, L, ...] after the scan
+            outputs["router"] = jax.tree.map(lambda *xs: jnp.stack(xs), *routers)
         return x, outputs
 
 

@@ -1,6 +1,6 @@
-"""Mixture-of-experts feed-forward layer (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss), a
-drop-in for the dense `Mlp` of sft_jax/model/decoder.py: x [B, T, D] in, y [B, T, D] out, plus
-router statistics.
+"""Mixture-of-experts feed-forward layer (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss; Gemma 4
+beside its dense MLP), a drop-in for the dense `Mlp` of sft_jax/model/decoder.py: x [B, T, D]
+in, y [B, T, D] out, plus router statistics.
 
 Dimension letters as in decoder.py, plus E experts, K experts chosen per token (top-k), N = B * T
 tokens and A = N * K (token, choice) assignments.
@@ -18,6 +18,9 @@ Design choices and why:
   (Qwen2-MoE, OLMoE by default) the raw probabilities weight the experts.
 - gpt-oss adds biases to the router and to each expert's projections (added per grouped row,
   `GroupedRows.bias`) and replaces act(gate) * up by its clamped SwiGLU (`clamped_swiglu`).
+- Gemma 4's router (`gemma4_router`) reads its input normalised and scaled, and scales each
+  chosen expert's weight by a learned per-expert factor; its experts may read another input
+  than the router (`MoeMlp`'s `expert_input`).
 - Qwen2-MoE's shared expert is a dense gated MLP of its own width, scaled per token by
   sigmoid(shared_expert_gate(x)), added to the routed output.
 - On a mesh (`MoeConfig.mesh`, as ModelConfig carries it) routing and the grouped matmuls run
@@ -47,6 +50,7 @@ Parameter tree (names are load-bearing for the future HF loader and sharding rul
     experts/{gate_bias, up_bias [E, F], down_bias [E, D]}  (expert_bias: gpt-oss)
     shared_expert/{gate_proj, up_proj [D, Fs], down_proj [Fs, D]}/kernel   (shared expert only)
     shared_expert_gate/kernel [D, 1]                       (shared expert only)
+    router_scale [D], per_expert_scale [E]                 (gemma4_router: Gemma 4)
 
 HF's fused expert weights map as gate_up_proj [E, 2F, D] -> gate = [:, :F].T, up = [:, F:].T
 (transposed to [E, D, F]) and down_proj [E, D, F] -> transposed to [E, F, D].
@@ -102,6 +106,11 @@ class MoeConfig:
     expert_bias: bool = False
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
+    # Gemma 4's router (transformers' Gemma4TextRouter): it reads RMSNorm(x) without a scale,
+    # times its own `router_scale` [D] and D^-0.5, and multiplies each chosen (renormalised)
+    # weight by its expert's `per_expert_scale` [E]. `rms_norm_eps`: that norm's epsilon.
+    gemma4_router: bool = False
+    rms_norm_eps: float = 1e-6
     dtype: str = "float32"
     param_dtype: str = "float32"
     lora_scale: float | None = None  # as ModelConfig: required when adapters are passed
@@ -129,6 +138,8 @@ class MoeConfig:
             expert_bias=c.expert_bias,
             swiglu_limit=c.swiglu_limit,
             swiglu_alpha=c.swiglu_alpha,
+            gemma4_router=c.gemma4 is not None,
+            rms_norm_eps=c.rms_norm_eps,
             dtype=c.dtype,
             param_dtype=c.param_dtype,
             mesh=c.mesh,
@@ -474,8 +485,12 @@ class MoeMlp(nn.Module):
     config: MoeConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, MoeAux]:
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None = None, expert_input: jax.Array | None = None
+    ) -> tuple[jax.Array, MoeAux]:
         """x [B, T, D], mask [B, T] (true for real tokens; None: all) -> (y [B, T, D], aux).
+        `expert_input` [B, T, D]: what the experts read, when not x (Gemma 4 routes on its
+        layer's residual stream and gives the experts their own pre-norm of it).
 
         The mask only affects the router statistics: every token gets its experts' output.
         """
@@ -486,13 +501,30 @@ class MoeMlp(nn.Module):
         router = Einsum(
             "BTD,DE->BTE", (d, e), ("embed", "expert"), router_bias, **dt, name="router"
         )
-        logits = router(x)
+        logits = router(self._gemma4_router_input(x) if c.gemma4_router else x)
         routing = functools.partial(route, k=c.num_experts_per_tok, norm_topk_prob=c.norm_topk_prob)
         probs, weights, experts = on_token_shards(routing, c, x.shape, 1, outs=3)(logits)
-        y = Experts(c, name="experts")(x, experts, weights)
+        if c.gemma4_router:
+            ones = nn.initializers.ones_init()
+            scale = named_param(self, "per_expert_scale", ones, (e,), ("expert",), c.param_dtype)
+            weights = weights * jnp.take(scale.astype(jnp.float32), experts)
+        y = Experts(c, name="experts")(
+            x if expert_input is None else expert_input, experts, weights
+        )
         if c.shared_expert_intermediate_size:
             shared = SharedExpert(c, name="shared_expert")(x)
             gate = Einsum("BTD,DO->BTO", (d, 1), ("embed", None), **dt, name="shared_expert_gate")
             y = y + jax.nn.sigmoid(gate(x)) * shared
         aux = router_aux(logits, probs, experts, mask)
         return y, aux
+
+    def _gemma4_router_input(self, x: jax.Array) -> jax.Array:
+        """Gemma 4's router input: RMSNorm(x) without a scale (statistics in float32), times
+        `router_scale` [D] and D^-0.5, as Gemma4TextRouter computes it."""
+        c = self.config
+        ones = nn.initializers.ones_init()
+        scale = named_param(self, "router_scale", ones, (c.hidden_size,), ("embed",), c.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + c.rms_norm_eps)
+        dt = jnp.dtype(c.dtype)
+        return normed.astype(dt) * scale.astype(dt) * jnp.asarray(c.hidden_size**-0.5, dt)

@@ -10,7 +10,7 @@ import pytest
 from configs import base
 from sft_jax.config import LoraSection, MeshSection, OptimSection
 from sft_jax.model import decoder as model_module
-from sft_jax.model import layers
+from sft_jax.model import layers, sublayers
 from sft_jax.model.cpu_linear import cpu_linear, input_rank
 from sft_jax.model.decoder import Transformer
 from sft_jax.training.optim import make_optimizer
@@ -87,7 +87,8 @@ def assert_same_grads_with_path_off(monkeypatch, loss, params, shapes):
     monkeypatch.setattr(layers, "cpu_linear", counted)
     jax.make_jaxpr(loss)(params)
     assert set(traced) == shapes, traced  # the CPU without remat really takes the path
-    monkeypatch.setattr(model_module, "_cpu_grad", lambda c, in_layers=True: False)
+    for module in (model_module, sublayers):  # the decoder and its sub-layers each ask
+        monkeypatch.setattr(module, "cpu_grad", lambda c, in_layers=True: False)
     traced.clear()
     plain = grads()
     assert not traced

@@ -49,7 +49,11 @@ def _faults_per_call(mode: str) -> dict:
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt: Linux only")
 def test_retaining_allocator_stops_per_call_page_faults():
     system = _faults_per_call("system")
-    retained = _faults_per_call("retain")
+    # The lower of two runs: a neighbour's memory pressure (parallel tests) can make the kernel
+    # take pages back during one run; without the setting every run faults each call.
+    retained = min(
+        (_faults_per_call("retain") for _ in range(2)), key=lambda r: r["faults_per_call"]
+    )
     assert system["done"] == "system allocator"
     assert retained["done"].startswith("retaining host allocator")
     # 32 MiB of fresh pages is 8192 faults per call when glibc unmaps the block after each call.

@@ -441,6 +441,9 @@ def test_train_step_on_a_mesh_equals_one_device(mesh_sizes, experts):
         mesh = make_mesh(MeshSection(*sizes, rules=RULES), devices)
         tx = make_optimizer(optim_cfg(), total_steps=10)
         state, shardings = create_train_state(StateSpec(config, mesh, RULES, tx))
+        if experts:  # a decisive router: at init its logits are near zero, and one update
+            # can leave two experts tied within rounding, which a sharded sum then flips
+            state = state.replace(params=jax.tree_util.tree_map_with_path(_sharpen, state.params))
         sharding = batch_sharding(mesh, RULES)
         step_fn = make_train_step(
             shardings, sharding, options=StepOptions(), schedule=make_schedule(optim_cfg(), 10)
@@ -455,13 +458,13 @@ def test_train_step_on_a_mesh_equals_one_device(mesh_sizes, experts):
     reference = run((1, 1, 1), jax.devices()[:1])
     assert np.all(np.isfinite(reference))
     actual = run(mesh_sizes, jax.devices()[:8])
-    if experts:  # a near-uniform router at init: after an update a near tie in the top-k can
-        # flip between shardings, so only the losses and the first step's gradients are exact
-        np.testing.assert_allclose(actual[:, 0], reference[:, 0], rtol=1e-5)
-        np.testing.assert_allclose(actual[0], reference[0], rtol=1e-5)
-        np.testing.assert_allclose(actual, reference, rtol=1e-2)
-    else:
-        np.testing.assert_allclose(actual, reference, rtol=1e-5)
+    np.testing.assert_allclose(actual, reference, rtol=1e-5)
+
+
+def _sharpen(path, leaf):
+    """Router kernels x30 (the mesh test's decisive routing); other leaves as they are."""
+    name = jax.tree_util.keystr(path)
+    return leaf * 30 if "router" in name and "kernel" in name else leaf
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt"])

@@ -112,10 +112,12 @@ def test_chart_of_a_real_tiny_run_with_the_retention_rewind(tmp_path):
     raw.eval.general_text_files = asset_path("general/stories.txt")
     raw.checkpoint.every_steps, raw.checkpoint.keep = 2, 3
     raw.checkpoint.rewind_to_best, raw.checkpoint.rewind_rule = True, "retention"
-    summary = train_and_evaluate(parse(raw), str(tmp_path))
+    config = parse(raw)
+    summary = train_and_evaluate(config, str(tmp_path))
     got = report_tradeoff.tradeoff_of(report.load_run(str(tmp_path)))
     assert got.source == "rewind" and [p["step"] for p in got.points] == [2, 4]
     assert got.chosen_step == summary["best_step"] and got.base is not None
-    assert got.limit_general_loss == pytest.approx(got.base["general_loss"] + 0.05)
+    tolerance = config.checkpoint.rewind_tolerance  # the default
+    assert got.limit_general_loss == pytest.approx(got.base["general_loss"] + tolerance)
     page = pathlib.Path(report.build_report(str(tmp_path))).read_text()
     assert f'alt="{TITLE}"' in page and (tmp_path / "report" / "tradeoff.png").exists()

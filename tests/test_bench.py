@@ -170,8 +170,8 @@ def test_gpu_script_runs_every_workload_and_prints_one_json_line_each(tmp_path):
     for r in runs:
         assert "error" not in r, r
         assert r["tokens_per_s"] > 0 and r["dtype"] == "bfloat16"
-    assert [r["remat"] for r in runs] == ["dots"] * 3 + ["none"] * 2 + ["dots"] * 2
-    assert [r["batch"] for r in runs] == [4, 4, 2, 8, 4, 4, 4]
+    assert [r["remat"] for r in runs] == ["dots"] * 4 + ["none"] + ["dots"] * 2
+    assert [r["batch"] for r in runs] == [4, 4, 2, 16, 4, 4, 4]
     assert [r["attention"] for r in runs] == ["blocked"] * 5 + ["xla", "blocked"]  # auto: blocked
-    assert [r["loss_chunk"] for r in runs] == [512] * 6 + [0]
+    assert [r["loss_chunk"] for r in runs] == [512] * 3 + [0, 0, 512, 0]
     assert (tmp_path / "bench_llama8b_lora.log").exists()

@@ -12,10 +12,12 @@ call: `bash benchmarks/gpu_all.sh`.
 Random init (`model.path=""`), synthetic packed data (sft_jax/bench.py); `data.train_files`
 names the bundled demo file only so that the config parses: the bench ignores it.
 Batch 4 x 2048 with the "dots" remat policy (saves projection outputs, recomputes attention):
-a starting point that fits 80 GB, not yet a tuned one. Attention "auto" is cuDNN flash
+settings that fit an 80 GB GPU with room to spare. Attention "auto" is cuDNN flash
 attention on the GPU (packed segments as a mask, causal blocks skipped); the loss runs over
 pieces of 512 positions, so the 4 x 2048 x 128k float32 logits (4.2 GB, twice with their
-gradient) are never held at once.
+gradient) are never held at once. That saving costs step time on a GPU: where memory allows,
+`--config.model.loss_chunk=0` with a larger batch is faster (docs/benchmarks.md has the
+measured settings and their peaks).
 """
 
 from sft_jax.assets import asset_path

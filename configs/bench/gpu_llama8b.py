@@ -10,8 +10,9 @@ All GPU workloads in one call: `bash benchmarks/gpu_all.sh`.
 
 Random init (`model.path=""`) of the frozen base in bf16, synthetic packed data
 (sft_jax/bench.py); `data.train_files` names the bundled demo file only so that the config
-parses: the bench ignores it. Batch 2 x 2048 with the "dots" remat policy: a starting point that
-fits 80 GB, not yet a tuned one.
+parses: the bench ignores it. Batch 2 x 2048 with the "dots" remat policy: settings that fit an
+80 GB GPU. On a larger one, `--config.train.global_batch_size=4 --config.model.remat=none
+--config.model.loss_chunk=0` is faster (docs/benchmarks.md has the measured settings).
 """
 
 from configs.bench import gpu_llama1b

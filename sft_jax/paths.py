@@ -25,9 +25,19 @@ import sys
 import time
 from typing import IO, Any
 
+import fsspec.config
 from etils import epath
 
 _GLOB_CHARS = "*?["
+
+# fsspec keeps every directory listing of an object store for the life of the process and answers
+# `exists`, `is_file` and the size a read stops at from it. Other hosts (and TensorStore, for the
+# checkpoints) create, replace and delete objects of the same workdir and cache, which that cache
+# never hears of: with it, an object created since a listing is not seen and one replaced since
+# reads back cut to its old size. So the stores' clients made after this import keep no listings
+# (a user's own setting for a protocol is left as it is).
+for _protocol in ("gs", "gcs", "s3", "s3a"):
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -143,8 +153,9 @@ def create_exclusive(path: str, text: str) -> bool:
 
 
 def glob_files(pattern: str) -> list[str]:
-    """The files a glob matches, sorted (`**` matches any depth). Locally `glob.glob`; in an
-    object store the part before the first component with a wildcard is the directory searched."""
+    """The files a glob matches, sorted (`**` matches any depth, none included, as locally).
+    Locally `glob.glob`; in an object store fsspec's glob under the part before the first
+    component with a wildcard (epath's refuses `**` on Cloud Storage)."""
     if not is_url(pattern):
         import glob
 
@@ -152,8 +163,11 @@ def glob_files(pattern: str) -> list[str]:
     scheme, rest = pattern.split("://", 1)
     parts = rest.split("/")
     first = next(i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS))
-    root = epath.Path(f"{scheme}://{'/'.join(parts[:first])}")
-    return sorted(str(p) for p in root.glob("/".join(parts[first:])) if p.is_file())
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(f"{scheme}://{'/'.join(parts[:first])}")
+    found = fs.glob(f"{root.rstrip('/')}/{'/'.join(parts[first:])}", detail=True)
+    return sorted(f"{scheme}://{name}" for name, info in found.items() if info["type"] == "file")
 
 
 class AppendFile:
@@ -211,11 +225,8 @@ class AppendFile:
 
 
 def listdir(path: str) -> list[str]:
-    """The names in a directory (on a store: under the prefix `path/`).
-
-    On a store the listing is asked for afresh: fsspec keeps every listing of a process for good,
-    and the workdir's objects are also written by other hosts and by TensorStore (the
-    checkpoints), which that cache never hears of."""
+    """The names in a directory (on a store: under the prefix `path/`), asked for afresh on a
+    store even where a user's fsspec configuration keeps listings (see the note at the top)."""
     if not is_url(path):
         return os.listdir(path)
     import fsspec

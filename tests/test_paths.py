@@ -151,6 +151,27 @@ def test_data_and_cache_on_gcs(tmp_path, gcs, monkeypatch):
     assert_same(prepare_data(config), prepare_data(remote), sources=False)
 
 
+def test_store_lookups_see_what_other_hosts_wrote(gcs):
+    """Another host (a second client) creates, replaces and deletes objects after this process
+    listed their directory: exists / isfile / glob see the change, and a replaced object reads
+    back whole, not cut to the size the listing remembered; `**` globs at any depth."""
+    import gcsfs
+
+    paths.write_text(f"{gcs}/d/a.txt", "one")
+    assert paths.glob_files(f"{gcs}/d/*.txt") == [f"{gcs}/d/a.txt"]  # now a cached listing
+    assert paths.exists(f"{gcs}/d/a.txt")
+    other = gcsfs.GCSFileSystem(skip_instance_cache=True)
+    other.pipe("test/d/b.txt", b"b")
+    other.pipe("test/d/a.txt", b"one, then more")
+    assert paths.read_text(f"{gcs}/d/a.txt") == "one, then more"
+    other.rm("test/d/a.txt")
+    assert not paths.exists(f"{gcs}/d/a.txt") and not paths.isfile(f"{gcs}/d/a.txt")
+    assert paths.isfile(f"{gcs}/d/b.txt")
+    other.pipe("test/d/deep/c.txt", b"c")
+    assert paths.isdir(f"{gcs}/d/deep")
+    assert paths.glob_files(f"{gcs}/**/*.txt") == [f"{gcs}/d/b.txt", f"{gcs}/d/deep/c.txt"]
+
+
 @pytest.mark.slow
 def test_append_and_lock_objects_on_gcs(gcs):
     """An object cannot be appended to: it is rewritten whole, at the first append, then at most

@@ -12,6 +12,7 @@ import pathlib
 import numpy as np
 import pytest
 from test_data_shards import demo_config
+from test_paths import gcs  # noqa: F401 (the fixture)
 from test_streaming_pipeline import streamed, take
 
 from sft_jax.data import prepare_data, stream_counts
@@ -160,3 +161,22 @@ def test_another_seq_len_or_window_is_counted_again(tmp_path, monkeypatch):
         prepare_data(config)
         assert len(calls) == counts, change  # back at seq_len 128: its counts are read
     assert len(counts_files(tmp_path)) == 3
+
+
+@pytest.mark.usefixtures("gcs")
+def test_counts_file_in_a_bucket():
+    """The counts go through the path layer: written as one object, read back, and an object
+    that does not hold what was written is not trusted."""
+    from etils import epath
+
+    bucket = "gs://test"  # the emulator's
+    identity = {"version": stream_counts.COUNTS_VERSION, "groups": ["g"], "stream": [8, 4, 4]}
+    counts = dict.fromkeys(stream_counts.COUNTED, 3)
+    path = stream_counts.counts_path(f"{bucket}/cache", identity)
+    assert path.startswith(f"{bucket}/cache/{stream_counts.DIRECTORY}/")
+    assert stream_counts.load_counts(path, identity) is None
+    stream_counts.save_counts(path, identity, counts)
+    assert stream_counts.load_counts(path, identity) == counts
+    assert stream_counts.load_counts(path, {**identity, "groups": ["h"]}) is None
+    epath.Path(path).write_text(epath.Path(path).read_text().replace(": 3", ": 4", 1))
+    assert stream_counts.load_counts(path, identity) is None

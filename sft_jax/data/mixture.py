@@ -6,7 +6,9 @@ plain concatenation). Weights are normalised and apply to *examples* (after toke
 length handling): an epoch holds N = (total examples) examples, round(w_i * N) of them from group i.
 A group with fewer examples than its share is repeated (every example the same number of times,
 the remainder drawn without replacement); a larger one is subsampled without replacement. The draw
-is seeded, so the mixture is part of the deterministic data order.
+is seeded, so the mixture is part of the deterministic data order. It is made once per run (per
+data shard), so every epoch trains the same draw in a new order; `mixture_picks` gives it as index
+arrays, which the streamed path (data.streaming) reads over the cache, drawing the same examples.
 """
 
 from __future__ import annotations

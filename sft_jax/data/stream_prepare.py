@@ -53,7 +53,6 @@ from sft_jax.data.render import TokenCounts
 from sft_jax.data.shards import ShardPlan, agree
 from sft_jax.data.source import DataError
 from sft_jax.data.stream import StreamIterator, StreamSettings, release_mapped
-from sft_jax.data.stream_counts import counts_key
 from sft_jax.data.templates import load_chat_template
 from sft_jax.data.tokenize import TokenizedExample
 from sft_jax.paths import is_url
@@ -158,7 +157,7 @@ def prepare_local(
         source, per_group = _mix_shard(index, weights, config, shard, plan, cache_dir)
         mixture = [m + n for m, n in zip(mixture, per_group, strict=True)]
         key = shard_seed(config.seed, shard, plan.num_shards)
-        identity = counts_key(groups, s.train[slot], settings, key, weights)
+        identity = stream_counts.counts_key(groups, s.train[slot], settings, key, weights)
         shard_counts = dict(stream_counts.shard_counts(source, settings, key, cache_dir, identity))
         shard_counts.update(token_counts(index.counts), skipped=index.skipped)
         summed += [shard_counts[k] for k in SUMMED]

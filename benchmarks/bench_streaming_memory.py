@@ -1,7 +1,8 @@
 """Host memory and input throughput of streamed training data (data.streaming) against dataset size.
 
     python benchmarks/bench_streaming_memory.py --rows 1000000,10000000 --steps 2000 \
-        --dir /tmp/stream_bench [--in_memory_rows 100000] [--train_steps 4]
+        --dir /tmp/stream_bench [--in_memory_rows 100000] [--train_steps 4] \
+        [--index_rows 1000000] [--restart_rows 1000000]
 
 For each row count N, a synthetic tokenised corpus of the CPU workload's lengths (prompt 40-300,
 completion 20-200 tokens, completion-only loss mask; `sft_jax.bench.PROMPT_LEN` /
@@ -20,7 +21,11 @@ page-cache pages; the sources release them after counting and every 64 batches,
 as a `RecordStore`, the selected positions, each shard's `CachedExamples` arrays; the corpus
 linked in as one verified cache part). `--in_memory_rows` measures the default path for
 comparison (every example packed up front by `pack_examples`, rows held by `TrainIterator`) at
-that many rows. `--train_steps` runs
+that many rows. `--restart_rows` times the streamed data stage's per-shard work at a start over
+the same cache part (opening the `RecordStore`, each shard's `shard_index`, and its first-epoch
+counts through `stream_counts.shard_counts`) twice, each in a fresh process: with no counts file
+(the counting pass every start ran before the counts were kept; the file is written) and again
+(a restart: the counts are read back). `--train_steps` runs
 `python -m sft_jax.bench --config configs/bench/cpu_small.py` (the CPU workload's real train step)
 for the rate the step consumes tokens at, beside the input pipeline's rate. Prints one JSON line
 per measurement; figures go in docs/benchmarks.md with the command, date and machine load.
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -279,6 +285,54 @@ def measure_index(directory: str, steps: int) -> dict:
     }
 
 
+def measure_restart(directory: str, steps: int) -> dict:
+    """The streamed data stage's per-shard work at a start (`stream_prepare.prepare_local`'s,
+    for two shards of the corpus as one cache part): the store, each shard's index, and the
+    first-epoch counts, read from `<directory>/stream_counts` when a file is there."""
+    from sft_jax.data import stream_counts
+    from sft_jax.data.cache_store import RecordStore
+    from sft_jax.data.shards import shard_positions, split_position_arrays
+    from sft_jax.data.stream import StreamSettings
+    from sft_jax.data.stream_prepare import shard_index
+
+    root = write_cache_part(directory)
+    counted, inner = [], stream_counts.count_shard
+
+    def count_shard(*args):
+        counted.append(1)
+        return inner(*args)
+
+    stream_counts.count_shard = count_shard
+    settings = StreamSettings(SEQ_LEN, WINDOW, BUFFER)
+    start = time.perf_counter()
+    rows = len(np.load(os.path.join(directory, "piece_starts.npy"), mmap_mode="r")) - 1
+    store = RecordStore(root, rows)
+    positions, _ = split_position_arrays(rows, 0.0, 0, hold_out=True)
+    open_s, index_s, counts_s, real = time.perf_counter() - start, 0.0, 0.0, 0
+    for shard in range(SHARDS):
+        mine = shard_positions(positions, shard, SHARDS)
+        t0 = time.perf_counter()
+        source = shard_index([store], [mine], directory).source
+        t1 = time.perf_counter()
+        identity = stream_counts.counts_key(
+            [os.path.basename(root)], [mine], settings, [0, shard], None
+        )
+        real += stream_counts.shard_counts(source, settings, [0, shard], directory, identity)[
+            "real_tokens"
+        ]
+        index_s, counts_s = index_s + t1 - t0, counts_s + time.perf_counter() - t1
+    return {
+        "mode": "restart",
+        "rows": rows,
+        "shards_counted": len(counted),
+        "open_s": round(open_s, 2),
+        "index_s": round(index_s, 2),
+        "counts_s": round(counts_s, 2),
+        "total_s": round(time.perf_counter() - start, 2),
+        "real_tokens": real,
+    }
+
+
 def train_step_rate(steps: int) -> dict:
     """The CPU workload's train step, through sft_jax.bench (its last line is JSON)."""
     config = os.path.join(REPO, "configs", "bench", "cpu_small.py")
@@ -299,6 +353,7 @@ def child(mode: str, directory: str, steps: int) -> None:
         "streaming": measure_streaming,
         "in_memory": measure_in_memory,
         "index": measure_index,
+        "restart": measure_restart,
     }[mode]
     print(json.dumps(measure(directory, steps)), flush=True)
 
@@ -310,6 +365,7 @@ def main() -> None:
     parser.add_argument("--dir", required=True)
     parser.add_argument("--in_memory_rows", type=int, default=0)
     parser.add_argument("--index_rows", default="")
+    parser.add_argument("--restart_rows", default="")
     parser.add_argument("--train_steps", type=int, default=0)
     parser.add_argument("--child", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -320,8 +376,13 @@ def main() -> None:
     if args.in_memory_rows:
         runs.append(("in_memory", args.in_memory_rows))
     runs += [("index", int(n)) for n in args.index_rows.split(",") if n]
+    for n in (int(n) for n in args.restart_rows.split(",") if n):
+        runs += [("restart-cold", n), ("restart", n)]
     for mode, rows in runs:
         directory = os.path.join(args.dir, str(rows))
+        if mode == "restart-cold":  # no counts kept: every start counted before they were
+            shutil.rmtree(os.path.join(directory, "stream_counts"), ignore_errors=True)
+            mode = "restart"
         t0 = time.perf_counter()
         write_corpus(directory, rows)
         print(f"# corpus of {rows} rows ready in {time.perf_counter() - t0:.0f} s", flush=True)

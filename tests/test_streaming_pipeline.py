@@ -1,6 +1,7 @@
 """data.streaming through prepare_data: the same examples and counted tokens as the in-memory
 path, rows read from the tokenisation cache, exact resume, processes' views equal to one process
-holding every shard, and what streaming refuses (weighted mixtures, no cache)."""
+holding every shard, and that streaming refuses to run without the cache (weighted mixtures:
+test_streaming_mixture.py)."""
 
 import dataclasses
 import json
@@ -76,13 +77,8 @@ def test_processes_stream_their_own_shards(tmp_path):
             np.testing.assert_array_equal(whole[key], np.concatenate([p[key] for p in parts]))
 
 
-def test_streaming_refuses_weighted_mixtures_and_no_cache(tmp_path):
+def test_streaming_refuses_no_cache(tmp_path):
     config = streamed(tmp_path)
-    weighted = f"{config.data.train_files}:0.5,{config.data.train_files}:0.5"
-    with pytest.raises(DataError, match="weighted mixtures"):
-        prepare_data(
-            dataclasses.replace(config, data=dataclasses.replace(config.data, train_files=weighted))
-        )
     off = dataclasses.replace(config, data=dataclasses.replace(config.data, cache_dir="off"))
     raw = load_config_file(str(REPO / "configs" / "tiny.py"))
     raw.data.streaming, raw.data.cache_dir = True, "off"

@@ -6,7 +6,9 @@ plain concatenation). Weights are normalised and apply to *examples* (after toke
 length handling): an epoch holds N = (total examples) examples, round(w_i * N) of them from group i.
 A group with fewer examples than its share is repeated (every example the same number of times,
 the remainder drawn without replacement); a larger one is subsampled without replacement. The draw
-is seeded, so the mixture is part of the deterministic data order.
+is seeded, so the mixture is part of the deterministic data order. It is made once per run (per
+data shard), so every epoch trains the same draw in a new order; `mixture_picks` gives it as index
+arrays, which the streamed path (data.streaming) reads over the cache, drawing the same examples.
 """
 
 from __future__ import annotations
@@ -83,6 +85,24 @@ def proportional_counts(total: int, weights: Sequence[float]) -> list[int]:
     return counts.tolist()
 
 
+def mixture_picks(
+    sizes: Sequence[int], weights: Sequence[float], seed: int | Sequence[int]
+) -> list[np.ndarray]:
+    """The weighted draw as index arrays: for each group, the positions (int64, into the group's
+    examples) of the examples one epoch takes from it, in the order `mix` lists them. Streaming
+    (stream_prepare.py) reads these over the cached examples instead of a list of examples, so
+    both paths draw exactly the same examples for the same seed."""
+    counts = mixture_counts(sizes, weights)
+    key = [seed] if isinstance(seed, int) else list(seed)
+    rng = np.random.default_rng([*key, 7919])
+    picks = []
+    for size, count in zip(sizes, counts, strict=True):
+        repeats, rest = divmod(count, size)
+        whole = np.tile(np.arange(size, dtype=np.int64), repeats)
+        picks.append(np.concatenate([whole, rng.permutation(size)[:rest].astype(np.int64)]))
+    return picks
+
+
 def mix(
     groups: Sequence[Sequence[T]], weights: Sequence[float] | None, seed: int | Sequence[int]
 ) -> list[T]:
@@ -90,12 +110,5 @@ def mix(
     `seed` may be a key such as [seed, shard] (each data shard mixes its own examples)."""
     if weights is None:
         return [x for g in groups for x in g]
-    counts = mixture_counts([len(g) for g in groups], weights)
-    key = [seed] if isinstance(seed, int) else list(seed)
-    rng = np.random.default_rng([*key, 7919])
-    out: list[T] = []
-    for group, count in zip(groups, counts, strict=True):
-        repeats, rest = divmod(count, len(group))
-        picks = [*np.tile(np.arange(len(group)), repeats), *rng.permutation(len(group))[:rest]]
-        out.extend(group[int(i)] for i in picks)
-    return out
+    picks = mixture_picks([len(g) for g in groups], weights, seed)
+    return [group[i] for group, chosen in zip(groups, picks, strict=True) for i in chosen.tolist()]

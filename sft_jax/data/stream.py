@@ -22,7 +22,8 @@ pack.fill_rows, so segment ids, positions and loss masks are those of the in-mem
 Layout and multi-process: as TrainIterator, a global batch of B rows is B / S rows from each of the
 S shards in shard order, and each process streams only its own shards. Shards roll over into their
 next epoch independently; `steps_per_epoch` uses the smallest shard's first-epoch row count (a
-sizes-only counting pass at start, `count_epoch`), like TrainIterator's agreed epoch length.
+sizes-only counting pass at the first start, `count_epoch`, whose result stream_counts.py keeps
+for later starts), like TrainIterator's agreed epoch length.
 
 Resume: `get_state` is each shard's stream state after the last batch handed out (epoch, block
 cursor, buffer indices, generator state, carried examples, packed rows not yet handed out), all

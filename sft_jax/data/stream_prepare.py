@@ -7,11 +7,17 @@ examples are never assembled into memory: each own shard becomes a `CachedExampl
 memory-mapped arrays naming each example's part and piece in the memory-mapped cache, whose tokens
 are read when a packed row is handed out. A sizes-only pass over each shard's first epoch
 (stream.count_epoch) gives the rows, tokens and padding the statistics report and the epoch
-length the step count uses; the eval data is encoded and packed whole, as without streaming
-(data.max_eval_examples caps it).
+length the step count uses; its result is kept beside the cache (stream_counts.py), so a restart
+reads it instead of counting again. The eval data is encoded and packed whole, as without
+streaming (data.max_eval_examples caps it).
 
-Not streamed (yet): weighted mixtures (data.train_files with ':weight'), which draw a seeded
-sample of every group; they are refused with a message.
+Weighted mixtures (data.train_files with ':weight'): each shard draws exactly the examples the
+in-memory path draws (mixture.mixture_picks, same seed key), as index arrays over the shard's
+cached examples written into the shard's source (`mixed`), so the source holds the epoch's
+examples (repeats included) in the in-memory path's order and the stream shuffles and packs it as
+any other shard. As without streaming, the draw is made once per run and every epoch sees the same
+examples, in a new order; the order within an epoch differs from the in-memory path's as for
+any streamed data (a shuffle buffer, not a whole-shard shuffle).
 """
 
 from __future__ import annotations
@@ -27,12 +33,12 @@ import jax
 import numpy as np
 
 from sft_jax.config import Config
-from sft_jax.data import cache
+from sft_jax.data import cache, stream_counts
 from sft_jax.data.cache_store import CONVERSATION, TEXT, UNPARSEABLE, Part, RecordStore
 from sft_jax.data.encode import EncodeSettings
 from sft_jax.data.formats import Example
 from sft_jax.data.loader import shard_seed
-from sft_jax.data.mixture import parse_mixture
+from sft_jax.data.mixture import mixture_counts, mixture_picks, parse_mixture
 from sft_jax.data.prepared import (
     SUMMED,
     LocalData,
@@ -46,7 +52,7 @@ from sft_jax.data.prepared import (
 from sft_jax.data.render import TokenCounts
 from sft_jax.data.shards import ShardPlan, agree
 from sft_jax.data.source import DataError
-from sft_jax.data.stream import StreamIterator, StreamSettings, count_epoch, release_mapped
+from sft_jax.data.stream import StreamIterator, StreamSettings, release_mapped
 from sft_jax.data.templates import load_chat_template
 from sft_jax.data.tokenize import TokenizedExample
 from sft_jax.paths import is_url
@@ -92,6 +98,21 @@ class CachedExamples:
         self.release()
         return total
 
+    def subset(self, chosen: Sequence[np.ndarray], cache_dir: str) -> CachedExamples:
+        """The examples at the indices of each array of `chosen` in turn (repeats allowed) as a
+        source of their own, its two arrays written `_INDEX_RECORDS` at a time to unlinked files
+        beside the cache (as `shard_index`'s) and memory-mapped."""
+        directory = None if is_url(cache_dir) else os.fspath(cache_dir)
+        with _index_file(directory) as part_file, _index_file(directory) as piece_file:
+            for indices in chosen:
+                for lo in range(0, len(indices), _INDEX_RECORDS):
+                    at = np.asarray(indices[lo : lo + _INDEX_RECORDS], np.int64)
+                    part_file.write(np.asarray(self._part_of[at], np.int32).tobytes())
+                    piece_file.write(np.asarray(self._piece[at], np.int64).tobytes())
+                    release_mapped(self._part_of, self._piece)
+            part_of, piece = _mapped(part_file, np.int32), _mapped(piece_file, np.int64)
+        return CachedExamples(self._parts, part_of, piece)
+
     def release(self) -> None:
         """Unmaps the pages read so far of the index and of every part's arrays."""
         release_mapped(self._part_of, self._piece)
@@ -114,11 +135,7 @@ def prepare_local(
             "data.streaming reads the tokenisation cache: give a workdir or data.cache_dir"
         )
     entries = parse_mixture(dc.train_files)
-    if entries[0][1] is not None:
-        raise DataError(
-            f"data.streaming does not stream weighted mixtures ({dc.train_files!r}): drop the "
-            "':weight's of data.train_files, or set data.streaming=False"
-        )
+    weights = [w for _, w in entries] if entries[0][1] is not None else None
     roots = cache.group_roots(config, tokenizer_path(config), cache_dir)
 
     def prepare(examples: Sequence[Example]) -> tuple[EncodeSettings, int]:
@@ -132,19 +149,17 @@ def prepare_local(
     settings = stream_settings(config)
     sources, kinds, summed, min_rows = [], set(), np.zeros(len(SUMMED), np.int64), None
     mixture = [0] * len(entries)
+    groups = [root.name for root in roots]
     for slot, shard in enumerate(plan.local):
         index = shard_index(s.stores, s.train[slot], cache_dir)
-        source, counts, skipped = index.source, index.counts, index.skipped
         kinds |= index.kinds
-        mixture = [m + n for m, n in zip(mixture, index.per_group, strict=True)]
-        log_named(counts, dc.seq_len, dc.on_control_tokens)
-        if not len(source):
-            raise DataError(
-                f"data shard {shard} of {plan.num_shards} has no examples ({dc.train_files}); "
-                "use fewer data shards or more data"
-            )
-        shard_counts = _count(source, settings, shard_seed(config.seed, shard, plan.num_shards))
-        shard_counts.update(token_counts(counts), skipped=skipped)
+        log_named(index.counts, dc.seq_len, dc.on_control_tokens)
+        source, per_group = _mix_shard(index, weights, config, shard, plan, cache_dir)
+        mixture = [m + n for m, n in zip(mixture, per_group, strict=True)]
+        key = shard_seed(config.seed, shard, plan.num_shards)
+        identity = stream_counts.counts_key(groups, s.train[slot], settings, key, weights)
+        shard_counts = dict(stream_counts.shard_counts(source, settings, key, cache_dir, identity))
+        shard_counts.update(token_counts(index.counts), skipped=index.skipped)
         summed += [shard_counts[k] for k in SUMMED]
         min_rows = min(shard_counts["rows"], min_rows or shard_counts["rows"])
         sources.append(source)
@@ -169,6 +184,36 @@ def prepare_local(
         template,
         sources,
     )
+
+
+def _mix_shard(
+    index: ShardIndex,
+    weights: list[float] | None,
+    config: Config,
+    shard: int,
+    plan: ShardPlan,
+    cache_dir: str,
+) -> tuple[CachedExamples, list[int]]:
+    """The shard's source and examples per mixture group: its examples as they are, or with
+    weights the shard's mixture draw (`mixed`), each shard with its own seed key as in memory."""
+    where = f"data shard {shard} of {plan.num_shards}"
+    source, per_group = index.source, index.per_group
+    if weights is not None:
+        empty = [g for g, n in enumerate(per_group) if n == 0]
+        if empty:
+            raise DataError(
+                f"{where} has no examples of mixture group(s) {empty} "
+                f"({config.data.train_files}); use fewer data shards or more data"
+            )
+        key = shard_seed(config.seed, shard, plan.num_shards)
+        source = mixed(source, per_group, weights, key, cache_dir)
+        per_group = mixture_counts(per_group, weights)
+    if not len(source):
+        raise DataError(
+            f"{where} has no examples ({config.data.train_files}); "
+            "use fewer data shards or more data"
+        )
+    return source, per_group
 
 
 @dataclasses.dataclass
@@ -215,6 +260,22 @@ def shard_index(
     return ShardIndex(source, counts, skipped, kinds, per_group)
 
 
+def mixed(
+    source: CachedExamples,
+    per_group: Sequence[int],
+    weights: Sequence[float],
+    key: list[int],
+    cache_dir: str,
+) -> CachedExamples:
+    """A shard's mixture draw over its examples (`source`: group after group, `per_group[g]` of
+    group g): exactly the examples, in the order, that mixture.mix gives the in-memory path for
+    the same seed key, as a source of their own (no memory per example beyond the draw itself,
+    8 bytes per drawn example while it is written out)."""
+    picks = mixture_picks(per_group, weights, key)
+    first = np.cumsum([0, *per_group]).tolist()
+    return source.subset([p + first[g] for g, p in enumerate(picks)], cache_dir)
+
+
 def _index_file(directory: str | None) -> Any:
     """An unnamed temporary file beside the cache; in the system's temporary directory when the
     cache's directory takes no new file (the cache only saves time: it must not stop training)."""
@@ -230,21 +291,6 @@ def _mapped(file: Any, dtype: Any) -> np.ndarray:
     if not file.tell():
         return np.zeros(0, dtype)
     return np.memmap(file, dtype, mode="r")
-
-
-def _count(source: CachedExamples, settings: StreamSettings, key: list[int]) -> dict[str, int]:
-    """A shard's counts for the statistics, from its first epoch (sizes only) and its masks."""
-    epoch = count_epoch(source, settings, key)
-    return {
-        "rows": epoch.rows,
-        "slots": epoch.rows * settings.seq_len,
-        "real_tokens": epoch.real_tokens,
-        "loss_tokens": source.loss_tokens(),
-        "continued_segments": epoch.continued_segments,
-        "examples": len(source),
-        "row_floor": epoch.row_floor,
-        "row_floor_split": -(-epoch.real_tokens // settings.seq_len),
-    }
 
 
 def stream_iterator(

@@ -71,12 +71,20 @@ class BlockGuard:
     """Verifies the blocks of one memory-mapped array file on first read (thread-safe).
 
     `check(lo, hi)` is called with element indices before `array[lo:hi]` is read; once every
-    block has been verified, `complete` is set and a check costs one attribute test."""
+    block has been verified, `complete` is set and a check costs one attribute test. `marker`
+    names the part's completion marker, removed on a mismatch."""
 
     def __init__(
-        self, directory: epath.Path, file: str, digests: list[str], block: int, array: np.ndarray
+        self,
+        directory: epath.Path,
+        file: str,
+        digests: list[str],
+        block: int,
+        array: np.ndarray,
+        marker: str,
     ):
         self.directory, self.file, self._digests, self._block = directory, file, digests, block
+        self._marker = marker
         self._path = os.fspath(directory / file)
         self._size = os.path.getsize(self._path)
         self._offset = int(getattr(array, "offset", 0))
@@ -130,10 +138,8 @@ class BlockGuard:
             self.complete = not self._left
 
     def _fail(self, lo: int, hi: int) -> None:
-        from sft_jax.data.cache_store import MARKER  # cache_store imports this module
-
         try:
-            (self.directory / MARKER).unlink(missing_ok=True)
+            (self.directory / self._marker).unlink(missing_ok=True)
             marked = "Its completion marker has been removed, so the next start encodes the"
             marked += " part's records again: restart the run."
         except OSError as error:

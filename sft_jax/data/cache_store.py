@@ -448,7 +448,7 @@ def open_verified(
             if lazy and blocked:
                 if int(getattr(array, "offset", 0)) + array.nbytes != size:
                     raise ValueError(f"{file}: its array header does not match its size")
-                guard = BlockGuard(directory, file, digest, block, array)
+                guard = BlockGuard(directory, file, digest, block, array, MARKER)
                 guards[file.removesuffix(".npy")] = guard
             continue
         raw = path.read_bytes()

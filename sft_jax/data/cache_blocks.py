@@ -118,11 +118,6 @@ class BlockGuard:
             if not self._done[b]:
                 self._verify(b)
 
-    def check_all(self) -> None:
-        for b in range(len(self._digests)):
-            if not self._done[b]:
-                self._verify(b)
-
     def _verify(self, b: int) -> None:
         with self._lock:
             if self._done[b]:

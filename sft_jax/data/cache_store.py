@@ -91,21 +91,26 @@ class Part:
 
     def span(self, name: str, lo: int, hi: int) -> np.ndarray:
         """`arrays[name][lo:hi]`, its blocks verified first (once) when opened lazily."""
-        guard = self.guards.get(name)
-        if guard is not None and not guard.complete:
-            guard.check(lo, hi)
+        if self.guards:
+            guard = self.guards.get(name)
+            if guard is not None:
+                guard.check(lo, hi)
+                self._settle(guard)
         return self.arrays[name][lo:hi]
 
     def check_at(self, name: str, indices: np.ndarray) -> None:
         """Verifies (once) the blocks of `arrays[name]` at `indices` before they are read."""
-        guard = self.guards.get(name)
-        if guard is not None and not guard.complete:
-            guard.check_at(indices)
+        if self.guards:
+            guard = self.guards.get(name)
+            if guard is not None:
+                guard.check_at(indices)
+                self._settle(guard)
 
-    def verify_all(self) -> None:
-        """Verifies every block not yet verified (a lazily opened part read as a whole)."""
-        for guard in self.guards.values():
-            guard.check_all()
+    def _settle(self, guard: BlockGuard) -> None:
+        """Drops a guard whose every block is verified, so a fully verified part's reads cost
+        one test of an empty dict (the dict is replaced, not changed: other threads may read)."""
+        if guard.complete:
+            self.guards = {name: g for name, g in self.guards.items() if not g.complete}
 
     def source(self, piece: int) -> str:
         """The source name of one piece."""

@@ -82,6 +82,16 @@ def test_a_truncated_file_is_caught_at_open(tmp_path):
     assert not part.exists()
 
 
+def test_a_changed_array_header_is_caught_at_open(tmp_path):
+    write_part(tmp_path / "cache", 200)
+    part = tmp_path / "cache" / "part-0"
+    path = part / "tokens.npy"
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"'<i4'", b"'>i4'", 1))  # same size, other byte order
+    with pytest.raises(ValueError, match=r"tokens\.npy: its array header"):
+        read_part(part, lazy=True)
+
+
 def test_every_block_is_verified_once_over_an_epoch(tmp_path, guards):
     n = 200
     write_part(tmp_path / "cache", n)

@@ -27,8 +27,16 @@ from sft_jax.data.source import DataError
 logger = logging.getLogger(__name__)
 
 BLOCK = 64 << 20  # bytes per digest of a blocked file (a multiple of 64: no element straddles)
-_LARGE = ("piece_starts", "tokens", "loss_mask", "source_files", "source_lines")
-BLOCKED = frozenset(f"{name}.npy" for name in _LARGE)  # per piece or per token
+# The per-piece and per-token arrays and their dtypes: a lazily opened file's header (in its
+# first block, not verified at open) must give exactly these, or the file is not trusted.
+DTYPES = {
+    "piece_starts.npy": np.dtype(np.int64),
+    "tokens.npy": np.dtype(np.int32),
+    "loss_mask.npy": np.dtype(bool),
+    "source_files.npy": np.dtype(np.int32),
+    "source_lines.npy": np.dtype(np.int64),
+}
+BLOCKED = frozenset(DTYPES)
 _READ = 1 << 20
 
 

@@ -30,6 +30,7 @@ from etils import epath
 from sft_jax.data.cache_blocks import (
     BLOCK,
     BLOCKED,
+    DTYPES,
     BlockGuard,
     block_digests,
     file_block_digests,
@@ -437,6 +438,8 @@ def open_verified(
     if marker.get("version") != CACHE_VERSION:
         raise ValueError(f"cache version {marker.get('version')}, not {CACHE_VERSION}")
     block = marker.get("block_size", BLOCK)
+    if not isinstance(block, int) or block <= 0 or block % 64:
+        raise ValueError(f"block size {block!r} in the marker")
     data: dict[str, bytes | np.ndarray] = {}
     guards: dict[str, BlockGuard] = {}
     for file, (size, digest) in marker["files"].items():
@@ -451,8 +454,9 @@ def open_verified(
                     raise ValueError(f"{file} does not match its recorded digest")
             data[file] = array = np.load(os.fspath(path), mmap_mode="r", allow_pickle=False)
             if lazy and blocked:
-                if int(getattr(array, "offset", 0)) + array.nbytes != size:
-                    raise ValueError(f"{file}: its array header does not match its size")
+                header_ok = array.ndim == 1 and array.dtype == DTYPES.get(file, array.dtype)
+                if not header_ok or int(getattr(array, "offset", 0)) + array.nbytes != size:
+                    raise ValueError(f"{file}: its array header does not match its size and dtype")
                 guard = BlockGuard(directory, file, digest, block, array, MARKER)
                 guards[file.removesuffix(".npy")] = guard
             continue

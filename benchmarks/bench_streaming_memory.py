@@ -22,7 +22,8 @@ as a `RecordStore`, the selected positions, each shard's `CachedExamples` arrays
 linked in as one verified cache part). `--in_memory_rows` measures the default path for
 comparison (every example packed up front by `pack_examples`, rows held by `TrainIterator`) at
 that many rows. `--restart_rows` times the streamed data stage's per-shard work at a start over
-the same cache part (opening the `RecordStore`, each shard's `shard_index`, and its first-epoch
+the same cache part (opening the `RecordStore` as streaming does: sizes and headers of the large
+arrays, their blocks verified when first read; each shard's `shard_index`, and its first-epoch
 counts through `stream_counts.shard_counts`) twice, each in a fresh process: with no counts file
 (the counting pass every start ran before the counts were kept; the file is written) and again
 (a restart: the counts are read back). `--train_steps` runs
@@ -208,7 +209,7 @@ def measure_in_memory(directory: str, steps: int) -> dict:
 def write_cache_part(directory: str) -> str:
     """The corpus as one verified tokenisation-cache part (links to its arrays, one record per
     example), so `measure_index` can open it as a restart opens the cache."""
-    from sft_jax.data.cache_store import CACHE_VERSION, MARKER, digest_file
+    from sft_jax.data.cache_store import CACHE_VERSION, MARKER, seal
 
     starts = np.load(os.path.join(directory, "piece_starts.npy"), mmap_mode="r")
     rows = len(starts) - 1
@@ -232,13 +233,7 @@ def write_cache_part(directory: str) -> str:
         os.link(os.path.join(directory, f"{name}.npy"), os.path.join(part, f"{name}.npy"))
     with open(os.path.join(part, "meta.json"), "w") as f:
         json.dump({"source_names": ["train.jsonl"], "named": {}, "prompts": {}}, f)
-    files = {
-        name: [os.path.getsize(os.path.join(part, name)), digest_file(os.path.join(part, name))]
-        for name in sorted(os.listdir(part))
-    }
-    marker = {"version": CACHE_VERSION, "records": rows, "pieces": rows, "tokens": int(starts[-1])}
-    with open(os.path.join(part, MARKER), "w") as f:
-        json.dump({**marker, "files": files}, f)
+    seal(part, {"records": rows, "pieces": rows, "tokens": int(starts[-1])})
     return os.path.dirname(part)
 
 
@@ -255,7 +250,7 @@ def measure_index(directory: str, steps: int) -> dict:
     baseline = Sampler.read()
     sampler = Sampler()
     rows = len(np.load(os.path.join(directory, "piece_starts.npy"), mmap_mode="r")) - 1
-    store = RecordStore(root, rows)
+    store = RecordStore(root, rows, lazy=True)  # as data.streaming opens it
     positions, _ = split_position_arrays(rows, 0.0, 0, hold_out=True)
     sources = []
     for shard in range(SHARDS):
@@ -306,7 +301,7 @@ def measure_restart(directory: str, steps: int) -> dict:
     settings = StreamSettings(SEQ_LEN, WINDOW, BUFFER)
     start = time.perf_counter()
     rows = len(np.load(os.path.join(directory, "piece_starts.npy"), mmap_mode="r")) - 1
-    store = RecordStore(root, rows)
+    store = RecordStore(root, rows, lazy=True)  # as data.streaming opens it
     positions, _ = split_position_arrays(rows, 0.0, 0, hold_out=True)
     open_s, index_s, counts_s, real = time.perf_counter() - start, 0.0, 0.0, 0
     for shard in range(SHARDS):

@@ -10,6 +10,7 @@ Each stage is its own module so that new file formats, record formats and chat t
     encode.py     any examples -> TokenizedExamples on worker processes; eval prompts
     cache.py      the tokenisation cache: per-record encodings and prepared rows, keyed by contents
     cache_store.py  its files: verified (digest + marker) directories, parts of records
+    cache_blocks.py  block digests of a part's large arrays, verified on first read (streaming)
     paths.py      the old name of sft_jax.paths (local paths, or gs:// through etils.epath)
     mixture.py    weighted mixtures of files
     pack.py       best-fit-decreasing packing with segment ids and per-segment positions

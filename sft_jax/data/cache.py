@@ -213,7 +213,7 @@ def encode_selected(
     entries = parse_mixture(dc.train_files)
     stores, positions, held = [], [], []
     for (pattern, _), root in zip(entries, roots, strict=True):
-        store = RecordStore(root, _record_count(root, pattern))
+        store = RecordStore(root, _record_count(root, pattern), lazy=dc.streaming)
         train, held_out = split_position_arrays(
             store.num_records, dc.eval_fraction, config.seed, hold_out=not dc.eval_files
         )

@@ -1,11 +1,13 @@
 """The tokenisation cache's files: verified directories and the parts of records they hold.
 
 Every directory is written by `write_verified`: files into a temporary directory, then a completion
-marker (`COMPLETE.json`: counts and each file's size and blake2b digest), then a rename into
-place. `read_verified` trusts nothing else: a missing marker (an interrupted write), a file of
-another size or digest (truncated, flipped bytes) is a ValueError, and the caller removes the
-directory and encodes again. Only plain file operations are used, through etils.epath, so the
-cache can live wherever the workdir does. What the parts mean is in cache.py.
+marker (`COMPLETE.json`: counts and each file's size and blake2b digest, or for a part's large
+arrays one digest per block, cache_blocks.py), then a rename into place. `read_verified` trusts
+nothing else: a missing marker (an interrupted write), a file of another size or digest
+(truncated, flipped bytes) is a ValueError, and the caller removes the directory and encodes
+again. A streamed start opens parts `lazy`: sizes and array headers at open, each block of the
+large arrays verified when first read. Only plain file operations are used, through etils.epath,
+so the cache can live wherever the workdir does. What the parts mean is in cache.py.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from sft_jax.data.cache_blocks import (
+    BLOCK,
+    BLOCKED,
+    DTYPES,
+    BlockGuard,
+    block_digests,
+    file_block_digests,
+)
 from sft_jax.data.encode import Encoded, EvalPrompt
 from sft_jax.data.render import NAMED, TokenCounts
 from sft_jax.data.tokenize import TokenizedExample
@@ -32,7 +42,7 @@ from sft_jax.paths import is_url
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: blocked digests of the large arrays in the marker
 MARKER = "COMPLETE.json"
 _BLOCK = 1 << 20
 _LOOKUP = 1 << 20  # records looked up at a time by `RecordStore.missing`
@@ -74,9 +84,34 @@ class Part:
     names: list[str]
     named: dict[int, dict[str, list[str]]]  # local record index -> named_* lists
     prompts: dict[int, EvalPrompt | None]  # local index -> prompt, for records with eval_done
+    # Opened lazily (streaming): array name -> the guard of its blocks not yet verified.
+    guards: dict[str, BlockGuard] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tokens, self.mask = self.arrays["tokens"], self.arrays["loss_mask"]
+
+    def span(self, name: str, lo: int, hi: int) -> np.ndarray:
+        """`arrays[name][lo:hi]`, its blocks verified first (once) when opened lazily."""
+        if self.guards:
+            guard = self.guards.get(name)
+            if guard is not None:
+                guard.check(lo, hi)
+                self._settle(guard)
+        return self.arrays[name][lo:hi]
+
+    def check_at(self, name: str, indices: np.ndarray) -> None:
+        """Verifies (once) the blocks of `arrays[name]` at `indices` before they are read."""
+        if self.guards:
+            guard = self.guards.get(name)
+            if guard is not None:
+                guard.check_at(indices)
+                self._settle(guard)
+
+    def _settle(self, guard: BlockGuard) -> None:
+        """Drops a guard whose every block is verified, so a fully verified part's reads cost
+        one test of an empty dict (the dict is replaced, not changed: other threads may read)."""
+        if guard.complete:
+            self.guards = {name: g for name, g in self.guards.items() if not g.complete}
 
     def source(self, piece: int) -> str:
         """The source name of one piece."""
@@ -84,6 +119,8 @@ class Part:
 
     def sources_of(self, pieces: np.ndarray) -> list[str]:
         """The source names of the pieces at `pieces`."""
+        self.check_at("source_files", pieces)
+        self.check_at("source_lines", pieces)
         files = self.arrays["source_files"][pieces].tolist()
         lines = self.arrays["source_lines"][pieces].tolist()
         names = self.names
@@ -93,7 +130,7 @@ class Part:
     def starts(self) -> list[int]:
         """Piece starts as a plain list: per-piece indexing in Python is faster. Built when
         first used: a streamed run reads the memory-mapped array instead."""
-        return self.arrays["piece_starts"].tolist()
+        return self.span("piece_starts", 0, len(self.arrays["piece_starts"])).tolist()
 
 
 @dataclasses.dataclass
@@ -110,11 +147,13 @@ class Selection:
 class RecordStore:
     """The parts of one key directory, with a lookup from record position to (part, index).
     Each part's record positions are sorted (`write` sorts them), so the lookup is a binary
-    search in its memory-mapped `records` array: no table per record is held."""
+    search in its memory-mapped `records` array: no table per record is held. `lazy` (streaming)
+    opens the parts without reading their large arrays (`read_part`)."""
 
-    def __init__(self, root: str | os.PathLike, num_records: int):
+    def __init__(self, root: str | os.PathLike, num_records: int, *, lazy: bool = False):
         self.root = epath.Path(root)
         self.num_records = num_records
+        self.lazy = lazy
         self.parts: list[Part] = []
         if self.root.exists():
             for directory in sorted(self.root.iterdir()):
@@ -127,7 +166,7 @@ class RecordStore:
         if is_url(directory) and not (directory / MARKER).exists():
             return  # in an object store, a part being written by another process has no marker yet
         try:
-            part = read_part(directory)
+            part = read_part(directory, lazy=self.lazy)
         except (OSError, ValueError, KeyError) as error:
             logger.warning("data cache: ignoring and removing %s: %s", directory, error)
             remove(directory)
@@ -206,7 +245,8 @@ class RecordStore:
             names, starts = part.sources_of(piece[at]), part.starts
             for i, k, name in zip(at.tolist(), piece[at].tolist(), names, strict=True):
                 lo, hi = starts[k], starts[k + 1]
-                examples[i] = TokenizedExample(part.tokens[lo:hi], part.mask[lo:hi], name)
+                tokens, mask = part.span("tokens", lo, hi), part.span("loss_mask", lo, hi)
+                examples[i] = TokenizedExample(tokens, mask, name)
         named: dict[str, list[str]] = {name: [] for name in _NAMED}
         prompts: list[EvalPrompt] = []
         for _, p, i in sorted(extras):
@@ -346,10 +386,11 @@ def write_verified(
     root: epath.Path, name: str, files: dict[str, bytes], counts: dict[str, int]
 ) -> epath.Path:
     """Writes `files`, then the completion marker (the counts and every file's size and blake2b
-    digest), into `root / name`. Locally into a temporary directory first, renamed into place
-    (if another process put `name` there first, its directory is kept: same key, same
-    contents). An object store has no directory rename; there each file is one atomic object,
-    and the marker, written last, is what makes the directory count."""
+    digest, one per `BLOCK` bytes for the large arrays, `BLOCKED`), into `root / name`. Locally
+    into a temporary directory first, renamed into place (if another process put `name` there
+    first, its directory is kept: same key, same contents). An object store has no directory
+    rename; there each file is one atomic object, and the marker, written last, is what makes
+    the directory count."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
     remote = is_url(final)
@@ -358,9 +399,10 @@ def write_verified(
     for file, data in files.items():
         (target / file).write_bytes(data)
     digests = {
-        f: [len(d), hashlib.blake2b(d, digest_size=20).hexdigest()] for f, d in files.items()
+        f: [len(d), block_digests(d, BLOCK) if f in BLOCKED else _digest(d)]
+        for f, d in files.items()
     }
-    marker = {"version": CACHE_VERSION, **counts, "files": digests}
+    marker = {"version": CACHE_VERSION, **counts, "block_size": BLOCK, "files": digests}
     (target / MARKER).write_text(json.dumps(marker))
     if remote:
         return final
@@ -379,30 +421,77 @@ def read_verified(directory: epath.Path) -> tuple[dict[str, Any], dict[str, byte
     .npy file comes back as a read-only memory-mapped array (verified by a streaming digest
     first): a restart then maps a few hundred MB of packed rows instead of copying them into
     fresh memory, which costs seconds on a loaded host. Others come back as bytes."""
+    marker, data, _ = open_verified(directory)
+    return marker, data
+
+
+def open_verified(
+    directory: epath.Path, *, lazy: bool = False
+) -> tuple[dict[str, Any], dict[str, bytes | np.ndarray], dict[str, BlockGuard]]:
+    """`read_verified`, and with `lazy` the local blocked files (cache_blocks.py) only checked
+    for their size and mapped, each with the guard that verifies its blocks when first read
+    (returned by array name)."""
     marker_path = directory / MARKER
     if not marker_path.exists():
         raise ValueError("no completion marker (an interrupted write)")
     marker = json.loads(marker_path.read_text())
     if marker.get("version") != CACHE_VERSION:
         raise ValueError(f"cache version {marker.get('version')}, not {CACHE_VERSION}")
+    block = marker.get("block_size", BLOCK)
+    if not isinstance(block, int) or block <= 0 or block % 64:
+        raise ValueError(f"block size {block!r} in the marker")
     data: dict[str, bytes | np.ndarray] = {}
+    guards: dict[str, BlockGuard] = {}
     for file, (size, digest) in marker["files"].items():
         path = directory / file
+        blocked = isinstance(digest, list)
         if file.endswith(".npy") and not is_url(path):
-            if os.path.getsize(path) != size or digest_file(path) != digest:
-                raise ValueError(f"{file} does not match its recorded size and digest")
-            data[file] = np.load(os.fspath(path), mmap_mode="r", allow_pickle=False)
+            if os.path.getsize(path) != size:
+                raise ValueError(f"{file} is {os.path.getsize(path)} bytes, not {size}")
+            if not (lazy and blocked):
+                found = file_block_digests(path, block) if blocked else digest_file(path)
+                if found != digest:
+                    raise ValueError(f"{file} does not match its recorded digest")
+            data[file] = array = np.load(os.fspath(path), mmap_mode="r", allow_pickle=False)
+            if lazy and blocked:
+                header_ok = array.ndim == 1 and array.dtype == DTYPES.get(file, array.dtype)
+                if not header_ok or int(getattr(array, "offset", 0)) + array.nbytes != size:
+                    raise ValueError(f"{file}: its array header does not match its size and dtype")
+                guard = BlockGuard(directory, file, digest, block, array, MARKER)
+                guards[file.removesuffix(".npy")] = guard
             continue
         raw = path.read_bytes()
-        if len(raw) != size or hashlib.blake2b(raw, digest_size=20).hexdigest() != digest:
+        found = block_digests(raw, block) if blocked else _digest(raw)
+        if len(raw) != size or found != digest:
             raise ValueError(f"{file} does not match its recorded size and digest")
         data[file] = raw
-    return marker, data
+    return marker, data, guards
 
 
-def read_part(directory: epath.Path) -> Part:
-    """Loads and verifies one part: its marker, every file's size and digest, array shapes."""
-    return part_from(*read_verified(directory))
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
+def seal(directory: str | os.PathLike, counts: dict[str, int]) -> None:
+    """Writes the completion marker of the files already in `directory`, as `write_verified`
+    would (for a part assembled from files written elsewhere, as a benchmark's corpus)."""
+    files = {}
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        digest = file_block_digests(path, BLOCK) if name in BLOCKED else digest_file(path)
+        files[name] = [os.path.getsize(path), digest]
+    marker = {"version": CACHE_VERSION, **counts, "block_size": BLOCK, "files": files}
+    with open(os.path.join(directory, MARKER), "w") as f:
+        json.dump(marker, f)
+
+
+def read_part(directory: epath.Path, *, lazy: bool = False) -> Part:
+    """Loads and verifies one part: its marker, every file's size and digest, array shapes.
+    `lazy` (streaming): the large arrays' blocks are verified when first read, not here."""
+    marker, data, guards = open_verified(directory, lazy=lazy)
+    part = part_from(marker, data)
+    part.guards = guards
+    return part
 
 
 def part_from(marker: dict[str, Any], data: dict[str, bytes | np.ndarray]) -> Part:

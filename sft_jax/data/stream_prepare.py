@@ -63,7 +63,9 @@ _INDEX_RECORDS = 1 << 18  # records looked up at a time when a shard's index is 
 
 class CachedExamples:
     """A shard's examples in the cache's parts: example i is piece `piece[i]` of part
-    `part_of[i]`, read from the part's memory-mapped arrays when asked for."""
+    `part_of[i]`, read from the part's memory-mapped arrays when asked for. The parts are opened
+    lazily: every read goes through the part's block guards (`Part.span`, `Part.check_at`), so
+    a block is verified against its digest the first time any of its bytes is read."""
 
     def __init__(self, parts: Sequence[Part], part_of: np.ndarray, piece: np.ndarray):
         self._parts, self._part_of, self._piece = parts, part_of, piece
@@ -76,23 +78,27 @@ class CachedExamples:
         out = np.zeros(len(piece), np.int64)
         for p in np.unique(part_of).tolist():
             where = part_of == p
-            starts = self._parts[p].arrays["piece_starts"]
-            out[where] = starts[piece[where] + 1] - starts[piece[where]]
+            part, mine = self._parts[p], piece[where]
+            part.check_at("piece_starts", mine)
+            part.check_at("piece_starts", mine + 1)
+            starts = part.arrays["piece_starts"]
+            out[where] = starts[mine + 1] - starts[mine]
         return out
 
     def example(self, index: int) -> TokenizedExample:
         part, k = self._parts[int(self._part_of[index])], int(self._piece[index])
-        lo, hi = part.arrays["piece_starts"][k : k + 2].tolist()
-        tokens, mask = np.asarray(part.tokens[lo:hi]), np.asarray(part.mask[lo:hi])
+        lo, hi = part.span("piece_starts", k, k + 2).tolist()
+        tokens = np.asarray(part.span("tokens", lo, hi))
+        mask = np.asarray(part.span("loss_mask", lo, hi))
         return TokenizedExample(tokens, mask, part.source(k))
 
     def loss_tokens(self) -> int:
         total = 0
         for p in np.unique(self._part_of).tolist():
             part = self._parts[p]
-            starts = part.arrays["piece_starts"]
             for n, k in enumerate(self._piece[self._part_of == p].tolist(), start=1):
-                total += int(np.count_nonzero(part.mask[int(starts[k]) + 1 : int(starts[k + 1])]))
+                lo, hi = part.span("piece_starts", k, k + 2).tolist()
+                total += int(np.count_nonzero(part.span("loss_mask", lo + 1, hi)))
                 if n % _RELEASE_EXAMPLES == 0:
                     self.release()
         self.release()

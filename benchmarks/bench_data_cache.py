@@ -21,6 +21,14 @@ restart builds no tokenizer in `prepare_data`; `vocab_check_s` and `tokenizer_on
 what the trainer's vocabulary check and the first generation pay afterwards. One phase runs alone
 with `--phase NAME --data FILE --cache DIR` (a kept cache: restarts measured again without
 paying the first start again).
+
+    python benchmarks/bench_data_cache.py --jsonl 1000000 --phases first [--streaming]
+
+`--jsonl N` measures the first start's memory against the number of records instead: N short
+synthetic prompt/completion records (about 100 bytes each, so reading and listing the records
+weighs, not encoding long chats) as one JSON Lines file, seq_len 128; `--streaming` sets
+data.streaming, whose packed rows stay in the cache's files, so the peak is the record listing
+and one encoding part rather than every packed row. `--phases` picks the phases to run.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
 
 
-def config_for(data_file: str, cache_dir: str, seed: int):
+def config_for(data_file: str, cache_dir: str, seed: int, streaming: bool = False):
     from sft_jax.config import parse
     from sft_jax.config_file import load_config_file
 
@@ -58,11 +66,30 @@ def config_for(data_file: str, cache_dir: str, seed: int):
         num_workers=0,
         prefetch=0,
         cache_dir=cache_dir,
+        streaming=streaming,
     )
+    if data_file.endswith(".jsonl"):  # the synthetic records (--jsonl): short rows
+        data = dataclasses.replace(data, seq_len=128, overlong="truncate")
     return dataclasses.replace(config, data=data, seed=seed)
 
 
-def phase(name: str, data_file: str, cache_dir: str) -> dict:
+def write_jsonl(path: str, records: int) -> None:
+    """`records` short prompt/completion rows, one JSON object a line, written in blocks."""
+    with open(path, "w", encoding="utf-8") as f:
+        for lo in range(0, records, 10_000):
+            f.writelines(
+                json.dumps(
+                    {
+                        "prompt": f"Question {i}: what is {i} + {i % 7}?",
+                        "completion": f" {i + i % 7}.",
+                    }
+                )
+                + "\n"
+                for i in range(lo, min(lo + 10_000, records))
+            )
+
+
+def phase(name: str, data_file: str, cache_dir: str, streaming: bool = False) -> dict:
     """One phase, in this (fresh) process."""
     start = time.perf_counter()
     if name == "tokenizer":
@@ -86,7 +113,7 @@ def phase(name: str, data_file: str, cache_dir: str) -> dict:
     seed = 1 if name == "reseed" else 0
     cache = "off" if name == "uncached" else cache_dir
     start = time.perf_counter()
-    bundle = pipeline.prepare_data(config_for(data_file, cache, seed))
+    bundle = pipeline.prepare_data(config_for(data_file, cache, seed, streaming))
     seconds = time.perf_counter() - start
     batch = next(bundle.train_iter)
     start = time.perf_counter()
@@ -128,28 +155,40 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--copies", type=int, default=600)
     parser.add_argument("--uncached", action="store_true")
+    parser.add_argument("--jsonl", type=int, default=0, help="synthetic JSON Lines records")
+    parser.add_argument("--streaming", action="store_true", help="data.streaming=True")
+    parser.add_argument("--phases", default="", help="comma-separated phases (default: all)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
-        print(json.dumps(phase(args.phase, args.data, args.cache)))
+        print(json.dumps(phase(args.phase, args.data, args.cache, args.streaming)))
         return
-    source = ASSETS / "data-fastchat" / "dummy_conversation.json"
-    conversations = json.loads(source.read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory() as tmp:
-        data_file = os.path.join(tmp, "conversations.json")
-        with open(data_file, "w", encoding="utf-8") as f:
-            json.dump(conversations * args.copies, f, indent=1)
+        if args.jsonl:
+            data_file = os.path.join(tmp, "records.jsonl")
+            write_jsonl(data_file, args.jsonl)
+            what = f"{args.jsonl:,} records"
+        else:
+            source = ASSETS / "data-fastchat" / "dummy_conversation.json"
+            conversations = json.loads(source.read_text(encoding="utf-8"))
+            data_file = os.path.join(tmp, "conversations.json")
+            with open(data_file, "w", encoding="utf-8") as f:
+                json.dump(conversations * args.copies, f, indent=1)
+            what = f"{len(conversations) * args.copies:,} conversations"
         cache_dir = os.path.join(tmp, "cache")
         size = os.path.getsize(data_file)
-        print(f"{len(conversations) * args.copies:,} conversations, {size / 2**20:.0f} MiB JSON")
+        print(f"{what}, {size / 2**20:.0f} MiB of {os.path.basename(data_file)}")
         phases = ["first", "restart", "reseed", "tokenizer"] + (
             ["uncached"] if args.uncached else []
         )
+        if args.phases:
+            phases = args.phases.split(",")
         results = {}
         for name in phases:
             command = [sys.executable, __file__, "--phase", name, "--data", data_file]
+            command += ["--streaming"] if args.streaming else []
             out = subprocess.run(
                 [*command, "--cache", cache_dir], check=True, capture_output=True, text=True
             )
@@ -159,8 +198,9 @@ def main() -> None:
             print(
                 f"{name:>9}: {results[name]['seconds']:8.1f} s  cache {cache_mib:6.0f} MiB  {extra}"
             )
-        same = results["first"]["first_batch_sum"] == results["restart"]["first_batch_sum"]
-        print(f"restart's first batch equals the first start's: {same}")
+        if "first" in results and "restart" in results:
+            same = results["first"]["first_batch_sum"] == results["restart"]["first_batch_sum"]
+            print(f"restart's first batch equals the first start's: {same}")
 
 
 if __name__ == "__main__":

@@ -235,8 +235,8 @@ def encode_selected(
     for g, (pattern, _) in enumerate(entries):
         need = [stores[g].missing(slot[g], []) for slot in train_sel]
         need.append(stores[g].missing([], eval_sel[g]))
-        missing = np.unique(np.concatenate(need)).tolist()
-        if missing:
+        missing = np.unique(np.concatenate(need))
+        if missing.size:
             _encode_missing(
                 stores[g],
                 pattern,
@@ -311,7 +311,7 @@ def _encode_missing(
     records = lazy_records(pattern)
     skips = SkipCounter(on_bad_row)
     for lo in range(0, len(missing), _ENCODE_RECORDS):
-        chunk = missing[lo : lo + _ENCODE_RECORDS]
+        chunk = missing[lo : lo + _ENCODE_RECORDS].tolist()
         _encode_part(store, records, chunk, held_out, spec, tokenizer, prepare, skips)
     skips.finish()
     logger.info("data cache: encoded %d records of %s into %s", len(missing), pattern, store.root)

@@ -51,6 +51,7 @@ _CHUNK = 1 << 22  # bytes read at a time while indexing a JSON Lines file
 _SPAN = 1 << 22  # a read back covers records starting within one such window...
 _GAP = 1 << 16  # ...and no more than this many unwanted bytes between two wanted records
 _TAKE = 1 << 12  # records of an unordered selection read (and held) at a time
+_READ = 1 << 16  # records of an increasing selection a segment reads at a time
 _BATCH = 4096  # Arrow rows turned into dicts at a time
 _GROUPS_KEPT = 2  # decoded Parquet row groups kept
 
@@ -103,10 +104,12 @@ class RawRecords(Sequence[Item]):
                 yield items[k]
 
     def _read_sorted(self, positions: np.ndarray) -> Iterator[Item]:
+        """The records at increasing `positions`, each segment's `_READ` at a time (what a
+        segment turns into Python values at once is bounded, not the selection)."""
         bounds = np.searchsorted(positions, self._starts).tolist()
         for s, segment in enumerate(self._segments):
-            lo, hi = bounds[s], bounds[s + 1]
-            if lo < hi:
+            for lo in range(bounds[s], bounds[s + 1], _READ):
+                hi = min(lo + _READ, bounds[s + 1])
                 yield from segment.read(positions[lo:hi] - self._starts[s])
 
 

@@ -25,10 +25,12 @@ paying the first start again).
     python benchmarks/bench_data_cache.py --jsonl 1000000 --phases first [--streaming]
 
 `--jsonl N` measures the first start's memory against the number of records instead: N short
-synthetic prompt/completion records (about 100 bytes each, so reading and listing the records
+synthetic prompt/completion records (about 75 bytes each, so reading and listing the records
 weighs, not encoding long chats) as one JSON Lines file, seq_len 128; `--streaming` sets
 data.streaming, whose packed rows stay in the cache's files, so the peak is the record listing
-and one encoding part rather than every packed row. `--phases` picks the phases to run.
+and one encoding part rather than every packed row. `--phases` picks the phases to run; the
+phase `list` only lists the records (`raw_records.lazy_records`) and reads each back once,
+reporting the resident memory that added over the process's after its imports.
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ def write_jsonl(path: str, records: int) -> None:
 def phase(name: str, data_file: str, cache_dir: str, streaming: bool = False) -> dict:
     """One phase, in this (fresh) process."""
     start = time.perf_counter()
+    if name == "list":
+        return list_records(data_file)
     if name == "tokenizer":
         from sft_jax.data import load_tokenizer
 
@@ -131,6 +135,31 @@ def phase(name: str, data_file: str, cache_dir: str, streaming: bool = False) ->
         "examples": bundle.stats["examples"],
         "first_batch_sum": int(batch["inputs"].astype("int64").sum()),
     }
+
+
+def list_records(data_file: str) -> dict:
+    """The records listed (and each read back once), as the first start lists them."""
+    from sft_jax.data.raw_records import lazy_records
+
+    before = _rss_kib()
+    start = time.perf_counter()
+    records = lazy_records(data_file)
+    listed = time.perf_counter() - start
+    read = sum(1 for _ in records)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "seconds": time.perf_counter() - start,
+        "listing_s": round(listed, 2),
+        "records": read,
+        "rss_before_mib": round(before / 1024),
+        "max_rss_mib": round(peak / 1024),
+        "added_bytes_per_record": round((peak - before) * 1024 / max(read, 1)),
+    }
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 def _time_calls(module, function: str, timings: dict[str, float]) -> None:

@@ -47,7 +47,7 @@ from sft_jax.paths import is_url, isdir, open_binary
 
 Item = tuple[str, bytes | Record]
 
-_CHUNK = 1 << 22  # bytes read at a time while indexing a JSON Lines file
+_CHUNK = 1 << 20  # bytes read at a time while indexing a JSON Lines file
 _SPAN = 1 << 22  # a read back covers records starting within one such window...
 _GAP = 1 << 16  # ...and no more than this many unwanted bytes between two wanted records
 _TAKE = 1 << 12  # records of an unordered selection read (and held) at a time
@@ -81,7 +81,8 @@ class RawRecords(Sequence[Item]):
         return next(self.take([i % len(self)]))
 
     def __iter__(self) -> Iterator[Item]:
-        return self.take(range(len(self)))
+        for lo in range(0, len(self), _READ):
+            yield from self._read_sorted(np.arange(lo, min(lo + _READ, len(self))))
 
     def take(self, positions: Iterable[int]) -> Iterator[Item]:
         """The records at `positions`, in the order given. An increasing selection is read as
@@ -161,11 +162,11 @@ class JsonLines:
         self.count = 0
         for offsets, lengths, lines in _scan_lines(path):
             self.count += len(offsets)
-            if keep:
-                blocks.append((offsets, lengths, lines))
+            if keep:  # uint32 where they fit: concatenating keeps int64 only if a block needs it
+                blocks.append((_compact(offsets), _compact(lengths), _compact(lines)))
+        empty = np.zeros(0, np.uint32)
         self.offsets, self.lengths, self.lines = (
-            _compact(np.concatenate([b[k] for b in blocks] or [np.zeros(0, np.int64)]))
-            for k in range(3)
+            np.concatenate([b[k] for b in blocks] or [empty]) for k in range(3)
         )
 
     def read(self, local: np.ndarray) -> Iterator[tuple[str, bytes]]:
@@ -204,7 +205,7 @@ def _scan_lines(path: str) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]
                 pending |= bool(content.any())
                 pos += len(data)
                 continue
-            counts = np.concatenate([[0], np.cumsum(content, dtype=np.int64)])
+            counts = np.concatenate([[0], np.cumsum(content, dtype=np.int32)])
             starts = np.concatenate([[max(start - pos, 0)], ends[:-1]])
             filled = counts[ends] > counts[starts]
             filled[0] |= pending
@@ -221,8 +222,8 @@ def _scan_lines(path: str) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _compact(values: np.ndarray) -> np.ndarray:
-    """int64 values as uint32 where they fit (lengths and line numbers always do in practice;
-    offsets past 4 GiB into a file do not)."""
+    """int64 values as uint32 where they all fit (lengths and line numbers always do in
+    practice; offsets past 4 GiB into a file do not)."""
     if len(values) and int(values.max()) >= 1 << 32:
         return values
     return values.astype(np.uint32)

@@ -37,8 +37,8 @@ from sft_jax.data import (
 )
 from sft_jax.data.pack import MIN_SPLIT_PIECE, Piece
 from sft_jax.data.prepared import ProcessCounts
+from sft_jax.data.raw_records import lazy_records
 from sft_jax.data.shards import agree
-from sft_jax.data.source import lazy_records
 
 
 def demo_config(tmp_path, n_train=240, **data):

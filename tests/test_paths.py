@@ -18,6 +18,7 @@ from test_data_shards import demo_config
 from sft_jax import paths
 from sft_jax.data import expand_files, prepare_data
 from sft_jax.data.cache_store import MARKER
+from sft_jax.data.raw_records import count_records, lazy_records
 from sft_jax.data.source import DataError, iter_records
 
 
@@ -170,6 +171,31 @@ def test_store_lookups_see_what_other_hosts_wrote(gcs):
     other.pipe("test/d/deep/c.txt", b"c")
     assert paths.isdir(f"{gcs}/d/deep")
     assert paths.glob_files(f"{gcs}/**/*.txt") == [f"{gcs}/d/b.txt", f"{gcs}/d/deep/c.txt"]
+
+
+def test_lazy_records_on_gcs(tmp_path, gcs):
+    """Records listed lazily from gs:// (JSON Lines read back by offset, Parquet by row group)
+    are the local files' records, with the objects' names as sources."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_lazy_records import AWKWARD
+
+    local = tmp_path / "awkward.jsonl"
+    local.write_bytes(AWKWARD)
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(20)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet", row_group_size=6)
+    for name in ("awkward.jsonl", "rows.parquet"):
+        upload(tmp_path / name, f"{gcs}/data/{name}")
+    files = "{}/awkward.jsonl,{}/rows.parquet"
+    remote = lazy_records(files.format(f"{gcs}/data", f"{gcs}/data"))
+    mine = lazy_records(files.format(tmp_path, tmp_path))
+    assert (
+        len(remote) == len(mine) == 28 == count_records(files.format(f"{gcs}/data", gcs + "/data"))
+    )
+    order = [27, 0, 9, 3, 20, 21, 4]
+    assert [
+        (s.replace(f"{gcs}/data", str(tmp_path)), item) for s, item in remote.take(order)
+    ] == list(mine.take(order))
 
 
 @pytest.mark.slow

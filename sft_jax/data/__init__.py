@@ -3,6 +3,7 @@
 Each stage is its own module so that new file formats, record formats and chat templates slot in:
 
     source.py     files (JSONL, JSON, Parquet, CSV, HF dataset dirs) -> raw records; exact errors
+    raw_records.py  a file list's records, listed lazily (JSONL by offset, Parquet by row group)
     formats.py    records (text, prompt/completion, Alpaca, ShareGPT, messages+tools) -> examples
     templates.py  chat templates: the tokenizer's, built-ins (chatml, alpaca, plain) or a file
     render.py     conversations -> tokens + loss mask by turn-by-turn prefix rendering

@@ -80,6 +80,7 @@ from sft_jax.data.formats import (
     read_examples,
 )
 from sft_jax.data.mixture import parse_mixture
+from sft_jax.data.raw_records import count_records, lazy_records
 from sft_jax.data.render import TokenCounts
 from sft_jax.data.shards import (
     ShardPlan,
@@ -92,7 +93,6 @@ from sft_jax.data.source import (
     SkipCounter,
     decode_record,
     expand_files,
-    lazy_records,
 )
 from sft_jax.data.templates import BUILTIN_TEMPLATES, NAMED_TEMPLATES, load_chat_template
 from sft_jax.data.tokenize import TokenizedExample
@@ -235,8 +235,8 @@ def encode_selected(
     for g, (pattern, _) in enumerate(entries):
         need = [stores[g].missing(slot[g], []) for slot in train_sel]
         need.append(stores[g].missing([], eval_sel[g]))
-        missing = np.unique(np.concatenate(need)).tolist()
-        if missing:
+        missing = np.unique(np.concatenate(need))
+        if missing.size:
             _encode_missing(
                 stores[g],
                 pattern,
@@ -305,13 +305,13 @@ def assemble(
 def _encode_missing(
     store, pattern, missing, held_out, spec, tokenizer, prepare, on_bad_row
 ) -> None:
-    """Reads the group's records, parses and encodes those at `missing`, and adds them as parts
+    """Lists the group's records, parses and encodes those at `missing`, and adds them as parts
     of `_ENCODE_RECORDS` records each (with generation prompts for those in `held_out`), so the
     encoded records held at once are bounded, not the whole of a large dataset."""
     records = lazy_records(pattern)
     skips = SkipCounter(on_bad_row)
     for lo in range(0, len(missing), _ENCODE_RECORDS):
-        chunk = missing[lo : lo + _ENCODE_RECORDS]
+        chunk = missing[lo : lo + _ENCODE_RECORDS].tolist()
         _encode_part(store, records, chunk, held_out, spec, tokenizer, prepare, skips)
     skips.finish()
     logger.info("data cache: encoded %d records of %s into %s", len(missing), pattern, store.root)
@@ -320,8 +320,7 @@ def _encode_missing(
 def _encode_part(store, records, missing, held_out, spec, tokenizer, prepare, skips) -> None:
     """Parses and encodes the records at `missing` and writes them as one part."""
     parsed: dict[int, Example] = {}
-    for position in missing:
-        source, item = records[position]
+    for position, (source, item) in zip(missing, records.take(missing), strict=True):
         try:
             record = decode_record(source, item)
             if isinstance(record, DataError):
@@ -364,14 +363,15 @@ def _kind(example: Example) -> int:
 
 def _record_count(root: epath.Path, pattern: str) -> int:
     """The group's number of records, from the key directory (it depends only on the files, which
-    are in the key), or counted by reading the files once and then recorded there."""
+    are in the key), or counted by reading the files once (nothing kept per record) and then
+    recorded there."""
     path = root / "RECORDS.json"
     if path.exists():
         try:
             return int(json.loads(path.read_text())["records"])
         except (ValueError, KeyError, TypeError) as error:
             logger.warning("data cache: unreadable %s (%s); counting again", path, error)
-    count = len(lazy_records(pattern))
+    count = count_records(pattern)
     text = json.dumps({"records": count, "files": pattern})
     try:
         root.mkdir(parents=True, exist_ok=True)

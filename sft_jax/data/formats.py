@@ -33,10 +33,10 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from sft_jax.data.raw_records import RawRecords
 from sft_jax.data.source import (
     DataError,
     EmptyAnswer,
-    Record,
     SkipCounter,
     decode_record,
     expand_files,
@@ -457,16 +457,16 @@ def read_examples(
 
 
 def parse_selected(
-    records: Sequence[tuple[str, bytes | Record]],
+    records: RawRecords,
     indices: Iterable[int],
     spec: FormatSpec,
     counter: SkipCounter,
 ) -> list[Example]:
-    """The records at `indices` (of `lazy_records`) as examples, in the order given; only these
-    are parsed. Bad ones raise or are counted by `counter` (data.on_bad_row)."""
+    """The records at `indices` (of `raw_records.lazy_records`) as examples, in the order given;
+    only these are read and parsed. Bad ones raise or are counted by `counter`
+    (data.on_bad_row)."""
     examples: list[Example] = []
-    for i in indices:
-        source, item = records[i]
+    for source, item in records.take(indices):
         try:
             record = decode_record(source, item)
             if isinstance(record, DataError):

@@ -57,6 +57,7 @@ from sft_jax.data.prepared import (
     token_counts,
     tokenizer_path,
 )
+from sft_jax.data.raw_records import RawRecords, lazy_records
 from sft_jax.data.render import TokenCounts
 from sft_jax.data.shards import (
     ShardPlan,
@@ -64,9 +65,9 @@ from sft_jax.data.shards import (
     held_out_shares,
     shard_plan,
     shard_positions,
-    split_positions,
+    split_position_arrays,
 )
-from sft_jax.data.source import DataError, Record, SkipCounter, lazy_records
+from sft_jax.data.source import DataError, SkipCounter
 from sft_jax.data.templates import ChatTemplate, load_chat_template
 from sft_jax.data.tokenize import LazyTokenizer, TokenizedExample
 
@@ -117,26 +118,29 @@ def read_splits(
     plan = plan or ShardPlan(1, 0, 1)
     spec = FormatSpec.parse(dc.format, dc.field_map, dc.ignore_fields)
     train: list[list[list[Example]]] = [[] for _ in plan.local]
-    held: list[list[tuple[str, bytes | Record]]] = []
+    listed: list[RawRecords] = []
+    held: list[np.ndarray] = []  # [group] -> held-out record positions
     trained: list[int] = []
     train_skips = SkipCounter(dc.on_bad_row, errors)
     eval_skips = SkipCounter(dc.on_bad_row, errors)
     for pattern, _ in parse_mixture(dc.train_files):
         records = lazy_records(pattern)
-        positions, held_positions = split_positions(
+        positions, held_positions = split_position_arrays(
             len(records), dc.eval_fraction, config.seed, hold_out=not dc.eval_files
         )
-        held.append([records[i] for i in held_positions])
+        listed.append(records)
+        held.append(held_positions)
         trained.append(len(positions))
         for slot, shard in enumerate(plan.local):
             mine = shard_positions(positions, shard, plan.num_shards)
             train[slot].append(parse_selected(records, mine, spec, train_skips))
     shares = held_out_shares([len(h) for h in held], trained, dc.max_eval_examples, plan)
     evals: list[Example] = []
-    for g, (group, share) in enumerate(zip(held, shares, strict=True)):
-        evals.extend(parse_selected(group, range(share.keep), spec, eval_skips))
+    for g, (records, group, share) in enumerate(zip(listed, held, shares, strict=True)):
+        evals.extend(parse_selected(records, group[: share.keep], spec, eval_skips))
         for slot, extra in enumerate(share.extra):
-            train[slot][g].extend(parse_selected(group, extra, spec, train_skips))
+            extra_positions = group[np.asarray(extra, np.int64)]
+            train[slot][g].extend(parse_selected(records, extra_positions, spec, train_skips))
     skipped_eval = eval_skips.finish()
     if dc.eval_files:
         evals, skipped_eval = read_examples(

@@ -75,7 +75,7 @@ def iter_records(path: str) -> Iterator[tuple[str, Record]]:
     """(source, record dict or DataError) for every record of one file, in file order."""
     lower = path.lower()
     if isdir(path):
-        yield from _arrow_records(path, _load_hf_dataset(path))
+        yield from _arrow_records(path, load_hf_dataset(path))
     elif lower.endswith(".parquet"):
         yield from _arrow_records(path, _load_parquet(path))
     elif lower.endswith(".csv"):
@@ -90,27 +90,20 @@ def iter_records(path: str) -> Iterator[tuple[str, Record]]:
                 yield source, error
 
 
-def lazy_records(files: str) -> list[tuple[str, bytes | Record]]:
-    """Every record of `files` in order, JSON Lines left as raw bytes until `decode_record`.
-
-    Sharded reading (pipeline.py) needs the record count and positions of the whole file list
-    but parses only its own shards' records: a JSONL line costs one `readline` here and is parsed
-    only if selected. Other formats are decoded whole by their readers anyway.
-    """
-    out: list[tuple[str, bytes | Record]] = []
-    for path in expand_files(files):
-        lower = path.lower()
-        plain_jsonl = not (
-            isdir(path)
-            or lower.endswith((".parquet", ".csv"))
-            or (lower.endswith(".json") and not _looks_like_jsonl(path))
-        )
-        out.extend(_jsonl_records(path) if plain_jsonl else iter_records(path))
-    return out
+def is_json_lines(path: str) -> bool:
+    """Whether `iter_records` reads `path` as JSON Lines (.jsonl, a .json file of objects one a
+    line, and any name it does not know)."""
+    lower = path.lower()
+    return not (
+        isdir(path)
+        or lower.endswith((".parquet", ".csv"))
+        or (lower.endswith(".json") and not _looks_like_jsonl(path))
+    )
 
 
 def decode_record(source: str, item: bytes | Record) -> Record:
-    """A record from `lazy_records`: parses raw JSON Lines bytes; other items pass through."""
+    """A record from `raw_records.lazy_records`: parses raw JSON Lines bytes; other items pass
+    through. The one place a listed record is parsed."""
     if not isinstance(item, bytes):
         return item
     try:
@@ -240,7 +233,8 @@ def is_hf_dataset_dir(path: str) -> bool:
     return any(isfile(os.path.join(path, n)) for n in names)
 
 
-def _load_hf_dataset(path: str) -> Any:
+def load_hf_dataset(path: str) -> Any:
+    """The saved dataset's (train split's) Arrow table, memory-mapped by `datasets`."""
     import datasets  # Deferred: heavy import, only needed for dataset directories.
 
     try:
@@ -278,15 +272,15 @@ def _arrow_records(path: str, table: Any) -> Iterator[tuple[str, Record]]:
     for batch in table.to_batches(max_chunksize=4096):
         for record in batch.to_pylist():
             number += 1
-            yield f"{path}:row {number}", _drop_none(record)
+            yield f"{path}:row {number}", drop_none(record)
 
 
-def _drop_none(value: Any) -> Any:
+def drop_none(value: Any) -> Any:
     """`value` without the dict entries whose value is None, at every depth (list items stay)."""
     if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+        return {k: drop_none(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
-        return [_drop_none(v) for v in value]
+        return [drop_none(v) for v in value]
     return value
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_data_shards import demo_config
 from test_paths import gcs  # noqa: F401 (the fixture)
-from test_streaming_pipeline import streamed, take
+from test_streaming_pipeline import assert_resumes_bitwise, streamed, take
 
 from sft_jax.data import prepare_data, stream_counts
 from sft_jax.data.mixture import mix, mixture_picks
@@ -89,16 +89,7 @@ def test_each_shard_mixes_as_in_memory(tmp_path):
 
 def test_a_resumed_streamed_mixture_continues_bitwise(tmp_path):
     config = mixture_config(tmp_path, prefetch=2, stream_buffer=16)
-    full = take(prepare_data(config).train_iter, 24)
-    first = prepare_data(config).train_iter
-    head = take(first, 9)
-    state = json.loads(json.dumps(first.get_state()))
-    first.close()
-    resumed = prepare_data(config).train_iter
-    resumed.set_state(state)
-    for x, y in zip(head + take(resumed, 15), full, strict=True):
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key])
+    assert_resumes_bitwise(config, batches=24, stop_at=9)
 
 
 def counted(monkeypatch) -> list:

@@ -53,18 +53,23 @@ def test_streaming_counts_the_same_examples_and_tokens_as_packing_in_memory(tmp_
             np.testing.assert_array_equal(x[key], y[key])
 
 
-def test_a_resumed_streaming_bundle_continues_bitwise(tmp_path):
-    config = streamed(tmp_path, prefetch=2)
-    full = take(prepare_data(config).train_iter, 30)
+def assert_resumes_bitwise(config, batches: int, stop_at: int) -> None:
+    """A run stopped after `stop_at` batches, its iterator state saved (through JSON, as in a
+    checkpoint) and restored in a fresh data stage, hands out the uninterrupted run's batches."""
+    full = take(prepare_data(config).train_iter, batches)
     first = prepare_data(config).train_iter
-    head = take(first, 11)
+    head = take(first, stop_at)
     state = json.loads(json.dumps(first.get_state()))
     first.close()
     resumed = prepare_data(config).train_iter
     resumed.set_state(state)
-    for x, y in zip(head + take(resumed, 19), full, strict=True):
+    for x, y in zip(head + take(resumed, batches - stop_at), full, strict=True):
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_a_resumed_streaming_bundle_continues_bitwise(tmp_path):
+    assert_resumes_bitwise(streamed(tmp_path, prefetch=2), batches=30, stop_at=11)
 
 
 def test_processes_stream_their_own_shards(tmp_path):

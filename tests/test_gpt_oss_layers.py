@@ -1,8 +1,9 @@
 """gpt-oss's layers on their own: attention sinks in every implementation that takes them
 (blocked, unrolled and looped, and xla against the reference; splash in Pallas' interpreter on a
 mesh) and refused by those that cannot; the biased, clamped experts on expert-parallel and data
-meshes and in both grouped layouts; a TPU compile of a gpt-oss-shaped model (libtpu's compiler,
-no TPU needed). Against transformers: tests/test_hf_gpt_oss.py."""
+meshes and in both grouped layouts; TPU compiles of those kernels and of a gpt-oss-shaped model
+(libtpu's compiler, no TPU needed; the model's in the slow tier). Against transformers:
+tests/test_hf_gpt_oss.py."""
 
 import dataclasses
 import functools

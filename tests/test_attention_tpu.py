@@ -229,11 +229,14 @@ SPLASH_CALL = "tpu_custom_call"  # the Mosaic kernel's custom call in the lowere
 @pytest.mark.parametrize(
     "mesh_shape, overrides",
     [
-        ((1, 4, 1), {}),  # fsdp=4
+        # One model compile stays in the default tier (data x tensor); the kernel's windowed,
+        # soft-capped and repeated-kv variants compile there on their own (tests/
+        # test_gpt_oss_layers.py, tests/test_splash_context.py), the other meshes in the slow one.
+        pytest.param((1, 4, 1), {}, marks=pytest.mark.slow),  # fsdp=4
         ((2, 1, 2), {}),  # data=2 x tensor=2, two kv heads split over tensor
         # Gemma 2 style: alternating sliding-window layers, soft-capped scores, and one kv head
         # repeated to follow the query heads split over tensor
-        (
+        pytest.param(
             (1, 2, 2),
             {
                 "num_layers": 2,
@@ -242,6 +245,7 @@ SPLASH_CALL = "tpu_custom_call"  # the Mosaic kernel's custom call in the lowere
                 "local_layers": (True, False),
                 "attn_softcap": 50.0,
             },
+            marks=pytest.mark.slow,
         ),
     ],
     ids=["fsdp", "data_x_tensor", "fsdp_x_tensor_window_softcap_one_kv_head"],

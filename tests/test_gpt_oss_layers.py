@@ -1,8 +1,9 @@
 """gpt-oss's layers on their own: attention sinks in every implementation that takes them
 (blocked, unrolled and looped, and xla against the reference; splash in Pallas' interpreter on a
 mesh) and refused by those that cannot; the biased, clamped experts on expert-parallel and data
-meshes and in both grouped layouts; a TPU compile of a gpt-oss-shaped model (libtpu's compiler,
-no TPU needed). Against transformers: tests/test_hf_gpt_oss.py."""
+meshes and in both grouped layouts; TPU compiles of those kernels and of a gpt-oss-shaped model
+(libtpu's compiler, no TPU needed; the model's in the slow tier). Against transformers:
+tests/test_hf_gpt_oss.py."""
 
 import dataclasses
 import functools
@@ -232,6 +233,52 @@ def v5e_devices() -> list:
     return tpu.topology_devices("v5e:2x2")
 
 
+def test_splash_with_sinks_and_biased_experts_compile_for_tpu(v5e_devices):
+    """gpt-oss's two TPU kernels on their own, forward and backward, bf16, on v5e:2x2 (data=2 x
+    tensor=2): splash with the sinks (the windowed kernel picked by the traced local flag, one
+    kv head repeated to follow the query heads split over tensor), and the biased clamped
+    experts on the grouped-matmul kernels. The whole model's compile, which takes several times
+    longer, is in the slow tier."""
+    mesh = tpu_mesh(v5e_devices, 2, 1, 2)
+    b, n, kv, h = 4, 4, 1, 128
+    rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    heads = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, "tensor", None))
+    q = jax.ShapeDtypeStruct((b, 512, n, h), jnp.bfloat16, sharding=heads)
+    k = jax.ShapeDtypeStruct((b, 512, kv, h), jnp.bfloat16, sharding=rows)
+    seg = jax.ShapeDtypeStruct((b, 512), jnp.int32)
+    sinks = jax.ShapeDtypeStruct((n,), jnp.float32)
+
+    def attention(q, k, v, sinks, seg):
+        options = AttentionOptions("splash", window=128, mesh=mesh, rules=RULES)
+        out = attend(q, k, v, None, options, segment_ids=seg, local=seg[0, 0] > 0, sinks=sinks)
+        return jnp.sum(out.astype(jnp.float32))
+
+    grads = jax.jit(jax.grad(attention, argnums=(0, 1, 2, 3)))
+    lowered = grads.lower(q, k, k, sinks, seg)
+    assert SPLASH_CALL in lowered.as_text()
+    assert lowered.compile().memory_analysis().temp_size_in_bytes > 0
+
+    cfg = MoeConfig(128, 128, 4, 2, norm_topk_prob=True, router_bias=True, expert_bias=True)
+    cfg = dataclasses.replace(
+        cfg, swiglu_limit=7.0, dtype="bfloat16", param_dtype="bfloat16", mesh=mesh, mesh_rules=RULES
+    )
+    x = jax.ShapeDtypeStruct((b, 128, 128), jnp.bfloat16)
+    variables = jax.eval_shape(lambda x: MoeMlp(cfg).init(jax.random.key(0), x), x)
+    params = nn.meta.unbox(variables)["params"]
+    shardings = param_shardings(nn.get_partition_spec(variables)["params"], params, mesh, RULES)
+    params = jax.tree.map(lambda a, s: a.update(sharding=s), params, shardings)
+    x = x.update(sharding=activation_sharding(mesh, RULES))
+
+    def experts(p, x):
+        y, aux = MoeMlp(cfg).apply({"params": p}, x)
+        return jnp.sum(y.astype(jnp.float32)) + aux.load_balancing_loss
+
+    lowered = jax.jit(jax.grad(experts, argnums=(0, 1))).lower(params, x)
+    assert "gmm" in lowered.as_text()
+    lowered.compile()  # the TPU compiler takes the kernels (it raises where it cannot)
+
+
+@pytest.mark.slow  # the kernels' own TPU compile above stays in the default tier
 def test_gpt_oss_model_compiles_splash_with_sinks_for_tpu(v5e_devices):
     """A gpt-oss-shaped model (sinks, biases, alternating windows, YaRN, biased clamped
     experts) compiles its train step for TPU v5e:2x2 with "auto" attention: splash with the

@@ -458,7 +458,12 @@ def test_train_step_on_a_mesh_equals_one_device(mesh_sizes, experts):
     reference = run((1, 1, 1), jax.devices()[:1])
     assert np.all(np.isfinite(reference))
     actual = run(mesh_sizes, jax.devices()[:8])
-    np.testing.assert_allclose(actual, reference, rtol=1e-5)
+    # Step 1's loss and gradient norm agree to float32 rounding of the sharded sums (~1e-6).
+    # At lr 1e-2 the first update amplifies that rounding by a CPU-dependent amount (1e-5 to
+    # 2e-4 seen at step 2); a parameter that did not shard and train right moves step 2 by
+    # orders more.
+    np.testing.assert_allclose(actual[0], reference[0], rtol=1e-5)
+    np.testing.assert_allclose(actual[1], reference[1], rtol=1e-3)
 
 
 def _sharpen(path, leaf):

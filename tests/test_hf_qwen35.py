@@ -171,7 +171,9 @@ def test_hub_multimodal_checkpoint_loads_its_language_model(tmp_path, stories_di
     ours = np.asarray(
         _apply(ours_config, params, tokens, np.tile(np.arange(20), (2, 1)), np.ones_like(tokens))
     )
-    np.testing.assert_allclose(ours, _hf_logits(model, tokens), atol=MODEL_TOL)
+    # These randomised weights give larger activations than the other tests' models: on some
+    # CPUs the two float32 results differ by up to 1.7e-4 (1e-4 on others).
+    np.testing.assert_allclose(ours, _hf_logits(model, tokens), atol=2 * MODEL_TOL)
     out = tmp_path / "out"
     export_hf(
         params, ours_config, str(out), tokenizer_dir=str(stories_dir),
@@ -181,7 +183,7 @@ def test_hub_multimodal_checkpoint_loads_its_language_model(tmp_path, stories_di
     assert exported["architectures"] == ["Qwen3_5ForCausalLM"]
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert isinstance(reloaded, Qwen3_5ForCausalLM)
-    np.testing.assert_allclose(_hf_logits(reloaded, tokens), ours, atol=MODEL_TOL)
+    np.testing.assert_allclose(_hf_logits(reloaded, tokens), ours, atol=2 * MODEL_TOL)
 
 
 def _write(path, fields):
@@ -305,7 +307,7 @@ def test_qwen35_moe_logits_packing_export_and_generation(tmp_path, stories_dir):
         source_model_dir=str(tmp_path / "moe"),
     )  # fmt: skip
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
-    np.testing.assert_allclose(_hf_logits(reloaded, tokens), ours, atol=MODEL_TOL)
+    np.testing.assert_allclose(_hf_logits(reloaded, tokens), ours, atol=2 * MODEL_TOL)
 
     prompt = [5, 17, 99, 3, 42]
     (generated,) = greedy_generate(

@@ -270,6 +270,23 @@ def test_config_refuses_an_expert_size_below_one(expert):
 # The TPU compiler.
 
 
+def lower_layer_gradient(cfg, shape, mesh):
+    """The mixture layer's gradient (parameters and input) lowered for abstract bf16 inputs of
+    `shape`, parameters and input placed on `mesh` by RULES."""
+    x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    variables = jax.eval_shape(lambda x: MoeMlp(cfg).init(jax.random.key(0), x), x)
+    params = nn.meta.unbox(variables)["params"]
+    shardings = param_shardings(nn.get_partition_spec(variables)["params"], params, mesh, RULES)
+    params = jax.tree.map(lambda a, s: a.update(sharding=s), params, shardings)
+    x = x.update(sharding=activation_sharding(mesh, RULES))
+
+    def loss(p, x):
+        y, aux = MoeMlp(cfg).apply({"params": p}, x)
+        return jnp.sum(y.astype(jnp.float32)) + aux.load_balancing_loss
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x)
+
+
 @pytest.mark.parametrize("dispatch", ["all_gather", "all_to_all"])
 def test_expert_parallel_layer_compiles_for_tpu(dispatch):
     """Forward and backward of the expert-parallel layer (bf16, fsdp=2 x expert=2 on v5p:2x2x1)
@@ -284,18 +301,7 @@ def test_expert_parallel_layer_compiles_for_tpu(dispatch):
         config(), dtype="bfloat16", param_dtype="bfloat16", mesh=mesh, mesh_rules=RULES
     )
     cfg = dataclasses.replace(cfg, dispatch=dispatch)
-    x = jax.ShapeDtypeStruct((4, 128, D), jnp.bfloat16)
-    variables = jax.eval_shape(lambda x: MoeMlp(cfg).init(jax.random.key(0), x), x)
-    params = nn.meta.unbox(variables)["params"]
-    shardings = param_shardings(nn.get_partition_spec(variables)["params"], params, mesh, RULES)
-    params = jax.tree.map(lambda a, s: a.update(sharding=s), params, shardings)
-    x = x.update(sharding=activation_sharding(mesh, RULES))
-
-    def loss(p, x):
-        y, aux = MoeMlp(cfg).apply({"params": p}, x)
-        return jnp.sum(y.astype(jnp.float32)) + aux.load_balancing_loss
-
-    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+    compiled = lower_layer_gradient(cfg, (4, 128, D), mesh).compile()
     text = compiled.as_text()
     assert "ragged-dot" in text
     if dispatch == "all_gather":

@@ -44,7 +44,7 @@ from tests.test_attention_tpu import (
     tpu_model,
 )
 from tests.test_attention_tpu import T as SPLASH_T
-from tests.test_expert_parallel import RULES, expert_mesh, run
+from tests.test_expert_parallel import RULES, expert_mesh, lower_layer_gradient, run
 
 # --- attention sinks in each implementation -------------------------------------------------
 
@@ -262,18 +262,7 @@ def test_splash_with_sinks_and_biased_experts_compile_for_tpu(v5e_devices):
     cfg = dataclasses.replace(
         cfg, swiglu_limit=7.0, dtype="bfloat16", param_dtype="bfloat16", mesh=mesh, mesh_rules=RULES
     )
-    x = jax.ShapeDtypeStruct((b, 128, 128), jnp.bfloat16)
-    variables = jax.eval_shape(lambda x: MoeMlp(cfg).init(jax.random.key(0), x), x)
-    params = nn.meta.unbox(variables)["params"]
-    shardings = param_shardings(nn.get_partition_spec(variables)["params"], params, mesh, RULES)
-    params = jax.tree.map(lambda a, s: a.update(sharding=s), params, shardings)
-    x = x.update(sharding=activation_sharding(mesh, RULES))
-
-    def experts(p, x):
-        y, aux = MoeMlp(cfg).apply({"params": p}, x)
-        return jnp.sum(y.astype(jnp.float32)) + aux.load_balancing_loss
-
-    lowered = jax.jit(jax.grad(experts, argnums=(0, 1))).lower(params, x)
+    lowered = lower_layer_gradient(cfg, (b, 128, 128), mesh)
     assert "gmm" in lowered.as_text()
     lowered.compile()  # the TPU compiler takes the kernels (it raises where it cannot)
 

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sft_jax.model.wide_einsum import wide_einsum
+
 BLOCK = 64
 FORMATS = ("none", "int8", "nf4")
 # NormalFloat4 levels (QLoRA, Dettmers et al. 2023; bitsandbytes' NF4 table).
@@ -110,7 +112,7 @@ def einsum_dequantized(
     def run(x: jax.Array, codes: jax.Array, scales: jax.Array) -> jax.Array:
         # Via the stored dtype (e.g. bfloat16), exactly as the whole-tree `dequantize`.
         w = dequantize_array(Quantized(codes, scales, q.dtype, q.fmt)).astype(dtype)
-        return jnp.einsum(equation, x, w, preferred_element_type=out_dtype)
+        return wide_einsum(equation, x, w, out_dtype)
 
     return jax.checkpoint(run)(x, q.codes, q.scales)
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from sft_jax.lora.oft import PARAM, ROTATION, SCALE, butterfly_input, rotate_input
 from sft_jax.lora.quant import Quantized, dequantize_array, einsum_dequantized
 from sft_jax.model.cpu_linear import cpu_linear, input_rank
+from sft_jax.model.wide_einsum import wide_einsum
 
 INIT_STD = 0.02  # Hugging Face `initializer_range` for every family here.
 ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -121,7 +122,7 @@ class Einsum(nn.Module):
         n_in = input_rank(equation) if self.cpu_grad else None
         if n_in:
             return cpu_linear(x, w, n_in, out_dtype)
-        return jnp.einsum(equation, x, w, preferred_element_type=out_dtype)
+        return wide_einsum(equation, x, w, out_dtype)
 
     def _lora(self, x: jax.Array, y: jax.Array, kernel: Any) -> jax.Array:
         """y + the adapter term (LoRA), or the DoRA-rescaled sum, in the compute dtype."""

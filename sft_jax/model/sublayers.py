@@ -21,6 +21,7 @@ from sft_jax.model.attention import (
 from sft_jax.model.config import ModelConfig
 from sft_jax.model.layers import ACTIVATIONS, INIT_STD, Einsum, RMSNorm, named_param
 from sft_jax.model.prefix import PREFIX_K, PREFIX_V, prefix_attention
+from sft_jax.model.wide_einsum import wide_einsum
 
 # Per-layer activation checkpointing (ModelConfig.remat). "dots" saves the projection outputs
 # (matmuls without batch dims) and recomputes attention scores; "dots_saveable" also saves the
@@ -68,7 +69,7 @@ class Embed(nn.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         table = self.embedding.astype(self.config.dtype)
-        return jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
+        return wide_einsum("BTD,VD->BTV", x, table, jnp.float32)
 
 
 def cpu_grad(c: ModelConfig, in_layers: bool = True) -> bool:

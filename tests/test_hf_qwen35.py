@@ -400,7 +400,10 @@ def test_lora_run_trains_and_exports_for_peft(tmp_path, stories_dir):
     model = peft.PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "ad"
     )
-    theirs = _hf_logits(model.eval(), tokens)
-    np.testing.assert_allclose(theirs, np.asarray(ours), atol=MODEL_TOL)
+    theirs = _hf_logits(model.eval().double(), tokens)
+    # Against transformers in float64: the trained model (six steps at a high learning rate)
+    # magnifies float32 rounding; transformers' own float32 logits can be 4e-4 from its float64,
+    # ours 1.2e-4, in opposite directions (so 5.5e-4 from each other).
+    np.testing.assert_allclose(theirs, np.asarray(ours), atol=2 * MODEL_TOL)
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     assert np.abs(_hf_logits(base, tokens) - theirs).max() > 1e-2  # the adapters changed it

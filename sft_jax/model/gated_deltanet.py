@@ -114,29 +114,36 @@ def _l2norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
+def _compute_dtype(v: jax.Array) -> jnp.dtype:
+    """float32 for every model dtype; float64 for float64 inputs (jax_enable_x64 on), so that
+    the same code is its own float64 reference in precision tests."""
+    return jnp.promote_types(v.dtype, jnp.float32)
+
+
 def _prepare(q, k, v, g, beta):
-    """float32 heads-first tensors: q, k L2-normed, repeated to the value heads (each key head
-    serves N // M consecutive value heads), q scaled by Hk^-0.5. q, k [B, N, T, Hk],
-    v [B, N, T, Hv], g, beta [B, N, T]."""
+    """Heads-first tensors in the compute dtype: q, k L2-normed, repeated to the value heads
+    (each key head serves N // M consecutive value heads), q scaled by Hk^-0.5. q, k
+    [B, N, T, Hk], v [B, N, T, Hv], g, beta [B, N, T]."""
+    dtype = _compute_dtype(v)
     rep = v.shape[2] // q.shape[2]
     q, k = (jnp.repeat(x, rep, axis=2) if rep > 1 else x for x in (q, k))
-    q, k, v = (x.astype(jnp.float32).transpose(0, 2, 1, 3) for x in (q, k, v))
-    g, beta = (x.astype(jnp.float32).transpose(0, 2, 1) for x in (g, beta))
+    q, k, v = (x.astype(dtype).transpose(0, 2, 1, 3) for x in (q, k, v))
+    g, beta = (x.astype(dtype).transpose(0, 2, 1) for x in (g, beta))
     q, k = _l2norm(q), _l2norm(k)
     return q * q.shape[-1] ** -0.5, k, v, g, beta
 
 
 def _initial(state, q, v):
     if state is not None:
-        return state.astype(jnp.float32)
+        return state.astype(q.dtype)
     b, n, _, hk = q.shape
-    return jnp.zeros((b, n, hk, v.shape[-1]), jnp.float32)
+    return jnp.zeros((b, n, hk, v.shape[-1]), q.dtype)
 
 
 def recurrent_delta_rule(q, k, v, g, beta, runs=None, state=None):
     """The gated delta rule token by token. q, k [B, T, M, Hk], v [B, T, N, Hv], g, beta
     [B, T, N]; runs [B, T] (`segment_runs`; None: one run); state [B, N, Hk, Hv] or None.
-    Returns (out [B, T, N, Hv] in v's dtype, final state float32)."""
+    Returns (out [B, T, N, Hv] in v's dtype, final state float32, float64 for float64 v)."""
     dtype = v.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta)
     s0 = _initial(state, q, v)
@@ -192,6 +199,18 @@ def unit_lower_inverse(strict: jax.Array) -> jax.Array:
     return blocks[..., 0, :length, :length]
 
 
+def _segment_sums(g: jax.Array) -> jax.Array:
+    """g [..., C] -> [..., C(i), C(j)]: the sum of g over the tokens (j, i] (0 where j >= i).
+    Summed pair by pair rather than as differences cum_i - cum_j of the block's running sum:
+    with strong decays that sum reaches thousands within a block, a float32 difference of two
+    such numbers is off by ~1e-4 even where the pair's own log decay is small, and exp turns
+    that into a relative error of 1e-4 in a weight near 1. Added up from j + 1 only, each
+    entry is as exact as its own terms."""
+    c = g.shape[-1]
+    after = np.tril(np.ones((c, c), bool), -1)  # [l, j]: token l comes after token j
+    return jnp.cumsum(jnp.where(after, g[..., :, None], 0.0), axis=-2)
+
+
 def chunked_delta_rule(q, k, v, g, beta, runs=None, state=None, chunk_size: int = 64):
     """`recurrent_delta_rule` computed in blocks of `chunk_size` tokens (module docstring); the
     same arguments and results."""
@@ -217,18 +236,18 @@ def chunked_delta_rule(q, k, v, g, beta, runs=None, state=None, chunk_size: int 
     last = r == r[..., -1:]  # in the block's last run (what the outgoing state holds)
 
     cum = jnp.cumsum(g, axis=-1)  # log decay from the block start to each token
-    causal = np.tril(np.ones((c, c), bool))
+    between = _segment_sums(g)  # [.., C(i), C(j)]: log decay from token j to token i
+    causal, strict = np.tril(np.ones((c, c), bool)), np.tril(np.ones((c, c), bool), -1)
     live = causal & (r[..., :, None] == r[..., None, :])  # [.., C(i), C(j)]: j <= i, same run
-    diff = jnp.where(live, cum[..., :, None] - cum[..., None, :], 0.0)
-    decay = jnp.where(live, jnp.exp(diff), 0.0)
+    decay = jnp.where(live, jnp.exp(between), 0.0)
     k_beta, v_beta = k * beta[..., None], v * beta[..., None]
-    system = jnp.einsum("...ik,...jk->...ij", k_beta, k) * decay * np.tril(np.ones((c, c)), -1)
+    system = jnp.where(strict, jnp.einsum("...ik,...jk->...ij", k_beta, k) * decay, 0.0)
     inverse = unit_lower_inverse(system)  # (I + system)^-1
     u = inverse @ v_beta  # the corrected values, before the incoming state's share
     w = inverse @ (k_beta * (jnp.exp(cum) * first)[..., None])  # what reads the incoming state
     attn = jnp.einsum("...ik,...jk->...ij", q, k) * decay
     q_in = q * (jnp.exp(cum) * first)[..., None]
-    k_out = k * (jnp.exp(cum[..., -1:] - cum) * last)[..., None]
+    k_out = k * (jnp.exp(between[..., -1, :]) * last)[..., None]  # decay to the block's end
     carry = jnp.exp(cum[..., -1]) * first[..., -1]  # [B, N, nc]: 0 after a boundary
 
     def block(s, xs):

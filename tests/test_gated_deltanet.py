@@ -2,7 +2,7 @@
 rule equal each other and transformers' torch reference; packed rows equal their examples run
 alone (state and convolution reset at segment boundaries); gradients agree between the forms;
 decoding token by token with the carried state equals the full forward; the chunked form in
-float32 is within float32 rounding of the recurrence in float64."""
+float32 is within float32 rounding of the recurrence in float64; the layer compiles for TPU."""
 
 import functools
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import tiny_model_config
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
 
 from sft_jax.model.gated_deltanet import (
@@ -24,6 +25,7 @@ from sft_jax.model.gated_deltanet import (
     unit_lower_inverse,
 )
 from sft_jax.model.hybrid import LinearAttention
+from sft_jax.planning import tpu
 
 B, T, M, N, HK, HV = 2, 37, 2, 4, 8, 6
 # Jitted once for the module: each form op by op (a scan of many small steps) runs far slower
@@ -241,3 +243,36 @@ def test_unit_lower_inverse_equals_the_inverse(size):
     expected = np.linalg.inv(strict.astype(np.float64) + np.eye(size))
     got = unit_lower_inverse(jnp.asarray(strict))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
+@pytest.mark.slow  # a minute of compile on the 2-core CI machine
+def test_layer_gradient_compiles_for_tpu():
+    """The layer in bfloat16 at TPU-sized heads (128-dim, 64-token blocks), forward and backward
+    over packed rows, rows split over the four chips of v5e:2x2 (libtpu's compiler, no TPU
+    needed): the chunked form's block scan and block inverse compile for the TPU."""
+    if tpu.libtpu_missing():
+        pytest.skip(f"no TPU compiler: {tpu.libtpu_missing()}")
+    devices = tpu.topology_devices("v5e:2x2")
+    config = tiny_model_config(
+        hidden_size=256,
+        dtype="bfloat16",
+        linear_attention=LinearAttention(2, 4, 128, 128, conv_kernel=4, chunk_size=64),
+    )
+    module = GatedDeltaNet(config)
+    mesh = Mesh(np.asarray(devices), ("data",))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    x = jax.ShapeDtypeStruct((4, 256, 256), jnp.bfloat16, sharding=rows)
+    seg = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=rows)
+    params = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = jax.tree.map(
+        lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=replicated), nn.unbox(params)
+    )
+
+    def loss(params, x, seg):
+        out, _ = module.apply({"params": params}, x, seg)
+        return jnp.sum(out.astype(jnp.float32))
+
+    lowered = jax.jit(jax.grad(loss, (0, 1))).lower(params, x, seg)
+    assert "while" in lowered.as_text()  # the block scan
+    lowered.compile()  # the TPU compiler raises where it cannot

@@ -342,6 +342,30 @@ def test_bad_bytes_and_malformed_json_list_and_csv(tmp_path):
     assert read_examples(str(csv), FormatSpec(), on_bad_row="skip")[1] == 1
 
 
+def test_json_the_decoder_cannot_hold_is_a_row_error(tmp_path):
+    """Nesting past Python's recursion limit and integers of more than 4300 digits make `json`
+    raise RecursionError / ValueError instead of JSONDecodeError: still a bad row naming file and
+    line (skippable in JSONL), never a traceback. Nesting the decoder accepts is not refused."""
+    deep = '{"text": "a", "meta": ' + "[" * 5000 + "]" * 5000 + "}"
+    huge = '{"text": 1' + "0" * 5000 + "}"
+    shallow = '{"text": "b", "meta": ' + "[" * 900 + "]" * 900 + "}"
+    good = json.dumps({"text": "c"})
+    for bad, why in ((deep, "nested too deeply"), (huge, "4300 digits")):
+        path = tmp_path / "bad.jsonl"
+        path.write_text(f"{good}\n{bad}\n{good}\n")
+        with pytest.raises(DataError, match=rf"{path}:2: malformed JSON: .*{why}"):
+            read(path)
+        assert read_examples(str(path), FormatSpec(), on_bad_row="skip")[1] == 1
+        listed = tmp_path / "bad.json"
+        listed.write_text(f"[{good},\n{bad}]")
+        with pytest.raises(DataError, match=rf"{listed}:2: malformed JSON: .*{why}"):
+            read(listed)
+    path = tmp_path / "shallow.jsonl"
+    path.write_text(shallow + "\n")
+    examples, _ = read_examples(str(path), FormatSpec.parse("auto", "", "meta"), on_bad_row="error")
+    assert examples == [Text("b", f"{path}:1")]
+
+
 def test_mixture_weights_respected():
     assert parse_mixture("a.jsonl:0.9, b/*.json:0.1") == [("a.jsonl", 0.9), ("b/*.json", 0.1)]
     assert parse_mixture("a.jsonl,b.jsonl") == [("a.jsonl", None), ("b.jsonl", None)]

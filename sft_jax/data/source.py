@@ -193,6 +193,8 @@ def _parse_json_object(raw: bytes, source: str) -> dict[str, Any]:
         raise field_error(source, None, f"malformed JSON: {e.msg} at column {e.colno}") from None
     except _DuplicateKeyError as e:
         raise field_error(source, e.key, "appears twice in one object") from None
+    except (RecursionError, ValueError) as e:
+        raise field_error(source, None, _unreadable_json(e)) from None
     field = _field_with_invalid_unicode(record)
     if bad_bytes:
         raise field_error(source, field, bad_bytes)
@@ -203,20 +205,34 @@ def _parse_json_object(raw: bytes, source: str) -> dict[str, Any]:
     return record
 
 
+def _unreadable_json(error: RecursionError | ValueError) -> str:
+    """Why valid-looking JSON could not be decoded: Python's json raises these (not
+    JSONDecodeError) for nesting deeper than its recursion limit and for integers of more than
+    4300 digits; without this they escaped as a traceback instead of a row error."""
+    if isinstance(error, RecursionError):
+        return "malformed JSON: nested too deeply to read"
+    return f"malformed JSON: {error}"
+
+
 def _field_with_invalid_unicode(record: Any) -> str | None:
     """Top-level field (or the key itself) holding text that cannot be encoded as UTF-8."""
 
     def bad(value: Any) -> bool:
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-            return False
-        if isinstance(value, dict):
-            return any(bad(k) or bad(v) for k, v in value.items())
-        if isinstance(value, list):
-            return any(bad(v) for v in value)
+        # A stack, not recursion: JSON that the decoder accepts (nested a few hundred deep) must
+        # not overflow Python's recursion limit here.
+        stack = [value]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+            elif isinstance(value, dict):
+                stack.extend(value.keys())
+                stack.extend(value.values())
+            elif isinstance(value, list):
+                stack.extend(value)
         return False
 
     if isinstance(record, dict):
@@ -354,6 +370,8 @@ def _json_list_records(path: str) -> Iterator[tuple[str, Record]]:
             ) from None
         except _DuplicateKeyError as e:
             raise field_error(source, e.key, "appears twice in one object") from None
+        except (RecursionError, ValueError) as e:
+            raise field_error(source, None, _unreadable_json(e)) from None
         yield source, _check_record(record, source)
         pos = _skip_ws(text, pos)
         if text.startswith(",", pos):

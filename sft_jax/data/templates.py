@@ -212,14 +212,20 @@ def load_chat_template(spec: str, tokenizer: Any) -> ChatTemplate:
         source, name = BUILTIN_TEMPLATES[spec], spec
     elif spec in NAMED_TEMPLATES or os.path.isfile(spec):
         path = asset_path(NAMED_TEMPLATES[spec]) if spec in NAMED_TEMPLATES else spec
-        with open(path, encoding="utf-8") as f:
-            source, name = f.read(), spec
+        try:
+            with open(path, encoding="utf-8") as f:
+                source, name = f.read(), spec
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"chat template {spec!r} is not UTF-8 text (byte {e.start}: {e.reason})"
+            ) from None
     else:
         raise DataError(
             f"data.chat_template {spec!r} is neither 'tokenizer', a built-in "
             f"{sorted(BUILTIN_TEMPLATES)}, a named template {sorted(NAMED_TEMPLATES)}, nor an "
             "existing .jinja file"
         )
+    _check_syntax(source, name)
     template = ChatTemplate(name, source, template_variables(tokenizer))
     text, ids = end_of_turn(template, tokenizer)
     if len(ids) > 1:
@@ -231,6 +237,21 @@ def load_chat_template(spec: str, tokenizer: Any) -> ChatTemplate:
             "with one of the tokenizer's special tokens"
         )
     return template
+
+
+def _check_syntax(source: str, name: str) -> None:
+    """Compiles the template once when it is loaded: a Jinja syntax error is the template's
+    fault, not any row's, so it stops the run here with the template's name and line (rendering
+    would otherwise raise it from the first example, outside the errors it reports)."""
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise DataError(
+            f"chat template {name!r} is not valid Jinja: line {e.lineno}: {e.message}"
+        ) from None
 
 
 def end_of_turn(template: ChatTemplate, tokenizer: Any) -> tuple[str, tuple[int, ...]]:

@@ -408,6 +408,32 @@ def test_prepare_data_chat_mixture_and_eval_prompts(tmp_path, shared_assets, sto
     assert tok.decode(prompts[0].prompt_ids).endswith("Assistant:")
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_eval_files_that_yield_nothing_fail(tmp_path, stories_dir, streaming):
+    """Named eval files that hold no usable example (empty, or every row skipped) stop the run
+    like empty train files do, instead of silently training without validation."""
+    from configs import base
+    from sft_jax.config import parse
+    from sft_jax.data import prepare_data
+
+    train, empty, bad = tmp_path / "t.jsonl", tmp_path / "e.jsonl", tmp_path / "b.jsonl"
+    train.write_text('{"prompt": "a b c", "completion": "d"}\n' * 4)
+    empty.write_text("\n")
+    bad.write_text("{x\n")
+    c = base.get_config()
+    c.data.tokenizer = str(stories_dir)
+    c.data.train_files = str(train)
+    c.data.streaming = streaming
+    c.data.on_bad_row = "skip"
+    c.train.global_batch_size = 2
+    for files, skipped in ((empty, 0), (bad, 1)):
+        c.data.eval_files = str(files)
+        with pytest.raises(DataError, match=rf"no eval examples in {files} \({skipped} skipped"):
+            prepare_data(parse(c), cache_dir=str(tmp_path / "cache"))
+    c.data.max_eval_examples = 0  # asked for no eval examples: not an error
+    assert prepare_data(parse(c), cache_dir=str(tmp_path / "cache")).stats["eval_examples"] == 0
+
+
 def test_all_ones_mask_fails_before_training(tmp_path, stories_dir):
     from configs import base
     from sft_jax.config import parse

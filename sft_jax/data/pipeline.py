@@ -187,6 +187,14 @@ def prepare_data(
         raise DataError(f"data preparation failed on process(es) {failed}; see their logs")
     assert local is not None
     stats = _global_stats(gathered, plan, local, dc.train_files)
+    if dc.eval_files and dc.max_eval_examples > 0 and not stats["eval_examples"]:
+        # Named eval files that yield nothing would silently turn validation (and stopping on
+        # it) off; every process holds the same eval examples, so all stop here together.
+        raise DataError(
+            f"no eval examples in {dc.eval_files} ({local.skipped_eval} skipped as bad; empty "
+            "files, or every example dropped by data.overlong); fix the files or set "
+            'data.eval_files="" to run without them'
+        )
     only_text = not any(c.not_only_text for c in gathered)
     check_trainable(stats, dc.train_on, only_text=only_text)
     logger.info("data statistics: %s", format_stats(stats))

@@ -80,6 +80,27 @@ def test_field_map_and_real_files(shared_assets, tmp_path):
     assert msgs[0].train == (False, True)  # loss_weight 0 on the user turn
 
 
+def test_field_map_never_overwrites_a_field(tmp_path):
+    """A record holding both the mapped field and its target (`question` and `prompt` with
+    prompt=question) is an error naming both: keeping either would drop the other's text. The
+    mapping reads the record as given, so swapping two fields works."""
+    path = tmp_path / "a.jsonl"
+    path.write_text(
+        json.dumps({"question": "q", "answer": "a"})
+        + "\n"
+        + json.dumps({"question": "q", "prompt": "kept?", "answer": "a"})
+        + "\n"
+    )
+    with pytest.raises(DataError, match=rf"{path}:2: field 'prompt': .*both 'question'"):
+        read(path, field_map="prompt=question,completion=answer")
+    spec = FormatSpec.parse("auto", "prompt=question,completion=answer", "")
+    assert read_examples(str(path), spec, on_bad_row="skip")[1] == 1
+    path.write_text(json.dumps({"prompt": "c", "completion": "p"}) + "\n")
+    assert read(path, field_map="prompt=completion,completion=prompt") == [
+        Row("p", "c", f"{path}:1")
+    ]
+
+
 BAD = {
     # name: (record, substrings the error must contain besides path:line)
     "unknown_role": (

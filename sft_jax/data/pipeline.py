@@ -62,6 +62,7 @@ from sft_jax.data.render import TokenCounts
 from sft_jax.data.shards import (
     ShardPlan,
     agree,
+    empty_shard_error,
     held_out_shares,
     shard_plan,
     shard_positions,
@@ -361,10 +362,7 @@ def _build_shard(
     key = shard_seed(config.seed, shard, plan.num_shards)
     empty = [i for i, g in enumerate(encoded) if weights and weights[i] > 0 and not g]
     if empty:
-        raise DataError(
-            f"data shard {shard} of {plan.num_shards} has no examples of mixture group(s) {empty} "
-            f"({dc.train_files}); use fewer data shards or more data"
-        )
+        raise empty_shard_error(shard, plan, dc.train_files, empty)
     train = mix(encoded, weights, key)
     packed = pack_examples(
         train, seq_len=dc.seq_len, window=dc.pack_window, seed=key, split=dc.pack_split

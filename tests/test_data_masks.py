@@ -177,6 +177,29 @@ def test_builtin_templates_on_a_tokenizer_without_template(stories_dir):
         load_chat_template("tokenizer", tokenizer)
 
 
+def test_a_template_without_generation_prompt_is_named_with_its_trained_header(
+    stories_dir, tmp_path, caplog
+):
+    """A template that ignores add_generation_prompt leaves the assistant header out of the
+    prompt, so the header is trained with every answer. That is consistent with inference on
+    such a template, but not the usual mask: one warning names the template and the header.
+    Built-ins, which write a generation prompt, give none."""
+    tokenizer = load_tokenizer(str(stories_dir))
+    path = tmp_path / "nogen.jinja"
+    path.write_text(
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}"
+        "{{ eos_token if m['role'] == 'assistant' else '\n' }}{% endfor %}"
+    )
+    with caplog.at_level("WARNING", logger="sft_jax.data.templates"):
+        for name in ("plain", "alpaca", str(path), str(path)):
+            template = load_chat_template(name, tokenizer)
+    warned = [r.getMessage() for r in caplog.records if "add_generation_prompt" in r.getMessage()]
+    assert len(warned) == 1 and str(path) in warned[0] and "'assistant: '" in warned[0]
+    rendered = render_conversation(CONV, template, "all_assistant")
+    trained = "".join(rendered.text[a:b] for a, b in rendered.spans)
+    assert trained.startswith("assistant: 2 + 2 = 4.")
+
+
 def test_train_on_all_and_loss_weight_zero(shared_assets):
     tokenizer = tokenizer_for("qwen3")
     template = load_chat_template("chatml", tokenizer)

@@ -211,6 +211,8 @@ def _unreadable_json(error: RecursionError | ValueError) -> str:
     4300 digits; without this they escaped as a traceback instead of a row error."""
     if isinstance(error, RecursionError):
         return "malformed JSON: nested too deeply to read"
+    if "integer string conversion" in str(error):  # Python's advice here is not the user's fix
+        return "malformed JSON: a number of more than 4300 digits"
     return f"malformed JSON: {error}"
 
 

@@ -361,6 +361,15 @@ def test_bad_bytes_and_malformed_json_list_and_csv(tmp_path):
     with pytest.raises(DataError, match=rf"{csv}:3: field 'completion'.*UTF-8"):
         read(csv)
     assert read_examples(str(csv), FormatSpec(), on_bad_row="skip")[1] == 1
+    short = tmp_path / "short.csv"  # a row without its last column; a quote never closed
+    short.write_text('prompt,completion\np,c\nonly\n"open,c\np,c\n')
+    with pytest.raises(DataError, match=rf"{short}:3: field 'completion': missing: 1 of 2"):
+        read(short)
+    examples, skipped = read_examples(str(short), FormatSpec(), on_bad_row="skip")
+    assert (len(examples), skipped) == (1, 2)
+    short.write_text('prompt,completion\np,c\n"open,c\np,c\n')
+    with pytest.raises(DataError, match=rf"{short}:3: field 'completion'.*quote left open"):
+        read(short)
 
 
 def test_json_the_decoder_cannot_hold_is_a_row_error(tmp_path):

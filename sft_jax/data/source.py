@@ -327,6 +327,18 @@ def _csv_records(path: str) -> Iterator[tuple[str, Record]]:
             if len(values) > len(header):
                 yield source, field_error(source, None, "more values than header columns")
                 continue
+            if len(values) < len(header):  # else the missing columns read as null
+                open_quote = any("\n" in v for v in values)  # it joined the lines after it
+                hint = "; a quote left open joins the lines after it" if open_quote else ""
+                yield (
+                    source,
+                    field_error(
+                        source,
+                        header[len(values)],
+                        f"missing: {len(values)} of {len(header)} header columns{hint}",
+                    ),
+                )
+                continue
             row = {**dict.fromkeys(header), **dict(zip(header, values, strict=False))}
             bad = _field_with_invalid_unicode(row)
             if bad is not None:

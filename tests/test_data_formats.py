@@ -396,6 +396,19 @@ def test_json_the_decoder_cannot_hold_is_a_row_error(tmp_path):
     assert examples == [Text("b", f"{path}:1")]
 
 
+def test_a_pretty_printed_object_in_a_json_file_is_named_as_such(tmp_path):
+    """A .json file holding one object over several lines (a {"data": [...]} wrapper) is neither
+    a list nor JSON Lines: the error says so instead of calling its first line malformed JSON.
+    A .json file of JSON Lines still reads."""
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": [{"prompt": "p", "completion": "c"}]}, indent=2))
+    with pytest.raises(DataError, match=rf"{wrapped}:1: .*list of objects.*one object over"):
+        read(wrapped)
+    lines = tmp_path / "lines.json"
+    lines.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    assert read(lines) == [Row("p", "c", f"{lines}:1")]
+
+
 def test_mixture_weights_respected():
     assert parse_mixture("a.jsonl:0.9, b/*.json:0.1") == [("a.jsonl", 0.9), ("b/*.json", 0.1)]
     assert parse_mixture("a.jsonl,b.jsonl") == [("a.jsonl", None), ("b.jsonl", None)]

@@ -348,10 +348,12 @@ def _csv_records(path: str) -> Iterator[tuple[str, Record]]:
 
 
 def _looks_like_jsonl(path: str) -> bool:
-    """A .json file whose first non-blank character is "{" holds JSON Lines, not a list."""
+    """A .json file whose first non-blank character is "{" holds JSON Lines, not a list; unless
+    that "{" is alone on its line: one pretty-printed object, which the list reader refuses by
+    name (as JSON Lines its first line would be reported as malformed JSON)."""
     with open_binary(path) as f:
         head = f.read(4096).lstrip(codecs.BOM_UTF8).lstrip()
-    return head.startswith(b"{")
+    return head.startswith(b"{") and head.split(b"\n", 1)[0].strip() != b"{"
 
 
 def _json_list_records(path: str) -> Iterator[tuple[str, Record]]:
@@ -372,7 +374,11 @@ def _json_list_records(path: str) -> Iterator[tuple[str, Record]]:
     line = _LineCounter(text)
     pos = _skip_ws(text, 0)
     if not text.startswith("[", pos):
-        raise DataError(f"{path}:{line.at(pos)}: a .json data file must hold a list of objects")
+        what = "; this one holds one object over several lines" if text.startswith("{", pos) else ""
+        raise DataError(
+            f"{path}:{line.at(pos)}: a .json data file must hold a list of objects, or one object "
+            f"per line (JSON Lines){what}"
+        )
     pos = _skip_ws(text, pos + 1)
     while not text.startswith("]", pos):
         source = f"{path}:{line.at(pos)}"

@@ -150,6 +150,15 @@ BAD = {
         },
         ["conversations[1].weight", "0.5"],
     ),
+    "reasoning_not_string": (
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a", "reasoning_content": 4},
+            ]
+        },
+        ["messages[1].reasoning_content", "must be a string"],
+    ),
     "tool_arguments_not_json": (
         {
             "messages": [

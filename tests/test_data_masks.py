@@ -166,6 +166,41 @@ def test_stock_tokenizer_templates(shared_assets, name):
         check(CONV, training, tokenizer, "all_assistant", [1, 3])
 
 
+def test_a_trained_turns_reasoning_must_be_rendered(shared_assets):
+    """Reasoning (reasoning_content, or a <think> block leading the content) of a trained turn
+    that the template leaves out (chatml and Qwen2.5 have no reasoning) is refused naming the
+    message, not trained as the answer alone. A template that renders it trains it; an earlier,
+    untrained turn's reasoning may be dropped (the stock Qwen3 template does, by design)."""
+    tokenizer = load_tokenizer(str(shared_assets / "tok-qwen3"))
+    turns = [dict(m) for m in CONV.messages]
+    turns[1]["reasoning_content"] = "Add two and two."
+    turns[3]["reasoning_content"] = "Add three and three."
+    conv = Conversation(tuple(turns), "r.jsonl:4")
+    qwen25 = shared_assets / "chat-templates/trl/qwen2_5.jinja"
+    for name in ("chatml", str(qwen25)):
+        with pytest.raises(DataError, match=r"r.jsonl:4: message 3 .*its reasoning"):
+            render_conversation(conv, load_chat_template(name, tokenizer), "last_assistant")
+    inline = [
+        *CONV.messages[:3],
+        {"role": "assistant", "content": "<think>Three plus three.</think>6."},
+    ]
+    drops_think = ChatTemplate(  # prints only what follows a think block
+        "drops_think",
+        "{% for m in messages %}{{ m.role }}: {{ m.content.split('</think>')[-1] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}",
+        template_variables(tokenizer),
+    )
+    with pytest.raises(DataError, match=r"r.jsonl:5: message 3 .*its reasoning"):
+        render_conversation(Conversation(tuple(inline), "r.jsonl:5"), drops_think, "all_assistant")
+    rendered = render_conversation(
+        conv, load_chat_template("qwen3_thinking", tokenizer), "all_assistant"
+    )
+    trained = "".join(rendered.text[a:b] for a, b in rendered.spans)
+    assert "Add two and two." in trained and "Add three and three." in trained
+    stock = render_conversation(conv, load_chat_template("tokenizer", tokenizer), "last_assistant")
+    assert "Add two and two." not in stock.text and "Add three and three." in stock.text
+
+
 def test_builtin_templates_on_a_tokenizer_without_template(stories_dir):
     tokenizer = load_tokenizer(str(stories_dir))
     for name in ("alpaca", "plain"):  # chatml is refused: <|im_end|> is 7 tokens here

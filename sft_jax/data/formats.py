@@ -400,6 +400,10 @@ def _messages(record: dict[str, Any], source: str) -> Conversation:
         # `'tool_calls' in message` or `message.name is defined`, which a None would satisfy.
         message = {k: v for k, v in turn.items() if k in _MESSAGE_KEYS and v is not None}
         message["content"] = _content(turn.get("content"), source, f"{field}.content")
+        for key in ("reasoning_content", "name", "tool_call_id"):  # templates test `is string`
+            if key in message and not isinstance(message[key], str):
+                kind = type(message[key]).__name__
+                raise field_error(source, f"{field}.{key}", f"must be a string, got {kind}")
         if "tool_calls" in message:
             message["tool_calls"] = _tool_calls(
                 message["tool_calls"], source, f"{field}.tool_calls"

@@ -79,6 +79,38 @@ def test_cached_equals_uncached_and_is_reused(tmp_path, monkeypatch):
     assert_same(prepare_data(config), off)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_saved_dataset_directory_is_cached(tmp_path, streaming):
+    """A directory written by save_to_disk (a DatasetDict's, files in a subdirectory) is keyed by
+    every file below it: the cache (on by default in training) used to fail on it. Its batches
+    equal the same rows' JSONL, a changed file is a new key, and nothing is written beside it."""
+    import datasets
+
+    config = demo_config(tmp_path, n_train=40, eval_files="", streaming=streaming)
+    rows = [
+        json.loads(line)
+        for line in pathlib.Path(config.data.train_files).read_text().split("\n")
+        if line
+    ]
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(saved))
+    listing = sorted(saved.rglob("*"))
+    cache = tmp_path / "cache"
+    jsonl = prepare_data(config, cache_dir=str(tmp_path / "cache_jsonl"))
+    first = prepare_data(with_data(config, train_files=str(saved)), cache_dir=str(cache))
+    assert_same(jsonl, first, sources=False)
+    keys = {p.name for p in cache.iterdir() if p.name not in ("prepared", "stream_counts")}
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:30])}).save_to_disk(str(saved))
+    assert (
+        prepare_data(with_data(config, train_files=str(saved)), cache_dir=str(cache)).stats[
+            "examples"
+        ]
+        == 30
+    )
+    assert {p.name for p in cache.iterdir()} - {"prepared", "stream_counts"} > keys
+    assert sorted(saved.rglob("*")) == listing
+
+
 def test_resume_from_cached_equals_uncached(tmp_path, monkeypatch):
     config = demo_config(tmp_path)
     cache = str(tmp_path / "cache")

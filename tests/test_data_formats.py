@@ -80,6 +80,27 @@ def test_field_map_and_real_files(shared_assets, tmp_path):
     assert msgs[0].train == (False, True)  # loss_weight 0 on the user turn
 
 
+def test_field_map_never_overwrites_a_field(tmp_path):
+    """A record holding both the mapped field and its target (`question` and `prompt` with
+    prompt=question) is an error naming both: keeping either would drop the other's text. The
+    mapping reads the record as given, so swapping two fields works."""
+    path = tmp_path / "a.jsonl"
+    path.write_text(
+        json.dumps({"question": "q", "answer": "a"})
+        + "\n"
+        + json.dumps({"question": "q", "prompt": "kept?", "answer": "a"})
+        + "\n"
+    )
+    with pytest.raises(DataError, match=rf"{path}:2: field 'prompt': .*both 'question'"):
+        read(path, field_map="prompt=question,completion=answer")
+    spec = FormatSpec.parse("auto", "prompt=question,completion=answer", "")
+    assert read_examples(str(path), spec, on_bad_row="skip")[1] == 1
+    path.write_text(json.dumps({"prompt": "c", "completion": "p"}) + "\n")
+    assert read(path, field_map="prompt=completion,completion=prompt") == [
+        Row("p", "c", f"{path}:1")
+    ]
+
+
 BAD = {
     # name: (record, substrings the error must contain besides path:line)
     "unknown_role": (
@@ -128,6 +149,15 @@ BAD = {
             ]
         },
         ["conversations[1].weight", "0.5"],
+    ),
+    "reasoning_not_string": (
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a", "reasoning_content": 4},
+            ]
+        },
+        ["messages[1].reasoning_content", "must be a string"],
     ),
     "tool_arguments_not_json": (
         {
@@ -340,6 +370,52 @@ def test_bad_bytes_and_malformed_json_list_and_csv(tmp_path):
     with pytest.raises(DataError, match=rf"{csv}:3: field 'completion'.*UTF-8"):
         read(csv)
     assert read_examples(str(csv), FormatSpec(), on_bad_row="skip")[1] == 1
+    short = tmp_path / "short.csv"  # a row without its last column; a quote never closed
+    short.write_text('prompt,completion\np,c\nonly\n"open,c\np,c\n')
+    with pytest.raises(DataError, match=rf"{short}:3: field 'completion': missing: 1 of 2"):
+        read(short)
+    examples, skipped = read_examples(str(short), FormatSpec(), on_bad_row="skip")
+    assert (len(examples), skipped) == (1, 2)
+    short.write_text('prompt,completion\np,c\n"open,c\np,c\n')
+    with pytest.raises(DataError, match=rf"{short}:3: field 'completion'.*quote left open"):
+        read(short)
+
+
+def test_json_the_decoder_cannot_hold_is_a_row_error(tmp_path):
+    """Nesting past Python's recursion limit and integers of more than 4300 digits make `json`
+    raise RecursionError / ValueError instead of JSONDecodeError: still a bad row naming file and
+    line (skippable in JSONL), never a traceback. Nesting the decoder accepts is not refused."""
+    deep = '{"text": "a", "meta": ' + "[" * 5000 + "]" * 5000 + "}"
+    huge = '{"text": 1' + "0" * 5000 + "}"
+    shallow = '{"text": "b", "meta": ' + "[" * 900 + "]" * 900 + "}"
+    good = json.dumps({"text": "c"})
+    for bad, why in ((deep, "nested too deeply"), (huge, "4300 digits")):
+        path = tmp_path / "bad.jsonl"
+        path.write_text(f"{good}\n{bad}\n{good}\n")
+        with pytest.raises(DataError, match=rf"{path}:2: malformed JSON: .*{why}"):
+            read(path)
+        assert read_examples(str(path), FormatSpec(), on_bad_row="skip")[1] == 1
+        listed = tmp_path / "bad.json"
+        listed.write_text(f"[{good},\n{bad}]")
+        with pytest.raises(DataError, match=rf"{listed}:2: malformed JSON: .*{why}"):
+            read(listed)
+    path = tmp_path / "shallow.jsonl"
+    path.write_text(shallow + "\n")
+    examples, _ = read_examples(str(path), FormatSpec.parse("auto", "", "meta"), on_bad_row="error")
+    assert examples == [Text("b", f"{path}:1")]
+
+
+def test_a_pretty_printed_object_in_a_json_file_is_named_as_such(tmp_path):
+    """A .json file holding one object over several lines (a {"data": [...]} wrapper) is neither
+    a list nor JSON Lines: the error says so instead of calling its first line malformed JSON.
+    A .json file of JSON Lines still reads."""
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": [{"prompt": "p", "completion": "c"}]}, indent=2))
+    with pytest.raises(DataError, match=rf"{wrapped}:1: .*list of objects.*one object over"):
+        read(wrapped)
+    lines = tmp_path / "lines.json"
+    lines.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    assert read(lines) == [Row("p", "c", f"{lines}:1")]
 
 
 def test_mixture_weights_respected():
@@ -382,6 +458,32 @@ def test_prepare_data_chat_mixture_and_eval_prompts(tmp_path, shared_assets, sto
     assert prompts and all(p.prompt_ids and p.reference for p in prompts)
     tok = bundle.tokenizer
     assert tok.decode(prompts[0].prompt_ids).endswith("Assistant:")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_eval_files_that_yield_nothing_fail(tmp_path, stories_dir, streaming):
+    """Named eval files that hold no usable example (empty, or every row skipped) stop the run
+    like empty train files do, instead of silently training without validation."""
+    from configs import base
+    from sft_jax.config import parse
+    from sft_jax.data import prepare_data
+
+    train, empty, bad = tmp_path / "t.jsonl", tmp_path / "e.jsonl", tmp_path / "b.jsonl"
+    train.write_text('{"prompt": "a b c", "completion": "d"}\n' * 4)
+    empty.write_text("\n")
+    bad.write_text("{x\n")
+    c = base.get_config()
+    c.data.tokenizer = str(stories_dir)
+    c.data.train_files = str(train)
+    c.data.streaming = streaming
+    c.data.on_bad_row = "skip"
+    c.train.global_batch_size = 2
+    for files, skipped in ((empty, 0), (bad, 1)):
+        c.data.eval_files = str(files)
+        with pytest.raises(DataError, match=rf"no eval examples in {files} \({skipped} skipped"):
+            prepare_data(parse(c), cache_dir=str(tmp_path / "cache"))
+    c.data.max_eval_examples = 0  # asked for no eval examples: not an error
+    assert prepare_data(parse(c), cache_dir=str(tmp_path / "cache")).stats["eval_examples"] == 0
 
 
 def test_all_ones_mask_fails_before_training(tmp_path, stories_dir):

@@ -166,6 +166,41 @@ def test_stock_tokenizer_templates(shared_assets, name):
         check(CONV, training, tokenizer, "all_assistant", [1, 3])
 
 
+def test_a_trained_turns_reasoning_must_be_rendered(shared_assets):
+    """Reasoning (reasoning_content, or a <think> block leading the content) of a trained turn
+    that the template leaves out (chatml and Qwen2.5 have no reasoning) is refused naming the
+    message, not trained as the answer alone. A template that renders it trains it; an earlier,
+    untrained turn's reasoning may be dropped (the stock Qwen3 template does, by design)."""
+    tokenizer = load_tokenizer(str(shared_assets / "tok-qwen3"))
+    turns = [dict(m) for m in CONV.messages]
+    turns[1]["reasoning_content"] = "Add two and two."
+    turns[3]["reasoning_content"] = "Add three and three."
+    conv = Conversation(tuple(turns), "r.jsonl:4")
+    qwen25 = shared_assets / "chat-templates/trl/qwen2_5.jinja"
+    for name in ("chatml", str(qwen25)):
+        with pytest.raises(DataError, match=r"r.jsonl:4: message 3 .*its reasoning"):
+            render_conversation(conv, load_chat_template(name, tokenizer), "last_assistant")
+    inline = [
+        *CONV.messages[:3],
+        {"role": "assistant", "content": "<think>Three plus three.</think>6."},
+    ]
+    drops_think = ChatTemplate(  # prints only what follows a think block
+        "drops_think",
+        "{% for m in messages %}{{ m.role }}: {{ m.content.split('</think>')[-1] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}",
+        template_variables(tokenizer),
+    )
+    with pytest.raises(DataError, match=r"r.jsonl:5: message 3 .*its reasoning"):
+        render_conversation(Conversation(tuple(inline), "r.jsonl:5"), drops_think, "all_assistant")
+    rendered = render_conversation(
+        conv, load_chat_template("qwen3_thinking", tokenizer), "all_assistant"
+    )
+    trained = "".join(rendered.text[a:b] for a, b in rendered.spans)
+    assert "Add two and two." in trained and "Add three and three." in trained
+    stock = render_conversation(conv, load_chat_template("tokenizer", tokenizer), "last_assistant")
+    assert "Add two and two." not in stock.text and "Add three and three." in stock.text
+
+
 def test_builtin_templates_on_a_tokenizer_without_template(stories_dir):
     tokenizer = load_tokenizer(str(stories_dir))
     for name in ("alpaca", "plain"):  # chatml is refused: <|im_end|> is 7 tokens here
@@ -175,6 +210,29 @@ def test_builtin_templates_on_a_tokenizer_without_template(stories_dir):
         assert tokens[mask][-1] == tokenizer.eos_token_id
     with pytest.raises(DataError, match="no chat template"):
         load_chat_template("tokenizer", tokenizer)
+
+
+def test_a_template_without_generation_prompt_is_named_with_its_trained_header(
+    stories_dir, tmp_path, caplog
+):
+    """A template that ignores add_generation_prompt leaves the assistant header out of the
+    prompt, so the header is trained with every answer. That is consistent with inference on
+    such a template, but not the usual mask: one warning names the template and the header.
+    Built-ins, which write a generation prompt, give none."""
+    tokenizer = load_tokenizer(str(stories_dir))
+    path = tmp_path / "nogen.jinja"
+    path.write_text(
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}"
+        "{{ eos_token if m['role'] == 'assistant' else '\n' }}{% endfor %}"
+    )
+    with caplog.at_level("WARNING", logger="sft_jax.data.templates"):
+        for name in ("plain", "alpaca", str(path), str(path)):
+            template = load_chat_template(name, tokenizer)
+    warned = [r.getMessage() for r in caplog.records if "add_generation_prompt" in r.getMessage()]
+    assert len(warned) == 1 and str(path) in warned[0] and "'assistant: '" in warned[0]
+    rendered = render_conversation(CONV, template, "all_assistant")
+    trained = "".join(rendered.text[a:b] for a, b in rendered.spans)
+    assert trained.startswith("assistant: 2 + 2 = 4.")
 
 
 def test_train_on_all_and_loss_weight_zero(shared_assets):

@@ -163,6 +163,37 @@ def test_virtual_shards_equal_processes(tmp_path, mixture):
             np.testing.assert_array_equal(joined, batch[key])
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_empty_group_names_the_files_not_the_shards(tmp_path, streaming):
+    """With one data shard, a mixture group (or the data) without examples is the files' fault:
+    the error names the group's files and does not advise fewer shards, in memory and streamed.
+    With several shards the advice stays."""
+    config = demo_config(tmp_path, n_train=8, eval_files="", streaming=streaming)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    train = config.data.train_files
+    cases = {
+        f"{train}:0.5,{empty}:0.5": f"no trainable examples of mixture group(s) {[str(empty)]}",
+        str(empty): f"no trainable examples in {empty}",
+    }
+    for files, expected in cases.items():
+        data = dataclasses.replace(config.data, train_files=files, shards=1)
+        with pytest.raises(DataError) as info:
+            prepare_data(dataclasses.replace(config, data=data), cache_dir=str(tmp_path / "c"))
+        assert expected in str(info.value) and "fewer data shards" not in str(info.value)
+    one = tmp_path / "one.jsonl"
+    one.write_text(pathlib.Path(train).read_text().splitlines()[0] + "\n")
+    data = dataclasses.replace(config.data, train_files=f"{train}:0.5,{one}:0.5", shards=2)
+    train_config = dataclasses.replace(config.train, global_batch_size=2)
+    with pytest.raises(DataError, match=r"data shard 1 of 2 has no examples of mixture.*fewer"):
+        prepare_data(
+            dataclasses.replace(config, data=data, train=train_config),
+            process_index=0,
+            process_count=1,
+            cache_dir=str(tmp_path / "c"),
+        )
+
+
 def test_failure_on_one_process_stops_all(tmp_path):
     config = demo_config(tmp_path, n_train=10, eval_files="", eval_fraction=0.0)
     break_line(config.data.train_files, 3)  # position 3: shard 1's

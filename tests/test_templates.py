@@ -170,6 +170,20 @@ def test_unknown_template_names_the_named_ones(qwen3):
         load_chat_template("qwen3_thinkin", qwen3)
 
 
+def test_a_template_file_that_does_not_compile_is_refused_by_name(qwen3, tmp_path):
+    """A Jinja syntax error (or a file that is not UTF-8) is the template's fault: a DataError
+    naming the file and the line when the template is loaded, not a traceback from the first
+    row's rendering."""
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    with pytest.raises(DataError, match=rf"{broken}' is not valid Jinja: line 2: unexpected"):
+        load_chat_template(str(broken), qwen3)
+    latin = tmp_path / "latin.jinja"
+    latin.write_bytes(b"{{ messages[0].content }}\xe9")
+    with pytest.raises(DataError, match=rf"{latin}' is not UTF-8"):
+        load_chat_template(str(latin), qwen3)
+
+
 # ----------------------------------------------------------------------------- ends of turns
 
 

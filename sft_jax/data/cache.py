@@ -122,9 +122,19 @@ def files_identity(paths: Sequence[str]) -> list[list[Any]]:
     out: list[list[Any]] = []
     for path in paths:
         p = epath.Path(path)
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        files = _files_under(p) if p.is_dir() else [p]
         out.extend([str(f), f.stat().length, digest_file(f)] for f in files)
     return out
+
+
+def _files_under(directory: epath.Path) -> list[epath.Path]:
+    """Every file below a (saved dataset) directory, sorted. Walked with iterdir: epath's rglob
+    raises NotImplementedError for its `**` pattern, on local paths too."""
+    files, todo = [], [directory]
+    while todo:
+        for entry in todo.pop().iterdir():
+            (todo if entry.is_dir() else files).append(entry)
+    return sorted(files)
 
 
 def tokenizer_identity(directory: str) -> list[list[str]]:

@@ -176,10 +176,19 @@ def _close_field(key: str, known: Sequence[str]) -> str | None:
 def _apply_field_map(record: dict[str, Any], source: str, spec: FormatSpec) -> dict[str, Any]:
     if not spec.field_map:
         return record
-    out = dict(record)
+    renamed = {theirs for _, theirs in spec.field_map}
+    out = {k: v for k, v in record.items() if k not in renamed}
     for canonical, theirs in spec.field_map:
-        if theirs in out:
-            out[canonical] = out.pop(theirs)
+        if theirs not in record:
+            continue
+        if canonical in out:  # keeping either value would silently drop the other's text
+            raise field_error(
+                source,
+                canonical,
+                f"the record has both {theirs!r} (renamed to {canonical!r} by data.field_map) "
+                f"and {canonical!r}",
+            )
+        out[canonical] = record[theirs]
     return out
 
 
@@ -391,6 +400,10 @@ def _messages(record: dict[str, Any], source: str) -> Conversation:
         # `'tool_calls' in message` or `message.name is defined`, which a None would satisfy.
         message = {k: v for k, v in turn.items() if k in _MESSAGE_KEYS and v is not None}
         message["content"] = _content(turn.get("content"), source, f"{field}.content")
+        for key in ("reasoning_content", "name", "tool_call_id"):  # templates test `is string`
+            if key in message and not isinstance(message[key], str):
+                kind = type(message[key]).__name__
+                raise field_error(source, f"{field}.{key}", f"must be a string, got {kind}")
         if "tool_calls" in message:
             message["tool_calls"] = _tool_calls(
                 message["tool_calls"], source, f"{field}.tool_calls"

@@ -62,6 +62,7 @@ from sft_jax.data.render import TokenCounts
 from sft_jax.data.shards import (
     ShardPlan,
     agree,
+    empty_shard_error,
     held_out_shares,
     shard_plan,
     shard_positions,
@@ -187,6 +188,14 @@ def prepare_data(
         raise DataError(f"data preparation failed on process(es) {failed}; see their logs")
     assert local is not None
     stats = _global_stats(gathered, plan, local, dc.train_files)
+    if dc.eval_files and dc.max_eval_examples > 0 and not stats["eval_examples"]:
+        # Named eval files that yield nothing would silently turn validation (and stopping on
+        # it) off; every process holds the same eval examples, so all stop here together.
+        raise DataError(
+            f"no eval examples in {dc.eval_files} ({local.skipped_eval} skipped as bad; empty "
+            "files, or every example dropped by data.overlong); fix the files or set "
+            'data.eval_files="" to run without them'
+        )
     only_text = not any(c.not_only_text for c in gathered)
     check_trainable(stats, dc.train_on, only_text=only_text)
     logger.info("data statistics: %s", format_stats(stats))
@@ -353,10 +362,7 @@ def _build_shard(
     key = shard_seed(config.seed, shard, plan.num_shards)
     empty = [i for i, g in enumerate(encoded) if weights and weights[i] > 0 and not g]
     if empty:
-        raise DataError(
-            f"data shard {shard} of {plan.num_shards} has no examples of mixture group(s) {empty} "
-            f"({dc.train_files}); use fewer data shards or more data"
-        )
+        raise empty_shard_error(shard, plan, dc.train_files, empty)
     train = mix(encoded, weights, key)
     packed = pack_examples(
         train, seq_len=dc.seq_len, window=dc.pack_window, seed=key, split=dc.pack_split

@@ -25,7 +25,8 @@ them (Llama 3's stock template has no tool calls, so a tool-call turn would trai
 <|eot_id|>; some templates drop system prompts) is refused with the example and the template
 named, never trained on what it left. Content is looked for without a leading <think> block
 (templates move reasoning or drop it from earlier turns by design); a tool call by a marker put in
-its name and rendered once more.
+its name and rendered once more. The reasoning of a trained turn (reasoning_content, or that
+<think> block) must appear in the turn's trained span.
 
 A template that renders earlier turns differently once later turns exist (Qwen3 drops the empty
 <think></think> of earlier assistant turns; some templates only print the system prompt with the
@@ -136,6 +137,10 @@ def render_conversation(
     last = assistant[-1]
     needed = sorted(set(chosen) | {last})
     spans = {i: _turn_span(conv, template, full, i) for i in needed}
+    for i in chosen if train_on != "all" else [last]:
+        thought = _reasoning(msgs[i])
+        if thought and not _appears(thought, full[spans[i][0] : spans[i][1]]):
+            raise _dropped(conv, template, i, "its reasoning")
     if train_on == "all":
         trained: tuple[tuple[int, int], ...] = ((0, len(full)),)
     else:
@@ -196,6 +201,20 @@ def _check_everything_rendered(conv: Conversation, template: ChatTemplate, full:
         )
         if f"{_MARK}{i}.{j}{_MARK}" not in text or not all(_appears(v, full) for v in values):
             raise _dropped(conv, template, i, f"tool call {j}")
+
+
+def _reasoning(message: dict[str, Any]) -> str:
+    """A message's reasoning: its reasoning_content, or the <think> block its content starts
+    with. A trained turn's reasoning must be in its trained span: a template without reasoning
+    (chatml, Llama 3.1, Qwen2.5) would otherwise train the answer alone and drop it silently.
+    Earlier, untrained turns may lose theirs (templates drop them from the history by design)."""
+    text = message.get("reasoning_content")
+    if isinstance(text, str):
+        return text.strip()
+    content = message["content"]
+    if "</think>" not in content:
+        return ""
+    return content.split("</think>")[0].strip().removeprefix("<think>").strip()
 
 
 def _appears(needle: str, text: str) -> bool:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sft_jax.data.mixture import proportional_counts
+from sft_jax.data.mixture import parse_mixture, proportional_counts
 from sft_jax.data.source import DataError
 
 _LOW_BITS = 31  # counts travel as two int32 halves: JAX without x64 has no int64 collectives
@@ -49,6 +49,24 @@ def shard_plan(configured: int, process_index: int, process_count: int) -> Shard
         )
     count = num_shards // process_count
     return ShardPlan(num_shards, process_index * count, count)
+
+
+def empty_shard_error(
+    shard: int, plan: ShardPlan, files: str, groups: Sequence[int] = ()
+) -> DataError:
+    """A shard left without examples (of the mixture `groups`, when given). With one shard the
+    files themselves yield none, and the usual advice (fewer shards) cannot help: say so."""
+    names = [parse_mixture(files)[g][0] for g in groups]
+    which = f" of mixture group(s) {names}" if groups else ""
+    if plan.num_shards == 1:
+        return DataError(
+            f"no trainable examples{which} in {files}: the files are empty, or every row was "
+            "skipped as bad or dropped by data.overlong"
+        )
+    return DataError(
+        f"data shard {shard} of {plan.num_shards} has no examples{which} ({files}); use fewer "
+        "data shards or more data"
+    )
 
 
 def shard_positions(positions: Sequence[int], shard: int, num_shards: int) -> Sequence[int]:

@@ -193,6 +193,8 @@ def _parse_json_object(raw: bytes, source: str) -> dict[str, Any]:
         raise field_error(source, None, f"malformed JSON: {e.msg} at column {e.colno}") from None
     except _DuplicateKeyError as e:
         raise field_error(source, e.key, "appears twice in one object") from None
+    except (RecursionError, ValueError) as e:
+        raise field_error(source, None, _unreadable_json(e)) from None
     field = _field_with_invalid_unicode(record)
     if bad_bytes:
         raise field_error(source, field, bad_bytes)
@@ -203,20 +205,36 @@ def _parse_json_object(raw: bytes, source: str) -> dict[str, Any]:
     return record
 
 
+def _unreadable_json(error: RecursionError | ValueError) -> str:
+    """Why valid-looking JSON could not be decoded: Python's json raises these (not
+    JSONDecodeError) for nesting deeper than its recursion limit and for integers of more than
+    4300 digits; without this they escaped as a traceback instead of a row error."""
+    if isinstance(error, RecursionError):
+        return "malformed JSON: nested too deeply to read"
+    if "integer string conversion" in str(error):  # Python's advice here is not the user's fix
+        return "malformed JSON: a number of more than 4300 digits"
+    return f"malformed JSON: {error}"
+
+
 def _field_with_invalid_unicode(record: Any) -> str | None:
     """Top-level field (or the key itself) holding text that cannot be encoded as UTF-8."""
 
     def bad(value: Any) -> bool:
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-            return False
-        if isinstance(value, dict):
-            return any(bad(k) or bad(v) for k, v in value.items())
-        if isinstance(value, list):
-            return any(bad(v) for v in value)
+        # A stack, not recursion: JSON that the decoder accepts (nested a few hundred deep) must
+        # not overflow Python's recursion limit here.
+        stack = [value]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+            elif isinstance(value, dict):
+                stack.extend(value.keys())
+                stack.extend(value.values())
+            elif isinstance(value, list):
+                stack.extend(value)
         return False
 
     if isinstance(record, dict):
@@ -309,6 +327,18 @@ def _csv_records(path: str) -> Iterator[tuple[str, Record]]:
             if len(values) > len(header):
                 yield source, field_error(source, None, "more values than header columns")
                 continue
+            if len(values) < len(header):  # else the missing columns read as null
+                open_quote = any("\n" in v for v in values)  # it joined the lines after it
+                hint = "; a quote left open joins the lines after it" if open_quote else ""
+                yield (
+                    source,
+                    field_error(
+                        source,
+                        header[len(values)],
+                        f"missing: {len(values)} of {len(header)} header columns{hint}",
+                    ),
+                )
+                continue
             row = {**dict.fromkeys(header), **dict(zip(header, values, strict=False))}
             bad = _field_with_invalid_unicode(row)
             if bad is not None:
@@ -318,10 +348,12 @@ def _csv_records(path: str) -> Iterator[tuple[str, Record]]:
 
 
 def _looks_like_jsonl(path: str) -> bool:
-    """A .json file whose first non-blank character is "{" holds JSON Lines, not a list."""
+    """A .json file whose first non-blank character is "{" holds JSON Lines, not a list; unless
+    that "{" is alone on its line: one pretty-printed object, which the list reader refuses by
+    name (as JSON Lines its first line would be reported as malformed JSON)."""
     with open_binary(path) as f:
         head = f.read(4096).lstrip(codecs.BOM_UTF8).lstrip()
-    return head.startswith(b"{")
+    return head.startswith(b"{") and head.split(b"\n", 1)[0].strip() != b"{"
 
 
 def _json_list_records(path: str) -> Iterator[tuple[str, Record]]:
@@ -342,7 +374,11 @@ def _json_list_records(path: str) -> Iterator[tuple[str, Record]]:
     line = _LineCounter(text)
     pos = _skip_ws(text, 0)
     if not text.startswith("[", pos):
-        raise DataError(f"{path}:{line.at(pos)}: a .json data file must hold a list of objects")
+        what = "; this one holds one object over several lines" if text.startswith("{", pos) else ""
+        raise DataError(
+            f"{path}:{line.at(pos)}: a .json data file must hold a list of objects, or one object "
+            f"per line (JSON Lines){what}"
+        )
     pos = _skip_ws(text, pos + 1)
     while not text.startswith("]", pos):
         source = f"{path}:{line.at(pos)}"
@@ -354,6 +390,8 @@ def _json_list_records(path: str) -> Iterator[tuple[str, Record]]:
             ) from None
         except _DuplicateKeyError as e:
             raise field_error(source, e.key, "appears twice in one object") from None
+        except (RecursionError, ValueError) as e:
+            raise field_error(source, None, _unreadable_json(e)) from None
         yield source, _check_record(record, source)
         pos = _skip_ws(text, pos)
         if text.startswith(",", pos):

@@ -50,7 +50,7 @@ from sft_jax.data.prepared import (
     tokenizer_path,
 )
 from sft_jax.data.render import TokenCounts
-from sft_jax.data.shards import ShardPlan, agree
+from sft_jax.data.shards import ShardPlan, agree, empty_shard_error
 from sft_jax.data.source import DataError
 from sft_jax.data.stream import StreamIterator, StreamSettings, release_mapped
 from sft_jax.data.templates import load_chat_template
@@ -202,23 +202,16 @@ def _mix_shard(
 ) -> tuple[CachedExamples, list[int]]:
     """The shard's source and examples per mixture group: its examples as they are, or with
     weights the shard's mixture draw (`mixed`), each shard with its own seed key as in memory."""
-    where = f"data shard {shard} of {plan.num_shards}"
     source, per_group = index.source, index.per_group
     if weights is not None:
         empty = [g for g, n in enumerate(per_group) if n == 0]
         if empty:
-            raise DataError(
-                f"{where} has no examples of mixture group(s) {empty} "
-                f"({config.data.train_files}); use fewer data shards or more data"
-            )
+            raise empty_shard_error(shard, plan, config.data.train_files, empty)
         key = shard_seed(config.seed, shard, plan.num_shards)
         source = mixed(source, per_group, weights, key, cache_dir)
         per_group = mixture_counts(per_group, weights)
     if not len(source):
-        raise DataError(
-            f"{where} has no examples ({config.data.train_files}); "
-            "use fewer data shards or more data"
-        )
+        raise empty_shard_error(shard, plan, config.data.train_files)
     return source, per_group
 
 

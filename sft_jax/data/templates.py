@@ -40,6 +40,7 @@ not train) and change the tokenizer the export must copy byte for byte.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -48,6 +49,8 @@ from typing import Any
 
 from sft_jax.assets import asset_path
 from sft_jax.data.source import DataError
+
+logger = logging.getLogger(__name__)
 
 BUILTIN_TEMPLATES = {
     "chatml": (
@@ -212,15 +215,22 @@ def load_chat_template(spec: str, tokenizer: Any) -> ChatTemplate:
         source, name = BUILTIN_TEMPLATES[spec], spec
     elif spec in NAMED_TEMPLATES or os.path.isfile(spec):
         path = asset_path(NAMED_TEMPLATES[spec]) if spec in NAMED_TEMPLATES else spec
-        with open(path, encoding="utf-8") as f:
-            source, name = f.read(), spec
+        try:
+            with open(path, encoding="utf-8") as f:
+                source, name = f.read(), spec
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"chat template {spec!r} is not UTF-8 text (byte {e.start}: {e.reason})"
+            ) from None
     else:
         raise DataError(
             f"data.chat_template {spec!r} is neither 'tokenizer', a built-in "
             f"{sorted(BUILTIN_TEMPLATES)}, a named template {sorted(NAMED_TEMPLATES)}, nor an "
             "existing .jinja file"
         )
+    _check_syntax(source, name)
     template = ChatTemplate(name, source, template_variables(tokenizer))
+    _warn_without_generation_prompt(template)
     text, ids = end_of_turn(template, tokenizer)
     if len(ids) > 1:
         raise DataError(
@@ -231,6 +241,55 @@ def load_chat_template(spec: str, tokenizer: Any) -> ChatTemplate:
             "with one of the tokenizer's special tokens"
         )
     return template
+
+
+def _check_syntax(source: str, name: str) -> None:
+    """Compiles the template once when it is loaded: a Jinja syntax error is the template's
+    fault, not any row's, so it stops the run here with the template's name and line (rendering
+    would otherwise raise it from the first example, outside the errors it reports)."""
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise DataError(
+            f"chat template {name!r} is not valid Jinja: line {e.lineno}: {e.message}"
+        ) from None
+
+
+_WARNED: set[str] = set()  # templates already warned about in this process
+
+
+def _warn_without_generation_prompt(template: ChatTemplate) -> None:
+    """A template that ignores add_generation_prompt but writes an assistant header leaves that
+    header out of the prompt, so the trained span of every assistant turn starts with it
+    (`<|assistant|>` is trained, not only the answer). That matches how such a template is used
+    at inference (the model writes the header), but it is not the usual mask: say so once.
+    Templates whose answer follows the prompt directly (Mistral's `[/INST]`) have no header."""
+    if template.name in _WARNED:
+        return
+    _WARNED.add(template.name)
+    user = [{"role": "user", "content": "Hello."}]
+    try:
+        bare = template.render(user, None, add_generation_prompt=False, where="probe")
+        prompt = template.render(user, None, add_generation_prompt=True, where="probe")
+        full = template.render(
+            [*user, {"role": "assistant", "content": _PROBE}],
+            None,
+            add_generation_prompt=False,
+            where="probe",
+        )
+    except DataError:  # needs a system message or image content: the rows decide
+        return
+    header = full[len(bare) : full.find(_PROBE)] if full.startswith(bare) else ""
+    if prompt == bare and _PROBE in full and header.strip():
+        logger.warning(
+            "chat template %r writes nothing for add_generation_prompt, so the assistant header "
+            "%r is trained with every answer (at inference the model writes it itself)",
+            template.name,
+            header,
+        )
 
 
 def end_of_turn(template: ChatTemplate, tokenizer: Any) -> tuple[str, tuple[int, ...]]:

@@ -140,7 +140,7 @@ def render_conversation(
     for i in chosen if train_on != "all" else [last]:
         thought = _reasoning(msgs[i])
         if thought and not _appears(thought, full[spans[i][0] : spans[i][1]]):
-            raise _dropped(conv, template, i, "its reasoning")
+            raise _dropped(conv, template, i, REASONING)
     if train_on == "all":
         trained: tuple[tuple[int, int], ...] = ((0, len(full)),)
     else:
@@ -203,6 +203,9 @@ def _check_everything_rendered(conv: Conversation, template: ChatTemplate, full:
             raise _dropped(conv, template, i, f"tool call {j}")
 
 
+REASONING = "its reasoning"  # what a refused turn left out, in the error
+
+
 def _reasoning(message: dict[str, Any]) -> str:
     """A message's reasoning: its reasoning_content, or the <think> block its content starts
     with. A trained turn's reasoning must be in its trained span: a template without reasoning
@@ -227,11 +230,20 @@ def _appears(needle: str, text: str) -> bool:
 
 def _dropped(conv: Conversation, template: ChatTemplate, i: int, what: str) -> DataError:
     role = conv.messages[i]["role"]
+    if what == REASONING:
+        hint = (
+            "a thinking model's template (e.g. data.chat_template=qwen3_thinking), or remove the "
+            "reasoning from the data if the answers alone are meant"
+        )
+    else:
+        hint = (
+            "data.chat_template=path/to/template.jinja; for tool calls e.g. the model family's "
+            "tool-calling template"
+        )
     return DataError(
         f"{conv.source}: message {i} ({role}): {what} does not appear in the rendering by chat "
         f"template {template.name!r}, which leaves it out; training would teach a conversation "
-        "the data does not hold. Use a template that renders it (data.chat_template="
-        "path/to/template.jinja; for tool calls e.g. the model family's tool-calling template)"
+        f"the data does not hold. Use a template that renders it ({hint})"
     )
 
 

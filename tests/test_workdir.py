@@ -111,6 +111,24 @@ def test_is_workdir_tells_a_training_config_from_a_hugging_face_one(saved, tmp_p
     assert not workdir.is_workdir(str(tmp_path / "missing"))
 
 
+def test_training_refuses_a_model_directory_as_its_workdir(saved, tmp_path):
+    """A --workdir holding an export's or a base model's config.json is refused before anything
+    is written: the run used to overwrite that config.json with its own (the model no longer
+    loaded) and drop its lock, metrics and checkpoints among the weights."""
+    from sft_jax.training import preflight
+
+    write, _ = saved
+    preflight.check_workdir(write())  # a run's own workdir: resumable
+    for name, text in [("hf", json.dumps({"model_type": "llama"})), ("bad", "{not json")]:
+        model_dir = tmp_path / name
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text(text)
+        with pytest.raises(ConfigError, match=rf"workdir '{model_dir}' holds a"):
+            preflight.check_workdir(str(model_dir))
+        assert sorted(p.name for p in model_dir.iterdir()) == ["config.json"]
+        assert (model_dir / "config.json").read_text() == text
+
+
 def test_best_step_and_missing_checkpoints_are_load_errors(tmp_path):
     with pytest.raises(workdir.LoadError, match=r"names no best_step.*rewind_to_best"):
         workdir.best_step(str(tmp_path))

@@ -19,6 +19,7 @@ from sft_jax.data.mixture import parse_mixture
 from sft_jax.data.source import DataError
 from sft_jax.model.splash_attention import SPLASH_BLOCK
 from sft_jax.training import sharding
+from sft_jax.workdir import CONFIG_FILE, is_workdir
 
 
 def check_workdir(workdir: str) -> None:
@@ -28,8 +29,12 @@ def check_workdir(workdir: str) -> None:
     the same shared workdir at the same moment, and a shared name let one process delete another's
     probe mid-check (a spurious "not writable" that left the other processes waiting forever).
     A workdir in an object store (gs://bucket/run) is probed the same way, through sft_jax.paths.
+    A directory whose config.json is not a training run's (an export, the base model) is refused
+    before the lock or any file is written: the run would overwrite that config.json with its
+    own and leave the model unloadable.
     """
     try:
+        _check_not_a_model_dir(workdir)
         paths.makedirs(workdir)
         _probe_write(workdir)
     except (OSError, ImportError) as e:  # ImportError: no fsspec backend (pip install gcsfs)
@@ -40,6 +45,22 @@ def check_workdir(workdir: str) -> None:
             _probe_write(checkpoints)
         except OSError as e:
             raise ConfigError(f"checkpoint directory '{checkpoints}' is not writable: {e}") from e
+
+
+def _check_not_a_model_dir(workdir: str) -> None:
+    """ConfigError when `workdir` holds a config.json that a training run did not write."""
+    if not paths.isfile(paths.join(workdir, CONFIG_FILE)):
+        return
+    try:
+        ours = is_workdir(workdir)
+    except hf.ModelFileError as e:
+        message = f"workdir '{workdir}' holds a config.json that is not a run's: {e}"
+        raise ConfigError(message) from None
+    if not ours:
+        raise ConfigError(
+            f"workdir '{workdir}' holds a Hugging Face model's config.json (an export or a model "
+            "directory), which training would overwrite; choose another --workdir"
+        )
 
 
 def _probe_write(directory: str) -> None:

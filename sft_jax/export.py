@@ -46,7 +46,7 @@ from sft_jax import hf
 from sft_jax.api import TrainedModel, load_workdir
 from sft_jax.hf.safetensors import write_safetensors
 from sft_jax.model.decoder import ModelConfig
-from sft_jax.workdir import best_step
+from sft_jax.workdir import best_step, is_workdir
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 TOKENIZER_FILES = (
@@ -315,6 +315,11 @@ def check_out_dir(out: str, overwrite: bool, inputs: dict[str, str]) -> None:
     for what, path in inputs.items():
         if path and os.path.isdir(path) and os.path.isdir(out) and os.path.samefile(path, out):
             raise ExportError(f"--out {out} is the {what}; write the export somewhere else")
+    if os.path.isdir(out) and is_workdir(out):
+        raise ExportError(
+            f"--out {out} is a training workdir; --overwrite would replace its config.json, "
+            "and the run could no longer resume or export: write the export somewhere else"
+        )
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ExportError(f"{out} is not empty; pass --overwrite to write into it")
 

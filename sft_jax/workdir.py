@@ -70,6 +70,11 @@ def read_config(workdir: str) -> SavedConfig:
     if not paths.isfile(path):
         raise LoadError(f"{path} not found: not a training workdir")
     raw = hf.read_config_json(path)  # not a JSON object: one line naming the file
+    if not isinstance(raw.get("model"), dict):  # else a random-init model of defaults was built
+        raise LoadError(
+            f"{path} is a Hugging Face model's config.json, not a training run's: {workdir} "
+            "is a model directory, not a training workdir (generate takes it as --model)"
+        )
     missing: list[str] = []
     sections = {}
     for name in ("model", "mesh", "lora"):

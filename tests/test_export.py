@@ -349,6 +349,19 @@ def test_overwrite_removes_stale_weights_and_refuses_inputs(trained, tmp_path, c
     assert (workdir / "config.json").is_file()
 
 
+def test_out_that_is_another_runs_workdir_is_refused_even_with_overwrite(tmp_path):
+    """--overwrite removes an earlier export's files, config.json among them: in another run's
+    workdir that was the run's own config.json, and the run could no longer resume or export."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "2").mkdir(parents=True)
+    saved = json.dumps({"model": {"path": ""}, "lora": {}})
+    (run / "config.json").write_text(saved)
+    with pytest.raises(export.ExportError, match=r"--out .*run is a training workdir"):
+        export.check_out_dir(str(run), True, {"workdir": str(tmp_path / "other")})
+    assert (run / "config.json").read_text() == saved
+    export.check_out_dir(str(run / "hf"), False, {})  # an export inside the workdir is fine
+
+
 def test_local_paths_become_absolute_but_names_stay(tmp_path, monkeypatch):
     from sft_jax import hf
 

@@ -81,6 +81,11 @@ def test_read_config_errors_name_the_file_and_key(saved, tmp_path):
     raw["lora"]["rank"] = "16"
     with pytest.raises(workdir.LoadError, match=r"config\.json: config key 'lora\.rank'"):
         workdir.read_config(write(raw))
+    # an export or a model directory passed as --workdir: named, not read as a random-init
+    # model of default sections (which failed later in a traceback)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 8}))
+    with pytest.raises(workdir.LoadError, match=r"Hugging Face model's config\.json.*--model"):
+        workdir.read_config(str(tmp_path))
 
 
 def test_defaults_come_from_the_package_not_from_a_file_path(saved, monkeypatch):

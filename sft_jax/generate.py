@@ -52,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for flag, ok, want in [  # checked here, not after the (slow) load, which then raised
+        ("--max-new-tokens", args.max_new_tokens >= 0, ">= 0"),
+        ("--temperature", args.temperature >= 0, ">= 0 (0: greedy)"),
+        ("--top-p", 0 <= args.top_p <= 1, "in [0, 1]"),
+    ]:
+        if not ok:  # a NaN fails every comparison, so it is refused too
+            parser.error(f"{flag} must be {want}")
     try:
         return _chat(args)
     except KeyboardInterrupt:  # Ctrl-C ends an interactive chat: one line, as `sft-jax generate`

@@ -205,3 +205,20 @@ def test_chat_helpers_do_not_import_the_decoder():
         elif isinstance(node, ast.Import):
             imported |= {a.name for a in node.names}
     assert "sft_jax.generate" not in imported, sorted(imported)
+
+
+@pytest.mark.parametrize(
+    "flag, value, want",
+    [
+        ("--temperature", "-1", "--temperature must be >= 0"),
+        ("--temperature", "nan", "--temperature must be >= 0"),
+        ("--top-p", "2", "--top-p must be in [0, 1]"),
+        ("--max-new-tokens", "-5", "--max-new-tokens must be >= 0"),
+    ],
+)
+def test_bad_sampling_flags_exit_2_naming_the_flag(tmp_path, capsys, flag, value, want):
+    """Checked before the model loads; they used to reach decode and end in a traceback (exit 1)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "never_loaded"), "--prompt", "hi", flag, value])
+    assert exit_info.value.code == 2
+    assert want in capsys.readouterr().err

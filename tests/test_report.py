@@ -105,6 +105,21 @@ def test_empty_and_missing_workdirs(tmp_path, capsys):
     assert "workdir not found" in capsys.readouterr().err
 
 
+def test_out_that_is_not_an_html_file_is_refused_and_nothing_is_overwritten(tmp_path, capsys):
+    """`--out WORKDIR/config.json` used to replace the run's config.json with the page (the run
+    could no longer resume or export), and `--out DIR` ended in a traceback (exit 1)."""
+    saved = '{"model": {}}'
+    (tmp_path / "config.json").write_text(saved)
+    for out, message in [
+        (tmp_path / "config.json", "must name an .html file"),
+        (tmp_path, "is a directory"),
+    ]:
+        assert report.main(["--workdir", str(tmp_path), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "config.json").read_text() == saved
+    assert not (tmp_path / "report").exists()
+
+
 def test_old_summary_accuracy_fields_still_show(tmp_path):
     write_jsonl(tmp_path / "metrics.jsonl", [train_record(2, 0, 4.0), train_record(4, 1, 3.0)])
     (tmp_path / "summary.json").write_text(

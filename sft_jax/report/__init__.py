@@ -136,6 +136,8 @@ def build_report(workdir: str, out: str | None = None) -> str:
     workdir/report/index.html); returns the page's path."""
     if not paths.isdir(workdir):
         raise FileNotFoundError(f"workdir not found: {workdir}")
+    if out is not None:
+        _check_out(out)
     data = load_run(workdir)
     charts = make_charts(data)
     if (data.train or data.evals) and tradeoff_of(data) is None:
@@ -151,6 +153,19 @@ def build_report(workdir: str, out: str | None = None) -> str:
     return out
 
 
+class ReportError(ValueError):
+    """A command-line value the report refuses (exit 2)."""
+
+
+def _check_out(out: str) -> None:
+    """--out must name an HTML file: it is overwritten, and a slip of the flag
+    (`--out WORKDIR/config.json`) used to replace a file of the run with the page."""
+    if paths.isdir(out):
+        raise ReportError(f"--out {out} is a directory; name an .html file")
+    if not out.lower().endswith((".html", ".htm")):
+        raise ReportError(f"--out {out} must name an .html file (it is overwritten)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sft_jax.report",
@@ -163,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = build_report(args.workdir, args.out)
-    except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (FileNotFoundError, NotADirectoryError, PermissionError, ReportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(path)

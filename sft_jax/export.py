@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     source_dir = args.workdir or args.peft_adapter
     try:
+        _check_flags(args)
         inputs = {"workdir": args.workdir, "adapter directory": args.peft_adapter}
         check_out_dir(args.out, args.overwrite, inputs)  # before the (slow) load
         run = _load_source(args)
@@ -415,6 +416,17 @@ def main(argv: list[str] | None = None) -> int:
     what = f"step {run.step} of {source_dir}" if args.workdir else f"{source_dir} merged"
     print(f"exported {what} to {args.out}")
     return 0
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Flags the export would otherwise ignore: a --dtype the PEFT adapter is not written in,
+    and a shard size below one byte (every tensor then went to a shard of its own)."""
+    if args.peft and args.dtype:
+        raise ExportError(
+            "--dtype goes with the merged export; --peft writes the adapter in its trained dtype"
+        )
+    if args.max_shard_bytes < 1:
+        raise ExportError(f"--max-shard-bytes must be positive, not {args.max_shard_bytes}")
 
 
 def _load_source(args: argparse.Namespace) -> TrainedModel:

@@ -161,6 +161,23 @@ def test_cli_errors_exit_2(trained, tmp_path, capsys):
     assert "no checkpoint for step 999" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--peft", "--dtype", "bfloat16"], "--dtype goes with the merged export"),
+        (["--max-shard-bytes", "0"], "--max-shard-bytes must be positive, not 0"),
+        (["--max-shard-bytes", "-5"], "--max-shard-bytes must be positive, not -5"),
+    ],
+)
+def test_flags_the_export_would_ignore_exit_2(tmp_path, capsys, extra, message):
+    """--peft wrote a float32 adapter whatever --dtype said, and a shard size below one byte
+    silently put every tensor in a shard of its own; both are refused before any load."""
+    argv = ["--workdir", str(tmp_path), "--out", str(tmp_path / "o"), *extra]
+    assert export.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def _old_workdir(trained, tmp_path, edit):
     """A copy of the trained workdir whose config.json was changed by `edit(raw)`."""
     import shutil

@@ -321,3 +321,25 @@ def test_asynchronous_save_failure_surfaces_once_as_save_failed(tmp_path):
     assert storage_error(PermissionError(errno.EACCES, "Permission denied", "x")).startswith(
         "EACCES"
     )
+
+
+def test_resume_refuses_changed_adapter_settings_naming_each_key():
+    """lora.alpha and lora.rslora change no shape: a checkpoint restored under new values used
+    to continue silently at another adapter scale. Shape-changing keys (rank, enabled) failed
+    the restore with an orbax tree/shape message; all are now named before any restore."""
+    from sft_jax.config import ConfigError, to_dict
+    from sft_jax.training.train_setup import check_adapters_unchanged
+
+    raw = load_config_file("configs/demo_lora.py")
+    saved = json.loads(json.dumps(to_dict(parse(raw))))  # as the checkpoint stores it
+    check_adapters_unchanged(saved, parse(raw))  # the same run resumes (tuples vs lists)
+    raw.lora.alpha, raw.lora.rank = 8.0, 4
+    with pytest.raises(ConfigError, match=r"lora\.rank was 16, now 4; lora\.alpha was 32\.0"):
+        check_adapters_unchanged(saved, parse(raw))
+    raw = load_config_file("configs/demo.py")
+    full = json.loads(json.dumps(to_dict(parse(raw))))
+    raw.lora.rank = 4  # adapters off before and now: their keys do not matter
+    check_adapters_unchanged(full, parse(raw))
+    raw.lora.enabled = True
+    with pytest.raises(ConfigError, match=r"lora\.enabled was False, now True"):
+        check_adapters_unchanged(full, parse(raw))

@@ -191,11 +191,15 @@ class Checkpointer:
             )
         return None
 
+    def saved_config(self, step: int) -> dict:
+        """The resolved config the run that saved `step` wrote with it ({} when absent)."""
+        saved = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return saved["config"] or {}
+
     def planned_steps(self, step: int, steps_per_epoch: int) -> int | None:
         """The schedule length the run that saved `step` had (from its saved config), or None
         when the saved config does not say."""
-        saved = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        train = (saved["config"] or {}).get("train", {})
+        train = self.saved_config(step).get("train", {})
         if "max_steps" not in train or "epochs" not in train:
             return None
         return schedule_steps(train["max_steps"], train["epochs"], steps_per_epoch)

@@ -107,6 +107,9 @@ def restore(
 ) -> tuple[Any, LoopState]:
     """The latest committed checkpoint, if any, with its data position and loop counters; warns
     when the run's length changed since that checkpoint (the schedule is re-stretched)."""
+    committed = checkpointer.committed_steps()
+    if committed:
+        check_adapters_unchanged(checkpointer.saved_config(committed[-1]), config)
     restored = checkpointer.restore_latest(state, shardings)
     if restored is None:
         return state, LoopState()
@@ -117,6 +120,44 @@ def restore(
     if change := schedule_change(config.optim, planned, steps, step):
         console.warn(change)
     return state, LoopState.from_dict(loop_values)
+
+
+# The adapter keys a resumed run must keep: alpha and rslora change no shape, so a checkpoint
+# restored under new values silently continued at another scale; the rest fail the restore with
+# a tree or shape mismatch, which this names as the key that changed.
+ADAPTER_KEYS = (
+    "enabled",
+    "method",
+    "rank",
+    "alpha",
+    "rslora",
+    "dora",
+    "targets",
+    "modules_to_save",
+)
+
+
+def check_adapters_unchanged(saved: dict[str, Any], config: Config) -> None:
+    """ConfigError naming each `lora` key whose value differs from the checkpoint's config."""
+    before = saved.get("lora")
+    if not isinstance(before, dict) or not (before.get("enabled") or config.lora.enabled):
+        return
+    now = to_dict(config)["lora"]
+    changed = [
+        f"lora.{key} was {before[key]!r}, now {now[key]!r}"
+        for key in ADAPTER_KEYS
+        if key in before and _plain(before[key]) != _plain(now[key])
+    ]
+    if changed:
+        raise ConfigError(
+            f"cannot resume: {'; '.join(changed)} since the last checkpoint. Resume with the "
+            "checkpoint's adapter settings, or start a new workdir (export this run and "
+            "fine-tune the export to build on it)"
+        )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def setup(config: Config, workdir: str) -> tuple[Run, Any]:

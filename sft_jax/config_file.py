@@ -53,6 +53,8 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     running (the deepest line of the user's own files), or has no `get_config`.
     """
     file_path, _, arg = path.partition(":")
+    if os.path.isdir(file_path):  # "not found" misled about a path that exists
+        raise ConfigError(f"config file {file_path} is a directory; name the .py file in it")
     if not os.path.isfile(file_path):
         raise ConfigError(f"config file not found: {file_path}")
     make_configs_importable(file_path)

@@ -99,6 +99,7 @@ def _write(tmp_path, name: str, text: str) -> str:
     ("name", "text", "expected"),
     [
         ("missing.py", None, "config file not found: {path}"),
+        ("configs", "<dir>", "config file {path} is a directory; name the .py file in it"),
         ("syntax.py", "def get_config(:\n    pass\n", "{path}:1: syntax error in config file"),
         (
             "wrong_type.py",
@@ -115,7 +116,9 @@ def _write(tmp_path, name: str, text: str) -> str:
     ],
 )
 def test_bad_config_file_is_one_line_and_exit_2(tmp_path, capsys, name, text, expected):
-    path = str(tmp_path / name) if text is None else _write(tmp_path, name, text)
+    if text == "<dir>":  # an existing directory used to be reported as "not found"
+        (tmp_path / name).mkdir()
+    path = str(tmp_path / name) if text in (None, "<dir>") else _write(tmp_path, name, text)
     code = main(["train", f"--config={path}", f"--workdir={tmp_path / 'w'}"])
     err = capsys.readouterr().err
     assert code == 2, err

@@ -103,6 +103,9 @@ def test_empty_and_missing_workdirs(tmp_path, capsys):
     )
     assert report.main(["--workdir", str(tmp_path / "nope")]) == 2
     assert "workdir not found" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")  # exists: not reported as "not found"
+    assert report.main(["--workdir", str(tmp_path / "a_file")]) == 2
+    assert "is a file, not a run's directory" in capsys.readouterr().err
 
 
 def test_out_that_is_not_an_html_file_is_refused_and_nothing_is_overwritten(tmp_path, capsys):

@@ -135,6 +135,8 @@ def build_report(workdir: str, out: str | None = None) -> str:
     """Writes the PNGs into workdir/report/ and the HTML page to `out` (default
     workdir/report/index.html); returns the page's path."""
     if not paths.isdir(workdir):
+        if paths.exists(workdir):  # "not found" misled about a path that exists
+            raise NotADirectoryError(f"workdir {workdir} is a file, not a run's directory")
         raise FileNotFoundError(f"workdir not found: {workdir}")
     if out is not None:
         _check_out(out)

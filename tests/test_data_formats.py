@@ -120,6 +120,20 @@ BAD = {
         ["messages[0].content", "int"],
     ),
     "no_assistant": ({"messages": [{"role": "user", "content": "q"}]}, ["no assistant"]),
+    "user_null_content": (
+        {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "a"}]},
+        ["messages[0].content", "user message without content"],
+    ),
+    "system_missing_content": (
+        {
+            "messages": [
+                {"role": "system"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+        ["messages[0].content", "system message without content"],
+    ),
     "unknown_message_key": (
         {"messages": [{"role": "user", "content": "q", "contnt": "x"}]},
         ["messages[0].contnt", "unknown"],
@@ -543,3 +557,56 @@ def test_truncated_examples_are_named_in_a_warning(tmp_path, stories_dir, caplog
     assert len(warned) == 1, [r.getMessage() for r in caplog.records]
     assert f"{path}:2 (over-long)" in warned[0] and "data.seq_len" in warned[0]
     assert re.search(re.escape(f"{path}:3 (") + r"\d+ tokens\)", warned[0])
+
+
+@pytest.mark.parametrize(
+    "name,head",
+    [
+        ("train.jsonl.gz", None),  # real gzip bytes
+        ("train.json.gz", None),
+        ("plain.jsonl", b"\x28\xb5\x2f\xfd\x00"),  # zstd bytes under a plain name
+        ("plain.jsonl", b"BZh91AY&SY"),
+        ("plain.json", b"\xfd7zXZ\x00\x00"),
+    ],
+)
+@pytest.mark.parametrize("streaming", [False, True])
+def test_compressed_data_files_are_named_as_such(tmp_path, stories_dir, name, head, streaming):
+    """A compressed data file is refused naming the file and the compression, in memory and
+    streamed, instead of failing as "invalid UTF-8" at line 1."""
+    import gzip
+
+    from configs import base
+    from sft_jax.config import parse
+    from sft_jax.data import prepare_data
+
+    path = tmp_path / name
+    line = b'{"prompt": "a b c", "completion": "d"}\n' * 4
+    path.write_bytes(gzip.compress(line) if head is None else head + line)
+    with pytest.raises(DataError, match=rf"{path}: a \w+-compressed file.*Decompress it first"):
+        read(path)
+    c = base.get_config()
+    c.data.tokenizer = str(stories_dir)
+    c.data.train_files = str(tmp_path / "*.json*")
+    c.data.streaming = streaming
+    c.data.on_bad_row = "skip"  # not a bad row: the whole file is refused
+    c.train.global_batch_size = 2
+    with pytest.raises(DataError, match=rf"{path}: a \w+-compressed file.*`gunzip`"):
+        prepare_data(parse(c), cache_dir=str(tmp_path / "cache"))
+
+
+def test_tool_call_turn_may_have_null_content(tmp_path):
+    """OpenAI-format tool-call turns carry `"content": null`: accepted as an empty text, as are
+    tool results as before; only user and system turns must have content."""
+    call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+    record = {
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "r", "name": "f"},
+            {"role": "assistant", "content": "a"},
+        ]
+    }
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    (example,) = read(path)
+    assert example.messages[1]["content"] == "" and example.messages[1]["tool_calls"]

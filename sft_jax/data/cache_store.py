@@ -43,8 +43,9 @@ from sft_jax.paths import is_url
 logger = logging.getLogger(__name__)
 
 # 3: blocked digests of the large arrays in the marker; 4: rows an older version encoded are now
-# refused (a trained turn's reasoning the template drops, field_map collisions, short CSV rows).
-CACHE_VERSION = 4
+# refused (a trained turn's reasoning the template drops, field_map collisions, short CSV rows);
+# 5: user / system messages without content are refused instead of encoded as empty turns.
+CACHE_VERSION = 5
 MARKER = "COMPLETE.json"
 _BLOCK = 1 << 20
 _LOOKUP = 1 << 20  # records looked up at a time by `RecordStore.missing`

@@ -398,6 +398,12 @@ def _messages(record: dict[str, Any], source: str) -> Conversation:
             )
         # A None key means "absent" (`"tool_calls": null` in JSONL): templates test
         # `'tool_calls' in message` or `message.name is defined`, which a None would satisfy.
+        if role in ("user", "system") and turn.get("content") is None:
+            # Only an assistant tool-call turn may have none (OpenAI format); a user or system
+            # turn without text would be trained on as an empty turn without anyone noticing.
+            raise field_error(
+                source, f"{field}.content", f"{role} message without content (null or missing)"
+            )
         message = {k: v for k, v in turn.items() if k in _MESSAGE_KEYS and v is not None}
         message["content"] = _content(turn.get("content"), source, f"{field}.content")
         for key in ("reasoning_content", "name", "tool_call_id"):  # templates test `is string`

@@ -74,6 +74,8 @@ class SkipCounter:
 def iter_records(path: str) -> Iterator[tuple[str, Record]]:
     """(source, record dict or DataError) for every record of one file, in file order."""
     lower = path.lower()
+    if not isdir(path):
+        refuse_compressed(path)
     if isdir(path):
         yield from _arrow_records(path, load_hf_dataset(path))
     elif lower.endswith(".parquet"):
@@ -138,8 +140,37 @@ def expand_files(files: str) -> list[str]:
             matches = [pattern]
         else:
             raise DataError(f"data file {pattern!r} does not exist")
+        for path in matches:
+            if not isdir(path):
+                refuse_compressed(path)
         paths.extend(p for p in matches if p not in paths)
     return paths
+
+
+# Leading bytes of the compressed formats a data file is most often shipped in.
+_COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    **{b"BZh" + bytes([c]): "bzip2" for c in b"123456789"},  # "BZh" + block size
+    b"\xfd7zXZ\x00": "xz",
+}
+
+
+def refuse_compressed(path: str) -> None:
+    """DataError when `path` is a compressed file (by its leading bytes, or a .gz/.zst/.bz2/.xz
+    name). Read as JSON Lines, its bytes would only fail as "invalid UTF-8" at line 1, which
+    does not say what is wrong; naming the compression says what to do."""
+    with open_binary(path) as f:
+        head = f.read(6)
+    kind = next((k for magic, k in _COMPRESSED.items() if head.startswith(magic)), None)
+    if kind is None and path.lower().endswith((".gz", ".zst", ".bz2", ".xz")):
+        kind = path.rsplit(".", 1)[-1]
+    if kind is not None:
+        raise DataError(
+            f"{path}: a {kind}-compressed file; compressed data files are not read. "
+            "Decompress it first (e.g. `gunzip`, `zstd -d`, `bunzip2`, `unxz`) and name the "
+            "decompressed file"
+        )
 
 
 def field_error(source: str, field: str | None, message: str, kind: type = DataError) -> DataError:

@@ -343,3 +343,34 @@ def test_resume_refuses_changed_adapter_settings_naming_each_key():
     raw.lora.enabled = True
     with pytest.raises(ConfigError, match=r"lora\.enabled was False, now True"):
         check_adapters_unchanged(full, parse(raw))
+
+
+def test_resume_with_another_model_path_warns_naming_both(capsys):
+    """A resumed run whose model.path differs from the latest checkpoint's warns once naming
+    both paths, and still resumes: a workdir moved to another machine has another absolute
+    path for the same model."""
+    from sft_jax.config import to_dict
+    from sft_jax.training import train_setup
+
+    raw = load_config_file("configs/demo.py")
+    raw.model.path = "/old/place/model"
+    saved = json.loads(json.dumps(to_dict(parse(raw))))
+    assert train_setup.model_path_change(saved, parse(raw)) is None
+    assert train_setup.model_path_change({}, parse(raw)) is None  # no config saved with it
+
+    class Saved:  # the latest committed checkpoint, as `restore` asks for it
+        def committed_steps(self):
+            return [4]
+
+        def saved_config(self, step):
+            return saved
+
+        def restore_latest(self, state, shardings):
+            return None
+
+    raw.model.path = "/new/place/model"
+    capsys.readouterr()
+    train_setup.restore(Saved(), "state", None, None, parse(raw), steps=8)
+    err = capsys.readouterr().err
+    assert err.count("warning: model.path was '/old/place/model'") == 1, err
+    assert "now '/new/place/model'; resuming anyway" in err

@@ -109,7 +109,10 @@ def restore(
     when the run's length changed since that checkpoint (the schedule is re-stretched)."""
     committed = checkpointer.committed_steps()
     if committed:
-        check_adapters_unchanged(checkpointer.saved_config(committed[-1]), config)
+        saved = checkpointer.saved_config(committed[-1])
+        check_adapters_unchanged(saved, config)
+        if change := model_path_change(saved, config):
+            console.warn(change)
     restored = checkpointer.restore_latest(state, shardings)
     if restored is None:
         return state, LoopState()
@@ -154,6 +157,23 @@ def check_adapters_unchanged(saved: dict[str, Any], config: Config) -> None:
             "checkpoint's adapter settings, or start a new workdir (export this run and "
             "fine-tune the export to build on it)"
         )
+
+
+def model_path_change(saved: dict[str, Any], config: Config) -> str | None:
+    """The warning for a resume whose model.path differs from the checkpoint's, else None.
+
+    Not an error: a workdir copied to another machine legitimately names the same model under
+    another absolute path. But a different base model under the checkpoint's weights or adapters
+    is a silent mix-up, so the run says which two paths it saw."""
+    before = saved.get("model", {}).get("path") if isinstance(saved.get("model"), dict) else None
+    now = config.model.path
+    if not before or before == now:
+        return None
+    return (
+        f"model.path was {before!r} when the last checkpoint was saved, now {now!r}; resuming "
+        "anyway. If the model only moved this is fine; if it is another model, start a new "
+        "workdir"
+    )
 
 
 def _plain(value: Any) -> Any:

@@ -484,7 +484,17 @@ def _truncated_model(tmp: pathlib.Path) -> dict[str, str]:
     return {"/models/m": str(model)}
 
 
+def _model_as_workdir(tmp: pathlib.Path) -> dict[str, str]:
+    """A workdir holding a Hugging Face model's config.json, as an export leaves it: without
+    one the transcript would train the demo into /tmp/demo_hf instead of being refused."""
+    workdir = tmp / "demo_hf"
+    workdir.mkdir()
+    shutil.copy(REPO / "sft_jax/assets/stories260K/config.json", workdir / "config.json")
+    return {"/tmp/demo_hf": str(workdir)}
+
+
 TRANSCRIPT_SETUP = {
+    "--workdir /tmp/demo_hf": _model_as_workdir,
     "/tmp/plan_models/llama31_8b": _tokenizerless_model,
     "--model /models/m": _truncated_model,
     "--config my_config.py": _broken_config,

@@ -307,6 +307,9 @@ def export_peft(run: TrainedModel, out_dir: str) -> None:
     _write_generation_config(out_dir, (run.source_model_dir, run.tokenizer_dir), tokenizer)
 
 
+CHECKPOINT_FOLDERS = ("checkpoints", "checkpoints.corrupt")  # a workdir's, managed by the run
+
+
 def check_out_dir(out: str, overwrite: bool, inputs: dict[str, str]) -> None:
     """Refuses an --out that is one of the export's inputs (`inputs`: what -> directory), since
     --overwrite would delete what is being read, or that is not empty without --overwrite."""
@@ -320,8 +323,27 @@ def check_out_dir(out: str, overwrite: bool, inputs: dict[str, str]) -> None:
             f"--out {out} is a training workdir; --overwrite would replace its config.json, "
             "and the run could no longer resume or export: write the export somewhere else"
         )
+    holder = _checkpoints_holding(out)
+    if holder:
+        raise ExportError(
+            f"--out {out} is inside the checkpoints of the training workdir {holder}, which the "
+            "run manages (a resume would move an unknown step directory aside): write the export "
+            "somewhere else"
+        )
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ExportError(f"{out} is not empty; pass --overwrite to write into it")
+
+
+def _checkpoints_holding(out: str) -> str | None:
+    """The training workdir whose checkpoints folder (or its quarantine) `out` lies in, if any."""
+    child = os.path.realpath(out)
+    parent = os.path.dirname(child)
+    while parent != child:
+        in_checkpoints = os.path.basename(child) in CHECKPOINT_FOLDERS
+        if in_checkpoints and os.path.isdir(parent) and is_workdir(parent):
+            return parent
+        child, parent = parent, os.path.dirname(parent)
+    return None
 
 
 def clear_out_dir(out: str) -> None:

@@ -377,6 +377,9 @@ def test_out_that_is_another_runs_workdir_is_refused_even_with_overwrite(tmp_pat
         export.check_out_dir(str(run), True, {"workdir": str(tmp_path / "other")})
     assert (run / "config.json").read_text() == saved
     export.check_out_dir(str(run / "hf"), False, {})  # an export inside the workdir is fine
+    for inside in ("checkpoints/2/hf", "checkpoints/new", "checkpoints.corrupt/x"):
+        with pytest.raises(export.ExportError, match=r"inside the checkpoints of the training"):
+            export.check_out_dir(str(run / inside), True, {})
 
 
 def test_local_paths_become_absolute_but_names_stay(tmp_path, monkeypatch):

@@ -10,6 +10,9 @@ values in the tests. A value already set in XLA_FLAGS for either flag is kept.
 
 The cache lets identical programs compile once per test session: each train run builds fresh
 jitted functions, so JAX's in-memory cache misses, and subprocesses (the CLI tests) start empty.
+Every program is cached, however quick its compile (JAX's default keeps only those over a second):
+the tiny models' programs each compile in well under a second, and it is their number, rebuilt
+test after test, that costs the time; reading one back is cheaper than compiling it again.
 It lives in SFT_JAX_TEST_JAX_CACHE when set (.ci/run sets one directory for both of its pytest
 steps and removes it), else in a new temporary directory that this process exports in
 SFT_JAX_TEST_JAX_CACHE, so that pytest-xdist workers (started after this file is imported) and
@@ -51,7 +54,7 @@ if _OWN_CACHE:
 JAX_CACHE = os.environ["SFT_JAX_TEST_JAX_CACHE"]
 # Environment variables rather than jax.config, so the subprocesses the tests start share it.
 os.environ["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden"

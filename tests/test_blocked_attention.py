@@ -55,19 +55,34 @@ def assert_matches_reference(seg, window, tile, seed=0):
         bound = None if window is None else jnp.where(local, window, length)
         return blocked_attention(q, k, v, seg, scale=H**-0.5, window=bound, tile=tile, loop_from=0)
 
-    got_fn = jax.jit(lambda q, k, v: looped(q, k, v, jnp.asarray(True)))
+    got_fn = lambda q, k, v: looped(q, k, v, jnp.asarray(True))
     want_fn = lambda q, k, v: grouped_attention(q, k, v, dense_mask(seg, window), scale=H**-0.5)
-    np.testing.assert_allclose(got_fn(q, k, v), want_fn(q, k, v), atol=TOL)
-    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
-    got = jax.jit(jax.grad(loss(got_fn), argnums=(0, 1, 2)))(q, k, v)
-    want = jax.grad(loss(want_fn), argnums=(0, 1, 2))(q, k, v)
+
+    def value_and_grads(fn):  # one jitted program: the output (aux) and dq, dk, dv
+        loss = lambda q, k, v: (jnp.sum(fn(q, k, v) * weights), fn(q, k, v))
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    (_, got_out), got = value_and_grads(got_fn)
+    (_, want_out), want = value_and_grads(want_fn)
+    np.testing.assert_allclose(got_out, want_out, atol=TOL)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, atol=TOL)
     return looped, (q, k, v)
 
 
-@pytest.mark.parametrize("window", [None, WINDOW])
-@pytest.mark.parametrize(("length", "tile"), [(128, 32), (100, 32), (100, 256)])
+# Each of whole tiles, a ragged sequence and one tile runs in the default tier, two with the
+# window and one without; their other window setting runs in the slow tier.
+@pytest.mark.parametrize(
+    ("length", "tile", "window"),
+    [
+        (128, 32, None),
+        (100, 32, WINDOW),
+        (100, 256, WINDOW),
+        pytest.param(128, 32, WINDOW, marks=pytest.mark.slow),
+        pytest.param(100, 32, None, marks=pytest.mark.slow),
+        pytest.param(100, 256, None, marks=pytest.mark.slow),
+    ],
+)
 def test_looped_equals_dense_reference_on_packed_rows(window, length, tile):
     """Whole tiles, a ragged sequence (100 = 3 x 32 + 4: padded to 128 inside, cut after) and a
     tile longer than the sequence (one tile)."""
@@ -92,8 +107,17 @@ def runs() -> np.ndarray:
     return np.stack([row0, row1]).astype(np.int32)
 
 
-@pytest.mark.parametrize("window", [None, WINDOW])
-@pytest.mark.parametrize("layout", [interleaved, runs])
+# Each layout once in the default tier (interleaved with the window, runs without), the other
+# window setting of each in the slow tier.
+@pytest.mark.parametrize(
+    ("layout", "window"),
+    [
+        (interleaved, WINDOW),
+        (runs, None),
+        pytest.param(interleaved, None, marks=pytest.mark.slow),
+        pytest.param(runs, WINDOW, marks=pytest.mark.slow),
+    ],
+)
 def test_looped_skips_only_tiles_without_a_visible_pair(window, layout):
     """The segment test that skips tiles (and starts the loop at the first tile that meets)
     keeps every tile with a visible pair, whether examples are contiguous runs or not."""
@@ -109,7 +133,9 @@ def test_long_sequences_take_the_looped_path_with_the_same_result():
     )
     assert "while" in str(jax.make_jaxpr(lambda: attend(128))())
     assert "while" not in str(jax.make_jaxpr(lambda: attend(129))())
-    np.testing.assert_allclose(attend(128), attend(129), atol=TOL)
+    np.testing.assert_allclose(
+        jax.jit(lambda: attend(128))(), jax.jit(lambda: attend(129))(), atol=TOL
+    )
 
 
 def test_looped_in_bfloat16_stays_close():
@@ -117,15 +143,16 @@ def test_looped_in_bfloat16_stays_close():
     (q, k, v), weights = inputs(100, seed=3, dtype=jnp.bfloat16)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]  # the same bf16 values, in float32
     mask = attention_mask(seg)
-    got = blocked_attention(q, k, v, seg, scale=H**-0.5, tile=32, loop_from=0)
+    looped = lambda q, k, v: blocked_attention(q, k, v, seg, scale=H**-0.5, tile=32, loop_from=0)
+    got = jax.jit(looped)(q, k, v)
     assert got.dtype == jnp.bfloat16
     want = grouped_attention(*f32, mask, scale=H**-0.5)
     np.testing.assert_allclose(np.float32(got), want, atol=3e-2)
     loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * weights)
-    looped = lambda q, k, v: blocked_attention(q, k, v, seg, scale=H**-0.5, tile=32, loop_from=0)
-    got_grads = jax.grad(loss(looped), argnums=(0, 1, 2))(q, k, v)
+    got_grads = jax.jit(jax.grad(loss(looped), argnums=(0, 1, 2)))(q, k, v)
     reference = lambda q, k, v: grouped_attention(q, k, v, mask, scale=H**-0.5)
-    for a, b in zip(got_grads, jax.grad(loss(reference), argnums=(0, 1, 2))(*f32), strict=True):
+    want_grads = jax.jit(jax.grad(loss(reference), argnums=(0, 1, 2)))(*f32)
+    for a, b in zip(got_grads, want_grads, strict=True):
         assert a.dtype == jnp.bfloat16
         scale = float(jnp.abs(b).max())
         np.testing.assert_allclose(np.float32(a), b, atol=2e-2 * scale)

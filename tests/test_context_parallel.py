@@ -32,8 +32,14 @@ TOL = 1e-5
 MODEL = tiny_model_config(
     sliding_window=5, local_layers=(True, False), local_rope_theta=100.0, attn_softcap=20.0
 )
-# (data, fsdp, tensor, context)
-MESHES = [(2, 1, 1, 4), (1, 2, 2, 2), (1, 1, 1, 8)]
+# (data, fsdp, tensor, context). fsdp x tensor x context runs in the default tier; data x
+# context (whose losses and gradient norms the train step test below compares, and whose logits
+# test_rows_in_slot_order_need_no_permutation does) and context alone run in the slow one.
+MESHES = [
+    pytest.param((2, 1, 1, 4), marks=pytest.mark.slow),
+    (1, 2, 2, 2),
+    pytest.param((1, 1, 1, 8), marks=pytest.mark.slow),
+]
 
 
 def packed_batch(rows: int = 4, seed: int = 0) -> dict[str, jax.Array]:

@@ -81,7 +81,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
+# fsdp alone (fsdp x tensor below splits rows over fsdp too) and one kv head (the repeated-kv
+# path of data_x_tensor_kv_heads_repeated) run in the slow tier.
+SLOW_CASES = ("fsdp", "tensor_one_kv_head")
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES]
+)
 def test_sharded_splash_equals_reference_forward_and_gradient(case):
     (data, fsdp, tensor), b, n, kv, window, softcap = CASES[case]
     mesh = cpu_mesh(data, fsdp, tensor)
@@ -229,11 +236,13 @@ SPLASH_CALL = "tpu_custom_call"  # the Mosaic kernel's custom call in the lowere
 @pytest.mark.parametrize(
     "mesh_shape, overrides",
     [
-        # One model compile stays in the default tier (data x tensor); the kernel's windowed,
+        # All in the slow tier: test_lora_compiles_splash_for_tpu compiles this model ("auto"
+        # attention, data x tensor) for the TPU in the default one, and the kernel's windowed,
         # soft-capped and repeated-kv variants compile there on their own (tests/
-        # test_gpt_oss_layers.py, tests/test_splash_context.py), the other meshes in the slow one.
+        # test_gpt_oss_layers.py, tests/test_splash_context.py).
         pytest.param((1, 4, 1), {}, marks=pytest.mark.slow),  # fsdp=4
-        ((2, 1, 2), {}),  # data=2 x tensor=2, two kv heads split over tensor
+        # data=2 x tensor=2, two kv heads split over tensor
+        pytest.param((2, 1, 2), {}, marks=pytest.mark.slow),
         # Gemma 2 style: alternating sliding-window layers, soft-capped scores, and one kv head
         # repeated to follow the query heads split over tensor
         pytest.param(
@@ -259,10 +268,13 @@ def test_model_with_auto_attention_compiles_splash_for_tpu(tpu_devices, mesh_sha
 
 
 def test_lora_compiles_splash_for_tpu(tpu_devices):
+    """The default tier's compile of the model with "auto" attention for a TPU mesh (data x
+    tensor): splash is in the program, and the adapters' gradient is all it outputs."""
     mesh = tpu_mesh(tpu_devices, 2, 1, 2)
     model = tpu_model(mesh, lora_scale=2.0)
     compiled, hlo = compile_forward_backward(model, mesh, lora_rank=8)
     assert SPLASH_CALL in hlo
+    assert compiled.memory_analysis().temp_size_in_bytes > 0
     # The step differentiates the adapters only: its outputs are no bigger than they are.
     q_adapter = 8 * (128 + 4 * 128)  # rank 8 x (D in + N*H out), one layer, float32
     v_adapter = 8 * (128 + 2 * 128)

@@ -241,7 +241,7 @@ def test_unit_lower_inverse_equals_the_inverse(size):
     rng = np.random.default_rng(size)
     strict = np.tril(rng.uniform(-1, 1, size=(3, 2, size, size)), -1).astype(np.float32)
     expected = np.linalg.inv(strict.astype(np.float64) + np.eye(size))
-    got = unit_lower_inverse(jnp.asarray(strict))
+    got = jax.jit(unit_lower_inverse)(jnp.asarray(strict))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
 
 

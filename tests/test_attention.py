@@ -107,10 +107,12 @@ def test_splash_local_flag_selects_the_window_per_layer():
     seg = jnp.asarray(packed_segments())
     mask = attention_mask(seg)
     options = AttentionOptions("splash", window=WINDOW, interpret=True)
+    # One program for both layers, the flag a traced argument as under the layer scan.
+    attend_fn = jax.jit(lambda f: attend(q, k, v, mask, options, segment_ids=seg, local=f))
+    naive = jax.jit(naive_attention, static_argnums=4)
     for flag, window in ((False, None), (True, WINDOW)):
-        attend_fn = lambda f: attend(q, k, v, mask, options, segment_ids=seg, local=f)
-        got = jax.jit(attend_fn)(jnp.asarray(flag))
-        want = naive_attention(q, k, v, seg, window)
+        got = attend_fn(jnp.asarray(flag))
+        want = naive(q, k, v, seg, window)
         np.testing.assert_allclose(got[0, :120], want[0, :120], atol=TOL)
         np.testing.assert_allclose(got[1], want[1], atol=TOL)
 
@@ -143,11 +145,13 @@ def test_blocked_masks_from_segments_equal_the_dense_mask_reference(window, bloc
         mask = window_mask(mask, jnp.arange(T), window)
     weights = jnp.asarray(np.random.default_rng(6).normal(size=(B, T, N, H)), jnp.float32)
     bound = jnp.asarray(T if window is None else window, jnp.int32)
+    block_mask = jax.jit(_block_mask, static_argnums=(2, 3))
+    block_mask_t = jax.jit(_block_mask_t, static_argnums=(2, 3))
     for start in range(0, T, block):
         end = min(start + block, T)
-        dense = np.asarray(mask[:, start:end, :end])
-        np.testing.assert_array_equal(_block_mask(seg, bound, start, end), dense)
-        transposed = _block_mask_t(seg, bound, start, end)[:, 0, :, 0]
+        dense = np.asarray(mask)[:, start:end, :end]
+        np.testing.assert_array_equal(block_mask(seg, bound, start, end), dense)
+        transposed = block_mask_t(seg, bound, start, end)[:, 0, :, 0]
         np.testing.assert_array_equal(transposed, dense.transpose(0, 2, 1))
 
     def blocked(q, k, v, local):
@@ -156,15 +160,18 @@ def test_blocked_masks_from_segments_equal_the_dense_mask_reference(window, bloc
 
     want_fn = lambda q, k, v: grouped_attention(q, k, v, mask, scale=H**-0.5)
     got_fn = jax.jit(lambda q, k, v: blocked(q, k, v, jnp.asarray(True)))
-    np.testing.assert_allclose(got_fn(q, k, v), want_fn(q, k, v), atol=TOL)
+    np.testing.assert_allclose(got_fn(q, k, v), jax.jit(want_fn)(q, k, v), atol=TOL)
     loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
     got = jax.jit(jax.grad(loss(got_fn), argnums=(0, 1, 2)))(q, k, v)
     want = jax.jit(jax.grad(loss(want_fn), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, atol=TOL)
     if window is not None:  # a global layer's bound (local False) drops the window
-        unwindowed = grouped_attention(q, k, v, attention_mask(seg), scale=H**-0.5)
-        got_global = blocked(q, k, v, jnp.asarray(False))
+        dense_global = lambda q, k, v: grouped_attention(
+            q, k, v, attention_mask(seg), scale=H**-0.5
+        )
+        unwindowed = jax.jit(dense_global)(q, k, v)
+        got_global = jax.jit(blocked)(q, k, v, jnp.asarray(False))
         np.testing.assert_allclose(got_global, unwindowed, atol=TOL)
 
 

@@ -79,18 +79,21 @@ def test_blocked_and_xla_sinks_equal_the_reference(window, kernel):
     )
     xla = loss(lambda q, k, v, s: xla_attention_with_sinks(q, k, v, mask, s, 0.3))
     args = (q, k, v, sinks)
-    # Jitted: the blocked kernels' loops op by op run far slower than their compile.
-    value = lambda f: jax.jit(f)(*args)
-    grad = lambda f: jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))(*args)
-    expected = grad(reference)
-    no_sinks = grouped_attention(q, k, v, mask, scale=0.3)
-    assert (
-        float(jnp.abs(no_sinks - grouped_attention(q, k, v, mask, scale=0.3, sinks=sinks)).max())
-        > 0.1
+    # Jitted (the blocked kernels' loops op by op run far slower than their compile), value
+    # and gradients of each implementation from one program.
+    both = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(*args)
+    reference_value, expected = both(reference)
+    sinks_change = jax.jit(  # jitted: op by op, each step of both attentions compiles its own
+        lambda q, k, v, s: jnp.abs(
+            grouped_attention(q, k, v, mask, scale=0.3)
+            - grouped_attention(q, k, v, mask, scale=0.3, sinks=s)
+        ).max()
     )
+    assert float(sinks_change(*args)) > 0.1
     for other in (blocked, xla):
-        np.testing.assert_allclose(value(other), value(reference), rtol=1e-5)
-        for got, want in zip(grad(other), expected, strict=True):
+        value, grads = both(other)
+        np.testing.assert_allclose(value, reference_value, rtol=1e-5)
+        for got, want in zip(grads, expected, strict=True):
             np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -158,6 +161,21 @@ def test_sharded_splash_with_sinks_equals_reference(case):
 # --- the gpt-oss expert layer on a mesh -----------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def biased_setup(cfg: MoeConfig):
+    """(boxed variables, random parameters, x), jitted: op by op each parameter shape compiles
+    its own programs."""
+    x = jax.random.normal(jax.random.key(1), (8, 4, 16), jnp.float32)
+    variables = MoeMlp(cfg).init(jax.random.key(0), x)
+    params = nn.meta.unbox(variables)["params"]
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    params = jax.tree.unflatten(
+        tree, [jax.random.normal(k, p.shape) * 0.5 for k, p in zip(keys, leaves, strict=True)]
+    )
+    return variables, params, x
+
+
 @pytest.mark.parametrize(
     ("sizes", "dispatch"),
     [
@@ -172,18 +190,11 @@ def test_biased_clamped_experts_on_a_mesh_equal_unsharded(sizes, dispatch):
     device; outputs, router statistics and gradients (the biases' included) equal the
     single-device layer."""
     cfg = MoeConfig(16, 8, 8, 2, norm_topk_prob=True, router_bias=True, expert_bias=True)
-    cfg = dataclasses.replace(cfg, dispatch=dispatch)
     cfg = dataclasses.replace(cfg, swiglu_limit=0.3)
-    x = jax.random.normal(jax.random.key(1), (8, 4, 16), jnp.float32)
-    variables = MoeMlp(cfg).init(jax.random.key(0), x)
-    params = nn.meta.unbox(variables)["params"]
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    params = jax.tree.unflatten(
-        tree, [jax.random.normal(k, p.shape) * 0.5 for k, p in zip(keys, leaves, strict=True)]
-    )
+    variables, params, x = biased_setup(cfg)
     mask = jnp.ones((8, 4), bool).at[0, -2:].set(False)
-    want = run(cfg, params, x, mask)
+    want = run(cfg, params, x, mask)  # unsharded, dispatch has no say: one compile for all cases
+    cfg = dataclasses.replace(cfg, dispatch=dispatch)
     grads = want[0][0]["experts"]
     assert set(grads) >= {"gate_bias", "up_bias", "down_bias"}
     assert float(jnp.abs(grads["up_bias"]).max()) > 0
@@ -209,6 +220,17 @@ def test_grouped_biased_clamped_experts_equal_a_per_token_reference(platform):
     them, here by XLA:CPU's dense ragged_dot) add each row's own expert's biases."""
     n, d, f, e, k = 37, 8, 6, 5, 2
     keys = jax.random.split(jax.random.key(0), 8)
+    # Jitted: op by op, each einsum, gather and bias of both sides compiled its own program.
+    sizes = dict(n=n, d=d, f=f, e=e, k=k)
+    both = jax.jit(functools.partial(grouped_and_per_token, platform=platform, **sizes))
+    got, want = both(keys)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def grouped_and_per_token(
+    keys: jax.Array, platform: str, n: int, d: int, f: int, e: int, k: int
+) -> tuple[jax.Array, jax.Array]:
+    """grouped_swiglu with biases and the clamped SwiGLU, and the same per (token, choice)."""
     x = jax.random.normal(keys[0], (n, d))
     experts = jax.random.randint(keys[1], (n, k), 0, e - 1)  # expert e - 1 gets no token
     gate, up = (jax.random.normal(kk, (e, d, f)) for kk in keys[2:4])
@@ -220,7 +242,7 @@ def test_grouped_biased_clamped_experts_equal_a_per_token_reference(platform):
     u = jnp.einsum("nd,nkdf->nkf", x, up[experts]) + biases[1][experts]
     h = clamped_swiglu(g, u, 0.5, 1.702)
     want = jnp.einsum("nkf,nkfd->nkd", h, down[experts]) + biases[2][experts]
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    return got, want
 
 
 # --- compiling for TPU ---------------------------------------------------------------------

@@ -27,17 +27,24 @@ def test_equals_ragged_dot_with_gradients(sizes, block):
     w = jax.random.normal(kw, (len(sizes), 6, 5))
     g = jnp.asarray(sizes, jnp.int32)
     cotangent = jax.random.normal(kg, (rows, 5))
-    ours = lambda x, w: jnp.sum(grouped_matmul(x, w, g, "cpu", block) * cotangent)
-    ref = lambda x, w: jnp.sum(jax.lax.ragged_dot(x, w, g) * cotangent)
-    # Jitted: the blocked loop op by op runs far slower than its compile.
-    np.testing.assert_allclose(
-        jax.jit(lambda x, w: grouped_matmul(x, w, g, "cpu", block))(x, w),
-        jax.lax.ragged_dot(x, w, g),
-        atol=1e-5,
-    )
-    grads = lambda f: jax.jit(jax.grad(f, (0, 1)))(x, w)
-    for a, b in zip(grads(ours), grads(ref), strict=True):
+    ours = with_gradients(lambda x, w: grouped_matmul(x, w, g, "cpu", block), cotangent)
+    ref = with_gradients(lambda x, w: jax.lax.ragged_dot(x, w, g), cotangent)
+    (grads, out), (ref_grads, ref_out) = ours(x, w), ref(x, w)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5)
+    for a, b in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def with_gradients(matmul, cotangent: jax.Array):
+    """(gradients w.r.t. x and w of sum(matmul(x, w) * cotangent), matmul(x, w)), jitted: one
+    program for both (the blocked loop and the interpreted kernels op by op run far slower
+    than their compile)."""
+
+    def loss(x, w):
+        out = matmul(x, w)
+        return jnp.sum(out * cotangent), out
+
+    return jax.jit(jax.grad(loss, (0, 1), has_aux=True))
 
 
 def test_cpu_path_holds_no_row_by_group_temporary():
@@ -65,12 +72,11 @@ def test_tpu_kernels_equal_ragged_dot_in_the_interpreter(sizes):
     w = jax.random.normal(kw, (4, 32, 48))
     g = jnp.asarray(sizes, jnp.int32)
     cotangent = jax.random.normal(kg, (64, 48))
-    ours = lambda x, w: jnp.sum(tpu_grouped_matmul(x, w, g, interpret=True) * cotangent)
-    ref = lambda x, w: jnp.sum(jax.lax.ragged_dot(x, w, g) * cotangent)
-    np.testing.assert_allclose(
-        tpu_grouped_matmul(x, w, g, interpret=True), jax.lax.ragged_dot(x, w, g), atol=1e-4
-    )
-    for a, b in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w), strict=True):
+    ours = with_gradients(lambda x, w: tpu_grouped_matmul(x, w, g, interpret=True), cotangent)
+    ref = with_gradients(lambda x, w: jax.lax.ragged_dot(x, w, g), cotangent)
+    (grads, out), (ref_grads, ref_out) = ours(x, w), ref(x, w)
+    np.testing.assert_allclose(out, ref_out, atol=1e-4)
+    for a, b in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-4)
 
 

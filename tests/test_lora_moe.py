@@ -46,8 +46,10 @@ def setup(cfg: MoeConfig, b: int = 4, t: int = 4):
     return variables, params, x
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def random_adapters(params: dict, targets: tuple[str, ...], seed: int = 3) -> dict:
-    """Adapters as `lora.init_adapters` makes them, with B random (so they change the output)."""
+    """Adapters as `lora.init_adapters` makes them, with B random (so they change the output).
+    Jitted: op by op, every leaf's shape compiles its own few programs."""
     adapters = lora.init_adapters(params, targets, R, jax.random.key(seed))
     leaves, tree = jax.tree.flatten(adapters)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
@@ -130,11 +132,9 @@ def test_expert_adapters_equal_per_expert_loop():
     assert "shared_expert" in adapters
     cot = jax.random.normal(jax.random.key(7), x.shape)
 
-    @jax.jit
     def ours(ad, x):
         return jnp.sum(MoeMlp(cfg).apply({"params": params, "lora": ad}, x)[0] * cot)
 
-    @jax.jit
     def ref(ad, x):
         y = reference(cfg, params, ad, x)
         sh, sa = params["shared_expert"], ad["shared_expert"]
@@ -144,9 +144,10 @@ def test_expert_adapters_equal_per_expert_loop():
         y = y + gate * proj("down_proj", h)
         return jnp.sum(y * cot)
 
-    np.testing.assert_allclose(ours(adapters, x), ref(adapters, x), rtol=1e-5)
-    got = jax.jit(jax.grad(ours, argnums=(0, 1)))(adapters, x)
-    want = jax.jit(jax.grad(ref, argnums=(0, 1)))(adapters, x)
+    # One program each for the value and the gradients (the per-expert loop is slow to compile).
+    value, got = jax.jit(jax.value_and_grad(ours, argnums=(0, 1)))(adapters, x)
+    ref_value, want = jax.jit(jax.value_and_grad(ref, argnums=(0, 1)))(adapters, x)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5), got, want)
     assert np.abs(got[0]["experts"]["gate_up_proj"]["a"]).max() > 1e-3
     fresh = lora.init_adapters(
@@ -377,7 +378,9 @@ def test_qlora_experts_are_quantized_and_train_only_adapters(saved_models):
     path, _ = saved_models("qwen3_moe")
     config, params = _load(path)
     config = dataclasses.replace(config, lora_scale=ALPHA / R)
-    frozen = lora.quantize_kernels(params, "nf4", jnp.float32)
+    # Jitted, as the trainer runs it: op by op, every kernel shape compiles its own programs.
+    frozen = jax.jit(lambda p: lora.quantize_kernels(p, "nf4", jnp.float32))(params)
+    dequantize = jax.jit(lora.dequantize)
     experts = frozen["layers"]["mlp"]["experts"]
     assert all(isinstance(q, lora.Quantized) for q in experts.values()) and len(experts) == 3
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
@@ -393,21 +396,23 @@ def test_qlora_experts_are_quantized_and_train_only_adapters(saved_models):
         return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
     quantized = loss(adapters, frozen)
-    np.testing.assert_allclose(quantized, loss(adapters, lora.dequantize(frozen)), rtol=1e-6)
+    np.testing.assert_allclose(quantized, loss(adapters, dequantize(frozen)), rtol=1e-6)
     assert abs(float(quantized) - float(loss(adapters, params))) > 1e-6  # NF4 is not exact
 
     cfg = moe_config()
     _, layer, x = setup(cfg)
     layer_frozen = {
         **layer,
-        "experts": {n: lora.quantize(v, "nf4") for n, v in layer["experts"].items()},
+        "experts": jax.jit(lambda ex: {n: lora.quantize(v, "nf4") for n, v in ex.items()})(
+            layer["experts"]
+        ),
     }
     layer_adapted = layer_adapters(layer, ("experts",))
     apply = lambda ad, p: jnp.sum(jnp.sin(MoeMlp(cfg).apply({"params": p, "lora": ad}, x)[0]))
     grad = jax.jit(jax.grad(apply))  # the base is a constant: gradients go to the adapters only
     got, want = (
         grad(layer_adapted, layer_frozen),
-        grad(layer_adapted, lora.dequantize(layer_frozen)),
+        grad(layer_adapted, dequantize(layer_frozen)),
     )
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5), got, want)
     assert np.abs(got["experts"]["gate_up_proj"]["a"]).max() > 1e-4

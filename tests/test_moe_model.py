@@ -92,7 +92,7 @@ def test_packed_row_gives_each_example_its_own_logits(model_and_params):
     it has in the packed row."""
     model, params = model_and_params
     apply = jax.jit(model.apply)
-    b = batch(rows=1)
+    b = {k: np.asarray(v) for k, v in batch(rows=1).items()}  # sliced on the host, not op by op
     packed = apply({"params": params}, b["inputs"], b["positions"], b["segment_ids"])
     seg = np.asarray(b["segment_ids"][0])
     for s in (1, 2):
@@ -134,14 +134,12 @@ def test_objective_adds_the_weighted_router_losses(model_and_params, loss_chunk)
 
 def test_router_loss_gradient_reaches_the_router(model_and_params):
     model, params = model_and_params
-    b, state = batch(), model_only_state(model.apply)
-    options = step.StepOptions(router_stats=True)
-    grad = lambda o: jax.jit(
-        jax.grad(lambda p: step.loss_fn(p, state, b, jax.random.PRNGKey(0), o)[0])
-    )
-    plain = grad(options)(params)["layers"]["mlp"]["router"]["kernel"]
+    b, state = batch(), model_only_state(model.apply).replace(params=params)
+    options = step.StepOptions(router_stats=True)  # the plain program is the micro-batch test's
+    grad = lambda o: compute_grads(state, b, jax.random.PRNGKey(0), o)[0]
+    plain = grad(options)["layers"]["mlp"]["router"]["kernel"]
     options = dataclasses.replace(options, router_aux_coef=1.0)
-    weighted = grad(options)(params)["layers"]["mlp"]["router"]["kernel"]
+    weighted = grad(options)["layers"]["mlp"]["router"]["kernel"]
     assert float(jnp.max(jnp.abs(weighted - plain))) > 1e-4
 
 
@@ -203,7 +201,7 @@ def test_decoding_over_a_cache_gives_the_full_forward_logits(model_and_params):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4, rtol=1e-4)
 
 
-def test_a_run_trains_a_moe_model_on_a_mesh_and_logs_the_router(tmp_path):
+def test_a_run_trains_a_moe_model_on_a_mesh_and_logs_the_router(tmp_path, small_train):
     """The tiny config with experts in every layer, on 8 devices (each routes its own tokens):
     the loss falls, and every training record carries the router losses and the load of each
     expert (a list in metrics.jsonl)."""
@@ -214,6 +212,7 @@ def test_a_run_trains_a_moe_model_on_a_mesh_and_logs_the_router(tmp_path):
 
     raw = load_config_file("configs/tiny.py")
     raw["model"]["arch"].update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    raw["data"].update(train_files=small_train, max_eval_examples=8)  # quick to tokenise
     raw["train"].update(max_steps=6, log_every=2, router_aux_loss_coef=0.01)
     raw["eval"].update(generate_examples=0)
     raw["checkpoint"].update(every_steps=0)

@@ -282,9 +282,11 @@ def _weighted_log_likelihood(params, config, tokens, positions, segments, weight
         # mapping is checked by test_remat_policy_wraps_each_scanned_layer_and_keeps_the_tree).
         pytest.param({}, {"remat": "dots_saveable"}, marks=pytest.mark.slow),
         ({}, {"scan_layers": False}),
-        ({}, {"attention": "xla"}),
+        # Each attention implementation on the plain model in the slow tier: the Gemma-like
+        # model runs it in default, on its global and its sliding-window layers.
+        pytest.param({}, {"attention": "xla"}, marks=pytest.mark.slow),
         (GEMMA_LIKE, {"attention": "xla"}),  # sliding-window layers through the mask
-        ({}, {"attention": "blocked"}),
+        pytest.param({}, {"attention": "blocked"}, marks=pytest.mark.slow),
         (GEMMA_LIKE, {"attention": "blocked"}),
         (GEMMA_LIKE, {"scan_layers": False, "remat": "full"}),
     ],

@@ -2,6 +2,8 @@
 donates its state, and trains in bf16 (with fp32 or bf16 Adam moments) close to fp32."""
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,7 @@ from sft_jax.config import MeshSection, OptimSection
 from sft_jax.model.decoder import Transformer
 from sft_jax.training.optim import make_optimizer, make_schedule
 from sft_jax.training.sharding import batch_sharding, make_mesh
-from sft_jax.training.state import StateSpec, create_train_state
+from sft_jax.training.state import StateSpec, TrainState, create_train_state
 from sft_jax.training.step import StepOptions, compute_grads, make_train_step
 from tests.helpers import tiny_model_config
 
@@ -91,8 +93,8 @@ def run_steps(mesh_sizes, micro_batches=1, steps=3, devices=None):
 
 @functools.cache
 def mesh_run(mesh_sizes, micro_batches=1):
-    """`run_steps` on the first prod(mesh_sizes) devices, once per module: the 8-device data
-    mesh serves both the equality and the compiles-once test."""
+    """`run_steps` on the first prod(mesh_sizes) devices, once per module (the 1-device run is
+    every mesh's reference)."""
     return run_steps(mesh_sizes, micro_batches, devices=jax.devices()[: int(np.prod(mesh_sizes))])
 
 
@@ -104,8 +106,9 @@ def single_device_run():
 @pytest.mark.parametrize(
     "mesh_sizes,micro_batches",
     [
-        ((8, 1, 1), 1),
-        # Each axis alone at 8; the (2, 2, 2) mesh below splits every one of them in default.
+        # Each axis alone at 8 in the slow tier: the (2, 2, 2) mesh splits every one of them in
+        # default, and the overfit test trains on the 8-device data mesh.
+        pytest.param((8, 1, 1), 1, marks=pytest.mark.slow),
         pytest.param((1, 8, 1), 1, marks=pytest.mark.slow),
         pytest.param((1, 1, 8), 1, marks=pytest.mark.slow),
         ((2, 2, 2), 2),
@@ -120,10 +123,9 @@ def test_mesh_and_accumulation_match_single_device(single_device_run, mesh_sizes
     np.testing.assert_allclose(norms, ref_norms, rtol=1e-5)
 
 
-def test_step_compiles_once():
-    """Three steps of the 8-device data mesh (new batches, a new state each step): one program."""
-    _, _, step_fn = mesh_run((8, 1, 1))
-    assert step_fn._cache_size() == 1
+def test_step_compiles_once(float32_overfit):
+    """Ten steps of the 8-device data mesh (a new state each step): one program."""
+    assert float32_overfit.step_fn._cache_size() == 1
 
 
 def test_params_are_created_sharded():
@@ -137,8 +139,14 @@ def test_params_are_created_sharded():
     assert mu.sharding.spec == embedding.sharding.spec
 
 
-def overfit_losses(model, optim_kw, devices=None):
-    """Ten steps on one batch: the losses and the final state."""
+class Overfit(NamedTuple):
+    losses: list[float]
+    state: TrainState
+    step_fn: Callable
+
+
+def overfit_losses(model, optim_kw, devices=None) -> Overfit:
+    """Ten steps on one batch: the losses, the final state and the step function."""
     mesh = make_mesh(MeshSection(-1, 1, 1, rules=RULES), devices)
     tx = make_optimizer(optim_cfg(**optim_kw), total_steps=10)
     state, shardings = create_train_state(StateSpec(model, mesh, RULES, tx))
@@ -151,18 +159,18 @@ def overfit_losses(model, optim_kw, devices=None):
     for _ in range(10):
         state, metrics = step_fn(state, batch, np.float32(1.0))
         out.append(float(metrics["loss"]))
-    return out, state
+    return Overfit(out, state, step_fn)
 
 
 @pytest.fixture(scope="module")
-def float32_overfit() -> list[float]:
-    """The fp32 losses on the 8-device data mesh (equal to one device's within 1e-5, as the
-    mesh test shows): the overfit test's run and the bf16 tests' reference."""
-    return overfit_losses(MODEL, {})[0]
+def float32_overfit() -> Overfit:
+    """The fp32 run on the 8-device data mesh (equal to one device's within 1e-5, as the mesh
+    test shows): the overfit and compiles-once tests' run, and the bf16 tests' reference."""
+    return overfit_losses(MODEL, {})
 
 
 def test_loss_decreases_when_overfitting_one_batch(float32_overfit):
-    losses = float32_overfit
+    losses = float32_overfit.losses
     assert losses[-1] < 0.7 * losses[0], losses
 
 
@@ -189,8 +197,8 @@ def test_bfloat16_compute_trains_and_stays_close_to_float32(float32_overfit, sta
     """bf16 activations/matmuls (fp32 master weights), with fp32 or bf16 Adam moments: the first
     loss is within 1% of the fp32 one (bf16 keeps ~3 significant digits) and the loss falls as
     fast as in fp32 when overfitting one batch (within 5% after 10 steps)."""
-    fp32 = float32_overfit
-    low, state = overfit_losses(
+    fp32 = float32_overfit.losses
+    low, state, _ = overfit_losses(
         tiny_model_config(dtype="bfloat16"), {"state_dtype": state_dtype}, jax.devices()[:1]
     )
     mu = state.opt_state[1][0].mu["embed"]["embedding"]

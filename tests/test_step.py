@@ -5,6 +5,7 @@ import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,7 @@ from sft_jax.training.optim import make_optimizer, make_schedule
 from sft_jax.training.sharding import batch_sharding, make_mesh
 from sft_jax.training.state import StateSpec, TrainState, create_train_state
 from sft_jax.training.step import StepOptions, compute_grads, make_train_step
-from tests.helpers import tiny_model_config
+from tests.helpers import model_only_state, tiny_model_config
 
 RULES = tuple(tuple(r) for r in base.get_config().mesh.rules)
 MODEL = tiny_model_config()
@@ -60,10 +61,13 @@ def build(mesh_sizes=(-1, 1, 1), devices=None, **optim_kw):
 
 
 def test_grad_accumulation_equals_one_batch():
-    _, state, _ = build(devices=jax.devices()[:1])
     batch = {k: jnp.asarray(v) for k, v in packed_batch().items()}
     rng = jax.random.PRNGKey(0)
-    state = state.replace(apply_fn=Transformer(MODEL).apply)
+    # The bare model (no optimizer, no mesh): the gradients are all this test reads.
+    model = Transformer(MODEL)
+    inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), *inputs)["params"])
+    state = model_only_state(model.apply).replace(params=params)
     both = lambda s: [compute_grads(s, batch, rng, StepOptions(micro_batches=m)) for m in (1, 4)]
     (g1, p1), (g4, p4) = jax.jit(both)(state)  # one compile, not op by op
     (l1, c1), (l4, c4) = (p1.cross_entropy, p1.tokens), (p4.cross_entropy, p4.tokens)

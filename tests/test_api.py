@@ -40,7 +40,9 @@ def test_adapters_without_a_lora_scale_are_an_error():
     config = tiny_model_config()
     tokens = jnp.zeros((1, 4), jnp.int32)
     model = Transformer(config)
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), tokens, tokens, tokens + 1)["params"])
+    # Jitted: op by op, the init compiles one random program per leaf shape.
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens, tokens, tokens + 1))
+    params = params["params"]
     adapters = lora.init_adapters(params, ("q_proj",), 2, jax.random.PRNGKey(1))
     with pytest.raises(ValueError, match="lora_scale is unset"):
         model.apply({"params": params, "lora": adapters}, tokens, tokens, jnp.ones_like(tokens))
@@ -72,10 +74,10 @@ def adapter(stories_dir, tmp_path_factory):
     params = hf.load_params(str(stories_dir), config)
     adapters = lora.init_adapters(params, lora.ALL_LINEAR, RANK, jax.random.PRNGKey(0))
     adapters = lora.init_magnitudes(params, adapters)
-    leaves, tree = jax.tree.flatten(adapters)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    adapters = jax.tree.unflatten(
-        tree, [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    # Host noise (numpy): jax.random op by op compiles one program per leaf shape.
+    noise = np.random.default_rng(1)
+    adapters = jax.tree.map(
+        lambda x: x + jnp.asarray(0.1 * noise.standard_normal(x.shape), x.dtype), adapters
     )
     peft_config = lora.peft_config(
         adapters, rank=RANK, alpha=ALPHA, rslora=True, dropout=0.0, base=str(stories_dir)

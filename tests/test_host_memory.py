@@ -50,10 +50,11 @@ def _faults_per_call(mode: str) -> dict:
 def test_retaining_allocator_stops_per_call_page_faults():
     system = _faults_per_call("system")
     # The lower of two runs: a neighbour's memory pressure (parallel tests) can make the kernel
-    # take pages back during one run; without the setting every run faults each call.
-    retained = min(
-        (_faults_per_call("retain") for _ in range(2)), key=lambda r: r["faults_per_call"]
-    )
+    # take pages back during one run; without the setting every run faults each call. The
+    # second run (a process start and a compile) is needed only when the first faulted.
+    retained = _faults_per_call("retain")
+    if retained["faults_per_call"] >= 500:
+        retained = min(retained, _faults_per_call("retain"), key=lambda r: r["faults_per_call"])
     assert system["done"] == "system allocator"
     assert retained["done"].startswith("retaining host allocator")
     # 32 MiB of fresh pages is 8192 faults per call when glibc unmaps the block after each call.

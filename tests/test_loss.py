@@ -198,10 +198,11 @@ def test_chunked_loss_inside_context_parts_equals_the_plain_loss(shards, chunk):
     def chunked(hidden, head):
         return chunked_cross_entropy(lambda h: h @ head, hidden, targets, mask, chunk, shards)
 
-    want, want_count = plain(hidden, head)
-    got, got_count = chunked(hidden, head)
+    grad = lambda f: jax.grad(lambda h, w: f(h, w)[0], (0, 1))(hidden, head)
+    # Both losses and both gradients from one jitted program: one compile, not op by op.
+    both = jax.jit(lambda: (plain(hidden, head), chunked(hidden, head), grad(plain), grad(chunked)))
+    (want, want_count), (got, got_count), want_grads, got_grads = both()
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert float(got_count) == float(want_count)
-    grad = lambda f: jax.grad(lambda h, w: f(h, w)[0], (0, 1))(hidden, head)
-    for a, w in zip(grad(chunked), grad(plain), strict=True):
+    for a, w in zip(got_grads, want_grads, strict=True):
         np.testing.assert_allclose(a, w, atol=1e-5)

@@ -264,16 +264,29 @@ GEMMA_LIKE = dict(
 )  # fmt: skip
 
 
+@functools.partial(jax.jit, static_argnums=1)
+@jax.value_and_grad
+def _weighted_log_likelihood(params, config, tokens, positions, segments, weights):
+    """Module level, so every option compared against one model's reference reuses the
+    reference's compiled program instead of tracing and compiling it again."""
+    logits = Transformer(config).apply({"params": params}, tokens, positions, segments)
+    return jnp.sum(jax.nn.log_softmax(logits) * weights)
+
+
 @pytest.mark.parametrize(
     "model,change",
     [
         ({}, {"remat": "full"}),
         ({}, {"remat": "dots"}),
-        ({}, {"remat": "dots_saveable"}),
+        # Another policy name through the same remat wrapper as "dots" (the name-to-policy
+        # mapping is checked by test_remat_policy_wraps_each_scanned_layer_and_keeps_the_tree).
+        pytest.param({}, {"remat": "dots_saveable"}, marks=pytest.mark.slow),
         ({}, {"scan_layers": False}),
-        ({}, {"attention": "xla"}),
+        # Each attention implementation on the plain model in the slow tier: the Gemma-like
+        # model runs it in default, on its global and its sliding-window layers.
+        pytest.param({}, {"attention": "xla"}, marks=pytest.mark.slow),
         (GEMMA_LIKE, {"attention": "xla"}),  # sliding-window layers through the mask
-        ({}, {"attention": "blocked"}),
+        pytest.param({}, {"attention": "blocked"}, marks=pytest.mark.slow),
         (GEMMA_LIKE, {"attention": "blocked"}),
         (GEMMA_LIKE, {"scan_layers": False, "remat": "full"}),
     ],
@@ -288,15 +301,11 @@ def test_performance_options_change_neither_loss_nor_gradients(model, change):
     segments = jnp.asarray([[1, 1, 1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
     positions = jnp.asarray([[0, 1, 2, 3, 4, 0, 1, 0], list(range(8))], jnp.int32)
     weights = jnp.asarray(rng.normal(size=(2, 8, 128)), jnp.float32) * (segments > 0)[..., None]
+    inputs = (tokens, positions, segments, weights)
 
-    @functools.partial(jax.jit, static_argnums=1)
-    @jax.value_and_grad
-    def loss(p, cfg):
-        logits = Transformer(cfg).apply({"params": p}, tokens, positions, segments)
-        return jnp.sum(jax.nn.log_softmax(logits) * weights)
-
-    base_loss, base_grads = loss(params, config)
-    other_loss, other_grads = loss(params, dataclasses.replace(config, **change))
+    base_loss, base_grads = _weighted_log_likelihood(params, config, *inputs)
+    changed = dataclasses.replace(config, **change)
+    other_loss, other_grads = _weighted_log_likelihood(params, changed, *inputs)
     np.testing.assert_allclose(other_loss, base_loss, rtol=SMALL_TOL)
     # Relative to each gradient's scale: entries reach ~50 here, so a small entry that is a sum
     # of large terms, summed in another order (blocked attention), moves by ~1e-5 absolute.

@@ -52,7 +52,12 @@ def _device0_bytes(tree):
     )
 
 
-@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+@pytest.mark.parametrize(
+    "case",
+    # Plain LoRA in the slow tier: qlora runs the same frozen-base layout and adds NF4 and DoRA.
+    [pytest.param(c, marks=pytest.mark.slow) if c == "lora" else c for c in CASES],
+    ids=list(CASES),
+)
 def test_layout_is_the_materialised_state(case):
     """Same tree (apply_fn and tx included), and every leaf's shape, dtype and sharding; the
     shardings returned with the state are the layout's."""

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 
 import pytest
 
@@ -21,22 +22,6 @@ def config(name: str, **overrides):
     return parse(raw)
 
 
-def test_tiny_trains_and_writes_metrics(tmp_path):
-    summary = train_and_evaluate(config("tiny.py"), str(tmp_path))
-    records = read_metrics(str(tmp_path))
-    train = [r for r in records if "loss" in r]
-    assert [r["step"] for r in train] == [4, 8, 12]
-    for r in train:
-        assert {"loss", "learning_rate", "grad_norm", "tokens_per_s", "loss_tokens"} <= set(r)
-        assert r["tokens_per_s"] > 0
-    assert train[-1]["loss"] < train[0]["loss"] - 0.5, train
-    evals = [r for r in records if "eval_loss" in r]
-    assert evals and evals[-1]["step"] == 12
-    assert summary["steps"] == 12
-    assert (tmp_path / "checkpoints" / "12").is_dir()
-    assert json.loads((tmp_path / "config.json").read_text())["train"]["max_steps"] == 12
-
-
 EVAL_FEATURES = dict(
     eval__every_steps=3,
     eval__generate_examples=2,
@@ -47,20 +32,44 @@ EVAL_FEATURES = dict(
 )
 
 
-def test_restart_after_finish_resumes_extends_and_keeps_the_baseline(tmp_path):
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[pathlib.Path, dict]:
+    """The tiny config's 12 steps with every evaluation feature, trained once (its workdir and
+    summary): the metrics test reads it, the restart test extends a copy."""
+    workdir = tmp_path_factory.mktemp("tiny")
+    summary = train_and_evaluate(config("tiny.py", **EVAL_FEATURES), str(workdir))
+    return workdir, summary
+
+
+def test_tiny_trains_and_writes_metrics(finished):
+    workdir, summary = finished
+    records = read_metrics(str(workdir))
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [4, 8, 12]
+    for r in train:
+        assert {"loss", "learning_rate", "grad_norm", "tokens_per_s", "loss_tokens"} <= set(r)
+        assert r["tokens_per_s"] > 0
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5, train
+    evals = [r for r in records if "eval_loss" in r]
+    assert evals and evals[-1]["step"] == 12
+    assert summary["steps"] == 12
+    assert (workdir / "checkpoints" / "12").is_dir()
+    assert json.loads((workdir / "config.json").read_text())["train"]["max_steps"] == 12
+
+
+def test_restart_after_finish_resumes_extends_and_keeps_the_baseline(finished, tmp_path):
     """A finished run restarted with more steps resumes from its last checkpoint. The evaluation
     records follow their contract (eval / samples / generation_* / general_* kinds), and the
     baseline is measured once at step 0 and stays the "before" of the extended run."""
-    first = train_and_evaluate(
-        config("tiny.py", train__max_steps=6, train__log_every=2, **EVAL_FEATURES), str(tmp_path)
-    )
+    shutil.copytree(finished[0], tmp_path, dirs_exist_ok=True)
+    first = finished[1]
     records = read_metrics(str(tmp_path))
     kinds = [(r.get("kind"), r["step"]) for r in records if r.get("kind") != "start"]
-    # Step 6 twice: the periodic eval of the last step, then the final evaluation.
-    assert [s for k, s in kinds if k == "eval"] == [3, 6, 6]
-    assert [s for k, s in kinds if k == "samples"] == [0, 3, 6]
-    assert ("baseline", 0) in kinds and ("generation_after", 6) in kinds
-    assert ("general_after", 6) in kinds
+    # Step 12 twice: the periodic eval of the last step, then the final evaluation.
+    assert [s for k, s in kinds if k == "eval"] == [3, 6, 9, 12, 12]
+    assert [s for k, s in kinds if k == "samples"] == [0, 3, 6, 9, 12]
+    assert ("baseline", 0) in kinds and ("generation_after", 12) in kinds
+    assert ("general_after", 12) in kinds
     (baseline,) = [r for r in records if r.get("kind") == "baseline"]
     assert {"eval_token_accuracy", "generation_contains", "general_perplexity"} <= set(
         baseline["before"]
@@ -89,11 +98,11 @@ def test_restart_after_finish_resumes_extends_and_keeps_the_baseline(tmp_path):
     assert rows["general_perplexity"]["after"] == first["general_perplexity"]
 
     second = train_and_evaluate(
-        config("tiny.py", train__max_steps=8, train__log_every=2, **EVAL_FEATURES), str(tmp_path)
+        config("tiny.py", train__max_steps=16, **EVAL_FEATURES), str(tmp_path)
     )
     records = read_metrics(str(tmp_path))
-    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]  # resumed from step 6
-    assert second["steps"] == 8
+    assert [r["step"] for r in records if "loss" in r] == [4, 8, 12, 16]  # resumed from step 12
+    assert second["steps"] == 16
     assert sum(r.get("kind") == "baseline" for r in records) == 1  # not measured again
     before = {row["metric"]: row["before"] for row in first["comparison"]}
     assert {row["metric"]: row["before"] for row in second["comparison"]} == before

@@ -133,13 +133,13 @@ def _check_greedy(config, params, model):
         assert generated == out[0, len(prompt) :].tolist()
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))  # one program, not an op-by-op compile each
 def _random_adapters(params, rank=4, seed=1):
-    adapters = lora.init_adapters(params, lora.ALL_LINEAR, rank, jax.random.PRNGKey(0))
-    leaves, tree = jax.tree.flatten(adapters)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    noisy = [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    return jax.tree.unflatten(tree, noisy)
+    """Adapters of every linear layer, random (B too): numpy noise in the adapter tree's shapes
+    (a jax random tree compiles a program for each leaf shape)."""
+    init = functools.partial(lora.init_adapters, targets=lora.ALL_LINEAR, rank=rank)
+    shapes = jax.eval_shape(lambda p: init(p, rng=jax.random.PRNGKey(0)), params)
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: 0.1 * rng.standard_normal(x.shape, np.float32), shapes)
 
 
 # --- Gemma 3 multimodal (Gemma3ForConditionalGeneration) -------------------------------------

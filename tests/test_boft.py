@@ -167,6 +167,33 @@ def test_import_of_a_peft_made_adapter_gives_peft_logits(extension, request, tmp
     assert np.abs(plain - theirs).max() > 1e-2
 
 
+def test_boft_export_compiles_nothing_and_writes_the_skew_matrices(tmp_path):
+    """Writing a BOFT adapter runs no XLA program (it once compiled a few for each module
+    shape), and its boft_R are the skew matrices of the stored vectors."""
+    import jax.monitoring
+
+    params = _random_params(BASE)
+    adapters = jax.tree.map(np.asarray, _random_boft(params, size=4, factors=2))
+    keys = {"boft_block_size": 4, "boft_block_num": 0}
+    config = lora.boft_peft_config(adapters, keys, base="", tied_embeddings=True)
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event.endswith("backend_compile_duration"):
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        lora.write_peft_adapter(str(tmp_path / "adapter"), adapters, config)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert not compiles
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    vec = adapters["layers"]["mlp"]["down_proj"][oft.PARAM][1]
+    key = "base_model.model.model.layers.1.mlp.down_proj.boft_R"
+    np.testing.assert_array_equal(tensors[key], np.asarray(oft.skew(jnp.asarray(vec))))
+
+
 def test_unsupported_boft_adapters_are_refused(tmp_path, stories_dir):
     params = _random_params(BASE)
     adapters = _random_boft(params)

@@ -165,7 +165,7 @@ def test_gradients_match_peft(tmp_path, stories_dir):
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
         return jnp.sum(nll * mask) / (mask.sum() * len(tokens))
 
-    ours = lora.to_peft_tensors(jax.grad(loss)(adapters))
+    ours = lora.to_peft_tensors(jax.jit(jax.grad(loss))(adapters))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
     config = peft.OFTConfig(oft_block_size=8, r=0, target_modules=list(lora.ALL_LINEAR))
     model = peft.get_peft_model(model, config)

@@ -47,12 +47,21 @@ def peft_butterfly(monkeypatch):
 
 def _random_boft(params, size=8, num=0, factors=1, seed=1):
     """A BOFT tree with random rotations and output scales around 1."""
-    adapters = lora.tree.init_boft(params, lora.ALL_LINEAR, size, num, factors)
-    leaves, tree = jax.tree.flatten(adapters)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree.unflatten(
-        tree, [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    shapes = jax.eval_shape(
+        lambda p: lora.tree.init_boft(p, lora.ALL_LINEAR, size, num, factors), params
+    )  # numpy noise: a jax random tree compiles a program for each leaf shape
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: (
+            (1.0 if path[-1].key == oft.SCALE else 0.0)
+            + 0.1 * rng.standard_normal(x.shape, np.float32)
+        ),
+        shapes,
     )
+
+
+# One program, not an op-by-op compile for each leaf shape.
+_merge = jax.jit(lora.merge, static_argnums=(2, 3))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -116,7 +125,7 @@ def test_peft_export_matches_peft(config, size, num, factors, request, tmp_path,
     np.testing.assert_allclose(theirs, ours, atol=MODEL_TOL)
     plain = np.asarray(_apply(config, None, {"params": params}, tokens))
     assert np.abs(plain - theirs).max() > 1e-2  # the adapter changed the logits
-    merged = lora.merge(params, adapters, 1.0, spec)
+    merged = _merge(params, adapters, 1.0, spec)
     merged_logits = np.asarray(_apply(config, None, {"params": merged}, tokens))
     np.testing.assert_allclose(merged_logits, ours, atol=MODEL_TOL)
     back = lora.read_peft_adapter(str(tmp_path / "adapter"), params, method="boft")
@@ -165,6 +174,33 @@ def test_import_of_a_peft_made_adapter_gives_peft_logits(extension, request, tmp
     np.testing.assert_allclose(ours, theirs, atol=MODEL_TOL)
     plain = np.asarray(_apply(BASE, None, {"params": params}, tokens))
     assert np.abs(plain - theirs).max() > 1e-2
+
+
+def test_boft_export_compiles_nothing_and_writes_the_skew_matrices(tmp_path):
+    """Writing a BOFT adapter runs no XLA program (it once compiled a few for each module
+    shape), and its boft_R are the skew matrices of the stored vectors."""
+    import jax.monitoring
+
+    params = _random_params(BASE)
+    adapters = jax.tree.map(np.asarray, _random_boft(params, size=4, factors=2))
+    keys = {"boft_block_size": 4, "boft_block_num": 0}
+    config = lora.boft_peft_config(adapters, keys, base="", tied_embeddings=True)
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event.endswith("backend_compile_duration"):
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        lora.write_peft_adapter(str(tmp_path / "adapter"), adapters, config)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert not compiles
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    vec = adapters["layers"]["mlp"]["down_proj"][oft.PARAM][1]
+    key = "base_model.model.model.layers.1.mlp.down_proj.boft_R"
+    np.testing.assert_array_equal(tensors[key], np.asarray(oft.skew(jnp.asarray(vec))))
 
 
 def test_unsupported_boft_adapters_are_refused(tmp_path, stories_dir):

@@ -120,14 +120,17 @@ def test_logits_packing_and_export_round_trip(saved, tmp_path, stories_dir):
     assert np.abs(expected).max() > 0.5
     np.testing.assert_allclose(ours, expected, atol=MODEL_TOL)
 
-    a, b, c = tokens[0, :9], tokens[1, :2], tokens[1, 5:14]  # b: shorter than the conv kernel
-    packed = np.concatenate([a, b, c, [0, 0, 0]])[None]
-    packed_pos = np.concatenate([np.arange(9), np.arange(2), np.arange(9), [0, 0, 0]])[None]
-    segments = np.asarray([[1] * 9 + [2] * 2 + [3] * 9 + [0] * 3])
-    logits = np.asarray(_apply(config, params, packed, packed_pos, segments))
+    # b: shorter than the conv kernel. The packed row runs beside a padding row, as long as the
+    # rows above: the same compiled program.
+    a, b, c = tokens[0, :9], tokens[1, :2], tokens[1, 5:11]
+    packed = np.stack([np.concatenate([a, b, c, [0, 0, 0]]), np.zeros(20, int)])
+    packed_pos = np.concatenate([np.arange(9), np.arange(2), np.arange(6), [0, 0, 0]])
+    packed_pos = np.stack([packed_pos, np.arange(20)])
+    segments = np.asarray([[1] * 9 + [2] * 2 + [3] * 6 + [0] * 3, [1] * 20])
+    logits = np.asarray(_apply(config, params, packed, packed_pos, segments))[:1]
     np.testing.assert_allclose(logits[:, :9], _hf_logits(model, a[None]), atol=MODEL_TOL)
     np.testing.assert_allclose(logits[:, 9:11], _hf_logits(model, b[None]), atol=MODEL_TOL)
-    np.testing.assert_allclose(logits[:, 11:20], _hf_logits(model, c[None]), atol=MODEL_TOL)
+    np.testing.assert_allclose(logits[:, 11:17], _hf_logits(model, c[None]), atol=MODEL_TOL)
 
     out = tmp_path / "out"
     export_hf(params, config, str(out), tokenizer_dir=str(stories_dir), source_model_dir=str(path))
@@ -231,11 +234,13 @@ def test_lora_exports_for_peft_with_peft_names_and_logits(saved, tmp_path):
     path, _ = saved
     config, params = _load(path)
     rank, alpha = 4, 8.0
-    adapters = lora.init_adapters(params, lora.ALL_LINEAR, rank, jax.random.PRNGKey(0))
-    leaves, tree = jax.tree.flatten(adapters)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    noisy = [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    adapters = jax.tree.unflatten(tree, noisy)
+    # Random A and B: numpy noise in the adapter tree's shapes (a jax random tree compiles a
+    # program for each leaf shape).
+    shapes = jax.eval_shape(
+        lambda p: lora.init_adapters(p, lora.ALL_LINEAR, rank, jax.random.PRNGKey(0)), params
+    )
+    noise = np.random.default_rng(1)
+    adapters = jax.tree.map(lambda x: 0.1 * noise.standard_normal(x.shape, np.float32), shapes)
     peft_config = lora.peft_config(
         adapters, rank=rank, alpha=alpha, rslora=False, dropout=0.0, base=str(path)
     )

@@ -87,7 +87,8 @@ def test_per_layer_dequantisation_equals_whole_tree():
     """Loss and adapter gradients are the same whether the model dequantises each layer's
     kernels itself or is given the dequantised tree (what step.py does today)."""
     state, _ = build("nf4")
-    adapters = jax.tree.map(lambda x: x + 0.01, state.params)  # B != 0: A gets gradients too
+    # B != 0: A gets gradients too (jitted: one program, not one per leaf shape).
+    adapters = jax.jit(lambda t: jax.tree.map(lambda x: x + 0.01, t))(state.params)
     b = batch(rows=8, length=16)
     loss = per_layer_loss(state, b)
     grad = jax.jit(jax.value_and_grad(loss), static_argnums=2)

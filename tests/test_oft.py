@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
+import scipy.linalg
 import torch
 from peft.tuners.oft.layer import OFTRotationModule
 from test_export import BASE, MODEL_TOL, _random_params, _tokens
@@ -60,8 +61,8 @@ def _torch_module(vec, neumann, terms=5, coft=False, eps=6e-5, share=False, in_f
 def test_rotation_blocks_equal_peft(neumann, terms):
     vec = 0.1 * np.random.default_rng(0).standard_normal((3, 28)).astype(np.float32)
     theirs = _torch_module(vec, neumann, terms).get_weight().detach().numpy()
-    ours = np.asarray(oft.cayley(jnp.asarray(vec), terms if neumann else 0))
-    np.testing.assert_allclose(jax.scipy.linalg.block_diag(*ours), theirs, atol=1e-6)
+    ours = np.asarray(jax.jit(oft.cayley, static_argnums=1)(vec, terms if neumann else 0))
+    np.testing.assert_allclose(scipy.linalg.block_diag(*ours), theirs, atol=1e-6)
     if not neumann:  # the exact transform is orthogonal
         np.testing.assert_allclose(
             ours @ ours.transpose(0, 2, 1), np.eye(8)[None].repeat(3, 0), atol=1e-5
@@ -73,7 +74,7 @@ def test_coft_projection_equals_peft():
     vec[0] *= 1e-6  # inside the ball: unchanged
     module = _torch_module(vec, True, coft=True, eps=1e-2)
     theirs = module._project_batch(torch.from_numpy(vec), eps=1e-2).numpy()
-    ours = np.asarray(oft.project(jnp.asarray(vec), 1e-2))
+    ours = np.asarray(jax.jit(oft.project, static_argnums=1)(vec, 1e-2))
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-9)
     np.testing.assert_array_equal(ours[0], vec[0])
 
@@ -89,12 +90,13 @@ def test_adjusted_block_size_is_peft_s():
 
 
 def _random_oft(params, size=8, share=False, seed=1):
-    adapters = lora.init_oft(params, lora.ALL_LINEAR, size, share)
-    leaves, tree = jax.tree.flatten(adapters)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree.unflatten(
-        tree, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    )
+    shapes = jax.eval_shape(lambda p: lora.init_oft(p, lora.ALL_LINEAR, size, share), params)
+    rng = np.random.default_rng(seed)  # numpy: a jax random tree compiles per leaf shape
+    return jax.tree.map(lambda x: 0.1 * rng.standard_normal(x.shape, np.float32), shapes)
+
+
+# One program, not an op-by-op compile for each leaf shape.
+_merge = jax.jit(lora.merge, static_argnums=(2, 3))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -126,7 +128,7 @@ def test_peft_export_matches_peft(size, share, neumann, coft, tmp_path, stories_
     spec = oft.spec_of({"method": "oft", **keys})
     base = str(tmp_path / "base")
     export.export_hf(params, BASE, base, tokenizer_dir=str(stories_dir))
-    written = lora.oft_projected(adapters, spec)
+    written = jax.jit(lora.oft_projected, static_argnums=1)(adapters, spec)
     config = lora.oft_peft_config(written, keys, base=base, tied_embeddings=True)
     lora.write_peft_adapter(str(tmp_path / "adapter"), written, config)
     tokens = _tokens()
@@ -135,7 +137,7 @@ def test_peft_export_matches_peft(size, share, neumann, coft, tmp_path, stories_
     np.testing.assert_allclose(theirs, ours, atol=MODEL_TOL)
     plain = np.asarray(_apply(BASE, None, {"params": params}, jnp.asarray(tokens)))
     assert np.abs(plain - theirs).max() > 1e-2  # the rotations changed the logits
-    merged = lora.merge(params, adapters, 1.0, spec)
+    merged = _merge(params, adapters, 1.0, spec)
     merged_logits = _apply(BASE, None, {"params": merged}, jnp.asarray(tokens))
     np.testing.assert_allclose(np.asarray(merged_logits), ours, atol=MODEL_TOL)
     back = lora.read_peft_adapter(str(tmp_path / "adapter"), params, oft_spec=spec)
@@ -163,7 +165,7 @@ def test_gradients_match_peft(tmp_path, stories_dir):
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
         return jnp.sum(nll * mask) / (mask.sum() * len(tokens))
 
-    ours = lora.to_peft_tensors(jax.grad(loss)(adapters))
+    ours = lora.to_peft_tensors(jax.jit(jax.grad(loss))(adapters))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
     config = peft.OFTConfig(oft_block_size=8, r=0, target_modules=list(lora.ALL_LINEAR))
     model = peft.get_peft_model(model, config)

@@ -45,6 +45,17 @@ def _logits(variables, tokens):
     )
 
 
+def _alone(variables, sequences, length=12):
+    """Each sequence's logits run alone: as a row of a [2, length] batch, followed by padding
+    (causal: later tokens change no earlier logit), so that every call shares one compiled
+    program with `_logits` of the [2, 12] test tokens."""
+    tokens = np.zeros((2, length), int)
+    for i, seq in enumerate(sequences):
+        tokens[i, : len(seq)] = seq
+    logits = _logits(variables, tokens)
+    return [logits[i, : len(seq)] for i, seq in enumerate(sequences)]
+
+
 def _write(adapter_dir, adapters, base):
     os.makedirs(adapter_dir, exist_ok=True)
     save_file(
@@ -100,14 +111,17 @@ def test_packed_row_equals_examples_alone(method):
     variables = {"params": params, "lora": _adapters(method, params)}
     rng = np.random.default_rng(3)
     first, second = rng.integers(1, 512, 5), rng.integers(1, 512, 4)
-    row = np.concatenate([first, second, [0, 0, 0]])[None]
-    positions = np.concatenate([np.arange(5), np.arange(4), np.zeros(3, int)])[None]
-    segments = np.concatenate([np.ones(5, int), 2 * np.ones(4, int), np.zeros(3, int)])[None]
+    # The packed row beside a padding row: the [2, 12] shape of the other calls (one program).
+    rows = np.stack([np.concatenate([first, second, [0, 0, 0]]), np.zeros(12, int)])
+    positions = np.tile(np.concatenate([np.arange(5), np.arange(4), np.zeros(3, int)]), (2, 1))
+    segments = np.tile(np.concatenate([np.ones(5, int), 2 * np.ones(4, int), np.zeros(3, int)]),
+                       (2, 1))  # fmt: skip
     packed = np.asarray(
-        _apply(BASE, variables, jnp.asarray(row), jnp.asarray(positions), jnp.asarray(segments))
+        _apply(BASE, variables, jnp.asarray(rows), jnp.asarray(positions), jnp.asarray(segments))
     )
-    np.testing.assert_allclose(packed[0, :5], _logits(variables, first[None])[0], atol=1e-5)
-    np.testing.assert_allclose(packed[0, 5:9], _logits(variables, second[None])[0], atol=1e-5)
+    alone = _alone(variables, [first, second])
+    np.testing.assert_allclose(packed[0, :5], alone[0], atol=1e-5)
+    np.testing.assert_allclose(packed[0, 5:9], alone[1], atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
@@ -124,10 +138,10 @@ def test_kv_cache_generation_follows_the_full_forward(method):
     )
     plain = generate(Transformer(BASE), params, prompts, max_new_tokens=5, stop_ids=[])
     assert outs != plain  # the prefix is used
-    for prompt, out in zip(prompts, outs, strict=True):
+    full = _alone(variables, [prompt + out for prompt, out in zip(prompts, outs, strict=True)])
+    for prompt, out, logits in zip(prompts, outs, full, strict=True):
         assert len(out) == 5
-        full = np.asarray(prompt + out)[None]
-        predicted = _logits(variables, full)[0].argmax(-1)
+        predicted = logits.argmax(-1)
         assert predicted[len(prompt) - 1 : -1].tolist() == out
 
 

@@ -53,10 +53,19 @@ def oft_to_peft(
         if oft.SCALE not in ad:
             tensors[f"{module}.{OFT_SUFFIX}"] = ad[oft.PARAM][layer].copy()
             continue
-        skew = np.asarray(oft.skew(ad[oft.PARAM][layer]), np.float32)  # [F, blocks, b, b]
-        tensors[f"{module}.boft_R"] = skew
+        tensors[f"{module}.boft_R"] = _skew(ad[oft.PARAM][layer])  # [F, blocks, b, b]
         tensors[f"{module}.boft_s"] = ad[oft.SCALE][layer].reshape(-1, 1).copy()
     return tensors
+
+
+def _skew(vec: np.ndarray) -> np.ndarray:
+    """`oft.skew` in numpy, float32: an export runs no XLA program (jax would compile one for
+    each module's shape, op by op)."""
+    b = oft.block_size(vec.shape[-1])
+    rows, cols = np.triu_indices(b, 1)
+    upper = np.zeros((*vec.shape[:-1], b, b), np.float32)
+    upper[..., rows, cols] = vec
+    return upper - np.swapaxes(upper, -1, -2)
 
 
 def boft_from_peft(

@@ -17,6 +17,7 @@ they look like every other line.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -64,6 +65,8 @@ def open_run_log(workdir: str) -> None:
     if jax.process_index() != 0:
         _pending.clear()
         return
+    if not paths.is_url(workdir):  # a later change of directory must not move the record
+        workdir = os.path.abspath(workdir)
     f = paths.AppendFile(paths.join(workdir, "train.log"))
     start = f"--- start {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n"
     f.append(start + "".join(line + "\n" for line in _pending))

@@ -224,10 +224,16 @@ def train_and_evaluate(
     ConfigError) when another run holds the workdir's lock, and faults.SaveFailed when a
     checkpoint cannot be written. `host_memory` is the allocator line of the command, logged once
     the config and data were accepted.
+
+    train.log closes when the run returns, so that what the process logs afterwards (another
+    run's data preparation, an evaluation) is not appended to this run's record. After an
+    exception it stays open for the command's last line (`main` closes it).
     """
     preflight.check_workdir(workdir)  # the lock file needs a writable local directory
     with workdir_lock.hold(workdir):  # one writer per workdir, released on every exit
-        return _train_and_evaluate(config, workdir, host_memory)
+        summary = _train_and_evaluate(config, workdir, host_memory)
+        console.close_run_log()  # a workdir in a bucket: train.log's last lines are uploaded now
+    return summary
 
 
 def _train_and_evaluate(config: Config, workdir: str, host_memory: str | None) -> dict[str, Any]:
@@ -376,7 +382,6 @@ def main(argv: list[str] | None = None) -> int:
         return _ended(f"{message} (exit {EXIT_ABORTED})", EXIT_ABORTED)
     finally:
         watcher.close()
-    console.close_run_log()  # a workdir in a bucket: train.log's last lines are uploaded now
     return EXIT_OK
 
 

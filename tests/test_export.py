@@ -342,6 +342,17 @@ def test_relative_paths_export_and_chat_like_the_workdir(trained, tmp_path, monk
     )
 
 
+def test_a_finished_run_no_longer_records_this_process_lines(trained, tmp_path, monkeypatch):
+    """The run (relative workdir "run") returned: later lines of the process, logged from
+    another directory, are not appended to its train.log (nor fail on the relative path)."""
+    from sft_jax import console
+
+    monkeypatch.chdir(tmp_path)
+    console.warn("a line logged after the run")
+    assert "after the run" not in (trained / "train.log").read_text()
+    assert not (tmp_path / "run").exists()
+
+
 def test_overwrite_removes_stale_weights_and_refuses_inputs(trained, tmp_path, capsys):
     import shutil
 

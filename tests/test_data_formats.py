@@ -522,6 +522,38 @@ def test_all_ones_mask_fails_before_training(tmp_path, stories_dir):
     c.data.train_on = "all_assistant"
     with pytest.raises(DataError, match="every token"):
         prepare_data(parse(c))
+    c.data.streaming = True
+    with pytest.raises(DataError, match="every token"):
+        prepare_data(parse(c), cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_one_token_prompts_pass_the_mask_check(tmp_path, stories_dir, streaming):
+    """An empty prompt is the start token alone: never a target, so every target is trained
+    (fraction 1.0) although the prompt is masked; that is not the broken mask the check refuses,
+    and only the completions (and EOS) are trained."""
+    from configs import base
+    from sft_jax.config import parse
+    from sft_jax.data import prepare_data
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"prompt": "", "completion": "b c"}\n' * 4)
+    c = base.get_config()
+    c.data.tokenizer = str(stories_dir)
+    c.data.train_files = str(path)
+    c.data.train_on = "completion"
+    c.data.streaming = streaming
+    c.train.global_batch_size = 2
+    for _ in range(2):  # encoded, then from the cache (prepared rows, or the streamed counts)
+        bundle = prepare_data(parse(c), cache_dir=str(tmp_path / "cache"))
+        assert bundle.stats["trainable_fraction"] == 1.0
+    tok = bundle.tokenizer
+    completion = tok("b c", add_special_tokens=False)["input_ids"]
+    batch = next(iter(bundle.train_iter))
+    answer = [*completion, tok.eos_token_id]
+    for targets, mask in zip(batch["targets"], batch["loss_mask"], strict=True):
+        trained = [int(t) for t in np.asarray(targets)[np.asarray(mask, bool)]]
+        assert trained and trained == answer * (len(trained) // len(answer))
 
 
 def test_truncated_examples_are_named_in_a_warning(tmp_path, stories_dir, caplog):

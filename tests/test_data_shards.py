@@ -220,7 +220,7 @@ def test_process_counts_travel_as_one_vector_of_one_length():
     not line up), and every field comes back by name after the exchange."""
     failed = ProcessCounts.failure(groups=2)
     summed = {k: i + 1 for i, k in enumerate(failed.summed)}
-    counts = ProcessCounts(summed, 7, True, False, [3, 4])
+    counts = ProcessCounts(summed, 7, False, True, False, [3, 4])
     assert len(counts.to_vector()) == len(failed.to_vector())
     gathered = agree(counts.to_vector(), 1)
     assert ProcessCounts.from_vector(gathered[0]) == counts

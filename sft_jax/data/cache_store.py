@@ -44,8 +44,9 @@ logger = logging.getLogger(__name__)
 
 # 3: blocked digests of the large arrays in the marker; 4: rows an older version encoded are now
 # refused (a trained turn's reasoning the template drops, field_map collisions, short CSV rows);
-# 5: user / system messages without content are refused instead of encoded as empty turns.
-CACHE_VERSION = 5
+# 5: user / system messages without content are refused instead of encoded as empty turns;
+# 6: prepared rows' counts carry whether some example masks a token (ProcessCounts).
+CACHE_VERSION = 6
 MARKER = "COMPLETE.json"
 _BLOCK = 1 << 20
 _LOOKUP = 1 << 20  # records looked up at a time by `RecordStore.missing`

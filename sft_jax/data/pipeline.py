@@ -54,6 +54,7 @@ from sft_jax.data.prepared import (
     encode_settings,
     log_named,
     num_workers,
+    some_token_masked,
     token_counts,
     tokenizer_path,
 )
@@ -197,7 +198,8 @@ def prepare_data(
             'data.eval_files="" to run without them'
         )
     only_text = not any(c.not_only_text for c in gathered)
-    check_trainable(stats, dc.train_on, only_text=only_text)
+    masked = any(c.masks_a_token for c in gathered)
+    check_trainable(stats, dc.train_on, only_text=only_text, masks_a_token=masked)
     logger.info("data statistics: %s", format_stats(stats))
     if dc.streaming:
         train_iter = stream_prepare.stream_iterator(config, local, plan, stats, count)
@@ -306,6 +308,7 @@ def _pack_local(config: Config, plan: ShardPlan, encoded: EncodedSplits) -> Loca
         dict(zip(SUMMED, summed.tolist(), strict=True)),
         min_rows,
         encoded.not_only_text,
+        some_token_masked(e for slot in encoded.train for group in slot for e in group),
         False,
         mixture,
     )
@@ -428,11 +431,16 @@ def held_out_batches(
     )
 
 
-def check_trainable(stats: dict[str, Any], train_on: str, *, only_text: bool) -> None:
+def check_trainable(
+    stats: dict[str, Any], train_on: str, *, only_text: bool, masks_a_token: bool = False
+) -> None:
     """Fails before step 0 on a mask that trains nothing, or everything when it should not.
 
     An all-ones mask with train_on != "all" means prompts are being trained as if they were
-    answers (a broken template or mask); an empty one means the run would learn nothing.
+    answers (a broken template or mask); an empty one means the run would learn nothing. The
+    fraction counts shifted targets, so prompts of one token (never a target) give 1.0 too:
+    `masks_a_token` (some example's unshifted mask has a zero, `prepared.some_token_masked`) says
+    the prompts are masked after all.
     """
     fraction = stats["trainable_fraction"]
     if stats["loss_tokens"] == 0 or fraction == 0.0:
@@ -440,7 +448,7 @@ def check_trainable(stats: dict[str, Any], train_on: str, *, only_text: bool) ->
             f"the loss mask is empty: no token is trained (train_on={train_on!r}); "
             "check data.train_on, data.chat_template and the data format"
         )
-    if fraction == 1.0 and train_on != "all" and not only_text:
+    if fraction == 1.0 and train_on != "all" and not only_text and not masks_a_token:
         raise DataError(
             f"the loss mask covers every token although train_on={train_on!r}: prompts would be "
             "trained as answers. Check data.chat_template / data.format, or set train_on='all'"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -80,30 +80,31 @@ def num_workers(config: Config, n_examples: int) -> int:
 class ProcessCounts:
     """What one process tells every other one about its preparation. It travels as one int vector
     (`to_vector`, through the `exchange`), of the same length on every process: summed counts,
-    then min rows, the two flags, then the mixture."""
+    then min rows, the three flags, then the mixture."""
 
     summed: dict[str, int]  # each of SUMMED, over the own shards
     min_rows: int  # packed rows of the smallest own shard
     not_only_text: bool  # some example is not plain text (a loss mask of all ones is suspect)
+    masks_a_token: bool  # some training example's loss mask (position 0 included) has a zero
     failed: bool  # this process's preparation raised a DataError
     mixture: list[int]  # examples per mixture group, over the own shards
 
     @classmethod
     def failure(cls, groups: int) -> ProcessCounts:
         """A failed process's counts: all zero, with the failure flag set."""
-        return cls(dict.fromkeys(SUMMED, 0), 0, False, True, [0] * groups)
+        return cls(dict.fromkeys(SUMMED, 0), 0, False, False, True, [0] * groups)
 
     def to_vector(self) -> list[int]:
         summed = [self.summed[k] for k in SUMMED]
-        flags = [int(self.not_only_text), int(self.failed)]
+        flags = [int(self.not_only_text), int(self.masks_a_token), int(self.failed)]
         return [*summed, self.min_rows, *flags, *self.mixture]
 
     @classmethod
     def from_vector(cls, vector: Sequence[int]) -> ProcessCounts:
         n = len(SUMMED)
         summed = {k: int(v) for k, v in zip(SUMMED, vector[:n], strict=True)}
-        flags = bool(vector[n + 1]), bool(vector[n + 2])
-        return cls(summed, int(vector[n]), *flags, [int(x) for x in vector[n + 3 :]])
+        flags = bool(vector[n + 1]), bool(vector[n + 2]), bool(vector[n + 3])
+        return cls(summed, int(vector[n]), *flags, [int(x) for x in vector[n + 4 :]])
 
 
 @dataclasses.dataclass
@@ -117,6 +118,16 @@ class LocalData:
     skipped_eval: int
     template: ChatTemplate | None = None
     sources: list[Any] | None = None  # with data.streaming: the own shards' example sources
+
+
+def some_token_masked(examples: Iterable[TokenizedExample]) -> bool:
+    """Whether some example leaves a token of its own mask untrained, position 0 included.
+
+    The trainable fraction counts shifted targets (loss_mask[1:]), so prompts of one token (an
+    empty prompt is the start token alone) give a fraction of 1.0 although they are masked; the
+    unshifted mask still has their 0, where a broken template's mask is all ones. Stops at the
+    first such example: with correctly masked data that is the first one."""
+    return any(not np.all(ex.loss_mask) for ex in examples)
 
 
 def token_counts(counts: TokenCounts) -> dict[str, int]:

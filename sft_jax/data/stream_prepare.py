@@ -26,7 +26,7 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -46,6 +46,7 @@ from sft_jax.data.prepared import (
     encode_settings,
     log_named,
     num_workers,
+    some_token_masked,
     token_counts,
     tokenizer_path,
 )
@@ -174,10 +175,13 @@ def prepare_local(
     if template is None and CONVERSATION in kinds:
         template = load_chat_template(dc.chat_template, tokenizer)
     not_only_text = encoded.not_only_text or bool(kinds - {TEXT})
+    # Text, and every example under train_on="all", is trained whole: no need to look.
+    masked = dc.train_on != "all" and bool(kinds - {TEXT}) and _masks_a_token(sources)
     process = ProcessCounts(
         dict(zip(SUMMED, summed.tolist(), strict=True)),
         min_rows or 0,
         not_only_text,
+        masked,
         False,
         mixture,
     )
@@ -190,6 +194,22 @@ def prepare_local(
         template,
         sources,
     )
+
+
+def _masks_a_token(sources: Sequence[CachedExamples]) -> bool:
+    """`some_token_masked` over the shards' examples, read one at a time; correctly masked data
+    answers at its first example, only an all-ones mask is read through (mapped pages released
+    as `loss_tokens` does)."""
+
+    def examples() -> Iterator[TokenizedExample]:
+        for source in sources:
+            for i in range(len(source)):
+                yield source.example(i)
+                if (i + 1) % _RELEASE_EXAMPLES == 0:
+                    source.release()
+            source.release()
+
+    return some_token_masked(examples())
 
 
 def _mix_shard(

@@ -256,6 +256,8 @@ def test_trainable_fraction_check():
             {"loss_tokens": 9, "trainable_fraction": 1.0}, "completion", only_text=False
         )
     check_trainable({"loss_tokens": 9, "trainable_fraction": 1.0}, "all", only_text=False)
+    full = {"loss_tokens": 9, "trainable_fraction": 1.0}  # one-token prompts: masked, no target
+    check_trainable(full, "completion", only_text=False, masks_a_token=True)
     check_trainable({"loss_tokens": 9, "trainable_fraction": 1.0}, "all_assistant", only_text=True)
 
 
